@@ -1,0 +1,1 @@
+"""tvm-qpu runtime: device API, QPU emulator, v3d driver and executor. Installed as ``tvm_qpu.runtime``."""
