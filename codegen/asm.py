@@ -269,6 +269,20 @@ def b(target, cond: str, absolute: bool = False, set_link: bool = False) -> Bran
     return _emit(Branch(target, cond, absolute, set_link))
 
 
+def thread_end():
+    """Emit the program-end sequence: two back-to-back thrsw mark the last switch, the next thrsw
+    ends the thread; its two delay slots still execute."""
+    f_nop = DSL["nop"]
+    f_nop(sig=SIGNALS["thrsw"])
+    f_nop(sig=SIGNALS["thrsw"])
+    f_nop()
+    f_nop()
+    f_nop(sig=SIGNALS["thrsw"])
+    f_nop()
+    f_nop()
+    f_nop()
+
+
 # Export every op, register and signal as a module attribute (the DSL namespace).
 DSL = {}
 for _name in sorted(set(isa.ADD_OPS) | set(isa.MUL_OPS)):
@@ -277,7 +291,7 @@ for _r in RF:
     DSL[_r.name] = _r
 DSL.update(MAGIC)
 DSL.update(SIGNALS)
-DSL.update({"b": b, "link": link, "L": L, "R": R})
+DSL.update({"b": b, "link": link, "L": L, "R": R, "thread_end": thread_end})
 globals().update(DSL)
 
 __all__ = sorted(DSL) + ["assemble", "assemble_text", "Program", "AsmError"]

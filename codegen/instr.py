@@ -423,6 +423,8 @@ def _fallback_text(ins) -> str:
 # Decoder
 # --------------------------------------------------------------------------------------------
 def _imm_value(code: int):
+    if code >= len(isa.SMALL_IMM_VALUES):
+        raise UndefinedEncoding(f"small-immediate code {code} is reserved")
     return isa.SMALL_IMM_VALUES[code]
 
 
@@ -507,12 +509,18 @@ def _decode_op(alu: str, word: int, sigs: frozenset) -> AluOp:
 def decode(word: int):
     """Decode one 64-bit word into an Instr or Branch; UndefinedEncoding if it is not defined."""
     word = int(word) & 0xFFFFFFFFFFFFFFFF
-    if isa.get_field(word, AF, "op_mul") == 0:
-        if not isa.is_branch_word(word):
-            raise UndefinedEncoding(f"0x{word:016x}: op_mul 0 with a non-branch signal")
-        ins = _decode_branch(word)
-    else:
-        ins = _decode_alu(word)
+    prefix = f"0x{word:016x}"
+    try:
+        if isa.get_field(word, AF, "op_mul") == 0:
+            if not isa.is_branch_word(word):
+                raise UndefinedEncoding(f"{prefix}: op_mul 0 with a non-branch signal")
+            ins = _decode_branch(word)
+        else:
+            ins = _decode_alu(word)
+    except UndefinedEncoding as e:
+        if str(e).startswith(prefix):
+            raise
+        raise UndefinedEncoding(f"{prefix}: {e}") from None
     try:
         again = encode(ins)
     except AsmError as e:
