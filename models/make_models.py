@@ -227,7 +227,7 @@ def accuracy_of(fn, x, y, batch=256):
 
 
 def init(name, arr):
-    return numpy_helper.from_array(np.ascontiguousarray(arr), name)
+    return numpy_helper.from_array(np.array(arr, order="C"), name)  # keeps 0-d scalars 0-d
 
 
 def value_info(name, elem, shape):
