@@ -1,0 +1,94 @@
+"""The kernel registry: the one table through which the TVM frontend reaches the kernel generators.
+
+Each operator kind the QPU can run registers three functions:
+
+* ``supports(spec) -> (bool, reason)``: can a kernel take this exact shape / dtype / layout?
+  (the frontend's pattern check functions call it; the reason is printed by ``tvmc partition``);
+* ``generate(spec, constants) -> KernelPlan``: machine code + launch plan, called at compile time;
+* ``estimate(spec) -> seconds``: modelled Pi 5 QPU time (cycle model), used for placement.
+
+An :class:`OpSpec` describes one operator instance. Kinds and their attrs:
+
+=====================  ========================================================================
+kind                   attrs
+=====================  ========================================================================
+matmul                 transpose_b, bias (bool), activation (None | "relu" | ("clip", lo, hi)),
+                       out_dtype; inputs A [.., M, K], B [.., K, N] (or [N, K] with transpose_b)
+conv2d                 strides, padding (t, l, b, r), dilation, groups, layout "NCHW", bias,
+                       activation, out_dtype
+max_pool2d/avg_pool2d  pool_size, strides, padding, dilation, ceil_mode, count_include_pad, layout
+global_avg_pool2d      layout
+reduce_max/reduce_min  axis (tuple or None), keepdims
+softmax                axis (-1 only)
+attention              scale, causal/mask (bool), num_heads
+=====================  ========================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OpSpec:
+    kind: str
+    inputs: list                  # list of (shape tuple, dtype str)
+    output: tuple                 # (shape tuple, dtype str)
+    attrs: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        ins = ", ".join(f"{dt}{list(s)}" for s, dt in self.inputs)
+        return f"{self.kind}({ins}) -> {self.output[1]}{list(self.output[0])}"
+
+
+@dataclass
+class KernelEntry:
+    kind: str
+    supports: object
+    generate: object
+    estimate: object
+
+
+_REGISTRY: dict = {}
+
+
+def register(kind: str, supports, generate, estimate) -> None:
+    _REGISTRY[kind] = KernelEntry(kind, supports, generate, estimate)
+
+
+def _load_kernels():
+    # Importing the kernel package registers every generator.
+    from . import kernels  # noqa: F401
+
+
+def kinds() -> list:
+    _load_kernels()
+    return sorted(_REGISTRY)
+
+
+def entry(kind: str) -> KernelEntry | None:
+    _load_kernels()
+    return _REGISTRY.get(kind)
+
+
+def supports(spec: OpSpec) -> tuple:
+    e = entry(spec.kind)
+    if e is None:
+        return False, f"no QPU kernel for {spec.kind}"
+    return e.supports(spec)
+
+
+def generate(spec: OpSpec, constants: dict | None = None):
+    e = entry(spec.kind)
+    if e is None:
+        raise KeyError(f"no QPU kernel for {spec.kind}")
+    ok, why = e.supports(spec)
+    if not ok:
+        raise ValueError(f"QPU kernel cannot take {spec.describe()}: {why}")
+    return e.generate(spec, dict(constants or {}))
+
+
+def estimate(spec: OpSpec) -> float:
+    e = entry(spec.kind)
+    if e is None:
+        raise KeyError(f"no QPU kernel for {spec.kind}")
+    return e.estimate(spec)
