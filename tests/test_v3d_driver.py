@@ -576,6 +576,48 @@ def test_selftest_without_device_says_so():
     assert "Traceback" not in r.stdout + r.stderr
 
 
+def selftest_fake_kernel(st, corrupt_gemm=False) -> FakeKernel:
+    """A fake kernel that runs the self-test's two kernels in numpy, recognised by their code."""
+    from tvm_qpu.codegen.asm import assemble
+    copy_words, gemm_words = assemble(st.copy_kernel), assemble(st.gemm_kernel)
+
+    def code_is(kernel, cfg, words):
+        return np.array_equal(kernel.read_words(cfg[5] & ~7, 2 * words.size).view(np.uint64), words)
+
+    def on_submit(kernel, cfg):
+        groups = (cfg[0] >> 16) * (cfg[1] >> 16) * (cfg[2] >> 16)
+        if code_is(kernel, cfg, copy_words):
+            src, dst, blocks = (int(x) for x in kernel.read_words(cfg[6], 3))
+            n = groups * blocks * st.COPY_BLOCK // 4
+            kernel.write_words(dst, kernel.read_words(src, n))
+        elif code_is(kernel, cfg, gemm_words):
+            a, b, c, k, n = (int(x) for x in kernel.read_words(cfg[6], 5))
+            m = cfg[1] >> 16
+            assert cfg[0] >> 16 == n // 16
+            am = kernel.read_words(a, m * k).view(np.float32).reshape(m, k)
+            bm = kernel.read_words(b, k * n).view(np.float32).reshape(k, n)
+            out = (am @ bm).astype(np.float32) + (1.0 if corrupt_gemm else 0.0)
+            kernel.write_words(c, out.view(np.uint32).reshape(-1))
+        else:
+            raise AssertionError("unknown kernel submitted")
+
+    return FakeKernel(on_submit=on_submit)
+
+
+@pytest.mark.parametrize("corrupt,code", [(False, 0), (True, 1)])
+def test_selftest_report_on_fake_kernel(monkeypatch, capsys, corrupt, code):
+    st = load_selftest()
+    fake = selftest_fake_kernel(st, corrupt_gemm=corrupt)
+    monkeypatch.setattr(st, "open_target",
+                        lambda kind, node, timeout: (v3d.V3DDevice("/dev/dri/renderD128", sys=fake), None))
+    monkeypatch.setattr(st, "emulator_gemm", lambda m, n, k: (None, "emulator unavailable (test)"))
+    assert st.main(["--copy-mib", "0.25", "--gemm", "8", "32", "8"]) == code
+    out = capsys.readouterr().out
+    assert "V3D 7.1.6" in out and "copy:     PASS" in out and "emulator unavailable" in out
+    assert ("gemm:     FAIL" if corrupt else "gemm:     PASS") in out
+    assert "measured" in out and not fake.bos and not fake.open_fds
+
+
 def _emulator():
     try:
         return open_device("emulator")
