@@ -1,0 +1,1492 @@
+"""The QPU emulator's hot loop (numba, ``@njit(cache=True)``).
+
+This module owns the numeric contract between the pre-decoder (:mod:`emu_decode`) and the
+interpreter: the op ids, the columns of the instruction table, the state arrays and the fault
+codes. Everything here works on plain numpy arrays so that it compiles to machine code and is
+cached on disk across processes.
+
+Layout of one pre-decoded instruction (a row of ``code``, int64):
+
+* ``F_KIND`` 0 = ALU, 1 = branch; ``F_SIG`` signal bit mask (``S_*``); ``F_SIGDST`` the
+  register a register-writing signal targets (``0..63`` = rf, ``64 + waddr`` = magic);
+  ``F_MAXREG`` the highest rf index the instruction touches (checked against the thread's share).
+* per ALU (``ADD_BASE`` / ``MUL_BASE`` + offset): ``OP`` op id (``OP_*``), ``DST`` (-1 none, 0..63
+  rf, 64 + waddr magic), ``PACK`` (``P_*``), ``UA`` / ``UB`` unpack codes (``U_*``), ``SA`` / ``SB``
+  sources (0..63 rf, or ``IMM_FLAG | bits`` for a small immediate), ``COND`` (-1, or 0 ifa,
+  1 ifb, 2 ifna, 3 ifnb), ``PF`` push (0, 1 z, 2 n, 3 c), ``UF`` update (0, or 4..15).
+* branch: ``B_COND``, ``B_BDI``, ``B_ADDR`` (absolute byte address or signed byte offset),
+  ``B_LINK``, ``B_UB``, ``B_BDU``, ``B_RADDR``.
+
+All semantics are documented in ``docs/emulator.md``; the sources are cited there.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# --------------------------------------------------------------------------------------------
+# Op ids: one per operation name of codegen/isa.py (emu_decode maps names -> ids; a test checks
+# that every op of isa.OPS has an id here).
+# --------------------------------------------------------------------------------------------
+OP_NAMES = (
+    "nop", "fadd", "faddnf", "fsub", "fmin", "fmax", "fmul", "fcmp", "add", "sub", "mov", "fmov",
+    "imin", "imax", "umin", "umax", "shl", "shr", "asr", "ror", "band", "bor", "bxor", "bnot",
+    "neg", "clz", "umul24", "smul24", "multop", "vfpack", "vfmin", "vfmax", "vfmul", "vadd",
+    "vsub", "quad_rotate", "rotate", "shuffle", "tidx", "eidx", "lr", "vfla", "vflna", "vflb",
+    "vflnb", "flafirst", "flnafirst", "barrierid", "tmuwt", "recip", "rsqrt", "rsqrt2", "exp",
+    "log", "sin", "ballot", "bcastf", "alleq", "allfeq", "fround", "ftrunc", "ffloor", "fceil",
+    "ftoin", "ftoiz", "ftouz", "itof", "utof", "fdx", "fdy",
+    # ops the emulator does not implement (they fault with a clear message):
+    "flapush", "flbpush", "flpop", "setmsf", "setrevf", "msf", "revf", "xcd", "ycd", "fxcd",
+    "fycd", "iid", "sampid", "vpmwt", "ldvpmv_in", "ldvpmd_in", "ldvpmp", "ldvpmg_in", "ftoc",
+    "vpack", "v8pack", "v10pack", "v11fpack", "ftounorm16", "ftosnorm16", "vftounorm8",
+    "vftosnorm8", "vftounorm10lo", "vftounorm10hi",
+)
+OP_ID = {n: i for i, n in enumerate(OP_NAMES)}
+#: first op id that the emulator refuses to execute
+OP_FIRST_UNSUPPORTED = OP_ID["flapush"]
+
+(OP_NOP, OP_FADD, OP_FADDNF, OP_FSUB, OP_FMIN, OP_FMAX, OP_FMUL, OP_FCMP, OP_ADD, OP_SUB, OP_MOV,
+ OP_FMOV, OP_IMIN, OP_IMAX, OP_UMIN, OP_UMAX, OP_SHL, OP_SHR, OP_ASR, OP_ROR, OP_BAND, OP_BOR,
+ OP_BXOR, OP_BNOT, OP_NEG, OP_CLZ, OP_UMUL24, OP_SMUL24, OP_MULTOP, OP_VFPACK, OP_VFMIN,
+ OP_VFMAX, OP_VFMUL, OP_VADD, OP_VSUB, OP_QUAD_ROTATE, OP_ROTATE, OP_SHUFFLE, OP_TIDX, OP_EIDX,
+ OP_LR, OP_VFLA, OP_VFLNA, OP_VFLB, OP_VFLNB, OP_FLAFIRST, OP_FLNAFIRST, OP_BARRIERID, OP_TMUWT,
+ OP_RECIP, OP_RSQRT, OP_RSQRT2, OP_EXP, OP_LOG, OP_SIN, OP_BALLOT, OP_BCASTF, OP_ALLEQ,
+ OP_ALLFEQ, OP_FROUND, OP_FTRUNC, OP_FFLOOR, OP_FCEIL, OP_FTOIN, OP_FTOIZ, OP_FTOUZ, OP_ITOF,
+ OP_UTOF, OP_FDX, OP_FDY) = range(OP_FIRST_UNSUPPORTED)
+OP_MULTOP_UNSUPPORTED = OP_MULTOP   # multop's hidden rtop register is not modelled
+
+# unpack codes (normalised over the f32 / f16 / int schemes of isa.py)
+U_NONE, U_ABS, U_L, U_H, U_SAT, U_NSAT, U_MAX0, U_R32, U_RL2H, U_RH2L, U_SWAP, U_UL, U_UH, U_IL, U_IH = range(15)
+P_NONE, P_L, P_H = 0, 1, 2
+
+# signal bits
+S_THRSW, S_LDUNIF, S_LDUNIFA, S_LDUNIFRF, S_LDUNIFARF, S_LDTMU, S_WRTMUC, S_UNSUPPORTED = (
+    1, 2, 4, 8, 16, 32, 64, 128)
+
+IMM_FLAG = 1 << 40
+MAGIC_BASE = 64
+
+# magic write addresses used by the core (values from isa.MAGIC_WADDR; emu_decode checks them)
+W_QUAD, W_NULL, W_UNIFA, W_TMUD, W_TMUA, W_TMUAU = 5, 6, 9, 11, 12, 13
+W_SYNCB, W_TMUC, W_TMUDREF, W_TMUOFF, W_REP = 18, 32, 38, 39, 55
+
+# instruction table columns
+F_KIND, F_SIG, F_SIGDST, F_MAXREG = 0, 1, 2, 3
+ADD_BASE, MUL_BASE = 4, 14
+OP, DST, PACK, UA, UB, SA, SB, COND, PF, UF = range(10)
+B_COND, B_BDI, B_ADDR, B_LINK, B_UB, B_BDU, B_RADDR = 4, 5, 6, 7, 8, 9, 10
+NF = 24
+
+# per-context integer state columns (``ist``)
+(ST_STATE, ST_PC, ST_UNIF, ST_UNIFA, ST_LINK, ST_TMUCFG, ST_NDATA, ST_THR_CNT, ST_LAST, ST_END_CNT,
+ ST_BR_CNT, ST_BR_TARGET, ST_BR_UNIF, ST_BR_UNIF_SET, ST_FIFO_HEAD, ST_FIFO_COUNT, ST_FIFO_WORDS,
+ ST_BARRIER_PEND, ST_WG, ST_SLOT, ST_INSTRS) = range(21)
+NIST = 21
+# per-context float state (``fst``): times in QPU cycles
+FT_READY, FT_STORE_DONE, FT_LOAD_DONE, FT_BARRIER_ARRIVE = range(4)
+NFST = 4
+# context states
+CTX_FREE, CTX_RUN, CTX_BARRIER, CTX_DONE = 0, 1, 2, 3
+
+FIFO_CAP = 16          # ring entries per context (>= the largest allowed FIFO depth)
+REQ_RING = 64          # per-QPU ring of in-flight request completion times (>= queue depth)
+
+# global float state (``gst``)
+G_MEM_FREE, G_NEXT_WG, G_LRU_CLOCK = 0, 1, 2
+NGST = 4
+
+# timing parameter vector (``prm``); cycle_model.TimingModel.as_array() fills it
+(PR_CPI, PR_TMU_LAT, PR_DRAM_LAT, PR_MEM_BPC, PR_TMU_CPL, PR_REQ_DEPTH, PR_FIFO_WORDS,
+ PR_LINE, PR_THREADS, PR_QUANTUM, PR_L2_SETS, PR_L2_WAYS, PR_STORE_LAT) = range(13)
+NPRM = 13
+
+# statistics (``stats``, int64)
+(SX_INSTR, SX_TMU_LOADS, SX_TMU_STORES, SX_BYTES_LOADED, SX_BYTES_STORED, SX_STALL, SX_L2_HITS,
+ SX_L2_MISSES, SX_DRAM_BYTES, SX_THRSW, SX_ATOMICS) = range(11)
+NSTATS = 11
+
+# faults
+(FLT_NONE, FLT_BAD_ADDR, FLT_FIFO_EMPTY, FLT_FIFO_OVERFLOW, FLT_BUDGET, FLT_REG_SHARE, FLT_PC_RANGE,
+ FLT_UNSUPPORTED_OP, FLT_UNSUPPORTED_MAGIC, FLT_UNSUPPORTED_SIG, FLT_MISALIGNED, FLT_TMUD_OVERFLOW,
+ FLT_TMU_OP, FLT_UNIF_ADDR, FLT_DEADLOCK) = range(15)
+# fault record: [code, ctx, pc, a, b]
+
+PAGE_SHIFT = 12
+
+
+# --------------------------------------------------------------------------------------------
+# Bit helpers
+# --------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _flush(u):
+    """Flush a denormal float32 bit pattern to a signed zero (the QPU flushes denormals)."""
+    if (u & np.uint32(0x7F800000)) == 0:
+        return u & np.uint32(0x80000000)
+    return u
+
+
+@njit(cache=True)
+def f16_to_f32_bits(h):
+    h = np.uint32(h) & np.uint32(0xFFFF)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    m = h & np.uint32(0x3FF)
+    if e == 0:
+        return sign                       # zero or denormal (flushed)
+    if e == 31:
+        return sign | np.uint32(0x7F800000) | (m << np.uint32(13))
+    return sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13))
+
+
+@njit(cache=True)
+def f32_bits_to_f16(x):
+    """float32 bits -> float16 bits, round to nearest even, denormal results flushed."""
+    x = np.uint32(x)
+    sign = (x >> np.uint32(16)) & np.uint32(0x8000)
+    e = np.int64((x >> np.uint32(23)) & np.uint32(0xFF))
+    m = np.int64(x & np.uint32(0x7FFFFF))
+    if e == 0xFF:
+        if m != 0:
+            return sign | np.uint32(0x7E00)
+        return sign | np.uint32(0x7C00)
+    ee = e - 112
+    if ee >= 31:
+        return sign | np.uint32(0x7C00)
+    if ee <= 0:
+        return sign
+    mant = m >> 13
+    rem = m & 0x1FFF
+    h = (ee << 10) | mant
+    if rem > 0x1000 or (rem == 0x1000 and (mant & 1) == 1):
+        h += 1
+    if h >= 0x7C00:
+        h = 0x7C00
+    return sign | np.uint32(h)
+
+
+@njit(cache=True, inline="always")
+def _sext(v, bits):
+    v = np.int64(v) & ((1 << bits) - 1)
+    if v >= (1 << (bits - 1)):
+        v -= (1 << bits)
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# Operand unpacking (vector, in place on a 16-lane uint32 row)
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def unpack_f32(u, code):
+    """Apply a float32 source modifier to 16 lanes of bits, then flush denormals."""
+    for l in range(16):
+        x = u[l]
+        if code == U_ABS:
+            x = x & np.uint32(0x7FFFFFFF)
+        elif code == U_L:
+            x = f16_to_f32_bits(x & np.uint32(0xFFFF))
+        elif code == U_H:
+            x = f16_to_f32_bits(x >> np.uint32(16))
+        u[l] = _flush(x)
+
+
+@njit(cache=True)
+def unpack_f16pair(u, code):
+    """Source-1 modifier of vfmin / vfmax / vfmul (a pair of float16 in one word)."""
+    for l in range(16):
+        x = u[l]
+        if code == U_R32:
+            h = f32_bits_to_f16(_flush(x))
+            x = h | (h << np.uint32(16))
+        elif code == U_RL2H:
+            h = x & np.uint32(0xFFFF)
+            x = h | (h << np.uint32(16))
+        elif code == U_RH2L:
+            h = x >> np.uint32(16)
+            x = h | (h << np.uint32(16))
+        elif code == U_SWAP:
+            x = (x >> np.uint32(16)) | (x << np.uint32(16))
+        u[l] = x
+
+
+@njit(cache=True)
+def unpack_int(u, code):
+    for l in range(16):
+        x = u[l]
+        if code == U_UL:
+            x = x & np.uint32(0xFFFF)
+        elif code == U_UH:
+            x = x >> np.uint32(16)
+        elif code == U_IL:
+            x = np.uint32(_sext(x, 16) & 0xFFFFFFFF)
+        elif code == U_IH:
+            x = np.uint32(_sext(x >> np.uint32(16), 16) & 0xFFFFFFFF)
+        u[l] = x
+
+
+@njit(cache=True)
+def pack_f32(u, code):
+    """Output pack of float results: l / h write the float16 of the result into that half
+    (the other half is written as 0)."""
+    for l in range(16):
+        x = _flush(u[l])
+        if code == P_L:
+            x = f32_bits_to_f16(x)
+        elif code == P_H:
+            x = f32_bits_to_f16(x) << np.uint32(16)
+        u[l] = x
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar float helpers
+# --------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _fmin_bits(a, b, fa, fb, want_max):
+    """IEEE minNum / maxNum on float32 (a NaN operand yields the other operand; -0 < +0)."""
+    if fa != fa:
+        return b
+    if fb != fb:
+        return a
+    if fa == fb:
+        # equal values: order by sign bit (-0 < +0)
+        sa = a >> np.uint32(31)
+        if want_max:
+            return a if sa == 0 else b
+        return a if sa == 1 else b
+    if (fa < fb) != want_max:
+        return a
+    return b
+
+
+@njit(cache=True, inline="always")
+def _f2i_sat(x, lo, hi):
+    if x != x:
+        return 0
+    if x <= lo:
+        return np.int64(lo)
+    if x >= hi:
+        return np.int64(hi)
+    return np.int64(x)
+
+
+@njit(cache=True, inline="always")
+def _round_half_even(x):
+    r = math.floor(x + 0.5)
+    if r - x == 0.5 and (r % 2.0) != 0.0:
+        r -= 1.0
+    return r
+
+
+@njit(cache=True, inline="always")
+def _to_f32_bits(tmpf, tmpu, v):
+    tmpf[0] = np.float32(v)
+    return _flush(tmpu[0])
+
+
+# --------------------------------------------------------------------------------------------
+# One ALU operation over 16 lanes.
+#   a, b: source bits (already unpacked where the op's scheme says so); fa, fb: float views
+#   r: result bits; fr: float view; c: carry flag per lane (0/1)
+# Returns 0, or a fault code.
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, tmpu, tmpf):
+    m32 = np.int64(0xFFFFFFFF)
+    if op == OP_FMUL or op == OP_FADD or op == OP_FADDNF or op == OP_FSUB or op == OP_FMIN \
+            or op == OP_FMAX or op == OP_FCMP:
+        unpack_f32(a, ua)
+        unpack_f32(b, ub)
+        for l in range(16):
+            x = fa[l]
+            y = fb[l]
+            if op == OP_FMUL:
+                fr[l] = np.float32(x * y)
+            elif op == OP_FADD or op == OP_FADDNF:
+                fr[l] = np.float32(x + y)
+            elif op == OP_FSUB:
+                fr[l] = np.float32(x - y)
+            elif op == OP_FCMP:
+                fr[l] = np.float32(x - y)
+            elif op == OP_FMIN:
+                r[l] = _fmin_bits(a[l], b[l], x, y, False)
+            else:
+                r[l] = _fmin_bits(a[l], b[l], x, y, True)
+            # float "carry": x <= y for fcmp (Mesa fge = fcmp(b, a) + pushc); result <= 0 otherwise
+            if op == OP_FCMP:
+                c[l] = 1 if x <= y else 0
+            else:
+                c[l] = 1 if fr[l] <= 0.0 else 0
+        if op == OP_FCMP:
+            for l in range(16):
+                r[l] = _flush(r[l])
+        else:
+            pack_f32(r, pack)
+        return 0
+    if op == OP_ADD or op == OP_SUB:
+        for l in range(16):
+            x = np.int64(a[l])
+            y = np.int64(b[l])
+            if op == OP_ADD:
+                s = x + y
+                c[l] = 1 if s > m32 else 0
+            else:
+                s = x - y
+                c[l] = 1 if x < y else 0
+            r[l] = np.uint32(s & m32)
+        return 0
+    if op == OP_NOP:
+        return 0
+    if op == OP_MOV:
+        unpack_int(a, ua)
+        for l in range(16):
+            r[l] = a[l]
+            c[l] = 0
+        return 0
+    if op == OP_FMOV:
+        code = ua
+        if code == U_SAT or code == U_NSAT or code == U_MAX0:
+            unpack_f32(a, U_NONE)
+        else:
+            unpack_f32(a, code)
+        for l in range(16):
+            x = fa[l]
+            if code == U_SAT:
+                if x != x:
+                    x = np.float32(0.0)
+                x = min(max(x, np.float32(0.0)), np.float32(1.0))
+            elif code == U_NSAT:
+                if x != x:
+                    x = np.float32(0.0)
+                x = min(max(x, np.float32(-1.0)), np.float32(1.0))
+            elif code == U_MAX0:
+                if x != x or x < 0.0:
+                    x = np.float32(0.0)
+            fr[l] = x
+            c[l] = 1 if x <= 0.0 else 0
+        pack_f32(r, pack)
+        return 0
+    if op >= OP_IMIN and op <= OP_BNOT:
+        for l in range(16):
+            x = a[l]
+            y = b[l]
+            cc = 0
+            if op == OP_IMIN or op == OP_IMAX:
+                sx = _sext(x, 32)
+                sy = _sext(y, 32)
+                cc = 1 if sx > sy else 0
+                v = min(sx, sy) if op == OP_IMIN else max(sx, sy)
+                res = np.uint32(v & m32)
+            elif op == OP_UMIN or op == OP_UMAX:
+                cc = 1 if x > y else 0
+                res = min(x, y) if op == OP_UMIN else max(x, y)
+            elif op == OP_SHL:
+                res = np.uint32((np.int64(x) << (y & np.uint32(31))) & m32)
+            elif op == OP_SHR:
+                res = x >> (y & np.uint32(31))
+            elif op == OP_ASR:
+                res = np.uint32((_sext(x, 32) >> np.int64(y & np.uint32(31))) & m32)
+            elif op == OP_ROR:
+                s = np.int64(y & np.uint32(31))
+                xi = np.int64(x)
+                res = np.uint32(((xi >> s) | (xi << (32 - s))) & m32)
+            elif op == OP_BAND:
+                res = x & y
+            elif op == OP_BOR:
+                res = x | y
+            elif op == OP_BXOR:
+                res = x ^ y
+            else:  # OP_BNOT
+                res = ~x
+            r[l] = res
+            c[l] = cc
+        return 0
+    if op == OP_NEG:
+        for l in range(16):
+            r[l] = np.uint32((-np.int64(a[l])) & m32)
+            c[l] = 0
+        return 0
+    if op == OP_CLZ:
+        for l in range(16):
+            x = a[l]
+            n = 0
+            bit = np.uint32(0x80000000)
+            while n < 32 and (x & bit) == 0:
+                n += 1
+                bit = bit >> np.uint32(1)
+            r[l] = n
+            c[l] = 0
+        return 0
+    if op == OP_UMUL24 or op == OP_SMUL24:
+        for l in range(16):
+            if op == OP_UMUL24:
+                v = (np.int64(a[l]) & 0xFFFFFF) * (np.int64(b[l]) & 0xFFFFFF)
+            else:
+                v = _sext(a[l], 24) * _sext(b[l], 24)
+            r[l] = np.uint32(v & m32)
+            c[l] = 0
+        return 0
+    if op == OP_VFPACK:
+        unpack_f32(a, ua)
+        unpack_f32(b, ub)
+        for l in range(16):
+            r[l] = f32_bits_to_f16(a[l]) | (f32_bits_to_f16(b[l]) << np.uint32(16))
+            c[l] = 0
+        return 0
+    if op == OP_VFMIN or op == OP_VFMAX or op == OP_VFMUL:
+        unpack_f16pair(a, ua)
+        for l in range(16):
+            out = np.uint32(0)
+            for half in range(2):
+                sh = np.uint32(16 * half)
+                ha = f16_to_f32_bits((a[l] >> sh) & np.uint32(0xFFFF))
+                hb = f16_to_f32_bits((b[l] >> sh) & np.uint32(0xFFFF))
+                tmpu[0] = ha
+                tmpu[1] = hb
+                x = tmpf[0]
+                y = tmpf[1]
+                if op == OP_VFMUL:
+                    tmpf[2] = np.float32(x * y)
+                    rb = tmpu[2]
+                else:
+                    rb = _fmin_bits(ha, hb, x, y, op == OP_VFMAX)
+                out |= f32_bits_to_f16(rb) << sh
+            r[l] = out
+            c[l] = 0
+        return 0
+    if op == OP_VADD or op == OP_VSUB:
+        for l in range(16):
+            out = np.uint32(0)
+            for half in range(2):
+                sh = np.uint32(16 * half)
+                x = np.int64((a[l] >> sh) & np.uint32(0xFFFF))
+                y = np.int64((b[l] >> sh) & np.uint32(0xFFFF))
+                v = x + y if op == OP_VADD else x - y
+                out |= np.uint32(v & 0xFFFF) << sh
+            r[l] = out
+            c[l] = 0
+        return 0
+    if op == OP_ROTATE:
+        n = np.int64(b[0] & np.uint32(15))
+        for l in range(16):
+            r[l] = a[(l + n) & 15]
+            c[l] = 0
+        return 0
+    if op == OP_QUAD_ROTATE:
+        for l in range(16):
+            q = l & 12
+            n = np.int64(b[q] & np.uint32(3))
+            r[l] = a[q + (((l & 3) + n) & 3)]
+            c[l] = 0
+        return 0
+    if op == OP_SHUFFLE:
+        for l in range(16):
+            r[l] = a[b[l] & np.uint32(15)]
+            c[l] = 0
+        return 0
+    if op == OP_TIDX or op == OP_EIDX or op == OP_LR or op == OP_BARRIERID or op == OP_TMUWT:
+        for l in range(16):
+            if op == OP_TIDX:
+                r[l] = np.uint32(ctx_tidx)
+            elif op == OP_EIDX:
+                r[l] = np.uint32(l)
+            elif op == OP_LR:
+                r[l] = np.uint32(link & m32)
+            else:
+                r[l] = 0
+            c[l] = 0
+        return 0
+    if op >= OP_VFLA and op <= OP_FLNAFIRST:
+        first = -1
+        for l in range(16):
+            want = fla[l] if (op == OP_FLAFIRST or op == OP_VFLA) else (
+                1 - fla[l] if (op == OP_FLNAFIRST or op == OP_VFLNA) else (
+                    flb[l] if op == OP_VFLB else 1 - flb[l]))
+            if op == OP_FLAFIRST or op == OP_FLNAFIRST:
+                r[l] = 1 if (want == 1 and first < 0) else 0
+                if want == 1 and first < 0:
+                    first = l
+            else:
+                r[l] = want
+            c[l] = 0
+        return 0
+    if op >= OP_RECIP and op <= OP_SIN:
+        unpack_f32(a, U_NONE)
+        for l in range(16):
+            x = np.float64(fa[l])
+            if op == OP_RECIP:
+                v = 1.0 / x if x != 0.0 else math.copysign(math.inf, x)
+            elif op == OP_RSQRT or op == OP_RSQRT2:
+                if x == 0.0:
+                    v = math.copysign(math.inf, x)
+                elif x < 0.0 or x != x:
+                    v = math.nan
+                else:
+                    v = 1.0 / math.sqrt(x)
+            elif op == OP_EXP:
+                v = 2.0 ** x if x < 200.0 else math.inf
+            elif op == OP_LOG:
+                if x == 0.0:
+                    v = -math.inf
+                elif x < 0.0 or x != x:
+                    v = math.nan
+                else:
+                    v = math.log2(x)
+            else:
+                v = math.sin(math.pi * x) if not math.isinf(x) else math.nan
+            r[l] = _to_f32_bits(tmpf, tmpu, v)
+            c[l] = 1 if v <= 0.0 else 0
+        return 0
+    if op == OP_BALLOT:
+        mask = np.uint32(0)
+        for l in range(16):
+            if a[l] != 0:
+                mask |= np.uint32(1) << np.uint32(l)
+        for l in range(16):
+            r[l] = mask
+            c[l] = 0
+        return 0
+    if op == OP_BCASTF:
+        v0 = a[0]
+        for l in range(16):
+            r[l] = v0
+            c[l] = 0
+        return 0
+    if op == OP_ALLEQ or op == OP_ALLFEQ:
+        ok = 1
+        for l in range(16):
+            if op == OP_ALLEQ:
+                if a[l] != a[0]:
+                    ok = 0
+            elif not (fa[l] == fa[0]):
+                ok = 0
+        for l in range(16):
+            r[l] = ok
+            c[l] = 0
+        return 0
+    if op >= OP_FROUND and op <= OP_FCEIL:
+        unpack_f32(a, ua)
+        for l in range(16):
+            x = np.float64(fa[l])
+            if x != x or math.isinf(x):
+                v = x
+            elif op == OP_FROUND:
+                v = _round_half_even(x)
+            elif op == OP_FTRUNC:
+                v = float(math.trunc(x))
+            elif op == OP_FFLOOR:
+                v = math.floor(x)
+            else:
+                v = math.ceil(x)
+            if v == 0.0:
+                v = math.copysign(0.0, x)
+            fr[l] = np.float32(v)
+            c[l] = 1 if v <= 0.0 else 0
+        pack_f32(r, pack)
+        return 0
+    if op == OP_FTOIN or op == OP_FTOIZ or op == OP_FTOUZ:
+        unpack_f32(a, ua)
+        for l in range(16):
+            x = np.float64(fa[l])
+            if op == OP_FTOIN:
+                v = _f2i_sat(_round_half_even(x) if x == x else x, -2147483648.0, 2147483647.0)
+            elif op == OP_FTOIZ:
+                v = _f2i_sat(math.trunc(x) if (x == x and not math.isinf(x)) else x,
+                             -2147483648.0, 2147483647.0)
+            else:
+                v = _f2i_sat(math.trunc(x) if (x == x and not math.isinf(x)) else x,
+                             0.0, 4294967295.0)
+            r[l] = np.uint32(v & m32)
+            c[l] = 0
+        return 0
+    if op == OP_ITOF or op == OP_UTOF:
+        for l in range(16):
+            if op == OP_ITOF:
+                v = np.float64(_sext(a[l], 32))
+            else:
+                v = np.float64(a[l])
+            fr[l] = np.float32(v)
+            c[l] = 1 if v <= 0.0 else 0
+        return 0
+    if op == OP_FDX or op == OP_FDY:
+        unpack_f32(a, ua)
+        for l in range(16):
+            if op == OP_FDX:
+                lo = l & 14
+                fr[l] = np.float32(fa[lo + 1] - fa[lo])
+            else:
+                q = l & 12
+                j = l & 1
+                fr[l] = np.float32(fa[q + 2 + j] - fa[q + j])
+            c[l] = 0
+        pack_f32(r, pack)
+        return 0
+    return FLT_UNSUPPORTED_OP
+
+
+# --------------------------------------------------------------------------------------------
+# Memory helpers
+# --------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _addr_ok(page_ok, mem_base, mem_size, addr, size):
+    off = addr - mem_base
+    if off < 0 or off + size > mem_size:
+        return False
+    if page_ok[off >> PAGE_SHIFT] == 0:
+        return False
+    if page_ok[(off + size - 1) >> PAGE_SHIFT] == 0:
+        return False
+    return True
+
+
+@njit(cache=True)
+def _read_u32(mem32, page_ok, mem_base, addr):
+    """Read one word; returns (ok, value)."""
+    off = addr - mem_base
+    if (addr & 3) != 0 or off < 0 or off + 4 > mem32.shape[0] * 4 or page_ok[off >> PAGE_SHIFT] == 0:
+        return False, np.uint32(0)
+    return True, mem32[off >> 2]
+
+
+@njit(cache=True)
+def _l2_access(tags, lru, gst, line, nsets, nways):
+    """Look up one cache line in the shared L2 model; True on a hit (the line is then most
+    recently used); on a miss the least recently used way is replaced."""
+    s = line % nsets
+    gst[G_LRU_CLOCK] += 1.0
+    stamp = np.int64(gst[G_LRU_CLOCK])
+    victim = 0
+    oldest = lru[s, 0]
+    for w in range(nways):
+        if tags[s, w] == line:
+            lru[s, w] = stamp
+            return True
+        if lru[s, w] < oldest:
+            oldest = lru[s, w]
+            victim = w
+    tags[s, victim] = line
+    lru[s, victim] = stamp
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# The interpreter
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs, fla, flb, ist,
+        fst, tmud, fifo, fifo_t, qclock, qcur, qtmu_free, qreq, qreq_head, gst, prm, stats,
+        qstats, fault, l2_tags, l2_lru, wg_dims, num_qpus, threads, reg_share, budget):
+    """Run the dispatch until every workgroup has ended, or a fault. Returns the fault code
+    (0 on success); ``fault`` then holds [code, ctx, pc, a, b]."""
+    mem_size = np.int64(mem8.shape[0])
+    ncode = code.shape[0]
+    cpi = prm[PR_CPI]
+    quantum = np.int64(prm[PR_QUANTUM])
+    fifo_limit = np.int64(prm[PR_FIFO_WORDS])
+    req_depth = np.int64(prm[PR_REQ_DEPTH])
+    line_bytes = np.int64(prm[PR_LINE])
+    nsets = np.int64(prm[PR_L2_SETS])
+    nways = np.int64(prm[PR_L2_WAYS])
+    total_wg = wg_dims[0] * wg_dims[1] * wg_dims[2]
+
+    scratch = np.zeros((8, 16), np.uint32)
+    fscratch = scratch.view(np.float32)
+    carry = np.zeros((2, 16), np.uint8)
+    active = np.zeros((2, 16), np.uint8)
+    tmpu = np.zeros(4, np.uint32)
+    tmpf = tmpu.view(np.float32)
+    lines = np.zeros(64, np.int64)
+    resu = np.zeros(16, np.uint32)
+
+    # ---- initial dispatch: workgroup i -> QPU i % n, thread i // n ----
+    for t in range(threads):
+        for q in range(num_qpus):
+            if np.int64(gst[G_NEXT_WG]) < total_wg:
+                _start_wg(q * 4 + t, t, np.int64(gst[G_NEXT_WG]), wg_dims, regs, fla, flb, ist,
+                          fst, unif_base, qclock[q])
+                gst[G_NEXT_WG] += 1.0
+
+    while True:
+        # ---- pick the QPU with the smallest clock that still has live threads ----
+        q = -1
+        best = 0.0
+        any_barrier = -1
+        for qq in range(num_qpus):
+            live = False
+            for t in range(threads):
+                st = ist[qq * 4 + t, ST_STATE]
+                if st == CTX_RUN:
+                    live = True
+                elif st == CTX_BARRIER:
+                    any_barrier = qq * 4 + t
+            if live and (q < 0 or qclock[qq] < best):
+                q = qq
+                best = qclock[qq]
+        if q < 0:
+            if any_barrier >= 0:
+                fault[0] = FLT_DEADLOCK
+                fault[1] = any_barrier
+                fault[2] = ist[any_barrier, ST_PC]
+                return FLT_DEADLOCK
+            break
+        # ---- pick the thread: current if runnable, else round robin; else wait ----
+        ctx = -1
+        soonest = -1.0
+        for k in range(threads):
+            t = (qcur[q] + k) % threads
+            cx = q * 4 + t
+            if ist[cx, ST_STATE] == CTX_RUN:
+                if fst[cx, FT_READY] <= qclock[q]:
+                    ctx = cx
+                    qcur[q] = t
+                    break
+                if soonest < 0.0 or fst[cx, FT_READY] < soonest:
+                    soonest = fst[cx, FT_READY]
+        if ctx < 0:
+            stall = soonest - qclock[q]
+            qstats[q, 1] += np.int64(stall)
+            stats[SX_STALL] += np.int64(stall)
+            qclock[q] = soonest
+            continue
+
+        # ---- execute up to `quantum` instructions of ctx ----
+        n_exec = 0
+        while n_exec < quantum:
+            pc = ist[ctx, ST_PC]
+            if pc < 0 or pc >= ncode:
+                fault[0] = FLT_PC_RANGE
+                fault[1] = ctx
+                fault[2] = pc
+                return FLT_PC_RANGE
+            if stats[SX_INSTR] >= budget:
+                fault[0] = FLT_BUDGET
+                fault[1] = ctx
+                fault[2] = pc
+                fault[3] = budget
+                return FLT_BUDGET
+            row = code[pc]
+            if row[F_MAXREG] >= reg_share:
+                fault[0] = FLT_REG_SHARE
+                fault[1] = ctx
+                fault[2] = pc
+                fault[3] = row[F_MAXREG]
+                fault[4] = reg_share
+                return FLT_REG_SHARE
+            now = qclock[q]
+            stalled = False
+            new_thrsw = False
+            new_branch = False
+            sig = row[F_SIG]
+
+            if row[F_KIND] == 1:
+                # ---------------- branch ----------------
+                cond = row[B_COND]
+                taken = False
+                if cond == 0:
+                    taken = True
+                else:
+                    anya = False
+                    alla = True
+                    for l in range(16):
+                        if fla[ctx, l] != 0:
+                            anya = True
+                        else:
+                            alla = False
+                    if cond == 2:
+                        taken = fla[ctx, 0] != 0
+                    elif cond == 3:
+                        taken = fla[ctx, 0] == 0
+                    elif cond == 4:
+                        taken = alla
+                    elif cond == 5:
+                        taken = not alla
+                    elif cond == 6:
+                        taken = anya
+                    elif cond == 7:
+                        taken = not anya
+                # a uniform-relative / -absolute redirect consumes one uniform
+                uval = np.int64(0)
+                if row[B_UB] == 1 and row[B_BDU] != 3:
+                    ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+                    if not ok:
+                        fault[0] = FLT_UNIF_ADDR
+                        fault[1] = ctx
+                        fault[2] = pc
+                        fault[3] = ist[ctx, ST_UNIF]
+                        return FLT_UNIF_ADDR
+                    ist[ctx, ST_UNIF] += 4
+                    uval = np.int64(uv)
+                if taken:
+                    bdi = row[B_BDI]
+                    if bdi == 0:
+                        tgt_addr = row[B_ADDR]
+                    elif bdi == 1:
+                        tgt_addr = prog_base + (pc + 4) * 8 + row[B_ADDR]
+                    elif bdi == 2:
+                        tgt_addr = ist[ctx, ST_LINK]
+                    else:
+                        tgt_addr = np.int64(regs[ctx, row[B_RADDR], 0])
+                    off = (tgt_addr & 0xFFFFFFFF) - prog_base
+                    if off < 0 or (off & 7) != 0 or (off >> 3) >= ncode:
+                        fault[0] = FLT_PC_RANGE
+                        fault[1] = ctx
+                        fault[2] = pc
+                        fault[3] = tgt_addr & 0xFFFFFFFF
+                        return FLT_PC_RANGE
+                    ist[ctx, ST_BR_TARGET] = off >> 3
+                    if row[B_LINK] == 1:
+                        ist[ctx, ST_LINK] = prog_base + (pc + 4) * 8
+                    if row[B_UB] == 1:
+                        bdu = row[B_BDU]
+                        if bdu == 0:
+                            ist[ctx, ST_BR_UNIF] = uval
+                        elif bdu == 1:
+                            ist[ctx, ST_BR_UNIF] = (ist[ctx, ST_UNIF] + _sext(uval, 32)) & 0xFFFFFFFF
+                        else:
+                            # element 1 of the register (py-videocore7 tests/test_unifa.py)
+                            ist[ctx, ST_BR_UNIF] = np.int64(regs[ctx, row[B_RADDR], 1])
+                        ist[ctx, ST_BR_UNIF_SET] = 1
+                    else:
+                        ist[ctx, ST_BR_UNIF_SET] = 0
+                    new_branch = True
+            else:
+                # ---------------- ALU instruction ----------------
+                if (sig & S_UNSUPPORTED) != 0:
+                    fault[0] = FLT_UNSUPPORTED_SIG
+                    fault[1] = ctx
+                    fault[2] = pc
+                    return FLT_UNSUPPORTED_SIG
+                for alu in range(2):
+                    base = ADD_BASE if alu == 0 else MUL_BASE
+                    op = row[base + OP]
+                    if op >= OP_FIRST_UNSUPPORTED or op == OP_MULTOP:
+                        fault[0] = FLT_UNSUPPORTED_OP
+                        fault[1] = ctx
+                        fault[2] = pc
+                        fault[3] = op
+                        return FLT_UNSUPPORTED_OP
+                # read all sources before any write
+                for k in range(4):
+                    base = ADD_BASE if k < 2 else MUL_BASE
+                    s = row[base + SA + (k & 1)]
+                    if s >= IMM_FLAG:
+                        v = np.uint32(s & 0xFFFFFFFF)
+                        for l in range(16):
+                            scratch[k, l] = v
+                    elif s >= 0:
+                        for l in range(16):
+                            scratch[k, l] = regs[ctx, s, l]
+                tidx_v = ((ctx >> 2) << 2) | (ctx & 3)
+                for alu in range(2):
+                    base = ADD_BASE if alu == 0 else MUL_BASE
+                    op = row[base + OP]
+                    if op == OP_NOP:
+                        continue
+                    rr = 4 + alu
+                    err = alu_op(op, row[base + UA], row[base + UB], row[base + PACK],
+                                 scratch[2 * alu], scratch[2 * alu + 1], fscratch[2 * alu],
+                                 fscratch[2 * alu + 1], scratch[rr], fscratch[rr], carry[alu],
+                                 fla[ctx], flb[ctx], tidx_v, ist[ctx, ST_LINK], tmpu, tmpf)
+                    if err != 0:
+                        fault[0] = err
+                        fault[1] = ctx
+                        fault[2] = pc
+                        fault[3] = op
+                        return err
+                    if op == OP_TMUWT:
+                        if fst[ctx, FT_STORE_DONE] > now:
+                            stalled = True
+                            now = fst[ctx, FT_STORE_DONE]
+                # conditions (evaluated on the flags before this instruction's pushes)
+                for alu in range(2):
+                    base = ADD_BASE if alu == 0 else MUL_BASE
+                    cnd = row[base + COND]
+                    for l in range(16):
+                        if cnd < 0:
+                            active[alu, l] = 1
+                        elif cnd == 0:
+                            active[alu, l] = fla[ctx, l]
+                        elif cnd == 1:
+                            active[alu, l] = flb[ctx, l]
+                        elif cnd == 2:
+                            active[alu, l] = 1 - fla[ctx, l]
+                        else:
+                            active[alu, l] = 1 - flb[ctx, l]
+                # flag pushes / updates
+                for alu in range(2):
+                    base = ADD_BASE if alu == 0 else MUL_BASE
+                    pf = row[base + PF]
+                    uf = row[base + UF]
+                    if pf == 0 and uf == 0:
+                        continue
+                    rr = 4 + alu
+                    op = row[base + OP]
+                    is_fcmp = op == OP_FCMP
+                    for l in range(16):
+                        v = scratch[rr, l]
+                        if is_fcmp:
+                            x = fscratch[2 * alu, l]
+                            y = fscratch[2 * alu + 1, l]
+                            fz = 1 if x == y else 0
+                            fn = 1 if x < y else 0
+                        elif _is_float_op(op):
+                            fz = 1 if (v & np.uint32(0x7FFFFFFF)) == 0 else 0
+                            fn = 1 if fscratch[rr, l] < 0.0 else 0
+                        else:
+                            fz = 1 if v == 0 else 0
+                            fn = np.uint8(v >> np.uint32(31))
+                        fc = carry[alu, l]
+                        if pf != 0:
+                            flb[ctx, l] = fla[ctx, l]
+                            fla[ctx, l] = fz if pf == 1 else (fn if pf == 2 else fc)
+                        else:
+                            kind = (uf - 4) >> 2       # 0 z, 1 n, 2 c
+                            sub_ = (uf - 4) & 3       # 0 and, 1 and-not, 2 nor-not, 3 nor
+                            fv = fz if kind == 0 else (fn if kind == 1 else fc)
+                            av = fla[ctx, l]
+                            if sub_ == 0:
+                                fla[ctx, l] = av & fv
+                            elif sub_ == 1:
+                                fla[ctx, l] = av & (1 - fv)
+                            elif sub_ == 2:
+                                fla[ctx, l] = 1 - (av | (1 - fv))
+                            else:
+                                fla[ctx, l] = 1 - (av | fv)
+                # destination writes: add ALU, then mul ALU
+                for alu in range(2):
+                    base = ADD_BASE if alu == 0 else MUL_BASE
+                    dst = row[base + DST]
+                    if dst < 0 or row[base + OP] == OP_NOP:
+                        continue
+                    rr = 4 + alu
+                    if dst < 64:
+                        for l in range(16):
+                            if active[alu, l] != 0:
+                                regs[ctx, dst, l] = scratch[rr, l]
+                    else:
+                        err, now2 = _write_magic(dst - 64, scratch[rr], active[alu], ctx, q, pc,
+                                                 now, mem8, mem32, page_ok, mem_base, regs, ist,
+                                                 fst, tmud, fifo, fifo_t, qtmu_free, qreq,
+                                                 qreq_head, gst, prm, stats, fault, l2_tags,
+                                                 l2_lru, lines, fifo_limit, req_depth,
+                                                 line_bytes, nsets, nways)
+                        if err != 0:
+                            return err
+                        if now2 > now:
+                            stalled = True
+                            now = now2
+                # signals
+                if sig != 0:
+                    if (sig & S_WRTMUC) != 0:
+                        ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+                        if not ok:
+                            fault[0] = FLT_UNIF_ADDR
+                            fault[1] = ctx
+                            fault[2] = pc
+                            fault[3] = ist[ctx, ST_UNIF]
+                            return FLT_UNIF_ADDR
+                        ist[ctx, ST_UNIF] += 4
+                        ist[ctx, ST_TMUCFG] = np.int64(uv)
+                    if (sig & (S_LDUNIF | S_LDUNIFRF | S_LDUNIFA | S_LDUNIFARF)) != 0:
+                        use_a = (sig & (S_LDUNIFA | S_LDUNIFARF)) != 0
+                        col = ST_UNIFA if use_a else ST_UNIF
+                        ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, col])
+                        if not ok:
+                            fault[0] = FLT_UNIF_ADDR
+                            fault[1] = ctx
+                            fault[2] = pc
+                            fault[3] = ist[ctx, col]
+                            return FLT_UNIF_ADDR
+                        ist[ctx, col] += 4
+                        for l in range(16):
+                            resu[l] = uv
+                        d = row[F_SIGDST] if (sig & (S_LDUNIFRF | S_LDUNIFARF)) != 0 else 0
+                        err, now2 = _sig_write(d, resu, ctx, q, pc, now, mem8, mem32, page_ok,
+                                               mem_base, regs, ist, fst, tmud, fifo, fifo_t,
+                                               qtmu_free, qreq, qreq_head, gst, prm, stats, fault,
+                                               l2_tags, l2_lru, lines, fifo_limit, req_depth,
+                                               line_bytes, nsets, nways, active)
+                        if err != 0:
+                            return err
+                        if now2 > now:
+                            stalled = True
+                            now = now2
+                    if (sig & S_LDTMU) != 0:
+                        if ist[ctx, ST_FIFO_COUNT] == 0:
+                            fault[0] = FLT_FIFO_EMPTY
+                            fault[1] = ctx
+                            fault[2] = pc
+                            return FLT_FIFO_EMPTY
+                        h = ist[ctx, ST_FIFO_HEAD]
+                        if fifo_t[ctx, h] > now:
+                            stalled = True
+                            now = fifo_t[ctx, h]
+                        for l in range(16):
+                            resu[l] = fifo[ctx, h, l]
+                        ist[ctx, ST_FIFO_HEAD] = (h + 1) % FIFO_CAP
+                        ist[ctx, ST_FIFO_COUNT] -= 1
+                        ist[ctx, ST_FIFO_WORDS] -= 1
+                        err, now2 = _sig_write(row[F_SIGDST], resu, ctx, q, pc, now, mem8, mem32,
+                                               page_ok, mem_base, regs, ist, fst, tmud, fifo,
+                                               fifo_t, qtmu_free, qreq, qreq_head, gst, prm,
+                                               stats, fault, l2_tags, l2_lru, lines, fifo_limit,
+                                               req_depth, line_bytes, nsets, nways, active)
+                        if err != 0:
+                            return err
+                        if now2 > now:
+                            stalled = True
+                            now = now2
+                    if (sig & S_THRSW) != 0:
+                        new_thrsw = True
+
+            # ---------------- end of instruction: time, delay slots, thread switch ----------------
+            stats[SX_INSTR] += 1
+            ist[ctx, ST_INSTRS] += 1
+            if now > qclock[q]:
+                st_c = now - qclock[q]
+                stats[SX_STALL] += np.int64(st_c)
+                qstats[q, 1] += np.int64(st_c)
+            qclock[q] = now + cpi
+            qstats[q, 0] += 1
+            n_exec += 1
+
+            switch_now = False
+            end_now = False
+            next_pc = pc + 1
+            if ist[ctx, ST_THR_CNT] > 0:
+                ist[ctx, ST_THR_CNT] -= 1
+                if ist[ctx, ST_THR_CNT] == 0:
+                    switch_now = True
+            if ist[ctx, ST_END_CNT] > 0:
+                ist[ctx, ST_END_CNT] -= 1
+                if ist[ctx, ST_END_CNT] == 0:
+                    end_now = True
+            if ist[ctx, ST_BR_CNT] > 0:
+                ist[ctx, ST_BR_CNT] -= 1
+                if ist[ctx, ST_BR_CNT] == 0:
+                    next_pc = ist[ctx, ST_BR_TARGET]
+                    if ist[ctx, ST_BR_UNIF_SET] == 1:
+                        ist[ctx, ST_UNIF] = ist[ctx, ST_BR_UNIF]
+                        ist[ctx, ST_BR_UNIF_SET] = 0
+            if new_branch:
+                ist[ctx, ST_BR_CNT] = 3
+            if new_thrsw:
+                stats[SX_THRSW] += 1
+                if ist[ctx, ST_THR_CNT] > 0 or switch_now:
+                    ist[ctx, ST_LAST] = 1          # thrsw in a thrsw delay slot: last switch
+                elif ist[ctx, ST_LAST] == 2:
+                    ist[ctx, ST_END_CNT] = 2       # the thrsw after the last switch ends the thread
+                else:
+                    ist[ctx, ST_THR_CNT] = 2
+            ist[ctx, ST_PC] = next_pc
+
+            if end_now:
+                ist[ctx, ST_STATE] = CTX_DONE
+                # dispatch the next workgroup into the freed slot
+                if np.int64(gst[G_NEXT_WG]) < total_wg:
+                    _start_wg(ctx, ctx & 3, np.int64(gst[G_NEXT_WG]), wg_dims, regs, fla, flb,
+                              ist, fst, unif_base, qclock[q])
+                    gst[G_NEXT_WG] += 1.0
+                _release_barrier(ist, fst, num_qpus, threads)
+                qcur[q] = (qcur[q] + 1) % threads
+                break
+            if switch_now:
+                if ist[ctx, ST_LAST] == 1:
+                    ist[ctx, ST_LAST] = 2
+                if ist[ctx, ST_BARRIER_PEND] == 1:
+                    ist[ctx, ST_BARRIER_PEND] = 0
+                    ist[ctx, ST_STATE] = CTX_BARRIER
+                    fst[ctx, FT_BARRIER_ARRIVE] = qclock[q]
+                    _release_barrier(ist, fst, num_qpus, threads)
+                    qcur[q] = (qcur[q] + 1) % threads
+                    break
+                if threads > 1:
+                    # the thread resumes once the loads it issued before switching have returned
+                    fst[ctx, FT_READY] = max(qclock[q], fst[ctx, FT_LOAD_DONE])
+                    qcur[q] = (qcur[q] + 1) % threads
+                    break
+            if stalled:
+                break
+    return 0
+
+
+@njit(cache=True, inline="always")
+def _is_float_op(op):
+    return (op == OP_FADD or op == OP_FADDNF or op == OP_FSUB or op == OP_FMIN or op == OP_FMAX
+            or op == OP_FMUL or op == OP_FMOV or (op >= OP_RECIP and op <= OP_SIN)
+            or (op >= OP_FROUND and op <= OP_FCEIL) or op == OP_ITOF or op == OP_UTOF
+            or op == OP_FDX or op == OP_FDY)
+
+
+@njit(cache=True)
+def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0):
+    """Start workgroup ``wg`` (x fastest) in context ``ctx``: zeroed registers and flags, the
+    compute payload in rf3 (x | y << 16) and rf2 (z), the uniform stream at its start."""
+    x = wg % wg_dims[0]
+    y = (wg // wg_dims[0]) % wg_dims[1]
+    z = wg // (wg_dims[0] * wg_dims[1])
+    for rgi in range(64):
+        for l in range(16):
+            regs[ctx, rgi, l] = 0
+    for l in range(16):
+        fla[ctx, l] = 0
+        flb[ctx, l] = 0
+        regs[ctx, 3, l] = np.uint32((x & 0xFFFF) | ((y & 0xFFFF) << 16))
+        regs[ctx, 2, l] = np.uint32(z & 0xFFFF)
+    for k in range(NIST):
+        ist[ctx, k] = 0
+    for k in range(NFST):
+        fst[ctx, k] = 0.0
+    ist[ctx, ST_STATE] = CTX_RUN
+    ist[ctx, ST_UNIF] = unif_base
+    ist[ctx, ST_TMUCFG] = 0xFFFFFFFF
+    ist[ctx, ST_WG] = wg
+    ist[ctx, ST_SLOT] = slot
+    fst[ctx, FT_READY] = t0
+
+
+@njit(cache=True)
+def _release_barrier(ist, fst, num_qpus, threads):
+    """Release the barrier once every resident thread has arrived at it (or ended)."""
+    waiting = 0
+    latest = 0.0
+    for q in range(num_qpus):
+        for t in range(threads):
+            cx = q * 4 + t
+            st = ist[cx, ST_STATE]
+            if st == CTX_RUN:
+                return
+            if st == CTX_BARRIER:
+                waiting += 1
+                latest = max(latest, fst[cx, FT_BARRIER_ARRIVE])
+    if waiting == 0:
+        return
+    for q in range(num_qpus):
+        for t in range(threads):
+            cx = q * 4 + t
+            if ist[cx, ST_STATE] == CTX_BARRIER:
+                ist[cx, ST_STATE] = CTX_RUN
+                fst[cx, FT_READY] = latest
+
+
+@njit(cache=True)
+def _sig_write(d, val, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, regs, ist, fst, tmud,
+               fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault, l2_tags, l2_lru,
+               lines, fifo_limit, req_depth, line_bytes, nsets, nways, active):
+    """A register-writing signal (all lanes) into rf or a magic register."""
+    if d < 64:
+        for l in range(16):
+            regs[ctx, d, l] = val[l]
+        return 0, now
+    for l in range(16):
+        active[0, l] = 1
+    return _write_magic(d - 64, val, active[0], ctx, q, pc, now, mem8, mem32, page_ok, mem_base,
+                        regs, ist, fst, tmud, fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm,
+                        stats, fault, l2_tags, l2_lru, lines, fifo_limit, req_depth, line_bytes,
+                        nsets, nways)
+
+
+@njit(cache=True)
+def _write_magic(w, val, act, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, regs, ist, fst,
+                 tmud, fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault, l2_tags,
+                 l2_lru, lines, fifo_limit, req_depth, line_bytes, nsets, nways):
+    """Write a 16-lane value to magic register ``w``. Returns (fault code, new time)."""
+    if w == W_NULL:
+        return 0, now
+    if w == W_REP:
+        v0 = val[0]
+        for l in range(16):
+            regs[ctx, 0, l] = v0
+        return 0, now
+    if w == W_QUAD:
+        for l in range(16):
+            regs[ctx, 0, l] = val[l & 12]
+        return 0, now
+    if w == W_UNIFA:
+        ist[ctx, ST_UNIFA] = np.int64(val[0])
+        return 0, now
+    if w == W_TMUC:
+        ist[ctx, ST_TMUCFG] = np.int64(val[0])
+        return 0, now
+    if w == W_TMUD or w == W_TMUDREF or w == W_TMUOFF:
+        n = ist[ctx, ST_NDATA]
+        if n >= 4:
+            fault[0] = FLT_TMUD_OVERFLOW
+            fault[1] = ctx
+            fault[2] = pc
+            return FLT_TMUD_OVERFLOW, now
+        for l in range(16):
+            tmud[ctx, n, l] = val[l]
+        ist[ctx, ST_NDATA] = n + 1
+        return 0, now
+    if w == W_SYNCB:
+        ist[ctx, ST_BARRIER_PEND] = 1
+        return 0, now
+    if w == W_TMUA or w == W_TMUAU:
+        if w == W_TMUAU:
+            ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+            if not ok:
+                fault[0] = FLT_UNIF_ADDR
+                fault[1] = ctx
+                fault[2] = pc
+                fault[3] = ist[ctx, ST_UNIF]
+                return FLT_UNIF_ADDR, now
+            ist[ctx, ST_UNIF] += 4
+            ist[ctx, ST_TMUCFG] = np.int64(uv)
+        return _tmu_request(val, act, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, ist, fst,
+                            tmud, fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault,
+                            l2_tags, l2_lru, lines, fifo_limit, req_depth, line_bytes, nsets,
+                            nways)
+    fault[0] = FLT_UNSUPPORTED_MAGIC
+    fault[1] = ctx
+    fault[2] = pc
+    fault[3] = w
+    return FLT_UNSUPPORTED_MAGIC, now
+
+
+@njit(cache=True)
+def _tmu_request(addr, act, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, ist, fst, tmud, fifo,
+                 fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault, l2_tags, l2_lru, lines,
+                 fifo_limit, req_depth, line_bytes, nsets, nways):
+    """Issue one general TMU lookup (load, store or atomic) for the lanes in ``act``.
+
+    The config comes from the low byte of the thread's config word (per << 7 | op << 3 | type);
+    each lookup consumes that byte and shifts in 0xff (the default: per-lane 32-bit regular
+    access). Functional effects happen now; the timing model decides when data is ready."""
+    cfgw = ist[ctx, ST_TMUCFG] & 0xFFFFFFFF
+    cfg = cfgw & 0xFF
+    ist[ctx, ST_TMUCFG] = (cfgw >> 8) | 0xFF000000
+    per = (cfg >> 7) & 1
+    top = (cfg >> 3) & 15
+    typ = cfg & 7
+    ndata = ist[ctx, ST_NDATA]
+    ist[ctx, ST_NDATA] = 0
+    is_write = ndata > 0
+
+    # lanes taking part: per-lane mask, or per quad (a quad is active if any lane is)
+    lane_on = np.zeros(16, np.uint8)
+    for l in range(16):
+        if per == 1:
+            lane_on[l] = act[l]
+        else:
+            qq = l & 12
+            lane_on[l] = 1 if (act[qq] | act[qq + 1] | act[qq + 2] | act[qq + 3]) != 0 else 0
+
+    # kind: 0 load, 1 store, 2 atomic (returns the old value), 3 cache op (no data)
+    if top == 15:
+        kind = 1 if is_write else 0
+    elif is_write:
+        kind = 2
+    elif top == 8 or top == 9 or top == 10:
+        kind = 2
+    elif top <= 4:
+        kind = 3
+    else:
+        fault[0] = FLT_TMU_OP
+        fault[1] = ctx
+        fault[2] = pc
+        fault[3] = cfg
+        return FLT_TMU_OP, now
+
+    # element size in bytes and words per lane
+    if kind == 0 or kind == 1:
+        if typ == 0 or typ == 5:
+            esize = 1
+            nwords = 1
+        elif typ == 1 or typ == 6:
+            esize = 2
+            nwords = 1
+        elif typ == 7:
+            esize = 4
+            nwords = 1
+        else:
+            nwords = typ            # vec2 .. vec4
+            esize = 4 * typ
+        if kind == 1 and esize >= 4:
+            # stores write as many words as were written to tmud
+            nwords = ndata
+            esize = 4 * ndata
+    else:
+        esize = 4
+        nwords = 1
+        if top == 3 and is_write and ndata < 2:
+            fault[0] = FLT_TMU_OP
+            fault[1] = ctx
+            fault[2] = pc
+            fault[3] = cfg
+            fault[4] = 1
+            return FLT_TMU_OP, now
+    ret_words = 0
+    if kind == 0:
+        ret_words = nwords
+    elif kind == 2:
+        ret_words = 1
+    if ret_words > 0 and ist[ctx, ST_FIFO_WORDS] + ret_words > fifo_limit:
+        fault[0] = FLT_FIFO_OVERFLOW
+        fault[1] = ctx
+        fault[2] = pc
+        fault[3] = ist[ctx, ST_FIFO_WORDS] + ret_words
+        fault[4] = fifo_limit
+        return FLT_FIFO_OVERFLOW, now
+
+    # bounds and alignment
+    if kind != 3:
+        align = 4 if esize >= 4 else esize
+        for l in range(16):
+            if lane_on[l] == 0:
+                continue
+            a = np.int64(addr[l])
+            if (a & (align - 1)) != 0:
+                fault[0] = FLT_MISALIGNED
+                fault[1] = ctx
+                fault[2] = pc
+                fault[3] = a
+                fault[4] = l
+                return FLT_MISALIGNED, now
+            if not _addr_ok(page_ok, mem_base, mem8.shape[0], a, esize):
+                fault[0] = FLT_BAD_ADDR
+                fault[1] = ctx
+                fault[2] = pc
+                fault[3] = a
+                fault[4] = l
+                return FLT_BAD_ADDR, now
+
+    # ---- functional effect ----
+    h = (ist[ctx, ST_FIFO_HEAD] + ist[ctx, ST_FIFO_COUNT]) % FIFO_CAP
+    for wd in range(ret_words):
+        for l in range(16):
+            fifo[ctx, (h + wd) % FIFO_CAP, l] = 0
+    nlines = 0
+    for l in range(16):
+        if lane_on[l] == 0:
+            continue
+        a = np.int64(addr[l])
+        off = a - mem_base
+        if kind == 0:
+            for wd in range(nwords):
+                if esize == 1:
+                    v = np.int64(mem8[off])
+                    if typ == 0 and v >= 128:
+                        v -= 256
+                elif esize == 2:
+                    v = np.int64(mem8[off]) | (np.int64(mem8[off + 1]) << 8)
+                    if typ == 1 and v >= 32768:
+                        v -= 65536
+                else:
+                    v = np.int64(mem32[(off >> 2) + wd])
+                fifo[ctx, (h + wd) % FIFO_CAP, l] = np.uint32(v & 0xFFFFFFFF)
+        elif kind == 1:
+            if esize == 1:
+                mem8[off] = np.uint8(tmud[ctx, 0, l] & np.uint32(0xFF))
+            elif esize == 2:
+                v = tmud[ctx, 0, l]
+                mem8[off] = np.uint8(v & np.uint32(0xFF))
+                mem8[off + 1] = np.uint8((v >> np.uint32(8)) & np.uint32(0xFF))
+            else:
+                for wd in range(nwords):
+                    mem32[(off >> 2) + wd] = tmud[ctx, wd, l]
+        elif kind == 2:
+            old = mem32[off >> 2]
+            d = tmud[ctx, 0, l]
+            o64 = np.int64(old)
+            d64 = np.int64(d)
+            if not is_write:
+                if top == 8:
+                    nv = (o64 + 1) & 0xFFFFFFFF
+                elif top == 9:
+                    nv = (o64 - 1) & 0xFFFFFFFF
+                else:
+                    nv = (~o64) & 0xFFFFFFFF
+            elif top == 0:
+                nv = (o64 + d64) & 0xFFFFFFFF
+            elif top == 1:
+                nv = (o64 - d64) & 0xFFFFFFFF
+            elif top == 2:
+                nv = d64
+            elif top == 3:
+                nv = np.int64(tmud[ctx, 1, l]) if o64 == d64 else o64
+            elif top == 4:
+                nv = min(o64, d64)
+            elif top == 5:
+                nv = max(o64, d64)
+            elif top == 6:
+                nv = min(_sext(old, 32), _sext(d, 32)) & 0xFFFFFFFF
+            elif top == 7:
+                nv = max(_sext(old, 32), _sext(d, 32)) & 0xFFFFFFFF
+            elif top == 8:
+                nv = o64 & d64
+            elif top == 9:
+                nv = o64 | d64
+            else:
+                nv = o64 ^ d64
+            mem32[off >> 2] = np.uint32(nv)
+            fifo[ctx, h, l] = old
+        # distinct cache lines touched (timing)
+        if kind != 3:
+            first = (off) // line_bytes
+            last = (off + esize - 1) // line_bytes
+            for ln in range(first, last + 1):
+                seen = False
+                for k in range(nlines):
+                    if lines[k] == ln:
+                        seen = True
+                        break
+                if not seen and nlines < lines.shape[0]:
+                    lines[nlines] = ln
+                    nlines += 1
+
+    # ---- timing: request queue, TMU throughput, shared L2 / DRAM bandwidth, latency ----
+    stall_to = now
+    if kind != 3:
+        oldest = qreq[q, qreq_head[q]]
+        if oldest > stall_to:
+            stall_to = oldest           # the per-QPU request queue is full
+        tmu_start = max(stall_to, qtmu_free[q])
+        qtmu_free[q] = tmu_start + max(1.0, nlines * prm[PR_TMU_CPL])
+        done = tmu_start + prm[PR_TMU_LAT]
+        bytes_moved = 0
+        for k in range(nlines):
+            if kind == 1:
+                hit = _l2_access(l2_tags, l2_lru, gst, lines[k], nsets, nways)
+                mem_start = max(tmu_start, gst[G_MEM_FREE])
+                gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
+                stats[SX_DRAM_BYTES] += line_bytes
+                done = max(done, gst[G_MEM_FREE] + prm[PR_STORE_LAT])
+            else:
+                hit = _l2_access(l2_tags, l2_lru, gst, lines[k], nsets, nways)
+                if hit:
+                    stats[SX_L2_HITS] += 1
+                else:
+                    stats[SX_L2_MISSES] += 1
+                    mem_start = max(tmu_start, gst[G_MEM_FREE])
+                    gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
+                    stats[SX_DRAM_BYTES] += line_bytes
+                    done = max(done, gst[G_MEM_FREE] + prm[PR_DRAM_LAT])
+            bytes_moved += line_bytes
+        active_lanes = 0
+        for l in range(16):
+            active_lanes += lane_on[l]
+        if kind == 0:
+            stats[SX_TMU_LOADS] += 1
+            stats[SX_BYTES_LOADED] += active_lanes * esize
+        elif kind == 1:
+            stats[SX_TMU_STORES] += 1
+            stats[SX_BYTES_STORED] += active_lanes * esize
+        else:
+            stats[SX_ATOMICS] += 1
+            stats[SX_TMU_STORES] += 1
+            stats[SX_BYTES_STORED] += active_lanes * 4
+            stats[SX_BYTES_LOADED] += active_lanes * 4
+        qreq[q, qreq_head[q]] = done
+        qreq_head[q] = (qreq_head[q] + 1) % req_depth
+        if kind == 1 or kind == 2:
+            fst[ctx, FT_STORE_DONE] = max(fst[ctx, FT_STORE_DONE], done)
+        if ret_words > 0:
+            fst[ctx, FT_LOAD_DONE] = max(fst[ctx, FT_LOAD_DONE], done)
+            for wd in range(ret_words):
+                fifo_t[ctx, (h + wd) % FIFO_CAP] = done
+    if ret_words > 0:
+        ist[ctx, ST_FIFO_COUNT] += ret_words
+        ist[ctx, ST_FIFO_WORDS] += ret_words
+    return 0, stall_to

@@ -1,0 +1,334 @@
+"""The embedded QPU emulator: a :class:`~tvm_qpu.runtime.device.Device` that executes V3D 7.1
+machine words instruction by instruction (16 lanes, 12 QPUs x up to 4 threads) and models
+their timing.
+
+* memory: one numpy arena standing for a 32-bit GPU address space; allocations are page
+  granular and tracked in a page table so the core tells valid addresses from invalid ones;
+* programs: checked with the static hazard checker and pre-decoded once at load time;
+* execution: :func:`emu_core.run` (numba) runs the dispatch; faults come back as
+  :class:`EmulatorFault` naming the QPU, thread, workgroup, pc and the instruction.
+
+Workgroup -> (QPU, thread) mapping: workgroups are numbered x fastest, then y, then z. The
+first ``num_qpus * threads`` go to QPU ``i % num_qpus``, thread ``i // num_qpus``; each later
+one starts in the first thread slot that frees up (in modelled time), like the CSD dispatcher.
+Kernels find their workgroup in the payload (rf3.ul = x, rf3.uh = y, rf2.ul = z) and their slot
+in ``tidx`` ((tidx >> 2) & 0xF = QPU, tidx & 3 = thread).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .device import Buffer, Device, DeviceError, ExecStats, ProgramHandle
+from . import cycle_model
+from . import emu_core as C
+
+PAGE = 1 << C.PAGE_SHIFT
+#: GPU address of the arena's first byte (low addresses stay invalid so that null and small
+#: integers used as pointers fault)
+ARENA_BASE = 0x0100_0000
+DEFAULT_MEMORY = 768 << 20
+#: instruction budget per second of the ``timeout`` argument (the emulator cannot be
+#: interrupted, so ``timeout`` bounds the emulated work instead of wall time)
+INSTRUCTIONS_PER_TIMEOUT_SECOND = 50_000_000
+
+
+class EmulatorFault(DeviceError):
+    """The emulated program did something the hardware would misbehave on."""
+
+    def __init__(self, message: str, *, kind: str = "fault", qpu=None, thread=None, pc=None,
+                 workgroup=None, instruction: str | None = None):
+        super().__init__(message)
+        self.kind, self.qpu, self.thread, self.pc = kind, qpu, thread, pc
+        self.workgroup, self.instruction = workgroup, instruction
+
+
+@dataclass
+class EmulatorExecStats(ExecStats):
+    """ExecStats plus what only the model knows."""
+    l2_hits: int = 0
+    l2_misses: int = 0
+    dram_bytes: int = 0
+    thread_switches: int = 0
+    atomics: int = 0
+    per_qpu_instructions: list = field(default_factory=list)
+    per_qpu_stall_cycles: list = field(default_factory=list)
+    clock_hz: float = 0.0
+
+
+@dataclass
+class _Program:
+    table: np.ndarray
+    words: np.ndarray
+
+
+_FAULT_TEXT = {
+    C.FLT_BAD_ADDR: "TMU access to address {a:#010x} (lane {b}) outside any buffer",
+    C.FLT_FIFO_EMPTY: "ldtmu with an empty TMU FIFO (no outstanding load)",
+    C.FLT_FIFO_OVERFLOW: "TMU request would put {a} words in the thread's output FIFO "
+                         "(limit {b} = 16 / threads); ldtmu results before issuing more",
+    C.FLT_BUDGET: "instruction budget of {a} instructions exceeded (runaway loop?)",
+    C.FLT_REG_SHARE: "uses rf{a}, beyond this thread's share of the register file "
+                     "(rf0..rf{bm1} at this thread count)",
+    C.FLT_PC_RANGE: "program counter left the program (target {a:#x})",
+    C.FLT_UNSUPPORTED_OP: "operation not supported by the emulator",
+    C.FLT_UNSUPPORTED_MAGIC: "write to magic register {magic} not supported by the emulator",
+    C.FLT_UNSUPPORTED_SIG: "signal not supported by the emulator (ldvary/ldtlb/ldtlbu/ucb)",
+    C.FLT_MISALIGNED: "misaligned TMU access at {a:#010x} (lane {b})",
+    C.FLT_TMUD_OVERFLOW: "more than 4 TMU data words (tmud) before the address write",
+    C.FLT_TMU_OP: "unsupported TMU config byte {a:#04x} for this access",
+    C.FLT_UNIF_ADDR: "uniform stream read at {a:#010x} outside any buffer",
+    C.FLT_DEADLOCK: "barrier deadlock: every live thread waits on a barrier",
+}
+_FAULT_KIND = {
+    C.FLT_BAD_ADDR: "bad_address", C.FLT_FIFO_EMPTY: "fifo_empty",
+    C.FLT_FIFO_OVERFLOW: "fifo_overflow", C.FLT_BUDGET: "budget", C.FLT_REG_SHARE: "register_share",
+    C.FLT_PC_RANGE: "pc_range", C.FLT_UNSUPPORTED_OP: "unsupported", C.FLT_UNSUPPORTED_MAGIC:
+    "unsupported", C.FLT_UNSUPPORTED_SIG: "unsupported", C.FLT_MISALIGNED: "misaligned",
+    C.FLT_TMUD_OVERFLOW: "tmud_overflow", C.FLT_TMU_OP: "tmu_op", C.FLT_UNIF_ADDR: "bad_address",
+    C.FLT_DEADLOCK: "deadlock",
+}
+
+
+class EmulatorDevice(Device):
+    """Instruction-level emulator of the Pi 5 GPU's QPUs (see module docstring)."""
+
+    kind = "emulator"
+
+    def __init__(self, memory_size: int = DEFAULT_MEMORY, num_qpus: int | None = None,
+                 clock_hz: float | None = None, timing: cycle_model.TimingModel | None = None,
+                 max_instructions: int | None = None, check_hazards: bool = True):
+        t = timing or cycle_model.DEFAULT
+        if num_qpus is not None:
+            t = t.with_(num_qpus=int(num_qpus))
+        if clock_hz is not None:
+            t = t.with_(clock_hz=float(clock_hz))
+        if not 1 <= t.num_qpus <= 16:
+            raise DeviceError(f"num_qpus must be 1..16, got {t.num_qpus}")
+        self.timing = t
+        self.num_qpus = t.num_qpus
+        self.clock_hz = t.clock_hz
+        self.max_instructions = max_instructions
+        self.check_hazards = check_hazards
+        size = (int(memory_size) + PAGE - 1) // PAGE * PAGE
+        if ARENA_BASE + size > 1 << 32:
+            raise DeviceError("memory_size does not fit the 32-bit GPU address space")
+        self._mem = np.zeros(size, dtype=np.uint8)
+        self._mem32 = self._mem.view(np.uint32)
+        self._page_ok = np.zeros(size // PAGE, dtype=np.uint8)
+        self._free = [(0, size // PAGE)]         # (first page, page count), sorted
+        self._buffers: dict[int, Buffer] = {}
+        self._programs: dict[int, _Program] = {}
+        self._next_handle = 1
+
+    # ---------------------------------------------------------------- memory
+    def alloc(self, nbytes: int, align: int = 4096) -> Buffer:
+        nbytes = int(nbytes)
+        if nbytes <= 0:
+            raise DeviceError(f"cannot allocate {nbytes} bytes")
+        align_pages = max(1, (int(align) + PAGE - 1) // PAGE)
+        npages = (nbytes + PAGE - 1) // PAGE
+        for i, (start, count) in enumerate(self._free):
+            first = (start + align_pages - 1) // align_pages * align_pages
+            if first + npages <= start + count:
+                pieces = []
+                if first > start:
+                    pieces.append((start, first - start))
+                if first + npages < start + count:
+                    pieces.append((first + npages, start + count - first - npages))
+                self._free[i:i + 1] = pieces
+                off = first * PAGE
+                self._mem[off: off + npages * PAGE] = 0
+                self._page_ok[first: first + npages] = 1
+                handle = self._next_handle
+                self._next_handle += 1
+                buf = Buffer(self, ARENA_BASE + off, nbytes, self._mem[off: off + nbytes], handle)
+                self._buffers[handle] = buf
+                return buf
+        raise DeviceError(f"emulator out of memory allocating {nbytes} bytes "
+                          f"(arena {self._mem.size >> 20} MiB; pass memory_size=...)")
+
+    def free(self, buf: Buffer) -> None:
+        if buf.device is not self or self._buffers.pop(buf.handle, None) is None:
+            raise DeviceError("free of a buffer this device does not own (or freed twice)")
+        first = (buf.addr - ARENA_BASE) // PAGE
+        npages = (buf.size + PAGE - 1) // PAGE
+        self._page_ok[first: first + npages] = 0
+        self._programs.pop(buf.handle, None)
+        self._free.append((first, npages))
+        self._free.sort()
+        merged = []
+        for s, c in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + c)
+            else:
+                merged.append((s, c))
+        self._free = merged
+
+    def is_valid_address(self, addr: int, size: int = 4) -> bool:
+        off = int(addr) - ARENA_BASE
+        if off < 0 or off + size > self._mem.size:
+            return False
+        return bool(self._page_ok[off // PAGE] and self._page_ok[(off + size - 1) // PAGE])
+
+    # ---------------------------------------------------------------- programs
+    def load_program(self, words, name: str = "kernel", *, check_hazards: bool | None = None) -> ProgramHandle:
+        """Check (static hazards), pre-decode and copy ``words`` to device memory."""
+        from . import emu_decode
+        from ..codegen.instr import UndefinedEncoding
+        words = np.ascontiguousarray(np.asarray(words, dtype=np.uint64).reshape(-1))
+        if words.size == 0:
+            raise DeviceError(f"{name}: empty program")
+        if self.check_hazards if check_hazards is None else check_hazards:
+            self._check_hazards(words, name)
+        try:
+            table = emu_decode.predecode(words)
+        except UndefinedEncoding as e:
+            raise EmulatorFault(f"{name}: cannot load: {e}", kind="undefined") from None
+        buf = self.upload(words)
+        self._programs[buf.handle] = _Program(table, words)
+        return ProgramHandle(buf.addr, words, buf, name)
+
+    def _check_hazards(self, words, name):
+        try:
+            from ..codegen import hazards
+        except ImportError:          # the checker is optional until it lands
+            return
+        found = hazards.check_program(words)
+        if found:
+            from ..codegen.disasm import disassemble
+            text = disassemble(words)
+            lines = [f"{name}: static hazard check failed ({len(found)} hazard(s)); "
+                     f"applies to every QPU and thread:"]
+            for h in found[:20]:
+                ins = text[h.pc] if 0 <= h.pc < len(text) else "?"
+                lines.append(f"  pc {h.pc}: [{h.rule}] {h.message}  |  {ins}")
+            if len(found) > 20:
+                lines.append(f"  ... and {len(found) - 20} more")
+            err = EmulatorHazardFault("\n".join(lines), kind="hazard",
+                                      pc=found[0].pc, instruction=text[found[0].pc]
+                                      if 0 <= found[0].pc < len(text) else None)
+            err.hazards = found
+            raise err
+
+    # ---------------------------------------------------------------- execution
+    def execute(self, program: ProgramHandle, uniforms, *, workgroups=(1, 1, 1), wg_size: int = 16,
+                num_qpus: int | None = None, threads: int = 1, timeout: float = 10.0,
+                max_instructions: int | None = None) -> EmulatorExecStats:
+        """Run ``program`` (see Device.execute). Extra: ``max_instructions`` caps the emulated
+        instructions (default: ``timeout`` x 50 M, or the device's ``max_instructions``)."""
+        prog = self._programs.get(program.buffer.handle if program.buffer is not None else -1)
+        if prog is None:
+            raise DeviceError(f"program {program.name!r} is not loaded on this device")
+        nq = self.num_qpus if num_qpus is None else int(num_qpus)
+        if not 1 <= nq <= self.num_qpus:
+            raise DeviceError(f"num_qpus must be 1..{self.num_qpus}, got {nq}")
+        if threads not in (1, 2, 4):
+            raise DeviceError(f"threads must be 1, 2 or 4, got {threads}")
+        if not 1 <= int(wg_size) <= 16:
+            raise DeviceError(f"wg_size must be 1..16 (one workgroup per QPU thread), got {wg_size}")
+        wg = tuple(int(v) for v in workgroups) + (1,) * (3 - len(tuple(workgroups)))
+        if any(v < 1 or v > 0xFFFF for v in wg):
+            raise DeviceError(f"workgroup counts must be 1..65535, got {wg}")
+        budget = max_instructions or self.max_instructions or int(timeout * INSTRUCTIONS_PER_TIMEOUT_SECOND)
+
+        tmp_unif = None
+        if isinstance(uniforms, Buffer):
+            unif_addr = uniforms.addr
+        else:
+            u = np.ascontiguousarray(np.asarray(uniforms).astype(np.uint32, copy=False).reshape(-1))
+            tmp_unif = self.upload(u if u.size else np.zeros(1, np.uint32))
+            unif_addr = tmp_unif.addr
+        try:
+            return self._run(prog, program, unif_addr, wg, nq, threads, budget)
+        finally:
+            if tmp_unif is not None:
+                self.free(tmp_unif)
+
+    def _run(self, prog, program, unif_addr, wg, nq, threads, budget):
+        from .emu_core import run
+        t = self.timing
+        nctx = nq * 4
+        prm = t.as_array(threads)
+        regs = np.zeros((nctx, 64, 16), dtype=np.uint32)
+        fla = np.zeros((nctx, 16), dtype=np.uint8)
+        flb = np.zeros((nctx, 16), dtype=np.uint8)
+        ist = np.zeros((nctx, C.NIST), dtype=np.int64)
+        fst = np.zeros((nctx, C.NFST), dtype=np.float64)
+        tmud = np.zeros((nctx, 4, 16), dtype=np.uint32)
+        fifo = np.zeros((nctx, C.FIFO_CAP, 16), dtype=np.uint32)
+        fifo_t = np.zeros((nctx, C.FIFO_CAP), dtype=np.float64)
+        qclock = np.zeros(nq, dtype=np.float64)
+        qcur = np.zeros(nq, dtype=np.int64)
+        qtmu = np.zeros(nq, dtype=np.float64)
+        qreq = np.zeros((nq, C.REQ_RING), dtype=np.float64)
+        qreq_head = np.zeros(nq, dtype=np.int64)
+        gst = np.zeros(C.NGST, dtype=np.float64)
+        stats = np.zeros(C.NSTATS, dtype=np.int64)
+        qstats = np.zeros((nq, 2), dtype=np.int64)
+        fault = np.zeros(5, dtype=np.int64)
+        nsets = int(prm[C.PR_L2_SETS])
+        l2_tags = np.full((nsets, t.l2_ways), -1, dtype=np.int64)
+        l2_lru = np.zeros((nsets, t.l2_ways), dtype=np.int64)
+        wg_dims = np.array(wg, dtype=np.int64)
+        reg_share = 32 if threads == 4 else 64
+        code = run(prog.table, self._mem, self._mem32, self._page_ok, ARENA_BASE, program.addr,
+                   unif_addr, regs, regs.view(np.float32), fla, flb, ist, fst, tmud, fifo, fifo_t,
+                   qclock, qcur, qtmu, qreq, qreq_head, gst, prm, stats, qstats, fault, l2_tags,
+                   l2_lru, wg_dims, nq, threads, reg_share, int(budget))
+        if code != 0:
+            raise self._fault(code, fault, ist, prog, program)
+        cycles = int(np.ceil(qclock.max())) if nq else 0
+        return EmulatorExecStats(
+            instructions=int(stats[C.SX_INSTR]), cycles=cycles, seconds=cycles / t.clock_hz,
+            tmu_loads=int(stats[C.SX_TMU_LOADS]), tmu_stores=int(stats[C.SX_TMU_STORES]),
+            bytes_loaded=int(stats[C.SX_BYTES_LOADED]), bytes_stored=int(stats[C.SX_BYTES_STORED]),
+            stall_cycles=int(stats[C.SX_STALL]), per_qpu_cycles=[int(np.ceil(c)) for c in qclock],
+            modeled=True, l2_hits=int(stats[C.SX_L2_HITS]), l2_misses=int(stats[C.SX_L2_MISSES]),
+            dram_bytes=int(stats[C.SX_DRAM_BYTES]), thread_switches=int(stats[C.SX_THRSW]),
+            atomics=int(stats[C.SX_ATOMICS]),
+            per_qpu_instructions=[int(v) for v in qstats[:, 0]],
+            per_qpu_stall_cycles=[int(v) for v in qstats[:, 1]], clock_hz=t.clock_hz)
+
+    def _fault(self, code, fault, ist, prog, program) -> EmulatorFault:
+        from ..codegen.disasm import disassemble_word
+        from ..codegen.isa import MAGIC_NAME
+        ctx, pc, a, b = (int(v) for v in fault[1:5])
+        qpu, thread = ctx >> 2, ctx & 3
+        wg = int(ist[ctx, C.ST_WG])
+        try:
+            ins = disassemble_word(int(prog.words[pc])) if 0 <= pc < len(prog.words) else "<outside program>"
+        except Exception:  # pragma: no cover - never hide the fault behind a formatting error
+            ins = f"0x{int(prog.words[pc]):016x}"
+        detail = _FAULT_TEXT.get(code, "fault {code}").format(
+            a=a, b=b, bm1=b - 1, code=code, magic=MAGIC_NAME.get(a, a))
+        if code == C.FLT_UNSUPPORTED_OP:
+            detail = f"operation {C.OP_NAMES[a] if 0 <= a < len(C.OP_NAMES) else a!r} not supported by the emulator"
+        msg = (f"{program.name}: QPU {qpu} thread {thread} (workgroup {wg}) pc {pc} "
+               f"[{ins}]: {detail}")
+        return EmulatorFault(msg, kind=_FAULT_KIND.get(code, "fault"), qpu=qpu, thread=thread,
+                             pc=pc, workgroup=wg, instruction=ins)
+
+    def close(self) -> None:
+        self._buffers.clear()
+        self._programs.clear()
+
+
+def _make_hazard_fault_class():
+    try:
+        from ..codegen.hazards import HazardError
+    except ImportError:  # pragma: no cover - checker not present
+        return type("EmulatorHazardFault", (EmulatorFault,), {})
+
+    class EmulatorHazardFault(EmulatorFault, HazardError):
+        """A static hazard found at load time (an EmulatorFault and a codegen HazardError)."""
+
+        def __init__(self, message, **kw):
+            EmulatorFault.__init__(self, message, **kw)
+            self.hazards = []
+
+    return EmulatorHazardFault
+
+
+EmulatorHazardFault = _make_hazard_fault_class()
