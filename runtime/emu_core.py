@@ -866,9 +866,11 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                         fault[2] = pc
                         fault[3] = op
                         return FLT_UNSUPPORTED_OP
-                # read all sources before any write
+                # read all sources before any write (only for the ALUs that run)
                 for k in range(4):
                     base = ADD_BASE if k < 2 else MUL_BASE
+                    if row[base + OP] == OP_NOP:
+                        continue
                     s = row[base + SA + (k & 1)]
                     if s >= IMM_FLAG:
                         v = np.uint32(s & 0xFFFFFFFF)
@@ -877,35 +879,77 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                     elif s >= 0:
                         for l in range(16):
                             scratch[k, l] = regs[ctx, s, l]
-                tidx_v = ((ctx >> 2) << 2) | (ctx & 3)
                 for alu in range(2):
                     base = ADD_BASE if alu == 0 else MUL_BASE
                     op = row[base + OP]
                     if op == OP_NOP:
                         continue
                     rr = 4 + alu
-                    err = alu_op(op, row[base + UA], row[base + UB], row[base + PACK],
-                                 scratch[2 * alu], scratch[2 * alu + 1], fscratch[2 * alu],
-                                 fscratch[2 * alu + 1], scratch[rr], fscratch[rr], carry[alu],
-                                 fla[ctx], flb[ctx], tidx_v, ist[ctx, ST_LINK], tmpu, tmpf)
-                    if err != 0:
-                        fault[0] = err
-                        fault[1] = ctx
-                        fault[2] = pc
-                        fault[3] = op
-                        return err
-                    if op == OP_TMUWT:
-                        if fst[ctx, FT_STORE_DONE] > now:
-                            stalled = True
-                            now = fst[ctx, FT_STORE_DONE]
+                    ia = 2 * alu
+                    ib = ia + 1
+                    plain = row[base + UA] == 0 and row[base + UB] == 0 and row[base + PACK] == 0
+                    # fast paths for the common unmodified ops; everything else in alu_op
+                    if plain and (op == OP_FMUL or op == OP_FADD or op == OP_FSUB):
+                        for l in range(16):
+                            x = scratch[ia, l]
+                            y = scratch[ib, l]
+                            if (x & np.uint32(0x7F800000)) == 0:
+                                fscratch[ia, l] = np.float32(0.0) if (x >> np.uint32(31)) == 0 else np.float32(-0.0)
+                            if (y & np.uint32(0x7F800000)) == 0:
+                                fscratch[ib, l] = np.float32(0.0) if (y >> np.uint32(31)) == 0 else np.float32(-0.0)
+                            if op == OP_FMUL:
+                                fv = fscratch[ia, l] * fscratch[ib, l]
+                            elif op == OP_FADD:
+                                fv = fscratch[ia, l] + fscratch[ib, l]
+                            else:
+                                fv = fscratch[ia, l] - fscratch[ib, l]
+                            fscratch[rr, l] = fv
+                            u = scratch[rr, l]
+                            if (u & np.uint32(0x7F800000)) == 0:
+                                scratch[rr, l] = u & np.uint32(0x80000000)
+                            carry[alu, l] = 1 if fscratch[rr, l] <= 0.0 else 0
+                    elif plain and (op == OP_ADD or op == OP_SUB):
+                        for l in range(16):
+                            x = np.int64(scratch[ia, l])
+                            y = np.int64(scratch[ib, l])
+                            if op == OP_ADD:
+                                sm = x + y
+                                carry[alu, l] = 1 if sm > 0xFFFFFFFF else 0
+                            else:
+                                sm = x - y
+                                carry[alu, l] = 1 if x < y else 0
+                            scratch[rr, l] = np.uint32(sm & 0xFFFFFFFF)
+                    elif plain and op == OP_MOV:
+                        for l in range(16):
+                            scratch[rr, l] = scratch[ia, l]
+                            carry[alu, l] = 0
+                    elif op == OP_SHUFFLE:
+                        for l in range(16):
+                            scratch[rr, l] = scratch[ia, scratch[ib, l] & np.uint32(15)]
+                            carry[alu, l] = 0
+                    else:
+                        err = alu_op(op, row[base + UA], row[base + UB], row[base + PACK],
+                                     scratch[ia], scratch[ib], fscratch[ia], fscratch[ib],
+                                     scratch[rr], fscratch[rr], carry[alu], fla[ctx], flb[ctx],
+                                     ctx, ist[ctx, ST_LINK], tmpu, tmpf)
+                        if err != 0:
+                            fault[0] = err
+                            fault[1] = ctx
+                            fault[2] = pc
+                            fault[3] = op
+                            return err
+                        if op == OP_TMUWT:
+                            if fst[ctx, FT_STORE_DONE] > now:
+                                stalled = True
+                                now = fst[ctx, FT_STORE_DONE]
                 # conditions (evaluated on the flags before this instruction's pushes)
                 for alu in range(2):
                     base = ADD_BASE if alu == 0 else MUL_BASE
                     cnd = row[base + COND]
+                    if cnd < 0 or row[base + OP] == OP_NOP:
+                        continue
                     for l in range(16):
-                        if cnd < 0:
-                            active[alu, l] = 1
-                        elif cnd == 0:
+                        if cnd == 0:
                             active[alu, l] = fla[ctx, l]
                         elif cnd == 1:
                             active[alu, l] = flb[ctx, l]
@@ -923,6 +967,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                     rr = 4 + alu
                     op = row[base + OP]
                     is_fcmp = op == OP_FCMP
+                    is_float = _is_float_op(op)
                     for l in range(16):
                         v = scratch[rr, l]
                         if is_fcmp:
@@ -930,7 +975,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             y = fscratch[2 * alu + 1, l]
                             fz = 1 if x == y else 0
                             fn = 1 if x < y else 0
-                        elif _is_float_op(op):
+                        elif is_float:
                             fz = 1 if (v & np.uint32(0x7FFFFFFF)) == 0 else 0
                             fn = 1 if fscratch[rr, l] < 0.0 else 0
                         else:
@@ -960,11 +1005,19 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                     if dst < 0 or row[base + OP] == OP_NOP:
                         continue
                     rr = 4 + alu
+                    cnd = row[base + COND]
                     if dst < 64:
-                        for l in range(16):
-                            if active[alu, l] != 0:
+                        if cnd < 0:
+                            for l in range(16):
                                 regs[ctx, dst, l] = scratch[rr, l]
+                        else:
+                            for l in range(16):
+                                if active[alu, l] != 0:
+                                    regs[ctx, dst, l] = scratch[rr, l]
                     else:
+                        if cnd < 0:
+                            for l in range(16):
+                                active[alu, l] = 1
                         err, now2 = _write_magic(dst - 64, scratch[rr], active[alu], ctx, q, pc,
                                                  now, mem8, mem32, page_ok, mem_base, regs, ist,
                                                  fst, tmud, fifo, fifo_t, qtmu_free, qreq,

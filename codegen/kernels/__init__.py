@@ -1,0 +1,6 @@
+"""QPU kernel generators written with the assembler DSL.
+
+Importing this package registers the operator kernels with :mod:`tvm_qpu.codegen.registry`
+(each operator module does so on import). :mod:`.calibration` holds the copy and naive SGEMM
+kernels the emulator's timing model is calibrated on; they are not registered operators.
+"""
