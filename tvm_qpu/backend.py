@@ -1,0 +1,444 @@
+"""The ``qpu`` target: one backend object owning patterns, checks, lowering and codegen.
+
+This is UMA's shape rebuilt on Relax (TVM 0.27 has no UMA):
+
+1. **canonicalise** (:func:`canonicalize`): bind parameters, fold constants and drop zero
+   zero-point subtractions (``x - 0`` from MatMulInteger / QDQ imports), so integer matmuls expose
+   ``astype(int8 -> int32)`` operands the patterns can fold;
+2. **partition** (:meth:`QpuBackend.partition`): ``FuseOpsByPattern`` over the pattern table
+   (:mod:`tvm_qpu.patterns`); each row's check function builds the :class:`OpSpec`, asks
+   ``registry.supports`` and then :func:`tvm_qpu.placement.decide`; every decision is recorded in a
+   :class:`PartitionReport`;
+3. **lower** (:meth:`QpuBackend.lower`): composite function -> the same spec builder ->
+   ``registry.generate`` -> :class:`KernelPlan`;
+4. **codegen** (:meth:`QpuBackend.codegen`): each ``Codegen="qpu"`` call in ``main`` becomes
+   ``call_dps_packed("tvm_qpu.run_plan", [key, *inputs], out_ty)`` (plus host-side layout ops the
+   spec asks for), and the plans are returned keyed by a content hash for the artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import patterns as P
+from . import placement as PL
+from .executor import RUN_PLAN, RegionInfo
+
+CODEGEN = "qpu"
+
+
+class QpuError(Exception):
+    """A user-facing error of the qpu backend (bad input, unusable model, missing tool)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# registry access (tolerates a kernel package that is not there yet)
+
+class _Registry:
+    """Thin wrapper over tvm_qpu.codegen.registry; a missing kernels package means 'no kernels'."""
+
+    def __init__(self, module=None):
+        if module is None:
+            from tvm_qpu.codegen import registry as module
+        self.m = module
+
+    def _guard(self, fn, *a):
+        try:
+            return fn(*a)
+        except ModuleNotFoundError as e:
+            if "kernels" in str(e):
+                raise KeyError(f"no QPU kernels are installed ({e})") from None
+            raise
+
+    def supports(self, spec):
+        try:
+            return self._guard(self.m.supports, spec)
+        except KeyError as e:
+            return False, str(e).strip("'\"")
+
+    def generate(self, spec, constants):
+        return self._guard(self.m.generate, spec, constants)
+
+    def estimate(self, spec):
+        return self._guard(self.m.estimate, spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+@dataclass
+class Candidate:
+    """One check-function call: a pattern row matched at an anchor op, and what was decided."""
+    pattern: str
+    kind: str
+    anchor: str                      # bound variable of the anchor op in main (e.g. "lv16")
+    anchor_op: str
+    root: str                        # bound variable of the match's output
+    vars: list                       # variables the match covers
+    spec: str = ""
+    accepted: bool = False
+    reason: str = ""
+    cpu_s: float | None = None
+    qpu_s: float | None = None
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+@dataclass
+class PartitionReport:
+    placement: str
+    candidates: list = field(default_factory=list)
+    regions: list = field(default_factory=list)      # dicts: name, kind, spec, anchor, reason, cpu_s, qpu_s
+    cpu_ops: list = field(default_factory=list)      # dicts: var, op, reason
+
+    def as_dict(self) -> dict:
+        return {"placement": self.placement, "regions": self.regions, "cpu_ops": self.cpu_ops,
+                "candidates": [c.as_dict() for c in self.candidates]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    @staticmethod
+    def from_json(s: str) -> "PartitionReport":
+        d = json.loads(s)
+        r = PartitionReport(d["placement"], [Candidate(**c) for c in d.get("candidates", [])],
+                            d.get("regions", []), d.get("cpu_ops", []))
+        return r
+
+    def text(self) -> str:
+        out = [f"placement: {self.placement}",
+               f"QPU regions: {len(self.regions)}"]
+        for i, r in enumerate(self.regions):
+            out.append(f"  [{i}] {r['name']:26s} {r['spec']}")
+            out.append(f"       why: {r['reason']}")
+        out.append(f"CPU ops: {len(self.cpu_ops)}")
+        for c in self.cpu_ops:
+            out.append(f"  {c['var']:8s} {c['op']:24s} {c['reason']}")
+        return "\n".join(out)
+
+
+def _us(s):
+    return "-" if s is None else f"{s * 1e6:.1f}us"
+
+
+# ---------------------------------------------------------------------------------------------
+# canonicalisation
+
+def _zero_const(e) -> bool:
+    """e is a constant (or astype of a constant) whose values are all zero."""
+    if P.op_name(e) == "relax.astype":
+        e = e.args[0]
+    return P.is_constant(e) and not np.any(P.const_value(e))
+
+
+def _drop_zero_subtract(func):
+    from tvm.relax import dpl
+    x, zp = dpl.wildcard(), dpl.wildcard()
+    pat = dpl.is_op("relax.subtract")(x, zp)
+
+    def rewrite(call, m):
+        xe, ze = m[x], m[zp]
+        try:
+            same = P.shape_of(xe) == P.shape_of(call) and P.dtype_of(xe) == P.dtype_of(call)
+        except P.Refused:
+            return call
+        return xe if same and _zero_const(ze) else call
+
+    return dpl.rewrite_call(pat, rewrite, func)
+
+
+def canonicalize(mod, params=None):
+    """Bind ``params`` (name -> array) into main, fold constants, drop ``x - 0``."""
+    import tvm
+    from tvm import relax
+    if params:
+        mod = relax.transform.BindParams("main", {k: (v if hasattr(v, "numpy") else tvm.runtime.tensor(np.asarray(v)))
+                                                  for k, v in params.items()})(mod)
+    mod = relax.transform.FoldConstant()(mod)
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, relax.Function):
+            mod[gv] = _drop_zero_subtract(f)
+    mod = relax.transform.FoldConstant()(mod)
+    mod = relax.transform.DeadCodeElimination()(mod) if hasattr(relax.transform, "DeadCodeElimination") else mod
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------
+# the backend
+
+def _leaks(ctx) -> str | None:
+    """Name of an intermediate variable of the match used outside it, if any."""
+    from tvm import relax
+    root_var = ctx.value_to_bound_var.get(ctx.matched_expr)
+    inside = set(v.name for v in ctx.matched_bindings.keys())
+    for v in ctx.matched_bindings.keys():
+        if root_var is not None and v.same_as(root_var):
+            continue
+        if not isinstance(v, relax.DataflowVar):
+            return v.name
+        for u in ctx.var_usages.get(v, []):
+            if u.name not in inside:
+                return v.name
+    return None
+
+
+@dataclass
+class Region:
+    """One offloaded region after lowering."""
+    key: str
+    name: str
+    match: object                    # patterns.Match
+    plan: object                     # KernelPlan
+    info: RegionInfo
+
+
+class QpuBackend:
+    """The ``qpu`` target (see module docstring)."""
+
+    target = "qpu"
+
+    def __init__(self, placement: str = "cost", table=None, registry=None):
+        if placement not in PL.PLACEMENTS:
+            raise QpuError(f"placement must be one of {', '.join(PL.PLACEMENTS)}, got {placement!r}")
+        self.placement = placement
+        self.table = list(P.PATTERN_TABLE if table is None else table)
+        self.registry = _Registry(registry)
+
+    # -- patterns and checks ---------------------------------------------------------------------
+    def fusion_patterns(self, report: PartitionReport) -> list:
+        from tvm.relax.transform import FusionPattern
+        pats = []
+        for e in self.table:
+            root, ann = e.make()
+            pats.append(FusionPattern(e.name, root, ann, self._checker(e, report)))
+        return pats
+
+    def evaluate(self, entry, annotated) -> tuple:
+        """(Match or None, accepted, reason, Decision or None) for one match."""
+        try:
+            m = entry.build(annotated)
+        except P.Refused as e:
+            return None, False, f"refused by pattern check: {e}", None
+        ok, why = self.registry.supports(m.spec)
+        if not ok:
+            return m, False, f"no kernel takes it: {why}", None
+        d = PL.decide(m.spec, self.placement, m.constants, self.registry)
+        return m, d.on_qpu, d.reason, d
+
+    def _checker(self, entry, report):
+        def check(ctx) -> bool:
+            ann = dict(ctx.annotated_expr)
+            anchor = ann.get("core", ctx.matched_expr)
+            v = ctx.value_to_bound_var.get(anchor)
+            rv = ctx.value_to_bound_var.get(ctx.matched_expr)
+            cand = Candidate(entry.name, entry.kind, v.name if v is not None else "?", P.op_name(anchor) or "?",
+                             rv.name if rv is not None else "?", sorted(x.name for x in ctx.matched_bindings.keys()))
+            report.candidates.append(cand)
+            leak = _leaks(ctx)
+            if leak is not None:
+                cand.reason = f"intermediate {leak} is used outside the pattern"
+                return False
+            try:
+                m, ok, reason, d = self.evaluate(entry, ann)
+            except Exception as e:  # never crash partitioning: keep the op on the CPU
+                cand.reason = f"check failed ({type(e).__name__}: {e})"
+                return False
+            if m is not None:
+                cand.spec = m.spec.describe()
+            cand.accepted, cand.reason = ok, reason
+            if d is not None:
+                cand.cpu_s, cand.qpu_s = d.cpu_s, d.qpu_s
+            return ok
+        return check
+
+    # -- partition -------------------------------------------------------------------------------
+    def partition(self, mod, params=None):
+        """Canonicalise and partition ``mod``. Returns (module, PartitionReport)."""
+        from tvm import relax
+        mod = canonicalize(mod, params)
+        report = PartitionReport(self.placement)
+        if self.placement != "none":
+            mod = relax.transform.FuseOpsByPattern(self.fusion_patterns(report), bind_constants=True,
+                                                   annotate_codegen=True)(mod)
+        self._summarise(mod, report)
+        return mod, report
+
+    def _summarise(self, mod, report):
+        from tvm import relax
+        main = mod["main"]
+        v2v = relax.analysis.get_var2val(main)
+        by_var, used = {}, set()
+        for c in report.candidates:
+            for v in c.vars:
+                by_var.setdefault(v, []).append(c)
+        for var, val in v2v.items():
+            if not isinstance(val, relax.Call):
+                continue
+            op = val.op
+            if isinstance(op, relax.GlobalVar):
+                f = mod[op]
+                if f.attrs is not None and f.attrs.get("Codegen") == CODEGEN:
+                    comp, _ = _composite_of(f)
+                    name = str(comp.attrs["Composite"])
+                    try:
+                        m = P.match_function(P.entry(name), comp)
+                        spec = m.spec.describe()
+                    except Exception as e:  # pragma: no cover - reported, not fatal
+                        spec = f"(spec unavailable: {e})"
+                    cand = _accepted_candidate(report, name, spec, used)
+                    report.regions.append(dict(var=var.name, name=name, kind=P.entry(name).kind, spec=spec,
+                                               reason=cand.reason if cand else "", cpu_s=cand.cpu_s if cand else None,
+                                               qpu_s=cand.qpu_s if cand else None))
+                continue
+            opname = getattr(op, "name", str(op))
+            tried = by_var.get(var.name, [])
+            if self.placement == "none":
+                reason = "placement=none keeps every op on the CPU"
+            elif tried:
+                reasons = []
+                for c in tried:
+                    r = f"{c.pattern}: {c.reason}"
+                    if r not in reasons:
+                        reasons.append(r)
+                reason = "; ".join(reasons[-3:])
+            else:
+                reason = "no QPU pattern for this op"
+            report.cpu_ops.append(dict(var=var.name, op=opname, reason=reason))
+
+    # -- lowering and codegen ----------------------------------------------------------------------
+    def lower(self, composite):
+        """Composite function -> (Match, KernelPlan)."""
+        name = str(composite.attrs["Composite"])
+        m = P.match_function(P.entry(name), composite)
+        plan = self.registry.generate(m.spec, dict(m.constants))
+        return m, plan
+
+    def codegen(self, mod):
+        """Rewrite every qpu region of ``mod`` into a ``tvm_qpu.run_plan`` call.
+
+        Returns (module without Codegen functions, [Region])."""
+        from tvm import relax
+        regions = []
+        backend = self
+
+        def lower_call(bb, outer, args):
+            comp, arg_map = _composite_of(outer)
+            m, plan = backend.lower(comp)
+            key = plan_key(plan)
+            params = list(comp.params)
+            cpu = PL.cpu_seconds(m.spec)
+            try:
+                qpu = float(backend.registry.estimate(m.spec)) + PL.qpu_overhead_seconds(
+                    m.spec, m.constants, len(plan.launches))
+            except Exception:
+                qpu = None
+            info = RegionInfo(key, str(comp.attrs["Composite"]), m.spec.kind, m.spec.describe(),
+                              [ri.name for ri in m.runtime], cpu, qpu)
+            regions.append(Region(key, info.name, m, plan, info))
+            call_args = [_string_imm(key)]
+            for ri in m.runtime:
+                idx = _param_index(params, ri.expr)
+                x = args[arg_map[idx]]
+                for step in ri.transform:
+                    if step[0] == "permute":
+                        x = bb.emit(relax.op.permute_dims(x, list(step[1])))
+                    elif step[0] == "reshape":
+                        x = bb.emit(relax.op.reshape(x, list(step[1])))
+                    else:
+                        raise QpuError(f"unknown input transform {step!r}")
+                call_args.append(x)
+            shape, dtype = m.spec.output
+            out = relax.call_dps_packed(RUN_PLAN, call_args, out_ty=relax.TensorType(list(shape), dtype))
+            if m.out_reshape is not None:
+                out = relax.op.reshape(bb.emit(out), list(m.out_reshape))
+            return out
+
+        rewriter = _make_rewriter(mod, lower_call)
+        gv = mod.get_global_var("main")
+        new_main = rewriter.visit_expr(mod["main"])
+        import tvm
+        funcs = {g: f for g, f in mod.functions.items()
+                 if not (f.attrs is not None and f.attrs.get("Codegen") == CODEGEN)}
+        funcs[gv] = new_main
+        return tvm.IRModule(funcs, attrs=mod.attrs), regions
+
+
+def _string_imm(s):
+    import tvm
+    return tvm.ir.StringImm(s)
+
+
+def _param_index(params, expr) -> int:
+    for i, p in enumerate(params):
+        if p.same_as(expr):
+            return i
+    raise QpuError(f"run-time input {expr} is not a parameter of its composite function")
+
+
+def _composite_of(outer):
+    """The composite function inside a Codegen function, and {composite param index: outer arg index}."""
+    from tvm import relax
+    comp, call = None, None
+    locals_ = {}
+    for block in outer.body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Function) and b.value.attrs is not None and "Composite" in b.value.attrs:
+                comp = b.value
+                locals_[b.var.name] = b.value
+            elif isinstance(b.value, relax.Call):
+                call = b.value
+    if comp is None:
+        body = outer.body.body
+        raise QpuError(f"codegen function without a composite: {body}")
+    outer_params = list(outer.params)
+    arg_map = {}
+    if call is not None and len(call.args) == len(comp.params):
+        for i, a in enumerate(call.args):
+            arg_map[i] = _param_index(outer_params, a)
+    else:
+        arg_map = {i: i for i in range(len(comp.params))}
+    return comp, arg_map
+
+
+def _accepted_candidate(report, name, spec, used):
+    """The accepted check record of a region (same pattern and spec, first not yet claimed)."""
+    for i, c in enumerate(report.candidates):
+        if i not in used and c.pattern == name and c.accepted and c.spec == spec:
+            used.add(i)
+            return c
+    return None
+
+
+def _make_rewriter(mod, lower_call):
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _QpuCallRewriter(relax.PyExprMutator):
+        def __init__(self, mod_):
+            super().__init__(mod_)
+            self.mod_ = mod_
+
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if isinstance(call.op, relax.GlobalVar):
+                f = self.mod_[call.op]
+                if f.attrs is not None and f.attrs.get("Codegen") == CODEGEN:
+                    return lower_call(self.builder_, f, list(call.args))
+            return call
+
+    return _QpuCallRewriter(mod)
+
+
+def plan_key(plan) -> str:
+    """Content hash of a plan (structure + constants): identical plans share one key."""
+    h = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode())
+    for name in sorted(plan.constants):
+        a = np.ascontiguousarray(plan.constants[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]

@@ -1,0 +1,548 @@
+"""The qpu pattern table: which Relax subgraphs may become one QPU kernel, and what they mean.
+
+Each :class:`PatternEntry` row pairs a Relax DPL pattern (``tvm.relax.dpl``) with a *spec builder*
+that turns a match into a :class:`Match`: the registry :class:`~tvm_qpu.codegen.registry.OpSpec`
+(kind, input shapes / dtypes, attrs), the compile-time constants (weights, biases, masks) and the
+run-time inputs (Relax expressions, each with an optional layout transform the host applies before
+the kernel sees it). The same builder runs twice: in the check function while partitioning (on the
+main function) and again while lowering (on the composite function), so what was checked is exactly
+what is generated.
+
+Rows are tried in order and earlier rows win (``FuseOpsByPattern`` semantics), so fused forms
+(matmul + bias + ReLU) come before their parts (matmul + bias, matmul). Operand forms that only
+change dtype (``astype(int8 -> int32)`` before an integer matmul / conv2d, the MatMulInteger and
+QDQ import shape) or layout (``permute_dims`` of a Gemm ``transB``) are ``|`` alternatives inside a
+row, so one row covers float and integer kernels; the OpSpec then carries the narrow dtype.
+
+Conventions the kernels can rely on (``OpSpec.attrs["input_names"]`` names ``OpSpec.inputs``;
+``constants`` passed to ``registry.generate`` are keyed by these names):
+
+=================  ===============================  =============================================
+kind               inputs                            notes
+=================  ===============================  =============================================
+matmul             A [.., M, K], B [.., K, N]        B is [N, K] when ``transpose_b``; bias [N]
+                   (+ bias)
+conv2d             data NCHW, weight OIHW (+ bias)   bias [C_out]
+max/avg_pool2d     data NCHW
+global_avg_pool2d  data NCHW                         output [N, C, 1, 1]
+reduce_max/min     data
+softmax            data                              axis is always -1 (normalised)
+attention          q, k, v [B, H, S, D] (+ mask)     k is *not* transposed (the host permutes);
+                                                     3-D inputs get H = 1; mask [.., Sq, Sk]
+=================  ===============================  =============================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+INT_NARROW = ("int8", "int16", "uint8")       # dtypes the QPU integer path multiplies (smul24)
+INT_ACC = ("int32",)                           # accumulator dtypes
+
+
+class Refused(Exception):
+    """A pattern matched but its operands cannot be offloaded (the message is the reason)."""
+
+
+@dataclass
+class RuntimeInput:
+    """A kernel input supplied at run time: a Relax expression plus the host-side transform.
+
+    ``transform`` is a tuple of steps ``("permute", axes)`` / ``("reshape", shape)`` applied in
+    order; the backend emits them as Relax ops (run by the CPU) in front of the QPU call."""
+    name: str
+    expr: object
+    transform: tuple = ()
+
+
+@dataclass
+class Match:
+    """What a pattern row means for one matched subgraph."""
+    spec: object                                   # registry.OpSpec
+    constants: dict = field(default_factory=dict)  # input name -> np.ndarray
+    runtime: list = field(default_factory=list)    # [RuntimeInput], in the kernel's input order
+    out_reshape: tuple | None = None               # reshape the kernel output back to this shape
+    anchor: object = None                          # the main op of the match (for reports)
+
+
+@dataclass(frozen=True)
+class PatternEntry:
+    name: str                                      # composite name "qpu.<...>"
+    kind: str                                      # registry kind
+    make: Callable                                 # () -> (root pattern, {annotation name: pattern})
+    build: Callable                                # (annotated dict) -> Match (raises Refused)
+    doc: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers over Relax expressions
+
+def _dpl():
+    from tvm.relax import dpl
+    return dpl
+
+
+def shape_of(e) -> tuple:
+    ty = e.ty
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        raise Refused("tensor shape is unknown")
+    try:
+        return tuple(int(v) for v in shape.values)
+    except TypeError:
+        raise Refused(f"dynamic shape {shape} (QPU kernels are generated for static shapes)") from None
+
+
+def dtype_of(e) -> str:
+    return str(e.ty.dtype)
+
+
+def is_constant(e) -> bool:
+    import tvm
+    return isinstance(e, tvm.ir.GenericConst)
+
+
+def const_value(e) -> np.ndarray:
+    return e.value.numpy()
+
+
+def op_name(e) -> str | None:
+    op = getattr(e, "op", None)
+    return getattr(op, "name", None)
+
+
+def _attr(call, name, default=None):
+    v = getattr(call.attrs, name, default) if call.attrs is not None else default
+    return v
+
+
+def _ints(v) -> tuple:
+    return tuple(int(x) for x in v) if v is not None else ()
+
+
+def _out_dtype(call) -> str:
+    od = _attr(call, "out_dtype")
+    s = str(od) if od is not None else ""
+    return s if s and s not in ("None", "void") else dtype_of(call)
+
+
+def _spec(kind, names, inputs, output, attrs):
+    from tvm_qpu.codegen.registry import OpSpec
+    attrs = dict(attrs)
+    attrs["input_names"] = list(names)
+    return OpSpec(kind, [(tuple(s), str(d)) for s, d in inputs], (tuple(output[0]), str(output[1])), attrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# operand forms: plain, astype (integer widening), permute_dims (Gemm transB)
+
+def _operand(dpl, allow_transpose=False):
+    """(outer pattern, inner wildcard): ``astype(x) | [permute_dims(x) |] x``."""
+    x = dpl.wildcard()
+    alts = dpl.is_op("relax.astype")(x)
+    if allow_transpose:
+        alts = alts | dpl.is_op("relax.permute_dims")(x)
+    return alts | x, x
+
+
+def _narrow_const(arr: np.ndarray, want: str) -> np.ndarray:
+    """An int32 constant whose values fit ``want`` (int8/int16) is narrowed; otherwise Refused."""
+    info = np.iinfo(want)
+    if arr.size and (arr.min() < info.min or arr.max() > info.max):
+        raise Refused(f"int32 constant has values outside {want} range [{info.min}, {info.max}]")
+    return arr.astype(want)
+
+
+def _resolve_operand(outer, inner, what: str):
+    """Classify a matched operand: returns (expr, form) with form 'cast', 'permute' or 'plain'."""
+    if outer.same_as(inner):
+        return inner, "plain"
+    name = op_name(outer)
+    if name == "relax.astype":
+        src, dst = dtype_of(inner), dtype_of(outer)
+        if src not in INT_NARROW or dst not in INT_ACC:
+            raise Refused(f"{what}: cast {src} -> {dst} is not an integer widening the QPU can fold")
+        return inner, "cast"
+    if name == "relax.permute_dims":
+        return inner, "permute"
+    raise Refused(f"{what}: unexpected operand form {name}")
+
+
+def _operand_value(expr, form, what, narrow_to=None):
+    """(shape, dtype, const array or None) of an operand after folding casts."""
+    shape = shape_of(expr)
+    dt = dtype_of(expr)
+    if is_constant(expr):
+        arr = const_value(expr)
+        if narrow_to and dt in INT_ACC and form == "plain":
+            arr = _narrow_const(arr, narrow_to)
+            dt = narrow_to
+        return shape, dt, arr
+    return shape, dt, None
+
+
+# ---------------------------------------------------------------------------------------------
+# epilogues: bias add and activations
+
+EPILOGUES = {
+    # name: (bias?, activation)
+    "bias_relu": (True, "relu"),
+    "bias_clip": (True, "clip"),
+    "bias": (True, None),
+    "relu": (False, "relu"),
+    "clip": (False, "clip"),
+    "": (False, None),
+}
+
+
+def _with_epilogue(dpl, core, epi, ann):
+    bias, act = EPILOGUES[epi]
+    root = core
+    if bias:
+        b = dpl.is_const()
+        root = dpl.is_op("relax.add")(root, b)
+        ann["bias"] = b
+        ann["bias_add"] = root
+    if act == "relu":
+        root = dpl.is_op("relax.nn.relu")(root)
+    elif act == "clip":
+        lo, hi = dpl.is_const(), dpl.is_const()
+        mm = dpl.is_op("relax.minimum")(dpl.is_op("relax.maximum")(root, lo), hi)
+        cl = dpl.is_op("relax.clip")(root, dpl.wildcard(), dpl.wildcard())
+        root = cl | mm
+    ann["root"] = root
+    return root, ann
+
+
+def _activation(ann) -> object:
+    root = ann["root"]
+    name = op_name(root)
+    if name == "relax.nn.relu":
+        return "relu"
+    if name == "relax.clip":
+        lo, hi = (float(a.value) for a in root.args[1:3])
+        return ("clip", lo, hi)
+    if name == "relax.minimum":
+        hi_e = root.args[1]
+        lo_e = root.args[0].args[1]
+        if not (is_constant(lo_e) and is_constant(hi_e)) or const_value(lo_e).size != 1 or const_value(hi_e).size != 1:
+            raise Refused("clip bounds must be scalar constants")
+        return ("clip", float(const_value(lo_e).reshape(())), float(const_value(hi_e).reshape(())))
+    return None
+
+
+def _bias_vector(ann, channels: int, channel_axis_from_end: int, acc_dtype: str):
+    """A bias constant broadcast along one channel axis, flattened to [channels]."""
+    b = ann.get("bias")
+    if b is None:
+        return None
+    arr = const_value(b)
+    if str(arr.dtype) != acc_dtype:
+        raise Refused(f"bias dtype {arr.dtype} differs from accumulator dtype {acc_dtype}")
+    if arr.size == 1:
+        return np.full(channels, arr.reshape(()), dtype=arr.dtype)
+    shp = arr.shape
+    nontrivial = [i for i, s in enumerate(shp) if s != 1]
+    if arr.size != channels or len(nontrivial) != 1 or (len(shp) - nontrivial[0]) != channel_axis_from_end:
+        raise Refused(f"bias of shape {list(shp)} is not per-channel")
+    return arr.reshape(channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul
+
+def _make_matmul(epi):
+    def make():
+        dpl = _dpl()
+        a_out, a = _operand(dpl)
+        b_out, b = _operand(dpl, allow_transpose=True)
+        mm = dpl.is_op("relax.matmul")(a_out, b_out)
+        ann = {"a": a, "a_outer": a_out, "b": b, "b_outer": b_out, "core": mm}
+        return _with_epilogue(dpl, mm, epi, ann)
+    return make
+
+
+def build_matmul(ann) -> Match:
+    mm = ann["core"]
+    out_shape, acc = shape_of(mm), _out_dtype(mm)
+    a, fa = _resolve_operand(ann["a_outer"], ann["a"], "A")
+    b, fb = _resolve_operand(ann["b_outer"], ann["b"], "B")
+    transpose_b = False
+    if fb == "permute":
+        axes = _ints(_attr(ann["b_outer"], "axes"))
+        nd = len(shape_of(b))
+        if nd < 2 or axes != tuple(range(nd - 2)) + (nd - 1, nd - 2):
+            raise Refused(f"B permutation {list(axes)} is not a transpose of the last two axes")
+        transpose_b = True
+    narrow = dtype_of(a) if fa == "cast" else None
+    a_shape, a_dt, a_const = _operand_value(a, fa, "A")
+    b_shape, b_dt, b_const = _operand_value(b, fb, "B", narrow_to=narrow)
+    if a_const is not None:
+        raise Refused("A is a constant (nothing to compute at run time)")
+    if len(a_shape) < 1 or len(b_shape) < 1:
+        raise Refused("matmul operands must have rank >= 1")
+    n = out_shape[-1] if out_shape else 1
+    bias = _bias_vector(ann, n, 1, acc)
+    inputs = [(a_shape, a_dt), (b_shape, b_dt)]
+    names = ["A", "B"]
+    consts = {}
+    runtime = [RuntimeInput("A", a)]
+    if b_const is not None:
+        consts["B"] = b_const
+    else:
+        runtime.append(RuntimeInput("B", b))
+    if bias is not None:
+        inputs.append(((n,), str(bias.dtype)))
+        names.append("bias")
+        consts["bias"] = bias
+    root = ann["root"]
+    attrs = {"transpose_b": transpose_b, "bias": bias is not None, "activation": _activation(ann),
+             "out_dtype": acc}
+    spec = _spec("matmul", names, inputs, (shape_of(root), dtype_of(root)), attrs)
+    return Match(spec, consts, runtime, anchor=mm)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d
+
+def _make_conv2d(epi):
+    def make():
+        dpl = _dpl()
+        x_out, x = _operand(dpl)
+        w_out, w = _operand(dpl)
+        conv = dpl.is_op("relax.nn.conv2d")(x_out, w_out)
+        ann = {"x": x, "x_outer": x_out, "w": w, "w_outer": w_out, "core": conv}
+        return _with_epilogue(dpl, conv, epi, ann)
+    return make
+
+
+def build_conv2d(ann) -> Match:
+    conv = ann["core"]
+    layout = str(_attr(conv, "data_layout"))
+    klayout = str(_attr(conv, "kernel_layout"))
+    olayout = str(_attr(conv, "out_layout"))
+    if layout != "NCHW" or klayout != "OIHW" or olayout not in ("NCHW", ""):
+        raise Refused(f"layout {layout}/{klayout}/{olayout} (QPU kernels take NCHW/OIHW)")
+    x, fx = _resolve_operand(ann["x_outer"], ann["x"], "data")
+    w, fw = _resolve_operand(ann["w_outer"], ann["w"], "weight")
+    narrow = dtype_of(x) if fx == "cast" else None
+    x_shape, x_dt, x_const = _operand_value(x, fx, "data")
+    w_shape, w_dt, w_const = _operand_value(w, fw, "weight", narrow_to=narrow)
+    if x_const is not None:
+        raise Refused("data is a constant")
+    if w_const is None:
+        raise Refused("weight is not a compile-time constant")
+    out_shape, acc = shape_of(conv), _out_dtype(conv)
+    pad = _ints(_attr(conv, "padding"))
+    if len(pad) == 2:
+        pad = (pad[0], pad[1], pad[0], pad[1])
+    bias = _bias_vector(ann, out_shape[1], 3, acc)
+    inputs, names, consts = [(x_shape, x_dt), (w_shape, w_dt)], ["data", "weight"], {"weight": w_const}
+    if bias is not None:
+        inputs.append(((out_shape[1],), str(bias.dtype)))
+        names.append("bias")
+        consts["bias"] = bias
+    root = ann["root"]
+    attrs = {"strides": _ints(_attr(conv, "strides")), "padding": pad, "dilation": _ints(_attr(conv, "dilation")),
+             "groups": int(_attr(conv, "groups")), "layout": "NCHW", "bias": bias is not None,
+             "activation": _activation(ann), "out_dtype": acc}
+    spec = _spec("conv2d", names, inputs, (shape_of(root), dtype_of(root)), attrs)
+    return Match(spec, consts, [RuntimeInput("data", x)], anchor=conv)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling, reductions, softmax
+
+def _make_unary(op):
+    def make():
+        dpl = _dpl()
+        x = dpl.wildcard()
+        root = dpl.is_op(op)(x)
+        return root, {"x": x, "root": root, "core": root}
+    return make
+
+
+def _unary_match(kind, ann, attrs):
+    x, root = ann["x"], ann["root"]
+    if is_constant(x):
+        raise Refused("input is a constant")
+    spec = _spec(kind, ["data"], [(shape_of(x), dtype_of(x))], (shape_of(root), dtype_of(root)), attrs)
+    return Match(spec, {}, [RuntimeInput("data", x)], anchor=root)
+
+
+def _build_pool(kind):
+    def build(ann):
+        p = ann["root"]
+        layout = str(_attr(p, "layout"))
+        if layout != "NCHW" or str(_attr(p, "out_layout")) not in ("NCHW", ""):
+            raise Refused(f"layout {layout} (QPU pooling takes NCHW)")
+        pad = _ints(_attr(p, "padding"))
+        if len(pad) == 2:
+            pad = (pad[0], pad[1], pad[0], pad[1])
+        attrs = {"pool_size": _ints(_attr(p, "pool_size")), "strides": _ints(_attr(p, "strides")), "padding": pad,
+                 "dilation": _ints(_attr(p, "dilation")), "ceil_mode": bool(_attr(p, "ceil_mode")),
+                 "count_include_pad": bool(_attr(p, "count_include_pad", False)), "layout": "NCHW"}
+        return _unary_match(kind, ann, attrs)
+    return build
+
+
+def build_global_avg_pool(ann) -> Match:
+    p = ann["root"]
+    nd = len(shape_of(ann["x"]))
+    if op_name(p) == "relax.mean":
+        axes = tuple(sorted(int(a) % nd for a in _ints(_attr(p, "axis"))))
+        if nd != 4 or axes != (2, 3) or not bool(_attr(p, "keepdims")):
+            raise Refused(f"mean over axes {list(axes)} is not a global average pool (NCHW, axes 2,3, keepdims)")
+    else:  # adaptive_avg_pool2d
+        if str(_attr(p, "layout")) != "NCHW" or tuple(shape_of(p)[2:]) != (1, 1):
+            raise Refused("adaptive average pool is not global (output 1x1, NCHW)")
+    return _unary_match("global_avg_pool2d", ann, {"layout": "NCHW"})
+
+
+def _make_global_avg_pool():
+    dpl = _dpl()
+    x = dpl.wildcard()
+    root = dpl.is_op("relax.mean")(x) | dpl.is_op("relax.nn.adaptive_avg_pool2d")(x)
+    return root, {"x": x, "root": root, "core": root}
+
+
+def _build_reduce(kind):
+    def build(ann):
+        r = ann["root"]
+        nd = len(shape_of(ann["x"]))
+        axis = _attr(r, "axis")
+        axis = None if axis is None else tuple(sorted(int(a) % nd for a in axis))
+        return _unary_match(kind, ann, {"axis": axis, "keepdims": bool(_attr(r, "keepdims"))})
+    return build
+
+
+def build_softmax(ann) -> Match:
+    r = ann["root"]
+    nd = len(shape_of(ann["x"]))
+    axis = int(_attr(r, "axis"))
+    if axis % nd != nd - 1:
+        raise Refused(f"softmax over axis {axis} (QPU softmax takes the last axis only)")
+    return _unary_match("softmax", ann, {"axis": -1})
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: matmul(Q, permute_dims(K)) * scale (+ mask) -> softmax -> matmul(., V)
+
+def _make_attention(masked: bool, scale_op: str):
+    def make():
+        dpl = _dpl()
+        q, k, v, scale = dpl.wildcard(), dpl.wildcard(), dpl.wildcard(), dpl.is_const()
+        kt = dpl.is_op("relax.permute_dims")(k)
+        s = dpl.is_op(scale_op)(dpl.is_op("relax.matmul")(q, kt), scale)
+        ann = {"q": q, "k": k, "kt": kt, "v": v, "scale": scale, "scores": s}
+        if masked:
+            mask = dpl.wildcard()
+            s = dpl.is_op("relax.add")(s, mask)
+            ann["mask"] = mask
+        p = dpl.is_op("relax.nn.softmax")(s)
+        root = dpl.is_op("relax.matmul")(p, v)
+        ann.update({"softmax": p, "root": root, "core": root})
+        return root, ann
+    return make
+
+
+def _to4d(shape):
+    if len(shape) > 4 or len(shape) < 2:
+        raise Refused(f"attention operand of rank {len(shape)} (2..4 supported)")
+    return (1,) * (4 - len(shape)) + tuple(shape)
+
+
+def build_attention(ann) -> Match:
+    q, k, v, kt, root = ann["q"], ann["k"], ann["v"], ann["kt"], ann["root"]
+    qs, ks, vs, kts = shape_of(q), shape_of(k), shape_of(v), shape_of(kt)
+    nd = len(kts)
+    axes = _ints(_attr(kt, "axes")) or tuple(reversed(range(nd)))
+    k_axes = axes[:-2] + (axes[-1], axes[-2])                # permutation giving K as [.., Sk, D]
+    k_canon = tuple(ks[i] for i in k_axes)
+    if len(qs) != nd or len(vs) != nd:
+        raise Refused("Q, K and V ranks differ")
+    sm_axis = int(_attr(ann["softmax"], "axis"))
+    if sm_axis % nd != nd - 1:
+        raise Refused("softmax is not over the key axis")
+    sc = const_value(ann["scale"])
+    if sc.size != 1:
+        raise Refused("attention scale is not a scalar")
+    scale = float(sc.reshape(()))
+    if op_name(ann["scores"]) == "relax.divide":
+        if scale == 0:
+            raise Refused("attention scale divides by zero")
+        scale = 1.0 / scale
+    dts = {dtype_of(q), dtype_of(k), dtype_of(v)}
+    if len(dts) != 1:
+        raise Refused(f"mixed attention dtypes {sorted(dts)}")
+    dt = dts.pop()
+    q4, k4, v4 = _to4d(qs), _to4d(k_canon), _to4d(vs)
+    k_steps = (("permute", k_axes),) if k_axes != tuple(range(nd)) else ()
+    runtime = [RuntimeInput("q", q, (("reshape", q4),) if q4 != qs else ()),
+               RuntimeInput("k", k, k_steps + ((("reshape", k4),) if k4 != k_canon else ())),
+               RuntimeInput("v", v, (("reshape", v4),) if v4 != vs else ())]
+    names, inputs, consts = ["q", "k", "v"], [(q4, dt), (k4, dt), (v4, dt)], {}
+    mask = ann.get("mask")
+    if mask is not None:
+        ms = shape_of(mask)
+        names.append("mask")
+        inputs.append((ms, dtype_of(mask)))
+        if is_constant(mask):
+            consts["mask"] = const_value(mask)
+        else:
+            runtime.append(RuntimeInput("mask", mask))
+    out = shape_of(root)
+    out4 = _to4d(out)
+    attrs = {"scale": scale, "mask": mask is not None, "causal": False, "num_heads": q4[1], "layout": "BHSD"}
+    spec = _spec("attention", names, inputs, (out4, dtype_of(root)), attrs)
+    return Match(spec, consts, runtime, out_reshape=out if out4 != out else None, anchor=root)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table (order = priority)
+
+def _table() -> list:
+    rows = []
+    for masked in (True, False):
+        for sop in ("relax.multiply", "relax.divide"):
+            nm = "attention" + ("_mask" if masked else "") + ("" if sop == "relax.multiply" else "_div")
+            rows.append(PatternEntry(f"qpu.{nm}", "attention", _make_attention(masked, sop), build_attention,
+                                     "matmul(Q, K^T) * scale (+ mask) -> softmax -> matmul(., V)"))
+    for base, make, build in (("matmul", _make_matmul, build_matmul), ("conv2d", _make_conv2d, build_conv2d)):
+        for epi in EPILOGUES:
+            nm = base + ("_" + epi if epi else "")
+            rows.append(PatternEntry(f"qpu.{nm}", base, make(epi), build, f"{base} with epilogue {epi or 'none'}"))
+    rows += [
+        PatternEntry("qpu.max_pool2d", "max_pool2d", _make_unary("relax.nn.max_pool2d"), _build_pool("max_pool2d")),
+        PatternEntry("qpu.avg_pool2d", "avg_pool2d", _make_unary("relax.nn.avg_pool2d"), _build_pool("avg_pool2d")),
+        PatternEntry("qpu.global_avg_pool2d", "global_avg_pool2d", _make_global_avg_pool, build_global_avg_pool),
+        PatternEntry("qpu.reduce_max", "reduce_max", _make_unary("relax.max"), _build_reduce("reduce_max")),
+        PatternEntry("qpu.reduce_min", "reduce_min", _make_unary("relax.min"), _build_reduce("reduce_min")),
+        PatternEntry("qpu.softmax", "softmax", _make_unary("relax.nn.softmax"), build_softmax),
+    ]
+    return rows
+
+
+PATTERN_TABLE: list = _table()
+BY_NAME: dict = {e.name: e for e in PATTERN_TABLE}
+
+
+def entry(name: str) -> PatternEntry:
+    return BY_NAME[name]
+
+
+def match_function(entry_: PatternEntry, func):
+    """Re-run ``entry_``'s pattern on a composite function's body; returns its Match."""
+    from tvm import relax
+    root, ann = entry_.make()
+    var2val = relax.analysis.get_var2val(func)
+    body = func.body
+    out = body.body if hasattr(body, "body") else body
+    expr = var2val.get(out, out)
+    m = root.extract_matched_expr(expr, var2val)
+    if m is None:
+        raise Refused(f"{entry_.name}: composite body no longer matches its pattern")
+    annotated = {k: m[p] for k, p in ann.items() if p in m}
+    return entry_.build(annotated)

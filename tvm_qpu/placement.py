@@ -1,0 +1,191 @@
+"""Placement by cost: a matched pattern goes to the QPU only where the QPU is predicted to win.
+
+For one :class:`~tvm_qpu.codegen.registry.OpSpec` the model compares
+
+* **CPU time** (:func:`cpu_seconds`): a roofline over the Pi 5's Cortex-A76 cluster,
+  ``max(ops / rate, bytes / bandwidth) + per-op overhead``, with the rates in :data:`CPU_MODEL`;
+* **QPU time** (:func:`qpu_seconds`): ``registry.estimate(spec)`` (the kernel's cycle model)
+  plus the fixed costs of leaving the CPU, in :data:`QPU_OVERHEAD`: the VM -> Python call, the
+  job submission per launch, and copying inputs / outputs through GPU-visible memory.
+
+``placement="cost"`` offloads when QPU time < CPU time; ``"all"`` offloads whatever a kernel
+supports; ``"none"`` offloads nothing (the llvm baseline with the same partitioning code path).
+
+All constants live in the two tables below, each with its source or the assumption behind it.
+They are estimates, not measurements on this machine; ``tvmc partition`` prints the figures used
+for every decision so a wrong constant is visible. Calibrate on a Pi 5 and edit the tables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PLACEMENTS = ("all", "cost", "none")
+
+# name: (value, unit, source / assumption)
+CPU_MODEL = {
+    "cores": (4, "cores", "Raspberry Pi 5 product brief: 4x Cortex-A76"),
+    "clock_hz": (2.4e9, "Hz", "Raspberry Pi 5 product brief: 2.4 GHz"),
+    "fp32_gemm_peak": (55e9, "FLOP/s",
+                       "NumPy/OpenBLAS sgemm measured on a Pi 5 (~55 GFLOP/s, 4 threads, large square "
+                       "GEMM); models a BLAS-class CPU path, so offloading fp32 must beat BLAS"),
+    "fp32_gemm_1core": (20e9, "FLOP/s",
+                        "assumption: one A76 core, 2x128-bit FMA = 38.4 GFLOP/s peak, ~50% on small "
+                        "GEMMs (packing, edges); used below the threading threshold"),
+    "fp32_gemm_thread_cost": (5e-6, "s",
+                              "assumption: waking 3 more BLAS threads costs ~5 us; the CPU time is the "
+                              "cheaper of one core and 4 cores + this cost"),
+    "int_gemm_rate": (4e9, "op/s",
+                      "assumption: int8/int16 x int -> int32 matmul/conv through TVM llvm's default "
+                      "(untuned) schedule: widened to int32 multiply-adds, 4-lane NEON, one core, no "
+                      "sdot; ~4 GOP/s, an order below fp32 BLAS"),
+    "elementwise_rate": (2e9, "elem-op/s",
+                         "assumption: TVM llvm loops for pooling / reductions / softmax, one core, "
+                         "~1 element-op per cycle at 2.4 GHz minus loop overhead"),
+    "exp_cost": (10, "elem-ops",
+                 "assumption: one exp() in a softmax costs ~10 element-ops (polynomial expansion)"),
+    "mem_bw": (17e9, "B/s", "LPDDR4X-4267, 32-bit bus: 4267e6 x 4 B = 17 GB/s theoretical"),
+    "mem_efficiency": (0.5, "", "assumption: streaming kernels reach ~half the theoretical bandwidth"),
+    "op_overhead": (2e-6, "s", "assumption: Relax VM dispatch of one compiled kernel on the A76 (~1-2 us; "
+                                "the x86 dev box measured ~8 us for a 12-op model)"),
+}
+
+QPU_OVERHEAD = {
+    "call": (10e-6, "s", "assumption: VM -> Python packed call, argument conversion (DLPack), plan lookup"),
+    "launch": (50e-6, "s", "assumption: DRM_IOCTL_V3D_SUBMIT_CSD + wait on the job's BO + cache flush "
+                           "per launch (Mesa v3d compute submissions are tens of microseconds)"),
+    "copy_bw": (2e9, "B/s", "assumption: host <-> GPU buffer copies (write-combined CPU mapping) "
+                            "~2 GB/s, below memcpy bandwidth"),
+    "launches_per_region": (1, "", "assumption for placement: one launch per region (the plan is "
+                                   "generated only for offloaded regions)"),
+}
+
+
+def _v(table, key):
+    return table[key][0]
+
+
+def _nelem(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+
+
+def _nbytes(shape, dtype) -> int:
+    return _nelem(shape) * np.dtype(dtype).itemsize
+
+
+def _io_bytes(spec) -> int:
+    return sum(_nbytes(s, d) for s, d in spec.inputs) + _nbytes(*spec.output)
+
+
+def _runtime_io_bytes(spec, constants=()) -> int:
+    """Bytes copied per call on the QPU path (constants are resident, not copied)."""
+    names = spec.attrs.get("input_names", [])
+    total = _nbytes(*spec.output)
+    for i, (s, d) in enumerate(spec.inputs):
+        if i < len(names) and names[i] in constants:
+            continue
+        total += _nbytes(s, d)
+    return total
+
+
+def spec_ops(spec) -> int:
+    """Useful operations of an op instance (2 per multiply-accumulate; 1 per element otherwise)."""
+    k, a = spec.kind, spec.attrs
+    out_shape = spec.output[0]
+    if k == "matmul":
+        a_shape, b_shape = spec.inputs[0][0], spec.inputs[1][0]
+        kdim = a_shape[-1]
+        return 2 * _nelem(out_shape) * int(kdim)
+    if k == "conv2d":
+        w = spec.inputs[1][0]                       # OIHW
+        return 2 * _nelem(out_shape) * int(np.prod(w[1:]))
+    if k == "attention":
+        q, kk, v = (spec.inputs[i][0] for i in range(3))
+        b, h, sq, d = q
+        sk, dv = kk[2], v[3]
+        return 2 * b * h * sq * sk * d + 2 * b * h * sq * sk * dv + b * h * sq * sk * int(_v(CPU_MODEL, "exp_cost"))
+    if k in ("max_pool2d", "avg_pool2d"):
+        return _nelem(out_shape) * int(np.prod(a.get("pool_size", (1, 1))))
+    if k == "softmax":
+        return _nelem(out_shape) * (int(_v(CPU_MODEL, "exp_cost")) + 3)
+    return _nelem(spec.inputs[0][0])                # global pool, reductions
+
+
+def is_integer(spec) -> bool:
+    return all(np.issubdtype(np.dtype(d), np.integer) for _, d in spec.inputs[:2])
+
+
+def cpu_seconds(spec) -> float:
+    """Predicted Pi 5 CPU time of ``spec`` (see :data:`CPU_MODEL`)."""
+    ops = spec_ops(spec)
+    bw = _v(CPU_MODEL, "mem_bw") * _v(CPU_MODEL, "mem_efficiency")
+    mem = _io_bytes(spec) / bw
+    if spec.kind in ("matmul", "conv2d", "attention"):
+        if is_integer(spec):
+            compute = ops / _v(CPU_MODEL, "int_gemm_rate")
+        else:
+            compute = min(ops / _v(CPU_MODEL, "fp32_gemm_1core"),
+                          ops / _v(CPU_MODEL, "fp32_gemm_peak") + _v(CPU_MODEL, "fp32_gemm_thread_cost"))
+    else:
+        compute = ops / _v(CPU_MODEL, "elementwise_rate")
+    return max(compute, mem) + _v(CPU_MODEL, "op_overhead")
+
+
+def qpu_overhead_seconds(spec, constants=(), launches=None) -> float:
+    """Fixed cost of running ``spec`` on the QPU beyond the kernel itself (see :data:`QPU_OVERHEAD`)."""
+    n = _v(QPU_OVERHEAD, "launches_per_region") if launches is None else launches
+    return (_v(QPU_OVERHEAD, "call") + n * _v(QPU_OVERHEAD, "launch")
+            + _runtime_io_bytes(spec, constants) / _v(QPU_OVERHEAD, "copy_bw"))
+
+
+def qpu_seconds(spec, constants=(), registry=None) -> float:
+    """Predicted QPU time: the registry's cycle-model estimate plus :func:`qpu_overhead_seconds`."""
+    if registry is None:
+        from tvm_qpu.codegen import registry
+    return float(registry.estimate(spec)) + qpu_overhead_seconds(spec, constants)
+
+
+@dataclass
+class Decision:
+    on_qpu: bool
+    reason: str
+    cpu_s: float | None = None
+    qpu_s: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"on_qpu": self.on_qpu, "reason": self.reason, "cpu_s": self.cpu_s, "qpu_s": self.qpu_s}
+
+
+def _us(s):
+    return f"{s * 1e6:.1f} us"
+
+
+def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decision:
+    """Place one supported op instance. ``placement`` is "all", "cost" or "none"."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if placement == "none":
+        return Decision(False, "placement=none keeps every op on the CPU")
+    cpu = cpu_seconds(spec)
+    try:
+        qpu = qpu_seconds(spec, constants, registry)
+    except Exception as e:  # an estimate that fails must not crash partitioning
+        if placement == "all":
+            return Decision(True, f"placement=all (no QPU estimate: {e})", cpu, None)
+        return Decision(False, f"no QPU time estimate ({type(e).__name__}: {e})", cpu, None)
+    if placement == "all":
+        return Decision(True, f"placement=all (QPU {_us(qpu)} vs CPU {_us(cpu)})", cpu, qpu)
+    if qpu < cpu:
+        return Decision(True, f"cost: QPU {_us(qpu)} < CPU {_us(cpu)}", cpu, qpu)
+    return Decision(False, f"cost: CPU {_us(cpu)} <= QPU {_us(qpu)} (incl. {_us(qpu_overhead_seconds(spec, constants))} "
+                           f"launch/copy overhead)", cpu, qpu)
+
+
+def model_table() -> str:
+    """The constants, as text (``tvmc partition --explain``)."""
+    lines = ["CPU model (Raspberry Pi 5, Cortex-A76):"]
+    lines += [f"  {k:22s} {v[0]:<10g} {v[1]:10s} {v[2]}" for k, v in CPU_MODEL.items()]
+    lines.append("QPU fixed costs (beyond registry.estimate):")
+    lines += [f"  {k:22s} {v[0]:<10g} {v[1]:10s} {v[2]}" for k, v in QPU_OVERHEAD.items()]
+    return "\n".join(lines)
