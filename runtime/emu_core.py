@@ -273,7 +273,7 @@ def _f2i_sat(x, lo, hi):
 
 @njit(cache=True, inline="always")
 def _round_half_even(x):
-    r = math.floor(x + 0.5)
+    r = np.floor(x + 0.5)
     if r - x == 0.5 and (r % 2.0) != 0.0:
         r -= 1.0
     return r
@@ -574,11 +574,11 @@ def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, t
             elif op == OP_FROUND:
                 v = _round_half_even(x)
             elif op == OP_FTRUNC:
-                v = float(math.trunc(x))
+                v = np.trunc(x)
             elif op == OP_FFLOOR:
-                v = math.floor(x)
+                v = np.floor(x)
             else:
-                v = math.ceil(x)
+                v = np.ceil(x)
             if v == 0.0:
                 v = math.copysign(0.0, x)
             fr[l] = np.float32(v)
@@ -592,11 +592,9 @@ def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, t
             if op == OP_FTOIN:
                 v = _f2i_sat(_round_half_even(x) if x == x else x, -2147483648.0, 2147483647.0)
             elif op == OP_FTOIZ:
-                v = _f2i_sat(math.trunc(x) if (x == x and not math.isinf(x)) else x,
-                             -2147483648.0, 2147483647.0)
+                v = _f2i_sat(np.trunc(x), -2147483648.0, 2147483647.0)
             else:
-                v = _f2i_sat(math.trunc(x) if (x == x and not math.isinf(x)) else x,
-                             0.0, 4294967295.0)
+                v = _f2i_sat(np.trunc(x), 0.0, 4294967295.0)
             r[l] = np.uint32(v & m32)
             c[l] = 0
         return 0
