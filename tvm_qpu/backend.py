@@ -299,12 +299,12 @@ class QpuBackend:
             if self.placement == "none":
                 reason = "placement=none keeps every op on the CPU"
             elif tried:
-                reasons = []
+                groups = {}                       # reason -> patterns that gave it
                 for c in tried:
-                    r = f"{c.pattern}: {c.reason}"
-                    if r not in reasons:
-                        reasons.append(r)
-                reason = "; ".join(reasons[-3:])
+                    groups.setdefault(c.reason, [])
+                    if c.pattern not in groups[c.reason]:
+                        groups[c.reason].append(c.pattern)
+                reason = "; ".join(f"{', '.join(ps)}: {r}" for r, ps in groups.items())
             else:
                 reason = "no QPU pattern for this op"
             report.cpu_ops.append(dict(var=var.name, op=opname, reason=reason))

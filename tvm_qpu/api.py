@@ -1,0 +1,413 @@
+"""Python API of the qpu target: from_onnx, partition, build, load.
+
+::
+
+    mod, params = tvm_qpu.from_onnx("models/digits_cnn.onnx")
+    part = tvm_qpu.partition(mod, params)               # inspectable Relax module
+    print(tvm_qpu.partition_report(part).text())        # what goes where, and why
+    lib = tvm_qpu.build(mod, params=params)             # target="qpu", placement="cost"
+    lib.save("digits.tar")
+    runner = tvm_qpu.load("digits.tar")                 # device="auto" | "emulator" | "v3d"
+    out = runner.run(input=x)                           # {output name: numpy array}
+    print(runner.profile().text())
+
+The built executable also runs in a plain ``relax.VirtualMachine`` in the process that built it
+(or after ``tvm_qpu.load``): QPU regions are ``call_dps_packed("tvm_qpu.run_plan", ...)`` calls,
+served by :mod:`tvm_qpu.executor`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .artifact import ArtifactError, npy_bytes, read_artifact, safe_extract, write_artifact
+from .backend import PartitionReport, QpuBackend, QpuError
+from .executor import PlanExecutor, RegionInfo, default_executor, ensure_registered
+
+TARGETS = ("qpu", "llvm")
+REPORT_ATTR = "tvm_qpu.report"
+OUTPUTS_ATTR = "tvm_qpu.output_names"
+
+# target_host name -> (TVM target, machine arch the library runs on, C compiler for export or None)
+PI5_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}
+PI5_CC = "aarch64-linux-gnu-gcc"
+
+
+def _native_arch() -> str:
+    m = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(m, m)
+
+
+def resolve_target_host(target_host):
+    """(tvm target spec, arch, cross compiler or None) for ``None | "llvm" | "native" | "pi5" | dict``."""
+    if target_host in (None, "llvm", "native"):
+        return "llvm", _native_arch(), None
+    if target_host == "pi5":
+        cc = None if _native_arch() == "aarch64" else PI5_CC
+        return dict(PI5_TARGET), "aarch64", cc
+    if isinstance(target_host, dict):
+        triple = str(target_host.get("mtriple", ""))
+        arch = triple.split("-")[0] if triple else _native_arch()
+        cc = None if arch == _native_arch() else f"{triple}-gcc"
+        return dict(target_host), arch, cc
+    raise QpuError(f"unknown target host {target_host!r}: use llvm (this machine) or pi5")
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+def from_onnx(path, input_shapes: dict | None = None):
+    """Import an ONNX file. Returns (Relax IRModule, params: {name: tvm Tensor}).
+
+    ``input_shapes`` ({input name: shape}) overrides the model's (e.g. for a batch size)."""
+    import onnx
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise QpuError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise QpuError(f"{path}: not a regular file")
+    try:
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QpuError(f"{path}: not a valid ONNX model ({first})") from None
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    shape_dict = None
+    if input_shapes:
+        unknown = sorted(set(input_shapes) - set(names))
+        if unknown:
+            raise QpuError(f"{path}: unknown input name(s) {unknown}; the model's inputs are {names}")
+        shape_dict = {}
+        for i in model.graph.input:
+            if i.name in input_shapes:
+                shape_dict[i.name] = [int(d) for d in input_shapes[i.name]]
+            elif i.name in names:
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                if None in dims:
+                    raise QpuError(f"{path}: input {i.name} has a dynamic shape; give it with input_shapes")
+                shape_dict[i.name] = dims
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.onnx import from_onnx as _from_onnx
+    try:
+        mod = _from_onnx(model, shape_dict=shape_dict, keep_params_in_input=True)
+    except Exception as e:
+        raise QpuError(f"{path}: TVM's ONNX frontend cannot import it ({type(e).__name__}: {e})") from None
+    mod, params = detach_params(mod)
+    main_params = params.get("main", [])
+    num_input = len(mod["main"].params) - len(main_params)
+    weight_names = [p.name for p in mod["main"].params[num_input:]]
+    outs = [o.name for o in model.graph.output]
+    mod = mod.with_attr(OUTPUTS_ATTR, json.dumps(outs))
+    return mod, dict(zip(weight_names, main_params))
+
+
+# ---------------------------------------------------------------------------------------------
+# partition
+
+def _check_params(mod, params):
+    main = mod["main"]
+    attrs = main.attrs
+    num_input = int(attrs["num_input"]) if attrs is not None and "num_input" in attrs else len(main.params)
+    extra = [p.name for p in main.params[num_input:]]
+    missing = [n for n in extra if not params or n not in params]
+    if missing:
+        raise QpuError(f"main takes weight parameters {missing[:4]}{'...' if len(missing) > 4 else ''}: pass "
+                       f"params= (from tvm_qpu.from_onnx)")
+    if params:
+        unknown = sorted(set(params) - set(extra))
+        if unknown:
+            raise QpuError(f"params {unknown[:4]} are not parameters of main")
+    return {k: params[k] for k in extra} if params else None
+
+
+def _partition(mod, params, placement, registry=None):
+    params = _check_params(mod, params)
+    backend = QpuBackend(placement, registry=registry)
+    part, report = backend.partition(mod, params)
+    return backend, part.with_attr(REPORT_ATTR, report.to_json()), report
+
+
+def _num_input(mod):
+    a = mod["main"].attrs
+    return int(a["num_input"]) if a is not None and "num_input" in a else None
+
+
+def partition(mod, params=None, placement: str = "cost"):
+    """Partition ``mod`` for the QPU. Returns the Relax module (``Codegen="qpu"`` functions, each
+    calling one ``Composite="qpu.<pattern>"``), with the report in its ``tvm_qpu.report`` attr
+    (:func:`partition_report`)."""
+    return _partition(mod, params, placement)[1]
+
+
+def partition_report(mod) -> PartitionReport:
+    s = mod.attrs[REPORT_ATTR] if mod.attrs is not None and REPORT_ATTR in mod.attrs else None
+    if s is None:
+        raise QpuError("module has no partition report (use tvm_qpu.partition)")
+    return PartitionReport.from_json(str(s))
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+def _io_info(mod):
+    main = mod["main"]
+    n = _num_input(mod) or len(main.params)
+    from .patterns import dtype_of, shape_of
+    inputs = [{"name": p.name, "shape": list(shape_of(p)), "dtype": dtype_of(p)} for p in main.params[:n]]
+    names = None
+    if mod.attrs is not None and OUTPUTS_ATTR in mod.attrs:
+        names = json.loads(str(mod.attrs[OUTPUTS_ATTR]))
+    ret = main.ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    outputs = []
+    for i, t in enumerate(fields):
+        nm = names[i] if names and i < len(names) else f"output_{i}"
+        outputs.append({"name": nm, "shape": [int(v) for v in t.shape.values] if hasattr(t.shape, "values") else None,
+                        "dtype": str(t.dtype)})
+    return inputs, outputs
+
+
+@dataclass
+class CompiledModule:
+    """The result of :func:`build`: a Relax VM executable plus the QPU plans it calls."""
+    executable: object
+    regions: list
+    report: PartitionReport
+    meta: dict
+    cross_cc: str | None = None
+    relax_module: object = None
+
+    def save(self, path) -> str:
+        """Export to one artifact file (see :mod:`tvm_qpu.artifact`). Returns the path."""
+        files = {}
+        with tempfile.TemporaryDirectory(prefix="tvm_qpu_export_") as tmp:
+            lib = os.path.join(tmp, "lib.so")
+            if self.cross_cc is not None:
+                if shutil.which(self.cross_cc) is None:
+                    raise QpuError(f"exporting for {self.meta['host_arch']} needs the cross compiler {self.cross_cc} "
+                                   f"(Debian: apt-get install gcc-aarch64-linux-gnu)")
+                import tvm
+                self.executable.export_library(lib, fcompile=tvm.support.cc.cross_compiler(self.cross_cc))
+            else:
+                self.executable.export_library(lib)
+            with open(lib, "rb") as f:
+                files["lib.so"] = f.read()
+        regions = []
+        for r in self.regions:
+            files[f"plans/{r.key}.json"] = json.dumps(r.plan.to_json()).encode()
+            consts = {}
+            for name, arr in r.plan.constants.items():
+                member = f"plans/{r.key}/{name}.npy"
+                files[member] = npy_bytes(np.asarray(arr))
+                consts[name] = member
+            regions.append({"info": r.info.as_dict(), "plan": f"plans/{r.key}.json", "constants": consts})
+        meta = dict(self.meta, regions=regions, report=self.report.as_dict())
+        files["model.json"] = json.dumps(meta, indent=1).encode()
+        write_artifact(path, files)
+        return os.fspath(path)
+
+    def runner(self, device="auto") -> "Runner":
+        """Run in this process (host code must be for this machine)."""
+        if self.cross_cc is not None or self.meta["host_arch"] != _native_arch():
+            raise QpuError(f"module was built for {self.meta['host_arch']}; save it and run it there")
+        from tvm import relax
+        import tvm
+        ex = PlanExecutor(device)
+        for r in self.regions:
+            ex.add(r.plan, r.info)
+        return Runner(relax.VirtualMachine(self.executable, tvm.cpu()), self.meta, ex)
+
+
+def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", params=None,
+          registry=None) -> CompiledModule:
+    """Compile ``mod`` for the QPU (``target="qpu"``) or the CPU only (``target="llvm"``)."""
+    if target not in TARGETS:
+        raise QpuError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    host, arch, cc = resolve_target_host(target_host)
+    if cc is not None and shutil.which(cc) is None:
+        raise QpuError(f"target_host={target_host!r} needs the cross compiler {cc} to export "
+                       f"(Debian: apt-get install gcc-aarch64-linux-gnu)")
+    import tvm
+    t0 = time.perf_counter()
+    backend, part, report = _partition(mod, params, "none" if target == "llvm" else placement, registry)
+    t1 = time.perf_counter()
+    lowered, regions = backend.codegen(part)
+    t2 = time.perf_counter()
+    try:
+        ex = tvm.compile(lowered, target=tvm.target.Target(host))
+    except Exception as e:
+        raise QpuError(f"TVM could not compile the host code for {host}: {type(e).__name__}: {e}") from None
+    t3 = time.perf_counter()
+    ensure_registered()
+    dflt = default_executor()
+    for r in regions:
+        dflt.add(r.plan, r.info)
+    inputs, outputs = _io_info(part)
+    meta = {"tvm_qpu_version": __version__, "tvm_version": tvm.__version__, "target": target,
+            "target_host": host if isinstance(host, str) else json.dumps(host, sort_keys=True),
+            "host_arch": arch, "placement": report.placement, "inputs": inputs, "outputs": outputs,
+            "compile_seconds": {"partition": t1 - t0, "qpu_codegen": t2 - t1, "host_compile": t3 - t2}}
+    return CompiledModule(ex, regions, report, meta, cc, lowered)
+
+
+# ---------------------------------------------------------------------------------------------
+# load and run
+
+@dataclass
+class Profile:
+    runs: int
+    total_seconds: float                    # wall time per inference
+    regions: list = field(default_factory=list)
+
+    @property
+    def qpu_host_seconds(self) -> float:
+        return sum(r["host_seconds"] for r in self.regions)
+
+    @property
+    def cpu_seconds(self) -> float:
+        """Wall time per inference outside QPU regions (CPU ops + VM)."""
+        return max(self.total_seconds - self.qpu_host_seconds, 0.0)
+
+    def as_dict(self) -> dict:
+        return {"runs": self.runs, "total_seconds": self.total_seconds, "cpu_seconds": self.cpu_seconds,
+                "regions": self.regions}
+
+    def text(self) -> str:
+        lines = [f"per inference (mean of {self.runs}): wall {self.total_seconds * 1e6:.1f} us, "
+                 f"CPU part (llvm ops + VM) {self.cpu_seconds * 1e6:.1f} us, "
+                 f"{len(self.regions)} QPU region(s)"]
+        if self.regions:
+            lines.append(f"  {'region':26s} {'kind':18s} {'QPU (model)':>12s} {'host wall':>12s} "
+                         f"{'est. QPU':>10s} {'est. CPU':>10s}")
+        for r in self.regions:
+            lines.append(f"  {r['name']:26s} {r['kind']:18s} {r['qpu_seconds'] * 1e6:10.1f}us "
+                         f"{r['host_seconds'] * 1e6:10.1f}us {_fmt_us(r['qpu_estimate']):>10s} "
+                         f"{_fmt_us(r['cpu_estimate']):>10s}")
+        return "\n".join(lines)
+
+
+def _fmt_us(s):
+    return "-" if s is None else f"{s * 1e6:.1f}us"
+
+
+class Runner:
+    """A loaded model: ``run(**inputs)`` -> {output name: numpy array}; ``profile()``."""
+
+    def __init__(self, vm, meta: dict, executor: PlanExecutor, tmpdir=None):
+        self.vm, self.meta, self.executor, self._tmpdir = vm, meta, executor, tmpdir
+        self.inputs = meta["inputs"]
+        self.outputs = meta["outputs"]
+
+    def _args(self, inputs: dict):
+        import tvm
+        names = [i["name"] for i in self.inputs]
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise QpuError(f"unknown input(s) {unknown}; the model takes {names}")
+        args = []
+        for i in self.inputs:
+            if i["name"] not in inputs:
+                raise QpuError(f"input {i['name']!r} missing (expected {i['dtype']}{i['shape']})")
+            a = np.asarray(inputs[i["name"]])
+            if list(a.shape) != list(i["shape"]):
+                raise QpuError(f"input {i['name']!r}: shape {list(a.shape)} given, {i['shape']} expected")
+            if a.dtype != np.dtype(i["dtype"]):
+                if np.can_cast(a.dtype, i["dtype"], casting="same_kind") and a.dtype.kind == np.dtype(i["dtype"]).kind:
+                    a = a.astype(i["dtype"])
+                else:
+                    raise QpuError(f"input {i['name']!r}: dtype {a.dtype} given, {i['dtype']} expected")
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(a)))
+        return args
+
+    def run(self, **inputs) -> dict:
+        out = self.vm["main"](*self._args(inputs))
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        return {o["name"]: t.numpy() for o, t in zip(self.outputs, outs)}
+
+    def fill_inputs(self, mode: str = "random", seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        res = {}
+        for i in self.inputs:
+            shape, dt = i["shape"], np.dtype(i["dtype"])
+            if mode == "zeros":
+                res[i["name"]] = np.zeros(shape, dt)
+            elif mode == "ones":
+                res[i["name"]] = np.ones(shape, dt)
+            elif mode == "random":
+                if dt.kind == "f":
+                    res[i["name"]] = rng.random(shape).astype(dt)
+                else:
+                    info = np.iinfo(dt)
+                    res[i["name"]] = rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dt)
+            else:
+                raise QpuError(f"unknown fill mode {mode!r}: use random, zeros or ones")
+        return res
+
+    def profile(self, inputs: dict | None = None, repeat: int = 10) -> Profile:
+        """Per-region modelled QPU time and host wall time, averaged over ``repeat`` runs."""
+        args = self._args(inputs if inputs is not None else self.fill_inputs())
+        f = self.vm["main"]
+        f(*args)                                          # warm up: residency, caches
+        self.executor.reset_stats()
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            f(*args)
+        total = (time.perf_counter() - t0) / repeat
+        regions = []
+        for key, info in self.executor.info.items():
+            st = self.executor.stats[key]
+            n = max(st.calls, 1)
+            regions.append({"key": key, "name": info.name, "kind": info.kind, "description": info.description,
+                            "calls_per_run": st.calls / repeat, "qpu_seconds": st.qpu_seconds / repeat,
+                            "host_seconds": st.host_seconds / repeat, "cycles_per_call": st.cycles / n,
+                            "qpu_estimate": info.qpu_estimate, "cpu_estimate": info.cpu_estimate})
+        return Profile(repeat, total, regions)
+
+    def close(self):
+        self.executor.close()
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+
+def load(path, device="auto") -> Runner:
+    """Load an artifact written by ``CompiledModule.save`` (validated; see tvm_qpu.artifact)."""
+    art = read_artifact(path)
+    meta = art.json("model.json")
+    if "lib.so" not in art.files:
+        raise ArtifactError(f"{path}: artifact has no lib.so")
+    arch = meta.get("host_arch")
+    if arch != _native_arch():
+        raise QpuError(f"{path} was built for {arch} (target host {meta.get('target_host')}); this machine is "
+                       f"{_native_arch()}: run it on a matching host (e.g. a Raspberry Pi 5 for pi5)")
+    from tvm_qpu.codegen.plan import KernelPlan
+    ensure_registered()
+    ex = PlanExecutor(device)
+    try:
+        for r in meta.get("regions", []):
+            consts = {name: art.array(member) for name, member in r["constants"].items()}
+            plan = KernelPlan.from_json(art.json(r["plan"]), consts)
+            ex.add(plan, RegionInfo.from_dict(r["info"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: malformed region table ({type(e).__name__}: {e})") from None
+    tmp = tempfile.TemporaryDirectory(prefix="tvm_qpu_load_")
+    lib = safe_extract(art, tmp.name, ["lib.so"])["lib.so"]
+    import tvm
+    from tvm import relax
+    try:
+        mod = tvm.runtime.load_module(lib)
+        vm = relax.VirtualMachine(mod, tvm.cpu())
+    except Exception as e:
+        tmp.cleanup()
+        raise ArtifactError(f"{path}: the TVM library does not load ({type(e).__name__}: {e})") from None
+    return Runner(vm, meta, ex, tmp)
