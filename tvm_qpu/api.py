@@ -162,8 +162,8 @@ def partition_report(mod) -> PartitionReport:
 def _io_info(mod):
     main = mod["main"]
     n = _num_input(mod) or len(main.params)
-    from .patterns import dtype_of, shape_of
-    inputs = [{"name": p.name, "shape": list(shape_of(p)), "dtype": dtype_of(p)} for p in main.params[:n]]
+    from .patterns import dtype_of
+    inputs = [{"name": p.name, "shape": _dims(p.ty.shape), "dtype": dtype_of(p)} for p in main.params[:n]]
     names = None
     if mod.attrs is not None and OUTPUTS_ATTR in mod.attrs:
         names = json.loads(str(mod.attrs[OUTPUTS_ATTR]))
@@ -172,9 +172,21 @@ def _io_info(mod):
     outputs = []
     for i, t in enumerate(fields):
         nm = names[i] if names and i < len(names) else f"output_{i}"
-        outputs.append({"name": nm, "shape": [int(v) for v in t.shape.values] if hasattr(t.shape, "values") else None,
-                        "dtype": str(t.dtype)})
+        outputs.append({"name": nm, "shape": _dims(t.shape), "dtype": str(t.dtype)})
     return inputs, outputs
+
+
+def _dims(shape):
+    """Static dims as ints, symbolic ones (dynamic batch) as None; None if the rank is unknown."""
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    out = []
+    for v in shape.values:
+        try:
+            out.append(int(v))
+        except TypeError:
+            out.append(None)
+    return out
 
 
 @dataclass
@@ -319,7 +331,8 @@ class Runner:
             if i["name"] not in inputs:
                 raise QpuError(f"input {i['name']!r} missing (expected {i['dtype']}{i['shape']})")
             a = np.asarray(inputs[i["name"]])
-            if list(a.shape) != list(i["shape"]):
+            want = i["shape"]
+            if want is not None and (a.ndim != len(want) or any(w is not None and w != g for w, g in zip(want, a.shape))):
                 raise QpuError(f"input {i['name']!r}: shape {list(a.shape)} given, {i['shape']} expected")
             if a.dtype != np.dtype(i["dtype"]):
                 if np.can_cast(a.dtype, i["dtype"], casting="same_kind") and a.dtype.kind == np.dtype(i["dtype"]).kind:
@@ -338,7 +351,7 @@ class Runner:
         rng = np.random.default_rng(seed)
         res = {}
         for i in self.inputs:
-            shape, dt = i["shape"], np.dtype(i["dtype"])
+            shape, dt = [1 if d is None else d for d in (i["shape"] or [])], np.dtype(i["dtype"])
             if mode == "zeros":
                 res[i["name"]] = np.zeros(shape, dt)
             elif mode == "ones":

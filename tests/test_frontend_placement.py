@@ -1,0 +1,111 @@
+"""Placement by cost: fp32 GEMM stays on the CPU where BLAS wins, integer GEMM goes to the QPU;
+``all`` and ``none`` override. Runs with the test-double estimates now and with the real cycle
+model once a matmul kernel is registered."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+import qpu_doubles as D  # noqa: E402
+from frontend_util import g_int_matmul, g_matmul_bias_relu, real_kinds  # noqa: E402
+
+import tvm_qpu  # noqa: E402
+from tvm_qpu import placement as PL  # noqa: E402
+from tvm_qpu.codegen.registry import OpSpec  # noqa: E402
+
+BIG = dict(m=256, k=256, n=256)
+
+
+@pytest.fixture
+def doubles(monkeypatch):
+    return D.install(monkeypatch)
+
+
+def _regions(mod, placement):
+    rep = tvm_qpu.partition_report(tvm_qpu.partition(mod, placement=placement))
+    return rep, [r["kind"] for r in rep.regions]
+
+
+def _mm_spec(dtype, m, k, n, acc=None):
+    return OpSpec("matmul", [((m, k), dtype), ((k, n), dtype)], ((m, n), acc or dtype),
+                  {"transpose_b": False, "bias": False, "activation": None, "out_dtype": acc or dtype,
+                   "input_names": ["A", "B"]})
+
+
+def test_cost_keeps_fp32_gemm_on_cpu_and_sends_int_gemm_to_qpu(doubles):
+    rep, kinds = _regions(g_matmul_bias_relu("float32", **BIG)[0], "cost")
+    assert kinds == [], rep.text()
+    reason = [c["reason"] for c in rep.cpu_ops if c["op"] == "relax.matmul"][0]
+    assert "cost: CPU" in reason
+    rep, kinds = _regions(g_int_matmul(**BIG)[0], "cost")
+    assert kinds == ["matmul"], rep.text()
+    assert rep.regions[0]["qpu_s"] < rep.regions[0]["cpu_s"]
+    assert rep.regions[0]["reason"].startswith("cost: QPU")
+
+
+def test_all_and_none_override_cost(doubles):
+    fp32 = g_matmul_bias_relu("float32", **BIG)[0]
+    assert _regions(fp32, "all")[1] == ["matmul"]
+    rep, kinds = _regions(g_int_matmul(**BIG)[0], "none")
+    assert kinds == [] and all("placement=none" in c["reason"] for c in rep.cpu_ops)
+
+
+def test_small_integer_gemm_stays_on_cpu_because_of_launch_overhead(doubles):
+    rep, kinds = _regions(g_int_matmul(m=4, k=16, n=8)[0], "cost")
+    assert kinds == []
+    c = [c for c in rep.candidates if c.pattern == "qpu.matmul_bias"][0]
+    assert c.qpu_s > PL.qpu_overhead_seconds(_mm_spec("int8", 4, 16, 8, "int32")) * 0.99 > c.cpu_s
+
+
+def test_integer_crossover_is_monotone(doubles):
+    """Growing M, the int8 GEMM decision flips from CPU to QPU once and stays there."""
+    from tvm_qpu.codegen import registry
+    decisions = [PL.decide(_mm_spec("int8", m, 128, 128, "int32"), "cost", registry=registry).on_qpu
+                 for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
+    assert decisions[0] is False and decisions[-1] is True
+    first = decisions.index(True)
+    assert all(decisions[first:])
+
+
+def test_cpu_model_prefers_blas_for_fp32_and_is_slow_for_int():
+    f = PL.cpu_seconds(_mm_spec("float32", 512, 512, 512))
+    i = PL.cpu_seconds(_mm_spec("int8", 512, 512, 512, "int32"))
+    flops = 2 * 512 ** 3
+    # 4 cores of BLAS at the measured 55 GFLOP/s (+ thread start)
+    assert f == pytest.approx(flops / 55e9 + 5e-6 + 2e-6, rel=1e-6)
+    assert i == pytest.approx(flops / 4e9 + 2e-6, rel=1e-6)
+
+
+def test_failing_estimate_keeps_op_on_cpu_with_reason():
+    class Broken:
+        @staticmethod
+        def estimate(spec):
+            raise RuntimeError("cycle model unavailable")
+    d = PL.decide(_mm_spec("int8", 64, 64, 64, "int32"), "cost", registry=Broken)
+    assert not d.on_qpu and "cycle model unavailable" in d.reason
+
+
+def test_constants_are_documented_in_one_table():
+    for table in (PL.CPU_MODEL, PL.QPU_OVERHEAD):
+        for name, (value, unit, source) in table.items():
+            assert isinstance(value, (int, float)) and value > 0, name
+            assert len(source) > 20, f"{name}: source/assumption missing"
+    text = PL.model_table()
+    assert all(k in text for k in list(PL.CPU_MODEL) + list(PL.QPU_OVERHEAD))
+
+
+@pytest.mark.skipif("matmul" not in real_kinds(), reason="no real QPU matmul kernel registered yet")
+def test_real_cycle_model_rule():
+    from tvm_qpu.codegen import registry
+    fp32 = _mm_spec("float32", 256, 256, 256)
+    int8 = _mm_spec("int8", 256, 256, 256, "int32")
+    ok_f, why_f = registry.supports(fp32)
+    ok_i, why_i = registry.supports(int8)
+    if ok_f:
+        assert not PL.decide(fp32, "cost", registry=registry).on_qpu, "fp32 GEMM should stay with BLAS"
+    if not ok_i:
+        pytest.skip(f"real matmul kernel does not take int8 yet: {why_i}")
+    d = PL.decide(int8, "cost", registry=registry)
+    assert d.on_qpu, d.reason
