@@ -1,0 +1,680 @@
+"""GEMM substrate: C[z] = A[z] @ B[z] (+ bias) (+ ReLU / clip); fp32, or integers with int32 accumulation.
+
+Work layout
+-----------
+Lanes run along N. An output tile is ``R`` rows (R = min(16, M)) by 16 columns; accumulator
+``acc[i]`` holds ``C[m0 + i, n0 : n0 + 16]``. For every k:
+
+* the B row ``B[k, n0 : n0 + 16]`` is one 16-lane TMU load (per-lane addresses, so B may be
+  row-major or transposed), issued ``PF`` k-steps ahead and popped with ``ldtmu``;
+* the R values ``A[m0 + i, k]`` arrive broadcast to all lanes through the ``ldunifarf`` signal,
+  from a packed A panel (``panel[z][mt][k][i]``) that the unifa stream walks sequentially;
+* each of R instructions dual-issues the multiply on the mul ALU (``fmul`` / ``smul24``) and an
+  accumulation on the add ALU (``fadd`` / ``add``), and carries the ``ldunifarf`` of the next A
+  value; one more instruction pops the next B row and issues the next TMU load. A k-step is
+  R + 1 instructions for 16 R multiply-adds (16/17 of the ALU peak at R = 16), plus a counter and
+  a branch instruction per ``U`` k-steps.
+
+A is packed at run time by a small launch (:func:`pack_kernel`), except for M = 1 with 32-bit A
+(the row itself is the panel). B is read in place with ``PF`` rows of zero padding after its end
+for the prefetch. Integer inputs (int8 / uint8 / int16 / int32 within 24 bits) are loaded with the
+TMU's sign- or zero-extending types, so int16 B rows move half the bytes of int32 rows and int8 a
+quarter; they are multiplied with ``smul24`` (the low 24 bits of each operand, signed) and summed
+in int32, wrapping modulo 2**32 like numpy's int32 arithmetic.
+
+Edges: any M, N, K. Lanes beyond N are masked on store; rows beyond M are never stored; K is
+padded to a multiple of ``U`` with zeros where that is exact (the padded products are 0 * 0).
+Workers: a ``Wn x Wm`` grid of workgroups (x, y) per batch entry (z), one QPU thread each; worker
+(wn, wm) takes the tiles (mt, nt) with mt = wm (mod Wm) and nt = wn (mod Wn).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .. import asm as A
+from ..asm import L, b, mov, nop, sub, add, shr, shl, umul24, eidx, tmuwt, thread_end
+from ..instr import MAGIC, RF
+from ..plan import BufferSpec, KernelPlan, Launch
+
+S = A.SIGNALS
+R_ = A.R                     # label references
+tmua, tmud, tmuc, unifa, null = (MAGIC[n] for n in ("tmua", "tmud", "tmuc", "unifa", "null"))
+
+#: TMU element type codes (config byte = per-lane << 7 | op 15 (plain) << 3 | type)
+TMU_TYPE = {"int8": 0, "int16": 1, "uint8": 5, "uint16": 6, "int32": 7, "uint32": 7, "float32": 7}
+ITEMSIZE = {"int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "float32": 4}
+INT_DTYPES = ("int8", "uint8", "int16", "int32")
+SMALL_INT = ("int8", "uint8", "int16")
+UMUL24_LIMIT = 1 << 24
+
+
+def tmu_config(dtype: str) -> int:
+    return 0x80 | (15 << 3) | TMU_TYPE[dtype]
+
+
+def config_word(dtypes) -> int:
+    """The tmuc word configuring the next four lookups (unused bytes: 0xff = 32-bit default)."""
+    w = 0
+    for i, dt in enumerate(list(dtypes)[:4] + ["uint32"] * (4 - len(list(dtypes)[:4]))):
+        w |= tmu_config(dt) << (8 * i)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# Problem and tiling
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmShape:
+    M: int
+    N: int
+    K: int
+    batch: int = 1
+    a_dtype: str = "float32"
+    b_dtype: str = "float32"
+    transpose_b: bool = False
+    bias: bool = False
+    activation: object = None          # None | "relu" | ("clip", lo, hi)
+    num_qpus: int = 12
+    a_batch_stride_elems: int | None = None   # default M*K (0: A broadcast over the batch)
+    b_batch_stride_elems: int | None = None   # default K*N (0: B broadcast over the batch)
+
+    @property
+    def is_int(self) -> bool:
+        return self.a_dtype in INT_DTYPES
+
+    @property
+    def out_dtype(self) -> str:
+        return "int32" if self.is_int else "float32"
+
+    @property
+    def a_bstride(self) -> int:
+        return self.M * self.K if self.a_batch_stride_elems is None else self.a_batch_stride_elems
+
+    @property
+    def b_bstride(self) -> int:
+        return self.K * self.N if self.b_batch_stride_elems is None else self.b_batch_stride_elems
+
+
+@dataclass(frozen=True)
+class GemmTiling:
+    R: int          # rows per tile (accumulator registers)
+    U: int          # k-steps per loop iteration
+    PF: int         # B rows in flight
+    Kpad: int       # K rounded up to a multiple of U
+    MT: int
+    NT: int
+    Wm: int
+    Wn: int
+
+
+
+def _worker_grid(MT: int, NT: int, W: int):
+    best = None
+    for wm in range(1, min(MT, W) + 1):
+        wn = max(1, min(NT, W // wm))
+        rounds = math.ceil(MT / wm) * math.ceil(NT / wn)
+        key = (rounds, -(wm * wn), wm)
+        if best is None or key < best[0]:
+            best = (key, wm, wn)
+    return best[1], best[2]
+
+
+def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
+    R = min(16, s.M)
+    if s.b_dtype in SMALL_INT:
+        U = 8 if s.K > 32 else 4                    # one tmuc word serves 4 lookups: U % 4 == 0
+    elif s.is_int or (not s.transpose_b and s.batch == 1):
+        U = 8 if s.K > 32 else 4 if s.K > 8 else 2  # padded B rows are zeros: padding is exact
+    else:
+        # fp32 with transposed or batched B: rows past K are real data (inf * 0 = NaN), so K
+        # itself must be a multiple of U.
+        U = next(u for u in (8, 4, 2, 1) if s.K % u == 0)
+    Kpad = -(-s.K // U) * U
+    MT, NT = -(-s.M // R), -(-s.N // 16)
+    Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
+    return GemmTiling(R, U, PF, Kpad, MT, NT, Wm, Wn)
+
+
+# ------------------------------------------------------------------------------------------------
+# Register allocation
+# ------------------------------------------------------------------------------------------------
+class _Pool:
+    """Hands out registers; rf2/rf3 (the dispatch payload) come last, after the prologue used them."""
+
+    def __init__(self):
+        self.free = [RF[0], RF[1]] + [RF[i] for i in range(4, 64)] + [RF[2], RF[3]]
+
+    def take(self, n: int | None = None):
+        if n is None:
+            return self.free.pop(0)
+        out, self.free = self.free[:n], self.free[n:]
+        if len(out) < n:
+            raise ValueError("GEMM kernel ran out of registers")
+        return out
+
+
+class GemmRegs:
+    def __init__(self, s: GemmShape, t: GemmTiling):
+        p = _Pool()
+        for name in ("lane", "a_ptr", "a_mstep", "b_ptr", "b_nstep", "bks", "bks_u", "c_ptr", "c_mstep",
+                     "c_nstep", "crs", "MT", "NT", "Wm", "Wn", "mt", "nt", "mrem", "mrem_step", "one",
+                     "nrem", "nrem_step", "kblocks", "bp", "cp", "cnt", "tq", "nb", "nc", "nn"):
+            setattr(self, name, p.take())
+        self.bias_ptr = p.take() if s.bias else None
+        self.nbias = p.take() if s.bias else None
+        clip = isinstance(s.activation, tuple)
+        self.lo, self.hi = (p.take(), p.take()) if clip else (None, None)
+        small_b = s.b_dtype in SMALL_INT
+        self.cfg4 = p.take() if small_b else None
+        self.cfgw = p.take(2) if small_b else None
+        self.off = p.take(t.U)
+        self.t = p.take(2)
+        self.ab = p.take(2)
+        self.bv = p.take()
+        self.acc = p.take(t.R)
+
+
+# ------------------------------------------------------------------------------------------------
+# Uniforms
+# ------------------------------------------------------------------------------------------------
+def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name: str,
+                  bias_name: str | None):
+    """The uniform stream of the GEMM launch, in the order the prologue reads it."""
+    es_b = ITEMSIZE[s.b_dtype]
+    a_tile = t.Kpad * t.R * 4
+    if a_name.endswith("_panel"):
+        a_bs = t.MT * a_tile
+    else:                                       # M == 1: A itself is the panel
+        a_bs = s.a_bstride * 4
+    b_ls = s.K * es_b if s.transpose_b else es_b
+    bks = es_b if s.transpose_b else s.N * es_b
+    b_tile = 16 * b_ls
+    c_tile = t.R * s.N * 4
+    u = [("addr", a_name, 0), ("u32", a_bs), ("u32", a_tile), ("u32", t.Wm * a_tile),
+         ("addr", b_name, 0), ("u32", s.b_bstride * es_b), ("u32", b_ls), ("u32", b_tile),
+         ("u32", t.Wn * b_tile), ("u32", bks), ("u32", t.U * bks),
+         ("addr", c_name, 0), ("u32", s.M * s.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
+         ("u32", t.Wn * 64), ("u32", s.N * 4)]
+    if s.bias:
+        u.append(("addr", bias_name, 0))
+    u += [("u32", t.MT), ("u32", t.NT), ("u32", t.Wm), ("u32", t.Wn), ("u32", s.M), ("u32", t.R),
+          ("u32", t.Wm * t.R), ("u32", s.N), ("u32", t.Wn * 16), ("u32", t.Kpad // t.U)]
+    if isinstance(s.activation, tuple):
+        kind = "u32" if s.is_int else "f32"
+        u += [(kind, s.activation[1]), (kind, s.activation[2])]
+    if s.b_dtype in SMALL_INT:
+        words = _prologue_config_words(s, t)
+        u.append(("u32", config_word([s.b_dtype] * 4)))
+        u += [("u32", w) for _, w in words] + [("u32", 0)] * (2 - len(words))
+    for j in range(t.U):                                    # bp already advanced by U rows
+        u.append(("u32", ((j + t.PF - t.U) * bks) & 0xFFFFFFFF))
+    return u
+
+
+def _prologue_config_words(s: GemmShape, t: GemmTiling):
+    """(lookup index, word) tmuc writes in the tile prologue so that the prologue lookups and
+    the loop's first two issues are configured (the loop rewrites tmuc at k-steps 2, 6, ...)."""
+    kinds = (["int32"] if s.bias else []) + [s.b_dtype] * (t.PF + 2)
+    n_pro = len(kinds) - 2
+    positions = sorted(set(list(range(0, max(n_pro - 2, 1), 4)) + [n_pro - 2]))
+    return [(p, config_word(kinds[p:p + 4])) for p in positions]
+
+
+# ------------------------------------------------------------------------------------------------
+# The GEMM kernel
+# ------------------------------------------------------------------------------------------------
+def gemm_kernel(s: GemmShape, t: GemmTiling):
+    """Emit the GEMM program (call inside a Program)."""
+    g = GemmRegs(s, t)
+    ld = lambda r: S["ldunifrf"](r)  # noqa: E731
+    tmp = g.tq
+
+    # ---- prologue: uniforms, this worker's starting pointers -------------------------------
+    eidx(g.lane, sig=ld(g.a_ptr))                           # a_base
+    mov(g.mt, RF[2].unpack("ul"), sig=ld(tmp))              # z ; tmp = a_batch_stride
+    umul24(tmp, tmp, g.mt)
+    add(g.a_ptr, g.a_ptr, tmp, sig=ld(tmp))                 # tmp = a_tile_stride
+    mov(g.nt, RF[3].unpack("uh"))                                    # wm
+    umul24(tmp, tmp, g.nt)
+    add(g.a_ptr, g.a_ptr, tmp, sig=ld(g.a_mstep))
+
+    nop(sig=ld(g.b_ptr))
+    nop(sig=ld(tmp))                                        # b_batch_stride
+    umul24(tmp, tmp, g.mt)
+    add(g.b_ptr, g.b_ptr, tmp, sig=ld(tmp))                 # tmp = b_lane_stride
+    umul24(tmp, tmp, g.lane)
+    add(g.b_ptr, g.b_ptr, tmp, sig=ld(tmp))                 # tmp = b_tile_stride
+    mov(g.cp, RF[3].unpack("ul"))                           # wn
+    umul24(tmp, tmp, g.cp)
+    add(g.b_ptr, g.b_ptr, tmp, sig=ld(g.b_nstep))
+    nop(sig=ld(g.bks))
+    nop(sig=ld(g.bks_u))
+
+    nop(sig=ld(g.c_ptr))
+    nop(sig=ld(tmp))                                        # c_batch_stride
+    umul24(tmp, tmp, g.mt)
+    add(g.c_ptr, g.c_ptr, tmp, sig=ld(tmp))                 # tmp = c_tile_stride
+    umul24(tmp, tmp, g.nt)
+    add(g.c_ptr, g.c_ptr, tmp, sig=ld(g.c_mstep))
+    shl(tmp, g.cp, 6)                                       # 64 * wn
+    nop(sig=ld(g.c_nstep))
+    add(g.c_ptr, g.c_ptr, tmp, sig=ld(g.crs))
+    shl(g.bp, g.lane, 2)                                    # 4 * lane
+    add(g.c_ptr, g.c_ptr, g.bp)
+    if s.bias:
+        add(tmp, tmp, g.bp, sig=ld(g.bias_ptr))             # 64 * wn + 4 * lane
+        add(g.bias_ptr, g.bias_ptr, tmp)
+
+    nop(sig=ld(g.MT))
+    nop(sig=ld(g.NT))
+    nop(sig=ld(g.Wm))
+    nop(sig=ld(g.Wn))
+    nop(sig=ld(g.mrem))                                     # M
+    mov(g.mt, g.nt, sig=ld(tmp))                            # mt = wm ; tmp = R
+    umul24(tmp, tmp, g.mt)
+    sub(g.mrem, g.mrem, tmp, sig=ld(g.mrem_step))           # mrem = M - wm * R
+    shl(tmp, g.cp, 4)                                       # 16 * wn
+    nop(sig=ld(g.nrem))                                     # N
+    sub(g.nrem, g.nrem, tmp, sig=ld(g.nrem_step))           # nrem = N - 16 * wn
+    nop(sig=ld(g.kblocks))
+    if g.lo is not None:
+        nop(sig=ld(g.lo))
+        nop(sig=ld(g.hi))
+    if g.cfg4 is not None:
+        nop(sig=ld(g.cfg4))
+        nop(sig=ld(g.cfgw[0]))
+        nop(sig=ld(g.cfgw[1]))
+    for r in g.off:
+        nop(sig=ld(r))
+    mov(g.one, 1)                                           # k-loop decrement (no immediates there)
+
+    # ---- tile loops ----------------------------------------------------------------------
+    L.mloop
+    sub(null, g.mt, g.MT, cond="pushn")                     # A = mt < MT
+    b(R_.done, cond="anyna")
+    mov(g.nt, RF[3].unpack("ul"))                           # (delay slots) nt = wn
+    mov(g.nb, g.b_ptr)
+    mov(g.nc, g.c_ptr)
+    mov(g.nn, g.nrem)
+    if s.bias:
+        mov(g.nbias, g.bias_ptr)
+
+    L.nloop
+    sub(null, g.nt, g.NT, cond="pushn")                     # A = nt < NT
+    b(R_.mnext, cond="anyna")
+    nop()
+    nop()
+    nop()
+
+    _tile(s, t, g)
+
+    add(g.nt, g.nt, g.Wn)
+    add(g.nb, g.nb, g.b_nstep)
+    add(g.nc, g.nc, g.c_nstep)
+    b(R_.nloop, cond="always")
+    sub(g.nn, g.nn, g.nrem_step)
+    if s.bias:
+        add(g.nbias, g.nbias, g.c_nstep)
+    else:
+        nop()
+    nop()
+
+    L.mnext
+    add(g.mt, g.mt, g.Wm)
+    add(g.a_ptr, g.a_ptr, g.a_mstep)
+    b(R_.mloop, cond="always")
+    add(g.c_ptr, g.c_ptr, g.c_mstep)
+    sub(g.mrem, g.mrem, g.mrem_step)
+    nop()
+
+    L.done
+    tmuwt()
+    thread_end()
+
+
+def _mul(s: GemmShape):
+    return "smul24" if s.is_int else "fmul"
+
+
+def _acc_add(s: GemmShape):
+    return A.DSL["add"] if s.is_int else A.DSL["fadd"]
+
+
+def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """One R x 16 output tile: prefetch, the K loop, activation and masked stores."""
+    R, U, PF = t.R, t.U, t.PF
+    mul, acc_add = _mul(s), _acc_add(s)
+    small_b = s.b_dtype in SMALL_INT
+
+    # ---- tile prologue: A stream, prefetch of B rows 0..PF-1 (bias first in the FIFO) ----
+    mov(unifa, g.a_ptr)
+    mov(g.bp, g.nb)
+    cfg_writes = dict(_prologue_config_words(s, t)) if small_b else {}
+    lookups = []
+    if s.bias:
+        lookups.append(g.nbias)
+    lookups += ["row"] * PF
+    mov(g.tq, g.bp)
+    for idx, what in enumerate(lookups):
+        if idx in cfg_writes:
+            mov(tmuc, g.cfgw[sorted(cfg_writes).index(idx)])
+        if what == "row":
+            mov(tmua, g.tq).add(g.tq, g.tq, g.bks)
+        else:
+            mov(tmua, what)
+    nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0] (unifa + 4 or later)
+    if s.bias:
+        nop(sig=S["ldtmu"](g.tq))
+    for i in range(0, R, 2):                                # acc = bias row, or 0 (x - x)
+        pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
+        if s.bias:
+            ins = mov(pair[0], g.tq)
+            if len(pair) > 1:
+                ins.mov(pair[1], g.tq)
+        else:
+            ins = sub(pair[0], pair[0], pair[0])
+            if len(pair) > 1:
+                ins.sub(pair[1], pair[1], pair[1])
+    mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))             # B row 0
+
+    # ---- K loop --------------------------------------------------------------------------
+    kloop = f"k{len(_current().items)}"
+    _current().label(kloop)
+    block = []                                              # emitters, one per instruction
+    # every k-step instruction carries a register-writing signal (no flags possible there), so
+    # the counter (and the B pointer advance) get one instruction of their own per block
+    block.append(lambda: sub(g.cnt, g.cnt, g.one, cond="pushz").add(g.bp, g.bp, g.bks_u))
+    for j in range(U):
+        for si in range(R + 1):
+            block.append(_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b))
+    while len(block) < 4:
+        block.append(lambda: nop())
+    branch_at = len(block) - 3
+    for idx, emit in enumerate(block):
+        if idx == branch_at:
+            b(getattr(R_, kloop), cond="anyna")
+        emit()
+    for _ in range(PF - 1):                                 # drain rows fetched past the end
+        nop(sig=S["ldtmu"](g.tq))
+    if small_b:
+        mov(tmuc, -1)                                       # stores: default 32-bit config bytes
+
+    # ---- epilogue: activation, stores (lanes < columns left; rows < rows left) ------------
+    _activation(s, g, R)
+    if R <= 15:
+        sub(null, g.mrem, R, cond="pushn")                  # A = tile is partial in M
+    else:
+        sub(g.tq, g.mrem, 15)
+        sub(null, g.tq, 1, cond="pushn")
+    part = f"p{len(_current().items)}"
+    b(getattr(R_, part), cond="anya")
+    sub(null, g.lane, g.nn, cond="pushn")                   # (delay) A = lane < columns left
+    mov(g.cp, g.nc)
+    nop()
+    for i in range(R):
+        mov(tmud, g.acc[i])
+        mov(tmua, g.cp, cond="ifa").add(g.cp, g.cp, g.crs)
+    end = f"e{len(_current().items)}"
+    b(getattr(R_, end), cond="always")
+    nop()
+    nop()
+    nop()
+    _current().label(part)                                  # partial tile: row i needs mrem > i
+    for i in range(R - 1):                                  # (mrem < R: row R-1 is never stored)
+        if i >= 1:
+            sub(null, g.lane, g.nn, cond="pushn")           # lane mask -> moves to B below
+            sub(null, g.mrem, i + 1, cond="pushn")          # A = mrem < i + 1: no more rows
+            b(getattr(R_, end), cond="anya")
+            nop()
+            nop()
+            nop()
+            cond = "ifb"
+        else:
+            cond = "ifa"
+        mov(tmud, g.acc[i])
+        mov(tmua, g.cp, cond=cond).add(g.cp, g.cp, g.crs)
+    _current().label(end)
+
+
+def _kstep_emitter(s, t, g, j, si, mul, acc_add, small_b):
+    """Instruction si (0..R) of k-step j of the loop block (see the module docstring)."""
+    R = t.R
+
+    def emit():
+        if si < R:
+            # the value for the next multiply: A[m0+si+1, k], or A[m0, k+1] after the last row
+            nxt = g.ab[(si + 1) % 2] if si + 1 < R else g.ab[0]
+            sig = S["ldunifarf"](nxt)
+            margs = (g.t[si % 2], g.bv, g.ab[si % 2])
+            if si >= 1:
+                first = acc_add(g.acc[si - 1], g.acc[si - 1], g.t[(si - 1) % 2], sig=sig)
+            elif small_b and j % 4 == 2:
+                first = mov(tmuc, g.cfg4, sig=sig)
+            else:
+                first = nop(sig=sig)
+            getattr(first, mul)(*margs)
+        else:
+            acc_add(g.acc[R - 1], g.acc[R - 1], g.t[(R - 1) % 2],
+                    sig=S["ldtmu"](g.bv)).add(tmua, g.bp, g.off[j])
+    return emit
+
+
+def _activation(s: GemmShape, g: GemmRegs, R: int):
+    act = s.activation
+    if act is None:
+        return
+    ops = A.DSL
+    if act == "relu":
+        fn = ops["imax"] if s.is_int else ops["fmax"]
+        for i in range(R):
+            fn(g.acc[i], g.acc[i], 0)
+    elif isinstance(act, tuple) and act[0] == "clip":
+        lo_fn, hi_fn = (ops["imax"], ops["imin"]) if s.is_int else (ops["fmax"], ops["fmin"])
+        for i in range(R):
+            lo_fn(g.acc[i], g.acc[i], g.lo)
+            hi_fn(g.acc[i], g.acc[i], g.hi)
+    else:
+        raise ValueError(f"unsupported activation {act!r}")
+
+
+def _current():
+    return A.Program._stack[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pack kernel: A[z][m][k] (any supported dtype) -> panel[z][mt][k][i] (int32 / float32)
+# ------------------------------------------------------------------------------------------------
+PACK_PF = 4
+
+
+def pack_uniforms(s: GemmShape, t: GemmTiling, kchunk: int, a_name: str, p_name: str):
+    es = ITEMSIZE[s.a_dtype]
+    u = [("addr", a_name, 0), ("u32", s.a_bstride * es), ("u32", s.K * es), ("u32", es),
+         ("addr", p_name, 0), ("u32", t.MT * t.Kpad * t.R * 4), ("u32", t.Kpad * t.R * 4),
+         ("u32", t.R), ("u32", s.M), ("u32", s.K), ("u32", kchunk)]
+    if s.a_dtype in SMALL_INT:
+        u.append(("u32", 0xFFFFFF00 | tmu_config(s.a_dtype)))
+    return u
+
+
+def pack_kernel(s: GemmShape, t: GemmTiling):
+    """Workgroup (kc, mt, z) copies A[z][mt*R + lane][k], k in chunk kc, into the panel
+    (lanes are rows; rows >= M and lanes >= R are never stored: the scratch panel stays zero)."""
+    p = _Pool()
+    lane, la, pp, cnt, es, rstep, vmask, tmp, v, r4, kc, m0 = (p.take() for _ in range(12))
+    ld = lambda r: S["ldunifrf"](r)  # noqa: E731
+    small = s.a_dtype in SMALL_INT
+    cfg = p.take() if small else None
+
+    eidx(lane, sig=ld(la))                                  # a_base
+    mov(kc, RF[2].unpack("ul"), sig=ld(tmp))                # z ; a_batch_stride
+    umul24(tmp, tmp, kc)
+    add(la, la, tmp, sig=ld(rstep))                         # a_row_stride
+    nop(sig=ld(es))
+    nop(sig=ld(pp))                                         # p_base
+    nop(sig=ld(tmp))                                        # p_batch_stride
+    umul24(tmp, tmp, kc)
+    add(pp, pp, tmp, sig=ld(tmp))                           # p_tile_stride
+    mov(m0, RF[3].unpack("uh"))                                      # mt
+    umul24(tmp, tmp, m0)
+    add(pp, pp, tmp, sig=ld(r4))                            # R
+    umul24(m0, m0, r4)                                      # m0 = mt * R
+    add(v, m0, lane, sig=ld(tmp))                           # row = m0 + lane ; tmp = M
+    sub(null, v, tmp, cond="pushn")                         # A = row < M
+    sub(null, lane, r4, cond="andn")                        # A &= lane < R
+    mov(vmask, 0)
+    mov(vmask, -1, cond="ifa")                              # valid lanes: -1
+    mov(v, m0, cond="ifna")                                 # invalid lanes read row m0
+    umul24(v, v, rstep)
+    add(la, la, v)
+    shl(tmp, lane, 2)
+    add(pp, pp, tmp)                                        # panel lane offset
+    shl(r4, r4, 2)                                          # 4 R bytes per panel k-row
+    nop(sig=ld(v))                                          # K
+    mov(kc, RF[3].unpack("ul"), sig=ld(tmp))                # chunk ; tmp = kchunk
+    umul24(kc, kc, tmp)                                     # k0
+    sub(cnt, v, kc)                                         # K - k0
+    A.DSL["imin"](cnt, cnt, tmp)                            # k-rows of this chunk
+    umul24(tmp, kc, es)
+    add(la, la, tmp)
+    umul24(tmp, kc, r4)
+    add(pp, pp, tmp, sig=ld(cfg) if small else None)
+    sub(null, cnt, 1, cond="pushn")                         # A = empty chunk
+    b(R_.pend, cond="anya")
+    nop()
+    nop()
+    nop()
+    for _ in range(PACK_PF):                                # prefetch
+        if small:
+            mov(tmuc, cfg)
+        mov(tmua, la).add(la, la, es)
+    L.ploop
+    if small:
+        mov(null, vmask, cond="pushn").mov(tmuc, cfg)       # A = valid ; config of the next load
+    else:
+        mov(null, vmask, cond="pushn")
+    mov(tmua, la, sig=S["ldtmu"](v)).add(la, la, es)        # issue k + PF, pop k
+    sub(cnt, cnt, 1, cond="pushz").mov(tmud, v)             # A = done ; B = valid
+    b(R_.ploop, cond="anyna")
+    mov(tmua, pp, cond="ifb").add(pp, pp, r4)               # store (delay slot)
+    nop()
+    nop()
+    for _ in range(PACK_PF):
+        nop(sig=S["ldtmu"](tmp))
+    L.pend
+    tmuwt()
+    thread_end()
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans
+# ------------------------------------------------------------------------------------------------
+def _assemble(fn, *args, name="kernel"):
+    prog = A.Program(name)
+    with prog:
+        fn(*args)
+    return prog.words()
+
+
+def needs_pack(s: GemmShape, t: GemmTiling) -> bool:
+    return not (t.R == 1 and ITEMSIZE[s.a_dtype] == 4 and (s.batch == 1 or t.Kpad == s.K))
+
+
+def check_limits(s: GemmShape, t: GemmTiling):
+    """Refuse shapes whose strides the kernels' 24-bit multiplies cannot take."""
+    es_b = ITEMSIZE[s.b_dtype]
+    spans = {"A panel tile": t.Kpad * t.R * 4, "A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4),
+             "B lane stride x 16": 16 * (s.K * es_b if s.transpose_b else es_b),
+             "B batch": s.b_bstride * es_b, "C tile": t.R * s.N * 4, "C batch": s.M * s.N * 4,
+             "A row": s.K * 4}
+    for what, v in spans.items():
+        if v >= UMUL24_LIMIT:
+            raise ValueError(f"{what} stride {v} bytes exceeds the kernel's 24-bit address arithmetic")
+    if s.batch > 0xFFFF:
+        raise ValueError("batch > 65535")
+
+
+def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C", "bias")) -> KernelPlan:
+    """Plan for C = A @ B (+ bias) (+ activation). ``constants`` may hold B (and bias) as weights
+    (and A); they are stored in device layout (padded) in the plan."""
+    constants = dict(constants or {})
+    t = choose_tiling(s)
+    check_limits(s, t)
+    a_name, b_name, c_name, bias_name = names
+    es_a, es_b = ITEMSIZE[s.a_dtype], ITEMSIZE[s.b_dtype]
+    pack = needs_pack(s, t)
+    a_shape = (s.batch, s.M, s.K) if s.a_bstride else (s.M, s.K)
+    b_shape = ((s.batch,) if s.b_bstride else ()) + ((s.N, s.K) if s.transpose_b else (s.K, s.N))
+    # B: prefetch reads up to row Kpad + PF - 1 of the last batch entry, lanes up to NT*16 - 1
+    b_ls = s.K * es_b if s.transpose_b else es_b
+    bks = es_b if s.transpose_b else s.N * es_b
+    b_span = (s.batch - 1) * s.b_bstride * es_b + (t.NT * 16 - 1) * b_ls + (t.Kpad + t.PF) * bks + 64
+    a_span = max(s.batch, 1) * max(s.a_bstride, s.M * s.K) * es_a + (PACK_PF + t.Kpad - s.K + 2) * es_a + 64
+    bufs, out_consts = [], {}
+
+    def role(name):
+        return "weight" if name in constants else "input"
+
+    bufs.append(BufferSpec(a_name, role(a_name), a_shape, s.a_dtype, a_span))
+    bufs.append(BufferSpec(b_name, role(b_name), b_shape, s.b_dtype, b_span))
+    if s.bias:
+        bias_dtype = "int32" if s.is_int else "float32"
+        bufs.append(BufferSpec(bias_name, "weight", (s.N,), bias_dtype, t.NT * 64 + 64))
+        bias = np.zeros(t.NT * 16, dtype=bias_dtype)
+        bias[: s.N] = np.asarray(constants[bias_name]).reshape(-1)
+        out_consts[bias_name] = bias
+    bufs.append(BufferSpec(c_name, "output", (s.batch, s.M, s.N), s.out_dtype))
+    for name in (a_name, b_name):
+        if name in constants:
+            out_consts[name] = np.ascontiguousarray(np.asarray(constants[name]).astype(
+                s.a_dtype if name == a_name else s.b_dtype))
+    launches = []
+    gemm_a = a_name
+    if pack:
+        p_name = a_name + "_panel"
+        bufs.append(BufferSpec(p_name, "scratch", (s.batch * t.MT * t.Kpad * t.R + t.R,), "float32"))
+        gemm_a = p_name
+        groups = s.batch * t.MT
+        kchunk = max(PACK_PF, -(-s.K * groups // 48))
+        kchunk = max(kchunk, -(-s.K // 0xFFFF))
+        kc = -(-s.K // kchunk)
+        launches.append(Launch(_assemble(pack_kernel, s, t, name="gemm_pack"),
+                               pack_uniforms(s, t, kchunk, a_name, p_name),
+                               (kc, t.MT, s.batch), 16, s.num_qpus, 1, "gemm_pack"))
+    launches.append(Launch(_assemble(gemm_kernel, s, t, name="gemm"),
+                           gemm_uniforms(s, t, gemm_a, b_name, c_name, bias_name if s.bias else None),
+                           (t.Wn, t.Wm, s.batch), 16, s.num_qpus, 1, "gemm"))
+    return KernelPlan("gemm", bufs, launches, out_consts,
+                      attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
+                             "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
+                             "activation": s.activation, "tiling": t.__dict__},
+                      flops=2 * s.batch * s.M * s.N * s.K,
+                      bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * 4))
+
+
+def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None) -> np.ndarray:
+    """numpy reference with the kernel's semantics (int32 wrap; fp32 in float64 then rounded)."""
+    if s.is_int:
+        a64, b64 = a.astype(np.int64), b_.astype(np.int64)
+        bb = np.swapaxes(b64, -1, -2) if s.transpose_b else b64
+        c = np.matmul(a64.reshape(-1, s.M, s.K) if a.ndim == 3 else a64, bb)
+        if bias is not None:
+            c = c + np.asarray(bias, np.int64)
+        c = ((c + (1 << 31)) % (1 << 32) - (1 << 31))
+        if s.activation == "relu":
+            c = np.maximum(c, 0)
+        elif isinstance(s.activation, tuple):
+            c = np.clip(c, s.activation[1], s.activation[2])
+        return c.astype(np.int32)
+    bb = np.swapaxes(b_, -1, -2) if s.transpose_b else b_
+    c = np.matmul(a.astype(np.float64), bb.astype(np.float64))
+    if bias is not None:
+        c = c + np.asarray(bias, np.float64)
+    if s.activation == "relu":
+        c = np.maximum(c, 0)
+    elif isinstance(s.activation, tuple):
+        c = np.clip(c, s.activation[1], s.activation[2])
+    return c.astype(np.float32)
