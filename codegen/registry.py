@@ -7,20 +7,29 @@ Each operator kind the QPU can run registers three functions:
 * ``generate(spec, constants) -> KernelPlan``: machine code + launch plan, called at compile time;
 * ``estimate(spec) -> seconds``: modelled Pi 5 QPU time (cycle model), used for placement.
 
-An :class:`OpSpec` describes one operator instance. Kinds and their attrs:
+An :class:`OpSpec` describes one operator instance: ``inputs`` are (shape, dtype) of the runtime
+tensors in order; constant operands (weights, bias) are passed to ``generate`` in ``constants``
+under the names below and also listed in ``inputs``. Kinds, inputs and attrs:
 
 =====================  ========================================================================
-kind                   attrs
+kind                   inputs / attrs
 =====================  ========================================================================
-matmul                 transpose_b, bias (bool), activation (None | "relu" | ("clip", lo, hi)),
-                       out_dtype; inputs A [.., M, K], B [.., K, N] (or [N, K] with transpose_b)
-conv2d                 strides, padding (t, l, b, r), dilation, groups, layout "NCHW", bias,
-                       activation, out_dtype
-max_pool2d/avg_pool2d  pool_size, strides, padding, dilation, ceil_mode, count_include_pad, layout
-global_avg_pool2d      layout
-reduce_max/reduce_min  axis (tuple or None), keepdims
-softmax                axis (-1 only)
-attention              scale, causal/mask (bool), num_heads
+matmul                 inputs A [.., M, K], B [.., K, N] (or [.., N, K] with transpose_b), and
+                       optional bias [N]; constants names "A", "B", "bias".
+                       attrs: transpose_b, bias (bool), activation (None | "relu" |
+                       ("clip", lo, hi)); output dtype int32 for integer inputs
+conv2d                 inputs data [N, C, H, W], weight [OC, C/groups, KH, KW], optional bias [OC];
+                       constants "weight", "bias". attrs: strides (sh, sw), padding (t, l, b, r),
+                       dilation (dh, dw), groups, layout "NCHW", bias (bool), activation
+max_pool2d/avg_pool2d  input [N, C, H, W]. attrs: pool_size (kh, kw), strides, padding (t, l, b, r),
+                       dilation, ceil_mode, count_include_pad (avg), layout "NCHW"
+global_avg_pool2d      input [N, C, H, W] -> [N, C, 1, 1]. attrs: layout "NCHW"
+reduce_max/reduce_min  input of any rank. attrs: axis (tuple of ints or None = all), keepdims
+argmax/argmin          as reduce_*, one axis, int64 (or int32) output
+softmax                input of any rank. attrs: axis (-1 only)
+attention              inputs q [B, S, D], k [B, T, D], v [B, T, Dv], optional mask [S, T] (added to
+                       the scores) with B = batch x heads. attrs: scale (float), causal (bool),
+                       mask (bool). Output [B, S, Dv]
 =====================  ========================================================================
 """
 from __future__ import annotations
