@@ -1,0 +1,238 @@
+"""Artifacts: round trip, checksum / version / truncation rejection, unsafe members, no pickle."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qpu_doubles as D
+from tvm_qpu.artifact import ArtifactError, npy_bytes, read_artifact, safe_extract, write_artifact
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A digits CNN artifact with test-double QPU regions (placement=all)."""
+    pytest.importorskip("tvm")
+    import tvm_qpu
+    from tvm_qpu.codegen import registry
+    mp = pytest.MonkeyPatch()
+    D.install(mp)
+    try:
+        mod, params = tvm_qpu.from_onnx(MODELS / "digits_cnn.onnx")
+        lib = tvm_qpu.build(mod, placement="all", params=params)
+        path = lib.save(tmp_path_factory.mktemp("art") / "digits.tar")
+    finally:
+        mp.undo()
+    assert registry._REGISTRY is not None
+    return lib, Path(path)
+
+
+def _members(path):
+    with tarfile.open(path) as t:
+        return {m.name: t.extractfile(m).read() for m in t}
+
+
+def _rewrite(path, dst, change):
+    """Copy an artifact, letting ``change(name, data)`` return new bytes (or None to drop)."""
+    with tarfile.open(path) as src, tarfile.open(dst, "w") as out:
+        for m in src:
+            data = change(m.name, src.extractfile(m).read())
+            if data is None:
+                continue
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    return dst
+
+
+def test_round_trip_runs_and_matches(built, tmp_path):
+    import tvm_qpu
+    lib, path = built
+    names = set(_members(path))
+    assert {"manifest.json", "model.json", "lib.so"} <= names
+    assert sum(n.endswith(".npy") for n in names) >= 5           # weights and biases of 5 regions
+    x = np.load(MODELS / "digits_test.npz")["x"][:1]
+    r1 = tvm_qpu.load(path, device=D.DoubleDevice())
+    r2 = lib.runner(device=D.DoubleDevice())
+    try:
+        a, b = r1.run(input=x)["logits"], r2.run(input=x)["logits"]
+    finally:
+        r1.close(), r2.close()
+    np.testing.assert_array_equal(a, b)
+    meta = json.loads(_members(path)["model.json"])
+    assert meta["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert len(meta["regions"]) == len(lib.regions) and meta["report"]["placement"] == "all"
+
+
+def test_plan_constants_survive_round_trip(built):
+    lib, path = built
+    art = read_artifact(path)
+    for r in lib.regions:
+        for name, arr in r.plan.constants.items():
+            np.testing.assert_array_equal(art.array(f"plans/{r.key}/{name}.npy"), arr)
+
+
+def test_checksum_mismatch_is_rejected(built, tmp_path):
+    _, path = built
+
+    def flip(name, data):
+        if name == "lib.so":
+            b = bytearray(data)
+            b[len(b) // 2] ^= 0xFF
+            return bytes(b)
+        return data
+    bad = _rewrite(path, tmp_path / "bad.tar", flip)
+    with pytest.raises(ArtifactError, match="checksum mismatch for lib.so"):
+        read_artifact(bad)
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.5, "last member's last byte"])
+def test_truncated_artifact_is_rejected(built, tmp_path, cut):
+    _, path = built
+    data = path.read_bytes()
+    if isinstance(cut, str):                 # lose exactly one byte of real content
+        with tarfile.open(path) as t:
+            last = t.getmembers()[-1]
+        n = last.offset_data + last.size - 1
+    else:
+        n = int(len(data) * cut)
+    bad = tmp_path / "cut.tar"
+    bad.write_bytes(data[:n])
+    with pytest.raises(ArtifactError):
+        read_artifact(bad)
+
+
+def test_wrong_version_is_rejected(built, tmp_path):
+    _, path = built
+
+    def bump(name, data):
+        if name == "manifest.json":
+            m = json.loads(data)
+            m["version"] = 99
+            return json.dumps(m).encode()
+        return data
+    with pytest.raises(ArtifactError, match="version 99 is not supported"):
+        read_artifact(_rewrite(path, tmp_path / "v99.tar", bump))
+
+
+def test_missing_and_unlisted_members_are_rejected(built, tmp_path):
+    _, path = built
+    with pytest.raises(ArtifactError, match="do not match the manifest"):
+        read_artifact(_rewrite(path, tmp_path / "drop.tar", lambda n, d: None if n == "model.json" else d))
+
+
+def test_not_an_artifact(tmp_path):
+    p = tmp_path / "x.tar"
+    p.write_bytes(b"hello world" * 100)
+    with pytest.raises(ArtifactError):
+        read_artifact(p)
+    with pytest.raises(ArtifactError, match="no such file"):
+        read_artifact(tmp_path / "nope.tar")
+    write_artifact(p, {"a.txt": b"x"})
+    with tarfile.open(p) as t:
+        assert t.getnames() == ["manifest.json", "a.txt"]
+    # a valid tar without a manifest
+    with tarfile.open(tmp_path / "plain.tar", "w") as t:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        read_artifact(tmp_path / "plain.tar")
+
+
+def _evil_tar(path, member: tarfile.TarInfo, data=b"evil"):
+    """A tar holding a correct manifest for 'ok.txt' plus one hostile member."""
+    manifest = {"format": "tvm-qpu-artifact", "version": 1, "files": {}}
+    with tarfile.open(path, "w") as t:
+        m = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(m)
+        t.addfile(info, io.BytesIO(m))
+        if member.isreg():
+            member.size = len(data)
+            t.addfile(member, io.BytesIO(data))
+        else:
+            t.addfile(member)
+    return path
+
+
+def _info(name, type_=tarfile.REGTYPE, linkname=""):
+    i = tarfile.TarInfo(name)
+    i.type = type_
+    i.linkname = linkname
+    return i
+
+
+@pytest.mark.parametrize("member, why", [
+    (_info("../escape.txt"), "plain relative path"),
+    (_info("a/../../escape.txt"), "plain relative path"),
+    (_info("/tmp/tvm_qpu_abs_escape.txt"), "absolute path"),
+    (_info("link", tarfile.SYMTYPE, "/etc/passwd"), "link"),
+    (_info("hard", tarfile.LNKTYPE, "manifest.json"), "link"),
+    (_info("dev", tarfile.CHRTYPE), "device"),
+    (_info("fifo", tarfile.FIFOTYPE), "FIFO"),
+    (_info("dir", tarfile.DIRTYPE), "directory"),
+])
+def test_unsafe_members_are_rejected(tmp_path, member, why):
+    work = tmp_path / "work"
+    work.mkdir()
+    p = _evil_tar(tmp_path / "evil.tar", member)
+    with pytest.raises(ArtifactError, match=why):
+        read_artifact(p)
+    assert not (tmp_path / "escape.txt").exists() and not os.path.exists("/tmp/tvm_qpu_abs_escape.txt")
+    assert list(work.iterdir()) == []
+
+
+def test_load_rejects_unsafe_artifact_before_touching_disk(tmp_path):
+    pytest.importorskip("tvm")
+    import tvm_qpu
+    p = _evil_tar(tmp_path / "evil.tar", _info("../escape.txt"))
+    with pytest.raises(ArtifactError):
+        tvm_qpu.load(p)
+    assert not (tmp_path.parent / "escape.txt").exists()
+
+
+def test_duplicate_members_are_rejected(tmp_path):
+    p = tmp_path / "dup.tar"
+    write_artifact(p, {"a.txt": b"x"})
+    with tarfile.open(p, "a") as t:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"y"))
+    with pytest.raises(ArtifactError, match="twice"):
+        read_artifact(p)
+
+
+def test_safe_extract_stays_in_folder(tmp_path):
+    p = tmp_path / "a.tar"
+    write_artifact(p, {"x/y.txt": b"1", "z.npy": npy_bytes(np.arange(3))})
+    art = read_artifact(p)
+    out = safe_extract(art, tmp_path / "dst")
+    assert sorted(Path(v).relative_to(tmp_path / "dst").as_posix() for v in out.values()) == ["x/y.txt", "z.npy"]
+    art.files["../bad"] = b"2"
+    with pytest.raises(ArtifactError):
+        safe_extract(art, tmp_path / "dst2", ["../bad"])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_object_arrays_are_refused_without_pickle(tmp_path):
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    p = tmp_path / "obj.tar"
+    write_artifact(p, {"c.npy": buf.getvalue()})
+    with pytest.raises(ArtifactError, match="not a plain .npy"):
+        read_artifact(p).array("c.npy")
+
+
+def test_no_pickle_in_frontend_sources():
+    src = Path(__file__).resolve().parent.parent / "tvm_qpu"
+    for f in src.glob("*.py"):
+        text = f.read_text()
+        assert "import pickle" not in text and "allow_pickle=True" not in text, f.name
