@@ -49,7 +49,7 @@ class TimingModel:
     tmu_latency: float = 80.0
     #: additional latency of an L2 miss served by DRAM, cycles. Calibrated on the 1-QPU copy
     #: (1.69 GB/s with the copy kernel of codegen/kernels/calibration.py).
-    dram_latency: float = 150.0
+    dram_latency: float = 180.0
     #: shared DRAM bandwidth in bytes per QPU cycle (loads that miss + all stores). Calibrated on
     #: the 12-QPU copy: 4.14 GB/s copied = 8.28 GB/s of traffic = 8.6 B/cycle at 960 MHz
     #: (LPDDR4X peak is 17 GB/s; a copy reaches about half of it).

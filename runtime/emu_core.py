@@ -22,9 +22,47 @@ All semantics are documented in ``docs/emulator.md``; the sources are cited ther
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import numpy as np
 from numba import njit
+from numba.core import config as _numba_config
+
+
+def _dir_writable(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def ensure_numba_cache_dir() -> str:
+    """Make sure the compiled core can be cached across processes.
+
+    numba caches next to this file (``__pycache__``) when it can: editable installs and
+    writable site-packages. For a read-only install, unless the user chose ``NUMBA_CACHE_DIR``,
+    point numba at ``$XDG_CACHE_HOME/tvm_qpu/numba`` (``~/.cache/...``), or a per-user temp
+    directory as a last resort. Returns the directory in use."""
+    if _numba_config.CACHE_DIR:
+        return _numba_config.CACHE_DIR
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    if _dir_writable(here):
+        return here
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    for cand in (os.path.join(base, "tvm_qpu", "numba"),
+                 os.path.join(tempfile.gettempdir(), f"tvm_qpu-numba-{uid}")):
+        if _dir_writable(cand):
+            _numba_config.CACHE_DIR = cand
+            return cand
+    return ""
+
+
+NUMBA_CACHE_DIR = ensure_numba_cache_dir()
 
 # --------------------------------------------------------------------------------------------
 # Op ids: one per operation name of codegen/isa.py (emu_decode maps names -> ids; a test checks
