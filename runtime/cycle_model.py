@@ -66,9 +66,10 @@ class TimingModel:
     fifo_words: int = 16
     #: cache line size, bytes (V3D L2T line; Mesa/kernel use 64-byte alignment for TMU data).
     line_bytes: int = 64
-    #: shared L2 (texture/general-memory cache) size and associativity. Assumed: 128 KiB, 8-way
-    #: (not published for V3D 7.1; chosen so the SGEMM calibration point holds).
+    #: shared L2 (texture/general-memory cache) size. Assumed 128 KiB: not published for
+    #: V3D 7.1; with it the SGEMM calibration point holds (A-row blocks stay resident).
     l2_bytes: int = 128 * 1024
+    #: L2 associativity (LRU). Assumed 8-way (not published).
     l2_ways: int = 8
     #: latency of a store's completion after its data left for DRAM, cycles (tmuwt waits for it).
     store_latency: float = 20.0
