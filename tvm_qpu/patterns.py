@@ -27,8 +27,8 @@ max/avg_pool2d     data NCHW
 global_avg_pool2d  data NCHW                         output [N, C, 1, 1]
 reduce_max/min     data
 softmax            data                              axis is always -1 (normalised)
-attention          q, k, v [B, H, S, D] (+ mask)     k is *not* transposed (the host permutes);
-                                                     3-D inputs get H = 1; mask [.., Sq, Sk]
+attention          q [B, S, D], k [B, T, D],         B = batch x heads (the host reshapes); k is
+                   v [B, T, Dv] (+ mask [S, T])      *not* transposed (the host permutes it)
 =================  ===============================  =============================================
 """
 from __future__ import annotations
@@ -479,25 +479,33 @@ def build_attention(ann) -> Match:
         raise Refused(f"mixed attention dtypes {sorted(dts)}")
     dt = dts.pop()
     q4, k4, v4 = _to4d(qs), _to4d(k_canon), _to4d(vs)
+    q3, k3, v3 = (_fold_heads(t) for t in (q4, k4, v4))       # registry convention: [batch x heads, S, D]
     k_steps = (("permute", k_axes),) if k_axes != tuple(range(nd)) else ()
-    runtime = [RuntimeInput("q", q, (("reshape", q4),) if q4 != qs else ()),
-               RuntimeInput("k", k, k_steps + ((("reshape", k4),) if k4 != k_canon else ())),
-               RuntimeInput("v", v, (("reshape", v4),) if v4 != vs else ())]
-    names, inputs, consts = ["q", "k", "v"], [(q4, dt), (k4, dt), (v4, dt)], {}
+    runtime = [RuntimeInput("q", q, (("reshape", q3),) if q3 != qs else ()),
+               RuntimeInput("k", k, k_steps + ((("reshape", k3),) if k3 != k_canon else ())),
+               RuntimeInput("v", v, (("reshape", v3),) if v3 != vs else ())]
+    names, inputs, consts = ["q", "k", "v"], [(q3, dt), (k3, dt), (v3, dt)], {}
     mask = ann.get("mask")
     if mask is not None:
         ms = shape_of(mask)
+        st = (q3[1], k3[1])
+        if len(ms) < 2 or tuple(ms[-2:]) != st or any(d != 1 for d in ms[:-2]):
+            raise Refused(f"mask of shape {list(ms)} is not one [S, T] = {list(st)} mask shared by batch and heads")
         names.append("mask")
-        inputs.append((ms, dtype_of(mask)))
+        inputs.append((st, dtype_of(mask)))
         if is_constant(mask):
-            consts["mask"] = const_value(mask)
+            consts["mask"] = const_value(mask).reshape(st)
         else:
-            runtime.append(RuntimeInput("mask", mask))
+            runtime.append(RuntimeInput("mask", mask, (("reshape", st),) if tuple(ms) != st else ()))
     out = shape_of(root)
-    out4 = _to4d(out)
-    attrs = {"scale": scale, "mask": mask is not None, "causal": False, "num_heads": q4[1], "layout": "BHSD"}
-    spec = _spec("attention", names, inputs, (out4, dtype_of(root)), attrs)
-    return Match(spec, consts, runtime, out_reshape=out if out4 != out else None, anchor=root)
+    out3 = _fold_heads(_to4d(out))
+    attrs = {"scale": scale, "mask": mask is not None, "causal": False, "num_heads": q4[1]}
+    spec = _spec("attention", names, inputs, (out3, dtype_of(root)), attrs)
+    return Match(spec, consts, runtime, out_reshape=out if out3 != out else None, anchor=root)
+
+
+def _fold_heads(s4):
+    return (s4[0] * s4[1], s4[2], s4[3])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,10 +101,10 @@ def spec_ops(spec) -> int:
         w = spec.inputs[1][0]                       # OIHW
         return 2 * _nelem(out_shape) * int(np.prod(w[1:]))
     if k == "attention":
-        q, kk, v = (spec.inputs[i][0] for i in range(3))
-        b, h, sq, d = q
-        sk, dv = kk[2], v[3]
-        return 2 * b * h * sq * sk * d + 2 * b * h * sq * sk * dv + b * h * sq * sk * int(_v(CPU_MODEL, "exp_cost"))
+        q, kk, v = (spec.inputs[i][0] for i in range(3))     # [B, S, D], [B, T, D], [B, T, Dv]
+        b, sq, d = _nelem(q[:-2]), q[-2], q[-1]
+        sk, dv = kk[-2], v[-1]
+        return 2 * b * sq * sk * d + 2 * b * sq * sk * dv + b * sq * sk * int(_v(CPU_MODEL, "exp_cost"))
     if k in ("max_pool2d", "avg_pool2d"):
         return _nelem(out_shape) * int(np.prod(a.get("pool_size", (1, 1))))
     if k == "softmax":
