@@ -4,3 +4,5 @@ Importing this package registers the operator kernels with :mod:`tvm_qpu.codegen
 (each operator module does so on import). :mod:`.calibration` holds the copy and naive SGEMM
 kernels the emulator's timing model is calibrated on; they are not registered operators.
 """
+
+from . import gemm  # noqa: E402,F401  (matmul)

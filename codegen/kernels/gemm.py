@@ -122,6 +122,14 @@ def _worker_grid(MT: int, NT: int, W: int):
     return best[1], best[2]
 
 
+def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
+    """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
+    base = 28 + (1 if U < PF else 0)
+    extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
+        + (3 if s.b_dtype in SMALL_INT else 0)
+    return base + extra + U + 5 + R
+
+
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     R = min(16, s.M)
     if s.b_dtype in SMALL_INT:
@@ -132,6 +140,10 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         # fp32 with transposed or batched B: rows past K are real data (inf * 0 = NaN), so K
         # itself must be a multiple of U.
         U = next(u for u in (8, 4, 2, 1) if s.K % u == 0)
+    while U > 4 and _registers_needed(s, R, U, PF) > 64:
+        U //= 2
+    while _registers_needed(s, R, U, PF) > 64:
+        R -= 1
     Kpad = -(-s.K // U) * U
     MT, NT = -(-s.M // R), -(-s.N // 16)
     Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
@@ -159,10 +171,11 @@ class _Pool:
 class GemmRegs:
     def __init__(self, s: GemmShape, t: GemmTiling):
         p = _Pool()
-        for name in ("lane", "a_ptr", "a_mstep", "b_ptr", "b_nstep", "bks", "bks_u", "c_ptr", "c_mstep",
-                     "c_nstep", "crs", "MT", "NT", "Wm", "Wn", "mt", "nt", "mrem", "mrem_step", "one",
+        for name in ("lane", "a_ptr", "a_mstep", "b_ptr", "b_nstep", "bks_u", "c_ptr", "c_mstep",
+                     "c_nstep", "crs", "MT", "NT", "Wm", "Wn", "mt", "nt", "mrem", "mrem_step",
                      "nrem", "nrem_step", "kblocks", "bp", "cp", "cnt", "tq", "nb", "nc", "nn"):
             setattr(self, name, p.take())
+        self.bks = p.take() if t.U < t.PF else None      # prologue row walk (else via off[])
         self.bias_ptr = p.take() if s.bias else None
         self.nbias = p.take() if s.bias else None
         clip = isinstance(s.activation, tuple)
@@ -195,7 +208,7 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     c_tile = t.R * s.N * 4
     u = [("addr", a_name, 0), ("u32", a_bs), ("u32", a_tile), ("u32", t.Wm * a_tile),
          ("addr", b_name, 0), ("u32", s.b_bstride * es_b), ("u32", b_ls), ("u32", b_tile),
-         ("u32", t.Wn * b_tile), ("u32", bks), ("u32", t.U * bks),
+         ("u32", t.Wn * b_tile)] + ([("u32", bks)] if t.U < t.PF else []) + [("u32", t.U * bks),
          ("addr", c_name, 0), ("u32", s.M * s.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
          ("u32", t.Wn * 64), ("u32", s.N * 4)]
     if s.bias:
@@ -250,7 +263,8 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
     mov(g.cp, RF[3].unpack("ul"))                           # wn
     umul24(tmp, tmp, g.cp)
     add(g.b_ptr, g.b_ptr, tmp, sig=ld(g.b_nstep))
-    nop(sig=ld(g.bks))
+    if g.bks is not None:
+        nop(sig=ld(g.bks))
     nop(sig=ld(g.bks_u))
 
     nop(sig=ld(g.c_ptr))
@@ -289,7 +303,6 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         nop(sig=ld(g.cfgw[1]))
     for r in g.off:
         nop(sig=ld(r))
-    mov(g.one, 1)                                           # k-loop decrement (no immediates there)
 
     # ---- tile loops ----------------------------------------------------------------------
     L.mloop
@@ -357,14 +370,19 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     if s.bias:
         lookups.append(g.nbias)
     lookups += ["row"] * PF
-    mov(g.tq, g.bp)
+    if g.bks is not None:
+        mov(g.tq, g.bp)
+    row = 0
     for idx, what in enumerate(lookups):
         if idx in cfg_writes:
             mov(tmuc, g.cfgw[sorted(cfg_writes).index(idx)])
-        if what == "row":
-            mov(tmua, g.tq).add(g.tq, g.tq, g.bks)
-        else:
+        if what != "row":
             mov(tmua, what)
+        elif g.bks is not None:
+            mov(tmua, g.tq).add(g.tq, g.tq, g.bks)
+        else:                                               # row r = off[U - PF + r] past bp
+            add(tmua, g.bp, g.off[t.U - PF + row])
+        row += what == "row"
     nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0] (unifa + 4 or later)
     if s.bias:
         nop(sig=S["ldtmu"](g.tq))
@@ -386,7 +404,7 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     block = []                                              # emitters, one per instruction
     # every k-step instruction carries a register-writing signal (no flags possible there), so
     # the counter (and the B pointer advance) get one instruction of their own per block
-    block.append(lambda: sub(g.cnt, g.cnt, g.one, cond="pushz").add(g.bp, g.bp, g.bks_u))
+    block.append(lambda: sub(g.cnt, g.cnt, 1, cond="pushz").add(g.bp, g.bp, g.bks_u))
     for j in range(U):
         for si in range(R + 1):
             block.append(_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b))
@@ -606,8 +624,10 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     a_name, b_name, c_name, bias_name = names
     es_a, es_b = ITEMSIZE[s.a_dtype], ITEMSIZE[s.b_dtype]
     pack = needs_pack(s, t)
-    a_shape = (s.batch, s.M, s.K) if s.a_bstride else (s.M, s.K)
-    b_shape = ((s.batch,) if s.b_bstride else ()) + ((s.N, s.K) if s.transpose_b else (s.K, s.N))
+    batched = s.batch > 1
+    a_shape = ((s.batch,) if batched and s.a_bstride else ()) + (s.M, s.K)
+    b_shape = ((s.batch,) if batched and s.b_bstride else ()) + ((s.N, s.K) if s.transpose_b else (s.K, s.N))
+    c_shape = ((s.batch,) if batched else ()) + (s.M, s.N)
     # B: prefetch reads up to row Kpad + PF - 1 of the last batch entry, lanes up to NT*16 - 1
     b_ls = s.K * es_b if s.transpose_b else es_b
     bks = es_b if s.transpose_b else s.N * es_b
@@ -626,7 +646,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         bias = np.zeros(t.NT * 16, dtype=bias_dtype)
         bias[: s.N] = np.asarray(constants[bias_name]).reshape(-1)
         out_consts[bias_name] = bias
-    bufs.append(BufferSpec(c_name, "output", (s.batch, s.M, s.N), s.out_dtype))
+    bufs.append(BufferSpec(c_name, "output", c_shape, s.out_dtype))
     for name in (a_name, b_name):
         if name in constants:
             out_consts[name] = np.ascontiguousarray(np.asarray(constants[name]).astype(
@@ -678,3 +698,93 @@ def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None) -> np.ndar
     elif isinstance(s.activation, tuple):
         c = np.clip(c, s.activation[1], s.activation[2])
     return c.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry: "matmul"
+# ------------------------------------------------------------------------------------------------
+FLOAT_DTYPES = ("float32",)
+
+
+def shape_from_spec(spec) -> GemmShape:
+    """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side)."""
+    (ash, adt), (bsh, bdt) = spec.inputs[0], spec.inputs[1]
+    tb = bool(spec.attrs.get("transpose_b", False))
+    if len(ash) < 2 or len(bsh) < 2:
+        raise ValueError("matmul operands must be at least 2-D")
+    M, K = int(ash[-2]), int(ash[-1])
+    N, Kb = (int(bsh[-2]), int(bsh[-1])) if tb else (int(bsh[-1]), int(bsh[-2]))
+    if K != Kb:
+        raise ValueError(f"inner dimensions differ: {K} vs {Kb}")
+    ab = int(np.prod(ash[:-2], dtype=np.int64)) if len(ash) > 2 else 1
+    bb = int(np.prod(bsh[:-2], dtype=np.int64)) if len(bsh) > 2 else 1
+    if ab != bb and 1 not in (ab, bb):
+        raise ValueError(f"batch dimensions {tuple(ash[:-2])} and {tuple(bsh[:-2])} do not broadcast simply")
+    if ab == bb and len(ash) > 2 and len(bsh) > 2 and tuple(ash[:-2]) != tuple(bsh[:-2]):
+        raise ValueError("batch dimensions must match exactly")
+    batch = max(ab, bb)
+    return GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
+                     spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
+                     a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
+                     b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None)
+
+
+def supports(spec) -> tuple:
+    try:
+        s = shape_from_spec(spec)
+    except ValueError as e:
+        return False, str(e)
+    ints = (s.a_dtype in INT_DTYPES, s.b_dtype in INT_DTYPES)
+    if ints[0] != ints[1] or not ((s.a_dtype in FLOAT_DTYPES) == (s.b_dtype in FLOAT_DTYPES)):
+        return False, f"mixed operand types {s.a_dtype} x {s.b_dtype}"
+    if not all(ints) and (s.a_dtype not in FLOAT_DTYPES):
+        return False, f"dtype {s.a_dtype} not supported (float32, int8, uint8, int16, int32)"
+    want_out = "int32" if s.is_int else "float32"
+    if str(spec.output[1]) != want_out:
+        return False, f"output dtype {spec.output[1]} (the kernel produces {want_out})"
+    act = s.activation
+    if not (act is None or act == "relu" or (isinstance(act, tuple) and act[0] == "clip")):
+        return False, f"activation {act!r}"
+    try:
+        check_limits(s, choose_tiling(s))
+    except ValueError as e:
+        return False, str(e)
+    return True, "ok"
+
+
+def generate(spec, constants: dict):
+    s = shape_from_spec(spec)
+    return plan_gemm(s, constants)
+
+
+# Estimate: cycles of the busiest worker from the kernel's instruction schedule, bounded below by
+# DRAM traffic at the model's bandwidth; constants from emulator runs (256^3 .. 512^3 fp32).
+EST_TILE_OVERHEAD = 110         # instructions per tile outside the K loop (prologue, epilogue)
+EST_TMU_STALL = 350             # cycles of exposed TMU latency per tile (first rows, drain)
+EST_LAUNCH = 2000               # cycles of launch / tail per launch
+EST_PACK_PER_K = 7              # instructions per packed k-row (pack kernel loop)
+
+
+def estimate(spec) -> float:
+    from ...runtime.cycle_model import DEFAULT as T
+    s = shape_from_spec(spec)
+    t = choose_tiling(s)
+    workers = min(T.num_qpus, t.Wm * t.Wn * s.batch)
+    rounds = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn) * math.ceil(t.Wm * t.Wn * s.batch / workers)
+    per_tile = (t.Kpad // t.U) * (t.U * (t.R + 1) + 2) + EST_TILE_OVERHEAD + 2 * t.R
+    cycles = rounds * (per_tile * T.cycles_per_instruction + EST_TMU_STALL) + EST_LAUNCH
+    if needs_pack(s, t):
+        groups = s.batch * t.MT
+        cycles += EST_LAUNCH + math.ceil(groups * s.K / T.num_qpus) * EST_PACK_PER_K * T.cycles_per_instruction
+    es = ITEMSIZE[s.a_dtype]
+    traffic = s.batch * (s.M * s.K * es + s.K * s.N * ITEMSIZE[s.b_dtype] + s.M * s.N * 4)
+    cycles = max(cycles, traffic / T.dram_bytes_per_cycle)
+    return cycles / T.clock_hz
+
+
+def _register():
+    from .. import registry
+    registry.register("matmul", supports, generate, estimate)
+
+
+_register()

@@ -1,0 +1,155 @@
+"""GEMM substrate on the emulator against numpy: shapes, dtypes, edges, fused epilogues, wraps."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tvm_qpu.codegen.kernels.gemm import GemmShape, choose_tiling, plan_gemm, reference, supports
+from tvm_qpu.codegen.plan import run_plan
+from tvm_qpu.codegen.registry import OpSpec
+from tvm_qpu.runtime.device import open_device
+
+FP32_RTOL = 2e-5        # fp32 accumulation in K order vs a float64 reference, relative to sum |a||b|
+
+
+@pytest.fixture(scope="module")
+def dev():
+    d = open_device("emulator")
+    yield d
+    d.close()
+
+
+def _data(s: GemmShape, rng, lo=-100, hi=100):
+    bshape = (s.N, s.K) if s.transpose_b else (s.K, s.N)
+    if s.batch > 1:
+        ashape, bshape = (s.batch, s.M, s.K), (s.batch,) + bshape
+    else:
+        ashape = (s.M, s.K)
+    if s.is_int:
+        a = rng.integers(lo, hi, ashape).astype(s.a_dtype)
+        b = rng.integers(lo, hi, bshape).astype(s.b_dtype)
+        bias = rng.integers(-1000, 1000, s.N).astype(np.int32) if s.bias else None
+    else:
+        a = rng.standard_normal(ashape).astype(np.float32)
+        b = rng.standard_normal(bshape).astype(np.float32)
+        bias = rng.standard_normal(s.N).astype(np.float32) if s.bias else None
+    return a, b, bias
+
+
+def _run(dev, s, a, b, bias=None, b_const=False):
+    consts = {"bias": bias} if s.bias else {}
+    if b_const:
+        consts["B"] = b
+    plan = plan_gemm(s, consts)
+    inputs = {"A": a.reshape(plan.buffer("A").shape)}
+    if not b_const:
+        inputs["B"] = b.reshape(plan.buffer("B").shape)
+    out, _ = run_plan(plan, dev, **inputs)
+    return out.reshape((s.batch, s.M, s.N) if s.batch > 1 else (s.M, s.N))
+
+
+def _check(s, out, a, b, bias):
+    ref = reference(s, a, b, bias)
+    if s.is_int:
+        np.testing.assert_array_equal(out, ref)
+    else:
+        bb = np.swapaxes(b, -1, -2) if s.transpose_b else b
+        scale = np.matmul(np.abs(a).astype(np.float64), np.abs(bb).astype(np.float64)) + 1.0
+        assert np.all(np.abs(out.astype(np.float64) - ref) <= FP32_RTOL * scale), np.abs(out - ref).max()
+
+
+EDGE_SHAPES = [(1, 1, 1), (1, 16, 16), (16, 1, 16), (16, 16, 1), (2, 3, 5), (7, 11, 13), (16, 16, 16),
+               (17, 17, 17), (31, 33, 9), (64, 48, 40), (1, 100, 37), (97, 5, 3)]
+
+
+@pytest.mark.parametrize("M,N,K", EDGE_SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int16", "int32"])
+def test_edge_shapes(dev, M, N, K, dtype):
+    s = GemmShape(M, N, K, a_dtype=dtype, b_dtype=dtype)
+    a, b, bias = _data(s, np.random.default_rng(M * 131 + N * 7 + K))
+    _check(s, _run(dev, s, a, b), a, b, bias)
+
+
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(1, 40), N=st.integers(1, 40), K=st.integers(1, 70), batch=st.integers(1, 3),
+       dtype=st.sampled_from(["float32", "int8", "uint8", "int16", "int32"]), tb=st.booleans(),
+       bias=st.booleans(), act=st.sampled_from([None, "relu", ("clip", -3, 5)]), seed=st.integers(0, 99))
+def test_random_shapes(dev, M, N, K, batch, dtype, tb, bias, act, seed):
+    s = GemmShape(M, N, K, batch, dtype, dtype, tb, bias, act)
+    lo = 0 if dtype == "uint8" else -100
+    a, b, bias_v = _data(s, np.random.default_rng(seed), lo=lo)
+    _check(s, _run(dev, s, a, b, bias_v), a, b, bias_v)
+
+
+def test_mixed_integer_operands(dev):
+    s = GemmShape(19, 23, 29, a_dtype="uint8", b_dtype="int8", bias=True)
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (19, 29)).astype(np.uint8)
+    b = rng.integers(-128, 128, (29, 23)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, 23).astype(np.int32)
+    _check(s, _run(dev, s, a, b, bias), a, b, bias)
+
+
+def test_weights_as_constants(dev):
+    s = GemmShape(5, 40, 33, bias=True, activation="relu")
+    a, b, bias = _data(s, np.random.default_rng(2))
+    _check(s, _run(dev, s, a, b, bias, b_const=True), a, b, bias)
+
+
+def test_int32_accumulation_wraps_like_int32(dev):
+    # products of 24-bit operands overflow int32 after a few terms: results wrap modulo 2**32
+    s = GemmShape(16, 16, 64, a_dtype="int32", b_dtype="int32")
+    rng = np.random.default_rng(3)
+    a = rng.integers(-(1 << 23), 1 << 23, (16, 64)).astype(np.int32)
+    b = rng.integers(-(1 << 23), 1 << 23, (64, 16)).astype(np.int32)
+    out = _run(dev, s, a, b)
+    wrapped = (a.astype(np.int64) @ b.astype(np.int64) + (1 << 31)) % (1 << 32) - (1 << 31)
+    assert np.any(np.abs(a.astype(np.int64) @ b.astype(np.int64)) > (1 << 31))     # it did overflow
+    np.testing.assert_array_equal(out, wrapped.astype(np.int32))
+
+
+def test_int16_extremes(dev):
+    s = GemmShape(8, 20, 40, a_dtype="int16", b_dtype="int16")
+    a = np.full((8, 40), -32768, np.int16)
+    b = np.full((40, 20), 32767, np.int16)
+    b[::2] = -32768
+    _check(s, _run(dev, s, a, b), a, b, None)
+
+
+def test_nan_and_inf_propagate(dev):
+    s = GemmShape(20, 20, 24)
+    a, b, _ = _data(s, np.random.default_rng(4))
+    a[3, 5] = np.nan
+    a[7, 0] = np.inf
+    b[2, 9] = -np.inf
+    out = _run(dev, s, a, b)
+    with np.errstate(invalid="ignore"):
+        ref = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(out), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(out), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    assert np.allclose(out[fin], ref[fin], rtol=1e-4, atol=1e-4)
+
+
+def test_large_tiles_use_all_qpus(dev):
+    s = GemmShape(96, 128, 32)
+    t = choose_tiling(s)
+    assert t.Wm * t.Wn == 12
+    a, b, _ = _data(s, np.random.default_rng(5))
+    plan = plan_gemm(s)
+    out, stats = run_plan(plan, dev, A=a, B=b)
+    _check(s, out.reshape(96, 128), a, b, None)
+    busy = [c for c in stats[-1].per_qpu_cycles if c > 0]
+    assert len(busy) == 12
+
+
+@pytest.mark.parametrize("spec,reason", [
+    (OpSpec("matmul", [((4, 8), "float32"), ((8, 3), "int8")], ((4, 3), "float32")), "mixed"),
+    (OpSpec("matmul", [((4, 8), "float64"), ((8, 3), "float64")], ((4, 3), "float64")), "float64"),
+    (OpSpec("matmul", [((4, 8), "int8"), ((8, 3), "int8")], ((4, 3), "int8")), "output dtype"),
+    (OpSpec("matmul", [((2, 4, 8), "float32"), ((3, 8, 3), "float32")], ((2, 4, 3), "float32")), "broadcast"),
+    (OpSpec("matmul", [((4, 8), "float32"), ((9, 3), "float32")], ((4, 3), "float32")), "inner"),
+])
+def test_supports_refuses_with_reason(spec, reason):
+    ok, why = supports(spec)
+    assert not ok and reason in why, why
