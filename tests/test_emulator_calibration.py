@@ -190,7 +190,26 @@ def test_numba_cache_is_used_across_processes():
     assert hits >= 1 and misses == 0
 
 
+def test_numba_cache_dir_fallback_logic(monkeypatch, tmp_path):
+    """When the package directory is not writable and NUMBA_CACHE_DIR is unset, the cache goes
+    to $XDG_CACHE_HOME/tvm_qpu/numba, else to a per-user temp directory."""
+    from tvm_qpu.runtime import emu_core
+    here = os.path.dirname(emu_core.__file__)
+    monkeypatch.setattr(emu_core._numba_config, "CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    real = emu_core._dir_writable
+    monkeypatch.setattr(emu_core, "_dir_writable", lambda p: not p.startswith(here) and real(p))
+    assert emu_core.ensure_numba_cache_dir() == str(tmp_path / "xdg" / "tvm_qpu" / "numba")
+    assert emu_core._numba_config.CACHE_DIR == str(tmp_path / "xdg" / "tvm_qpu" / "numba")
+    monkeypatch.setattr(emu_core._numba_config, "CACHE_DIR", "")
+    monkeypatch.setattr(emu_core, "_dir_writable", lambda p: "tvm_qpu-numba-" in p and real(p))
+    assert "tvm_qpu-numba-" in emu_core.ensure_numba_cache_dir()
+    monkeypatch.setattr(emu_core._numba_config, "CACHE_DIR", "/some/where")
+    assert emu_core.ensure_numba_cache_dir() == "/some/where"        # the user's choice wins
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores read-only permissions")
 def test_numba_cache_for_read_only_install(tmp_path):
     """Installed read-only: the cache falls back to $XDG_CACHE_HOME/tvm_qpu/numba."""
     import shutil
