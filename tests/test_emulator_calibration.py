@@ -241,3 +241,49 @@ def test_numba_cache_for_read_only_install(tmp_path):
         assert o.returncode == 0, o.stderr
     where, hits = outs[1].stdout.split()
     assert where == str(cache / "tvm_qpu" / "numba") and int(hits) >= 1
+
+
+def _loads_then_work(n_loads, n_work):
+    def k():
+        nop(sig=ldunifrf(RF[10]))
+        A.eidx(RF[11])
+        A.shl(RF[11], RF[11], 2)
+        A.add(RF[10], RF[10], RF[11])
+        for _ in range(n_loads):
+            A.mov(A.tmua, RF[10])
+        for _ in range(n_work):
+            A.add(RF[12], RF[12], 1)
+        for _ in range(n_loads):
+            nop(sig=ldtmu(RF[13]))
+        K.end_program()
+    return k
+
+
+def test_ldtmu_stalls_until_data_and_work_overlaps_latency(dev):
+    buf = dev.alloc(64)
+    res = {}
+    for work in (0, 10, 60):
+        prog = dev.load_program(assemble_fn(_loads_then_work(1, work)), "ldtmu")
+        st = dev.execute(prog, [buf.addr], num_qpus=1)
+        res[work] = st
+        dev.free(prog.buffer)
+    lat = cycle_model.DEFAULT.tmu_latency
+    assert res[0].stall_cycles >= lat - 8
+    assert res[10].stall_cycles == res[0].stall_cycles - 40       # 10 instructions hid 40 cycles
+    assert res[60].stall_cycles == 0
+    assert res[60].cycles == 4 * res[60].instructions
+    dev.free(buf)
+
+
+def test_request_queue_depth_stalls_issue(dev):
+    """The 9th lookup in flight waits for the first to complete (queue depth 8)."""
+    buf = dev.alloc(64)
+    t = {}
+    for n in (8, 9):
+        prog = dev.load_program(assemble_fn(_loads_then_work(n, 0)), "queue")
+        st = dev.execute(prog, [buf.addr], num_qpus=1)
+        t[n] = st
+        dev.free(prog.buffer)
+    # issuing the 9th lookup stalled (the last result is ready much later than one more issue)
+    assert t[9].cycles - t[8].cycles > cycle_model.DEFAULT.tmu_latency / 2
+    dev.free(buf)
