@@ -88,7 +88,7 @@ class TimingModel:
         p[C.PR_MEM_BPC] = self.dram_bytes_per_cycle
         p[C.PR_TMU_CPL] = self.tmu_cycles_per_line
         p[C.PR_REQ_DEPTH] = min(self.request_queue_depth, C.REQ_RING)
-        p[C.PR_FIFO_WORDS] = self.fifo_words // threads
+        p[C.PR_FIFO_WORDS] = min(self.fifo_words // threads, C.FIFO_CAP)
         p[C.PR_LINE] = self.line_bytes
         p[C.PR_THREADS] = threads
         p[C.PR_QUANTUM] = self.quantum
