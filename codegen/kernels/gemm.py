@@ -80,6 +80,15 @@ class GemmShape:
     num_qpus: int = 12
     a_batch_stride_elems: int | None = None   # default M*K (0: A broadcast over the batch)
     b_batch_stride_elems: int | None = None   # default K*N (0: B broadcast over the batch)
+    #: "n": bias[n] per column (dense layers); "m": bias[m] per row, broadcast through unifa
+    #: (convolution: one bias per output channel), with ``bias_batch_stride`` elements per z
+    bias_axis: str = "n"
+    bias_batch_stride: int = 0
+    #: implicit operands (convolution): lane n of B starts at table[n] bytes past the B data of
+    #: batch z; a block of U k-steps advances by ``b_block[0]`` bytes and k-step i of a block
+    #: sits ``b_block[1][i]`` bytes past the block (None: row-major / transposed B)
+    b_table: bool = False
+    b_block: tuple | None = None
 
     @property
     def is_int(self) -> bool:
@@ -124,7 +133,7 @@ def _worker_grid(MT: int, NT: int, W: int):
 
 def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
-    base = 28 + (1 if U < PF else 0)
+    base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
         + (3 if s.b_dtype in SMALL_INT else 0)
     return base + extra + U + 5 + R
@@ -132,6 +141,18 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
 
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     R = min(16, s.M)
+    if s.b_block is not None:
+        U = len(s.b_block[1])
+        if s.K % U:
+            raise ValueError(f"K={s.K} is not a multiple of the block of {U} k-steps")
+        if s.b_dtype in SMALL_INT and U % 4:
+            raise ValueError("8/16-bit implicit operands need blocks of a multiple of 4 k-steps")
+        PF = min(PF, U)
+        while _registers_needed(s, R, U, PF) > 64 and R > 1:
+            R -= 1
+        MT, NT = -(-s.M // R), -(-s.N // 16)
+        Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
+        return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn)
     if s.b_dtype in SMALL_INT:
         U = 8 if s.K > 32 else 4                    # one tmuc word serves 4 lookups: U % 4 == 0
     elif s.is_int or (not s.transpose_b and s.batch == 1):
@@ -172,12 +193,13 @@ class GemmRegs:
     def __init__(self, s: GemmShape, t: GemmTiling):
         p = _Pool()
         for name in ("lane", "a_ptr", "a_mstep", "b_ptr", "b_nstep", "bks_u", "c_ptr", "c_mstep",
-                     "c_nstep", "crs", "MT", "NT", "Wm", "Wn", "mt", "nt", "mrem", "mrem_step",
+                     "c_nstep", "crs", "mt", "nt", "mrem", "mrem_step",
                      "nrem", "nrem_step", "kblocks", "bp", "cp", "cnt", "tq", "nb", "nc", "nn"):
             setattr(self, name, p.take())
         self.bks = p.take() if t.U < t.PF else None      # prologue row walk (else via off[])
-        self.bias_ptr = p.take() if s.bias else None
-        self.nbias = p.take() if s.bias else None
+        self.bias_ptr = p.take() if s.bias else None    # n-axis: per worker; m-axis: per m-tile
+        self.nbias = p.take() if s.bias else None       # n-axis: per n-tile; m-axis: m step
+        self.bzb = p.take() if s.b_table else None      # B data base of this batch entry
         clip = isinstance(s.activation, tuple)
         self.lo, self.hi = (p.take(), p.take()) if clip else (None, None)
         small_b = s.b_dtype in SMALL_INT
@@ -202,18 +224,26 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         a_bs = t.MT * a_tile
     else:                                       # M == 1: A itself is the panel
         a_bs = s.a_bstride * 4
-    b_ls = s.K * es_b if s.transpose_b else es_b
-    bks = es_b if s.transpose_b else s.N * es_b
-    b_tile = 16 * b_ls
+    bks_u, taps = block_offsets(s, t)
     c_tile = t.R * s.N * 4
+    if s.b_table:                               # B lane bases come from the table b_name + "_table"
+        b_ls, b_bs = 4, 0
+        b_addr = ("addr", b_name + "_table", 0)
+    else:
+        b_ls = s.K * es_b if s.transpose_b else es_b
+        b_bs = s.b_bstride * es_b
+        b_addr = ("addr", b_name, 0)
+    b_tile = 16 * b_ls
     u = [("addr", a_name, 0), ("u32", a_bs), ("u32", a_tile), ("u32", t.Wm * a_tile),
-         ("addr", b_name, 0), ("u32", s.b_bstride * es_b), ("u32", b_ls), ("u32", b_tile),
-         ("u32", t.Wn * b_tile)] + ([("u32", bks)] if t.U < t.PF else []) + [("u32", t.U * bks),
-         ("addr", c_name, 0), ("u32", s.M * s.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
-         ("u32", t.Wn * 64), ("u32", s.N * 4)]
-    if s.bias:
+         b_addr, ("u32", b_bs), ("u32", b_ls), ("u32", b_tile), ("u32", t.Wn * b_tile)]
+    if s.b_table:
+        u += [("addr", b_name, 0), ("u32", s.b_bstride * es_b)]
+    u += ([("u32", taps[1] - taps[0])] if t.U < t.PF else []) + [("u32", bks_u),
+          ("addr", c_name, 0), ("u32", s.M * s.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
+          ("u32", t.Wn * 64), ("u32", s.N * 4)]
+    if s.bias and s.bias_axis == "n":
         u.append(("addr", bias_name, 0))
-    u += [("u32", t.MT), ("u32", t.NT), ("u32", t.Wm), ("u32", t.Wn), ("u32", s.M), ("u32", t.R),
+    u += [("u32", s.M), ("u32", t.R),
           ("u32", t.Wm * t.R), ("u32", s.N), ("u32", t.Wn * 16), ("u32", t.Kpad // t.U)]
     if isinstance(s.activation, tuple):
         kind = "u32" if s.is_int else "f32"
@@ -222,15 +252,28 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         words = _prologue_config_words(s, t)
         u.append(("u32", config_word([s.b_dtype] * 4)))
         u += [("u32", w) for _, w in words] + [("u32", 0)] * (2 - len(words))
-    for j in range(t.U):                                    # bp already advanced by U rows
-        u.append(("u32", ((j + t.PF - t.U) * bks) & 0xFFFFFFFF))
+    for j in range(t.U):        # issue at k-step j fetches k-step j + PF; bp already advanced
+        q, r = divmod(j + t.PF, t.U)
+        u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
+    if s.bias and s.bias_axis == "m":
+        u += [("addr", bias_name, 0), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
+              ("u32", t.Wm * t.R * 4)]
     return u
+
+
+def block_offsets(s: GemmShape, t: GemmTiling):
+    """(bytes a block of U k-steps advances B, byte offset of each k-step within a block)."""
+    if s.b_block is not None:
+        return int(s.b_block[0]), [int(v) for v in s.b_block[1]]
+    es_b = ITEMSIZE[s.b_dtype]
+    bks = es_b if s.transpose_b else s.N * es_b
+    return t.U * bks, [i * bks for i in range(t.U)]
 
 
 def _prologue_config_words(s: GemmShape, t: GemmTiling):
     """(lookup index, word) tmuc writes in the tile prologue so that the prologue lookups and
     the loop's first two issues are configured (the loop rewrites tmuc at k-steps 2, 6, ...)."""
-    kinds = (["int32"] if s.bias else []) + [s.b_dtype] * (t.PF + 2)
+    kinds = (["int32"] if s.bias and s.bias_axis == "n" else []) + [s.b_dtype] * (t.PF + 2)
     n_pro = len(kinds) - 2
     positions = sorted(set(list(range(0, max(n_pro - 2, 1), 4)) + [n_pro - 2]))
     return [(p, config_word(kinds[p:p + 4])) for p in positions]
@@ -263,6 +306,11 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
     mov(g.cp, RF[3].unpack("ul"))                           # wn
     umul24(tmp, tmp, g.cp)
     add(g.b_ptr, g.b_ptr, tmp, sig=ld(g.b_nstep))
+    if s.b_table:
+        nop(sig=ld(g.bzb))                                  # B data base
+        nop(sig=ld(tmp))                                    # B data batch stride
+        umul24(tmp, tmp, g.mt)
+        add(g.bzb, g.bzb, tmp)
     if g.bks is not None:
         nop(sig=ld(g.bks))
     nop(sig=ld(g.bks_u))
@@ -278,14 +326,10 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
     add(g.c_ptr, g.c_ptr, tmp, sig=ld(g.crs))
     shl(g.bp, g.lane, 2)                                    # 4 * lane
     add(g.c_ptr, g.c_ptr, g.bp)
-    if s.bias:
+    if s.bias and s.bias_axis == "n":
         add(tmp, tmp, g.bp, sig=ld(g.bias_ptr))             # 64 * wn + 4 * lane
         add(g.bias_ptr, g.bias_ptr, tmp)
 
-    nop(sig=ld(g.MT))
-    nop(sig=ld(g.NT))
-    nop(sig=ld(g.Wm))
-    nop(sig=ld(g.Wn))
     nop(sig=ld(g.mrem))                                     # M
     mov(g.mt, g.nt, sig=ld(tmp))                            # mt = wm ; tmp = R
     umul24(tmp, tmp, g.mt)
@@ -303,45 +347,53 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         nop(sig=ld(g.cfgw[1]))
     for r in g.off:
         nop(sig=ld(r))
+    if s.bias and s.bias_axis == "m":                       # bias + z * bs + wm * R * 4
+        nop(sig=ld(g.bias_ptr))
+        mov(g.cp, RF[2].unpack("ul"), sig=ld(tmp))          # z ; bias batch stride
+        umul24(tmp, tmp, g.cp)
+        add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(tmp))       # tmp = R * 4
+        umul24(tmp, tmp, g.mt)                              # mt == wm before the loops
+        add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(g.nbias))   # nbias = Wm * R * 4 (m step)
 
     # ---- tile loops ----------------------------------------------------------------------
+    # loops run while rows / columns remain (mrem = M - mt*R, nn = N - nt*16)
     L.mloop
-    sub(null, g.mt, g.MT, cond="pushn")                     # A = mt < MT
-    b(R_.done, cond="anyna")
-    mov(g.nt, RF[3].unpack("ul"))                           # (delay slots) nt = wn
-    mov(g.nb, g.b_ptr)
+    sub(null, g.mrem, 1, cond="pushn")                      # A = no rows left
+    b(R_.done, cond="anya")
+    mov(g.nb, g.b_ptr)                                      # (delay slots)
     mov(g.nc, g.c_ptr)
     mov(g.nn, g.nrem)
-    if s.bias:
+    if s.bias and s.bias_axis == "n":
         mov(g.nbias, g.bias_ptr)
 
     L.nloop
-    sub(null, g.nt, g.NT, cond="pushn")                     # A = nt < NT
-    b(R_.mnext, cond="anyna")
+    sub(null, g.nn, 1, cond="pushn")                        # A = no columns left
+    b(R_.mnext, cond="anya")
     nop()
     nop()
     nop()
 
     _tile(s, t, g)
 
-    add(g.nt, g.nt, g.Wn)
     add(g.nb, g.nb, g.b_nstep)
     add(g.nc, g.nc, g.c_nstep)
     b(R_.nloop, cond="always")
     sub(g.nn, g.nn, g.nrem_step)
-    if s.bias:
+    if s.bias and s.bias_axis == "n":
         add(g.nbias, g.nbias, g.c_nstep)
     else:
         nop()
     nop()
 
     L.mnext
-    add(g.mt, g.mt, g.Wm)
     add(g.a_ptr, g.a_ptr, g.a_mstep)
     b(R_.mloop, cond="always")
     add(g.c_ptr, g.c_ptr, g.c_mstep)
     sub(g.mrem, g.mrem, g.mrem_step)
-    nop()
+    if s.bias and s.bias_axis == "m":
+        add(g.bias_ptr, g.bias_ptr, g.nbias)
+    else:
+        nop()
 
     L.done
     tmuwt()
@@ -362,40 +414,63 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     mul, acc_add = _mul(s), _acc_add(s)
     small_b = s.b_dtype in SMALL_INT
 
-    # ---- tile prologue: A stream, prefetch of B rows 0..PF-1 (bias first in the FIFO) ----
-    mov(unifa, g.a_ptr)
-    mov(g.bp, g.nb)
+    # ---- tile prologue: bias, A stream, B rows 0..PF-1 in flight ----------------------------
+    bias_m = s.bias and s.bias_axis == "m"
+    prog = _current()
+    unifa_pc = len(prog.items)
+    mov(unifa, g.bias_ptr if bias_m else g.a_ptr)           # per-row bias first, then the panel
+    if s.b_table:                                           # lane bases of this column tile
+        mov(tmua, g.nb)
+        nop(sig=S["ldtmu"](g.tq))
+        add(g.bp, g.bzb, g.tq)
+    else:
+        mov(g.bp, g.nb)
     cfg_writes = dict(_prologue_config_words(s, t)) if small_b else {}
-    lookups = []
-    if s.bias:
-        lookups.append(g.nbias)
-    lookups += ["row"] * PF
+    lookups = ([g.nbias] if s.bias and not bias_m else []) + ["row"] * PF
     if g.bks is not None:
         mov(g.tq, g.bp)
+    # signals to attach to the prefetch instructions: the per-row bias values (after the unifa
+    # latency), then nothing; signals never share an instruction with a small immediate.
+    pending = [g.acc[i] for i in range(R)] if bias_m else []
+
+    def sig_for_next():
+        if pending and len(prog.items) - unifa_pc >= 4:
+            return S["ldunifarf"](pending.pop(0))
+        return None
+
     row = 0
     for idx, what in enumerate(lookups):
         if idx in cfg_writes:
-            mov(tmuc, g.cfgw[sorted(cfg_writes).index(idx)])
+            mov(tmuc, g.cfgw[sorted(cfg_writes).index(idx)], sig=sig_for_next())
         if what != "row":
-            mov(tmua, what)
+            mov(tmua, what, sig=sig_for_next())
         elif g.bks is not None:
-            mov(tmua, g.tq).add(g.tq, g.tq, g.bks)
+            mov(tmua, g.tq, sig=sig_for_next()).add(g.tq, g.tq, g.bks)
         else:                                               # row r = off[U - PF + r] past bp
-            add(tmua, g.bp, g.off[t.U - PF + row])
+            add(tmua, g.bp, g.off[t.U - PF + row], sig=sig_for_next())
         row += what == "row"
-    nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0] (unifa + 4 or later)
-    if s.bias:
+    while pending:
+        sig = sig_for_next()
+        nop(sig=sig)
+    if bias_m:
+        unifa_pc = len(prog.items)
+        mov(unifa, g.a_ptr)
+    if s.bias and not bias_m:
         nop(sig=S["ldtmu"](g.tq))
-    for i in range(0, R, 2):                                # acc = bias row, or 0 (x - x)
-        pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
-        if s.bias:
-            ins = mov(pair[0], g.tq)
-            if len(pair) > 1:
-                ins.mov(pair[1], g.tq)
-        else:
-            ins = sub(pair[0], pair[0], pair[0])
-            if len(pair) > 1:
-                ins.sub(pair[1], pair[1], pair[1])
+    if not bias_m:
+        for i in range(0, R, 2):                            # acc = bias row, or 0 (x - x)
+            pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
+            if s.bias:
+                ins = mov(pair[0], g.tq)
+                if len(pair) > 1:
+                    ins.mov(pair[1], g.tq)
+            else:
+                ins = sub(pair[0], pair[0], pair[0])
+                if len(pair) > 1:
+                    ins.sub(pair[1], pair[1], pair[1])
+    while len(prog.items) - unifa_pc < 4:
+        nop()
+    nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0]
     mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))             # B row 0
 
     # ---- K loop --------------------------------------------------------------------------
