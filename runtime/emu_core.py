@@ -94,7 +94,6 @@ OP_FIRST_UNSUPPORTED = OP_ID["flapush"]
  OP_RECIP, OP_RSQRT, OP_RSQRT2, OP_EXP, OP_LOG, OP_SIN, OP_BALLOT, OP_BCASTF, OP_ALLEQ,
  OP_ALLFEQ, OP_FROUND, OP_FTRUNC, OP_FFLOOR, OP_FCEIL, OP_FTOIN, OP_FTOIZ, OP_FTOUZ, OP_ITOF,
  OP_UTOF, OP_FDX, OP_FDY) = range(OP_FIRST_UNSUPPORTED)
-OP_MULTOP_UNSUPPORTED = OP_MULTOP   # multop's hidden rtop register is not modelled
 
 # unpack codes (normalised over the f32 / f16 / int schemes of isa.py)
 U_NONE, U_ABS, U_L, U_H, U_SAT, U_NSAT, U_MAX0, U_R32, U_RL2H, U_RH2L, U_SWAP, U_UL, U_UH, U_IL, U_IH = range(15)
@@ -121,8 +120,8 @@ NF = 24
 # per-context integer state columns (``ist``)
 (ST_STATE, ST_PC, ST_UNIF, ST_UNIFA, ST_LINK, ST_TMUCFG, ST_NDATA, ST_THR_CNT, ST_LAST, ST_END_CNT,
  ST_BR_CNT, ST_BR_TARGET, ST_BR_UNIF, ST_BR_UNIF_SET, ST_FIFO_HEAD, ST_FIFO_COUNT, ST_FIFO_WORDS,
- ST_BARRIER_PEND, ST_WG, ST_SLOT, ST_INSTRS) = range(21)
-NIST = 21
+ ST_BARRIER_PEND, ST_WG, ST_SLOT, ST_INSTRS, ST_RTOP_SET) = range(22)
+NIST = 22
 # per-context float state (``fst``): times in QPU cycles
 FT_READY, FT_STORE_DONE, FT_LOAD_DONE, FT_BARRIER_ARRIVE = range(4)
 NFST = 4
@@ -712,7 +711,7 @@ def _l2_access(tags, lru, gst, line, nsets, nways):
 @njit(cache=True)
 def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs, fla, flb, ist,
         fst, tmud, fifo, fifo_t, qclock, qcur, qtmu_free, qreq, qreq_head, gst, prm, stats,
-        qstats, fault, l2_tags, l2_lru, wg_dims, num_qpus, threads, reg_share, budget):
+        qstats, fault, l2_tags, l2_lru, wg_dims, num_qpus, threads, reg_share, budget, rtop):
     """Run the dispatch until every workgroup has ended, or a fault. Returns the fault code
     (0 on success); ``fault`` then holds [code, ctx, pc, a, b]."""
     mem_size = np.int64(mem8.shape[0])
@@ -896,7 +895,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                 for alu in range(2):
                     base = ADD_BASE if alu == 0 else MUL_BASE
                     op = row[base + OP]
-                    if op >= OP_FIRST_UNSUPPORTED or op == OP_MULTOP:
+                    if op >= OP_FIRST_UNSUPPORTED:
                         fault[0] = FLT_UNSUPPORTED_OP
                         fault[1] = ctx
                         fault[2] = pc
@@ -959,6 +958,24 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                         for l in range(16):
                             scratch[rr, l] = scratch[ia, l]
                             carry[alu, l] = 0
+                    elif op == OP_MULTOP:
+                        # multop leaves the high part of a * b in the hidden rtop register; the
+                        # next umul24 adds it, giving the full 32-bit product (Mesa vir_UMUL)
+                        for l in range(16):
+                            x = np.int64(scratch[ia, l])
+                            y = np.int64(scratch[ib, l])
+                            full = (x * y) & 0xFFFFFFFF
+                            low = ((x & 0xFFFFFF) * (y & 0xFFFFFF)) & 0xFFFFFFFF
+                            rtop[ctx, l] = np.uint32((full - low) & 0xFFFFFFFF)
+                            scratch[rr, l] = rtop[ctx, l]
+                            carry[alu, l] = 0
+                        ist[ctx, ST_RTOP_SET] = 1
+                    elif op == OP_UMUL24 and ist[ctx, ST_RTOP_SET] == 1:
+                        for l in range(16):
+                            v = (np.int64(scratch[ia, l]) & 0xFFFFFF) * (np.int64(scratch[ib, l]) & 0xFFFFFF)
+                            scratch[rr, l] = np.uint32((v + np.int64(rtop[ctx, l])) & 0xFFFFFFFF)
+                            carry[alu, l] = 0
+                        ist[ctx, ST_RTOP_SET] = 0
                     elif op == OP_SHUFFLE:
                         for l in range(16):
                             scratch[rr, l] = scratch[ia, scratch[ib, l] & np.uint32(15)]

@@ -276,7 +276,8 @@ class EmulatorDevice(Device):
         code = run(prog.table, self._mem, self._mem32, self._page_ok, ARENA_BASE, program.addr,
                    unif_addr, regs, regs.view(np.float32), fla, flb, ist, fst, tmud, fifo, fifo_t,
                    qclock, qcur, qtmu, qreq, qreq_head, gst, prm, stats, qstats, fault, l2_tags,
-                   l2_lru, wg_dims, nq, threads, reg_share, int(budget))
+                   l2_lru, wg_dims, nq, threads, reg_share, int(budget),
+                   np.zeros((nctx, 16), dtype=np.uint32))
         if code != 0:
             raise self._fault(code, fault, ist, prog, program)
         cycles = int(np.ceil(qclock.max())) if nq else 0

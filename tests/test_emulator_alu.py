@@ -447,3 +447,17 @@ def test_reads_see_values_before_the_instruction():
     got = run_body(body, [a, b], n_out=2)
     check_int(got[0], b)
     check_int(got[1], a)
+
+
+@settings(max_examples=10, deadline=None)
+@given(a=u32_arrays, b=u32_arrays)
+def test_multop_umul24_is_a_full_32bit_multiply(a, b):
+    """Mesa vir_UMUL = multop then umul24: the pair gives the low 32 bits of a * b; a umul24
+    without a preceding multop stays a 24-bit multiply."""
+    def body():
+        nop().multop(A.null, a_, b_)
+        nop().umul24(OUT_REGS[0], a_, b_)
+        nop().umul24(OUT_REGS[1], a_, b_)
+    got = run_body(body, [a, b], n_out=2)
+    check_int(got[0], (u64(a) * u64(b)) & M)
+    check_int(got[1], MUL_INT_BINARY["umul24"](a, b))
