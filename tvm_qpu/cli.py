@@ -10,7 +10,9 @@
     tvmc partition model.onnx [--qpu-placement ...] [--explain]
 
 Errors are one line on stderr (``tvmc: error: ...``) and exit status 1 (2 for bad usage).
-``--rpc-key/--rpc-tracker/--hostname/--port`` are reserved for remote runs (not implemented yet).
+``tvmc run`` runs remotely over TVM RPC with ``--rpc-key K --rpc-tracker HOST:PORT`` (a tracker) or
+``--hostname H [--port P]`` (one server); ``--device`` is then the remote's device. ``--rpc-timeout S``
+bounds finding a server (default 60 s). See docs/rpc.md and :mod:`tvm_qpu.rpc`.
 """
 from __future__ import annotations
 
@@ -52,12 +54,33 @@ def parse_input_shapes(text: str | None) -> dict | None:
     return shapes
 
 
-def _add_rpc(p):
-    g = p.add_argument_group("remote (reserved, not implemented yet)")
-    g.add_argument("--rpc-key")
-    g.add_argument("--rpc-tracker")
-    g.add_argument("--hostname")
-    g.add_argument("--port", type=int)
+def _add_rpc(p, remote_run=False):
+    if not remote_run:
+        g = p.add_argument_group("remote (reserved, not implemented for this command)")
+        g.add_argument("--rpc-key")
+        g.add_argument("--rpc-tracker")
+        g.add_argument("--hostname")
+        g.add_argument("--port", type=int)
+        return
+    g = p.add_argument_group("remote execution over TVM RPC (docs/rpc.md)")
+    g.add_argument("--rpc-key", help="key of the remote servers in the tracker, e.g. pi5")
+    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker address, e.g. 192.168.1.10:9190")
+    g.add_argument("--hostname", help="one RPC server's host (no tracker)")
+    g.add_argument("--port", type=int, help="that server's port (default 9090)")
+    g.add_argument("--rpc-timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up finding a (free) remote server after this long (default 60)")
+
+
+def _remote_spec(args):
+    """A tvm_qpu.rpc.RemoteSpec if any remote flag is given, else None (run locally)."""
+    flags = (args.rpc_key, args.rpc_tracker, args.hostname, args.port)
+    if all(v is None for v in flags):
+        if args.rpc_timeout is not None:
+            raise CliError("--rpc-timeout applies to remote runs only (--rpc-tracker or --hostname)")
+        return None
+    from tvm_qpu.rpc import DEFAULT_TIMEOUT, make_spec
+    timeout = DEFAULT_TIMEOUT if args.rpc_timeout is None else args.rpc_timeout
+    return make_spec(args.rpc_key, args.rpc_tracker, args.hostname, args.port, timeout)
 
 
 def _reject_rpc(args):
@@ -91,8 +114,9 @@ def build_parser():
     r.add_argument("--print-top", type=int, metavar="N", help="print the top N entries of each output")
     r.add_argument("--profile", action="store_true", help="per-region modelled QPU time and host time")
     r.add_argument("--repeat", type=int, default=10, help="runs for --print-time / --profile")
-    r.add_argument("--device", default="auto", choices=("auto", "emulator", "v3d"))
-    _add_rpc(r)
+    r.add_argument("--device", default="auto", choices=("auto", "emulator", "v3d"),
+                   help="QPU device (on the remote machine for remote runs)")
+    _add_rpc(r, remote_run=True)
 
     p = sub.add_parser("partition", help="show which ops go to the QPU, and why the others stay")
     p.add_argument("model")
@@ -134,8 +158,12 @@ def _load_inputs(path):
 def _cmd_run(args):
     import numpy as np
     import tvm_qpu
-    _reject_rpc(args)
-    runner = tvm_qpu.load(args.artifact, device=args.device)
+    spec = _remote_spec(args)
+    if spec is None:
+        runner = tvm_qpu.load(args.artifact, device=args.device)
+    else:
+        from tvm_qpu.rpc import load_remote
+        runner = load_remote(args.artifact, spec, device=args.device)
     try:
         inputs = _load_inputs(args.inputs) if args.inputs else runner.fill_inputs(args.fill_mode)
         outs = runner.run(**inputs)
@@ -201,7 +229,8 @@ def main(argv=None) -> int:
         from importlib import import_module
         known = (CliError,)
         for mod, name in (("tvm_qpu.backend", "QpuError"), ("tvm_qpu.artifact", "ArtifactError"),
-                          ("tvm_qpu.runtime.device", "DeviceError")):
+                          ("tvm_qpu.runtime.device", "DeviceError"),
+                          ("tvm_qpu.rpc", "RemoteError")):
             try:
                 known += (getattr(import_module(mod), name),)
             except Exception:
