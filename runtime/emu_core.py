@@ -75,12 +75,12 @@ OP_NAMES = (
     "vsub", "quad_rotate", "rotate", "shuffle", "tidx", "eidx", "lr", "vfla", "vflna", "vflb",
     "vflnb", "flafirst", "flnafirst", "barrierid", "tmuwt", "recip", "rsqrt", "rsqrt2", "exp",
     "log", "sin", "ballot", "bcastf", "alleq", "allfeq", "fround", "ftrunc", "ffloor", "fceil",
-    "ftoin", "ftoiz", "ftouz", "itof", "utof", "fdx", "fdy",
+    "ftoin", "ftoiz", "ftouz", "itof", "utof", "fdx", "fdy", "vpack", "v8pack", "v10pack",
+    "ftounorm16", "vftounorm8",
     # ops the emulator does not implement (they fault with a clear message):
     "flapush", "flbpush", "flpop", "setmsf", "setrevf", "msf", "revf", "xcd", "ycd", "fxcd",
     "fycd", "iid", "sampid", "vpmwt", "ldvpmv_in", "ldvpmd_in", "ldvpmp", "ldvpmg_in", "ftoc",
-    "vpack", "v8pack", "v10pack", "v11fpack", "ftounorm16", "ftosnorm16", "vftounorm8",
-    "vftosnorm8", "vftounorm10lo", "vftounorm10hi",
+    "v11fpack", "ftosnorm16", "vftosnorm8", "vftounorm10lo", "vftounorm10hi",
 )
 OP_ID = {n: i for i, n in enumerate(OP_NAMES)}
 #: first op id that the emulator refuses to execute
@@ -93,7 +93,8 @@ OP_FIRST_UNSUPPORTED = OP_ID["flapush"]
  OP_LR, OP_VFLA, OP_VFLNA, OP_VFLB, OP_VFLNB, OP_FLAFIRST, OP_FLNAFIRST, OP_BARRIERID, OP_TMUWT,
  OP_RECIP, OP_RSQRT, OP_RSQRT2, OP_EXP, OP_LOG, OP_SIN, OP_BALLOT, OP_BCASTF, OP_ALLEQ,
  OP_ALLFEQ, OP_FROUND, OP_FTRUNC, OP_FFLOOR, OP_FCEIL, OP_FTOIN, OP_FTOIZ, OP_FTOUZ, OP_ITOF,
- OP_UTOF, OP_FDX, OP_FDY) = range(OP_FIRST_UNSUPPORTED)
+ OP_UTOF, OP_FDX, OP_FDY, OP_VPACK, OP_V8PACK, OP_V10PACK, OP_FTOUNORM16,
+ OP_VFTOUNORM8) = range(OP_FIRST_UNSUPPORTED)
 
 # unpack codes (normalised over the f32 / f16 / int schemes of isa.py)
 U_NONE, U_ABS, U_L, U_H, U_SAT, U_NSAT, U_MAX0, U_R32, U_RL2H, U_RH2L, U_SWAP, U_UL, U_UH, U_IL, U_IH = range(15)
@@ -657,7 +658,48 @@ def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, t
             c[l] = 0
         pack_f32(r, pack)
         return 0
+    if op == OP_VPACK or op == OP_V8PACK or op == OP_V10PACK:
+        # Mesa nir_opcodes.py: pack_2x32_to_2x16_v3d, pack_4x16_to_4x8_v3d,
+        # pack_uint_32_to_r10g10b10a2_v3d
+        for l in range(16):
+            x = np.int64(a[l])
+            y = np.int64(b[l])
+            if op == OP_VPACK:
+                v = (x & 0xFFFF) | (y << 16)
+            elif op == OP_V8PACK:
+                v = (x & 0xFF) | ((x & 0xFF0000) >> 8) | ((y & 0xFF) << 16) | ((y & 0xFF0000) << 8)
+            else:
+                v = (x & 0x3FF) | (((x >> 16) & 0x3FF) << 10) | ((y & 0x3FF) << 20) | (((y >> 16) & 0x3) << 30)
+            r[l] = np.uint32(v & m32)
+            c[l] = 0
+        return 0
+    if op == OP_FTOUNORM16 or op == OP_VFTOUNORM8:
+        # Mesa nir_opcodes.py: f2unorm_16_v3d = _mesa_float_to_unorm16(x);
+        # pack_2x16_to_unorm_2x8_v3d = unorm8 of each float16 half, at bits 0 and 16
+        if op == OP_FTOUNORM16:
+            unpack_f32(a, U_NONE)
+        for l in range(16):
+            if op == OP_FTOUNORM16:
+                r[l] = np.uint32(_to_unorm(np.float64(fa[l]), 65535.0))
+            else:
+                out = np.uint32(0)
+                for half in range(2):
+                    tmpu[0] = f16_to_f32_bits((a[l] >> np.uint32(16 * half)) & np.uint32(0xFFFF))
+                    out |= np.uint32(_to_unorm(np.float64(tmpf[0]), 255.0)) << np.uint32(16 * half)
+                r[l] = out
+            c[l] = 0
+        return 0
     return FLT_UNSUPPORTED_OP
+
+
+@njit(cache=True, inline="always")
+def _to_unorm(x, scale):
+    """_mesa_float_to_unorm: round-half-even(clamp(x, 0, 1) * scale); NaN -> 0."""
+    if x != x or x <= 0.0:
+        return 0
+    if x >= 1.0:
+        return np.int64(scale)
+    return np.int64(_round_half_even(x * scale))
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,14 @@ INT_BINARY = {
     "quad_rotate": lambda a, b: np.hstack([np.roll(x, -int(y % 4)) for x, y in zip(a.reshape(4, 4), b[::4])]),
     "shuffle": lambda a, b: a[b % 16],
 }
+# Mesa src/compiler/nir/nir_opcodes.py definitions of the v3d (v71) pack opcodes
+INT_BINARY.update({
+    "vpack": lambda a, b: (u64(a) & np.uint64(0xFFFF)) | ((u64(b) << np.uint64(16)) & M),
+    "v8pack": lambda a, b: ((u64(a) & np.uint64(0xFF)) | ((u64(a) & np.uint64(0xFF0000)) >> np.uint64(8))
+                            | ((u64(b) & np.uint64(0xFF)) << np.uint64(16)) | (((u64(b) & np.uint64(0xFF0000)) << np.uint64(8)) & M)),
+    "v10pack": lambda a, b: ((u64(a) & np.uint64(0x3FF)) | (((u64(a) >> np.uint64(16)) & np.uint64(0x3FF)) << np.uint64(10))
+                             | ((u64(b) & np.uint64(0x3FF)) << np.uint64(20)) | (((u64(b) >> np.uint64(16)) & np.uint64(0x3)) << np.uint64(30))),
+})
 MUL_INT_BINARY = {
     "add": INT_BINARY["add"],
     "sub": INT_BINARY["sub"],
@@ -461,3 +469,21 @@ def test_multop_umul24_is_a_full_32bit_multiply(a, b):
     got = run_body(body, [a, b], n_out=2)
     check_int(got[0], (u64(a) * u64(b)) & M)
     check_int(got[1], MUL_INT_BINARY["umul24"](a, b))
+
+
+def unorm(x, scale):
+    x = np.asarray(x, np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isnan(x), 0, np.round(np.clip(x, 0, 1) * scale)).astype(np.uint32)
+
+
+def test_ftounorm16_and_vftounorm8():
+    a = np.array([0.0, 1.0, 0.5, -3.0, 7.0, np.nan, 1e-40, 0.25, 1 / 65535 * 0.5, 0.1, 0.9, -0.0,
+                  np.inf, -np.inf, 0.75, 0.3], dtype=np.float32)
+    got = run_body(lambda: nop().ftounorm16(d_, a_), [a])[0]
+    check_int(got, unorm(ftz(a), 65535))
+    pairs = half_pairs()
+    pairs[:4] = [0x3C00 | (0x3800 << 16), 0xBC00, 0x7E00 | (0x7C00 << 16), 0x3555]   # 1, 0.5, -1, nan, inf, 1/3
+    got = run_body(lambda: nop().vftounorm8(d_, a_), [pairs])[0]
+    ref = unorm(f16_to_f32(pairs & 0xFFFF), 255) | (unorm(f16_to_f32(pairs >> 16), 255) << 16)
+    check_int(got, ref)

@@ -315,7 +315,7 @@ def test_fault_too_many_tmud_writes():
 
 @pytest.mark.parametrize("make,what", [
     (lambda: A.mov(A.tlb, 1), "tlb"),
-    (lambda: A.vpack(RF[1], RF[2], RF[3]), "vpack"),
+    (lambda: A.v11fpack(RF[1], RF[2], RF[3]), "v11fpack"),
     (lambda: A.msf(RF[1]), "msf"),
 ])
 def test_fault_unsupported_features_are_loud(make, what):
