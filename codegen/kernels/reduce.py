@@ -1,0 +1,756 @@
+"""Reductions: reduce_max / reduce_min over one axis, several axes or the whole tensor
+(float32, int8, int16, int32), plus the building blocks pooling reuses (``pool.py``).
+
+Plans take the runtime input buffer ``"data"`` and write the output buffer ``"out"``.
+
+Decomposition
+-------------
+The reduced axes are split into groups of adjacent axes; each group is one *stage* that
+reduces a view ``[K0, R, K1]`` (outer, reduced, inner; row-major) to ``[K0, K1]``. Stages run
+from the innermost group outwards, each one a launch, chaining through scratch buffers.
+
+Two stage kernels:
+
+* **lanes over outputs** (:func:`lanes_kernel`): each lane owns one output ``(k0, k1)``; a
+  16-lane vector covers 16 consecutive outputs, so for ``K1 >= 16`` every load is 16 contiguous
+  elements. The reduced axis is walked with a per-lane address that advances by ``K1`` elements:
+  fully unrolled when ``R <= 16``, else a loop (8 elements per iteration, 8 loads in flight).
+  Workers (workgroups, one per QPU) take contiguous runs of vectors; each lane's starting
+  offsets come from a small host-made table (``<prefix>_table``, one 16-byte vec4 load).
+* **segments** (:func:`segment_kernel`), for ``K1 == 1`` with few rows and long ``R`` (the whole
+  tensor, or a trailing-axis reduction of a small batch): each row is cut into ``S`` segments,
+  ``K * S`` a multiple of the worker count. A worker streams a segment with 16-lane vec4 loads
+  (256 contiguous bytes per lookup; int8/int16 use per-lane typed loads, 16 elements per lookup),
+  4 lookups in flight; addresses are **clamped** to the segment's last full load, so the over-read
+  at the segment end re-reads valid elements, which min / max ignore (idempotent). The 16 lane
+  partials are combined with ``rotate`` and lane 0 stores the segment partial (int32 / float32);
+  a second ``lanes`` stage reduces ``[K, S]``.
+
+NaN semantics (float): numpy's -- a NaN anywhere in a reduced set makes the result NaN. The
+QPU's fmin / fmax are IEEE minNum / maxNum (a NaN operand is ignored), so the kernels also keep
+``max(bits << 1)`` (unsigned) per lane; a value above ``0xff000000`` means a NaN was seen and
+the result becomes the quiet NaN ``0x7fc00000``. ``max(-0.0, +0.0)`` may return either zero (they
+compare equal, as in numpy's ``==``).
+
+Integers: min / max are exact and keep the input dtype (8/16-bit data are sign-extended by the
+TMU and stored back with 8/16-bit TMU stores). ``argmin`` / ``argmax`` are not implemented.
+
+Performance model (:func:`estimate`): DRAM traffic / (8.6 B/cycle x efficiency) + a fixed
+launch cost; see ``ESTIMATE_*`` below for the calibration.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import asm as A
+from .. import registry
+from ..asm import L, b, mov, nop, sub, add, shl, shr, asr, eidx, tmuwt, thread_end, rotate
+from ..instr import MAGIC, RF
+from ..plan import BufferSpec, KernelPlan, Launch
+
+S = A.SIGNALS
+R_ = A.R
+tmua, tmud, tmuc, null = (MAGIC[n] for n in ("tmua", "tmud", "tmuc", "null"))
+
+NUM_QPUS = 12
+DTYPES = ("float32", "int8", "int16", "int32")
+ITEMSIZE = {"int8": 1, "int16": 2, "int32": 4, "float32": 4}
+TMU_TYPE = {"int8": 0, "int16": 1, "int32": 7, "float32": 7}
+VEC4_CFG = 0xFFFFFF00 | 0xFC            # one vec4 lookup, then default 32-bit
+NAN_LIMIT = 0xFF000000                  # (bits << 1) above this: a NaN
+QNAN = 0x7FC00000
+INT_RANGE = {"int8": (-128, 127), "int16": (-32768, 32767), "int32": (-2 ** 31, 2 ** 31 - 1)}
+F32_BITS = {"-inf": 0xFF800000, "inf": 0x7F800000}
+
+#: op -> (int ALU op, float ALU op)
+ALU = {"max": ("imax", "fmax"), "min": ("imin", "fmin"), "sum": ("add", "fadd")}
+
+
+def neutral_bits(op: str, dtype: str) -> int:
+    """The identity of ``op`` as the 32-bit register value (ints sign-extended)."""
+    if dtype == "float32":
+        return {"max": F32_BITS["-inf"], "min": F32_BITS["inf"], "sum": 0}[op]
+    lo, hi = INT_RANGE[dtype]
+    return {"max": lo, "min": hi, "sum": 0}[op] & 0xFFFFFFFF
+
+
+def tmu_cfg_word(dtype: str) -> int:
+    """tmuc word configuring exactly one lookup of ``dtype`` (then the 32-bit default)."""
+    return 0xFFFFFF00 | 0x80 | (15 << 3) | TMU_TYPE[dtype]
+
+
+def f32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", float(x)))[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel builder: registers and a constant pool read from the uniform stream in a prologue
+# ------------------------------------------------------------------------------------------------
+class Builder:
+    """Collects a kernel body; constants requested while emitting it (``u32`` / ``addr``) get a
+    register each, loaded by a prologue of ``ldunifrf`` instructions placed in front of the
+    body. rf2 / rf3 (the dispatch payload) are never handed out."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.free = [RF[0], RF[1]] + [RF[i] for i in range(4, 64)]
+        self.consts: dict = {}
+        self.order: list = []
+
+    def reg(self, n: int | None = None):
+        if n is None:
+            if not self.free:
+                raise ValueError(f"{self.name}: out of registers")
+            return self.free.pop(0)
+        return [self.reg() for _ in range(n)]
+
+    def _const(self, key):
+        if key not in self.consts:
+            r = self.reg()
+            self.consts[key] = r
+            self.order.append((key, r))
+        return self.consts[key]
+
+    def u32(self, v: int):
+        return self._const(("u32", int(v) & 0xFFFFFFFF))
+
+    def addr(self, name: str, off: int = 0):
+        return self._const(("addr", name, int(off)))
+
+    def build(self, body, *args):
+        main = A.Program(self.name)
+        with main:
+            body(self, *args)
+        pro = A.Program(self.name + "_prologue")
+        with pro:
+            for _, r in self.order:
+                nop(sig=S["ldunifrf"](r))
+        words = np.concatenate([pro.words(), main.words()]).astype(np.uint64)
+        return words, [key for key, _ in self.order]
+
+
+def _label(prefix: str) -> str:
+    return f"{prefix}{len(A.Program._stack[-1].items)}"
+
+
+def emit_loop(body_instrs, label: str, counter, one):
+    """A counted loop: ``counter`` iterations of the emitters in ``body_instrs`` (callables that
+    may emit several instructions each); the branch is moved so that the last three body
+    instructions fill its delay slots."""
+    prog = A.Program._stack[-1]
+    prog.label(label)
+    start = len(prog.items)
+    sub(counter, counter, one, cond="pushz")
+    for e in body_instrs:
+        e()
+    while len(prog.items) - start < 4:
+        nop()
+    br = b(getattr(R_, label), cond="anyna")
+    prog.items.pop()
+    prog.items.insert(len(prog.items) - 3, br)
+
+
+# ------------------------------------------------------------------------------------------------
+# Combine step and finalisation, shared with pool.py
+# ------------------------------------------------------------------------------------------------
+class Acc:
+    """Per-lane accumulator state for one reduction op on one dtype."""
+
+    def __init__(self, kb: Builder, op: str, dtype: str):
+        self.op, self.dtype = op, dtype
+        self.is_float = dtype == "float32"
+        self.track_nan = self.is_float and op in ("max", "min")
+        self.fn = A.DSL[ALU[op][1 if self.is_float else 0]]
+        self.acc = kb.reg()
+        self.nacc = kb.reg() if self.track_nan else None
+        self.t = kb.reg() if self.track_nan else None
+        self.neutral = kb.u32(neutral_bits(op, dtype))
+
+    def init(self):
+        ins = mov(self.acc, self.neutral)
+        if self.track_nan:
+            ins.sub(self.nacc, self.nacc, self.nacc)
+
+    def combine(self, v, sig=None, mul=None, cond=None):
+        """Fold register ``v`` into the accumulator. ``sig`` (e.g. the next ldtmu) and ``mul``
+        (a callable adding a mul-ALU op, e.g. the next TMU address) ride on the last
+        instruction. ``cond`` makes the fold conditional (then no signal may ride)."""
+        if self.track_nan:
+            self.fn(self.acc, self.acc, v, cond=cond).add(self.t, v, v, cond=cond)
+            last = A.DSL["umax"](self.nacc, self.nacc, self.t, sig=sig, cond=cond)
+        else:
+            last = self.fn(self.acc, self.acc, v, sig=sig, cond=cond)
+        if mul is not None:
+            mul(last)
+        return last
+
+    def lane_reduce(self, kb: Builder):
+        """Combine the 16 lanes (every lane ends with the total)."""
+        t = kb.reg()
+        for sh in (8, 4, 2, 1):
+            rotate(t, self.acc, sh)
+            self.fn(self.acc, self.acc, t)
+            if self.track_nan:
+                rotate(t, self.nacc, sh)
+                A.DSL["umax"](self.nacc, self.nacc, t)
+
+    def fix_nan(self, kb: Builder):
+        if self.track_nan:
+            sub(null, kb.u32(NAN_LIMIT), self.nacc, cond="pushc")   # A = NaN seen
+            mov(self.acc, kb.u32(QNAN), cond="ifa")
+
+
+def floor_div_const(kb: Builder, x, c, rc):
+    """x <- floor(x / c) for int32 x and 0 < c < 2**15 (per-lane or uniform registers c and
+    rc = float32(1 / c)). Long division in two 16-bit digits, each quotient digit estimated in
+    float32 and corrected by one step each way (exact)."""
+    hi, lo, q1, tt = kb.reg(4)
+    r16 = kb.u32(16)
+    one = kb.u32(1)
+    asr(hi, x, r16)
+    shl(lo, x, r16)
+    shr(lo, lo, r16)
+
+    def digit(num, q):
+        A.DSL["itof"](q, num)
+        A.DSL["fmul"](q, q, rc)
+        A.DSL["ffloor"](q, q)
+        A.DSL["ftoiz"](q, q)
+        A.DSL["smul24"](tt, q, c)
+        sub(tt, num, tt)                                     # remainder
+        mov(null, tt, cond="pushn")                          # A = remainder < 0
+        sub(q, q, one, cond="ifa").add(tt, tt, c, cond="ifa")
+        sub(null, tt, c, cond="pushn")                       # A = remainder < c
+        add(q, q, one, cond="ifna").sub(tt, tt, c, cond="ifna")
+
+    digit(hi, q1)                                            # tt = r1 in [0, c)
+    shl(tt, tt, r16)
+    A.DSL["bor"](hi, tt, lo)                                 # r1 * 65536 + lo < c * 65536
+    digit(hi, x)
+    shl(q1, q1, r16)
+    add(x, x, q1)
+
+
+def store_vector(kb: Builder, val, addr, out_dtype: str, cond: str | None = None):
+    if ITEMSIZE[out_dtype] < 4:
+        mov(tmuc, kb.u32(tmu_cfg_word(out_dtype)))
+    mov(tmud, val)
+    mov(tmua, addr, cond=cond)
+
+
+def load_lane_table(kb: Builder, table: str, regs):
+    """Each lane of workgroup x loads 4 words at ``table + x * 256 + lane * 16``."""
+    lane, t = kb.reg(2)
+    eidx(lane)
+    mov(t, RF[3].unpack("ul"))
+    shl(t, t, 8)
+    shl(lane, lane, 4)
+    add(t, t, lane)
+    add(t, t, kb.addr(table))
+    mov(tmuc, kb.u32(VEC4_CFG))
+    mov(tmua, t)
+    for r in regs:
+        nop(sig=S["ldtmu"](r))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage descriptions
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LanesStage:
+    """Reduce view [K0, R, K1] of ``src`` (dtype in_dtype) into ``dst`` [K0, K1] (out_dtype)."""
+    K0: int
+    R: int
+    K1: int
+    op: str
+    in_dtype: str
+    out_dtype: str
+    src: str
+    dst: str
+    prefix: str
+    divisor: int = 1            # "sum" only: divide by this (float: * 1/d; int: floor)
+
+    @property
+    def P(self):
+        return self.K0 * self.K1
+
+
+PF = 8                          # loads in flight in the lanes kernel's loop
+UNROLL = 8
+
+
+def lanes_layout(st: LanesStage, num_qpus: int = NUM_QPUS):
+    """(workers, vectors per worker, table) for the lanes kernel."""
+    V = -(-st.P // 16)
+    chunk = -(-V // num_qpus)
+    W = -(-V // chunk)
+    es, oes = ITEMSIZE[st.in_dtype], ITEMSIZE[st.out_dtype]
+    tab = np.zeros((W, 16, 4), dtype=np.int64)
+    for w in range(W):
+        end = min(st.P, (w + 1) * chunk * 16)
+        o = w * chunk * 16 + np.arange(16)
+        k0, k1 = o // st.K1, o % st.K1
+        tab[w, :, 0] = (k0 * st.R * st.K1 + k1) * es
+        tab[w, :, 1] = o * oes
+        tab[w, :, 2] = end - o
+        tab[w, :, 3] = k1
+    return W, chunk, (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def lanes_src_bytes(st: LanesStage) -> int:
+    """Bytes the lanes kernel may read from ``src`` (tensor + prefetch / partial-vector overrun)."""
+    es = ITEMSIZE[st.in_dtype]
+    o = -(-st.P // 16) * 16 + 15
+    k0, k1 = o // st.K1, o % st.K1
+    last = (k0 * st.R * st.K1 + k1 + (st.R + PF) * st.K1) * es
+    return max(st.K0 * st.R * st.K1 * es, last) + 64
+
+
+def lanes_kernel(kb: Builder, st: LanesStage):
+    es, oes = ITEMSIZE[st.in_dtype], ITEMSIZE[st.out_dtype]
+    small = es < 4
+    cfg = kb.u32(tmu_cfg_word(st.in_dtype)) if small else None
+    ain, aout, remw, k1, v, p, cnt = kb.reg(7)
+    one = kb.u32(1)
+    acc = Acc(kb, st.op, st.in_dtype)
+    rs = st.K1 * es                                            # bytes between reduced elements
+    load_lane_table(kb, st.prefix + "_table", (ain, aout, remw, k1))
+    add(ain, ain, kb.addr(st.src))
+    add(aout, aout, kb.addr(st.dst))
+
+    def issue(base, off):
+        """TMU load of base + off bytes (preceded by its config word for 8/16-bit data)."""
+        if small:
+            mov(tmuc, cfg)
+        if off == 0:
+            mov(tmua, base)
+        else:
+            nop().add(tmua, base, kb.u32(off))
+
+    L.vloop
+    acc.init()
+    if st.R <= 16:
+        for r in range(st.R):
+            issue(ain, r * rs)
+        for r in range(st.R):
+            nop(sig=S["ldtmu"](v))
+            acc.combine(v)
+    else:
+        for j in range(PF):
+            issue(ain, j * rs)
+        add(p, ain, kb.u32(PF * rs))                           # next element to issue
+        nop(sig=S["ldtmu"](v))
+
+        def step(off):
+            def emit():
+                if small:
+                    mov(tmuc, cfg)
+                acc.combine(v, sig=S["ldtmu"](v), mul=lambda i: i.add(tmua, p, kb.u32(off)))
+            return emit
+
+        rem = st.R % UNROLL
+        for j in range(rem):
+            step(j * rs)()
+        if rem:
+            add(p, p, kb.u32(rem * rs))
+        mov(cnt, kb.u32(st.R // UNROLL))
+        body = [lambda: nop().add(p, p, kb.u32(UNROLL * rs))]
+        body += [step((j - UNROLL) * rs) for j in range(UNROLL)]
+        emit_loop(body, _label("rloop"), cnt, one)
+        for _ in range(PF - 1):                                # drain the over-issued loads
+            nop(sig=S["ldtmu"](v))
+    acc.fix_nan(kb)
+    if st.divisor != 1:
+        _divide(kb, acc, st.divisor)
+    sub(null, remw, one, cond="pushn")                         # A = lane beyond this worker's run
+    store_vector(kb, acc.acc, aout, st.out_dtype, cond="ifna")
+    _advance(kb, st, ain, aout, remw, k1, es, oes)
+    sub(null, remw, one, cond="pushn")
+    b(R_.vloop, cond="anyna")
+    nop()
+    nop()
+    nop()
+    tmuwt()
+    thread_end()
+
+
+def _divide(kb: Builder, acc: Acc, d: int):
+    if acc.is_float:
+        A.DSL["fmul"](acc.acc, acc.acc, kb.u32(f32_bits(np.float32(1.0) / np.float32(d))))
+    elif d & (d - 1) == 0:
+        asr(acc.acc, acc.acc, kb.u32(d.bit_length() - 1))
+    else:
+        floor_div_const(kb, acc.acc, kb.u32(d), kb.u32(f32_bits(np.float32(1.0) / np.float32(d))))
+
+
+def _advance(kb, st: LanesStage, ain, aout, remw, k1, es, oes):
+    """Move every lane 16 outputs on: 16 = a * K1 + b; k1 += b with one carry into k0."""
+    a_, b_ = divmod(16, st.K1)
+    astep = (a_ * st.R * st.K1 + b_) * es
+    if b_ == 0:
+        add(ain, ain, kb.u32(astep))
+    else:
+        add(k1, k1, kb.u32(b_)).add(ain, ain, kb.u32(astep))
+        sub(null, k1, kb.u32(st.K1), cond="pushn")             # A = no carry
+        sub(k1, k1, kb.u32(st.K1), cond="ifna").add(ain, ain, kb.u32((st.R - 1) * st.K1 * es), cond="ifna")
+    add(aout, aout, kb.u32(16 * oes)).sub(remw, remw, kb.u32(16))
+
+
+# ------------------------------------------------------------------------------------------------
+# Segment stage (long contiguous rows, min / max)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SegmentStage:
+    K: int
+    R: int
+    S: int                      # segments per row
+    op: str
+    dtype: str
+    src: str
+    dst: str                    # [K, S] partials, int32 / float32
+    prefix: str
+
+    @property
+    def G(self):                # elements per lane per lookup
+        return 4 if ITEMSIZE[self.dtype] == 4 else 1
+
+
+SEG_MIN_LEN = 1024
+SEG_MAX_ROWS = 192
+
+
+def segment_layout(st: SegmentStage, num_qpus: int = NUM_QPUS):
+    """(workers, items per worker, table). Item (k, s): [start byte, lookups, clamp byte, out byte]."""
+    items = st.K * st.S
+    W = min(num_qpus, items)
+    m = items // W
+    es, G = ITEMSIZE[st.dtype], st.G
+    per = 16 * G
+    U = 4 if G == 1 else 1
+    tab = np.zeros((items, 4), dtype=np.int64)
+    seg = -(-st.R // st.S)
+    for k in range(st.K):
+        for s in range(st.S):
+            lo = min(s * seg, st.R - per)
+            hi = min(st.R, (s + 1) * seg)
+            lo = max(0, min(lo, hi - per))
+            n = -(-(hi - lo) // per)
+            n = -(-n // U) * U
+            base = k * st.R
+            tab[k * st.S + s] = [(base + lo) * es, n, (base + hi - G) * es - (lo * es), (k * st.S + s) * 4]
+    return W, m, U, (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def segment_kernel(kb: Builder, st: SegmentStage):
+    es, G = ITEMSIZE[st.dtype], st.G
+    small = es < 4
+    W, m, U, _ = segment_layout(st)
+    PFc = 4 if G == 4 else 8                                   # lookups in flight (FIFO: 16 words)
+    cfg = kb.u32(tmu_cfg_word(st.dtype)) if small else kb.u32(VEC4_CFG)
+    one = kb.u32(1)
+    lane, trow, a, lim, n, aout, t, items = kb.reg(8)
+    vs = kb.reg(G)
+    acc = Acc(kb, st.op, st.dtype)
+    step = kb.u32(16 * G * es)
+    eidx(lane)
+    mov(trow, RF[3].unpack("ul"))
+    A.DSL["umul24"](trow, trow, kb.u32(m * 16))
+    add(trow, trow, kb.addr(st.prefix + "_table"))
+    mov(items, kb.u32(m))
+    L.item
+    mov(tmuc, kb.u32(VEC4_CFG))
+    mov(tmua, trow)
+    nop(sig=S["ldtmu"](a))
+    nop(sig=S["ldtmu"](n))
+    nop(sig=S["ldtmu"](lim))
+    nop(sig=S["ldtmu"](aout))
+    add(a, a, kb.addr(st.src))
+    add(lim, lim, a)                                           # last valid lookup start
+    add(aout, aout, kb.addr(st.dst))
+    A.DSL["umul24"](t, lane, kb.u32(G * es))
+    add(a, a, t)
+    acc.init()
+
+    def issue():
+        A.DSL["umin"](t, a, lim).add(a, a, step)
+        if G == 4 or small:
+            mov(tmuc, cfg)
+        mov(tmua, t)
+
+    for _ in range(PFc):
+        issue()
+
+    def chunk():
+        ems = []
+        for g in range(G):
+            ems.append(lambda g=g: nop(sig=S["ldtmu"](vs[g])))
+        for g in range(G):
+            ems.append(lambda g=g: acc.combine(vs[g]))
+        ems.append(lambda: A.DSL["umin"](t, a, lim).add(a, a, step))
+        if G == 4 or small:
+            ems.append(lambda: mov(tmuc, cfg))
+        ems.append(lambda: mov(tmua, t))
+        return ems
+
+    body = []
+    for _ in range(U):
+        body += chunk()
+    if U > 1:
+        shr(n, n, kb.u32(U.bit_length() - 1))
+    emit_loop(body, _label("cloop"), n, one)
+    for _ in range(PFc):                                       # clamped over-reads: fold them too
+        for g in range(G):
+            nop(sig=S["ldtmu"](vs[g]))
+        for g in range(G):
+            acc.combine(vs[g])
+    acc.lane_reduce(kb)
+    acc.fix_nan(kb)
+    mov(null, lane, cond="pushz")                              # A = lane 0
+    mov(tmud, acc.acc)
+    mov(tmua, aout, cond="ifa")
+    add(trow, trow, kb.u32(16))
+    sub(items, items, one, cond="pushz")
+    b(R_.item, cond="anyna")
+    nop()
+    nop()
+    nop()
+    tmuwt()
+    thread_end()
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning
+# ------------------------------------------------------------------------------------------------
+def norm_axes(axis, ndim: int) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    out = sorted({a % ndim if ndim else 0 for a in axis})
+    if any(not -ndim <= a < ndim for a in axis):
+        raise ValueError(f"axis {axis} out of range for rank {ndim}")
+    return tuple(out)
+
+
+def stage_views(shape, axes) -> list:
+    """[(K0, R, K1)] per group of adjacent reduced axes, innermost group first; each view is of
+    the tensor left by the previous stages."""
+    shape = list(shape)
+    red = [i in axes for i in range(len(shape))]
+    groups = []
+    i = 0
+    while i < len(shape):
+        if red[i]:
+            j = i
+            while j < len(shape) and red[j]:
+                j += 1
+            groups.append((i, j))
+            i = j
+        else:
+            i += 1
+    views = []
+    for lo, hi in reversed(groups):
+        K0 = int(np.prod(shape[:lo], dtype=np.int64))
+        R = int(np.prod(shape[lo:hi], dtype=np.int64))
+        K1 = int(np.prod(shape[hi:], dtype=np.int64))
+        views.append((K0, R, K1))
+        shape = shape[:lo] + shape[hi:]
+    return views
+
+
+def _assemble(body, st, name):
+    kb = Builder(name)
+    return kb.build(body, st)
+
+
+def acc_dtype(dtype: str) -> str:
+    return "float32" if dtype == "float32" else "int32"
+
+
+def lanes_launch(st: LanesStage, num_qpus=NUM_QPUS):
+    W, _, tab = lanes_layout(st, num_qpus)
+    words, unif = _assemble(lanes_kernel, st, f"{st.prefix}_lanes")
+    buf = BufferSpec(st.prefix + "_table", "weight", tab.shape, "int32")
+    return Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, f"{st.prefix}_lanes"), buf, tab
+
+
+def segment_launch(st: SegmentStage, num_qpus=NUM_QPUS):
+    W, _, _, tab = segment_layout(st, num_qpus)
+    words, unif = _assemble(segment_kernel, st, f"{st.prefix}_segments")
+    buf = BufferSpec(st.prefix + "_table", "weight", tab.shape, "int32")
+    return Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, f"{st.prefix}_segments"), buf, tab
+
+
+def choose_segments(K: int, R: int, dtype: str, num_qpus=NUM_QPUS) -> int:
+    """Segments per row for the segment stage, or 0 when the lanes kernel is the better fit."""
+    G = 4 if ITEMSIZE[dtype] == 4 else 1
+    if K >= SEG_MAX_ROWS or R < SEG_MIN_LEN:
+        return 0
+    s = num_qpus // math.gcd(K, num_qpus)
+    while K * s < 2 * num_qpus and R // (2 * s) >= 64 * G:
+        s *= 2
+    while s > 1 and R // s < 64 * G:
+        s //= 2
+    return s if K * s % min(num_qpus, K * s) == 0 else 0
+
+
+def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=NUM_QPUS,
+                divisor: int = 1, name="reduce") -> KernelPlan:
+    """Plan reducing ``data`` (shape, dtype) with ``op`` over ``axis`` into ``out``."""
+    shape = tuple(int(s) for s in shape)
+    axes = norm_axes(axis, len(shape))
+    out_shape = tuple(1 if i in axes else s for i, s in enumerate(shape)) if keepdims else \
+        tuple(s for i, s in enumerate(shape) if i not in axes)
+    views = stage_views(shape, axes) or [(int(np.prod(shape, dtype=np.int64)), 1, 1)]
+    bufs, consts, launches = [], {}, []
+    src, src_dtype = "data", dtype
+    in_need = 0
+    data_bytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+    scratch_need = {}
+    for si, (K0, R, K1) in enumerate(views):
+        last = si == len(views) - 1
+        dst = "out" if last else f"{name}_s{si}"
+        dst_dtype = dtype if last else acc_dtype(dtype)
+        pre = f"{name}{si}"
+        segs = choose_segments(K0, R, src_dtype, num_qpus) if K1 == 1 and op in ("max", "min") else 0
+        if segs:
+            seg = SegmentStage(K0, R, segs, op, src_dtype, src, pre + "_part", pre + "g")
+            L1, tb, tab = segment_launch(seg, num_qpus)
+            launches.append(L1)
+            bufs.append(tb)
+            consts[tb.name] = tab
+            bufs.append(BufferSpec(pre + "_part", "scratch", (K0 * segs,), acc_dtype(src_dtype), K0 * segs * 4 + 64))
+            st = LanesStage(K0, segs, 1, op, acc_dtype(src_dtype), dst_dtype, pre + "_part", dst, pre, divisor if last else 1)
+            need = ITEMSIZE[src_dtype] * K0 * R
+        else:
+            st = LanesStage(K0, R, K1, op, src_dtype, dst_dtype, src, dst, pre, divisor if last else 1)
+            need = lanes_src_bytes(st)
+        L2, tb, tab = lanes_launch(st, num_qpus)
+        if segs:
+            # the partials buffer is read by the second stage: pad it for that stage's over-reads
+            bufs[-1] = BufferSpec(pre + "_part", "scratch", (K0 * segs,), acc_dtype(src_dtype),
+                                  lanes_src_bytes(st))
+        launches.append(L2)
+        bufs.append(tb)
+        consts[tb.name] = tab
+        if src == "data":
+            in_need = max(in_need, need)
+        else:
+            scratch_need[src] = max(scratch_need.get(src, 0), need)
+        if not last:
+            scratch_need.setdefault(dst, 0)
+            scratch_need[dst] = max(scratch_need[dst], K0 * K1 * 4 + 64)
+        src, src_dtype = dst, dst_dtype
+    for nm, nb in scratch_need.items():
+        bufs.append(BufferSpec(nm, "scratch", (nb // 4,), "int32", nb))
+    bufs.insert(0, BufferSpec("data", "input", shape, dtype, max(in_need, data_bytes)))
+    bufs.insert(1, BufferSpec("out", "output", out_shape, dtype))
+    out_bytes = int(np.prod(out_shape, dtype=np.int64)) * ITEMSIZE[dtype]
+    return KernelPlan(name, bufs, launches, consts,
+                      attrs={"op": op, "shape": shape, "dtype": dtype, "axes": axes, "keepdims": keepdims,
+                             "stages": views},
+                      flops=int(np.prod(shape, dtype=np.int64)), bytes_moved=data_bytes + out_bytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# References
+# ------------------------------------------------------------------------------------------------
+def reference(op: str, x: np.ndarray, axis=None, keepdims=False) -> np.ndarray:
+    """numpy reference: np.max / np.min (NaN propagates), dtype kept."""
+    axes = norm_axes(axis, x.ndim)
+    fn = {"max": np.max, "min": np.min}[op]
+    return fn(x, axis=axes, keepdims=keepdims).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entries
+# ------------------------------------------------------------------------------------------------
+#: estimate calibration (emulator, modelled Pi 5): achieved fraction of the DRAM bound for large
+#: streaming reductions, and the fixed cost per launch (start-up, table load, drain), seconds
+ESTIMATE_EFFICIENCY = 0.98
+ESTIMATE_LAUNCH_S = 4e-6
+CLOCK_HZ = 960e6
+DRAM_BYTES_PER_CYCLE = 8.6
+
+
+def _spec_parts(spec: registry.OpSpec):
+    (shape, dtype), = spec.inputs[:1]
+    return tuple(shape), dtype
+
+
+def supports(spec: registry.OpSpec):
+    if spec.kind not in ("reduce_max", "reduce_min"):
+        return False, f"reduce.py handles reduce_max / reduce_min, not {spec.kind}"
+    if len(spec.inputs) != 1:
+        return False, "one input expected"
+    shape, dtype = _spec_parts(spec)
+    if dtype not in DTYPES:
+        return False, f"dtype {dtype} not supported (float32, int8, int16, int32)"
+    if any(int(s) <= 0 for s in shape):
+        return False, "empty tensors are not supported"
+    if spec.output[1] != dtype:
+        return False, "output dtype must equal the input dtype"
+    try:
+        axes = norm_axes(spec.attrs.get("axis"), len(shape))
+    except (ValueError, TypeError) as e:
+        return False, str(e)
+    n = int(np.prod(shape, dtype=np.int64))
+    if n * ITEMSIZE[dtype] >= 1 << 30:
+        return False, "tensor larger than 1 GiB"
+    for K0, R, K1 in stage_views(shape, axes):
+        if -(-K0 * K1 // 16) > 0xFFFF * 16:
+            return False, "too many outputs"
+    return True, ""
+
+
+def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
+    """Plan for reduce_max / reduce_min: input buffer "data", output buffer "out"."""
+    ok, why = supports(spec)
+    if not ok:
+        raise ValueError(why)
+    shape, dtype = _spec_parts(spec)
+    return plan_reduce(spec.kind.split("_")[1], shape, dtype, spec.attrs.get("axis"),
+                       bool(spec.attrs.get("keepdims", False)), name=spec.kind)
+
+
+def plan_seconds(plan: KernelPlan) -> float:
+    """Modelled seconds for a plan moving ``plan.bytes_moved`` bytes in its launches."""
+    cycles = plan.bytes_moved / (DRAM_BYTES_PER_CYCLE * ESTIMATE_EFFICIENCY)
+    return cycles / CLOCK_HZ + ESTIMATE_LAUNCH_S * len(plan.launches)
+
+
+def estimate(spec: registry.OpSpec) -> float:
+    """DRAM-bound estimate: (input + output bytes) / (8.6 B/cycle x ESTIMATE_EFFICIENCY) at
+    960 MHz, plus ESTIMATE_LAUNCH_S per launch (see module docstring and the report figures)."""
+    shape, dtype = _spec_parts(spec)
+    axes = norm_axes(spec.attrs.get("axis"), len(shape))
+    n = int(np.prod(shape, dtype=np.int64))
+    outs = int(np.prod([s for i, s in enumerate(shape) if i not in axes], dtype=np.int64))
+    nl = sum(2 if (K1 == 1 and choose_segments(K0, R, dtype)) else 1 for K0, R, K1 in stage_views(shape, axes))
+    cycles = (n + outs) * ITEMSIZE[dtype] / (DRAM_BYTES_PER_CYCLE * ESTIMATE_EFFICIENCY)
+    return cycles / CLOCK_HZ + ESTIMATE_LAUNCH_S * max(1, nl)
+
+
+def bench_cases():
+    """(name, OpSpec, input generator(rng) -> {"data": array}) for the benchmark script."""
+    n = 4 << 20
+
+    def gen_i32(rng):
+        return {"data": rng.integers(-2 ** 31, 2 ** 31 - 1, n, dtype=np.int64).astype(np.int32)}
+
+    def gen_f32(rng):
+        return {"data": rng.standard_normal(n).astype(np.float32)}
+
+    return [
+        ("reduce_max int32 4Mi", registry.OpSpec("reduce_max", [((n,), "int32")], ((), "int32"), {"axis": None}), gen_i32),
+        ("reduce_min int32 4Mi", registry.OpSpec("reduce_min", [((n,), "int32")], ((), "int32"), {"axis": None}), gen_i32),
+        ("reduce_max float32 4Mi", registry.OpSpec("reduce_max", [((n,), "float32")], ((), "float32"), {"axis": None}), gen_f32),
+    ]
+
+
+registry.register("reduce_max", supports, generate, estimate)
+registry.register("reduce_min", supports, generate, estimate)
