@@ -1,0 +1,534 @@
+"""Single-head attention core: out[z] = softmax(Q[z] K[z]^T * scale (+ mask) (+ causal)) V[z].
+
+Semantics (the numpy :func:`reference` implements exactly these)
+-----------------------------------------------------------------
+* fp32: ``s = (Q K^T) * scale (+ mask)``; causal sets ``s[i, j] = -inf`` for ``j > i``;
+  ``p = softmax(s)`` with the formula and special-value rules of :mod:`.softmax` (a row with a
+  NaN / +inf score, or fully masked, is NaN); ``out = p V``.
+* integers (Q, K int8 / int16, same dtype; V int8 / int16): ``s_int = Q K^T`` in int32 (smul24,
+  exact for |q|, |k| < 2**15 and D * max|q k| < 2**31), ``s = float32(s_int) * scale (+ mask)``
+  (``scale`` carries the dequantisation, e.g. s_q * s_k / sqrt(D)); the softmax in fp32;
+  ``out = (p @ float32(V)) * v_scale`` in fp32 (attr ``v_scale``, default 1). Output float32.
+
+Fused kernel (every T, Dv whose tile fits the register file; see :func:`choose_tiling`)
+---------------------------------------------------------------------------------------
+A worker takes ``R`` query rows of one batch entry z at a time and keeps everything in registers:
+
+1. scores: lanes run along keys. ``sc[i][b]`` holds ``s[m0 + i, 16 b : 16 b + 16]``. For each d,
+   the R values ``Q[m0 + i, d]`` arrive broadcast through ``ldunifarf`` from a packed Q panel
+   (the GEMM pack launch), the key vectors ``K[16 b + lane, d]`` are 16-lane TMU loads from a
+   packed K panel (the same pack launch with 16-row tiles: 64 contiguous bytes per lookup), and
+   each instruction dual-issues ``fmul`` / ``smul24`` with the previous product's accumulate,
+   exactly as in :mod:`.gemm`. The d loop is unrolled twice (double-buffered Q values).
+2. softmax in registers: scale (and log2 e) on the mul ALU, mask / causal / key-padding lanes
+   to -inf, row max (lane-wise then a rotate butterfly), ``exp2`` on the SFU, row sum, recip
+   + Newton (kept per row for the end: normalisation is deferred to the output).
+3. ``P V``: lanes run along Dv; ``o[i][c]`` accumulates ``out[m0 + i, 16 c : 16 c + 16]``. For
+   each key t, ``shuffle(sc[i][t // 16], t % 16)`` broadcasts ``p[i, t]`` to all lanes (one
+   add-ALU op), V row t arrives as 16-lane loads (prefetched ``PFV`` lookups ahead), and the
+   multiply-adds dual-issue as above. The t loop is unrolled (the lane index is an immediate).
+4. ``out = o * recip(sum)``, masked stores (lanes < Dv, rows < S).
+
+Longer keys (the tile does not fit) fall back to three launches: GEMM (Q K^T, transposed B),
+softmax with scale and mask (:mod:`.softmax`), GEMM (P V); the scores then go through memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import asm as A
+from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
+from ..instr import MAGIC, RF
+from ..plan import BufferSpec, KernelPlan, Launch
+from . import gemm as G
+from . import softmax as SM
+
+S_ = A.SIGNALS
+R_ = A.R
+F = A.DSL
+tmua, tmud, tmuc, unifa, null = (MAGIC[n] for n in ("tmua", "tmud", "tmuc", "unifa", "null"))
+
+LOG2E = SM.LOG2E
+INT_IN = ("int8", "int16")
+#: V lookups in flight in the P V phase
+PFV = 6
+#: registers the kernel keeps besides the tiles (pointers, constants, temporaries)
+FIXED_REGS = 28
+#: the largest unrolled P V phase (instructions ~ T * (R + NO * (R + 1))) we generate
+MAX_PV_INSTR = 12000
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    B: int
+    S: int
+    T: int
+    D: int
+    Dv: int
+    dtype: str = "float32"          # Q and K
+    v_dtype: str = "float32"
+    scale: float = 1.0
+    v_scale: float = 1.0
+    causal: bool = False
+    mask: bool = False
+    num_qpus: int = 12
+
+    @property
+    def is_int(self) -> bool:
+        return self.dtype in INT_IN
+
+    @property
+    def NB(self) -> int:
+        return -(-self.T // 16)
+
+    @property
+    def NO(self) -> int:
+        return -(-self.Dv // 16)
+
+
+@dataclass(frozen=True)
+class AttnTiling:
+    R: int
+    Dpad: int
+    MT: int
+    W: int
+
+
+def choose_tiling(s: AttnShape) -> AttnTiling | None:
+    """Largest R (rows per tile, <= 16) whose scores, outputs and Q values fit in registers;
+    None when even R = 1 does not fit (then the 3-launch fallback is used)."""
+    nb, no = s.NB, s.NO
+    for R in range(min(16, s.S), 0, -1):
+        regs = R * (nb + no) + 2 * R + max(nb, no) + FIXED_REGS
+        pv = s.T * (R + no * (R + 1))
+        if regs <= 64 and pv <= MAX_PV_INSTR:
+            MT = -(-s.S // R)
+            return AttnTiling(R, -(-s.D // 2) * 2, MT, max(1, min(MT, s.num_qpus)))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Instruction emitter: every multiply-accumulate is a mul-ALU product plus an add-ALU accumulate
+# issued in the next instruction that has a free add slot (double-buffered product registers).
+# ------------------------------------------------------------------------------------------------
+class _Mac:
+    def __init__(self, tmp, is_int: bool, pending=None):
+        self.tmp, self.n = tmp, 0
+        self.mul = "smul24" if is_int else "fmul"
+        self.acc = F["add"] if is_int else F["fadd"]
+        self.pending = pending
+
+    def _flush_into(self, sig=None, cond=None):
+        if self.pending is None:
+            return nop(sig=sig)
+        acc, t = self.pending
+        self.pending = None
+        return self.acc(acc, acc, t, sig=sig)
+
+    def mac(self, acc, a, bb, sig=None):
+        ins = self._flush_into(sig)
+        t = self.tmp[self.n % 2]
+        self.n += 1
+        getattr(ins, self.mul)(t, a, bb)
+        self.pending = (acc, t)
+
+    def with_add_free(self, mulfn, sig=None):
+        """An instruction whose mul ALU does mulfn (a callable taking the Instr); add flushes."""
+        ins = self._flush_into(sig)
+        mulfn(ins)
+
+    def flush(self):
+        if self.pending is not None:
+            self._flush_into()
+
+
+# ------------------------------------------------------------------------------------------------
+# Registers
+# ------------------------------------------------------------------------------------------------
+FIXED = ("lane", "qt", "qstep", "kp", "vp", "ot", "ostep", "ors", "MT", "W", "mt", "ktb", "kwrap",
+         "kbl", "Sreg", "ninf", "cvec", "vstep", "cdv", "c64", "dvl", "Treg", "ptr", "cnt", "sr")
+
+
+class _Regs:
+    """Allocation (raises ValueError when the tile does not fit). Phase temporaries of the QK and
+    softmax phases live in the output accumulators, which are free until P V starts."""
+
+    def __init__(self, s: AttnShape, t: AttnTiling):
+        p = G._Pool()
+        for n in FIXED:
+            setattr(self, n, p.take())
+        if s.mask:
+            self.mt_ptr, self.mstep, self.l2e = p.take(), p.take(), p.take()
+        if s.v_dtype in INT_IN:
+            self.cfg4, self.vsc = p.take(), p.take()
+        R, nb, no = t.R, s.NB, s.NO
+        self.tmp = p.take(2)
+        self.kv = p.take(2)
+        self.q = p.take(2 * R)                     # Q values (QK); P broadcasts + recips (PV)
+        self.sc = [p.take(nb) for _ in range(R)]
+        self.o = [p.take(no) for _ in range(R)]
+        flat = [r for row in self.o for r in row] + list(p.free)
+        if len(flat) < 6:
+            raise ValueError("attention tile does not fit the register file")
+        self.m, self.l, self.dd, self.mv, self.tv, self.mp = flat[:6]
+
+
+def choose_tiling(s: AttnShape) -> AttnTiling | None:
+    """Largest R (query rows per tile, <= 16) whose registers fit and whose unrolled P V phase
+    stays within MAX_PV_INSTR; None when none fits (the 3-launch fallback is used)."""
+    if s.NB > 14:
+        return None                                  # K lookups in flight must fit the TMU FIFO
+    for R in range(min(16, s.S), 0, -1):
+        if s.T * (R + s.NO * (R + 1)) > MAX_PV_INSTR:
+            continue
+        MT = -(-s.S // R)
+        t = AttnTiling(R, -(-s.D // 2) * 2, MT, max(1, min(MT, s.num_qpus)))
+        try:
+            _Regs(s, t)
+        except ValueError:
+            continue
+        return t
+    return None
+
+
+def _uniforms(s: AttnShape, t: AttnTiling, names):
+    qn, kn, vn, on, mn = names
+    es_v = G.ITEMSIZE[s.v_dtype]
+    qts = t.Dpad * t.R * 4
+    u = [("addr", qn, 0), ("u32", t.MT * qts), ("u32", qts),                   # Q panel
+         ("addr", kn, 0), ("u32", s.NB * t.Dpad * 64),                         # K panel
+         ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v),            # V
+         ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
+         ("u32", s.Dv * 4 - 64 * s.NO), ("u32", t.MT), ("u32", t.W), ("u32", t.Dpad * 64), ("u32", (s.NB - 1) * t.Dpad * 64 - 64),
+         ("u32", t.Dpad // 2), ("u32", s.S), ("f32", -math.inf), ("f32", s.scale * LOG2E),
+         ("u32", 16 * es_v), ("u32", (s.Dv - 16 * (s.NO - 1)) * es_v), ("u32", 64),
+         ("u32", s.Dv - 16 * (s.NO - 1)), ("u32", s.T)]
+    if s.mask:
+        u += [("addr", mn, 0), ("u32", s.T * 4), ("f32", LOG2E)]
+    if s.v_dtype in INT_IN:
+        u += [("u32", G.config_word([s.v_dtype] * 4)), ("f32", s.v_scale)]
+    return u
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused kernel
+# ------------------------------------------------------------------------------------------------
+def _label(prefix):
+    return f"{prefix}{len(A.Program._stack[-1].items)}"
+
+
+def attention_kernel(s: AttnShape, t: AttnTiling):
+    g = _Regs(s, t)
+    ld = lambda r: S_["ldunifrf"](r)  # noqa: E731
+    x = g.tmp[0]
+    R, NB, NO = t.R, s.NB, s.NO
+    # ---- prologue ---------------------------------------------------------------------------
+    eidx(g.lane, sig=ld(g.qt))
+    mov(g.cnt, RF[2].unpack("ul"), sig=ld(x))              # z ; Q batch stride
+    umul24(x, x, g.cnt)
+    add(g.qt, g.qt, x, sig=ld(x))                          # Q tile stride
+    mov(g.mt, RF[3].unpack("ul"))                          # worker index = first tile
+    umul24(g.ptr, x, g.mt)
+    add(g.qt, g.qt, g.ptr)
+    mov(g.qstep, x, sig=ld(g.kp))                          # (times W below)
+    nop(sig=ld(x))                                         # K batch stride
+    umul24(x, x, g.cnt)
+    add(g.kp, g.kp, x, sig=ld(g.vp))
+    shl(g.sr, g.lane, 2)
+    add(g.kp, g.kp, g.sr, sig=ld(x))                       # V batch stride
+    umul24(x, x, g.cnt)
+    add(g.vp, g.vp, x, sig=ld(x))                          # V element size
+    umul24(x, x, g.lane)
+    add(g.vp, g.vp, x, sig=ld(g.ot))
+    nop(sig=ld(x))                                         # out batch stride
+    umul24(x, x, g.cnt)
+    add(g.ot, g.ot, x, sig=ld(g.ostep))                    # out tile stride
+    umul24(x, g.ostep, g.mt)
+    add(g.ot, g.ot, x)
+    add(g.ot, g.ot, g.sr, sig=ld(g.ors))
+    for r in (g.MT, g.W, g.ktb, g.kwrap, g.kbl, g.Sreg, g.ninf, g.cvec, g.vstep, g.cdv, g.c64,
+              g.dvl, g.Treg):
+        nop(sig=ld(r))
+    umul24(g.qstep, g.qstep, g.W)
+    umul24(g.ostep, g.ostep, g.W)
+    if s.mask:
+        nop(sig=ld(g.mt_ptr))
+        nop(sig=ld(g.mstep))                               # row stride T * 4
+        nop(sig=ld(g.l2e))
+        umul24(x, g.mt, R)
+        umul24(x, x, g.mstep)
+        add(g.mt_ptr, g.mt_ptr, x)
+        add(g.mt_ptr, g.mt_ptr, g.sr)                      # + 4 lane
+    if s.v_dtype in INT_IN:
+        nop(sig=ld(g.cfg4))
+        nop(sig=ld(g.vsc))
+    umul24(g.sr, g.mt, R)                                  # first query row of the tile
+
+    # ---- tile loop ----------------------------------------------------------------------------
+    L.tloop
+    sub(null, g.mt, g.MT, cond="pushn")
+    b(R_.done, cond="anyna")
+    mov(unifa, g.qt)
+    mov(g.ptr, g.kp)
+    mov(g.tmp[1], 0)
+    _qk_phase(s, t, g)
+    _softmax_phase(s, t, g)
+    _pv_phase(s, t, g)
+    _store_phase(s, t, g)
+    add(g.mt, g.mt, g.W)
+    add(g.qt, g.qt, g.qstep)
+    umul24(x, g.W, R)
+    add(g.sr, g.sr, x)
+    if s.mask:
+        umul24(x, x, g.mstep)
+        add(g.mt_ptr, g.mt_ptr, x)
+    b(R_.tloop, cond="always")
+    add(g.ot, g.ot, g.ostep)
+    nop()
+    nop()
+    L.done
+    tmuwt()
+    thread_end()
+
+
+def _k_issue(g, last_of_d: bool, sig=None):
+    ins = mov(tmua, g.ptr, sig=sig)
+    if last_of_d:
+        ins.sub(g.ptr, g.ptr, g.kwrap)                     # back to block 0, next d
+    else:
+        ins.add(g.ptr, g.ptr, g.ktb)                       # next 16-key block, same d
+
+
+def _qk_phase(s, t, g):
+    R, NB = t.R, s.NB
+    qa, qb = g.q[:R], g.q[R:]
+    for i in range(0, len(g.sc) * NB, 2):                  # scores = 0
+        flat = [r for row in g.sc for r in row]
+        ins = sub(flat[i], flat[i], flat[i])               # integer x - x = 0
+        if i + 1 < len(flat):
+            ins.sub(flat[i + 1], flat[i + 1], flat[i + 1])
+    for bb in range(NB):                                   # lookups of d = 0 (>= 3 after unifa)
+        _k_issue(g, bb == NB - 1)
+    for i in range(R):
+        nop(sig=S_["ldunifarf"](qa[i]))
+    mov(g.cnt, g.kbl)
+    mac = _Mac(g.tmp, s.is_int, pending=(g.sc[R - 1][NB - 1], g.tmp[1]))
+    body = [lambda: sub(g.cnt, g.cnt, 1, cond="pushz")]
+    for par in (0, 1):
+        cur, nxt = (qa, qb) if par == 0 else (qb, qa)
+        loads = list(nxt)
+        for bb in range(NB):
+            body.append(lambda bb=bb: _k_issue(g, bb == NB - 1, S_["ldtmu"](g.kv[bb % 2])))
+            for i in range(R):
+                def m(bb=bb, i=i, cur=cur, loads=loads):
+                    sig = S_["ldunifarf"](loads.pop(0)) if loads else None
+                    mac.mac(g.sc[i][bb], g.kv[bb % 2], cur[i], sig=sig)
+                body.append(m)
+    lbl = _label("qk")
+    A.Program._stack[-1].label(lbl)
+    for idx, emit in enumerate(body):
+        if idx == len(body) - 3:
+            b(getattr(R_, lbl), cond="anyna")
+        emit()
+    assert mac.pending == (g.sc[R - 1][NB - 1], g.tmp[1])
+    mac.flush()
+    for bb in range(NB):                                   # drain the lookups of d = Dpad
+        nop(sig=S_["ldtmu"](g.kv[0]))
+
+
+def _softmax_phase(s, t, g):
+    R, NB = t.R, s.NB
+    rcp = g.q[R:]
+    for i in range(R):
+        row = g.sc[i]
+        if s.mask:                                         # mask row sr + i, all blocks
+            mov(g.mp, g.mt_ptr)
+            if i:
+                umul24(g.dd, g.mstep, i)
+                add(g.mp, g.mp, g.dd)
+            for bb in range(NB):
+                mov(tmua, g.mp).add(g.mp, g.mp, g.c64)
+        mov(g.m, g.ninf)
+        mov(g.tv, g.lane)
+        if s.causal:
+            add(g.dd, g.sr, i) if i <= 15 else None
+        for bb, xr in enumerate(row):
+            if s.is_int:
+                F["itof"](xr, xr)
+            F["fmul"](xr, xr, g.cvec)
+            if s.mask:
+                nop(sig=S_["ldtmu"](g.mv))
+                F["fmul"](g.mv, g.mv, g.l2e)
+                F["fadd"](xr, xr, g.mv)
+            if bb == NB - 1 and s.T % 16:
+                sub(null, g.tv, g.Treg, cond="pushn")      # A = key exists
+                mov(xr, g.ninf, cond="ifna")
+            if s.causal:
+                sub(null, g.dd, g.tv, cond="pushn")        # A = row < key
+                mov(xr, g.ninf, cond="ifa")
+            F["fmax"](g.m, g.m, xr)
+            sub(g.tv, g.tv, -16)
+        SM.allreduce("fmax", g.m, g.dd)
+        mov(g.l, 0)
+        for xr in row:
+            F["fsub"](g.dd, xr, g.m)
+            F["exp"](xr, g.dd)
+            F["fadd"](g.l, g.l, xr)
+        SM.allreduce("fadd", g.l, g.dd)
+        SM.newton_recip(rcp[i], g.l, g.dd)
+        if s.v_dtype in INT_IN:
+            F["fmul"](rcp[i], rcp[i], g.vsc)
+
+
+def _pv_phase(s, t, g):
+    R, NO, T = t.R, s.NO, s.T
+    pb = g.q[:R]
+    flat = [r for row in g.o for r in row]
+    for i in range(0, len(flat), 2):
+        ins = sub(flat[i], flat[i], flat[i])               # integer x - x = 0
+        if i + 1 < len(flat):
+            ins.sub(flat[i + 1], flat[i + 1], flat[i + 1])
+    mov(g.ptr, g.vp)
+    total = T * NO
+    int_v = s.v_dtype in INT_IN
+
+    def issue(n, sig=None):
+        if n >= total:
+            if sig is not None:
+                nop(sig=sig)
+            return
+        if int_v and n % 4 == 0:
+            nop().mov(tmuc, g.cfg4)
+        ins = mov(tmua, g.ptr, sig=sig)
+        ins.add(g.ptr, g.ptr, g.cdv if n % NO == NO - 1 else g.vstep)
+
+    for n in range(min(PFV, total)):
+        issue(n)
+    mac = _Mac(g.tmp, False)
+    for tt in range(T):
+        bb, j = divmod(tt, 16)
+        for i in range(R):
+            F["shuffle"](pb[i], g.sc[i][bb], j)
+        for c in range(NO):
+            n = tt * NO + c
+            v = g.kv[n % 2]
+            issue(n + PFV, S_["ldtmu"](v))
+            if int_v:
+                F["itof"](v, v)
+            for i in range(R):
+                mac.mac(g.o[i][c], v, pb[i])
+    mac.flush()
+    if int_v:
+        mov(tmuc, -1)
+
+
+def _store_phase(s, t, g):
+    """out rows = o * recip(sum); lanes < Dv in the last block, rows < S."""
+    R, NO = t.R, s.NO
+    rcp = g.q[R:]
+    mov(g.ptr, g.ot)
+    for i in range(R):
+        add(g.cnt, g.sr, i)                                # (dd lives in the o registers)
+        for c in range(NO):
+            if c == 0:
+                sub(null, g.cnt, g.Sreg, cond="pushn")      # A = row exists
+            if c == NO - 1:
+                sub(null, g.lane, g.dvl, cond="andn")      # A &= lane < columns of the block
+            nop().fmul(tmud, g.o[i][c], rcp[i])
+            mov(tmua, g.ptr, cond="ifa").add(g.ptr, g.ptr, g.c64)
+        add(g.ptr, g.ptr, g.ors)                           # ors = Dv * 4 - 64 NO
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans
+# ------------------------------------------------------------------------------------------------
+def _pack_launch(gs: G.GemmShape, gt: G.GemmTiling, a_name, p_name, name):
+    groups = gs.batch * gt.MT
+    kchunk = max(G.PACK_PF, -(-gs.K * groups // 48), -(-gs.K // 0xFFFF))
+    kc = -(-gs.K // kchunk)
+    return Launch(G._assemble(G.pack_kernel, gs, gt, name=name),
+                  G.pack_uniforms(gs, gt, kchunk, a_name, p_name), (kc, gt.MT, gs.batch), 16,
+                  gs.num_qpus, 1, name)
+
+
+def check_limits(s: AttnShape):
+    if min(s.B, s.S, s.T, s.D, s.Dv) < 1:
+        raise ValueError("empty attention")
+    es = G.ITEMSIZE[s.dtype]
+    for what, v in {"q": s.B * s.S * s.D * es, "k": s.B * s.T * s.D * es,
+                    "v": s.B * s.T * s.Dv * G.ITEMSIZE[s.v_dtype], "out": s.B * s.S * s.Dv * 4,
+                    "k panel": s.B * s.NB * (s.D + 2) * 64}.items():
+        if v >= G.UMUL24_LIMIT:
+            raise ValueError(f"{what} spans {v} bytes: beyond the kernel's 24-bit address arithmetic")
+    if s.B > 0xFFFF:
+        raise ValueError("B > 65535")
+
+
+def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
+    """Fused plan (pack Q, pack K, attention), or the 3-launch fallback when no tile fits."""
+    check_limits(s)
+    t = choose_tiling(s)
+    if t is None:
+        return plan_attention_fallback(s, names)
+    qn, kn, vn, on, mn = names
+    es, es_v = G.ITEMSIZE[s.dtype], G.ITEMSIZE[s.v_dtype]
+    pad_in = lambda K: (G.PACK_PF + t.Dpad - K + 2) * es + 64  # noqa: E731
+    qp, kp = qn + "_panel", kn + "_panel"
+    bufs = [BufferSpec(qn, "input", (s.B, s.S, s.D), s.dtype, s.B * s.S * s.D * es + pad_in(s.D)),
+            BufferSpec(kn, "input", (s.B, s.T, s.D), s.dtype, s.B * s.T * s.D * es + pad_in(s.D)),
+            BufferSpec(vn, "input", (s.B, s.T, s.Dv), s.v_dtype, s.B * s.T * s.Dv * es_v + 64)]
+    if s.mask:
+        bufs.append(BufferSpec(mn, "input", (s.S, s.T), "float32", (s.S + t.R) * s.T * 4 + 64))
+    bufs.append(BufferSpec(on, "output", (s.B, s.S, s.Dv), "float32"))
+    bufs.append(BufferSpec(qp, "scratch", (s.B * t.MT * t.Dpad * t.R + 2 * t.R + 32,), "float32"))
+    bufs.append(BufferSpec(kp, "scratch", (s.B * s.NB * t.Dpad * 16 + 64,), "float32"))
+    gq = G.GemmShape(s.S, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
+    tq = G.GemmTiling(t.R, 2, 4, t.Dpad, t.MT, 1, 1, 1)
+    gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
+    tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)
+    launches = [_pack_launch(gq, tq, qn, qp, "attn_pack_q"), _pack_launch(gk, tk, kn, kp, "attn_pack_k"),
+                Launch(G._assemble(attention_kernel, s, t, name="attention"),
+                       _uniforms(s, t, (qp, kp, vn, on, mn)), (t.W, 1, s.B), 16, s.num_qpus, 1,
+                       "attention")]
+    return KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s, t), flops=flops(s),
+                      bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v + s.S * s.Dv * 4))
+
+
+def flops(s: AttnShape) -> int:
+    return 2 * s.B * s.S * s.T * (s.D + s.Dv)
+
+
+def _attrs(s, t):
+    d = dict(s.__dict__)
+    d["tiling"] = None if t is None else t.__dict__
+    d["fused"] = t is not None
+    return d
+
+
+def plan_attention_fallback(s: AttnShape, names):
+    raise ValueError(f"attention T={s.T}, Dv={s.Dv}: no fused tile fits and the 3-launch fallback "
+                     "is not implemented")
+
+
+def reference(s: AttnShape, q, k, v, mask=None) -> np.ndarray:
+    """numpy reference with the kernel's semantics (module docstring)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if s.is_int:
+            sc = np.matmul(q.astype(np.int64), np.swapaxes(k.astype(np.int64), -1, -2))
+            sc = ((sc + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.float64) * float(np.float32(s.scale))
+        else:
+            sc = np.matmul(q.astype(np.float64), np.swapaxes(k.astype(np.float64), -1, -2)) * s.scale
+        if mask is not None:
+            sc = sc + np.asarray(mask, np.float64)
+        if s.causal:
+            sc = np.where(np.triu(np.ones((s.S, s.T), bool), 1), -np.inf, sc)
+        m = sc.max(axis=-1, keepdims=True)
+        e = np.exp(sc - m)
+        p = e / e.sum(axis=-1, keepdims=True)
+        out = np.matmul(p, v.astype(np.float64))
+        if s.v_dtype in INT_IN:
+            out = out * s.v_scale
+        return out.astype(np.float32)
