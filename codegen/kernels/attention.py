@@ -149,7 +149,7 @@ class _Mac:
 # Registers
 # ------------------------------------------------------------------------------------------------
 FIXED = ("lane", "qt", "qstep", "kp", "vp", "ot", "ostep", "ors", "MT", "W", "mt", "ktb", "kwrap",
-         "kbl", "Sreg", "ninf", "cvec", "vstep", "cdv", "c64", "dvl", "Treg", "ptr", "cnt", "sr")
+         "kbl", "Sreg", "ninf", "cvec", "vstep", "cdv", "c64", "ptr", "cnt", "sr")
 
 
 class _Regs:
@@ -160,6 +160,8 @@ class _Regs:
         p = G._Pool()
         for n in FIXED:
             setattr(self, n, p.take())
+        self.Treg = p.take() if s.T % 16 else None          # only for a partial last key block
+        self.dvl = p.take() if s.Dv % 16 else None          # only for a partial last column block
         if s.mask:
             self.mt_ptr, self.mstep, self.l2e = p.take(), p.take(), p.take()
         if s.v_dtype in INT_IN:
@@ -251,7 +253,7 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     add(g.ot, g.ot, g.sr, sig=ld(g.ors))
     for r in (g.MT, g.W, g.ktb, g.kwrap, g.kbl, g.Sreg, g.ninf, g.cvec, g.vstep, g.cdv, g.c64,
               g.dvl, g.Treg):
-        nop(sig=ld(r))
+        nop(sig=ld(r if r is not None else x))
     umul24(g.qstep, g.qstep, g.W)
     umul24(g.ostep, g.ostep, g.W)
     if s.mask:
@@ -435,7 +437,7 @@ def _store_phase(s, t, g):
         for c in range(NO):
             if c == 0:
                 sub(null, g.cnt, g.Sreg, cond="pushn")      # A = row exists
-            if c == NO - 1:
+            if c == NO - 1 and g.dvl is not None:
                 sub(null, g.lane, g.dvl, cond="andn")      # A &= lane < columns of the block
             nop().fmul(tmud, g.o[i][c], rcp[i])
             mov(tmua, g.ptr, cond="ifa").add(g.ptr, g.ptr, g.c64)
@@ -489,7 +491,12 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
     tq = G.GemmTiling(t.R, 2, 4, t.Dpad, t.MT, 1, 1, 1)
     gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
     tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)
-    launches = [_pack_launch(gq, tq, qn, qp, "attn_pack_q"), _pack_launch(gk, tk, kn, kp, "attn_pack_k"),
+    q_in_place = t.R == 1 and s.dtype == "float32" and t.Dpad == s.D   # Q rows are the panel
+    if q_in_place:
+        bufs = [bf for bf in bufs if bf.name != qp]
+        qp = qn
+    launches = ([] if q_in_place else [_pack_launch(gq, tq, qn, qp, "attn_pack_q")])
+    launches += [_pack_launch(gk, tk, kn, kp, "attn_pack_k"),
                 Launch(G._assemble(attention_kernel, s, t, name="attention"),
                        _uniforms(s, t, (qp, kp, vn, on, mn)), (t.W, 1, s.B), 16, s.num_qpus, 1,
                        "attention")]
@@ -532,3 +539,89 @@ def reference(s: AttnShape, q, k, v, mask=None) -> np.ndarray:
         if s.v_dtype in INT_IN:
             out = out * s.v_scale
         return out.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+def spec_shape(spec) -> AttnShape:
+    (qs, qd), (ks, _), (vs, vd) = spec.inputs[:3]
+    a = spec.attrs
+    D = qs[-1]
+    return AttnShape(int(qs[0]), int(qs[1]), int(ks[1]), int(D), int(vs[2]), qd, vd,
+                     float(a.get("scale", 1.0 / math.sqrt(D))), float(a.get("v_scale", 1.0)),
+                     bool(a.get("causal", False)), bool(a.get("mask", False)))
+
+
+def supports(spec):
+    if len(spec.inputs) not in (3, 4):
+        return False, "attention takes q, k, v (and an optional mask)"
+    (qs, qd), (ks, kd), (vs, vd) = spec.inputs[:3]
+    if not (len(qs) == len(ks) == len(vs) == 3):
+        return False, "q, k, v must be [B, S, D], [B, T, D], [B, T, Dv]"
+    if qs[0] != ks[0] or ks[0] != vs[0] or qs[2] != ks[2] or ks[1] != vs[1]:
+        return False, "inconsistent q / k / v shapes"
+    if qd != kd:
+        return False, "q and k must share a dtype"
+    if qd == "float32" and vd != "float32":
+        return False, "fp32 attention needs fp32 v"
+    if qd != "float32" and (qd not in INT_IN or vd not in INT_IN):
+        return False, f"integer attention takes int8/int16 q, k, v (got {qd}, {vd})"
+    if bool(spec.attrs.get("mask", False)) != (len(spec.inputs) == 4):
+        return False, "attrs['mask'] must match the presence of the mask input"
+    s = spec_shape(spec)
+    try:
+        check_limits(s)
+    except ValueError as e:
+        return False, str(e)
+    if choose_tiling(s) is None:
+        return False, (f"T={s.T}, Dv={s.Dv}: the fused tile does not fit the register file and the "
+                       "tiled fallback is not implemented")
+    return True, ""
+
+
+def generate(spec, constants=None) -> KernelPlan:
+    return plan_attention(spec_shape(spec))
+
+
+def estimate(spec) -> float:
+    """Modelled seconds from the instruction schedule: per tile ~ D/2 (2 NB (R+1) + 2) (QK) +
+    T (R + NO (R+1)) (P V) + softmax, tiles spread over the workers, plus the pack launches."""
+    from ...runtime.cycle_model import DEFAULT as T_
+    s = spec_shape(spec)
+    t = choose_tiling(s)
+    per_tile = (t.Dpad // 2) * (2 * s.NB * (t.R + 1) + 2) + s.T * (t.R + s.NO * (t.R + 1)) \
+        + t.R * (6 * s.NB + 40) + 2 * t.R * s.NO
+    rounds = s.B * -(-t.MT // t.W) / max(1, min(s.B, s.num_qpus // t.W)) if t.W < s.num_qpus else \
+        s.B * -(-t.MT // t.W)
+    return rounds * per_tile * T_.cycles_per_instruction / T_.clock_hz * 1.3 + 60e-6
+
+
+def bench_cases():
+    """(name, OpSpec, input generator(rng) -> dict) for the benchmark script."""
+    from ..registry import OpSpec
+    cases = []
+    for name, dt in (("attention_fp32_128", "float32"), ("attention_int8_128", "int8"),
+                     ("attention_int16_128", "int16")):
+        B, S, T, D = 1, 128, 128, 128
+        spec = OpSpec("attention", [((B, S, D), dt), ((B, T, D), dt), ((B, T, D), dt)],
+                      ((B, S, D), "float32"),
+                      {"scale": (1 / math.sqrt(D)) if dt == "float32" else 1e-3, "causal": False,
+                       "mask": False})
+
+        def gen(rng, dt=dt, B=B, S=S, T=T, D=D):
+            if dt == "float32":
+                f = lambda *sh: rng.standard_normal(sh).astype(np.float32)  # noqa: E731
+            else:
+                f = lambda *sh: rng.integers(-100, 100, sh).astype(dt)  # noqa: E731
+            return {"q": f(B, S, D), "k": f(B, T, D), "v": f(B, T, D)}
+        cases.append((name, spec, gen))
+    return cases
+
+
+def _register():
+    from ..registry import register
+    register("attention", supports, generate, estimate)
+
+
+_register()
