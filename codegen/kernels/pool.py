@@ -1,0 +1,523 @@
+"""2D pooling (NCHW): max_pool2d, avg_pool2d, global_avg_pool2d for float32, int8, int16, int32.
+
+Plans take the runtime input buffer ``"data"`` and write the output buffer ``"out"``.
+
+Semantics
+---------
+* Output size per axis (PyTorch / ONNX): ``out = floor_or_ceil((H + pt + pb - dh*(kh-1) - 1) / sh) + 1``;
+  with ceil_mode the last window must start inside the input or the leading padding, else it
+  is dropped.
+* max: padded positions never take part (they act as -inf / the dtype minimum); a window with
+  no valid position gives that neutral value. Float NaN propagates (as numpy / PyTorch).
+  Output dtype = input dtype.
+* avg: ``sum / count`` where ``count`` is the number of window taps inside the input, or, with
+  ``count_include_pad``, inside the padded extent ``[-pad_before, size + pad_after)`` (taps of a
+  ceil_mode overhang beyond the padding never count) -- PyTorch's rule, extended tap-wise to
+  dilation. Float: the sum is accumulated in float32 in tap order and multiplied by
+  ``float32(1 / count)`` (tolerance: 1e-5 relative to the sum of |x| / count). Integers: the sum
+  is accumulated in int32 (wrapping modulo 2**32 like numpy int32) and divided with **floor**
+  rounding (numpy ``//``, toward -inf), exactly; count < 2**15. Output dtype = input dtype.
+* global_avg_pool2d = avg over the whole plane (same rounding); it runs as a "sum" reduction of
+  :mod:`.reduce` (one lane per plane).
+
+Kernel
+------
+Lanes own output positions: a 16-lane vector is 16 consecutive outputs of the flattened
+``[N*C, OH, OW]`` output (so every store is one aligned 64-byte line for 32-bit outputs). Each
+worker (workgroup, one per QPU) takes a contiguous run of vectors; lane starting offsets come
+from a host table (``<prefix>_table``: input byte offset of tap (0, 0), ih0, iw0, output offset,
+outputs left). Per vector, every lane advances by 16 outputs with constant steps and two carry
+steps (column -> row -> plane). Each tap is one 16-lane gather at a constant byte offset from
+the lane's base address. The loads of the *next* vector are issued while the current vector's
+are folded (T taps in flight, T <= 16).
+
+Padding: taps are checked per lane (row ``ih0 + i*dh <u H``, column ``iw0 + j*dw <u W``); invalid
+lanes neither load (masked TMU address write, so no out-of-bounds access) nor fold. Windows that
+never leave the input (no padding, no ceil overhang) use a mask-free fast path (one instruction
+per tap). Reads past the tensor end (the prefetch of the vector after the last) stay within the
+input buffer's padded device size (``BufferSpec.nbytes``).
+
+Not supported (``supports`` says so): more than 16 taps per window (unless the window is the
+whole plane: then global average), layouts other than NCHW.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import asm as A
+from .. import registry
+from ..asm import L, b, mov, nop, sub, add, shl, eidx, tmuwt, thread_end
+from ..instr import RF
+from ..plan import BufferSpec, KernelPlan, Launch
+from . import reduce as RD
+from .reduce import Acc, Builder, ITEMSIZE, store_vector, floor_div_const, f32_bits, tmu_cfg_word
+
+S = A.SIGNALS
+R_ = A.R
+tmua, tmuc, null = RD.tmua, RD.tmuc, RD.null
+MAX_TAPS = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pool2D:
+    N: int
+    C: int
+    H: int
+    W: int
+    kh: int
+    kw: int
+    sh: int = 1
+    sw: int = 1
+    pt: int = 0
+    pl: int = 0
+    pb: int = 0
+    pr: int = 0
+    dh: int = 1
+    dw: int = 1
+    ceil_mode: bool = False
+    op: str = "max"             # max | avg
+    count_include_pad: bool = False
+    dtype: str = "float32"
+
+    @staticmethod
+    def out_size(n, k, s, p0, p1, d, ceil):
+        span = n + p0 + p1 - d * (k - 1) - 1
+        if span < 0:
+            return 0
+        o = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (o - 1) * s >= n + p0:
+            o -= 1
+        return o
+
+    @property
+    def OH(self):
+        return self.out_size(self.H, self.kh, self.sh, self.pt, self.pb, self.dh, self.ceil_mode)
+
+    @property
+    def OW(self):
+        return self.out_size(self.W, self.kw, self.sw, self.pl, self.pr, self.dw, self.ceil_mode)
+
+    @property
+    def T(self):
+        return self.kh * self.kw
+
+    @property
+    def P(self):
+        return self.N * self.C * self.OH * self.OW
+
+    def axis_valid(self, axis: str, padded: bool):
+        """[out, k] booleans: tap k of output position o lies in the input (or padded extent)."""
+        n, k, s, p0, p1, d, o = ((self.H, self.kh, self.sh, self.pt, self.pb, self.dh, self.OH) if axis == "h"
+                                 else (self.W, self.kw, self.sw, self.pl, self.pr, self.dw, self.OW))
+        c = np.arange(o)[:, None] * s - p0 + np.arange(k)[None, :] * d
+        return (c >= -p0) & (c < n + p1) if padded else (c >= 0) & (c < n)
+
+    @property
+    def always_valid(self):
+        return bool(self.axis_valid("h", False).all() and self.axis_valid("w", False).all())
+
+    def counts(self):
+        """[OH, OW] divisor of avg pooling."""
+        vh = self.axis_valid("h", self.count_include_pad).sum(1)
+        vw = self.axis_valid("w", self.count_include_pad).sum(1)
+        return vh[:, None] * vw[None, :]
+
+
+# ------------------------------------------------------------------------------------------------
+# Host tables
+# ------------------------------------------------------------------------------------------------
+def _lane_state(g: Pool2D, o):
+    o = np.asarray(o, dtype=np.int64)
+    ow, oh, nc = o % g.OW, (o // g.OW) % g.OH, o // (g.OW * g.OH)
+    ih0, iw0 = oh * g.sh - g.pt, ow * g.sw - g.pl
+    return (nc * g.H * g.W + ih0 * g.W + iw0) * ITEMSIZE[g.dtype], ih0, iw0
+
+
+def pool_layout(g: Pool2D, num_qpus=RD.NUM_QPUS):
+    V = -(-g.P // 16)
+    chunk = -(-V // num_qpus)
+    W = -(-V // chunk)
+    tab = np.zeros((W, 16, 8), dtype=np.int64)
+    for w in range(W):
+        o = w * chunk * 16 + np.arange(16)
+        end = min(g.P, (w + 1) * chunk * 16)
+        off, ih0, iw0 = _lane_state(g, o)
+        tab[w, :, 0], tab[w, :, 1], tab[w, :, 2] = off, ih0, iw0
+        tab[w, :, 3] = o * ITEMSIZE[g.dtype]
+        tab[w, :, 4] = end - o
+    return W, (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def input_bytes(g: Pool2D) -> int:
+    es = ITEMSIZE[g.dtype]
+    V = -(-g.P // 16)
+    off, _, _ = _lane_state(g, 16 * V + 31)
+    ext = ((g.kh - 1) * g.dh * g.W + (g.kw - 1) * g.dw + 1) * es
+    return int(max(g.N * g.C * g.H * g.W * es, off + ext + g.pt * g.W * es + g.pl * es)) + 64
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel
+# ------------------------------------------------------------------------------------------------
+class _State:
+    """Per-vector lane state: base address of tap (0, 0), ih0, iw0 and, when masked, the
+    per-row / per-column tap coordinates."""
+
+    def __init__(self, kb: Builder, g: Pool2D, masked: bool):
+        self.a, self.ih, self.iw = kb.reg(3)
+        self.u = kb.reg(g.kh) if masked else []
+        self.v = kb.reg(g.kw) if masked else []
+
+    def regs(self):
+        return [self.a, self.ih, self.iw] + self.u + self.v
+
+
+def _copy(dst: _State, src: _State):
+    pairs = list(zip(dst.regs(), src.regs()))
+    for k in range(0, len(pairs), 2):
+        ins = mov(pairs[k][0], pairs[k][1])
+        if k + 1 < len(pairs):
+            ins.mov(pairs[k + 1][0], pairs[k + 1][1])
+
+
+def _coords(kb: Builder, g: Pool2D, st: _State):
+    items = [(st.u[i], st.ih, i * g.dh) for i in range(g.kh)] + [(st.v[j], st.iw, j * g.dw) for j in range(g.kw)]
+    for k in range(0, len(items), 2):
+        d, s_, c = items[k]
+        ins = add(d, s_, kb.u32(c))
+        if k + 1 < len(items):
+            d2, s2, c2 = items[k + 1]
+            ins.add(d2, s2, kb.u32(c2))
+
+
+def _advance(kb: Builder, g: Pool2D, st: _State):
+    es = ITEMSIZE[g.dtype]
+    a_, rest = divmod(16, g.OH * g.OW)
+    b_, r_ = divmod(rest, g.OW)
+    astep = (a_ * g.H * g.W + b_ * g.sh * g.W + r_ * g.sw) * es
+    add(st.iw, st.iw, kb.u32(r_ * g.sw)).add(st.a, st.a, kb.u32(astep))
+    sub(null, st.iw, kb.u32(g.OW * g.sw - g.pl), cond="pushn").add(st.ih, st.ih, kb.u32(b_ * g.sh))
+    sub(st.iw, st.iw, kb.u32(g.OW * g.sw), cond="ifna").add(st.ih, st.ih, kb.u32(g.sh), cond="ifna")
+    add(st.a, st.a, kb.u32((g.sh * g.W - g.OW * g.sw) * es), cond="ifna")
+    sub(null, st.ih, kb.u32(g.OH * g.sh - g.pt), cond="pushn")
+    sub(st.ih, st.ih, kb.u32(g.OH * g.sh), cond="ifna").add(
+        st.a, st.a, kb.u32((g.H * g.W - g.OH * g.sh * g.W) * es), cond="ifna")
+
+
+def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
+    es = ITEMSIZE[g.dtype]
+    small = es < 4
+    masked = not g.always_valid
+    cfg = kb.u32(tmu_cfg_word(g.dtype)) if small else None
+    one = kb.u32(1)
+    Hr, Wr = kb.u32(g.H), kb.u32(g.W)
+    acc = Acc(kb, "max" if g.op == "max" else "sum", g.dtype)
+    cur, nxt = _State(kb, g, masked), _State(kb, g, masked)
+    aout, remw, v, tt = kb.reg(4)
+    offs = [kb.u32((i * g.dh * g.W + j * g.dw) * es) for i in range(g.kh) for j in range(g.kw)]
+    taps = [(i, j) for i in range(g.kh) for j in range(g.kw)]
+    counts = g.counts()
+    const_count = g.op == "avg" and len(np.unique(counts)) == 1
+
+    # ---- lane table: two vec4 lookups per lane ----
+    lane, t = kb.reg(2)
+    eidx(lane)
+    mov(t, RF[3].unpack("ul"))
+    shl(t, t, 9)
+    shl(lane, lane, 5)
+    add(t, t, lane)
+    add(t, t, kb.addr(prefix + "_table"))
+    mov(tmuc, kb.u32(RD.VEC4_CFG))
+    mov(tmua, t)
+    mov(tmuc, kb.u32(RD.VEC4_CFG))
+    nop().add(tmua, t, kb.u32(16))
+    for r in (nxt.a, nxt.ih, nxt.iw, aout, remw, tt, tt, tt):
+        nop(sig=S["ldtmu"](r))
+    add(nxt.a, nxt.a, kb.addr("data"))
+    add(aout, aout, kb.addr("out"))
+    if masked:
+        _coords(kb, g, nxt)
+
+    def issue_flags(st: _State, i, j, first: bool):
+        sub(null, st.u[i], Hr, cond="pushc")
+        sub(null, st.v[j], Wr, cond="andc")
+
+    # ---- prologue: the first vector's taps ----
+    for t_, (i, j) in enumerate(taps):
+        if masked:
+            issue_flags(nxt, i, j, True)
+        if small:
+            mov(tmuc, cfg)
+        nop().add(tmua, nxt.a, offs[t_], cond="ifa" if masked else None)
+
+    L.vloop
+    _copy(cur, nxt)
+    _advance(kb, g, nxt)
+    if masked:
+        _coords(kb, g, nxt)
+    acc.init()
+    if not masked:
+        nop(sig=S["ldtmu"](v))
+        for t_ in range(len(taps)):
+            if small:
+                mov(tmuc, cfg)
+            sig = S["ldtmu"](v) if t_ + 1 < len(taps) else None
+            acc.combine(v, sig=sig, mul=lambda ins, t_=t_: ins.add(tmua, nxt.a, offs[t_]))
+            if sig is None and len(taps) == 1:
+                pass
+    else:
+        for t_, (i, j) in enumerate(taps):
+            issue_flags(cur, i, j, False)                      # A = current tap valid
+            issue_flags(nxt, i, j, False)                      # B = current, A = next tap valid
+            if small:
+                mov(tmuc, cfg, sig=S["ldtmu"](v))
+            else:
+                nop(sig=S["ldtmu"](v))
+            acc.combine(v, cond="ifb", mul=lambda ins, t_=t_: ins.add(tmua, nxt.a, offs[t_], cond="ifa"))
+    acc.fix_nan(kb)
+    if g.op == "avg":
+        if const_count:
+            RD._divide(kb, acc, int(counts.flat[0]))
+        else:
+            _dynamic_divide(kb, g, cur, acc)
+    sub(null, remw, one, cond="pushn")                         # A = lane past this worker's run
+    store_vector(kb, acc.acc, aout, g.dtype, cond="ifna")
+    add(aout, aout, kb.u32(16 * es)).sub(remw, remw, kb.u32(16))
+    sub(null, remw, one, cond="pushn")
+    b(R_.vloop, cond="anyna")
+    nop()
+    nop()
+    nop()
+    for _ in taps:                                             # the over-issued vector
+        nop(sig=S["ldtmu"](v))
+    tmuwt()
+    thread_end()
+
+
+def _dynamic_divide(kb: Builder, g: Pool2D, cur: _State, acc: Acc):
+    """Per-lane count = rows in range x columns in range; then divide."""
+    cr, cc, tmp, rc = kb.reg(4)
+    one = kb.u32(1)
+    mov(cr, kb.u32(0)).mov(cc, kb.u32(0))
+    for coords, lo, n, hi in ((cur.u, g.pt, g.H, g.pb), (cur.v, g.pl, g.W, g.pr)):
+        cnt = cr if coords is cur.u else cc
+        for c in coords:
+            if g.count_include_pad:
+                add(tmp, c, kb.u32(lo))
+                sub(null, tmp, kb.u32(n + lo + hi), cond="pushc")
+            else:
+                sub(null, c, kb.u32(n), cond="pushc")
+            add(cnt, cnt, one, cond="ifa")
+    A.DSL["umul24"](cr, cr, cc)
+    A.DSL["itof"](tmp, cr)
+    A.DSL["recip"](rc, tmp)
+    nop()
+    nop()
+    if acc.is_float:
+        A.DSL["fmul"](acc.acc, acc.acc, rc)
+    else:
+        floor_div_const(kb, acc.acc, cr, rc)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans
+# ------------------------------------------------------------------------------------------------
+def is_global(g: Pool2D) -> bool:
+    return (g.OH == 1 and g.OW == 1 and g.kh == g.H and g.kw == g.W and g.dh == 1 and g.dw == 1
+            and not any((g.pt, g.pl, g.pb, g.pr)))
+
+
+def check(g: Pool2D):
+    """Raise ValueError for what the kernels do not take."""
+    if g.dtype not in RD.DTYPES:
+        raise ValueError(f"dtype {g.dtype} not supported (float32, int8, int16, int32)")
+    if min(g.N, g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw) < 1 or min(g.pt, g.pl, g.pb, g.pr) < 0:
+        raise ValueError("sizes, strides and dilations must be >= 1, paddings >= 0")
+    if g.OH < 1 or g.OW < 1:
+        raise ValueError("empty output")
+    if g.op == "avg" and is_global(g):
+        _check_global(g.N, g.C, g.H, g.W, g.dtype)
+        return
+    if g.T > MAX_TAPS:
+        raise ValueError(f"{g.T} taps per window: the kernel unrolls at most {MAX_TAPS}")
+    if g.op == "avg":
+        c = g.counts()
+        if c.min() == 0:
+            raise ValueError("a window has no position to average over")
+        if c.max() >= 1 << 15:
+            raise ValueError("window count >= 2**15")
+    if g.N * g.C * g.H * g.W * ITEMSIZE[g.dtype] >= 1 << 30:
+        raise ValueError("tensor larger than 1 GiB")
+
+
+def _check_global(N, C, H, W, dtype):
+    if dtype not in RD.DTYPES:
+        raise ValueError(f"dtype {dtype} not supported")
+    if dtype != "float32" and H * W >= 1 << 15:
+        raise ValueError("integer global average over >= 2**15 positions")
+    if N * C * H * W * ITEMSIZE[dtype] >= 1 << 30:
+        raise ValueError("tensor larger than 1 GiB")
+
+
+def plan_global_avg(N, C, H, W, dtype, name="global_avg_pool2d") -> KernelPlan:
+    _check_global(N, C, H, W, dtype)
+    return RD.plan_reduce("sum", (N, C, H, W), dtype, (2, 3), keepdims=True, divisor=H * W, name=name)
+
+
+def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS) -> KernelPlan:
+    check(g)
+    name = name or f"{g.op}_pool2d"
+    if g.op == "avg" and is_global(g):
+        return plan_global_avg(g.N, g.C, g.H, g.W, g.dtype, name)
+    W, tab = pool_layout(g, num_qpus)
+    kb = Builder(name)
+    words, unif = kb.build(pool_kernel, g, name)
+    es = ITEMSIZE[g.dtype]
+    in_bytes = g.N * g.C * g.H * g.W * es
+    out_bytes = g.P * es
+    bufs = [BufferSpec("data", "input", (g.N, g.C, g.H, g.W), g.dtype, input_bytes(g)),
+            BufferSpec("out", "output", (g.N, g.C, g.OH, g.OW), g.dtype),
+            BufferSpec(name + "_table", "weight", tab.shape, "int32")]
+    return KernelPlan(name, bufs, [Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, name)],
+                      {name + "_table": tab}, attrs=dict(g.__dict__), flops=g.P * g.T,
+                      bytes_moved=in_bytes + out_bytes)
+
+
+# ------------------------------------------------------------------------------------------------
+# numpy reference
+# ------------------------------------------------------------------------------------------------
+def reference(g: Pool2D, x: np.ndarray) -> np.ndarray:
+    """Pooling with the semantics in the module docstring (float64 sums for float)."""
+    OH, OW = g.OH, g.OW
+    ih = np.arange(OH)[:, None] * g.sh - g.pt + np.arange(g.kh)[None, :] * g.dh      # [OH, kh]
+    iw = np.arange(OW)[:, None] * g.sw - g.pl + np.arange(g.kw)[None, :] * g.dw      # [OW, kw]
+    vh, vw = (ih >= 0) & (ih < g.H), (iw >= 0) & (iw < g.W)
+    gather = x[:, :, np.clip(ih, 0, g.H - 1)[:, None, :, None], np.clip(iw, 0, g.W - 1)[None, :, None, :]]
+    valid = vh[:, None, :, None] & vw[None, :, None, :]                               # [OH, OW, kh, kw]
+    if g.op == "max":
+        if g.dtype == "float32":
+            neutral = -np.inf
+        else:
+            neutral = RD.INT_RANGE[g.dtype][0]
+        v = np.where(valid, gather, np.array(neutral, dtype=x.dtype))
+        return v.max(axis=(4, 5)).astype(x.dtype)
+    cnt = g.counts()
+    if g.dtype == "float32":
+        s = np.where(valid, gather.astype(np.float64), 0.0).sum(axis=(4, 5))
+        return (s / cnt).astype(np.float32)
+    s = np.where(valid, gather.astype(np.int64), 0).sum(axis=(4, 5))
+    s = (s + 2 ** 31) % 2 ** 32 - 2 ** 31
+    return np.floor_divide(s, cnt).astype(x.dtype)
+
+
+def reference_global(x: np.ndarray) -> np.ndarray:
+    N, C, H, W = x.shape
+    g = Pool2D(N, C, H, W, H, W, op="avg", dtype=str(x.dtype))
+    return reference(g, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry
+# ------------------------------------------------------------------------------------------------
+def spec_to_pool(spec: registry.OpSpec) -> Pool2D:
+    (shape, dtype) = spec.inputs[0]
+    N, C, H, W = (int(s) for s in shape)
+    a = spec.attrs
+    if a.get("layout", "NCHW") != "NCHW":
+        raise ValueError("only NCHW layout")
+    if spec.kind == "global_avg_pool2d":
+        return Pool2D(N, C, H, W, H, W, op="avg", dtype=dtype)
+    kh, kw = a["pool_size"]
+    sh, sw = a.get("strides", (1, 1)) or (1, 1)
+    pad = tuple(a.get("padding", (0, 0, 0, 0)) or (0, 0, 0, 0))
+    if len(pad) == 2:
+        pad = (pad[0], pad[1], pad[0], pad[1])
+    dh, dw = a.get("dilation", (1, 1)) or (1, 1)
+    return Pool2D(N, C, H, W, int(kh), int(kw), int(sh), int(sw), *(int(p) for p in pad), int(dh), int(dw),
+                  bool(a.get("ceil_mode", False)), "max" if spec.kind == "max_pool2d" else "avg",
+                  bool(a.get("count_include_pad", False)), dtype)
+
+
+def supports(spec: registry.OpSpec):
+    if spec.kind not in ("max_pool2d", "avg_pool2d", "global_avg_pool2d"):
+        return False, f"pool.py does not handle {spec.kind}"
+    if len(spec.inputs) != 1 or len(spec.inputs[0][0]) != 4:
+        return False, "one NCHW input expected"
+    try:
+        g = spec_to_pool(spec)
+        check(g)
+        if spec.output[1] != g.dtype:
+            return False, "output dtype must equal the input dtype"
+        if tuple(spec.output[0]) != (g.N, g.C, g.OH, g.OW):
+            return False, f"output shape {spec.output[0]} != computed {(g.N, g.C, g.OH, g.OW)}"
+        if spec.kind != "global_avg_pool2d" and not (g.op == "avg" and is_global(g)):
+            _probe_registers(g)
+    except (ValueError, KeyError, TypeError) as e:
+        return False, str(e)
+    return True, ""
+
+
+def _probe_registers(g: Pool2D):
+    Builder("probe").build(pool_kernel, g, "probe")
+
+
+def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
+    """Plan for max_pool2d / avg_pool2d / global_avg_pool2d: input "data", output "out"."""
+    ok, why = supports(spec)
+    if not ok:
+        raise ValueError(why)
+    g = spec_to_pool(spec)
+    if spec.kind == "global_avg_pool2d":
+        return plan_global_avg(g.N, g.C, g.H, g.W, g.dtype)
+    return plan_pool(g, spec.kind)
+
+
+#: calibration of estimate(): modelled efficiency vs the DRAM bound (emulator runs of
+#: bench_cases: 2x2/2 int32 pooling ~0.9), gathers for global average pooling are slower
+POOL_EFFICIENCY = 0.9
+GLOBAL_EFFICIENCY = 0.5
+
+
+def estimate(spec: registry.OpSpec) -> float:
+    """(input + output bytes) / (8.6 B/cycle x efficiency) at 960 MHz + a launch cost."""
+    g = spec_to_pool(spec)
+    es = ITEMSIZE[g.dtype]
+    nbytes = (g.N * g.C * g.H * g.W + g.P) * es
+    eff = GLOBAL_EFFICIENCY if spec.kind == "global_avg_pool2d" or is_global(g) else POOL_EFFICIENCY
+    return nbytes / (RD.DRAM_BYTES_PER_CYCLE * eff) / RD.CLOCK_HZ + RD.ESTIMATE_LAUNCH_S
+
+
+def bench_cases():
+    """(name, OpSpec, input generator(rng) -> {"data": array}) for the benchmark script."""
+    shp = (1, 32, 144, 144)
+
+    def gen_i32(rng):
+        return {"data": rng.integers(-2 ** 28, 2 ** 28, shp, dtype=np.int64).astype(np.int32)}
+
+    def gen_f32(rng):
+        return {"data": rng.standard_normal(shp).astype(np.float32)}
+
+    attrs = {"pool_size": (2, 2), "strides": (2, 2), "padding": (0, 0, 0, 0), "dilation": (1, 1),
+             "ceil_mode": False, "count_include_pad": False, "layout": "NCHW"}
+    a3 = dict(attrs, pool_size=(3, 3), padding=(1, 1, 1, 1))
+    out = ((1, 32, 72, 72), "int32")
+    return [
+        ("avg_pool2d 2x2/2 int32 1x32x144x144", registry.OpSpec("avg_pool2d", [(shp, "int32")], out, attrs), gen_i32),
+        ("max_pool2d 2x2/2 int32 1x32x144x144", registry.OpSpec("max_pool2d", [(shp, "int32")], out, attrs), gen_i32),
+        ("max_pool2d 3x3/2 pad1 float32 1x32x144x144",
+         registry.OpSpec("max_pool2d", [(shp, "float32")], ((1, 32, 72, 72), "float32"), a3), gen_f32),
+        ("global_avg_pool2d float32 1x32x144x144",
+         registry.OpSpec("global_avg_pool2d", [(shp, "float32")], ((1, 32, 1, 1), "float32"), {"layout": "NCHW"}),
+         gen_f32),
+    ]
+
+
+registry.register("max_pool2d", supports, generate, estimate)
+registry.register("avg_pool2d", supports, generate, estimate)
+registry.register("global_avg_pool2d", supports, generate, estimate)
