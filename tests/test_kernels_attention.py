@@ -1,0 +1,103 @@
+"""Fused attention kernel on the emulator vs numpy (semantics in codegen/kernels/attention.py).
+
+Tolerance: |out - ref| <= 1e-5 + 1e-5 max|v| (scores in fp32: the kernel folds scale * log2(e)
+into one fp32 multiply and the mask * log2(e) into another, an exponent error ~ |s| 2**-24; the
+SFU exp2 / recip are correctly rounded in the emulator, recip gets a Newton step; P V sums T
+fp32 products). Integer scores are exact (int32), so the int path has the same bound.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from tvm_qpu.codegen.kernels.attention import (AttnShape, plan_attention, reference, supports,
+                                               choose_tiling)
+from tvm_qpu.codegen.plan import run_plan
+from tvm_qpu.codegen.registry import OpSpec
+from tvm_qpu.runtime.emulator import EmulatorDevice
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return EmulatorDevice(memory_size=64 << 20)
+
+
+def make(s, rng, nan=False):
+    if s.is_int:
+        hi = 100 if s.dtype == "int8" else 3000
+        f = lambda sh, dt: rng.integers(-hi, hi, sh).astype(dt)  # noqa: E731
+        q, k, v = f((s.B, s.S, s.D), s.dtype), f((s.B, s.T, s.D), s.dtype), f((s.B, s.T, s.Dv), s.v_dtype)
+    else:
+        q = rng.standard_normal((s.B, s.S, s.D)).astype(np.float32)
+        k = rng.standard_normal((s.B, s.T, s.D)).astype(np.float32)
+        v = rng.standard_normal((s.B, s.T, s.Dv)).astype(np.float32)
+    mask = None
+    if s.mask:
+        mask = np.where(rng.random((s.S, s.T)) < 0.3, -np.inf,
+                        rng.standard_normal((s.S, s.T))).astype(np.float32)
+        mask[:, 0] = 0.0                                   # no fully masked rows here
+    return q, k, v, mask
+
+
+def check(dev, s, q, k, v, mask):
+    kw = {} if mask is None else {"mask": mask}
+    out, _ = run_plan(plan_attention(s), dev, q=q, k=k, v=v, **kw)
+    ref = reference(s, q, k, v, mask)
+    assert np.array_equal(np.isnan(out), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    vmax = float(np.abs(v.astype(np.float64)).max()) * (s.v_scale if s.is_int else 1.0)
+    np.testing.assert_allclose(out[ok], ref[ok], rtol=1e-5, atol=1e-5 + 1e-5 * vmax)
+    return out
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(B=st.integers(1, 2), S=st.integers(1, 9), T=st.integers(1, 40), D=st.integers(1, 12),
+       Dv=st.integers(1, 35), causal=st.booleans(), mask=st.booleans(), seed=st.integers(0, 999))
+def test_fp32_random(dev, B, S, T, D, Dv, causal, mask, seed):
+    s = AttnShape(B, S, T, D, Dv, scale=1 / math.sqrt(D), causal=causal and S <= T, mask=mask)
+    check(dev, s, *make(s, np.random.default_rng(seed)))
+
+
+@pytest.mark.parametrize("dt,vdt", [("int8", "int8"), ("int16", "int16"), ("int8", "int16")])
+def test_int_paths(dev, dt, vdt):
+    s = AttnShape(2, 7, 23, 13, 19, dt, vdt, scale=1e-4 if dt == "int8" else 1e-7, v_scale=0.25)
+    check(dev, s, *make(s, np.random.default_rng(3)))
+
+
+def test_large_magnitudes_and_primes(dev):
+    s = AttnShape(1, 13, 31, 7, 17, scale=3.0)
+    q, k, v, m = make(s, np.random.default_rng(5))
+    check(dev, s, q * 4, k * 4, v * 1e3, m)
+
+
+def test_nan_and_fully_masked_rows(dev):
+    s = AttnShape(1, 4, 20, 5, 16, mask=True)
+    q, k, v, mask = make(s, np.random.default_rng(7))
+    q[0, 1, 2] = np.nan                                   # row 1 of the scores is NaN
+    mask[2, :] = -np.inf                                  # row 2 fully masked -> NaN
+    out = check(dev, s, q, k, v, mask)
+    assert np.isnan(out[0, 1]).all() and np.isnan(out[0, 2]).all()
+    assert not np.isnan(out[0, [0, 3]]).any()
+
+
+def test_causal_single_row_and_length_one(dev):
+    for s in (AttnShape(1, 1, 1, 1, 1), AttnShape(1, 5, 5, 3, 4, causal=True)):
+        check(dev, s, *make(s, np.random.default_rng(1)))
+
+
+def test_tiling_fills_registers():
+    assert choose_tiling(AttnShape(1, 128, 128, 128, 128)).R == 2
+    assert choose_tiling(AttnShape(1, 64, 32, 16, 16)).R >= 6
+    assert choose_tiling(AttnShape(1, 64, 1024, 64, 64)) is None
+
+
+def test_supports_reasons():
+    f = "float32"
+    ok = OpSpec("attention", [((1, 4, 8), f), ((1, 6, 8), f), ((1, 6, 8), f)], ((1, 4, 8), f), {})
+    assert supports(ok)[0]
+    big = OpSpec("attention", [((1, 4, 8), f), ((1, 1024, 8), f), ((1, 1024, 8), f)], ((1, 4, 8), f), {})
+    r = supports(big)
+    assert not r[0] and "fallback" in r[1]
+    bad = OpSpec("attention", [((1, 4, 8), f), ((1, 6, 9), f), ((1, 6, 8), f)], ((1, 4, 8), f), {})
+    assert not supports(bad)[0]
