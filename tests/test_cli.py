@@ -136,7 +136,7 @@ def test_missing_cross_compiler_is_a_clear_error(monkeypatch):
     (["run", "{llvm_art}", "--inputs", "{wrong_shape_npz}"], "shape [1, 64] given"),
     (["run", "{llvm_art}", "--inputs", "{wrong_dtype_npz}"], "dtype int32 given"),
     (["run", "{corrupt_art}"], "checksum mismatch"),
-    (["run", "{llvm_art}", "--hostname", "pi5.local"], "not implemented"),
+    (["run", "{llvm_art}", "--port", "9090"], "--port needs --hostname"),
 ])
 def test_error_paths(compiled, tmp_path, args, needle):
     d, arts = compiled

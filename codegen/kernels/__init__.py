@@ -6,3 +6,6 @@ kernels the emulator's timing model is calibrated on; they are not registered op
 """
 
 from . import gemm  # noqa: E402,F401  (matmul)
+from . import conv  # noqa: E402,F401  (conv2d)
+from . import softmax  # noqa: E402,F401  (softmax)
+from . import attention  # noqa: E402,F401  (attention)

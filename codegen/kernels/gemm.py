@@ -135,7 +135,7 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
     base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
-        + (3 if s.b_dtype in SMALL_INT else 0)
+        + (1 if s.b_dtype in SMALL_INT else 0)
     return base + extra + U + 5 + R
 
 
@@ -145,17 +145,13 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         U = len(s.b_block[1])
         if s.K % U:
             raise ValueError(f"K={s.K} is not a multiple of the block of {U} k-steps")
-        if s.b_dtype in SMALL_INT and U % 4:
-            raise ValueError("8/16-bit implicit operands need blocks of a multiple of 4 k-steps")
         PF = min(PF, U)
         while _registers_needed(s, R, U, PF) > 64 and R > 1:
             R -= 1
         MT, NT = -(-s.M // R), -(-s.N // 16)
         Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
         return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn)
-    if s.b_dtype in SMALL_INT:
-        U = 8 if s.K > 32 else 4                    # one tmuc word serves 4 lookups: U % 4 == 0
-    elif s.is_int or (not s.transpose_b and s.batch == 1):
+    if s.is_int or (not s.transpose_b and s.batch == 1):
         U = 8 if s.K > 32 else 4 if s.K > 8 else 2  # padded B rows are zeros: padding is exact
     else:
         # fp32 with transposed or batched B: rows past K are real data (inf * 0 = NaN), so K
@@ -203,8 +199,7 @@ class GemmRegs:
         clip = isinstance(s.activation, tuple)
         self.lo, self.hi = (p.take(), p.take()) if clip else (None, None)
         small_b = s.b_dtype in SMALL_INT
-        self.cfg4 = p.take() if small_b else None
-        self.cfgw = p.take(2) if small_b else None
+        self.cfg1 = p.take() if small_b else None       # tmuc word: next lookup 8/16-bit
         self.off = p.take(t.U)
         self.t = p.take(2)
         self.ab = p.take(2)
@@ -220,7 +215,9 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     """The uniform stream of the GEMM launch, in the order the prologue reads it."""
     es_b = ITEMSIZE[s.b_dtype]
     a_tile = t.Kpad * t.R * 4
-    if a_name.endswith("_panel"):
+    if s.a_bstride == 0:                        # A shared by every batch entry
+        a_bs = 0
+    elif a_name.endswith("_panel"):
         a_bs = t.MT * a_tile
     else:                                       # M == 1: A itself is the panel
         a_bs = s.a_bstride * 4
@@ -238,7 +235,7 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
          b_addr, ("u32", b_bs), ("u32", b_ls), ("u32", b_tile), ("u32", t.Wn * b_tile)]
     if s.b_table:
         u += [("addr", b_name, 0), ("u32", s.b_bstride * es_b)]
-    u += ([("u32", taps[1] - taps[0])] if t.U < t.PF else []) + [("u32", bks_u),
+    u += ([("u32", bks_u // t.U)] if t.U < t.PF else []) + [("u32", bks_u),
           ("addr", c_name, 0), ("u32", s.M * s.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
           ("u32", t.Wn * 64), ("u32", s.N * 4)]
     if s.bias and s.bias_axis == "n":
@@ -249,9 +246,7 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         kind = "u32" if s.is_int else "f32"
         u += [(kind, s.activation[1]), (kind, s.activation[2])]
     if s.b_dtype in SMALL_INT:
-        words = _prologue_config_words(s, t)
-        u.append(("u32", config_word([s.b_dtype] * 4)))
-        u += [("u32", w) for _, w in words] + [("u32", 0)] * (2 - len(words))
+        u.append(("u32", 0xFFFFFF00 | tmu_config(s.b_dtype)))
     for j in range(t.U):        # issue at k-step j fetches k-step j + PF; bp already advanced
         q, r = divmod(j + t.PF, t.U)
         u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
@@ -268,15 +263,6 @@ def block_offsets(s: GemmShape, t: GemmTiling):
     es_b = ITEMSIZE[s.b_dtype]
     bks = es_b if s.transpose_b else s.N * es_b
     return t.U * bks, [i * bks for i in range(t.U)]
-
-
-def _prologue_config_words(s: GemmShape, t: GemmTiling):
-    """(lookup index, word) tmuc writes in the tile prologue so that the prologue lookups and
-    the loop's first two issues are configured (the loop rewrites tmuc at k-steps 2, 6, ...)."""
-    kinds = (["int32"] if s.bias and s.bias_axis == "n" else []) + [s.b_dtype] * (t.PF + 2)
-    n_pro = len(kinds) - 2
-    positions = sorted(set(list(range(0, max(n_pro - 2, 1), 4)) + [n_pro - 2]))
-    return [(p, config_word(kinds[p:p + 4])) for p in positions]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,10 +327,8 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
     if g.lo is not None:
         nop(sig=ld(g.lo))
         nop(sig=ld(g.hi))
-    if g.cfg4 is not None:
-        nop(sig=ld(g.cfg4))
-        nop(sig=ld(g.cfgw[0]))
-        nop(sig=ld(g.cfgw[1]))
+    if g.cfg1 is not None:
+        nop(sig=ld(g.cfg1))
     for r in g.off:
         nop(sig=ld(r))
     if s.bias and s.bias_axis == "m":                       # bias + z * bs + wm * R * 4
@@ -425,7 +409,6 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
         add(g.bp, g.bzb, g.tq)
     else:
         mov(g.bp, g.nb)
-    cfg_writes = dict(_prologue_config_words(s, t)) if small_b else {}
     lookups = ([g.nbias] if s.bias and not bias_m else []) + ["row"] * PF
     if g.bks is not None:
         mov(g.tq, g.bp)
@@ -440,8 +423,8 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
 
     row = 0
     for idx, what in enumerate(lookups):
-        if idx in cfg_writes:
-            mov(tmuc, g.cfgw[sorted(cfg_writes).index(idx)], sig=sig_for_next())
+        if small_b and what == "row":                       # this lookup only: 8/16-bit
+            mov(tmuc, g.cfg1, sig=sig_for_next())
         if what != "row":
             mov(tmua, what, sig=sig_for_next())
         elif g.bks is not None:
@@ -544,8 +527,8 @@ def _kstep_emitter(s, t, g, j, si, mul, acc_add, small_b):
             margs = (g.t[si % 2], g.bv, g.ab[si % 2])
             if si >= 1:
                 first = acc_add(g.acc[si - 1], g.acc[si - 1], g.t[(si - 1) % 2], sig=sig)
-            elif small_b and j % 4 == 2:
-                first = mov(tmuc, g.cfg4, sig=sig)
+            elif small_b:                                   # configures this k-step's lookup
+                first = mov(tmuc, g.cfg1, sig=sig)
             else:
                 first = nop(sig=sig)
             getattr(first, mul)(*margs)

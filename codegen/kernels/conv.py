@@ -1,0 +1,385 @@
+"""2-D convolution (NCHW) as an implicit GEMM on the GEMM substrate (:mod:`.gemm`).
+
+``out[n, oc, p] = sum_k W[oc, k] * X[n, k, p]`` with k = (c, kh, kw) and p = (oh, ow): the weights
+are the A operand (packed into the A panel at compile time, one row per output channel, so the
+bias is per row), and the B operand is the im2col matrix *without materialising it*: lane p of a
+B row reads input address ``table[p] + offset(k)``, where ``table[p] = (oh*sh*Wp + ow*sw)`` is a
+compile-time pixel table and ``offset(k)`` is a per-k-step constant of the kernel's unrolled
+block (one block = one input channel's KH x KW taps, or several channels when KH*KW < 4). The B
+pointer then advances by one channel plane per block, exactly like a GEMM row block.
+
+Padding: a small launch copies the input into a zero-bordered scratch copy (and pads the channel
+count to whole blocks) when the convolution has padding; otherwise the kernel reads the input in
+place. Depthwise convolution (groups == C == OC) is a batch of C one-row GEMMs per image.
+Outputs: NCHW, float32, or int32 for integer inputs (int8 / uint8 / int16 data and weights).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import asm as A
+from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
+from ..instr import MAGIC, RF
+from ..plan import BufferSpec, KernelPlan, Launch
+from .gemm import (INT_DTYPES, ITEMSIZE, SMALL_INT, GemmShape, _Pool, _assemble, check_limits,
+                   choose_tiling, gemm_kernel, gemm_uniforms, tmu_config)
+
+S = A.SIGNALS
+R_ = A.R
+tmua, tmud, tmuc, null = (MAGIC[n] for n in ("tmua", "tmud", "tmuc", "null"))
+MIN_BLOCK = 4               # k-steps per block at least (the GEMM's prefetch depth)
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    N: int
+    C: int
+    H: int
+    W: int
+    OC: int
+    KH: int
+    KW: int
+    strides: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)        # top, left, bottom, right
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    dtype: str = "float32"               # data dtype
+    w_dtype: str = "float32"
+    bias: bool = False
+    activation: object = None
+    num_qpus: int = 12
+
+    @property
+    def OH(self) -> int:
+        pt, _, pb, _ = self.padding
+        return (self.H + pt + pb - self.dilation[0] * (self.KH - 1) - 1) // self.strides[0] + 1
+
+    @property
+    def OW(self) -> int:
+        _, pl, _, pr = self.padding
+        return (self.W + pl + pr - self.dilation[1] * (self.KW - 1) - 1) // self.strides[1] + 1
+
+    @property
+    def is_int(self) -> bool:
+        return self.dtype in INT_DTYPES
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1
+
+
+@dataclass(frozen=True)
+class ConvLayout:
+    """How the implicit GEMM sees the (padded) input."""
+    g: int           # input channels per block
+    Cpad: int        # channels rounded up to whole blocks
+    Hp: int
+    Wp: int
+    copy: bool       # a padded scratch copy is made first
+
+
+def conv_layout(s: ConvShape) -> ConvLayout:
+    taps = s.KH * s.KW
+    g = 1 if s.depthwise else max(1, math.ceil(MIN_BLOCK / taps))
+    Cpad = -(-s.C // g) * g
+    pt, pl, pb, pr = s.padding
+    copy = any(s.padding) or Cpad != s.C
+    return ConvLayout(g, Cpad, s.H + pt + pb, s.W + pl + pr, copy)
+
+
+def pixel_table(s: ConvShape, lay: ConvLayout, es: int) -> np.ndarray:
+    """Byte offset of each output pixel's top-left tap in the (padded) input plane."""
+    P = s.OH * s.OW
+    NT = -(-P // 16)
+    oh, ow = np.divmod(np.arange(P), s.OW)
+    tab = np.zeros(NT * 16, dtype=np.int32)
+    tab[:P] = (oh * s.strides[0] * lay.Wp + ow * s.strides[1]) * es
+    return tab
+
+
+def block_taps(s: ConvShape, lay: ConvLayout, es: int):
+    """(bytes per block, byte offset of each k-step of a block)."""
+    plane = lay.Hp * lay.Wp * es
+    taps = [cc * plane + (kh * s.dilation[0] * lay.Wp + kw * s.dilation[1]) * es
+            for cc in range(lay.g) for kh in range(s.KH) for kw in range(s.KW)]
+    return lay.g * plane, tuple(taps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Padding copy: X[n, c, h, w] -> Xp[n, c, h + pt, w + pl] (other entries stay zero)
+# ------------------------------------------------------------------------------------------------
+def pad_uniforms(s: ConvShape, lay: ConvLayout, x: str, xp: str):
+    es = ITEMSIZE[s.dtype]
+    pt, pl, _, _ = s.padding
+    u = [("addr", x, 0), ("u32", s.C * s.H * s.W * es), ("u32", s.H * s.W * es), ("u32", s.W * es),
+         ("addr", xp, (pt * lay.Wp + pl) * es), ("u32", lay.Cpad * lay.Hp * lay.Wp * es),
+         ("u32", lay.Hp * lay.Wp * es), ("u32", lay.Wp * es), ("u32", s.H), ("u32", s.W), ("u32", es)]
+    if s.dtype in SMALL_INT:
+        c = tmu_config(s.dtype)
+        u.append(("u32", 0xFFFF0000 | (c << 8) | c))     # load and store of one element each
+    return u
+
+
+def pad_kernel(s: ConvShape):
+    """Workgroup (c, n) copies one input plane, 16 columns per lookup, masked past W."""
+    p = _Pool()
+    lane, src, dst, srow, drow, h, src0, wleft, es, tmp, v, t2 = (p.take() for _ in range(12))
+    sstep, dstep, W_ = p.take(), p.take(), p.take()
+    small = s.dtype in SMALL_INT
+    cfg = p.take() if small else None
+    ld = lambda r: S["ldunifrf"](r)  # noqa: E731
+
+    eidx(lane, sig=ld(src))
+    mov(t2, RF[3].unpack("uh"), sig=ld(tmp))                # n ; src image stride
+    umul24(tmp, tmp, t2)
+    add(src, src, tmp, sig=ld(tmp))                         # src plane stride
+    mov(v, RF[3].unpack("ul"))                              # c
+    umul24(tmp, tmp, v)
+    add(src, src, tmp, sig=ld(sstep))                       # src row stride
+    nop(sig=ld(dst))
+    nop(sig=ld(tmp))                                        # dst image stride
+    umul24(tmp, tmp, t2)
+    add(dst, dst, tmp, sig=ld(tmp))                         # dst plane stride
+    umul24(tmp, tmp, v)
+    add(dst, dst, tmp, sig=ld(dstep))
+    nop(sig=ld(h))                                          # H
+    nop(sig=ld(W_))                                         # W
+    nop(sig=ld(es))
+    mov(src0, src)                                          # plane start: a valid address
+    umul24(tmp, lane, es)
+    add(src, src, tmp)
+    add(dst, dst, tmp, sig=ld(cfg) if small else None)
+    shl(t2, es, 4)                                          # 16 elements in bytes
+    L.row
+    mov(srow, src)
+    mov(drow, dst)
+    mov(wleft, W_)
+    L.chunk
+    sub(null, lane, wleft, cond="pushn")                    # A = lane < columns left
+    mov(tmp, src0, cond="ifna")                             # masked lanes read a valid address
+    mov(tmp, srow, cond="ifa")
+    if small:
+        mov(tmuc, cfg)
+    mov(tmua, tmp)
+    nop(sig=S["ldtmu"](v))
+    mov(tmud, v)
+    mov(tmua, drow, cond="ifa")
+    sub(wleft, wleft, 15)
+    sub(wleft, wleft, 1)                                    # 16 columns done
+    sub(null, wleft, 1, cond="pushn")                       # A = no columns left
+    add(srow, srow, t2)
+    b(R_.chunk, cond="anyna")
+    add(drow, drow, t2)
+    nop()
+    nop()
+    sub(h, h, 1, cond="pushz")
+    add(src, src, sstep)
+    b(R_.row, cond="anyna")
+    add(dst, dst, dstep)
+    nop()
+    nop()
+    tmuwt()
+    thread_end()
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans
+# ------------------------------------------------------------------------------------------------
+def gemm_shape_of(s: ConvShape, lay: ConvLayout) -> GemmShape:
+    es = ITEMSIZE[s.dtype]
+    P = s.OH * s.OW
+    taps = s.KH * s.KW
+    block = block_taps(s, lay, es)
+    common = dict(a_dtype=s.w_dtype, b_dtype=s.dtype, bias=s.bias, bias_axis="m",
+                  activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block)
+    if s.depthwise:
+        return GemmShape(1, P, taps, s.C, a_batch_stride_elems=taps,
+                         b_batch_stride_elems=lay.Hp * lay.Wp, bias_batch_stride=1, **common)
+    return GemmShape(s.OC, P, lay.Cpad * taps, s.N, a_batch_stride_elems=0,
+                     b_batch_stride_elems=lay.Cpad * lay.Hp * lay.Wp, **common)
+
+
+def _weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.ndarray) -> np.ndarray:
+    """Weights as the GEMM's packed A panel: panel[z][mt][k][i] (+ R zeros of look-ahead)."""
+    dt = np.int32 if s.is_int else np.float32
+    taps = s.KH * s.KW
+    if s.depthwise:
+        wm = weight.reshape(s.C, 1, taps).astype(dt)                  # z = channel, M = 1
+    else:
+        w = np.zeros((s.OC, lay.Cpad, taps), dtype=dt)
+        w[:, : s.C] = weight.reshape(s.OC, s.C, taps)
+        wm = w.reshape(1, s.OC, lay.Cpad * taps)
+    Z, M, K = wm.shape
+    panel = np.zeros((Z, t.MT, t.Kpad, t.R), dtype=dt)
+    for mt in range(t.MT):
+        rows = wm[:, mt * t.R: (mt + 1) * t.R, :]                     # [Z, r, K]
+        panel[:, mt, :K, : rows.shape[1]] = np.swapaxes(rows, 1, 2)
+    return np.concatenate([panel.reshape(-1), np.zeros(t.R, dt)])
+
+
+def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None) -> KernelPlan:
+    if s.depthwise and not (s.groups == s.C == s.OC):
+        raise ValueError("only groups == 1 or depthwise (groups == C == OC) convolutions")
+    lay = conv_layout(s)
+    g = gemm_shape_of(s, lay)
+    t = choose_tiling(g)
+    check_limits(g, t)
+    es = ITEMSIZE[s.dtype]
+    P = s.OH * s.OW
+    out_dt = "int32" if s.is_int else "float32"
+    x_bytes = s.N * s.C * s.H * s.W * es
+    bufs = [BufferSpec("data", "input", (s.N, s.C, s.H, s.W), s.dtype,
+                       x_bytes + (0 if lay.copy else 2 * block_taps(s, lay, es)[0] + 64))]
+    consts = {"weight_panel": _weight_panel(s, lay, g, t, np.asarray(weight)),
+              "data_table": pixel_table(s, lay, es)}
+    bufs.append(BufferSpec("weight_panel", "weight", consts["weight_panel"].shape, out_dt))
+    bufs.append(BufferSpec("data_table", "weight", consts["data_table"].shape, "int32"))
+    if s.bias:
+        bv = np.zeros(s.OC + 16, dtype=out_dt)
+        bv[: s.OC] = np.asarray(bias).reshape(-1)
+        consts["bias"] = bv
+        bufs.append(BufferSpec("bias", "weight", bv.shape, out_dt))
+    bufs.append(BufferSpec("out", "output", (s.N, s.OC, s.OH, s.OW), out_dt))
+    launches = []
+    b_name = "data"
+    if lay.copy:
+        # one spare block of zero planes past the end: the prefetch reads ahead
+        padded = (s.N * lay.Cpad + lay.g) * lay.Hp * lay.Wp * es + 64
+        bufs.append(BufferSpec("data_padded", "scratch", (padded // es,), s.dtype, padded))
+        launches.append(Launch(_assemble(pad_kernel, s, name="conv_pad"), pad_uniforms(s, lay, "data", "data_padded"),
+                               (s.C, s.N, 1), 16, s.num_qpus, 1, "conv_pad"))
+        b_name = "data_padded"
+    gemm_words = _assemble(gemm_kernel, g, t, name="conv")
+    images = range(s.N) if s.depthwise else [None]
+    for n in images:
+        u = gemm_uniforms(g, t, "weight_panel", b_name, "out", "bias" if s.bias else None)
+        u = [("addr", "data_table", 0) if e == ("addr", b_name + "_table", 0) else e for e in u]
+        if n is not None:                                             # depthwise: image n
+            shift = {b_name: n * lay.Cpad * lay.Hp * lay.Wp * es, "out": n * s.OC * P * 4}
+            u = [("addr", e[1], e[2] + shift.get(e[1], 0)) if e[0] == "addr" else e for e in u]
+        launches.append(Launch(gemm_words, u, (t.Wn, t.Wm, g.batch), 16, s.num_qpus, 1, "conv"))
+    return KernelPlan("conv2d", bufs, launches, consts,
+                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__}, "tiling": t.__dict__,
+                             "block": lay.__dict__},
+                      flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,
+                      bytes_moved=x_bytes + s.N * s.OC * P * 4 + np.asarray(weight).size * ITEMSIZE[s.w_dtype])
+
+
+def reference(s: ConvShape, x: np.ndarray, w: np.ndarray, bias=None) -> np.ndarray:
+    """Direct convolution in float64 / int64 (int32 wrap), then the epilogue."""
+    pt, pl, pb, pr = s.padding
+    big = np.int64 if s.is_int else np.float64
+    xp = np.zeros((s.N, s.C, s.H + pt + pb, s.W + pl + pr), big)
+    xp[:, :, pt: pt + s.H, pl: pl + s.W] = x
+    out = np.zeros((s.N, s.OC, s.OH, s.OW), big)
+    sh, sw = s.strides
+    dh, dw = s.dilation
+    cg = s.C // s.groups
+    for kh in range(s.KH):
+        for kw in range(s.KW):
+            patch = xp[:, :, kh * dh: kh * dh + sh * (s.OH - 1) + 1: sh, kw * dw: kw * dw + sw * (s.OW - 1) + 1: sw]
+            if s.groups == 1:
+                out += np.einsum("nchw,oc->nohw", patch, w[:, :, kh, kw].astype(big))
+            else:
+                out += patch * w[:, 0, kh, kw].astype(big)[None, :, None, None]
+    if bias is not None:
+        out += np.asarray(bias, big)[None, :, None, None]
+    if s.is_int:
+        out = (out + (1 << 31)) % (1 << 32) - (1 << 31)
+    if s.activation == "relu":
+        out = np.maximum(out, 0)
+    elif isinstance(s.activation, tuple):
+        out = np.clip(out, s.activation[1], s.activation[2])
+    return out.astype(np.int32 if s.is_int else np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry entry: "conv2d"
+# ------------------------------------------------------------------------------------------------
+def shape_from_spec(spec) -> ConvShape:
+    (xs, xdt), (ws, wdt) = spec.inputs[0], spec.inputs[1]
+    a = spec.attrs
+    if len(xs) != 4 or len(ws) != 4:
+        raise ValueError("conv2d needs 4-D data and weight")
+    N, C, H, W = (int(v) for v in xs)
+    OC, CG, KH, KW = (int(v) for v in ws)
+    pad = tuple(int(v) for v in a.get("padding", (0, 0, 0, 0)))
+    if len(pad) == 2:
+        pad = (pad[0], pad[1], pad[0], pad[1])
+    return ConvShape(N, C, H, W, OC, KH, KW, tuple(int(v) for v in a.get("strides", (1, 1))), pad,
+                     tuple(int(v) for v in a.get("dilation", (1, 1))), int(a.get("groups", 1)),
+                     str(xdt), str(wdt), bool(a.get("bias", False)), a.get("activation"),
+                     int(a.get("num_qpus", 12)))
+
+
+def supports(spec) -> tuple:
+    try:
+        s = shape_from_spec(spec)
+    except (ValueError, TypeError) as e:
+        return False, str(e)
+    if spec.attrs.get("layout", "NCHW") != "NCHW":
+        return False, f"layout {spec.attrs.get('layout')} (NCHW only)"
+    if s.groups != 1 and not (s.groups == s.C == s.OC):
+        return False, f"groups={s.groups} (only 1 or depthwise)"
+    if (s.dtype in INT_DTYPES) != (s.w_dtype in INT_DTYPES) or \
+            (s.dtype not in INT_DTYPES and s.dtype != "float32") or \
+            (s.w_dtype not in INT_DTYPES and s.w_dtype != "float32"):
+        return False, f"dtypes {s.dtype} x {s.w_dtype} (float32, or integer data and weights)"
+    want = "int32" if s.is_int else "float32"
+    if str(spec.output[1]) != want:
+        return False, f"output dtype {spec.output[1]} (the kernel produces {want})"
+    if s.OH < 1 or s.OW < 1:
+        return False, "empty output"
+    act = s.activation
+    if not (act is None or act == "relu" or (isinstance(act, tuple) and act[0] == "clip")):
+        return False, f"activation {act!r}"
+    try:
+        lay = conv_layout(s)
+        g = gemm_shape_of(s, lay)
+        t = choose_tiling(g)
+        check_limits(g, t)
+    except ValueError as e:
+        return False, str(e)
+    if t.R < min(4, g.M):
+        return False, f"a {s.KH}x{s.KW} kernel leaves too few registers for output rows"
+    return True, "ok"
+
+
+def generate(spec, constants: dict):
+    s = shape_from_spec(spec)
+    return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None)
+
+
+EST_PAD_PER_CHUNK = 16          # instructions per 16-element chunk of the padding copy
+
+
+def estimate(spec) -> float:
+    from ...runtime.cycle_model import DEFAULT as T
+    from . import gemm
+    from ..registry import OpSpec
+    s = shape_from_spec(spec)
+    lay = conv_layout(s)
+    g = gemm_shape_of(s, lay)
+    t = choose_tiling(g)
+    images = s.N if s.depthwise else 1
+    workers = min(T.num_qpus, t.Wm * t.Wn * g.batch)
+    rounds = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn) * math.ceil(t.Wm * t.Wn * g.batch / workers)
+    per_tile = (t.Kpad // t.U) * (t.U * (t.R + 1) + 2) + gemm.EST_TILE_OVERHEAD + 2 * t.R
+    cycles = images * (rounds * (per_tile * T.cycles_per_instruction + gemm.EST_TMU_STALL) + gemm.EST_LAUNCH)
+    if lay.copy:
+        chunks = s.N * s.C * s.H * math.ceil(s.W / 16)
+        cycles += gemm.EST_LAUNCH + math.ceil(chunks / T.num_qpus) * EST_PAD_PER_CHUNK * T.cycles_per_instruction
+    es = ITEMSIZE[s.dtype]
+    traffic = s.N * s.C * s.H * s.W * es * (3 if lay.copy else 1) + s.N * s.OC * s.OH * s.OW * 4
+    return max(cycles, traffic / T.dram_bytes_per_cycle) / T.clock_hz
+
+
+def _register():
+    from .. import registry
+    registry.register("conv2d", supports, generate, estimate)
+
+
+_register()

@@ -1,0 +1,88 @@
+"""Convolution (implicit GEMM) on the emulator against a direct numpy convolution."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tvm_qpu.codegen.kernels.conv import ConvShape, plan_conv, reference, supports
+from tvm_qpu.codegen.plan import run_plan
+from tvm_qpu.codegen.registry import OpSpec
+from tvm_qpu.runtime.device import open_device
+
+FP32_RTOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def dev():
+    d = open_device("emulator")
+    yield d
+    d.close()
+
+
+def _run(dev, s: ConvShape, seed=0):
+    rng = np.random.default_rng(seed)
+    wshape = (s.OC, s.C // s.groups, s.KH, s.KW)
+    if s.is_int:
+        lo = 0 if s.dtype == "uint8" else -60
+        x = rng.integers(lo, 60, (s.N, s.C, s.H, s.W)).astype(s.dtype)
+        w = rng.integers(-60, 60, wshape).astype(s.w_dtype)
+        bias = rng.integers(-500, 500, s.OC).astype(np.int32) if s.bias else None
+    else:
+        x = rng.standard_normal((s.N, s.C, s.H, s.W)).astype(np.float32)
+        w = rng.standard_normal(wshape).astype(np.float32)
+        bias = rng.standard_normal(s.OC).astype(np.float32) if s.bias else None
+    out, _ = run_plan(plan_conv(s, w, bias), dev, data=x)
+    ref = reference(s, x, w, bias)
+    if s.is_int:
+        np.testing.assert_array_equal(out, ref)
+    else:
+        scale = reference(ConvShape(**{**s.__dict__, "bias": False, "activation": None}),
+                          np.abs(x), np.abs(w)).astype(np.float64) + 1.0
+        assert np.all(np.abs(out.astype(np.float64) - ref) <= FP32_RTOL * scale), np.abs(out - ref).max()
+
+
+CASES = [
+    ConvShape(1, 1, 8, 8, 8, 3, 3, padding=(1, 1, 1, 1), bias=True, activation="relu"),  # digits conv1
+    ConvShape(1, 3, 9, 7, 5, 3, 3),
+    ConvShape(2, 4, 10, 10, 20, 5, 5, strides=(2, 2), padding=(2, 1, 2, 1)),
+    ConvShape(1, 8, 12, 12, 16, 1, 1),
+    ConvShape(1, 8, 13, 11, 17, 1, 1, strides=(2, 3)),
+    ConvShape(1, 5, 9, 9, 7, 3, 3, dilation=(2, 2), padding=(2, 2, 2, 2)),
+    ConvShape(1, 1, 32, 32, 6, 5, 5, bias=True, activation="relu"),                     # LeNet conv1
+    ConvShape(1, 6, 11, 11, 6, 3, 3, groups=6, padding=(1, 1, 1, 1), bias=True),         # depthwise
+    ConvShape(2, 4, 7, 7, 4, 3, 3, groups=4, strides=(2, 2), padding=(1, 1, 1, 1)),      # depthwise, N=2
+    ConvShape(1, 1, 1, 1, 1, 1, 1),
+    ConvShape(1, 2, 5, 5, 3, 5, 5, padding=(0, 0, 0, 0)),                                # 1x1 output
+    ConvShape(1, 4, 8, 8, 8, 3, 3, padding=(1, 1, 1, 1), dtype="int8", w_dtype="int8", bias=True),
+    ConvShape(1, 3, 7, 9, 5, 3, 3, padding=(1, 0, 1, 2), dtype="uint8", w_dtype="int8", activation="relu"),
+    ConvShape(1, 3, 6, 6, 4, 2, 2, strides=(2, 2), dtype="int16", w_dtype="int16",
+              activation=("clip", -1000, 1000)),
+]
+
+
+@pytest.mark.parametrize("s", CASES, ids=lambda s: f"{s.N}x{s.C}x{s.H}x{s.W}-oc{s.OC}-k{s.KH}x{s.KW}-g{s.groups}-{s.dtype}")
+def test_conv_cases(dev, s):
+    _run(dev, s)
+
+
+@settings(max_examples=20, deadline=None)
+@given(C=st.integers(1, 6), H=st.integers(3, 12), W=st.integers(3, 12), OC=st.integers(1, 20),
+       k=st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 5)]), stride=st.integers(1, 2),
+       pad=st.integers(0, 2), dtype=st.sampled_from(["float32", "int8", "int16"]),
+       bias=st.booleans(), seed=st.integers(0, 50))
+def test_conv_random(dev, C, H, W, OC, k, stride, pad, dtype, bias, seed):
+    s = ConvShape(1, C, H, W, OC, k[0], k[1], (stride, stride), (pad, pad, pad, pad),
+                  dtype=dtype, w_dtype=dtype, bias=bias)
+    if s.OH < 1 or s.OW < 1:
+        return
+    _run(dev, s, seed)
+
+
+def test_nchw_only_and_groups_refused():
+    base = dict(inputs=[((1, 4, 8, 8), "float32"), ((4, 1, 3, 3), "float32")], output=((1, 4, 6, 6), "float32"))
+    ok, why = supports(OpSpec("conv2d", attrs={"groups": 2}, **base))
+    assert not ok and "groups" in why
+    ok, why = supports(OpSpec("conv2d", attrs={"layout": "NHWC"}, **base))
+    assert not ok and "NCHW" in why
+    ok, why = supports(OpSpec("conv2d", [((1, 4, 20, 20), "float32"), ((4, 4, 7, 7), "float32")],
+                              ((1, 4, 14, 14), "float32")))
+    assert not ok and "registers" in why
