@@ -217,24 +217,24 @@ def _sext(v, bits):
 # Operand unpacking (vector, in place on a 16-lane uint32 row)
 # --------------------------------------------------------------------------------------------
 @njit(cache=True)
-def unpack_f32(u, code):
+def unpack_f32(S, row, code):
     """Apply a float32 source modifier to 16 lanes of bits, then flush denormals."""
     for l in range(16):
-        x = u[l]
+        x = S[row, l]
         if code == U_ABS:
             x = x & np.uint32(0x7FFFFFFF)
         elif code == U_L:
             x = f16_to_f32_bits(x & np.uint32(0xFFFF))
         elif code == U_H:
             x = f16_to_f32_bits(x >> np.uint32(16))
-        u[l] = _flush(x)
+        S[row, l] = _flush(x)
 
 
 @njit(cache=True)
-def unpack_f16pair(u, code):
+def unpack_f16pair(S, row, code):
     """Source-1 modifier of vfmin / vfmax / vfmul (a pair of float16 in one word)."""
     for l in range(16):
-        x = u[l]
+        x = S[row, l]
         if code == U_R32:
             h = f32_bits_to_f16(_flush(x))
             x = h | (h << np.uint32(16))
@@ -246,13 +246,13 @@ def unpack_f16pair(u, code):
             x = h | (h << np.uint32(16))
         elif code == U_SWAP:
             x = (x >> np.uint32(16)) | (x << np.uint32(16))
-        u[l] = x
+        S[row, l] = x
 
 
 @njit(cache=True)
-def unpack_int(u, code):
+def unpack_int(S, row, code):
     for l in range(16):
-        x = u[l]
+        x = S[row, l]
         if code == U_UL:
             x = x & np.uint32(0xFFFF)
         elif code == U_UH:
@@ -261,20 +261,20 @@ def unpack_int(u, code):
             x = np.uint32(_sext(x, 16) & 0xFFFFFFFF)
         elif code == U_IH:
             x = np.uint32(_sext(x >> np.uint32(16), 16) & 0xFFFFFFFF)
-        u[l] = x
+        S[row, l] = x
 
 
 @njit(cache=True)
-def pack_f32(u, code):
+def pack_f32(S, row, code):
     """Output pack of float results: l / h write the float16 of the result into that half
     (the other half is written as 0)."""
     for l in range(16):
-        x = _flush(u[l])
+        x = _flush(S[row, l])
         if code == P_L:
             x = f32_bits_to_f16(x)
         elif code == P_H:
             x = f32_bits_to_f16(x) << np.uint32(16)
-        u[l] = x
+        S[row, l] = x
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,67 +329,116 @@ def _to_f32_bits(tmpf, tmpu, v):
 #   r: result bits; fr: float view; c: carry flag per lane (0/1)
 # Returns 0, or a fault code.
 # --------------------------------------------------------------------------------------------
+@njit(cache=True, inline="always")
+def _int_op(op, S, ia, ib, rr, C, alu):
+    """imin .. bnot over 16 lanes (inlined into the interpreter's fast path)."""
+    m32 = np.int64(0xFFFFFFFF)
+    for l in range(16):
+        C[alu, l] = 0
+    if op == OP_IMIN or op == OP_IMAX:
+        for l in range(16):
+            sx = _sext(S[ia, l], 32)
+            sy = _sext(S[ib, l], 32)
+            C[alu, l] = 1 if sx > sy else 0
+            v = min(sx, sy) if op == OP_IMIN else max(sx, sy)
+            S[rr, l] = np.uint32(v & m32)
+    elif op == OP_UMIN or op == OP_UMAX:
+        for l in range(16):
+            x = S[ia, l]
+            y = S[ib, l]
+            C[alu, l] = 1 if x > y else 0
+            S[rr, l] = min(x, y) if op == OP_UMIN else max(x, y)
+    elif op == OP_SHL:
+        for l in range(16):
+            S[rr, l] = np.uint32((np.int64(S[ia, l]) << (S[ib, l] & np.uint32(31))) & m32)
+    elif op == OP_SHR:
+        for l in range(16):
+            S[rr, l] = S[ia, l] >> (S[ib, l] & np.uint32(31))
+    elif op == OP_ASR:
+        for l in range(16):
+            S[rr, l] = np.uint32((_sext(S[ia, l], 32) >> np.int64(S[ib, l] & np.uint32(31))) & m32)
+    elif op == OP_ROR:
+        for l in range(16):
+            sh = np.int64(S[ib, l] & np.uint32(31))
+            xi = np.int64(S[ia, l])
+            S[rr, l] = np.uint32(((xi >> sh) | (xi << (32 - sh))) & m32)
+    elif op == OP_BAND:
+        for l in range(16):
+            S[rr, l] = S[ia, l] & S[ib, l]
+    elif op == OP_BOR:
+        for l in range(16):
+            S[rr, l] = S[ia, l] | S[ib, l]
+    elif op == OP_BXOR:
+        for l in range(16):
+            S[rr, l] = S[ia, l] ^ S[ib, l]
+    else:  # OP_BNOT
+        for l in range(16):
+            S[rr, l] = ~S[ia, l]
+    return 0
+    return 0
+
+
 @njit(cache=True)
-def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, tmpu, tmpf):
+def alu_op(op, ua, ub, pack, S, F, ia, ib, rr, C, alu, FLA, FLB, ctx, ctx_tidx, link, tmpu, tmpf):
     m32 = np.int64(0xFFFFFFFF)
     if op == OP_FMUL or op == OP_FADD or op == OP_FADDNF or op == OP_FSUB or op == OP_FMIN \
             or op == OP_FMAX or op == OP_FCMP:
-        unpack_f32(a, ua)
-        unpack_f32(b, ub)
+        unpack_f32(S, ia, ua)
+        unpack_f32(S, ib, ub)
         for l in range(16):
-            x = fa[l]
-            y = fb[l]
+            x = F[ia, l]
+            y = F[ib, l]
             if op == OP_FMUL:
-                fr[l] = np.float32(x * y)
+                F[rr, l] = np.float32(x * y)
             elif op == OP_FADD or op == OP_FADDNF:
-                fr[l] = np.float32(x + y)
+                F[rr, l] = np.float32(x + y)
             elif op == OP_FSUB:
-                fr[l] = np.float32(x - y)
+                F[rr, l] = np.float32(x - y)
             elif op == OP_FCMP:
-                fr[l] = np.float32(x - y)
+                F[rr, l] = np.float32(x - y)
             elif op == OP_FMIN:
-                r[l] = _fmin_bits(a[l], b[l], x, y, False)
+                S[rr, l] = _fmin_bits(S[ia, l], S[ib, l], x, y, False)
             else:
-                r[l] = _fmin_bits(a[l], b[l], x, y, True)
+                S[rr, l] = _fmin_bits(S[ia, l], S[ib, l], x, y, True)
             # float "carry": x <= y for fcmp (Mesa fge = fcmp(b, a) + pushc); result <= 0 otherwise
             if op == OP_FCMP:
-                c[l] = 1 if x <= y else 0
+                C[alu, l] = 1 if x <= y else 0
             else:
-                c[l] = 1 if fr[l] <= 0.0 else 0
+                C[alu, l] = 1 if F[rr, l] <= 0.0 else 0
         if op == OP_FCMP:
             for l in range(16):
-                r[l] = _flush(r[l])
+                S[rr, l] = _flush(S[rr, l])
         else:
-            pack_f32(r, pack)
+            pack_f32(S, rr, pack)
         return 0
     if op == OP_ADD or op == OP_SUB:
         for l in range(16):
-            x = np.int64(a[l])
-            y = np.int64(b[l])
+            x = np.int64(S[ia, l])
+            y = np.int64(S[ib, l])
             if op == OP_ADD:
                 s = x + y
-                c[l] = 1 if s > m32 else 0
+                C[alu, l] = 1 if s > m32 else 0
             else:
                 s = x - y
-                c[l] = 1 if x < y else 0
-            r[l] = np.uint32(s & m32)
+                C[alu, l] = 1 if x < y else 0
+            S[rr, l] = np.uint32(s & m32)
         return 0
     if op == OP_NOP:
         return 0
     if op == OP_MOV:
-        unpack_int(a, ua)
+        unpack_int(S, ia, ua)
         for l in range(16):
-            r[l] = a[l]
-            c[l] = 0
+            S[rr, l] = S[ia, l]
+            C[alu, l] = 0
         return 0
     if op == OP_FMOV:
         code = ua
         if code == U_SAT or code == U_NSAT or code == U_MAX0:
-            unpack_f32(a, U_NONE)
+            unpack_f32(S, ia, U_NONE)
         else:
-            unpack_f32(a, code)
+            unpack_f32(S, ia, code)
         for l in range(16):
-            x = fa[l]
+            x = F[ia, l]
             if code == U_SAT:
                 if x != x:
                     x = np.float32(0.0)
@@ -401,85 +450,52 @@ def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, t
             elif code == U_MAX0:
                 if x != x or x < 0.0:
                     x = np.float32(0.0)
-            fr[l] = x
-            c[l] = 1 if x <= 0.0 else 0
-        pack_f32(r, pack)
+            F[rr, l] = x
+            C[alu, l] = 1 if x <= 0.0 else 0
+        pack_f32(S, rr, pack)
         return 0
     if op >= OP_IMIN and op <= OP_BNOT:
-        for l in range(16):
-            x = a[l]
-            y = b[l]
-            cc = 0
-            if op == OP_IMIN or op == OP_IMAX:
-                sx = _sext(x, 32)
-                sy = _sext(y, 32)
-                cc = 1 if sx > sy else 0
-                v = min(sx, sy) if op == OP_IMIN else max(sx, sy)
-                res = np.uint32(v & m32)
-            elif op == OP_UMIN or op == OP_UMAX:
-                cc = 1 if x > y else 0
-                res = min(x, y) if op == OP_UMIN else max(x, y)
-            elif op == OP_SHL:
-                res = np.uint32((np.int64(x) << (y & np.uint32(31))) & m32)
-            elif op == OP_SHR:
-                res = x >> (y & np.uint32(31))
-            elif op == OP_ASR:
-                res = np.uint32((_sext(x, 32) >> np.int64(y & np.uint32(31))) & m32)
-            elif op == OP_ROR:
-                s = np.int64(y & np.uint32(31))
-                xi = np.int64(x)
-                res = np.uint32(((xi >> s) | (xi << (32 - s))) & m32)
-            elif op == OP_BAND:
-                res = x & y
-            elif op == OP_BOR:
-                res = x | y
-            elif op == OP_BXOR:
-                res = x ^ y
-            else:  # OP_BNOT
-                res = ~x
-            r[l] = res
-            c[l] = cc
-        return 0
+        return _int_op(op, S, ia, ib, rr, C, alu)
     if op == OP_NEG:
         for l in range(16):
-            r[l] = np.uint32((-np.int64(a[l])) & m32)
-            c[l] = 0
+            S[rr, l] = np.uint32((-np.int64(S[ia, l])) & m32)
+            C[alu, l] = 0
         return 0
     if op == OP_CLZ:
         for l in range(16):
-            x = a[l]
+            x = S[ia, l]
             n = 0
             bit = np.uint32(0x80000000)
             while n < 32 and (x & bit) == 0:
                 n += 1
                 bit = bit >> np.uint32(1)
-            r[l] = n
-            c[l] = 0
+            S[rr, l] = n
+            C[alu, l] = 0
         return 0
     if op == OP_UMUL24 or op == OP_SMUL24:
         for l in range(16):
             if op == OP_UMUL24:
-                v = (np.int64(a[l]) & 0xFFFFFF) * (np.int64(b[l]) & 0xFFFFFF)
+                v = (np.int64(S[ia, l]) & 0xFFFFFF) * (np.int64(S[ib, l]) & 0xFFFFFF)
             else:
-                v = _sext(a[l], 24) * _sext(b[l], 24)
-            r[l] = np.uint32(v & m32)
-            c[l] = 0
+                v = _sext(S[ia, l], 24) * _sext(S[ib, l], 24)
+            S[rr, l] = np.uint32(v & m32)
+            C[alu, l] = 0
         return 0
     if op == OP_VFPACK:
-        unpack_f32(a, ua)
-        unpack_f32(b, ub)
+        unpack_f32(S, ia, ua)
+        unpack_f32(S, ib, ub)
         for l in range(16):
-            r[l] = f32_bits_to_f16(a[l]) | (f32_bits_to_f16(b[l]) << np.uint32(16))
-            c[l] = 0
+            S[rr, l] = f32_bits_to_f16(S[ia, l]) | (f32_bits_to_f16(S[ib, l]) << np.uint32(16))
+            C[alu, l] = 0
         return 0
     if op == OP_VFMIN or op == OP_VFMAX or op == OP_VFMUL:
-        unpack_f16pair(a, ua)
+        unpack_f16pair(S, ia, ua)
         for l in range(16):
             out = np.uint32(0)
             for half in range(2):
                 sh = np.uint32(16 * half)
-                ha = f16_to_f32_bits((a[l] >> sh) & np.uint32(0xFFFF))
-                hb = f16_to_f32_bits((b[l] >> sh) & np.uint32(0xFFFF))
+                ha = f16_to_f32_bits((S[ia, l] >> sh) & np.uint32(0xFFFF))
+                hb = f16_to_f32_bits((S[ib, l] >> sh) & np.uint32(0xFFFF))
                 tmpu[0] = ha
                 tmpu[1] = hb
                 x = tmpf[0]
@@ -490,69 +506,69 @@ def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, t
                 else:
                     rb = _fmin_bits(ha, hb, x, y, op == OP_VFMAX)
                 out |= f32_bits_to_f16(rb) << sh
-            r[l] = out
-            c[l] = 0
+            S[rr, l] = out
+            C[alu, l] = 0
         return 0
     if op == OP_VADD or op == OP_VSUB:
         for l in range(16):
             out = np.uint32(0)
             for half in range(2):
                 sh = np.uint32(16 * half)
-                x = np.int64((a[l] >> sh) & np.uint32(0xFFFF))
-                y = np.int64((b[l] >> sh) & np.uint32(0xFFFF))
+                x = np.int64((S[ia, l] >> sh) & np.uint32(0xFFFF))
+                y = np.int64((S[ib, l] >> sh) & np.uint32(0xFFFF))
                 v = x + y if op == OP_VADD else x - y
                 out |= np.uint32(v & 0xFFFF) << sh
-            r[l] = out
-            c[l] = 0
+            S[rr, l] = out
+            C[alu, l] = 0
         return 0
     if op == OP_ROTATE:
-        n = np.int64(b[0] & np.uint32(15))
+        n = np.int64(S[ib, 0] & np.uint32(15))
         for l in range(16):
-            r[l] = a[(l + n) & 15]
-            c[l] = 0
+            S[rr, l] = S[ia, (l + n) & 15]
+            C[alu, l] = 0
         return 0
     if op == OP_QUAD_ROTATE:
         for l in range(16):
             q = l & 12
-            n = np.int64(b[q] & np.uint32(3))
-            r[l] = a[q + (((l & 3) + n) & 3)]
-            c[l] = 0
+            n = np.int64(S[ib, q] & np.uint32(3))
+            S[rr, l] = S[ia, q + (((l & 3) + n) & 3)]
+            C[alu, l] = 0
         return 0
     if op == OP_SHUFFLE:
         for l in range(16):
-            r[l] = a[b[l] & np.uint32(15)]
-            c[l] = 0
+            S[rr, l] = S[ia, S[ib, l] & np.uint32(15)]
+            C[alu, l] = 0
         return 0
     if op == OP_TIDX or op == OP_EIDX or op == OP_LR or op == OP_BARRIERID or op == OP_TMUWT:
         for l in range(16):
             if op == OP_TIDX:
-                r[l] = np.uint32(ctx_tidx)
+                S[rr, l] = np.uint32(ctx_tidx)
             elif op == OP_EIDX:
-                r[l] = np.uint32(l)
+                S[rr, l] = np.uint32(l)
             elif op == OP_LR:
-                r[l] = np.uint32(link & m32)
+                S[rr, l] = np.uint32(link & m32)
             else:
-                r[l] = 0
-            c[l] = 0
+                S[rr, l] = 0
+            C[alu, l] = 0
         return 0
     if op >= OP_VFLA and op <= OP_FLNAFIRST:
         first = -1
         for l in range(16):
-            want = fla[l] if (op == OP_FLAFIRST or op == OP_VFLA) else (
-                1 - fla[l] if (op == OP_FLNAFIRST or op == OP_VFLNA) else (
-                    flb[l] if op == OP_VFLB else 1 - flb[l]))
+            want = FLA[ctx, l] if (op == OP_FLAFIRST or op == OP_VFLA) else (
+                1 - FLA[ctx, l] if (op == OP_FLNAFIRST or op == OP_VFLNA) else (
+                    FLB[ctx, l] if op == OP_VFLB else 1 - FLB[ctx, l]))
             if op == OP_FLAFIRST or op == OP_FLNAFIRST:
-                r[l] = 1 if (want == 1 and first < 0) else 0
+                S[rr, l] = 1 if (want == 1 and first < 0) else 0
                 if want == 1 and first < 0:
                     first = l
             else:
-                r[l] = want
-            c[l] = 0
+                S[rr, l] = want
+            C[alu, l] = 0
         return 0
     if op >= OP_RECIP and op <= OP_SIN:
-        unpack_f32(a, U_NONE)
+        unpack_f32(S, ia, U_NONE)
         for l in range(16):
-            x = np.float64(fa[l])
+            x = np.float64(F[ia, l])
             if op == OP_RECIP:
                 v = 1.0 / x if x != 0.0 else math.copysign(math.inf, x)
             elif op == OP_RSQRT or op == OP_RSQRT2:
@@ -573,40 +589,40 @@ def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, t
                     v = math.log2(x)
             else:
                 v = math.sin(math.pi * x) if not math.isinf(x) else math.nan
-            r[l] = _to_f32_bits(tmpf, tmpu, v)
-            c[l] = 1 if v <= 0.0 else 0
+            S[rr, l] = _to_f32_bits(tmpf, tmpu, v)
+            C[alu, l] = 1 if v <= 0.0 else 0
         return 0
     if op == OP_BALLOT:
         mask = np.uint32(0)
         for l in range(16):
-            if a[l] != 0:
+            if S[ia, l] != 0:
                 mask |= np.uint32(1) << np.uint32(l)
         for l in range(16):
-            r[l] = mask
-            c[l] = 0
+            S[rr, l] = mask
+            C[alu, l] = 0
         return 0
     if op == OP_BCASTF:
-        v0 = a[0]
+        v0 = S[ia, 0]
         for l in range(16):
-            r[l] = v0
-            c[l] = 0
+            S[rr, l] = v0
+            C[alu, l] = 0
         return 0
     if op == OP_ALLEQ or op == OP_ALLFEQ:
         ok = 1
         for l in range(16):
             if op == OP_ALLEQ:
-                if a[l] != a[0]:
+                if S[ia, l] != S[ia, 0]:
                     ok = 0
-            elif not (fa[l] == fa[0]):
+            elif not (F[ia, l] == F[ia, 0]):
                 ok = 0
         for l in range(16):
-            r[l] = ok
-            c[l] = 0
+            S[rr, l] = ok
+            C[alu, l] = 0
         return 0
     if op >= OP_FROUND and op <= OP_FCEIL:
-        unpack_f32(a, ua)
+        unpack_f32(S, ia, ua)
         for l in range(16):
-            x = np.float64(fa[l])
+            x = np.float64(F[ia, l])
             if x != x or math.isinf(x):
                 v = x
             elif op == OP_FROUND:
@@ -619,75 +635,75 @@ def alu_op(op, ua, ub, pack, a, b, fa, fb, r, fr, c, fla, flb, ctx_tidx, link, t
                 v = np.ceil(x)
             if v == 0.0:
                 v = math.copysign(0.0, x)
-            fr[l] = np.float32(v)
-            c[l] = 1 if v <= 0.0 else 0
-        pack_f32(r, pack)
+            F[rr, l] = np.float32(v)
+            C[alu, l] = 1 if v <= 0.0 else 0
+        pack_f32(S, rr, pack)
         return 0
     if op == OP_FTOIN or op == OP_FTOIZ or op == OP_FTOUZ:
-        unpack_f32(a, ua)
+        unpack_f32(S, ia, ua)
         for l in range(16):
-            x = np.float64(fa[l])
+            x = np.float64(F[ia, l])
             if op == OP_FTOIN:
                 v = _f2i_sat(_round_half_even(x) if x == x else x, -2147483648.0, 2147483647.0)
             elif op == OP_FTOIZ:
                 v = _f2i_sat(np.trunc(x), -2147483648.0, 2147483647.0)
             else:
                 v = _f2i_sat(np.trunc(x), 0.0, 4294967295.0)
-            r[l] = np.uint32(v & m32)
-            c[l] = 0
+            S[rr, l] = np.uint32(v & m32)
+            C[alu, l] = 0
         return 0
     if op == OP_ITOF or op == OP_UTOF:
         for l in range(16):
             if op == OP_ITOF:
-                v = np.float64(_sext(a[l], 32))
+                v = np.float64(_sext(S[ia, l], 32))
             else:
-                v = np.float64(a[l])
-            fr[l] = np.float32(v)
-            c[l] = 1 if v <= 0.0 else 0
+                v = np.float64(S[ia, l])
+            F[rr, l] = np.float32(v)
+            C[alu, l] = 1 if v <= 0.0 else 0
         return 0
     if op == OP_FDX or op == OP_FDY:
-        unpack_f32(a, ua)
+        unpack_f32(S, ia, ua)
         for l in range(16):
             if op == OP_FDX:
                 lo = l & 14
-                fr[l] = np.float32(fa[lo + 1] - fa[lo])
+                F[rr, l] = np.float32(F[ia, lo + 1] - F[ia, lo])
             else:
                 q = l & 12
                 j = l & 1
-                fr[l] = np.float32(fa[q + 2 + j] - fa[q + j])
-            c[l] = 0
-        pack_f32(r, pack)
+                F[rr, l] = np.float32(F[ia, q + 2 + j] - F[ia, q + j])
+            C[alu, l] = 0
+        pack_f32(S, rr, pack)
         return 0
     if op == OP_VPACK or op == OP_V8PACK or op == OP_V10PACK:
         # Mesa nir_opcodes.py: pack_2x32_to_2x16_v3d, pack_4x16_to_4x8_v3d,
         # pack_uint_32_to_r10g10b10a2_v3d
         for l in range(16):
-            x = np.int64(a[l])
-            y = np.int64(b[l])
+            x = np.int64(S[ia, l])
+            y = np.int64(S[ib, l])
             if op == OP_VPACK:
                 v = (x & 0xFFFF) | (y << 16)
             elif op == OP_V8PACK:
                 v = (x & 0xFF) | ((x & 0xFF0000) >> 8) | ((y & 0xFF) << 16) | ((y & 0xFF0000) << 8)
             else:
                 v = (x & 0x3FF) | (((x >> 16) & 0x3FF) << 10) | ((y & 0x3FF) << 20) | (((y >> 16) & 0x3) << 30)
-            r[l] = np.uint32(v & m32)
-            c[l] = 0
+            S[rr, l] = np.uint32(v & m32)
+            C[alu, l] = 0
         return 0
     if op == OP_FTOUNORM16 or op == OP_VFTOUNORM8:
         # Mesa nir_opcodes.py: f2unorm_16_v3d = _mesa_float_to_unorm16(x);
         # pack_2x16_to_unorm_2x8_v3d = unorm8 of each float16 half, at bits 0 and 16
         if op == OP_FTOUNORM16:
-            unpack_f32(a, U_NONE)
+            unpack_f32(S, ia, U_NONE)
         for l in range(16):
             if op == OP_FTOUNORM16:
-                r[l] = np.uint32(_to_unorm(np.float64(fa[l]), 65535.0))
+                S[rr, l] = np.uint32(_to_unorm(np.float64(F[ia, l]), 65535.0))
             else:
                 out = np.uint32(0)
                 for half in range(2):
-                    tmpu[0] = f16_to_f32_bits((a[l] >> np.uint32(16 * half)) & np.uint32(0xFFFF))
+                    tmpu[0] = f16_to_f32_bits((S[ia, l] >> np.uint32(16 * half)) & np.uint32(0xFFFF))
                     out |= np.uint32(_to_unorm(np.float64(tmpf[0]), 255.0)) << np.uint32(16 * half)
-                r[l] = out
-            c[l] = 0
+                S[rr, l] = out
+            C[alu, l] = 0
         return 0
     return FLT_UNSUPPORTED_OP
 
@@ -1018,14 +1034,15 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             scratch[rr, l] = np.uint32((v + np.int64(rtop[ctx, l])) & 0xFFFFFFFF)
                             carry[alu, l] = 0
                         ist[ctx, ST_RTOP_SET] = 0
+                    elif op >= OP_IMIN and op <= OP_BNOT:
+                        _int_op(op, scratch, ia, ib, rr, carry, alu)
                     elif op == OP_SHUFFLE:
                         for l in range(16):
                             scratch[rr, l] = scratch[ia, scratch[ib, l] & np.uint32(15)]
                             carry[alu, l] = 0
                     else:
                         err = alu_op(op, row[base + UA], row[base + UB], row[base + PACK],
-                                     scratch[ia], scratch[ib], fscratch[ia], fscratch[ib],
-                                     scratch[rr], fscratch[rr], carry[alu], fla[ctx], flb[ctx],
+                                     scratch, fscratch, ia, ib, rr, carry, alu, fla, flb, ctx,
                                      ctx, ist[ctx, ST_LINK], tmpu, tmpf)
                         if err != 0:
                             fault[0] = err

@@ -1,0 +1,164 @@
+"""max / avg / global-avg pooling kernels on the emulator against numpy references.
+
+Integers and max pooling are exact; float averages within FP32_TOL x (sum |x| / count)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from tvm_qpu.codegen.kernels import pool as PL, reduce as RD
+from tvm_qpu.codegen.plan import run_plan
+from tvm_qpu.codegen.registry import OpSpec
+from tvm_qpu.runtime.device import open_device
+
+DTYPES = ("float32", "int8", "int16", "int32")
+FP32_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def dev():
+    d = open_device("emulator")
+    yield d
+    d.close()
+
+
+def _data(rng, shape, dtype, specials=False):
+    if dtype == "float32":
+        x = (rng.standard_normal(shape) * 10).astype(np.float32)
+        if specials:
+            flat = x.reshape(-1)
+            idx = rng.integers(0, flat.size, min(2, flat.size))
+            flat[idx] = rng.choice(np.array([np.nan, np.inf, -np.inf, -0.0], np.float32), idx.size)
+        return x
+    lo, hi = RD.INT_RANGE[dtype]
+    return rng.integers(lo, hi, shape, endpoint=True).astype(dtype)
+
+
+def _check(dev, g: PL.Pool2D, x):
+    out, _ = run_plan(PL.plan_pool(g), dev, data=x)
+    ref = PL.reference(g, x)
+    assert out.shape == ref.shape == (g.N, g.C, g.OH, g.OW) and out.dtype == ref.dtype
+    if g.dtype == "float32" and g.op == "avg":
+        absum = PL.reference(g, np.abs(x))
+        err = np.abs(out.astype(np.float64) - ref)
+        bad = ~(err <= FP32_TOL * np.abs(absum) + 1e-30) & ~(np.isnan(out) & np.isnan(ref)) & ~(out == ref)
+        assert not bad.any(), (out[bad], ref[bad])
+    else:
+        np.testing.assert_array_equal(out, ref)
+
+
+@st.composite
+def pools(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    H = draw(st.integers((kh - 1) * dh + 1, 11))
+    W = draw(st.integers((kw - 1) * dw + 1, 11))
+    pads = [draw(st.integers(0, k // 2)) for k in (kh, kw, kh, kw)]
+    op = draw(st.sampled_from(("max", "avg")))
+    g = PL.Pool2D(draw(st.integers(1, 2)), draw(st.integers(1, 5)), H, W, kh, kw, draw(st.integers(1, 3)),
+                  draw(st.integers(1, 3)), *pads, dh, dw, draw(st.booleans()), op, draw(st.booleans()),
+                  draw(st.sampled_from(DTYPES)))
+    return g, draw(st.integers(0, 2 ** 31))
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pools())
+def test_random_pools(dev, case):
+    g, seed = case
+    ok, why = PL.supports(_spec(g))
+    if not ok:                      # an avg window with nothing to count, or too many registers
+        assert why
+        try:
+            PL.check(g)
+        except ValueError:
+            return
+        assert "registers" in why, why
+        return
+    _check(dev, g, _data(np.random.default_rng(seed), (g.N, g.C, g.H, g.W), g.dtype, specials=True))
+
+
+def _spec(g: PL.Pool2D):
+    kind = "max_pool2d" if g.op == "max" else "avg_pool2d"
+    return OpSpec(kind, [((g.N, g.C, g.H, g.W), g.dtype)], ((g.N, g.C, g.OH, g.OW), g.dtype),
+                  {"pool_size": (g.kh, g.kw), "strides": (g.sh, g.sw), "padding": (g.pt, g.pl, g.pb, g.pr),
+                   "dilation": (g.dh, g.dw), "ceil_mode": g.ceil_mode, "count_include_pad": g.count_include_pad,
+                   "layout": "NCHW"})
+
+
+EDGE = [
+    dict(N=1, C=1, H=1, W=1, kh=1, kw=1),                                          # 1x1
+    dict(N=1, C=3, H=13, W=17, kh=3, kw=3, sh=2, sw=2, pt=1, pl=1, pb=1, pr=1),     # primes, pad all sides
+    dict(N=2, C=3, H=7, W=9, kh=3, kw=2, sh=2, sw=3, pt=1, pl=0, pb=0, pr=1, ceil_mode=True),
+    dict(N=1, C=2, H=5, W=6, kh=2, kw=2, dh=2, dw=2, pt=1, pb=2, pr=1),             # dilation
+    dict(N=1, C=5, H=31, W=23, kh=4, kw=4, sh=4, sw=4, ceil_mode=True),            # overhang, no padding
+    dict(N=1, C=20, H=4, W=4, kh=2, kw=2, sh=2, sw=2),                             # 4 outputs / plane
+    dict(N=1, C=4, H=9, W=9, kh=1, kw=1, sh=3, sw=3),
+]
+
+
+@pytest.mark.parametrize("geo", EDGE)
+@pytest.mark.parametrize("op,cip", [("max", False), ("avg", False), ("avg", True)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_edges(dev, geo, op, cip, dtype):
+    g = PL.Pool2D(**geo, op=op, count_include_pad=cip, dtype=dtype)
+    _check(dev, g, _data(np.random.default_rng(7), (g.N, g.C, g.H, g.W), dtype))
+
+
+def test_int32_average_wraps_and_floors(dev):
+    g = PL.Pool2D(1, 2, 6, 6, 3, 3, 3, 3, op="avg", dtype="int32")
+    x = np.full((1, 2, 6, 6), 2 ** 31 - 1, np.int32)
+    x[0, 1] = -7                                           # -63 // 9 = -7 ; -7*9 = -63
+    x[0, 1, 0, 0] = -8                                      # -64 // 9 = -8 (floor, not truncation)
+    _check(dev, g, x)
+    out, _ = run_plan(PL.plan_pool(g), dev, data=x)
+    assert out[0, 1, 0, 0] == -8 and out[0, 0, 0, 0] == (((2 ** 31 - 1) * 9 + 2 ** 31) % 2 ** 32 - 2 ** 31) // 9
+
+
+def test_max_nan_and_inf(dev):
+    g = PL.Pool2D(1, 1, 4, 4, 2, 2, 2, 2, op="max", dtype="float32")
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 0, 1] = np.nan
+    x[0, 0, 2, 2] = -np.inf
+    x[0, 0, 3, 3] = np.inf
+    out, _ = run_plan(PL.plan_pool(g), dev, data=x)
+    assert np.isnan(out[0, 0, 0, 0]) and out[0, 0, 1, 1] == np.inf and out[0, 0, 1, 0] == 13
+    _check(dev, g, x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 5), (1, 17, 3, 3), (1, 2, 40, 41)])
+def test_global_avg(dev, dtype, shape):
+    x = _data(np.random.default_rng(3), shape, dtype)
+    spec = OpSpec("global_avg_pool2d", [(shape, dtype)], ((shape[0], shape[1], 1, 1), dtype), {"layout": "NCHW"})
+    assert PL.supports(spec) == (True, "")
+    out, _ = run_plan(PL.generate(spec), dev, data=x)
+    ref = PL.reference_global(x)
+    if dtype == "float32":
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+    else:
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_registry_contract():
+    g = PL.Pool2D(1, 2, 8, 8, 2, 2, 2, 2, op="avg", dtype="int32")
+    spec = _spec(g)
+    assert PL.supports(spec) == (True, "")
+    plan = PL.generate(spec)
+    assert plan.buffer("data").role == "input" and plan.buffer("out").role == "output"
+    assert plan.buffer("data").nbytes >= 8 * 8 * 2 * 4
+    assert PL.estimate(spec) > 0
+    too_big = _spec(PL.Pool2D(1, 1, 9, 9, 5, 5, op="max"))
+    ok, why = PL.supports(too_big)
+    assert not ok and "taps" in why
+    wrong_out = OpSpec("max_pool2d", spec.inputs, ((1, 2, 5, 5), "int32"), spec.attrs)
+    assert not PL.supports(wrong_out)[0]
+    nhwc = OpSpec("max_pool2d", spec.inputs, spec.output, dict(spec.attrs, layout="NHWC"))
+    assert not PL.supports(nhwc)[0]
+    empty = _spec(PL.Pool2D(1, 1, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0, op="avg"))
+    assert PL.supports(empty)[0]
+
+
+def test_bench_cases_are_valid():
+    for name, spec, gen in PL.bench_cases():
+        assert PL.supports(spec)[0], name
+        x = gen(np.random.default_rng(0))["data"]
+        assert x.shape == tuple(spec.inputs[0][0]) and str(x.dtype) == spec.inputs[0][1]
