@@ -786,11 +786,14 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
     scratch = np.zeros((8, 16), np.uint32)
     fscratch = scratch.view(np.float32)
     carry = np.zeros((2, 16), np.uint8)
-    active = np.zeros((2, 16), np.uint8)
+    active = np.ones((3, 16), np.uint8)    # row 2: all lanes (signal writes)
     tmpu = np.zeros(4, np.uint32)
     tmpf = tmpu.view(np.float32)
     lines = np.zeros(64, np.int64)
-    resu = np.zeros(16, np.uint32)
+    lane_on = np.zeros(16, np.uint8)
+    mq_w = np.zeros(4, np.int64)
+    mq_row = np.zeros(4, np.int64)
+    mq_act = np.zeros(4, np.int64)
 
     # ---- initial dispatch: workgroup i -> QPU i % n, thread i // n ----
     for t in range(threads):
@@ -1110,7 +1113,8 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                 fla[ctx, l] = 1 - (av | (1 - fv))
                             else:
                                 fla[ctx, l] = 1 - (av | fv)
-                # destination writes: add ALU, then mul ALU
+                # destination writes: add ALU, then mul ALU (magic ones are queued)
+                nm = 0
                 for alu in range(2):
                     base = ADD_BASE if alu == 0 else MUL_BASE
                     dst = row[base + DST]
@@ -1130,81 +1134,358 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                         if cnd < 0:
                             for l in range(16):
                                 active[alu, l] = 1
-                        err, now2 = _write_magic(dst - 64, scratch[rr], active[alu], ctx, q, pc,
-                                                 now, mem8, mem32, page_ok, mem_base, regs, ist,
-                                                 fst, tmud, fifo, fifo_t, qtmu_free, qreq,
-                                                 qreq_head, gst, prm, stats, fault, l2_tags,
-                                                 l2_lru, lines, fifo_limit, req_depth,
-                                                 line_bytes, nsets, nways)
-                        if err != 0:
-                            return err
-                        if now2 > now:
-                            stalled = True
-                            now = now2
-                # signals
-                if sig != 0:
-                    if (sig & S_WRTMUC) != 0:
-                        ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
-                        if not ok:
-                            fault[0] = FLT_UNIF_ADDR
-                            fault[1] = ctx
-                            fault[2] = pc
-                            fault[3] = ist[ctx, ST_UNIF]
-                            return FLT_UNIF_ADDR
-                        ist[ctx, ST_UNIF] += 4
-                        ist[ctx, ST_TMUCFG] = np.int64(uv)
-                    if (sig & (S_LDUNIF | S_LDUNIFRF | S_LDUNIFA | S_LDUNIFARF)) != 0:
-                        use_a = (sig & (S_LDUNIFA | S_LDUNIFARF)) != 0
-                        col = ST_UNIFA if use_a else ST_UNIF
-                        ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, col])
-                        if not ok:
-                            fault[0] = FLT_UNIF_ADDR
-                            fault[1] = ctx
-                            fault[2] = pc
-                            fault[3] = ist[ctx, col]
-                            return FLT_UNIF_ADDR
-                        ist[ctx, col] += 4
-                        for l in range(16):
-                            resu[l] = uv
-                        d = row[F_SIGDST] if (sig & (S_LDUNIFRF | S_LDUNIFARF)) != 0 else 0
-                        err, now2 = _sig_write(d, resu, ctx, q, pc, now, mem8, mem32, page_ok,
-                                               mem_base, regs, ist, fst, tmud, fifo, fifo_t,
-                                               qtmu_free, qreq, qreq_head, gst, prm, stats, fault,
-                                               l2_tags, l2_lru, lines, fifo_limit, req_depth,
-                                               line_bytes, nsets, nways, active)
-                        if err != 0:
-                            return err
-                        if now2 > now:
-                            stalled = True
-                            now = now2
-                    if (sig & S_LDTMU) != 0:
-                        if ist[ctx, ST_FIFO_COUNT] == 0:
-                            fault[0] = FLT_FIFO_EMPTY
-                            fault[1] = ctx
-                            fault[2] = pc
-                            return FLT_FIFO_EMPTY
-                        h = ist[ctx, ST_FIFO_HEAD]
-                        if fifo_t[ctx, h] > now:
-                            stalled = True
-                            now = fifo_t[ctx, h]
-                        for l in range(16):
-                            resu[l] = fifo[ctx, h, l]
-                        ist[ctx, ST_FIFO_HEAD] = (h + 1) % FIFO_CAP
-                        ist[ctx, ST_FIFO_COUNT] -= 1
-                        ist[ctx, ST_FIFO_WORDS] -= 1
-                        err, now2 = _sig_write(row[F_SIGDST], resu, ctx, q, pc, now, mem8, mem32,
-                                               page_ok, mem_base, regs, ist, fst, tmud, fifo,
-                                               fifo_t, qtmu_free, qreq, qreq_head, gst, prm,
-                                               stats, fault, l2_tags, l2_lru, lines, fifo_limit,
-                                               req_depth, line_bytes, nsets, nways, active)
-                        if err != 0:
-                            return err
-                        if now2 > now:
-                            stalled = True
-                            now = now2
-                    if (sig & S_THRSW) != 0:
-                        new_thrsw = True
+                        mq_w[nm] = dst - 64
+                        mq_row[nm] = rr
+                        mq_act[nm] = alu
+                        nm += 1
+                for phase in range(2):
+                    if phase == 1:
+                        nm = 0
+                        # signals
+                        if sig != 0:
+                            if (sig & S_WRTMUC) != 0:
+                                ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+                                if not ok:
+                                    fault[0] = FLT_UNIF_ADDR
+                                    fault[1] = ctx
+                                    fault[2] = pc
+                                    fault[3] = ist[ctx, ST_UNIF]
+                                    return FLT_UNIF_ADDR
+                                ist[ctx, ST_UNIF] += 4
+                                ist[ctx, ST_TMUCFG] = np.int64(uv)
+                            if (sig & (S_LDUNIF | S_LDUNIFRF | S_LDUNIFA | S_LDUNIFARF)) != 0:
+                                use_a = (sig & (S_LDUNIFA | S_LDUNIFARF)) != 0
+                                col = ST_UNIFA if use_a else ST_UNIF
+                                ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, col])
+                                if not ok:
+                                    fault[0] = FLT_UNIF_ADDR
+                                    fault[1] = ctx
+                                    fault[2] = pc
+                                    fault[3] = ist[ctx, col]
+                                    return FLT_UNIF_ADDR
+                                ist[ctx, col] += 4
+                                d = row[F_SIGDST] if (sig & (S_LDUNIFRF | S_LDUNIFARF)) != 0 else 0
+                                if d < 64:
+                                    for l in range(16):
+                                        regs[ctx, d, l] = uv
+                                else:
+                                    for l in range(16):
+                                        scratch[6, l] = uv
+                                    mq_w[nm] = d - 64
+                                    mq_row[nm] = 6
+                                    mq_act[nm] = 2
+                                    nm += 1
+                            if (sig & S_LDTMU) != 0:
+                                if ist[ctx, ST_FIFO_COUNT] == 0:
+                                    fault[0] = FLT_FIFO_EMPTY
+                                    fault[1] = ctx
+                                    fault[2] = pc
+                                    return FLT_FIFO_EMPTY
+                                h = ist[ctx, ST_FIFO_HEAD]
+                                if fifo_t[ctx, h] > now:
+                                    stalled = True
+                                    now = fifo_t[ctx, h]
+                                d = row[F_SIGDST]
+                                if d < 64:
+                                    for l in range(16):
+                                        regs[ctx, d, l] = fifo[ctx, h, l]
+                                else:
+                                    for l in range(16):
+                                        scratch[7, l] = fifo[ctx, h, l]
+                                    mq_w[nm] = d - 64
+                                    mq_row[nm] = 7
+                                    mq_act[nm] = 2
+                                    nm += 1
+                                ist[ctx, ST_FIFO_HEAD] = (h + 1) % FIFO_CAP
+                                ist[ctx, ST_FIFO_COUNT] -= 1
+                                ist[ctx, ST_FIFO_WORDS] -= 1
+                            if (sig & S_THRSW) != 0:
+                                new_thrsw = True
+                    # magic-register writes queued by this phase (ALU results, then signals)
+                    for mk in range(nm):
+                        w = mq_w[mk]
+                        vrow = mq_row[mk]
+                        arow = mq_act[mk]
+                        if w == W_NULL:
+                            pass
+                        elif w == W_REP:
+                            v0 = scratch[vrow, 0]
+                            for l in range(16):
+                                regs[ctx, 0, l] = v0
+                        elif w == W_QUAD:
+                            for l in range(16):
+                                regs[ctx, 0, l] = scratch[vrow, l & 12]
+                        elif w == W_UNIFA:
+                            ist[ctx, ST_UNIFA] = np.int64(scratch[vrow, 0])
+                        elif w == W_TMUC:
+                            ist[ctx, ST_TMUCFG] = np.int64(scratch[vrow, 0])
+                        elif w == W_TMUD or w == W_TMUDREF or w == W_TMUOFF:
+                            n = ist[ctx, ST_NDATA]
+                            if n >= 4:
+                                fault[0] = FLT_TMUD_OVERFLOW
+                                fault[1] = ctx
+                                fault[2] = pc
+                                return FLT_TMUD_OVERFLOW
+                            for l in range(16):
+                                tmud[ctx, n, l] = scratch[vrow, l]
+                            ist[ctx, ST_NDATA] = n + 1
+                        elif w == W_SYNCB:
+                            ist[ctx, ST_BARRIER_PEND] = 1
+                        elif w == W_TMUA or w == W_TMUAU:
+                            if w == W_TMUAU:
+                                ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+                                if not ok:
+                                    fault[0] = FLT_UNIF_ADDR
+                                    fault[1] = ctx
+                                    fault[2] = pc
+                                    fault[3] = ist[ctx, ST_UNIF]
+                                    return FLT_UNIF_ADDR
+                                ist[ctx, ST_UNIF] += 4
+                                ist[ctx, ST_TMUCFG] = np.int64(uv)
+                            # ---- one general TMU lookup (see docs/emulator.md, "TMU") ----
+                            cfgw = ist[ctx, ST_TMUCFG] & 0xFFFFFFFF
+                            cfg = cfgw & 0xFF
+                            ist[ctx, ST_TMUCFG] = (cfgw >> 8) | 0xFF000000
+                            per = (cfg >> 7) & 1
+                            top = (cfg >> 3) & 15
+                            typ = cfg & 7
+                            ndata = ist[ctx, ST_NDATA]
+                            ist[ctx, ST_NDATA] = 0
+                            is_write = ndata > 0
 
+                            # lanes taking part: per-lane mask, or per quad (a quad is active if any lane is)
+                            for l in range(16):
+                                if per == 1:
+                                    lane_on[l] = active[arow, l]
+                                else:
+                                    qq = l & 12
+                                    lane_on[l] = 1 if (active[arow, qq] | active[arow, qq + 1] | active[arow, qq + 2] | active[arow, qq + 3]) != 0 else 0
+
+                            # kind: 0 load, 1 store, 2 atomic (returns the old value), 3 cache op (no data)
+                            if top == 15:
+                                kind = 1 if is_write else 0
+                            elif is_write:
+                                kind = 2
+                            elif top == 8 or top == 9 or top == 10:
+                                kind = 2
+                            elif top <= 4:
+                                kind = 3
+                            else:
+                                fault[0] = FLT_TMU_OP
+                                fault[1] = ctx
+                                fault[2] = pc
+                                fault[3] = cfg
+                                return FLT_TMU_OP
+
+                            # element size in bytes and words per lane
+                            if kind == 0 or kind == 1:
+                                if typ == 0 or typ == 5:
+                                    esize = 1
+                                    nwords = 1
+                                elif typ == 1 or typ == 6:
+                                    esize = 2
+                                    nwords = 1
+                                elif typ == 7:
+                                    esize = 4
+                                    nwords = 1
+                                else:
+                                    nwords = typ            # vec2 .. vec4
+                                    esize = 4 * typ
+                                if kind == 1 and esize >= 4:
+                                    # stores write as many words as were written to tmud
+                                    nwords = ndata
+                                    esize = 4 * ndata
+                            else:
+                                esize = 4
+                                nwords = 1
+                                if top == 3 and is_write and ndata < 2:
+                                    fault[0] = FLT_TMU_OP
+                                    fault[1] = ctx
+                                    fault[2] = pc
+                                    fault[3] = cfg
+                                    fault[4] = 1
+                                    return FLT_TMU_OP
+                            ret_words = 0
+                            if kind == 0:
+                                ret_words = nwords
+                            elif kind == 2:
+                                ret_words = 1
+                            if ret_words > 0 and ist[ctx, ST_FIFO_WORDS] + ret_words > fifo_limit:
+                                fault[0] = FLT_FIFO_OVERFLOW
+                                fault[1] = ctx
+                                fault[2] = pc
+                                fault[3] = ist[ctx, ST_FIFO_WORDS] + ret_words
+                                fault[4] = fifo_limit
+                                return FLT_FIFO_OVERFLOW
+
+                            # bounds and alignment
+                            if kind != 3:
+                                align = 4 if esize >= 4 else esize
+                                for l in range(16):
+                                    if lane_on[l] == 0:
+                                        continue
+                                    a = np.int64(scratch[vrow, l])
+                                    if (a & (align - 1)) != 0:
+                                        fault[0] = FLT_MISALIGNED
+                                        fault[1] = ctx
+                                        fault[2] = pc
+                                        fault[3] = a
+                                        fault[4] = l
+                                        return FLT_MISALIGNED
+                                    if not _addr_ok(page_ok, mem_base, mem8.shape[0], a, esize):
+                                        fault[0] = FLT_BAD_ADDR
+                                        fault[1] = ctx
+                                        fault[2] = pc
+                                        fault[3] = a
+                                        fault[4] = l
+                                        return FLT_BAD_ADDR
+
+                            # ---- functional effect ----
+                            h = (ist[ctx, ST_FIFO_HEAD] + ist[ctx, ST_FIFO_COUNT]) % FIFO_CAP
+                            for wd in range(ret_words):
+                                for l in range(16):
+                                    fifo[ctx, (h + wd) % FIFO_CAP, l] = 0
+                            nlines = 0
+                            for l in range(16):
+                                if lane_on[l] == 0:
+                                    continue
+                                a = np.int64(scratch[vrow, l])
+                                off = a - mem_base
+                                if kind == 0:
+                                    for wd in range(nwords):
+                                        if esize == 1:
+                                            v = np.int64(mem8[off])
+                                            if typ == 0 and v >= 128:
+                                                v -= 256
+                                        elif esize == 2:
+                                            v = np.int64(mem8[off]) | (np.int64(mem8[off + 1]) << 8)
+                                            if typ == 1 and v >= 32768:
+                                                v -= 65536
+                                        else:
+                                            v = np.int64(mem32[(off >> 2) + wd])
+                                        fifo[ctx, (h + wd) % FIFO_CAP, l] = np.uint32(v & 0xFFFFFFFF)
+                                elif kind == 1:
+                                    if esize == 1:
+                                        mem8[off] = np.uint8(tmud[ctx, 0, l] & np.uint32(0xFF))
+                                    elif esize == 2:
+                                        v = tmud[ctx, 0, l]
+                                        mem8[off] = np.uint8(v & np.uint32(0xFF))
+                                        mem8[off + 1] = np.uint8((v >> np.uint32(8)) & np.uint32(0xFF))
+                                    else:
+                                        for wd in range(nwords):
+                                            mem32[(off >> 2) + wd] = tmud[ctx, wd, l]
+                                elif kind == 2:
+                                    old = mem32[off >> 2]
+                                    d = tmud[ctx, 0, l]
+                                    o64 = np.int64(old)
+                                    d64 = np.int64(d)
+                                    if not is_write:
+                                        if top == 8:
+                                            nv = (o64 + 1) & 0xFFFFFFFF
+                                        elif top == 9:
+                                            nv = (o64 - 1) & 0xFFFFFFFF
+                                        else:
+                                            nv = (~o64) & 0xFFFFFFFF
+                                    elif top == 0:
+                                        nv = (o64 + d64) & 0xFFFFFFFF
+                                    elif top == 1:
+                                        nv = (o64 - d64) & 0xFFFFFFFF
+                                    elif top == 2:
+                                        nv = d64
+                                    elif top == 3:
+                                        nv = np.int64(tmud[ctx, 1, l]) if o64 == d64 else o64
+                                    elif top == 4:
+                                        nv = min(o64, d64)
+                                    elif top == 5:
+                                        nv = max(o64, d64)
+                                    elif top == 6:
+                                        nv = min(_sext(old, 32), _sext(d, 32)) & 0xFFFFFFFF
+                                    elif top == 7:
+                                        nv = max(_sext(old, 32), _sext(d, 32)) & 0xFFFFFFFF
+                                    elif top == 8:
+                                        nv = o64 & d64
+                                    elif top == 9:
+                                        nv = o64 | d64
+                                    else:
+                                        nv = o64 ^ d64
+                                    mem32[off >> 2] = np.uint32(nv)
+                                    fifo[ctx, h, l] = old
+                                # distinct cache lines touched (timing)
+                                if kind != 3:
+                                    first = (off) // line_bytes
+                                    last = (off + esize - 1) // line_bytes
+                                    for ln in range(first, last + 1):
+                                        seen = False
+                                        for kl in range(nlines):
+                                            if lines[kl] == ln:
+                                                seen = True
+                                                break
+                                        if not seen and nlines < lines.shape[0]:
+                                            lines[nlines] = ln
+                                            nlines += 1
+
+                            # ---- timing: request queue, TMU throughput, shared L2 / DRAM bandwidth, latency ----
+                            stall_to = now
+                            if kind != 3:
+                                oldest = qreq[q, qreq_head[q]]
+                                if oldest > stall_to:
+                                    stall_to = oldest           # the per-QPU request queue is full
+                                tmu_start = max(stall_to, qtmu_free[q])
+                                qtmu_free[q] = tmu_start + max(1.0, nlines * prm[PR_TMU_CPL])
+                                done = tmu_start + prm[PR_TMU_LAT]
+                                bytes_moved = 0
+                                for kl in range(nlines):
+                                    if kind == 1:
+                                        hit = _l2_access(l2_tags, l2_lru, gst, lines[kl], nsets, nways)
+                                        mem_start = max(tmu_start, gst[G_MEM_FREE])
+                                        gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
+                                        stats[SX_DRAM_BYTES] += line_bytes
+                                        done = max(done, gst[G_MEM_FREE] + prm[PR_STORE_LAT])
+                                    else:
+                                        hit = _l2_access(l2_tags, l2_lru, gst, lines[kl], nsets, nways)
+                                        if hit:
+                                            stats[SX_L2_HITS] += 1
+                                        else:
+                                            stats[SX_L2_MISSES] += 1
+                                            mem_start = max(tmu_start, gst[G_MEM_FREE])
+                                            gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
+                                            stats[SX_DRAM_BYTES] += line_bytes
+                                            done = max(done, gst[G_MEM_FREE] + prm[PR_DRAM_LAT])
+                                    bytes_moved += line_bytes
+                                active_lanes = 0
+                                for l in range(16):
+                                    active_lanes += lane_on[l]
+                                if kind == 0:
+                                    stats[SX_TMU_LOADS] += 1
+                                    stats[SX_BYTES_LOADED] += active_lanes * esize
+                                elif kind == 1:
+                                    stats[SX_TMU_STORES] += 1
+                                    stats[SX_BYTES_STORED] += active_lanes * esize
+                                else:
+                                    stats[SX_ATOMICS] += 1
+                                    stats[SX_TMU_STORES] += 1
+                                    stats[SX_BYTES_STORED] += active_lanes * 4
+                                    stats[SX_BYTES_LOADED] += active_lanes * 4
+                                qreq[q, qreq_head[q]] = done
+                                qreq_head[q] = (qreq_head[q] + 1) % req_depth
+                                if kind == 1 or kind == 2:
+                                    fst[ctx, FT_STORE_DONE] = max(fst[ctx, FT_STORE_DONE], done)
+                                if ret_words > 0:
+                                    fst[ctx, FT_LOAD_DONE] = max(fst[ctx, FT_LOAD_DONE], done)
+                                    for wd in range(ret_words):
+                                        fifo_t[ctx, (h + wd) % FIFO_CAP] = done
+                            if ret_words > 0:
+                                ist[ctx, ST_FIFO_COUNT] += ret_words
+                                ist[ctx, ST_FIFO_WORDS] += ret_words
+                            if stall_to > now:
+                                stalled = True
+                                now = stall_to
+                        else:
+                            fault[0] = FLT_UNSUPPORTED_MAGIC
+                            fault[1] = ctx
+                            fault[2] = pc
+                            fault[3] = w
+                            return FLT_UNSUPPORTED_MAGIC
             # ---------------- end of instruction: time, delay slots, thread switch ----------------
             stats[SX_INSTR] += 1
             ist[ctx, ST_INSTRS] += 1
@@ -1333,325 +1614,3 @@ def _release_barrier(ist, fst, num_qpus, threads):
             if ist[cx, ST_STATE] == CTX_BARRIER:
                 ist[cx, ST_STATE] = CTX_RUN
                 fst[cx, FT_READY] = latest
-
-
-@njit(cache=True)
-def _sig_write(d, val, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, regs, ist, fst, tmud,
-               fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault, l2_tags, l2_lru,
-               lines, fifo_limit, req_depth, line_bytes, nsets, nways, active):
-    """A register-writing signal (all lanes) into rf or a magic register."""
-    if d < 64:
-        for l in range(16):
-            regs[ctx, d, l] = val[l]
-        return 0, now
-    for l in range(16):
-        active[0, l] = 1
-    return _write_magic(d - 64, val, active[0], ctx, q, pc, now, mem8, mem32, page_ok, mem_base,
-                        regs, ist, fst, tmud, fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm,
-                        stats, fault, l2_tags, l2_lru, lines, fifo_limit, req_depth, line_bytes,
-                        nsets, nways)
-
-
-@njit(cache=True)
-def _write_magic(w, val, act, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, regs, ist, fst,
-                 tmud, fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault, l2_tags,
-                 l2_lru, lines, fifo_limit, req_depth, line_bytes, nsets, nways):
-    """Write a 16-lane value to magic register ``w``. Returns (fault code, new time)."""
-    if w == W_NULL:
-        return 0, now
-    if w == W_REP:
-        v0 = val[0]
-        for l in range(16):
-            regs[ctx, 0, l] = v0
-        return 0, now
-    if w == W_QUAD:
-        for l in range(16):
-            regs[ctx, 0, l] = val[l & 12]
-        return 0, now
-    if w == W_UNIFA:
-        ist[ctx, ST_UNIFA] = np.int64(val[0])
-        return 0, now
-    if w == W_TMUC:
-        ist[ctx, ST_TMUCFG] = np.int64(val[0])
-        return 0, now
-    if w == W_TMUD or w == W_TMUDREF or w == W_TMUOFF:
-        n = ist[ctx, ST_NDATA]
-        if n >= 4:
-            fault[0] = FLT_TMUD_OVERFLOW
-            fault[1] = ctx
-            fault[2] = pc
-            return FLT_TMUD_OVERFLOW, now
-        for l in range(16):
-            tmud[ctx, n, l] = val[l]
-        ist[ctx, ST_NDATA] = n + 1
-        return 0, now
-    if w == W_SYNCB:
-        ist[ctx, ST_BARRIER_PEND] = 1
-        return 0, now
-    if w == W_TMUA or w == W_TMUAU:
-        if w == W_TMUAU:
-            ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
-            if not ok:
-                fault[0] = FLT_UNIF_ADDR
-                fault[1] = ctx
-                fault[2] = pc
-                fault[3] = ist[ctx, ST_UNIF]
-                return FLT_UNIF_ADDR, now
-            ist[ctx, ST_UNIF] += 4
-            ist[ctx, ST_TMUCFG] = np.int64(uv)
-        return _tmu_request(val, act, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, ist, fst,
-                            tmud, fifo, fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault,
-                            l2_tags, l2_lru, lines, fifo_limit, req_depth, line_bytes, nsets,
-                            nways)
-    fault[0] = FLT_UNSUPPORTED_MAGIC
-    fault[1] = ctx
-    fault[2] = pc
-    fault[3] = w
-    return FLT_UNSUPPORTED_MAGIC, now
-
-
-@njit(cache=True)
-def _tmu_request(addr, act, ctx, q, pc, now, mem8, mem32, page_ok, mem_base, ist, fst, tmud, fifo,
-                 fifo_t, qtmu_free, qreq, qreq_head, gst, prm, stats, fault, l2_tags, l2_lru, lines,
-                 fifo_limit, req_depth, line_bytes, nsets, nways):
-    """Issue one general TMU lookup (load, store or atomic) for the lanes in ``act``.
-
-    The config comes from the low byte of the thread's config word (per << 7 | op << 3 | type);
-    each lookup consumes that byte and shifts in 0xff (the default: per-lane 32-bit regular
-    access). Functional effects happen now; the timing model decides when data is ready."""
-    cfgw = ist[ctx, ST_TMUCFG] & 0xFFFFFFFF
-    cfg = cfgw & 0xFF
-    ist[ctx, ST_TMUCFG] = (cfgw >> 8) | 0xFF000000
-    per = (cfg >> 7) & 1
-    top = (cfg >> 3) & 15
-    typ = cfg & 7
-    ndata = ist[ctx, ST_NDATA]
-    ist[ctx, ST_NDATA] = 0
-    is_write = ndata > 0
-
-    # lanes taking part: per-lane mask, or per quad (a quad is active if any lane is)
-    lane_on = np.zeros(16, np.uint8)
-    for l in range(16):
-        if per == 1:
-            lane_on[l] = act[l]
-        else:
-            qq = l & 12
-            lane_on[l] = 1 if (act[qq] | act[qq + 1] | act[qq + 2] | act[qq + 3]) != 0 else 0
-
-    # kind: 0 load, 1 store, 2 atomic (returns the old value), 3 cache op (no data)
-    if top == 15:
-        kind = 1 if is_write else 0
-    elif is_write:
-        kind = 2
-    elif top == 8 or top == 9 or top == 10:
-        kind = 2
-    elif top <= 4:
-        kind = 3
-    else:
-        fault[0] = FLT_TMU_OP
-        fault[1] = ctx
-        fault[2] = pc
-        fault[3] = cfg
-        return FLT_TMU_OP, now
-
-    # element size in bytes and words per lane
-    if kind == 0 or kind == 1:
-        if typ == 0 or typ == 5:
-            esize = 1
-            nwords = 1
-        elif typ == 1 or typ == 6:
-            esize = 2
-            nwords = 1
-        elif typ == 7:
-            esize = 4
-            nwords = 1
-        else:
-            nwords = typ            # vec2 .. vec4
-            esize = 4 * typ
-        if kind == 1 and esize >= 4:
-            # stores write as many words as were written to tmud
-            nwords = ndata
-            esize = 4 * ndata
-    else:
-        esize = 4
-        nwords = 1
-        if top == 3 and is_write and ndata < 2:
-            fault[0] = FLT_TMU_OP
-            fault[1] = ctx
-            fault[2] = pc
-            fault[3] = cfg
-            fault[4] = 1
-            return FLT_TMU_OP, now
-    ret_words = 0
-    if kind == 0:
-        ret_words = nwords
-    elif kind == 2:
-        ret_words = 1
-    if ret_words > 0 and ist[ctx, ST_FIFO_WORDS] + ret_words > fifo_limit:
-        fault[0] = FLT_FIFO_OVERFLOW
-        fault[1] = ctx
-        fault[2] = pc
-        fault[3] = ist[ctx, ST_FIFO_WORDS] + ret_words
-        fault[4] = fifo_limit
-        return FLT_FIFO_OVERFLOW, now
-
-    # bounds and alignment
-    if kind != 3:
-        align = 4 if esize >= 4 else esize
-        for l in range(16):
-            if lane_on[l] == 0:
-                continue
-            a = np.int64(addr[l])
-            if (a & (align - 1)) != 0:
-                fault[0] = FLT_MISALIGNED
-                fault[1] = ctx
-                fault[2] = pc
-                fault[3] = a
-                fault[4] = l
-                return FLT_MISALIGNED, now
-            if not _addr_ok(page_ok, mem_base, mem8.shape[0], a, esize):
-                fault[0] = FLT_BAD_ADDR
-                fault[1] = ctx
-                fault[2] = pc
-                fault[3] = a
-                fault[4] = l
-                return FLT_BAD_ADDR, now
-
-    # ---- functional effect ----
-    h = (ist[ctx, ST_FIFO_HEAD] + ist[ctx, ST_FIFO_COUNT]) % FIFO_CAP
-    for wd in range(ret_words):
-        for l in range(16):
-            fifo[ctx, (h + wd) % FIFO_CAP, l] = 0
-    nlines = 0
-    for l in range(16):
-        if lane_on[l] == 0:
-            continue
-        a = np.int64(addr[l])
-        off = a - mem_base
-        if kind == 0:
-            for wd in range(nwords):
-                if esize == 1:
-                    v = np.int64(mem8[off])
-                    if typ == 0 and v >= 128:
-                        v -= 256
-                elif esize == 2:
-                    v = np.int64(mem8[off]) | (np.int64(mem8[off + 1]) << 8)
-                    if typ == 1 and v >= 32768:
-                        v -= 65536
-                else:
-                    v = np.int64(mem32[(off >> 2) + wd])
-                fifo[ctx, (h + wd) % FIFO_CAP, l] = np.uint32(v & 0xFFFFFFFF)
-        elif kind == 1:
-            if esize == 1:
-                mem8[off] = np.uint8(tmud[ctx, 0, l] & np.uint32(0xFF))
-            elif esize == 2:
-                v = tmud[ctx, 0, l]
-                mem8[off] = np.uint8(v & np.uint32(0xFF))
-                mem8[off + 1] = np.uint8((v >> np.uint32(8)) & np.uint32(0xFF))
-            else:
-                for wd in range(nwords):
-                    mem32[(off >> 2) + wd] = tmud[ctx, wd, l]
-        elif kind == 2:
-            old = mem32[off >> 2]
-            d = tmud[ctx, 0, l]
-            o64 = np.int64(old)
-            d64 = np.int64(d)
-            if not is_write:
-                if top == 8:
-                    nv = (o64 + 1) & 0xFFFFFFFF
-                elif top == 9:
-                    nv = (o64 - 1) & 0xFFFFFFFF
-                else:
-                    nv = (~o64) & 0xFFFFFFFF
-            elif top == 0:
-                nv = (o64 + d64) & 0xFFFFFFFF
-            elif top == 1:
-                nv = (o64 - d64) & 0xFFFFFFFF
-            elif top == 2:
-                nv = d64
-            elif top == 3:
-                nv = np.int64(tmud[ctx, 1, l]) if o64 == d64 else o64
-            elif top == 4:
-                nv = min(o64, d64)
-            elif top == 5:
-                nv = max(o64, d64)
-            elif top == 6:
-                nv = min(_sext(old, 32), _sext(d, 32)) & 0xFFFFFFFF
-            elif top == 7:
-                nv = max(_sext(old, 32), _sext(d, 32)) & 0xFFFFFFFF
-            elif top == 8:
-                nv = o64 & d64
-            elif top == 9:
-                nv = o64 | d64
-            else:
-                nv = o64 ^ d64
-            mem32[off >> 2] = np.uint32(nv)
-            fifo[ctx, h, l] = old
-        # distinct cache lines touched (timing)
-        if kind != 3:
-            first = (off) // line_bytes
-            last = (off + esize - 1) // line_bytes
-            for ln in range(first, last + 1):
-                seen = False
-                for k in range(nlines):
-                    if lines[k] == ln:
-                        seen = True
-                        break
-                if not seen and nlines < lines.shape[0]:
-                    lines[nlines] = ln
-                    nlines += 1
-
-    # ---- timing: request queue, TMU throughput, shared L2 / DRAM bandwidth, latency ----
-    stall_to = now
-    if kind != 3:
-        oldest = qreq[q, qreq_head[q]]
-        if oldest > stall_to:
-            stall_to = oldest           # the per-QPU request queue is full
-        tmu_start = max(stall_to, qtmu_free[q])
-        qtmu_free[q] = tmu_start + max(1.0, nlines * prm[PR_TMU_CPL])
-        done = tmu_start + prm[PR_TMU_LAT]
-        bytes_moved = 0
-        for k in range(nlines):
-            if kind == 1:
-                hit = _l2_access(l2_tags, l2_lru, gst, lines[k], nsets, nways)
-                mem_start = max(tmu_start, gst[G_MEM_FREE])
-                gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
-                stats[SX_DRAM_BYTES] += line_bytes
-                done = max(done, gst[G_MEM_FREE] + prm[PR_STORE_LAT])
-            else:
-                hit = _l2_access(l2_tags, l2_lru, gst, lines[k], nsets, nways)
-                if hit:
-                    stats[SX_L2_HITS] += 1
-                else:
-                    stats[SX_L2_MISSES] += 1
-                    mem_start = max(tmu_start, gst[G_MEM_FREE])
-                    gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
-                    stats[SX_DRAM_BYTES] += line_bytes
-                    done = max(done, gst[G_MEM_FREE] + prm[PR_DRAM_LAT])
-            bytes_moved += line_bytes
-        active_lanes = 0
-        for l in range(16):
-            active_lanes += lane_on[l]
-        if kind == 0:
-            stats[SX_TMU_LOADS] += 1
-            stats[SX_BYTES_LOADED] += active_lanes * esize
-        elif kind == 1:
-            stats[SX_TMU_STORES] += 1
-            stats[SX_BYTES_STORED] += active_lanes * esize
-        else:
-            stats[SX_ATOMICS] += 1
-            stats[SX_TMU_STORES] += 1
-            stats[SX_BYTES_STORED] += active_lanes * 4
-            stats[SX_BYTES_LOADED] += active_lanes * 4
-        qreq[q, qreq_head[q]] = done
-        qreq_head[q] = (qreq_head[q] + 1) % req_depth
-        if kind == 1 or kind == 2:
-            fst[ctx, FT_STORE_DONE] = max(fst[ctx, FT_STORE_DONE], done)
-        if ret_words > 0:
-            fst[ctx, FT_LOAD_DONE] = max(fst[ctx, FT_LOAD_DONE], done)
-            for wd in range(ret_words):
-                fifo_t[ctx, (h + wd) % FIFO_CAP] = done
-    if ret_words > 0:
-        ist[ctx, ST_FIFO_COUNT] += ret_words
-        ist[ctx, ST_FIFO_WORDS] += ret_words
-    return 0, stall_to
