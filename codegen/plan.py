@@ -108,6 +108,19 @@ def _jsonable(x):
     return str(x)
 
 
+def bind_constants(plan: KernelPlan, constants: dict) -> KernelPlan:
+    """Turn the plan's input buffers named in ``constants`` into weights holding that data (host
+    layout), so a generator need not know which of its operands the model made constant."""
+    for b in plan.buffers:
+        if b.role == "input" and b.name in constants:
+            a = np.ascontiguousarray(np.asarray(constants[b.name]))
+            if tuple(a.shape) != b.shape:
+                a = a.reshape(b.shape)
+            b.role = "weight"
+            plan.constants[b.name] = a.astype(b.dtype, copy=False)
+    return plan
+
+
 def uniform_words(entries, addresses: dict) -> np.ndarray:
     """Build a launch's uint32 uniform array, resolving buffer addresses."""
     out = np.empty(len(entries), dtype=np.uint32)

@@ -98,7 +98,9 @@ def generate(spec: OpSpec, constants: dict | None = None):
     ok, why = e.supports(spec)
     if not ok:
         raise ValueError(f"QPU kernel cannot take {spec.describe()}: {why}")
-    return e.generate(spec, dict(constants or {}))
+    constants = dict(constants or {})
+    from .plan import bind_constants
+    return bind_constants(e.generate(spec, constants), constants)
 
 
 def estimate(spec: OpSpec) -> float:
