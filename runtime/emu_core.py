@@ -769,7 +769,8 @@ def _l2_access(tags, lru, gst, line, nsets, nways):
 @njit(cache=True)
 def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs, fla, flb, ist,
         fst, tmud, fifo, fifo_t, qclock, qcur, qtmu_free, qreq, qreq_head, gst, prm, stats,
-        qstats, fault, l2_tags, l2_lru, wg_dims, num_qpus, threads, reg_share, budget, rtop):
+        qstats, fault, l2_tags, l2_lru, wg_dims, num_qpus, threads, reg_share, budget, rtop,
+        wg_size):
     """Run the dispatch until every workgroup has ended, or a fault. Returns the fault code
     (0 on success); ``fault`` then holds [code, ctx, pc, a, b]."""
     mem_size = np.int64(mem8.shape[0])
@@ -1254,12 +1255,14 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             is_write = ndata > 0
 
                             # lanes taking part: per-lane mask, or per quad (a quad is active if any lane is)
+                            # (lanes >= wg_size are not part of the workgroup: disabled)
                             for l in range(16):
-                                if per == 1:
-                                    lane_on[l] = active[arow, l]
-                                else:
-                                    qq = l & 12
-                                    lane_on[l] = 1 if (active[arow, qq] | active[arow, qq + 1] | active[arow, qq + 2] | active[arow, qq + 3]) != 0 else 0
+                                lane_on[l] = active[arow, l] if l < wg_size else 0
+                            if per == 0:
+                                for qq in range(0, 16, 4):
+                                    anyq = lane_on[qq] | lane_on[qq + 1] | lane_on[qq + 2] | lane_on[qq + 3]
+                                    for l in range(qq, qq + 4):
+                                        lane_on[l] = 1 if anyq != 0 else 0
 
                             # kind: 0 load, 1 store, 2 atomic (returns the old value), 3 cache op (no data)
                             if top == 15:

@@ -241,12 +241,12 @@ class EmulatorDevice(Device):
             tmp_unif = self.upload(u if u.size else np.zeros(1, np.uint32))
             unif_addr = tmp_unif.addr
         try:
-            return self._run(prog, program, unif_addr, wg, nq, threads, budget)
+            return self._run(prog, program, unif_addr, wg, nq, threads, budget, wg_size)
         finally:
             if tmp_unif is not None:
                 self.free(tmp_unif)
 
-    def _run(self, prog, program, unif_addr, wg, nq, threads, budget):
+    def _run(self, prog, program, unif_addr, wg, nq, threads, budget, wg_size=16):
         from .emu_core import run
         t = self.timing
         nctx = nq * 4
@@ -277,7 +277,7 @@ class EmulatorDevice(Device):
                    unif_addr, regs, regs.view(np.float32), fla, flb, ist, fst, tmud, fifo, fifo_t,
                    qclock, qcur, qtmu, qreq, qreq_head, gst, prm, stats, qstats, fault, l2_tags,
                    l2_lru, wg_dims, nq, threads, reg_share, int(budget),
-                   np.zeros((nctx, 16), dtype=np.uint32))
+                   np.zeros((nctx, 16), dtype=np.uint32), int(wg_size))
         if code != 0:
             raise self._fault(code, fault, ist, prog, program)
         cycles = int(np.ceil(qclock.max())) if nq else 0

@@ -348,3 +348,16 @@ def test_fifo_order_and_coherence():
     assert np.array_equal(out[:16], data[16:32])
     assert np.array_equal(out[16:], data[:16] + 1)
     assert np.array_equal(mem.view(np.uint32)[:16], data[:16] + 1)
+
+
+@pytest.mark.parametrize("wg_size", [1, 5, 16])
+def test_lanes_beyond_wg_size_do_not_access_memory(wg_size):
+    data = np.zeros(16, np.uint32)
+    def body():
+        A.add(RF[12], BASE, LANE4)
+        A.mov(A.tmud, 7)
+        A.mov(A.tmua, RF[12])
+    mem, _, st = run(body, data, 16, wg_size=wg_size)
+    ref = np.where(np.arange(16) < wg_size, 7, 0)
+    assert np.array_equal(mem.view(np.uint32), ref)
+    assert st.bytes_stored == 4 * wg_size
