@@ -153,3 +153,24 @@ def test_large_tiles_use_all_qpus(dev):
 def test_supports_refuses_with_reason(spec, reason):
     ok, why = supports(spec)
     assert not ok and reason in why, why
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((1, 2, 3, 4), (1, 2, 4, 3)),     # ONNX test_matmul_4d
+                                             ((2, 3, 5, 4), (4, 6)),           # B shared, 2 batch dims
+                                             ((1, 3, 4), (2, 4, 5))])          # A broadcast, leading 1
+def test_registry_plan_takes_spec_shapes(dev, a_shape, b_shape):
+    """Regression: the registry plan's A/B/C buffers had the batch flattened ([2, 3, 4] for a
+    [1, 2, 3, 4] operand), so the executor refused the operands the frontend passes as specified."""
+    from tvm_qpu.codegen import registry
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    want = np.matmul(a.astype(np.float64), b.astype(np.float64))
+    spec = OpSpec("matmul", [(a_shape, "float32"), (b_shape, "float32")], (want.shape, "float32"),
+                  {"transpose_b": False, "bias": False, "activation": None})
+    assert supports(spec) == (True, "ok")
+    plan = registry.generate(spec, {})
+    assert plan.buffer("A").shape == a_shape and plan.buffer("B").shape == b_shape
+    out, _ = run_plan(plan, dev, A=a, B=b)
+    assert out.shape == want.shape
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

@@ -812,7 +812,18 @@ def supports(spec) -> tuple:
 
 def generate(spec, constants: dict):
     s = shape_from_spec(spec)
-    return plan_gemm(s, constants)
+    plan = plan_gemm(s, constants)
+    # plan_gemm declares A, B and C with the batch dims flattened ([batch, M, K], or [M, K] for an
+    # operand broadcast over the batch); the registry hands the kernel the operands as the spec
+    # gives them ([.., M, K] with any number of batch dims, e.g. a 4-D MatMul), so the buffers
+    # take the spec's shapes (same elements, same row-major order).
+    for name, shape in (("A", spec.inputs[0][0]), ("B", spec.inputs[1][0]), ("C", spec.output[0])):
+        buf = plan.buffer(name)
+        if int(np.prod(shape, dtype=np.int64)) != int(np.prod(buf.shape, dtype=np.int64)):
+            raise ValueError(f"matmul {name}: spec shape {list(shape)} does not hold the kernel's "
+                             f"{list(buf.shape)}")
+        buf.shape = tuple(int(d) for d in shape)
+    return plan
 
 
 # Estimate: cycles of the busiest worker from the kernel's instruction schedule, bounded below by
