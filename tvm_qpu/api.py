@@ -339,7 +339,8 @@ class Runner:
                     a = a.astype(i["dtype"])
                 else:
                     raise QpuError(f"input {i['name']!r}: dtype {a.dtype} given, {i['dtype']} expected")
-            args.append(tvm.runtime.tensor(np.ascontiguousarray(a)))
+            # np.ascontiguousarray would turn a 0-d input (a Gemm scalar bias) into shape (1,)
+            args.append(tvm.runtime.tensor(a if a.flags.c_contiguous else np.array(a, order="C")))
         return args
 
     def run(self, **inputs) -> dict:

@@ -1,0 +1,209 @@
+"""The ONNX backend node tests shipped with the onnx package, through the qpu target.
+
+Every node test case of Conv, MaxPool, AveragePool, Gemm, MatMul, MatMulInteger, ReduceMax,
+ReduceMin and Softmax (cases whose graph holds only these ops, plus the ``softmax_*_expanded``
+function bodies: Constant, ReduceMax, Sub, Exp, ReduceSum, Div) is imported with
+``tvm_qpu.from_onnx``, built for ``target="qpu"`` with ``placement="all"`` (every pattern a real
+kernel supports is offloaded), run on the embedded emulator, and compared with the case's expected
+outputs.
+
+Variants (the test id says which):
+
+* ``<case>``: the model as shipped;
+* ``<case>[frozen]`` (Conv, Gemm): the weight / bias graph inputs become initializers, as in an
+  exported model. The QPU conv kernel packs its weights at compile time and the bias epilogue
+  needs a constant, so only this form exercises them; the as-shipped form runs conv on the CPU.
+
+Where TVM's ONNX importer needs a constant (ReduceMax/Min ``axes`` given as a graph input), the
+axes input is turned into an initializer holding the case's value ("Only constant axes currently
+supported"). Cases that cannot pass for reasons outside the QPU backend are ``xfail(strict=True)``
+with the reason (``XFAIL`` below).
+
+Tolerance: the case's rtol/atol for integer outputs (exact) and for CPU-only cases; for outputs of
+graphs with a float QPU region ``rtol=1e-5, atol=1e-6`` in addition, because QPU fp32 accumulation
+order and the SFU exp2/reciprocal (+ Newton step) differ from numpy by a few ulps.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+onnx = pytest.importorskip("onnx")
+
+import tvm_qpu  # noqa: E402
+
+OPS = ("Conv", "MaxPool", "AveragePool", "Gemm", "MatMul", "MatMulInteger", "ReduceMax", "ReduceMin", "Softmax")
+# op type -> registry kinds that count as "this op ran on the QPU"
+KINDS = {"Conv": {"conv2d"}, "MaxPool": {"max_pool2d"}, "AveragePool": {"avg_pool2d"}, "Gemm": {"matmul"},
+         "MatMul": {"matmul"}, "MatMulInteger": {"matmul"}, "ReduceMax": {"reduce_max"},
+         "ReduceMin": {"reduce_min"}, "Softmax": {"softmax"}}
+FREEZE_OPS = ("Conv", "Gemm")          # ops whose [frozen] variant is also run
+EXPANDED_OK = {"Constant", "ReduceMax", "Sub", "Exp", "ReduceSum", "Div"}   # softmax function body
+
+FLOAT_QPU_RTOL, FLOAT_QPU_ATOL = 1e-5, 1e-6
+
+# Cases where an op of interest stays on the CPU: case name (or "name[variant]") -> text the partition
+# report gives as the reason. Every other case must offload each of its ops of interest.
+CPU_ONLY = {
+    # the pool kernel unrolls one window: at most 16 taps
+    "test_averagepool_2d_precomputed_pads": "25 taps per window",
+    "test_averagepool_2d_precomputed_pads_count_include_pad": "25 taps per window",
+    "test_averagepool_2d_strides": "25 taps per window",
+    "test_maxpool_2d_precomputed_pads": "25 taps per window",
+    "test_maxpool_2d_strides": "25 taps per window",
+    "test_maxpool_2d_uint8": "dtype uint8 not supported",
+    # GEMM kernel limits
+    "test_matmul_1d_1d": "at least 2-D",
+    "test_matmul_1d_3d": "at least 2-D",
+    "test_matmul_4d_1d": "at least 2-D",
+    "test_matmul_bcast": "do not broadcast simply",
+    # the QPU softmax normalises along the last axis only
+    "test_softmax_axis_0": "last axis only",
+    "test_softmax_axis_1": "last axis only",
+}
+POOL_OPS = ("MaxPool", "AveragePool")
+
+
+def expected_cpu(case, variant: str, op: str) -> str | None:
+    """Why ``op`` of this case is expected on the CPU (a substring of the report's reason), or None."""
+    key = f"{case.name}[{variant}]" if variant else case.name
+    if key in CPU_ONLY:
+        return CPU_ONLY[key]
+    if op in POOL_OPS and len(case.data_sets[0][0][0].shape) != 4:
+        return "no QPU pattern for this op"            # 1-D / 3-D pooling: the QPU pools 2-D NCHW only
+    if op == "Conv" and variant != "frozen":
+        return "weight is not a compile-time constant"  # the conv kernel packs constant weights
+    return None
+
+
+# case name -> reason (strict xfail: the case must fail, for this reason)
+XFAIL = {
+    "test_maxpool_with_argmax_2d_precomputed_pads": "TVM's ONNX importer does not support MaxPool's Indices output",
+    "test_maxpool_with_argmax_2d_precomputed_strides":
+        "TVM's ONNX importer does not support MaxPool's Indices output",
+    "test_reduce_max_bool_inputs": "bool reduction: not meaningful for TVM's importer (max over bool)",
+    "test_reduce_min_bool_inputs": "bool reduction: not meaningful for TVM's importer (min over bool)",
+    "test_reduce_max_empty_set": "empty-set reduction (identity -inf) is not representable in TVM's importer",
+    "test_reduce_min_empty_set": "empty-set reduction (identity +inf) is not representable in TVM's importer",
+    "test_reduce_max_empty_set_bool": "empty-set bool reduction is not representable in TVM's importer",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _cases() -> dict:
+    import warnings
+    from onnx.backend.test.loader import load_node_model_tests
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        allc = load_node_model_tests()
+    out = {}
+    for c in allc:
+        ops = {n.op_type for n in c.model.graph.node}
+        if not ops & set(OPS):
+            continue
+        core = ops - {"Constant", "Identity"}
+        if core <= set(OPS) or (c.name.startswith("test_softmax_") and ops <= EXPANDED_OK):
+            out[c.name] = c
+    return out
+
+
+def _params() -> list:
+    ps = []
+    for name, c in _cases().items():
+        ops = {n.op_type for n in c.model.graph.node}
+        variants = [""] + (["frozen"] if ops & set(FREEZE_OPS) else [])
+        for v in variants:
+            marks = [pytest.mark.xfail(strict=True, reason=XFAIL[name])] if name in XFAIL else []
+            ps.append(pytest.param(name, v, id=f"{name}[{v}]" if v else name, marks=marks))
+    return ps
+
+
+def _to_initializer(model, name: str, value: np.ndarray):
+    g = model.graph
+    keep = [i for i in g.input if i.name != name]
+    del g.input[:]
+    g.input.extend(keep)
+    g.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+
+
+def prepare(case, variant: str):
+    """(ModelProto, {run-time input name: array}, [expected outputs]) for one case and variant."""
+    model = onnx.ModelProto()
+    model.CopyFrom(case.model)
+    inputs, outputs = case.data_sets[0]
+    names = [i.name for i in model.graph.input]
+    values = dict(zip(names, inputs))
+    frozen = set()
+    for node in model.graph.node:
+        if node.op_type in ("ReduceMax", "ReduceMin") and len(node.input) > 1 and node.input[1] in values:
+            frozen.add(node.input[1])                       # axes: TVM's importer needs a constant
+        if variant == "frozen" and node.op_type in FREEZE_OPS:
+            frozen.update(n for n in node.input[1:] if n in values)
+    for n in frozen:
+        _to_initializer(model, n, values[n])
+    feed = {n: v for n, v in values.items() if n not in frozen}
+    return model, feed, list(outputs)
+
+
+def run_case(case, variant: str, tmp_path):
+    """Build for qpu (placement="all"), run on the emulator. Returns (outputs, lib)."""
+    model, feed, _ = prepare(case, variant)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    mod, params = tvm_qpu.from_onnx(path)
+    lib = tvm_qpu.build(mod, target="qpu", placement="all", params=params)
+    runner = lib.runner("emulator")
+    try:
+        got = runner.run(**feed)
+    finally:
+        runner.close()
+    return got, lib
+
+
+# op type -> (cases run, cases with that op offloaded); filled by the tests, checked at the end
+_OFFLOADED: dict = defaultdict(Counter)
+
+
+@pytest.mark.parametrize("name,variant", _params())
+def test_node(name, variant, tmp_path):
+    case = _cases()[name]
+    _, _, want = prepare(case, variant)
+    got, lib = run_case(case, variant, tmp_path)
+    kinds = {r.info.kind for r in lib.regions}
+    float_qpu = any(r.match.spec.inputs[0][1] == "float32" for r in lib.regions)
+    outs = [o.name for o in case.model.graph.output]
+    assert list(got) == outs
+    for o, w in zip(outs, want):
+        g = got[o]
+        assert g.shape == w.shape, f"{o}: shape {g.shape} != {w.shape}\n{lib.report.text()}"
+        assert g.dtype == w.dtype, f"{o}: dtype {g.dtype} != {w.dtype}"
+        if w.dtype.kind in "iub":
+            np.testing.assert_array_equal(g, w, err_msg=f"{o}\n{lib.report.text()}")
+        else:
+            rtol, atol = case.rtol, case.atol
+            if float_qpu:
+                rtol, atol = max(rtol, FLOAT_QPU_RTOL), max(atol, FLOAT_QPU_ATOL)
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{o}\n{lib.report.text()}")
+    for op in {n.op_type for n in case.model.graph.node} & set(OPS):
+        on_qpu = bool(kinds & KINDS[op])
+        _OFFLOADED[op]["cases"] += 1
+        _OFFLOADED[op]["qpu"] += on_qpu
+        why = expected_cpu(case, variant, op)
+        if why is None:
+            assert on_qpu, f"{op} was not offloaded\n{lib.report.text()}"
+        else:
+            assert not on_qpu, f"{op} is now offloaded: update CPU_ONLY\n{lib.report.text()}"
+            reasons = " | ".join(c["reason"] for c in lib.report.cpu_ops)
+            assert why in reasons, f"{op} stays on the CPU for another reason than {why!r}: {reasons}"
+
+
+def test_every_op_is_offloaded_somewhere():
+    """Runs after the parametrized cases (file order): each op type ran on the QPU at least once."""
+    if not _OFFLOADED:
+        pytest.skip("no node case ran (selected alone)")
+    missing = [op for op in OPS if _OFFLOADED[op]["qpu"] == 0]
+    assert not missing, f"never offloaded: {missing}; counts {dict(_OFFLOADED)}"
