@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import asm as A
-from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
+from ..asm import L, b, mov, nop, sub, add, shl, shr, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import gemm as G
@@ -445,6 +445,143 @@ def _store_phase(s, t, g):
 
 
 # ------------------------------------------------------------------------------------------------
+# Transposing pack: lanes along the columns (d), 16 elements per lookup
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PanelLayout:
+    """Where element (z, r, c) of an input X[z][r][c] lands in a packed panel (byte offset)::
+
+        z * batch + (r // G) * tile + (r % G) * row + (c >> sh) * hi + (c & (2**sh - 1)) * lo
+
+    Q panel (the ``ldunifarf`` stream: R values per d): G = R, row = 4, sh = 0, hi = 4 R.
+    K panel (16-key blocks read by vecN lookups, N = 2**sh consecutive d per lane, 64 N bytes per
+    lookup): G = 16, row = 4 N, hi = 64 N, lo = 4."""
+    G: int
+    tile: int
+    row: int
+    sh: int
+    hi: int
+    lo: int
+    batch: int
+
+
+def q_layout(R: int, Dpad: int, MT: int) -> PanelLayout:
+    return PanelLayout(R, Dpad * R * 4, 4, 0, 4 * R, 0, MT * Dpad * R * 4)
+
+
+def k_layout(NB: int, Dpad: int, vec: int) -> PanelLayout:
+    return PanelLayout(16, Dpad * 64, 4 * vec, vec.bit_length() - 1, 64 * vec, 4, NB * Dpad * 64)
+
+
+def tpack_workers(rows: int, g: int, batch: int, num_qpus: int):
+    """(workers per batch entry, rows per worker): rows per worker are a multiple of G, so every
+    worker starts on a tile boundary."""
+    want = max(1, num_qpus // max(1, min(batch, num_qpus)))
+    rpw = -(-(-(-rows // want)) // g) * g
+    return -(-rows // rpw), rpw
+
+
+def tpack_uniforms(rows, cols, dtype, lay: PanelLayout, rpw, src, dst):
+    es = G.ITEMSIZE[dtype]
+    ncb = -(-cols // 16)
+    last = ncb - 8 * ((ncb - 1) // 8)                      # lookups of the last chunk
+    u = [("addr", src, 0), ("u32", rows * cols * es), ("u32", cols * es), ("u32", es),
+         ("u32", 16 * es), ("addr", dst, 0), ("u32", lay.batch), ("u32", lay.tile),
+         ("u32", lay.row), ("u32", lay.G), ("u32", rows), ("u32", rpw),
+         ("u32", (rpw // lay.G) * lay.tile), ("u32", lay.sh), ("u32", (1 << lay.sh) - 1),
+         ("u32", lay.hi), ("u32", lay.lo), ("u32", (16 >> lay.sh) * lay.hi),
+         ("u32", cols - 16 * (ncb - 1))]
+    if dtype in G.SMALL_INT:
+        u += [("u32", G.config_word([dtype] * 4)), ("u32", G.config_word([dtype] * (last % 4 or 4)))]
+    return u
+
+
+def tpack_kernel(cols: int, dtype: str):
+    """Workgroup (w, 0, z) copies rows [w rpw, (w + 1) rpw) of X[z] (``cols`` elements each) into
+    a panel (:class:`PanelLayout`, from the uniforms), 8/16-bit integers sign-extended to int32.
+    Lanes run along the columns: per 16-column block one load and one scattered store (lanes past
+    ``cols`` are not stored: panel entries never stored stay zero, which pads d exactly)."""
+    p = G._Pool()
+    (lane, src, rs, es, es16, dst, tstep, rstep, gr, cnt, ap, bstep, nlast, ri, x, y, v,
+     sp) = (p.take() for _ in range(18))
+    ld = lambda r: S_["ldunifrf"](r)  # noqa: E731
+    small = dtype in G.SMALL_INT
+    cfg4, cfgr = (p.take(), p.take()) if small else (None, None)
+    ncb = -(-cols // 16)
+    eidx(lane, sig=ld(src))
+    mov(y, RF[2].unpack("ul"), sig=ld(x))                  # z ; src batch stride
+    umul24(x, x, y)
+    add(src, src, x, sig=ld(rs))                           # src row stride
+    nop(sig=ld(es))
+    nop(sig=ld(es16))
+    nop(sig=ld(dst))
+    nop(sig=ld(x))                                         # dst batch stride
+    umul24(x, x, y)
+    add(dst, dst, x, sig=ld(tstep))
+    nop(sig=ld(rstep))
+    nop(sig=ld(gr))
+    nop(sig=ld(cnt))                                       # rows
+    mov(y, RF[3].unpack("ul"), sig=ld(v))                  # w ; rows per worker
+    umul24(x, y, v)                                        # r0 = w rpw
+    sub(cnt, cnt, x)                                       # rows from r0 on
+    A.DSL["imin"](cnt, cnt, v)                             # rows of this worker
+    umul24(x, x, rs, sig=ld(v))                            # v = tiles-of-rpw step
+    add(src, src, x)
+    umul24(x, y, v, sig=ld(v))                             # v = sh
+    add(dst, dst, x, sig=ld(sp))                           # sp = low mask
+    shr(ap, lane, v, sig=ld(x))                            # ap = lane >> sh ; x = hi
+    umul24(ap, ap, x, sig=ld(x))                           # x = lo
+    A.DSL["band"](sp, lane, sp)
+    umul24(sp, sp, x)
+    add(ap, ap, sp, sig=ld(bstep))                         # panel lane offset
+    nop(sig=ld(nlast))
+    if small:
+        nop(sig=ld(cfg4))
+        nop(sig=ld(cfgr))
+    umul24(x, lane, es)
+    add(src, src, x)                                       # + es * lane
+    mov(ri, 0)
+    L.rloop
+    sub(null, cnt, 1, cond="pushn")                        # A = no rows left
+    b(R_.pend, cond="anya")
+    add(sp, dst, ap)
+    umul24(x, ri, rstep)
+    add(sp, sp, x)                                         # panel address of (row, lane)
+    mov(x, src)
+    chunks = [list(range(c0, min(ncb, c0 + 8))) for c0 in range(0, ncb, 8)]
+    for ch in chunks:
+        for n, c in enumerate(ch):
+            if small and n % 4 == 0:
+                mov(tmuc, cfg4 if (len(ch) - n >= 4 or ch[-1] != ncb - 1) else cfgr)
+            mov(tmua, x).add(x, x, es16)
+        for c in ch:
+            if c == ncb - 1:
+                sub(null, lane, nlast, cond="pushn")       # A = lane < columns of the block
+            nop(sig=S_["ldtmu"](v))
+            mov(tmud, v)
+            if c == ncb - 1:
+                mov(tmua, sp, cond="ifa")
+            else:
+                mov(tmua, sp).add(sp, sp, bstep)
+    add(ri, ri, 1)
+    sub(null, ri, gr, cond="pushz")                        # A = tile complete
+    b(R_.rloop, cond="always")
+    add(dst, dst, tstep, cond="ifa")
+    mov(ri, 0, cond="ifa")
+    add(src, src, rs).sub(cnt, cnt, 1)
+    L.pend
+    tmuwt()
+    thread_end()
+
+
+def _tpack_launch(rows, cols, dtype, batch, lay, src, dst, name, num_qpus):
+    W, rpw = tpack_workers(rows, lay.G, batch, num_qpus)
+    return Launch(G._assemble(tpack_kernel, cols, dtype, name=name),
+                  tpack_uniforms(rows, cols, dtype, lay, rpw, src, dst), (W, 1, batch), 16,
+                  num_qpus, 1, name)
+
+
+# ------------------------------------------------------------------------------------------------
 # Plans
 # ------------------------------------------------------------------------------------------------
 def _pack_launch(gs: G.GemmShape, gt: G.GemmTiling, a_name, p_name, name):
@@ -487,15 +624,15 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
     bufs.append(BufferSpec(on, "output", (s.B, s.S, s.Dv), "float32"))
     bufs.append(BufferSpec(qp, "scratch", (s.B * t.MT * t.Dpad * t.R + 2 * t.R + 32,), "float32"))
     bufs.append(BufferSpec(kp, "scratch", (s.B * s.NB * t.Dpad * 16 + 64,), "float32"))
-    gq = G.GemmShape(s.S, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
-    tq = G.GemmTiling(t.R, 2, 4, t.Dpad, t.MT, 1, 1, 1)
-    gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
-    tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)
     q_in_place = t.R == 1 and s.dtype == "float32" and t.Dpad == s.D   # Q rows are the panel
     if q_in_place:
         bufs = [bf for bf in bufs if bf.name != qp]
         qp = qn
-    launches = ([] if q_in_place else [_pack_launch(gq, tq, qn, qp, "attn_pack_q")])
+    launches = ([] if q_in_place else
+                [_tpack_launch(s.S, s.D, s.dtype, s.B, q_layout(t.R, t.Dpad, t.MT), qn, qp,
+                               "attn_pack_q", s.num_qpus)])
+    gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
+    tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)          # rows across lanes: 64-byte stores
     launches += [_pack_launch(gk, tk, kn, kp, "attn_pack_k"),
                 Launch(G._assemble(attention_kernel, s, t, name="attention"),
                        _uniforms(s, t, (qp, kp, vn, on, mn)), (t.W, 1, s.B), 16, s.num_qpus, 1,
