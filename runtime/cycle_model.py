@@ -73,6 +73,11 @@ class TimingModel:
     l2_ways: int = 8
     #: latency of a store's completion after its data left for DRAM, cycles (tmuwt waits for it).
     store_latency: float = 20.0
+    #: uniform and unifa streams: each reads whole 64-byte lines through the shared L2 (same hit
+    #: latency as a TMU lookup; misses use the shared DRAM channel) and keeps this many lines ahead
+    #: in flight, like a sequential prefetcher. Not published for V3D 7.1: an assumption (a
+    #: stream read once per instruction then waits only at the start and on DRAM misses).
+    uniform_prefetch_lines: int = 2
     #: simulation time slice in instructions (accuracy of cross-QPU contention ordering).
     quantum: int = 16
 
@@ -95,6 +100,7 @@ class TimingModel:
         p[C.PR_L2_SETS] = max(1, self.l2_bytes // (self.line_bytes * self.l2_ways))
         p[C.PR_L2_WAYS] = self.l2_ways
         p[C.PR_STORE_LAT] = self.store_latency
+        p[C.PR_UNIF_PF] = self.uniform_prefetch_lines
         return p
 
     def peak_gflops(self, num_qpus: int | None = None) -> float:

@@ -122,10 +122,13 @@ NF = 24
 (ST_STATE, ST_PC, ST_UNIF, ST_UNIFA, ST_LINK, ST_TMUCFG, ST_NDATA, ST_THR_CNT, ST_LAST, ST_END_CNT,
  ST_BR_CNT, ST_BR_TARGET, ST_BR_UNIF, ST_BR_UNIF_SET, ST_FIFO_HEAD, ST_FIFO_COUNT, ST_FIFO_WORDS,
  ST_BARRIER_PEND, ST_WG, ST_SLOT, ST_INSTRS, ST_RTOP_SET) = range(22)
-NIST = 22
+ST_ULINE, ST_UREQ = 22, 24           # two columns each: + stream (0 uniforms, 1 unifa); see below
+NIST = 26
+#: uniform-stream line state (timing only): ST_ULINE + s is the line the stream s reads now,
+#: ST_UREQ + s the last line it has requested; FT_URDY + 4 s + (line % 4) when each is ready.
 # per-context float state (``fst``): times in QPU cycles
-FT_READY, FT_STORE_DONE, FT_LOAD_DONE, FT_BARRIER_ARRIVE = range(4)
-NFST = 4
+FT_READY, FT_STORE_DONE, FT_LOAD_DONE, FT_BARRIER_ARRIVE, FT_URDY = range(5)
+NFST = 4 + 8
 # context states
 CTX_FREE, CTX_RUN, CTX_BARRIER, CTX_DONE = 0, 1, 2, 3
 
@@ -138,8 +141,8 @@ NGST = 4
 
 # timing parameter vector (``prm``); cycle_model.TimingModel.as_array() fills it
 (PR_CPI, PR_TMU_LAT, PR_DRAM_LAT, PR_MEM_BPC, PR_TMU_CPL, PR_REQ_DEPTH, PR_FIFO_WORDS,
- PR_LINE, PR_THREADS, PR_QUANTUM, PR_L2_SETS, PR_L2_WAYS, PR_STORE_LAT) = range(13)
-NPRM = 13
+ PR_LINE, PR_THREADS, PR_QUANTUM, PR_L2_SETS, PR_L2_WAYS, PR_STORE_LAT, PR_UNIF_PF) = range(14)
+NPRM = 14
 
 # statistics (``stats``, int64)
 (SX_INSTR, SX_TMU_LOADS, SX_TMU_STORES, SX_BYTES_LOADED, SX_BYTES_STORED, SX_STALL, SX_L2_HITS,
@@ -763,6 +766,49 @@ def _l2_access(tags, lru, gst, line, nsets, nways):
     return False
 
 
+@njit(cache=True)
+def _line_fetch(line, t, l2_tags, l2_lru, gst, prm, stats, nsets, nways, line_bytes):
+    """Fetch one cache line for a uniform stream at time t: the shared L2, then (on a miss) the
+    shared DRAM channel. Returns when the line is ready."""
+    ready = t + prm[PR_TMU_LAT]
+    if _l2_access(l2_tags, l2_lru, gst, line, nsets, nways):
+        stats[SX_L2_HITS] += 1
+    else:
+        stats[SX_L2_MISSES] += 1
+        mem_start = max(t, gst[G_MEM_FREE])
+        gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
+        stats[SX_DRAM_BYTES] += line_bytes
+        ready = max(ready, gst[G_MEM_FREE] + prm[PR_DRAM_LAT])
+    return ready
+
+
+@njit(cache=True)
+def _uniform_ready(ctx, stream, addr, now, ist, fst, l2_tags, l2_lru, gst, prm, stats, nsets,
+                   nways, line_bytes):
+    """Timing of a uniform-stream read (stream 0: uniforms, 1: unifa) at ``addr``: the stream
+    reads whole lines through the shared L2 and keeps ``PR_UNIF_PF`` lines ahead in flight, like a
+    sequential prefetcher. Returns the time the word is available (>= now)."""
+    line = addr // line_bytes
+    cur = ist[ctx, ST_ULINE + stream]
+    base = FT_URDY + 4 * stream
+    if line == cur:
+        return max(now, fst[ctx, base + line % 4])
+    req = ist[ctx, ST_UREQ + stream]
+    if not (cur >= 0 and line > cur and line <= req):          # not already in flight: fetch it
+        fst[ctx, base + line % 4] = _line_fetch(line, now, l2_tags, l2_lru, gst, prm, stats,
+                                                nsets, nways, line_bytes)
+        req = line
+    ready = fst[ctx, base + line % 4]
+    ahead = min(np.int64(prm[PR_UNIF_PF]), 3)
+    while req < line + ahead:                                  # keep the look-ahead in flight
+        req += 1
+        fst[ctx, base + req % 4] = _line_fetch(req, now, l2_tags, l2_lru, gst, prm, stats,
+                                               nsets, nways, line_bytes)
+    ist[ctx, ST_ULINE + stream] = line
+    ist[ctx, ST_UREQ + stream] = req
+    return max(now, ready)
+
+
 # --------------------------------------------------------------------------------------------
 # The interpreter
 # --------------------------------------------------------------------------------------------
@@ -1164,6 +1210,12 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                     fault[2] = pc
                                     fault[3] = ist[ctx, col]
                                     return FLT_UNIF_ADDR
+                                t_u = _uniform_ready(ctx, 1 if use_a else 0, ist[ctx, col], now, ist, fst,
+                                                     l2_tags, l2_lru, gst, prm, stats, nsets, nways,
+                                                     line_bytes)
+                                if t_u > now:
+                                    stalled = True
+                                    now = t_u
                                 ist[ctx, col] += 4
                                 d = row[F_SIGDST] if (sig & (S_LDUNIFRF | S_LDUNIFARF)) != 0 else 0
                                 if d < 64:
@@ -1218,6 +1270,8 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                 regs[ctx, 0, l] = scratch[vrow, l & 12]
                         elif w == W_UNIFA:
                             ist[ctx, ST_UNIFA] = np.int64(scratch[vrow, 0])
+                            ist[ctx, ST_ULINE + 1] = -1                # a new unifa stream
+                            ist[ctx, ST_UREQ + 1] = -1
                         elif w == W_TMUC:
                             ist[ctx, ST_TMUCFG] = np.int64(scratch[vrow, 0])
                         elif w == W_TMUD or w == W_TMUDREF or w == W_TMUOFF:
@@ -1589,6 +1643,9 @@ def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0):
         fst[ctx, k] = 0.0
     ist[ctx, ST_STATE] = CTX_RUN
     ist[ctx, ST_UNIF] = unif_base
+    for k in range(2):
+        ist[ctx, ST_ULINE + k] = -1
+        ist[ctx, ST_UREQ + k] = -1
     ist[ctx, ST_TMUCFG] = 0xFFFFFFFF
     ist[ctx, ST_WG] = wg
     ist[ctx, ST_SLOT] = slot
