@@ -89,15 +89,47 @@ def test_causal_single_row_and_length_one(dev):
 def test_tiling_fills_registers():
     assert choose_tiling(AttnShape(1, 128, 128, 128, 128)).R == 2
     assert choose_tiling(AttnShape(1, 64, 32, 16, 16)).R >= 6
-    assert choose_tiling(AttnShape(1, 64, 1024, 64, 64)) is None
+    long = choose_tiling(AttnShape(1, 64, 1024, 64, 64))
+    assert long.flash and long.nkb * long.KB * 16 >= 1024 and long.tail_blocks(AttnShape(1, 64, 1024, 64, 64)) >= 1
 
 
 def test_supports_reasons():
     f = "float32"
     ok = OpSpec("attention", [((1, 4, 8), f), ((1, 6, 8), f), ((1, 6, 8), f)], ((1, 4, 8), f), {})
     assert supports(ok)[0]
-    big = OpSpec("attention", [((1, 4, 8), f), ((1, 1024, 8), f), ((1, 1024, 8), f)], ((1, 4, 8), f), {})
-    r = supports(big)
-    assert not r[0] and "fallback" in r[1]
+    long = OpSpec("attention", [((1, 4, 8), f), ((1, 1024, 8), f), ((1, 1024, 8), f)], ((1, 4, 8), f), {})
+    assert supports(long)[0]                              # flash tiling
+    huge = OpSpec("attention", [((1, 4, 8), f), ((1, 64, 8), f), ((1, 64, 4096), f)], ((1, 4, 4096), f), {})
+    r = supports(huge)
+    assert not r[0] and "register file" in r[1]
     bad = OpSpec("attention", [((1, 4, 8), f), ((1, 6, 9), f), ((1, 6, 8), f)], ((1, 4, 8), f), {})
     assert not supports(bad)[0]
+
+
+# ---- flash (key-blocked) path: T beyond the register file ---------------------------------------
+@pytest.mark.parametrize("s", [
+    AttnShape(1, 5, 300, 16, 16, scale=0.25),
+    AttnShape(2, 7, 300, 37, 40, scale=0.2, mask=True, causal=True),
+    AttnShape(1, 9, 513, 64, 64, scale=0.125, causal=True),
+    AttnShape(1, 6, 513, 24, 33, "int8", "int8", scale=1e-4, v_scale=0.5, mask=True),
+    AttnShape(1, 4, 300, 128, 128, scale=0.1, mask=True),
+], ids=["plain300", "mask_causal300_b2", "causal513", "int8_mask513", "d128_mask300"])
+def test_flash_long_keys(dev, s):
+    t = choose_tiling(s)
+    assert t.flash and t.nkb >= 2
+    check(dev, s, *make(s, np.random.default_rng(11)))
+
+
+def test_flash_masked_blocks_and_nan(dev):
+    """A row whose first key blocks are fully masked (running max stays -FLT_MAX, the blocks
+    contribute 0), a fully masked row (NaN), a NaN score (NaN row)."""
+    s = AttnShape(1, 4, 300, 8, 16, scale=0.5, mask=True)
+    q, k, v, mask = make(s, np.random.default_rng(4))
+    t = choose_tiling(s)
+    mask[0, : 16 * t.KB + 5] = -np.inf                   # row 0: only keys of later blocks
+    mask[0, 16 * t.KB + 5:] = 0.0
+    mask[2, :] = -np.inf                                  # row 2: NaN
+    q[0, 3, 1] = np.nan                                   # row 3: NaN
+    out = check(dev, s, q, k, v, mask)
+    assert np.isnan(out[0, 2]).all() and np.isnan(out[0, 3]).all()
+    assert not np.isnan(out[0, [0, 1]]).any()

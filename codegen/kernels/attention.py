@@ -29,8 +29,16 @@ A worker takes ``R`` query rows of one batch entry z at a time and keeps everyth
    multiply-adds dual-issue as above. The t loop is unrolled (the lane index is an immediate).
 4. ``out = o * recip(sum)``, masked stores (lanes < Dv, rows < S).
 
-Longer keys (the tile does not fit) fall back to three launches: GEMM (Q K^T, transposed B),
-softmax with scale and mask (:mod:`.softmax`), GEMM (P V); the scores then go through memory.
+Longer keys (the scores of R >= 1 rows do not fit): the same kernel in flash-attention form
+(:func:`_flash_tile`). The keys are split into blocks of 16 KB keys; per block the QK phase
+fills the scores of the block, the softmax becomes online (running row max m, lane-wise running
+sum l, ``alpha = exp2(m_old - m_new)`` rescales l and the output accumulators), and P V adds the
+block's contribution; the last block is emitted separately for its exact key count. Nothing goes
+through memory but the inputs and the output. (R, KB) minimise :func:`block_cost`.
+
+Packing: Q goes through :func:`tpack_kernel` (lanes along d: 16 elements per lookup and one
+scattered store, instead of R of 16 lanes working); K through the GEMM pack (16-row tiles, whose
+64-byte stores suit the 16-key panel).
 """
 from __future__ import annotations
 
@@ -95,19 +103,18 @@ class AttnTiling:
     Dpad: int
     MT: int
     W: int
+    #: 16-key blocks per key block (flash mode: the scores of one key block are in registers)
+    KB: int = 0
+    #: key blocks (1: every score of a row is in registers at once; > 1: online softmax)
+    nkb: int = 1
 
+    @property
+    def flash(self) -> bool:
+        return self.nkb > 1
 
-def choose_tiling(s: AttnShape) -> AttnTiling | None:
-    """Largest R (rows per tile, <= 16) whose scores, outputs and Q values fit in registers;
-    None when even R = 1 does not fit (then the 3-launch fallback is used)."""
-    nb, no = s.NB, s.NO
-    for R in range(min(16, s.S), 0, -1):
-        regs = R * (nb + no) + 2 * R + max(nb, no) + FIXED_REGS
-        pv = s.T * (R + no * (R + 1))
-        if regs <= 64 and pv <= MAX_PV_INSTR:
-            MT = -(-s.S // R)
-            return AttnTiling(R, -(-s.D // 2) * 2, MT, max(1, min(MT, s.num_qpus)))
-    return None
+    def tail_blocks(self, s: "AttnShape") -> int:
+        """16-key blocks of the last key block."""
+        return s.NB - (self.nkb - 1) * self.KB
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,34 +173,76 @@ class _Regs:
             self.mt_ptr, self.mstep, self.l2e = p.take(), p.take(), p.take()
         if s.v_dtype in INT_IN:
             self.cfg4, self.vsc = p.take(), p.take()
-        R, nb, no = t.R, s.NB, s.NO
+        R, nb, no = t.R, (t.KB if t.flash else s.NB), s.NO
+        if t.flash:                                # key-block walk and online-softmax state
+            for n in ("kb", "vb", "key0", "kbc", "kbstep", "vbstep", "tbk", "big", "kwt"):
+                setattr(self, n, p.take())
+            self.mrun, self.lrun = p.take(R), p.take(R)
         self.tmp = p.take(2)
         self.kv = p.take(2)
         self.q = p.take(2 * R)                     # Q values (QK); P broadcasts + recips (PV)
         self.sc = [p.take(nb) for _ in range(R)]
         self.o = [p.take(no) for _ in range(R)]
-        flat = [r for row in self.o for r in row] + list(p.free)
-        if len(flat) < 6:
-            raise ValueError("attention tile does not fit the register file")
-        self.m, self.l, self.dd, self.mv, self.tv, self.mp = flat[:6]
+        if t.flash:                                # o is live across key blocks: own temporaries
+            self.m, self.dd, self.tv = p.take(), p.take(), p.take()
+            self.mv, self.mp = (p.take(), p.take()) if s.mask else (None, None)
+            self.l = None
+        else:
+            flat = [r for row in self.o for r in row] + list(p.free)
+            if len(flat) < 6:
+                raise ValueError("attention tile does not fit the register file")
+            self.m, self.l, self.dd, self.mv, self.tv, self.mp = flat[:6]
+
+
+def _fits(s: AttnShape, t: AttnTiling) -> bool:
+    try:
+        _Regs(s, t)
+    except (ValueError, IndexError):             # _Pool.take() of one register raises IndexError
+        return False
+    return True
+
+
+def _tiling(s: AttnShape, R: int, KB: int = 0, nkb: int = 1) -> AttnTiling:
+    MT = -(-s.S // R)
+    return AttnTiling(R, -(-s.D // 2) * 2, MT, max(1, min(MT, s.num_qpus)), KB, nkb)
+
+
+def block_cost(s: AttnShape, R: int, KB: int) -> float:
+    """Modelled instructions per (query row, key) of a flash tile with R rows and 16 KB-key
+    blocks: QK (D/2 steps of 2 KB (R + 1) + 2), P V (16 KB (R + NO (R + 1))), softmax and
+    rescale (R (8 KB + NO + 40)), tile rounds over the workers."""
+    per_block = (s.D / 2) * (2 * KB * (R + 1) + 2) + 16 * KB * (R + s.NO * (R + 1)) \
+        + R * (8 * KB + s.NO + 40)
+    MT = -(-s.S // R)
+    rounds = -(-MT // min(MT, s.num_qpus))
+    return per_block * rounds / (16 * KB)
 
 
 def choose_tiling(s: AttnShape) -> AttnTiling | None:
-    """Largest R (query rows per tile, <= 16) whose registers fit and whose unrolled P V phase
-    stays within MAX_PV_INSTR; None when none fits (the 3-launch fallback is used)."""
-    if s.NB > 14:
-        return None                                  # K lookups in flight must fit the TMU FIFO
+    """Fused tile: the largest R (query rows per tile, <= 16) whose registers hold every score
+    of its rows and whose unrolled P V phase stays within MAX_PV_INSTR. Failing that (long keys),
+    the flash tiling: key blocks of 16 KB keys with an online softmax, (R, KB) of least modelled
+    cost. None when not even that fits (very large Dv)."""
+    if s.NB <= 14:                                   # K lookups in flight must fit the TMU FIFO
+        for R in range(min(16, s.S), 0, -1):
+            if s.T * (R + s.NO * (R + 1)) > MAX_PV_INSTR:
+                continue
+            t = _tiling(s, R)
+            if _fits(s, t):
+                return t
+    best = None
     for R in range(min(16, s.S), 0, -1):
-        if s.T * (R + s.NO * (R + 1)) > MAX_PV_INSTR:
-            continue
-        MT = -(-s.S // R)
-        t = AttnTiling(R, -(-s.D // 2) * 2, MT, max(1, min(MT, s.num_qpus)))
-        try:
-            _Regs(s, t)
-        except ValueError:
-            continue
-        return t
-    return None
+        for KB in range(min(14, s.NB), 0, -1):
+            if 16 * KB * (R + s.NO * (R + 1)) > MAX_PV_INSTR:
+                continue
+            t = _tiling(s, R, KB, -(-s.NB // KB))
+            if t.nkb < 2 or not _fits(s, t):
+                continue
+            c = block_cost(s, R, KB)
+            if best is None or c < best[0]:
+                best = (c, t)
+            break                                    # smaller KB for this R only costs more
+    return None if best is None else best[1]
 
 
 def _uniforms(s: AttnShape, t: AttnTiling, names):
@@ -204,7 +253,8 @@ def _uniforms(s: AttnShape, t: AttnTiling, names):
          ("addr", kn, 0), ("u32", s.NB * t.Dpad * 64),                         # K panel
          ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v),            # V
          ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
-         ("u32", s.Dv * 4 - 64 * s.NO), ("u32", t.MT), ("u32", t.W), ("u32", t.Dpad * 64), ("u32", (s.NB - 1) * t.Dpad * 64 - 64),
+         ("u32", s.Dv * 4 - 64 * s.NO), ("u32", t.MT), ("u32", t.W), ("u32", t.Dpad * 64),
+         ("u32", ((t.KB if t.flash else s.NB) - 1) * t.Dpad * 64 - 64),
          ("u32", t.Dpad // 2), ("u32", s.S), ("f32", -math.inf), ("f32", s.scale * LOG2E),
          ("u32", 16 * es_v), ("u32", (s.Dv - 16 * (s.NO - 1)) * es_v), ("u32", 64),
          ("u32", s.Dv - 16 * (s.NO - 1)), ("u32", s.T)]
@@ -212,6 +262,9 @@ def _uniforms(s: AttnShape, t: AttnTiling, names):
         u += [("addr", mn, 0), ("u32", s.T * 4), ("f32", LOG2E)]
     if s.v_dtype in INT_IN:
         u += [("u32", G.config_word([s.v_dtype] * 4)), ("f32", s.v_scale)]
+    if t.flash:                                  # kbstep, vbstep, tbk, big, kwt
+        u += [("u32", t.KB * t.Dpad * 64), ("u32", 16 * t.KB * s.Dv * es_v), ("u32", 16 * t.KB),
+              ("f32", -np.finfo(np.float32).max), ("u32", (t.tail_blocks(s) - 1) * t.Dpad * 64 - 64)]
     return u
 
 
@@ -267,18 +320,24 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     if s.v_dtype in INT_IN:
         nop(sig=ld(g.cfg4))
         nop(sig=ld(g.vsc))
+    if t.flash:
+        for r in (g.kbstep, g.vbstep, g.tbk, g.big, g.kwt):
+            nop(sig=ld(r))
     umul24(g.sr, g.mt, R)                                  # first query row of the tile
 
     # ---- tile loop ----------------------------------------------------------------------------
     L.tloop
     sub(null, g.mt, g.MT, cond="pushn")
     b(R_.done, cond="anyna")
-    mov(unifa, g.qt)
-    mov(g.ptr, g.kp)
-    mov(g.tmp[1], 0)
-    _qk_phase(s, t, g)
-    _softmax_phase(s, t, g)
-    _pv_phase(s, t, g)
+    if t.flash:
+        _flash_tile(s, t, g)
+    else:
+        mov(unifa, g.qt)
+        mov(g.ptr, g.kp)
+        mov(g.tmp[1], 0)
+        _qk_phase(s, t, g, s.NB, g.kwrap)
+        _softmax_phase(s, t, g)
+        _pv_phase(s, t, g, s.T, g.vp, zero=True)
     _store_phase(s, t, g)
     add(g.mt, g.mt, g.W)
     add(g.qt, g.qt, g.qstep)
@@ -296,24 +355,26 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     thread_end()
 
 
-def _k_issue(g, last_of_d: bool, sig=None):
+def _k_issue(g, last_of_d: bool, sig=None, wrap=None):
     ins = mov(tmua, g.ptr, sig=sig)
     if last_of_d:
-        ins.sub(g.ptr, g.ptr, g.kwrap)                     # back to block 0, next d
+        ins.sub(g.ptr, g.ptr, wrap)                        # back to block 0, next d
     else:
         ins.add(g.ptr, g.ptr, g.ktb)                       # next 16-key block, same d
 
 
-def _qk_phase(s, t, g):
-    R, NB = t.R, s.NB
+def _qk_phase(s, t, g, NB, wrap):
+    """Scores of NB 16-key blocks from g.ptr (the K panel; ``wrap`` returns it to block 0 of the
+    next d); unifa must have been set to the Q tile (>= 3 instructions before the first read)."""
+    R = t.R
     qa, qb = g.q[:R], g.q[R:]
-    for i in range(0, len(g.sc) * NB, 2):                  # scores = 0
-        flat = [r for row in g.sc for r in row]
+    flat = [r for row in g.sc for r in row[:NB]]
+    for i in range(0, len(flat), 2):                       # scores = 0
         ins = sub(flat[i], flat[i], flat[i])               # integer x - x = 0
         if i + 1 < len(flat):
             ins.sub(flat[i + 1], flat[i + 1], flat[i + 1])
     for bb in range(NB):                                   # lookups of d = 0 (>= 3 after unifa)
-        _k_issue(g, bb == NB - 1)
+        _k_issue(g, bb == NB - 1, wrap=wrap)
     for i in range(R):
         nop(sig=S_["ldunifarf"](qa[i]))
     mov(g.cnt, g.kbl)
@@ -323,7 +384,7 @@ def _qk_phase(s, t, g):
         cur, nxt = (qa, qb) if par == 0 else (qb, qa)
         loads = list(nxt)
         for bb in range(NB):
-            body.append(lambda bb=bb: _k_issue(g, bb == NB - 1, S_["ldtmu"](g.kv[bb % 2])))
+            body.append(lambda bb=bb: _k_issue(g, bb == NB - 1, S_["ldtmu"](g.kv[bb % 2]), wrap))
             for i in range(R):
                 def m(bb=bb, i=i, cur=cur, loads=loads):
                     sig = S_["ldunifarf"](loads.pop(0)) if loads else None
@@ -385,15 +446,20 @@ def _softmax_phase(s, t, g):
             F["fmul"](rcp[i], rcp[i], g.vsc)
 
 
-def _pv_phase(s, t, g):
-    R, NO, T = t.R, s.NO, s.T
+def _zero(regs):
+    for i in range(0, len(regs), 2):
+        ins = sub(regs[i], regs[i], regs[i])               # integer x - x = 0
+        if i + 1 < len(regs):
+            ins.sub(regs[i + 1], regs[i + 1], regs[i + 1])
+
+
+def _pv_phase(s, t, g, T, vsrc, zero):
+    """o += p V over T keys (V rows from vsrc on; o zeroed first when ``zero``)."""
+    R, NO = t.R, s.NO
     pb = g.q[:R]
-    flat = [r for row in g.o for r in row]
-    for i in range(0, len(flat), 2):
-        ins = sub(flat[i], flat[i], flat[i])               # integer x - x = 0
-        if i + 1 < len(flat):
-            ins.sub(flat[i + 1], flat[i + 1], flat[i + 1])
-    mov(g.ptr, g.vp)
+    if zero:
+        _zero([r for row in g.o for r in row])
+    mov(g.ptr, vsrc)
     total = T * NO
     int_v = s.v_dtype in INT_IN
 
@@ -425,6 +491,112 @@ def _pv_phase(s, t, g):
     mac.flush()
     if int_v:
         mov(tmuc, -1)
+
+
+def _const(reg, v: int):
+    """reg = v (0 <= v < 2**24) from small immediates (nibbles)."""
+    digits = []
+    while True:
+        digits.append(v & 7)
+        v >>= 3
+        if not v:
+            break
+    mov(reg, digits[-1])
+    for d in reversed(digits[:-1]):
+        shl(reg, reg, 3)
+        if d:
+            add(reg, reg, d)
+
+
+def _flash_tile(s, t, g):
+    """One tile in key blocks of 16 KB keys: per block QK (scores of the block), online softmax
+    (running max and lane-wise running sum per row, o rescaled by exp2(m_old - m_new)), P V;
+    the last (tail) block is emitted separately for its exact key count. The running max
+    starts at -FLT_MAX so that a block whose keys are all masked gives exp2(-inf - m) = 0 rather
+    than NaN; a row fully masked overall ends with sum 0 and o 0, i.e. NaN like the reference."""
+    R, KB = t.R, t.KB
+    Tb = 16 * KB
+    mov(g.kb, g.kp)
+    mov(g.vb, g.vp)
+    mov(g.key0, 0)
+    for i in range(R):
+        mov(g.mrun[i], g.big).mov(g.lrun[i], 0)
+    _zero([r for row in g.o for r in row])
+    if t.nkb > 1:
+        _const(g.kbc, t.nkb - 1)
+        lbl = _label("kblk")
+        A.Program._stack[-1].label(lbl)
+        _flash_block(s, t, g, KB, Tb, g.kwrap, tail=False)
+        sub(g.kbc, g.kbc, 1, cond="pushz")
+        add(g.kb, g.kb, g.kbstep)
+        b(getattr(R_, lbl), cond="anyna")
+        add(g.vb, g.vb, g.vbstep)
+        add(g.key0, g.key0, g.tbk)
+        nop()
+    nbt = t.tail_blocks(s)
+    _flash_block(s, t, g, nbt, s.T - (t.nkb - 1) * Tb, g.kwt, tail=True)
+    rcp = g.q[R:]
+    for i in range(R):
+        SM.allreduce("fadd", g.lrun[i], g.dd)
+        SM.newton_recip(rcp[i], g.lrun[i], g.dd)
+        if s.v_dtype in INT_IN:
+            F["fmul"](rcp[i], rcp[i], g.vsc)
+
+
+def _flash_block(s, t, g, nb, nkeys, wrap, tail):
+    mov(unifa, g.qt)
+    mov(g.ptr, g.kb)
+    mov(g.tmp[1], 0)
+    _qk_phase(s, t, g, nb, wrap)
+    _softmax_flash(s, t, g, nb, tail)
+    _pv_phase(s, t, g, nkeys, g.vb, zero=False)
+
+
+def _softmax_flash(s, t, g, nb, tail):
+    """Online softmax of one key block (keys key0 + 16 bb + lane)."""
+    R = t.R
+    for i in range(R):
+        row = g.sc[i][:nb]
+        if s.mask:                                         # mask row sr + i from key0
+            shl(g.mp, g.key0, 2)
+            add(g.mp, g.mp, g.mt_ptr)
+            if i:
+                umul24(g.dd, g.mstep, i)
+                add(g.mp, g.mp, g.dd)
+            for bb in range(nb):
+                mov(tmua, g.mp).add(g.mp, g.mp, g.c64)
+        mov(g.m, g.ninf)
+        add(g.tv, g.lane, g.key0)
+        if s.causal:
+            add(g.dd, g.sr, i)
+        for bb, xr in enumerate(row):
+            if s.is_int:
+                F["itof"](xr, xr)
+            F["fmul"](xr, xr, g.cvec)
+            if s.mask:
+                nop(sig=S_["ldtmu"](g.mv))
+                F["fmul"](g.mv, g.mv, g.l2e)
+                F["fadd"](xr, xr, g.mv)
+            if tail and bb == nb - 1 and s.T % 16:
+                sub(null, g.tv, g.Treg, cond="pushn")      # A = key exists
+                mov(xr, g.ninf, cond="ifna")
+            if s.causal:
+                sub(null, g.dd, g.tv, cond="pushn")        # A = row < key
+                mov(xr, g.ninf, cond="ifa")
+            F["fmax"](g.m, g.m, xr)
+            sub(g.tv, g.tv, -16)
+        SM.allreduce("fmax", g.m, g.dd)
+        F["fmax"](g.m, g.m, g.mrun[i])                     # new running max (>= -FLT_MAX)
+        F["fsub"](g.dd, g.mrun[i], g.m)
+        F["exp"](g.dd, g.dd)                               # alpha = exp2(m_old - m_new)
+        mov(g.mrun[i], g.m)
+        F["fmul"](g.lrun[i], g.lrun[i], g.dd)
+        for c in range(s.NO):
+            F["fmul"](g.o[i][c], g.o[i][c], g.dd)
+        for xr in row:
+            F["fsub"](g.dd, xr, g.m)
+            F["exp"](xr, g.dd)
+            F["fadd"](g.lrun[i], g.lrun[i], xr)
 
 
 def _store_phase(s, t, g):
@@ -653,8 +825,8 @@ def _attrs(s, t):
 
 
 def plan_attention_fallback(s: AttnShape, names):
-    raise ValueError(f"attention T={s.T}, Dv={s.Dv}: no fused tile fits and the 3-launch fallback "
-                     "is not implemented")
+    raise ValueError(f"attention T={s.T}, Dv={s.Dv}: no tile fits the register file (not even one "
+                     "query row with one 16-key block)")
 
 
 def reference(s: AttnShape, q, k, v, mask=None) -> np.ndarray:
@@ -712,8 +884,8 @@ def supports(spec):
     except ValueError as e:
         return False, str(e)
     if choose_tiling(s) is None:
-        return False, (f"T={s.T}, Dv={s.Dv}: the fused tile does not fit the register file and the "
-                       "tiled fallback is not implemented")
+        return False, (f"T={s.T}, Dv={s.Dv}: not even one query row with one 16-key block fits "
+                       "the register file")
     return True, ""
 
 
@@ -727,8 +899,12 @@ def estimate(spec) -> float:
     from ...runtime.cycle_model import DEFAULT as T_
     s = spec_shape(spec)
     t = choose_tiling(s)
-    per_tile = (t.Dpad // 2) * (2 * s.NB * (t.R + 1) + 2) + s.T * (t.R + s.NO * (t.R + 1)) \
-        + t.R * (6 * s.NB + 40) + 2 * t.R * s.NO
+    if t.flash:                                  # per key block, plus the rescale
+        per_tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * (
+            t.R + s.NO * (t.R + 1)) + t.R * (8 * t.KB + s.NO + 40)) + 2 * t.R * s.NO
+    else:
+        per_tile = (t.Dpad // 2) * (2 * s.NB * (t.R + 1) + 2) + s.T * (t.R + s.NO * (t.R + 1)) \
+            + t.R * (6 * s.NB + 40) + 2 * t.R * s.NO
     rounds = s.B * -(-t.MT // t.W) / max(1, min(s.B, s.num_qpus // t.W)) if t.W < s.num_qpus else \
         s.B * -(-t.MT // t.W)
     return rounds * per_tile * T_.cycles_per_instruction / T_.clock_hz * 1.3 + 60e-6
