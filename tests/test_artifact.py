@@ -236,3 +236,27 @@ def test_no_pickle_in_frontend_sources():
     for f in src.glob("*.py"):
         text = f.read_text()
         assert "import pickle" not in text and "allow_pickle=True" not in text, f.name
+
+
+def test_two_loaded_copies_of_one_artifact_are_independent(tmp_path):
+    """Closing one runner must not unload the regions of another copy of the same artifact, and
+    each runner's regions run on its own executor (device)."""
+    import numpy as np
+    import tvm_qpu
+    from pathlib import Path
+    model = Path(__file__).resolve().parent.parent / "models" / "mlp.onnx"
+    mod, params = tvm_qpu.from_onnx(str(model))
+    path = str(tmp_path / "mlp.tar")
+    tvm_qpu.build(mod, target="qpu", params=params, placement="all").save(path)
+    a = tvm_qpu.load(path, device="emulator")
+    b = tvm_qpu.load(path, device="emulator")
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    ya = a.run(input=x)
+    b.run(input=x)
+    assert sum(st.calls for st in a.executor.stats.values()) > 0
+    assert sum(st.calls for st in b.executor.stats.values()) > 0      # b's calls went to b
+    b.close()
+    yb_after = a.run(input=x)                                         # still loaded for a
+    for k in ya:
+        np.testing.assert_array_equal(ya[k], yb_after[k])
+    a.close()

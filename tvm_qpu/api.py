@@ -344,7 +344,8 @@ class Runner:
         return args
 
     def run(self, **inputs) -> dict:
-        out = self.vm["main"](*self._args(inputs))
+        with self.executor.active():
+            out = self.vm["main"](*self._args(inputs))
         outs = [out] if hasattr(out, "numpy") else list(out)
         return {o["name"]: t.numpy() for o, t in zip(self.outputs, outs)}
 
@@ -371,12 +372,13 @@ class Runner:
         """Per-region modelled QPU time and host wall time, averaged over ``repeat`` runs."""
         args = self._args(inputs if inputs is not None else self.fill_inputs())
         f = self.vm["main"]
-        f(*args)                                          # warm up: residency, caches
-        self.executor.reset_stats()
-        t0 = time.perf_counter()
-        for _ in range(repeat):
-            f(*args)
-        total = (time.perf_counter() - t0) / repeat
+        with self.executor.active():
+            f(*args)                                      # warm up: residency, caches
+            self.executor.reset_stats()
+            t0 = time.perf_counter()
+            for _ in range(repeat):
+                f(*args)
+            total = (time.perf_counter() - t0) / repeat
         regions = []
         for key, info in self.executor.info.items():
             st = self.executor.stats[key]

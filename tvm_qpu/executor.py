@@ -97,7 +97,14 @@ class PlanExecutor:
         self.plans[info.key] = plan
         self.info[info.key] = info
         self.stats[info.key] = RegionStats()
-        _OWNERS[info.key] = self
+        owners = _OWNERS.setdefault(info.key, [])
+        if self not in owners:
+            owners.append(self)
+
+    def active(self):
+        """Context in which this executor serves the QPU regions it holds (a Runner's VM call):
+        two loaded copies of one artifact share region keys but not devices."""
+        return _Active(self)
 
     def _resident(self, key):
         r = self.resident.get(key)
@@ -137,15 +144,40 @@ class PlanExecutor:
                 pass
         self.resident = {}
         for k in list(_OWNERS):
-            if _OWNERS[k] is self:
+            if self in _OWNERS[k]:
+                _OWNERS[k].remove(self)
+            if not _OWNERS[k]:
                 del _OWNERS[k]
         if self._device is not None and self._owns_device:
             self._device.close()
         self._device = None
 
 
+#: region key -> executors holding it, most recently loaded last (plain VM calls use the last one)
 _OWNERS: dict = {}
 _DEFAULT: PlanExecutor | None = None
+_LOCAL = threading.local()
+
+
+class _Active:
+    def __init__(self, ex):
+        self.ex = ex
+
+    def __enter__(self):
+        self.prev = getattr(_LOCAL, "executor", None)
+        _LOCAL.executor = self.ex
+        return self.ex
+
+    def __exit__(self, *exc):
+        _LOCAL.executor = self.prev
+
+
+def _owner(key: str):
+    active = getattr(_LOCAL, "executor", None)
+    if active is not None and key in active.plans:
+        return active
+    owners = _OWNERS.get(key)
+    return owners[-1] if owners else None
 
 
 def default_executor() -> PlanExecutor:
@@ -158,7 +190,7 @@ def default_executor() -> PlanExecutor:
 
 def _run_plan_packed(key, *args):
     """Packed function body: args = (*inputs, out) as DLPack-capable tensors."""
-    ex = _OWNERS.get(str(key))
+    ex = _owner(str(key))
     if ex is None:
         raise PlanNotLoaded(f"QPU region {key} is not loaded in this process: load the artifact with "
                             f"tvm_qpu.load(path) (or build the model with tvm_qpu.build) before running it")
