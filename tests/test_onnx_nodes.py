@@ -56,14 +56,8 @@ CPU_ONLY = {
     "test_maxpool_2d_precomputed_pads": "25 taps per window",
     "test_maxpool_2d_strides": "25 taps per window",
     "test_maxpool_2d_uint8": "dtype uint8 not supported",
-    # GEMM kernel limits
-    "test_matmul_1d_1d": "at least 2-D",
-    "test_matmul_1d_3d": "at least 2-D",
-    "test_matmul_4d_1d": "at least 2-D",
+    # GEMM kernel limit: batch dims [3, 1] x [1, 2] (only equal, or one side 1 as a whole)
     "test_matmul_bcast": "do not broadcast simply",
-    # the QPU softmax normalises along the last axis only
-    "test_softmax_axis_0": "last axis only",
-    "test_softmax_axis_1": "last axis only",
 }
 POOL_OPS = ("MaxPool", "AveragePool")
 

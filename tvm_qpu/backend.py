@@ -344,17 +344,13 @@ class QpuBackend:
                 idx = _param_index(params, ri.expr)
                 x = args[arg_map[idx]]
                 for step in ri.transform:
-                    if step[0] == "permute":
-                        x = bb.emit(relax.op.permute_dims(x, list(step[1])))
-                    elif step[0] == "reshape":
-                        x = bb.emit(relax.op.reshape(x, list(step[1])))
-                    else:
-                        raise QpuError(f"unknown input transform {step!r}")
+                    x = bb.emit(_transform_step(x, step))
                 call_args.append(x)
             shape, dtype = m.spec.output
             out = relax.call_dps_packed(RUN_PLAN, call_args, out_ty=relax.TensorType(list(shape), dtype))
-            if m.out_reshape is not None:
-                out = relax.op.reshape(bb.emit(out), list(m.out_reshape))
+            steps = ((("reshape", m.out_reshape),) if m.out_reshape is not None else ()) + tuple(m.out_transform)
+            for step in steps:
+                out = _transform_step(bb.emit(out), step)
             return out
 
         rewriter = _make_rewriter(mod, lower_call)
@@ -365,6 +361,16 @@ class QpuBackend:
                  if not (f.attrs is not None and f.attrs.get("Codegen") == CODEGEN)}
         funcs[gv] = new_main
         return tvm.IRModule(funcs, attrs=mod.attrs), regions
+
+
+def _transform_step(x, step):
+    """One host-side layout step (``("permute", axes)`` / ``("reshape", shape)``) as a Relax op."""
+    from tvm import relax
+    if step[0] == "permute":
+        return relax.op.permute_dims(x, list(step[1]))
+    if step[0] == "reshape":
+        return relax.op.reshape(x, list(step[1]))
+    raise QpuError(f"unknown layout transform {step!r}")
 
 
 def _string_imm(s):

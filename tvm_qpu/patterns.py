@@ -64,6 +64,7 @@ class Match:
     constants: dict = field(default_factory=dict)  # input name -> np.ndarray
     runtime: list = field(default_factory=list)    # [RuntimeInput], in the kernel's input order
     out_reshape: tuple | None = None               # reshape the kernel output back to this shape
+    out_transform: tuple = ()                      # then these steps (as RuntimeInput.transform)
     anchor: object = None                          # the main op of the match (for reports)
 
 
@@ -283,16 +284,35 @@ def build_matmul(ann) -> Match:
         raise Refused("A is a constant (nothing to compute at run time)")
     if len(a_shape) < 1 or len(b_shape) < 1:
         raise Refused("matmul operands must have rank >= 1")
+    # 1-D operands (numpy / ONNX MatMul): A [K] is the row [1, K], B [K] the column [K, 1]; the
+    # kernel computes the 2-D product and the host drops the inserted axis again.
+    a_steps, b_steps, kernel_out = (), (), out_shape
+    if len(a_shape) == 1 or len(b_shape) == 1:
+        if ann.get("bias") is not None:
+            raise Refused("bias with a 1-D matmul operand")
+        if len(a_shape) == 1:
+            a_shape = (1, a_shape[0])
+            a_steps = (("reshape", a_shape),)
+        if len(b_shape) == 1:
+            b_shape = (b_shape[0], 1)
+            b_steps = (("reshape", b_shape),)
+            if b_const is not None:
+                b_const = b_const.reshape(b_shape)
+        try:
+            batch = np.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+        except ValueError:
+            raise Refused(f"batch dimensions of {list(a_shape)} and {list(b_shape)} do not broadcast") from None
+        kernel_out = tuple(batch) + (a_shape[-2], b_shape[-1])
     n = out_shape[-1] if out_shape else 1
     bias = _bias_vector(ann, n, 1, acc)
     inputs = [(a_shape, a_dt), (b_shape, b_dt)]
     names = ["A", "B"]
     consts = {}
-    runtime = [RuntimeInput("A", a)]
+    runtime = [RuntimeInput("A", a, a_steps)]
     if b_const is not None:
         consts["B"] = b_const
     else:
-        runtime.append(RuntimeInput("B", b))
+        runtime.append(RuntimeInput("B", b, b_steps))
     if bias is not None:
         inputs.append(((n,), str(bias.dtype)))
         names.append("bias")
@@ -300,8 +320,9 @@ def build_matmul(ann) -> Match:
     root = ann["root"]
     attrs = {"transpose_b": transpose_b, "bias": bias is not None, "activation": _activation(ann),
              "out_dtype": acc}
-    spec = _spec("matmul", names, inputs, (shape_of(root), dtype_of(root)), attrs)
-    return Match(spec, consts, runtime, anchor=mm)
+    root_shape = shape_of(root)
+    spec = _spec("matmul", names, inputs, (kernel_out, dtype_of(root)), attrs)
+    return Match(spec, consts, runtime, out_reshape=root_shape if kernel_out != root_shape else None, anchor=mm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,12 +440,22 @@ def _build_reduce(kind):
 
 
 def build_softmax(ann) -> Match:
-    r = ann["root"]
-    nd = len(shape_of(ann["x"]))
-    axis = int(_attr(r, "axis"))
-    if axis % nd != nd - 1:
-        raise Refused(f"softmax over axis {axis} (QPU softmax takes the last axis only)")
-    return _unary_match("softmax", ann, {"axis": -1})
+    """The QPU softmax normalises along the last axis; another axis is moved last by a host-side
+    permute_dims in front of the kernel and moved back after it."""
+    r, x = ann["root"], ann["x"]
+    shape = shape_of(x)
+    nd = len(shape)
+    axis = int(_attr(r, "axis")) % max(nd, 1)
+    if nd == 0 or axis == nd - 1:
+        return _unary_match("softmax", ann, {"axis": -1})
+    if is_constant(x):
+        raise Refused("input is a constant")
+    perm = tuple(i for i in range(nd) if i != axis) + (axis,)
+    inverse = tuple(int(i) for i in np.argsort(perm))
+    moved = tuple(shape[i] for i in perm)
+    spec = _spec("softmax", ["data"], [(moved, dtype_of(x))], (moved, dtype_of(r)), {"axis": -1})
+    return Match(spec, {}, [RuntimeInput("data", x, (("permute", perm),))],
+                 out_transform=(("permute", inverse),), anchor=r)
 
 
 # ---------------------------------------------------------------------------------------------
