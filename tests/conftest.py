@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def dev():
+    """One emulator device shared by the kernel tests (test modules may still define their own)."""
+    from tvm_qpu.runtime.device import open_device
+    d = open_device("emulator")
+    yield d
+    d.close()

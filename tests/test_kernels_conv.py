@@ -6,16 +6,8 @@ from hypothesis import given, settings, strategies as st
 from tvm_qpu.codegen.kernels.conv import ConvShape, plan_conv, reference, supports
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
-from tvm_qpu.runtime.device import open_device
 
 FP32_RTOL = 2e-5
-
-
-@pytest.fixture(scope="module")
-def dev():
-    d = open_device("emulator")
-    yield d
-    d.close()
 
 
 def _run(dev, s: ConvShape, seed=0):

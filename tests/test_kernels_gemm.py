@@ -6,16 +6,8 @@ from hypothesis import given, settings, strategies as st
 from tvm_qpu.codegen.kernels.gemm import GemmShape, choose_tiling, plan_gemm, reference, supports
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
-from tvm_qpu.runtime.device import open_device
 
 FP32_RTOL = 2e-5        # fp32 accumulation in K order vs a float64 reference, relative to sum |a||b|
-
-
-@pytest.fixture(scope="module")
-def dev():
-    d = open_device("emulator")
-    yield d
-    d.close()
 
 
 def _data(s: GemmShape, rng, lo=-100, hi=100):
