@@ -76,15 +76,16 @@ OP_NAMES = (
     "vflnb", "flafirst", "flnafirst", "barrierid", "tmuwt", "recip", "rsqrt", "rsqrt2", "exp",
     "log", "sin", "ballot", "bcastf", "alleq", "allfeq", "fround", "ftrunc", "ffloor", "fceil",
     "ftoin", "ftoiz", "ftouz", "itof", "utof", "fdx", "fdy", "vpack", "v8pack", "v10pack",
-    "ftounorm16", "vftounorm8",
-    # ops the emulator does not implement (they fault with a clear message):
-    "flapush", "flbpush", "flpop", "setmsf", "setrevf", "msf", "revf", "xcd", "ycd", "fxcd",
-    "fycd", "iid", "sampid", "vpmwt", "ldvpmv_in", "ldvpmd_in", "ldvpmp", "ldvpmg_in", "ftoc",
-    "v11fpack", "ftosnorm16", "vftosnorm8", "vftounorm10lo", "vftounorm10hi",
+    "ftounorm16", "vftounorm8", "ftosnorm16", "vftosnorm8", "vftounorm10lo", "vftounorm10hi",
+    "v11fpack", "flapush", "flbpush", "flpop", "setmsf", "setrevf", "msf", "revf",
+    # ops the emulator does not implement (they fault with a clear message; docs/emulator.md
+    # says why each has no meaning in a compute dispatch):
+    "xcd", "ycd", "fxcd", "fycd", "iid", "sampid", "vpmwt", "ldvpmv_in", "ldvpmd_in", "ldvpmp",
+    "ldvpmg_in", "ftoc",
 )
 OP_ID = {n: i for i, n in enumerate(OP_NAMES)}
 #: first op id that the emulator refuses to execute
-OP_FIRST_UNSUPPORTED = OP_ID["flapush"]
+OP_FIRST_UNSUPPORTED = OP_ID["xcd"]
 
 (OP_NOP, OP_FADD, OP_FADDNF, OP_FSUB, OP_FMIN, OP_FMAX, OP_FMUL, OP_FCMP, OP_ADD, OP_SUB, OP_MOV,
  OP_FMOV, OP_IMIN, OP_IMAX, OP_UMIN, OP_UMAX, OP_SHL, OP_SHR, OP_ASR, OP_ROR, OP_BAND, OP_BOR,
@@ -94,7 +95,8 @@ OP_FIRST_UNSUPPORTED = OP_ID["flapush"]
  OP_RECIP, OP_RSQRT, OP_RSQRT2, OP_EXP, OP_LOG, OP_SIN, OP_BALLOT, OP_BCASTF, OP_ALLEQ,
  OP_ALLFEQ, OP_FROUND, OP_FTRUNC, OP_FFLOOR, OP_FCEIL, OP_FTOIN, OP_FTOIZ, OP_FTOUZ, OP_ITOF,
  OP_UTOF, OP_FDX, OP_FDY, OP_VPACK, OP_V8PACK, OP_V10PACK, OP_FTOUNORM16,
- OP_VFTOUNORM8) = range(OP_FIRST_UNSUPPORTED)
+ OP_VFTOUNORM8, OP_FTOSNORM16, OP_VFTOSNORM8, OP_VFTOUNORM10LO, OP_VFTOUNORM10HI, OP_V11FPACK,
+ OP_FLAPUSH, OP_FLBPUSH, OP_FLPOP, OP_SETMSF, OP_SETREVF, OP_MSF, OP_REVF) = range(OP_FIRST_UNSUPPORTED)
 
 # unpack codes (normalised over the f32 / f16 / int schemes of isa.py)
 U_NONE, U_ABS, U_L, U_H, U_SAT, U_NSAT, U_MAX0, U_R32, U_RL2H, U_RH2L, U_SWAP, U_UL, U_UH, U_IL, U_IH = range(15)
@@ -123,7 +125,11 @@ NF = 24
  ST_BR_CNT, ST_BR_TARGET, ST_BR_UNIF, ST_BR_UNIF_SET, ST_FIFO_HEAD, ST_FIFO_COUNT, ST_FIFO_WORDS,
  ST_BARRIER_PEND, ST_WG, ST_SLOT, ST_INSTRS, ST_RTOP_SET) = range(22)
 ST_ULINE, ST_UREQ = 22, 24           # two columns each: + stream (0 uniforms, 1 unifa); see below
-NIST = 26
+#: ST_MSF + lane: the lane's multisample flags (4-bit sample mask; 0xF for the lanes < wg_size
+#: of a compute workgroup, 0 for the others); ST_REVF: the revolving flag of each lane (bit l)
+ST_MSF = 26
+ST_REVF = 42
+NIST = 43
 #: uniform-stream line state (timing only): ST_ULINE + s is the line the stream s reads now,
 #: ST_UREQ + s the last line it has requested; FT_URDY + 4 s + (line % 4) when each is ready.
 # per-context float state (``fst``): times in QPU cycles
@@ -708,6 +714,64 @@ def alu_op(op, ua, ub, pack, S, F, ia, ib, rr, C, alu, FLA, FLB, ctx, ctx_tidx, 
                 S[rr, l] = out
             C[alu, l] = 0
         return 0
+    if op == OP_FTOSNORM16 or op == OP_VFTOSNORM8 or op == OP_VFTOUNORM10LO or op == OP_VFTOUNORM10HI:
+        # Mesa nir_opcodes.py / nir_constant_expressions.py: f2snorm_16_v3d = pack_snorm_1x16
+        # (a uint16: the int16 in the low half, high half 0); pack_2x16_to_snorm_2x8_v3d = an
+        # 8-bit snorm of each float16 half at bits 0 and 16; pack_2x16_to_unorm_2x10_v3d /
+        # pack_2x16_to_unorm_10_2_v3d = unorm10 of each half / unorm10 low, unorm2 high
+        if op == OP_FTOSNORM16:
+            unpack_f32(S, ia, U_NONE)
+        for l in range(16):
+            if op == OP_FTOSNORM16:
+                S[rr, l] = np.uint32(_to_snorm(np.float64(F[ia, l]), 32767.0) & 0xFFFF)
+            else:
+                out = np.uint32(0)
+                for half in range(2):
+                    tmpu[0] = f16_to_f32_bits((S[ia, l] >> np.uint32(16 * half)) & np.uint32(0xFFFF))
+                    x = np.float64(tmpf[0])
+                    if op == OP_VFTOSNORM8:
+                        v = _to_snorm(x, 127.0) & 0xFF
+                    elif op == OP_VFTOUNORM10LO or half == 0:
+                        v = _to_unorm(x, 1023.0)
+                    else:
+                        v = _to_unorm(x, 3.0)
+                    out |= np.uint32(v) << np.uint32(16 * half)
+                S[rr, l] = out
+            C[alu, l] = 0
+        return 0
+    if op == OP_V11FPACK:
+        # Mesa nir_opcodes.py pack_32_to_r11g11b10_v3d: bits 10:0 = float11 of a's low float16,
+        # 21:11 = float11 of a's high half, 31:22 = float10 of b's low half (round to nearest even)
+        for l in range(16):
+            x = S[ia, l]
+            y = S[ib, l]
+            v = (_f16_to_small_float(x & np.uint32(0xFFFF), 6)
+                 | (_f16_to_small_float(x >> np.uint32(16), 6) << 11)
+                 | (_f16_to_small_float(y & np.uint32(0xFFFF), 5) << 22))
+            S[rr, l] = np.uint32(v & m32)
+            C[alu, l] = 0
+        return 0
+    if op == OP_FLAPUSH or op == OP_FLBPUSH or op == OP_FLPOP:
+        # py-videocore7 tests/test_condition_codes.py (test_cond_flx, run on a Pi 5):
+        # flapush d = a << 2 | 3 * A, flbpush d = a << 2 | 3 * B, flpop d = a >> 2 (its flag
+        # write happens with the flag pushes, in run)
+        for l in range(16):
+            x = np.int64(S[ia, l])
+            if op == OP_FLPOP:
+                v = x >> 2
+            else:
+                f = FLA[ctx, l] if op == OP_FLAPUSH else FLB[ctx, l]
+                v = (x << 2) | (3 if f != 0 else 0)
+            S[rr, l] = np.uint32(v & m32)
+            C[alu, l] = 0
+        return 0
+    if op == OP_SETMSF or op == OP_SETREVF:
+        # the result is the source (Mesa only ever writes these to a null destination); the
+        # flag write happens with the flag pushes, in run
+        for l in range(16):
+            S[rr, l] = S[ia, l]
+            C[alu, l] = 0
+        return 0
     return FLT_UNSUPPORTED_OP
 
 
@@ -719,6 +783,45 @@ def _to_unorm(x, scale):
     if x >= 1.0:
         return np.int64(scale)
     return np.int64(_round_half_even(x * scale))
+
+
+@njit(cache=True, inline="always")
+def _to_snorm(x, scale):
+    """_mesa_float_to_snorm: round-half-even(clamp(x, -1, 1) * scale); NaN -> 0 (signed)."""
+    if x != x:
+        return np.int64(0)
+    if x >= 1.0:
+        return np.int64(scale)
+    if x <= -1.0:
+        return -np.int64(scale)
+    return np.int64(_round_half_even(x * scale))
+
+
+@njit(cache=True)
+def _f16_to_small_float(h, mbits):
+    """float16 bits -> unsigned 11-bit (mbits 6) or 10-bit (mbits 5) float bits (exponent bias
+    15, as float16): round to nearest even; negatives, -0 and -inf -> 0; NaN -> the positive NaN
+    (exponent 31, mantissa 1); +inf -> inf; finite values above the largest finite value -> the
+    largest finite value (GL_EXT_packed_float); float16 denormals are flushed (-> 0)."""
+    h = np.int64(h) & 0xFFFF
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    exp_max = np.int64(31) << mbits
+    if e == 31:
+        if m != 0:
+            return exp_max | 1
+        return 0 if (h & 0x8000) != 0 else exp_max
+    if (h & 0x8000) != 0 or e == 0:
+        return np.int64(0)
+    drop = 10 - mbits
+    v = (e << mbits) | (m >> drop)
+    rem = m & ((np.int64(1) << drop) - 1)
+    half = np.int64(1) << (drop - 1)
+    if rem > half or (rem == half and (v & 1) == 1):
+        v += 1
+    if v >= exp_max:
+        v = exp_max - 1
+    return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -847,7 +950,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
         for q in range(num_qpus):
             if np.int64(gst[G_NEXT_WG]) < total_wg:
                 _start_wg(q * 4 + t, t, np.int64(gst[G_NEXT_WG]), wg_dims, regs, fla, flb, ist,
-                          fst, unif_base, qclock[q])
+                          fst, unif_base, qclock[q], wg_size)
                 gst[G_NEXT_WG] += 1.0
 
     while True:
@@ -1090,6 +1193,15 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                         for l in range(16):
                             scratch[rr, l] = scratch[ia, scratch[ib, l] & np.uint32(15)]
                             carry[alu, l] = 0
+                    elif op == OP_MSF or op == OP_REVF:
+                        # msf: the lane's 4-bit sample mask (0 for lanes outside the workgroup);
+                        # revf: the lane's revolving flag (0 / 1)
+                        for l in range(16):
+                            if op == OP_MSF:
+                                scratch[rr, l] = np.uint32(ist[ctx, ST_MSF + l] & 0xF)
+                            else:
+                                scratch[rr, l] = np.uint32((ist[ctx, ST_REVF] >> l) & 1)
+                            carry[alu, l] = 0
                     else:
                         err = alu_op(op, row[base + UA], row[base + UB], row[base + PACK],
                                      scratch, fscratch, ia, ib, rr, carry, alu, fla, flb, ctx,
@@ -1119,6 +1231,25 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             active[alu, l] = 1 - fla[ctx, l]
                         else:
                             active[alu, l] = 1 - flb[ctx, l]
+                # flpop / setmsf / setrevf (add ALU) write their state on the lanes whose
+                # condition holds, before this instruction's flag pushes / updates
+                aop = row[ADD_BASE + OP]
+                if aop == OP_FLPOP or aop == OP_SETMSF or aop == OP_SETREVF:
+                    acnd = row[ADD_BASE + COND]
+                    for l in range(16):
+                        if acnd >= 0 and active[0, l] == 0:
+                            continue
+                        x = scratch[0, l]
+                        if aop == OP_FLPOP:
+                            # the popped 2-bit entry: bit 0 -> A, bit 1 -> B
+                            fla[ctx, l] = np.uint8(x & np.uint32(1))
+                            flb[ctx, l] = np.uint8((x >> np.uint32(1)) & np.uint32(1))
+                        elif aop == OP_SETMSF:
+                            ist[ctx, ST_MSF + l] = np.int64(x & np.uint32(0xF))
+                        elif (x & np.uint32(1)) != 0:
+                            ist[ctx, ST_REVF] |= np.int64(1) << l
+                        else:
+                            ist[ctx, ST_REVF] &= ~(np.int64(1) << l)
                 # flag pushes / updates
                 for alu in range(2):
                     base = ADD_BASE if alu == 0 else MUL_BASE
@@ -1589,7 +1720,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                 # dispatch the next workgroup into the freed slot
                 if np.int64(gst[G_NEXT_WG]) < total_wg:
                     _start_wg(ctx, ctx & 3, np.int64(gst[G_NEXT_WG]), wg_dims, regs, fla, flb,
-                              ist, fst, unif_base, qclock[q])
+                              ist, fst, unif_base, qclock[q], wg_size)
                     gst[G_NEXT_WG] += 1.0
                 _release_barrier(ist, fst, num_qpus, threads)
                 qcur[q] = (qcur[q] + 1) % threads
@@ -1623,9 +1754,10 @@ def _is_float_op(op):
 
 
 @njit(cache=True)
-def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0):
+def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0, wg_size):
     """Start workgroup ``wg`` (x fastest) in context ``ctx``: zeroed registers and flags, the
-    compute payload in rf3 (x | y << 16) and rf2 (z), the uniform stream at its start."""
+    compute payload in rf3 (x | y << 16) and rf2 (z), the uniform stream at its start, the
+    multisample flags set (0xF) on the lanes < ``wg_size`` and clear on the others."""
     x = wg % wg_dims[0]
     y = (wg // wg_dims[0]) % wg_dims[1]
     z = wg // (wg_dims[0] * wg_dims[1])
@@ -1649,6 +1781,8 @@ def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0):
     ist[ctx, ST_TMUCFG] = 0xFFFFFFFF
     ist[ctx, ST_WG] = wg
     ist[ctx, ST_SLOT] = slot
+    for l in range(16):
+        ist[ctx, ST_MSF + l] = 0xF if l < wg_size else 0
     fst[ctx, FT_READY] = t0
 
 
