@@ -18,7 +18,9 @@ Semantics
   is accumulated in int32 (wrapping modulo 2**32 like numpy int32) and divided with **floor**
   rounding (numpy ``//``, toward -inf), exactly; count < 2**15. Output dtype = input dtype.
 * global_avg_pool2d = avg over the whole plane (same rounding); it runs as a "sum" reduction of
-  :mod:`.reduce` (one lane per plane).
+  :mod:`.reduce`: few long planes take its two-pass segment kernel (each plane cut into disjoint
+  segments, the segment tails masked, so every element is summed once; partials in int32 /
+  float32, then the division), many short planes its lanes kernel (one lane per plane).
 
 Kernel
 ------
@@ -492,19 +494,29 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
 
 
 #: calibration of estimate(): modelled efficiency vs the DRAM bound (emulator runs of
-#: bench_cases: 2x2/2 and 3x3/2 pooling reach 0.99-1.0 of the bound; global average
-#: pooling of 32 planes uses 2 workers only: 0.42)
+#: bench_cases: 2x2/2 and 3x3/2 pooling reach 0.99-1.0 of the bound; global average pooling of
+#: few long planes runs the reduce segment pass + a small second launch: 0.98 for 1x32x144x144;
+#: planes the segment pass does not take (many short planes) use the lanes kernel: 0.42 when it
+#: gets few workers)
 POOL_EFFICIENCY = 0.99
+GLOBAL_SEG_EFFICIENCY = 0.97
 GLOBAL_EFFICIENCY = 0.42
 
 
 def estimate(spec: registry.OpSpec) -> float:
-    """(input + output bytes) / (8.6 B/cycle x efficiency) at 960 MHz + a launch cost."""
+    """(input + output bytes) / (8.6 B/cycle x efficiency) at 960 MHz + a launch cost per launch."""
     g = spec_to_pool(spec)
     es = ITEMSIZE[g.dtype]
     nbytes = (g.N * g.C * g.H * g.W + g.P) * es
-    eff = GLOBAL_EFFICIENCY if spec.kind == "global_avg_pool2d" or is_global(g) else POOL_EFFICIENCY
-    return nbytes / (RD.DRAM_BYTES_PER_CYCLE * eff) / RD.CLOCK_HZ + RD.ESTIMATE_LAUNCH_S
+    launches = 1
+    if spec.kind == "global_avg_pool2d" or is_global(g):
+        if RD.choose_segments(g.N * g.C, g.H * g.W, g.dtype):
+            eff, launches = GLOBAL_SEG_EFFICIENCY, 2
+        else:
+            eff = GLOBAL_EFFICIENCY
+    else:
+        eff = POOL_EFFICIENCY
+    return nbytes / (RD.DRAM_BYTES_PER_CYCLE * eff) / RD.CLOCK_HZ + RD.ESTIMATE_LAUNCH_S * launches
 
 
 def bench_cases():
@@ -529,6 +541,9 @@ def bench_cases():
         ("global_avg_pool2d float32 1x32x144x144",
          registry.OpSpec("global_avg_pool2d", [(shp, "float32")], ((1, 32, 1, 1), "float32"), {"layout": "NCHW"}),
          gen_f32),
+        ("global_avg_pool2d int32 1x32x144x144",
+         registry.OpSpec("global_avg_pool2d", [(shp, "int32")], ((1, 32, 1, 1), "int32"), {"layout": "NCHW"}),
+         gen_i32),
     ]
 
 

@@ -1,5 +1,6 @@
 """Reductions: reduce_max / reduce_min over one axis, several axes or the whole tensor
-(float32, int8, int16, int32), plus the building blocks pooling reuses (``pool.py``).
+(float32, int8, int16, int32), plus the building blocks pooling reuses (``pool.py``: "sum" with a
+divisor = global average pooling).
 
 Plans take the runtime input buffer ``"data"`` and write the output buffer ``"out"``.
 
@@ -18,13 +19,18 @@ Two stage kernels:
   Workers (workgroups, one per QPU) take contiguous runs of vectors; each lane's starting
   offsets come from a small host-made table (``<prefix>_table``, one 16-byte vec4 load).
 * **segments** (:func:`segment_kernel`), for ``K1 == 1`` with few rows and long ``R`` (the whole
-  tensor, or a trailing-axis reduction of a small batch): each row is cut into ``S`` segments,
-  ``K * S`` a multiple of the worker count. A worker streams a segment with 16-lane vec4 loads
-  (256 contiguous bytes per lookup; int8/int16 use per-lane typed loads, 16 elements per lookup),
-  4 lookups in flight; addresses are **clamped** to the segment's last full load, so the over-read
-  at the segment end re-reads valid elements, which min / max ignore (idempotent). The 16 lane
-  partials are combined with ``rotate`` and lane 0 stores the segment partial (int32 / float32);
-  a second ``lanes`` stage reduces ``[K, S]``.
+  tensor, a trailing-axis reduction of a small batch, global average pooling of few planes): each
+  row is cut into ``S`` disjoint segments (:func:`segment_bounds`), ``K * S`` a multiple of the
+  worker count. A worker streams a segment with 16-lane vec4 loads (256 contiguous bytes per
+  lookup; int8/int16 use per-lane typed loads, 16 elements per lookup), 4 lookups in flight (8
+  for int8/int16). The loop folds the segment's full lookups; the segment's **tail** (fewer than
+  ``U * 16 * G`` elements) arrives in the last in-flight lookups, whose words are folded under a
+  per-lane flag (element index < segment end); the lookups issued past the tail read on into
+  the next segment or the input buffer's padding (:func:`segment_src_bytes`) and are never folded.
+  So every element is folded exactly once: max / min / sum alike (integer sums wrap modulo
+  2**32 exactly like numpy int32, in any order). The 16 lane partials are combined with
+  ``rotate`` and lane 0 stores the segment partial (int32 / float32); a second ``lanes`` stage
+  reduces ``[K, S]`` (and applies a divisor: global average pooling).
 
 NaN semantics (float): numpy's -- a NaN anywhere in a reduced set makes the result NaN. The
 QPU's fmin / fmax are IEEE minNum / maxNum (a NaN operand is ignored), so the kernels also keep
@@ -33,7 +39,10 @@ the result becomes the quiet NaN ``0x7fc00000``. ``max(-0.0, +0.0)`` may return 
 compare equal, as in numpy's ``==``).
 
 Integers: min / max are exact and keep the input dtype (8/16-bit data are sign-extended by the
-TMU and stored back with 8/16-bit TMU stores). ``argmin`` / ``argmax`` are not implemented.
+TMU and stored back with 8/16-bit TMU stores). "sum" accumulates in int32 (wrapping) and, with a
+divisor, divides with floor rounding (numpy ``//``), exactly; float sums accumulate in float32
+(per lane, then across lanes and segments: not numpy's pairwise order; the pooling tolerance is
+1e-5 relative to the sum of |x|). ``argmin`` / ``argmax`` are not implemented.
 
 Performance model (:func:`estimate`): DRAM traffic / (8.6 B/cycle x efficiency) + a fixed
 launch cost; see ``ESTIMATE_*`` below for the calibration.
@@ -401,7 +410,7 @@ def _advance(kb, st: LanesStage, ain, aout, remw, k1, es, oes):
 
 
 # ------------------------------------------------------------------------------------------------
-# Segment stage (long contiguous rows, min / max)
+# Segment stage (long contiguous rows: min / max / sum)
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SegmentStage:
@@ -418,68 +427,100 @@ class SegmentStage:
     def G(self):                # elements per lane per lookup
         return 4 if ITEMSIZE[self.dtype] == 4 else 1
 
+    @property
+    def per(self):              # elements per lookup (16 lanes)
+        return 16 * self.G
+
+    @property
+    def U(self):                # lookups per loop iteration
+        return 4 if self.G == 1 else 1
+
+    @property
+    def PF(self):               # lookups in flight (TMU FIFO: 16 words per lane)
+        return 4 if self.G == 4 else 8
+
 
 SEG_MIN_LEN = 1024
 SEG_MAX_ROWS = 192
 
 
+def segment_bounds(R: int, S: int, G: int) -> list:
+    """S + 1 element offsets cutting a row of R into S disjoint segments, each at least
+    ``R // S`` long, or ``R // S - 15`` when the starts are rounded down to 16 elements (only
+    when ``R // S >= 64 * G + 16``): every segment holds at least one loop block (64 elements)
+    whenever ``R // S >= 64 * G`` (:func:`choose_segments`)."""
+    bs = [s * R // S for s in range(S)]
+    if R // S >= 64 * G + 16:
+        bs = [x // 16 * 16 for x in bs]
+    return bs + [R]
+
+
 def segment_layout(st: SegmentStage, num_qpus: int = NUM_QPUS):
-    """(workers, items per worker, table). Item (k, s): [start byte, lookups, clamp byte, out byte]."""
+    """(workers, items per worker, table). Item (k, s) = elements [lo, hi) of row k:
+    [start byte, loop lookups (a multiple of U, every one full), elements left after them
+    (0 <= left < U * per: folded by the masked drain), out byte]."""
     items = st.K * st.S
     W = min(num_qpus, items)
     m = items // W
-    es, G = ITEMSIZE[st.dtype], st.G
-    per = 16 * G
-    U = 4 if G == 1 else 1
+    es, per, U = ITEMSIZE[st.dtype], st.per, st.U
     tab = np.zeros((items, 4), dtype=np.int64)
-    seg = -(-st.R // st.S)
+    bs = segment_bounds(st.R, st.S, st.G)
     for k in range(st.K):
         for s in range(st.S):
-            lo = min(s * seg, st.R - per)
-            hi = min(st.R, (s + 1) * seg)
-            lo = max(0, min(lo, hi - per))
-            n = -(-(hi - lo) // per)
-            n = -(-n // U) * U
-            base = k * st.R
-            tab[k * st.S + s] = [(base + lo) * es, n, (base + hi - G) * es - (lo * es), (k * st.S + s) * 4]
+            lo, hi = bs[s], bs[s + 1]
+            n = (hi - lo) // per // U * U
+            if n < U:
+                raise ValueError(f"segment of {hi - lo} elements: too short for the segment kernel")
+            left = hi - lo - n * per
+            assert 0 <= left < st.PF * per
+            tab[k * st.S + s] = [(k * st.R + lo) * es, n, left, (k * st.S + s) * 4]
     return W, m, U, (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
+def segment_src_bytes(st: SegmentStage) -> int:
+    """Bytes the segment kernel may read from ``src``: the tensor plus the in-flight lookups
+    issued past the end of the last segment (never folded)."""
+    return (st.K * st.R + st.PF * st.per) * ITEMSIZE[st.dtype] + 64
+
+
 def segment_kernel(kb: Builder, st: SegmentStage):
-    es, G = ITEMSIZE[st.dtype], st.G
+    """Per item: ``PF`` lookups in flight; the loop folds ``n`` full lookups (issuing the
+    next ones); the drain pops the last ``PF`` lookups and folds word j of lane l of drain
+    lookup i only where ``i * per + l * G + j < left`` (the segment's tail). Lookups past the
+    tail read on into the next segment / the buffer padding and are never folded, so every
+    element is folded exactly once (sums are exact for integers)."""
+    es, G, per, U, PFc = ITEMSIZE[st.dtype], st.G, st.per, st.U, st.PF
     small = es < 4
-    W, m, U, _ = segment_layout(st)
-    PFc = 4 if G == 4 else 8                                   # lookups in flight (FIFO: 16 words)
+    W, m, _, _ = segment_layout(st)
     cfg = kb.u32(tmu_cfg_word(st.dtype)) if small else kb.u32(VEC4_CFG)
     one = kb.u32(1)
-    lane, trow, a, lim, n, aout, t, items = kb.reg(8)
+    lane, lofs, trow, a, rem, n, aout, items = kb.reg(8)
     vs = kb.reg(G)
     acc = Acc(kb, st.op, st.dtype)
-    step = kb.u32(16 * G * es)
+    step = kb.u32(per * es)
     eidx(lane)
     mov(trow, RF[3].unpack("ul"))
     A.DSL["umul24"](trow, trow, kb.u32(m * 16))
     add(trow, trow, kb.addr(st.prefix + "_table"))
     mov(items, kb.u32(m))
+    A.DSL["umul24"](lofs, lane, kb.u32(G * es))                # lane byte offset in a lookup
     L.item
     mov(tmuc, kb.u32(VEC4_CFG))
     mov(tmua, trow)
     nop(sig=S["ldtmu"](a))
     nop(sig=S["ldtmu"](n))
-    nop(sig=S["ldtmu"](lim))
+    nop(sig=S["ldtmu"](rem))
     nop(sig=S["ldtmu"](aout))
     add(a, a, kb.addr(st.src))
-    add(lim, lim, a)                                           # last valid lookup start
+    add(a, a, lofs)
     add(aout, aout, kb.addr(st.dst))
-    A.DSL["umul24"](t, lane, kb.u32(G * es))
-    add(a, a, t)
+    A.DSL["umul24"](vs[0], lane, kb.u32(G))
+    sub(rem, rem, vs[0])                                       # tail elements left for this lane
     acc.init()
 
     def issue():
-        A.DSL["umin"](t, a, lim).add(a, a, step)
-        if G == 4 or small:
-            mov(tmuc, cfg)
-        mov(tmua, t)
+        mov(tmuc, cfg)
+        mov(tmua, a).add(a, a, step)
 
     for _ in range(PFc):
         issue()
@@ -490,10 +531,8 @@ def segment_kernel(kb: Builder, st: SegmentStage):
             ems.append(lambda g=g: nop(sig=S["ldtmu"](vs[g])))
         for g in range(G):
             ems.append(lambda g=g: acc.combine(vs[g]))
-        ems.append(lambda: A.DSL["umin"](t, a, lim).add(a, a, step))
-        if G == 4 or small:
-            ems.append(lambda: mov(tmuc, cfg))
-        ems.append(lambda: mov(tmua, t))
+        ems.append(lambda: mov(tmuc, cfg))
+        ems.append(lambda: mov(tmua, a).add(a, a, step))
         return ems
 
     body = []
@@ -502,11 +541,13 @@ def segment_kernel(kb: Builder, st: SegmentStage):
     if U > 1:
         shr(n, n, kb.u32(U.bit_length() - 1))
     emit_loop(body, _label("cloop"), n, one)
-    for _ in range(PFc):                                       # clamped over-reads: fold them too
+    skip = kb.u32(per - G + 1)
+    for i in range(PFc):                                       # masked tail
         for g in range(G):
             nop(sig=S["ldtmu"](vs[g]))
         for g in range(G):
-            acc.combine(vs[g])
+            sub(rem, rem, one if (i == 0 or g > 0) else skip, cond="pushn")   # A = past the tail
+            acc.combine(vs[g], cond="ifna")
     acc.lane_reduce(kb)
     acc.fix_nan(kb)
     mov(null, lane, cond="pushz")                              # A = lane 0
@@ -616,7 +657,7 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
         dst = "out" if last else f"{name}_s{si}"
         dst_dtype = dtype if last else acc_dtype(dtype)
         pre = f"{name}{si}"
-        segs = choose_segments(K0, R, src_dtype, num_qpus) if K1 == 1 and op in ("max", "min") else 0
+        segs = choose_segments(K0, R, src_dtype, num_qpus) if K1 == 1 else 0
         if segs:
             seg = SegmentStage(K0, R, segs, op, src_dtype, src, pre + "_part", pre + "g")
             L1, tb, tab = segment_launch(seg, num_qpus)
@@ -625,7 +666,7 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
             consts[tb.name] = tab
             bufs.append(BufferSpec(pre + "_part", "scratch", (K0 * segs,), acc_dtype(src_dtype), K0 * segs * 4 + 64))
             st = LanesStage(K0, segs, 1, op, acc_dtype(src_dtype), dst_dtype, pre + "_part", dst, pre, divisor if last else 1)
-            need = ITEMSIZE[src_dtype] * K0 * R
+            need = segment_src_bytes(seg)
         else:
             st = LanesStage(K0, R, K1, op, src_dtype, dst_dtype, src, dst, pre, divisor if last else 1)
             need = lanes_src_bytes(st)
@@ -659,9 +700,17 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
 # ------------------------------------------------------------------------------------------------
 # References
 # ------------------------------------------------------------------------------------------------
-def reference(op: str, x: np.ndarray, axis=None, keepdims=False) -> np.ndarray:
-    """numpy reference: np.max / np.min (NaN propagates), dtype kept."""
+def reference(op: str, x: np.ndarray, axis=None, keepdims=False, divisor: int = 1) -> np.ndarray:
+    """numpy reference: np.max / np.min (NaN propagates), dtype kept; "sum": int32 wrapping sum
+    then floor division by ``divisor`` (integers), float64 sum / divisor (float32), cast to the
+    input dtype (the low bits for 8/16-bit integers, like the kernels' narrow stores)."""
     axes = norm_axes(axis, x.ndim)
+    if op == "sum":
+        if x.dtype == np.float32:
+            return (x.astype(np.float64).sum(axis=axes, keepdims=keepdims) / divisor).astype(np.float32)
+        s = x.astype(np.int64).sum(axis=axes, keepdims=keepdims)
+        s = (s + 2 ** 31) % 2 ** 32 - 2 ** 31
+        return np.floor_divide(s, divisor).astype(x.dtype)
     fn = {"max": np.max, "min": np.min}[op]
     return fn(x, axis=axes, keepdims=keepdims).astype(x.dtype)
 
