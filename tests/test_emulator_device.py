@@ -315,8 +315,8 @@ def test_fault_too_many_tmud_writes():
 
 @pytest.mark.parametrize("make,what", [
     (lambda: A.mov(A.tlb, 1), "tlb"),
-    (lambda: A.v11fpack(RF[1], RF[2], RF[3]), "v11fpack"),
-    (lambda: A.msf(RF[1]), "msf"),
+    (lambda: A.xcd(RF[1]), "xcd"),
+    (lambda: A.ftoc(RF[1], RF[2]), "ftoc"),
 ])
 def test_fault_unsupported_features_are_loud(make, what):
     def k():
