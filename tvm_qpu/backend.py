@@ -151,6 +151,82 @@ def _drop_zero_subtract(func):
     return dpl.rewrite_call(pat, rewrite, func)
 
 
+_SAME_VALUES = ("relax.expand_dims", "relax.reshape", "relax.permute_dims", "relax.squeeze",
+                "relax.broadcast_to", "relax.flatten")
+
+
+def _int_range(e, var2val, depth=0):
+    """(lo, hi) bounds of an integer expression's values from how main computes it, or None."""
+    from tvm import relax
+    if depth > 32:
+        return None
+    if isinstance(e, relax.Var):
+        v = var2val.get(e)
+        return None if v is None else _int_range(v, var2val, depth + 1)
+    if P.is_constant(e):
+        a = P.const_value(e)
+        return (int(a.min()), int(a.max())) if a.dtype.kind in "iu" and a.size else None
+    name = P.op_name(e)
+    if name == "relax.astype":
+        src, dst = P.dtype_of(e.args[0]), P.dtype_of(e)
+        if not (src.startswith(("int", "uint")) and dst.startswith(("int", "uint"))):
+            return None
+        r = _int_range(e.args[0], var2val, depth + 1)
+        if r is None:
+            info = np.iinfo(src)
+            r = (int(info.min), int(info.max))
+        info = np.iinfo(dst)
+        return r if info.min <= r[0] and r[1] <= info.max else None   # a wrapping cast: unknown
+    if name in _SAME_VALUES:
+        return _int_range(e.args[0], var2val, depth + 1)
+    if name in ("relax.add", "relax.subtract"):
+        a, b = (_int_range(x, var2val, depth + 1) for x in e.args[:2])
+        if a is None or b is None:
+            return None
+        lo, hi = (a[0] + b[0], a[1] + b[1]) if name == "relax.add" else (a[0] - b[1], a[1] - b[0])
+        info = np.iinfo(P.dtype_of(e))
+        return (lo, hi) if info.min <= lo and hi <= info.max else None      # may wrap: unknown
+    return None
+
+
+def _narrow_bounded_int_operands(func):
+    """int32 matmul / conv2d operands whose values provably fit int8 / int16 (MatMulInteger's
+    ``astype(x) - astype(zero_point)``) become ``astype(astype(v, int16), int32)``: the cast form the
+    qpu patterns fold, so the QPU multiplies them exactly (its integer multiply takes 24 bits; a
+    plain int32 operand is refused). The CPU computes ``v`` as before and casts it losslessly."""
+    from tvm import relax
+    from tvm.relax import dpl
+    var2val = relax.analysis.get_var2val(func)
+    x, y = dpl.wildcard(), dpl.wildcard()
+    pat = dpl.is_op("relax.matmul")(x, y) | dpl.is_op("relax.nn.conv2d")(x, y)
+
+    def narrow(e):
+        try:
+            if P.dtype_of(e) != "int32" or P.is_constant(e):
+                return e
+        except AttributeError:
+            return e
+        v = var2val.get(e) if isinstance(e, relax.Var) else e
+        if P.op_name(v) == "relax.astype" and P.dtype_of(v.args[0]) in P.INT_NARROW:
+            return e                                     # already the cast form
+        r = _int_range(e, var2val)
+        for dt in ("int8", "int16"):
+            info = np.iinfo(dt)
+            if r is not None and info.min <= r[0] and r[1] <= info.max:
+                return relax.op.astype(relax.op.astype(e, dt), "int32")
+        return e
+
+    def rewrite(call, m):
+        if not isinstance(call, relax.Call) or len(call.args) < 2:
+            return call
+        a, b = narrow(call.args[0]), narrow(call.args[1])
+        if a.same_as(call.args[0]) and b.same_as(call.args[1]):
+            return call
+        return relax.Call(call.op, [a, b] + list(call.args[2:]), call.attrs, call.ty_args)
+
+    return dpl.rewrite_call(pat, rewrite, func)
+
+
 def canonicalize(mod, params=None):
     """Bind ``params`` (name -> array) into main, fold constants, drop ``x - 0``."""
     import tvm
@@ -262,6 +338,8 @@ class QpuBackend:
         mod = canonicalize(mod, params)
         report = PartitionReport(self.placement)
         if self.placement != "none":
+            gv = mod.get_global_var("main")
+            mod[gv] = _narrow_bounded_int_operands(mod["main"])
             mod = relax.transform.FuseOpsByPattern(self.fusion_patterns(report), bind_constants=True,
                                                    annotate_codegen=True)(mod)
         self._summarise(mod, report)

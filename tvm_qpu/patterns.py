@@ -40,6 +40,10 @@ import numpy as np
 
 INT_NARROW = ("int8", "int16", "uint8")       # dtypes the QPU integer path multiplies (smul24)
 INT_ACC = ("int32",)                           # accumulator dtypes
+# The QPU integer multiply (smul24) uses the low 24 bits of each operand: int32 operands must lie in
+# this range. A constant is checked; a run-time int32 operand is refused (the backend narrows the
+# ones with a provable bound, e.g. MatMulInteger's ``x - zero_point``, to an int8/int16 cast).
+SMUL24_RANGE = (-(1 << 23), (1 << 23) - 1)
 
 
 class Refused(Exception):
@@ -180,8 +184,22 @@ def _operand_value(expr, form, what, narrow_to=None):
         if narrow_to and dt in INT_ACC and form == "plain":
             arr = _narrow_const(arr, narrow_to)
             dt = narrow_to
+        _check_smul24(dt, arr, what)
         return shape, dt, arr
+    _check_smul24(dt, None, what)
     return shape, dt, None
+
+
+def _check_smul24(dt: str, arr, what: str):
+    """Refuse int32 operands the QPU's 24-bit integer multiply would silently get wrong."""
+    if dt not in INT_ACC:
+        return
+    lo, hi = SMUL24_RANGE
+    if arr is None:
+        raise Refused(f"{what}: int32 run-time operand without a known 24-bit bound (the QPU multiplies "
+                      f"the low 24 bits)")
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        raise Refused(f"{what}: int32 constant with values beyond 24 bits (the QPU multiplies the low 24 bits)")
 
 
 # ---------------------------------------------------------------------------------------------
