@@ -1,4 +1,5 @@
-"""reduce_max / reduce_min kernels on the emulator against numpy (exact, NaN propagates)."""
+"""reduce_max / reduce_min / sum kernels on the emulator against numpy (min / max and integer sums
+exact, NaN propagates; float sums within SUM_TOL x sum |x|)."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -9,6 +10,7 @@ from tvm_qpu.codegen.registry import OpSpec
 from tvm_qpu.runtime.device import open_device
 
 DTYPES = ("float32", "int8", "int16", "int32")
+SUM_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +36,20 @@ def _data(rng, shape, dtype, extremes=False):
     return x
 
 
-def _check(dev, op, x, axis, keepdims=False):
-    plan = RD.plan_reduce(op, x.shape, str(x.dtype), axis, keepdims)
+def _check(dev, op, x, axis, keepdims=False, divisor=1):
+    plan = RD.plan_reduce(op, x.shape, str(x.dtype), axis, keepdims, divisor=divisor)
     out, _ = run_plan(plan, dev, data=x)
-    ref = RD.reference(op, x, axis, keepdims)
+    ref = RD.reference(op, x, axis, keepdims, divisor)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    np.testing.assert_array_equal(out, ref)     # exact; NaN == NaN here
+    if op == "sum" and x.dtype == np.float32:
+        absum = RD.reference(op, np.abs(x), axis, keepdims, divisor).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            err = np.abs(out.astype(np.float64) - ref)
+            bad = ~(err <= SUM_TOL * absum + 1e-30) & ~(np.isnan(out) & np.isnan(ref)) & ~(out == ref)
+        assert not bad.any(), (out[bad], ref[bad])
+    else:
+        np.testing.assert_array_equal(out, ref)     # exact; NaN == NaN here
+    return plan
 
 
 @st.composite
@@ -113,6 +123,131 @@ def test_registry_contract():
     assert not RD.supports(OpSpec("argmax", [((4, 5), "int32")], ((4,), "int64"), {"axis": 1}))[0]
     big = OpSpec("reduce_min", [((1 << 20,), "int32")], ((), "int32"), {"axis": None})
     assert RD.estimate(big) > (1 << 22) / 8.6 / 960e6
+
+
+# ------------------------------------------------------------------------------------------------
+# sums (the segment pass with a masked tail; global average pooling runs on it)
+# ------------------------------------------------------------------------------------------------
+def _fold_model(st: RD.SegmentStage):
+    """Host model of which elements the segment kernel folds: per item, the loop's full lookups
+    and the drain words with i * per + lane * G + j < left. Returns a count per element."""
+    _, _, _, tab = RD.segment_layout(st)
+    tab = tab.view(np.uint32).astype(np.int64)
+    es, per, G = RD.ITEMSIZE[st.dtype], st.per, st.G
+    seen = np.zeros(st.K * st.R, np.int64)
+    lane_word = (np.arange(16)[:, None] * G + np.arange(G)[None, :]).reshape(-1)   # lookup order
+    items = st.K * st.S
+    W, m, _, _ = RD.segment_layout(st)
+    assert W <= st.num_qpus and W * m >= items and (W - 1) * m < items
+    outs = tab[:, 3] // 4
+    np.testing.assert_array_equal(np.sort(outs), np.arange(W * m))      # one slot per item
+    for start, n, left, out in tab:
+        e0 = start // es
+        if out // 4 >= items:                                           # an idle item: read, never kept
+            assert n == st.U and left == 0 and start == 0
+            continue
+        seen[e0:e0 + n * per] += 1
+        for i in range(st.PF):
+            idx = i * per + lane_word
+            seen[e0 + n * per + idx[idx < left]] += 1
+        assert e0 + (n + st.PF) * per <= RD.segment_src_bytes(st) // es   # over-reads stay in the buffer
+    return seen
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 191), st.integers(1024, 40000), st.sampled_from(DTYPES))
+def test_segment_layout_covers_each_element_once(K, R, dtype):
+    """Host check of the layout + masks: every element of every row is folded exactly once."""
+    segs = RD.choose_segments(K, R, dtype)
+    if not segs:
+        return
+    stg = RD.SegmentStage(K, R, segs, "sum", dtype, "data", "part", "p")
+    np.testing.assert_array_equal(_fold_model(stg), 1)
+
+
+@st.composite
+def sum_cases(draw):
+    nd = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=nd, max_size=nd)))
+    axes = draw(st.one_of(st.none(), st.lists(st.integers(0, nd - 1), min_size=1, max_size=nd, unique=True)))
+    return shape, (None if axes is None else tuple(axes)), draw(st.sampled_from(DTYPES)), \
+        draw(st.integers(1, 20)), draw(st.integers(0, 2 ** 31))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sum_cases())
+def test_sum_small_shapes(dev, case):
+    shape, axes, dtype, div, seed = case
+    x = _data(np.random.default_rng(seed), shape, dtype)
+    _check(dev, "sum", x, axes, divisor=div if dtype in ("float32", "int32") else 1)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 6), st.integers(1024, 6000), st.sampled_from(DTYPES), st.integers(0, 2 ** 31))
+def test_sum_segment_path_random(dev, K, R, dtype, seed):
+    """Row lengths not multiples of 16 / 64: segment tails of every size, int32 wrap."""
+    assert RD.choose_segments(K, R, dtype)
+    x = _data(np.random.default_rng(seed), (K, R), dtype, extremes=True)
+    if dtype == "float32":
+        x[np.isinf(x)] = 1e30
+    div = 1 + seed % 1000
+    plan = _check(dev, "sum", x, 1, divisor=div if dtype in ("float32", "int32") else 1)
+    assert any(L.name.endswith("_segments") for L in plan.launches)
+    if dtype == "int32":
+        _check(dev, "sum", x, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", [((20011,), None), ((3, 5003), 1), ((2, 4099), None), ((1, 1024), 1),
+                                        ((5, 1087), 1), ((1, 1040), 1)])
+def test_sum_segment_boundaries(dev, dtype, shape, axis):
+    """Marked elements at every segment start / end (and the row ends) are counted once."""
+    K = int(np.prod(shape[:-1])) if axis is not None else 1
+    R = shape[-1] if axis is not None else int(np.prod(shape))
+    segs = RD.choose_segments(K, R, dtype)
+    assert segs
+    x = np.zeros(shape, dtype)
+    flat = x.reshape(K, R)
+    bs = RD.segment_bounds(R, segs, 4 if RD.ITEMSIZE[dtype] == 4 else 1)
+    marks = sorted({i for b_ in bs for i in (b_ - 1, b_, b_ + 1) if 0 <= i < R})
+    for k in range(K):
+        flat[k, marks] = np.arange(1, len(marks) + 1) % 100 + 1
+    out, _ = run_plan(RD.plan_reduce("sum", shape, dtype, axis), dev, data=x)
+    np.testing.assert_array_equal(out, RD.reference("sum", x, axis))
+
+
+@pytest.mark.parametrize("dtype", ("int8", "int16", "int32"))
+def test_sum_integer_limits(dev, dtype):
+    lo, hi = RD.INT_RANGE[dtype]
+    for fill in (lo, hi):
+        x = np.full((2, 4099), fill, dtype)
+        x[1, ::3] = hi if fill == lo else lo
+        _check(dev, "sum", x, 1)
+        if dtype == "int32":
+            _check(dev, "sum", x, 1, divisor=4099)       # wrapped sum, floor division
+            _check(dev, "sum", x, None, divisor=2 * 4099 - 1)
+
+
+@pytest.mark.parametrize("n", [300, 20000])
+def test_sum_nan_inf(dev, n):
+    x = _data(np.random.default_rng(n), (4, n), "float32")
+    x[0, n // 3] = np.nan
+    x[1, -1] = np.inf
+    x[2, 0], x[2, -1] = np.inf, -np.inf            # inf - inf = NaN
+    x[3, 7] = -np.inf
+    _check(dev, "sum", x, 1, divisor=n)
+    out, _ = run_plan(RD.plan_reduce("sum", x.shape, "float32", 1), dev, data=x)
+    assert np.isnan(out[0]) and out[1] == np.inf and np.isnan(out[2]) and out[3] == -np.inf
+
+
+def test_min_max_still_segmented_after_masking(dev):
+    """min / max keep the segment pass (same launches) and stay exact at the row ends."""
+    x = _data(np.random.default_rng(5), (3, 7001), "float32")
+    x[:, -1] = 1e30
+    x[:, 0] = -1e30
+    plan = _check(dev, "max", x, 1)
+    assert len(plan.launches) == 2
+    _check(dev, "min", x, 1)
 
 
 def test_bench_cases_are_valid():

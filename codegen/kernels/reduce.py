@@ -420,8 +420,9 @@ class SegmentStage:
     op: str
     dtype: str
     src: str
-    dst: str                    # [K, S] partials, int32 / float32
+    dst: str                    # [K, S] partials (then the idle items' slots), int32 / float32
     prefix: str
+    num_qpus: int = NUM_QPUS
 
     @property
     def G(self):                # elements per lane per lookup
@@ -455,15 +456,19 @@ def segment_bounds(R: int, S: int, G: int) -> list:
     return bs + [R]
 
 
-def segment_layout(st: SegmentStage, num_qpus: int = NUM_QPUS):
-    """(workers, items per worker, table). Item (k, s) = elements [lo, hi) of row k:
+def segment_layout(st: SegmentStage, num_qpus: int | None = None):
+    """(workers, items per worker, U, table). Item (k, s) = elements [lo, hi) of row k:
     [start byte, loop lookups (a multiple of U, every one full), elements left after them
-    (0 <= left < U * per: folded by the masked drain), out byte]."""
+    (0 <= left < U * per: folded by the masked drain), out byte]. When ``K * S`` is not a
+    multiple of the workers, idle items pad the table: one loop block of the tensor's start,
+    stored past the ``K * S`` partials (see :func:`segment_dst_words`)."""
+    num_qpus = st.num_qpus if num_qpus is None else num_qpus
     items = st.K * st.S
     W = min(num_qpus, items)
-    m = items // W
+    m = -(-items // W)
+    W = -(-items // m)
     es, per, U = ITEMSIZE[st.dtype], st.per, st.U
-    tab = np.zeros((items, 4), dtype=np.int64)
+    tab = np.zeros((W * m, 4), dtype=np.int64)
     bs = segment_bounds(st.R, st.S, st.G)
     for k in range(st.K):
         for s in range(st.S):
@@ -474,7 +479,15 @@ def segment_layout(st: SegmentStage, num_qpus: int = NUM_QPUS):
             left = hi - lo - n * per
             assert 0 <= left < st.PF * per
             tab[k * st.S + s] = [(k * st.R + lo) * es, n, left, (k * st.S + s) * 4]
+    for i in range(items, W * m):
+        tab[i] = [0, U, 0, i * 4]
     return W, m, U, (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def segment_dst_words(st: SegmentStage) -> int:
+    """Words of the partials buffer the segment kernel writes (``K * S`` + idle items)."""
+    W, m, _, _ = segment_layout(st)
+    return W * m
 
 
 def segment_src_bytes(st: SegmentStage) -> int:
@@ -491,7 +504,7 @@ def segment_kernel(kb: Builder, st: SegmentStage):
     element is folded exactly once (sums are exact for integers)."""
     es, G, per, U, PFc = ITEMSIZE[st.dtype], st.G, st.per, st.U, st.PF
     small = es < 4
-    W, m, _, _ = segment_layout(st)
+    _, m, _, _ = segment_layout(st)
     cfg = kb.u32(tmu_cfg_word(st.dtype)) if small else kb.u32(VEC4_CFG)
     one = kb.u32(1)
     lane, lofs, trow, a, rem, n, aout, items = kb.reg(8)
@@ -627,7 +640,10 @@ def segment_launch(st: SegmentStage, num_qpus=NUM_QPUS):
 
 
 def choose_segments(K: int, R: int, dtype: str, num_qpus=NUM_QPUS) -> int:
-    """Segments per row for the segment stage, or 0 when the lanes kernel is the better fit."""
+    """Segments per row for the segment stage, or 0 when the lanes kernel is the better fit.
+    Preferred: ``K * S`` a multiple of the workers (every worker the same number of items, at
+    least 2 per worker for a single row); else the ``S`` (segments >= 64 * G elements) that
+    minimises the busiest worker's share, ``ceil(K * S / workers) / S`` rows (idle items pad)."""
     G = 4 if ITEMSIZE[dtype] == 4 else 1
     if K >= SEG_MAX_ROWS or R < SEG_MIN_LEN:
         return 0
@@ -636,7 +652,10 @@ def choose_segments(K: int, R: int, dtype: str, num_qpus=NUM_QPUS) -> int:
         s *= 2
     while s > 1 and R // s < 64 * G:
         s //= 2
-    return s if K * s % min(num_qpus, K * s) == 0 else 0
+    if K * s % min(num_qpus, K * s) == 0:
+        return s
+    smax = max(1, min(R // (64 * G), 4 * num_qpus))
+    return min(range(1, smax + 1), key=lambda c: (-(-K * c // num_qpus) / c, c))
 
 
 def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=NUM_QPUS,
@@ -659,7 +678,7 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
         pre = f"{name}{si}"
         segs = choose_segments(K0, R, src_dtype, num_qpus) if K1 == 1 else 0
         if segs:
-            seg = SegmentStage(K0, R, segs, op, src_dtype, src, pre + "_part", pre + "g")
+            seg = SegmentStage(K0, R, segs, op, src_dtype, src, pre + "_part", pre + "g", num_qpus)
             L1, tb, tab = segment_launch(seg, num_qpus)
             launches.append(L1)
             bufs.append(tb)
@@ -674,7 +693,7 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
         if segs:
             # the partials buffer is read by the second stage: pad it for that stage's over-reads
             bufs[-1] = BufferSpec(pre + "_part", "scratch", (K0 * segs,), acc_dtype(src_dtype),
-                                  lanes_src_bytes(st))
+                                  max(lanes_src_bytes(st), segment_dst_words(seg) * 4 + 64))
         launches.append(L2)
         bufs.append(tb)
         consts[tb.name] = tab
