@@ -138,6 +138,83 @@ def test_global_avg(dev, dtype, shape):
         np.testing.assert_array_equal(out, ref)
 
 
+def _global(dev, x):
+    shape, dtype = x.shape, str(x.dtype)
+    spec = OpSpec("global_avg_pool2d", [(shape, dtype)], ((shape[0], shape[1], 1, 1), dtype), {"layout": "NCHW"})
+    assert PL.supports(spec) == (True, "")
+    plan = PL.generate(spec)
+    out, _ = run_plan(plan, dev, data=x)
+    ref = PL.reference_global(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if dtype == "float32":
+        absum = PL.reference_global(np.abs(x)).astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.abs(out.astype(np.float64) - ref) <= FP32_TOL * absum + 1e-30) \
+                & ~(np.isnan(out) & np.isnan(ref)) & ~(out == ref)
+        assert not bad.any(), (out[bad], ref[bad])
+    else:
+        np.testing.assert_array_equal(out, ref)
+    return plan
+
+
+def _segmented(plan):
+    return any(L.name.endswith("_segments") for L in plan.launches)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 32, 144, 144), (1, 5, 33, 37), (2, 3, 31, 35), (1, 1, 1, 1025),
+                                   (1, 7, 64, 64), (1, 64, 56, 56)])
+def test_global_avg_segment_path(dev, dtype, shape):
+    """Few long planes: the segment pass (masked tails, disjoint segments), then the division."""
+    x = _data(np.random.default_rng(11), shape, dtype)
+    assert _segmented(_global(dev, x))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 2), st.integers(1, 12), st.integers(1, 60), st.integers(1, 60), st.sampled_from(DTYPES),
+       st.integers(0, 2 ** 31))
+def test_global_avg_random(dev, N, C, H, W, dtype, seed):
+    """Planes of any size (lengths not multiples of 16 / 64): lanes or segment path."""
+    W = max(W, 1024 // H + 1) if seed % 2 else W                         # half of them long enough to segment
+    _global(dev, _data(np.random.default_rng(seed), (N, C, H, W), dtype, specials=dtype == "float32"))
+
+
+@pytest.mark.parametrize("dtype", ("int8", "int16", "int32"))
+def test_global_avg_integer_limits(dev, dtype):
+    """Sums at the dtype limits: int32 wraps modulo 2**32 (numpy int32), floor division."""
+    lo, hi = RD.INT_RANGE[dtype]
+    x = np.full((1, 4, 45, 47), hi, dtype)
+    x[0, 1] = lo
+    x[0, 2, ::2] = lo
+    x[0, 3] = -1
+    x[0, 3, 0, 0] = -2                                                   # -(45*47 + 1) // (45*47) = -2
+    plan = _global(dev, x)
+    assert _segmented(plan)
+    out, _ = run_plan(plan, dev, data=x)
+    assert out[0, 3, 0, 0] == -2
+
+
+def test_global_avg_nan_inf(dev):
+    x = _data(np.random.default_rng(2), (1, 4, 40, 41), "float32")
+    x[0, 0, 17, 3] = np.nan
+    x[0, 1, -1, -1] = np.inf
+    x[0, 2, 0, 0], x[0, 2, -1, -1] = np.inf, -np.inf
+    x[0, 3, 20, 0] = -np.inf
+    plan = _global(dev, x)
+    assert _segmented(plan)
+    out, _ = run_plan(plan, dev, data=x)
+    o = out.reshape(-1)
+    assert np.isnan(o[0]) and o[1] == np.inf and np.isnan(o[2]) and o[3] == -np.inf
+
+
+def test_global_estimate_follows_the_plan():
+    for shape in ((1, 32, 144, 144), (1, 256, 7, 7)):
+        spec = OpSpec("global_avg_pool2d", [(shape, "int32")], ((1, shape[1], 1, 1), "int32"), {"layout": "NCHW"})
+        t = PL.estimate(spec)
+        assert t >= (np.prod(shape) + shape[1]) * 4 / 8.6 / 960e6
+        assert (len(PL.generate(spec).launches) == 2) == bool(RD.choose_segments(shape[1], shape[2] * shape[3], "int32"))
+
+
 def test_registry_contract():
     g = PL.Pool2D(1, 2, 8, 8, 2, 2, 2, 2, op="avg", dtype="int32")
     spec = _spec(g)
