@@ -245,11 +245,21 @@ def choose_tiling(s: AttnShape) -> AttnTiling | None:
     return None if best is None else best[1]
 
 
+def q_streams(s: AttnShape, t: AttnTiling) -> int:
+    """How the QK phase reads Q: 0 from the packed Q panel (unifa); 1 the Q row itself through
+    unifa (R = 1, fp32, even D); 2 rows m0 and m0 + 1 from Q itself, one through unifa and one
+    through the uniform stream (redirected by a branch per tile; R = 2, fp32, even D): no Q pack."""
+    if s.is_int or t.Dpad != s.D or t.R > 2:
+        return 0
+    return t.R
+
+
 def _uniforms(s: AttnShape, t: AttnTiling, names):
     qn, kn, vn, on, mn = names
     es_v = G.ITEMSIZE[s.v_dtype]
     qts = t.Dpad * t.R * 4
-    u = [("addr", qn, 0), ("u32", t.MT * qts), ("u32", qts),                   # Q panel
+    qbs = s.S * s.D * 4 if q_streams(s, t) else t.MT * qts
+    u = [("addr", qn, 0), ("u32", qbs), ("u32", qts),                          # Q panel
          ("addr", kn, 0), ("u32", s.NB * t.Dpad * 64),                         # K panel
          ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v),            # V
          ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
@@ -332,9 +342,7 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     if t.flash:
         _flash_tile(s, t, g)
     else:
-        mov(unifa, g.qt)
-        mov(g.ptr, g.kp)
-        mov(g.tmp[1], 0)
+        _q_start(s, t, g, g.kp)
         _qk_phase(s, t, g, s.NB, g.kwrap)
         _softmax_phase(s, t, g)
         _pv_phase(s, t, g, s.T, g.vp, zero=True)
@@ -353,6 +361,33 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     L.done
     tmuwt()
     thread_end()
+
+
+def _q_start(s, t, g, kbase):
+    """Point the Q streams at the tile (unifa: the panel tile or row m0; with two streams the
+    uniform stream at row m0 + 1, or at row m0 when that row does not exist), g.ptr at kbase."""
+    if q_streams(s, t) == 2:
+        x, y = g.dd, g.cnt
+        add(x, g.sr, 1)
+        sub(null, x, g.Sreg, cond="pushn")                 # A = row m0 + 1 exists
+        shl(y, g.kbl, 3)                                   # D * 4 (Dpad = D)
+        mov(x, g.qt)
+        add(x, x, y, cond="ifa")
+        lbl = _label("qs")
+        b(getattr(R_, lbl), cond="always").unif_addr(x)
+        mov(unifa, g.qt)
+        mov(g.ptr, kbase)
+        mov(g.tmp[1], 0)
+        A.Program._stack[-1].label(lbl)
+    else:
+        mov(unifa, g.qt)
+        mov(g.ptr, kbase)
+        mov(g.tmp[1], 0)
+
+
+def _qsig(s, t, i):
+    """The signal reading Q value i (row m0 + i) of the next d."""
+    return S_["ldunifrf"] if (i == 1 and q_streams(s, t) == 2) else S_["ldunifarf"]
 
 
 def _k_issue(g, last_of_d: bool, sig=None, wrap=None):
@@ -376,7 +411,7 @@ def _qk_phase(s, t, g, NB, wrap):
     for bb in range(NB):                                   # lookups of d = 0 (>= 3 after unifa)
         _k_issue(g, bb == NB - 1, wrap=wrap)
     for i in range(R):
-        nop(sig=S_["ldunifarf"](qa[i]))
+        nop(sig=_qsig(s, t, i)(qa[i]))
     mov(g.cnt, g.kbl)
     mac = _Mac(g.tmp, s.is_int, pending=(g.sc[R - 1][NB - 1], g.tmp[1]))
     body = [lambda: sub(g.cnt, g.cnt, 1, cond="pushz")]
@@ -387,7 +422,7 @@ def _qk_phase(s, t, g, NB, wrap):
             body.append(lambda bb=bb: _k_issue(g, bb == NB - 1, S_["ldtmu"](g.kv[bb % 2]), wrap))
             for i in range(R):
                 def m(bb=bb, i=i, cur=cur, loads=loads):
-                    sig = S_["ldunifarf"](loads.pop(0)) if loads else None
+                    sig = _qsig(s, t, R - len(loads))(loads.pop(0)) if loads else None
                     mac.mac(g.sc[i][bb], g.kv[bb % 2], cur[i], sig=sig)
                 body.append(m)
     lbl = _label("qk")
@@ -544,9 +579,7 @@ def _flash_tile(s, t, g):
 
 
 def _flash_block(s, t, g, nb, nkeys, wrap, tail):
-    mov(unifa, g.qt)
-    mov(g.ptr, g.kb)
-    mov(g.tmp[1], 0)
+    _q_start(s, t, g, g.kb)
     _qk_phase(s, t, g, nb, wrap)
     _softmax_flash(s, t, g, nb, tail)
     _pv_phase(s, t, g, nkeys, g.vb, zero=False)
@@ -796,7 +829,7 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
     bufs.append(BufferSpec(on, "output", (s.B, s.S, s.Dv), "float32"))
     bufs.append(BufferSpec(qp, "scratch", (s.B * t.MT * t.Dpad * t.R + 2 * t.R + 32,), "float32"))
     bufs.append(BufferSpec(kp, "scratch", (s.B * s.NB * t.Dpad * 16 + 64,), "float32"))
-    q_in_place = t.R == 1 and s.dtype == "float32" and t.Dpad == s.D   # Q rows are the panel
+    q_in_place = q_streams(s, t) > 0                  # Q rows are read in place (no Q pack)
     if q_in_place:
         bufs = [bf for bf in bufs if bf.name != qp]
         qp = qn
