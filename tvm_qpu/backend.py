@@ -193,38 +193,46 @@ def _narrow_bounded_int_operands(func):
     """int32 matmul / conv2d operands whose values provably fit int8 / int16 (MatMulInteger's
     ``astype(x) - astype(zero_point)``) become ``astype(astype(v, int16), int32)``: the cast form the
     qpu patterns fold, so the QPU multiplies them exactly (its integer multiply takes 24 bits; a
-    plain int32 operand is refused). The CPU computes ``v`` as before and casts it losslessly."""
+    plain int32 operand is refused). The CPU computes ``v`` as before and casts it losslessly. The
+    new bindings are named ``<op var>_<a|b>_<dtype>`` (report rows are keyed by variable name)."""
     from tvm import relax
-    from tvm.relax import dpl
     var2val = relax.analysis.get_var2val(func)
-    x, y = dpl.wildcard(), dpl.wildcard()
-    pat = dpl.is_op("relax.matmul")(x, y) | dpl.is_op("relax.nn.conv2d")(x, y)
 
-    def narrow(e):
+    def narrow_dtype(e):
         try:
             if P.dtype_of(e) != "int32" or P.is_constant(e):
-                return e
+                return None
         except AttributeError:
-            return e
+            return None
         v = var2val.get(e) if isinstance(e, relax.Var) else e
-        if P.op_name(v) == "relax.astype" and P.dtype_of(v.args[0]) in P.INT_NARROW:
-            return e                                     # already the cast form
+        if v is not None and P.op_name(v) == "relax.astype" and P.dtype_of(v.args[0]) in P.INT_NARROW:
+            return None                                  # already the cast form
         r = _int_range(e, var2val)
         for dt in ("int8", "int16"):
             info = np.iinfo(dt)
             if r is not None and info.min <= r[0] and r[1] <= info.max:
-                return relax.op.astype(relax.op.astype(e, dt), "int32")
-        return e
+                return dt
+        return None
 
-    def rewrite(call, m):
-        if not isinstance(call, relax.Call) or len(call.args) < 2:
-            return call
-        a, b = narrow(call.args[0]), narrow(call.args[1])
-        if a.same_as(call.args[0]) and b.same_as(call.args[1]):
-            return call
-        return relax.Call(call.op, [a, b] + list(call.args[2:]), call.attrs, call.ty_args)
+    @relax.expr_functor.mutator
+    class _Narrow(relax.PyExprMutator):
+        def visit_var_binding_(self, binding):
+            val = binding.value
+            if not (isinstance(val, relax.Call) and P.op_name(val) in ("relax.matmul", "relax.nn.conv2d")):
+                return super().visit_var_binding_(binding)
+            dts = [narrow_dtype(a) for a in val.args[:2]]
+            if not any(dts):
+                return super().visit_var_binding_(binding)
+            args = [self.visit_expr(a) for a in val.args]
+            for i, dt in enumerate(dts):
+                if dt:
+                    nm = f"{binding.var.name}_{'ab'[i]}_{dt}"
+                    n = self.builder_.emit(relax.op.astype(args[i], dt), name_hint=nm)
+                    args[i] = self.builder_.emit(relax.op.astype(n, "int32"), name_hint=nm + "_i32")
+            new = relax.Call(val.op, args, val.attrs, val.ty_args)
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new)))
 
-    return dpl.rewrite_call(pat, rewrite, func)
+    return _Narrow().visit_expr(func)
 
 
 def canonicalize(mod, params=None):
