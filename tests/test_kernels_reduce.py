@@ -120,7 +120,13 @@ def test_registry_contract():
     bad = OpSpec("reduce_max", [((4, 5), "float64")], ((4,), "float64"), {"axis": 1})
     ok, why = RD.supports(bad)
     assert not ok and "float64" in why
-    assert not RD.supports(OpSpec("argmax", [((4, 5), "int32")], ((4,), "int64"), {"axis": 1}))[0]
+    assert RD.supports(OpSpec("argmax", [((4, 5), "int32")], ((4,), "int64"), {"axis": 1})) == (True, "")
+    assert not RD.supports(OpSpec("argmax", [((4, 5), "int32")], ((4,), "int64"), {"axis": (0, 1)}))[0]
+    assert not RD.supports(OpSpec("argmax", [((4, 5), "int32")], ((4,), "int64"),
+                                  {"axis": 1, "select_last_index": True}))[0]
+    assert not RD.supports(OpSpec("argmin", [((4, 5), "int32")], ((4,), "float32"), {"axis": 1}))[0]
+    assert not RD.supports(OpSpec("argmin", [((4, 5), "int32")], ((5,), "int64"), {"axis": 1}))[0]
+    assert not RD.supports(OpSpec("argmin", [((4, 5), "float64")], ((4,), "int64"), {"axis": 1}))[0]
     big = OpSpec("reduce_min", [((1 << 20,), "int32")], ((), "int32"), {"axis": None})
     assert RD.estimate(big) > (1 << 22) / 8.6 / 960e6
 
@@ -248,6 +254,93 @@ def test_min_max_still_segmented_after_masking(dev):
     plan = _check(dev, "max", x, 1)
     assert len(plan.launches) == 2
     _check(dev, "min", x, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# argmax / argmin
+# ------------------------------------------------------------------------------------------------
+def _arg_check(dev, op, x, axis, keepdims=False, out_dtype="int64"):
+    shape = x.shape
+    if axis is None:
+        out_shape = tuple(1 for _ in shape) if keepdims else ()
+    else:
+        a = axis % x.ndim
+        out_shape = tuple(1 if i == a else n for i, n in enumerate(shape)) if keepdims else \
+            tuple(n for i, n in enumerate(shape) if i != a)
+    spec = OpSpec(op, [(shape, str(x.dtype))], (out_shape, out_dtype), {"axis": axis, "keepdims": keepdims})
+    assert RD.supports(spec) == (True, "")
+    assert RD.arg_estimate(spec) > 0
+    out, _ = run_plan(RD.arg_generate(spec), dev, data=x)
+    ref = getattr(np, op)(x, axis=axis, keepdims=keepdims).astype(out_dtype)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_array_equal(out, ref)
+
+
+@st.composite
+def arg_cases(draw):
+    nd = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 40), min_size=nd, max_size=nd)))
+    axis = draw(st.one_of(st.none(), st.integers(-nd, nd - 1)))
+    return shape, axis, draw(st.sampled_from(DTYPES)), draw(st.sampled_from(("argmax", "argmin"))), \
+        draw(st.booleans()), draw(st.sampled_from(("int64", "int32"))), draw(st.integers(0, 2 ** 31))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arg_cases())
+def test_arg_random(dev, case):
+    """Ties everywhere (few distinct values): the first index of the extreme must win."""
+    shape, axis, dtype, op, keep, odt, seed = case
+    rng = np.random.default_rng(seed)
+    if seed % 2:
+        x = _data(rng, shape, dtype, extremes=True)
+    else:
+        x = rng.integers(-3, 3, shape).astype(dtype)
+        if dtype == "float32" and x.size:
+            x.reshape(-1)[rng.integers(0, x.size, 3)] = rng.choice(np.array([-0.0, 0.0, np.inf, -np.inf], np.float32), 3)
+    _arg_check(dev, op, x, axis, keep, odt)
+
+
+@pytest.mark.parametrize("dtype", ("int8", "int16", "int32"))
+def test_arg_integer_limits(dev, dtype):
+    lo, hi = RD.INT_RANGE[dtype]
+    x = np.full((5, 70), lo, dtype)
+    x[1] = hi
+    x[2, 33], x[2, 50] = hi, hi
+    x[3, 0], x[3, -1] = hi, lo
+    x[4, ::2] = hi
+    for op in ("argmax", "argmin"):
+        _arg_check(dev, op, x, 1)
+        _arg_check(dev, op, x, 0)
+
+
+def test_arg_float_nan_inf_zero(dev):
+    """numpy: the first NaN wins (both ops); -0.0 == +0.0 (first wins); infinities are values."""
+    x = np.zeros((6, 21), np.float32)
+    x[0, 5], x[0, 9] = np.nan, np.nan
+    x[0, 2] = np.inf
+    x[1] = -np.inf
+    x[1, 20] = np.inf
+    x[2, 3], x[2, 4] = -0.0, -0.0                  # all zeros: index 0
+    x[3, :] = -0.0
+    x[3, 10] = 0.0                                 # equal to -0.0: still index 0
+    x[4, 0] = -np.inf
+    x[4, 20] = np.nan
+    x[5] = -1.0
+    x[5, 7] = -np.nan                              # a NaN with the sign bit set
+    for op in ("argmax", "argmin"):
+        _arg_check(dev, op, x, 1)
+        _arg_check(dev, op, x, 0)
+        _arg_check(dev, op, x, None)
+    assert np.isnan(x[5, 7])
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 1000), 1), ((1000, 3), 0), ((7, 33, 17), 1), ((20011,), 0)])
+def test_arg_long_axes(dev, shape, axis):
+    rng = np.random.default_rng(9)
+    for dtype in DTYPES:
+        x = _data(rng, shape, dtype)
+        for op in ("argmax", "argmin"):
+            _arg_check(dev, op, x, axis)
 
 
 def test_bench_cases_are_valid():

@@ -42,7 +42,13 @@ Integers: min / max are exact and keep the input dtype (8/16-bit data are sign-e
 TMU and stored back with 8/16-bit TMU stores). "sum" accumulates in int32 (wrapping) and, with a
 divisor, divides with floor rounding (numpy ``//``), exactly; float sums accumulate in float32
 (per lane, then across lanes and segments: not numpy's pairwise order; the pooling tolerance is
-1e-5 relative to the sum of |x|). ``argmin`` / ``argmax`` are not implemented.
+1e-5 relative to the sum of |x|).
+
+argmax / argmin (:func:`arg_kernel`, kinds "argmax" / "argmin"): one axis (or None: the flattened
+tensor), float32 / int8 / int16 / int32 in, int64 (or int32) indices out, numpy semantics: the
+first index of the extreme; float NaN: the index of the first NaN; -0.0 == +0.0 (first wins).
+``select_last_index`` is refused. A single lanes pass (lanes over outputs), so it is fast when
+there are many outputs; few long rows are instruction-bound on few workers (no segment pass).
 
 Performance model (:func:`estimate`): DRAM traffic / (8.6 B/cycle x efficiency) + a fixed
 launch cost; see ``ESTIMATE_*`` below for the calibration.
@@ -67,7 +73,7 @@ tmua, tmud, tmuc, null = (MAGIC[n] for n in ("tmua", "tmud", "tmuc", "null"))
 
 NUM_QPUS = 12
 DTYPES = ("float32", "int8", "int16", "int32")
-ITEMSIZE = {"int8": 1, "int16": 2, "int32": 4, "float32": 4}
+ITEMSIZE = {"int8": 1, "int16": 2, "int32": 4, "float32": 4, "int64": 8}
 TMU_TYPE = {"int8": 0, "int16": 1, "int32": 7, "float32": 7}
 VEC4_CFG = 0xFFFFFF00 | 0xFC            # one vec4 lookup, then default 32-bit
 NAN_LIMIT = 0xFF000000                  # (bits << 1) above this: a NaN
@@ -577,6 +583,118 @@ def segment_kernel(kb: Builder, st: SegmentStage):
 
 
 # ------------------------------------------------------------------------------------------------
+# argmax / argmin (one axis)
+# ------------------------------------------------------------------------------------------------
+ARG_OUT_DTYPES = ("int64", "int32")
+ARG_PF = 8                      # loads in flight
+F32_MAG = 0x7FFFFFFF
+F32_INF_MAG = 0x7F800000
+
+
+def arg_kernel(kb: Builder, st: LanesStage):
+    """argmax / argmin of view [K0, R, K1] (``st.op`` "argmax" / "argmin"): lanes over outputs as
+    in :func:`lanes_kernel` (same table and advance), one element per loop iteration with
+    ``ARG_PF`` loads in flight. Each element becomes an int32 *key* ordered like the value:
+    integers as loaded (sign-extended); float32 ``sign ? -|bits| : |bits|`` (so -0.0 == +0.0),
+    every NaN the key ``INT_MAX`` (argmax) / ``INT_MIN`` (argmin), which nothing beats. The index
+    is taken only when the key strictly beats the best so far: the first extreme (or NaN) wins,
+    as numpy's argmax / argmin. The index is stored as int32, or int64 (high word 0)."""
+    es = ITEMSIZE[st.in_dtype]
+    small = es < 4
+    is_max = st.op == "argmax"
+    ext = A.DSL["imax" if is_max else "imin"]
+    cfg = kb.u32(tmu_cfg_word(st.in_dtype)) if small else None
+    ain, aout, remw, k1, v, p, cnt, best, idx, r, t, key = kb.reg(12)
+    one, zero = kb.u32(1), kb.u32(0)
+    rs = kb.u32(st.K1 * es)
+    start_key = kb.u32(-2 ** 31 if is_max else 2 ** 31 - 1)
+    load_lane_table(kb, st.prefix + "_table", (ain, aout, remw, k1))
+    add(ain, ain, kb.addr(st.src))
+    add(aout, aout, kb.addr(st.dst))
+    if st.in_dtype == "float32":
+        mag_mask, inf_mag = kb.u32(F32_MAG), kb.u32(F32_INF_MAG)
+        nan_key = kb.u32(2 ** 31 - 1 if is_max else -2 ** 31)
+
+    def issue():
+        if small:
+            mov(tmuc, cfg)
+        mov(tmua, p).add(p, p, rs)
+
+    L.vloop
+    mov(best, start_key).mov(idx, zero)
+    mov(r, zero).mov(p, ain)
+    mov(cnt, kb.u32(st.R))
+    for _ in range(ARG_PF):
+        issue()
+    lbl = _label("aloop")
+    prog = A.Program._stack[-1]
+    prog.label(lbl)
+    nop(sig=S["ldtmu"](v))
+    issue()
+    if st.in_dtype == "float32":
+        A.DSL["band"](key, v, mag_mask)
+        mov(null, v, cond="pushn")                             # A = sign bit
+        sub(key, zero, key, cond="ifa")
+        A.DSL["band"](t, v, mag_mask)
+        sub(null, inf_mag, t, cond="pushn")                    # A = NaN
+        mov(key, nan_key, cond="ifa")
+        v = key
+    ext(t, best, v)
+    sub(null, t, best, cond="pushz")                           # A = not better
+    mov(best, t).mov(idx, r, cond="ifna")
+    sub(cnt, cnt, one, cond="pushz")
+    b(getattr(R_, lbl), cond="anyna")
+    add(r, r, one)
+    nop()
+    nop()
+    for _ in range(ARG_PF):                                    # the over-issued loads
+        nop(sig=S["ldtmu"](t))
+    sub(null, remw, one, cond="pushn")                         # A = lane beyond this worker's run
+    mov(tmud, idx)
+    mov(tmua, aout, cond="ifna")
+    if st.out_dtype == "int64":
+        mov(tmud, zero)
+        nop().add(tmua, aout, kb.u32(4), cond="ifna")
+    _advance(kb, st, ain, aout, remw, k1, es, ITEMSIZE[st.out_dtype])
+    sub(null, remw, one, cond="pushn")
+    b(R_.vloop, cond="anyna")
+    nop()
+    nop()
+    nop()
+    tmuwt()
+    thread_end()
+
+
+def plan_arg(op: str, shape, dtype: str, axis: int, keepdims=False, out_dtype="int64", num_qpus=NUM_QPUS,
+             name=None) -> KernelPlan:
+    """Plan ``op`` ("argmax" / "argmin") of ``data`` over one ``axis`` into ``out`` (out_dtype)."""
+    shape = tuple(int(s) for s in shape)
+    name = name or op
+    if len(shape) == 0:
+        shape_v, ax = (1,), 0
+    else:
+        shape_v, ax = shape, int(axis) % len(shape)
+    K0 = int(np.prod(shape_v[:ax], dtype=np.int64))
+    R = shape_v[ax]
+    K1 = int(np.prod(shape_v[ax + 1:], dtype=np.int64))
+    out_shape = tuple(1 if i == ax else s for i, s in enumerate(shape)) if keepdims else \
+        tuple(s for i, s in enumerate(shape) if i != ax)
+    st = LanesStage(K0, R, K1, op, dtype, out_dtype, "data", "out", name)
+    W, _, tab = lanes_layout(st, num_qpus)
+    words, unif = _assemble(arg_kernel, st, f"{name}_arg")
+    data_bytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
+    need = lanes_src_bytes(LanesStage(K0, R + ARG_PF, K1, op, dtype, out_dtype, "data", "out", name))
+    bufs = [BufferSpec("data", "input", shape, dtype, max(need, data_bytes)),
+            BufferSpec("out", "output", out_shape, out_dtype),
+            BufferSpec(name + "_table", "weight", tab.shape, "int32")]
+    out_bytes = K0 * K1 * ITEMSIZE[out_dtype]
+    return KernelPlan(name, bufs, [Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, f"{name}_arg")],
+                      {name + "_table": tab},
+                      attrs={"op": op, "shape": shape, "dtype": dtype, "axis": ax, "keepdims": keepdims},
+                      flops=data_bytes // ITEMSIZE[dtype], bytes_moved=data_bytes + out_bytes)
+
+
+# ------------------------------------------------------------------------------------------------
 # Planning
 # ------------------------------------------------------------------------------------------------
 def norm_axes(axis, ndim: int) -> tuple:
@@ -751,8 +869,10 @@ def _spec_parts(spec: registry.OpSpec):
 
 
 def supports(spec: registry.OpSpec):
+    if spec.kind in ("argmax", "argmin"):
+        return arg_supports(spec)
     if spec.kind not in ("reduce_max", "reduce_min"):
-        return False, f"reduce.py handles reduce_max / reduce_min, not {spec.kind}"
+        return False, f"reduce.py handles reduce_max / reduce_min / argmax / argmin, not {spec.kind}"
     if len(spec.inputs) != 1:
         return False, "one input expected"
     shape, dtype = _spec_parts(spec)
@@ -773,6 +893,93 @@ def supports(spec: registry.OpSpec):
         if -(-K0 * K1 // 16) > 0xFFFF * 16:
             return False, "too many outputs"
     return True, ""
+
+
+def _arg_axis(spec: registry.OpSpec, ndim: int):
+    """The one reduced axis of an argmax / argmin spec (None: the flattened tensor)."""
+    ax = spec.attrs.get("axis", None)
+    if isinstance(ax, (tuple, list)):
+        if len(ax) != 1:
+            raise ValueError("argmax / argmin over exactly one axis")
+        ax = ax[0]
+    if ax is None:
+        return None
+    ax = int(ax)
+    if not -max(ndim, 1) <= ax < max(ndim, 1):
+        raise ValueError(f"axis {ax} out of range for rank {ndim}")
+    return ax % max(ndim, 1)
+
+
+def _arg_view(spec: registry.OpSpec):
+    """(shape to plan, axis, output shape) of an argmax / argmin spec (axis None flattens)."""
+    shape, _ = _spec_parts(spec)
+    ax = _arg_axis(spec, len(shape))
+    keep = bool(spec.attrs.get("keepdims", False))
+    if ax is None:
+        n = int(np.prod(shape, dtype=np.int64))
+        return (n,), 0, (tuple(1 for _ in shape) if keep else ())
+    out = tuple(1 if i == ax else s for i, s in enumerate(shape)) if keep else \
+        tuple(s for i, s in enumerate(shape) if i != ax)
+    return tuple(shape) if shape else (1,), ax, out
+
+
+def arg_supports(spec: registry.OpSpec):
+    if len(spec.inputs) != 1:
+        return False, "one input expected"
+    shape, dtype = _spec_parts(spec)
+    if dtype not in DTYPES:
+        return False, f"dtype {dtype} not supported (float32, int8, int16, int32)"
+    if spec.output[1] not in ARG_OUT_DTYPES:
+        return False, f"index dtype {spec.output[1]} not supported (int64, int32)"
+    if spec.attrs.get("select_last_index"):
+        return False, "select_last_index (last extreme) is not supported: numpy's first index only"
+    if any(int(s) <= 0 for s in shape):
+        return False, "empty tensors are not supported"
+    try:
+        vshape, ax, out = _arg_view(spec)
+    except (ValueError, TypeError) as e:
+        return False, str(e)
+    if tuple(spec.output[0]) != out:
+        return False, f"output shape {tuple(spec.output[0])} != computed {out}"
+    n = int(np.prod(shape, dtype=np.int64))
+    if n * ITEMSIZE[dtype] >= 1 << 30:
+        return False, "tensor larger than 1 GiB"
+    if -(-n // vshape[ax] // 16) > 0xFFFF * 16:
+        return False, "too many outputs"
+    return True, ""
+
+
+def arg_generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
+    """Plan for argmax / argmin: input buffer "data", output buffer "out" (int64 / int32)."""
+    ok, why = arg_supports(spec)
+    if not ok:
+        raise ValueError(why)
+    _, dtype = _spec_parts(spec)
+    vshape, ax, out = _arg_view(spec)
+    plan = plan_arg(spec.kind, vshape, dtype, ax, False, spec.output[1], name=spec.kind)
+    if tuple(plan.buffer("out").shape) != out or tuple(plan.buffer("data").shape) != tuple(_spec_parts(spec)[0]):
+        o, d = plan.buffer("out"), plan.buffer("data")
+        plan.buffers[plan.buffers.index(o)] = BufferSpec("out", "output", out, o.dtype, o.nbytes)
+        plan.buffers[plan.buffers.index(d)] = BufferSpec("data", "input", tuple(_spec_parts(spec)[0]), d.dtype, d.nbytes)
+    return plan
+
+
+#: argmax / argmin calibration: instructions per element per 16 outputs in the loop (int, float)
+ARG_INSTR = {"int": 11, "float32": 16}
+
+
+def arg_estimate(spec: registry.OpSpec) -> float:
+    """max(DRAM time, instruction time of the busiest worker) + a launch: the arg kernel folds one
+    element of 16 outputs per loop iteration (ARG_INSTR instructions of 4 cycles)."""
+    shape, dtype = _spec_parts(spec)
+    vshape, ax, _ = _arg_view(spec)
+    n = int(np.prod(vshape, dtype=np.int64))
+    R = vshape[ax]
+    V = -(-(n // R) // 16)
+    per_worker = -(-V // NUM_QPUS)
+    instr = ARG_INSTR["float32" if dtype == "float32" else "int"]
+    cycles = max(n * ITEMSIZE[dtype] / (DRAM_BYTES_PER_CYCLE * ESTIMATE_EFFICIENCY), per_worker * R * instr * 4.0)
+    return cycles / CLOCK_HZ + ESTIMATE_LAUNCH_S
 
 
 def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
@@ -817,8 +1024,13 @@ def bench_cases():
         ("reduce_max int32 4Mi", registry.OpSpec("reduce_max", [((n,), "int32")], ((), "int32"), {"axis": None}), gen_i32),
         ("reduce_min int32 4Mi", registry.OpSpec("reduce_min", [((n,), "int32")], ((), "int32"), {"axis": None}), gen_i32),
         ("reduce_max float32 4Mi", registry.OpSpec("reduce_max", [((n,), "float32")], ((), "float32"), {"axis": None}), gen_f32),
+        ("argmax float32 1000x1000 axis 1", registry.OpSpec("argmax", [((1000, 1000), "float32")], ((1000,), "int64"),
+                                                           {"axis": 1}),
+         lambda rng: {"data": rng.standard_normal((1000, 1000)).astype(np.float32)}),
     ]
 
 
 registry.register("reduce_max", supports, generate, estimate)
 registry.register("reduce_min", supports, generate, estimate)
+registry.register("argmax", supports, arg_generate, arg_estimate)
+registry.register("argmin", supports, arg_generate, arg_estimate)
