@@ -133,3 +133,22 @@ def test_flash_masked_blocks_and_nan(dev):
     out = check(dev, s, q, k, v, mask)
     assert np.isnan(out[0, 2]).all() and np.isnan(out[0, 3]).all()
     assert not np.isnan(out[0, [0, 1]]).any()
+
+
+# ---- vector V lookups (vec4 / vec2 column groups), two Q streams ------------------------------
+@pytest.mark.parametrize("s", [
+    AttnShape(1, 5, 128, 128, 128, scale=0.1),                       # R = 2, two Q streams, odd S
+    AttnShape(2, 3, 40, 16, 100, scale=0.25, causal=True),           # vec4, partial last group
+    AttnShape(1, 6, 33, 10, 96, scale=0.3, mask=True),               # vec2, three groups (odd NG)
+    AttnShape(1, 4, 17, 6, 30, scale=0.5),                           # vec2, 15 lanes
+    AttnShape(1, 7, 64, 9, 64, scale=0.3),                           # vec4, odd D (Q panel)
+    AttnShape(1, 3, 300, 32, 64, scale=0.2, mask=True, causal=True), # vec4 in the flash path
+], ids=["two_streams_odd_S", "vec4_partial", "vec2_odd_groups", "vec2_15_lanes", "vec4_odd_D",
+        "vec4_flash"])
+def test_vector_v_and_q_streams(dev, s):
+    check(dev, s, *make(s, np.random.default_rng(13)))
+
+
+def test_vector_widths():
+    assert [AttnShape(1, 1, 1, 1, dv).VW for dv in (16, 30, 64, 96, 100, 128, 129)] == [1, 2, 4, 2, 4, 4, 1]
+    assert AttnShape(1, 1, 1, 1, 128, "int8", "int8").VW == 1

@@ -49,7 +49,7 @@ import numpy as np
 
 from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shl, shr, umul24, eidx, tmuwt, thread_end
-from ..instr import MAGIC, RF
+from ..instr import MAGIC, RF, Register, is_imm
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import gemm as G
 from . import softmax as SM
@@ -95,6 +95,34 @@ class AttnShape:
     @property
     def NO(self) -> int:
         return -(-self.Dv // 16)
+
+    @property
+    def VW(self) -> int:
+        """V lookup width (words per lane): lane l of V column group g holds the VW consecutive
+        columns 16 VW g + VW l + j. vec4 / vec2 need fp32 V whose rows are VW-word aligned; the
+        width of least P V instructions per key wins (then fewer registers, then wider)."""
+        if self.v_dtype != "float32":
+            return 1
+
+        def cost(w):
+            ng = -(-self.Dv // (16 * w))
+            return (2 * 2 * ng * w + max(2, 2 * ng - 1), ng * w, -w)
+        return min((w for w in (4, 2, 1) if self.Dv % w == 0), key=cost)
+
+    @property
+    def NG(self) -> int:
+        """V lookups per key (column groups of 16 VW)."""
+        return -(-self.Dv // (16 * self.VW))
+
+    @property
+    def NOV(self) -> int:
+        """Output accumulators per row (NG groups of VW registers)."""
+        return self.NG * self.VW
+
+    def pv_per_key(self, R: int) -> float:
+        """Instructions per key of the scheduled P V phase: R shuffles, 2 R NOV multiply-add
+        ops and 2 NG - 1 lookup ops over the two ALUs."""
+        return (R + 2 * R * self.NOV + max(2, 2 * self.NG - 1)) / 2
 
 
 @dataclass(frozen=True)
@@ -155,7 +183,7 @@ class _Mac:
 # ------------------------------------------------------------------------------------------------
 # Registers
 # ------------------------------------------------------------------------------------------------
-FIXED = ("lane", "qt", "qstep", "kp", "vp", "ot", "ostep", "ors", "MT", "W", "mt", "ktb", "kwrap",
+FIXED = ("lane", "qt", "qstep", "kp", "vp", "ot", "ostep", "ors", "W", "ktb", "kwrap",
          "kbl", "Sreg", "ninf", "cvec", "vstep", "cdv", "c64", "ptr", "cnt", "sr")
 
 
@@ -168,17 +196,18 @@ class _Regs:
         for n in FIXED:
             setattr(self, n, p.take())
         self.Treg = p.take() if s.T % 16 else None          # only for a partial last key block
-        self.dvl = p.take() if s.Dv % 16 else None          # only for a partial last column block
+        self.dvl = p.take() if s.Dv % (16 * s.VW) else None  # only for a partial last column group
         if s.mask:
             self.mt_ptr, self.mstep, self.l2e = p.take(), p.take(), p.take()
         if s.v_dtype in INT_IN:
             self.cfg4, self.vsc = p.take(), p.take()
-        R, nb, no = t.R, (t.KB if t.flash else s.NB), s.NO
+        self.vcfg = p.take() if s.VW > 1 else None         # tmuc word: 4 vecN lookups
+        R, nb, no = t.R, (t.KB if t.flash else s.NB), s.NOV
         if t.flash:                                # key-block walk and online-softmax state
             for n in ("kb", "vb", "key0", "kbc", "kbstep", "vbstep", "tbk", "big", "kwt"):
                 setattr(self, n, p.take())
             self.mrun, self.lrun = p.take(R), p.take(R)
-        self.tmp = p.take(2)
+        self.tmp = p.take(3)                       # product temporaries (P V: 3 in flight)
         self.kv = p.take(2)
         self.q = p.take(2 * R)                     # Q values (QK); P broadcasts + recips (PV)
         self.sc = [p.take(nb) for _ in range(R)]
@@ -211,8 +240,8 @@ def block_cost(s: AttnShape, R: int, KB: int) -> float:
     """Modelled instructions per (query row, key) of a flash tile with R rows and 16 KB-key
     blocks: QK (D/2 steps of 2 KB (R + 1) + 2), P V (16 KB (R + NO (R + 1))), softmax and
     rescale (R (8 KB + NO + 40)), tile rounds over the workers."""
-    per_block = (s.D / 2) * (2 * KB * (R + 1) + 2) + 16 * KB * (R + s.NO * (R + 1)) \
-        + R * (8 * KB + s.NO + 40)
+    per_block = (s.D / 2) * (2 * KB * (R + 1) + 2) + 16 * KB * s.pv_per_key(R) \
+        + R * (8 * KB + s.NOV + 40)
     MT = -(-s.S // R)
     rounds = -(-MT // min(MT, s.num_qpus))
     return per_block * rounds / (16 * KB)
@@ -225,7 +254,7 @@ def choose_tiling(s: AttnShape) -> AttnTiling | None:
     cost. None when not even that fits (very large Dv)."""
     if s.NB <= 14:                                   # K lookups in flight must fit the TMU FIFO
         for R in range(min(16, s.S), 0, -1):
-            if s.T * (R + s.NO * (R + 1)) > MAX_PV_INSTR:
+            if s.T * s.pv_per_key(R) > MAX_PV_INSTR:
                 continue
             t = _tiling(s, R)
             if _fits(s, t):
@@ -233,7 +262,7 @@ def choose_tiling(s: AttnShape) -> AttnTiling | None:
     best = None
     for R in range(min(16, s.S), 0, -1):
         for KB in range(min(14, s.NB), 0, -1):
-            if 16 * KB * (R + s.NO * (R + 1)) > MAX_PV_INSTR:
+            if 16 * KB * s.pv_per_key(R) > MAX_PV_INSTR:
                 continue
             t = _tiling(s, R, KB, -(-s.NB // KB))
             if t.nkb < 2 or not _fits(s, t):
@@ -243,6 +272,11 @@ def choose_tiling(s: AttnShape) -> AttnTiling | None:
                 best = (c, t)
             break                                    # smaller KB for this R only costs more
     return None if best is None else best[1]
+
+
+def vec_config(n: int) -> int:
+    """tmuc byte of a per-lane vecN load (py-videocore7 TMULookUpConfig: type 2-4 = vec2-vec4)."""
+    return 0x80 | (15 << 3) | n
 
 
 def q_streams(s: AttnShape, t: AttnTiling) -> int:
@@ -261,17 +295,19 @@ def _uniforms(s: AttnShape, t: AttnTiling, names):
     qbs = s.S * s.D * 4 if q_streams(s, t) else t.MT * qts
     u = [("addr", qn, 0), ("u32", qbs), ("u32", qts),                          # Q panel
          ("addr", kn, 0), ("u32", s.NB * t.Dpad * 64),                         # K panel
-         ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v),            # V
+         ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v * s.VW),     # V
          ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
-         ("u32", s.Dv * 4 - 64 * s.NO), ("u32", t.MT), ("u32", t.W), ("u32", t.Dpad * 64),
+         ("u32", s.Dv * 4 - 64 * s.NOV), ("u32", t.MT), ("u32", t.W), ("u32", t.Dpad * 64),
          ("u32", ((t.KB if t.flash else s.NB) - 1) * t.Dpad * 64 - 64),
          ("u32", t.Dpad // 2), ("u32", s.S), ("f32", -math.inf), ("f32", s.scale * LOG2E),
-         ("u32", 16 * es_v), ("u32", (s.Dv - 16 * (s.NO - 1)) * es_v), ("u32", 64),
-         ("u32", s.Dv - 16 * (s.NO - 1)), ("u32", s.T)]
+         ("u32", 16 * s.VW * es_v), ("u32", (s.Dv - 16 * s.VW * max(0, s.NG - 2)) * es_v),
+         ("u32", 64), ("u32", (s.Dv - 16 * s.VW * (s.NG - 1)) // s.VW), ("u32", s.T)]
     if s.mask:
         u += [("addr", mn, 0), ("u32", s.T * 4), ("f32", LOG2E)]
     if s.v_dtype in INT_IN:
         u += [("u32", G.config_word([s.v_dtype] * 4)), ("f32", s.v_scale)]
+    if s.VW > 1:
+        u += [("u32", vec_config(s.VW) * 0x01010101)]
     if t.flash:                                  # kbstep, vbstep, tbk, big, kwt
         u += [("u32", t.KB * t.Dpad * 64), ("u32", 16 * t.KB * s.Dv * es_v), ("u32", 16 * t.KB),
               ("f32", -np.finfo(np.float32).max), ("u32", (t.tail_blocks(s) - 1) * t.Dpad * 64 - 64)]
@@ -289,14 +325,15 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     g = _Regs(s, t)
     ld = lambda r: S_["ldunifrf"](r)  # noqa: E731
     x = g.tmp[0]
-    R, NB, NO = t.R, s.NB, s.NO
+    R, NB = t.R, s.NB
+    wk = g.sc[0][0]                                        # worker index (prologue only)
     # ---- prologue ---------------------------------------------------------------------------
     eidx(g.lane, sig=ld(g.qt))
     mov(g.cnt, RF[2].unpack("ul"), sig=ld(x))              # z ; Q batch stride
     umul24(x, x, g.cnt)
     add(g.qt, g.qt, x, sig=ld(x))                          # Q tile stride
-    mov(g.mt, RF[3].unpack("ul"))                          # worker index = first tile
-    umul24(g.ptr, x, g.mt)
+    mov(wk, RF[3].unpack("ul"))                            # worker index = first tile
+    umul24(g.ptr, x, wk)
     add(g.qt, g.qt, g.ptr)
     mov(g.qstep, x, sig=ld(g.kp))                          # (times W below)
     nop(sig=ld(x))                                         # K batch stride
@@ -311,10 +348,11 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     nop(sig=ld(x))                                         # out batch stride
     umul24(x, x, g.cnt)
     add(g.ot, g.ot, x, sig=ld(g.ostep))                    # out tile stride
-    umul24(x, g.ostep, g.mt)
+    umul24(x, g.ostep, wk)
     add(g.ot, g.ot, x)
-    add(g.ot, g.ot, g.sr, sig=ld(g.ors))
-    for r in (g.MT, g.W, g.ktb, g.kwrap, g.kbl, g.Sreg, g.ninf, g.cvec, g.vstep, g.cdv, g.c64,
+    shl(x, g.lane, 2 + s.VW.bit_length() - 1)
+    add(g.ot, g.ot, x, sig=ld(g.ors))                      # + 4 VW lane
+    for r in (None, g.W, g.ktb, g.kwrap, g.kbl, g.Sreg, g.ninf, g.cvec, g.vstep, g.cdv, g.c64,
               g.dvl, g.Treg):
         nop(sig=ld(r if r is not None else x))
     umul24(g.qstep, g.qstep, g.W)
@@ -323,21 +361,23 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
         nop(sig=ld(g.mt_ptr))
         nop(sig=ld(g.mstep))                               # row stride T * 4
         nop(sig=ld(g.l2e))
-        umul24(x, g.mt, R)
+        umul24(x, wk, R)
         umul24(x, x, g.mstep)
         add(g.mt_ptr, g.mt_ptr, x)
         add(g.mt_ptr, g.mt_ptr, g.sr)                      # + 4 lane
     if s.v_dtype in INT_IN:
         nop(sig=ld(g.cfg4))
         nop(sig=ld(g.vsc))
+    if s.VW > 1:
+        nop(sig=ld(g.vcfg))
     if t.flash:
         for r in (g.kbstep, g.vbstep, g.tbk, g.big, g.kwt):
             nop(sig=ld(r))
-    umul24(g.sr, g.mt, R)                                  # first query row of the tile
+    umul24(g.sr, wk, R)                                    # first query row of the tile
 
     # ---- tile loop ----------------------------------------------------------------------------
     L.tloop
-    sub(null, g.mt, g.MT, cond="pushn")
+    sub(null, g.sr, g.Sreg, cond="pushn")                  # A = the tile has rows (sr < S)
     b(R_.done, cond="anyna")
     if t.flash:
         _flash_tile(s, t, g)
@@ -347,7 +387,6 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
         _softmax_phase(s, t, g)
         _pv_phase(s, t, g, s.T, g.vp, zero=True)
     _store_phase(s, t, g)
-    add(g.mt, g.mt, g.W)
     add(g.qt, g.qt, g.qstep)
     umul24(x, g.W, R)
     add(g.sr, g.sr, x)
@@ -488,43 +527,158 @@ def _zero(regs):
             ins.sub(regs[i + 1], regs[i + 1], regs[i + 1])
 
 
+class _Sched:
+    """A list scheduler for straight-line code: ops are placed, in program order, in the earliest
+    instruction that respects their register dependencies (read after write: a later
+    instruction; write after read: the same or a later one; write after write: later), has the
+    ALU slot (or either, ``alu="any"``) and the signal slot free, and stays encodable (no small
+    immediate beside a signal, one TMU write, no condition beside a register-writing signal).
+    Pseudo-registers (strings) order TMU issues and FIFO pops."""
+
+    TMU = ("tmua", "tmud", "tmuc", "tmuau")
+
+    def __init__(self):
+        self.slots = []                 # [add, mul, sig]: (name, args, cond) / Signal
+        self.wr, self.rd = {}, {}
+
+    @staticmethod
+    def _key(r):
+        return r if isinstance(r, str) else (r.name if not r.magic else None)
+
+    def _lb(self, dsts, srcs):
+        lb = 0
+        for r in srcs:
+            k = self._key(r) if not is_imm(r) else None
+            if k is not None and k in self.wr:
+                lb = max(lb, self.wr[k] + 1)
+        for r in dsts:
+            k = self._key(r)
+            if k is not None:
+                lb = max(lb, self.wr.get(k, -1) + 1, self.rd.get(k, 0))
+        return lb
+
+    def _ok(self, c, alu, args, sig, cond):
+        while len(self.slots) <= c:
+            self.slots.append([None, None, None])
+        sl = self.slots[c]
+        if alu is not None and sl[0 if alu == "add" else 1] is not None:
+            return False
+        if sig is not None and sl[2] is not None:
+            return False
+        ops = [o for o in sl[:2] if o is not None] + ([("", args, cond)] if alu else [])
+        imm = sum(any(is_imm(a) for a in o[1][1:]) for o in ops)
+        has_sig = sl[2] is not None or sig is not None
+        if imm > 1 or (imm and has_sig):
+            return False
+        if sum(isinstance(o[1][0], Register) and o[1][0].name in self.TMU for o in ops) > 1:
+            return False
+        wsig = sl[2] if sl[2] is not None else sig
+        if wsig is not None and wsig.dst is not None and any(o[2] for o in ops):
+            return False
+        return True
+
+    def op(self, alu, name, *args, sig=None, cond=None, after=-1, reads=(), writes=()):
+        """Place ``name(*args)`` on the add / mul / "any" ALU (alu None: a signal alone); returns
+        the instruction index."""
+        dsts = ([args[0]] if args else []) + ([sig.dst] if sig is not None and sig.dst is not None else [])
+        dsts += list(writes)
+        srcs = list(args[1:]) + list(reads)
+        c = max(after + 1, self._lb(dsts, srcs))
+        while True:
+            alus = ("add", "mul") if alu == "any" else (alu,)
+            for a in alus:
+                if self._ok(c, a, args, sig, cond):
+                    sl = self.slots[c]
+                    if a is not None:
+                        sl[0 if a == "add" else 1] = (name, args, cond)
+                    if sig is not None:
+                        sl[2] = sig
+                    for r in srcs:
+                        k = self._key(r) if not is_imm(r) else None
+                        if k is not None:
+                            self.rd[k] = max(self.rd.get(k, 0), c)
+                    for r in dsts:
+                        k = self._key(r)
+                        if k is not None:
+                            self.wr[k] = c
+                    return c
+            c += 1
+
+    def emit(self):
+        for add_op, mul_op, sig in self.slots:
+            if add_op is not None:
+                ins = F[add_op[0]](*add_op[1], cond=add_op[2], sig=sig)
+            else:
+                ins = nop(sig=sig)
+            if mul_op is not None:
+                getattr(ins, mul_op[0])(*mul_op[1], cond=mul_op[2])
+
+
 def _pv_phase(s, t, g, T, vsrc, zero):
-    """o += p V over T keys (V rows from vsrc on; o zeroed first when ``zero``)."""
-    R, NO = t.R, s.NO
+    """o += p V over T keys (V rows from vsrc on; o zeroed first when ``zero``), scheduled by
+    :class:`_Sched`. Per key: R shuffles broadcast p[i, t] (add ALU, immediate lane index); NG
+    lookups of VW words per lane (the last two of a row as mov(tmua, ptr), add(tmua, ptr, vstep),
+    add(ptr, ptr, cdv)); per word one ldtmu (a signal) and R fmul / fadd pairs through three
+    product temporaries. Lookups run LA ahead (the TMU FIFO holds 16 words per lane)."""
+    R, VW, NG = t.R, s.VW, s.NG
     pb = g.q[:R]
     if zero:
         _zero([r for row in g.o for r in row])
     mov(g.ptr, vsrc)
-    total = T * NO
     int_v = s.v_dtype in INT_IN
+    total = T * NG
+    LA = min(8, 16 // VW, total)
+    sch = _Sched()
+    issued = [None] * total                    # instruction of each lookup's address write
+    pops = [None] * total                      # instruction of each lookup's last pop
 
-    def issue(n, sig=None):
-        if n >= total:
-            if sig is not None:
-                nop(sig=sig)
+    def issue(m):
+        if m >= total:
             return
-        if int_v and n % 4 == 0:
-            nop().mov(tmuc, g.cfg4)
-        ins = mov(tmua, g.ptr, sig=sig)
-        ins.add(g.ptr, g.ptr, g.cdv if n % NO == NO - 1 else g.vstep)
+        gg = m % NG
+        aft = pops[m - LA] if m >= LA else -1
+        if (int_v or VW > 1) and m % 4 == 0:
+            sch.op("any", "mov", tmuc, g.cfg4 if int_v else g.vcfg, reads=("tmuq",), writes=("tmuq",),
+                   after=aft)
+        if NG >= 2 and gg == NG - 2:
+            issued[m] = sch.op("any", "mov", tmua, g.ptr, reads=("tmuq",), writes=("tmuq",), after=aft)
+        elif NG >= 2 and gg == NG - 1:
+            issued[m] = sch.op("any", "add", tmua, g.ptr, g.vstep, reads=("tmuq",), writes=("tmuq",),
+                               after=aft)
+            sch.op("any", "add", g.ptr, g.ptr, g.cdv)
+        else:
+            issued[m] = sch.op("any", "mov", tmua, g.ptr, reads=("tmuq",), writes=("tmuq",), after=aft)
+            sch.op("any", "add", g.ptr, g.ptr, g.cdv if NG == 1 else g.vstep)
 
-    for n in range(min(PFV, total)):
-        issue(n)
-    mac = _Mac(g.tmp, False)
+    for m in range(LA):
+        issue(m)
+    kv = list(g.kv)
+    nk = 0
+    tmp = list(g.tmp)
+    nt = 0
     for tt in range(T):
         bb, j = divmod(tt, 16)
         for i in range(R):
-            F["shuffle"](pb[i], g.sc[i][bb], j)
-        for c in range(NO):
-            n = tt * NO + c
-            v = g.kv[n % 2]
-            issue(n + PFV, S_["ldtmu"](v))
-            if int_v:
-                F["itof"](v, v)
-            for i in range(R):
-                mac.mac(g.o[i][c], v, pb[i])
-    mac.flush()
-    if int_v:
+            sch.op("add", "shuffle", pb[i], g.sc[i][bb], j)
+        for gg in range(NG):
+            m = tt * NG + gg
+            for w in range(VW):
+                v = kv[nk % len(kv)]
+                nk += 1
+                c = sch.op(None, None, sig=S_["ldtmu"](v), reads=("fifo",), writes=("fifo",),
+                           after=issued[m])
+                if w == VW - 1:
+                    pops[m] = c
+                if int_v:
+                    sch.op("add", "itof", v, v)
+                for i in range(R):
+                    x = tmp[nt % len(tmp)]
+                    nt += 1
+                    sch.op("mul", "fmul", x, v, pb[i])
+                    sch.op("add", "fadd", g.o[i][gg * VW + w], g.o[i][gg * VW + w], x)
+            issue(m + LA)
+    sch.emit()
+    if int_v or (VW > 1 and total % 4):
         mov(tmuc, -1)
 
 
@@ -624,7 +778,7 @@ def _softmax_flash(s, t, g, nb, tail):
         F["exp"](g.dd, g.dd)                               # alpha = exp2(m_old - m_new)
         mov(g.mrun[i], g.m)
         F["fmul"](g.lrun[i], g.lrun[i], g.dd)
-        for c in range(s.NO):
+        for c in range(s.NOV):
             F["fmul"](g.o[i][c], g.o[i][c], g.dd)
         for xr in row:
             F["fsub"](g.dd, xr, g.m)
@@ -633,20 +787,23 @@ def _softmax_flash(s, t, g, nb, tail):
 
 
 def _store_phase(s, t, g):
-    """out rows = o * recip(sum); lanes < Dv in the last block, rows < S."""
-    R, NO = t.R, s.NO
+    """out rows = o * recip(sum): per row NG stores of VW words per lane (lanes < dvl in the
+    last group), rows < S."""
+    R, VW, NG = t.R, s.VW, s.NG
     rcp = g.q[R:]
+    step = g.c64 if VW == 1 else g.vstep                  # 64 VW bytes (fp32 V when VW > 1)
     mov(g.ptr, g.ot)
     for i in range(R):
         add(g.cnt, g.sr, i)                                # (dd lives in the o registers)
-        for c in range(NO):
-            if c == 0:
+        for gg in range(NG):
+            if gg == 0:
                 sub(null, g.cnt, g.Sreg, cond="pushn")      # A = row exists
-            if c == NO - 1 and g.dvl is not None:
-                sub(null, g.lane, g.dvl, cond="andn")      # A &= lane < columns of the block
-            nop().fmul(tmud, g.o[i][c], rcp[i])
-            mov(tmua, g.ptr, cond="ifa").add(g.ptr, g.ptr, g.c64)
-        add(g.ptr, g.ptr, g.ors)                           # ors = Dv * 4 - 64 NO
+            if gg == NG - 1 and g.dvl is not None:
+                sub(null, g.lane, g.dvl, cond="andn")      # A &= lane < columns of the group
+            for w in range(VW):
+                nop().fmul(tmud, g.o[i][gg * VW + w], rcp[i])
+            mov(tmua, g.ptr, cond="ifa").add(g.ptr, g.ptr, step)
+        add(g.ptr, g.ptr, g.ors)                           # ors = Dv * 4 - 64 NOV
 
 
 # ------------------------------------------------------------------------------------------------
@@ -823,7 +980,7 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
     qp, kp = qn + "_panel", kn + "_panel"
     bufs = [BufferSpec(qn, "input", (s.B, s.S, s.D), s.dtype, s.B * s.S * s.D * es + pad_in(s.D)),
             BufferSpec(kn, "input", (s.B, s.T, s.D), s.dtype, s.B * s.T * s.D * es + pad_in(s.D)),
-            BufferSpec(vn, "input", (s.B, s.T, s.Dv), s.v_dtype, s.B * s.T * s.Dv * es_v + 64)]
+            BufferSpec(vn, "input", (s.B, s.T, s.Dv), s.v_dtype, s.B * s.T * s.Dv * es_v + 64 * s.VW + 64)]
     if s.mask:
         bufs.append(BufferSpec(mn, "input", (s.S, s.T), "float32", (s.S + t.R) * s.T * 4 + 64))
     bufs.append(BufferSpec(on, "output", (s.B, s.S, s.Dv), "float32"))
@@ -933,11 +1090,11 @@ def estimate(spec) -> float:
     s = spec_shape(spec)
     t = choose_tiling(s)
     if t.flash:                                  # per key block, plus the rescale
-        per_tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * (
-            t.R + s.NO * (t.R + 1)) + t.R * (8 * t.KB + s.NO + 40)) + 2 * t.R * s.NO
+        per_tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
+                           + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
     else:
-        per_tile = (t.Dpad // 2) * (2 * s.NB * (t.R + 1) + 2) + s.T * (t.R + s.NO * (t.R + 1)) \
-            + t.R * (6 * s.NB + 40) + 2 * t.R * s.NO
+        per_tile = (t.Dpad // 2) * (2 * s.NB * (t.R + 1) + 2) + s.T * s.pv_per_key(t.R) \
+            + t.R * (6 * s.NB + 40) + 2 * t.R * s.NOV
     rounds = s.B * -(-t.MT // t.W) / max(1, min(s.B, s.num_qpus // t.W)) if t.W < s.num_qpus else \
         s.B * -(-t.MT // t.W)
     return rounds * per_tile * T_.cycles_per_instruction / T_.clock_hz * 1.3 + 60e-6
