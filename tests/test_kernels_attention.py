@@ -152,3 +152,16 @@ def test_vector_v_and_q_streams(dev, s):
 def test_vector_widths():
     assert [AttnShape(1, 1, 1, 1, dv).VW for dv in (16, 30, 64, 96, 100, 128, 129)] == [1, 2, 4, 2, 4, 4, 1]
     assert AttnShape(1, 1, 1, 1, 128, "int8", "int8").VW == 1
+
+
+@pytest.mark.parametrize("s", [
+    AttnShape(1, 9, 128, 128, 128, scale=0.1, causal=True, mask=True, num_qpus=2),   # vec4, NG = 2
+    AttnShape(2, 7, 100, 120, 200, scale=0.1, num_qpus=3),                          # vec2, NG = 7
+    AttnShape(1, 12, 128, 128, 128, "int8", "int8", scale=1e-4, v_scale=0.5, num_qpus=2),  # int V, NG = 8
+], ids=["fp32_mask_causal", "fp32_ng4", "int8"])
+def test_sawtooth_tiles(dev, s):
+    """Alternate tiles walk the K blocks and the keys backwards (several tiles per worker)."""
+    from tvm_qpu.codegen.kernels.attention import sawtooth
+    t = choose_tiling(s)
+    assert sawtooth(s, t) and -(-t.MT // t.W) >= 3
+    check(dev, s, *make(s, np.random.default_rng(17)))

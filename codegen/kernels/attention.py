@@ -65,6 +65,8 @@ INT_IN = ("int8", "int16")
 PFV = 6
 #: registers the kernel keeps besides the tiles (pointers, constants, temporaries)
 FIXED_REGS = 28
+#: K panel + V bytes beyond which alternate tiles walk backwards (:func:`sawtooth`)
+SAWTOOTH_BYTES = 64 << 10
 #: the largest unrolled P V phase (instructions ~ T * (R + NO * (R + 1))) we generate
 MAX_PV_INSTR = 12000
 
@@ -377,29 +379,60 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
 
     # ---- tile loop ----------------------------------------------------------------------------
     L.tloop
-    sub(null, g.sr, g.Sreg, cond="pushn")                  # A = the tile has rows (sr < S)
-    b(R_.done, cond="anyna")
-    if t.flash:
-        _flash_tile(s, t, g)
-    else:
-        _q_start(s, t, g, g.kp)
-        _qk_phase(s, t, g, s.NB, g.kwrap)
-        _softmax_phase(s, t, g)
-        _pv_phase(s, t, g, s.T, g.vp, zero=True)
-    _store_phase(s, t, g)
-    add(g.qt, g.qt, g.qstep)
-    umul24(x, g.W, R)
-    add(g.sr, g.sr, x)
-    if s.mask:
-        umul24(x, x, g.mstep)
-        add(g.mt_ptr, g.mt_ptr, x)
+    for rev in ((False, True) if sawtooth(s, t) else (False,)):
+        sub(null, g.sr, g.Sreg, cond="pushn")              # A = the tile has rows (sr < S)
+        b(R_.done, cond="anyna")
+        if t.flash:
+            _flash_tile(s, t, g)
+        else:
+            if rev:
+                _toggle_direction(s, g)
+            _q_start(s, t, g, g.kp)
+            if rev:                                        # start at the last 16-key block
+                sub(g.ptr, g.ptr, g.kwrap)
+                sub(g.ptr, g.ptr, g.c64)
+            _qk_phase(s, t, g, s.NB, g.kwrap, rev)
+            _softmax_phase(s, t, g)
+            _pv_phase(s, t, g, s.T, g.vp, zero=True, rev=rev)
+            if rev:
+                _toggle_direction(s, g)
+        _store_phase(s, t, g)
+        add(g.qt, g.qt, g.qstep)
+        umul24(x, g.W, R)
+        add(g.sr, g.sr, x)
+        if s.mask:
+            umul24(x, x, g.mstep)
+            add(g.mt_ptr, g.mt_ptr, x)
+        add(g.ot, g.ot, g.ostep)
     b(R_.tloop, cond="always")
-    add(g.ot, g.ot, g.ostep)
+    nop()
     nop()
     nop()
     L.done
     tmuwt()
     thread_end()
+
+
+def sawtooth(s: AttnShape, t: AttnTiling) -> bool:
+    """Alternate tiles walk K (16-key blocks) and V (keys) backwards, so that the per-cache-set
+    order of the K panel and V lines reverses from one tile round to the next: when K panel + V
+    (re-read by every tile) about fill the L2, the lines the Q / output traffic pushes out then
+    cost a miss or two instead of a cascade through every line of the set (LRU)."""
+    if t.flash:
+        return False
+    return s.NB * t.Dpad * 64 + s.T * s.Dv * G.ITEMSIZE[s.v_dtype] > SAWTOOTH_BYTES
+
+
+def _toggle_direction(s, g):
+    """Swap the K block step / wrap and the V row step between forward and backward walks
+    (each an involution): ktb -> -ktb, kwrap -> -kwrap - 128, cdv -> -cdv - 2 (NG - 2) vstep."""
+    F["neg"](g.ktb, g.ktb)
+    F["neg"](g.kwrap, g.kwrap)
+    sub(g.kwrap, g.kwrap, g.c64)
+    sub(g.kwrap, g.kwrap, g.c64)
+    F["neg"](g.cdv, g.cdv)
+    for _ in range(2 * (s.NG - 2)):
+        sub(g.cdv, g.cdv, g.vstep)
 
 
 def _q_start(s, t, g, kbase):
@@ -437,10 +470,12 @@ def _k_issue(g, last_of_d: bool, sig=None, wrap=None):
         ins.add(g.ptr, g.ptr, g.ktb)                       # next 16-key block, same d
 
 
-def _qk_phase(s, t, g, NB, wrap):
-    """Scores of NB 16-key blocks from g.ptr (the K panel; ``wrap`` returns it to block 0 of the
-    next d); unifa must have been set to the Q tile (>= 3 instructions before the first read)."""
+def _qk_phase(s, t, g, NB, wrap, rev=False):
+    """Scores of NB 16-key blocks from g.ptr (the K panel; ``wrap`` returns it to the first block
+    of the next d; ``rev``: blocks NB - 1 .. 0, the steps toggled); unifa must have been set to
+    the Q tile (>= 3 instructions before the first read)."""
     R = t.R
+    order = list(range(NB))[::-1] if rev else list(range(NB))
     qa, qb = g.q[:R], g.q[R:]
     flat = [r for row in g.sc for r in row[:NB]]
     for i in range(0, len(flat), 2):                       # scores = 0
@@ -452,17 +487,17 @@ def _qk_phase(s, t, g, NB, wrap):
     for i in range(R):
         nop(sig=_qsig(s, t, i)(qa[i]))
     mov(g.cnt, g.kbl)
-    mac = _Mac(g.tmp, s.is_int, pending=(g.sc[R - 1][NB - 1], g.tmp[1]))
+    mac = _Mac(g.tmp, s.is_int, pending=(g.sc[R - 1][order[-1]], g.tmp[1]))
     body = [lambda: sub(g.cnt, g.cnt, 1, cond="pushz")]
     for par in (0, 1):
         cur, nxt = (qa, qb) if par == 0 else (qb, qa)
         loads = list(nxt)
-        for bb in range(NB):
-            body.append(lambda bb=bb: _k_issue(g, bb == NB - 1, S_["ldtmu"](g.kv[bb % 2]), wrap))
+        for pos, bb in enumerate(order):
+            body.append(lambda pos=pos: _k_issue(g, pos == NB - 1, S_["ldtmu"](g.kv[pos % 2]), wrap))
             for i in range(R):
-                def m(bb=bb, i=i, cur=cur, loads=loads):
+                def m(bb=bb, pos=pos, i=i, cur=cur, loads=loads):
                     sig = _qsig(s, t, R - len(loads))(loads.pop(0)) if loads else None
-                    mac.mac(g.sc[i][bb], g.kv[bb % 2], cur[i], sig=sig)
+                    mac.mac(g.sc[i][bb], g.kv[pos % 2], cur[i], sig=sig)
                 body.append(m)
     lbl = _label("qk")
     A.Program._stack[-1].label(lbl)
@@ -470,7 +505,7 @@ def _qk_phase(s, t, g, NB, wrap):
         if idx == len(body) - 3:
             b(getattr(R_, lbl), cond="anyna")
         emit()
-    assert mac.pending == (g.sc[R - 1][NB - 1], g.tmp[1])
+    assert mac.pending == (g.sc[R - 1][order[-1]], g.tmp[1])
     mac.flush()
     for bb in range(NB):                                   # drain the lookups of d = Dpad
         nop(sig=S_["ldtmu"](g.kv[0]))
@@ -614,7 +649,7 @@ class _Sched:
                 getattr(ins, mul_op[0])(*mul_op[1], cond=mul_op[2])
 
 
-def _pv_phase(s, t, g, T, vsrc, zero):
+def _pv_phase(s, t, g, T, vsrc, zero, rev=False):
     """o += p V over T keys (V rows from vsrc on; o zeroed first when ``zero``), scheduled by
     :class:`_Sched`. Per key: R shuffles broadcast p[i, t] (add ALU, immediate lane index); NG
     lookups of VW words per lane (the last two of a row as mov(tmua, ptr), add(tmua, ptr, vstep),
@@ -624,9 +659,14 @@ def _pv_phase(s, t, g, T, vsrc, zero):
     pb = g.q[:R]
     if zero:
         _zero([r for row in g.o for r in row])
-    mov(g.ptr, vsrc)
+    if rev:                                                # from the last row, backwards
+        _const(g.tmp[2], (T - 1) * s.Dv * G.ITEMSIZE[s.v_dtype])
+        add(g.ptr, vsrc, g.tmp[2])
+    else:
+        mov(g.ptr, vsrc)
     int_v = s.v_dtype in INT_IN
     total = T * NG
+    keys = list(range(T))[::-1] if rev else list(range(T))
     LA = min(8, 16 // VW, total)
     sch = _Sched()
     issued = [None] * total                    # instruction of each lookup's address write
@@ -656,12 +696,12 @@ def _pv_phase(s, t, g, T, vsrc, zero):
     nk = 0
     tmp = list(g.tmp)
     nt = 0
-    for tt in range(T):
+    for kpos, tt in enumerate(keys):
         bb, j = divmod(tt, 16)
         for i in range(R):
             sch.op("add", "shuffle", pb[i], g.sc[i][bb], j)
         for gg in range(NG):
-            m = tt * NG + gg
+            m = kpos * NG + gg
             for w in range(VW):
                 v = kv[nk % len(kv)]
                 nk += 1
