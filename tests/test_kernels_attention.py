@@ -165,3 +165,15 @@ def test_sawtooth_tiles(dev, s):
     t = choose_tiling(s)
     assert sawtooth(s, t) and -(-t.MT // t.W) >= 3
     check(dev, s, *make(s, np.random.default_rng(17)))
+
+
+def test_integer_v_pack_choice(dev):
+    """Integer V: converted to float32 * v_scale by a pack launch when the keys are blocked or the
+    float footprint is small; converted per lookup in the kernel when K panel + float V would
+    fill the L2."""
+    names = lambda s: [l.name for l in plan_attention(s).launches]  # noqa: E731
+    assert "attn_pack_v" in names(AttnShape(1, 6, 513, 24, 33, "int8", "int8"))
+    assert "attn_pack_v" not in names(AttnShape(1, 128, 128, 128, 128, "int8", "int8"))
+    s = AttnShape(2, 5, 300, 20, 36, "int16", "int16", scale=1e-7, v_scale=0.125)
+    assert "attn_pack_v" in names(s)
+    check(dev, s, *make(s, np.random.default_rng(23)))

@@ -43,7 +43,7 @@ scattered store, instead of R of 16 lanes working); K through the GEMM pack (16-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -254,6 +254,10 @@ def choose_tiling(s: AttnShape) -> AttnTiling | None:
     of its rows and whose unrolled P V phase stays within MAX_PV_INSTR. Failing that (long keys),
     the flash tiling: key blocks of 16 KB keys with an online softmax, (R, KB) of least modelled
     cost. None when not even that fits (very large Dv)."""
+    return _choose_tiling(kernel_shape(s))
+
+
+def _choose_tiling(s: AttnShape) -> AttnTiling | None:
     if s.NB <= 14:                                   # K lookups in flight must fit the TMU FIFO
         for R in range(min(16, s.S), 0, -1):
             if s.T * s.pv_per_key(R) > MAX_PV_INSTR:
@@ -898,7 +902,7 @@ def tpack_uniforms(rows, cols, dtype, lay: PanelLayout, rpw, src, dst):
     return u
 
 
-def tpack_kernel(cols: int, dtype: str):
+def tpack_kernel(cols: int, dtype: str, to_float: bool = False):
     """Workgroup (w, 0, z) copies rows [w rpw, (w + 1) rpw) of X[z] (``cols`` elements each) into
     a panel (:class:`PanelLayout`, from the uniforms), 8/16-bit integers sign-extended to int32.
     Lanes run along the columns: per 16-column block one load and one scattered store (lanes past
@@ -909,6 +913,7 @@ def tpack_kernel(cols: int, dtype: str):
     ld = lambda r: S_["ldunifrf"](r)  # noqa: E731
     small = dtype in G.SMALL_INT
     cfg4, cfgr = (p.take(), p.take()) if small else (None, None)
+    fs = p.take() if to_float else None                    # integers -> float32 * fs
     ncb = -(-cols // 16)
     eidx(lane, sig=ld(src))
     mov(y, RF[2].unpack("ul"), sig=ld(x))                  # z ; src batch stride
@@ -940,6 +945,8 @@ def tpack_kernel(cols: int, dtype: str):
     if small:
         nop(sig=ld(cfg4))
         nop(sig=ld(cfgr))
+    if to_float:
+        nop(sig=ld(fs))
     umul24(x, lane, es)
     add(src, src, x)                                       # + es * lane
     mov(ri, 0)
@@ -960,7 +967,11 @@ def tpack_kernel(cols: int, dtype: str):
             if c == ncb - 1:
                 sub(null, lane, nlast, cond="pushn")       # A = lane < columns of the block
             nop(sig=S_["ldtmu"](v))
-            mov(tmud, v)
+            if to_float:
+                F["itof"](v, v)
+                nop().fmul(tmud, v, fs)
+            else:
+                mov(tmud, v)
             if c == ncb - 1:
                 mov(tmua, sp, cond="ifa")
             else:
@@ -976,11 +987,32 @@ def tpack_kernel(cols: int, dtype: str):
     thread_end()
 
 
-def _tpack_launch(rows, cols, dtype, batch, lay, src, dst, name, num_qpus):
+def _tpack_launch(rows, cols, dtype, batch, lay, src, dst, name, num_qpus, fscale=None):
     W, rpw = tpack_workers(rows, lay.G, batch, num_qpus)
-    return Launch(G._assemble(tpack_kernel, cols, dtype, name=name),
-                  tpack_uniforms(rows, cols, dtype, lay, rpw, src, dst), (W, 1, batch), 16,
-                  num_qpus, 1, name)
+    u = tpack_uniforms(rows, cols, dtype, lay, rpw, src, dst)
+    if fscale is not None:
+        u.append(("f32", fscale))
+    return Launch(G._assemble(tpack_kernel, cols, dtype, fscale is not None, name=name),
+                  u, (W, 1, batch), 16, num_qpus, 1, name)
+
+
+def v_layout(T: int, Dv: int) -> PanelLayout:
+    """Row-major float32 V (the integer -> float32 V pack)."""
+    return PanelLayout(1, Dv * 4, 0, 0, 4, 0, T * Dv * 4)
+
+
+def kernel_shape(s: AttnShape) -> AttnShape:
+    """The shape the fused kernel sees. Integer V goes through a pack to float32 V * v_scale
+    (vector V lookups, no per-lookup conversion in the P V phase) when the keys are blocked
+    (flash: V is re-read from DRAM anyway) or K panel + float V stay well inside the L2; else
+    (e.g. T = D = Dv = 128) the kernel converts 8/16-bit V lookups itself and keeps the small
+    footprint (the pack's DRAM traffic and the L2 misses would cost more than it saves)."""
+    if s.v_dtype in INT_IN:
+        sf = replace(s, v_dtype="float32", v_scale=1.0)
+        tf = _choose_tiling(sf)
+        if tf is not None and (tf.flash or not sawtooth(sf, tf)):
+            return sf
+    return s
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1011,21 +1043,30 @@ def check_limits(s: AttnShape):
 def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
     """Fused plan (pack Q, pack K, attention), or the 3-launch fallback when no tile fits."""
     check_limits(s)
+    s0, s = s, kernel_shape(s)
     t = choose_tiling(s)
     if t is None:
-        return plan_attention_fallback(s, names)
+        return plan_attention_fallback(s0, names)
     qn, kn, vn, on, mn = names
+    es_v0 = G.ITEMSIZE[s0.v_dtype]
     es, es_v = G.ITEMSIZE[s.dtype], G.ITEMSIZE[s.v_dtype]
     pad_in = lambda K: (G.PACK_PF + t.Dpad - K + 2) * es + 64  # noqa: E731
     qp, kp = qn + "_panel", kn + "_panel"
     bufs = [BufferSpec(qn, "input", (s.B, s.S, s.D), s.dtype, s.B * s.S * s.D * es + pad_in(s.D)),
             BufferSpec(kn, "input", (s.B, s.T, s.D), s.dtype, s.B * s.T * s.D * es + pad_in(s.D)),
-            BufferSpec(vn, "input", (s.B, s.T, s.Dv), s.v_dtype, s.B * s.T * s.Dv * es_v + 64 * s.VW + 64)]
+            BufferSpec(vn, "input", (s.B, s.T, s.Dv), s0.v_dtype, s.B * s.T * s.Dv * es_v0 + 64)]
     if s.mask:
         bufs.append(BufferSpec(mn, "input", (s.S, s.T), "float32", (s.S + t.R) * s.T * 4 + 64))
     bufs.append(BufferSpec(on, "output", (s.B, s.S, s.Dv), "float32"))
     bufs.append(BufferSpec(qp, "scratch", (s.B * t.MT * t.Dpad * t.R + 2 * t.R + 32,), "float32"))
     bufs.append(BufferSpec(kp, "scratch", (s.B * s.NB * t.Dpad * 16 + 64,), "float32"))
+    vp = vn
+    if s0 is not s:                                   # integer V -> float32 V * v_scale
+        vp = vn + "_panel"
+        bufs.append(BufferSpec(vp, "scratch", (s.B * s.T * s.Dv + 16 * s.VW + 16,), "float32"))
+    else:                                             # vector lookups read past the last row
+        bufs[2] = BufferSpec(vn, "input", (s.B, s.T, s.Dv), s.v_dtype,
+                             s.B * s.T * s.Dv * es_v + 64 * s.VW + 64)
     q_in_place = q_streams(s, t) > 0                  # Q rows are read in place (no Q pack)
     if q_in_place:
         bufs = [bf for bf in bufs if bf.name != qp]
@@ -1035,12 +1076,15 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
                                "attn_pack_q", s.num_qpus)])
     gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
     tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)          # rows across lanes: 64-byte stores
-    launches += [_pack_launch(gk, tk, kn, kp, "attn_pack_k"),
-                Launch(G._assemble(attention_kernel, s, t, name="attention"),
-                       _uniforms(s, t, (qp, kp, vn, on, mn)), (t.W, 1, s.B), 16, s.num_qpus, 1,
-                       "attention")]
-    return KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s, t), flops=flops(s),
-                      bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v + s.S * s.Dv * 4))
+    launches.append(_pack_launch(gk, tk, kn, kp, "attn_pack_k"))
+    if vp != vn:
+        launches.append(_tpack_launch(s.T, s.Dv, s0.v_dtype, s.B, v_layout(s.T, s.Dv), vn, vp,
+                                      "attn_pack_v", s.num_qpus, fscale=s0.v_scale))
+    launches.append(Launch(G._assemble(attention_kernel, s, t, name="attention"),
+                           _uniforms(s, t, (qp, kp, vp, on, mn)), (t.W, 1, s.B), 16, s.num_qpus, 1,
+                           "attention"))
+    return KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s0, t), flops=flops(s0),
+                      bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v0 + s.S * s.Dv * 4))
 
 
 def flops(s: AttnShape) -> int:
@@ -1127,7 +1171,7 @@ def estimate(spec) -> float:
     """Modelled seconds from the instruction schedule: per tile ~ D/2 (2 NB (R+1) + 2) (QK) +
     T (R + NO (R+1)) (P V) + softmax, tiles spread over the workers, plus the pack launches."""
     from ...runtime.cycle_model import DEFAULT as T_
-    s = spec_shape(spec)
+    s = kernel_shape(spec_shape(spec))
     t = choose_tiling(s)
     if t.flash:                                  # per key block, plus the rescale
         per_tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
