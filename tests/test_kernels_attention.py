@@ -177,3 +177,16 @@ def test_integer_v_pack_choice(dev):
     s = AttnShape(2, 5, 300, 20, 36, "int16", "int16", scale=1e-7, v_scale=0.125)
     assert "attn_pack_v" in names(s)
     check(dev, s, *make(s, np.random.default_rng(23)))
+
+
+@pytest.mark.parametrize("s", [
+    AttnShape(1, 10, 128, 128, 128, scale=0.1, num_qpus=4),                          # odd rounds: backward
+    AttnShape(1, 19, 128, 128, 128, scale=0.1, causal=True, num_qpus=4),             # even rounds, 3 rows
+    AttnShape(2, 11, 128, 128, 128, "int8", "int8", scale=1e-4, v_scale=0.5, num_qpus=4),  # R = 2 panel
+    AttnShape(1, 10, 128, 127, 128, scale=0.1, num_qpus=4),                         # odd D: Q panel
+], ids=["fp32", "fp32_causal", "int8_panel_b2", "odd_D"])
+def test_split_last_round(dev, s):
+    """Rows after the full rounds of two-row tiles go one per worker (one-row tiles)."""
+    from tvm_qpu.codegen.kernels.attention import split_rows
+    assert split_rows(s, choose_tiling(s)) > 0
+    check(dev, s, *make(s, np.random.default_rng(29)))

@@ -305,7 +305,8 @@ def _uniforms(s: AttnShape, t: AttnTiling, names):
          ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
          ("u32", s.Dv * 4 - 64 * s.NOV), ("u32", t.MT), ("u32", t.W), ("u32", t.Dpad * 64),
          ("u32", ((t.KB if t.flash else s.NB) - 1) * t.Dpad * 64 - 64),
-         ("u32", t.Dpad // 2), ("u32", s.S), ("f32", -math.inf), ("f32", s.scale * LOG2E),
+         ("u32", t.Dpad // 2), ("u32", s.S - split_rows(s, t)), ("f32", -math.inf),
+         ("f32", s.scale * LOG2E),
          ("u32", 16 * s.VW * es_v), ("u32", (s.Dv - 16 * s.VW * max(0, s.NG - 2)) * es_v),
          ("u32", 64), ("u32", (s.Dv - 16 * s.VW * (s.NG - 1)) // s.VW), ("u32", s.T)]
     if s.mask:
@@ -389,10 +390,9 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
         if t.flash:
             _flash_tile(s, t, g)
         else:
-            if rev:
-                _toggle_direction(s, g)
-            _q_start(s, t, g, g.kp)
+            _q_start(s, t, g, g.kp)                        # (its first 3: the exit's delay slots)
             if rev:                                        # start at the last 16-key block
+                _toggle_direction(s, g)
                 sub(g.ptr, g.ptr, g.kwrap)
                 sub(g.ptr, g.ptr, g.c64)
             _qk_phase(s, t, g, s.NB, g.kwrap, rev)
@@ -413,8 +413,21 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     nop()
     nop()
     L.done
+    if split_rows(s, t):
+        _split_tile(s, t, g)
     tmuwt()
     thread_end()
+
+
+def split_rows(s: AttnShape, t: AttnTiling) -> int:
+    """Rows left after the full rounds of R = 2 tiles (every worker busy) that one-row tiles
+    share (one row each for that many workers), instead of ceil(rows / 2) workers running a last
+    two-row tile while the others wait; 0 when this does not shorten the last round."""
+    if t.flash or t.R != 2:
+        return 0
+    full = t.R * t.W * (s.S // (t.R * t.W))
+    rem = s.S - full
+    return rem if full and 0 < rem <= t.W else 0
 
 
 def sawtooth(s: AttnShape, t: AttnTiling) -> bool:
@@ -437,6 +450,62 @@ def _toggle_direction(s, g):
     F["neg"](g.cdv, g.cdv)
     for _ in range(2 * (s.NG - 2)):
         sub(g.cdv, g.cdv, g.vstep)
+
+
+def _split_tile(s, t, g):
+    """After the full rounds (sr = S_full + 2 w): worker w < rem takes row S_full + w as a
+    one-row tile (Sreg becomes S; the Q / out / mask pointers step back w rows)."""
+    import copy
+    rem = split_rows(s, t)
+    x, y = g.o[0][0], g.o[0][1]                           # free outside the P V phase
+    sub(x, g.sr, g.Sreg)
+    shr(x, x, 1)                                           # x = w
+    sub(null, x, rem, cond="pushn") if rem <= 15 else None
+    if rem > 15:
+        _const(y, rem)
+        sub(null, x, y, cond="pushn")                      # A = w < rem
+    b(R_.sdone, cond="allna")
+    nop()
+    nop()
+    nop()
+    add(g.sr, g.Sreg, x)                                   # the row
+    _const(g.Sreg, s.S)
+    if q_streams(s, t):                                    # Q rows in place: back w rows
+        _const(y, s.D * 4)
+        umul24(y, y, x)
+        sub(g.qt, g.qt, y)
+    else:                                                  # R = 2 panel: tile S_full / 2 + w // 2
+        shr(y, x, 1)
+        sub(y, x, y)                                       # w - w // 2 tiles back
+        umul24(y, y, t.Dpad * 8) if t.Dpad * 8 <= 15 else None
+        if t.Dpad * 8 > 15:
+            _const(g.o[0][2], t.Dpad * 8)
+            umul24(y, y, g.o[0][2])
+        sub(g.qt, g.qt, y)
+        F["band"](y, x, 1)
+        shl(y, y, 2)
+        add(g.qt, g.qt, y)                                 # + 4 (w & 1): the row in the tile
+    _const(y, s.Dv * 4)
+    umul24(y, y, x)
+    sub(g.ot, g.ot, y)
+    if s.mask:
+        umul24(y, g.mstep, x)
+        sub(g.mt_ptr, g.mt_ptr, y)
+    t1 = replace(t, R=1)
+    g1 = copy.copy(g)
+    g1.q, g1.sc, g1.o = [g.q[0], g.q[1]], g.sc[:1], g.o[:1]
+    g1.qdummy = None if q_streams(s, t) else g.q[3]      # the other row's panel values
+    rev = sawtooth(s, t) and (s.S // (t.R * t.W)) % 2 == 1   # against the last full round
+    _q_start(s, t1, g1, g.kp)
+    if rev:
+        _toggle_direction(s, g)
+        sub(g.ptr, g.ptr, g.kwrap)
+        sub(g.ptr, g.ptr, g.c64)
+    _qk_phase(s, t1, g1, s.NB, g.kwrap, rev)
+    _softmax_phase(s, t1, g1)
+    _pv_phase(s, t1, g1, s.T, g.vp, zero=True, rev=rev)
+    _store_phase(s, t1, g1)
+    L.sdone
 
 
 def _q_start(s, t, g, kbase):
@@ -488,19 +557,22 @@ def _qk_phase(s, t, g, NB, wrap, rev=False):
             ins.sub(flat[i + 1], flat[i + 1], flat[i + 1])
     for bb in range(NB):                                   # lookups of d = 0 (>= 3 after unifa)
         _k_issue(g, bb == NB - 1, wrap=wrap)
+    dummy = getattr(g, "qdummy", None)
     for i in range(R):
         nop(sig=_qsig(s, t, i)(qa[i]))
+    if dummy is not None:
+        nop(sig=S_["ldunifarf"](dummy))
     mov(g.cnt, g.kbl)
     mac = _Mac(g.tmp, s.is_int, pending=(g.sc[R - 1][order[-1]], g.tmp[1]))
     body = [lambda: sub(g.cnt, g.cnt, 1, cond="pushz")]
     for par in (0, 1):
         cur, nxt = (qa, qb) if par == 0 else (qb, qa)
-        loads = list(nxt)
+        loads = list(nxt) + ([dummy] if dummy is not None else [])
         for pos, bb in enumerate(order):
             body.append(lambda pos=pos: _k_issue(g, pos == NB - 1, S_["ldtmu"](g.kv[pos % 2]), wrap))
             for i in range(R):
-                def m(bb=bb, pos=pos, i=i, cur=cur, loads=loads):
-                    sig = _qsig(s, t, R - len(loads))(loads.pop(0)) if loads else None
+                def m(bb=bb, pos=pos, i=i, cur=cur, loads=loads, n0=len(loads)):
+                    sig = _qsig(s, t, n0 - len(loads))(loads.pop(0)) if loads else None
                     mac.mac(g.sc[i][bb], g.kv[pos % 2], cur[i], sig=sig)
                 body.append(m)
     lbl = _label("qk")
