@@ -260,3 +260,12 @@ def test_two_loaded_copies_of_one_artifact_are_independent(tmp_path):
     for k in ya:
         np.testing.assert_array_equal(ya[k], yb_after[k])
     a.close()
+
+
+def test_npy_members_keep_zero_d_arrays():
+    import numpy as np
+    from tvm_qpu.artifact import npy_bytes, npy_load
+    for a in (np.array(3.5, np.float32), np.arange(6, dtype=np.int8).reshape(2, 3)[:, ::2]):
+        b = npy_load(npy_bytes(a))
+        assert b.shape == a.shape and b.dtype == a.dtype
+        np.testing.assert_array_equal(a, b)

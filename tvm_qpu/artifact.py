@@ -57,7 +57,7 @@ def check_member_name(name: str) -> str:
 
 def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    np.save(buf, np.asarray(a, order="C"), allow_pickle=False)      # keeps 0-d arrays 0-d
     return buf.getvalue()
 
 
