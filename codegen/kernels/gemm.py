@@ -38,6 +38,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shr, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
+from .common import RegisterPool, assemble_program
 
 S = A.SIGNALS
 R_ = A.R                     # label references
@@ -170,19 +171,8 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
 # ------------------------------------------------------------------------------------------------
 # Register allocation
 # ------------------------------------------------------------------------------------------------
-class _Pool:
-    """Hands out registers; rf2/rf3 (the dispatch payload) come last, after the prologue used them."""
-
-    def __init__(self):
-        self.free = [RF[0], RF[1]] + [RF[i] for i in range(4, 64)] + [RF[2], RF[3]]
-
-    def take(self, n: int | None = None):
-        if n is None:
-            return self.free.pop(0)
-        out, self.free = self.free[:n], self.free[n:]
-        if len(out) < n:
-            raise ValueError("GEMM kernel ran out of registers")
-        return out
+# shared with the other kernel modules (older names kept as aliases)
+_Pool = RegisterPool
 
 
 class GemmRegs:
@@ -648,11 +638,7 @@ def pack_kernel(s: GemmShape, t: GemmTiling):
 # ------------------------------------------------------------------------------------------------
 # Plans
 # ------------------------------------------------------------------------------------------------
-def _assemble(fn, *args, name="kernel"):
-    prog = A.Program(name)
-    with prog:
-        fn(*args)
-    return prog.words()
+_assemble = assemble_program
 
 
 def needs_pack(s: GemmShape, t: GemmTiling) -> bool:
