@@ -67,6 +67,8 @@ PFV = 6
 FIXED_REGS = 28
 #: K panel + V bytes beyond which alternate tiles walk backwards (:func:`sawtooth`)
 SAWTOOTH_BYTES = 64 << 10
+#: instructions between a K lookup and its ldtmu the QK schedule aims for (TMU latency 80 cycles)
+QK_LOOKAHEAD = 22
 #: the largest unrolled P V phase (instructions ~ T * (R + NO * (R + 1))) we generate
 MAX_PV_INSTR = 12000
 
@@ -185,7 +187,7 @@ class _Mac:
 # ------------------------------------------------------------------------------------------------
 # Registers
 # ------------------------------------------------------------------------------------------------
-FIXED = ("lane", "qt", "qstep", "kp", "vp", "ot", "ostep", "ors", "W", "ktb", "kwrap",
+FIXED = ("lane", "qt", "qstep", "kp", "vp", "ot", "ostep", "ors", "k2tb", "ktb", "kwrap",
          "kbl", "Sreg", "ninf", "cvec", "vstep", "cdv", "c64", "ptr", "cnt", "sr")
 
 
@@ -280,6 +282,13 @@ def _choose_tiling(s: AttnShape) -> AttnTiling | None:
     return None if best is None else best[1]
 
 
+def _wrap_block(nb: int) -> int:
+    """The block the K pointer rests on after the lookups of one d: lookups go in pairs
+    (mov(tmua, ptr); add(tmua, ptr, ktb); ptr += 2 ktb), the last pair (or a last single lookup)
+    leaves it on block 2 ((nb - 1) // 2)."""
+    return 2 * ((nb - 1) // 2)
+
+
 def vec_config(n: int) -> int:
     """tmuc byte of a per-lane vecN load (py-videocore7 TMULookUpConfig: type 2-4 = vec2-vec4)."""
     return 0x80 | (15 << 3) | n
@@ -303,8 +312,8 @@ def _uniforms(s: AttnShape, t: AttnTiling, names):
          ("addr", kn, 0), ("u32", s.NB * t.Dpad * 64),                         # K panel
          ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v * s.VW),     # V
          ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
-         ("u32", s.Dv * 4 - 64 * s.NOV), ("u32", t.MT), ("u32", t.W), ("u32", t.Dpad * 64),
-         ("u32", ((t.KB if t.flash else s.NB) - 1) * t.Dpad * 64 - 64),
+         ("u32", s.Dv * 4 - 64 * s.NOV), ("u32", t.MT), ("u32", 2 * t.Dpad * 64), ("u32", t.Dpad * 64),
+         ("u32", _wrap_block(t.KB if t.flash else s.NB) * t.Dpad * 64 - 64),
          ("u32", t.Dpad // 2), ("u32", s.S - split_rows(s, t)), ("f32", -math.inf),
          ("f32", s.scale * LOG2E),
          ("u32", 16 * s.VW * es_v), ("u32", (s.Dv - 16 * s.VW * max(0, s.NG - 2)) * es_v),
@@ -317,7 +326,7 @@ def _uniforms(s: AttnShape, t: AttnTiling, names):
         u += [("u32", vec_config(s.VW) * 0x01010101)]
     if t.flash:                                  # kbstep, vbstep, tbk, big, kwt
         u += [("u32", t.KB * t.Dpad * 64), ("u32", 16 * t.KB * s.Dv * es_v), ("u32", 16 * t.KB),
-              ("f32", -np.finfo(np.float32).max), ("u32", (t.tail_blocks(s) - 1) * t.Dpad * 64 - 64)]
+              ("f32", -np.finfo(np.float32).max), ("u32", _wrap_block(t.tail_blocks(s)) * t.Dpad * 64 - 64)]
     return u
 
 
@@ -359,11 +368,12 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
     add(g.ot, g.ot, x)
     shl(x, g.lane, 2 + s.VW.bit_length() - 1)
     add(g.ot, g.ot, x, sig=ld(g.ors))                      # + 4 VW lane
-    for r in (None, g.W, g.ktb, g.kwrap, g.kbl, g.Sreg, g.ninf, g.cvec, g.vstep, g.cdv, g.c64,
+    for r in (None, g.k2tb, g.ktb, g.kwrap, g.kbl, g.Sreg, g.ninf, g.cvec, g.vstep, g.cdv, g.c64,
               g.dvl, g.Treg):
         nop(sig=ld(r if r is not None else x))
-    umul24(g.qstep, g.qstep, g.W)
-    umul24(g.ostep, g.ostep, g.W)
+    _const(x, t.W)
+    umul24(g.qstep, g.qstep, x)
+    umul24(g.ostep, g.ostep, x)
     if s.mask:
         nop(sig=ld(g.mt_ptr))
         nop(sig=ld(g.mstep))                               # row stride T * 4
@@ -395,6 +405,8 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
                 _toggle_direction(s, g)
                 sub(g.ptr, g.ptr, g.kwrap)
                 sub(g.ptr, g.ptr, g.c64)
+                if s.NB % 2 == 0:
+                    sub(g.ptr, g.ptr, g.ktb)                   # (ktb < 0 here)
             _qk_phase(s, t, g, s.NB, g.kwrap, rev)
             _softmax_phase(s, t, g)
             _pv_phase(s, t, g, s.T, g.vp, zero=True, rev=rev)
@@ -402,7 +414,7 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
                 _toggle_direction(s, g)
         _store_phase(s, t, g)
         add(g.qt, g.qt, g.qstep)
-        umul24(x, g.W, R)
+        _const(x, t.W * R)
         add(g.sr, g.sr, x)
         if s.mask:
             umul24(x, x, g.mstep)
@@ -444,6 +456,7 @@ def _toggle_direction(s, g):
     """Swap the K block step / wrap and the V row step between forward and backward walks
     (each an involution): ktb -> -ktb, kwrap -> -kwrap - 128, cdv -> -cdv - 2 (NG - 2) vstep."""
     F["neg"](g.ktb, g.ktb)
+    F["neg"](g.k2tb, g.k2tb)
     F["neg"](g.kwrap, g.kwrap)
     sub(g.kwrap, g.kwrap, g.c64)
     sub(g.kwrap, g.kwrap, g.c64)
@@ -501,6 +514,8 @@ def _split_tile(s, t, g):
         _toggle_direction(s, g)
         sub(g.ptr, g.ptr, g.kwrap)
         sub(g.ptr, g.ptr, g.c64)
+        if s.NB % 2 == 0:
+            sub(g.ptr, g.ptr, g.ktb)                   # (ktb < 0 here)
     _qk_phase(s, t1, g1, s.NB, g.kwrap, rev)
     _softmax_phase(s, t1, g1)
     _pv_phase(s, t1, g1, s.T, g.vp, zero=True, rev=rev)
@@ -535,18 +550,39 @@ def _qsig(s, t, i):
     return S_["ldunifrf"] if (i == 1 and q_streams(s, t) == 2) else S_["ldunifarf"]
 
 
-def _k_issue(g, last_of_d: bool, sig=None, wrap=None):
-    ins = mov(tmua, g.ptr, sig=sig)
-    if last_of_d:
-        ins.sub(g.ptr, g.ptr, wrap)                        # back to block 0, next d
-    else:
-        ins.add(g.ptr, g.ptr, g.ktb)                       # next 16-key block, same d
+def _k_issues(g, NB, wrap, op, after=None):
+    """The NB lookups of one d, in pairs: mov(tmua, ptr); add(tmua, ptr, ktb); ptr += 2 ktb (the
+    last pair, or a last single lookup, wraps to the first block of the next d). ``op(alu, name,
+    *args, after=)`` emits one op (after[pos]: the instruction it must follow); returns the
+    instruction of each lookup's address write."""
+    out = []
+    pos = 0
+    while pos < NB:
+        a = after[pos] if after else -1
+        if pos + 1 < NB:
+            out.append(op("any", "mov", tmua, g.ptr, after=a))
+            out.append(op("any", "add", tmua, g.ptr, g.ktb, after=after[pos + 1] if after else -1))
+            last = pos + 2 >= NB
+            op("any", "sub" if last else "add", g.ptr, g.ptr, wrap if last else g.k2tb)
+            pos += 2
+        else:
+            out.append(op("any", "mov", tmua, g.ptr, after=a))
+            op("any", "sub", g.ptr, g.ptr, wrap)
+            pos += 1
+    return out
+
+
+def _direct_op(alu, name, *args, after=-1, **kw):
+    (F[name] if alu in ("add", "any") else (lambda *a: getattr(nop(), name)(*a)))(*args)
+    return -1
 
 
 def _qk_phase(s, t, g, NB, wrap, rev=False):
     """Scores of NB 16-key blocks from g.ptr (the K panel; ``wrap`` returns it to the first block
     of the next d; ``rev``: blocks NB - 1 .. 0, the steps toggled); unifa must have been set to
-    the Q tile (>= 3 instructions before the first read)."""
+    the Q tile (>= 3 instructions before the first read). The d loop (two d per iteration,
+    double-buffered Q values) is placed by :class:`_Sched`: per d and block one ldtmu, the
+    lookup of the next d, R multiply / accumulate pairs."""
     R = t.R
     order = list(range(NB))[::-1] if rev else list(range(NB))
     qa, qb = g.q[:R], g.q[R:]
@@ -555,36 +591,84 @@ def _qk_phase(s, t, g, NB, wrap, rev=False):
         ins = sub(flat[i], flat[i], flat[i])               # integer x - x = 0
         if i + 1 < len(flat):
             ins.sub(flat[i + 1], flat[i + 1], flat[i + 1])
-    for bb in range(NB):                                   # lookups of d = 0 (>= 3 after unifa)
-        _k_issue(g, bb == NB - 1, wrap=wrap)
+    _k_issues(g, NB, wrap, _direct_op)                     # lookups of d = 0 (>= 3 after unifa)
     dummy = getattr(g, "qdummy", None)
     for i in range(R):
         nop(sig=_qsig(s, t, i)(qa[i]))
     if dummy is not None:
         nop(sig=S_["ldunifarf"](dummy))
     mov(g.cnt, g.kbl)
-    mac = _Mac(g.tmp, s.is_int, pending=(g.sc[R - 1][order[-1]], g.tmp[1]))
-    body = [lambda: sub(g.cnt, g.cnt, 1, cond="pushz")]
-    for par in (0, 1):
-        cur, nxt = (qa, qb) if par == 0 else (qb, qa)
-        loads = list(nxt) + ([dummy] if dummy is not None else [])
-        for pos, bb in enumerate(order):
-            body.append(lambda pos=pos: _k_issue(g, pos == NB - 1, S_["ldtmu"](g.kv[pos % 2]), wrap))
-            for i in range(R):
-                def m(bb=bb, pos=pos, i=i, cur=cur, loads=loads, n0=len(loads)):
-                    sig = _qsig(s, t, n0 - len(loads))(loads.pop(0)) if loads else None
-                    mac.mac(g.sc[i][bb], g.kv[pos % 2], cur[i], sig=sig)
-                body.append(m)
+    mul, acc = ("smul24", "add") if s.is_int else ("fmul", "fadd")
+
+    def body(first_after):
+        """One iteration (two d); first_after[pos]: the earliest slot of the first d's pops (their
+        lookups were issued by the previous iteration). Returns the schedule and the slots of the
+        second d's lookups."""
+        sch = _Sched()
+        sch.op("any", "sub", g.cnt, g.cnt, 1, cond="pushz")
+        tmp = list(g.tmp)
+        nt = 0
+        issued = list(first_after)
+        for par in (0, 1):
+            cur, nxt = (qa, qb) if par == 0 else (qb, qa)
+            loads = list(nxt) + ([dummy] if dummy is not None else [])
+            pops = []
+            for pos, bb in enumerate(order):
+                kv = g.kv[pos % 2]
+                pops.append(sch.op(None, None, sig=S_["ldtmu"](kv), reads=("fifo",),
+                                   writes=("fifo",), after=issued[pos]))
+                for i in range(R):
+                    x = tmp[nt % len(tmp)]
+                    nt += 1
+                    sch.op("mul", mul, x, kv, cur[i])
+                    sch.op("add", acc, g.sc[i][bb], g.sc[i][bb], x)
+                if pos % 2 == 1 or pos == NB - 1:          # the next d's lookups of this pair
+                    lo = pos - (pos % 2)
+                    for q_, c in zip(range(lo, pos + 1), _k_issues_pair(sch, g, NB, wrap, lo, pops)):
+                        issued[q_] = c
+            for n, r in enumerate(loads):                  # the next d's Q values, stream order
+                sig = _qsig(s, t, n) if r is not dummy else S_["ldunifarf"]
+                stream = "qs1" if sig is S_["ldunifrf"] else "qs0"
+                sch.op(None, None, sig=sig(r), reads=(stream,), writes=(stream,))
+        return sch, issued
+
+    # a first pass finds where the second d issues its lookups; the second keeps the first d's
+    # pops as far from those issues (across the loop edge) as the second d's are from theirs
+    sch, iss = body([-1] * NB)
+    L1 = len(sch.slots)
+    gap = min(L1 // 2, QK_LOOKAHEAD)
+    sch, _ = body([max(-1, c - L1 + gap - 1) for c in iss])
     lbl = _label("qk")
     A.Program._stack[-1].label(lbl)
-    for idx, emit in enumerate(body):
-        if idx == len(body) - 3:
-            b(getattr(R_, lbl), cond="anyna")
-        emit()
-    assert mac.pending == (g.sc[R - 1][order[-1]], g.tmp[1])
-    mac.flush()
+    n = len(sch.slots)
+    while len(sch.slots) < 4:
+        sch.slots.append([None, None, None])
+    head, tail = sch.slots[:len(sch.slots) - 3], sch.slots[len(sch.slots) - 3:]
+    sch.slots = head
+    sch.emit()
+    b(getattr(R_, lbl), cond="anyna")
+    sch.slots = tail
+    sch.emit()
+    del n
     for bb in range(NB):                                   # drain the lookups of d = Dpad
         nop(sig=S_["ldtmu"](g.kv[0]))
+
+
+def _k_issues_pair(sch, g, NB, wrap, lo, pops):
+    """Schedule the next d's lookups of blocks at positions lo (and lo + 1), each after the pop of
+    the lookup it replaces in the FIFO."""
+    def op(alu, name, *args, after=-1):
+        return sch.op(alu, name, *args, after=after, reads=("tmuq",) if args[0] is tmua else (),
+                      writes=("tmuq",) if args[0] is tmua else ())
+    if lo + 1 < NB:
+        last = lo + 2 >= NB
+        out = [op("any", "mov", tmua, g.ptr, after=pops[lo]),
+               op("any", "add", tmua, g.ptr, g.ktb, after=pops[lo + 1])]
+        op("any", "sub" if last else "add", g.ptr, g.ptr, wrap if last else g.k2tb)
+    else:
+        out = [op("any", "mov", tmua, g.ptr, after=pops[lo])]
+        op("any", "sub", g.ptr, g.ptr, wrap)
+    return out
 
 
 def _softmax_phase(s, t, g):
