@@ -190,3 +190,15 @@ def test_split_last_round(dev, s):
     from tvm_qpu.codegen.kernels.attention import split_rows
     assert split_rows(s, choose_tiling(s)) > 0
     check(dev, s, *make(s, np.random.default_rng(29)))
+
+
+@pytest.mark.parametrize("s", [
+    AttnShape(1, 9, 128, 21, 128, "int8", "int8", scale=1e-3, num_qpus=4),        # d pad, short store
+    AttnShape(2, 7, 128, 100, 128, "int16", "int16", scale=1e-7, v_scale=0.5, num_qpus=3),
+    AttnShape(1, 11, 128, 5, 128, scale=0.3, causal=True, num_qpus=4),            # fp32, odd D
+], ids=["int8_D21", "int16_D100_b2", "fp32_D5"])
+def test_pair_q_pack(dev, s):
+    """The two-row Q panel pack (whole-line stores, odd S repeats the last row, d >= D zero)."""
+    t = choose_tiling(s)
+    assert t.R == 2 and "attn_pack_q" in [l.name for l in plan_attention(s).launches]
+    check(dev, s, *make(s, np.random.default_rng(31)))

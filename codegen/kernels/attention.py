@@ -1152,6 +1152,132 @@ def _tpack_launch(rows, cols, dtype, batch, lay, src, dst, name, num_qpus, fscal
                   u, (W, 1, batch), 16, num_qpus, 1, name)
 
 
+def qpack2_kernel(S: int, D: int, Dpad: int, dtype: str, tpw: int):
+    """Q panel of two-row tiles (``q_layout(2, ...)``: per d the values of rows 2 m, 2 m + 1)
+    written in whole 64-byte lines: per tile and 16-column block the two row segments are loaded
+    (lanes along d; 8/16-bit integers sign-extended), then two stores of 16 consecutive panel
+    words, lane l taking row l & 1 at d = 16 c + 8 h + l // 2 (two shuffles and a select).
+    Workgroup (w, 0, z) packs tiles [w tpw, (w + 1) tpw) of batch entry z; d in [D, Dpad) is
+    zero; a missing second row (odd S) repeats the first."""
+    p = G._Pool()
+    (lane, src, dst, cnt, r0, x, y, i0, i1, sa, sb, ad, rs) = (p.take() for _ in range(13))
+    a = p.take(8)
+    bb = p.take(8)
+    ld = lambda r: S_["ldunifrf"](r)  # noqa: E731
+    es = G.ITEMSIZE[dtype]
+    small = dtype in G.SMALL_INT
+    cfg = p.take() if small else None
+    ncb = -(-D // 16)
+    nlast = D - 16 * (ncb - 1)
+    MT = -(-S // 2)
+    eidx(lane, sig=ld(src))                                # Q
+    mov(y, RF[2].unpack("ul"), sig=ld(x))                  # z ; Q batch stride
+    umul24(x, x, y)
+    add(src, src, x, sig=ld(dst))                          # panel
+    nop(sig=ld(x))                                         # panel batch stride
+    umul24(x, x, y)
+    add(dst, dst, x, sig=ld(rs))                           # Q row stride D es
+    if small:
+        nop(sig=ld(cfg))
+    mov(r0, RF[3].unpack("ul"))                            # w
+    _const(x, tpw)
+    umul24(r0, r0, x)                                      # first tile
+    _const(x, Dpad * 8)
+    umul24(x, x, r0)
+    add(dst, dst, x)                                       # its panel tile
+    shl(r0, r0, 1)                                         # its first row
+    umul24(x, r0, rs)
+    add(src, src, x)
+    umul24(x, lane, es)
+    add(src, src, x)                                       # + es lane
+    shl(x, lane, 2)
+    add(dst, dst, x)                                       # + 4 lane
+    shr(i0, lane, 1)
+    add(i1, i0, 8)
+    _const(cnt, tpw)
+    L.tl
+    _const(x, S)
+    sub(null, r0, x, cond="pushn")                         # A = the tile has rows
+    sub(null, cnt, 0, cond="andnz")                        # A &= tiles of this worker left
+    b(R_.qend, cond="anyna")
+    nop()
+    nop()
+    nop()
+    add(x, r0, 1)
+    _const(y, S)
+    sub(null, x, y, cond="pushn")                          # A = row r0 + 1 exists
+    mov(sb, src)
+    add(sb, sb, rs, cond="ifa")
+    mov(sa, src)
+    mov(ad, dst)
+    for c0 in range(0, ncb, 4):
+        cs = list(range(c0, min(ncb, c0 + 4)))
+        for half in (0, 1):                                # row r0 lookups, then row r1
+            if small:
+                mov(tmuc, cfg)
+            for c in cs:
+                reg = sa if half == 0 else sb
+                mov(tmua, reg)
+                add(reg, reg, 16 * es) if 16 * es <= 15 else None
+                if 16 * es > 15:
+                    _const(x, 16 * es)
+                    add(reg, reg, x)
+        for half in (0, 1):
+            for n, c in enumerate(cs):
+                nop(sig=S_["ldtmu"]((a if half == 0 else bb)[n]))
+        for n, c in enumerate(cs):
+            if c == ncb - 1 and nlast < 16:
+                sub(null, lane, nlast, cond="pushn")       # A = d < D
+                mov(a[n], 0, cond="ifna")
+                mov(bb[n], 0, cond="ifna")
+            if small:
+                pass
+            elif dtype != "float32":
+                raise ValueError(dtype)
+            for h, idx in ((0, i0), (1, i1)):
+                lim = Dpad - 16 * c - 8 * h                 # panel words of this store: d < Dpad
+                if lim <= 0:
+                    continue
+                F["shuffle"](x, a[n], idx)
+                F["shuffle"](y, bb[n], idx)
+                F["band"](null, lane, 1, cond="pushz")     # A = even lane: row r0
+                mov(x, y, cond="ifna")
+                if lim < 8:
+                    sub(null, i0, lim, cond="pushn")       # A = d < Dpad
+                mov(tmud, x)
+                if lim < 8:
+                    mov(tmua, ad, cond="ifa")
+                else:
+                    mov(tmua, ad)
+                _const(x, 64)
+                add(ad, ad, x)
+    _const(x, Dpad * 8)
+    add(dst, dst, x)
+    add(src, src, rs)
+    add(src, src, rs)
+    add(r0, r0, 2)
+    b(R_.tl, cond="always")
+    sub(cnt, cnt, 1)
+    nop()
+    nop()
+    L.qend
+    tmuwt()
+    thread_end()
+
+
+def _qpack2_launch(s: AttnShape, t: AttnTiling, src, dst, name):
+    want = max(1, s.num_qpus // max(1, min(s.B, s.num_qpus)))
+    tpw = -(-t.MT // want)
+    W = -(-t.MT // tpw)
+    es = G.ITEMSIZE[s.dtype]
+    u = [("addr", src, 0), ("u32", s.S * s.D * es), ("addr", dst, 0), ("u32", t.MT * t.Dpad * 8),
+         ("u32", s.D * es)]
+    if s.dtype in G.SMALL_INT:
+        u.append(("u32", G.config_word([s.dtype] * 4)))
+    return Launch(G._assemble(qpack2_kernel, s.S, s.D, t.Dpad, s.dtype, tpw, name=name), u,
+                  (W, 1, s.B), 16, s.num_qpus, 1, name)
+
+
 def v_layout(T: int, Dv: int) -> PanelLayout:
     """Row-major float32 V (the integer -> float32 V pack)."""
     return PanelLayout(1, Dv * 4, 0, 0, 4, 0, T * Dv * 4)
@@ -1227,9 +1353,13 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
     if q_in_place:
         bufs = [bf for bf in bufs if bf.name != qp]
         qp = qn
-    launches = ([] if q_in_place else
-                [_tpack_launch(s.S, s.D, s.dtype, s.B, q_layout(t.R, t.Dpad, t.MT), qn, qp,
-                               "attn_pack_q", s.num_qpus)])
+    if q_in_place:
+        launches = []
+    elif t.R == 2:                                    # whole-line stores of row pairs
+        launches = [_qpack2_launch(s, t, qn, qp, "attn_pack_q")]
+    else:
+        launches = [_tpack_launch(s.S, s.D, s.dtype, s.B, q_layout(t.R, t.Dpad, t.MT), qn, qp,
+                                  "attn_pack_q", s.num_qpus)]
     gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
     tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)          # rows across lanes: 64-byte stores
     launches.append(_pack_launch(gk, tk, kn, kp, "attn_pack_k"))
