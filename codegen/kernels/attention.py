@@ -1222,6 +1222,8 @@ def qpack2_kernel(S: int, D: int, Dpad: int, dtype: str, tpw: int):
                 if 16 * es > 15:
                     _const(x, 16 * es)
                     add(reg, reg, x)
+            if small and len(cs) < 4:
+                mov(tmuc, -1)                              # unused config bytes: 32-bit again
         for half in (0, 1):
             for n, c in enumerate(cs):
                 nop(sig=S_["ldtmu"]((a if half == 0 else bb)[n]))
