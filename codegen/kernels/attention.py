@@ -15,19 +15,31 @@ Fused kernel (every T, Dv whose tile fits the register file; see :func:`choose_t
 A worker takes ``R`` query rows of one batch entry z at a time and keeps everything in registers:
 
 1. scores: lanes run along keys. ``sc[i][b]`` holds ``s[m0 + i, 16 b : 16 b + 16]``. For each d,
-   the R values ``Q[m0 + i, d]`` arrive broadcast through ``ldunifarf`` from a packed Q panel
-   (the GEMM pack launch), the key vectors ``K[16 b + lane, d]`` are 16-lane TMU loads from a
-   packed K panel (the same pack launch with 16-row tiles: 64 contiguous bytes per lookup), and
-   each instruction dual-issues ``fmul`` / ``smul24`` with the previous product's accumulate,
-   exactly as in :mod:`.gemm`. The d loop is unrolled twice (double-buffered Q values).
+   the R values ``Q[m0 + i, d]`` arrive broadcast through the uniform streams: for fp32 with even
+   D and R <= 2 straight from Q (row m0 through ``ldunifarf``, row m0 + 1 through ``ldunifrf``
+   after a branch redirects the uniform stream; no Q pack, :func:`q_streams`), else from a packed
+   Q panel. The key vectors ``K[16 b + lane, d]`` are 16-lane TMU loads from a packed K panel
+   (the GEMM pack with 16-row tiles), issued in pairs (``mov(tmua, ptr)``, ``add(tmua, ptr,
+   ktb)``, ``ptr += 2 ktb``). The d loop (two d per iteration, double-buffered Q values) is
+   placed by a list scheduler (:class:`_Sched`): products on the mul ALU, accumulates on the add
+   ALU, lookups / ldtmu / uniform reads wherever a slot is free, the ldtmu of a block kept about
+   ``QK_LOOKAHEAD`` instructions after its lookup (TMU latency).
 2. softmax in registers: scale (and log2 e) on the mul ALU, mask / causal / key-padding lanes
    to -inf, row max (lane-wise then a rotate butterfly), ``exp2`` on the SFU, row sum, recip
    + Newton (kept per row for the end: normalisation is deferred to the output).
-3. ``P V``: lanes run along Dv; ``o[i][c]`` accumulates ``out[m0 + i, 16 c : 16 c + 16]``. For
-   each key t, ``shuffle(sc[i][t // 16], t % 16)`` broadcasts ``p[i, t]`` to all lanes (one
-   add-ALU op), V row t arrives as 16-lane loads (prefetched ``PFV`` lookups ahead), and the
-   multiply-adds dual-issue as above. The t loop is unrolled (the lane index is an immediate).
-4. ``out = o * recip(sum)``, masked stores (lanes < Dv, rows < S).
+3. ``P V``: lanes run along Dv in column groups of 16 VW: lane l of group g holds columns
+   ``16 VW g + VW l + j`` (``VW`` = 4 / 2 for fp32 V whose rows allow vec4 / vec2 lookups, else
+   1; :attr:`AttnShape.VW`). For each key t, ``shuffle(sc[i][t // 16], t % 16)`` broadcasts
+   ``p[i, t]`` (add ALU), V row t arrives as NG vecVW lookups (``LA`` lookups ahead, within the
+   16-word TMU FIFO), and the multiply-adds use three product temporaries; the whole unrolled
+   phase is placed by the list scheduler (about R / 2 + R NOV + NG instructions per key).
+4. ``out = o * recip(sum)``, vecVW stores (lanes < Dv, rows < S).
+
+Tile order: when the K panel + V about fill the L2 (:func:`sawtooth`), alternate tiles walk the
+16-key blocks and the keys backwards, so that the Q / output lines entering the L2 between two
+rounds cost a miss or two per cache set instead of an LRU cascade through the whole set. Rows
+left after the full rounds of two-row tiles go one per worker as one-row tiles
+(:func:`split_rows`), which shortens the last round.
 
 Longer keys (the scores of R >= 1 rows do not fit): the same kernel in flash-attention form
 (:func:`_flash_tile`). The keys are split into blocks of 16 KB keys; per block the QK phase
@@ -36,9 +48,12 @@ sum l, ``alpha = exp2(m_old - m_new)`` rescales l and the output accumulators), 
 block's contribution; the last block is emitted separately for its exact key count. Nothing goes
 through memory but the inputs and the output. (R, KB) minimise :func:`block_cost`.
 
-Packing: Q goes through :func:`tpack_kernel` (lanes along d: 16 elements per lookup and one
-scattered store, instead of R of 16 lanes working); K through the GEMM pack (16-row tiles, whose
-64-byte stores suit the 16-key panel).
+Packing: two-row Q panels through :func:`qpack2_kernel` (whole 64-byte lines: the two rows
+interleaved by shuffles), other Q panels through :func:`tpack_kernel` (lanes along d: 16
+elements per lookup and one scattered store); K through the GEMM pack (16-row tiles, whose
+64-byte stores suit the 16-key panel). Integer V becomes float32 V * v_scale in a pack
+(:func:`kernel_shape`) when the keys are blocked or the footprint is small; otherwise the kernel
+converts 8 / 16-bit V lookups itself.
 """
 from __future__ import annotations
 
