@@ -76,8 +76,6 @@ tmua, tmud, tmuc, unifa, null = (MAGIC[n] for n in ("tmua", "tmud", "tmuc", "uni
 
 LOG2E = SM.LOG2E
 INT_IN = ("int8", "int16")
-#: V lookups in flight in the P V phase
-PFV = 6
 #: registers the kernel keeps besides the tiles (pointers, constants, temporaries)
 FIXED_REGS = 28
 #: K panel + V bytes beyond which alternate tiles walk backwards (:func:`sawtooth`)
@@ -162,41 +160,6 @@ class AttnTiling:
     def tail_blocks(self, s: "AttnShape") -> int:
         """16-key blocks of the last key block."""
         return s.NB - (self.nkb - 1) * self.KB
-
-
-# ------------------------------------------------------------------------------------------------
-# Instruction emitter: every multiply-accumulate is a mul-ALU product plus an add-ALU accumulate
-# issued in the next instruction that has a free add slot (double-buffered product registers).
-# ------------------------------------------------------------------------------------------------
-class _Mac:
-    def __init__(self, tmp, is_int: bool, pending=None):
-        self.tmp, self.n = tmp, 0
-        self.mul = "smul24" if is_int else "fmul"
-        self.acc = F["add"] if is_int else F["fadd"]
-        self.pending = pending
-
-    def _flush_into(self, sig=None, cond=None):
-        if self.pending is None:
-            return nop(sig=sig)
-        acc, t = self.pending
-        self.pending = None
-        return self.acc(acc, acc, t, sig=sig)
-
-    def mac(self, acc, a, bb, sig=None):
-        ins = self._flush_into(sig)
-        t = self.tmp[self.n % 2]
-        self.n += 1
-        getattr(ins, self.mul)(t, a, bb)
-        self.pending = (acc, t)
-
-    def with_add_free(self, mulfn, sig=None):
-        """An instruction whose mul ALU does mulfn (a callable taking the Instr); add flushes."""
-        ins = self._flush_into(sig)
-        mulfn(ins)
-
-    def flush(self):
-        if self.pending is not None:
-            self._flush_into()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -655,7 +618,6 @@ def _qk_phase(s, t, g, NB, wrap, rev=False):
     sch, _ = body([max(-1, c - L1 + gap - 1) for c in iss])
     lbl = _label("qk")
     A.Program._stack[-1].label(lbl)
-    n = len(sch.slots)
     while len(sch.slots) < 4:
         sch.slots.append([None, None, None])
     head, tail = sch.slots[:len(sch.slots) - 3], sch.slots[len(sch.slots) - 3:]
@@ -664,7 +626,6 @@ def _qk_phase(s, t, g, NB, wrap, rev=False):
     b(getattr(R_, lbl), cond="anyna")
     sch.slots = tail
     sch.emit()
-    del n
     for bb in range(NB):                                   # drain the lookups of d = Dpad
         nop(sig=S_["ldtmu"](g.kv[0]))
 
