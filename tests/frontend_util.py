@@ -187,3 +187,16 @@ CASES = {
     "attention_masked": (lambda: g_attention(mask=True), "qpu.attention_mask", "attention"),
     "attention_single_head": (g_attention_single, "qpu.attention_div", "attention"),
 }
+
+
+def sample(name):
+    """A small input batch for each bundled model (digits from the bundled test split)."""
+    d = np.load(MODELS / "digits_test.npz")
+    x = d["x"]
+    if name == "lenet5":
+        return np.kron(x[:1], np.ones((1, 1, 4, 4), np.float32)).astype(np.float32)
+    if name == "mlp":
+        return x[:1].reshape(1, 64)
+    if name == "transformer_layer":
+        return np.random.default_rng(123).standard_normal((1, 16, 32)).astype(np.float32)
+    return x[:7] if name == "digits_cnn_batch" else x[:1]

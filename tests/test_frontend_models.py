@@ -10,7 +10,7 @@ pytest.importorskip("tvm")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 import qpu_doubles as D  # noqa: E402
-from frontend_util import MODELS  # noqa: E402
+from frontend_util import MODELS, sample  # noqa: E402
 
 import tvm_qpu  # noqa: E402
 
@@ -24,18 +24,6 @@ EXPECTED_ALL = {
     "mlp": ["matmul"] * 3,
     "transformer_layer": ["matmul"] * 3 + ["attention"] + ["matmul"] * 3,
 }
-
-
-def sample(name):
-    d = np.load(MODELS / "digits_test.npz")
-    x = d["x"]
-    if name == "lenet5":
-        return np.kron(x[:1], np.ones((1, 1, 4, 4), np.float32)).astype(np.float32)
-    if name == "mlp":
-        return x[:1].reshape(1, 64)
-    if name == "transformer_layer":
-        return np.random.default_rng(123).standard_normal((1, 16, 32)).astype(np.float32)
-    return x[:7] if name == "digits_cnn_batch" else x[:1]
 
 
 def onnxruntime(name, x):

@@ -1,31 +1,17 @@
 """Every bundled model built for the qpu target with every supported op offloaded (placement
 "all", real kernels on the emulator) equals the llvm-only build: fp32 within FP32_ATOL, integer
 models exactly; and the digits CNN keeps its recorded accuracy on the whole bundled test split."""
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 
 import tvm_qpu
+from frontend_util import MODELS, sample
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
 FP32_ATOL = 1e-4           # QPU fp32 sums in a different order than the CPU
 #: models whose offloaded ops are integer (their logits must be bit-identical to llvm's)
 EXACT = {"digits_cnn_int"}
 NAMES = ["digits_cnn", "digits_cnn_batch", "lenet5", "mlp", "transformer_layer", "digits_cnn_qdq", "digits_cnn_int"]
-
-
-def sample(name):
-    d = np.load(MODELS / "digits_test.npz")
-    x = d["x"]
-    if name == "lenet5":
-        return np.kron(x[:1], np.ones((1, 1, 4, 4), np.float32)).astype(np.float32)
-    if name == "mlp":
-        return x[:1].reshape(1, 64)
-    if name == "transformer_layer":
-        return np.random.default_rng(123).standard_normal((1, 16, 32)).astype(np.float32)
-    return x[:5] if name == "digits_cnn_batch" else x[:1]
 
 
 def _run(name, target, x, placement="all"):
