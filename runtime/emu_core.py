@@ -849,6 +849,22 @@ def _read_u32(mem32, page_ok, mem_base, addr):
 
 
 @njit(cache=True)
+def _next_uniform(ctx, col, pc, mem32, page_ok, mem_base, ist, fault):
+    """Read the next word of a uniform stream (col: ST_UNIF or ST_UNIFA) and advance the stream.
+    Returns (ok, value); on an address outside any buffer ``fault`` says where and ok is False."""
+    addr = ist[ctx, col]
+    ok, uv = _read_u32(mem32, page_ok, mem_base, addr)
+    if not ok:
+        fault[0] = FLT_UNIF_ADDR
+        fault[1] = ctx
+        fault[2] = pc
+        fault[3] = addr
+        return False, uv
+    ist[ctx, col] = addr + 4
+    return True, uv
+
+
+@njit(cache=True)
 def _l2_access(tags, lru, gst, line, nsets, nways):
     """Look up one cache line in the shared L2 model; True on a hit (the line is then most
     recently used); on a miss the least recently used way is replaced."""
@@ -1054,14 +1070,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                 # a uniform-relative / -absolute redirect consumes one uniform
                 uval = np.int64(0)
                 if row[B_UB] == 1 and row[B_BDU] != 3:
-                    ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+                    ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault)
                     if not ok:
-                        fault[0] = FLT_UNIF_ADDR
-                        fault[1] = ctx
-                        fault[2] = pc
-                        fault[3] = ist[ctx, ST_UNIF]
                         return FLT_UNIF_ADDR
-                    ist[ctx, ST_UNIF] += 4
                     uval = np.int64(uv)
                 if taken:
                     bdi = row[B_BDI]
@@ -1322,32 +1333,23 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                         # signals
                         if sig != 0:
                             if (sig & S_WRTMUC) != 0:
-                                ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+                                ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault)
                                 if not ok:
-                                    fault[0] = FLT_UNIF_ADDR
-                                    fault[1] = ctx
-                                    fault[2] = pc
-                                    fault[3] = ist[ctx, ST_UNIF]
                                     return FLT_UNIF_ADDR
-                                ist[ctx, ST_UNIF] += 4
                                 ist[ctx, ST_TMUCFG] = np.int64(uv)
                             if (sig & (S_LDUNIF | S_LDUNIFRF | S_LDUNIFA | S_LDUNIFARF)) != 0:
                                 use_a = (sig & (S_LDUNIFA | S_LDUNIFARF)) != 0
                                 col = ST_UNIFA if use_a else ST_UNIF
-                                ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, col])
+                                uaddr = ist[ctx, col]
+                                ok, uv = _next_uniform(ctx, col, pc, mem32, page_ok, mem_base, ist, fault)
                                 if not ok:
-                                    fault[0] = FLT_UNIF_ADDR
-                                    fault[1] = ctx
-                                    fault[2] = pc
-                                    fault[3] = ist[ctx, col]
                                     return FLT_UNIF_ADDR
-                                t_u = _uniform_ready(ctx, 1 if use_a else 0, ist[ctx, col], now, ist, fst,
+                                t_u = _uniform_ready(ctx, 1 if use_a else 0, uaddr, now, ist, fst,
                                                      l2_tags, l2_lru, gst, prm, stats, nsets, nways,
                                                      line_bytes)
                                 if t_u > now:
                                     stalled = True
                                     now = t_u
-                                ist[ctx, col] += 4
                                 d = row[F_SIGDST] if (sig & (S_LDUNIFRF | S_LDUNIFARF)) != 0 else 0
                                 if d < 64:
                                     for l in range(16):
@@ -1419,14 +1421,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             ist[ctx, ST_BARRIER_PEND] = 1
                         elif w == W_TMUA or w == W_TMUAU:
                             if w == W_TMUAU:
-                                ok, uv = _read_u32(mem32, page_ok, mem_base, ist[ctx, ST_UNIF])
+                                ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault)
                                 if not ok:
-                                    fault[0] = FLT_UNIF_ADDR
-                                    fault[1] = ctx
-                                    fault[2] = pc
-                                    fault[3] = ist[ctx, ST_UNIF]
                                     return FLT_UNIF_ADDR
-                                ist[ctx, ST_UNIF] += 4
                                 ist[ctx, ST_TMUCFG] = np.int64(uv)
                             # ---- one general TMU lookup (see docs/emulator.md, "TMU") ----
                             cfgw = ist[ctx, ST_TMUCFG] & 0xFFFFFFFF
