@@ -29,10 +29,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def dev():
-    """One emulator device shared by the kernel tests (test modules may still define their own)."""
+def _v3d_present() -> bool:
+    try:
+        from tvm_qpu.runtime import v3d
+        return v3d.find_render_node() is not None
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session", params=["emulator", pytest.param("v3d", marks=pytest.mark.pi5)])
+def dev(request):
+    """The device the kernel tests run on: the emulator always, and the real GPU (tests marked
+    ``pi5``) when a Raspberry Pi 5's V3D render node is present (skipped elsewhere)."""
     from tvm_qpu.runtime.device import open_device
-    d = open_device("emulator")
+    if request.param == "v3d" and not _v3d_present():
+        pytest.skip("pi5: no V3D render node on this machine (the kernel tests also run on a Pi 5's GPU)")
+    d = open_device(request.param)
     yield d
     d.close()

@@ -15,12 +15,6 @@ from tvm_qpu.codegen.kernels.attention import (AttnShape, plan_attention, refere
                                                choose_tiling)
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
-from tvm_qpu.runtime.emulator import EmulatorDevice
-
-
-@pytest.fixture(scope="module")
-def dev():
-    return EmulatorDevice(memory_size=64 << 20)
 
 
 def make(s, rng, nan=False):

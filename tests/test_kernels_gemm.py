@@ -124,6 +124,8 @@ def test_nan_and_inf_propagate(dev):
 
 
 def test_large_tiles_use_all_qpus(dev):
+    if dev.kind != "emulator":
+        pytest.skip("per-QPU cycles are an emulator statistic")
     s = GemmShape(96, 128, 32)
     t = choose_tiling(s)
     assert t.Wm * t.Wn == 12

@@ -7,17 +7,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tvm_qpu.codegen.kernels import reduce as RD
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
-from tvm_qpu.runtime.device import open_device
 
 DTYPES = ("float32", "int8", "int16", "int32")
 SUM_TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def dev():
-    d = open_device("emulator")
-    yield d
-    d.close()
 
 
 def _data(rng, shape, dtype, extremes=False):

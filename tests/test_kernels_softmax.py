@@ -13,14 +13,8 @@ from tvm_qpu.codegen.kernels.softmax import (SoftmaxShape, plan_softmax, referen
                                              RESIDENT_BLOCKS, _row_segments)
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
-from tvm_qpu.runtime.emulator import EmulatorDevice
 
 RTOL, ATOL = 1e-5, 2e-6
-
-
-@pytest.fixture(scope="module")
-def dev():
-    return EmulatorDevice(memory_size=64 << 20)
 
 
 def run(dev, x, scale=None, mask=None):
