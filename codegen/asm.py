@@ -156,11 +156,12 @@ L = _LabelDef()
 R = _LabelUse()
 
 
-def assemble(kernel, *args, **kwargs) -> np.ndarray:
-    """Run a kernel-building function (or take a Program) and return its 64-bit words."""
+def assemble(kernel, *args, name: str | None = None, **kwargs) -> np.ndarray:
+    """Run a kernel-building function (or take a Program) and return its 64-bit words.
+    ``name`` names the program in errors (default: the function's name)."""
     if isinstance(kernel, Program):
         return kernel.words()
-    prog = Program(getattr(kernel, "__name__", "kernel"))
+    prog = Program(name or getattr(kernel, "__name__", "kernel"))
     with prog:
         kernel(*args, **kwargs)
     return prog.words()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..asm import (Program, R, L, add, b, eidx, fadd, fmul, ldtmu, ldunifrf, mov, nop, shl, shr,
+from ..asm import (R, L, assemble, add, b, eidx, fadd, fmul, ldtmu, ldunifrf, mov, nop, shl, shr,
                    shuffle, sub, thrsw, tmua, tmuc, tmud, tmuwt, umul24)
 from ..instr import RF
 
@@ -95,10 +95,7 @@ def copy_kernel():
 
 
 def copy_words() -> np.ndarray:
-    p = Program("copy")
-    with p:
-        copy_kernel()
-    return p.words()
+    return assemble(copy_kernel, name="copy")
 
 
 def copy_uniforms(n_words: int, src_addr: int, dst_addr: int, n_threads: int) -> np.ndarray:
@@ -191,10 +188,7 @@ def sgemm_kernel():
 
 
 def sgemm_words() -> np.ndarray:
-    p = Program("sgemm_naive")
-    with p:
-        sgemm_kernel()
-    return p.words()
+    return assemble(sgemm_kernel, name="sgemm_naive")
 
 
 def run_sgemm(device, m: int, n: int, k: int, num_qpus: int | None = None, threads: int = 1, *,

@@ -1,7 +1,7 @@
-"""Small pieces every kernel generator uses: register allocation and program assembly."""
+"""Small pieces every kernel generator uses: register allocation (programs are assembled with
+:func:`tvm_qpu.codegen.asm.assemble`, ``name=`` naming them in errors)."""
 from __future__ import annotations
 
-from .. import asm as A
 from ..instr import RF
 
 
@@ -20,10 +20,3 @@ class RegisterPool:
         out, self.free = self.free[:want], self.free[want:]
         return out[0] if n is None else out
 
-
-def assemble_program(fn, *args, name: str = "kernel"):
-    """Run a kernel-emitting function inside a fresh Program; return its machine words."""
-    prog = A.Program(name)
-    with prog:
-        fn(*args)
-    return prog.words()

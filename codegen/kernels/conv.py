@@ -24,7 +24,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
-from .common import RegisterPool, assemble_program
+from .common import RegisterPool
 from .gemm import (INT_DTYPES, ITEMSIZE, SMALL_INT, GemmShape, check_limits,
                    choose_tiling, gemm_kernel, gemm_uniforms, tmu_config)
 
@@ -250,10 +250,10 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None) 
         # one spare block of zero planes past the end: the prefetch reads ahead
         padded = (s.N * lay.Cpad + lay.g) * lay.Hp * lay.Wp * es + 64
         bufs.append(BufferSpec("data_padded", "scratch", (padded // es,), s.dtype, padded))
-        launches.append(Launch(assemble_program(pad_kernel, s, name="conv_pad"), pad_uniforms(s, lay, "data", "data_padded"),
+        launches.append(Launch(A.assemble(pad_kernel, s, name="conv_pad"), pad_uniforms(s, lay, "data", "data_padded"),
                                (s.C, s.N, 1), 16, s.num_qpus, 1, "conv_pad"))
         b_name = "data_padded"
-    gemm_words = assemble_program(gemm_kernel, g, t, name="conv")
+    gemm_words = A.assemble(gemm_kernel, g, t, name="conv")
     images = range(s.N) if s.depthwise else [None]
     for n in images:
         u = gemm_uniforms(g, t, "weight_panel", b_name, "out", "bias" if s.bias else None)

@@ -38,7 +38,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shr, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
-from .common import RegisterPool, assemble_program
+from .common import RegisterPool
 
 S = A.SIGNALS
 R_ = A.R                     # label references
@@ -638,7 +638,7 @@ def pack_kernel(s: GemmShape, t: GemmTiling):
 # ------------------------------------------------------------------------------------------------
 # Plans
 # ------------------------------------------------------------------------------------------------
-_assemble = assemble_program
+_assemble = A.assemble
 
 
 def needs_pack(s: GemmShape, t: GemmTiling) -> bool:
