@@ -380,11 +380,7 @@ def attention_kernel(s: AttnShape, t: AttnTiling):
         else:
             _q_start(s, t, g, g.kp)                        # (its first 3: the exit's delay slots)
             if rev:                                        # start at the last 16-key block
-                _toggle_direction(s, g)
-                sub(g.ptr, g.ptr, g.kwrap)
-                sub(g.ptr, g.ptr, g.c64)
-                if s.NB % 2 == 0:
-                    sub(g.ptr, g.ptr, g.ktb)                   # (ktb < 0 here)
+                _start_backwards(s, g)
             _qk_phase(s, t, g, s.NB, g.kwrap, rev)
             _softmax_phase(s, t, g)
             _pv_phase(s, t, g, s.T, g.vp, zero=True, rev=rev)
@@ -428,6 +424,15 @@ def sawtooth(s: AttnShape, t: AttnTiling) -> bool:
     if t.flash:
         return False
     return s.NB * t.Dpad * 64 + s.T * s.Dv * G.ITEMSIZE[s.v_dtype] > SAWTOOTH_BYTES
+
+
+def _start_backwards(s, g):
+    """Turn the walk backwards and point the K pointer at the last 16-key block."""
+    _toggle_direction(s, g)
+    sub(g.ptr, g.ptr, g.kwrap)
+    sub(g.ptr, g.ptr, g.c64)
+    if s.NB % 2 == 0:
+        sub(g.ptr, g.ptr, g.ktb)                       # (ktb < 0 here)
 
 
 def _toggle_direction(s, g):
@@ -489,11 +494,7 @@ def _split_tile(s, t, g):
     rev = sawtooth(s, t) and (s.S // (t.R * t.W)) % 2 == 1   # against the last full round
     _q_start(s, t1, g1, g.kp)
     if rev:
-        _toggle_direction(s, g)
-        sub(g.ptr, g.ptr, g.kwrap)
-        sub(g.ptr, g.ptr, g.c64)
-        if s.NB % 2 == 0:
-            sub(g.ptr, g.ptr, g.ktb)                   # (ktb < 0 here)
+        _start_backwards(s, g)
     _qk_phase(s, t1, g1, s.NB, g.kwrap, rev)
     _softmax_phase(s, t1, g1)
     _pv_phase(s, t1, g1, s.T, g.vp, zero=True, rev=rev)
