@@ -196,3 +196,20 @@ def test_pair_q_pack(dev, s):
     t = choose_tiling(s)
     assert t.R == 2 and "attn_pack_q" in [l.name for l in plan_attention(s).launches]
     check(dev, s, *make(s, np.random.default_rng(31)))
+
+
+# ---- independent reference: TVM's llvm build of the same Relax subgraph (tests/reference.py) ----
+@pytest.mark.parametrize("s", [
+    AttnShape(2, 7, 40, 13, 19, scale=0.3, causal=True, mask=True),
+    AttnShape(1, 6, 300, 24, 33, "int8", "int8", scale=1e-4, v_scale=0.5, mask=True),
+], ids=["fp32_causal_mask", "int8_flash_mask"])
+def test_matches_tvm_llvm(dev, s):
+    """softmax(Q K^T * scale + mask + causal) V on the QPU equals TVM's llvm build of the Relax
+    matmul / multiply / add / softmax / matmul chain (integer Q K^T in int32, V * v_scale)."""
+    from reference import tvm_llvm
+    q, k, v, mask = make(s, np.random.default_rng(37))
+    kw = {} if mask is None else {"mask": mask}
+    out, _ = run_plan(plan_attention(s), dev, q=q, k=k, v=v, **kw)
+    ref = tvm_llvm("attention", q, k, v, mask, scale=s.scale, v_scale=s.v_scale, causal=s.causal)
+    vmax = float(np.abs(v.astype(np.float64)).max()) * (s.v_scale if s.is_int else 1.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * vmax)

@@ -78,3 +78,31 @@ def test_nchw_only_and_groups_refused():
     ok, why = supports(OpSpec("conv2d", [((1, 4, 20, 20), "float32"), ((4, 4, 7, 7), "float32")],
                               ((1, 4, 14, 14), "float32")))
     assert not ok and "registers" in why
+
+
+# ---- independent reference: TVM's llvm build of the same Relax conv2d (tests/reference.py) ----
+@pytest.mark.parametrize("s", [
+    ConvShape(1, 3, 7, 9, 5, 3, 3, padding=(1, 0, 1, 2), dtype="int8", w_dtype="int8", bias=True, activation="relu"),
+    ConvShape(2, 4, 7, 7, 4, 3, 3, groups=4, strides=(2, 2), padding=(1, 1, 1, 1), bias=True),
+    ConvShape(1, 5, 9, 9, 7, 3, 3, dilation=(2, 2), padding=(2, 2, 2, 2), activation=("clip", -1.0, 1.5)),
+], ids=["int8_pad_bias_relu", "fp32_depthwise_s2", "fp32_dilated_clip"])
+def test_matches_tvm_llvm(dev, s):
+    """The QPU convolution equals TVM's llvm conv2d (integer operands cast to int32)."""
+    from reference import tvm_llvm
+    rng = np.random.default_rng(43)
+    wshape = (s.OC, s.C // s.groups, s.KH, s.KW)
+    if s.is_int:
+        x = rng.integers(-128, 128, (s.N, s.C, s.H, s.W)).astype(s.dtype)
+        w = rng.integers(-128, 128, wshape).astype(s.w_dtype)
+        bias = rng.integers(-5000, 5000, s.OC).astype(np.int32) if s.bias else None
+    else:
+        x = rng.standard_normal((s.N, s.C, s.H, s.W)).astype(np.float32)
+        w = rng.standard_normal(wshape).astype(np.float32)
+        bias = rng.standard_normal(s.OC).astype(np.float32) if s.bias else None
+    out, _ = run_plan(plan_conv(s, w, bias), dev, data=x)
+    ref = tvm_llvm("conv2d", x, w, bias, strides=s.strides, padding=s.padding, dilation=s.dilation, groups=s.groups,
+                   activation=s.activation)
+    if s.is_int:
+        np.testing.assert_array_equal(out, ref)
+    else:
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

@@ -222,7 +222,7 @@ def test_sum_integer_limits(dev, dtype):
         x[1, ::3] = hi if fill == lo else lo
         _check(dev, "sum", x, 1)
         if dtype == "int32":
-            _check(dev, "sum", x, 1, divisor=4099)       # wrapped sum, floor division
+            _check(dev, "sum", x, 1, divisor=4099)       # wrapped sum, division toward zero
             _check(dev, "sum", x, None, divisor=2 * 4099 - 1)
 
 
@@ -340,3 +340,44 @@ def test_bench_cases_are_valid():
         assert RD.supports(spec)[0], name
         x = gen(np.random.default_rng(0))["data"]
         assert x.shape == tuple(spec.inputs[0][0]) and str(x.dtype) == spec.inputs[0][1]
+
+
+# ------------------------------------------------------------------------------------------------
+# independent reference: TVM's llvm build of the same Relax op (tests/reference.py)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op,shape,axis,keepdims,dtype", [
+    ("max", (4, 33, 17), (1, 2), False, "int16"),
+    ("min", (2, 3, 5, 7), (1, 3), True, "float32"),
+    ("max", (3, 5003), (1,), False, "int8"),                 # segment path
+    ("argmax", (7, 33, 17), 1, False, "float32"),
+    ("argmin", (5, 70), 0, True, "int32"),
+])
+def test_matches_tvm_llvm(dev, op, shape, axis, keepdims, dtype):
+    from reference import tvm_llvm
+    x = _data(np.random.default_rng(19), shape, dtype, extremes=True)
+    if op.startswith("arg"):
+        spec = OpSpec(op, [(shape, dtype)], (np.argmax(x, axis=axis, keepdims=keepdims).shape, "int64"),
+                      {"axis": axis, "keepdims": keepdims})
+        plan = RD.arg_generate(spec)
+    else:
+        plan = RD.plan_reduce(op, shape, dtype, axis, keepdims)
+    out, _ = run_plan(plan, dev, data=x)
+    ref = tvm_llvm(op, x, axis=axis, keepdims=keepdims)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("shape,dtype,bound", [((4, 37), "int8", 3), ((3, 5003), "int32", None),
+                                               ((2, 4099), "float32", None)])
+def test_mean_matches_tvm_llvm(dev, shape, dtype, bound):
+    """"sum" with a divisor (global average pooling's stage) equals TVM's llvm ``mean``: integer
+    means truncate toward zero (int8 values small enough that TVM's int8 sum cannot wrap)."""
+    from reference import narrow, tvm_llvm
+    rng = np.random.default_rng(23)
+    x = _data(rng, shape, dtype) if bound is None else rng.integers(-bound, bound, shape, endpoint=True).astype(dtype)
+    out, _ = run_plan(RD.plan_reduce("sum", shape, dtype, 1, divisor=shape[1]), dev, data=x)
+    ref = tvm_llvm("mean", x, axis=(1,))
+    if dtype == "float32":
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(np.abs(x).max()))
+    else:
+        np.testing.assert_array_equal(out, narrow(ref, dtype))

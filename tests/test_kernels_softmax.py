@@ -78,3 +78,17 @@ def test_supports_reasons():
     assert not ok and "last axis" in why
     ok, why = supports(OpSpec("softmax", [((4, 8), "int8")], ((4, 8), "int8"), {"axis": -1}))
     assert not ok and "fp32" in why
+
+
+# ---- independent reference: TVM's llvm build of the same Relax softmax (tests/reference.py) ----
+@pytest.mark.parametrize("rows,n,scale,mask_rows", [(6, 97, 0.3, 3), (2, 1009, None, 0)],
+                         ids=["resident_scale_mask", "streamed"])
+def test_matches_tvm_llvm(dev, rows, n, scale, mask_rows):
+    from reference import tvm_llvm
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((rows, n)) * 8).astype(np.float32)
+    mask = (np.where(rng.random((mask_rows, n)) < 0.3, -np.inf, rng.standard_normal((mask_rows, n)))
+            .astype(np.float32) if mask_rows else None)
+    y, _ = run(dev, x, scale, mask)
+    ref = tvm_llvm("softmax", x, mask, scale=scale)
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)

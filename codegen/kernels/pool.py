@@ -15,8 +15,11 @@ Semantics
   ceil_mode overhang beyond the padding never count) -- PyTorch's rule, extended tap-wise to
   dilation. Float: the sum is accumulated in float32 in tap order and multiplied by
   ``float32(1 / count)`` (tolerance: 1e-5 relative to the sum of |x| / count). Integers: the sum
-  is accumulated in int32 (wrapping modulo 2**32 like numpy int32) and divided with **floor**
-  rounding (numpy ``//``, toward -inf), exactly; count < 2**15. Output dtype = input dtype.
+  is accumulated in int32 (wrapping modulo 2**32 like numpy int32) and divided **truncating
+  toward zero** (C; TVM's llvm build: -1 / 4 = 0, -7 / 4 = -1), exactly; count < 2**15. Output
+  dtype = input dtype. int32 matches TVM bit for bit, wraps included; TVM sums int8 / int16 in
+  the input dtype, so where a window's sum overflows that dtype TVM returns the wrapped average
+  and we the true one (deliberate; docs/emulator.md "Integer semantics").
 * global_avg_pool2d = avg over the whole plane (same rounding); it runs as a "sum" reduction of
   :mod:`.reduce`: few long planes take its two-pass segment kernel (each plane cut into disjoint
   segments, the segment tails masked, so every element is summed once; partials in int32 /
@@ -55,7 +58,7 @@ from ..asm import L, b, mov, nop, sub, add, shl, eidx, tmuwt, thread_end
 from ..instr import RF
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import reduce as RD
-from .reduce import Acc, Builder, ITEMSIZE, store_vector, floor_div_const, f32_bits, tmu_cfg_word
+from .reduce import Acc, Builder, ITEMSIZE, store_vector, trunc_div_const, f32_bits, tmu_cfg_word
 
 S = A.SIGNALS
 R_ = A.R
@@ -337,7 +340,8 @@ def _dynamic_divide(kb: Builder, g: Pool2D, cur: _State, acc: Acc):
     if acc.is_float:
         A.DSL["fmul"](acc.acc, acc.acc, rc)
     else:
-        floor_div_const(kb, acc.acc, cr, rc)
+        sub(cc, cr, one)                                       # count - 1 (cc is free again)
+        trunc_div_const(kb, acc.acc, cr, rc, cc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,7 +432,7 @@ def reference(g: Pool2D, x: np.ndarray) -> np.ndarray:
         return (s / cnt).astype(np.float32)
     s = np.where(valid, gather.astype(np.int64), 0).sum(axis=(4, 5))
     s = (s + 2 ** 31) % 2 ** 32 - 2 ** 31
-    return np.floor_divide(s, cnt).astype(x.dtype)
+    return RD.trunc_divide(s, cnt).astype(x.dtype)
 
 
 def reference_global(x: np.ndarray) -> np.ndarray:

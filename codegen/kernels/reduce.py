@@ -40,7 +40,10 @@ compare equal, as in numpy's ``==``).
 
 Integers: min / max are exact and keep the input dtype (8/16-bit data are sign-extended by the
 TMU and stored back with 8/16-bit TMU stores). "sum" accumulates in int32 (wrapping) and, with a
-divisor, divides with floor rounding (numpy ``//``), exactly; float sums accumulate in float32
+divisor, divides truncating toward zero (C, and TVM's llvm build of ``mean`` / ``avg_pool2d``:
+-7 / 4 = -1), exactly. TVM sums int8 / int16 in the input dtype, so where such a sum overflows
+that dtype TVM's mean is the wrapped one and ours the true mean (a deliberate difference,
+docs/emulator.md "Integer semantics"); float sums accumulate in float32
 (per lane, then across lanes and segments: not numpy's pairwise order; the pooling tolerance is
 1e-5 relative to the sum of |x|).
 
@@ -250,6 +253,16 @@ def floor_div_const(kb: Builder, x, c, rc):
     add(x, x, q1)
 
 
+def trunc_div_const(kb: Builder, x, c, rc, c_minus_1):
+    """x <- trunc(x / c) (toward zero, C / TVM integer division) for int32 x and 0 < c < 2**15:
+    a negative x first gains c - 1 (no overflow: the result stays below c), so the floor
+    division of :func:`floor_div_const` rounds it up. ``c_minus_1`` holds c - 1 (per lane or
+    uniform)."""
+    mov(null, x, cond="pushn")                               # A = x < 0
+    add(x, x, c_minus_1, cond="ifa")
+    floor_div_const(kb, x, c, rc)
+
+
 def store_vector(kb: Builder, val, addr, out_dtype: str, cond: str | None = None):
     if ITEMSIZE[out_dtype] < 4:
         mov(tmuc, kb.u32(tmu_cfg_word(out_dtype)))
@@ -287,7 +300,7 @@ class LanesStage:
     src: str
     dst: str
     prefix: str
-    divisor: int = 1            # "sum" only: divide by this (float: * 1/d; int: floor)
+    divisor: int = 1            # "sum" only: divide by this (float: * 1/d; int: toward zero)
 
     @property
     def P(self):
@@ -394,12 +407,15 @@ def lanes_kernel(kb: Builder, st: LanesStage):
 
 
 def _divide(kb: Builder, acc: Acc, d: int):
+    """acc <- acc / d: float32 ``acc * float32(1 / d)``; integers truncated toward zero (TVM)."""
     if acc.is_float:
         A.DSL["fmul"](acc.acc, acc.acc, kb.u32(f32_bits(np.float32(1.0) / np.float32(d))))
     elif d & (d - 1) == 0:
+        mov(null, acc.acc, cond="pushn")                      # A = negative: round toward zero
+        add(acc.acc, acc.acc, kb.u32(d - 1), cond="ifa")
         asr(acc.acc, acc.acc, kb.u32(d.bit_length() - 1))
     else:
-        floor_div_const(kb, acc.acc, kb.u32(d), kb.u32(f32_bits(np.float32(1.0) / np.float32(d))))
+        trunc_div_const(kb, acc.acc, kb.u32(d), kb.u32(f32_bits(np.float32(1.0) / np.float32(d))), kb.u32(d - 1))
 
 
 def _advance(kb, st: LanesStage, ain, aout, remw, k1, es, oes):
@@ -837,17 +853,24 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
 # ------------------------------------------------------------------------------------------------
 # References
 # ------------------------------------------------------------------------------------------------
+def trunc_divide(s: np.ndarray, d) -> np.ndarray:
+    """Integer division truncated toward zero (C / TVM), elementwise; ``d`` > 0."""
+    q = np.abs(s) // d
+    return np.where(s < 0, -q, q)
+
+
 def reference(op: str, x: np.ndarray, axis=None, keepdims=False, divisor: int = 1) -> np.ndarray:
     """numpy reference: np.max / np.min (NaN propagates), dtype kept; "sum": int32 wrapping sum
-    then floor division by ``divisor`` (integers), float64 sum / divisor (float32), cast to the
-    input dtype (the low bits for 8/16-bit integers, like the kernels' narrow stores)."""
+    then division by ``divisor`` truncated toward zero (integers), float64 sum / divisor
+    (float32), cast to the input dtype (the low bits for 8/16-bit integers, like the kernels'
+    narrow stores)."""
     axes = norm_axes(axis, x.ndim)
     if op == "sum":
         if x.dtype == np.float32:
             return (x.astype(np.float64).sum(axis=axes, keepdims=keepdims) / divisor).astype(np.float32)
         s = x.astype(np.int64).sum(axis=axes, keepdims=keepdims)
         s = (s + 2 ** 31) % 2 ** 32 - 2 ** 31
-        return np.floor_divide(s, divisor).astype(x.dtype)
+        return trunc_divide(s, divisor).astype(x.dtype)
     fn = {"max": np.max, "min": np.min}[op]
     return fn(x, axis=axes, keepdims=keepdims).astype(x.dtype)
 
