@@ -66,12 +66,9 @@ def register(kind: str, supports, generate, estimate) -> None:
 
 
 def _load_kernels():
-    # Importing the kernel package registers every generator (an absent package = no kernels).
-    try:
-        importlib.import_module(__package__ + ".kernels")
-    except ModuleNotFoundError as e:
-        if e.name != __package__ + ".kernels":
-            raise
+    # Importing the kernel package registers every generator; a missing or broken package is an
+    # error (a broken install must fail loudly, not look like "no kernels").
+    importlib.import_module(__package__ + ".kernels")
 
 
 def kinds() -> list:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tempfile
 
 import numpy as np
@@ -46,7 +47,11 @@ def ensure_numba_cache_dir() -> str:
     numba caches next to this file (``__pycache__``) when it can: editable installs and
     writable site-packages. For a read-only install, unless the user chose ``NUMBA_CACHE_DIR``,
     point numba at ``$XDG_CACHE_HOME/tvm_qpu/numba`` (``~/.cache/...``), or a per-user temp
-    directory as a last resort. Returns the directory in use."""
+    directory as a last resort. Returns the directory in use.
+
+    numba loads pickled index files from its cache folder, so a fallback folder is created
+    mode 0700 and one that is not a directory of this user's own, or that others may write to
+    (a predictable ``/tmp`` name someone else created first), is refused with PermissionError."""
     if _numba_config.CACHE_DIR:
         return _numba_config.CACHE_DIR
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
@@ -56,6 +61,19 @@ def ensure_numba_cache_dir() -> str:
     uid = os.getuid() if hasattr(os, "getuid") else 0
     for cand in (os.path.join(base, "tvm_qpu", "numba"),
                  os.path.join(tempfile.gettempdir(), f"tvm_qpu-numba-{uid}")):
+        try:
+            os.makedirs(cand, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        st = os.lstat(cand)
+        problem = ("it is not a directory" if not stat.S_ISDIR(st.st_mode)
+                   else f"it belongs to uid {st.st_uid}, not to you (uid {uid})" if st.st_uid != uid
+                   else f"others may write to it (mode {stat.S_IMODE(st.st_mode):o})" if st.st_mode & 0o022
+                   else "")
+        if problem and hasattr(os, "getuid"):
+            raise PermissionError(f"refusing the numba cache folder {cand}: {problem}; numba would load "
+                                  "pickled code from it. Remove it, or set NUMBA_CACHE_DIR to a folder of "
+                                  "your own.")
         if _dir_writable(cand):
             _numba_config.CACHE_DIR = cand
             return cand

@@ -191,10 +191,7 @@ class EmulatorDevice(Device):
         return ProgramHandle(buf.addr, words, buf, name)
 
     def _check_hazards(self, words, name):
-        try:
-            from ..codegen import hazards
-        except ImportError:          # the checker is optional until it lands
-            return
+        from ..codegen import hazards
         found = hazards.check_program(words)
         if found:
             from ..codegen.disasm import disassemble

@@ -96,8 +96,8 @@ def test_constants_are_documented_in_one_table():
     assert all(k in text for k in list(PL.CPU_MODEL) + list(PL.QPU_OVERHEAD))
 
 
-@pytest.mark.skipif("matmul" not in real_kinds(), reason="no real QPU matmul kernel registered yet")
 def test_real_cycle_model_rule():
+    assert "matmul" in real_kinds()
     from tvm_qpu.codegen import registry
     fp32 = _mm_spec("float32", 256, 256, 256)
     int8 = _mm_spec("int8", 256, 256, 256, "int32")
@@ -105,7 +105,6 @@ def test_real_cycle_model_rule():
     ok_i, why_i = registry.supports(int8)
     if ok_f:
         assert not PL.decide(fp32, "cost", registry=registry).on_qpu, "fp32 GEMM should stay with BLAS"
-    if not ok_i:
-        pytest.skip(f"real matmul kernel does not take int8 yet: {why_i}")
+    assert ok_i, why_i
     d = PL.decide(int8, "cost", registry=registry)
     assert d.on_qpu, d.reason
