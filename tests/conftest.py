@@ -1,19 +1,11 @@
-"""Shared test configuration: locating shared/ (golden data) and the --runslow option."""
-import os
+"""Shared test configuration: the golden corpus, the --runslow option, the device fixture."""
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def shared_dir() -> Path | None:
-    """The workplace's shared/ folder (beside the repo, or $TVM_QPU_SHARED)."""
-    cands = [os.environ.get("TVM_QPU_SHARED"), REPO.parent / "shared", REPO / "shared"]
-    for c in cands:
-        if c and (Path(c) / "golden").is_dir():
-            return Path(c)
-    return None
+#: the golden V3D 7.1 corpus (instruction words and rejected texts; provenance in its README.md)
+GOLDEN = REPO / "tests" / "data" / "golden"
 
 
 def pytest_addoption(parser):

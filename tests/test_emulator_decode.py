@@ -10,7 +10,7 @@ from tvm_qpu.codegen.asm import assemble_text
 from tvm_qpu.runtime import emu_core as C
 from tvm_qpu.runtime import emu_decode
 
-from conftest import shared_dir
+from conftest import GOLDEN
 
 
 def test_every_isa_op_has_an_emulator_id():
@@ -62,11 +62,8 @@ def test_branch_rows(text, bdi, addr, bdu):
 
 
 def test_predecodes_every_golden_word():
-    d = shared_dir()
-    if d is None:
-        pytest.skip("shared/golden not found")
     words = []
-    with open(d / "golden" / "v3d71_encodings.jsonl") as f:
+    with open(GOLDEN / "v3d71_encodings.jsonl") as f:
         for line in f:
             words.append(int(json.loads(line)["word"], 16))
     table = emu_decode.predecode(np.array(words, dtype=np.uint64))

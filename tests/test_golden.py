@@ -1,18 +1,15 @@
-"""Bit-exactness against the golden V3D 7.1 corpus (shared/golden/)."""
+"""Bit-exactness against the golden V3D 7.1 corpus (tests/data/golden/, part of the repository)."""
 import json
 
 import pytest
 
 from tvm_qpu.codegen import AsmError, assemble_text, decode, disassemble_word, encode
 
-from conftest import shared_dir
-
-SHARED = shared_dir()
-pytestmark = pytest.mark.skipif(SHARED is None, reason="shared/golden not found beside the repo")
+from conftest import GOLDEN
 
 
 def _load(name):
-    with open(SHARED / "golden" / name) as f:
+    with open(GOLDEN / name) as f:
         return [json.loads(line) for line in f]
 
 
