@@ -11,8 +11,7 @@ with the arrays as parameters, compiles it for llvm once per (op, shapes, dtypes
 for the process (each xdist worker keeps its own cache) -- and returns the numpy result. Attribute
 values must be hashable (tuples, not lists).
 
-TVM 0.27 facts these builds rely on (measured with this module; docs/emulator.md "Integer
-semantics" lists them):
+TVM 0.27 facts these builds rely on (measured with this module; docs/kernels.md lists them):
 * integer ``avg_pool2d`` / ``mean`` sum in the *input* dtype (int8 sums wrap modulo 256) and divide
   with truncation toward zero; the legalized function returns an int64 tensor although Relax
   declares the input dtype -- :func:`narrow` converts it back, refusing values that do not fit;

@@ -286,7 +286,7 @@ def test_global_matches_tvm_llvm(dev, shape, dtype, bound):
 
 def test_int8_overflow_is_a_documented_difference(dev):
     """TVM sums int8 windows in int8: 4 x 127 wraps to -4, average -1. The QPU sums in int32 and
-    returns the true average 127 (docs/emulator.md "Integer semantics"). If TVM ever widens its
+    returns the true average 127 (docs/kernels.md). If TVM ever widens its
     accumulator, this test says so and the note can go."""
     from reference import narrow, tvm_llvm
     x = np.full((1, 1, 2, 2), 127, np.int8)

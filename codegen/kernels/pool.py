@@ -19,7 +19,7 @@ Semantics
   toward zero** (C; TVM's llvm build: -1 / 4 = 0, -7 / 4 = -1), exactly; count < 2**15. Output
   dtype = input dtype. int32 matches TVM bit for bit, wraps included; TVM sums int8 / int16 in
   the input dtype, so where a window's sum overflows that dtype TVM returns the wrapped average
-  and we the true one (deliberate; docs/emulator.md "Integer semantics").
+  and we the true one (deliberate; docs/kernels.md).
 * global_avg_pool2d = avg over the whole plane (same rounding); it runs as a "sum" reduction of
   :mod:`.reduce`: few long planes take its two-pass segment kernel (each plane cut into disjoint
   segments, the segment tails masked, so every element is summed once; partials in int32 /

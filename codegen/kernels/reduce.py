@@ -43,7 +43,7 @@ TMU and stored back with 8/16-bit TMU stores). "sum" accumulates in int32 (wrapp
 divisor, divides truncating toward zero (C, and TVM's llvm build of ``mean`` / ``avg_pool2d``:
 -7 / 4 = -1), exactly. TVM sums int8 / int16 in the input dtype, so where such a sum overflows
 that dtype TVM's mean is the wrapped one and ours the true mean (a deliberate difference,
-docs/emulator.md "Integer semantics"); float sums accumulate in float32
+docs/kernels.md); float sums accumulate in float32
 (per lane, then across lanes and segments: not numpy's pairwise order; the pooling tolerance is
 1e-5 relative to the sum of |x|).
 
