@@ -8,6 +8,26 @@ REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "data" / "golden"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, warm numba's cache of the emulator core in the controller before the
+    workers start: a cold cache costs about a minute of compilation, which every worker would
+    otherwise pay at once (and race to write)."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        warm_emulator()
+
+
+def warm_emulator():
+    """Run a tiny copy kernel on the emulator: compiles (or loads from numba's cache) its core."""
+    from tvm_qpu.codegen.kernels import calibration
+    from tvm_qpu.runtime.emulator import EmulatorDevice
+    dev = EmulatorDevice(memory_size=1 << 20)
+    try:
+        ok, _, _ = calibration.run_copy(dev, 1 << 10, 1)
+        assert ok, "the emulator's warm-up copy kernel gave a wrong result"
+    finally:
+        dev.close()
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

@@ -25,7 +25,7 @@ Tolerance: integer outputs exactly; float outputs with the case's rtol/atol (1e-
 of these). The QPU's fp32 results (accumulation order, SFU exp2 / reciprocal + Newton step) are
 within ~3e-7 relative of the expected data here; the pooling data were rounded to 4 decimals.
 
-Runtime: ~20 s for ~270 cases (no slow remainder).
+Runtime: about 150 cases; the cases of each XFAIL_IMPORT family are sampled (XFAIL_IMPORT_SAMPLE).
 """
 from __future__ import annotations
 
@@ -128,11 +128,23 @@ def _cases() -> dict:
     return out
 
 
+#: cases run per XFAIL_IMPORT prefix: the importer fails all of them the same way (121 cases, about
+#: a fifth of this file's time); the first few in name order keep the strict xfail that says when
+#: a TVM upgrade imports them
+XFAIL_IMPORT_SAMPLE = 2
+
+
 def _params() -> list:
     ps = []
-    for name, c in _cases().items():
+    seen = Counter()
+    for name, c in sorted(_cases().items()):
         ops = {n.op_type for n in c.model.graph.node}
-        importable = not any(name.startswith(p) for p in XFAIL_IMPORT)
+        prefix = next((p for p in XFAIL_IMPORT if name.startswith(p)), None)
+        importable = prefix is None
+        if prefix is not None:
+            seen[prefix] += 1
+            if seen[prefix] > XFAIL_IMPORT_SAMPLE:
+                continue
         variants = [""] + (["frozen"] if ops & set(FREEZE_OPS) and importable else [])
         for v in variants:
             ps.append(pytest.param(name, v, id=f"{name}[{v}]" if v else name, marks=_xfail_marks(name)))

@@ -98,7 +98,8 @@ def build_parser():
     c.add_argument("--target", default="qpu", help="qpu (QPU + CPU) or llvm (CPU only)")
     c.add_argument("-o", "--output", default="module.tar", help="artifact path (default module.tar)")
     c.add_argument("--input-shapes", help='input shapes, e.g. "input:[1,1,8,8]"')
-    c.add_argument("--target-host", default=None, help="llvm (this machine, default) or pi5")
+    c.add_argument("--target-host", default=None, help="llvm (this machine, default) or pi5 (aarch64 host code for a Raspberry Pi 5; "
+                                                          "needs the cross compiler aarch64-linux-gnu-gcc, Debian: gcc-aarch64-linux-gnu)")
     c.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
                    help="offload every supported op, only where the cost model predicts a win, or none")
     c.add_argument("--model-format", default="onnx", choices=("onnx",))
