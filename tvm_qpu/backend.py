@@ -235,8 +235,100 @@ def _narrow_bounded_int_operands(func):
     return _Narrow().visit_expr(func)
 
 
+# TIR max/min node -> the Relax op with the same meaning (elementwise, both operands' NaN rules
+# alike: TIR ``Max``/``Min`` and Relax ``maximum``/``minimum`` legalise to the same TOPI ops).
+_TIR_BOUND_OPS = {"Max": "maximum", "Min": "minimum"}
+
+
+def _single_store(stmt, depth=0):
+    """The one BufferStore of a TE-generated elementwise PrimFunc body (block realize / block /
+    loop nest around a single store), or None for any other structure."""
+    import tvm
+    if depth > 64:
+        return None
+    if isinstance(stmt, tvm.tirx.BufferStore):
+        return stmt
+    name = type(stmt).__name__
+    if name == "SBlockRealize":
+        return _single_store(stmt.block, depth + 1)
+    if name == "SBlock":
+        if getattr(stmt, "init", None) is not None or list(getattr(stmt, "alloc_buffers", [])):
+            return None
+        return _single_store(stmt.body, depth + 1)
+    if name == "For":
+        return _single_store(stmt.body, depth + 1)
+    return None
+
+
+def _tir_bound_call(call, mod):
+    """``(relax op name, x, bound)`` when ``call`` is ``call_tir`` of an elementwise ``max(x, c)`` /
+    ``min(x, c)`` PrimFunc with a scalar constant bound ``c`` (baked into the PrimFunc or passed as
+    a 0-d constant), else None. TVM 0.27's ONNX importer emits ReLU6 / Clip this way (``emit_te``
+    of ``topi.maximum`` then ``topi.minimum``, both opset-6 attributes and opset >= 11 inputs)."""
+    import tvm
+    from tvm import relax
+    if P.op_name(call) != "relax.call_tir" or len(call.args) < 2 or not isinstance(call.args[0], relax.GlobalVar):
+        return None
+    func = mod.functions.get(call.args[0]) if call.args[0] in mod.functions else None
+    if not isinstance(func, tvm.tirx.PrimFunc) or not isinstance(call.args[1], relax.Tuple):
+        return None
+    args = list(call.args[1].fields)
+    if not args or len(args) + 1 != len(func.params) or len(args) > 2:
+        return None
+    bufs = list(func.params)                 # TVM 0.27 (tirx): a PrimFunc parameter is its buffer
+    store = _single_store(func.body)
+    if store is None or not store.buffer.same_as(bufs[-1]):
+        return None
+    value = store.value
+    op = _TIR_BOUND_OPS.get(type(value).__name__)
+    if op is None:
+        return None
+    load, bound = value.a, value.b
+    if not isinstance(load, tvm.ir.TensorLoad):
+        load, bound = bound, load
+    if not (isinstance(load, tvm.ir.TensorLoad) and load.source.same_as(bufs[0])
+            and len(load.indices) == len(store.indices)
+            and all(a.same_as(b) for a, b in zip(load.indices, store.indices))):
+        return None
+    x = args[0]
+    try:
+        if P.shape_of(x) != P.shape_of(call) or P.dtype_of(x) != P.dtype_of(call):
+            return None
+    except (P.Refused, AttributeError):
+        return None
+    dtype = P.dtype_of(x)
+    if isinstance(bound, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) and len(args) == 1:
+        c = np.array(bound.value, dtype=dtype)
+    elif (isinstance(bound, tvm.ir.TensorLoad) and len(args) == 2 and bound.source.same_as(bufs[1])
+          and len(bound.indices) == 0 and P.is_constant(args[1]) and P.const_value(args[1]).size == 1):
+        c = P.const_value(args[1]).reshape(()).astype(dtype)
+    else:
+        return None
+    return op, x, c
+
+
+def _tir_bounds_to_relax(func, mod):
+    """Rewrite the importer's ``call_tir(maximum/minimum, x, c)`` into ``relax.maximum(x, c)`` /
+    ``relax.minimum(x, c)`` so the conv / matmul epilogue patterns see (and fuse) ReLU6 / Clip."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Bounds(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            hit = _tir_bound_call(call, mod)
+            if hit is None:
+                return call
+            op, x, c = hit
+            import tvm
+            return getattr(relax.op, op)(x, relax.const(tvm.runtime.tensor(c)))
+
+    return _Bounds(mod).visit_expr(func)
+
+
 def canonicalize(mod, params=None):
-    """Bind ``params`` (name -> array) into main, fold constants, drop ``x - 0``."""
+    """Bind ``params`` (name -> array) into main, fold constants, drop ``x - 0``, turn the
+    importer's TIR max/min calls with constant bounds (Clip / ReLU6) into Relax ops."""
     import tvm
     from tvm import relax
     if params:
@@ -245,6 +337,7 @@ def canonicalize(mod, params=None):
     mod = relax.transform.FoldConstant()(mod)
     for gv, f in list(mod.functions.items()):
         if isinstance(f, relax.Function):
+            f = _tir_bounds_to_relax(f, mod)
             mod[gv] = _drop_zero_subtract(f)
     mod = relax.transform.FoldConstant()(mod)
     mod = relax.transform.DeadCodeElimination()(mod) if hasattr(relax.transform, "DeadCodeElimination") else mod

@@ -209,11 +209,21 @@ EPILOGUES = {
     # name: (bias?, activation)
     "bias_relu": (True, "relu"),
     "bias_clip": (True, "clip"),
+    "bias_clip_min": (True, "clip_min"),
+    "bias_clip_max": (True, "clip_max"),
     "bias": (True, None),
     "relu": (False, "relu"),
     "clip": (False, "clip"),
+    "clip_min": (False, "clip_min"),
+    "clip_max": (False, "clip_max"),
     "": (False, None),
 }
+
+# Activation forms (the kernel epilogue takes None, "relu" or ("clip", lo, hi)):
+#   clip      relax.clip(x, lo, hi) | minimum(maximum(x, lo), hi)   (ONNX Clip / ReLU6 after
+#             backend.canonicalize turned the importer's TIR max/min calls into these Relax ops)
+#   clip_min  maximum(x, lo)       (Clip with only ``min``)  -> ("clip", lo, +inf)
+#   clip_max  minimum(x, hi)       (Clip with only ``max``)  -> ("clip", -inf, hi)
 
 
 def _with_epilogue(dpl, core, epi, ann):
@@ -231,8 +241,26 @@ def _with_epilogue(dpl, core, epi, ann):
         mm = dpl.is_op("relax.minimum")(dpl.is_op("relax.maximum")(root, lo), hi)
         cl = dpl.is_op("relax.clip")(root, dpl.wildcard(), dpl.wildcard())
         root = cl | mm
+        ann["clip_lo"], ann["clip_hi"] = lo, hi
+    elif act == "clip_min":
+        lo = dpl.is_const()
+        root = dpl.is_op("relax.maximum")(root, lo)
+        ann["clip_lo"] = lo
+    elif act == "clip_max":
+        hi = dpl.is_const()
+        root = dpl.is_op("relax.minimum")(root, hi)
+        ann["clip_hi"] = hi
     ann["root"] = root
     return root, ann
+
+
+def _scalar_bound(e) -> float:
+    if not is_constant(e) or const_value(e).size != 1:
+        raise Refused("clip bounds must be scalar constants")
+    v = float(const_value(e).reshape(()))
+    if np.isnan(v):
+        raise Refused("clip bound is NaN")
+    return v
 
 
 def _activation(ann) -> object:
@@ -243,12 +271,14 @@ def _activation(ann) -> object:
     if name == "relax.clip":
         lo, hi = (float(a.value) for a in root.args[1:3])
         return ("clip", lo, hi)
-    if name == "relax.minimum":
-        hi_e = root.args[1]
-        lo_e = root.args[0].args[1]
-        if not (is_constant(lo_e) and is_constant(hi_e)) or const_value(lo_e).size != 1 or const_value(hi_e).size != 1:
-            raise Refused("clip bounds must be scalar constants")
-        return ("clip", float(const_value(lo_e).reshape(())), float(const_value(hi_e).reshape(())))
+    if name in ("relax.minimum", "relax.maximum"):
+        dt = np.dtype(dtype_of(root))
+        lo, hi = (float(np.iinfo(dt).min), float(np.iinfo(dt).max)) if dt.kind in "iu" else (-np.inf, np.inf)
+        if "clip_lo" in ann:
+            lo = _scalar_bound(ann["clip_lo"])
+        if "clip_hi" in ann:
+            hi = _scalar_bound(ann["clip_hi"])
+        return ("clip", lo, hi)
     return None
 
 
