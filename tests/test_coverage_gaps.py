@@ -143,3 +143,30 @@ def test_clip_with_runtime_bound_stays_on_cpu(tmp_path):
     lib = check_against_ort(g, feed, tmp_path)
     assert [r["name"] for r in lib.report.regions] == ["qpu.conv2d"], lib.report.text()
     assert cpu_ops(lib), lib.report.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. sequence-first [S, 1, D] x W: one [S, D] x W GEMM, not S matrix-vector products
+
+@pytest.mark.parametrize("w_shape", [(32, 48), (1, 32, 48)])
+def test_sequence_first_matmul_is_one_gemm(w_shape, tmp_path):
+    rng = _rng(5)
+    S, D, N = 24, 32, 48
+    inits = {"W": rng.standard_normal(w_shape).astype(np.float32), "B": rng.standard_normal(N).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y0"]), helper.make_node("Add", ["y0", "B"], ["y"])]
+    model = make_model(nodes, {"x": (S, 1, D)}, {"y": (S, 1, N)}, inits)
+    lib = check_against_ort(model, {"x": rng.standard_normal((S, 1, D)).astype(np.float32)}, tmp_path)
+    assert [r["name"] for r in lib.report.regions] == ["qpu.matmul_bias"], lib.report.text()
+    spec = lib.regions[0].match.spec
+    assert spec.inputs[0][0] == (S, D) and spec.inputs[1][0] == (D, N), spec.describe()   # M = S, no batch
+    assert spec.output[0] == (S, N)
+
+
+def test_batched_activations_times_weight_fold_into_rows(tmp_path):
+    """[B, H, S, D] x W [D, N]: all leading dims fold into M (rows)."""
+    rng = _rng(6)
+    inits = {"W": rng.standard_normal((16, 8)).astype(np.float32)}
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], {"x": (2, 3, 5, 16)}, {"y": (2, 3, 5, 8)},
+                       inits)
+    lib = check_against_ort(model, {"x": rng.standard_normal((2, 3, 5, 16)).astype(np.float32)}, tmp_path)
+    assert lib.regions[0].match.spec.inputs[0][0] == (30, 16), lib.report.text()

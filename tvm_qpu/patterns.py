@@ -351,6 +351,17 @@ def build_matmul(ann) -> Match:
         except ValueError:
             raise Refused(f"batch dimensions of {list(a_shape)} and {list(b_shape)} do not broadcast") from None
         kernel_out = tuple(batch) + (a_shape[-2], b_shape[-1])
+    # A [.., M, K] against a B without batch dims (a weight W [K, N]): one [prod(..) * M, K] x W GEMM
+    # instead of prod(..) small ones (a sequence-first [S, 1, D] x W would be S matrix-vector
+    # products); the host reshapes A (free: row-major) and the output back.
+    if b_const is not None and len(b_shape) > 2 and len(a_shape) >= len(b_shape) and set(b_shape[:-2]) == {1}:
+        b_shape = tuple(b_shape[-2:])             # a constant [1, .., K, N]: the same weight W
+        b_const = b_const.reshape(b_shape)
+    if len(a_shape) > 2 and len(b_shape) == 2:
+        rows = int(np.prod(a_shape[:-1], dtype=np.int64))
+        a_steps = a_steps + (("reshape", (rows, a_shape[-1])),)
+        a_shape = (rows, a_shape[-1])
+        kernel_out = (rows, b_shape[-2] if transpose_b else b_shape[-1])
     n = out_shape[-1] if out_shape else 1
     bias = _bias_vector(ann, n, 1, acc)
     inputs = [(a_shape, a_dt), (b_shape, b_dt)]
