@@ -170,3 +170,45 @@ def test_batched_activations_times_weight_fold_into_rows(tmp_path):
                        inits)
     lib = check_against_ort(model, {"x": rng.standard_normal((2, 3, 5, 16)).astype(np.float32)}, tmp_path)
     assert lib.regions[0].match.spec.inputs[0][0] == (30, 16), lib.report.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. attention with q and k each scaled before the matmul (PyTorch's SDPA export)
+
+def _sdpa_model(order: str, masked: bool, B=1, H=2, S=16, D=8):
+    """q, k, v [B, H, S, D]; s = sqrt(1/sqrt(D)) on each of q and k^T (``order`` "kt": transpose then
+    scale, as torch.onnx exports it; "k": scale then transpose); optional additive [S, S] mask."""
+    s = np.array(np.sqrt(1.0 / np.sqrt(D)), np.float32)
+    inits = {"sq": s, "sk": s}
+    nodes = [helper.make_node("Mul", ["q", "sq"], ["q_s"])]
+    if order == "kt":
+        nodes += [helper.make_node("Transpose", ["k"], ["k_t"], perm=[0, 1, 3, 2]),
+                  helper.make_node("Mul", ["k_t", "sk"], ["k_ts"])]
+    else:
+        nodes += [helper.make_node("Mul", ["k", "sk"], ["k_s"]),
+                  helper.make_node("Transpose", ["k_s"], ["k_ts"], perm=[0, 1, 3, 2])]
+    nodes.append(helper.make_node("MatMul", ["q_s", "k_ts"], ["scores"]))
+    logits = "scores"
+    if masked:
+        inits["mask"] = np.triu(np.full((S, S), -1e4, np.float32), 1)
+        nodes.append(helper.make_node("Add", ["scores", "mask"], ["masked"]))
+        logits = "masked"
+    nodes += [helper.make_node("Softmax", [logits], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
+    shp = (B, H, S, D)
+    return make_model(nodes, {"q": shp, "k": shp, "v": shp}, {"o": shp}, inits), shp
+
+
+@pytest.mark.parametrize("order,masked,pattern", [("kt", False, "qpu.attention_prescaled"),
+                                                  ("kt", True, "qpu.attention_mask_prescaled"),
+                                                  ("k", False, "qpu.attention_prescaled_k")])
+def test_prescaled_attention_is_fused(order, masked, pattern, tmp_path):
+    model, shp = _sdpa_model(order, masked)
+    rng = _rng(7)
+    feed = {n: rng.standard_normal(shp).astype(np.float32) for n in ("q", "k", "v")}
+    lib = check_against_ort(model, feed, tmp_path)
+    assert [r["name"] for r in lib.report.regions] == [pattern], lib.report.text()
+    spec = lib.regions[0].match.spec
+    assert spec.kind == "attention"
+    assert spec.attrs["scale"] == pytest.approx(1 / np.sqrt(shp[-1]), rel=1e-6)       # s1 * s2
+    assert not [op for op in cpu_ops(lib) if op in ("relax.multiply", "relax.matmul", "relax.nn.softmax")], \
+        lib.report.text()

@@ -520,13 +520,36 @@ def build_softmax(ann) -> Match:
 # ---------------------------------------------------------------------------------------------
 # attention: matmul(Q, permute_dims(K)) * scale (+ mask) -> softmax -> matmul(., V)
 
+# scale_op of the rows where q and k are each scaled before the matmul (PyTorch's exporter of
+# scaled_dot_product_attention multiplies both by sqrt(scale)): K transposed then scaled, or K
+# scaled then transposed.
+PRESCALED_KT, PRESCALED_K = "prescaled_kt", "prescaled_k"
+
+
 def _make_attention(masked: bool, scale_op: str):
+    """``scale_op`` "relax.multiply" / "relax.divide": ``matmul(Q, K^T) * s`` (or ``/ s``);
+    PRESCALED_KT: ``matmul(Q * s1, K^T * s2)``; PRESCALED_K: ``matmul(Q * s1, (K * s2)^T)``; the
+    softmax scale is then s1 * s2."""
     def make():
         dpl = _dpl()
-        q, k, v, scale = dpl.wildcard(), dpl.wildcard(), dpl.wildcard(), dpl.is_const()
-        kt = dpl.is_op("relax.permute_dims")(k)
-        s = dpl.is_op(scale_op)(dpl.is_op("relax.matmul")(q, kt), scale)
-        ann = {"q": q, "k": k, "kt": kt, "v": v, "scale": scale, "scores": s}
+        q, k, v = dpl.wildcard(), dpl.wildcard(), dpl.wildcard()
+        ann = {"q": q, "k": k, "v": v}
+        if scale_op in (PRESCALED_KT, PRESCALED_K):
+            qs, ks = dpl.is_const(), dpl.is_const()
+            if scale_op == PRESCALED_KT:
+                kt = dpl.is_op("relax.permute_dims")(k)
+                k_side = dpl.is_op("relax.multiply")(kt, ks)
+            else:
+                kt = dpl.is_op("relax.permute_dims")(dpl.is_op("relax.multiply")(k, ks))
+                k_side = kt
+            s = dpl.is_op("relax.matmul")(dpl.is_op("relax.multiply")(q, qs), k_side)
+            ann.update({"kt": kt, "q_scale": qs, "k_scale": ks})
+        else:
+            scale = dpl.is_const()
+            kt = dpl.is_op("relax.permute_dims")(k)
+            s = dpl.is_op(scale_op)(dpl.is_op("relax.matmul")(q, kt), scale)
+            ann.update({"kt": kt, "scale": scale})
+        ann["scores"] = s
         if masked:
             mask = dpl.wildcard()
             s = dpl.is_op("relax.add")(s, mask)
@@ -536,6 +559,24 @@ def _make_attention(masked: bool, scale_op: str):
         ann.update({"softmax": p, "root": root, "core": root})
         return root, ann
     return make
+
+
+def _attention_scale(ann) -> float:
+    """The softmax scale of a matched attention: the post-matmul constant, or s1 * s2."""
+    if "q_scale" in ann:
+        vals = [const_value(ann[n]) for n in ("q_scale", "k_scale")]
+        if any(v.size != 1 for v in vals):
+            raise Refused("attention q / k scales are not scalars")
+        return float(vals[0].reshape(())) * float(vals[1].reshape(()))
+    sc = const_value(ann["scale"])
+    if sc.size != 1:
+        raise Refused("attention scale is not a scalar")
+    scale = float(sc.reshape(()))
+    if op_name(ann["scores"]) == "relax.divide":
+        if scale == 0:
+            raise Refused("attention scale divides by zero")
+        scale = 1.0 / scale
+    return scale
 
 
 def _to4d(shape):
@@ -556,14 +597,7 @@ def build_attention(ann) -> Match:
     sm_axis = int(_attr(ann["softmax"], "axis"))
     if sm_axis % nd != nd - 1:
         raise Refused("softmax is not over the key axis")
-    sc = const_value(ann["scale"])
-    if sc.size != 1:
-        raise Refused("attention scale is not a scalar")
-    scale = float(sc.reshape(()))
-    if op_name(ann["scores"]) == "relax.divide":
-        if scale == 0:
-            raise Refused("attention scale divides by zero")
-        scale = 1.0 / scale
+    scale = _attention_scale(ann)
     dts = {dtype_of(q), dtype_of(k), dtype_of(v)}
     if len(dts) != 1:
         raise Refused(f"mixed attention dtypes {sorted(dts)}")
@@ -603,11 +637,13 @@ def _fold_heads(s4):
 
 def _table() -> list:
     rows = []
+    suffix = {"relax.multiply": "", "relax.divide": "_div", PRESCALED_KT: "_prescaled", PRESCALED_K: "_prescaled_k"}
     for masked in (True, False):
-        for sop in ("relax.multiply", "relax.divide"):
-            nm = "attention" + ("_mask" if masked else "") + ("" if sop == "relax.multiply" else "_div")
+        for sop in suffix:
+            nm = "attention" + ("_mask" if masked else "") + suffix[sop]
+            core = "matmul(Q * s1, K^T * s2)" if sop in (PRESCALED_KT, PRESCALED_K) else "matmul(Q, K^T) * scale"
             rows.append(PatternEntry(f"qpu.{nm}", "attention", _make_attention(masked, sop), build_attention,
-                                     "matmul(Q, K^T) * scale (+ mask) -> softmax -> matmul(., V)"))
+                                     f"{core} (+ mask) -> softmax -> matmul(., V)"))
     for base, make, build in (("matmul", _make_matmul, build_matmul), ("conv2d", _make_conv2d, build_conv2d)):
         for epi in EPILOGUES:
             nm = base + ("_" + epi if epi else "")
