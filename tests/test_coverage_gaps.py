@@ -13,6 +13,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import tvm_qpu  # noqa: E402
+from tvm_qpu.backend import QpuWarning  # noqa: E402
 
 F32 = TensorProto.FLOAT
 
@@ -212,3 +213,71 @@ def test_prescaled_attention_is_fused(order, masked, pattern, tmp_path):
     assert spec.attrs["scale"] == pytest.approx(1 / np.sqrt(shp[-1]), rel=1e-6)       # s1 * s2
     assert not [op for op in cpu_ops(lib) if op in ("relax.multiply", "relax.matmul", "relax.nn.softmax")], \
         lib.report.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. one batch needs no batch stride; placement=all offloading nothing warns
+
+def _matmul_spec(a_shape, b_shape):
+    from tvm_qpu.codegen.registry import OpSpec
+    out = tuple(np.broadcast_shapes(a_shape[:-2], b_shape[:-2])) + (a_shape[-2], b_shape[-1])
+    return OpSpec("matmul", [(a_shape, "float32"), (b_shape, "float32")], (out, "float32"),
+                  {"transpose_b": False, "bias": False, "activation": None, "input_names": ["A", "B"]})
+
+
+def test_single_batch_gemm_has_no_batch_stride_limit():
+    """1 x 4096 @ 4096 x 4096 (B is 64 MiB: a batch stride beyond 24 bits, but there is one batch)."""
+    from tvm_qpu.codegen import registry
+    ok, why = registry.supports(_matmul_spec((1, 4096), (4096, 4096)))
+    assert ok, why
+    # with several batches of B the stride is used (z * stride) and is still refused
+    ok, why = registry.supports(_matmul_spec((2, 1, 2048), (2, 2048, 2048)))
+    assert not ok and "B batch stride" in why
+
+
+def test_large_single_batch_matmul_offloaded_with_placement_all(tmp_path):
+    """1 x 2048 @ 2048 x 2048: B is exactly 16 MiB (the old check refused it), run on the emulator."""
+    rng = _rng(8)
+    K = N = 2048
+    inits = {"W": rng.standard_normal((K, N)).astype(np.float32)}
+    model = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], {"x": (1, K)}, {"y": (1, N)}, inits)
+    lib = check_against_ort(model, {"x": rng.standard_normal((1, K)).astype(np.float32)}, tmp_path, rtol=1e-4,
+                            atol=1e-3)
+    assert [r["name"] for r in lib.report.regions] == ["qpu.matmul"], lib.report.text()
+    assert not lib.report.warnings
+
+
+def _cpu_only_model():
+    """An int32 x int32 MatMul of run-time operands: refused by the pattern check (24-bit multiply)."""
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "int32_matmul",
+                          [helper.make_tensor_value_info("a", TensorProto.INT32, [4, 8]),
+                           helper.make_tensor_value_info("b", TensorProto.INT32, [8, 5])],
+                          [helper.make_tensor_value_info("c", TensorProto.INT32, [4, 5])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_placement_all_offloading_nothing_warns(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_cpu_only_model(), str(path))
+    mod, params = tvm_qpu.from_onnx(path)
+    with pytest.warns(QpuWarning, match="placement=all offloaded nothing"):
+        part = tvm_qpu.partition(mod, params, placement="all")
+    report = tvm_qpu.partition_report(part)                 # survives the JSON round trip
+    assert len(report.warnings) == 1 and "24-bit" in report.warnings[0]
+    assert report.text().startswith("WARNING: placement=all offloaded nothing")
+    # placement=cost choosing the CPU is a decision, not a failure: no warning
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QpuWarning)
+        part = tvm_qpu.partition(mod, params, placement="cost")
+    assert not tvm_qpu.partition_report(part).warnings
+
+
+def test_tvmc_shows_the_warning(tmp_path, capsys):
+    from tvm_qpu import cli
+    path = tmp_path / "m.onnx"
+    onnx.save(_cpu_only_model(), str(path))
+    with pytest.warns(QpuWarning):
+        assert cli.main(["partition", str(path), "--qpu-placement", "all"]) == 0
+    assert "WARNING: placement=all offloaded nothing" in capsys.readouterr().out
+

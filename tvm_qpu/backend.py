@@ -34,6 +34,10 @@ class QpuError(Exception):
     """A user-facing error of the qpu backend (bad input, unusable model, missing tool)."""
 
 
+class QpuWarning(UserWarning):
+    """A user-facing warning of the qpu backend (e.g. ``placement="all"`` offloaded nothing)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # registry access (tolerates a kernel package that is not there yet)
 
@@ -94,10 +98,11 @@ class PartitionReport:
     candidates: list = field(default_factory=list)
     regions: list = field(default_factory=list)      # dicts: name, kind, spec, anchor, reason, cpu_s, qpu_s
     cpu_ops: list = field(default_factory=list)      # dicts: var, op, reason
+    warnings: list = field(default_factory=list)     # messages for the user (also issued as QpuWarning)
 
     def as_dict(self) -> dict:
         return {"placement": self.placement, "regions": self.regions, "cpu_ops": self.cpu_ops,
-                "candidates": [c.as_dict() for c in self.candidates]}
+                "candidates": [c.as_dict() for c in self.candidates], "warnings": self.warnings}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict())
@@ -106,12 +111,13 @@ class PartitionReport:
     def from_json(s: str) -> "PartitionReport":
         d = json.loads(s)
         r = PartitionReport(d["placement"], [Candidate(**c) for c in d.get("candidates", [])],
-                            d.get("regions", []), d.get("cpu_ops", []))
+                            d.get("regions", []), d.get("cpu_ops", []), d.get("warnings", []))
         return r
 
     def text(self) -> str:
-        out = [f"placement: {self.placement}",
-               f"QPU regions: {len(self.regions)}"]
+        out = [f"WARNING: {w}" for w in self.warnings]
+        out += [f"placement: {self.placement}",
+                f"QPU regions: {len(self.regions)}"]
         for i, r in enumerate(self.regions):
             out.append(f"  [{i}] {r['name']:26s} {r['spec']}")
             out.append(f"       why: {r['reason']}")
@@ -444,6 +450,7 @@ class QpuBackend:
             mod = relax.transform.FuseOpsByPattern(self.fusion_patterns(report), bind_constants=True,
                                                    annotate_codegen=True)(mod)
         self._summarise(mod, report)
+        _warn_if_nothing_offloaded(report)
         return mod, report
 
     def _summarise(self, mod, report):
@@ -540,6 +547,27 @@ class QpuBackend:
                  if not (f.attrs is not None and f.attrs.get("Codegen") == CODEGEN)}
         funcs[gv] = new_main
         return tvm.IRModule(funcs, attrs=mod.attrs), regions
+
+
+def _warn_if_nothing_offloaded(report: PartitionReport, max_reasons: int = 3):
+    """``placement="all"`` asks for every supported op on the QPU: if none is, say why (in the
+    report and as a :class:`QpuWarning`, which tvmc prints), instead of silently building a
+    CPU-only module."""
+    if report.placement != "all" or report.regions:
+        return
+    reasons = []
+    for c in report.candidates:
+        if not c.accepted and c.reason and c.reason not in reasons:
+            reasons.append(c.reason)
+    if not report.candidates:
+        why = "no op matched a QPU pattern"
+    else:
+        why = (f"{len(report.candidates)} candidate(s) were refused: " + "; ".join(reasons[:max_reasons])
+               + (f"; ... ({len(reasons) - max_reasons} more reasons)" if len(reasons) > max_reasons else ""))
+    msg = f"placement=all offloaded nothing to the QPU ({why}); the model runs on the CPU only"
+    report.warnings.append(msg)
+    import warnings
+    warnings.warn(msg, QpuWarning, stacklevel=3)
 
 
 def _transform_step(x, step):
