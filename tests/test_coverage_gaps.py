@@ -281,3 +281,50 @@ def test_tvmc_shows_the_warning(tmp_path, capsys):
         assert cli.main(["partition", str(path), "--qpu-placement", "all"]) == 0
     assert "WARNING: placement=all offloaded nothing" in capsys.readouterr().out
 
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Conv1d (as a conv2d of height 1) and the 1-D global mean
+
+def test_conv1d_bias_relu_offloaded(tmp_path):
+    rng = _rng(9)
+    inits = {"W": rng.standard_normal((8, 4, 3)).astype(np.float32), "B": rng.standard_normal(8).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 2], strides=[2], dilations=[2]),
+             helper.make_node("Relu", ["y"], ["z"])]
+    model = make_model(nodes, {"x": (2, 4, 20)}, {"z": (2, 8, 10)}, inits)
+    lib = check_against_ort(model, {"x": rng.standard_normal((2, 4, 20)).astype(np.float32)}, tmp_path)
+    assert [r["name"] for r in lib.report.regions] == ["qpu.conv1d_bias_relu"], lib.report.text()
+    assert cpu_ops(lib) == [], lib.report.text()
+    spec = lib.regions[0].match.spec
+    assert spec.inputs[0][0] == (2, 4, 1, 20) and spec.attrs["padding"] == (0, 1, 0, 2)
+
+
+def test_depthwise_conv1d_offloaded(tmp_path):
+    rng = _rng(10)
+    inits = {"W": rng.standard_normal((6, 1, 5)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], pads=[2, 2], group=6)]
+    model = make_model(nodes, {"x": (1, 6, 32)}, {"y": (1, 6, 32)}, inits)
+    lib = check_against_ort(model, {"x": rng.standard_normal((1, 6, 32)).astype(np.float32)}, tmp_path)
+    assert [r["name"] for r in lib.report.regions] == ["qpu.conv1d"], lib.report.text()
+
+
+@pytest.mark.parametrize("node,out", [
+    (lambda: helper.make_node("GlobalAveragePool", ["x"], ["y"]), (2, 8, 1)),
+    (lambda: helper.make_node("ReduceMean", ["x"], ["y"], axes=[-1], keepdims=0), (2, 8)),
+])
+def test_1d_global_mean_offloaded(node, out, tmp_path):
+    rng = _rng(11)
+    model = make_model([node()], {"x": (2, 8, 50)}, {"y": out}, {})
+    lib = check_against_ort(model, {"x": rng.standard_normal((2, 8, 50)).astype(np.float32)}, tmp_path,
+                            rtol=1e-5, atol=1e-6)
+    assert [r["kind"] for r in lib.report.regions] == ["global_avg_pool2d"], lib.report.text()
+    assert lib.regions[0].match.spec.inputs[0][0] == (1, 16, 1, 50)
+
+
+def test_mean_over_leading_axis_stays_on_cpu(tmp_path):
+    model = make_model([helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)], {"x": (2, 8, 5)},
+                       {"y": (2, 1, 5)}, {})
+    with pytest.warns(QpuWarning, match="offloaded nothing"):
+        lib = check_against_ort(model, {"x": _rng(12).standard_normal((2, 8, 5)).astype(np.float32)}, tmp_path)
+    assert not lib.regions
+    assert "not over the trailing axes" in lib.report.cpu_ops[0]["reason"], lib.report.text()

@@ -22,9 +22,11 @@ kind               inputs                            notes
 =================  ===============================  =============================================
 matmul             A [.., M, K], B [.., K, N]        B is [N, K] when ``transpose_b``; bias [N]
                    (+ bias)
-conv2d             data NCHW, weight OIHW (+ bias)   bias [C_out]
+conv2d             data NCHW, weight OIHW (+ bias)   bias [C_out]; conv1d rows reshape NCW / OIW
+                                                     to height 1
 max/avg_pool2d     data NCHW
-global_avg_pool2d  data NCHW                         output [N, C, 1, 1]
+global_avg_pool2d  data NCHW                         output [N, C, 1, 1]; a float32 mean over
+                                                     trailing axes reshapes to [1, rows, 1, cols]
 reduce_max/min     data
 softmax            data                              axis is always -1 (normalised)
 attention          q [B, S, D], k [B, T, D],         B = batch x heads (the host reshapes); k is
@@ -387,24 +389,39 @@ def build_matmul(ann) -> Match:
 # ---------------------------------------------------------------------------------------------
 # conv2d
 
-def _make_conv2d(epi):
+def _make_conv(epi, op="relax.nn.conv2d"):
     def make():
         dpl = _dpl()
         x_out, x = _operand(dpl)
         w_out, w = _operand(dpl)
-        conv = dpl.is_op("relax.nn.conv2d")(x_out, w_out)
+        conv = dpl.is_op(op)(x_out, w_out)
         ann = {"x": x, "x_outer": x_out, "w": w, "w_outer": w_out, "core": conv}
         return _with_epilogue(dpl, conv, epi, ann)
     return make
 
 
-def build_conv2d(ann) -> Match:
+def _make_conv2d(epi):
+    return _make_conv(epi, "relax.nn.conv2d")
+
+
+def _make_conv1d(epi):
+    return _make_conv(epi, "relax.nn.conv1d")
+
+
+# per convolution rank: (data layout, kernel layout, bias channel axis counted from the end)
+_CONV_LAYOUTS = {2: ("NCHW", "OIHW", 3), 1: ("NCW", "OIW", 2)}
+
+
+def _build_conv(ann, rank: int) -> Match:
+    """conv2d, or conv1d as a conv2d of height 1 (data [N, C, L] -> [N, C, 1, L] by a host reshape,
+    weight [O, I, K] -> [O, I, 1, K] at compile time, output reshaped back)."""
     conv = ann["core"]
+    want_d, want_k, bias_axis = _CONV_LAYOUTS[rank]
     layout = str(_attr(conv, "data_layout"))
     klayout = str(_attr(conv, "kernel_layout"))
     olayout = str(_attr(conv, "out_layout"))
-    if layout != "NCHW" or klayout != "OIHW" or olayout not in ("NCHW", ""):
-        raise Refused(f"layout {layout}/{klayout}/{olayout} (QPU kernels take NCHW/OIHW)")
+    if layout != want_d or klayout != want_k or olayout not in (want_d, ""):
+        raise Refused(f"layout {layout}/{klayout}/{olayout} (QPU kernels take {want_d}/{want_k})")
     x, fx = _resolve_operand(ann["x_outer"], ann["x"], "data")
     w, fw = _resolve_operand(ann["w_outer"], ann["w"], "weight")
     narrow = dtype_of(x) if fx == "cast" else None
@@ -415,21 +432,42 @@ def build_conv2d(ann) -> Match:
     if w_const is None:
         raise Refused("weight is not a compile-time constant")
     out_shape, acc = shape_of(conv), _out_dtype(conv)
-    pad = _ints(_attr(conv, "padding"))
-    if len(pad) == 2:
-        pad = (pad[0], pad[1], pad[0], pad[1])
-    bias = _bias_vector(ann, out_shape[1], 3, acc)
+    pad, strides, dil = _ints(_attr(conv, "padding")), _ints(_attr(conv, "strides")), _ints(_attr(conv, "dilation"))
+    x_steps = ()
+    if rank == 1:
+        pad = (0, pad[0], 0, pad[-1])
+        strides, dil = (1,) + strides, (1,) + dil
+        x_shape = (x_shape[0], x_shape[1], 1, x_shape[2])
+        x_steps = (("reshape", x_shape),)
+        w_shape = (w_shape[0], w_shape[1], 1, w_shape[2])
+        w_const = w_const.reshape(w_shape)
+        kernel_out = (out_shape[0], out_shape[1], 1, out_shape[2])
+    else:
+        if len(pad) == 2:
+            pad = (pad[0], pad[1], pad[0], pad[1])
+        kernel_out = out_shape
+    bias = _bias_vector(ann, out_shape[1], bias_axis, acc)
     inputs, names, consts = [(x_shape, x_dt), (w_shape, w_dt)], ["data", "weight"], {"weight": w_const}
     if bias is not None:
         inputs.append(((out_shape[1],), str(bias.dtype)))
         names.append("bias")
         consts["bias"] = bias
     root = ann["root"]
-    attrs = {"strides": _ints(_attr(conv, "strides")), "padding": pad, "dilation": _ints(_attr(conv, "dilation")),
+    attrs = {"strides": strides, "padding": pad, "dilation": dil,
              "groups": int(_attr(conv, "groups")), "layout": "NCHW", "bias": bias is not None,
              "activation": _activation(ann), "out_dtype": acc}
-    spec = _spec("conv2d", names, inputs, (shape_of(root), dtype_of(root)), attrs)
-    return Match(spec, consts, [RuntimeInput("data", x)], anchor=conv)
+    root_shape = shape_of(root)
+    spec = _spec("conv2d", names, inputs, (kernel_out, dtype_of(root)), attrs)
+    return Match(spec, consts, [RuntimeInput("data", x, x_steps)],
+                 out_reshape=root_shape if kernel_out != root_shape else None, anchor=conv)
+
+
+def build_conv2d(ann) -> Match:
+    return _build_conv(ann, 2)
+
+
+def build_conv1d(ann) -> Match:
+    return _build_conv(ann, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,12 +511,32 @@ def build_global_avg_pool(ann) -> Match:
     nd = len(shape_of(ann["x"]))
     if op_name(p) == "relax.mean":
         axes = tuple(sorted(int(a) % nd for a in _ints(_attr(p, "axis"))))
-        if nd != 4 or axes != (2, 3) or not bool(_attr(p, "keepdims")):
-            raise Refused(f"mean over axes {list(axes)} is not a global average pool (NCHW, axes 2,3, keepdims)")
-    else:  # adaptive_avg_pool2d
-        if str(_attr(p, "layout")) != "NCHW" or tuple(shape_of(p)[2:]) != (1, 1):
-            raise Refused("adaptive average pool is not global (output 1x1, NCHW)")
+        if nd == 4 and axes == (2, 3) and bool(_attr(p, "keepdims")):
+            return _unary_match("global_avg_pool2d", ann, {"layout": "NCHW"})
+        return _mean_trailing_axes(ann, axes)
+    if str(_attr(p, "layout")) != "NCHW" or tuple(shape_of(p)[2:]) != (1, 1):    # adaptive_avg_pool2d
+        raise Refused("adaptive average pool is not global (output 1x1, NCHW)")
     return _unary_match("global_avg_pool2d", ann, {"layout": "NCHW"})
+
+
+def _mean_trailing_axes(ann, axes) -> Match:
+    """A float32 mean over the trailing axes of any tensor (1-D global average of [N, C, L],
+    ReduceMean over the last axis, ...) is the global average pool of [1, rows, 1, cols]: the host
+    reshapes (row-major, free) and reshapes the [1, rows, 1, 1] result to the mean's shape."""
+    x, root = ann["x"], ann["root"]
+    shape = shape_of(x)
+    nd = len(shape)
+    if not axes or axes != tuple(range(nd - len(axes), nd)):
+        raise Refused(f"mean over axes {list(axes)} is not over the trailing axes")
+    if dtype_of(x) != "float32" or dtype_of(root) != "float32":
+        raise Refused(f"mean over trailing axes of {dtype_of(x)} (float32 only; integer means round differently)")
+    if is_constant(x):
+        raise Refused("input is a constant")
+    rows = int(np.prod(shape[:nd - len(axes)], dtype=np.int64))
+    cols = int(np.prod(shape[nd - len(axes):], dtype=np.int64))
+    kin, kout = (1, rows, 1, cols), (1, rows, 1, 1)
+    spec = _spec("global_avg_pool2d", ["data"], [(kin, "float32")], (kout, "float32"), {"layout": "NCHW"})
+    return Match(spec, {}, [RuntimeInput("data", x, (("reshape", kin),))], out_reshape=shape_of(root), anchor=root)
 
 
 def _make_global_avg_pool():
@@ -644,10 +702,12 @@ def _table() -> list:
             core = "matmul(Q * s1, K^T * s2)" if sop in (PRESCALED_KT, PRESCALED_K) else "matmul(Q, K^T) * scale"
             rows.append(PatternEntry(f"qpu.{nm}", "attention", _make_attention(masked, sop), build_attention,
                                      f"{core} (+ mask) -> softmax -> matmul(., V)"))
-    for base, make, build in (("matmul", _make_matmul, build_matmul), ("conv2d", _make_conv2d, build_conv2d)):
+    for base, kind, make, build in (("matmul", "matmul", _make_matmul, build_matmul),
+                                    ("conv2d", "conv2d", _make_conv2d, build_conv2d),
+                                    ("conv1d", "conv2d", _make_conv1d, build_conv1d)):
         for epi in EPILOGUES:
             nm = base + ("_" + epi if epi else "")
-            rows.append(PatternEntry(f"qpu.{nm}", base, make(epi), build, f"{base} with epilogue {epi or 'none'}"))
+            rows.append(PatternEntry(f"qpu.{nm}", kind, make(epi), build, f"{base} with epilogue {epi or 'none'}"))
     rows += [
         PatternEntry("qpu.max_pool2d", "max_pool2d", _make_unary("relax.nn.max_pool2d"), _build_pool("max_pool2d")),
         PatternEntry("qpu.avg_pool2d", "avg_pool2d", _make_unary("relax.nn.avg_pool2d"), _build_pool("avg_pool2d")),
