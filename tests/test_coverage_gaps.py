@@ -328,3 +328,77 @@ def test_mean_over_leading_axis_stays_on_cpu(tmp_path):
         lib = check_against_ort(model, {"x": _rng(12).standard_normal((2, 8, 5)).astype(np.float32)}, tmp_path)
     assert not lib.regions
     assert "not over the trailing axes" in lib.report.cpu_ops[0]["reason"], lib.report.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the dedicated depthwise kernel (codegen/kernels/depthwise.py)
+
+def _dw_reference(x, w, b, strides, pads, dil, act):
+    """numpy from the definition (float64): zero-padded input, one channel per group."""
+    N, C, H, W = x.shape
+    _, _, KH, KW = w.shape
+    pt, pl, pb, pr = pads
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    OH = (H + pt + pb - dil[0] * (KH - 1) - 1) // strides[0] + 1
+    OW = (W + pl + pr - dil[1] * (KW - 1) - 1) // strides[1] + 1
+    out = np.zeros((N, C, OH, OW))
+    for oh in range(OH):
+        for ow in range(OW):
+            win = xp[:, :, oh * strides[0]: oh * strides[0] + dil[0] * (KH - 1) + 1: dil[0],
+                     ow * strides[1]: ow * strides[1] + dil[1] * (KW - 1) + 1: dil[1]]
+            out[:, :, oh, ow] = (win * w[None, :, 0].astype(np.float64)).sum(axis=(2, 3))
+    if b is not None:
+        out += b.reshape(1, C, 1, 1)
+    if act == "relu":
+        out = np.maximum(out, 0)
+    elif act is not None:
+        out = np.clip(out, act[1], act[2])
+    return out.astype(np.float32)
+
+
+DW_CASES = [  # N, C, H, W, KH, KW, strides, pads (t, l, b, r), dilation, bias, activation
+    (1, 3, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, None),
+    (2, 5, 7, 9, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), True, ("clip", 0.0, 6.0)),
+    (1, 20, 5, 5, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), True, "relu"),         # more planes than QPUs
+    (1, 3, 11, 6, 2, 3, (1, 2), (0, 2, 1, 0), (2, 1), False, None),           # asymmetric, dilated
+    (1, 2, 20, 37, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), True, None),           # rows of > 16 outputs
+    (1, 4, 9, 9, 1, 5, (1, 1), (0, 2, 0, 2), (1, 1), False, None),
+]
+
+
+@pytest.mark.parametrize("case", DW_CASES)
+def test_depthwise_kernel_matches_numpy(dev, case):
+    from tvm_qpu.codegen.kernels import depthwise as DW
+    from tvm_qpu.codegen.plan import run_plan
+    N, C, H, W, KH, KW, st, pads, dil, bias, act = case
+    rng = _rng(13)
+    x = (3 * rng.standard_normal((N, C, H, W))).astype(np.float32)
+    w = rng.standard_normal((C, 1, KH, KW)).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32) if bias else None
+    s = DW.DwShape(N, C, H, W, KH, KW, *st, *pads, *dil, bias, act)
+    out, _ = run_plan(DW.plan_depthwise(s, w, b), dev, data=x)
+    want = _dw_reference(x, w, b, st, pads, dil, act)
+    assert out.shape == want.shape
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_limits_are_refused_with_reasons():
+    from tvm_qpu.codegen.kernels import depthwise as DW
+    with pytest.raises(ValueError, match="25 taps"):
+        DW.check(DW.DwShape(1, 4, 9, 9, 5, 5))
+    with pytest.raises(ValueError, match="out of registers"):
+        DW.check(DW.DwShape(1, 4, 9, 9, 4, 4, bias=True, activation=("clip", 0.0, 6.0)))
+
+
+def test_mobilenet_depthwise_block_uses_the_depthwise_kernel(tmp_path):
+    """Depthwise Conv + bias + ReLU6 (MobileNetV2): fused, planned on the depthwise kernel, = ORT."""
+    rng = _rng(14)
+    C = 24
+    inits = {"W": rng.standard_normal((C, 1, 3, 3)).astype(np.float32), "B": rng.standard_normal(C).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2], group=C),
+             _clip_node(13, "y", "z", inits=inits)]
+    model = make_model(nodes, {"x": (1, C, 14, 14)}, {"z": (1, C, 7, 7)}, inits)
+    lib = check_against_ort(model, {"x": (2 * rng.standard_normal((1, C, 14, 14))).astype(np.float32)}, tmp_path)
+    assert [r["name"] for r in lib.report.regions] == ["qpu.conv2d_bias_clip"], lib.report.text()
+    assert lib.regions[0].plan.name == "depthwise_conv2d"
+    assert cpu_ops(lib) == [], lib.report.text()
