@@ -382,12 +382,21 @@ def test_depthwise_kernel_matches_numpy(dev, case):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+def test_depthwise_programs_have_no_hazards():
+    from tvm_qpu.codegen.hazards import check_program
+    from tvm_qpu.codegen.kernels import depthwise as DW
+    for case in DW_CASES:
+        N, C, H, W, KH, KW, st, pads, dil, bias, act = case
+        words, _ = DW.kernel_program(DW.DwShape(N, C, H, W, KH, KW, *st, *pads, *dil, bias, act))
+        assert check_program(words) == [], case
+
+
 def test_depthwise_limits_are_refused_with_reasons():
     from tvm_qpu.codegen.kernels import depthwise as DW
     with pytest.raises(ValueError, match="25 taps"):
         DW.check(DW.DwShape(1, 4, 9, 9, 5, 5))
     with pytest.raises(ValueError, match="out of registers"):
-        DW.check(DW.DwShape(1, 4, 9, 9, 4, 4, bias=True, activation=("clip", 0.0, 6.0)))
+        DW.check(DW.DwShape(1, 4, 40, 40, 5, 3, bias=True, activation=("clip", 0.0, 6.0)))
 
 
 def test_mobilenet_depthwise_block_uses_the_depthwise_kernel(tmp_path):

@@ -18,14 +18,17 @@ Kernel
 * **Taps unrolled.** Per vector, each tap is one 16-lane gather at a constant byte offset from the
   lane's base address, then ``acc += w_t * x``. The taps of the *next* vector are issued while
   the current vector's are folded (T taps in flight, T <= 16; the TMU output FIFO holds 16).
-* **Padding** is per lane and per tap, as in :mod:`.pool`: tap (i, j) of a lane is valid when
-  row ``ih0 + i*dh <u H`` and column ``iw0 + j*dw <u W``; invalid lanes neither load (masked TMU
-  address write) nor accumulate. A valid tap always lies inside its own plane, so the dummy lanes
-  and the over-issued vector after a plane's last never read outside the input.
-* **Work split:** whole planes, a contiguous run per worker (one workgroup per QPU); a host table
-  gives each worker its first plane, plane count and the lanes' start state.
+* **Padding** is per lane and per tap: tap (i, j) of a lane is valid when row ``ih0 + i*dh <u H``
+  and column ``iw0 + j*dw <u W``; an invalid tap loads from a zero line after the weights
+  instead, so the accumulation needs no mask (4 instructions per tap). A valid tap always lies
+  inside its own plane, so the dummy lanes and the over-issued vector after a plane's last never
+  read outside the input.
+* **Work split:** the planes' vectors in (plane, vector) order, a contiguous run of equal length
+  per worker (one workgroup per QPU); a host table gives each worker its lanes' start state, its
+  vector counts and the state of a plane's first vector.
 
-Limits (``supports`` says so): float32 data / weights / output; T <= 16 taps; planes < 2**24 bytes.
+Limits (``check`` says so): float32 data / weights / output; T <= 15 taps; the registers must
+suffice (3x3 and smaller, 1xK / Kx1 up to 15 taps with few constants).
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from .reduce import Builder, f32_bits, store_vector
 S = A.SIGNALS
 R_ = A.R
 tmua, tmuc, null = RD.tmua, RD.tmuc, RD.null
-MAX_TAPS = 16
+MAX_TAPS = 15               # taps in flight + the one popped after the next issue <= 16 (TMU FIFO)
 ES = 4                      # float32
 TABLE = "dw_table"          # per-worker lane table
 WEIGHTS = "dw_weights"      # per-plane weight records [N*C, T (+1 bias)]
@@ -122,44 +125,70 @@ def kernel_program(s: DwShape) -> tuple:
 # ------------------------------------------------------------------------------------------------
 # Host tables
 # ------------------------------------------------------------------------------------------------
-def worker_planes(s: DwShape) -> list:
-    """[(first plane, plane count)] per worker: contiguous runs, as even as whole planes allow."""
-    W = min(s.num_qpus, s.planes)
-    base, extra = divmod(s.planes, W)
-    runs, p = [], 0
-    for w in range(W):
-        n = base + (1 if w < extra else 0)
-        runs.append((p, n))
-        p += n
-    return runs
+def vectors_per_plane(s: DwShape) -> int:
+    return -(-s.PS // 16)
+
+
+def worker_runs(s: DwShape) -> list:
+    """[(first vector, vector count)] per worker over the planes' vectors in (plane, vector)
+    order: contiguous runs of equal length (the last one shorter)."""
+    total = s.planes * vectors_per_plane(s)
+    chunk = -(-total // min(s.num_qpus, total))
+    return [(i, min(chunk, total - i)) for i in range(0, total, chunk)]
+
+
+TABLE_WORDS = 16
 
 
 def lane_table(s: DwShape) -> np.ndarray:
-    """[workers, 16 lanes, 8 words]: plane input offset, ih0, iw0, output offset (+ lane), outputs
-    left in the plane (PS - lane), weight record offset, planes, tap (0, 0) offset in a plane."""
-    runs = worker_planes(s)
+    """[workers, 16 lanes, 16 words] int32, per lane of a worker (columns):
+    0-4  the first vector's tap (0, 0) input offset, ih, iw, output offset, outputs left in its plane
+    5-6  vectors to do in the first plane, vectors left after it
+    7    weight record offset of the first plane
+    8-9  the first plane's input offset, output offset (+ lane)
+    10-13 a plane's first vector: ih, iw, tap (0, 0) offset in the plane, outputs left (PS - lane)"""
+    Vp = vectors_per_plane(s)
+    runs = worker_runs(s)
     lane = np.arange(16)
-    oh, ow = lane // s.OW, lane % s.OW
-    ih0, iw0 = oh * s.sh - s.pt, ow * s.sw - s.pl
-    rel = (ih0 * s.W + iw0) * ES
-    tab = np.zeros((len(runs), 16, 8), dtype=np.int64)
-    for w, (p0, n) in enumerate(runs):
-        tab[w, :, 0] = p0 * s.H * s.W * ES
-        tab[w, :, 1], tab[w, :, 2] = ih0, iw0
-        tab[w, :, 3] = p0 * s.PS * ES + lane * ES
-        tab[w, :, 4] = s.PS - lane
-        tab[w, :, 5] = p0 * s.record * ES
-        tab[w, :, 6] = n
-        tab[w, :, 7] = rel
+    tab = np.zeros((len(runs), 16, TABLE_WORDS), dtype=np.int64)
+
+    def state(q):
+        oh, ow = q // s.OW, q % s.OW
+        ih, iw = oh * s.sh - s.pt, ow * s.sw - s.pl
+        return ih, iw, (ih * s.W + iw) * ES
+
+    ih0, iw0, rel0 = state(lane)
+    for w, (i0, n) in enumerate(runs):
+        p0, v0 = divmod(i0, Vp)
+        ih, iw, rel = state(v0 * 16 + lane)
+        first = min(Vp - v0, n)
+        tab[w, :, 0] = p0 * s.H * s.W * ES + rel
+        tab[w, :, 1], tab[w, :, 2] = ih, iw
+        tab[w, :, 3] = (p0 * s.PS + v0 * 16 + lane) * ES
+        tab[w, :, 4] = s.PS - v0 * 16 - lane
+        tab[w, :, 5], tab[w, :, 6] = first, n - first
+        tab[w, :, 7] = p0 * s.record * ES
+        tab[w, :, 8] = p0 * s.H * s.W * ES
+        tab[w, :, 9] = (p0 * s.PS + lane) * ES
+        tab[w, :, 10], tab[w, :, 11], tab[w, :, 12] = ih0, iw0, rel0
+        tab[w, :, 13] = s.PS - lane
     return (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
+def zero_offset(s: DwShape) -> int:
+    """Byte offset of the zero line after the weight records (invalid taps load from it)."""
+    return -(-s.planes * s.record * ES // 64) * 64
+
+
 def weight_records(s: DwShape, weight: np.ndarray, bias=None) -> np.ndarray:
-    """[N*C, T (+1)] float32: the channel's taps in (i, j) order (then its bias), per plane."""
+    """float32 words: per plane (n, c) the channel's taps in (i, j) order (then its bias), then
+    zeros up to and including a 64-byte zero line at :func:`zero_offset`."""
     w = np.asarray(weight, np.float32).reshape(s.C, s.T)
     if s.bias:
         w = np.concatenate([w, np.asarray(bias, np.float32).reshape(s.C, 1)], axis=1)
-    return np.ascontiguousarray(np.tile(w, (s.N, 1)))
+    recs = np.zeros(zero_offset(s) // ES + 16, np.float32)
+    recs[: s.planes * s.record] = np.tile(w, (s.N, 1)).reshape(-1)
+    return recs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,24 +201,13 @@ def _k(kb: Builder, v: int):
 
 
 class _Lanes:
-    """Per-vector lane state: the per-row / per-column tap coordinates (for the validity checks)
-    and, for the vector being issued, the address of tap (0, 0), ih0 and iw0."""
+    """Lane state of the vector being issued: address of tap (0, 0), ih0, iw0 and the per-row /
+    per-column tap coordinates (for the validity checks)."""
 
-    def __init__(self, kb: Builder, s: DwShape, full: bool):
-        self.a, self.ih, self.iw = kb.reg(3) if full else (None, None, None)
+    def __init__(self, kb: Builder, s: DwShape):
+        self.a, self.ih, self.iw = kb.reg(3)
         self.u = kb.reg(s.KH)
         self.v = kb.reg(s.KW)
-
-    def coords(self):
-        return self.u + self.v
-
-
-def _copy(dst: _Lanes, src: _Lanes):
-    pairs = list(zip(dst.coords(), src.coords()))
-    for k in range(0, len(pairs), 2):
-        ins = mov(pairs[k][0], pairs[k][1])
-        if k + 1 < len(pairs):
-            ins.mov(pairs[k + 1][0], pairs[k + 1][1])
 
 
 def _coords(kb: Builder, s: DwShape, st: _Lanes):
@@ -223,87 +241,94 @@ def _activation(kb: Builder, s: DwShape, acc):
 
 def dw_kernel(kb: Builder, s: DwShape):
     Hr, Wr = kb.u32(s.H), kb.u32(s.W)
-    cur, nxt = _Lanes(kb, s, False), _Lanes(kb, s, True)
+    nxt = _Lanes(kb, s)
     w = kb.reg(s.T)
     bias = kb.reg() if s.bias else None
-    acc, v, prod, ptr, aout, rem = kb.reg(6)
-    pbase, ih0, iw0, obase, rem0, wp, npl, rel = kb.reg(8)
+    acc, v, prod, ptr, x, aout, rem, vp, left = kb.reg(9)
+    wp, pbase, obase, ih0, iw0, rel0, rem0 = kb.reg(7)
+    zaddr = kb.addr(WEIGHTS, zero_offset(s))
     taps = [(i, j) for i in range(s.KH) for j in range(s.KW)]
     off_b = [(i * s.dh * s.W + j * s.dw) * ES for i, j in taps]
 
-    def step_ptr(ins, t_, base):
-        """mul-ALU op on ``ins`` moving ptr to tap t_ of the vector at ``base``."""
+    def step_ptr(ins, t_):
+        """mul-ALU op on ``ins`` moving ptr to tap t_ of the vector being issued."""
         if t_ == 0:
-            ins.mov(ptr, base)
+            ins.mov(ptr, nxt.a)
         else:
             ins.add(ptr, ptr, _k(kb, off_b[t_] - off_b[t_ - 1]))
 
-    def flags(st: _Lanes, i, j):
-        first = sub(null, st.u[i], Hr, cond="pushc")
-        sub(null, st.v[j], Wr, cond="andc")
-        return first
-
-    # ---- this worker's lane table: two vec4 lookups per lane (v, prod as scratch) ----
+    # ---- this worker's lane table: four vec4 lookups per lane, two at a time ----
     lane, t = v, prod
     eidx(lane)
     mov(t, RF[3].unpack("ul"))
-    shl(t, t, 9)
-    shl(lane, lane, 5)
+    shl(t, t, 10)
+    shl(lane, lane, 6)
     add(t, t, lane)
     add(t, t, kb.addr(TABLE))
-    mov(tmuc, kb.u32(RD.VEC4_CFG))
-    mov(tmua, t)
-    mov(tmuc, kb.u32(RD.VEC4_CFG))
-    add(tmua, t, kb.u32(16))
-    for r in (pbase, ih0, iw0, obase, rem0, wp, npl, rel):
-        nop(sig=S["ldtmu"](r))
+    cols = [nxt.a, nxt.ih, nxt.iw, aout, rem, vp, left, wp, pbase, obase, ih0, iw0, rel0, rem0, x, x]
+    for half in range(2):
+        for q in range(2):
+            mov(tmuc, kb.u32(RD.VEC4_CFG))
+            if half == 0 and q == 0:
+                mov(tmua, t)
+            else:
+                add(tmua, t, kb.u32(16 * (2 * half + q)))
+        for r in cols[8 * half: 8 * half + 8]:
+            nop(sig=S["ldtmu"](r))
+    add(nxt.a, nxt.a, kb.addr("data"))
+    add(aout, aout, kb.addr("out"))
+    add(wp, wp, kb.addr(WEIGHTS))
     add(pbase, pbase, kb.addr("data"))
     add(obase, obase, kb.addr("out"))
-    add(wp, wp, kb.addr(WEIGHTS))
 
-    # ---- per plane: weights (broadcast lookups), lane state, the first vector's taps ----
+    # ---- per plane: weights (lookups whose lanes share one address), the first vector's taps ----
+    # A tap outside the input loads from a zero line instead (x defaults to zaddr), so the
+    # accumulation needs no mask.
     L.plane
     for _ in range(s.record):
-        mov(tmua, wp)
-        add(wp, wp, 4)
+        mov(tmua, wp).add(wp, wp, 4)
     for r in w + ([bias] if bias is not None else []):
         nop(sig=S["ldtmu"](r))
-    add(nxt.a, pbase, rel).mov(nxt.ih, ih0)
-    mov(nxt.iw, iw0).mov(aout, obase)
-    mov(rem, rem0)
     _coords(kb, s, nxt)
+    mov(x, zaddr)
     for t_, (i, j) in enumerate(taps):
-        step_ptr(flags(nxt, i, j), t_, nxt.a)
-        nop().mov(tmua, ptr, cond="ifa")
+        step_ptr(sub(null, nxt.u[i], Hr, cond="pushc"), t_)
+        sub(null, nxt.v[j], Wr, cond="andc")                   # A = tap valid
+        mov(x, ptr, cond="ifa")
+        mov(tmua, x).mov(x, zaddr)
 
-    # ---- per vector ----
+    # ---- per vector: fold the current vector's taps while issuing the next one's ----
     L.vloop
-    _copy(cur, nxt)
     _advance(kb, s, nxt)
     _coords(kb, s, nxt)
-    if bias is not None:
-        mov(acc, bias)
+    if bias is not None:                                       # acc = bias or +0.0 ; pop tap 0
+        mov(acc, bias, sig=S["ldtmu"](v))
     else:
-        sub(acc, acc, acc)                                     # +0.0
+        sub(acc, acc, acc, sig=S["ldtmu"](v))
     for t_, (i, j) in enumerate(taps):
-        step_ptr(flags(cur, i, j), t_, nxt.a)                  # A = current tap valid
-        flags(nxt, i, j)                                       # B = current, A = next tap valid
-        nop(sig=S["ldtmu"](v))
-        mov(tmua, ptr, cond="ifa").fmul(prod, v, w[t_])        # issue next ; w_t * x
-        A.DSL["fadd"](acc, acc, prod, cond="ifb")
+        step_ptr(sub(null, nxt.u[i], Hr, cond="pushc"), t_)
+        sub(null, nxt.v[j], Wr, cond="andc").fmul(prod, v, w[t_])     # A = next tap valid
+        A.DSL["fadd"](acc, acc, prod).mov(x, ptr, cond="ifa")
+        sig = S["ldtmu"](v) if t_ + 1 < len(taps) else None         # pop tap t + 1
+        mov(tmua, x, sig=sig).mov(x, zaddr)
     _activation(kb, s, acc)
     sub(null, rem, 1, cond="pushn")                            # A = dummy lane (past the plane)
     store_vector(kb, acc, aout, "float32", cond="ifna")
     add(aout, aout, kb.u32(16 * ES)).sub(rem, rem, kb.u32(16))
-    sub(null, rem, 1, cond="pushn")
+    sub(vp, vp, 1, cond="pushz")
     b(R_.vloop, cond="anyna")
     nop()
     nop()
     nop()
     for _ in taps:                                             # the over-issued vector
         nop(sig=S["ldtmu"](v))
+    # ---- the next plane: its first vector's lanes, min(Vp, left) vectors ----
     add(pbase, pbase, kb.u32(s.H * s.W * ES)).add(obase, obase, kb.u32(s.PS * ES))
-    sub(npl, npl, 1, cond="pushz")
+    add(nxt.a, pbase, rel0).mov(nxt.ih, ih0)
+    mov(nxt.iw, iw0).mov(aout, obase)
+    A.DSL["imin"](vp, left, kb.u32(vectors_per_plane(s)))
+    sub(left, left, vp).mov(rem, rem0)
+    sub(null, vp, 1, cond="pushn")                             # A = nothing left
     b(R_.plane, cond="anyna")
     nop()
     nop()
@@ -350,18 +375,21 @@ def reference(s: DwShape, x: np.ndarray, weight: np.ndarray, bias=None) -> np.nd
     return out.astype(np.float32)
 
 
-# Estimate: instructions per vector of the loop above (6 per tap + the fixed part) and per plane,
-# for the busiest worker, bounded below by DRAM traffic (as pool.estimate).
-EST_PER_TAP = 6
-EST_PER_VECTOR = 30
-EST_PER_PLANE = 260             # two TMU round trips (weights, first taps) + the over-issue drain
+# Estimate: instructions of the loop above for the busiest worker (4 per tap, the rest per vector,
+# and per plane the weight lookups' and first taps' round trips plus the drain), 4 cycles each,
+# bounded below by DRAM traffic.
+EST_PER_TAP = 4
+EST_PER_VECTOR = 20             # advance, acc, store, loop control (+ the coordinates, + activation)
+EST_PER_PLANE_CYCLES = 2 * 80 + 100
 
 
 def estimate_shape(s: DwShape) -> float:
     from ...runtime.cycle_model import DEFAULT as T
-    vectors = math.ceil(s.PS / 16)
-    busiest = max(n for _, n in worker_planes(s))
-    cycles = busiest * (vectors * (EST_PER_TAP * s.T + EST_PER_VECTOR) * T.cycles_per_instruction + EST_PER_PLANE)
+    Vp = vectors_per_plane(s)
+    run = max(n for _, n in worker_runs(s))
+    planes = -(-run // Vp) + 1
+    per_vector = EST_PER_TAP * s.T + EST_PER_VECTOR + s.KH + s.KW + (2 if isinstance(s.activation, tuple) else 1)
+    cycles = run * per_vector * T.cycles_per_instruction + planes * EST_PER_PLANE_CYCLES
     traffic = s.planes * (s.H * s.W + s.PS) * ES
     return (max(cycles, traffic / T.dram_bytes_per_cycle) + RD.ESTIMATE_LAUNCH_S * T.clock_hz) / T.clock_hz
 
