@@ -129,9 +129,17 @@ def test_one_sided_clip_fused(lo, hi, pattern, tmp_path):
     inits = {"W": rng.standard_normal((4, 2, 3, 3)).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"]), _clip_node(13, "y", "z", lo=lo, hi=hi, inits=inits)]
     model = make_model(nodes, {"x": (1, 2, 6, 6)}, {"z": (1, 4, 4, 4)}, inits)
-    lib = check_against_ort(model, {"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)}, tmp_path)
+    feed = {"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)}
+    lib = check_against_ort(model, feed, tmp_path)
     assert [r["name"] for r in lib.report.regions] == [pattern], lib.report.text()
     assert cpu_ops(lib) == [], lib.report.text()
+    # the infinite bound survives the artifact (plan JSON) round trip
+    runner = tvm_qpu.load(lib.save(tmp_path / "m.tar"), device="emulator")
+    try:
+        got = runner.run(**feed)["z"]
+    finally:
+        runner.close()
+    np.testing.assert_allclose(got, ort_run(model, feed)["z"], rtol=1e-4, atol=1e-4)
 
 
 def test_clip_with_runtime_bound_stays_on_cpu(tmp_path):
@@ -411,3 +419,29 @@ def test_mobilenet_depthwise_block_uses_the_depthwise_kernel(tmp_path):
     assert [r["name"] for r in lib.report.regions] == ["qpu.conv2d_bias_clip"], lib.report.text()
     assert lib.regions[0].plan.name == "depthwise_conv2d"
     assert cpu_ops(lib) == [], lib.report.text()
+
+
+def test_mobilenetv2_inverted_residual_block(tmp_path):
+    """1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 project, residual add (PyTorch export form):
+    three QPU regions with the clips fused; only the residual add stays on the CPU."""
+    rng = _rng(15)
+    C, E, H = 8, 48, 12
+    inits = {"W1": (rng.standard_normal((E, C, 1, 1)) / np.sqrt(C)).astype(np.float32),
+             "B1": rng.standard_normal(E).astype(np.float32),
+             "W2": rng.standard_normal((E, 1, 3, 3)).astype(np.float32) / 3,
+             "B2": rng.standard_normal(E).astype(np.float32),
+             "W3": (rng.standard_normal((C, E, 1, 1)) / np.sqrt(E)).astype(np.float32),
+             "B3": rng.standard_normal(C).astype(np.float32),
+             "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["e"]),
+             helper.make_node("Clip", ["e", "lo", "hi"], ["e6"]),
+             helper.make_node("Conv", ["e6", "W2", "B2"], ["d"], pads=[1, 1, 1, 1], group=E),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"]),
+             helper.make_node("Conv", ["d6", "W3", "B3"], ["p"]),
+             helper.make_node("Add", ["x", "p"], ["y"])]
+    model = make_model(nodes, {"x": (1, C, H, H)}, {"y": (1, C, H, H)}, inits)
+    lib = check_against_ort(model, {"x": rng.standard_normal((1, C, H, H)).astype(np.float32)}, tmp_path)
+    assert [r["name"] for r in lib.report.regions] == ["qpu.conv2d_bias_clip", "qpu.conv2d_bias_clip",
+                                                      "qpu.conv2d_bias"], lib.report.text()
+    assert cpu_ops(lib) == ["relax.add"], lib.report.text()
+    assert [r.plan.name for r in lib.regions][1] == "depthwise_conv2d"
