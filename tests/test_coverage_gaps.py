@@ -445,3 +445,41 @@ def test_mobilenetv2_inverted_residual_block(tmp_path):
                                                       "qpu.conv2d_bias"], lib.report.text()
     assert cpu_ops(lib) == ["relax.add"], lib.report.text()
     assert [r.plan.name for r in lib.regions][1] == "depthwise_conv2d"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a large strided kernel (the 7x7 stride-2 stem) as a stride-1 conv over the space-to-depth
+
+@pytest.mark.parametrize("C,H,k,stride,pad", [(3, 32, 7, 2, 3), (2, 24, 6, 2, 2), (3, 20, 11, 4, 2)])
+def test_large_strided_conv_runs_as_space_to_depth(C, H, k, stride, pad, tmp_path):
+    rng = _rng(16)
+    O = 8
+    OH = (H + 2 * pad - k) // stride + 1
+    inits = {"W": (rng.standard_normal((O, C, k, k)) / k).astype(np.float32), "B": rng.standard_normal(O).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[pad] * 4, strides=[stride, stride]),
+             helper.make_node("Relu", ["y"], ["z"])]
+    model = make_model(nodes, {"x": (1, C, H, H)}, {"z": (1, O, OH, OH)}, inits)
+    lib = check_against_ort(model, {"x": rng.standard_normal((1, C, H, H)).astype(np.float32)}, tmp_path)
+    assert [r["name"] for r in lib.report.regions] == ["qpu.conv2d_bias_relu"], lib.report.text()
+    spec = lib.regions[0].match.spec
+    assert spec.inputs[0][0] == (1, C * stride * stride, H // stride, H // stride), spec.describe()
+    assert spec.attrs["strides"] == (1, 1)
+
+
+def test_resnet_stem_is_supported_in_space_to_depth_form():
+    """The 224x224 7x7 stride-2 stem: refused directly (registers), taken as 4x4 taps over 12 channels."""
+    from tvm_qpu.backend import QpuBackend
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.patterns import Match, RuntimeInput, _spec, _space_to_depth_form
+    w = _rng(17).standard_normal((64, 3, 7, 7)).astype(np.float32)
+    spec = _spec("conv2d", ["data", "weight"], [((1, 3, 224, 224), "float32"), ((64, 3, 7, 7), "float32")],
+                 ((1, 64, 112, 112), "float32"),
+                 {"strides": (2, 2), "padding": (3, 3, 3, 3), "dilation": (1, 1), "groups": 1, "layout": "NCHW",
+                  "bias": False, "activation": None, "out_dtype": "float32"})
+    assert not registry.supports(spec)[0]
+    m = Match(spec, {"weight": w}, [RuntimeInput("data", None)])
+    alt = _space_to_depth_form(m, None)
+    assert alt.spec.inputs[1][0] == (64, 12, 4, 4) and alt.spec.attrs["padding"] == (2, 2, 1, 1)
+    m.alternatives.append(alt)
+    chosen, ok, _ = QpuBackend(placement="all").choose_form(m)
+    assert ok and chosen is alt

@@ -406,11 +406,23 @@ class QpuBackend:
             m = entry.build(annotated)
         except P.Refused as e:
             return None, False, f"refused by pattern check: {e}", None
-        ok, why = self.registry.supports(m.spec)
+        m, ok, why = self.choose_form(m)
         if not ok:
             return m, False, f"no kernel takes it: {why}", None
         d = PL.decide(m.spec, self.placement, m.constants, self.registry)
         return m, d.on_qpu, d.reason, d
+
+    def choose_form(self, m) -> tuple:
+        """(Match, supported, reason): ``m`` if a kernel takes it, else its first supported
+        alternative form (e.g. a strided conv as a conv over the space-to-depth of its input);
+        the reason is the first form's. Partitioning and lowering both choose through here."""
+        ok, why = self.registry.supports(m.spec)
+        if ok:
+            return m, True, why
+        for alt in m.alternatives:
+            if self.registry.supports(alt.spec)[0]:
+                return alt, True, "ok"
+        return m, False, why
 
     def _checker(self, entry, report):
         def check(ctx) -> bool:
@@ -471,7 +483,7 @@ class QpuBackend:
                     comp, _ = _composite_of(f)
                     name = str(comp.attrs["Composite"])
                     try:
-                        m = P.match_function(P.entry(name), comp)
+                        m, _, _ = self.choose_form(P.match_function(P.entry(name), comp))
                         spec = m.spec.describe()
                     except Exception as e:  # pragma: no cover - reported, not fatal
                         spec = f"(spec unavailable: {e})"
@@ -499,7 +511,7 @@ class QpuBackend:
     def lower(self, composite):
         """Composite function -> (Match, KernelPlan)."""
         name = str(composite.attrs["Composite"])
-        m = P.match_function(P.entry(name), composite)
+        m, _, _ = self.choose_form(P.match_function(P.entry(name), composite))
         plan = self.registry.generate(m.spec, dict(m.constants))
         return m, plan
 

@@ -72,6 +72,9 @@ class Match:
     out_reshape: tuple | None = None               # reshape the kernel output back to this shape
     out_transform: tuple = ()                      # then these steps (as RuntimeInput.transform)
     anchor: object = None                          # the main op of the match (for reports)
+    #: equivalent forms to use, in order, when no kernel takes this one (the backend picks the
+    #: first the registry supports, both while partitioning and while lowering)
+    alternatives: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -458,8 +461,54 @@ def _build_conv(ann, rank: int) -> Match:
              "activation": _activation(ann), "out_dtype": acc}
     root_shape = shape_of(root)
     spec = _spec("conv2d", names, inputs, (kernel_out, dtype_of(root)), attrs)
-    return Match(spec, consts, [RuntimeInput("data", x, x_steps)],
-                 out_reshape=root_shape if kernel_out != root_shape else None, anchor=conv)
+    m = Match(spec, consts, [RuntimeInput("data", x, x_steps)],
+              out_reshape=root_shape if kernel_out != root_shape else None, anchor=conv)
+    s2d = _space_to_depth_form(m, x) if rank == 2 else None
+    if s2d is not None:
+        m.alternatives.append(s2d)
+    return m
+
+
+def _space_to_depth_form(m: Match, x):
+    """A strided conv2d as a stride-1 conv2d over the space-to-depth of its input, or None.
+
+    With strides (sh, sw), ``y[oh] = sum_i w[i] x[sh*oh - pt + i]``; shifting the kernel by
+    ``e = -pt mod sh`` zero taps makes the offset a multiple of sh, and tap ``i = sh*a + p`` reads
+    ``S_p[oh - P + a]`` of the space-to-depth ``S`` (channel ``c*sh*sw + p*sw + q``), so the
+    convolution becomes ``ceil((KH + e) / sh)`` taps per axis over ``C*sh*sw`` channels, stride 1,
+    top padding ``P = (pt + e) / sh``. A large strided kernel (a 7x7 stride-2 stem: 49 taps per
+    channel, too many for the conv kernel's registers) becomes 4x4 taps over 4C channels. The host
+    rearranges the input (reshape, permute, reshape); the weights are repacked at compile time.
+    Needs dilation 1, groups 1, H and W multiples of the strides and non-negative new paddings."""
+    spec = m.spec
+    a = spec.attrs
+    (N, C, H, W), x_dt = spec.inputs[0]
+    w = m.constants["weight"]
+    O, _, KH, KW = w.shape
+    sh, sw = a["strides"]
+    pt, pl, pb, pr = a["padding"]
+    OH, OW = spec.output[0][2:]
+    if (sh, sw) == (1, 1) or tuple(a["dilation"]) != (1, 1) or a["groups"] != 1 or H % sh or W % sw:
+        return None
+    eh, ew = (-pt) % sh, (-pl) % sw
+    kah, kaw = -(-(KH + eh) // sh), -(-(KW + ew) // sw)
+    Hs, Ws = H // sh, W // sw
+    top, left = (pt + eh) // sh, (pl + ew) // sw
+    bottom, right = OH + kah - 1 - Hs - top, OW + kaw - 1 - Ws - left
+    if min(bottom, right) < 0:
+        return None
+    wp = np.zeros((O, C, kah * sh, kaw * sw), w.dtype)
+    wp[:, :, eh:eh + KH, ew:ew + KW] = w
+    w2 = np.ascontiguousarray(wp.reshape(O, C, kah, sh, kaw, sw).transpose(0, 1, 3, 5, 2, 4)
+                              .reshape(O, C * sh * sw, kah, kaw))
+    xs = (N, C * sh * sw, Hs, Ws)
+    steps = (("reshape", (N, C, Hs, sh, Ws, sw)), ("permute", (0, 1, 3, 5, 2, 4)), ("reshape", xs))
+    inputs = [(xs, x_dt), (w2.shape, spec.inputs[1][1])] + list(spec.inputs[2:])
+    attrs = {k: v for k, v in a.items() if k != "input_names"}
+    attrs.update(strides=(1, 1), padding=(top, left, bottom, right))
+    spec2 = _spec("conv2d", a["input_names"], inputs, spec.output, attrs)
+    return Match(spec2, dict(m.constants, weight=w2), [RuntimeInput("data", x, steps)],
+                 out_reshape=m.out_reshape, anchor=m.anchor)
 
 
 def build_conv2d(ann) -> Match:
