@@ -34,6 +34,10 @@ class QpuError(Exception):
     """A user-facing error of the qpu backend (bad input, unusable model, missing tool)."""
 
 
+class QpuWarning(UserWarning):
+    """A user-facing warning of the qpu backend (e.g. ``placement="all"`` offloaded nothing)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # registry access
 
@@ -84,10 +88,11 @@ class PartitionReport:
     candidates: list = field(default_factory=list)
     regions: list = field(default_factory=list)      # dicts: name, kind, spec, anchor, reason, cpu_s, qpu_s
     cpu_ops: list = field(default_factory=list)      # dicts: var, op, reason
+    warnings: list = field(default_factory=list)     # messages for the user (also issued as QpuWarning)
 
     def as_dict(self) -> dict:
         return {"placement": self.placement, "regions": self.regions, "cpu_ops": self.cpu_ops,
-                "candidates": [c.as_dict() for c in self.candidates]}
+                "candidates": [c.as_dict() for c in self.candidates], "warnings": self.warnings}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict())
@@ -96,12 +101,13 @@ class PartitionReport:
     def from_json(s: str) -> "PartitionReport":
         d = json.loads(s)
         r = PartitionReport(d["placement"], [Candidate(**c) for c in d.get("candidates", [])],
-                            d.get("regions", []), d.get("cpu_ops", []))
+                            d.get("regions", []), d.get("cpu_ops", []), d.get("warnings", []))
         return r
 
     def text(self) -> str:
-        out = [f"placement: {self.placement}",
-               f"QPU regions: {len(self.regions)}"]
+        out = [f"WARNING: {w}" for w in self.warnings]
+        out += [f"placement: {self.placement}",
+                f"QPU regions: {len(self.regions)}"]
         for i, r in enumerate(self.regions):
             out.append(f"  [{i}] {r['name']:26s} {r['spec']}")
             out.append(f"       why: {r['reason']}")
@@ -225,8 +231,100 @@ def _narrow_bounded_int_operands(func):
     return _Narrow().visit_expr(func)
 
 
+# TIR max/min node -> the Relax op with the same meaning (elementwise, both operands' NaN rules
+# alike: TIR ``Max``/``Min`` and Relax ``maximum``/``minimum`` legalise to the same TOPI ops).
+_TIR_BOUND_OPS = {"Max": "maximum", "Min": "minimum"}
+
+
+def _single_store(stmt, depth=0):
+    """The one BufferStore of a TE-generated elementwise PrimFunc body (block realize / block /
+    loop nest around a single store), or None for any other structure."""
+    import tvm
+    if depth > 64:
+        return None
+    if isinstance(stmt, tvm.tirx.BufferStore):
+        return stmt
+    name = type(stmt).__name__
+    if name == "SBlockRealize":
+        return _single_store(stmt.block, depth + 1)
+    if name == "SBlock":
+        if getattr(stmt, "init", None) is not None or list(getattr(stmt, "alloc_buffers", [])):
+            return None
+        return _single_store(stmt.body, depth + 1)
+    if name == "For":
+        return _single_store(stmt.body, depth + 1)
+    return None
+
+
+def _tir_bound_call(call, mod):
+    """``(relax op name, x, bound)`` when ``call`` is ``call_tir`` of an elementwise ``max(x, c)`` /
+    ``min(x, c)`` PrimFunc with a scalar constant bound ``c`` (baked into the PrimFunc or passed as
+    a 0-d constant), else None. TVM 0.27's ONNX importer emits ReLU6 / Clip this way (``emit_te``
+    of ``topi.maximum`` then ``topi.minimum``, both opset-6 attributes and opset >= 11 inputs)."""
+    import tvm
+    from tvm import relax
+    if P.op_name(call) != "relax.call_tir" or len(call.args) < 2 or not isinstance(call.args[0], relax.GlobalVar):
+        return None
+    func = mod.functions.get(call.args[0]) if call.args[0] in mod.functions else None
+    if not isinstance(func, tvm.tirx.PrimFunc) or not isinstance(call.args[1], relax.Tuple):
+        return None
+    args = list(call.args[1].fields)
+    if not args or len(args) + 1 != len(func.params) or len(args) > 2:
+        return None
+    bufs = list(func.params)                 # TVM 0.27 (tirx): a PrimFunc parameter is its buffer
+    store = _single_store(func.body)
+    if store is None or not store.buffer.same_as(bufs[-1]):
+        return None
+    value = store.value
+    op = _TIR_BOUND_OPS.get(type(value).__name__)
+    if op is None:
+        return None
+    load, bound = value.a, value.b
+    if not isinstance(load, tvm.ir.TensorLoad):
+        load, bound = bound, load
+    if not (isinstance(load, tvm.ir.TensorLoad) and load.source.same_as(bufs[0])
+            and len(load.indices) == len(store.indices)
+            and all(a.same_as(b) for a, b in zip(load.indices, store.indices))):
+        return None
+    x = args[0]
+    try:
+        if P.shape_of(x) != P.shape_of(call) or P.dtype_of(x) != P.dtype_of(call):
+            return None
+    except (P.Refused, AttributeError):
+        return None
+    dtype = P.dtype_of(x)
+    if isinstance(bound, (tvm.tirx.FloatImm, tvm.tirx.IntImm)) and len(args) == 1:
+        c = np.array(bound.value, dtype=dtype)
+    elif (isinstance(bound, tvm.ir.TensorLoad) and len(args) == 2 and bound.source.same_as(bufs[1])
+          and len(bound.indices) == 0 and P.is_constant(args[1]) and P.const_value(args[1]).size == 1):
+        c = P.const_value(args[1]).reshape(()).astype(dtype)
+    else:
+        return None
+    return op, x, c
+
+
+def _tir_bounds_to_relax(func, mod):
+    """Rewrite the importer's ``call_tir(maximum/minimum, x, c)`` into ``relax.maximum(x, c)`` /
+    ``relax.minimum(x, c)`` so the conv / matmul epilogue patterns see (and fuse) ReLU6 / Clip."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Bounds(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            hit = _tir_bound_call(call, mod)
+            if hit is None:
+                return call
+            op, x, c = hit
+            import tvm
+            return getattr(relax.op, op)(x, relax.const(tvm.runtime.tensor(c)))
+
+    return _Bounds(mod).visit_expr(func)
+
+
 def canonicalize(mod, params=None):
-    """Bind ``params`` (name -> array) into main, fold constants, drop ``x - 0``."""
+    """Bind ``params`` (name -> array) into main, fold constants, drop ``x - 0``, turn the
+    importer's TIR max/min calls with constant bounds (Clip / ReLU6) into Relax ops."""
     import tvm
     from tvm import relax
     if params:
@@ -235,6 +333,7 @@ def canonicalize(mod, params=None):
     mod = relax.transform.FoldConstant()(mod)
     for gv, f in list(mod.functions.items()):
         if isinstance(f, relax.Function):
+            f = _tir_bounds_to_relax(f, mod)
             mod[gv] = _drop_zero_subtract(f)
     mod = relax.transform.FoldConstant()(mod)
     mod = relax.transform.DeadCodeElimination()(mod) if hasattr(relax.transform, "DeadCodeElimination") else mod
@@ -297,11 +396,23 @@ class QpuBackend:
             m = entry.build(annotated)
         except P.Refused as e:
             return None, False, f"refused by pattern check: {e}", None
-        ok, why = self.registry.supports(m.spec)
+        m, ok, why = self.choose_form(m)
         if not ok:
             return m, False, f"no kernel takes it: {why}", None
         d = PL.decide(m.spec, self.placement, m.constants, self.registry)
         return m, d.on_qpu, d.reason, d
+
+    def choose_form(self, m) -> tuple:
+        """(Match, supported, reason): ``m`` if a kernel takes it, else its first supported
+        alternative form (e.g. a strided conv as a conv over the space-to-depth of its input);
+        the reason is the first form's. Partitioning and lowering both choose through here."""
+        ok, why = self.registry.supports(m.spec)
+        if ok:
+            return m, True, why
+        for alt in m.alternatives:
+            if self.registry.supports(alt.spec)[0]:
+                return alt, True, "ok"
+        return m, False, why
 
     def _checker(self, entry, report):
         def check(ctx) -> bool:
@@ -341,6 +452,7 @@ class QpuBackend:
             mod = relax.transform.FuseOpsByPattern(self.fusion_patterns(report), bind_constants=True,
                                                    annotate_codegen=True)(mod)
         self._summarise(mod, report)
+        _warn_if_nothing_offloaded(report)
         return mod, report
 
     def _summarise(self, mod, report):
@@ -361,7 +473,7 @@ class QpuBackend:
                     comp, _ = _composite_of(f)
                     name = str(comp.attrs["Composite"])
                     try:
-                        m = P.match_function(P.entry(name), comp)
+                        m, _, _ = self.choose_form(P.match_function(P.entry(name), comp))
                         spec = m.spec.describe()
                     except Exception as e:  # pragma: no cover - reported, not fatal
                         spec = f"(spec unavailable: {e})"
@@ -389,7 +501,7 @@ class QpuBackend:
     def lower(self, composite):
         """Composite function -> (Match, KernelPlan)."""
         name = str(composite.attrs["Composite"])
-        m = P.match_function(P.entry(name), composite)
+        m, _, _ = self.choose_form(P.match_function(P.entry(name), composite))
         plan = self.registry.generate(m.spec, dict(m.constants))
         return m, plan
 
@@ -437,6 +549,27 @@ class QpuBackend:
                  if not (f.attrs is not None and f.attrs.get("Codegen") == CODEGEN)}
         funcs[gv] = new_main
         return tvm.IRModule(funcs, attrs=mod.attrs), regions
+
+
+def _warn_if_nothing_offloaded(report: PartitionReport, max_reasons: int = 3):
+    """``placement="all"`` asks for every supported op on the QPU: if none is, say why (in the
+    report and as a :class:`QpuWarning`, which tvmc prints), instead of silently building a
+    CPU-only module."""
+    if report.placement != "all" or report.regions:
+        return
+    reasons = []
+    for c in report.candidates:
+        if not c.accepted and c.reason and c.reason not in reasons:
+            reasons.append(c.reason)
+    if not report.candidates:
+        why = "no op matched a QPU pattern"
+    else:
+        why = (f"{len(report.candidates)} candidate(s) were refused: " + "; ".join(reasons[:max_reasons])
+               + (f"; ... ({len(reasons) - max_reasons} more reasons)" if len(reasons) > max_reasons else ""))
+    msg = f"placement=all offloaded nothing to the QPU ({why}); the model runs on the CPU only"
+    report.warnings.append(msg)
+    import warnings
+    warnings.warn(msg, QpuWarning, stacklevel=3)
 
 
 def _transform_step(x, step):

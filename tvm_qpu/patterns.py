@@ -22,9 +22,11 @@ kind               inputs                            notes
 =================  ===============================  =============================================
 matmul             A [.., M, K], B [.., K, N]        B is [N, K] when ``transpose_b``; bias [N]
                    (+ bias)
-conv2d             data NCHW, weight OIHW (+ bias)   bias [C_out]
+conv2d             data NCHW, weight OIHW (+ bias)   bias [C_out]; conv1d rows reshape NCW / OIW
+                                                     to height 1
 max/avg_pool2d     data NCHW
-global_avg_pool2d  data NCHW                         output [N, C, 1, 1]
+global_avg_pool2d  data NCHW                         output [N, C, 1, 1]; a float32 mean over
+                                                     trailing axes reshapes to [1, rows, 1, cols]
 reduce_max/min     data
 softmax            data                              axis is always -1 (normalised)
 attention          q [B, S, D], k [B, T, D],         B = batch x heads (the host reshapes); k is
@@ -70,6 +72,9 @@ class Match:
     out_reshape: tuple | None = None               # reshape the kernel output back to this shape
     out_transform: tuple = ()                      # then these steps (as RuntimeInput.transform)
     anchor: object = None                          # the main op of the match (for reports)
+    #: equivalent forms to use, in order, when no kernel takes this one (the backend picks the
+    #: first the registry supports, both while partitioning and while lowering)
+    alternatives: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -209,11 +214,21 @@ EPILOGUES = {
     # name: (bias?, activation)
     "bias_relu": (True, "relu"),
     "bias_clip": (True, "clip"),
+    "bias_clip_min": (True, "clip_min"),
+    "bias_clip_max": (True, "clip_max"),
     "bias": (True, None),
     "relu": (False, "relu"),
     "clip": (False, "clip"),
+    "clip_min": (False, "clip_min"),
+    "clip_max": (False, "clip_max"),
     "": (False, None),
 }
+
+# Activation forms (the kernel epilogue takes None, "relu" or ("clip", lo, hi)):
+#   clip      relax.clip(x, lo, hi) | minimum(maximum(x, lo), hi)   (ONNX Clip / ReLU6 after
+#             backend.canonicalize turned the importer's TIR max/min calls into these Relax ops)
+#   clip_min  maximum(x, lo)       (Clip with only ``min``)  -> ("clip", lo, +inf)
+#   clip_max  minimum(x, hi)       (Clip with only ``max``)  -> ("clip", -inf, hi)
 
 
 def _with_epilogue(dpl, core, epi, ann):
@@ -231,8 +246,26 @@ def _with_epilogue(dpl, core, epi, ann):
         mm = dpl.is_op("relax.minimum")(dpl.is_op("relax.maximum")(root, lo), hi)
         cl = dpl.is_op("relax.clip")(root, dpl.wildcard(), dpl.wildcard())
         root = cl | mm
+        ann["clip_lo"], ann["clip_hi"] = lo, hi
+    elif act == "clip_min":
+        lo = dpl.is_const()
+        root = dpl.is_op("relax.maximum")(root, lo)
+        ann["clip_lo"] = lo
+    elif act == "clip_max":
+        hi = dpl.is_const()
+        root = dpl.is_op("relax.minimum")(root, hi)
+        ann["clip_hi"] = hi
     ann["root"] = root
     return root, ann
+
+
+def _scalar_bound(e) -> float:
+    if not is_constant(e) or const_value(e).size != 1:
+        raise Refused("clip bounds must be scalar constants")
+    v = float(const_value(e).reshape(()))
+    if np.isnan(v):
+        raise Refused("clip bound is NaN")
+    return v
 
 
 def _activation(ann) -> object:
@@ -243,12 +276,14 @@ def _activation(ann) -> object:
     if name == "relax.clip":
         lo, hi = (float(a.value) for a in root.args[1:3])
         return ("clip", lo, hi)
-    if name == "relax.minimum":
-        hi_e = root.args[1]
-        lo_e = root.args[0].args[1]
-        if not (is_constant(lo_e) and is_constant(hi_e)) or const_value(lo_e).size != 1 or const_value(hi_e).size != 1:
-            raise Refused("clip bounds must be scalar constants")
-        return ("clip", float(const_value(lo_e).reshape(())), float(const_value(hi_e).reshape(())))
+    if name in ("relax.minimum", "relax.maximum"):
+        dt = np.dtype(dtype_of(root))
+        lo, hi = (float(np.iinfo(dt).min), float(np.iinfo(dt).max)) if dt.kind in "iu" else (-np.inf, np.inf)
+        if "clip_lo" in ann:
+            lo = _scalar_bound(ann["clip_lo"])
+        if "clip_hi" in ann:
+            hi = _scalar_bound(ann["clip_hi"])
+        return ("clip", lo, hi)
     return None
 
 
@@ -321,6 +356,17 @@ def build_matmul(ann) -> Match:
         except ValueError:
             raise Refused(f"batch dimensions of {list(a_shape)} and {list(b_shape)} do not broadcast") from None
         kernel_out = tuple(batch) + (a_shape[-2], b_shape[-1])
+    # A [.., M, K] against a B without batch dims (a weight W [K, N]): one [prod(..) * M, K] x W GEMM
+    # instead of prod(..) small ones (a sequence-first [S, 1, D] x W would be S matrix-vector
+    # products); the host reshapes A (free: row-major) and the output back.
+    if b_const is not None and len(b_shape) > 2 and len(a_shape) >= len(b_shape) and set(b_shape[:-2]) == {1}:
+        b_shape = tuple(b_shape[-2:])             # a constant [1, .., K, N]: the same weight W
+        b_const = b_const.reshape(b_shape)
+    if len(a_shape) > 2 and len(b_shape) == 2:
+        rows = int(np.prod(a_shape[:-1], dtype=np.int64))
+        a_steps = a_steps + (("reshape", (rows, a_shape[-1])),)
+        a_shape = (rows, a_shape[-1])
+        kernel_out = (rows, b_shape[-2] if transpose_b else b_shape[-1])
     n = out_shape[-1] if out_shape else 1
     bias = _bias_vector(ann, n, 1, acc)
     inputs = [(a_shape, a_dt), (b_shape, b_dt)]
@@ -346,24 +392,39 @@ def build_matmul(ann) -> Match:
 # ---------------------------------------------------------------------------------------------
 # conv2d
 
-def _make_conv2d(epi):
+def _make_conv(epi, op="relax.nn.conv2d"):
     def make():
         dpl = _dpl()
         x_out, x = _operand(dpl)
         w_out, w = _operand(dpl)
-        conv = dpl.is_op("relax.nn.conv2d")(x_out, w_out)
+        conv = dpl.is_op(op)(x_out, w_out)
         ann = {"x": x, "x_outer": x_out, "w": w, "w_outer": w_out, "core": conv}
         return _with_epilogue(dpl, conv, epi, ann)
     return make
 
 
-def build_conv2d(ann) -> Match:
+def _make_conv2d(epi):
+    return _make_conv(epi, "relax.nn.conv2d")
+
+
+def _make_conv1d(epi):
+    return _make_conv(epi, "relax.nn.conv1d")
+
+
+# per convolution rank: (data layout, kernel layout, bias channel axis counted from the end)
+_CONV_LAYOUTS = {2: ("NCHW", "OIHW", 3), 1: ("NCW", "OIW", 2)}
+
+
+def _build_conv(ann, rank: int) -> Match:
+    """conv2d, or conv1d as a conv2d of height 1 (data [N, C, L] -> [N, C, 1, L] by a host reshape,
+    weight [O, I, K] -> [O, I, 1, K] at compile time, output reshaped back)."""
     conv = ann["core"]
+    want_d, want_k, bias_axis = _CONV_LAYOUTS[rank]
     layout = str(_attr(conv, "data_layout"))
     klayout = str(_attr(conv, "kernel_layout"))
     olayout = str(_attr(conv, "out_layout"))
-    if layout != "NCHW" or klayout != "OIHW" or olayout not in ("NCHW", ""):
-        raise Refused(f"layout {layout}/{klayout}/{olayout} (QPU kernels take NCHW/OIHW)")
+    if layout != want_d or klayout != want_k or olayout not in (want_d, ""):
+        raise Refused(f"layout {layout}/{klayout}/{olayout} (QPU kernels take {want_d}/{want_k})")
     x, fx = _resolve_operand(ann["x_outer"], ann["x"], "data")
     w, fw = _resolve_operand(ann["w_outer"], ann["w"], "weight")
     narrow = dtype_of(x) if fx == "cast" else None
@@ -374,21 +435,88 @@ def build_conv2d(ann) -> Match:
     if w_const is None:
         raise Refused("weight is not a compile-time constant")
     out_shape, acc = shape_of(conv), _out_dtype(conv)
-    pad = _ints(_attr(conv, "padding"))
-    if len(pad) == 2:
-        pad = (pad[0], pad[1], pad[0], pad[1])
-    bias = _bias_vector(ann, out_shape[1], 3, acc)
+    pad, strides, dil = _ints(_attr(conv, "padding")), _ints(_attr(conv, "strides")), _ints(_attr(conv, "dilation"))
+    x_steps = ()
+    if rank == 1:
+        pad = (0, pad[0], 0, pad[-1])
+        strides, dil = (1,) + strides, (1,) + dil
+        x_shape = (x_shape[0], x_shape[1], 1, x_shape[2])
+        x_steps = (("reshape", x_shape),)
+        w_shape = (w_shape[0], w_shape[1], 1, w_shape[2])
+        w_const = w_const.reshape(w_shape)
+        kernel_out = (out_shape[0], out_shape[1], 1, out_shape[2])
+    else:
+        if len(pad) == 2:
+            pad = (pad[0], pad[1], pad[0], pad[1])
+        kernel_out = out_shape
+    bias = _bias_vector(ann, out_shape[1], bias_axis, acc)
     inputs, names, consts = [(x_shape, x_dt), (w_shape, w_dt)], ["data", "weight"], {"weight": w_const}
     if bias is not None:
         inputs.append(((out_shape[1],), str(bias.dtype)))
         names.append("bias")
         consts["bias"] = bias
     root = ann["root"]
-    attrs = {"strides": _ints(_attr(conv, "strides")), "padding": pad, "dilation": _ints(_attr(conv, "dilation")),
+    attrs = {"strides": strides, "padding": pad, "dilation": dil,
              "groups": int(_attr(conv, "groups")), "layout": "NCHW", "bias": bias is not None,
              "activation": _activation(ann), "out_dtype": acc}
-    spec = _spec("conv2d", names, inputs, (shape_of(root), dtype_of(root)), attrs)
-    return Match(spec, consts, [RuntimeInput("data", x)], anchor=conv)
+    root_shape = shape_of(root)
+    spec = _spec("conv2d", names, inputs, (kernel_out, dtype_of(root)), attrs)
+    m = Match(spec, consts, [RuntimeInput("data", x, x_steps)],
+              out_reshape=root_shape if kernel_out != root_shape else None, anchor=conv)
+    s2d = _space_to_depth_form(m, x) if rank == 2 else None
+    if s2d is not None:
+        m.alternatives.append(s2d)
+    return m
+
+
+def _space_to_depth_form(m: Match, x):
+    """A strided conv2d as a stride-1 conv2d over the space-to-depth of its input, or None.
+
+    With strides (sh, sw), ``y[oh] = sum_i w[i] x[sh*oh - pt + i]``; shifting the kernel by
+    ``e = -pt mod sh`` zero taps makes the offset a multiple of sh, and tap ``i = sh*a + p`` reads
+    ``S_p[oh - P + a]`` of the space-to-depth ``S`` (channel ``c*sh*sw + p*sw + q``), so the
+    convolution becomes ``ceil((KH + e) / sh)`` taps per axis over ``C*sh*sw`` channels, stride 1,
+    top padding ``P = (pt + e) / sh``. A large strided kernel (a 7x7 stride-2 stem: 49 taps per
+    channel, too many for the conv kernel's registers) becomes 4x4 taps over 4C channels. The host
+    rearranges the input (reshape, permute, reshape); the weights are repacked at compile time.
+    Needs dilation 1, groups 1, H and W multiples of the strides and non-negative new paddings."""
+    spec = m.spec
+    a = spec.attrs
+    (N, C, H, W), x_dt = spec.inputs[0]
+    w = m.constants["weight"]
+    O, _, KH, KW = w.shape
+    sh, sw = a["strides"]
+    pt, pl, pb, pr = a["padding"]
+    OH, OW = spec.output[0][2:]
+    if (sh, sw) == (1, 1) or tuple(a["dilation"]) != (1, 1) or a["groups"] != 1 or H % sh or W % sw:
+        return None
+    eh, ew = (-pt) % sh, (-pl) % sw
+    kah, kaw = -(-(KH + eh) // sh), -(-(KW + ew) // sw)
+    Hs, Ws = H // sh, W // sw
+    top, left = (pt + eh) // sh, (pl + ew) // sw
+    bottom, right = OH + kah - 1 - Hs - top, OW + kaw - 1 - Ws - left
+    if min(bottom, right) < 0:
+        return None
+    wp = np.zeros((O, C, kah * sh, kaw * sw), w.dtype)
+    wp[:, :, eh:eh + KH, ew:ew + KW] = w
+    w2 = np.ascontiguousarray(wp.reshape(O, C, kah, sh, kaw, sw).transpose(0, 1, 3, 5, 2, 4)
+                              .reshape(O, C * sh * sw, kah, kaw))
+    xs = (N, C * sh * sw, Hs, Ws)
+    steps = (("reshape", (N, C, Hs, sh, Ws, sw)), ("permute", (0, 1, 3, 5, 2, 4)), ("reshape", xs))
+    inputs = [(xs, x_dt), (w2.shape, spec.inputs[1][1])] + list(spec.inputs[2:])
+    attrs = {k: v for k, v in a.items() if k != "input_names"}
+    attrs.update(strides=(1, 1), padding=(top, left, bottom, right))
+    spec2 = _spec("conv2d", a["input_names"], inputs, spec.output, attrs)
+    return Match(spec2, dict(m.constants, weight=w2), [RuntimeInput("data", x, steps)],
+                 out_reshape=m.out_reshape, anchor=m.anchor)
+
+
+def build_conv2d(ann) -> Match:
+    return _build_conv(ann, 2)
+
+
+def build_conv1d(ann) -> Match:
+    return _build_conv(ann, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,12 +560,32 @@ def build_global_avg_pool(ann) -> Match:
     nd = len(shape_of(ann["x"]))
     if op_name(p) == "relax.mean":
         axes = tuple(sorted(int(a) % nd for a in _ints(_attr(p, "axis"))))
-        if nd != 4 or axes != (2, 3) or not bool(_attr(p, "keepdims")):
-            raise Refused(f"mean over axes {list(axes)} is not a global average pool (NCHW, axes 2,3, keepdims)")
-    else:  # adaptive_avg_pool2d
-        if str(_attr(p, "layout")) != "NCHW" or tuple(shape_of(p)[2:]) != (1, 1):
-            raise Refused("adaptive average pool is not global (output 1x1, NCHW)")
+        if nd == 4 and axes == (2, 3) and bool(_attr(p, "keepdims")):
+            return _unary_match("global_avg_pool2d", ann, {"layout": "NCHW"})
+        return _mean_trailing_axes(ann, axes)
+    if str(_attr(p, "layout")) != "NCHW" or tuple(shape_of(p)[2:]) != (1, 1):    # adaptive_avg_pool2d
+        raise Refused("adaptive average pool is not global (output 1x1, NCHW)")
     return _unary_match("global_avg_pool2d", ann, {"layout": "NCHW"})
+
+
+def _mean_trailing_axes(ann, axes) -> Match:
+    """A float32 mean over the trailing axes of any tensor (1-D global average of [N, C, L],
+    ReduceMean over the last axis, ...) is the global average pool of [1, rows, 1, cols]: the host
+    reshapes (row-major, free) and reshapes the [1, rows, 1, 1] result to the mean's shape."""
+    x, root = ann["x"], ann["root"]
+    shape = shape_of(x)
+    nd = len(shape)
+    if not axes or axes != tuple(range(nd - len(axes), nd)):
+        raise Refused(f"mean over axes {list(axes)} is not over the trailing axes")
+    if dtype_of(x) != "float32" or dtype_of(root) != "float32":
+        raise Refused(f"mean over trailing axes of {dtype_of(x)} (float32 only; integer means round differently)")
+    if is_constant(x):
+        raise Refused("input is a constant")
+    rows = int(np.prod(shape[:nd - len(axes)], dtype=np.int64))
+    cols = int(np.prod(shape[nd - len(axes):], dtype=np.int64))
+    kin, kout = (1, rows, 1, cols), (1, rows, 1, 1)
+    spec = _spec("global_avg_pool2d", ["data"], [(kin, "float32")], (kout, "float32"), {"layout": "NCHW"})
+    return Match(spec, {}, [RuntimeInput("data", x, (("reshape", kin),))], out_reshape=shape_of(root), anchor=root)
 
 
 def _make_global_avg_pool():
@@ -479,13 +627,36 @@ def build_softmax(ann) -> Match:
 # ---------------------------------------------------------------------------------------------
 # attention: matmul(Q, permute_dims(K)) * scale (+ mask) -> softmax -> matmul(., V)
 
+# scale_op of the rows where q and k are each scaled before the matmul (PyTorch's exporter of
+# scaled_dot_product_attention multiplies both by sqrt(scale)): K transposed then scaled, or K
+# scaled then transposed.
+PRESCALED_KT, PRESCALED_K = "prescaled_kt", "prescaled_k"
+
+
 def _make_attention(masked: bool, scale_op: str):
+    """``scale_op`` "relax.multiply" / "relax.divide": ``matmul(Q, K^T) * s`` (or ``/ s``);
+    PRESCALED_KT: ``matmul(Q * s1, K^T * s2)``; PRESCALED_K: ``matmul(Q * s1, (K * s2)^T)``; the
+    softmax scale is then s1 * s2."""
     def make():
         dpl = _dpl()
-        q, k, v, scale = dpl.wildcard(), dpl.wildcard(), dpl.wildcard(), dpl.is_const()
-        kt = dpl.is_op("relax.permute_dims")(k)
-        s = dpl.is_op(scale_op)(dpl.is_op("relax.matmul")(q, kt), scale)
-        ann = {"q": q, "k": k, "kt": kt, "v": v, "scale": scale, "scores": s}
+        q, k, v = dpl.wildcard(), dpl.wildcard(), dpl.wildcard()
+        ann = {"q": q, "k": k, "v": v}
+        if scale_op in (PRESCALED_KT, PRESCALED_K):
+            qs, ks = dpl.is_const(), dpl.is_const()
+            if scale_op == PRESCALED_KT:
+                kt = dpl.is_op("relax.permute_dims")(k)
+                k_side = dpl.is_op("relax.multiply")(kt, ks)
+            else:
+                kt = dpl.is_op("relax.permute_dims")(dpl.is_op("relax.multiply")(k, ks))
+                k_side = kt
+            s = dpl.is_op("relax.matmul")(dpl.is_op("relax.multiply")(q, qs), k_side)
+            ann.update({"kt": kt, "q_scale": qs, "k_scale": ks})
+        else:
+            scale = dpl.is_const()
+            kt = dpl.is_op("relax.permute_dims")(k)
+            s = dpl.is_op(scale_op)(dpl.is_op("relax.matmul")(q, kt), scale)
+            ann.update({"kt": kt, "scale": scale})
+        ann["scores"] = s
         if masked:
             mask = dpl.wildcard()
             s = dpl.is_op("relax.add")(s, mask)
@@ -495,6 +666,24 @@ def _make_attention(masked: bool, scale_op: str):
         ann.update({"softmax": p, "root": root, "core": root})
         return root, ann
     return make
+
+
+def _attention_scale(ann) -> float:
+    """The softmax scale of a matched attention: the post-matmul constant, or s1 * s2."""
+    if "q_scale" in ann:
+        vals = [const_value(ann[n]) for n in ("q_scale", "k_scale")]
+        if any(v.size != 1 for v in vals):
+            raise Refused("attention q / k scales are not scalars")
+        return float(vals[0].reshape(())) * float(vals[1].reshape(()))
+    sc = const_value(ann["scale"])
+    if sc.size != 1:
+        raise Refused("attention scale is not a scalar")
+    scale = float(sc.reshape(()))
+    if op_name(ann["scores"]) == "relax.divide":
+        if scale == 0:
+            raise Refused("attention scale divides by zero")
+        scale = 1.0 / scale
+    return scale
 
 
 def _to4d(shape):
@@ -515,14 +704,7 @@ def build_attention(ann) -> Match:
     sm_axis = int(_attr(ann["softmax"], "axis"))
     if sm_axis % nd != nd - 1:
         raise Refused("softmax is not over the key axis")
-    sc = const_value(ann["scale"])
-    if sc.size != 1:
-        raise Refused("attention scale is not a scalar")
-    scale = float(sc.reshape(()))
-    if op_name(ann["scores"]) == "relax.divide":
-        if scale == 0:
-            raise Refused("attention scale divides by zero")
-        scale = 1.0 / scale
+    scale = _attention_scale(ann)
     dts = {dtype_of(q), dtype_of(k), dtype_of(v)}
     if len(dts) != 1:
         raise Refused(f"mixed attention dtypes {sorted(dts)}")
@@ -562,15 +744,19 @@ def _fold_heads(s4):
 
 def _table() -> list:
     rows = []
+    suffix = {"relax.multiply": "", "relax.divide": "_div", PRESCALED_KT: "_prescaled", PRESCALED_K: "_prescaled_k"}
     for masked in (True, False):
-        for sop in ("relax.multiply", "relax.divide"):
-            nm = "attention" + ("_mask" if masked else "") + ("" if sop == "relax.multiply" else "_div")
+        for sop in suffix:
+            nm = "attention" + ("_mask" if masked else "") + suffix[sop]
+            core = "matmul(Q * s1, K^T * s2)" if sop in (PRESCALED_KT, PRESCALED_K) else "matmul(Q, K^T) * scale"
             rows.append(PatternEntry(f"qpu.{nm}", "attention", _make_attention(masked, sop), build_attention,
-                                     "matmul(Q, K^T) * scale (+ mask) -> softmax -> matmul(., V)"))
-    for base, make, build in (("matmul", _make_matmul, build_matmul), ("conv2d", _make_conv2d, build_conv2d)):
+                                     f"{core} (+ mask) -> softmax -> matmul(., V)"))
+    for base, kind, make, build in (("matmul", "matmul", _make_matmul, build_matmul),
+                                    ("conv2d", "conv2d", _make_conv2d, build_conv2d),
+                                    ("conv1d", "conv2d", _make_conv1d, build_conv1d)):
         for epi in EPILOGUES:
             nm = base + ("_" + epi if epi else "")
-            rows.append(PatternEntry(f"qpu.{nm}", base, make(epi), build, f"{base} with epilogue {epi or 'none'}"))
+            rows.append(PatternEntry(f"qpu.{nm}", kind, make(epi), build, f"{base} with epilogue {epi or 'none'}"))
     rows += [
         PatternEntry("qpu.max_pool2d", "max_pool2d", _make_unary("relax.nn.max_pool2d"), _build_pool("max_pool2d")),
         PatternEntry("qpu.avg_pool2d", "avg_pool2d", _make_unary("relax.nn.avg_pool2d"), _build_pool("avg_pool2d")),

@@ -24,6 +24,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
+from . import depthwise
 from .common import RegisterPool
 from .gemm import (INT_DTYPES, ITEMSIZE, SMALL_INT, GemmShape, check_limits,
                    choose_tiling, gemm_kernel, gemm_uniforms, tmu_config)
@@ -337,6 +338,8 @@ def supports(spec) -> tuple:
     act = s.activation
     if not (act is None or act == "relu" or (isinstance(act, tuple) and act[0] == "clip")):
         return False, f"activation {act!r}"
+    if depthwise.try_shape(s) is not None:
+        return True, "ok (depthwise kernel)"
     try:
         lay = conv_layout(s)
         g = gemm_shape_of(s, lay)
@@ -351,6 +354,9 @@ def supports(spec) -> tuple:
 
 def generate(spec, constants: dict):
     s = shape_from_spec(spec)
+    dws = depthwise.try_shape(s)
+    if dws is not None:
+        return depthwise.plan_depthwise(dws, constants["weight"], constants.get("bias") if s.bias else None)
     return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None)
 
 
@@ -362,6 +368,9 @@ def estimate(spec) -> float:
     from . import gemm
     from ..registry import OpSpec
     s = shape_from_spec(spec)
+    dws = depthwise.try_shape(s)
+    if dws is not None:
+        return depthwise.estimate_shape(dws)
     lay = conv_layout(s)
     g = gemm_shape_of(s, lay)
     t = choose_tiling(g)

@@ -648,10 +648,12 @@ def needs_pack(s: GemmShape, t: GemmTiling) -> bool:
 def check_limits(s: GemmShape, t: GemmTiling):
     """Refuse shapes whose strides the kernels' 24-bit multiplies cannot take."""
     es_b = ITEMSIZE[s.b_dtype]
-    spans = {"A panel tile": t.Kpad * t.R * 4, "A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4),
+    spans = {"A panel tile": t.Kpad * t.R * 4,
              "B lane stride x 16": 16 * (s.K * es_b if s.transpose_b else es_b),
-             "B batch": s.b_bstride * es_b, "C tile": t.R * s.N * 4, "C batch": s.M * s.N * 4,
-             "A row": s.K * 4}
+             "C tile": t.R * s.N * 4, "A row": s.K * 4}
+    if s.batch > 1:      # batch strides are multiplied by z; with one batch z = 0 and they are unused
+        spans.update({"A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4), "B batch": s.b_bstride * es_b,
+                      "C batch": s.M * s.N * 4})
     for what, v in spans.items():
         if v >= UMUL24_LIMIT:
             raise ValueError(f"{what} stride {v} bytes exceeds the kernel's 24-bit address arithmetic")

@@ -1,0 +1,417 @@
+"""Depthwise 2-D convolution (NCHW, groups == C == OC, float32): a direct kernel.
+
+``out[n, c, oh, ow] = bias[c] + sum_{i, j} W[c, 0, i, j] * x[n, c, oh*sh - pt + i*dh, ow*sw - pl + j*dw]``
+(taps outside the input contribute nothing), then the activation (None, ReLU or clip).
+
+The implicit-GEMM conv (:mod:`.conv`) runs a depthwise convolution as C one-row GEMMs, which
+wastes the GEMM's row tiling; this kernel does what a depthwise convolution needs instead.
+
+Kernel
+------
+* **Lanes along output pixels.** A 16-lane vector is 16 consecutive output positions of one
+  plane (n, c); each plane's ``OH*OW`` outputs are cut into ``ceil(OH*OW / 16)`` vectors, the
+  lanes past the plane's end are dummies (never stored). Every vector therefore belongs to one
+  channel, so all lanes share its weights.
+* **Weights per plane in registers.** At the start of a plane the T = KH*KW weights (and the
+  bias) of its channel are read with T (+1) TMU lookups whose 16 lanes share one address (one
+  64-byte line), i.e. broadcast like uniforms, and stay in T registers for the plane's vectors.
+* **Taps unrolled.** Per vector, each tap is one 16-lane gather at a constant byte offset from the
+  lane's base address, then ``acc += w_t * x``. The taps of the *next* vector are issued while
+  the current vector's are folded (T taps in flight, T <= 16; the TMU output FIFO holds 16).
+* **Padding** is per lane and per tap: tap (i, j) of a lane is valid when row ``ih0 + i*dh <u H``
+  and column ``iw0 + j*dw <u W``; an invalid tap loads from a zero line after the weights
+  instead, so the accumulation needs no mask (4 instructions per tap). A valid tap always lies
+  inside its own plane, so the dummy lanes and the over-issued vector after a plane's last never
+  read outside the input.
+* **Work split:** the planes' vectors in (plane, vector) order, a contiguous run of equal length
+  per worker (one workgroup per QPU); a host table gives each worker its lanes' start state, its
+  vector counts and the state of a plane's first vector.
+
+Limits (``check`` says so): float32 data / weights / output; T <= 15 taps; the registers must
+suffice (3x3 and smaller, 1xK / Kx1 up to 15 taps with few constants).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import asm as A
+from ..asm import L, b, mov, nop, sub, add, shl, eidx, tmuwt, thread_end
+from ..instr import RF
+from ..plan import BufferSpec, KernelPlan, Launch
+from . import reduce as RD
+from .reduce import Builder, f32_bits, store_vector
+
+S = A.SIGNALS
+R_ = A.R
+tmua, tmuc, null = RD.tmua, RD.tmuc, RD.null
+MAX_TAPS = 15               # taps in flight + the one popped after the next issue <= 16 (TMU FIFO)
+ES = 4                      # float32
+TABLE = "dw_table"          # per-worker lane table
+WEIGHTS = "dw_weights"      # per-plane weight records [N*C, T (+1 bias)]
+
+
+@dataclass(frozen=True)
+class DwShape:
+    N: int
+    C: int
+    H: int
+    W: int
+    KH: int
+    KW: int
+    sh: int = 1
+    sw: int = 1
+    pt: int = 0
+    pl: int = 0
+    pb: int = 0
+    pr: int = 0
+    dh: int = 1
+    dw: int = 1
+    bias: bool = False
+    activation: object = None           # None | "relu" | ("clip", lo, hi)
+    num_qpus: int = RD.NUM_QPUS
+
+    @property
+    def OH(self) -> int:
+        return (self.H + self.pt + self.pb - self.dh * (self.KH - 1) - 1) // self.sh + 1
+
+    @property
+    def OW(self) -> int:
+        return (self.W + self.pl + self.pr - self.dw * (self.KW - 1) - 1) // self.sw + 1
+
+    @property
+    def T(self) -> int:
+        return self.KH * self.KW
+
+    @property
+    def planes(self) -> int:
+        return self.N * self.C
+
+    @property
+    def PS(self) -> int:                # outputs per plane
+        return self.OH * self.OW
+
+    @property
+    def record(self) -> int:            # words per plane weight record
+        return self.T + (1 if self.bias else 0)
+
+
+def check(s: DwShape):
+    """Raise ValueError for what the kernel does not take."""
+    if min(s.N, s.C, s.H, s.W, s.KH, s.KW, s.sh, s.sw, s.dh, s.dw) < 1 or min(s.pt, s.pl, s.pb, s.pr) < 0:
+        raise ValueError("sizes, strides and dilations must be >= 1, paddings >= 0")
+    if s.OH < 1 or s.OW < 1:
+        raise ValueError("empty output")
+    if s.T > MAX_TAPS:
+        raise ValueError(f"{s.T} taps: the depthwise kernel unrolls at most {MAX_TAPS}")
+    act = s.activation
+    if not (act is None or act == "relu" or (isinstance(act, tuple) and act[0] == "clip")):
+        raise ValueError(f"activation {act!r}")
+    if s.planes * max(s.H * s.W, s.PS) * ES >= 1 << 30:
+        raise ValueError("tensor larger than 1 GiB")
+    kernel_program(s)                       # raises ValueError when the registers do not suffice
+
+
+@functools.lru_cache(maxsize=64)
+def kernel_program(s: DwShape) -> tuple:
+    """(machine words, uniform keys) of the kernel for ``s`` (cached: supports() builds it too)."""
+    kb = Builder("depthwise_conv2d")
+    return kb.build(dw_kernel, s)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host tables
+# ------------------------------------------------------------------------------------------------
+def vectors_per_plane(s: DwShape) -> int:
+    return -(-s.PS // 16)
+
+
+def worker_runs(s: DwShape) -> list:
+    """[(first vector, vector count)] per worker over the planes' vectors in (plane, vector)
+    order: contiguous runs of equal length (the last one shorter)."""
+    total = s.planes * vectors_per_plane(s)
+    chunk = -(-total // min(s.num_qpus, total))
+    return [(i, min(chunk, total - i)) for i in range(0, total, chunk)]
+
+
+TABLE_WORDS = 16
+
+
+def lane_table(s: DwShape) -> np.ndarray:
+    """[workers, 16 lanes, 16 words] int32, per lane of a worker (columns):
+    0-4  the first vector's tap (0, 0) input offset, ih, iw, output offset, outputs left in its plane
+    5-6  vectors to do in the first plane, vectors left after it
+    7    weight record offset of the first plane
+    8-9  the first plane's input offset, output offset (+ lane)
+    10-13 a plane's first vector: ih, iw, tap (0, 0) offset in the plane, outputs left (PS - lane)"""
+    Vp = vectors_per_plane(s)
+    runs = worker_runs(s)
+    lane = np.arange(16)
+    tab = np.zeros((len(runs), 16, TABLE_WORDS), dtype=np.int64)
+
+    def state(q):
+        oh, ow = q // s.OW, q % s.OW
+        ih, iw = oh * s.sh - s.pt, ow * s.sw - s.pl
+        return ih, iw, (ih * s.W + iw) * ES
+
+    ih0, iw0, rel0 = state(lane)
+    for w, (i0, n) in enumerate(runs):
+        p0, v0 = divmod(i0, Vp)
+        ih, iw, rel = state(v0 * 16 + lane)
+        first = min(Vp - v0, n)
+        tab[w, :, 0] = p0 * s.H * s.W * ES + rel
+        tab[w, :, 1], tab[w, :, 2] = ih, iw
+        tab[w, :, 3] = (p0 * s.PS + v0 * 16 + lane) * ES
+        tab[w, :, 4] = s.PS - v0 * 16 - lane
+        tab[w, :, 5], tab[w, :, 6] = first, n - first
+        tab[w, :, 7] = p0 * s.record * ES
+        tab[w, :, 8] = p0 * s.H * s.W * ES
+        tab[w, :, 9] = (p0 * s.PS + lane) * ES
+        tab[w, :, 10], tab[w, :, 11], tab[w, :, 12] = ih0, iw0, rel0
+        tab[w, :, 13] = s.PS - lane
+    return (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def zero_offset(s: DwShape) -> int:
+    """Byte offset of the zero line after the weight records (invalid taps load from it)."""
+    return -(-s.planes * s.record * ES // 64) * 64
+
+
+def weight_records(s: DwShape, weight: np.ndarray, bias=None) -> np.ndarray:
+    """float32 words: per plane (n, c) the channel's taps in (i, j) order (then its bias), then
+    zeros up to and including a 64-byte zero line at :func:`zero_offset`."""
+    w = np.asarray(weight, np.float32).reshape(s.C, s.T)
+    if s.bias:
+        w = np.concatenate([w, np.asarray(bias, np.float32).reshape(s.C, 1)], axis=1)
+    recs = np.zeros(zero_offset(s) // ES + 16, np.float32)
+    recs[: s.planes * s.record] = np.tile(w, (s.N, 1)).reshape(-1)
+    return recs
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel
+# ------------------------------------------------------------------------------------------------
+def _k(kb: Builder, v: int):
+    """A constant operand for an instruction with no other small immediate: the literal when it
+    is a small immediate (-16..15), else a register of the constant pool."""
+    return int(v) if -16 <= int(v) <= 15 else kb.u32(v)
+
+
+class _Lanes:
+    """Lane state of the vector being issued: address of tap (0, 0), ih0, iw0 and the per-row /
+    per-column tap coordinates (for the validity checks)."""
+
+    def __init__(self, kb: Builder, s: DwShape):
+        self.a, self.ih, self.iw = kb.reg(3)
+        self.u = kb.reg(s.KH)
+        self.v = kb.reg(s.KW)
+
+
+def _coords(kb: Builder, s: DwShape, st: _Lanes):
+    for d, src, c in [(st.u[i], st.ih, i * s.dh) for i in range(s.KH)] + \
+                     [(st.v[j], st.iw, j * s.dw) for j in range(s.KW)]:
+        if c == 0:
+            mov(d, src)
+        else:
+            add(d, src, _k(kb, c))
+
+
+def _advance(kb: Builder, s: DwShape, st: _Lanes):
+    """Every lane moves 16 output positions on inside its plane (column carry into rows; lanes
+    past the last row are dummies whose taps fail the row check)."""
+    rows, cols = divmod(16, s.OW)
+    astep = (rows * s.sh * s.W + cols * s.sw) * ES
+    add(st.iw, st.iw, kb.u32(cols * s.sw)).add(st.a, st.a, kb.u32(astep))
+    sub(null, st.iw, kb.u32(s.OW * s.sw - s.pl), cond="pushn").add(st.ih, st.ih, kb.u32(rows * s.sh))
+    sub(st.iw, st.iw, kb.u32(s.OW * s.sw), cond="ifna").add(st.ih, st.ih, kb.u32(s.sh), cond="ifna")
+    add(st.a, st.a, kb.u32((s.sh * s.W - s.OW * s.sw) * ES), cond="ifna")
+
+
+def _activation(kb: Builder, s: DwShape, acc):
+    act = s.activation
+    if act == "relu":
+        A.DSL["fmax"](acc, acc, 0)
+    elif isinstance(act, tuple):
+        A.DSL["fmax"](acc, acc, kb.u32(f32_bits(act[1])))
+        A.DSL["fmin"](acc, acc, kb.u32(f32_bits(act[2])))
+
+
+def dw_kernel(kb: Builder, s: DwShape):
+    Hr, Wr = kb.u32(s.H), kb.u32(s.W)
+    nxt = _Lanes(kb, s)
+    w = kb.reg(s.T)
+    bias = kb.reg() if s.bias else None
+    acc, v, prod, ptr, x, aout, rem, vp, left = kb.reg(9)
+    wp, pbase, obase, ih0, iw0, rel0, rem0 = kb.reg(7)
+    zaddr = kb.addr(WEIGHTS, zero_offset(s))
+    taps = [(i, j) for i in range(s.KH) for j in range(s.KW)]
+    off_b = [(i * s.dh * s.W + j * s.dw) * ES for i, j in taps]
+
+    def step_ptr(ins, t_):
+        """mul-ALU op on ``ins`` moving ptr to tap t_ of the vector being issued."""
+        if t_ == 0:
+            ins.mov(ptr, nxt.a)
+        else:
+            ins.add(ptr, ptr, _k(kb, off_b[t_] - off_b[t_ - 1]))
+
+    # ---- this worker's lane table: four vec4 lookups per lane, two at a time ----
+    lane, t = v, prod
+    eidx(lane)
+    mov(t, RF[3].unpack("ul"))
+    shl(t, t, 10)
+    shl(lane, lane, 6)
+    add(t, t, lane)
+    add(t, t, kb.addr(TABLE))
+    cols = [nxt.a, nxt.ih, nxt.iw, aout, rem, vp, left, wp, pbase, obase, ih0, iw0, rel0, rem0, x, x]
+    for half in range(2):
+        for q in range(2):
+            mov(tmuc, kb.u32(RD.VEC4_CFG))
+            if half == 0 and q == 0:
+                mov(tmua, t)
+            else:
+                add(tmua, t, kb.u32(16 * (2 * half + q)))
+        for r in cols[8 * half: 8 * half + 8]:
+            nop(sig=S["ldtmu"](r))
+    add(nxt.a, nxt.a, kb.addr("data"))
+    add(aout, aout, kb.addr("out"))
+    add(wp, wp, kb.addr(WEIGHTS))
+    add(pbase, pbase, kb.addr("data"))
+    add(obase, obase, kb.addr("out"))
+
+    # ---- per plane: weights (lookups whose lanes share one address), the first vector's taps ----
+    # A tap outside the input loads from a zero line instead (x defaults to zaddr), so the
+    # accumulation needs no mask.
+    L.plane
+    for _ in range(s.record):
+        mov(tmua, wp).add(wp, wp, 4)
+    for r in w + ([bias] if bias is not None else []):
+        nop(sig=S["ldtmu"](r))
+    _coords(kb, s, nxt)
+    mov(x, zaddr)
+    for t_, (i, j) in enumerate(taps):
+        step_ptr(sub(null, nxt.u[i], Hr, cond="pushc"), t_)
+        sub(null, nxt.v[j], Wr, cond="andc")                   # A = tap valid
+        mov(x, ptr, cond="ifa")
+        mov(tmua, x).mov(x, zaddr)
+
+    # ---- per vector: fold the current vector's taps while issuing the next one's ----
+    L.vloop
+    _advance(kb, s, nxt)
+    _coords(kb, s, nxt)
+    if bias is not None:                                       # acc = bias or +0.0 ; pop tap 0
+        mov(acc, bias, sig=S["ldtmu"](v))
+    else:
+        sub(acc, acc, acc, sig=S["ldtmu"](v))
+    for t_, (i, j) in enumerate(taps):
+        step_ptr(sub(null, nxt.u[i], Hr, cond="pushc"), t_)
+        sub(null, nxt.v[j], Wr, cond="andc").fmul(prod, v, w[t_])     # A = next tap valid
+        A.DSL["fadd"](acc, acc, prod).mov(x, ptr, cond="ifa")
+        sig = S["ldtmu"](v) if t_ + 1 < len(taps) else None         # pop tap t + 1
+        mov(tmua, x, sig=sig).mov(x, zaddr)
+    _activation(kb, s, acc)
+    sub(null, rem, 1, cond="pushn")                            # A = dummy lane (past the plane)
+    store_vector(kb, acc, aout, "float32", cond="ifna")
+    add(aout, aout, kb.u32(16 * ES)).sub(rem, rem, kb.u32(16))
+    sub(vp, vp, 1, cond="pushz")
+    b(R_.vloop, cond="anyna")
+    nop()
+    nop()
+    nop()
+    for _ in taps:                                             # the over-issued vector
+        nop(sig=S["ldtmu"](v))
+    # ---- the next plane: its first vector's lanes, min(Vp, left) vectors ----
+    add(pbase, pbase, kb.u32(s.H * s.W * ES)).add(obase, obase, kb.u32(s.PS * ES))
+    add(nxt.a, pbase, rel0).mov(nxt.ih, ih0)
+    mov(nxt.iw, iw0).mov(aout, obase)
+    A.DSL["imin"](vp, left, kb.u32(vectors_per_plane(s)))
+    sub(left, left, vp).mov(rem, rem0)
+    sub(null, vp, 1, cond="pushn")                             # A = nothing left
+    b(R_.plane, cond="anyna")
+    nop()
+    nop()
+    nop()
+    tmuwt()
+    thread_end()
+
+
+# ------------------------------------------------------------------------------------------------
+# Plan, reference, estimate
+# ------------------------------------------------------------------------------------------------
+def plan_depthwise(s: DwShape, weight: np.ndarray, bias=None, name: str = "depthwise_conv2d") -> KernelPlan:
+    check(s)
+    tab = lane_table(s)
+    recs = weight_records(s, weight, bias)
+    words, unif = kernel_program(s)
+    words, unif = words.copy(), list(unif)
+    bufs = [BufferSpec("data", "input", (s.N, s.C, s.H, s.W), "float32", s.planes * s.H * s.W * ES + 64),
+            BufferSpec("out", "output", (s.N, s.C, s.OH, s.OW), "float32"),
+            BufferSpec(TABLE, "weight", tab.shape, "int32"),
+            BufferSpec(WEIGHTS, "weight", recs.shape, "float32")]
+    attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()}
+    return KernelPlan(name, bufs, [Launch(words, unif, (tab.shape[0], 1, 1), 16, s.num_qpus, 1, name)],
+                      {TABLE: tab, WEIGHTS: recs}, attrs=attrs, flops=2 * s.planes * s.PS * s.T,
+                      bytes_moved=s.planes * (s.H * s.W + s.PS) * ES)
+
+
+def reference(s: DwShape, x: np.ndarray, weight: np.ndarray, bias=None) -> np.ndarray:
+    """numpy, written from the formula in the module docstring (float64 sums)."""
+    xp = np.zeros((s.N, s.C, s.H + s.pt + s.pb + s.sh * s.OH, s.W + s.pl + s.pr + s.sw * s.OW), np.float64)
+    xp[:, :, s.pt:s.pt + s.H, s.pl:s.pl + s.W] = x
+    w = np.asarray(weight, np.float64).reshape(s.C, s.KH, s.KW)
+    out = np.zeros((s.N, s.C, s.OH, s.OW), np.float64)
+    for i in range(s.KH):
+        for j in range(s.KW):
+            win = xp[:, :, i * s.dh: i * s.dh + s.sh * s.OH: s.sh, j * s.dw: j * s.dw + s.sw * s.OW: s.sw]
+            out += win[:, :, :s.OH, :s.OW] * w[None, :, i, j, None, None]
+    if bias is not None:
+        out += np.asarray(bias, np.float64).reshape(1, s.C, 1, 1)
+    if s.activation == "relu":
+        out = np.maximum(out, 0)
+    elif isinstance(s.activation, tuple):
+        out = np.clip(out, s.activation[1], s.activation[2])
+    return out.astype(np.float32)
+
+
+# Estimate: instructions of the loop above for the busiest worker (4 per tap, the rest per vector,
+# and per plane the weight lookups' and first taps' round trips plus the drain), 4 cycles each,
+# bounded below by DRAM traffic.
+EST_PER_TAP = 4
+EST_PER_VECTOR = 20             # advance, acc, store, loop control (+ the coordinates, + activation)
+EST_PER_PLANE_CYCLES = 2 * 80 + 100
+
+
+def estimate_shape(s: DwShape) -> float:
+    from ...runtime.cycle_model import DEFAULT as T
+    Vp = vectors_per_plane(s)
+    run = max(n for _, n in worker_runs(s))
+    planes = -(-run // Vp) + 1
+    per_vector = EST_PER_TAP * s.T + EST_PER_VECTOR + s.KH + s.KW + (2 if isinstance(s.activation, tuple) else 1)
+    cycles = run * per_vector * T.cycles_per_instruction + planes * EST_PER_PLANE_CYCLES
+    traffic = s.planes * (s.H * s.W + s.PS) * ES
+    return (max(cycles, traffic / T.dram_bytes_per_cycle) + RD.ESTIMATE_LAUNCH_S * T.clock_hz) / T.clock_hz
+
+
+def shape_of_conv(cs) -> DwShape:
+    """The DwShape of a :class:`.conv.ConvShape` (raises ValueError when it is not depthwise fp32)."""
+    if not (cs.groups == cs.C == cs.OC):
+        raise ValueError("not a depthwise convolution")
+    if cs.dtype != "float32" or cs.w_dtype != "float32":
+        raise ValueError(f"dtypes {cs.dtype} x {cs.w_dtype} (the depthwise kernel takes float32)")
+    pt, pl, pb, pr = cs.padding
+    s = DwShape(cs.N, cs.C, cs.H, cs.W, cs.KH, cs.KW, cs.strides[0], cs.strides[1], pt, pl, pb, pr,
+                cs.dilation[0], cs.dilation[1], cs.bias, cs.activation, cs.num_qpus)
+    check(s)
+    return s
+
+
+def try_shape(cs) -> DwShape | None:
+    """The DwShape for a :class:`.conv.ConvShape` this kernel takes, else None (the implicit-GEMM
+    conv handles it). Used by :mod:`.conv`'s registry entry to route depthwise convolutions."""
+    try:
+        return shape_of_conv(cs)
+    except ValueError:
+        return None
+
