@@ -595,3 +595,65 @@ def test_thrsw_two_instructions_apart_is_an_ordinary_switch():
     finally:
         for x in (src, dst, prog.buffer):
             dev.free(x)
+
+
+def test_unifa_case_3_of_the_hardware_tests():
+    """py-videocore7 tests/test_unifa.py case 3 (run on a Pi 5) in our DSL: two uniform streams
+    interleaved, a register redirect (element 1, after quad_rotate(-1)) right after a unifa write,
+    ldunifa together with a unifa write. Expected as the hardware test: per round k the ordinary
+    stream gives src1[2k], src1[2k + 1] and the unifa stream src0[2k], src0[2k + 1]."""
+    from tvm_qpu.runtime.emulator import RelaxedHazardWarning
+    n = 8
+    n_r, src0, src1, dst, inc, cnt = (RF[i] for i in (1, 2, 3, 4, 5, 10))
+
+    def k():
+        for r in (n_r, src0, src1, dst):
+            nop(sig=ldunifrf(r))
+        A.eidx(RF[11])
+        A.shl(RF[11], RF[11], 2)
+        A.add(src0, src0, RF[11])
+        A.add(src1, src1, RF[11])
+        A.add(dst, dst, RF[11])
+        A.mov(inc, 4)
+        A.shl(inc, inc, 4)
+        A.quad_rotate(src1, src1, -1)           # element 1 = src1 + 0
+        A.shr(cnt, n_r, 1)
+        A.mov(A.unifa, src0).add(src0, src0, 4)
+        L.l2
+        b(R.l3, cond="always").unif_addr(src1)  # right after the unifa write (Mesa-only rule)
+        A.add(src1, src1, 8)
+        A.sub(cnt, cnt, 1, cond="pushz")
+        nop()
+        L.l3
+        nop(sig=ldunif)
+        A.mov(A.tmud, RF[0])
+        A.mov(A.tmua, dst, sig=ldunifa).mov(A.unifa, src0)
+        A.mov(A.tmud, RF[0])
+        A.add(dst, dst, inc)
+        A.add(src0, src0, 8)
+        A.mov(A.tmua, dst, sig=ldunifa).add(dst, dst, inc)
+        A.mov(A.tmud, RF[0], sig=ldunif)
+        b(R.l2, cond="na0")
+        A.mov(A.tmua, dst).add(dst, dst, inc)
+        A.mov(A.tmud, RF[0])
+        A.mov(A.tmua, dst).add(dst, dst, inc)
+        A.tmuwt()
+        end_program()
+
+    dev = device()
+    with pytest.warns(RelaxedHazardWarning, match="branch_after_unifa"):
+        prog = dev.load_program(assemble_fn(k), "unifa3", hazards="hardware")
+    rng = np.random.default_rng(7)
+    a0 = dev.upload(rng.integers(1, 2 ** 32 - 1, n, dtype=np.uint32))
+    a1 = dev.upload(rng.integers(1, 2 ** 32 - 1, n, dtype=np.uint32))
+    out = dev.alloc(n * 2 * 64)
+    try:
+        st = dev.execute(prog, np.array([n, a0.addr, a1.addr, out.addr], np.uint32), num_qpus=1)
+        got = out.view(np.uint32).reshape(n // 2, 4, 16)
+        s0, s1 = a0.view(np.uint32)[:n], a1.view(np.uint32)[:n]
+        assert np.array_equal(got[:, [1, 2]].reshape(n, 16), np.repeat(s0[:, None], 16, 1))
+        assert np.array_equal(got[:, [0, 3]].reshape(n, 16), np.repeat(s1[:, None], 16, 1))
+        assert st.relaxed_rules == ["branch_after_unifa"]
+    finally:
+        for x in (a0, a1, out, prog.buffer):
+            dev.free(x)

@@ -402,3 +402,31 @@ def test_threads_mean_what_the_cfg_words_mean():
     assert RESIDENT_THREADS == {1: 2, 2: 2, 4: 4}
     bits = {t: v3d.csd_cfg(1, 16, 0x1000, 0x2000, ver=71, rev=6, threads=t)[5] & 1 for t in (1, 2, 4)}
     assert bits == {1: 0, 2: 0, 4: 1}
+
+
+def test_hazard_mode_option():
+    """hazards="hardware" as a device option applies to every program loaded; unknown modes are
+    refused; a clean program relaxes nothing."""
+    import warnings
+    from tvm_qpu.codegen.hazards import HazardError
+
+    def near():                                  # thrsw two after another: Mesa-only rule
+        nop(sig=thrsw)
+        nop()
+        nop(sig=thrsw)
+        nop()
+        nop()
+        end_program()
+    with pytest.raises(DeviceError, match="hazards must be one of"):
+        EmulatorDevice(memory_size=1 << 20, hazards="lenient")
+    dev = EmulatorDevice(memory_size=1 << 20, hazards="hardware")
+    with pytest.raises(DeviceError, match="hazards must be one of"):
+        dev.load_program(assemble_fn(near), "near", hazards="strict")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = dev.load_program(assemble_fn(near), "near")
+    assert dev.execute(prog, []).relaxed_rules == ["thrsw_near_thrsw"]
+    with pytest.raises(HazardError, match="thrsw_near_thrsw"):
+        dev.load_program(assemble_fn(near), "near", hazards="mesa")
+    clean = dev.load_program(assemble_fn(end_program), "end")
+    assert dev.execute(clean, []).relaxed_rules == []
