@@ -37,7 +37,8 @@ BATCH_LANES = 16                  # work items per CSD batch (one QPU thread)
 #: (v3d/v3dv: ``threads == 4``) and compiles for at least 2 threads on V3D 4.1+; with it clear a
 #: Pi 5 runs 2 threads per QPU (py-videocore7 tests/test_parallel.py keeps 24 resident on 12
 #: QPUs), so 1 and 2 write the same words: a "1-thread" program shares its QPU with a second
-#: thread (8 TMU FIFO words each). The emulator runs the same (emulator.RESIDENT_THREADS).
+#: thread slot (64 registers each; the QPU's 16 TMU FIFO words, of which Mesa keeps 8 per thread).
+#: The emulator runs the same (emulator.RESIDENT_THREADS).
 CSD_THREADS_BIT = {1: 0, 2: 0, 4: 1}
 MAX_BO_BYTES = (1 << 32) - 1      # drm_v3d_create_bo.size is a u32
 
