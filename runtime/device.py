@@ -99,10 +99,15 @@ class Device(ABC):
 
         uniforms: a uint32 array (copied to device memory) or a Buffer already holding them; every
         dispatched QPU thread starts reading the same uniform stream.
-        workgroups: (x, y, z) workgroup counts; each workgroup of ``wg_size`` (<= 16) lanes runs as
-        one QPU thread; the payload registers carry its ids (rf3.ul = x, rf3.uh = y, rf2.ul = z).
-        num_qpus / threads: how many QPUs and threads per QPU may run workgroups (defaults: all
-        QPUs, 1 thread).
+        workgroups: (x, y, z) workgroup counts; each workgroup of ``wg_size`` (1..256) lanes runs
+        as ceil(wg_size / 16) batches of 16 lanes, one QPU thread each; the payload registers
+        carry its ids (rf3.ul = x, rf3.uh = y, rf2.ul = z) and each lane's local invocation
+        index (rf2 >> (32 - bits), bits = log2(next_pow2(max(wg_size, 64))), Mesa's layout).
+        num_qpus: how many QPUs may run workgroups (default: all).
+        threads: the CSD threading mode, as the cfg words give it to the hardware: 4 sets the
+        threading bit (4 threads per QPU, 32 registers each); 1 and 2 leave it clear, and a Pi 5
+        then runs 2 threads per QPU (64 registers each; they share the QPU's 16 TMU output FIFO
+        words, Mesa keeps 8 per thread: docs/emulator.md "TMU"). Default 1.
         """
 
     def upload(self, data: np.ndarray, align: int = 4096) -> Buffer:

@@ -147,7 +147,9 @@ ST_ULINE, ST_UREQ = 22, 24           # two columns each: + stream (0 uniforms, 1
 #: of a compute workgroup, 0 for the others); ST_REVF: the revolving flag of each lane (bit l)
 ST_MSF = 26
 ST_REVF = 42
-NIST = 43
+#: ST_LANES: how many lanes of this batch belong to its workgroup (1..16)
+ST_LANES = 43
+NIST = 44
 #: uniform-stream line state (timing only): ST_ULINE + s is the line the stream s reads now,
 #: ST_UREQ + s the last line it has requested; FT_URDY + 4 s + (line % 4) when each is ready.
 # per-context float state (``fst``): times in QPU cycles
@@ -173,10 +175,16 @@ NPRM = 14
  SX_L2_MISSES, SX_DRAM_BYTES, SX_THRSW, SX_ATOMICS) = range(11)
 NSTATS = 11
 
+# launch vector (``wg_dims``): workgroup counts x, y, z; LA_STRICT 1 = our own code (Mesa's
+# stricter rules and faults where the published evidence does not fix the hardware's behaviour),
+# 0 = foreign code run as the hardware runs it (EmulatorDevice.load_program(hazards="hardware"))
+LA_STRICT = 3
+NLA = 4
+
 # faults
 (FLT_NONE, FLT_BAD_ADDR, FLT_FIFO_EMPTY, FLT_FIFO_OVERFLOW, FLT_BUDGET, FLT_REG_SHARE, FLT_PC_RANGE,
  FLT_UNSUPPORTED_OP, FLT_UNSUPPORTED_MAGIC, FLT_UNSUPPORTED_SIG, FLT_MISALIGNED, FLT_TMUD_OVERFLOW,
- FLT_TMU_OP, FLT_UNIF_ADDR, FLT_DEADLOCK) = range(15)
+ FLT_TMU_OP, FLT_UNIF_ADDR, FLT_DEADLOCK, FLT_UNIF_STALE, FLT_UNIF_REDIRECT) = range(17)
 # fault record: [code, ctx, pc, a, b]
 
 PAGE_SHIFT = 12
@@ -589,7 +597,8 @@ def alu_op(op, ua, ub, pack, S, F, ia, ib, rr, C, alu, FLA, FLB, ctx, ctx_tidx, 
                 if want == 1 and first < 0:
                     first = l
             else:
-                S[rr, l] = want
+                # vfla / vflna / vflb / vflnb: the flag in each 16-bit half (0x00010001)
+                S[rr, l] = np.uint32(want) * np.uint32(0x00010001)
             C[alu, l] = 0
         return 0
     if op >= OP_RECIP and op <= OP_SIN:
@@ -866,10 +875,25 @@ def _read_u32(mem32, page_ok, mem_base, addr):
     return True, mem32[off >> 2]
 
 
+#: page_ok bit 1: the page holds words a TMU write changed in this dispatch (``wdirty`` has one
+#: bit per word; both are cleared after each dispatch)
+PAGE_TMU_WRITTEN = 2
+
+
+@njit(cache=True, inline="always")
+def _mark_tmu_written(wdirty, page_ok, off, esize):
+    """Record that a TMU store / atomic changed the bytes [off, off + esize) of the arena."""
+    for w in range(off >> 2, ((off + esize - 1) >> 2) + 1):
+        wdirty[w >> 3] |= np.uint8(1 << (w & 7))
+        page_ok[w >> (PAGE_SHIFT - 2)] |= np.uint8(PAGE_TMU_WRITTEN)
+
+
 @njit(cache=True)
-def _next_uniform(ctx, col, pc, mem32, page_ok, mem_base, ist, fault):
+def _next_uniform(ctx, col, pc, mem32, page_ok, mem_base, ist, fault, wdirty):
     """Read the next word of a uniform stream (col: ST_UNIF or ST_UNIFA) and advance the stream.
-    Returns (ok, value); on an address outside any buffer ``fault`` says where and ok is False."""
+    Returns (ok, value); on an address outside any buffer ``fault`` says where and ok is False.
+    A word that a TMU write changed earlier in this dispatch faults too (FLT_UNIF_STALE): the
+    Pi 5's uniform path is not coherent with TMU writes and would return the old value."""
     addr = ist[ctx, col]
     ok, uv = _read_u32(mem32, page_ok, mem_base, addr)
     if not ok:
@@ -878,8 +902,25 @@ def _next_uniform(ctx, col, pc, mem32, page_ok, mem_base, ist, fault):
         fault[2] = pc
         fault[3] = addr
         return False, uv
+    off = addr - mem_base
+    if (page_ok[off >> PAGE_SHIFT] & PAGE_TMU_WRITTEN) != 0:
+        w = off >> 2
+        if (wdirty[w >> 3] >> (w & 7)) & 1:
+            fault[0] = FLT_UNIF_STALE
+            fault[1] = ctx
+            fault[2] = pc
+            fault[3] = addr
+            return False, uv
     ist[ctx, col] = addr + 4
     return True, uv
+
+
+@njit(cache=True, inline="always")
+def _set_unifa(ctx, addr, ist):
+    """Point the unifa stream at ``addr`` (lane 0 of the value written to unifa)."""
+    ist[ctx, ST_UNIFA] = addr
+    ist[ctx, ST_ULINE + 1] = -1                # a new unifa stream (timing state)
+    ist[ctx, ST_UREQ + 1] = -1
 
 
 @njit(cache=True)
@@ -953,7 +994,7 @@ def _uniform_ready(ctx, stream, addr, now, ist, fst, l2_tags, l2_lru, gst, prm, 
 def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs, fla, flb, ist,
         fst, tmud, fifo, fifo_t, qclock, qcur, qtmu_free, qreq, qreq_head, gst, prm, stats,
         qstats, fault, l2_tags, l2_lru, wg_dims, num_qpus, threads, reg_share, budget, rtop,
-        wg_size):
+        wg_size, wdirty):
     """Run the dispatch until every workgroup has ended, or a fault. Returns the fault code
     (0 on success); ``fault`` then holds [code, ctx, pc, a, b]."""
     mem_size = np.int64(mem8.shape[0])
@@ -965,7 +1006,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
     line_bytes = np.int64(prm[PR_LINE])
     nsets = np.int64(prm[PR_L2_SETS])
     nways = np.int64(prm[PR_L2_WAYS])
-    total_wg = wg_dims[0] * wg_dims[1] * wg_dims[2]
+    # dispatch unit: a batch of 16 lanes (one QPU thread); a workgroup of wg_size lanes is
+    # ceil(wg_size / 16) consecutive batches
+    total_wg = wg_dims[0] * wg_dims[1] * wg_dims[2] * ((wg_size + 15) // 16)
 
     scratch = np.zeros((8, 16), np.uint32)
     fscratch = scratch.view(np.float32)
@@ -1055,6 +1098,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                 return FLT_REG_SHARE
             now = qclock[q]
             stalled = False
+            pend_unifa = np.int64(-1)
             new_thrsw = False
             new_branch = False
             sig = row[F_SIG]
@@ -1088,9 +1132,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                 # a uniform-relative / -absolute redirect consumes one uniform
                 uval = np.int64(0)
                 if row[B_UB] == 1 and row[B_BDU] != 3:
-                    ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault)
+                    ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault, wdirty)
                     if not ok:
-                        return FLT_UNIF_ADDR
+                        return fault[0]
                     uval = np.int64(uv)
                 if taken:
                     bdi = row[B_BDI]
@@ -1119,8 +1163,16 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                         elif bdu == 1:
                             ist[ctx, ST_BR_UNIF] = (ist[ctx, ST_UNIF] + _sext(uval, 32)) & 0xFFFFFFFF
                         else:
-                            # element 1 of the register (py-videocore7 tests/test_unifa.py)
-                            ist[ctx, ST_BR_UNIF] = np.int64(regs[ctx, row[B_RADDR], 1])
+                            # element 1 of the register with bits 2:0 cleared: the one rule that
+                            # fits py-videocore7's hardware tests (docs/emulator.md, "Branches")
+                            ua = np.int64(regs[ctx, row[B_RADDR], 1])
+                            if (ua & 7) != 0 and wg_dims[LA_STRICT] != 0:
+                                fault[0] = FLT_UNIF_REDIRECT
+                                fault[1] = ctx
+                                fault[2] = pc
+                                fault[3] = ua
+                                return FLT_UNIF_REDIRECT
+                            ist[ctx, ST_BR_UNIF] = ua & 0xFFFFFFF8
                         ist[ctx, ST_BR_UNIF_SET] = 1
                     else:
                         ist[ctx, ST_BR_UNIF_SET] = 0
@@ -1234,7 +1286,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                     else:
                         err = alu_op(op, row[base + UA], row[base + UB], row[base + PACK],
                                      scratch, fscratch, ia, ib, rr, carry, alu, fla, flb, ctx,
-                                     ctx, ist[ctx, ST_LINK], tmpu, tmpf)
+                                     _tidx(ctx, threads), ist[ctx, ST_LINK], tmpu, tmpf)
                         if err != 0:
                             fault[0] = err
                             fault[1] = ctx
@@ -1351,23 +1403,28 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                         # signals
                         if sig != 0:
                             if (sig & S_WRTMUC) != 0:
-                                ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault)
+                                ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault, wdirty)
                                 if not ok:
-                                    return FLT_UNIF_ADDR
+                                    return fault[0]
                                 ist[ctx, ST_TMUCFG] = np.int64(uv)
                             if (sig & (S_LDUNIF | S_LDUNIFRF | S_LDUNIFA | S_LDUNIFARF)) != 0:
                                 use_a = (sig & (S_LDUNIFA | S_LDUNIFARF)) != 0
                                 col = ST_UNIFA if use_a else ST_UNIF
                                 uaddr = ist[ctx, col]
-                                ok, uv = _next_uniform(ctx, col, pc, mem32, page_ok, mem_base, ist, fault)
+                                ok, uv = _next_uniform(ctx, col, pc, mem32, page_ok, mem_base, ist, fault, wdirty)
                                 if not ok:
-                                    return FLT_UNIF_ADDR
+                                    return fault[0]
                                 t_u = _uniform_ready(ctx, 1 if use_a else 0, uaddr, now, ist, fst,
                                                      l2_tags, l2_lru, gst, prm, stats, nsets, nways,
                                                      line_bytes)
                                 if t_u > now:
                                     stalled = True
                                     now = t_u
+                                if pend_unifa >= 0:
+                                    # a unifa write in the same instruction takes effect after the
+                                    # read (py-videocore7 tests/test_unifa.py case 3, T2 / T3)
+                                    _set_unifa(ctx, pend_unifa, ist)
+                                    pend_unifa = -1
                                 d = row[F_SIGDST] if (sig & (S_LDUNIFRF | S_LDUNIFARF)) != 0 else 0
                                 if d < 64:
                                     for l in range(16):
@@ -1420,9 +1477,11 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             for l in range(16):
                                 regs[ctx, 0, l] = scratch[vrow, l & 12]
                         elif w == W_UNIFA:
-                            ist[ctx, ST_UNIFA] = np.int64(scratch[vrow, 0])
-                            ist[ctx, ST_ULINE + 1] = -1                # a new unifa stream
-                            ist[ctx, ST_UREQ + 1] = -1
+                            if phase == 0 and (sig & (S_LDUNIFA | S_LDUNIFARF)) != 0:
+                                # the ldunifa of this instruction reads the old stream first
+                                pend_unifa = np.int64(scratch[vrow, 0])
+                            else:
+                                _set_unifa(ctx, np.int64(scratch[vrow, 0]), ist)
                         elif w == W_TMUC:
                             ist[ctx, ST_TMUCFG] = np.int64(scratch[vrow, 0])
                         elif w == W_TMUD or w == W_TMUDREF or w == W_TMUOFF:
@@ -1439,9 +1498,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             ist[ctx, ST_BARRIER_PEND] = 1
                         elif w == W_TMUA or w == W_TMUAU:
                             if w == W_TMUAU:
-                                ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault)
+                                ok, uv = _next_uniform(ctx, ST_UNIF, pc, mem32, page_ok, mem_base, ist, fault, wdirty)
                                 if not ok:
-                                    return FLT_UNIF_ADDR
+                                    return fault[0]
                                 ist[ctx, ST_TMUCFG] = np.int64(uv)
                             # ---- one general TMU lookup (see docs/emulator.md, "TMU") ----
                             cfgw = ist[ctx, ST_TMUCFG] & 0xFFFFFFFF
@@ -1455,9 +1514,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             is_write = ndata > 0
 
                             # lanes taking part: per-lane mask, or per quad (a quad is active if any lane is)
-                            # (lanes >= wg_size are not part of the workgroup: disabled)
+                            # (lanes beyond the workgroup's last one are disabled)
                             for l in range(16):
-                                lane_on[l] = active[arow, l] if l < wg_size else 0
+                                lane_on[l] = active[arow, l] if l < ist[ctx, ST_LANES] else 0
                             if per == 0:
                                 for qq in range(0, 16, 4):
                                     anyq = lane_on[qq] | lane_on[qq + 1] | lane_on[qq + 2] | lane_on[qq + 3]
@@ -1513,13 +1572,15 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                 ret_words = nwords
                             elif kind == 2:
                                 ret_words = 1
-                            if ret_words > 0 and ist[ctx, ST_FIFO_WORDS] + ret_words > fifo_limit:
-                                fault[0] = FLT_FIFO_OVERFLOW
-                                fault[1] = ctx
-                                fault[2] = pc
-                                fault[3] = ist[ctx, ST_FIFO_WORDS] + ret_words
-                                fault[4] = fifo_limit
-                                return FLT_FIFO_OVERFLOW
+                            if ret_words > 0:
+                                held = _qpu_fifo_words(ist, q, threads) + ret_words
+                                if held > fifo_limit * threads:
+                                    fault[0] = FLT_FIFO_OVERFLOW
+                                    fault[1] = ctx
+                                    fault[2] = pc
+                                    fault[3] = held
+                                    fault[4] = fifo_limit * threads
+                                    return FLT_FIFO_OVERFLOW
 
                             # bounds and alignment
                             if kind != 3:
@@ -1613,6 +1674,8 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                         nv = o64 ^ d64
                                     mem32[off >> 2] = np.uint32(nv)
                                     fifo[ctx, h, l] = old
+                                if kind == 1 or kind == 2:
+                                    _mark_tmu_written(wdirty, page_ok, off, esize)
                                 # distinct cache lines touched (timing)
                                 if kind != 3:
                                     first = (off) // line_bytes
@@ -1722,8 +1785,11 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                 ist[ctx, ST_BR_CNT] = 3
             if new_thrsw:
                 stats[SX_THRSW] += 1
-                if ist[ctx, ST_THR_CNT] > 0 or switch_now:
-                    ist[ctx, ST_LAST] = 1          # thrsw in a thrsw delay slot: last switch
+                if ist[ctx, ST_THR_CNT] == 1:
+                    # a thrsw right after another (consecutive instructions) marks that switch
+                    # as the last (Mesa qpu_schedule.c emit_thrsw: "two THRSWs in a row"); a
+                    # thrsw two instructions later is an ordinary switch (below)
+                    ist[ctx, ST_LAST] = 1
                 elif ist[ctx, ST_LAST] == 2:
                     ist[ctx, ST_END_CNT] = 2       # the thrsw after the last switch ends the thread
                 else:
@@ -1761,6 +1827,27 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
 
 
 @njit(cache=True, inline="always")
+def _qpu_fifo_words(ist, q, threads):
+    """Words waiting in QPU q's TMU output FIFO: the sum over its live threads. The FIFO (16
+    words) is a per-QPU resource shared by the resident threads; Mesa's 16 / threads per thread
+    is its static split of it (docs/emulator.md, "TMU")."""
+    n = 0
+    for t in range(threads):
+        st = ist[q * 4 + t, ST_STATE]
+        if st == CTX_RUN or st == CTX_BARRIER:
+            n += ist[q * 4 + t, ST_FIFO_WORDS]
+    return n
+
+
+@njit(cache=True, inline="always")
+def _tidx(ctx, threads):
+    """The value ``tidx`` returns: QPU << 2 | thread slot, where the slot of thread t is
+    t * 4 / threads (2 threads use slots 0 and 2; py-videocore7 tests/test_parallel.py, run on a
+    Pi 5, reads the thread id of a 24-thread launch as (tidx & 0b111110) >> 1)."""
+    return (ctx & ~3) | (((ctx & 3) * 4) // threads)
+
+
+@njit(cache=True, inline="always")
 def _is_float_op(op):
     return (op == OP_FADD or op == OP_FADDNF or op == OP_FSUB or op == OP_FMIN or op == OP_FMAX
             or op == OP_FMUL or op == OP_FMOV or (op >= OP_RECIP and op <= OP_SIN)
@@ -1769,13 +1856,23 @@ def _is_float_op(op):
 
 
 @njit(cache=True)
-def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0, wg_size):
-    """Start workgroup ``wg`` (x fastest) in context ``ctx``: zeroed registers and flags, the
-    compute payload in rf3 (x | y << 16) and rf2 (z), the uniform stream at its start, the
-    multisample flags set (0xF) on the lanes < ``wg_size`` and clear on the others."""
+def _start_wg(ctx, slot, batch, wg_dims, regs, fla, flb, ist, fst, unif_base, t0, wg_size):
+    """Start batch ``batch`` of the dispatch in context ``ctx``: batch b of workgroup w = b // nb
+    (nb = ceil(wg_size / 16) batches per workgroup, workgroups x fastest). Zeroed registers and
+    flags; the compute payload: rf3 = x | y << 16, rf2 = z | local invocation index << (32 - bits)
+    with bits = log2(next_pow2(max(wg_size, 64))) (Mesa nir_to_vir.c
+    ``local_invocation_index_bits``; the lane's index in its workgroup is 16 * (b % nb) + lane);
+    the uniform stream at its start; the multisample flags set (0xF) on the lanes that belong to
+    the workgroup and clear on the others."""
+    nb = (wg_size + 15) // 16
+    wg = batch // nb
+    first = 16 * (batch % nb)
     x = wg % wg_dims[0]
     y = (wg // wg_dims[0]) % wg_dims[1]
     z = wg // (wg_dims[0] * wg_dims[1])
+    bits = 6
+    while (1 << bits) < wg_size:
+        bits += 1
     for rgi in range(64):
         for l in range(16):
             regs[ctx, rgi, l] = 0
@@ -1783,7 +1880,8 @@ def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0, w
         fla[ctx, l] = 0
         flb[ctx, l] = 0
         regs[ctx, 3, l] = np.uint32((x & 0xFFFF) | ((y & 0xFFFF) << 16))
-        regs[ctx, 2, l] = np.uint32(z & 0xFFFF)
+        idx = np.int64(first + l) & ((1 << bits) - 1)
+        regs[ctx, 2, l] = np.uint32(((z & 0xFFFF) | (idx << (32 - bits))) & 0xFFFFFFFF)
     for k in range(NIST):
         ist[ctx, k] = 0
     for k in range(NFST):
@@ -1796,8 +1894,9 @@ def _start_wg(ctx, slot, wg, wg_dims, regs, fla, flb, ist, fst, unif_base, t0, w
     ist[ctx, ST_TMUCFG] = 0xFFFFFFFF
     ist[ctx, ST_WG] = wg
     ist[ctx, ST_SLOT] = slot
+    ist[ctx, ST_LANES] = min(16, wg_size - first)
     for l in range(16):
-        ist[ctx, ST_MSF + l] = 0xF if l < wg_size else 0
+        ist[ctx, ST_MSF + l] = 0xF if first + l < wg_size else 0
     fst[ctx, FT_READY] = t0
 
 

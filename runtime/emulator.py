@@ -8,20 +8,33 @@ their timing.
 * execution: :func:`emu_core.run` (numba) runs the dispatch; faults come back as
   :class:`EmulatorFault` naming the QPU, thread, workgroup, pc and the instruction.
 
-Workgroup -> (QPU, thread) mapping: workgroups are numbered x fastest, then y, then z. The
-first ``num_qpus * threads`` go to QPU ``i % num_qpus``, thread ``i // num_qpus``; each later
+Dispatch: ``threads`` means what the same CSD cfg words mean on a Pi 5: the cfg5 threading bit
+is set only for 4 threads; with it clear (``threads`` 1 or 2) every QPU runs 2 threads
+(:data:`RESIDENT_THREADS`). A workgroup of ``wg_size`` lanes is ceil(wg_size / 16) batches, one
+QPU thread each; batches are numbered workgroup by workgroup (x fastest, then y, then z). The
+first ``num_qpus * resident`` go to QPU ``i % num_qpus``, thread ``i // num_qpus``; each later
 one starts in the first thread slot that frees up (in modelled time), like the CSD dispatcher.
-Kernels find their workgroup in the payload (rf3.ul = x, rf3.uh = y, rf2.ul = z) and their slot
-in ``tidx`` ((tidx >> 2) & 0xF = QPU, tidx & 3 = thread).
+Kernels find their workgroup in the payload (rf3.ul = x, rf3.uh = y, rf2.ul = z, the local
+invocation index in rf2's top bits) and their slot in ``tidx`` ((tidx >> 2) & 0xF = QPU,
+tidx & 3 = thread slot t * 4 / resident threads).
+
+Hazard modes (``load_program(..., hazards=...)`` or the device's ``hazards``): "mesa" (default,
+for our own kernels) enforces every rule of :mod:`codegen.hazards`, including two that Mesa's
+scheduler keeps but the hardware does not need, and faults where the published evidence does
+not fix the hardware's behaviour; "hardware" (foreign code) relaxes those two rules, runs the
+program with hardware semantics, warns (:class:`RelaxedHazardWarning`) and lists the relaxed
+rules in ``EmulatorExecStats.relaxed_rules``.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .device import Buffer, Device, DeviceError, ExecStats, ProgramHandle
 from . import cycle_model
+from .v3d import CSD_THREADS_BIT
 from . import emu_core as C
 
 PAGE = 1 << C.PAGE_SHIFT
@@ -32,6 +45,19 @@ DEFAULT_MEMORY = 768 << 20
 #: instruction budget per second of the ``timeout`` argument (the emulator cannot be
 #: interrupted, so ``timeout`` bounds the emulated work instead of wall time)
 INSTRUCTIONS_PER_TIMEOUT_SECOND = 50_000_000
+#: the device API's ``threads`` -> the cfg5 threading bit -> threads resident per QPU. The bit is
+#: set only for 4 threads (Mesa v3d/v3dv: ``threads == 4`` sets V3D_CSD_CFG5_THREADING); Mesa never
+#: compiles for 1 thread on V3D 4.1+ (``min_threads = ver >= 41 ? 2 : 1``) and py-videocore7's
+#: hardware tests keep 24 threads resident on 12 QPUs with the bit clear (tests/test_parallel.py:
+#: ``max_thread_per_qpu = 4 if threading else 2``). So 1 and 2 both mean 2 resident threads.
+RESIDENT_THREADS = {t: 4 if bit else 2 for t, bit in CSD_THREADS_BIT.items()}
+#: the largest workgroup a CSD dispatch takes (cfg3 wg_size is 8 bits, 256 written as 0)
+MAX_WG_SIZE = 256
+HAZARD_MODES = ("mesa", "hardware")
+
+
+class RelaxedHazardWarning(UserWarning):
+    """A program loaded with hazards="hardware" breaks a Mesa-only scheduling rule."""
 
 
 class EmulatorFault(DeviceError):
@@ -55,19 +81,25 @@ class EmulatorExecStats(ExecStats):
     per_qpu_instructions: list = field(default_factory=list)
     per_qpu_stall_cycles: list = field(default_factory=list)
     clock_hz: float = 0.0
+    #: threads resident per QPU (what the cfg words select: 2, or 4 with the threading bit)
+    resident_threads: int = 0
+    #: Mesa-only hazard rules the program breaks and that were relaxed (hazards="hardware")
+    relaxed_rules: list = field(default_factory=list)
 
 
 @dataclass
 class _Program:
     table: np.ndarray
     words: np.ndarray
+    hazards: str = "mesa"
+    relaxed: list = field(default_factory=list)
 
 
 _FAULT_TEXT = {
     C.FLT_BAD_ADDR: "TMU access to address {a:#010x} (lane {b}) outside any buffer",
     C.FLT_FIFO_EMPTY: "ldtmu with an empty TMU FIFO (no outstanding load)",
-    C.FLT_FIFO_OVERFLOW: "TMU request would put {a} words in the thread's output FIFO "
-                         "(limit {b} = 16 / threads); ldtmu results before issuing more",
+    C.FLT_FIFO_OVERFLOW: "TMU request would put {a} words in the QPU's output FIFO (limit {b} "
+                         "words, shared by its resident threads); ldtmu results before issuing more",
     C.FLT_BUDGET: "instruction budget of {a} instructions exceeded (runaway loop?)",
     C.FLT_REG_SHARE: "uses rf{a}, beyond this thread's share of the register file "
                      "(rf0..rf{bm1} at this thread count)",
@@ -80,6 +112,14 @@ _FAULT_TEXT = {
     C.FLT_TMU_OP: "unsupported TMU config byte {a:#04x} for this access",
     C.FLT_UNIF_ADDR: "uniform stream read at {a:#010x} outside any buffer",
     C.FLT_DEADLOCK: "barrier deadlock: every live thread waits on a barrier",
+    C.FLT_UNIF_STALE: "uniform-stream read at {a:#010x} of a word a TMU write changed earlier in "
+                      "this dispatch: the Pi 5's uniform path is not coherent with TMU writes and "
+                      "would return the old value (read it through the TMU, or write it in an "
+                      "earlier dispatch)",
+    C.FLT_UNIF_REDIRECT: "uniform redirect from a register: element 1 = {a:#010x} is not 8-byte "
+                         "aligned; the hardware tests fix the rule (element 1, bits 2:0 cleared) "
+                         "only where that does not matter; use an 8-byte aligned address (or "
+                         "load with hazards='hardware' to apply the rule)",
 }
 _FAULT_KIND = {
     C.FLT_BAD_ADDR: "bad_address", C.FLT_FIFO_EMPTY: "fifo_empty",
@@ -87,8 +127,15 @@ _FAULT_KIND = {
     C.FLT_PC_RANGE: "pc_range", C.FLT_UNSUPPORTED_OP: "unsupported", C.FLT_UNSUPPORTED_MAGIC:
     "unsupported", C.FLT_UNSUPPORTED_SIG: "unsupported", C.FLT_MISALIGNED: "misaligned",
     C.FLT_TMUD_OVERFLOW: "tmud_overflow", C.FLT_TMU_OP: "tmu_op", C.FLT_UNIF_ADDR: "bad_address",
-    C.FLT_DEADLOCK: "deadlock",
+    C.FLT_DEADLOCK: "deadlock", C.FLT_UNIF_STALE: "stale_uniform",
+    C.FLT_UNIF_REDIRECT: "unif_redirect",
 }
+
+
+def _hazard_mode(mode: str) -> str:
+    if mode not in HAZARD_MODES:
+        raise DeviceError(f"hazards must be one of {', '.join(HAZARD_MODES)}, got {mode!r}")
+    return mode
 
 
 class EmulatorDevice(Device):
@@ -98,7 +145,8 @@ class EmulatorDevice(Device):
 
     def __init__(self, memory_size: int = DEFAULT_MEMORY, num_qpus: int | None = None,
                  clock_hz: float | None = None, timing: cycle_model.TimingModel | None = None,
-                 max_instructions: int | None = None, check_hazards: bool = True):
+                 max_instructions: int | None = None, check_hazards: bool = True,
+                 hazards: str = "mesa"):
         t = timing or cycle_model.DEFAULT
         if num_qpus is not None:
             t = t.with_(num_qpus=int(num_qpus))
@@ -111,10 +159,12 @@ class EmulatorDevice(Device):
         self.clock_hz = t.clock_hz
         self.max_instructions = max_instructions
         self.check_hazards = check_hazards
+        self.hazards = _hazard_mode(hazards)
         size = (int(memory_size) + PAGE - 1) // PAGE * PAGE
         if ARENA_BASE + size > 1 << 32:
             raise DeviceError("memory_size does not fit the 32-bit GPU address space")
         self._mem = np.zeros(size, dtype=np.uint8)
+        self._wdirty = np.zeros(size // 32, dtype=np.uint8)   # one bit per word: TMU-written
         self._mem32 = self._mem.view(np.uint32)
         self._page_ok = np.zeros(size // PAGE, dtype=np.uint8)
         self._free = [(0, size // PAGE)]         # (first page, page count), sorted
@@ -173,26 +223,33 @@ class EmulatorDevice(Device):
         return bool(self._page_ok[off // PAGE] and self._page_ok[(off + size - 1) // PAGE])
 
     # ---------------------------------------------------------------- programs
-    def load_program(self, words, name: str = "kernel", *, check_hazards: bool | None = None) -> ProgramHandle:
-        """Check (static hazards), pre-decode and copy ``words`` to device memory."""
+    def load_program(self, words, name: str = "kernel", *, check_hazards: bool | None = None,
+                     hazards: str | None = None) -> ProgramHandle:
+        """Check (static hazards), pre-decode and copy ``words`` to device memory.
+
+        ``hazards``: "mesa" (our kernels: every rule) or "hardware" (foreign code: the Mesa-only
+        rules are relaxed, with a :class:`RelaxedHazardWarning`); default: the device's mode."""
         from . import emu_decode
         from ..codegen.instr import UndefinedEncoding
         words = np.ascontiguousarray(np.asarray(words, dtype=np.uint64).reshape(-1))
         if words.size == 0:
             raise DeviceError(f"{name}: empty program")
+        mode = self.hazards if hazards is None else _hazard_mode(hazards)
+        relaxed = []
         if self.check_hazards if check_hazards is None else check_hazards:
-            self._check_hazards(words, name)
+            relaxed = self._check_hazards(words, name, mode)
         try:
             table = emu_decode.predecode(words)
         except UndefinedEncoding as e:
             raise EmulatorFault(f"{name}: cannot load: {e}", kind="undefined") from None
         buf = self.upload(words)
-        self._programs[buf.handle] = _Program(table, words)
+        self._programs[buf.handle] = _Program(table, words, mode, relaxed)
         return ProgramHandle(buf.addr, words, buf, name)
 
-    def _check_hazards(self, words, name):
+    def _check_hazards(self, words, name, mode="mesa"):
+        """Raise EmulatorHazardFault on hazards; return the relaxed Mesa-only ones (hardware mode)."""
         from ..codegen import hazards
-        found = hazards.check_program(words)
+        found, relaxed = hazards.split_by_mode(hazards.check_program(words), mode)
         if found:
             from ..codegen.disasm import disassemble
             text = disassemble(words)
@@ -208,6 +265,12 @@ class EmulatorDevice(Device):
                                       if 0 <= found[0].pc < len(text) else None)
             err.hazards = found
             raise err
+        if relaxed:
+            rules = sorted({h.rule for h in relaxed})
+            warnings.warn(f"{name}: hazards='hardware' relaxed Mesa-only rule(s) {', '.join(rules)} "
+                          f"at pc {', '.join(str(h.pc) for h in relaxed[:10])}"
+                          f"{' ...' if len(relaxed) > 10 else ''}", RelaxedHazardWarning, stacklevel=3)
+        return relaxed
 
     # ---------------------------------------------------------------- execution
     def execute(self, program: ProgramHandle, uniforms, *, workgroups=(1, 1, 1), wg_size: int = 16,
@@ -221,10 +284,11 @@ class EmulatorDevice(Device):
         nq = self.num_qpus if num_qpus is None else int(num_qpus)
         if not 1 <= nq <= self.num_qpus:
             raise DeviceError(f"num_qpus must be 1..{self.num_qpus}, got {nq}")
-        if threads not in (1, 2, 4):
+        if threads not in RESIDENT_THREADS:
             raise DeviceError(f"threads must be 1, 2 or 4, got {threads}")
-        if not 1 <= int(wg_size) <= 16:
-            raise DeviceError(f"wg_size must be 1..16 (one workgroup per QPU thread), got {wg_size}")
+        if not 1 <= int(wg_size) <= MAX_WG_SIZE:
+            raise DeviceError(f"wg_size must be 1..{MAX_WG_SIZE} lanes (16 lanes per QPU thread), "
+                              f"got {wg_size}")
         wg = tuple(int(v) for v in workgroups) + (1,) * (3 - len(tuple(workgroups)))
         if any(v < 1 or v > 0xFFFF for v in wg):
             raise DeviceError(f"workgroup counts must be 1..65535, got {wg}")
@@ -238,7 +302,8 @@ class EmulatorDevice(Device):
             tmp_unif = self.upload(u if u.size else np.zeros(1, np.uint32))
             unif_addr = tmp_unif.addr
         try:
-            return self._run(prog, program, unif_addr, wg, nq, threads, budget, wg_size)
+            return self._run(prog, program, unif_addr, wg, nq, RESIDENT_THREADS[threads], budget,
+                             int(wg_size))
         finally:
             if tmp_unif is not None:
                 self.free(tmp_unif)
@@ -268,13 +333,18 @@ class EmulatorDevice(Device):
         nsets = int(prm[C.PR_L2_SETS])
         l2_tags = np.full((nsets, t.l2_ways), -1, dtype=np.int64)
         l2_lru = np.zeros((nsets, t.l2_ways), dtype=np.int64)
-        wg_dims = np.array(wg, dtype=np.int64)
+        wg_dims = np.zeros(C.NLA, dtype=np.int64)              # the launch vector
+        wg_dims[:3] = wg
+        wg_dims[C.LA_STRICT] = prog.hazards != "hardware"
         reg_share = 32 if threads == 4 else 64
-        code = run(prog.table, self._mem, self._mem32, self._page_ok, ARENA_BASE, program.addr,
+        try:
+            code = run(prog.table, self._mem, self._mem32, self._page_ok, ARENA_BASE, program.addr,
                    unif_addr, regs, regs.view(np.float32), fla, flb, ist, fst, tmud, fifo, fifo_t,
                    qclock, qcur, qtmu, qreq, qreq_head, gst, prm, stats, qstats, fault, l2_tags,
                    l2_lru, wg_dims, nq, threads, reg_share, int(budget),
-                   np.zeros((nctx, 16), dtype=np.uint32), int(wg_size))
+                   np.zeros((nctx, 16), dtype=np.uint32), int(wg_size), self._wdirty)
+        finally:
+            self._clear_tmu_written()
         if code != 0:
             raise self._fault(code, fault, ist, prog, program)
         cycles = int(np.ceil(qclock.max())) if nq else 0
@@ -287,7 +357,17 @@ class EmulatorDevice(Device):
             dram_bytes=int(stats[C.SX_DRAM_BYTES]), thread_switches=int(stats[C.SX_THRSW]),
             atomics=int(stats[C.SX_ATOMICS]),
             per_qpu_instructions=[int(v) for v in qstats[:, 0]],
-            per_qpu_stall_cycles=[int(v) for v in qstats[:, 1]], clock_hz=t.clock_hz)
+            per_qpu_stall_cycles=[int(v) for v in qstats[:, 1]], clock_hz=t.clock_hz,
+            resident_threads=threads, relaxed_rules=sorted({h.rule for h in prog.relaxed}))
+
+    def _clear_tmu_written(self):
+        """Forget which words TMU writes changed (the uniform-coherence check is per dispatch)."""
+        pages = np.flatnonzero(self._page_ok & C.PAGE_TMU_WRITTEN)
+        if pages.size:
+            per_page = PAGE // 32                   # wdirty bytes per page
+            for p in pages:
+                self._wdirty[p * per_page:(p + 1) * per_page] = 0
+            self._page_ok[pages] &= np.uint8(~C.PAGE_TMU_WRITTEN & 0xFF)
 
     def _fault(self, code, fault, ist, prog, program) -> EmulatorFault:
         from ..codegen.disasm import disassemble_word

@@ -33,7 +33,13 @@ SUPPORTED_VERSION = 71            # V3D 7.1 (VideoCore VII, Raspberry Pi 5)
 DEFAULT_TIMEOUT = 10.0            # seconds to wait for one dispatch before calling it hung
 GPU_PAGE = 4096                   # V3D MMU page size
 BATCH_LANES = 16                  # work items per CSD batch (one QPU thread)
-CSD_THREADS_BIT = {1: 0, 4: 1}    # threads per QPU -> cfg5 threading bit (set for 4-way, Mesa)
+#: the device API's threads -> cfg5 threading bit. Mesa sets it only for 4-thread shaders
+#: (v3d/v3dv: ``threads == 4``) and compiles for at least 2 threads on V3D 4.1+; with it clear a
+#: Pi 5 runs 2 threads per QPU (py-videocore7 tests/test_parallel.py keeps 24 resident on 12
+#: QPUs), so 1 and 2 write the same words: a "1-thread" program shares its QPU with a second
+#: thread slot (64 registers each; the QPU's 16 TMU FIFO words, of which Mesa keeps 8 per thread).
+#: The emulator runs the same (emulator.RESIDENT_THREADS).
+CSD_THREADS_BIT = {1: 0, 2: 0, 4: 1}
 MAX_BO_BYTES = (1 << 32) - 1      # drm_v3d_create_bo.size is a u32
 
 
@@ -301,7 +307,8 @@ def csd_cfg(workgroups, wg_size: int, code_addr: int, uniforms_addr: int, *, ver
     wgs_per_sg: workgroups per supergroup, 1..16 (cfg3 bits 11:8, 16 written as 0); batches per
     supergroup = ceil(wgs_per_sg * wg_size / 16), written minus one in cfg3 bits 19:12;
     cfg4: the number of 16-lane batches, minus one before V3D 7.1.6 (``ver``/``rev``);
-    cfg5: code address (8-byte aligned) | single_seg << 1 | threading (threads == 4);
+    cfg5: code address (8-byte aligned) | single_seg << 1 | threading (threads == 4; 1 and 2
+    both leave it clear: 2 threads per QPU, see CSD_THREADS_BIT);
     cfg6: uniforms address (4-byte aligned).
     Impossible launches raise LaunchError.
     """
@@ -309,7 +316,8 @@ def csd_cfg(workgroups, wg_size: int, code_addr: int, uniforms_addr: int, *, ver
     wg_size = _count(wg_size, 1, 256, "wg_size")
     wgs_per_sg = _count(wgs_per_sg, 1, 16, "wgs_per_sg")
     if threads not in CSD_THREADS_BIT:
-        raise LaunchError(f"threads = {threads!r}: a compute dispatch runs 1 or 4 threads per QPU")
+        raise LaunchError(f"threads = {threads!r}: a compute dispatch takes 1, 2 (both: threading "
+                          f"bit clear, 2 threads per QPU) or 4 threads per QPU")
     code_addr = _count(code_addr, 1, 0xFFFFFFFF, "code address")
     uniforms_addr = _count(uniforms_addr, 0, 0xFFFFFFFF, "uniforms address")
     if code_addr % 8:
@@ -460,12 +468,13 @@ class V3DDevice(Device):
     # ---- execution -----------------------------------------------------------------------
     def execute(self, program: ProgramHandle, uniforms, *, workgroups=(1, 1, 1), wg_size: int = 16,
                 num_qpus: int | None = None, threads: int = 1, timeout: float | None = None) -> ExecStats:
-        """Dispatch ``program`` once and wait for it. Each workgroup (<= 16 lanes) is one batch,
-        i.e. one QPU thread (one workgroup per supergroup). The hardware dispatcher spreads the
+        """Dispatch ``program`` once and wait for it. Each workgroup of ``wg_size`` (<= 256) lanes
+        is ceil(wg_size / 16) batches, one QPU thread each (one workgroup per supergroup);
+        ``threads`` sets the cfg threading bit (CSD_THREADS_BIT). The hardware dispatcher spreads the
         batches over all QPUs: ``num_qpus`` is validated but cannot restrict that."""
         if self.fd is None:
             raise DeviceError("device is closed")
-        wg_size = _count(wg_size, 1, BATCH_LANES, "wg_size (lanes per workgroup)")
+        wg_size = _count(wg_size, 1, 256, "wg_size (lanes per workgroup)")    # ceil(/16) batches
         if num_qpus is not None:
             _count(num_qpus, 1, self.num_qpus, "num_qpus")
         timeout = self.default_timeout if timeout is None else float(timeout)

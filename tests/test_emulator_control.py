@@ -128,8 +128,11 @@ def test_flag_values():
     got = run_body(body, [], n_out=6)
     fa = (ALL < 8).astype(np.uint32)
     fb = (ALL == 3).astype(np.uint32)
-    assert np.array_equal(got[0], fa) and np.array_equal(got[1], 1 - fa)
-    assert np.array_equal(got[2], fb) and np.array_equal(got[3], 1 - fb)
+    # vfl*: the flag in each 16-bit half (py-videocore7 test_cond_vflx, run on a Pi 5, reads the
+    # results as int16 pairs: flag.repeat(2)), i.e. 0x00010001, never 0x00000001
+    half = lambda f: np.repeat(f.astype(np.uint16), 2).view(np.uint32)
+    assert np.array_equal(got[0], half(fa)) and np.array_equal(got[1], half(1 - fa))
+    assert np.array_equal(got[2], half(fb)) and np.array_equal(got[3], half(1 - fb))
     assert list(got[4]) == [1] + [0] * 15 and list(got[5]) == [0] * 8 + [1] + [0] * 7
 
 
@@ -303,7 +306,7 @@ def test_branch_outside_program_faults():
 
 
 # ---------------------------------------------------------------- uniforms
-def _unif_program(body, uniforms_after, n_out=1):
+def _unif_program(body, uniforms_after, n_out=1, hazards=None):
     """Like run_body but with extra uniforms after the output address."""
     dev = device()
     def k():
@@ -314,7 +317,7 @@ def _unif_program(body, uniforms_after, n_out=1):
             A.mov(A.tmua, RF[41]).add(RF[41], RF[41], RF[43])
         A.tmuwt()
         end_program()
-    prog = dev.load_program(assemble_fn(k), "unif")
+    prog = dev.load_program(assemble_fn(k), "unif", hazards=hazards)
     out = dev.alloc(64 * n_out)
     unif = dev.alloc(4 * 64)
     try:
@@ -365,8 +368,8 @@ def test_uniform_branch_redirect(kind):
 
 
 def test_uniform_branch_register_uses_element_1():
-    """unif_addr(rN) takes element 1 of rN (py-videocore7 test_unifa: 'Branch takes the second
-    element as a new uniform address'; test_uniform_branch_reg)."""
+    """unif_addr(rN) takes element 1 of rN (py-videocore7 test_unifa case 3: 'Branch takes the
+    second element as a new uniform address'; test_uniform_branch_reg, whose lane 0 is 0)."""
     def body():
         nop(sig=ldunifrf(RF[30]))          # all lanes: a bogus address
         A.eidx(RF[31])
@@ -379,8 +382,40 @@ def test_uniform_branch_register_uses_element_1():
         nop()
         L.lbl
         nop(sig=ldunifrf(d_))
-    got = _unif_program(body, lambda ua, oa: [oa, 0x10, ua + 20, 3, 4, 55, 66])
-    assert np.all(got[0] == 55)
+    got = _unif_program(body, lambda ua, oa: [oa, 0x10, ua + 24, 3, 4, 5, 66])
+    assert np.all(got[0] == 66)
+
+
+def _lane_address_redirect(**kw):
+    """The register holds X + 4 * lane (X 8-byte aligned), as in py-videocore7 test_unifa case 2,
+    where the stream then starts at X (lane 0's address), not at X + 4 (lane 1's)."""
+    def body():
+        nop(sig=ldunifrf(RF[30]))          # X
+        A.eidx(RF[31])
+        A.shl(RF[31], RF[31], 2)
+        A.add(RF[30], RF[30], RF[31])
+        b(R.lbl, cond="always").unif_addr(RF[30])
+        nop()
+        nop()
+        nop()
+        L.lbl
+        nop(sig=ldunifrf(d_))
+    return _unif_program(body, lambda ua, oa: [oa, ua + 16, 3, 4, 50, 51, 52], **kw)
+
+
+def test_uniform_branch_register_rule_fits_every_hardware_case():
+    """Element 1 with bits 2:0 cleared is the rule that fits all three published hardware cases
+    (docs/emulator.md "Branches"): here element 1 = X + 4 -> X. Our own code (hazards="mesa")
+    may not depend on the cleared bits: that faults."""
+    import warnings
+    from tvm_qpu.runtime.emulator import EmulatorFault
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _lane_address_redirect(hazards="hardware")
+    assert np.all(got[0] == 50)
+    with pytest.raises(EmulatorFault, match="element 1 = 0x[0-9a-f]+ is not 8-byte aligned") as e:
+        _lane_address_redirect()
+    assert e.value.kind == "unif_redirect"
 
 
 def test_unifa_stream():
@@ -397,6 +432,60 @@ def test_unifa_stream():
         nop(sig=ldunifrf(OUT_REGS[2]))
     got = _unif_program(body, lambda ua, oa: [oa, ua + 40, 77, 0, 0, 0, 0, 0, 0, 0, 100, 200], n_out=3)
     assert np.all(got[0] == 100) and np.all(got[1] == 200) and np.all(got[2] == 77)
+
+
+def test_ldunifa_with_a_unifa_write_reads_the_old_stream():
+    """An instruction with ldunifa and a unifa write reads the old stream, then the new address
+    takes effect (py-videocore7 test_unifa case 3: ``mov(tmua, reg_dst, sig=ldunifa)
+    .mov(unifa, reg_src0)``, run on a Pi 5). The emulator used to apply the write first."""
+    def body():
+        nop(sig=ldunifrf(RF[30]))           # stream 1: words 10, 11
+        nop(sig=ldunifrf(RF[31]))           # stream 2: words 20, 21
+        A.mov(A.unifa, RF[30])
+        nop()
+        nop()
+        nop()
+        nop(sig=ldunifarf(OUT_REGS[0]))      # 10
+        nop(sig=ldunifarf(OUT_REGS[1])).mov(A.unifa, RF[31])   # 11 (old stream), then switch
+        nop()
+        nop()
+        nop()
+        nop(sig=ldunifarf(OUT_REGS[2]))      # 20
+    got = _unif_program(body, lambda ua, oa: [oa, ua + 16, ua + 24, 0, 10, 11, 20, 21], n_out=3)
+    assert np.all(got[0] == 10) and np.all(got[1] == 11) and np.all(got[2] == 20)
+
+
+def _write_then_unifa(read_offset):
+    """Store 9 to word 0 of a buffer through the TMU, then read word ``read_offset`` of the same
+    buffer through the unifa stream, in one dispatch."""
+    def body():
+        nop(sig=ldunifrf(RF[30]))            # buffer address
+        A.mov(RF[31], 9)
+        A.mov(A.tmud, RF[31])
+        A.mov(A.tmua, RF[30])                # every lane stores 9 to word 0
+        A.tmuwt()
+        nop(sig=ldunifrf(RF[32]))
+        A.add(A.unifa, RF[30], RF[32])
+        nop()
+        nop()
+        nop()
+        nop(sig=ldunifarf(d_))
+    # the buffer is words 18, 19 of the uniform buffer: 7, 8
+    return _unif_program(body, lambda ua, oa: [oa, ua + 72, 4 * read_offset] + [0] * 15 + [7, 8])
+
+
+def test_uniform_read_of_a_tmu_written_word_faults():
+    """The Pi 5's uniform path is not coherent with TMU writes: a uniform-stream read of a word a
+    TMU write changed earlier in the same dispatch returns the old value. The emulator never
+    returns the new one: it faults, naming the address."""
+    from tvm_qpu.runtime.emulator import EmulatorFault
+    with pytest.raises(EmulatorFault, match="not coherent with TMU writes") as e:
+        _write_then_unifa(0)
+    assert e.value.kind == "stale_uniform"
+    got = _write_then_unifa(1)             # a word next to it that no TMU write changed
+    assert np.all(got[0] == 8)
+    got = _write_then_unifa(1)             # the record is per dispatch: a new dispatch is clean
+    assert np.all(got[0] == 8)
 
 
 def test_uniform_read_outside_memory_faults():
@@ -452,3 +541,119 @@ def test_thrsw_delay_slots_and_switch_counts():
     assert st.per_qpu_instructions[0] == st.instructions
     dev.free(out)
     dev.free(prog.buffer)
+
+
+def serial_copy(rows):
+    """py-videocore7's qpu_serial (tests/test_parallel.py, run on a Pi 5) in our DSL: copy
+    ``rows`` rows of 16 words, one load / store pair per row, each with a thrsw; the store's
+    thrsw is two instructions before the next row's load thrsw."""
+    def k():
+        nop(sig=ldunifrf(RF[2]))            # src
+        nop(sig=ldunifrf(RF[3]))            # dst
+        A.eidx(RF[10])
+        A.shl(RF[10], RF[10], 2)
+        A.add(RF[2], RF[2], RF[10])
+        A.add(RF[3], RF[3], RF[10])
+        A.mov(RF[13], 4)
+        A.shl(RF[13], RF[13], 4)
+        for _ in range(rows):
+            A.mov(A.tmua, RF[2], sig=thrsw).add(RF[2], RF[2], RF[13])
+            nop()
+            nop()
+            nop(sig=A.ldtmu(RF[10]))
+            A.mov(A.tmud, RF[10])
+            A.mov(A.tmua, RF[3], sig=thrsw).add(RF[3], RF[3], RF[13])
+            A.tmuwt()
+        end_program()
+    return k
+
+
+def test_thrsw_two_instructions_apart_is_an_ordinary_switch():
+    """Only two thrsw in consecutive instructions mark the last switch (Mesa qpu_schedule.c
+    emit_thrsw: "emitting two THRSWs in a row"). A thrsw two instructions after another is an
+    ordinary switch: all 12 rows are copied (the emulator used to end the thread after 2). Mesa's
+    scheduler never emits that spacing, so our checker refuses it unless hazards="hardware",
+    which reports the relaxed rule."""
+    from tvm_qpu.codegen.hazards import HazardError
+    from tvm_qpu.runtime.emulator import RelaxedHazardWarning
+    dev = device()
+    words = assemble_fn(serial_copy(12))
+    with pytest.raises(HazardError, match="thrsw_near_thrsw"):
+        dev.load_program(words, "serial")
+    with pytest.warns(RelaxedHazardWarning, match="thrsw_near_thrsw"):
+        prog = dev.load_program(words, "serial", hazards="hardware")
+    src = dev.upload(np.arange(12 * 16, dtype=np.uint32))
+    dst = dev.alloc(12 * 64)
+    try:
+        for threads in (1, 4):
+            dst.view(np.uint32)[:] = 0
+            st = dev.execute(prog, np.array([src.addr, dst.addr], np.uint32), num_qpus=1,
+                             threads=threads)
+            assert np.array_equal(dst.view(np.uint32)[: 12 * 16], np.arange(12 * 16))
+            assert st.relaxed_rules == ["thrsw_near_thrsw"]
+            assert st.thread_switches == 2 * 12 + 3
+    finally:
+        for x in (src, dst, prog.buffer):
+            dev.free(x)
+
+
+def test_unifa_case_3_of_the_hardware_tests():
+    """py-videocore7 tests/test_unifa.py case 3 (run on a Pi 5) in our DSL: two uniform streams
+    interleaved, a register redirect (element 1, after quad_rotate(-1)) right after a unifa write,
+    ldunifa together with a unifa write. Expected as the hardware test: per round k the ordinary
+    stream gives src1[2k], src1[2k + 1] and the unifa stream src0[2k], src0[2k + 1]."""
+    from tvm_qpu.runtime.emulator import RelaxedHazardWarning
+    n = 8
+    n_r, src0, src1, dst, inc, cnt = (RF[i] for i in (1, 2, 3, 4, 5, 10))
+
+    def k():
+        for r in (n_r, src0, src1, dst):
+            nop(sig=ldunifrf(r))
+        A.eidx(RF[11])
+        A.shl(RF[11], RF[11], 2)
+        A.add(src0, src0, RF[11])
+        A.add(src1, src1, RF[11])
+        A.add(dst, dst, RF[11])
+        A.mov(inc, 4)
+        A.shl(inc, inc, 4)
+        A.quad_rotate(src1, src1, -1)           # element 1 = src1 + 0
+        A.shr(cnt, n_r, 1)
+        A.mov(A.unifa, src0).add(src0, src0, 4)
+        L.l2
+        b(R.l3, cond="always").unif_addr(src1)  # right after the unifa write (Mesa-only rule)
+        A.add(src1, src1, 8)
+        A.sub(cnt, cnt, 1, cond="pushz")
+        nop()
+        L.l3
+        nop(sig=ldunif)
+        A.mov(A.tmud, RF[0])
+        A.mov(A.tmua, dst, sig=ldunifa).mov(A.unifa, src0)
+        A.mov(A.tmud, RF[0])
+        A.add(dst, dst, inc)
+        A.add(src0, src0, 8)
+        A.mov(A.tmua, dst, sig=ldunifa).add(dst, dst, inc)
+        A.mov(A.tmud, RF[0], sig=ldunif)
+        b(R.l2, cond="na0")
+        A.mov(A.tmua, dst).add(dst, dst, inc)
+        A.mov(A.tmud, RF[0])
+        A.mov(A.tmua, dst).add(dst, dst, inc)
+        A.tmuwt()
+        end_program()
+
+    dev = device()
+    with pytest.warns(RelaxedHazardWarning, match="branch_after_unifa"):
+        prog = dev.load_program(assemble_fn(k), "unifa3", hazards="hardware")
+    rng = np.random.default_rng(7)
+    a0 = dev.upload(rng.integers(1, 2 ** 32 - 1, n, dtype=np.uint32))
+    a1 = dev.upload(rng.integers(1, 2 ** 32 - 1, n, dtype=np.uint32))
+    out = dev.alloc(n * 2 * 64)
+    try:
+        st = dev.execute(prog, np.array([n, a0.addr, a1.addr, out.addr], np.uint32), num_qpus=1)
+        got = out.view(np.uint32).reshape(n // 2, 4, 16)
+        s0, s1 = a0.view(np.uint32)[:n], a1.view(np.uint32)[:n]
+        assert np.array_equal(got[:, [1, 2]].reshape(n, 16), np.repeat(s0[:, None], 16, 1))
+        assert np.array_equal(got[:, [0, 3]].reshape(n, 16), np.repeat(s1[:, None], 16, 1))
+        assert st.relaxed_rules == ["branch_after_unifa"]
+    finally:
+        for x in (a0, a1, out, prog.buffer):
+            dev.free(x)

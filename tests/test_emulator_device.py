@@ -42,7 +42,8 @@ def test_open_device_emulator():
 def test_execute_argument_checks():
     dev = device()
     prog = dev.load_program(assemble_fn(end_program), "end")
-    for kw in (dict(threads=3), dict(num_qpus=13), dict(wg_size=17), dict(workgroups=(0, 1, 1))):
+    for kw in (dict(threads=3), dict(num_qpus=13), dict(wg_size=257), dict(wg_size=0),
+               dict(workgroups=(0, 1, 1))):
         with pytest.raises(DeviceError):
             dev.execute(prog, [], **kw)
     dev.free(prog.buffer)
@@ -91,11 +92,67 @@ def test_workgroup_mapping_and_payload(wg, nq, threads):
     x, y, z = lin % wg[0], (lin // wg[0]) % wg[1], lin // (wg[0] * wg[1])
     assert np.array_equal(rec[:, 1], x | (y << 16)) and np.array_equal(rec[:, 2], z)
     tid = rec[:, 0]
-    first = min(n, nq * threads)
+    resident = 4 if threads == 4 else 2          # the cfg threading bit is clear for 1 and 2
+    assert st.resident_threads == resident
+    first = min(n, nq * resident)
+    slots = {t * 4 // resident for t in range(resident)}                # 2 threads: 0 and 2
     assert np.array_equal(tid[:first] >> 2, lin[:first] % nq)           # QPU i % n
-    assert np.array_equal(tid[:first] & 3, lin[:first] // nq)           # thread i // n
-    assert set((tid >> 2).tolist()) <= set(range(nq)) and set((tid & 3).tolist()) <= set(range(threads))
+    assert np.array_equal(tid[:first] & 3, (lin[:first] // nq) * 4 // resident)   # slot of i // n
+    assert set((tid >> 2).tolist()) <= set(range(nq)) and set((tid & 3).tolist()) <= slots
     assert len(st.per_qpu_cycles) == nq and st.cycles == max(st.per_qpu_cycles)
+
+
+def test_threading_bit_clear_keeps_two_threads_per_qpu():
+    """threads=1 and threads=2 write the same cfg words (threading bit clear), and with the bit
+    clear a Pi 5 keeps 2 threads per QPU resident (py-videocore7 tests/test_parallel.py: 24
+    threads on 12 QPUs, thread id (tidx & 0b111110) >> 1). 24 workgroups on 12 QPUs all start at
+    once, the second one of each QPU in tidx slot 2."""
+    dev = device()
+    prog = dev.load_program(assemble_fn(ids_kernel), "ids")
+    out = dev.alloc(16 * 24)
+    for threads in (1, 2):
+        st = dev.execute(prog, [out.addr, 24, 24], workgroups=(24, 1, 1), threads=threads)
+        tid = out.view(np.uint32)[: 3 * 24].reshape(24, 3)[:, 0]
+        assert st.resident_threads == 2
+        assert list(tid) == [q << 2 for q in range(12)] + [q << 2 | 2 for q in range(12)]
+    dev.free(out)
+    dev.free(prog.buffer)
+
+
+def local_index_kernel():
+    """Each lane stores its rf2 to out[4 * (256 * x + rf2 >> (32 - bits))] (bits from uniforms)."""
+    nop(sig=ldunifrf(RF[20]))         # out
+    nop(sig=ldunifrf(RF[21]))         # 32 - bits
+    A.shr(RF[10], RF[2], RF[21])      # local invocation index
+    A.shl(RF[11], RF[3], -16)
+    A.shr(RF[11], RF[11], -16)        # workgroup x
+    A.shl(RF[11], RF[11], 8)
+    A.add(RF[10], RF[10], RF[11])
+    A.shl(RF[10], RF[10], 2)
+    A.add(RF[20], RF[20], RF[10])
+    A.mov(A.tmud, RF[2])
+    A.mov(A.tmua, RF[20])
+    A.tmuwt()
+    end_program()
+
+
+@pytest.mark.parametrize("wg_size,bits", [(16, 6), (5, 6), (100, 7), (256, 8)])
+def test_payload_local_invocation_index_and_large_workgroups(wg_size, bits):
+    """rf2 carries the lane's local invocation index in its top bits: index << (32 - bits),
+    bits = log2(next_pow2(max(wg_size, 64))) (Mesa nir_to_vir.c local_invocation_index_bits; py-
+    videocore7's test_parallel_with_workgroup reads it so on a Pi 5), so a 16-lane workgroup has
+    lane << 26. A workgroup of more than 16 lanes runs as ceil(wg_size / 16) batches whose lanes
+    continue the index; lanes past wg_size take no part."""
+    dev = device()
+    prog = dev.load_program(assemble_fn(local_index_kernel), "lidx")
+    out = dev.alloc(4 * 256 * 3)
+    dev.execute(prog, [out.addr, 32 - bits], workgroups=(3, 1, 1), wg_size=wg_size)
+    got = out.view(np.uint32).reshape(3, 256).copy()
+    dev.free(out)
+    dev.free(prog.buffer)
+    want = np.zeros((3, 256), np.uint32)
+    want[:, :wg_size] = np.arange(wg_size, dtype=np.uint32) << np.uint32(32 - bits)
+    assert np.array_equal(got, want)
 
 
 def barrier_kernel(use_barrier):
@@ -225,10 +282,14 @@ def test_fault_ldtmu_with_empty_fifo():
     assert e.kind == "fifo_empty" and e.pc == 1 and "ldtmu(rf7)" in e.instruction
 
 
-@pytest.mark.parametrize("threads,loads", [(1, 5), (2, 3), (4, 2)])
-def test_fault_tmu_fifo_overflow(threads, loads):
-    """vec4 loads put 4 words each in the output FIFO; 16 / threads words fit per thread."""
-    def k():
+@pytest.mark.parametrize("threads,wgs,loads,thread,k", [(1, 1, 5, 0, 4), (2, 2, 3, 1, 1),
+                                                        (4, 2, 3, 1, 1), (4, 4, 2, 2, 0)])
+def test_fault_tmu_fifo_overflow(threads, wgs, loads, thread, k):
+    """vec4 loads put 4 words each in the QPU's 16-word output FIFO, which the resident threads
+    share: a lone thread may fill it (lookup k = 4 overflows); with thread 0 holding 12 words (it
+    switched out, its words still waiting) thread 1's second lookup overflows; at 4 threads
+    holding 8 words each, thread 2's first one."""
+    def k_():
         nop(sig=ldunifrf(RF[5]))
         for i in range(loads):
             A.mov(A.tmuc, -4)
@@ -237,11 +298,11 @@ def test_fault_tmu_fifo_overflow(threads, loads):
     dev = device()
     buf = dev.alloc(4096)
     try:
-        e = run_fault(k, [buf.addr], workgroups=(threads, 1, 1), num_qpus=1, threads=threads)
+        e = run_fault(k_, [buf.addr], workgroups=(wgs, 1, 1), num_qpus=1, threads=threads)
     finally:
         dev.free(buf)
-    assert e.kind == "fifo_overflow" and f"limit {16 // threads}" in str(e)
-    assert e.pc == 1 + 2 * loads - 1
+    assert e.kind == "fifo_overflow" and "limit 16 words" in str(e)
+    assert e.thread == thread and e.pc == 2 + 2 * k
 
 
 def test_fault_instruction_budget():
@@ -330,3 +391,42 @@ def test_undefined_word_rejected_at_load():
     dev = device()
     with pytest.raises(EmulatorFault, match="cannot load"):
         dev.load_program(np.array([0xFFFFFFFFFFFFFFFF], np.uint64), "junk", check_hazards=False)
+
+
+def test_threads_mean_what_the_cfg_words_mean():
+    """The emulator's resident threads come from the cfg threading bit that v3d.csd_cfg writes
+    for the same ``threads``; a Pi 5 runs 4 threads per QPU with the bit set and 2 with it clear
+    (py-videocore7 tests/test_parallel.py: ``max_thread_per_qpu = 4 if threading else 2``)."""
+    from tvm_qpu.runtime import v3d
+    from tvm_qpu.runtime.emulator import RESIDENT_THREADS
+    assert RESIDENT_THREADS == {1: 2, 2: 2, 4: 4}
+    bits = {t: v3d.csd_cfg(1, 16, 0x1000, 0x2000, ver=71, rev=6, threads=t)[5] & 1 for t in (1, 2, 4)}
+    assert bits == {1: 0, 2: 0, 4: 1}
+
+
+def test_hazard_mode_option():
+    """hazards="hardware" as a device option applies to every program loaded; unknown modes are
+    refused; a clean program relaxes nothing."""
+    import warnings
+    from tvm_qpu.codegen.hazards import HazardError
+
+    def near():                                  # thrsw two after another: Mesa-only rule
+        nop(sig=thrsw)
+        nop()
+        nop(sig=thrsw)
+        nop()
+        nop()
+        end_program()
+    with pytest.raises(DeviceError, match="hazards must be one of"):
+        EmulatorDevice(memory_size=1 << 20, hazards="lenient")
+    dev = EmulatorDevice(memory_size=1 << 20, hazards="hardware")
+    with pytest.raises(DeviceError, match="hazards must be one of"):
+        dev.load_program(assemble_fn(near), "near", hazards="strict")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = dev.load_program(assemble_fn(near), "near")
+    assert dev.execute(prog, []).relaxed_rules == ["thrsw_near_thrsw"]
+    with pytest.raises(HazardError, match="thrsw_near_thrsw"):
+        dev.load_program(assemble_fn(near), "near", hazards="mesa")
+    clean = dev.load_program(assemble_fn(end_program), "end")
+    assert dev.execute(clean, []).relaxed_rules == []

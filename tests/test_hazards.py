@@ -58,7 +58,37 @@ def test_thrsw_before_previous_took_effect():
         nop(sig=thrsw)
         nop(); nop()
         thread_end()
+    assert "thrsw_near_thrsw" in rules(k)
+    # a Mesa-only rule: the hardware runs it as two ordinary switches (mode "hardware")
+    assert "thrsw_near_thrsw" not in rules(k, mode="hardware")
+
+
+def test_thread_end_thrsw_in_the_last_switch_pair_slots():
+    def k():
+        nop(sig=thrsw)
+        nop(sig=thrsw)
+        nop(sig=thrsw)
+        nop(); nop(); nop()
     assert "thrsw_in_thrsw_slot" in rules(k)
+    assert "thrsw_in_thrsw_slot" in rules(k, mode="hardware")
+
+
+def test_branch_right_after_unifa_write_is_mesa_only():
+    """Mesa's emit_branch keeps a branch 4+ instructions after a unifa write; py-videocore7's
+    test_unifa (case 3, run on a Pi 5) branches right after one."""
+    def k():
+        mov(unifa, rf1)
+        b(+8, cond="always")
+        nop(); nop(); nop()
+        thread_end()
+    assert "branch_after_unifa" in rules(k)
+    assert rules(k, mode="hardware") == set()
+
+
+def test_split_by_mode_rejects_unknown_modes():
+    from tvm_qpu.codegen.hazards import split_by_mode
+    with pytest.raises(ValueError, match="hazard mode"):
+        split_by_mode([], "lenient")
 
 
 def test_thread_end_writing_registers():

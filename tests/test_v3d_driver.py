@@ -175,7 +175,8 @@ def test_csd_cfg_fields(wg, wg_size, wgs_per_sg, rev):
     assert (d["code"], d["uniforms"]) == (code, unif)
 
 
-@pytest.mark.parametrize("threads,single_seg", [(1, False), (4, False), (1, True), (4, True)])
+@pytest.mark.parametrize("threads,single_seg", [(1, False), (2, False), (4, False), (1, True),
+                                                 (4, True)])
 def test_csd_cfg_flags(threads, single_seg):
     d = decode_cfg(v3d.csd_cfg((2, 2, 1), 16, 0x1000, 0x2000, ver=71, rev=6, threads=threads,
                                single_seg=single_seg))
@@ -207,7 +208,7 @@ def test_pack_unpack_roundtrip():
     (dict(wg_size=257), "wg_size"),
     (dict(wgs_per_sg=0), "wgs_per_sg"),
     (dict(wgs_per_sg=17), "wgs_per_sg"),
-    (dict(threads=2), "1 or 4 threads"),
+    (dict(threads=3), "1, 2 .* or 4 threads"),
     (dict(code_addr=0x1004), "8-byte aligned"),
     (dict(code_addr=0), "code address"),
     (dict(code_addr=1 << 32), "code address"),
@@ -456,6 +457,19 @@ def test_execute_submits_cfg_and_runs(tmp_path):
         assert decode_cfg(fake.submits[-1][0])["uniforms"] == unif.addr
 
 
+def test_execute_large_workgroups_and_threads():
+    """wg_size > 16 lanes is ceil(wg_size / 16) batches per workgroup; threads=4 sets the
+    threading bit, 1 and 2 leave it clear (2 threads per QPU on a Pi 5)."""
+    fake = FakeKernel()
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
+        prog = dev.load_program([0x38003186BB03F000])
+        for threads, bit in ((1, 0), (2, 0), (4, 1)):
+            dev.execute(prog, [0], workgroups=(3, 1, 1), wg_size=100, threads=threads)
+            d = decode_cfg(fake.submits[-1][0])
+            assert (d["wg_size"], d["batches_per_sg"], d["cfg4"]) == (100, 7, 21)
+            assert d["threading"] == bit
+
+
 def test_execute_uses_minus_one_before_7_1_6():
     fake = FakeKernel(ident_params(rev=3))
     with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
@@ -468,8 +482,9 @@ def test_execute_rejects_bad_launches():
     fake = FakeKernel()
     with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
         prog = dev.load_program([0x38003186BB03F000])
-        for kwargs, match in [(dict(wg_size=17), "wg_size"), (dict(num_qpus=13), "num_qpus"),
-                              (dict(threads=3), "1 or 4"), (dict(workgroups=(0, 1, 1)), "workgroups")]:
+        for kwargs, match in [(dict(wg_size=0), "wg_size"), (dict(num_qpus=13), "num_qpus"),
+                              (dict(threads=3), "1, 2"), (dict(workgroups=(0, 1, 1)), "workgroups"),
+                              (dict(wg_size=257), "wg_size")]:
             with pytest.raises(DeviceError, match=match):
                 dev.execute(prog, [0], **kwargs)
         assert not fake.submits
