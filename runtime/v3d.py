@@ -546,12 +546,14 @@ class V3DDevice(Device):
                 num_qpus: int | None = None, threads: int = 1, timeout: float | None = None) -> ExecStats:
         """Dispatch ``program`` once and wait for it. Each workgroup (<= 16 lanes) is one batch,
         i.e. one QPU thread (one workgroup per supergroup). The hardware dispatcher spreads the
-        batches over all QPUs: ``num_qpus`` is validated but cannot restrict that."""
+        batches over all QPUs: ``num_qpus`` (a plan's QPU count, 12 unless compiled for another
+        GPU) is only a hint and cannot restrict that; a plan sized for more QPUs than this GPU has
+        (``self.num_qpus``, from CORE0_IDENT1) still runs, its extra batches queue."""
         if self.fd is None:
             raise DeviceError("device is closed")
         wg_size = _count(wg_size, 1, BATCH_LANES, "wg_size (lanes per workgroup)")
         if num_qpus is not None:
-            _count(num_qpus, 1, self.num_qpus, "num_qpus")
+            _count(num_qpus, 1, 255, "num_qpus")
         timeout = self.default_timeout if timeout is None else float(timeout)
         owned = None
         if isinstance(uniforms, Buffer):

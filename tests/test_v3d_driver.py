@@ -477,6 +477,19 @@ def test_execute_submits_cfg_and_runs(tmp_path):
         assert decode_cfg(fake.submits[-1][0])["uniforms"] == unif.addr
 
 
+@pytest.mark.parametrize("nslc,qups", [(3, 4), (4, 4), (2, 4)])
+def test_qpu_count_comes_from_ident1_and_plans_for_12_run_anywhere(nslc, qups):
+    """Sources disagree on 12 or 16 QPUs: the count is read from CORE0_IDENT1 (NSLC x QUPS,
+    v3d_regs.h), and a launch planned for the default 12 QPUs runs whatever the count is."""
+    fake = FakeKernel(ident_params(nslc=nslc, qups=qups), on_submit=fake_copy_job)
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
+        assert dev.num_qpus == nslc * qups
+        assert f"{nslc} slices x {qups} QPUs = {nslc * qups} QPUs" in dev.info.describe()
+        prog, data, src, dst = copy_setup(dev)
+        dev.execute(prog, [src.addr, dst.addr, data.size], workgroups=12, num_qpus=12)
+        assert np.array_equal(dst.view(np.uint32), data)
+
+
 def test_execute_uses_minus_one_before_7_1_6():
     fake = FakeKernel(ident_params(rev=3))
     with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
@@ -489,7 +502,7 @@ def test_execute_rejects_bad_launches():
     fake = FakeKernel()
     with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
         prog = dev.load_program([0x38003186BB03F000])
-        for kwargs, match in [(dict(wg_size=17), "wg_size"), (dict(num_qpus=13), "num_qpus"),
+        for kwargs, match in [(dict(wg_size=17), "wg_size"), (dict(num_qpus=0), "num_qpus"),
                               (dict(threads=3), "1 or 4"), (dict(workgroups=(0, 1, 1)), "workgroups")]:
             with pytest.raises(DeviceError, match=match):
                 dev.execute(prog, [0], **kwargs)
@@ -715,8 +728,21 @@ def test_selftest_report_on_fake_kernel(monkeypatch, capsys, corrupt, code):
     assert st.main(["--copy-mib", "0.25", "--gemm", "8", "32", "8"]) == code
     out = capsys.readouterr().out
     assert "V3D 7.1.6" in out and "copy:     PASS" in out and "emulator unavailable" in out
+    assert "qpus:     12 (3 slices x 4 QPUs per slice, from GET_PARAM CORE0_IDENT1)" in out
+    assert "resets:   no reset counter" in out and "note:" not in out
     assert ("gemm:     FAIL" if corrupt else "gemm:     PASS") in out
     assert "measured" in out and not fake.bos and not fake.open_fds
+
+
+def test_selftest_reports_a_16_qpu_gpu():
+    st = load_selftest()
+    dev = v3d.V3DDevice("/dev/dri/renderD128",
+                        sys=FakeKernel({**ident_params(nslc=4, qups=4), "CONTEXT_RESET_COUNTER": 0}))
+    lines = "\n".join(st.qpu_lines(dev))
+    assert "qpus:     16 (4 slices x 4 QPUs per slice" in lines
+    assert "resets:   detected with GET_PARAM CONTEXT_RESET_COUNTER" in lines
+    assert "sized for 12 QPUs" in lines
+    dev.close()
 
 
 def _emulator():
