@@ -457,7 +457,7 @@ class V3DDevice(Device):
             f"dispatch may run ({DISPATCH_BUDGET_SECONDS * 1e3:.0f} ms budget): the v3d kernel driver "
             f"resets a compute job whose batches make no progress for {HANG_CHECK_SECONDS * 1e3:.0f} "
             "ms, which would leave its output unfinished. Run this operator on the CPU "
-            "(--qpu-placement auto or a smaller model), or split it into smaller operators.")
+            "(compile with --qpu-placement none, or use a smaller input shape).")
 
     def _check_not_reset(self, what: str, resets_before: int | None, seconds: float) -> None:
         """Raise JobResetError if the kernel reset the GPU while the job ran. With a reset counter
