@@ -604,7 +604,8 @@ class V3DDevice(Device):
         raise JobTimeoutError(
             f"GPU job {what!r} did not finish within the {timeout:g} s timeout (WAIT_BO timed out): "
             "the kernel is probably stuck in a loop or waiting on a TMU read that never returns. "
-            "The kernel driver resets a hung GPU; pass a larger timeout= for long jobs.")
+            f"(The kernel driver resets a job whose batches stop progressing for "
+            f"{HANG_CHECK_SECONDS * 1e3:.0f} ms; a larger timeout= only helps launches of many batches.)")
 
     # ---- teardown ------------------------------------------------------------------------
     def _close_fd(self):

@@ -182,23 +182,19 @@ def check_inputs(checks, inputs: dict) -> None:
         if a.dtype.kind not in "iu" or a.size == 0:
             continue
         sizes = np.asarray(c["sizes"], dtype=np.int64)
-        if len(sizes) > 1:                       # N-d: the last axis addresses len(sizes) dims
-            if a.shape[-1:] != (len(sizes),):
-                continue                         # the shape check of the input reports this
-            view = a.reshape(-1, len(sizes)).astype(np.int64)
-            hi = np.broadcast_to(sizes, view.shape)
-        else:
-            view = a.reshape(-1).astype(np.int64)
-            hi = np.full(view.shape, sizes[0])
+        if len(sizes) > 1 and a.shape[-1:] != (len(sizes),):
+            continue                             # the input's shape check reports this
+        # N-d ops: entry k of the last axis indexes data dimension k; else one size for all
+        hi = np.broadcast_to(sizes if len(sizes) > 1 else sizes[:1], a.shape)
         lo = -hi if c["negative_ok"] else np.zeros_like(hi)
-        bad = np.argwhere((view < lo) | (view >= hi))
-        if bad.size:
-            flat = int(bad[0][0]) * (view.shape[1] if view.ndim == 2 else 1) + (int(bad[0][1]) if view.ndim == 2 else 0)
-            pos = [int(i) for i in np.unravel_index(flat, a.shape)]
-            size = int(hi[tuple(bad[0])])
+        values = a.astype(np.int64)
+        bad = (values < lo) | (values >= hi)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            size = int(hi[pos])
             low = -size if c["negative_ok"] else 0
             raise IndexRangeError(
-                f"input {c['input']!r} holds index {int(a[tuple(pos)])} at position {pos}, outside the "
+                f"input {c['input']!r} holds index {int(a[pos])} at position {list(pos)}, outside the "
                 f"valid range {low}..{size - 1} of the {c['op']} it feeds (dimension of size {size}); "
-                f"{int(len(bad))} index value(s) are out of range. TVM's {c['op']} does not check its "
+                f"{int(bad.sum())} index value(s) are out of range. TVM's {c['op']} does not check its "
                 "indices, so the model is not run.")
