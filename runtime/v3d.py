@@ -402,11 +402,11 @@ class V3DDevice(Device):
         try:
             self.info = query_gpu(self._get_param)
             check_supported(self.info, path)
+            self.reset_counter = self._find_reset_counter()
         except BaseException:
             self._close_fd()
             raise
         self.num_qpus = self.info.num_qpus
-        self.reset_counter = self._find_reset_counter()
         if clock_hz is not None:
             self.clock_hz = clock_hz
 

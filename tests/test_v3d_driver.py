@@ -556,8 +556,10 @@ def test_reset_counter_probe_errors_other_than_einval_are_reported():
             if uapi.PARAM_NAMES[p.param] == "CONTEXT_RESET_COUNTER":
                 raise OSError(errno.EIO, "io")
             super().do_GET_PARAM(fd, p)
+    broken = Broken()
     with pytest.raises(DeviceError, match="CONTEXT_RESET_COUNTER"):
-        v3d.V3DDevice("/dev/dri/renderD128", sys=Broken())
+        v3d.V3DDevice("/dev/dri/renderD128", sys=broken)
+    assert not broken.open_fds, "the fd stays open after a failed probe"
 
 
 def test_check_plan_refuses_plans_longer_than_the_dispatch_budget():
