@@ -8,7 +8,13 @@ What it does, in kernel terms (all through the render node's file descriptor):
 * memory: V3D_CREATE_BO (GEM handle + GPU address), V3D_MMAP_BO + mmap(2) on the DRM fd (the
   numpy view of the buffer), DRM_IOCTL_GEM_CLOSE to free;
 * execution: V3D_SUBMIT_CSD with cfg words from :func:`csd_cfg`, then V3D_WAIT_BO with a deadline
-  so a hung job becomes a :class:`JobTimeoutError` instead of blocking forever.
+  so a hung job becomes a :class:`JobTimeoutError` instead of blocking forever;
+* hang check: the kernel resets a compute job whose batch counter (CSD CURRENT_CFG4) has not
+  moved for one 500 ms scheduler timeout (v3d_sched.c: ``hang_limit_ms = 500``,
+  ``v3d_csd_job_timedout``), and WAIT_BO then returns success over unfinished output. A job
+  that was reset becomes a :class:`JobResetError` (reset counter, or the wall-time rule when the
+  kernel has no counter), and :meth:`V3DDevice.check_plan` refuses plans modelled too long for
+  one dispatch (:data:`DISPATCH_BUDGET_SECONDS`) before they run.
 
 The OS calls go through a :class:`SysCalls` object so tests can inject a fake kernel.
 Standard library (ctypes, fcntl, mmap, os) plus numpy only.
@@ -41,6 +47,18 @@ BATCH_LANES = 16                  # work items per CSD batch (one QPU thread)
 #: The emulator runs the same (emulator.RESIDENT_THREADS).
 CSD_THREADS_BIT = {1: 0, 2: 0, 4: 1}
 MAX_BO_BYTES = (1 << 32) - 1      # drm_v3d_create_bo.size is a u32
+#: the v3d scheduler's job timeout (v3d_sched.c v3d_sched_init: hang_limit_ms = 500). At each
+#: expiry v3d_csd_job_timedout compares the CSD batch counter (V3D_CSD_CURRENT_CFG4) with its
+#: value at the previous expiry (0 at the first) and resets the GPU when it has not changed. A
+#: batch counter only moves when a batch is handed to a QPU, so once the last batch is running
+#: (at once for our persistent launches: <= one batch per QPU thread) the rest of the job must
+#: end within one timeout. A job shorter than this is never reset by the hang check.
+HANG_CHECK_SECONDS = 0.5
+#: modelled seconds one dispatch may take on the GPU: half the hang check, a margin for the
+#: cycle model's error (its estimates are held to +-25 % of the emulator) and the clock
+DISPATCH_BUDGET_SECONDS = HANG_CHECK_SECONDS / 2
+#: GET_PARAM reset counters, most specific first (newer kernels; older ones answer EINVAL)
+RESET_COUNTER_PARAMS = ("CONTEXT_RESET_COUNTER", "GLOBAL_RESET_COUNTER")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,6 +82,14 @@ class JobTimeoutError(DeviceError):
 
 class LaunchError(DeviceError):
     """The launch shape or addresses cannot be expressed in the CSD cfg words."""
+
+
+class JobResetError(DeviceError):
+    """The kernel driver reset the GPU during a job: its output is incomplete and is discarded."""
+
+
+class LaunchTooLongError(LaunchError):
+    """A plan is modelled to run longer than one dispatch may before the kernel's hang check."""
 
 
 NO_DEVICE_HINT = ("no V3D device found: no /dev/dri/renderD* node is driven by the 'v3d' DRM driver "
@@ -92,6 +118,10 @@ class SysCalls:
     def mmap(self, fd: int, length: int, offset: int):
         """A shared read/write mapping of ``length`` bytes of ``fd`` at ``offset``."""
         return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+
+    def clock(self) -> float:
+        """Monotonic seconds (job wall times; a fake kernel supplies its own time)."""
+        return time.monotonic()
 
 
 def _ioctl(sys: SysCalls, fd: int, name: str, arg: ctypes.Structure, retry_eagain: bool = True) -> None:
@@ -380,6 +410,7 @@ class V3DDevice(Device):
         try:
             self.info = query_gpu(self._get_param)
             check_supported(self.info, path)
+            self.reset_counter = self._find_reset_counter()
         except BaseException:
             self._close_fd()
             raise
@@ -404,6 +435,59 @@ class V3DDevice(Device):
         p = uapi.DrmV3dGetParam(param=uapi.PARAMS[name])
         _ioctl(self.sys, self.fd, "GET_PARAM", p)
         return int(p.value)
+
+    def _find_reset_counter(self) -> str | None:
+        """The first GET_PARAM reset counter this kernel answers (None on kernels without one)."""
+        for name in RESET_COUNTER_PARAMS:
+            try:
+                self._get_param(name)
+                return name
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise DeviceError(f"GET_PARAM {name} failed: {os.strerror(e.errno or 0)}") from e
+        return None
+
+    def _resets(self) -> int | None:
+        return None if self.reset_counter is None else self._get_param(self.reset_counter)
+
+    # ---- the kernel's hang check -----------------------------------------------------------
+    def check_plan(self, plan, modelled_seconds: float | None, what: str | None = None) -> None:
+        """Refuse, before it runs, a plan whose modelled time (the kernel estimate, or the
+        emulator's cycle model) exceeds :data:`DISPATCH_BUDGET_SECONDS`: its dispatch could
+        outlast the kernel's hang check, be reset and leave unfinished output. The whole plan's
+        time bounds each of its launches. ``None`` (not modelled) is accepted: the reset check
+        after each job still catches a reset."""
+        if modelled_seconds is None or modelled_seconds <= DISPATCH_BUDGET_SECONDS:
+            return
+        name = what or getattr(plan, "name", "plan")
+        raise LaunchTooLongError(
+            f"{name} is modelled at {modelled_seconds * 1e3:.0f} ms on the QPUs, longer than one GPU "
+            f"dispatch may run ({DISPATCH_BUDGET_SECONDS * 1e3:.0f} ms budget): the v3d kernel driver "
+            f"resets a compute job whose batches make no progress for {HANG_CHECK_SECONDS * 1e3:.0f} "
+            "ms, which would leave its output unfinished. Run this operator on the CPU "
+            "(compile with --qpu-placement none, or use a smaller input shape).")
+
+    def _check_not_reset(self, what: str, resets_before: int | None, seconds: float) -> None:
+        """Raise JobResetError if the kernel reset the GPU while the job ran. With a reset counter
+        any increase is a reset. Without one (older kernels) a job that ran at least one hang
+        check period cannot be told from a reset one (WAIT_BO succeeds either way), so it is
+        refused too: our launches keep every batch resident, so their counter cannot move."""
+        if resets_before is not None:
+            after = self._resets()
+            if after != resets_before:
+                raise JobResetError(
+                    f"GPU job {what!r} was reset by the kernel driver ({self.reset_counter} went "
+                    f"{resets_before} -> {after}) after {seconds:.3f} s: its output is incomplete and "
+                    f"was discarded. The v3d driver resets a compute job whose batches make no "
+                    f"progress for {HANG_CHECK_SECONDS * 1e3:.0f} ms; see `dmesg | grep v3d`.")
+            return
+        if seconds >= HANG_CHECK_SECONDS:
+            raise JobResetError(
+                f"GPU job {what!r} ran {seconds:.3f} s, at least the v3d driver's "
+                f"{HANG_CHECK_SECONDS * 1e3:.0f} ms hang check, and this kernel has no GPU reset "
+                "counter (GET_PARAM CONTEXT_RESET_COUNTER) to prove it was not reset: the kernel "
+                "resets such jobs and WAIT_BO still succeeds, so the output cannot be trusted and "
+                "was discarded. Split the work into shorter launches.")
 
     # ---- memory --------------------------------------------------------------------------
     def alloc(self, nbytes: int, align: int = 4096) -> Buffer:
@@ -471,12 +555,14 @@ class V3DDevice(Device):
         """Dispatch ``program`` once and wait for it. Each workgroup of ``wg_size`` (<= 256) lanes
         is ceil(wg_size / 16) batches, one QPU thread each (one workgroup per supergroup);
         ``threads`` sets the cfg threading bit (CSD_THREADS_BIT). The hardware dispatcher spreads the
-        batches over all QPUs: ``num_qpus`` is validated but cannot restrict that."""
+        batches over all QPUs: ``num_qpus`` (a plan's QPU count, 12 unless compiled for another
+        GPU) is only a hint and cannot restrict that; a plan sized for more QPUs than this GPU has
+        (``self.num_qpus``, from CORE0_IDENT1) still runs, its extra batches queue."""
         if self.fd is None:
             raise DeviceError("device is closed")
         wg_size = _count(wg_size, 1, 256, "wg_size (lanes per workgroup)")    # ceil(/16) batches
         if num_qpus is not None:
-            _count(num_qpus, 1, self.num_qpus, "num_qpus")
+            _count(num_qpus, 1, 255, "num_qpus")
         timeout = self.default_timeout if timeout is None else float(timeout)
         owned = None
         if isinstance(uniforms, Buffer):
@@ -492,14 +578,16 @@ class V3DDevice(Device):
             submit.bo_handles = ctypes.addressof(handles)
             submit.bo_handle_count = len(handles)
             wait_handle = program.buffer.handle if program.buffer is not None else unif.handle
-            start = time.perf_counter()
+            resets_before = self._resets()
+            start = self.sys.clock()
             try:
                 _ioctl(self.sys, self.fd, "SUBMIT_CSD", submit)
             except OSError as e:
                 raise DeviceError(f"SUBMIT_CSD of {program.name!r} failed: "
                                   f"{os.strerror(e.errno or 0)}") from e
             self.wait(wait_handle, timeout, what=program.name)
-            seconds = time.perf_counter() - start
+            seconds = self.sys.clock() - start
+            self._check_not_reset(program.name, resets_before, seconds)
         finally:
             if owned is not None:
                 self.free(owned)
@@ -525,7 +613,8 @@ class V3DDevice(Device):
         raise JobTimeoutError(
             f"GPU job {what!r} did not finish within the {timeout:g} s timeout (WAIT_BO timed out): "
             "the kernel is probably stuck in a loop or waiting on a TMU read that never returns. "
-            "The kernel driver resets a hung GPU; pass a larger timeout= for long jobs.")
+            f"(The kernel driver resets a job whose batches stop progressing for "
+            f"{HANG_CHECK_SECONDS * 1e3:.0f} ms; a larger timeout= only helps launches of many batches.)")
 
     # ---- teardown ------------------------------------------------------------------------
     def _close_fd(self):

@@ -171,6 +171,9 @@ PARAM_NAMES = (
     "V3D_CORE0_IDENT0", "V3D_CORE0_IDENT1", "V3D_CORE0_IDENT2",
     "SUPPORTS_TFU", "SUPPORTS_CSD", "SUPPORTS_CACHE_FLUSH", "SUPPORTS_PERFMON",
     "SUPPORTS_MULTISYNC_EXT", "SUPPORTS_CPU_QUEUE", "MAX_PERF_COUNTERS",
+    # newer kernels (older ones answer EINVAL): the reset counters count GPU resets, globally and
+    # for jobs of this DRM file (v3d_drv.c v3d_get_param_ioctl)
+    "SUPPORTS_SUPER_PAGES", "GLOBAL_RESET_COUNTER", "CONTEXT_RESET_COUNTER",
 )
 #: name (without the DRM_V3D_PARAM_ prefix) -> id
 PARAMS = {name: i for i, name in enumerate(PARAM_NAMES)}

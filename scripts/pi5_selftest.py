@@ -4,7 +4,8 @@
     python scripts/pi5_selftest.py            # the real GPU (V3D 7.1 through /dev/dri/renderD*)
     python scripts/pi5_selftest.py --device emulator   # the same checks on the embedded emulator
 
-Steps: identify the GPU, measure copy bandwidth (and check the copy), run a small fp32 GEMM, check
+Steps: identify the GPU (and its QPU count: slices x QPUs per slice from CORE0_IDENT1, since
+sources disagree on 12 or 16), measure copy bandwidth (and check the copy), run a small fp32 GEMM, check
 it against numpy and report its GFLOP/s measured on the device next to the emulator's modelled
 figure for the same kernel. Exit status: 0 all checks passed, 1 a check failed, 2 no V3D device,
 3 permission denied, 4 unsupported GPU.
@@ -259,6 +260,26 @@ def emulator_gemm(m, n, k) -> tuple:
             pass
 
 
+PLANNED_QPUS = 12      # the QPU count kernel plans and the cycle model assume unless told otherwise
+
+
+def qpu_lines(dev) -> list:
+    """The QPU count (and where it comes from), the kernel's reset reporting, and a note when the
+    count differs from what plans are compiled for."""
+    info = getattr(dev, "info", None)
+    if info is not None:
+        lines = [f"qpus:     {dev.num_qpus} ({info.slices} slices x {info.qpus_per_slice} QPUs per slice, "
+                 "from GET_PARAM CORE0_IDENT1)"]
+        counter = getattr(dev, "reset_counter", None)
+        lines.append(f"resets:   {'detected with GET_PARAM ' + counter if counter else 'no reset counter in this kernel: jobs running 0.5 s or more are refused'}")
+    else:
+        lines = [f"qpus:     {dev.num_qpus} ({dev.kind} parameter)"]
+    if dev.num_qpus != PLANNED_QPUS:
+        lines.append(f"note:     kernel plans are sized for {PLANNED_QPUS} QPUs by default; they run on "
+                     f"{dev.num_qpus}, but launch sizes and modelled times assume {PLANNED_QPUS}")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("v3d", "emulator"), default="v3d")
@@ -278,6 +299,7 @@ def main(argv=None) -> int:
     try:
         desc = dev.info.describe() if hasattr(dev, "info") else f"{dev.kind}, {dev.num_qpus} QPUs"
         out.append(f"device:   {getattr(dev, 'path', dev.kind)}: {desc}")
+        out.extend(qpu_lines(dev))
         if hasattr(dev, "info"):
             out.append("params:   " + ", ".join(f"{k}={v:#x}" for k, v in dev.info.params.items()))
 

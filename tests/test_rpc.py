@@ -8,6 +8,7 @@ deadline and every process (its whole process group) is killed in teardown, even
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -128,7 +129,7 @@ def cluster(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rpc")
     procs = Processes(folder)
     ports = {n: free_port() for n in ("tracker", "tracked", "standalone", "stock")}
-    emu = {"TVM_QPU_DEVICE": "emulator"}
+    emu = {"TVM_QPU_DEVICE": "emulator", R.TEST_HOOKS_ENV: "1"}      # test hooks: tvm_qpu.rpc.test_crash
     try:
         t = ports["tracker"]
         procs.start("tracker", ["-m", "tvm.exec.rpc_tracker", "--host", LOOPBACK, "--port", t, "--port-end", t + 1])
@@ -206,6 +207,70 @@ def test_remote_failure_is_the_servers_one_line(cluster, model, tmp_path):
     np.savez(tmp_path / "wrong.npz", data=np.zeros((1, 64), np.float32))
     p = tvmc("run", art, "--hostname", LOOPBACK, "--port", ports["standalone"], "--inputs", tmp_path / "wrong.npz")
     assert_one_line_error(p, f"remote {LOOPBACK}:{ports['standalone']}", "unknown input(s) ['data']")
+
+
+# ---------------------------------------------------------------------------------------------
+# a session that crashes
+
+CRASH_CLIENT = """
+import json, sys
+from tvm_qpu import rpc as R
+spec = R.make_spec(**json.loads(sys.argv[1]), timeout=20)
+session, where = R.open_session(spec)
+runner = R.RemoteRunner(session, where, {}, {"inputs": [], "outputs": []})
+try:
+    runner._call("test_crash")
+except R.RemoteError as e:
+    print("ERROR", e)
+else:
+    print("NO ERROR")
+"""
+
+
+def crash_a_session(**where):
+    """Call the test-only tvm_qpu.rpc.test_crash (SIGSEGV in the session process) from a client
+    subprocess; a client that hangs fails the test at the subprocess timeout instead of hanging it."""
+    p = subprocess.run([sys.executable, "-c", CRASH_CLIENT, json.dumps(where)], capture_output=True, text=True,
+                       timeout=RUN_TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def test_crashed_session_is_reported_and_the_server_keeps_serving(cluster, model):
+    ports, procs = cluster
+    d, art = model
+    out = crash_a_session(host=LOOPBACK, port=ports["standalone"])
+    assert out.startswith("ERROR remote") and "remote session crashed (killed by signal SIGSEGV)" in out, out
+    assert dict(procs.procs)["standalone"].poll() is None
+    p = tvmc("run", art, "--hostname", LOOPBACK, "--port", ports["standalone"], "--outputs", d / "after_crash.npz",
+             "--device", "emulator")
+    assert p.returncode == 0, p.stderr
+    assert_same_outputs(d / "after_crash.npz", d / "local_filled.npz")
+
+
+def test_crashed_session_via_tracker_keeps_the_key(cluster, model):
+    ports, procs = cluster
+    d, art = model
+    tracker = f"{LOOPBACK}:{ports['tracker']}"
+    out = crash_a_session(key=KEY, tracker=tracker)
+    assert "remote session crashed" in out, out
+    procs.wait_until("tracked", lambda: KEY in tracker_keys(ports["tracker"]), f"re-registration of {KEY!r}")
+    p = tvmc("run", art, "--rpc-key", KEY, "--rpc-tracker", tracker, "--inputs", d / "in.npz",
+             "--outputs", d / "after_crash_tracked.npz", "--rpc-timeout", "20")
+    assert p.returncode == 0, p.stderr
+    assert_same_outputs(d / "after_crash_tracked.npz", d / "local.npz")
+
+
+def test_a_dead_listen_loop_ends_the_process():
+    """If TVM's listen loop ever dies, the guard ends the server process (status 1) so a
+    supervisor restarts it, instead of a process that is up but not serving."""
+    code = ("from tvm_qpu import rpc as R\n"
+            "def loop(*a):\n    raise RuntimeError('boom')\n"
+            "R._guarded_listen_loop(loop)()\n"
+            "print('still here')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert p.returncode == 1 and "still here" not in p.stdout, (p.stdout, p.stderr)
+    assert "listen loop died (RuntimeError: boom)" in p.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,5 +354,7 @@ def test_server_functions_are_registered_on_import():
     import tvm_ffi
     for name in R.FUNCS:
         assert tvm_ffi.get_global_func(f"tvm_qpu.rpc.{name}", allow_missing=True) is not None
+    if os.environ.get(R.TEST_HOOKS_ENV) != "1":             # the crash hook exists only when asked for
+        assert tvm_ffi.get_global_func("tvm_qpu.rpc.test_crash", allow_missing=True) is None
     with pytest.raises(Exception, match=R.ERROR_MARK + "not inside a TVM RPC server session|no model loaded"):
         tvm_ffi.get_global_func("tvm_qpu.rpc.run")(b"", "random")

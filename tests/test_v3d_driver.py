@@ -300,13 +300,23 @@ def ident_params(major=7, minor=1, rev=6, nslc=3, qups=4, csd=1) -> dict:
 
 
 class FakeKernel(v3d.SysCalls):
-    """A fake v3d kernel driver: BOs are bytearrays, jobs run a Python callback."""
+    """A fake v3d kernel driver: BOs are bytearrays, jobs run a Python callback.
+
+    Time is virtual (``clock``): each job takes ``job_seconds``. The hang check is modelled on
+    the kernel's (v3d_sched.c: a 500 ms scheduler timeout; at each expiry v3d_csd_job_timedout
+    resets the GPU if CSD CURRENT_CFG4, the batch counter, equals its value at the previous
+    expiry, 0 at the first): the fake's jobs keep every batch resident (as our persistent
+    launches do), so a job of 500 ms or more is reset at the first expiry. A reset job's work is
+    not done, the reset counters present in ``params`` go up and WAIT_BO still succeeds.
+    """
 
     PAGE = 4096
+    HANG_LIMIT_S = 0.500                # v3d_sched.c v3d_sched_init: hang_limit_ms = 500
 
     def __init__(self, params=None, *, open_error=None, wait_errno=None, on_submit=None,
-                 driver_names=None):
+                 driver_names=None, job_seconds=0.001):
         self.params = ident_params() if params is None else params
+        self.now, self.job_seconds, self.resets = 100.0, job_seconds, 0
         self.open_error, self.wait_errno, self.on_submit = open_error, wait_errno, on_submit
         self.driver_names = driver_names or {}
         self.bos = {}                   # handle -> [gpu offset, bytearray]
@@ -334,6 +344,9 @@ class FakeKernel(v3d.SysCalls):
         assert type(arg) is uapi.IOCTL_DEFS[name].struct, f"{name} with {type(arg).__name__}"
         self.calls.append(name)
         getattr(self, "do_" + name)(fd, arg)
+
+    def clock(self):
+        return self.now
 
     def mmap(self, fd, length, offset):
         handle = offset >> 32
@@ -374,6 +387,14 @@ class FakeKernel(v3d.SysCalls):
         assert handles and all(h in self.bos for h in handles)
         assert s.flags == 0 and s.pad == 0 and s.extensions == 0
         self.submits.append((tuple(s.cfg), handles))
+        if self.job_seconds >= self.HANG_LIMIT_S:          # reset at the first timer expiry
+            self.now += self.HANG_LIMIT_S
+            self.resets += 1
+            for counter in ("GLOBAL_RESET_COUNTER", "CONTEXT_RESET_COUNTER"):
+                if counter in self.params:
+                    self.params[counter] += 1
+            return
+        self.now += self.job_seconds
         if self.on_submit:
             self.on_submit(self, tuple(s.cfg))
 
@@ -470,6 +491,19 @@ def test_execute_large_workgroups_and_threads():
             assert d["threading"] == bit
 
 
+@pytest.mark.parametrize("nslc,qups", [(3, 4), (4, 4), (2, 4)])
+def test_qpu_count_comes_from_ident1_and_plans_for_12_run_anywhere(nslc, qups):
+    """Sources disagree on 12 or 16 QPUs: the count is read from CORE0_IDENT1 (NSLC x QUPS,
+    v3d_regs.h), and a launch planned for the default 12 QPUs runs whatever the count is."""
+    fake = FakeKernel(ident_params(nslc=nslc, qups=qups), on_submit=fake_copy_job)
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
+        assert dev.num_qpus == nslc * qups
+        assert f"{nslc} slices x {qups} QPUs = {nslc * qups} QPUs" in dev.info.describe()
+        prog, data, src, dst = copy_setup(dev)
+        dev.execute(prog, [src.addr, dst.addr, data.size], workgroups=12, num_qpus=12)
+        assert np.array_equal(dst.view(np.uint32), data)
+
+
 def test_execute_uses_minus_one_before_7_1_6():
     fake = FakeKernel(ident_params(rev=3))
     with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
@@ -482,7 +516,7 @@ def test_execute_rejects_bad_launches():
     fake = FakeKernel()
     with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
         prog = dev.load_program([0x38003186BB03F000])
-        for kwargs, match in [(dict(wg_size=0), "wg_size"), (dict(num_qpus=13), "num_qpus"),
+        for kwargs, match in [(dict(wg_size=0), "wg_size"), (dict(num_qpus=0), "num_qpus"),
                               (dict(threads=3), "1, 2"), (dict(workgroups=(0, 1, 1)), "workgroups"),
                               (dict(wg_size=257), "wg_size")]:
             with pytest.raises(DeviceError, match=match):
@@ -490,6 +524,88 @@ def test_execute_rejects_bad_launches():
         assert not fake.submits
         with pytest.raises(DeviceError, match="no instructions"):
             dev.load_program([])
+
+
+# ---- the kernel's hang check ----------------------------------------------------------------
+def copy_setup(dev):
+    prog = dev.load_program(np.array([0x38003186BB03F000] * 8, dtype=np.uint64), name="copy")
+    data = np.arange(1, 65, dtype=np.uint32)
+    src, dst = dev.upload(data), dev.alloc(data.nbytes)
+    return prog, data, src, dst
+
+
+@pytest.mark.parametrize("counters", [{"CONTEXT_RESET_COUNTER": 0, "GLOBAL_RESET_COUNTER": 0},
+                                      {"GLOBAL_RESET_COUNTER": 3}, {}])
+def test_short_jobs_pass_with_or_without_reset_counters(counters):
+    fake = FakeKernel({**ident_params(), **counters}, on_submit=fake_copy_job, job_seconds=0.2)
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
+        assert dev.reset_counter == next(iter(counters), None)
+        prog, data, src, dst = copy_setup(dev)
+        stats = dev.execute(prog, [src.addr, dst.addr, data.size], workgroups=12)
+        assert np.array_equal(dst.view(np.uint32), data) and stats.seconds == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("counters,match", [
+    ({"CONTEXT_RESET_COUNTER": 0, "GLOBAL_RESET_COUNTER": 0}, r"CONTEXT_RESET_COUNTER went 0 -> 1"),
+    ({"GLOBAL_RESET_COUNTER": 7}, r"GLOBAL_RESET_COUNTER went 7 -> 8"),
+    ({}, r"no GPU reset counter"),
+])
+def test_reset_job_is_an_error_not_silent_output(counters, match):
+    """The kernel resets a job that outlives its hang check and WAIT_BO succeeds: the driver
+    must turn that into JobResetError (never return the unfinished output)."""
+    fake = FakeKernel({**ident_params(), **counters}, on_submit=fake_copy_job, job_seconds=0.8)
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
+        prog, data, src, dst = copy_setup(dev)
+        with pytest.raises(v3d.JobResetError, match=match) as e:
+            dev.execute(prog, [src.addr, dst.addr, data.size], workgroups=12)
+        assert "'copy'" in str(e.value) and "discarded" in str(e.value)
+        assert fake.resets == 1 and not dst.view(np.uint32).any()    # the job really did not run
+        fake.job_seconds = 0.01                                      # the next job is fine again
+        dev.execute(prog, [src.addr, dst.addr, data.size], workgroups=12)
+        assert np.array_equal(dst.view(np.uint32), data)
+
+
+def test_reset_counter_probe_errors_other_than_einval_are_reported():
+    class Broken(FakeKernel):
+        def do_GET_PARAM(self, fd, p):
+            if uapi.PARAM_NAMES[p.param] == "CONTEXT_RESET_COUNTER":
+                raise OSError(errno.EIO, "io")
+            super().do_GET_PARAM(fd, p)
+    broken = Broken()
+    with pytest.raises(DeviceError, match="CONTEXT_RESET_COUNTER"):
+        v3d.V3DDevice("/dev/dri/renderD128", sys=broken)
+    assert not broken.open_fds, "the fd stays open after a failed probe"
+
+
+def test_check_plan_refuses_plans_longer_than_the_dispatch_budget():
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=FakeKernel()) as dev:
+        dev.check_plan(None, None)                                   # not modelled: the reset check covers it
+        dev.check_plan(None, 0.2, what="ok")
+        with pytest.raises(v3d.LaunchTooLongError, match=r"region X is modelled at 400 ms.*500 ms"):
+            dev.check_plan(None, 0.4, what="region X")
+    assert v3d.DISPATCH_BUDGET_SECONDS < v3d.HANG_CHECK_SECONDS == FakeKernel.HANG_LIMIT_S
+
+
+def test_executor_checks_the_budget_before_running(monkeypatch):
+    """The persistent executor asks the device about each region's modelled time before it makes
+    the region resident: a region over the budget never reaches the GPU."""
+    from tvm_qpu.codegen.plan import KernelPlan, Launch
+    from tvm_qpu.executor import PlanExecutor, RegionInfo
+    fake = FakeKernel()
+    dev = v3d.V3DDevice("/dev/dri/renderD128", sys=fake)
+    ex = PlanExecutor(dev)
+    plan = KernelPlan("slow", [], [Launch(np.array([0x38003186BB03F000], np.uint64), [("u32", 0)])])
+    ex.add(plan, RegionInfo("k-slow", name="qpu_matmul", qpu_estimate=1.5))
+    try:
+        with pytest.raises(v3d.LaunchTooLongError, match="QPU region qpu_matmul is modelled at 1500 ms"):
+            ex.run("k-slow", [])
+        assert not fake.submits
+        ex.add(plan, RegionInfo("k-fast", name="qpu_fast", qpu_estimate=0.01))
+        ex.run("k-fast", [])
+        assert len(fake.submits) == 1
+    finally:
+        ex.close()
+        dev.close()
 
 
 # ---- error paths -------------------------------------------------------------------------
@@ -629,8 +745,21 @@ def test_selftest_report_on_fake_kernel(monkeypatch, capsys, corrupt, code):
     assert st.main(["--copy-mib", "0.25", "--gemm", "8", "32", "8"]) == code
     out = capsys.readouterr().out
     assert "V3D 7.1.6" in out and "copy:     PASS" in out and "emulator unavailable" in out
+    assert "qpus:     12 (3 slices x 4 QPUs per slice, from GET_PARAM CORE0_IDENT1)" in out
+    assert "resets:   no reset counter" in out and "note:" not in out
     assert ("gemm:     FAIL" if corrupt else "gemm:     PASS") in out
     assert "measured" in out and not fake.bos and not fake.open_fds
+
+
+def test_selftest_reports_a_16_qpu_gpu():
+    st = load_selftest()
+    dev = v3d.V3DDevice("/dev/dri/renderD128",
+                        sys=FakeKernel({**ident_params(nslc=4, qups=4), "CONTEXT_RESET_COUNTER": 0}))
+    lines = "\n".join(st.qpu_lines(dev))
+    assert "qpus:     16 (4 slices x 4 QPUs per slice" in lines
+    assert "resets:   detected with GET_PARAM CONTEXT_RESET_COUNTER" in lines
+    assert "sized for 12 QPUs" in lines
+    dev.close()
 
 
 def _emulator():

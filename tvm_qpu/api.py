@@ -292,6 +292,8 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
             "target_host": host if isinstance(host, str) else json.dumps(host, sort_keys=True),
             "host_arch": arch, "placement": report.placement, "inputs": inputs, "outputs": outputs,
             "compile_seconds": {"partition": t1 - t0, "qpu_codegen": t2 - t1, "host_compile": t3 - t2}}
+    from .safety import index_checks
+    meta["index_checks"] = index_checks(mod)
     return CompiledModule(ex, regions, report, meta, cc, lowered)
 
 
@@ -364,6 +366,8 @@ class Runner:
                     raise QpuError(f"input {i['name']!r}: dtype {a.dtype} given, {i['dtype']} expected")
             # np.ascontiguousarray would turn a 0-d input (a Gemm scalar bias) into shape (1,)
             args.append(tvm.runtime.tensor(a if a.flags.c_contiguous else np.array(a, order="C")))
+        from .safety import check_inputs            # out-of-range gather indices would crash the VM
+        check_inputs(self.meta.get("index_checks"), inputs)
         return args
 
     def run(self, **inputs) -> dict:

@@ -110,6 +110,10 @@ class PlanExecutor:
         r = self.resident.get(key)
         if r is None:
             from tvm_qpu.codegen.plan import ResidentPlan
+            check = getattr(self.device, "check_plan", None)    # the real GPU's hang-check budget
+            if check is not None:
+                info = self.info[key]
+                check(self.plans[key], info.qpu_estimate, what=f"QPU region {info.name or key}")
             r = self.resident[key] = ResidentPlan(self.plans[key], self.device)
         return r
 

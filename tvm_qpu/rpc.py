@@ -22,6 +22,13 @@ Two halves live here:
   Failures are raised with :data:`ERROR_MARK` in front of one line, so the client can show the
   server's message without TVM's RPC wrapping.
 
+  A session that *crashes* (native code killed by a signal, e.g. a segfault in a TVM kernel) must
+  not take the server with it: :func:`install_session_guard` (called by :func:`server_init`)
+  replaces the session handler of TVM's server loop by :func:`serve_session`, which sends the
+  client "remote session crashed" and goes back to listening (and re-registering with the
+  tracker), and makes the server process exit if its listen loop ever dies, so a supervisor
+  (systemd ``Restart=``) restarts it instead of it running without serving.
+
 * **the client**: :func:`load_remote` (used by ``tvmc run --rpc-key K --rpc-tracker H:P`` and
   ``tvmc run --hostname H --port P``) validates the artifact locally, finds a server (bounded by
   ``timeout``), uploads the artifact and returns a :class:`RemoteRunner` with the local
@@ -48,6 +55,9 @@ ERROR_MARK = "tvm_qpu-remote-error: "
 UPLOAD_NAME = "artifact.tar"
 DEFAULT_TIMEOUT = 60.0           # seconds to reach a tracker/server and to get a free server
 FUNCS = ("hello", "load", "run", "profile", "close")
+#: set to 1 in a server's environment to register the test-only ``tvm_qpu.rpc.test_crash``
+TEST_HOOKS_ENV = "TVM_QPU_RPC_TEST_HOOKS"
+CRASHED = "remote session crashed"
 
 
 class RemoteError(Exception):
@@ -168,18 +178,124 @@ def _srv_close() -> None:
         runner.close()
 
 
+def _srv_test_crash() -> None:
+    """Test only (registered when $TVM_QPU_RPC_TEST_HOOKS=1): kill this session process with
+    SIGSEGV, as a segfault in native code would."""
+    import signal
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
 def register_server_functions() -> None:
     """Register ``tvm_qpu.rpc.<name>`` for every server function (idempotent)."""
     import tvm_ffi
     for name in FUNCS:
         tvm_ffi.register_global_func(f"tvm_qpu.rpc.{name}", _server_errors(globals()[f"_srv_{name}"]),
                                      override=True)
+    if os.environ.get(TEST_HOOKS_ENV) == "1":
+        tvm_ffi.register_global_func("tvm_qpu.rpc.test_crash", _srv_test_crash, override=True)
+
+
+def _exit_description(code: int) -> str:
+    import signal
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        import psutil
+        for child in psutil.Process(pid).children(recursive=True):
+            child.kill()
+    except Exception:        # psutil missing, or the process is already gone
+        pass
+
+
+def serve_session(sock, addr, opts, load_library) -> None:
+    """Serve one RPC session in a child process (the replacement for TVM's
+    ``tvm.rpc.server._serving``). Unlike TVM's, a child that dies (crash, abort, non-zero exit)
+    gets the client an error naming it (``remote session crashed ...``) and the server goes
+    back to listening; a session past its ``-timeout`` is killed as in TVM. Never raises for a
+    session's fate, so the listen loop keeps serving."""
+    import logging
+    import multiprocessing
+    from tvm.rpc import _ffi_api
+    from tvm.rpc import server as tvm_server
+    from tvm.support import utils
+    log = logging.getLogger("RPCServer")
+    log.info("connected from %s", addr)
+    work = utils.tempdir()
+    old_cwd = os.getcwd()
+    os.chdir(work.path)          # sessions write uploads relative to their own folder
+    try:
+        proc = multiprocessing.Process(target=tvm_server._serve_loop, args=(sock, load_library, work))
+        proc.start()
+        proc.join(opts.get("timeout"))
+        message = None
+        if proc.is_alive():
+            message = (f"RPCSessionTimeoutError: Your {opts['timeout']}s session has expired, "
+                       'try to increase the "session_timeout" value.')
+            _kill_tree(proc.pid)
+            proc.kill()
+            proc.join(5)
+        elif proc.exitcode != 0:
+            message = (f"{ERROR_MARK}{CRASHED} ({_exit_description(proc.exitcode)}) while serving the "
+                       "call; the server is still running. A native crash in the session (e.g. an "
+                       "out-of-range gather index) is the usual cause; see the server's log.")
+            log.error("session from %s ended: %s", addr, _exit_description(proc.exitcode))
+        if message is not None:
+            try:
+                _ffi_api.ReturnException(sock.fileno(), message)
+            except Exception as e:       # the client may be gone already
+                log.warning("could not tell %s about its session: %s", addr, e)
+        log.info("finish serving %s", addr)
+    finally:
+        os.chdir(old_cwd)
+        work.remove()
+        sock.close()
+
+
+def _guarded_listen_loop(loop):
+    """Wrap TVM's listen loop: if it ever ends (an exception escaped), end the whole server
+    process with status 1, so whoever supervises it restarts it (a server that is up but not
+    listening is the one outcome a supervisor cannot see)."""
+    def run(*args):
+        import logging
+        try:
+            loop(*args)
+            logging.getLogger("RPCServer").error("RPC listen loop ended; exiting")
+        except BaseException as e:        # noqa: BLE001  (anything: the process must not linger)
+            logging.getLogger("RPCServer").error("RPC listen loop died (%s: %s); exiting",
+                                                 type(e).__name__, e)
+        finally:
+            os._exit(1)
+    run.guarded = True
+    return run
+
+
+def install_session_guard() -> None:
+    """Make TVM's RPC server (in this process) survive crashing sessions: use
+    :func:`serve_session` for each session and :func:`_guarded_listen_loop` around the listen
+    loop. Both are module attributes of ``tvm.rpc.server`` looked up when used (TVM 0.27)."""
+    from tvm.rpc import server as tvm_server
+    for attr in ("_serving", "_listen_loop", "_serve_loop"):
+        if not callable(getattr(tvm_server, attr, None)):
+            raise RuntimeError(f"tvm.rpc.server.{attr} is missing: this TVM's RPC server is not the "
+                               "one tvm_qpu.rpc_server was written for (TVM 0.27)")
+    tvm_server._serving = serve_session
+    if not getattr(tvm_server._listen_loop, "guarded", False):
+        tvm_server._listen_loop = _guarded_listen_loop(tvm_server._listen_loop)
 
 
 def server_init() -> None:
-    """``server_init_callback`` for ``tvm.rpc.Server``: register the functions and import the API up
-    front, so each session (a fork of the RPC worker) starts with everything loaded."""
+    """``server_init_callback`` for ``tvm.rpc.Server``: register the functions, make the server
+    survive crashing sessions, and import the API up front, so each session (a fork of the RPC
+    worker) starts with everything loaded."""
     register_server_functions()
+    install_session_guard()
     from . import api  # noqa: F401  (TVM, the executor and tvm_qpu.run_plan)
 
 

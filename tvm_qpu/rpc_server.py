@@ -10,7 +10,11 @@ The stock server cannot import a Python package (``--load-library`` only dlopens
 so this wrapper passes :func:`tvm_qpu.rpc.server_init` as ``tvm.rpc.Server``'s
 ``server_init_callback``: the server's worker process imports tvm_qpu (registering the
 ``tvm_qpu.rpc.*`` and ``tvm_qpu.run_plan`` global functions) before it listens, and each session,
-a fork of that worker, inherits them. Everything else is TVM's server, unchanged.
+a fork of that worker, inherits them. The same callback installs
+:func:`tvm_qpu.rpc.install_session_guard`: a session that crashes (e.g. a segfault in native
+code) gets its client a "remote session crashed" error and the server keeps serving; if the
+worker's listen loop ever dies, the worker exits and so does this process (status 1), so
+systemd's ``Restart=`` brings the server back instead of it sitting there not serving.
 
 SIGTERM / SIGINT stop the worker too. Security: an RPC server runs whatever its clients upload;
 expose it only on a trusted network (docs/rpc.md).
@@ -82,7 +86,11 @@ def main(argv=None) -> int:
     where = f"registered with tracker {args.tracker} as {args.key!r}" if tracker else "standalone"
     print(f"tvm_qpu RPC server listening on {args.host}:{server.port} ({where})", flush=True)
     server.proc.join()
-    return 0
+    proc = getattr(server.proc, "_proc", None)
+    code = proc.returncode if proc is not None else None
+    print(f"tvm_qpu RPC server: the worker process ended ({code}); exiting so a supervisor restarts "
+          "the server", file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":
