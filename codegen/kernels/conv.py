@@ -354,28 +354,38 @@ def generate(spec, constants: dict):
     return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None)
 
 
-EST_PAD_PER_CHUNK = 16          # instructions per 16-element chunk of the padding copy
+def pad_launch_cycles(s: ConvShape, model=None) -> float:
+    """Modelled cycles of the padding-copy launch: workgroups (c, n), each H rows of 16-element
+    chunks; a chunk is the chunk loop's instructions plus one load round trip (the copy waits for
+    each load before its store)."""
+    from .common import timing_model, loop_lengths, round_trip
+    m = timing_model(model)
+    cpi = m.cycles_per_instruction
+    words = A.assemble(pad_kernel, s, name="conv_pad")
+    chunk, row = loop_lengths(words)[:2]
+    es = ITEMSIZE[s.dtype]
+    miss = min(1.0, 16 * es / m.line_bytes)
+    per_chunk = chunk * cpi + m.tmu_latency + miss * m.dram_latency
+    per_wg = (len(words) - row) * cpi + s.H * ((row - chunk) * cpi + math.ceil(s.W / 16) * per_chunk) \
+        + round_trip(m, True)
+    return math.ceil(s.C * s.N / max(1, min(m.num_qpus, s.num_qpus))) * per_wg
 
 
-def estimate(spec) -> float:
-    from ...runtime.cycle_model import DEFAULT as T
-    from . import gemm
-    from ..registry import OpSpec
+def estimate(spec, model=None) -> float:
+    """Modelled seconds of the conv2d plan under ``model``: the padding copy (when the plan has
+    one) and one GEMM launch (per image for depthwise), costed like the matmul's GEMM launch."""
+    from .common import timing_model, seconds
+    from .gemm import gemm_launch_cycles
+    m = timing_model(model)
     s = shape_from_spec(spec)
     lay = conv_layout(s)
     g = gemm_shape_of(s, lay)
     t = choose_tiling(g)
     images = s.N if s.depthwise else 1
-    workers = min(T.num_qpus, t.Wm * t.Wn * g.batch)
-    rounds = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn) * math.ceil(t.Wm * t.Wn * g.batch / workers)
-    per_tile = (t.Kpad // t.U) * (t.U * (t.R + 1) + 2) + gemm.EST_TILE_OVERHEAD + 2 * t.R
-    cycles = images * (rounds * (per_tile * T.cycles_per_instruction + gemm.EST_TMU_STALL) + gemm.EST_LAUNCH)
+    cycles = images * gemm_launch_cycles(g, t, m)
     if lay.copy:
-        chunks = s.N * s.C * s.H * math.ceil(s.W / 16)
-        cycles += gemm.EST_LAUNCH + math.ceil(chunks / T.num_qpus) * EST_PAD_PER_CHUNK * T.cycles_per_instruction
-    es = ITEMSIZE[s.dtype]
-    traffic = s.N * s.C * s.H * s.W * es * (3 if lay.copy else 1) + s.N * s.OC * s.OH * s.OW * 4
-    return max(cycles, traffic / T.dram_bytes_per_cycle) / T.clock_hz
+        cycles += pad_launch_cycles(s, m)
+    return seconds(m, cycles)
 
 
 def _register():

@@ -701,10 +701,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         p_name = a_name + "_panel"
         bufs.append(BufferSpec(p_name, "scratch", (s.batch * t.MT * t.Kpad * t.R + t.R,), "float32"))
         gemm_a = p_name
-        groups = s.batch * t.MT
-        kchunk = max(PACK_PF, -(-s.K * groups // 48))
-        kchunk = max(kchunk, -(-s.K // 0xFFFF))
-        kc = -(-s.K // kchunk)
+        kchunk, kc = pack_chunks(s, t)
         launches.append(Launch(_assemble(pack_kernel, s, t, name="gemm_pack"),
                                pack_uniforms(s, t, kchunk, a_name, p_name),
                                (kc, t.MT, s.batch), 16, s.num_qpus, 1, "gemm_pack"))
@@ -812,29 +809,124 @@ def generate(spec, constants: dict):
     return plan
 
 
-# Estimate: cycles of the busiest worker from the kernel's instruction schedule, bounded below by
-# DRAM traffic at the model's bandwidth; constants from emulator runs (256^3 .. 512^3 fp32).
-EST_TILE_OVERHEAD = 110         # instructions per tile outside the K loop (prologue, epilogue)
-EST_TMU_STALL = 350             # cycles of exposed TMU latency per tile (first rows, drain)
-EST_LAUNCH = 2000               # cycles of launch / tail per launch
-EST_PACK_PER_K = 7              # instructions per packed k-row (pack kernel loop)
+# ------------------------------------------------------------------------------------------------
+# Estimate (modelled seconds under a TimingModel; see kernels/common.py)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmProfile:
+    """Instruction counts of the generated GEMM program (from its labels and loops)."""
+    prologue: int       # worker prologue (uniforms, pointers), once per workgroup
+    tile: int           # one full tile outside the K loop (prologue, drain, stores, loop control)
+    kloop: int          # one K-loop block (U k-steps)
 
 
-def estimate(spec) -> float:
-    from ...runtime.cycle_model import DEFAULT as T
+def gemm_profile(s: GemmShape, t: GemmTiling, kernel=None) -> GemmProfile:
+    """Count the instructions of the program ``kernel`` (default :func:`gemm_kernel`) emits."""
+    from .common import build_program, loop_lengths
+    prog = build_program(kernel or gemm_kernel, s, t, name="gemm")
+    lab = prog.labels
+    kloop = loop_lengths(prog.words())[0]
+    part = next(v for k, v in lab.items() if k[0] == "p" and k[1:].isdigit())
+    end = next(v for k, v in lab.items() if k[0] == "e" and k[1:].isdigit())
+    # full-tile path: nloop .. the stores' closing branch (+3 delay slots), then the n-loop footer
+    tile = (part - lab["nloop"]) - kloop + (lab["mnext"] - end)
+    return GemmProfile(lab["mloop"], tile, kloop)
+
+
+def _b_lines_per_row(s: GemmShape, line: int) -> float:
+    """Distinct cache lines one 16-lane B lookup (one k-step) touches, on average."""
+    es = ITEMSIZE[s.b_dtype]
+    if s.transpose_b:
+        return 16.0
+    if s.b_table:                            # lanes read (mostly) consecutive pixels
+        return min(16.0, 1.0 + 15 * es / line)
+    return min(16.0, (16 * es + (line - 16 * es if (s.N * es) % line else 0)) / line)
+
+
+def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmProfile | None = None,
+                       a_stream: str = "unifa") -> float:
+    """Modelled cycles of one GEMM launch: the busiest QPU's workgroups, each a prologue and its
+    tiles. A tile is its straight-line code, plus the K loop at the slowest of (its instructions,
+    the B lookup's TMU occupancy, the B round trip over the ``PF`` rows in flight) plus the A
+    stream's stall, plus the tile start: one round trip behind the first rows of every active
+    worker in the DRAM queue. L2 misses: each distinct line of A and B misses once while it fits
+    the L2 (else once per pass over it). The launch is bounded below by its DRAM traffic."""
+    from .common import timing_model, round_trip, dram_cycles, stream_stall_per_line, miss_fraction
+    m = timing_model(model)
+    pr = profile or gemm_profile(s, t)
+    cpi, line = m.cycles_per_instruction, m.line_bytes
+    Z = max(1, s.batch)
+    qpus = max(1, min(m.num_qpus, s.num_qpus))
+    nwg = t.Wn * t.Wm * Z
+    per_qpu = math.ceil(nwg / qpus)
+    tiles = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn)
+    es_b = ITEMSIZE[s.b_dtype]
+    # distinct B data (a batch entry's B, or the input planes of a convolution) and A panel
+    b_one = (s.b_bstride if s.b_bstride and (s.batch > 1 or s.b_table) else s.K * s.N) * es_b
+    b_bytes = b_one * (Z if s.b_bstride else 1)
+    a_bytes = Z * t.MT * t.Kpad * t.R * 4 if s.a_bstride else t.MT * t.Kpad * t.R * 4
+    b_passes = 1 if b_one <= m.l2_bytes else math.ceil(t.MT / t.Wm)
+    a_passes = 1 if a_bytes <= m.l2_bytes else math.ceil(t.NT / t.Wn)
+    b_rows = _b_lines_per_row(s, line)
+    b_miss = miss_fraction(m, b_bytes * b_passes, Z * t.MT * t.NT * t.Kpad * b_rows)
+    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * t.R * 4 / line)
+    kstep_instr = pr.kloop / t.U
+    kstep = max(kstep_instr * cpi, b_rows * m.tmu_cycles_per_line, round_trip(m, b_miss) / t.PF)
+    if a_stream == "unifa":                  # one line of A values per line / (4 R) k-steps
+        per_line = line / 4.0 / t.R
+        kstep += stream_stall_per_line(m, per_line * kstep, a_miss) / per_line
+    active = min(qpus, nwg)
+    start = round_trip(m, True) + dram_cycles(m, active * t.PF * b_rows * line * b_miss)
+    tile = pr.tile * cpi + t.Kpad * kstep + start
+    # workgroups queue for the QPUs: the busiest QPU runs ceil(nwg / qpus) prologues and about
+    # an even share of all tiles, at least one workgroup's tiles
+    busiest = per_qpu * pr.prologue * cpi + max(math.ceil(Z * t.MT * t.NT / qpus), tiles) * tile
+    traffic = a_bytes * a_passes + b_bytes * b_passes + Z * s.M * s.N * 4
+    return max(busiest, dram_cycles(m, traffic))
+
+
+def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
+    """Modelled cycles of the A-panel pack launch: per workgroup its prologue and ``kchunk``
+    iterations of the pack loop, each the slowest of (instructions, TMU occupancy of the row
+    gather, the round trip over the PACK_PF loads in flight)."""
+    from .common import timing_model, loop_lengths, dram_cycles
+    m = timing_model(model)
+    cpi = m.cycles_per_instruction
+    words = _assemble(pack_kernel, s, t, name="gemm_pack")
+    body = loop_lengths(words)[0]
+    kchunk, kc = pack_chunks(s, t)
+    nwg = kc * t.MT * max(1, s.batch)
+    per_qpu = math.ceil(nwg / max(1, min(m.num_qpus, s.num_qpus)))
+    es = ITEMSIZE[s.a_dtype]
+    lines = min(t.R, math.ceil(t.R * s.K * es / m.line_bytes))
+    miss = es / m.line_bytes                 # a lane's line changes every line_bytes / es k-rows
+    it = max(body * cpi, lines * m.tmu_cycles_per_line,
+             (m.tmu_latency + miss * m.dram_latency) / PACK_PF)
+    prologue = len(words) - body
+    busiest = per_qpu * (prologue * cpi + min(kchunk, s.K) * it + m.tmu_latency + m.dram_latency)
+    traffic = max(1, s.batch) * (s.M * s.K * es + t.MT * t.Kpad * t.R * 4)     # A in, panel out
+    return max(busiest, dram_cycles(m, traffic))
+
+
+def pack_chunks(s: GemmShape, t: GemmTiling):
+    """(k-rows per pack workgroup, number of k-chunks) of the pack launch."""
+    groups = s.batch * t.MT
+    kchunk = max(PACK_PF, -(-s.K * groups // 48))
+    kchunk = max(kchunk, -(-s.K // 0xFFFF))
+    return kchunk, -(-s.K // kchunk)
+
+
+def estimate(spec, model=None) -> float:
+    """Modelled seconds of the matmul plan under ``model`` (default: the emulator's TimingModel):
+    the pack launch (when the plan has one) and the GEMM launch."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
     s = shape_from_spec(spec)
     t = choose_tiling(s)
-    workers = min(T.num_qpus, t.Wm * t.Wn * s.batch)
-    rounds = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn) * math.ceil(t.Wm * t.Wn * s.batch / workers)
-    per_tile = (t.Kpad // t.U) * (t.U * (t.R + 1) + 2) + EST_TILE_OVERHEAD + 2 * t.R
-    cycles = rounds * (per_tile * T.cycles_per_instruction + EST_TMU_STALL) + EST_LAUNCH
+    cycles = gemm_launch_cycles(s, t, m)
     if needs_pack(s, t):
-        groups = s.batch * t.MT
-        cycles += EST_LAUNCH + math.ceil(groups * s.K / T.num_qpus) * EST_PACK_PER_K * T.cycles_per_instruction
-    es = ITEMSIZE[s.a_dtype]
-    traffic = s.batch * (s.M * s.K * es + s.K * s.N * ITEMSIZE[s.b_dtype] + s.M * s.N * 4)
-    cycles = max(cycles, traffic / T.dram_bytes_per_cycle)
-    return cycles / T.clock_hz
+        cycles += pack_launch_cycles(s, t, m)
+    return seconds(m, cycles)
 
 
 def _register():
