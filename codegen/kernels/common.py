@@ -70,6 +70,12 @@ def dram_cycles(model, nbytes: float) -> float:
     return nbytes / model.dram_bytes_per_cycle
 
 
+def burst_wait(model, active: int, nbytes: float, miss=True) -> float:
+    """Wait of a worker for a burst of loads of ``nbytes`` when ``active`` workers issue theirs
+    at about the same time: one round trip behind the bursts' DRAM transfers (the misses)."""
+    return round_trip(model, miss) + dram_cycles(model, active * nbytes * float(miss))
+
+
 def miss_fraction(model, unique_bytes: float, touched_lines: float) -> float:
     """Fraction of line lookups that miss the L2 when ``touched_lines`` lookups read
     ``unique_bytes`` of distinct data (each distinct line misses once)."""

@@ -414,17 +414,47 @@ def generate(spec, constants=None) -> KernelPlan:
     return plan_softmax(s, shape=spec.inputs[0][0])
 
 
-def estimate(spec) -> float:
-    """Modelled seconds: per element ~4 ALU instructions / 16 lanes, 3 passes for long rows,
-    plus per-row reductions; memory at ~4 GB/s."""
-    from ...runtime.cycle_model import DEFAULT as T
+def estimate(spec, model=None) -> float:
+    """Modelled seconds under ``model``: each worker's rows (ceil(rows / W)), a row being the
+    instructions of the program's row loop (chunk loops counted ``full`` times) plus one load
+    round trip per ``WINDOW`` blocks of every pass over memory (the first pass misses the L2);
+    bounded below by the DRAM traffic (input once, output once)."""
+    from .common import timing_model, build_program, round_trip, dram_cycles, seconds, burst_wait
+    m = timing_model(model)
     s = spec_shape(spec)
+    prog = build_program(softmax_row_kernel, s, name="softmax")
+    lab = prog.labels
+    row = lab["done"] - lab["rowloop"]
     full, _ = _row_segments(s)
-    per_row = s.nblocks * (6 if full else 4) + 40
-    rounds = -(-s.rows // workers(s))
-    compute = rounds * per_row * T.cycles_per_instruction / T.clock_hz
-    memory = 8 * s.rows * s.N / 4.0e9
-    return max(compute, memory) + 20e-6
+    chunks = sorted(v for k, v in lab.items() if k.startswith("ch"))
+    ends = chunks[1:] + [lab["done"]]
+    # a chunk loop's body runs `full` times; its code appears once in the row
+    for c0, c1 in zip(chunks, ends):
+        body = _loop_body_len(prog, c0, c1)
+        row += (full - 1) * body
+    passes = 3 if full else 1
+    waits = -(-s.nblocks // WINDOW)
+    W = workers(s)
+    burst = min(s.nblocks, WINDOW) * 16 * 4
+    # streamed rows wait for each chunk in turn, every worker in the same phase: each first-pass
+    # wait queues behind the other workers' chunks; a resident row waits once (workers drift
+    # apart, the DRAM bound below covers the sharing)
+    first = burst_wait(m, W, burst) if full else round_trip(m, True)
+    lat = waits * (first + (passes - 1) * round_trip(m, False))
+    busiest = -(-s.rows // W) * (row * m.cycles_per_instruction + lat) + lab["rowloop"] * m.cycles_per_instruction
+    # roofline of the worker time and the DRAM traffic, plus the first burst of all W workers
+    start = 0.0 if full else burst_wait(m, W, burst) - round_trip(m, True)
+    return seconds(m, max(busiest, dram_cycles(m, 2 * s.rows * s.N * 4)) + start)
+
+
+def _loop_body_len(prog, start: int, stop: int) -> int:
+    """Length of the loop starting at ``start``: up to its backward branch's last delay slot."""
+    for i in range(start, stop):
+        ins = prog.items[i]
+        if ins.kind == "branch" and getattr(ins.target, "name", None) in prog.labels \
+                and prog.labels[ins.target.name] == start:
+            return i + 4 - start
+    raise ValueError("no loop branch found")
 
 
 def bench_cases():
