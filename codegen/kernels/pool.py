@@ -493,30 +493,17 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
     return plan_pool(g, spec.kind)
 
 
-#: calibration of estimate(): modelled efficiency vs the DRAM bound (emulator runs of
-#: bench_cases: 2x2/2 and 3x3/2 pooling reach 0.99-1.0 of the bound; global average pooling of
-#: few long planes runs the reduce segment pass + a small second launch: 0.98 for 1x32x144x144;
-#: planes the segment pass does not take (many short planes) use the lanes kernel: 0.42 when it
-#: gets few workers)
-POOL_EFFICIENCY = 0.99
-GLOBAL_SEG_EFFICIENCY = 0.97
-GLOBAL_EFFICIENCY = 0.42
-
-
-def estimate(spec: registry.OpSpec) -> float:
-    """(input + output bytes) / (8.6 B/cycle x efficiency) at 960 MHz + a launch cost per launch."""
+def estimate(spec: registry.OpSpec, model=None) -> float:
+    """Modelled seconds under ``model`` (default: the emulator's TimingModel). Window pooling
+    streams its input once: DRAM traffic (input + output) plus one round trip. Global average
+    pooling is the reduction of each plane (reduce.reduce_cycles: segment pass or lanes)."""
+    from .common import timing_model, dram_cycles, round_trip, seconds
+    m = timing_model(model)
     g = spec_to_pool(spec)
-    es = ITEMSIZE[g.dtype]
-    nbytes = (g.N * g.C * g.H * g.W + g.P) * es
-    launches = 1
     if spec.kind == "global_avg_pool2d" or is_global(g):
-        if RD.choose_segments(g.N * g.C, g.H * g.W, g.dtype):
-            eff, launches = GLOBAL_SEG_EFFICIENCY, 2
-        else:
-            eff = GLOBAL_EFFICIENCY
-    else:
-        eff = POOL_EFFICIENCY
-    return nbytes / (RD.DRAM_BYTES_PER_CYCLE * eff) / RD.CLOCK_HZ + RD.ESTIMATE_LAUNCH_S * launches
+        return seconds(m, RD.reduce_cycles(m, (g.N * g.C, g.H * g.W), (1,), g.dtype))
+    es = ITEMSIZE[g.dtype]
+    return seconds(m, dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es) + round_trip(m, True))
 
 
 def bench_cases():
