@@ -19,6 +19,19 @@ Mechanisms (see ``docs/emulator.md`` for the full description):
 * the QPUs are simulated in small time slices (``quantum`` instructions, always the QPU with
   the smallest clock next) so that shared-resource contention is seen in time order.
 
+Uncertainty: parameters that no published Pi 5 measurement pins have a plausible range in
+:data:`RANGES` (name -> ``ParamRange(low, high, higher_is_faster, why)``); :data:`PINNED` says
+which measurement or fact fixes each of the others. Report a modelled figure with its band::
+
+    from tvm_qpu.runtime.cycle_model import DEFAULT
+    fast, slow = DEFAULT.corners()              # every ranged parameter at its fast / slow end
+    b = DEFAULT.band(lambda m: my_estimate(spec, m))     # Band(value, low, high)
+    print(b.fmt(".4f"))                         # "0.0521 [0.0480, 0.0610]"
+
+``fn`` receives a :class:`TimingModel`; for an emulated figure build the device with it
+(``EmulatorDevice(timing=m)``). Estimates should take the model as a parameter (default
+``DEFAULT``) and read clock, bandwidths and latencies from it.
+
 Calibration targets (tests/test_emulator_calibration.py keeps them within +-25%):
 
 * py-videocore7 ``examples/scopy.py`` measured on a Pi 5, 24 Mi uint32 (README of
@@ -28,6 +41,7 @@ Calibration targets (tests/test_emulator_calibration.py keeps them within +-25%)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -78,6 +92,18 @@ class TimingModel:
     #: in flight, like a sequential prefetcher. Not published for V3D 7.1: an assumption (a
     #: stream read once per instruction then waits only at the start and on DRAM misses).
     uniform_prefetch_lines: int = 2
+    #: QPUs sharing one TMU and one uniform cache: a slice (3 slices x 4 QPUs on the Pi 5,
+    #: py-videocore7 README; the V3D TMU and the uniform cache are per-slice units: Broadcom
+    #: VideoCore IV reference guide section 1 "slice" with its shared TMUs and uniforms cache, and
+    #: the Linux v3d driver's per-slice cache control V3D_SLCACTL for TMU data / uniform caches).
+    qpus_per_slice: int = 1
+    #: cycles the shared L2 is busy per 64-byte line it serves (TMU loads and stores of every
+    #: slice, uniform-cache fills): one port for all slices. 4 = 16 bytes per cycle, a 128-bit
+    #: data path.
+    l2_cycles_per_line: float = 0.0
+    #: cycles a slice's uniform cache is busy filling one line for the uniform / unifa streams of
+    #: its QPUs (its refill port, shared by the slice's QPUs).
+    uniform_cycles_per_line: float = 2.0
     #: simulation time slice in instructions (accuracy of cross-QPU contention ordering).
     quantum: int = 16
 
@@ -101,6 +127,9 @@ class TimingModel:
         p[C.PR_L2_WAYS] = self.l2_ways
         p[C.PR_STORE_LAT] = self.store_latency
         p[C.PR_UNIF_PF] = self.uniform_prefetch_lines
+        p[C.PR_L2_CPL] = self.l2_cycles_per_line
+        p[C.PR_QPS] = max(1, self.qpus_per_slice)
+        p[C.PR_UNIF_CPL] = self.uniform_cycles_per_line
         return p
 
     def peak_gflops(self, num_qpus: int | None = None) -> float:
@@ -109,6 +138,48 @@ class TimingModel:
 
     def describe(self) -> dict:
         return asdict(self)
+
+    # ---- uncertainty: parameters no published measurement pins --------------------------
+    def corners(self) -> tuple["TimingModel", "TimingModel"]:
+        """``(fast, slow)``: this model with every parameter of :data:`RANGES` set to the end of
+        its plausible range that makes kernels faster (resp. slower). Pinned parameters (those
+        a published measurement fixes, see :data:`PINNED`) keep their value."""
+        fast = {n: (r.high if r.higher_is_faster else r.low) for n, r in RANGES.items()}
+        slow = {n: (r.low if r.higher_is_faster else r.high) for n, r in RANGES.items()}
+        return self.with_(**fast), self.with_(**slow)
+
+    def band(self, fn: Callable[["TimingModel"], float]) -> "Band":
+        """Evaluate ``fn(model)`` (a modelled time, or any figure derived from one, e.g. an
+        ``estimate()`` or an emulator run with ``EmulatorDevice(timing=model)``) on this model
+        and on its two :meth:`corners`; returns ``Band(value, low, high)`` where ``value`` is
+        this model's figure and ``low`` / ``high`` the smallest / largest of the three (so a
+        figure that falls with time, like GFLOP/s, is also bracketed correctly)."""
+        value = float(fn(self))
+        ends = [float(fn(m)) for m in self.corners()]
+        return Band(value, min([value] + ends), max([value] + ends))
+
+
+class ParamRange(NamedTuple):
+    """The plausible range of a parameter no measurement pins."""
+    low: float
+    high: float
+    #: True if a larger value makes kernels faster (a bandwidth, a depth, a capacity)
+    higher_is_faster: bool
+    why: str
+
+
+class Band(NamedTuple):
+    """A modelled figure with its low / high ends over :data:`RANGES`."""
+    value: float
+    low: float
+    high: float
+
+    def fmt(self, spec: str = ".3g") -> str:
+        """``'value [low, high]'`` with ``spec`` formatting, e.g. ``'0.0521 [0.0480, 0.0610]'``."""
+        return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
+
+    def __str__(self) -> str:
+        return self.fmt()
 
 
 DEFAULT = TimingModel()
@@ -121,3 +192,43 @@ CALIBRATION_POINTS = {
 }
 
 PARAMETERS = tuple(f.name for f in fields(TimingModel))
+
+#: Parameters that no published Pi 5 measurement pins: name -> ParamRange(low, high,
+#: higher_is_faster, why). ``TimingModel.corners()`` / ``band()`` use it; benchmarks print each
+#: modelled figure with the band it spans over these ranges.
+RANGES: dict[str, ParamRange] = {
+    "tmu_cycles_per_line": ParamRange(
+        1.0, 4.0, False,
+        "slice TMU occupancy per distinct line: 1 = a line per cycle (a 64-byte L1 port), 4 = "
+        "a 16-byte port; no Pi 5 measurement isolates it"),
+    "l2_bytes": ParamRange(
+        64 * 1024, 256 * 1024, True,
+        "V3D 7.1 L2T size is not published (V3D 4.2 on the Pi 4 is documented at 128 KiB by "
+        "community sources only)"),
+    "store_latency": ParamRange(
+        10.0, 80.0, False, "store completion after the data left; only tmuwt waits for it"),
+    "uniform_prefetch_lines": ParamRange(
+        0, 2, True,
+        "whether the uniform cache prefetches sequential lines is not published; 0 = every new "
+        "line of a stream costs a full L2 round trip"),
+    "uniform_cycles_per_line": ParamRange(
+        2.0, 16.0, False,
+        "uniform-cache refill occupancy per line (not published): 16 = a 32-bit refill path"),
+}
+
+#: Which published measurement pins each remaining parameter (docs/emulator.md, Calibration).
+PINNED: dict[str, str] = {
+    "clock_hz": "Raspberry Pi documentation (v3d_freq 960 MHz); converts cycles to seconds only",
+    "num_qpus": "3 slices x 4 QPUs (py-videocore7 README)",
+    "cycles_per_instruction": "4 cycles per 16-lane instruction on 4 physical lanes (ISA)",
+    "qpus_per_slice": "4 (py-videocore7 README: 3 slices x 4 QPUs)",
+    "tmu_latency": "1-QPU copy (latency-bound, with dram_latency)",
+    "dram_latency": "1-QPU copy (latency-bound, with tmu_latency)",
+    "dram_bytes_per_cycle": "12-QPU copy: its true DRAM traffic (8-QPU stride on 12 QPUs)",
+    "l2_cycles_per_line": "12-QPU SGEMM of py-videocore7's structure (L2-port bound)",
+    "request_queue_depth": "8 (py-videocore7 scopy comment)",
+    "fifo_words": "16 / threads (Mesa ntq_tmu_fifo_overflow)",
+    "line_bytes": "64 (V3D L2T line)",
+    "l2_ways": "structural assumption (LRU associativity barely moves streaming kernels)",
+    "quantum": "simulation accuracy only",
+}

@@ -141,14 +141,16 @@ CTX_FREE, CTX_RUN, CTX_BARRIER, CTX_DONE = 0, 1, 2, 3
 FIFO_CAP = 16          # ring entries per context (>= the largest allowed FIFO depth)
 REQ_RING = 64          # per-QPU ring of in-flight request completion times (>= queue depth)
 
-# global float state (``gst``)
-G_MEM_FREE, G_NEXT_WG, G_LRU_CLOCK = 0, 1, 2
-NGST = 4
+# global float state (``gst``): G_L2_FREE when the shared L2 takes its next line, G_UCACHE + s
+# when slice s's uniform cache can start its next line fill (times in QPU cycles)
+G_MEM_FREE, G_NEXT_WG, G_LRU_CLOCK, G_L2_FREE, G_UCACHE = 0, 1, 2, 3, 4
+NGST = 4 + 16
 
 # timing parameter vector (``prm``); cycle_model.TimingModel.as_array() fills it
 (PR_CPI, PR_TMU_LAT, PR_DRAM_LAT, PR_MEM_BPC, PR_TMU_CPL, PR_REQ_DEPTH, PR_FIFO_WORDS,
- PR_LINE, PR_THREADS, PR_QUANTUM, PR_L2_SETS, PR_L2_WAYS, PR_STORE_LAT, PR_UNIF_PF) = range(14)
-NPRM = 14
+ PR_LINE, PR_THREADS, PR_QUANTUM, PR_L2_SETS, PR_L2_WAYS, PR_STORE_LAT, PR_UNIF_PF, PR_L2_CPL,
+ PR_QPS, PR_UNIF_CPL) = range(17)
+NPRM = 17
 
 # statistics (``stats``, int64)
 (SX_INSTR, SX_TMU_LOADS, SX_TMU_STORES, SX_BYTES_LOADED, SX_BYTES_STORED, SX_STALL, SX_L2_HITS,
@@ -886,19 +888,36 @@ def _l2_access(tags, lru, gst, line, nsets, nways):
 
 
 @njit(cache=True)
-def _line_fetch(line, t, l2_tags, l2_lru, gst, prm, stats, nsets, nways, line_bytes):
-    """Fetch one cache line for a uniform stream at time t: the shared L2, then (on a miss) the
-    shared DRAM channel. Returns when the line is ready."""
-    ready = t + prm[PR_TMU_LAT]
-    if _l2_access(l2_tags, l2_lru, gst, line, nsets, nways):
-        stats[SX_L2_HITS] += 1
-    else:
-        stats[SX_L2_MISSES] += 1
-        mem_start = max(t, gst[G_MEM_FREE])
+def _l2_line(line, t, is_store, l2_tags, l2_lru, gst, prm, stats, nsets, nways, line_bytes):
+    """One cache line through the shared L2 at time t (timing): the line waits for the L2's port
+    (one line per ``PR_L2_CPL`` cycles, shared by every TMU and uniform cache), then hits, or
+    moves over the one DRAM channel (a load miss, or a store: written through). Returns when
+    the access is done (load data ready / store complete)."""
+    start = max(t, gst[G_L2_FREE])
+    gst[G_L2_FREE] = start + prm[PR_L2_CPL]
+    ready = start + prm[PR_TMU_LAT]
+    hit = _l2_access(l2_tags, l2_lru, gst, line, nsets, nways)
+    if is_store or not hit:
+        mem_start = max(start, gst[G_MEM_FREE])
         gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
         stats[SX_DRAM_BYTES] += line_bytes
-        ready = max(ready, gst[G_MEM_FREE] + prm[PR_DRAM_LAT])
+        ready = max(ready, gst[G_MEM_FREE] + (prm[PR_STORE_LAT] if is_store else prm[PR_DRAM_LAT]))
+    if not is_store:
+        if hit:
+            stats[SX_L2_HITS] += 1
+        else:
+            stats[SX_L2_MISSES] += 1
     return ready
+
+
+@njit(cache=True)
+def _line_fetch(line, t, slc, l2_tags, l2_lru, gst, prm, stats, nsets, nways, line_bytes):
+    """Fetch one cache line for a uniform stream of slice ``slc`` at time t: the slice's uniform
+    cache fills one line per ``PR_UNIF_CPL`` cycles (shared by the slice's QPUs), through the
+    shared L2. Returns when the line is ready."""
+    start = max(t, gst[G_UCACHE + slc])
+    gst[G_UCACHE + slc] = start + prm[PR_UNIF_CPL]
+    return _l2_line(line, start, False, l2_tags, l2_lru, gst, prm, stats, nsets, nways, line_bytes)
 
 
 @njit(cache=True)
@@ -908,20 +927,21 @@ def _uniform_ready(ctx, stream, addr, now, ist, fst, l2_tags, l2_lru, gst, prm, 
     reads whole lines through the shared L2 and keeps ``PR_UNIF_PF`` lines ahead in flight, like a
     sequential prefetcher. Returns the time the word is available (>= now)."""
     line = addr // line_bytes
+    slc = (ctx >> 2) // np.int64(prm[PR_QPS])
     cur = ist[ctx, ST_ULINE + stream]
     base = FT_URDY + 4 * stream
     if line == cur:
         return max(now, fst[ctx, base + line % 4])
     req = ist[ctx, ST_UREQ + stream]
     if not (cur >= 0 and line > cur and line <= req):          # not already in flight: fetch it
-        fst[ctx, base + line % 4] = _line_fetch(line, now, l2_tags, l2_lru, gst, prm, stats,
+        fst[ctx, base + line % 4] = _line_fetch(line, now, slc, l2_tags, l2_lru, gst, prm, stats,
                                                 nsets, nways, line_bytes)
         req = line
     ready = fst[ctx, base + line % 4]
     ahead = min(np.int64(prm[PR_UNIF_PF]), 3)
     while req < line + ahead:                                  # keep the look-ahead in flight
         req += 1
-        fst[ctx, base + req % 4] = _line_fetch(req, now, l2_tags, l2_lru, gst, prm, stats,
+        fst[ctx, base + req % 4] = _line_fetch(req, now, slc, l2_tags, l2_lru, gst, prm, stats,
                                                nsets, nways, line_bytes)
     ist[ctx, ST_ULINE + stream] = line
     ist[ctx, ST_UREQ + stream] = req
@@ -1615,28 +1635,15 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                 oldest = qreq[q, qreq_head[q]]
                                 if oldest > stall_to:
                                     stall_to = oldest           # the per-QPU request queue is full
-                                tmu_start = max(stall_to, qtmu_free[q])
-                                qtmu_free[q] = tmu_start + max(1.0, nlines * prm[PR_TMU_CPL])
+                                # the slice's TMU (shared by its QPUs) takes PR_TMU_CPL cycles per line
+                                tmu_i = q // np.int64(prm[PR_QPS])
+                                tmu_start = max(stall_to, qtmu_free[tmu_i])
+                                qtmu_free[tmu_i] = tmu_start + max(1.0, nlines * prm[PR_TMU_CPL])
                                 done = tmu_start + prm[PR_TMU_LAT]
-                                bytes_moved = 0
                                 for kl in range(nlines):
-                                    if kind == 1:
-                                        hit = _l2_access(l2_tags, l2_lru, gst, lines[kl], nsets, nways)
-                                        mem_start = max(tmu_start, gst[G_MEM_FREE])
-                                        gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
-                                        stats[SX_DRAM_BYTES] += line_bytes
-                                        done = max(done, gst[G_MEM_FREE] + prm[PR_STORE_LAT])
-                                    else:
-                                        hit = _l2_access(l2_tags, l2_lru, gst, lines[kl], nsets, nways)
-                                        if hit:
-                                            stats[SX_L2_HITS] += 1
-                                        else:
-                                            stats[SX_L2_MISSES] += 1
-                                            mem_start = max(tmu_start, gst[G_MEM_FREE])
-                                            gst[G_MEM_FREE] = mem_start + line_bytes / prm[PR_MEM_BPC]
-                                            stats[SX_DRAM_BYTES] += line_bytes
-                                            done = max(done, gst[G_MEM_FREE] + prm[PR_DRAM_LAT])
-                                    bytes_moved += line_bytes
+                                    done = max(done, _l2_line(lines[kl], tmu_start + kl * prm[PR_TMU_CPL],
+                                                              kind == 1, l2_tags, l2_lru, gst, prm,
+                                                              stats, nsets, nways, line_bytes))
                                 active_lanes = 0
                                 for l in range(16):
                                     active_lanes += lane_on[l]

@@ -291,3 +291,31 @@ def test_request_queue_depth_stalls_issue(dev):
     # issuing the 9th lookup stalled (the last result is ready much later than one more issue)
     assert t[9].cycles - t[8].cycles > cycle_model.DEFAULT.tmu_latency / 2
     dev.free(buf)
+
+
+# ---------------------------------------------------------------- uncertainty bands
+def test_every_parameter_is_pinned_or_has_a_range():
+    names = set(cycle_model.PARAMETERS)
+    assert set(cycle_model.RANGES) | set(cycle_model.PINNED) == names
+    assert not set(cycle_model.RANGES) & set(cycle_model.PINNED)
+    for n, r in cycle_model.RANGES.items():
+        assert r.low < r.high and r.why, n
+        assert r.low <= getattr(cycle_model.DEFAULT, n) <= r.high, n
+
+
+def test_corners_and_band_bracket_the_model(dev):
+    fast, slow = cycle_model.DEFAULT.corners()
+    for n, r in cycle_model.RANGES.items():
+        assert {getattr(fast, n), getattr(slow, n)} == {r.low, r.high}
+    for n in cycle_model.PINNED:
+        assert getattr(fast, n) == getattr(slow, n) == getattr(cycle_model.DEFAULT, n)
+
+    def copy_seconds(model):
+        d = EmulatorDevice(memory_size=16 << 20, timing=model)
+        ok, st, _ = K.run_copy(d, 3 << 12, 12)
+        assert ok
+        return st.seconds
+
+    band = cycle_model.DEFAULT.band(copy_seconds)
+    assert band.low <= band.value <= band.high and band.low < band.high
+    assert str(band).count("[") == 1
