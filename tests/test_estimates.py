@@ -176,3 +176,21 @@ def test_no_private_timing_constants_in_kernels():
         src = inspect.getsource(mod)
         for literal in ("960e6", "8.6", "4.0e9", "ESTIMATE_LAUNCH", "EST_"):
             assert literal not in src, f"{mod.__name__} keeps a private timing constant {literal!r}"
+
+
+# ---- placement counts the launches a plan really makes ---------------------------------------
+@pytest.mark.parametrize("spec,consts,launches", [
+    (*matmul(1, 64, 64), 1),                               # M = 1 fp32: A is its own panel
+    (*matmul(32, 64, 64), 2),                              # pack launch + GEMM
+    (*conv2d(1, 4, 8, 8, 8, 3, 1), 2),                     # padding copy + GEMM
+    (*conv2d(1, 4, 8, 8, 8, 3, 0), 1),                     # no padding: GEMM only
+    (*reduction("reduce_max", (65536,), None), 2),         # segment pass + combine pass
+], ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
+def test_placement_counts_plan_launches(spec, consts, launches):
+    from tvm_qpu import placement as PL
+    rng = np.random.default_rng(0)
+    arrays = {k: _random(v, spec.inputs[1][1], rng) for k, v in consts.items()}
+    assert PL.plan_launches(spec, arrays) == launches
+    per_launch = PL._v(PL.QPU_OVERHEAD, "launch")
+    want = registry.estimate(spec) + PL.qpu_overhead_seconds(spec, arrays, 1) + (launches - 1) * per_launch
+    assert PL.qpu_seconds(spec, arrays) == pytest.approx(want, rel=1e-12)
