@@ -90,6 +90,10 @@ class GemmShape:
     #: sits ``b_block[1][i]`` bytes past the block (None: row-major / transposed B)
     b_table: bool = False
     b_block: tuple | None = None
+    #: how the A values reach the lanes: "unifa" (the unifa stream, ``ldunifarf``) or "tmu"
+    #: (vector TMU lookups with every lane at the same address, popped with ``ldtmu``; see
+    #: :data:`A_STREAMS`)
+    a_stream: str = "unifa"
 
     @property
     def is_int(self) -> bool:
@@ -136,12 +140,28 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
     base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
-        + (1 if s.b_dtype in SMALL_INT else 0)
+        + (1 if s.b_dtype in SMALL_INT else 0) + (5 if s.a_stream == "tmu" else 0)
     return base + extra + U + 5 + R
 
 
+#: A-operand variants. "unifa": the R values of a k-step arrive broadcast through the unifa
+#: stream from the packed panel (``ldunifarf``; its speed hinges on the uniform cache). "tmu":
+#: the k-step's A column (R values of the panel) is one per-lane TMU lookup (lane i holds
+#: A[m0 + i, k]; one FIFO word per k-step, so B and A run ``PF`` k-steps ahead), and
+#: ``shuffle(a, col, i)`` broadcasts row i within the QPU: a row costs two instructions (shuffle
+#: and accumulate on the add ALU, the multiply on the mul ALU) instead of one, and nothing waits
+#: on the uniform stream. :func:`choose_variant` picks the variant with the lower estimate.
+A_STREAMS = ("unifa", "tmu")
+
+
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
+    if s.a_stream not in A_STREAMS:
+        raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
     R = min(16, s.M)
+    if s.a_stream == "tmu":
+        if s.b_block is not None or (s.bias and s.bias_axis == "m"):
+            raise ValueError("the tmu A-stream variant takes plain matmuls only (no implicit B, no row bias)")
+        PF = 4 if s.K > 8 else 2                            # no deeper than the unroll
     if s.b_block is not None:
         U = len(s.b_block[1])
         if s.K % U:
@@ -158,9 +178,11 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         # fp32 with transposed or batched B: rows past K are real data (inf * 0 = NaN), so K
         # itself must be a multiple of U.
         U = next(u for u in (8, 4, 2, 1) if s.K % u == 0)
+    if s.a_stream == "tmu" and U % 2:
+        raise ValueError(f"the tmu A-stream variant needs an even unroll (K={s.K} takes U={U})")
     while U > 4 and _registers_needed(s, R, U, PF) > 64:
         U //= 2
-    while _registers_needed(s, R, U, PF) > 64:
+    while _registers_needed(s, R, U, PF) > 64 and s.a_stream != "tmu":
         R -= 1
     Kpad = -(-s.K // U) * U
     MT, NT = -(-s.M // R), -(-s.N // 16)
@@ -190,6 +212,9 @@ class GemmRegs:
         self.lo, self.hi = (p.take(), p.take()) if clip else (None, None)
         small_b = s.b_dtype in SMALL_INT
         self.cfg1 = p.take() if small_b else None       # tmuc word: next lookup 8/16-bit
+        if s.a_stream == "tmu":                         # A through the TMU
+            self.ap, self.astep, self.bv2 = p.take(3)
+            self.avec = p.take(2)
         self.off = p.take(t.U)
         self.t = p.take(2)
         self.ab = p.take(2)
@@ -243,6 +268,8 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     if s.bias and s.bias_axis == "m":
         u += [("addr", bias_name, 0), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
               ("u32", t.Wm * t.R * 4)]
+    if s.a_stream == "tmu":
+        u.append(("u32", 4 * t.R))                          # A column step per k-step
     return u
 
 
@@ -328,6 +355,8 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(tmp))       # tmp = R * 4
         umul24(tmp, tmp, g.mt)                              # mt == wm before the loops
         add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(g.nbias))   # nbias = Wm * R * 4 (m step)
+    if s.a_stream == "tmu":
+        nop(sig=ld(g.astep))
 
     # ---- tile loops ----------------------------------------------------------------------
     # loops run while rows / columns remain (mrem = M - mt*R, nn = N - nt*16)
@@ -387,8 +416,115 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     R, U, PF = t.R, t.U, t.PF
     mul, acc_add = _mul(s), _acc_add(s)
     small_b = s.b_dtype in SMALL_INT
+    tmu_a = s.a_stream == "tmu"
 
-    # ---- tile prologue: bias, A stream, B rows 0..PF-1 in flight ----------------------------
+    if tmu_a:
+        _tile_prologue_tmu(s, t, g)
+    else:
+        _tile_prologue_unifa(s, t, g)
+
+    # ---- K loop --------------------------------------------------------------------------
+    kloop = f"k{len(_current().items)}"
+    _current().label(kloop)
+    block = []                                              # emitters, one per instruction
+    # every k-step instruction carries a register-writing signal (no flags possible there), so
+    # the counter (and the B pointer advance) get one instruction of their own per block
+    block.append(lambda: sub(g.cnt, g.cnt, 1, cond="pushz").add(g.bp, g.bp, g.bks_u))
+    for j in range(U):
+        if tmu_a:
+            block += _kstep_tmu(s, t, g, j, mul, acc_add, small_b)
+        else:
+            block += [_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b) for si in range(R + 1)]
+    while len(block) < 4:
+        block.append(lambda: nop())
+    branch_at = len(block) - 3
+    for idx, emit in enumerate(block):
+        if idx == branch_at:
+            b(getattr(R_, kloop), cond="anyna")
+        emit()
+    if tmu_a:                                               # the last row's product
+        acc_add(g.acc[R - 1], g.acc[R - 1], g.t[(R - 1) % 2])
+    # drain what was fetched past the end: PF - 1 B rows (unifa), PF - 1 B rows and A columns (tmu)
+    for _ in range((2 if tmu_a else 1) * (PF - 1)):
+        nop(sig=S["ldtmu"](g.tq))
+    if small_b:
+        mov(tmuc, -1)                                       # stores: default 32-bit config bytes
+    _tile_epilogue(s, t, g)
+
+
+def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """Tile start of the "tmu" variant: the n-axis bias, then k-steps 0..PF-1 in flight (B row,
+    then the A column: lane i reads A[m0 + i, k] from the panel); pops the bias, B row 0 and A
+    column 0, and zeroes the product the first k-step's first instruction adds."""
+    R, PF = t.R, t.PF
+    small_b = s.b_dtype in SMALL_INT
+    mov(g.bp, g.nb)
+    shl(g.tq, g.lane, 2)
+    add(g.ap, g.a_ptr, g.tq)                                # lane i: row m0 + i of the panel
+    if s.bias:
+        mov(tmua, g.nbias)
+    for r in range(PF):
+        if small_b:
+            mov(tmuc, g.cfg1)
+        add(tmua, g.bp, g.off[t.U - PF + r])                # row r = off[U - PF + r] past bp
+        mov(tmua, g.ap).add(g.ap, g.ap, g.astep)
+    if s.bias:
+        nop(sig=S["ldtmu"](g.tq))
+    for i in range(0, R, 2):                                # acc = bias row, or 0 (x - x)
+        pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
+        if s.bias:
+            ins = mov(pair[0], g.tq)
+            if len(pair) > 1:
+                ins.mov(pair[1], g.tq)
+        else:
+            ins = sub(pair[0], pair[0], pair[0])
+            if len(pair) > 1:
+                ins.sub(pair[1], pair[1], pair[1])
+    last = g.t[(R - 1) % 2]
+    sub(last, last, last, sig=S["ldtmu"](g.bv))             # B row 0; no product before k = 0
+    mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))        # A column 0
+
+
+def _kstep_tmu(s, t, g, j, mul, acc_add, small_b):
+    """Emitters of k-step j in the "tmu" variant. Row i takes two instructions: ``shuffle``
+    broadcasts lane i of the A column (add ALU; its mul slot takes this k-step's lookups), then
+    the multiply with the B row (mul ALU) beside the accumulation of row i - 1 (add ALU; row
+    R - 1 of the previous k-step for i = 0), carrying the pops of the next B row and A column
+    (in FIFO order: B, then A) on the last two rows. B rows and A columns alternate between two
+    registers by k-step (U is even)."""
+    R = t.R
+    bvj, bvn = (g.bv, g.bv2)[j % 2], (g.bv, g.bv2)[(j + 1) % 2]
+    col, coln = g.avec[j % 2], g.avec[(j + 1) % 2]
+    fetch = ([lambda i: i.mov(tmuc, g.cfg1)] if small_b else []) + [
+        lambda i: i.add(tmua, g.bp, g.off[j]),              # B row k + PF
+        lambda i: i.mov(tmua, g.ap),                        # A column k + PF
+        lambda i: i.add(g.ap, g.ap, g.astep)]
+    pops = {R - 2: bvn, R - 1: coln} if R >= 2 else {}
+    out = []
+    for i in range(R):
+        def shuf(i=i, op=(fetch[i] if i < len(fetch) else None)):
+            ins = A.DSL["shuffle"](g.ab[i % 2], col, i)
+            if op is not None:
+                op(ins)
+
+        def mac(i=i):
+            prev = g.acc[i - 1] if i else g.acc[R - 1]
+            sig = S["ldtmu"](pops[i]) if i in pops else None
+            ins = acc_add(prev, prev, g.t[(i - 1) % 2] if i else g.t[(R - 1) % 2], sig=sig)
+            getattr(ins, mul)(g.t[i % 2], bvj, g.ab[i % 2])
+        out += [shuf, mac]
+    for op in fetch[R:]:                                    # few rows: the rest of the lookups
+        out.append(lambda op=op: op(nop()))
+    if R == 1:
+        out.append(lambda: nop(sig=S["ldtmu"](bvn)))
+        out.append(lambda: nop(sig=S["ldtmu"](coln)))
+    return out
+
+
+def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """Tile start of the "unifa" variant: bias, the A stream, B rows 0..PF-1 in flight."""
+    R, PF = t.R, t.PF
+    small_b = s.b_dtype in SMALL_INT
     bias_m = s.bias and s.bias_axis == "m"
     prog = _current()
     unifa_pc = len(prog.items)
@@ -446,29 +582,10 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0]
     mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))             # B row 0
 
-    # ---- K loop --------------------------------------------------------------------------
-    kloop = f"k{len(_current().items)}"
-    _current().label(kloop)
-    block = []                                              # emitters, one per instruction
-    # every k-step instruction carries a register-writing signal (no flags possible there), so
-    # the counter (and the B pointer advance) get one instruction of their own per block
-    block.append(lambda: sub(g.cnt, g.cnt, 1, cond="pushz").add(g.bp, g.bp, g.bks_u))
-    for j in range(U):
-        for si in range(R + 1):
-            block.append(_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b))
-    while len(block) < 4:
-        block.append(lambda: nop())
-    branch_at = len(block) - 3
-    for idx, emit in enumerate(block):
-        if idx == branch_at:
-            b(getattr(R_, kloop), cond="anyna")
-        emit()
-    for _ in range(PF - 1):                                 # drain rows fetched past the end
-        nop(sig=S["ldtmu"](g.tq))
-    if small_b:
-        mov(tmuc, -1)                                       # stores: default 32-bit config bytes
 
-    # ---- epilogue: activation, stores (lanes < columns left; rows < rows left) ------------
+def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """Activation, stores (lanes < columns left; rows < rows left)."""
+    R = t.R
     _activation(s, g, R)
     if R <= 15:
         sub(null, g.mrem, R, cond="pushn")                  # A = tile is partial in M
@@ -699,7 +816,9 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     gemm_a = a_name
     if pack:
         p_name = a_name + "_panel"
-        bufs.append(BufferSpec(p_name, "scratch", (s.batch * t.MT * t.Kpad * t.R + t.R,), "float32"))
+        # + the look-ahead past the last tile: R words (unifa), PF k-steps of R words (tmu)
+        ahead = t.R * (t.PF + 1) + 16 if s.a_stream == "tmu" else t.R
+        bufs.append(BufferSpec(p_name, "scratch", (s.batch * t.MT * t.Kpad * t.R + ahead,), "float32"))
         gemm_a = p_name
         kchunk, kc = pack_chunks(s, t)
         launches.append(Launch(_assemble(pack_kernel, s, t, name="gemm_pack"),
