@@ -29,6 +29,7 @@ Workers: a ``Wn x Wm`` grid of workgroups (x, y) per batch entry (z), one QPU th
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -830,7 +831,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     return KernelPlan("gemm", bufs, launches, out_consts,
                       attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
-                             "activation": s.activation, "tiling": t.__dict__},
+                             "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__},
                       flops=2 * s.batch * s.M * s.N * s.K,
                       bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * 4))
 
@@ -866,8 +867,10 @@ def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None) -> np.ndar
 FLOAT_DTYPES = ("float32",)
 
 
-def shape_from_spec(spec) -> GemmShape:
-    """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side)."""
+def shape_from_spec(spec, model=None) -> GemmShape:
+    """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side). The
+    A-stream variant is ``attrs["a_stream"]`` when given, else the one of the lowest estimate
+    under ``model`` (default: the emulator's TimingModel; :func:`choose_variant`)."""
     (ash, adt), (bsh, bdt) = spec.inputs[0], spec.inputs[1]
     tb = bool(spec.attrs.get("transpose_b", False))
     if len(ash) < 2 or len(bsh) < 2:
@@ -883,10 +886,15 @@ def shape_from_spec(spec) -> GemmShape:
     if ab == bb and len(ash) > 2 and len(bsh) > 2 and tuple(ash[:-2]) != tuple(bsh[:-2]):
         raise ValueError("batch dimensions must match exactly")
     batch = max(ab, bb)
-    return GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
-                     spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
-                     a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
-                     b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None)
+    s = GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
+                  spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
+                  a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
+                  b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None)
+    if "a_stream" in spec.attrs:
+        return replace(s, a_stream=str(spec.attrs["a_stream"]))
+    if s.a_dtype not in INT_DTYPES + FLOAT_DTYPES or s.b_dtype not in INT_DTYPES + FLOAT_DTYPES:
+        return s                                            # supports() refuses it with a reason
+    return choose_variant(s, model)
 
 
 def supports(spec) -> tuple:
@@ -939,8 +947,10 @@ class GemmProfile:
     kloop: int          # one K-loop block (U k-steps)
 
 
+@functools.lru_cache(maxsize=256)
 def gemm_profile(s: GemmShape, t: GemmTiling, kernel=None) -> GemmProfile:
-    """Count the instructions of the program ``kernel`` (default :func:`gemm_kernel`) emits."""
+    """Count the instructions of the program ``kernel`` (default :func:`gemm_kernel`) emits
+    (cached: estimates call it for every variant and placement decision)."""
     from .common import build_program, loop_lengths
     prog = build_program(kernel or gemm_kernel, s, t, name="gemm")
     lab = prog.labels
@@ -962,14 +972,15 @@ def _b_lines_per_row(s: GemmShape, line: int) -> float:
     return min(16.0, (16 * es + (line - 16 * es if (s.N * es) % line else 0)) / line)
 
 
-def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmProfile | None = None,
-                       a_stream: str = "unifa") -> float:
+def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmProfile | None = None) -> float:
     """Modelled cycles of one GEMM launch: the busiest QPU's workgroups, each a prologue and its
     tiles. A tile is its straight-line code, plus the K loop at the slowest of (its instructions,
-    the B lookup's TMU occupancy, the B round trip over the ``PF`` rows in flight) plus the A
-    stream's stall, plus the tile start: one round trip behind the first rows of every active
-    worker in the DRAM queue. L2 misses: each distinct line of A and B misses once while it fits
-    the L2 (else once per pass over it). The launch is bounded below by its DRAM traffic."""
+    the slice TMU's occupancy by the k-step's lookups, the shared L2 port, the slice's uniform
+    cache for the unifa stream, the round trip over the ``PF`` k-steps in flight) plus the unifa
+    stream's stall ("unifa" variant), plus the tile start: one round trip behind the first rows
+    of every active worker in the DRAM queue. L2 misses: each distinct line of A and B misses
+    once while it fits the L2 (else once per pass over it). The launch is bounded below by its
+    DRAM traffic."""
     from .common import timing_model, round_trip, dram_cycles, stream_stall_per_line, miss_fraction
     m = timing_model(model)
     pr = profile or gemm_profile(s, t)
@@ -989,12 +1000,18 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     b_rows = _b_lines_per_row(s, line)
     b_miss = miss_fraction(m, b_bytes * b_passes, Z * t.MT * t.NT * t.Kpad * b_rows)
     a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * t.R * 4 / line)
-    kstep_instr = pr.kloop / t.U
-    kstep = max(kstep_instr * cpi, b_rows * m.tmu_cycles_per_line, round_trip(m, b_miss) / t.PF)
-    if a_stream == "unifa":                  # one line of A values per line / (4 R) k-steps
-        per_line = line / 4.0 / t.R
-        kstep += stream_stall_per_line(m, per_line * kstep, a_miss) / per_line
     active = min(qpus, nwg)
+    per_slice = min(max(1, m.qpus_per_slice), active)     # QPUs sharing a TMU / uniform cache
+    a_lines = t.R * 4 / line                               # A values of a k-step, in lines
+    tmu_lines = b_rows + (max(1.0, a_lines) if s.a_stream == "tmu" else 0.0)
+    kstep_instr = pr.kloop / t.U
+    kstep = max(kstep_instr * cpi, tmu_lines * m.tmu_cycles_per_line * per_slice,
+                (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
+                round_trip(m, max(b_miss, a_miss if s.a_stream == "tmu" else 0.0)) / t.PF)
+    if s.a_stream == "unifa":                # one line of A values per line / (4 R) k-steps
+        per_line = line / 4.0 / t.R
+        kstep = max(kstep, m.uniform_cycles_per_line * per_slice / per_line)
+        kstep += stream_stall_per_line(m, per_line * kstep, a_miss) / per_line
     start = round_trip(m, True) + dram_cycles(m, active * t.PF * b_rows * line * b_miss)
     tile = pr.tile * cpi + t.Kpad * kstep + start
     # workgroups queue for the QPUs: the busiest QPU runs ceil(nwg / qpus) prologues and about
@@ -1011,8 +1028,7 @@ def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
     from .common import timing_model, loop_lengths, dram_cycles
     m = timing_model(model)
     cpi = m.cycles_per_instruction
-    words = _assemble(pack_kernel, s, t, name="gemm_pack")
-    body = loop_lengths(words)[0]
+    body, total = _pack_profile(s, t)
     kchunk, kc = pack_chunks(s, t)
     nwg = kc * t.MT * max(1, s.batch)
     per_qpu = math.ceil(nwg / max(1, min(m.num_qpus, s.num_qpus)))
@@ -1021,10 +1037,18 @@ def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
     miss = es / m.line_bytes                 # a lane's line changes every line_bytes / es k-rows
     it = max(body * cpi, lines * m.tmu_cycles_per_line,
              (m.tmu_latency + miss * m.dram_latency) / PACK_PF)
-    prologue = len(words) - body
+    prologue = total - body
     busiest = per_qpu * (prologue * cpi + min(kchunk, s.K) * it + m.tmu_latency + m.dram_latency)
     traffic = max(1, s.batch) * (s.M * s.K * es + t.MT * t.Kpad * t.R * 4)     # A in, panel out
     return max(busiest, dram_cycles(m, traffic))
+
+
+@functools.lru_cache(maxsize=256)
+def _pack_profile(s: GemmShape, t: GemmTiling):
+    """(pack loop length, program length) of the pack kernel for ``s``, ``t``."""
+    from .common import loop_lengths
+    words = _assemble(pack_kernel, s, t, name="gemm_pack")
+    return loop_lengths(words)[0], len(words)
 
 
 def pack_chunks(s: GemmShape, t: GemmTiling):
@@ -1035,17 +1059,39 @@ def pack_chunks(s: GemmShape, t: GemmTiling):
     return kchunk, -(-s.K // kchunk)
 
 
+def plan_cycles(s: GemmShape, model=None) -> float:
+    """Modelled cycles of :func:`plan_gemm`'s launches for ``s`` (its a_stream variant)."""
+    t = choose_tiling(s)
+    cycles = gemm_launch_cycles(s, t, model)
+    if needs_pack(s, t):
+        cycles += pack_launch_cycles(s, t, model)
+    return cycles
+
+
+def choose_variant(s: GemmShape, model=None) -> GemmShape:
+    """``s`` with the A-stream variant (:data:`A_STREAMS`) of the lowest estimate under
+    ``model``, among those the shape admits."""
+    best = None
+    for v in A_STREAMS:
+        cand = replace(s, a_stream=v)
+        try:
+            cyc = plan_cycles(cand, model)
+        except ValueError:                                  # the variant does not take this shape
+            continue
+        if best is None or cyc < best[0]:
+            best = (cyc, cand)
+    if best is None:
+        raise ValueError(f"no A-stream variant takes {s}")
+    return best[1]
+
+
 def estimate(spec, model=None) -> float:
     """Modelled seconds of the matmul plan under ``model`` (default: the emulator's TimingModel):
-    the pack launch (when the plan has one) and the GEMM launch."""
+    the pack launch (when the plan has one) and the GEMM launch, for the variant
+    :func:`shape_from_spec` chooses under the same model."""
     from .common import timing_model, seconds
     m = timing_model(model)
-    s = shape_from_spec(spec)
-    t = choose_tiling(s)
-    cycles = gemm_launch_cycles(s, t, m)
-    if needs_pack(s, t):
-        cycles += pack_launch_cycles(s, t, m)
-    return seconds(m, cycles)
+    return seconds(m, plan_cycles(shape_from_spec(spec, m), m))
 
 
 def _register():
