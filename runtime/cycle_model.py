@@ -7,12 +7,17 @@ queue, a shared L2 and a shared DRAM channel), never from a formula over instruc
 Mechanisms (see ``docs/emulator.md`` for the full description):
 
 * each QPU has its own clock; an instruction takes ``cycles_per_instruction`` cycles;
-* a TMU lookup (load, store, atomic) is queued in the QPU's request queue
-  (``request_queue_depth`` in flight; issuing into a full queue stalls the QPU), occupies the
-  QPU's TMU for ``tmu_cycles_per_line`` per distinct cache line, then looks its lines up in the
-  shared L2 (``l2_bytes``, ``l2_ways``, ``line_bytes``, LRU). Hits are ready after
-  ``tmu_latency``; misses and all stores go through one DRAM channel shared by every QPU at
-  ``dram_bytes_per_cycle`` and add ``dram_latency``;
+* a TMU lookup (load, store, atomic, prefetch) is queued in the QPU's request queue
+  (``request_queue_depth`` in flight; issuing into a full queue stalls the QPU), occupies its
+  *slice's* TMU (one per ``qpus_per_slice`` QPUs) for ``tmu_cycles_per_line`` per distinct
+  cache line, then each line passes the *shared L2's port* (one line per
+  ``l2_cycles_per_line`` for all slices together) and is looked up in the L2 (``l2_bytes``,
+  ``l2_ways``, ``line_bytes``, LRU). Hits are ready after ``tmu_latency``; load misses and all
+  stores (written through) go over one DRAM channel shared by every QPU at
+  ``dram_bytes_per_cycle``, a miss is ready ``dram_latency`` after its transfer;
+* the uniform and unifa streams read 64-byte lines through their slice's uniform cache (one
+  line fill per ``uniform_cycles_per_line``, shared by the slice's QPUs) and the shared L2,
+  keeping ``uniform_prefetch_lines`` lines ahead;
 * ``ldtmu`` stalls until its data is ready; ``tmuwt`` until the thread's writes are done;
 * with 2 or 4 threads, a thread that switches out (thrsw) resumes when the loads it issued have
   returned, and the QPU runs another ready thread meanwhile (latency hiding);
@@ -32,11 +37,18 @@ which measurement or fact fixes each of the others. Report a modelled figure wit
 (``EmulatorDevice(timing=m)``). Estimates should take the model as a parameter (default
 ``DEFAULT``) and read clock, bandwidths and latencies from it.
 
-Calibration targets (tests/test_emulator_calibration.py keeps them within +-25%):
+Calibration (tests/test_emulator_calibration.py keeps each within +-20%; docs/emulator.md
+"Calibration" has the table): kernels of codegen/kernels/calibration.py with the *algorithm* of
+each published Pi 5 measurement (py-videocore7 README: ``examples/scopy.py`` 24 Mi uint32 on 1
+and 12 QPUs, ``examples/sgemm.py`` 1024^3 on 12 QPUs), run on the emulator:
 
-* py-videocore7 ``examples/scopy.py`` measured on a Pi 5, 24 Mi uint32 (README of
-  Idein/py-videocore7): 1 QPU 1.69 GB/s, 12 QPUs 4.14 GB/s (bytes copied / time);
-* a straightforward fp32 SGEMM 1024^3 on 12 QPUs: about 21 GFLOP/s (py-videocore7 README).
+* 1-QPU copy (latency-bound, a load pair in flight) pins ``dram_latency``;
+* 12-QPU SGEMM (20 lines per 135 instructions per QPU) and 12-QPU copy (1.5x the array's
+  bytes, plus prefetches) are both bound by the shared L2 port: together they pin
+  ``l2_cycles_per_line`` (4: both within 4%);
+* the copy's true DRAM traffic (unique reads + all writes = 2.5x the array bytes in 24.3 ms =
+  10.4 GB/s = 10.8 B/cycle) is a *lower bound* on ``dram_bytes_per_cycle``, LPDDR4X-4267 x32
+  peak (17.1 GB/s = 17.8 B/cycle) the upper bound.
 """
 from __future__ import annotations
 
@@ -58,18 +70,23 @@ class TimingModel:
     #: one 16-lane instruction per 4 clocks on 4 physical lanes (shared/docs/v3d71-isa.md,
     #: "Machine"): peak = 12 x 16 x 2 / 4 flops per cycle.
     cycles_per_instruction: float = 4.0
-    #: TMU lookup latency on an L2 hit, cycles. Calibrated (1-QPU scopy, SGEMM); public
-    #: GPU-cache latencies of this class are 50-150 cycles.
+    #: TMU lookup latency on an L2 hit, cycles (issue to data ready). Not isolated by any
+    #: published measurement (the calibration kernels hide it or miss the L2); public GPU
+    #: L2-hit latencies of this class are 50-150 cycles: RANGES.
     tmu_latency: float = 80.0
-    #: additional latency of an L2 miss served by DRAM, cycles. Calibrated on the 1-QPU copy
-    #: (1.69 GB/s with the copy kernel of codegen/kernels/calibration.py).
-    dram_latency: float = 180.0
-    #: shared DRAM bandwidth in bytes per QPU cycle (loads that miss + all stores). Calibrated on
-    #: the 12-QPU copy: 4.14 GB/s copied = 8.28 GB/s of traffic = 8.6 B/cycle at 960 MHz
-    #: (LPDDR4X peak is 17 GB/s; a copy reaches about half of it).
-    dram_bytes_per_cycle: float = 8.6
-    #: per-QPU TMU occupancy per distinct 64-byte line of a lookup, cycles. Calibrated
-    #: (SGEMM: A-column gathers touch 16 lines per lookup).
+    #: latency of an L2 miss after its line crossed the DRAM channel, cycles. Pinned by the
+    #: 1-QPU copy (1.69 GB/s measured; its loop waits on one DRAM miss per iteration): 210
+    #: cycles = 220 ns at 960 MHz, a typical LPDDR4X round trip.
+    dram_latency: float = 210.0
+    #: shared DRAM bandwidth in bytes per QPU cycle (load misses + all stores). The 12-QPU copy
+    #: moves its unique reads + all writes (2.5x the array bytes, the kernel's stride is set for
+    #: 8 QPUs) in 24.3 ms: 10.4 GB/s = 10.8 B/cycle, a lower bound; LPDDR4X-4267 on a 32-bit bus
+    #: peaks at 17.1 GB/s = 17.8 B/cycle. 12.5 (12 GB/s, 70% of peak, typical for a mixed
+    #: read/write stream) is the value; RANGES spans the bounds. The calibration kernels are
+    #: bound by the L2 port, not by this.
+    dram_bytes_per_cycle: float = 12.5
+    #: TMU occupancy per distinct 64-byte line of a lookup, cycles, on the slice's TMU (shared
+    #: by its QPUs). Not pinned (no calibration kernel is TMU-bound at 1..4): RANGES.
     tmu_cycles_per_line: float = 2.0
     #: in-flight TMU requests per QPU before issue stalls: 8 ("the eight-depth TMU read request
     #: queue", comment in py-videocore7 examples/scopy.py).
@@ -80,30 +97,36 @@ class TimingModel:
     fifo_words: int = 16
     #: cache line size, bytes (V3D L2T line; Mesa/kernel use 64-byte alignment for TMU data).
     line_bytes: int = 64
-    #: shared L2 (texture/general-memory cache) size. Assumed 128 KiB: not published for
-    #: V3D 7.1; with it the SGEMM calibration point holds (A-row blocks stay resident).
+    #: shared L2 (texture/general-memory cache) size. Not published for V3D 7.1: 128 KiB
+    #: assumed, RANGES.
     l2_bytes: int = 128 * 1024
-    #: L2 associativity (LRU). Assumed 8-way (not published).
+    #: L2 associativity (LRU). Not published: 8-way assumed, RANGES.
     l2_ways: int = 8
-    #: latency of a store's completion after its data left for DRAM, cycles (tmuwt waits for it).
+    #: latency of a store's completion after its data left for DRAM, cycles (tmuwt waits for
+    #: it). Not published: RANGES.
     store_latency: float = 20.0
     #: uniform and unifa streams: each reads whole 64-byte lines through the shared L2 (same hit
     #: latency as a TMU lookup; misses use the shared DRAM channel) and keeps this many lines ahead
-    #: in flight, like a sequential prefetcher. Not published for V3D 7.1: an assumption (a
-    #: stream read once per instruction then waits only at the start and on DRAM misses).
-    uniform_prefetch_lines: int = 2
+    #: in flight, like a sequential prefetcher. Not published for V3D 7.1: 1 (the middle of
+    #: RANGES' 0..2; with 2 a stream read once per instruction waits only at its start and on
+    #: DRAM misses, with 0 every new line costs an L2 round trip).
+    uniform_prefetch_lines: int = 1
     #: QPUs sharing one TMU and one uniform cache: a slice (3 slices x 4 QPUs on the Pi 5,
     #: py-videocore7 README; the V3D TMU and the uniform cache are per-slice units: Broadcom
     #: VideoCore IV reference guide section 1 "slice" with its shared TMUs and uniforms cache, and
     #: the Linux v3d driver's per-slice cache control V3D_SLCACTL for TMU data / uniform caches).
-    qpus_per_slice: int = 1
-    #: cycles the shared L2 is busy per 64-byte line it serves (TMU loads and stores of every
-    #: slice, uniform-cache fills): one port for all slices. 4 = 16 bytes per cycle, a 128-bit
-    #: data path.
-    l2_cycles_per_line: float = 0.0
+    qpus_per_slice: int = 4
+    #: cycles the shared L2 is busy per 64-byte line it serves (TMU loads, stores and prefetches
+    #: of every slice, uniform-cache fills): one port for all slices. 4 = 16 bytes per cycle,
+    #: a 128-bit data path (15.4 GB/s at 960 MHz). Pinned by two measurements that both hit it:
+    #: the 12-QPU SGEMM of py-videocore7's structure (240 line lookups per 1100-cycle
+    #: iteration: 8.2 cycles per instruction) and the 12-QPU copy (reads, prefetches and writes
+    #: of 1.5x the array bytes in 24.3 ms); see docs/emulator.md, Calibration.
+    l2_cycles_per_line: float = 4.0
     #: cycles a slice's uniform cache is busy filling one line for the uniform / unifa streams of
-    #: its QPUs (its refill port, shared by the slice's QPUs).
-    uniform_cycles_per_line: float = 2.0
+    #: its QPUs (its refill port, shared by the slice's QPUs). Not published: 4 (a fill at the
+    #: L2's 16 B/cycle) assumed, RANGES up to a 32-bit fill path.
+    uniform_cycles_per_line: float = 4.0
     #: simulation time slice in instructions (accuracy of cross-QPU contention ordering).
     quantum: int = 16
 
@@ -186,9 +209,10 @@ DEFAULT = TimingModel()
 
 #: published figures the model is calibrated against (value, unit, source)
 CALIBRATION_POINTS = {
-    "copy_1qpu_gbps": (1.69, "GB/s", "py-videocore7 README, examples/scopy.py, 24 Mi uint32, Pi 5"),
-    "copy_12qpu_gbps": (4.14, "GB/s", "py-videocore7 README, examples/scopy.py, 24 Mi uint32, Pi 5"),
-    "sgemm_12qpu_gflops": (21.0, "GFLOP/s", "py-videocore7 README, examples/sgemm.py 1024^3, Pi 5"),
+    "copy_1qpu_gbps": (1.69, "GB/s", "py-videocore7 README, examples/scopy.py, 24 Mi uint32, 1 QPU, Pi 5"),
+    "copy_12qpu_gbps": (4.14, "GB/s", "py-videocore7 README, examples/scopy.py, 24 Mi uint32, 12 QPUs, Pi 5"),
+    "sgemm_12qpu_gflops": (21.38, "GFLOP/s", "py-videocore7 README, examples/sgemm.py 1024^3, "
+                           "12 QPUs, 0.1006 s, Pi 5"),
 }
 
 PARAMETERS = tuple(f.name for f in fields(TimingModel))
@@ -197,14 +221,21 @@ PARAMETERS = tuple(f.name for f in fields(TimingModel))
 #: higher_is_faster, why). ``TimingModel.corners()`` / ``band()`` use it; benchmarks print each
 #: modelled figure with the band it spans over these ranges.
 RANGES: dict[str, ParamRange] = {
+    "tmu_latency": ParamRange(
+        50.0, 150.0, False,
+        "L2-hit round trip: no published measurement isolates it (GPU L2 hits of this class "
+        "take 50-150 cycles)"),
+    "dram_bytes_per_cycle": ParamRange(
+        10.8, 17.8, True,
+        "lower bound: the 12-QPU copy's true DRAM traffic (10.4 GB/s); upper: LPDDR4X-4267 x32 "
+        "peak (17.1 GB/s)"),
     "tmu_cycles_per_line": ParamRange(
         1.0, 4.0, False,
-        "slice TMU occupancy per distinct line: 1 = a line per cycle (a 64-byte L1 port), 4 = "
-        "a 16-byte port; no Pi 5 measurement isolates it"),
+        "slice TMU occupancy per distinct line: 1 = a line per cycle, 4 = a 16-byte port; no "
+        "calibration kernel is TMU-bound in this range"),
     "l2_bytes": ParamRange(
-        64 * 1024, 256 * 1024, True,
-        "V3D 7.1 L2T size is not published (V3D 4.2 on the Pi 4 is documented at 128 KiB by "
-        "community sources only)"),
+        64 * 1024, 256 * 1024, True, "V3D 7.1 L2T size is not published"),
+    "l2_ways": ParamRange(4, 16, True, "L2T associativity is not published"),
     "store_latency": ParamRange(
         10.0, 80.0, False, "store completion after the data left; only tmuwt waits for it"),
     "uniform_prefetch_lines": ParamRange(
@@ -212,8 +243,8 @@ RANGES: dict[str, ParamRange] = {
         "whether the uniform cache prefetches sequential lines is not published; 0 = every new "
         "line of a stream costs a full L2 round trip"),
     "uniform_cycles_per_line": ParamRange(
-        2.0, 16.0, False,
-        "uniform-cache refill occupancy per line (not published): 16 = a 32-bit refill path"),
+        4.0, 16.0, False,
+        "uniform-cache line fill (not published): 4 = the L2's 16 B/cycle, 16 = a 32-bit path"),
 }
 
 #: Which published measurement pins each remaining parameter (docs/emulator.md, Calibration).
@@ -221,14 +252,13 @@ PINNED: dict[str, str] = {
     "clock_hz": "Raspberry Pi documentation (v3d_freq 960 MHz); converts cycles to seconds only",
     "num_qpus": "3 slices x 4 QPUs (py-videocore7 README)",
     "cycles_per_instruction": "4 cycles per 16-lane instruction on 4 physical lanes (ISA)",
-    "qpus_per_slice": "4 (py-videocore7 README: 3 slices x 4 QPUs)",
-    "tmu_latency": "1-QPU copy (latency-bound, with dram_latency)",
-    "dram_latency": "1-QPU copy (latency-bound, with tmu_latency)",
-    "dram_bytes_per_cycle": "12-QPU copy: its true DRAM traffic (8-QPU stride on 12 QPUs)",
-    "l2_cycles_per_line": "12-QPU SGEMM of py-videocore7's structure (L2-port bound)",
+    "qpus_per_slice": "4 QPUs per slice share the TMU and uniform cache (py-videocore7 README, "
+                      "VideoCore IV architecture guide)",
+    "dram_latency": "1-QPU copy (py-videocore7 scopy, 1.69 GB/s)",
+    "l2_cycles_per_line": "12-QPU SGEMM (py-videocore7 sgemm, 0.1006 s) and 12-QPU copy "
+                          "(scopy, 4.14 GB/s), both L2-port bound",
     "request_queue_depth": "8 (py-videocore7 scopy comment)",
     "fifo_words": "16 / threads (Mesa ntq_tmu_fifo_overflow)",
     "line_bytes": "64 (V3D L2T line)",
-    "l2_ways": "structural assumption (LRU associativity barely moves streaming kernels)",
     "quantum": "simulation accuracy only",
 }

@@ -1615,8 +1615,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                         nv = o64 ^ d64
                                     mem32[off >> 2] = np.uint32(nv)
                                     fifo[ctx, h, l] = old
-                                # distinct cache lines touched (timing)
-                                if kind != 3:
+                                # distinct cache lines touched (timing); a prefetch (op 0, no data)
+                                # fills its lines into the L2
+                                if kind != 3 or (top == 0 and off >= 0 and off < mem_size):
                                     first = (off) // line_bytes
                                     last = (off + esize - 1) // line_bytes
                                     for ln in range(first, last + 1):
@@ -1631,7 +1632,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
 
                             # ---- timing: request queue, TMU throughput, shared L2 / DRAM bandwidth, latency ----
                             stall_to = now
-                            if kind != 3:
+                            if kind != 3 or nlines > 0:
                                 oldest = qreq[q, qreq_head[q]]
                                 if oldest > stall_to:
                                     stall_to = oldest           # the per-QPU request queue is full
@@ -1653,7 +1654,7 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                 elif kind == 1:
                                     stats[SX_TMU_STORES] += 1
                                     stats[SX_BYTES_STORED] += active_lanes * esize
-                                else:
+                                elif kind == 2:
                                     stats[SX_ATOMICS] += 1
                                     stats[SX_TMU_STORES] += 1
                                     stats[SX_BYTES_STORED] += active_lanes * 4
