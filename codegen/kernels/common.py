@@ -76,6 +76,20 @@ def burst_wait(model, active: int, nbytes: float, miss=True) -> float:
     return round_trip(model, miss) + dram_cycles(model, active * nbytes * float(miss))
 
 
+def l2_port_cycles(model, lines: float) -> float:
+    """Cycles the shared L2 port needs to serve ``lines`` line accesses (TMU loads and stores of
+    every QPU, uniform-cache fills): ``l2_cycles_per_line`` each, one port for all slices."""
+    return lines * model.l2_cycles_per_line
+
+
+def lookup_lines(model, span_bytes: float, aligned: bool = False) -> float:
+    """Distinct lines a lookup whose lanes cover ``span_bytes`` contiguous bytes touches: a
+    line-aligned start, or (expected) a random 4-byte offset within a line."""
+    if aligned:
+        return float(-(-int(span_bytes) // model.line_bytes))
+    return 1.0 + max(0.0, span_bytes - 4) / model.line_bytes
+
+
 def miss_fraction(model, unique_bytes: float, touched_lines: float) -> float:
     """Fraction of line lookups that miss the L2 when ``touched_lines`` lookups read
     ``unique_bytes`` of distinct data (each distinct line misses once)."""

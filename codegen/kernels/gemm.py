@@ -1025,7 +1025,7 @@ def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
     """Modelled cycles of the A-panel pack launch: per workgroup its prologue and ``kchunk``
     iterations of the pack loop, each the slowest of (instructions, TMU occupancy of the row
     gather, the round trip over the PACK_PF loads in flight)."""
-    from .common import timing_model, loop_lengths, dram_cycles
+    from .common import timing_model, dram_cycles, l2_port_cycles, lookup_lines
     m = timing_model(model)
     cpi = m.cycles_per_instruction
     body, total = _pack_profile(s, t)
@@ -1040,7 +1040,11 @@ def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
     prologue = total - body
     busiest = per_qpu * (prologue * cpi + min(kchunk, s.K) * it + m.tmu_latency + m.dram_latency)
     traffic = max(1, s.batch) * (s.M * s.K * es + t.MT * t.Kpad * t.R * 4)     # A in, panel out
-    return max(busiest, dram_cycles(m, traffic))
+    # every k-row of every m-tile: one gather of R rows (``lines`` lines) and one panel store;
+    # each workgroup also gathers PACK_PF rows past its chunk (its prefetch)
+    rows = max(1, s.batch) * t.MT * s.K
+    l2 = l2_port_cycles(m, rows * (lines + lookup_lines(m, t.R * 4)) + nwg * PACK_PF * lines)
+    return max(busiest, dram_cycles(m, traffic), l2)
 
 
 @functools.lru_cache(maxsize=256)

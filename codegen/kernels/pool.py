@@ -497,13 +497,24 @@ def estimate(spec: registry.OpSpec, model=None) -> float:
     """Modelled seconds under ``model`` (default: the emulator's TimingModel). Window pooling
     streams its input once: DRAM traffic (input + output) plus one round trip. Global average
     pooling is the reduction of each plane (reduce.reduce_cycles: segment pass or lanes)."""
-    from .common import timing_model, dram_cycles, round_trip, seconds
+    from .common import timing_model, dram_cycles, round_trip, seconds, l2_port_cycles, lookup_lines
     m = timing_model(model)
     g = spec_to_pool(spec)
     if spec.kind == "global_avg_pool2d" or is_global(g):
         return seconds(m, RD.reduce_cycles(m, (g.N * g.C, g.H * g.W), (1,), g.dtype))
     es = ITEMSIZE[g.dtype]
-    return seconds(m, dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es) + round_trip(m, True))
+    # one lookup per window tap of every 16-output vector, its lanes ``stride`` elements apart
+    V = -(-g.P // 16)
+    span, line = (15 * g.sw + 1) * es, m.line_bytes
+    ow = Pool2D.out_size(g.W, g.kw, g.sw, g.pl, g.pr, g.dw, g.ceil_mode)
+    if (g.W * es) % line == 0 and ow % 16 == 0 and (16 * g.sw * es) % line == 0:
+        # vectors start at line-aligned columns: each tap column kw starts (kw dw - pl) es bytes in
+        per_tap = sum(((kw * g.dw - g.pl) * es % line + span - 1) // line + 1 for kw in range(g.kw)) / g.kw
+    else:
+        per_tap = lookup_lines(m, span)
+    lines = V * g.kh * g.kw * per_tap + V * lookup_lines(m, 16 * es)
+    return seconds(m, max(dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es), l2_port_cycles(m, lines))
+                   + round_trip(m, True))
 
 
 def bench_cases():

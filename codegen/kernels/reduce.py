@@ -960,7 +960,8 @@ def arg_estimate(spec: registry.OpSpec, model=None) -> float:
     """Modelled seconds under ``model``: the busiest worker folds one element of its 16 outputs
     per iteration of the arg kernel's inner loop (its length read from the program), for all its
     vectors; bounded below by the DRAM traffic; plus one round trip."""
-    from .common import timing_model, loop_lengths, dram_cycles, round_trip, seconds
+    from .common import (timing_model, loop_lengths, dram_cycles, round_trip, seconds,
+                         l2_port_cycles, lookup_lines)
     m = timing_model(model)
     shape, dtype = _spec_parts(spec)
     plan = arg_generate(spec)
@@ -971,7 +972,12 @@ def arg_estimate(spec: registry.OpSpec, model=None) -> float:
     V = -(-(n // R) // 16)
     per_worker = -(-V // L.workgroups[0])
     instr = per_worker * R * loop_lengths(L.words)[0]
-    cycles = max(dram_cycles(m, n * ITEMSIZE[dtype]), instr * m.cycles_per_instruction)
+    # lanes over outputs: adjacent outputs are a reduced row apart unless the axis is outer
+    es = ITEMSIZE[dtype]
+    inner = int(np.prod(vshape[ax + 1:], dtype=np.int64))
+    lines = lookup_lines(m, 16 * es) if inner >= 16 else min(16.0, max(1.0, 16 * R * inner * es / m.line_bytes))
+    cycles = max(dram_cycles(m, n * es), instr * m.cycles_per_instruction,
+                 l2_port_cycles(m, V * (R * lines + 1)))
     return seconds(m, cycles + round_trip(m, True))
 
 
@@ -986,22 +992,26 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
 
 
 def stage_cycles(model, K0: int, R: int, K1: int, dtype: str, segments: bool) -> float:
-    """Modelled cycles of one reduction stage over the view [K0, R, K1]: the larger of its DRAM
-    traffic and the busiest worker's TMU occupancy (lanes kernel: one lookup per reduced element
-    of each 16-output vector, touching the distinct lines of its 16 lanes), plus one round trip.
-    Segment stages stream contiguous vec4 lookups: DRAM-bound."""
-    from .common import dram_cycles, round_trip
+    """Modelled cycles of one reduction stage over the view [K0, R, K1]: the largest of its DRAM
+    traffic, the shared L2 port (every line each lookup touches) and the busiest worker's TMU
+    occupancy, plus one round trip. The lanes kernel makes one lookup per reduced element of
+    each 16-output vector, touching the distinct lines of its 16 lanes (one line per lane when
+    adjacent outputs are a row apart); segment stages stream contiguous vec4 lookups."""
+    from .common import dram_cycles, round_trip, l2_port_cycles, lookup_lines
     es = ITEMSIZE[dtype]
     n = K0 * R * K1
     traffic = dram_cycles(model, (n + K0 * K1) * es)
     if segments:
-        return traffic + round_trip(model, True)
+        l2 = l2_port_cycles(model, n * es / model.line_bytes + K0)
+        return max(traffic, l2) + round_trip(model, True)
     V = -(-(K0 * K1) // 16)
     per_worker = -(-V // min(V, model.num_qpus))
     stride = es if K1 >= 16 else R * K1 * es          # bytes between adjacent lanes
-    lines = min(16.0, max(1.0, 16 * stride / model.line_bytes))
+    lines = min(16.0, lookup_lines(model, 16 * es)) if stride == es else \
+        min(16.0, max(1.0, 16 * stride / model.line_bytes))
     tmu = per_worker * R * lines * model.tmu_cycles_per_line
-    return max(traffic, tmu) + round_trip(model, True)
+    l2 = l2_port_cycles(model, V * (R * lines + 1))
+    return max(traffic, tmu, l2) + round_trip(model, True)
 
 
 def reduce_cycles(model, shape, axes, dtype: str) -> float:
