@@ -1446,7 +1446,7 @@ def estimate(spec, model=None) -> float:
       bounded below by the DRAM traffic.
     """
     from .common import (timing_model, loop_lengths, round_trip, dram_cycles, seconds,
-                         miss_fraction)
+                         miss_fraction, l2_port_cycles, lookup_lines)
     m = timing_model(model)
     cpi = m.cycles_per_instruction
     s0 = spec_shape(spec)
@@ -1481,7 +1481,12 @@ def estimate(spec, model=None) -> float:
             qpus = max(1, min(m.num_qpus, s.num_qpus))
             rounds = max(-(-s.B * t.MT // qpus), -(-t.MT // t.W))
             out = s.B * s.S * s.Dv * 4
-            cycles += max(rounds * tile_cycles, dram_cycles(m, plan.bytes_moved + out))
+            # shared L2 port: per tile, one K-panel line per 16-key block and d, the V lookups
+            # (NG per key, VW words per lane), and the output stores
+            tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, 64 * s.VW) \
+                + t.R * s.NG * lookup_lines(m, 64 * s.VW)
+            cycles += max(rounds * tile_cycles, dram_cycles(m, plan.bytes_moved + out),
+                          l2_port_cycles(m, s.B * t.MT * tile_lines))
         else:
             raise ValueError(f"attention estimate: unknown launch {L.name!r}")
     return seconds(m, cycles)
