@@ -78,3 +78,13 @@ def test_supports_reasons():
     assert not ok and "last axis" in why
     ok, why = supports(OpSpec("softmax", [((4, 8), "int8")], ((4, 8), "int8"), {"axis": -1}))
     assert not ok and "fp32" in why
+
+
+@pytest.mark.parametrize("rows,n", [(3, 4000), (1, 9000)])
+def test_long_rows_with_many_chunks(dev, rows, n):
+    """Regression: rows of more than 15 full chunks failed to assemble (the chunk count was a
+    small immediate; supports() accepted the shape)."""
+    x = np.random.default_rng(n).standard_normal((rows, n)).astype(np.float32) * 4
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    y, _ = run(dev, x)
+    check(y, (e / e.sum(axis=1, keepdims=True)).astype(np.float32))

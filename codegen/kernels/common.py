@@ -105,3 +105,26 @@ def stream_stall_per_line(model, consume_cycles: float, miss) -> float:
 
 def seconds(model, cycles: float) -> float:
     return cycles / model.clock_hz
+
+
+def mov_const(dst, value: int):
+    """``dst = value`` for any non-negative 32-bit ``value``: one small-immediate ``mov`` when the
+    value is representable, else built from 4-bit digits (shift left 4, add the next digit)."""
+    from .. import asm
+    from ..isa import small_imm_code
+    try:
+        small_imm_code(value)
+        return asm.mov(dst, value)
+    except ValueError:
+        pass
+    if value < 0 or value >= 1 << 32:
+        raise ValueError(f"constant {value} out of range")
+    digits = []
+    while value:
+        digits.append(value & 15)
+        value >>= 4
+    asm.mov(dst, digits[-1])
+    for d in reversed(digits[:-1]):
+        asm.shl(dst, dst, 4)
+        if d:
+            asm.add(dst, dst, d)

@@ -43,6 +43,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
+from .common import mov_const
 from .gemm import _Pool
 
 S = A.SIGNALS
@@ -253,7 +254,7 @@ def softmax_row_kernel(s: SoftmaxShape):
             umul24(g.mp, g.mrow, g.rs)
             add(g.mp, g.mp, g.maskp)
         if full:
-            mov(g.cnt, full)
+            mov_const(g.cnt, full)                          # > 15 chunks: not a small immediate
             lbl = f"ch{len(A.Program._stack[-1].items)}"
             A.Program._stack[-1].label(lbl)
             body_chunk()
