@@ -189,13 +189,14 @@ def pad_kernel(s: ConvShape):
 # ------------------------------------------------------------------------------------------------
 # Plans
 # ------------------------------------------------------------------------------------------------
-def gemm_shape_of(s: ConvShape, lay: ConvLayout) -> GemmShape:
+def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> GemmShape:
     es = ITEMSIZE[s.dtype]
     P = s.OH * s.OW
     taps = s.KH * s.KW
     block = block_taps(s, lay, es)
     common = dict(a_dtype=s.w_dtype, b_dtype=s.dtype, bias=s.bias, bias_axis="m",
-                  activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block)
+                  activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block,
+                  a_stream=a_stream)
     if s.depthwise:
         return GemmShape(1, P, taps, s.C, a_batch_stride_elems=taps,
                          b_batch_stride_elems=lay.Hp * lay.Wp, bias_batch_stride=1, **common)
@@ -218,14 +219,41 @@ def _weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.nda
     for mt in range(t.MT):
         rows = wm[:, mt * t.R: (mt + 1) * t.R, :]                     # [Z, r, K]
         panel[:, mt, :K, : rows.shape[1]] = np.swapaxes(rows, 1, 2)
-    return np.concatenate([panel.reshape(-1), np.zeros(t.R, dt)])
+    # look-ahead past the last tile: R words (unifa); PF k-steps of R words + 16 lanes (tmu)
+    ahead = t.R * (t.PF + 1) + 16 if g.a_stream == "tmu" else t.R
+    return np.concatenate([panel.reshape(-1), np.zeros(ahead, dt)])
 
 
-def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None) -> KernelPlan:
+def choose_variant(s: ConvShape, lay: ConvLayout, model=None) -> GemmShape:
+    """The GEMM shape of ``s`` with the A-stream variant of the lowest estimate under ``model``
+    (gemm.A_STREAMS: the weights through the unifa stream, or columns through the TMU)."""
+    from .gemm import A_STREAMS, gemm_launch_cycles
+    best = None
+    for v in A_STREAMS:
+        g = gemm_shape_of(s, lay, v)
+        try:
+            t = choose_tiling(g)
+            check_limits(g, t)
+            if t.R < min(4, g.M):                   # too few rows per tile: not a candidate
+                continue
+            cyc = gemm_launch_cycles(g, t, model)
+        except ValueError:                          # the variant does not take this shape
+            continue
+        if best is None or cyc < best[0]:
+            best = (cyc, g)
+    if best is None:
+        raise ValueError(f"no A-stream variant takes the convolution {s}")
+    return best[1]
+
+
+def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
+              a_stream: str | None = None) -> KernelPlan:
+    """Plan of the convolution; ``a_stream`` forces a GEMM A-stream variant (default: the one of
+    the lowest estimate, :func:`choose_variant`)."""
     if s.depthwise and not (s.groups == s.C == s.OC):
         raise ValueError("only groups == 1 or depthwise (groups == C == OC) convolutions")
     lay = conv_layout(s)
-    g = gemm_shape_of(s, lay)
+    g = choose_variant(s, lay) if a_stream is None else gemm_shape_of(s, lay, a_stream)
     t = choose_tiling(g)
     check_limits(g, t)
     es = ITEMSIZE[s.dtype]
@@ -263,7 +291,8 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None) 
             u = [("addr", e[1], e[2] + shift.get(e[1], 0)) if e[0] == "addr" else e for e in u]
         launches.append(Launch(gemm_words, u, (t.Wn, t.Wm, g.batch), 16, s.num_qpus, 1, "conv"))
     return KernelPlan("conv2d", bufs, launches, consts,
-                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__}, "tiling": t.__dict__,
+                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__}, "a_stream": g.a_stream,
+                             "tiling": t.__dict__,
                              "block": lay.__dict__},
                       flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,
                       bytes_moved=x_bytes + s.N * s.OC * P * 4 + np.asarray(weight).size * ITEMSIZE[s.w_dtype])
@@ -351,7 +380,8 @@ def supports(spec) -> tuple:
 
 def generate(spec, constants: dict):
     s = shape_from_spec(spec)
-    return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None)
+    return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None,
+                     spec.attrs.get("a_stream"))
 
 
 def pad_launch_cycles(s: ConvShape, model=None) -> float:
@@ -379,7 +409,7 @@ def estimate(spec, model=None) -> float:
     m = timing_model(model)
     s = shape_from_spec(spec)
     lay = conv_layout(s)
-    g = gemm_shape_of(s, lay)
+    g = choose_variant(s, lay, m)
     t = choose_tiling(g)
     images = s.N if s.depthwise else 1
     cycles = images * gemm_launch_cycles(g, t, m)

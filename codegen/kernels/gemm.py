@@ -141,7 +141,7 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
     base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
-        + (1 if s.b_dtype in SMALL_INT else 0) + (5 if s.a_stream == "tmu" else 0)
+        + (1 if s.b_dtype in SMALL_INT else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0)
     return base + extra + U + 5 + R
 
 
@@ -155,18 +155,26 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
 A_STREAMS = ("unifa", "tmu")
 
 
+def ring_size(U: int) -> int:
+    """B rows / A columns in the "tmu" variant's register rings: the smallest factor >= 2 of the
+    unroll U (k-step j of a block uses entry j mod P, so the pattern repeats every block)."""
+    if U < 2:
+        raise ValueError("the tmu A-stream variant needs an unroll of at least 2 k-steps (K has no such factor)")
+    return next(p for p in range(2, U + 1) if U % p == 0)
+
+
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     if s.a_stream not in A_STREAMS:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
     R = min(16, s.M)
     if s.a_stream == "tmu":
-        if s.b_block is not None or (s.bias and s.bias_axis == "m"):
-            raise ValueError("the tmu A-stream variant takes plain matmuls only (no implicit B, no row bias)")
         PF = 4 if s.K > 8 else 2                            # no deeper than the unroll
     if s.b_block is not None:
         U = len(s.b_block[1])
         if s.K % U:
             raise ValueError(f"K={s.K} is not a multiple of the block of {U} k-steps")
+        if s.a_stream == "tmu":
+            ring_size(U)
         PF = min(PF, U)
         while _registers_needed(s, R, U, PF) > 64 and R > 1:
             R -= 1
@@ -179,8 +187,8 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         # fp32 with transposed or batched B: rows past K are real data (inf * 0 = NaN), so K
         # itself must be a multiple of U.
         U = next(u for u in (8, 4, 2, 1) if s.K % u == 0)
-    if s.a_stream == "tmu" and U % 2:
-        raise ValueError(f"the tmu A-stream variant needs an even unroll (K={s.K} takes U={U})")
+    if s.a_stream == "tmu":
+        ring_size(U)
     while U > 4 and _registers_needed(s, R, U, PF) > 64:
         U //= 2
     while _registers_needed(s, R, U, PF) > 64 and s.a_stream != "tmu":
@@ -213,13 +221,15 @@ class GemmRegs:
         self.lo, self.hi = (p.take(), p.take()) if clip else (None, None)
         small_b = s.b_dtype in SMALL_INT
         self.cfg1 = p.take() if small_b else None       # tmuc word: next lookup 8/16-bit
-        if s.a_stream == "tmu":                         # A through the TMU
-            self.ap, self.astep, self.bv2 = p.take(3)
-            self.avec = p.take(2)
         self.off = p.take(t.U)
         self.t = p.take(2)
         self.ab = p.take(2)
         self.bv = p.take()
+        if s.a_stream == "tmu":                         # A through the TMU
+            P = ring_size(t.U)
+            self.ap, self.astep = p.take(2)
+            self.bvs = [self.bv] + p.take(P - 1)         # B rows by k-step mod P
+            self.avec = p.take(P)                       # A columns by k-step mod P
         self.acc = p.take(t.R)
 
 
@@ -459,19 +469,34 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
     column 0, and zeroes the product the first k-step's first instruction adds."""
     R, PF = t.R, t.PF
     small_b = s.b_dtype in SMALL_INT
-    mov(g.bp, g.nb)
+    bias_m = s.bias and s.bias_axis == "m"
+    prog = _current()
+    if bias_m:                                              # per-row bias: R values via unifa
+        unifa_pc = len(prog.items)
+        mov(unifa, g.bias_ptr)
+    if s.b_table:                                           # lane bases of this column tile
+        mov(tmua, g.nb)
+        nop(sig=S["ldtmu"](g.tq))
+        add(g.bp, g.bzb, g.tq)
+    else:
+        mov(g.bp, g.nb)
     shl(g.tq, g.lane, 2)
     add(g.ap, g.a_ptr, g.tq)                                # lane i: row m0 + i of the panel
-    if s.bias:
+    if s.bias and not bias_m:
         mov(tmua, g.nbias)
     for r in range(PF):
         if small_b:
             mov(tmuc, g.cfg1)
         add(tmua, g.bp, g.off[t.U - PF + r])                # row r = off[U - PF + r] past bp
         mov(tmua, g.ap).add(g.ap, g.ap, g.astep)
-    if s.bias:
+    if bias_m:
+        while len(prog.items) - unifa_pc < 4:
+            nop()
+        for i in range(R):
+            nop(sig=S["ldunifarf"](g.acc[i]))
+    if s.bias and not bias_m:
         nop(sig=S["ldtmu"](g.tq))
-    for i in range(0, R, 2):                                # acc = bias row, or 0 (x - x)
+    for i in range(0, R, 2) if not bias_m else ():          # acc = bias row, or 0 (x - x)
         pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
         if s.bias:
             ins = mov(pair[0], g.tq)
@@ -491,11 +516,12 @@ def _kstep_tmu(s, t, g, j, mul, acc_add, small_b):
     broadcasts lane i of the A column (add ALU; its mul slot takes this k-step's lookups), then
     the multiply with the B row (mul ALU) beside the accumulation of row i - 1 (add ALU; row
     R - 1 of the previous k-step for i = 0), carrying the pops of the next B row and A column
-    (in FIFO order: B, then A) on the last two rows. B rows and A columns alternate between two
-    registers by k-step (U is even)."""
+    (in FIFO order: B, then A) on the last two rows. B rows and A columns rotate through rings
+    of :func:`ring_size` registers by k-step."""
     R = t.R
-    bvj, bvn = (g.bv, g.bv2)[j % 2], (g.bv, g.bv2)[(j + 1) % 2]
-    col, coln = g.avec[j % 2], g.avec[(j + 1) % 2]
+    P = len(g.avec)
+    bvj, bvn = g.bvs[j % P], g.bvs[(j + 1) % P]
+    col, coln = g.avec[j % P], g.avec[(j + 1) % P]
     fetch = ([lambda i: i.mov(tmuc, g.cfg1)] if small_b else []) + [
         lambda i: i.add(tmua, g.bp, g.off[j]),              # B row k + PF
         lambda i: i.mov(tmua, g.ap),                        # A column k + PF
