@@ -288,3 +288,12 @@ def test_registry_attr_forces_the_variant(dev):
     bad = OpSpec("matmul", [((4, 8), "float32"), ((8, 3), "float32")], ((4, 3), "float32"), {"a_stream": "x"})
     ok, why = supports(bad)
     assert not ok and "a_stream" in why
+
+
+@pytest.mark.parametrize("M,N,K,batch,tb", [(24, 1, 46, 2, False), (9, 20, 6, 3, True)])
+def test_tmu_variant_short_unroll(dev, M, N, K, batch, tb):
+    """Regression: batched / transposed fp32 B unrolls by a divisor of K (here 2); the prefetch
+    depth must not exceed it."""
+    s = GemmShape(M, N, K, batch, transpose_b=tb, a_stream="tmu")
+    a, b, _ = _data(s, np.random.default_rng(11))
+    _check_numpy(s, _run(dev, s, a, b), a, b, None)

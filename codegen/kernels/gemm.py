@@ -168,7 +168,7 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
     R = min(16, s.M)
     if s.a_stream == "tmu":
-        PF = 4 if s.K > 8 else 2                            # no deeper than the unroll
+        PF = 4                                              # 2 FIFO words per k-step: 8 in flight
     if s.b_block is not None:
         U = len(s.b_block[1])
         if s.K % U:
@@ -189,6 +189,7 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         U = next(u for u in (8, 4, 2, 1) if s.K % u == 0)
     if s.a_stream == "tmu":
         ring_size(U)
+        PF = min(PF, U)                                     # the prologue addresses rows off[U - PF + r]
     while U > 4 and _registers_needed(s, R, U, PF) > 64:
         U //= 2
     while _registers_needed(s, R, U, PF) > 64 and s.a_stream != "tmu":
