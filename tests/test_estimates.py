@@ -69,6 +69,13 @@ def attention(B, S, T, D, dt="float32", causal=False):
                   {"scale": 0.1 if dt == "float32" else 1e-3, "causal": causal, "mask": False}), {}
 
 
+def tmu_variant(spec_consts):
+    """The same op with the GEMM's A operand forced through the TMU (gemm.A_STREAMS "tmu")."""
+    spec, consts = spec_consts
+    spec.attrs["a_stream"] = "tmu"
+    return spec, consts
+
+
 #: (kind, spec, constant shapes): a few small shapes per kernel kind (fast)
 SWEEP = [
     ("gemm", *matmul(64, 64, 64)), ("gemm", *matmul(33, 70, 45)), ("gemm", *matmul(1, 256, 256)),
@@ -80,6 +87,7 @@ SWEEP = [
     ("reduce", *reduction("argmax", (100, 300), (1,))),
     ("softmax", *softmax(64, 128)), ("softmax", *softmax(512, 64)),
     ("attention", *attention(2, 32, 128, 32)),
+    ("gemm", *tmu_variant(matmul(64, 64, 64))), ("conv", *tmu_variant(conv2d(1, 8, 16, 16, 16, 3, 1))),
 ]
 
 #: a bigger sweep (slow: run with --runslow)
@@ -97,6 +105,9 @@ SWEEP_SLOW = [
         strict=True, reason="known gap: a tiny attention is dominated by its Q / K pack launches, "
                             "chains of round trips the estimate does not model (ratio 0.70)")),
     ("softmax", *softmax(3, 4000)),
+    ("gemm", *tmu_variant(matmul(256, 256, 256))), ("gemm", *tmu_variant(matmul(33, 70, 45, "int8"))),
+    ("gemm", *tmu_variant(matmul(16, 32, 64, batch=8))),
+    ("conv", *tmu_variant(conv2d(1, 32, 18, 18, 32, 3, 0, "int8"))),
 ]
 
 
