@@ -6,7 +6,10 @@ Pi. Parameters that no published measurement pins have a plausible range
 (``cycle_model.RANGES``); each case is emulated under the default model and under the model's two
 corners (every ranged parameter at its fast / slow end), and printed as ``value [low, high]``:
 modelled time, GOP/s (2 ops per multiply-add) or GiB/s for memory-bound kernels, % of the QPU
-peak, and the kernel's own estimate (what placement uses) beside the emulated time.
+peak, and the kernel's own estimate (what placement uses) beside the emulated time. GEMM / conv
+rows say which A-operand variant the estimate chose ("unifa" stream or "tmu"); the plan is the
+one chosen under the default model, run under every model (so the band shows what a wrong guess
+about the unpinned parameters costs), and the forced-variant rows show the alternative.
 
 No column compares with published figures of *other* kernels (a different algorithm says
 nothing about ours); the same-algorithm calibration table is in docs/emulator.md.
@@ -52,10 +55,12 @@ def _rand(shape, dtype, rng):
     return rng.standard_normal(shape).astype(dtype)
 
 
-def gemm_case(n, dtype):
+def gemm_case(n, dtype, a_stream=None):
+    """A square GEMM; ``a_stream`` forces a variant (default: chosen by estimate)."""
     out = "int32" if dtype != "float32" else "float32"
-    spec = OpSpec("matmul", [((n, n), dtype), ((n, n), dtype)], ((n, n), out), {})
-    return (f"gemm", f"{n}x{n}x{n}", dtype, spec,
+    spec = OpSpec("matmul", [((n, n), dtype), ((n, n), dtype)], ((n, n), out),
+                  {} if a_stream is None else {"a_stream": a_stream})
+    return (f"gemm", f"{n}x{n}x{n}" + ("" if a_stream is None else f" ({a_stream} forced)"), dtype, spec,
             lambda rng: ({"A": _rand((n, n), dtype, rng), "B": _rand((n, n), dtype, rng)}, {}))
 
 
@@ -109,7 +114,8 @@ def run_case(devs, case, rng):
         wall += time.time() - t0
         instr = sum(s.instructions for s in stats)
         per_model.append(figures(plan, stats, spec, dev.timing))
-    row = {"kernel": kernel, "shape": shape, "dtype": dtype, **per_model[0], "instructions": instr,
+    row = {"kernel": kernel, "shape": shape, "dtype": dtype, "variant": plan.attrs.get("a_stream", "-"),
+           **per_model[0], "instructions": instr,
            "launches": len(plan.launches), "emulation_wall_seconds": wall,
            "band": {k: [min(f[k] for f in per_model), max(f[k] for f in per_model)] for k in FIGURES}}
     return row
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     n = 256 if args.quick else 1024
     cases = [gemm_case(n, "float32"), gemm_case(n, "int32"), gemm_case(n, "int16"), gemm_case(n, "int8"),
+             gemm_case(n, "float32", "unifa"), gemm_case(n, "float32", "tmu"), gemm_case(n, "int8", "tmu"),
              gemm_case(128, "float32"), gemm_case(128, "int32"),
              conv_case(1, 32, 34, 34, 64, 3, 1, "float32"), conv_case(1, 32, 34, 34, 64, 3, 1, "int32"),
              conv_case(1, 32, 34, 34, 64, 3, 1, "int8")]
@@ -163,15 +170,15 @@ def main(argv=None) -> int:
     if len(models) > 1:
         print("each figure: default model [low, high] over the unpinned parameters' ranges: "
               + ", ".join(f"{k} {r.low:g}..{r.high:g}" for k, r in cycle_model.RANGES.items()))
-    hdr = (f"{'kernel':<12} {'shape':<34} {'dtype':<8} {'modelled ms':>26} {'GOP/s':>22} {'%peak':>18} "
-           f"{'GiB/s':>22} {'estimate ms':>10}")
+    hdr = (f"{'kernel':<12} {'shape':<34} {'dtype':<8} {'A via':<6} {'modelled ms':>26} {'GOP/s':>22} "
+           f"{'%peak':>18} {'GiB/s':>22} {'estimate ms':>10}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if "error" in r:
             print(f"{r['kernel']:<12} {r['shape']:<34} {r['dtype']:<8} ERROR {r['error']}")
             continue
-        print(f"{r['kernel']:<12} {r['shape']:<34} {r['dtype']:<8} {_b(r, 'modeled_seconds', 1e3, '8.3f'):>26} "
+        print(f"{r['kernel']:<12} {r['shape']:<34} {r['dtype']:<8} {r['variant']:<6} {_b(r, 'modeled_seconds', 1e3, '8.3f'):>26} "
               f"{_b(r, 'gops'):>22} {_b(r, 'percent_of_peak', 1, '5.0f'):>18} {_b(r, 'gib_per_s', 1, '6.2f'):>22} "
               f"{r['estimate_seconds'] * 1e3:10.3f}")
     print()
