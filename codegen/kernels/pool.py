@@ -493,6 +493,26 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
     return plan_pool(g, spec.kind)
 
 
+def tap_lines(g: Pool2D, line: int, samples: int = 64) -> float:
+    """Average distinct cache lines one tap lookup of a 16-output vector touches: the lanes'
+    input addresses (consecutive flattened outputs, :func:`_lane_state`; taps in the padding read
+    a clamped address) for ``samples`` vectors spread over the output, every tap."""
+    es = ITEMSIZE[g.dtype]
+    V = -(-g.P // 16)
+    total = n = 0
+    for v in np.linspace(0, V - 1, min(V, samples)).astype(np.int64):
+        o = np.minimum(v * 16 + np.arange(16), g.P - 1)
+        _, ih0, iw0 = _lane_state(g, o)
+        nc = o // (g.P // (g.N * g.C))
+        for kh in range(g.kh):
+            ih = np.clip(ih0 + kh * g.dh, 0, g.H - 1)
+            for kw in range(g.kw):
+                iw = np.clip(iw0 + kw * g.dw, 0, g.W - 1)
+                total += len(np.unique(((nc * g.H + ih) * g.W + iw) * es // line))
+                n += 1
+    return total / max(1, n)
+
+
 def estimate(spec: registry.OpSpec, model=None) -> float:
     """Modelled seconds under ``model`` (default: the emulator's TimingModel). Window pooling
     streams its input once: DRAM traffic (input + output) plus one round trip. Global average
@@ -505,13 +525,7 @@ def estimate(spec: registry.OpSpec, model=None) -> float:
     es = ITEMSIZE[g.dtype]
     # one lookup per window tap of every 16-output vector, its lanes ``stride`` elements apart
     V = -(-g.P // 16)
-    span, line = (15 * g.sw + 1) * es, m.line_bytes
-    ow = Pool2D.out_size(g.W, g.kw, g.sw, g.pl, g.pr, g.dw, g.ceil_mode)
-    if (g.W * es) % line == 0 and ow % 16 == 0 and (16 * g.sw * es) % line == 0:
-        # vectors start at line-aligned columns: each tap column kw starts (kw dw - pl) es bytes in
-        per_tap = sum(((kw * g.dw - g.pl) * es % line + span - 1) // line + 1 for kw in range(g.kw)) / g.kw
-    else:
-        per_tap = lookup_lines(m, span)
+    per_tap = tap_lines(g, m.line_bytes)
     lines = V * g.kh * g.kw * per_tap + V * lookup_lines(m, 16 * es)
     return seconds(m, max(dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es), l2_port_cycles(m, lines))
                    + round_trip(m, True))

@@ -420,7 +420,8 @@ def estimate(spec, model=None) -> float:
     instructions of the program's row loop (chunk loops counted ``full`` times) plus one load
     round trip per ``WINDOW`` blocks of every pass over memory (the first pass misses the L2);
     bounded below by the DRAM traffic (input once, output once)."""
-    from .common import timing_model, build_program, round_trip, dram_cycles, seconds, burst_wait
+    from .common import (timing_model, build_program, round_trip, dram_cycles, seconds, burst_wait,
+                         l2_port_cycles)
     m = timing_model(model)
     s = spec_shape(spec)
     prog = build_program(softmax_row_kernel, s, name="softmax")
@@ -445,7 +446,12 @@ def estimate(spec, model=None) -> float:
     busiest = -(-s.rows // W) * (row * m.cycles_per_instruction + lat) + lab["rowloop"] * m.cycles_per_instruction
     # roofline of the worker time and the DRAM traffic, plus the first burst of all W workers
     start = 0.0 if full else burst_wait(m, W, burst) - round_trip(m, True)
-    return seconds(m, max(busiest, dram_cycles(m, 2 * s.rows * s.N * 4)) + start)
+    # shared L2 port: every pass loads each 64-byte block of the row, the output pass stores it;
+    # a block touches one line when its row starts line-aligned, else two
+    rows = np.arange(min(s.rows, m.line_bytes))
+    per_block = float(np.mean(np.where((rows * s.N * 4) % m.line_bytes == 0, 1.0, 2.0)))
+    l2 = l2_port_cycles(m, s.rows * s.nblocks * (passes + 1) * per_block)
+    return seconds(m, max(busiest, dram_cycles(m, 2 * s.rows * s.N * 4), l2) + start)
 
 
 def _loop_body_len(prog, start: int, stop: int) -> int:
