@@ -996,7 +996,9 @@ def _b_lines_per_row(s: GemmShape, line: int) -> float:
         return 16.0
     if s.b_table:                            # lanes read (mostly) consecutive pixels
         return min(16.0, 1.0 + 15 * es / line)
-    return min(16.0, (16 * es + (line - 16 * es if (s.N * es) % line else 0)) / line)
+    # row k starts (k N es) mod line bytes into a line; the 16 lanes span 16 es bytes
+    offs = [(k * s.N * es) % line for k in range(line)]
+    return float(np.mean([(o + 16 * es - 1) // line + 1 for o in offs]))
 
 
 def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmProfile | None = None) -> float:
@@ -1067,10 +1069,13 @@ def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
     prologue = total - body
     busiest = per_qpu * (prologue * cpi + min(kchunk, s.K) * it + m.tmu_latency + m.dram_latency)
     traffic = max(1, s.batch) * (s.M * s.K * es + t.MT * t.Kpad * t.R * 4)     # A in, panel out
-    # every k-row of every m-tile: one gather of R rows (``lines`` lines) and one panel store;
-    # each workgroup also gathers PACK_PF rows past its chunk (its prefetch)
-    rows = max(1, s.batch) * t.MT * s.K
-    l2 = l2_port_cycles(m, rows * (lines + lookup_lines(m, t.R * 4)) + nwg * PACK_PF * lines)
+    # every k-row of every m-tile: one gather of its valid rows (lanes past M read row m0: its
+    # line) and one panel store; each workgroup also gathers PACK_PF rows past its chunk
+    valid = [min(t.R, s.M - mt * t.R) for mt in range(t.MT)]
+    gather = sum(min(v, math.ceil(v * s.K * es / m.line_bytes)) for v in valid)
+    rows = max(1, s.batch) * s.K
+    l2 = l2_port_cycles(m, rows * (gather + t.MT * lookup_lines(m, t.R * 4))
+                        + nwg * PACK_PF * gather / t.MT)
     return max(busiest, dram_cycles(m, traffic), l2)
 
 
