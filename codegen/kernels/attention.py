@@ -1482,8 +1482,9 @@ def estimate(spec, model=None) -> float:
             rounds = max(-(-s.B * t.MT // qpus), -(-t.MT // t.W))
             out = s.B * s.S * s.Dv * 4
             # shared L2 port: per tile, one K-panel line per 16-key block and d, the V lookups
-            # (NG per key, VW words per lane), and the output stores
-            tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, 64 * s.VW) \
+            # (NG per key, VW elements of V per lane), and the output stores
+            v_span = 16 * s.VW * G.ITEMSIZE[s.v_dtype]
+            tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, v_span) \
                 + t.R * s.NG * lookup_lines(m, 64 * s.VW)
             cycles += max(rounds * tile_cycles, dram_cycles(m, plan.bytes_moved + out),
                           l2_port_cycles(m, s.B * t.MT * tile_lines))
