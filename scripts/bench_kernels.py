@@ -189,7 +189,9 @@ def main(argv=None) -> int:
         return by.get((k, sh, dt))
 
     def verdict(v, lo, target):
-        return f"{'met' if v >= target else 'NOT met'}{'' if lo >= target else ' (not over the whole band)'}"
+        if v < target:
+            return "NOT met"
+        return "met" if lo >= target else "met (not over the whole band)"
 
     big = f"{n}x{n}x{n}"
     for dt, target in (("float32", 40), ("int32", 50), ("int16", 50)):

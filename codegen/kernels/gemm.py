@@ -15,6 +15,15 @@ Lanes run along N. An output tile is ``R`` rows (R = min(16, M)) by 16 columns; 
   R + 1 instructions for 16 R multiply-adds (16/17 of the ALU peak at R = 16), plus a counter and
   a branch instruction per ``U`` k-steps.
 
+A second variant (``GemmShape.a_stream = "tmu"``) does not use the uniform stream: each k-step's
+A column (the R panel values) is one per-lane TMU lookup issued ``PF`` k-steps ahead with the B
+row, and ``shuffle(a, column, i)`` broadcasts row i; a row then costs two instructions (shuffle
+and accumulate on the add ALU, multiply on the mul ALU). The matmul / conv entries pick the
+variant with the lower estimate under the TimingModel (:func:`choose_variant`); ``attrs
+["a_stream"]`` forces one. Under the calibrated default model the unifa variant is faster; at the
+slow end of the uniform cache's unpinned range (no prefetch, slow refill) the tmu variant is, and
+its time barely moves over the model's band (scripts/bench_kernels.py).
+
 A is packed at run time by a small launch (:func:`pack_kernel`), except for M = 1 with 32-bit A
 (the row itself is the panel). B is read in place with ``PF`` rows of zero padding after its end
 for the prefetch. Integer inputs (int8 / uint8 / int16 / int32 within 24 bits) are loaded with the
