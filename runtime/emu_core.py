@@ -149,8 +149,8 @@ NGST = 4 + 16
 # timing parameter vector (``prm``); cycle_model.TimingModel.as_array() fills it
 (PR_CPI, PR_TMU_LAT, PR_DRAM_LAT, PR_MEM_BPC, PR_TMU_CPL, PR_REQ_DEPTH, PR_FIFO_WORDS,
  PR_LINE, PR_THREADS, PR_QUANTUM, PR_L2_SETS, PR_L2_WAYS, PR_STORE_LAT, PR_UNIF_PF, PR_L2_CPL,
- PR_QPS, PR_UNIF_CPL) = range(17)
-NPRM = 17
+ PR_QPS, PR_UNIF_CPL, PR_TMU_CPW) = range(18)
+NPRM = 18
 
 # statistics (``stats``, int64)
 (SX_INSTR, SX_TMU_LOADS, SX_TMU_STORES, SX_BYTES_LOADED, SX_BYTES_STORED, SX_STALL, SX_L2_HITS,
@@ -1637,17 +1637,19 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                                 if oldest > stall_to:
                                     stall_to = oldest           # the per-QPU request queue is full
                                 # the slice's TMU (shared by its QPUs) takes PR_TMU_CPL cycles per line
+                                # and PR_TMU_CPW per 32-bit word it returns
+                                active_lanes = 0
+                                for l in range(16):
+                                    active_lanes += lane_on[l]
                                 tmu_i = q // np.int64(prm[PR_QPS])
                                 tmu_start = max(stall_to, qtmu_free[tmu_i])
-                                qtmu_free[tmu_i] = tmu_start + max(1.0, nlines * prm[PR_TMU_CPL])
+                                qtmu_free[tmu_i] = tmu_start + max(1.0, nlines * prm[PR_TMU_CPL]
+                                                                   + active_lanes * ret_words * prm[PR_TMU_CPW])
                                 done = tmu_start + prm[PR_TMU_LAT]
                                 for kl in range(nlines):
                                     done = max(done, _l2_line(lines[kl], tmu_start + kl * prm[PR_TMU_CPL],
                                                               kind == 1, l2_tags, l2_lru, gst, prm,
                                                               stats, nsets, nways, line_bytes))
-                                active_lanes = 0
-                                for l in range(16):
-                                    active_lanes += lane_on[l]
                                 if kind == 0:
                                     stats[SX_TMU_LOADS] += 1
                                     stats[SX_BYTES_LOADED] += active_lanes * esize

@@ -439,3 +439,17 @@ def test_corners_and_band_bracket_the_model(dev):
     band = cycle_model.DEFAULT.band(copy_seconds)
     assert band.low <= band.value <= band.high and band.low < band.high
     assert str(band).count("[") == 1
+
+
+@pytest.mark.parametrize("name", sorted(cycle_model.ALTERNATIVES))
+def test_each_structural_alternative_reproduces_the_calibration_points(name):
+    """An alternative mechanism only widens the bands if it explains the published
+    measurements as well (+-20%, small sizes of the same steady state)."""
+    m = cycle_model.DEFAULT.with_(**cycle_model.ALTERNATIVES[name].params)
+    d = EmulatorDevice(memory_size=512 << 20, timing=m)
+    for nq, ref in ((1, COPY_1), (12, COPY_12)):
+        ok, st, gbps = K.run_copy(d, SMALL_COPY, nq)
+        assert ok and within(gbps, ref), f"{name}: copy {gbps:.2f} GB/s vs {ref} on {nq} QPU(s)"
+    err, st, gflops = K.run_sgemm_tile(d, 256, 256, 256)
+    assert err < 1e-3 and within(gflops, SGEMM_12), f"{name}: {gflops:.1f} GFLOP/s vs {SGEMM_12}"
+    assert m in cycle_model.DEFAULT.band_models()
