@@ -1446,7 +1446,7 @@ def estimate(spec, model=None) -> float:
       bounded below by the DRAM traffic.
     """
     from .common import (timing_model, loop_lengths, round_trip, dram_cycles, seconds,
-                         miss_fraction, l2_port_cycles, lookup_lines)
+                         miss_fraction, l2_port_cycles, lookup_lines, slice_tmu_cycles)
     m = timing_model(model)
     cpi = m.cycles_per_instruction
     s0 = spec_shape(spec)
@@ -1486,8 +1486,11 @@ def estimate(spec, model=None) -> float:
             v_span = 16 * s.VW * G.ITEMSIZE[s.v_dtype]
             tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, v_span) \
                 + t.R * s.NG * lookup_lines(m, 64 * s.VW)
+            # slice TMUs: K-panel lookups (16 words) and V lookups (16 VW words)
+            tmu = slice_tmu_cycles(m, s.B * t.MT * s.NB * t.Dpad, 1, 16, qpus) \
+                + slice_tmu_cycles(m, s.B * t.MT * s.T * s.NG, lookup_lines(m, v_span), 16 * s.VW, qpus)
             cycles += max(rounds * tile_cycles, dram_cycles(m, plan.bytes_moved + out),
-                          l2_port_cycles(m, s.B * t.MT * tile_lines))
+                          l2_port_cycles(m, s.B * t.MT * tile_lines), tmu)
         else:
             raise ValueError(f"attention estimate: unknown launch {L.name!r}")
     return seconds(m, cycles)

@@ -82,6 +82,15 @@ def l2_port_cycles(model, lines: float) -> float:
     return lines * model.l2_cycles_per_line
 
 
+def slice_tmu_cycles(model, lookups: float, lines: float, words: float, active: int) -> float:
+    """Cycles the busiest slice TMU is occupied by ``lookups`` lookups spread over ``active``
+    QPUs (``qpus_per_slice`` share a TMU): per lookup ``tmu_cycles_per_line`` per distinct line
+    and ``tmu_cycles_per_word`` per 32-bit word it returns (``words`` = lanes x words per lane)."""
+    qps = max(1, model.qpus_per_slice)
+    slices = max(1, -(-max(1, active) // qps))
+    return lookups / slices * (lines * model.tmu_cycles_per_line + words * model.tmu_cycles_per_word)
+
+
 def lookup_lines(model, span_bytes: float, aligned: bool = False) -> float:
     """Distinct lines a lookup whose lanes cover ``span_bytes`` contiguous bytes touches: a
     line-aligned start, or (expected) a random 4-byte offset within a line."""

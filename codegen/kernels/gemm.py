@@ -1043,7 +1043,9 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     a_lines = t.R * 4 / line                               # A values of a k-step, in lines
     tmu_lines = b_rows + (max(1.0, a_lines) if s.a_stream == "tmu" else 0.0)
     kstep_instr = pr.kloop / t.U
-    kstep = max(kstep_instr * cpi, tmu_lines * m.tmu_cycles_per_line * per_slice,
+    tmu_words = 16 * (2 if s.a_stream == "tmu" else 1)        # B row (+ A column) words
+    kstep = max(kstep_instr * cpi,
+                (tmu_lines * m.tmu_cycles_per_line + tmu_words * m.tmu_cycles_per_word) * per_slice,
                 (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
                 round_trip(m, max(b_miss, a_miss if s.a_stream == "tmu" else 0.0)) / t.PF)
     if s.a_stream == "unifa":                # one line of A values per line / (4 R) k-steps
@@ -1063,7 +1065,7 @@ def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
     """Modelled cycles of the A-panel pack launch: per workgroup its prologue and ``kchunk``
     iterations of the pack loop, each the slowest of (instructions, TMU occupancy of the row
     gather, the round trip over the PACK_PF loads in flight)."""
-    from .common import timing_model, dram_cycles, l2_port_cycles, lookup_lines
+    from .common import timing_model, dram_cycles, l2_port_cycles, lookup_lines, slice_tmu_cycles
     m = timing_model(model)
     cpi = m.cycles_per_instruction
     body, total = _pack_profile(s, t)
@@ -1085,7 +1087,8 @@ def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
     rows = max(1, s.batch) * s.K
     l2 = l2_port_cycles(m, rows * (gather + t.MT * lookup_lines(m, t.R * 4))
                         + nwg * PACK_PF * gather / t.MT)
-    return max(busiest, dram_cycles(m, traffic), l2)
+    tmu = slice_tmu_cycles(m, rows * t.MT, gather / t.MT, 16, min(nwg, m.num_qpus))
+    return max(busiest, dram_cycles(m, traffic), l2, tmu)
 
 
 @functools.lru_cache(maxsize=256)

@@ -517,7 +517,8 @@ def estimate(spec: registry.OpSpec, model=None) -> float:
     """Modelled seconds under ``model`` (default: the emulator's TimingModel). Window pooling
     streams its input once: DRAM traffic (input + output) plus one round trip. Global average
     pooling is the reduction of each plane (reduce.reduce_cycles: segment pass or lanes)."""
-    from .common import timing_model, dram_cycles, round_trip, seconds, l2_port_cycles, lookup_lines
+    from .common import (timing_model, dram_cycles, round_trip, seconds, l2_port_cycles, lookup_lines,
+                         slice_tmu_cycles)
     m = timing_model(model)
     g = spec_to_pool(spec)
     if spec.kind == "global_avg_pool2d" or is_global(g):
@@ -527,7 +528,8 @@ def estimate(spec: registry.OpSpec, model=None) -> float:
     V = -(-g.P // 16)
     per_tap = tap_lines(g, m.line_bytes)
     lines = V * g.kh * g.kw * per_tap + V * lookup_lines(m, 16 * es)
-    return seconds(m, max(dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es), l2_port_cycles(m, lines))
+    tmu = slice_tmu_cycles(m, V * g.kh * g.kw, per_tap, 16, min(V, m.num_qpus))
+    return seconds(m, max(dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es), l2_port_cycles(m, lines), tmu)
                    + round_trip(m, True))
 
 

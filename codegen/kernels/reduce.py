@@ -961,7 +961,7 @@ def arg_estimate(spec: registry.OpSpec, model=None) -> float:
     per iteration of the arg kernel's inner loop (its length read from the program), for all its
     vectors; bounded below by the DRAM traffic; plus one round trip."""
     from .common import (timing_model, loop_lengths, dram_cycles, round_trip, seconds,
-                         l2_port_cycles, lookup_lines)
+                         l2_port_cycles, lookup_lines, slice_tmu_cycles)
     m = timing_model(model)
     shape, dtype = _spec_parts(spec)
     plan = arg_generate(spec)
@@ -977,7 +977,8 @@ def arg_estimate(spec: registry.OpSpec, model=None) -> float:
     inner = int(np.prod(vshape[ax + 1:], dtype=np.int64))
     lines = lookup_lines(m, 16 * es) if inner >= 16 else min(16.0, max(1.0, 16 * R * inner * es / m.line_bytes))
     cycles = max(dram_cycles(m, n * es), instr * m.cycles_per_instruction,
-                 l2_port_cycles(m, V * (R * lines + 1)))
+                 l2_port_cycles(m, V * (R * lines + 1)),
+                 slice_tmu_cycles(m, V * R, lines, 16, L.workgroups[0]))
     return seconds(m, cycles + round_trip(m, True))
 
 
@@ -997,19 +998,22 @@ def stage_cycles(model, K0: int, R: int, K1: int, dtype: str, segments: bool) ->
     occupancy, plus one round trip. The lanes kernel makes one lookup per reduced element of
     each 16-output vector, touching the distinct lines of its 16 lanes (one line per lane when
     adjacent outputs are a row apart); segment stages stream contiguous vec4 lookups."""
-    from .common import dram_cycles, round_trip, l2_port_cycles, lookup_lines
+    from .common import dram_cycles, round_trip, l2_port_cycles, lookup_lines, slice_tmu_cycles
     es = ITEMSIZE[dtype]
     n = K0 * R * K1
     traffic = dram_cycles(model, (n + K0 * K1) * es)
     if segments:
         l2 = l2_port_cycles(model, n * es / model.line_bytes + K0)
-        return max(traffic, l2) + round_trip(model, True)
+        lookups = n * es / 256                          # 16 lanes x vec4 (or 16 typed elements)
+        tmu = slice_tmu_cycles(model, lookups, 4, 64 if es == 4 else 16, model.num_qpus)
+        return max(traffic, l2, tmu) + round_trip(model, True)
     V = -(-(K0 * K1) // 16)
     per_worker = -(-V // min(V, model.num_qpus))
     stride = es if K1 >= 16 else R * K1 * es          # bytes between adjacent lanes
     lines = min(16.0, lookup_lines(model, 16 * es)) if stride == es else \
         min(16.0, max(1.0, 16 * stride / model.line_bytes))
-    tmu = per_worker * R * lines * model.tmu_cycles_per_line
+    tmu = max(per_worker * R * lines * model.tmu_cycles_per_line,
+              slice_tmu_cycles(model, V * R, lines, 16, min(V, model.num_qpus)))
     l2 = l2_port_cycles(model, V * (R * lines + 1))
     return max(traffic, tmu, l2) + round_trip(model, True)
 

@@ -421,7 +421,7 @@ def estimate(spec, model=None) -> float:
     round trip per ``WINDOW`` blocks of every pass over memory (the first pass misses the L2);
     bounded below by the DRAM traffic (input once, output once)."""
     from .common import (timing_model, build_program, round_trip, dram_cycles, seconds, burst_wait,
-                         l2_port_cycles)
+                         l2_port_cycles, slice_tmu_cycles)
     m = timing_model(model)
     s = spec_shape(spec)
     prog = build_program(softmax_row_kernel, s, name="softmax")
@@ -451,7 +451,8 @@ def estimate(spec, model=None) -> float:
     rows = np.arange(min(s.rows, m.line_bytes))
     per_block = float(np.mean(np.where((rows * s.N * 4) % m.line_bytes == 0, 1.0, 2.0)))
     l2 = l2_port_cycles(m, s.rows * s.nblocks * (passes + 1) * per_block)
-    return seconds(m, max(busiest, dram_cycles(m, 2 * s.rows * s.N * 4), l2) + start)
+    tmu = slice_tmu_cycles(m, s.rows * s.nblocks * passes, per_block, 16, W)
+    return seconds(m, max(busiest, dram_cycles(m, 2 * s.rows * s.N * 4), l2, tmu) + start)
 
 
 def _loop_body_len(prog, start: int, stop: int) -> int:
