@@ -3,8 +3,9 @@
 
 Every figure is *modelled* (the emulator's cycle model, runtime/cycle_model.py), not measured on a
 Pi. Parameters that no published measurement pins have a plausible range
-(``cycle_model.RANGES``); each case is emulated under the default model and under the model's two
-corners (every ranged parameter at its fast / slow end), and printed as ``value [low, high]``:
+(``cycle_model.RANGES``); each case is emulated under the default model, under the model's two
+corners (every ranged parameter at its fast / slow end) and under each structural alternative
+(``cycle_model.ALTERNATIVES``), and printed as ``value [low, high]`` over all of them:
 modelled time, GOP/s (2 ops per multiply-add) or GiB/s for memory-bound kernels, % of the QPU
 peak, and the kernel's own estimate (what placement uses) beside the emulated time. GEMM / conv
 rows say which A-operand variant the estimate chose ("unifa" stream or "tmu"); the plan is the
@@ -14,7 +15,7 @@ about the unpinned parameters costs), and the forced-variant rows show the alter
 No column compares with published figures of *other* kernels (a different algorithm says
 nothing about ours); the same-algorithm calibration table is in docs/emulator.md.
 
-    python scripts/bench_kernels.py              # full table (1024^3 GEMMs: several minutes x 3 models)
+    python scripts/bench_kernels.py              # full table (1024^3 GEMMs: several minutes x 4 models)
     python scripts/bench_kernels.py --quick      # smaller sizes only
     python scripts/bench_kernels.py --no-band    # default model only (a third of the time)
     python scripts/bench_kernels.py --json       # JSON lines, with "band" entries [low, high]
@@ -40,11 +41,13 @@ GIB = float(1 << 30)
 
 
 def band_models(model=MODEL, band: bool = True) -> list:
-    """The TimingModels a figure is evaluated under: the model itself first, then (``band``) its
-    fast and slow corners over the unpinned parameters' ranges (cycle_model.RANGES)."""
+    """The TimingModels a figure is evaluated under: the model itself first, then (``band``) the
+    models ``TimingModel.band_models()`` names: its fast and slow corners over the unpinned
+    parameters' ranges (cycle_model.RANGES) and each structural alternative that reproduces the
+    same calibration points (cycle_model.ALTERNATIVES)."""
     if not band:
         return [model]
-    return [model, *model.corners()]
+    return [model, *model.band_models()]
 
 
 def _rand(shape, dtype, rng):
@@ -155,7 +158,8 @@ def main(argv=None) -> int:
     rows = []
     if args.json:
         print(json.dumps({"models": [m.describe() for m in models],
-                          "ranges": {k: [r.low, r.high] for k, r in cycle_model.RANGES.items()}}), flush=True)
+                          "ranges": {k: [r.low, r.high] for k, r in cycle_model.RANGES.items()},
+                          "alternatives": list(getattr(cycle_model, "ALTERNATIVES", {}))}), flush=True)
     for case in cases:
         try:
             rows.append(run_case(devs, case, rng))
@@ -168,8 +172,9 @@ def main(argv=None) -> int:
     print(f"modelled Pi 5 (emulator cycle model, not measured): {MODEL.clock_hz / 1e6:.0f} MHz, "
           f"{MODEL.num_qpus} QPUs, peak {PEAK:.1f} GOP/s, DRAM bound {bandwidth_bound_gib():.2f} GiB/s")
     if len(models) > 1:
-        print("each figure: default model [low, high] over the unpinned parameters' ranges: "
-              + ", ".join(f"{k} {r.low:g}..{r.high:g}" for k, r in cycle_model.RANGES.items()))
+        print("each figure: default model [low, high] over the unpinned parameters' ranges ("
+              + ", ".join(f"{k} {r.low:g}..{r.high:g}" for k, r in cycle_model.RANGES.items())
+              + ") and the structural alternatives (" + ", ".join(getattr(cycle_model, "ALTERNATIVES", {})) + ")")
     hdr = (f"{'kernel':<12} {'shape':<34} {'dtype':<8} {'A via':<6} {'modelled ms':>26} {'GOP/s':>22} "
            f"{'%peak':>18} {'GiB/s':>22} {'estimate ms':>10}")
     print(hdr)
