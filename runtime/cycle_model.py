@@ -45,8 +45,8 @@ and 12 QPUs, ``examples/sgemm.py`` 1024^3 on 12 QPUs), run on the emulator:
 * 1-QPU copy (latency-bound, a load pair in flight) pins ``dram_latency``;
 * 12-QPU SGEMM (20 lines per 135 instructions per QPU) and 12-QPU copy (1.5x the array's
   bytes, plus prefetches) are both bound by the shared L2 port: together they pin
-  ``l2_cycles_per_line`` (4: the copy within 1%, the SGEMM 11% fast in time; 4.5 would fit the
-  SGEMM alone and put the copy 11% slow);
+  ``l2_cycles_per_line`` (4, a 128-bit port: the copy within 1%, the SGEMM 11% fast in time;
+  4.5 would give 0.88 / 0.92 of the published rates at the small test sizes);
 * the copy's true DRAM traffic (unique reads + all writes = 2.5x the array bytes in 24.3 ms =
   10.4 GB/s = 10.8 B/cycle) is a *lower bound* on ``dram_bytes_per_cycle``, LPDDR4X-4267 x32
   peak (17.1 GB/s = 17.8 B/cycle) the upper bound.
