@@ -5,7 +5,9 @@ Each operator kind the QPU can run registers three functions:
 * ``supports(spec) -> (bool, reason)``: can a kernel take this exact shape / dtype / layout?
   (the frontend's pattern check functions call it; the reason is printed by ``tvmc partition``);
 * ``generate(spec, constants) -> KernelPlan``: machine code + launch plan, called at compile time;
-* ``estimate(spec) -> seconds``: modelled Pi 5 QPU time (cycle model), used for placement.
+* ``estimate(spec, model=None) -> seconds``: modelled Pi 5 QPU time of the generated plan under a
+  ``runtime.cycle_model.TimingModel`` (default: the emulator's DEFAULT), used for placement; it
+  reads clock, bandwidths and latencies from the model (kernels/common.py helpers).
 
 An :class:`OpSpec` describes one operator instance: ``inputs`` are (shape, dtype) of the runtime
 tensors in order; constant operands (weights, bias) are passed to ``generate`` in ``constants``
@@ -100,8 +102,10 @@ def generate(spec: OpSpec, constants: dict | None = None):
     return bind_constants(e.generate(spec, constants), constants)
 
 
-def estimate(spec: OpSpec) -> float:
+def estimate(spec: OpSpec, model=None) -> float:
+    """Modelled seconds of the kernel's plan for ``spec`` under ``model`` (a
+    runtime.cycle_model.TimingModel; default: the emulator's DEFAULT)."""
     e = entry(spec.kind)
     if e is None:
         raise KeyError(f"no QPU kernel for {spec.kind}")
-    return e.estimate(spec)
+    return e.estimate(spec) if model is None else e.estimate(spec, model)

@@ -10,7 +10,7 @@ from tvm_qpu.codegen.registry import OpSpec
 FP32_RTOL = 2e-5
 
 
-def _run(dev, s: ConvShape, seed=0):
+def _run(dev, s: ConvShape, seed=0, a_stream=None):
     rng = np.random.default_rng(seed)
     wshape = (s.OC, s.C // s.groups, s.KH, s.KW)
     if s.is_int:
@@ -22,7 +22,7 @@ def _run(dev, s: ConvShape, seed=0):
         x = rng.standard_normal((s.N, s.C, s.H, s.W)).astype(np.float32)
         w = rng.standard_normal(wshape).astype(np.float32)
         bias = rng.standard_normal(s.OC).astype(np.float32) if s.bias else None
-    out, _ = run_plan(plan_conv(s, w, bias), dev, data=x)
+    out, _ = run_plan(plan_conv(s, w, bias, a_stream), dev, data=x)
     ref = reference(s, x, w, bias)
     if s.is_int:
         np.testing.assert_array_equal(out, ref)
@@ -106,3 +106,20 @@ def test_matches_tvm_llvm(dev, s):
         np.testing.assert_array_equal(out, ref)
     else:
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+#: the cases the "tmu" A-stream variant takes (a 5x5 block of 25 k-steps needs more registers
+#: than the variant's register rings leave)
+TMU_CASES = [s for s in CASES if s.KH * s.KW != 25]
+
+
+@pytest.mark.parametrize("s", TMU_CASES, ids=lambda s: f"{s.N}x{s.C}x{s.H}x{s.W}-oc{s.OC}-k{s.KH}x{s.KW}-g{s.groups}-{s.dtype}")
+def test_conv_tmu_variant(dev, s):
+    """The weights (the GEMM's A panel) read through the TMU and broadcast with shuffle."""
+    _run(dev, s, a_stream="tmu")
+
+
+def test_conv_tmu_variant_refuses_too_large_blocks_clearly():
+    s = ConvShape(1, 2, 5, 5, 3, 5, 5)
+    with pytest.raises(ValueError, match="registers"):
+        plan_conv(s, np.zeros((3, 2, 5, 5), np.float32), None, "tmu")

@@ -206,7 +206,8 @@ def test_global_estimate_follows_the_plan():
     for shape in ((1, 32, 144, 144), (1, 256, 7, 7)):
         spec = OpSpec("global_avg_pool2d", [(shape, "int32")], ((1, shape[1], 1, 1), "int32"), {"layout": "NCHW"})
         t = PL.estimate(spec)
-        assert t >= (np.prod(shape) + shape[1]) * 4 / 8.6 / 960e6
+        from tvm_qpu.runtime.cycle_model import DEFAULT     # the estimate's DRAM bound
+        assert t >= (np.prod(shape) + shape[1]) * 4 / DEFAULT.dram_bytes_per_cycle / DEFAULT.clock_hz
         assert (len(PL.generate(spec).launches) == 2) == bool(RD.choose_segments(shape[1], shape[2] * shape[3], "int32"))
 
 

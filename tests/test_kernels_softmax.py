@@ -92,3 +92,13 @@ def test_matches_tvm_llvm(dev, rows, n, scale, mask_rows):
     y, _ = run(dev, x, scale, mask)
     ref = tvm_llvm("softmax", x, mask, scale=scale)
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("rows,n", [(3, 4000), (1, 9000)])
+def test_long_rows_with_many_chunks(dev, rows, n):
+    """Regression: rows of more than 15 full chunks failed to assemble (the chunk count was a
+    small immediate; supports() accepted the shape)."""
+    x = np.random.default_rng(n).standard_normal((rows, n)).astype(np.float32) * 4
+    e = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True))
+    y, _ = run(dev, x)
+    check(y, (e / e.sum(axis=1, keepdims=True)).astype(np.float32))

@@ -6,7 +6,8 @@ For one :class:`~tvm_qpu.codegen.registry.OpSpec` the model compares
   ``max(ops / rate, bytes / bandwidth) + per-op overhead``, with the rates in :data:`CPU_MODEL`;
 * **QPU time** (:func:`qpu_seconds`): ``registry.estimate(spec)`` (the kernel's cycle model)
   plus the fixed costs of leaving the CPU, in :data:`QPU_OVERHEAD`: the VM -> Python call, the
-  job submission per launch, and copying inputs / outputs through GPU-visible memory.
+  job submission per launch (counted in the generated KernelPlan: :func:`plan_launches`), and
+  copying inputs / outputs through GPU-visible memory.
 
 ``placement="cost"`` offloads when QPU time < CPU time; ``"all"`` offloads whatever a kernel
 supports; ``"none"`` offloads nothing (the llvm baseline with the same partitioning code path).
@@ -57,8 +58,8 @@ QPU_OVERHEAD = {
                            "per launch (Mesa v3d compute submissions are tens of microseconds)"),
     "copy_bw": (2e9, "B/s", "assumption: host <-> GPU buffer copies (write-combined CPU mapping) "
                             "~2 GB/s, below memcpy bandwidth"),
-    "launches_per_region": (1, "", "assumption for placement: one launch per region (the plan is "
-                                   "generated only for offloaded regions)"),
+    "launches_per_region": (1, "", "default launch count of qpu_overhead_seconds() when no plan is given; "
+                                   "placement itself counts the launches of the generated KernelPlan"),
 }
 
 
@@ -139,11 +140,24 @@ def qpu_overhead_seconds(spec, constants=(), launches=None) -> float:
             + _runtime_io_bytes(spec, constants) / _v(QPU_OVERHEAD, "copy_bw"))
 
 
-def qpu_seconds(spec, constants=(), registry=None) -> float:
-    """Predicted QPU time: the registry's cycle-model estimate plus :func:`qpu_overhead_seconds`."""
+def plan_launches(spec, constants=(), registry=None) -> int:
+    """Launches of the KernelPlan the kernel generates for ``spec`` (e.g. a pack or padding-copy
+    launch before the GEMM, the second pass of a reduction), read from the plan itself.
+    ``constants`` maps constant operand names to arrays (the kernel may need them, e.g. conv
+    weights); a plan that cannot be generated raises."""
     if registry is None:
         from tvm_qpu.codegen import registry
-    return float(registry.estimate(spec)) + qpu_overhead_seconds(spec, constants)
+    consts = dict(constants) if isinstance(constants, dict) else {}
+    return len(registry.generate(spec, consts).launches)
+
+
+def qpu_seconds(spec, constants=(), registry=None) -> float:
+    """Predicted QPU time: the registry's cycle-model estimate plus :func:`qpu_overhead_seconds`
+    for the launches the plan really makes (:func:`plan_launches`)."""
+    if registry is None:
+        from tvm_qpu.codegen import registry
+    est = float(registry.estimate(spec))
+    return est + qpu_overhead_seconds(spec, constants, plan_launches(spec, constants, registry))
 
 
 @dataclass
@@ -178,7 +192,8 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
         return Decision(True, f"placement=all (QPU {_us(qpu)} vs CPU {_us(cpu)})", cpu, qpu)
     if qpu < cpu:
         return Decision(True, f"cost: QPU {_us(qpu)} < CPU {_us(cpu)}", cpu, qpu)
-    return Decision(False, f"cost: CPU {_us(cpu)} <= QPU {_us(qpu)} (incl. {_us(qpu_overhead_seconds(spec, constants))} "
+    overhead = qpu_overhead_seconds(spec, constants, plan_launches(spec, constants, registry))
+    return Decision(False, f"cost: CPU {_us(cpu)} <= QPU {_us(qpu)} (incl. {_us(overhead)} "
                            f"launch/copy overhead)", cpu, qpu)
 
 

@@ -1432,21 +1432,68 @@ def generate(spec, constants=None) -> KernelPlan:
     return plan_attention(spec_shape(spec))
 
 
-def estimate(spec) -> float:
-    """Modelled seconds from the instruction schedule: per tile ~ D/2 (2 NB (R+1) + 2) (QK) +
-    T (R + NO (R+1)) (P V) + softmax, tiles spread over the workers, plus the pack launches."""
-    from ...runtime.cycle_model import DEFAULT as T_
-    s = kernel_shape(spec_shape(spec))
+def estimate(spec, model=None) -> float:
+    """Modelled seconds of the attention plan under ``model`` (default: the emulator's
+    TimingModel), launch by launch:
+
+    * K pack: the GEMM pack's cost (:func:`gemm.pack_launch_cycles`);
+    * Q / V packs: streaming copies, their DRAM traffic (read + float32 panel written) plus a round
+      trip;
+    * the fused kernel: the busiest worker's tiles; a tile's instructions come from the program
+      (the tile loop, plus the QK d-loop body for its remaining ``Dpad / 2 - 1`` trips; flash
+      tiles from the schedule's per-block counts), and each key's V lookups wait what their
+      ``LA``-lookup lead does not cover of a round trip (V lines miss once);
+      bounded below by the DRAM traffic.
+    """
+    from .common import (timing_model, loop_lengths, round_trip, dram_cycles, seconds,
+                         miss_fraction, l2_port_cycles, lookup_lines, slice_tmu_cycles)
+    m = timing_model(model)
+    cpi = m.cycles_per_instruction
+    s0 = spec_shape(spec)
+    s = kernel_shape(s0)
     t = choose_tiling(s)
-    if t.flash:                                  # per key block, plus the rescale
-        per_tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
-                           + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
-    else:
-        per_tile = (t.Dpad // 2) * (2 * s.NB * (t.R + 1) + 2) + s.T * s.pv_per_key(t.R) \
-            + t.R * (6 * s.NB + 40) + 2 * t.R * s.NOV
-    rounds = s.B * -(-t.MT // t.W) / max(1, min(s.B, s.num_qpus // t.W)) if t.W < s.num_qpus else \
-        s.B * -(-t.MT // t.W)
-    return rounds * per_tile * T_.cycles_per_instruction / T_.clock_hz * 1.3 + 60e-6
+    plan = plan_attention(s0)
+    if t is None:                                # fallback plan: GEMM, softmax, GEMM launches
+        raise ValueError("no estimate for the unfused attention fallback")
+    cycles = 0.0
+    es = G.ITEMSIZE[s.dtype]
+    for L in plan.launches:
+        if L.name == "attn_pack_k":
+            gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
+            tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)
+            cycles += G.pack_launch_cycles(gk, tk, m)
+        elif L.name == "attn_pack_q":
+            cycles += dram_cycles(m, s.B * s.S * s.D * (es + 4)) + round_trip(m, True)
+        elif L.name == "attn_pack_v":
+            cycles += dram_cycles(m, s.B * s.T * s.Dv * (G.ITEMSIZE[s0.v_dtype] + 4)) + round_trip(m, True)
+        elif L.name == "attention":
+            loops = loop_lengths(L.words)
+            if t.flash:
+                tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
+                                + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
+            else:
+                tile = loops[-1] + (t.Dpad // 2 - 1) * loops[0]
+            v_bytes = s.B * s.T * s.Dv * G.ITEMSIZE[s.v_dtype]
+            v_miss = miss_fraction(m, v_bytes, s.B * t.MT * s.T * s.NG * 16 * s.VW * 4 / m.line_bytes)
+            LA = min(8, 16 // s.VW, s.T * s.NG)
+            lead = LA / s.NG * s.pv_per_key(t.R) * cpi
+            tile_cycles = tile * cpi + s.T * max(0.0, round_trip(m, v_miss) - lead) + round_trip(m, True)
+            qpus = max(1, min(m.num_qpus, s.num_qpus))
+            rounds = max(-(-s.B * t.MT // qpus), -(-t.MT // t.W))
+            out = s.B * s.S * s.Dv * 4
+            # shared L2 port: per tile, one K-panel line per 16-key block and d, the V lookups
+            # (NG per key, VW elements of V per lane), and the output stores
+            v_span = 16 * s.VW * G.ITEMSIZE[s.v_dtype]
+            tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, v_span) \
+                + t.R * s.NG * lookup_lines(m, 64 * s.VW)
+            # slice TMUs: K-panel lookups (16 words) and V lookups (16 VW words)
+            tmu = slice_tmu_cycles(m, s.B * t.MT * s.NB * t.Dpad, 1, 16, qpus) \
+                + slice_tmu_cycles(m, s.B * t.MT * s.T * s.NG, lookup_lines(m, v_span), 16 * s.VW, qpus)
+            cycles += max(rounds * tile_cycles, dram_cycles(m, plan.bytes_moved + out),
+                          l2_port_cycles(m, s.B * t.MT * tile_lines), tmu)
+        else:
+            raise ValueError(f"attention estimate: unknown launch {L.name!r}")
+    return seconds(m, cycles)
 
 
 def bench_cases():

@@ -190,13 +190,14 @@ def pad_kernel(s: ConvShape):
 # ------------------------------------------------------------------------------------------------
 # Plans
 # ------------------------------------------------------------------------------------------------
-def gemm_shape_of(s: ConvShape, lay: ConvLayout) -> GemmShape:
+def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> GemmShape:
     es = ITEMSIZE[s.dtype]
     P = s.OH * s.OW
     taps = s.KH * s.KW
     block = block_taps(s, lay, es)
     common = dict(a_dtype=s.w_dtype, b_dtype=s.dtype, bias=s.bias, bias_axis="m",
-                  activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block)
+                  activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block,
+                  a_stream=a_stream)
     if s.depthwise:
         return GemmShape(1, P, taps, s.C, a_batch_stride_elems=taps,
                          b_batch_stride_elems=lay.Hp * lay.Wp, bias_batch_stride=1, **common)
@@ -219,14 +220,41 @@ def _weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.nda
     for mt in range(t.MT):
         rows = wm[:, mt * t.R: (mt + 1) * t.R, :]                     # [Z, r, K]
         panel[:, mt, :K, : rows.shape[1]] = np.swapaxes(rows, 1, 2)
-    return np.concatenate([panel.reshape(-1), np.zeros(t.R, dt)])
+    # look-ahead past the last tile: R words (unifa); PF k-steps of R words + 16 lanes (tmu)
+    ahead = t.R * (t.PF + 1) + 16 if g.a_stream == "tmu" else t.R
+    return np.concatenate([panel.reshape(-1), np.zeros(ahead, dt)])
 
 
-def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None) -> KernelPlan:
+def choose_variant(s: ConvShape, lay: ConvLayout, model=None) -> GemmShape:
+    """The GEMM shape of ``s`` with the A-stream variant of the lowest estimate under ``model``
+    (gemm.A_STREAMS: the weights through the unifa stream, or columns through the TMU)."""
+    from .gemm import A_STREAMS, gemm_launch_cycles
+    best = None
+    for v in A_STREAMS:
+        g = gemm_shape_of(s, lay, v)
+        try:
+            t = choose_tiling(g)
+            check_limits(g, t)
+            if t.R < min(4, g.M):                   # too few rows per tile: not a candidate
+                continue
+            cyc = gemm_launch_cycles(g, t, model)
+        except ValueError:                          # the variant does not take this shape
+            continue
+        if best is None or cyc < best[0]:
+            best = (cyc, g)
+    if best is None:
+        raise ValueError(f"no A-stream variant takes the convolution {s}")
+    return best[1]
+
+
+def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
+              a_stream: str | None = None) -> KernelPlan:
+    """Plan of the convolution; ``a_stream`` forces a GEMM A-stream variant (default: the one of
+    the lowest estimate, :func:`choose_variant`)."""
     if s.depthwise and not (s.groups == s.C == s.OC):
         raise ValueError("only groups == 1 or depthwise (groups == C == OC) convolutions")
     lay = conv_layout(s)
-    g = gemm_shape_of(s, lay)
+    g = choose_variant(s, lay) if a_stream is None else gemm_shape_of(s, lay, a_stream)
     t = choose_tiling(g)
     check_limits(g, t)
     es = ITEMSIZE[s.dtype]
@@ -264,7 +292,8 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None) 
             u = [("addr", e[1], e[2] + shift.get(e[1], 0)) if e[0] == "addr" else e for e in u]
         launches.append(Launch(gemm_words, u, (t.Wn, t.Wm, g.batch), 16, s.num_qpus, 1, "conv"))
     return KernelPlan("conv2d", bufs, launches, consts,
-                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__}, "tiling": t.__dict__,
+                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__}, "a_stream": g.a_stream,
+                             "tiling": t.__dict__,
                              "block": lay.__dict__},
                       flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,
                       bytes_moved=x_bytes + s.N * s.OC * P * 4 + np.asarray(weight).size * ITEMSIZE[s.w_dtype])
@@ -357,34 +386,45 @@ def generate(spec, constants: dict):
     dws = depthwise.try_shape(s)
     if dws is not None:
         return depthwise.plan_depthwise(dws, constants["weight"], constants.get("bias") if s.bias else None)
-    return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None)
+    return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None,
+                     spec.attrs.get("a_stream"))
 
 
-EST_PAD_PER_CHUNK = 16          # instructions per 16-element chunk of the padding copy
+def pad_launch_cycles(s: ConvShape, model=None) -> float:
+    """Modelled cycles of the padding-copy launch: workgroups (c, n), each H rows of 16-element
+    chunks; a chunk is the chunk loop's instructions plus one load round trip (the copy waits for
+    each load before its store)."""
+    from .common import timing_model, loop_lengths, round_trip
+    m = timing_model(model)
+    cpi = m.cycles_per_instruction
+    words = A.assemble(pad_kernel, s, name="conv_pad")
+    chunk, row = loop_lengths(words)[:2]
+    es = ITEMSIZE[s.dtype]
+    miss = min(1.0, 16 * es / m.line_bytes)
+    per_chunk = chunk * cpi + m.tmu_latency + miss * m.dram_latency
+    per_wg = (len(words) - row) * cpi + s.H * ((row - chunk) * cpi + math.ceil(s.W / 16) * per_chunk) \
+        + round_trip(m, True)
+    return math.ceil(s.C * s.N / max(1, min(m.num_qpus, s.num_qpus))) * per_wg
 
 
-def estimate(spec) -> float:
-    from ...runtime.cycle_model import DEFAULT as T
-    from . import gemm
-    from ..registry import OpSpec
+def estimate(spec, model=None) -> float:
+    """Modelled seconds of the conv2d plan under ``model``: the padding copy (when the plan has
+    one) and one GEMM launch (per image for depthwise), costed like the matmul's GEMM launch."""
+    from .common import timing_model, seconds
+    from .gemm import gemm_launch_cycles
+    m = timing_model(model)
     s = shape_from_spec(spec)
     dws = depthwise.try_shape(s)
     if dws is not None:
         return depthwise.estimate_shape(dws)
     lay = conv_layout(s)
-    g = gemm_shape_of(s, lay)
+    g = choose_variant(s, lay, m)
     t = choose_tiling(g)
     images = s.N if s.depthwise else 1
-    workers = min(T.num_qpus, t.Wm * t.Wn * g.batch)
-    rounds = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn) * math.ceil(t.Wm * t.Wn * g.batch / workers)
-    per_tile = (t.Kpad // t.U) * (t.U * (t.R + 1) + 2) + gemm.EST_TILE_OVERHEAD + 2 * t.R
-    cycles = images * (rounds * (per_tile * T.cycles_per_instruction + gemm.EST_TMU_STALL) + gemm.EST_LAUNCH)
+    cycles = images * gemm_launch_cycles(g, t, m)
     if lay.copy:
-        chunks = s.N * s.C * s.H * math.ceil(s.W / 16)
-        cycles += gemm.EST_LAUNCH + math.ceil(chunks / T.num_qpus) * EST_PAD_PER_CHUNK * T.cycles_per_instruction
-    es = ITEMSIZE[s.dtype]
-    traffic = s.N * s.C * s.H * s.W * es * (3 if lay.copy else 1) + s.N * s.OC * s.OH * s.OW * 4
-    return max(cycles, traffic / T.dram_bytes_per_cycle) / T.clock_hz
+        cycles += pad_launch_cycles(s, m)
+    return seconds(m, cycles)
 
 
 def _register():

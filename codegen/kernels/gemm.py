@@ -15,6 +15,15 @@ Lanes run along N. An output tile is ``R`` rows (R = min(16, M)) by 16 columns; 
   R + 1 instructions for 16 R multiply-adds (16/17 of the ALU peak at R = 16), plus a counter and
   a branch instruction per ``U`` k-steps.
 
+A second variant (``GemmShape.a_stream = "tmu"``) does not use the uniform stream: each k-step's
+A column (the R panel values) is one per-lane TMU lookup issued ``PF`` k-steps ahead with the B
+row, and ``shuffle(a, column, i)`` broadcasts row i; a row then costs two instructions (shuffle
+and accumulate on the add ALU, multiply on the mul ALU). The matmul / conv entries pick the
+variant with the lower estimate under the TimingModel (:func:`choose_variant`); ``attrs
+["a_stream"]`` forces one. Under the calibrated default model the unifa variant is faster; at the
+slow end of the uniform cache's unpinned range (no prefetch, slow refill) the tmu variant is, and
+its time barely moves over the model's band (scripts/bench_kernels.py).
+
 A is packed at run time by a small launch (:func:`pack_kernel`), except for M = 1 with 32-bit A
 (the row itself is the panel). B is read in place with ``PF`` rows of zero padding after its end
 for the prefetch. Integer inputs (int8 / uint8 / int16 / int32 within 24 bits) are loaded with the
@@ -29,6 +38,7 @@ Workers: a ``Wn x Wm`` grid of workgroups (x, y) per batch entry (z), one QPU th
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -90,6 +100,10 @@ class GemmShape:
     #: sits ``b_block[1][i]`` bytes past the block (None: row-major / transposed B)
     b_table: bool = False
     b_block: tuple | None = None
+    #: how the A values reach the lanes: "unifa" (the unifa stream, ``ldunifarf``) or "tmu"
+    #: (vector TMU lookups with every lane at the same address, popped with ``ldtmu``; see
+    #: :data:`A_STREAMS`)
+    a_stream: str = "unifa"
 
     @property
     def is_int(self) -> bool:
@@ -136,16 +150,40 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
     base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
-        + (1 if s.b_dtype in SMALL_INT else 0)
+        + (1 if s.b_dtype in SMALL_INT else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0)
     return base + extra + U + 5 + R
 
 
+#: A-operand variants. "unifa": the R values of a k-step arrive broadcast through the unifa
+#: stream from the packed panel (``ldunifarf``; its speed hinges on the uniform cache). "tmu":
+#: the k-step's A column (R values of the panel) is one per-lane TMU lookup (lane i holds
+#: A[m0 + i, k]; one FIFO word per k-step, so B and A run ``PF`` k-steps ahead), and
+#: ``shuffle(a, col, i)`` broadcasts row i within the QPU: a row costs two instructions (shuffle
+#: and accumulate on the add ALU, the multiply on the mul ALU) instead of one, and nothing waits
+#: on the uniform stream. :func:`choose_variant` picks the variant with the lower estimate.
+A_STREAMS = ("unifa", "tmu")
+
+
+def ring_size(U: int) -> int:
+    """B rows / A columns in the "tmu" variant's register rings: the smallest factor >= 2 of the
+    unroll U (k-step j of a block uses entry j mod P, so the pattern repeats every block)."""
+    if U < 2:
+        raise ValueError("the tmu A-stream variant needs an unroll of at least 2 k-steps (K has no such factor)")
+    return next(p for p in range(2, U + 1) if U % p == 0)
+
+
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
+    if s.a_stream not in A_STREAMS:
+        raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
     R = min(16, s.M)
+    if s.a_stream == "tmu":
+        PF = 4                                              # 2 FIFO words per k-step: 8 in flight
     if s.b_block is not None:
         U = len(s.b_block[1])
         if s.K % U:
             raise ValueError(f"K={s.K} is not a multiple of the block of {U} k-steps")
+        if s.a_stream == "tmu":
+            ring_size(U)
         PF = min(PF, U)
         while _registers_needed(s, R, U, PF) > 64 and R > 1:
             R -= 1
@@ -158,9 +196,12 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         # fp32 with transposed or batched B: rows past K are real data (inf * 0 = NaN), so K
         # itself must be a multiple of U.
         U = next(u for u in (8, 4, 2, 1) if s.K % u == 0)
+    if s.a_stream == "tmu":
+        ring_size(U)
+        PF = min(PF, U)                                     # the prologue addresses rows off[U - PF + r]
     while U > 4 and _registers_needed(s, R, U, PF) > 64:
         U //= 2
-    while _registers_needed(s, R, U, PF) > 64:
+    while _registers_needed(s, R, U, PF) > 64 and s.a_stream != "tmu":
         R -= 1
     Kpad = -(-s.K // U) * U
     MT, NT = -(-s.M // R), -(-s.N // 16)
@@ -194,6 +235,11 @@ class GemmRegs:
         self.t = p.take(2)
         self.ab = p.take(2)
         self.bv = p.take()
+        if s.a_stream == "tmu":                         # A through the TMU
+            P = ring_size(t.U)
+            self.ap, self.astep = p.take(2)
+            self.bvs = [self.bv] + p.take(P - 1)         # B rows by k-step mod P
+            self.avec = p.take(P)                       # A columns by k-step mod P
         self.acc = p.take(t.R)
 
 
@@ -243,6 +289,8 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     if s.bias and s.bias_axis == "m":
         u += [("addr", bias_name, 0), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
               ("u32", t.Wm * t.R * 4)]
+    if s.a_stream == "tmu":
+        u.append(("u32", 4 * t.R))                          # A column step per k-step
     return u
 
 
@@ -328,6 +376,8 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(tmp))       # tmp = R * 4
         umul24(tmp, tmp, g.mt)                              # mt == wm before the loops
         add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(g.nbias))   # nbias = Wm * R * 4 (m step)
+    if s.a_stream == "tmu":
+        nop(sig=ld(g.astep))
 
     # ---- tile loops ----------------------------------------------------------------------
     # loops run while rows / columns remain (mrem = M - mt*R, nn = N - nt*16)
@@ -387,8 +437,131 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     R, U, PF = t.R, t.U, t.PF
     mul, acc_add = _mul(s), _acc_add(s)
     small_b = s.b_dtype in SMALL_INT
+    tmu_a = s.a_stream == "tmu"
 
-    # ---- tile prologue: bias, A stream, B rows 0..PF-1 in flight ----------------------------
+    if tmu_a:
+        _tile_prologue_tmu(s, t, g)
+    else:
+        _tile_prologue_unifa(s, t, g)
+
+    # ---- K loop --------------------------------------------------------------------------
+    kloop = f"k{len(_current().items)}"
+    _current().label(kloop)
+    block = []                                              # emitters, one per instruction
+    # every k-step instruction carries a register-writing signal (no flags possible there), so
+    # the counter (and the B pointer advance) get one instruction of their own per block
+    block.append(lambda: sub(g.cnt, g.cnt, 1, cond="pushz").add(g.bp, g.bp, g.bks_u))
+    for j in range(U):
+        if tmu_a:
+            block += _kstep_tmu(s, t, g, j, mul, acc_add, small_b)
+        else:
+            block += [_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b) for si in range(R + 1)]
+    while len(block) < 4:
+        block.append(lambda: nop())
+    branch_at = len(block) - 3
+    for idx, emit in enumerate(block):
+        if idx == branch_at:
+            b(getattr(R_, kloop), cond="anyna")
+        emit()
+    if tmu_a:                                               # the last row's product
+        acc_add(g.acc[R - 1], g.acc[R - 1], g.t[(R - 1) % 2])
+    # drain what was fetched past the end: PF - 1 B rows (unifa), PF - 1 B rows and A columns (tmu)
+    for _ in range((2 if tmu_a else 1) * (PF - 1)):
+        nop(sig=S["ldtmu"](g.tq))
+    if small_b:
+        mov(tmuc, -1)                                       # stores: default 32-bit config bytes
+    _tile_epilogue(s, t, g)
+
+
+def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """Tile start of the "tmu" variant: the n-axis bias, then k-steps 0..PF-1 in flight (B row,
+    then the A column: lane i reads A[m0 + i, k] from the panel); pops the bias, B row 0 and A
+    column 0, and zeroes the product the first k-step's first instruction adds."""
+    R, PF = t.R, t.PF
+    small_b = s.b_dtype in SMALL_INT
+    bias_m = s.bias and s.bias_axis == "m"
+    prog = _current()
+    if bias_m:                                              # per-row bias: R values via unifa
+        unifa_pc = len(prog.items)
+        mov(unifa, g.bias_ptr)
+    if s.b_table:                                           # lane bases of this column tile
+        mov(tmua, g.nb)
+        nop(sig=S["ldtmu"](g.tq))
+        add(g.bp, g.bzb, g.tq)
+    else:
+        mov(g.bp, g.nb)
+    shl(g.tq, g.lane, 2)
+    add(g.ap, g.a_ptr, g.tq)                                # lane i: row m0 + i of the panel
+    if s.bias and not bias_m:
+        mov(tmua, g.nbias)
+    for r in range(PF):
+        if small_b:
+            mov(tmuc, g.cfg1)
+        add(tmua, g.bp, g.off[t.U - PF + r])                # row r = off[U - PF + r] past bp
+        mov(tmua, g.ap).add(g.ap, g.ap, g.astep)
+    if bias_m:
+        while len(prog.items) - unifa_pc < 4:
+            nop()
+        for i in range(R):
+            nop(sig=S["ldunifarf"](g.acc[i]))
+    if s.bias and not bias_m:
+        nop(sig=S["ldtmu"](g.tq))
+    for i in range(0, R, 2) if not bias_m else ():          # acc = bias row, or 0 (x - x)
+        pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
+        if s.bias:
+            ins = mov(pair[0], g.tq)
+            if len(pair) > 1:
+                ins.mov(pair[1], g.tq)
+        else:
+            ins = sub(pair[0], pair[0], pair[0])
+            if len(pair) > 1:
+                ins.sub(pair[1], pair[1], pair[1])
+    last = g.t[(R - 1) % 2]
+    sub(last, last, last, sig=S["ldtmu"](g.bv))             # B row 0; no product before k = 0
+    mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))        # A column 0
+
+
+def _kstep_tmu(s, t, g, j, mul, acc_add, small_b):
+    """Emitters of k-step j in the "tmu" variant. Row i takes two instructions: ``shuffle``
+    broadcasts lane i of the A column (add ALU; its mul slot takes this k-step's lookups), then
+    the multiply with the B row (mul ALU) beside the accumulation of row i - 1 (add ALU; row
+    R - 1 of the previous k-step for i = 0), carrying the pops of the next B row and A column
+    (in FIFO order: B, then A) on the last two rows. B rows and A columns rotate through rings
+    of :func:`ring_size` registers by k-step."""
+    R = t.R
+    P = len(g.avec)
+    bvj, bvn = g.bvs[j % P], g.bvs[(j + 1) % P]
+    col, coln = g.avec[j % P], g.avec[(j + 1) % P]
+    fetch = ([lambda i: i.mov(tmuc, g.cfg1)] if small_b else []) + [
+        lambda i: i.add(tmua, g.bp, g.off[j]),              # B row k + PF
+        lambda i: i.mov(tmua, g.ap),                        # A column k + PF
+        lambda i: i.add(g.ap, g.ap, g.astep)]
+    pops = {R - 2: bvn, R - 1: coln} if R >= 2 else {}
+    out = []
+    for i in range(R):
+        def shuf(i=i, op=(fetch[i] if i < len(fetch) else None)):
+            ins = A.DSL["shuffle"](g.ab[i % 2], col, i)
+            if op is not None:
+                op(ins)
+
+        def mac(i=i):
+            prev = g.acc[i - 1] if i else g.acc[R - 1]
+            sig = S["ldtmu"](pops[i]) if i in pops else None
+            ins = acc_add(prev, prev, g.t[(i - 1) % 2] if i else g.t[(R - 1) % 2], sig=sig)
+            getattr(ins, mul)(g.t[i % 2], bvj, g.ab[i % 2])
+        out += [shuf, mac]
+    for op in fetch[R:]:                                    # few rows: the rest of the lookups
+        out.append(lambda op=op: op(nop()))
+    if R == 1:
+        out.append(lambda: nop(sig=S["ldtmu"](bvn)))
+        out.append(lambda: nop(sig=S["ldtmu"](coln)))
+    return out
+
+
+def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """Tile start of the "unifa" variant: bias, the A stream, B rows 0..PF-1 in flight."""
+    R, PF = t.R, t.PF
+    small_b = s.b_dtype in SMALL_INT
     bias_m = s.bias and s.bias_axis == "m"
     prog = _current()
     unifa_pc = len(prog.items)
@@ -446,29 +619,10 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0]
     mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))             # B row 0
 
-    # ---- K loop --------------------------------------------------------------------------
-    kloop = f"k{len(_current().items)}"
-    _current().label(kloop)
-    block = []                                              # emitters, one per instruction
-    # every k-step instruction carries a register-writing signal (no flags possible there), so
-    # the counter (and the B pointer advance) get one instruction of their own per block
-    block.append(lambda: sub(g.cnt, g.cnt, 1, cond="pushz").add(g.bp, g.bp, g.bks_u))
-    for j in range(U):
-        for si in range(R + 1):
-            block.append(_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b))
-    while len(block) < 4:
-        block.append(lambda: nop())
-    branch_at = len(block) - 3
-    for idx, emit in enumerate(block):
-        if idx == branch_at:
-            b(getattr(R_, kloop), cond="anyna")
-        emit()
-    for _ in range(PF - 1):                                 # drain rows fetched past the end
-        nop(sig=S["ldtmu"](g.tq))
-    if small_b:
-        mov(tmuc, -1)                                       # stores: default 32-bit config bytes
 
-    # ---- epilogue: activation, stores (lanes < columns left; rows < rows left) ------------
+def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """Activation, stores (lanes < columns left; rows < rows left)."""
+    R = t.R
     _activation(s, g, R)
     if R <= 15:
         sub(null, g.mrem, R, cond="pushn")                  # A = tile is partial in M
@@ -701,12 +855,11 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     gemm_a = a_name
     if pack:
         p_name = a_name + "_panel"
-        bufs.append(BufferSpec(p_name, "scratch", (s.batch * t.MT * t.Kpad * t.R + t.R,), "float32"))
+        # + the look-ahead past the last tile: R words (unifa), PF k-steps of R words (tmu)
+        ahead = t.R * (t.PF + 1) + 16 if s.a_stream == "tmu" else t.R
+        bufs.append(BufferSpec(p_name, "scratch", (s.batch * t.MT * t.Kpad * t.R + ahead,), "float32"))
         gemm_a = p_name
-        groups = s.batch * t.MT
-        kchunk = max(PACK_PF, -(-s.K * groups // 48))
-        kchunk = max(kchunk, -(-s.K // 0xFFFF))
-        kc = -(-s.K // kchunk)
+        kchunk, kc = pack_chunks(s, t)
         launches.append(Launch(_assemble(pack_kernel, s, t, name="gemm_pack"),
                                pack_uniforms(s, t, kchunk, a_name, p_name),
                                (kc, t.MT, s.batch), 16, s.num_qpus, 1, "gemm_pack"))
@@ -716,7 +869,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     return KernelPlan("gemm", bufs, launches, out_consts,
                       attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
-                             "activation": s.activation, "tiling": t.__dict__},
+                             "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__},
                       flops=2 * s.batch * s.M * s.N * s.K,
                       bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * 4))
 
@@ -752,8 +905,10 @@ def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None) -> np.ndar
 FLOAT_DTYPES = ("float32",)
 
 
-def shape_from_spec(spec) -> GemmShape:
-    """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side)."""
+def shape_from_spec(spec, model=None) -> GemmShape:
+    """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side). The
+    A-stream variant is ``attrs["a_stream"]`` when given, else the one of the lowest estimate
+    under ``model`` (default: the emulator's TimingModel; :func:`choose_variant`)."""
     (ash, adt), (bsh, bdt) = spec.inputs[0], spec.inputs[1]
     tb = bool(spec.attrs.get("transpose_b", False))
     if len(ash) < 2 or len(bsh) < 2:
@@ -769,10 +924,15 @@ def shape_from_spec(spec) -> GemmShape:
     if ab == bb and len(ash) > 2 and len(bsh) > 2 and tuple(ash[:-2]) != tuple(bsh[:-2]):
         raise ValueError("batch dimensions must match exactly")
     batch = max(ab, bb)
-    return GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
-                     spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
-                     a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
-                     b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None)
+    s = GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
+                  spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
+                  a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
+                  b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None)
+    if "a_stream" in spec.attrs:
+        return replace(s, a_stream=str(spec.attrs["a_stream"]))
+    if s.a_dtype not in INT_DTYPES + FLOAT_DTYPES or s.b_dtype not in INT_DTYPES + FLOAT_DTYPES:
+        return s                                            # supports() refuses it with a reason
+    return choose_variant(s, model)
 
 
 def supports(spec) -> tuple:
@@ -814,29 +974,174 @@ def generate(spec, constants: dict):
     return plan
 
 
-# Estimate: cycles of the busiest worker from the kernel's instruction schedule, bounded below by
-# DRAM traffic at the model's bandwidth; constants from emulator runs (256^3 .. 512^3 fp32).
-EST_TILE_OVERHEAD = 110         # instructions per tile outside the K loop (prologue, epilogue)
-EST_TMU_STALL = 350             # cycles of exposed TMU latency per tile (first rows, drain)
-EST_LAUNCH = 2000               # cycles of launch / tail per launch
-EST_PACK_PER_K = 7              # instructions per packed k-row (pack kernel loop)
+# ------------------------------------------------------------------------------------------------
+# Estimate (modelled seconds under a TimingModel; see kernels/common.py)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmProfile:
+    """Instruction counts of the generated GEMM program (from its labels and loops)."""
+    prologue: int       # worker prologue (uniforms, pointers), once per workgroup
+    tile: int           # one full tile outside the K loop (prologue, drain, stores, loop control)
+    kloop: int          # one K-loop block (U k-steps)
 
 
-def estimate(spec) -> float:
-    from ...runtime.cycle_model import DEFAULT as T
-    s = shape_from_spec(spec)
-    t = choose_tiling(s)
-    workers = min(T.num_qpus, t.Wm * t.Wn * s.batch)
-    rounds = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn) * math.ceil(t.Wm * t.Wn * s.batch / workers)
-    per_tile = (t.Kpad // t.U) * (t.U * (t.R + 1) + 2) + EST_TILE_OVERHEAD + 2 * t.R
-    cycles = rounds * (per_tile * T.cycles_per_instruction + EST_TMU_STALL) + EST_LAUNCH
-    if needs_pack(s, t):
-        groups = s.batch * t.MT
-        cycles += EST_LAUNCH + math.ceil(groups * s.K / T.num_qpus) * EST_PACK_PER_K * T.cycles_per_instruction
+@functools.lru_cache(maxsize=256)
+def gemm_profile(s: GemmShape, t: GemmTiling, kernel=None) -> GemmProfile:
+    """Count the instructions of the program ``kernel`` (default :func:`gemm_kernel`) emits
+    (cached: estimates call it for every variant and placement decision)."""
+    from .common import build_program, loop_lengths
+    prog = build_program(kernel or gemm_kernel, s, t, name="gemm")
+    lab = prog.labels
+    kloop = loop_lengths(prog.words())[0]
+    part = next(v for k, v in lab.items() if k[0] == "p" and k[1:].isdigit())
+    end = next(v for k, v in lab.items() if k[0] == "e" and k[1:].isdigit())
+    # full-tile path: nloop .. the stores' closing branch (+3 delay slots), then the n-loop footer
+    tile = (part - lab["nloop"]) - kloop + (lab["mnext"] - end)
+    return GemmProfile(lab["mloop"], tile, kloop)
+
+
+def _b_lines_per_row(s: GemmShape, line: int) -> float:
+    """Distinct cache lines one 16-lane B lookup (one k-step) touches, on average."""
+    es = ITEMSIZE[s.b_dtype]
+    if s.transpose_b:
+        return 16.0
+    if s.b_table:                            # lanes read (mostly) consecutive pixels
+        return min(16.0, 1.0 + 15 * es / line)
+    # row k starts (k N es) mod line bytes into a line; the 16 lanes span 16 es bytes
+    offs = [(k * s.N * es) % line for k in range(line)]
+    return float(np.mean([(o + 16 * es - 1) // line + 1 for o in offs]))
+
+
+def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmProfile | None = None) -> float:
+    """Modelled cycles of one GEMM launch: the busiest QPU's workgroups, each a prologue and its
+    tiles. A tile is its straight-line code, plus the K loop at the slowest of (its instructions,
+    the slice TMU's occupancy by the k-step's lookups, the shared L2 port, the slice's uniform
+    cache for the unifa stream, the round trip over the ``PF`` k-steps in flight) plus the unifa
+    stream's stall ("unifa" variant), plus the tile start: one round trip behind the first rows
+    of every active worker in the DRAM queue. L2 misses: each distinct line of A and B misses
+    once while it fits the L2 (else once per pass over it). The launch is bounded below by its
+    DRAM traffic."""
+    from .common import timing_model, round_trip, dram_cycles, stream_stall_per_line, miss_fraction
+    m = timing_model(model)
+    pr = profile or gemm_profile(s, t)
+    cpi, line = m.cycles_per_instruction, m.line_bytes
+    Z = max(1, s.batch)
+    qpus = max(1, min(m.num_qpus, s.num_qpus))
+    nwg = t.Wn * t.Wm * Z
+    per_qpu = math.ceil(nwg / qpus)
+    tiles = math.ceil(t.MT / t.Wm) * math.ceil(t.NT / t.Wn)
+    es_b = ITEMSIZE[s.b_dtype]
+    # distinct B data (a batch entry's B, or the input planes of a convolution) and A panel
+    b_one = (s.b_bstride if s.b_bstride and (s.batch > 1 or s.b_table) else s.K * s.N) * es_b
+    b_bytes = b_one * (Z if s.b_bstride else 1)
+    a_bytes = Z * t.MT * t.Kpad * t.R * 4 if s.a_bstride else t.MT * t.Kpad * t.R * 4
+    b_passes = 1 if b_one <= m.l2_bytes else math.ceil(t.MT / t.Wm)
+    a_passes = 1 if a_bytes <= m.l2_bytes else math.ceil(t.NT / t.Wn)
+    b_rows = _b_lines_per_row(s, line)
+    b_miss = miss_fraction(m, b_bytes * b_passes, Z * t.MT * t.NT * t.Kpad * b_rows)
+    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * t.R * 4 / line)
+    active = min(qpus, nwg)
+    per_slice = min(max(1, m.qpus_per_slice), active)     # QPUs sharing a TMU / uniform cache
+    a_lines = t.R * 4 / line                               # A values of a k-step, in lines
+    tmu_lines = b_rows + (max(1.0, a_lines) if s.a_stream == "tmu" else 0.0)
+    kstep_instr = pr.kloop / t.U
+    tmu_words = 16 * (2 if s.a_stream == "tmu" else 1)        # B row (+ A column) words
+    kstep = max(kstep_instr * cpi,
+                (tmu_lines * m.tmu_cycles_per_line + tmu_words * m.tmu_cycles_per_word) * per_slice,
+                (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
+                round_trip(m, max(b_miss, a_miss if s.a_stream == "tmu" else 0.0)) / t.PF)
+    if s.a_stream == "unifa":                # one line of A values per line / (4 R) k-steps
+        per_line = line / 4.0 / t.R
+        kstep = max(kstep, m.uniform_cycles_per_line * per_slice / per_line)
+        kstep += stream_stall_per_line(m, per_line * kstep, a_miss) / per_line
+    start = round_trip(m, True) + dram_cycles(m, active * t.PF * b_rows * line * b_miss)
+    tile = pr.tile * cpi + t.Kpad * kstep + start
+    # workgroups queue for the QPUs: the busiest QPU runs ceil(nwg / qpus) prologues and about
+    # an even share of all tiles, at least one workgroup's tiles
+    busiest = per_qpu * pr.prologue * cpi + max(math.ceil(Z * t.MT * t.NT / qpus), tiles) * tile
+    traffic = a_bytes * a_passes + b_bytes * b_passes + Z * s.M * s.N * 4
+    return max(busiest, dram_cycles(m, traffic))
+
+
+def pack_launch_cycles(s: GemmShape, t: GemmTiling, model=None) -> float:
+    """Modelled cycles of the A-panel pack launch: per workgroup its prologue and ``kchunk``
+    iterations of the pack loop, each the slowest of (instructions, TMU occupancy of the row
+    gather, the round trip over the PACK_PF loads in flight)."""
+    from .common import timing_model, dram_cycles, l2_port_cycles, lookup_lines, slice_tmu_cycles
+    m = timing_model(model)
+    cpi = m.cycles_per_instruction
+    body, total = _pack_profile(s, t)
+    kchunk, kc = pack_chunks(s, t)
+    nwg = kc * t.MT * max(1, s.batch)
+    per_qpu = math.ceil(nwg / max(1, min(m.num_qpus, s.num_qpus)))
     es = ITEMSIZE[s.a_dtype]
-    traffic = s.batch * (s.M * s.K * es + s.K * s.N * ITEMSIZE[s.b_dtype] + s.M * s.N * 4)
-    cycles = max(cycles, traffic / T.dram_bytes_per_cycle)
-    return cycles / T.clock_hz
+    lines = min(t.R, math.ceil(t.R * s.K * es / m.line_bytes))
+    miss = es / m.line_bytes                 # a lane's line changes every line_bytes / es k-rows
+    it = max(body * cpi, lines * m.tmu_cycles_per_line,
+             (m.tmu_latency + miss * m.dram_latency) / PACK_PF)
+    prologue = total - body
+    busiest = per_qpu * (prologue * cpi + min(kchunk, s.K) * it + m.tmu_latency + m.dram_latency)
+    traffic = max(1, s.batch) * (s.M * s.K * es + t.MT * t.Kpad * t.R * 4)     # A in, panel out
+    # every k-row of every m-tile: one gather of its valid rows (lanes past M read row m0: its
+    # line) and one panel store; each workgroup also gathers PACK_PF rows past its chunk
+    valid = [min(t.R, s.M - mt * t.R) for mt in range(t.MT)]
+    gather = sum(min(v, math.ceil(v * s.K * es / m.line_bytes)) for v in valid)
+    rows = max(1, s.batch) * s.K
+    l2 = l2_port_cycles(m, rows * (gather + t.MT * lookup_lines(m, t.R * 4))
+                        + nwg * PACK_PF * gather / t.MT)
+    tmu = slice_tmu_cycles(m, rows * t.MT, gather / t.MT, 16, min(nwg, m.num_qpus))
+    return max(busiest, dram_cycles(m, traffic), l2, tmu)
+
+
+@functools.lru_cache(maxsize=256)
+def _pack_profile(s: GemmShape, t: GemmTiling):
+    """(pack loop length, program length) of the pack kernel for ``s``, ``t``."""
+    from .common import loop_lengths
+    words = _assemble(pack_kernel, s, t, name="gemm_pack")
+    return loop_lengths(words)[0], len(words)
+
+
+def pack_chunks(s: GemmShape, t: GemmTiling):
+    """(k-rows per pack workgroup, number of k-chunks) of the pack launch."""
+    groups = s.batch * t.MT
+    kchunk = max(PACK_PF, -(-s.K * groups // 48))
+    kchunk = max(kchunk, -(-s.K // 0xFFFF))
+    return kchunk, -(-s.K // kchunk)
+
+
+def plan_cycles(s: GemmShape, model=None) -> float:
+    """Modelled cycles of :func:`plan_gemm`'s launches for ``s`` (its a_stream variant)."""
+    t = choose_tiling(s)
+    cycles = gemm_launch_cycles(s, t, model)
+    if needs_pack(s, t):
+        cycles += pack_launch_cycles(s, t, model)
+    return cycles
+
+
+def choose_variant(s: GemmShape, model=None) -> GemmShape:
+    """``s`` with the A-stream variant (:data:`A_STREAMS`) of the lowest estimate under
+    ``model``, among those the shape admits."""
+    best = None
+    for v in A_STREAMS:
+        cand = replace(s, a_stream=v)
+        try:
+            cyc = plan_cycles(cand, model)
+        except ValueError:                                  # the variant does not take this shape
+            continue
+        if best is None or cyc < best[0]:
+            best = (cyc, cand)
+    if best is None:
+        raise ValueError(f"no A-stream variant takes {s}")
+    return best[1]
+
+
+def estimate(spec, model=None) -> float:
+    """Modelled seconds of the matmul plan under ``model`` (default: the emulator's TimingModel):
+    the pack launch (when the plan has one) and the GEMM launch, for the variant
+    :func:`shape_from_spec` chooses under the same model."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    return seconds(m, plan_cycles(shape_from_spec(spec, m), m))
 
 
 def _register():

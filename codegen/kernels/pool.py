@@ -497,30 +497,44 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
     return plan_pool(g, spec.kind)
 
 
-#: calibration of estimate(): modelled efficiency vs the DRAM bound (emulator runs of
-#: bench_cases: 2x2/2 and 3x3/2 pooling reach 0.99-1.0 of the bound; global average pooling of
-#: few long planes runs the reduce segment pass + a small second launch: 0.98 for 1x32x144x144;
-#: planes the segment pass does not take (many short planes) use the lanes kernel: 0.42 when it
-#: gets few workers)
-POOL_EFFICIENCY = 0.99
-GLOBAL_SEG_EFFICIENCY = 0.97
-GLOBAL_EFFICIENCY = 0.42
-
-
-def estimate(spec: registry.OpSpec) -> float:
-    """(input + output bytes) / (8.6 B/cycle x efficiency) at 960 MHz + a launch cost per launch."""
-    g = spec_to_pool(spec)
+def tap_lines(g: Pool2D, line: int, samples: int = 64) -> float:
+    """Average distinct cache lines one tap lookup of a 16-output vector touches: the lanes'
+    input addresses (consecutive flattened outputs, :func:`_lane_state`; taps in the padding read
+    a clamped address) for ``samples`` vectors spread over the output, every tap."""
     es = ITEMSIZE[g.dtype]
-    nbytes = (g.N * g.C * g.H * g.W + g.P) * es
-    launches = 1
+    V = -(-g.P // 16)
+    total = n = 0
+    for v in np.linspace(0, V - 1, min(V, samples)).astype(np.int64):
+        o = np.minimum(v * 16 + np.arange(16), g.P - 1)
+        _, ih0, iw0 = _lane_state(g, o)
+        nc = o // (g.P // (g.N * g.C))
+        for kh in range(g.kh):
+            ih = np.clip(ih0 + kh * g.dh, 0, g.H - 1)
+            for kw in range(g.kw):
+                iw = np.clip(iw0 + kw * g.dw, 0, g.W - 1)
+                total += len(np.unique(((nc * g.H + ih) * g.W + iw) * es // line))
+                n += 1
+    return total / max(1, n)
+
+
+def estimate(spec: registry.OpSpec, model=None) -> float:
+    """Modelled seconds under ``model`` (default: the emulator's TimingModel). Window pooling
+    streams its input once: DRAM traffic (input + output) plus one round trip. Global average
+    pooling is the reduction of each plane (reduce.reduce_cycles: segment pass or lanes)."""
+    from .common import (timing_model, dram_cycles, round_trip, seconds, l2_port_cycles, lookup_lines,
+                         slice_tmu_cycles)
+    m = timing_model(model)
+    g = spec_to_pool(spec)
     if spec.kind == "global_avg_pool2d" or is_global(g):
-        if RD.choose_segments(g.N * g.C, g.H * g.W, g.dtype):
-            eff, launches = GLOBAL_SEG_EFFICIENCY, 2
-        else:
-            eff = GLOBAL_EFFICIENCY
-    else:
-        eff = POOL_EFFICIENCY
-    return nbytes / (RD.DRAM_BYTES_PER_CYCLE * eff) / RD.CLOCK_HZ + RD.ESTIMATE_LAUNCH_S * launches
+        return seconds(m, RD.reduce_cycles(m, (g.N * g.C, g.H * g.W), (1,), g.dtype))
+    es = ITEMSIZE[g.dtype]
+    # one lookup per window tap of every 16-output vector, its lanes ``stride`` elements apart
+    V = -(-g.P // 16)
+    per_tap = tap_lines(g, m.line_bytes)
+    lines = V * g.kh * g.kw * per_tap + V * lookup_lines(m, 16 * es)
+    tmu = slice_tmu_cycles(m, V * g.kh * g.kw, per_tap, 16, min(V, m.num_qpus))
+    return seconds(m, max(dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es), l2_port_cycles(m, lines), tmu)
+                   + round_trip(m, True))
 
 
 def bench_cases():

@@ -53,8 +53,8 @@ first index of the extreme; float NaN: the index of the first NaN; -0.0 == +0.0 
 ``select_last_index`` is refused. A single lanes pass (lanes over outputs), so it is fast when
 there are many outputs; few long rows are instruction-bound on few workers (no segment pass).
 
-Performance model (:func:`estimate`): DRAM traffic / (8.6 B/cycle x efficiency) + a fixed
-launch cost; see ``ESTIMATE_*`` below for the calibration.
+Performance model (:func:`estimate`): per stage, the larger of its DRAM traffic and the busiest
+worker's TMU occupancy, plus a round trip, all from the TimingModel (runtime/cycle_model.py).
 """
 from __future__ import annotations
 
@@ -878,14 +878,6 @@ def reference(op: str, x: np.ndarray, axis=None, keepdims=False, divisor: int = 
 # ------------------------------------------------------------------------------------------------
 # Registry entries
 # ------------------------------------------------------------------------------------------------
-#: estimate calibration (emulator, modelled Pi 5): achieved fraction of the DRAM bound for large
-#: streaming reductions, and the fixed cost per launch (start-up, table load, drain), seconds
-ESTIMATE_EFFICIENCY = 0.98
-ESTIMATE_LAUNCH_S = 4e-6
-CLOCK_HZ = 960e6
-DRAM_BYTES_PER_CYCLE = 8.6
-
-
 def _spec_parts(spec: registry.OpSpec):
     (shape, dtype), = spec.inputs[:1]
     return tuple(shape), dtype
@@ -987,22 +979,30 @@ def arg_generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
     return plan
 
 
-#: argmax / argmin calibration: instructions per element per 16 outputs in the loop (int, float)
-ARG_INSTR = {"int": 11, "float32": 16}
-
-
-def arg_estimate(spec: registry.OpSpec) -> float:
-    """max(DRAM time, instruction time of the busiest worker) + a launch: the arg kernel folds one
-    element of 16 outputs per loop iteration (ARG_INSTR instructions of 4 cycles)."""
+def arg_estimate(spec: registry.OpSpec, model=None) -> float:
+    """Modelled seconds under ``model``: the busiest worker folds one element of its 16 outputs
+    per iteration of the arg kernel's inner loop (its length read from the program), for all its
+    vectors; bounded below by the DRAM traffic; plus one round trip."""
+    from .common import (timing_model, loop_lengths, dram_cycles, round_trip, seconds,
+                         l2_port_cycles, lookup_lines, slice_tmu_cycles)
+    m = timing_model(model)
     shape, dtype = _spec_parts(spec)
+    plan = arg_generate(spec)
+    L = plan.launches[0]
     vshape, ax, _ = _arg_view(spec)
     n = int(np.prod(vshape, dtype=np.int64))
     R = vshape[ax]
     V = -(-(n // R) // 16)
-    per_worker = -(-V // NUM_QPUS)
-    instr = ARG_INSTR["float32" if dtype == "float32" else "int"]
-    cycles = max(n * ITEMSIZE[dtype] / (DRAM_BYTES_PER_CYCLE * ESTIMATE_EFFICIENCY), per_worker * R * instr * 4.0)
-    return cycles / CLOCK_HZ + ESTIMATE_LAUNCH_S
+    per_worker = -(-V // L.workgroups[0])
+    instr = per_worker * R * loop_lengths(L.words)[0]
+    # lanes over outputs: adjacent outputs are a reduced row apart unless the axis is outer
+    es = ITEMSIZE[dtype]
+    inner = int(np.prod(vshape[ax + 1:], dtype=np.int64))
+    lines = lookup_lines(m, 16 * es) if inner >= 16 else min(16.0, max(1.0, 16 * R * inner * es / m.line_bytes))
+    cycles = max(dram_cycles(m, n * es), instr * m.cycles_per_instruction,
+                 l2_port_cycles(m, V * (R * lines + 1)),
+                 slice_tmu_cycles(m, V * R, lines, 16, L.workgroups[0]))
+    return seconds(m, cycles + round_trip(m, True))
 
 
 def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
@@ -1015,22 +1015,55 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
                        bool(spec.attrs.get("keepdims", False)), name=spec.kind)
 
 
-def plan_seconds(plan: KernelPlan) -> float:
-    """Modelled seconds for a plan moving ``plan.bytes_moved`` bytes in its launches."""
-    cycles = plan.bytes_moved / (DRAM_BYTES_PER_CYCLE * ESTIMATE_EFFICIENCY)
-    return cycles / CLOCK_HZ + ESTIMATE_LAUNCH_S * len(plan.launches)
+def stage_cycles(model, K0: int, R: int, K1: int, dtype: str, segments: bool) -> float:
+    """Modelled cycles of one reduction stage over the view [K0, R, K1]: the largest of its DRAM
+    traffic, the shared L2 port (every line each lookup touches) and the busiest worker's TMU
+    occupancy, plus one round trip. The lanes kernel makes one lookup per reduced element of
+    each 16-output vector, touching the distinct lines of its 16 lanes (one line per lane when
+    adjacent outputs are a row apart); segment stages stream contiguous vec4 lookups."""
+    from .common import dram_cycles, round_trip, l2_port_cycles, lookup_lines, slice_tmu_cycles
+    es = ITEMSIZE[dtype]
+    n = K0 * R * K1
+    traffic = dram_cycles(model, (n + K0 * K1) * es)
+    if segments:
+        l2 = l2_port_cycles(model, n * es / model.line_bytes + K0)
+        lookups = n * es / 256                          # 16 lanes x vec4 (or 16 typed elements)
+        tmu = slice_tmu_cycles(model, lookups, 4, 64 if es == 4 else 16, model.num_qpus)
+        return max(traffic, l2, tmu) + round_trip(model, True)
+    V = -(-(K0 * K1) // 16)
+    per_worker = -(-V // min(V, model.num_qpus))
+    stride = es if K1 >= 16 else R * K1 * es          # bytes between adjacent lanes
+    lines = min(16.0, lookup_lines(model, 16 * es)) if stride == es else \
+        min(16.0, max(1.0, 16 * stride / model.line_bytes))
+    tmu = max(per_worker * R * lines * model.tmu_cycles_per_line,
+              slice_tmu_cycles(model, V * R, lines, 16, min(V, model.num_qpus)))
+    l2 = l2_port_cycles(model, V * (R * lines + 1))
+    return max(traffic, tmu, l2) + round_trip(model, True)
 
 
-def estimate(spec: registry.OpSpec) -> float:
-    """DRAM-bound estimate: (input + output bytes) / (8.6 B/cycle x ESTIMATE_EFFICIENCY) at
-    960 MHz, plus ESTIMATE_LAUNCH_S per launch (see module docstring and the report figures)."""
+def reduce_cycles(model, shape, axes, dtype: str) -> float:
+    """Modelled cycles of all stages of a reduction (a segment pass adds a second lanes stage
+    over the [K, S] partials)."""
+    total = 0.0
+    for K0, R, K1 in stage_views(shape, axes):
+        S = choose_segments(K0, R, dtype) if K1 == 1 else 0
+        if S:
+            total += stage_cycles(model, K0 * S, R // S, 1, dtype, True)
+            total += stage_cycles(model, K0, S, 1, acc_dtype(dtype), False)
+        else:
+            total += stage_cycles(model, K0, R, K1, dtype, False)
+        dtype = acc_dtype(dtype) if S else dtype
+    return total
+
+
+def estimate(spec: registry.OpSpec, model=None) -> float:
+    """Modelled seconds under ``model`` (default: the emulator's TimingModel): the sum of the
+    plan's stages (:func:`reduce_cycles`)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
     shape, dtype = _spec_parts(spec)
     axes = norm_axes(spec.attrs.get("axis"), len(shape))
-    n = int(np.prod(shape, dtype=np.int64))
-    outs = int(np.prod([s for i, s in enumerate(shape) if i not in axes], dtype=np.int64))
-    nl = sum(2 if (K1 == 1 and choose_segments(K0, R, dtype)) else 1 for K0, R, K1 in stage_views(shape, axes))
-    cycles = (n + outs) * ITEMSIZE[dtype] / (DRAM_BYTES_PER_CYCLE * ESTIMATE_EFFICIENCY)
-    return cycles / CLOCK_HZ + ESTIMATE_LAUNCH_S * max(1, nl)
+    return seconds(m, reduce_cycles(m, shape, axes, dtype))
 
 
 def bench_cases():

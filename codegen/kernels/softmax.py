@@ -43,6 +43,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
+from .common import mov_const
 from .gemm import _Pool
 
 S = A.SIGNALS
@@ -253,7 +254,7 @@ def softmax_row_kernel(s: SoftmaxShape):
             umul24(g.mp, g.mrow, g.rs)
             add(g.mp, g.mp, g.maskp)
         if full:
-            mov(g.cnt, full)
+            mov_const(g.cnt, full)                          # > 15 chunks: not a small immediate
             lbl = f"ch{len(A.Program._stack[-1].items)}"
             A.Program._stack[-1].label(lbl)
             body_chunk()
@@ -414,17 +415,54 @@ def generate(spec, constants=None) -> KernelPlan:
     return plan_softmax(s, shape=spec.inputs[0][0])
 
 
-def estimate(spec) -> float:
-    """Modelled seconds: per element ~4 ALU instructions / 16 lanes, 3 passes for long rows,
-    plus per-row reductions; memory at ~4 GB/s."""
-    from ...runtime.cycle_model import DEFAULT as T
+def estimate(spec, model=None) -> float:
+    """Modelled seconds under ``model``: each worker's rows (ceil(rows / W)), a row being the
+    instructions of the program's row loop (chunk loops counted ``full`` times) plus one load
+    round trip per ``WINDOW`` blocks of every pass over memory (the first pass misses the L2);
+    bounded below by the DRAM traffic (input once, output once)."""
+    from .common import (timing_model, build_program, round_trip, dram_cycles, seconds, burst_wait,
+                         l2_port_cycles, slice_tmu_cycles)
+    m = timing_model(model)
     s = spec_shape(spec)
+    prog = build_program(softmax_row_kernel, s, name="softmax")
+    lab = prog.labels
+    row = lab["done"] - lab["rowloop"]
     full, _ = _row_segments(s)
-    per_row = s.nblocks * (6 if full else 4) + 40
-    rounds = -(-s.rows // workers(s))
-    compute = rounds * per_row * T.cycles_per_instruction / T.clock_hz
-    memory = 8 * s.rows * s.N / 4.0e9
-    return max(compute, memory) + 20e-6
+    chunks = sorted(v for k, v in lab.items() if k.startswith("ch"))
+    ends = chunks[1:] + [lab["done"]]
+    # a chunk loop's body runs `full` times; its code appears once in the row
+    for c0, c1 in zip(chunks, ends):
+        body = _loop_body_len(prog, c0, c1)
+        row += (full - 1) * body
+    passes = 3 if full else 1
+    waits = -(-s.nblocks // WINDOW)
+    W = workers(s)
+    burst = min(s.nblocks, WINDOW) * 16 * 4
+    # streamed rows wait for each chunk in turn, every worker in the same phase: each first-pass
+    # wait queues behind the other workers' chunks; a resident row waits once (workers drift
+    # apart, the DRAM bound below covers the sharing)
+    first = burst_wait(m, W, burst) if full else round_trip(m, True)
+    lat = waits * (first + (passes - 1) * round_trip(m, False))
+    busiest = -(-s.rows // W) * (row * m.cycles_per_instruction + lat) + lab["rowloop"] * m.cycles_per_instruction
+    # roofline of the worker time and the DRAM traffic, plus the first burst of all W workers
+    start = 0.0 if full else burst_wait(m, W, burst) - round_trip(m, True)
+    # shared L2 port: every pass loads each 64-byte block of the row, the output pass stores it;
+    # a block touches one line when its row starts line-aligned, else two
+    rows = np.arange(min(s.rows, m.line_bytes))
+    per_block = float(np.mean(np.where((rows * s.N * 4) % m.line_bytes == 0, 1.0, 2.0)))
+    l2 = l2_port_cycles(m, s.rows * s.nblocks * (passes + 1) * per_block)
+    tmu = slice_tmu_cycles(m, s.rows * s.nblocks * passes, per_block, 16, W)
+    return seconds(m, max(busiest, dram_cycles(m, 2 * s.rows * s.N * 4), l2, tmu) + start)
+
+
+def _loop_body_len(prog, start: int, stop: int) -> int:
+    """Length of the loop starting at ``start``: up to its backward branch's last delay slot."""
+    for i in range(start, stop):
+        ins = prog.items[i]
+        if ins.kind == "branch" and getattr(ins.target, "name", None) in prog.labels \
+                and prog.labels[ins.target.name] == start:
+            return i + 4 - start
+    raise ValueError("no loop branch found")
 
 
 def bench_cases():

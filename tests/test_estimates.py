@@ -1,0 +1,210 @@
+"""Kernel estimates against the emulator.
+
+Every kernel kind's ``estimate(spec, model)`` (what placement uses) must stay within +-25% of the
+time the emulator models for the plan the kernel generates (the sum of its launches' modelled
+seconds), over a sweep of shapes: a few small ones per kind here, a bigger sweep marked slow.
+Both sides use the same TimingModel (runtime/cycle_model.py DEFAULT); the estimate is a formula
+over the generated program's instruction counts and the model's parameters, the emulated time
+comes from simulating every instruction, so the comparison can fail.
+
+The other tests check that estimates read the model they are given (clock, DRAM bandwidth,
+uniform-stream prefetch) instead of private constants.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from tvm_qpu.codegen import registry
+from tvm_qpu.codegen.plan import run_plan
+from tvm_qpu.codegen.registry import OpSpec
+from tvm_qpu.runtime.cycle_model import DEFAULT
+
+TOLERANCE = 0.25
+
+
+# ---- spec builders ---------------------------------------------------------------------------
+def matmul(M, N, K, dt="float32", batch=None, transpose_b=False):
+    out = "float32" if dt == "float32" else "int32"
+    pre = (batch,) if batch else ()
+    b = pre + ((N, K) if transpose_b else (K, N))
+    return OpSpec("matmul", [(pre + (M, K), dt), (b, dt)], (pre + (M, N), out),
+                  {"transpose_b": transpose_b}), {}
+
+
+def conv2d(N, C, H, W, OC, k, pad, dt="float32", groups=1, stride=1):
+    out = "float32" if dt == "float32" else "int32"
+    oh, ow = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+    w = (OC, C // groups, k, k)
+    return OpSpec("conv2d", [((N, C, H, W), dt), (w, dt)], ((N, OC, oh, ow), out),
+                  {"padding": (pad,) * 4, "strides": (stride, stride), "groups": groups}), {"weight": w}
+
+
+def pool(kind, shape, k, s, pad, dt="float32"):
+    oh, ow = (shape[2] + 2 * pad - k) // s + 1, (shape[3] + 2 * pad - k) // s + 1
+    attrs = {"pool_size": (k, k), "strides": (s, s), "padding": (pad,) * 4, "dilation": (1, 1),
+             "ceil_mode": False, "count_include_pad": False, "layout": "NCHW"}
+    return OpSpec(kind, [(shape, dt)], ((shape[0], shape[1], oh, ow), dt), attrs), {}
+
+
+def global_avg(shape, dt="float32"):
+    return OpSpec("global_avg_pool2d", [(shape, dt)], ((shape[0], shape[1], 1, 1), dt), {"layout": "NCHW"}), {}
+
+
+def reduction(kind, shape, axis, dt="float32"):
+    axes = tuple(range(len(shape))) if axis is None else tuple(a % len(shape) for a in axis)
+    out = tuple(d for i, d in enumerate(shape) if i not in axes)
+    return OpSpec(kind, [(shape, dt)], (out, "int64" if kind.startswith("arg") else dt),
+                  {"axis": axis, "keepdims": False}), {}
+
+
+def softmax(rows, n):
+    return OpSpec("softmax", [((rows, n), "float32")], ((rows, n), "float32"), {"axis": -1}), {}
+
+
+def attention(B, S, T, D, dt="float32", causal=False):
+    return OpSpec("attention", [((B, S, D), dt), ((B, T, D), dt), ((B, T, D), dt)], ((B, S, D), "float32"),
+                  {"scale": 0.1 if dt == "float32" else 1e-3, "causal": causal, "mask": False}), {}
+
+
+def tmu_variant(spec_consts):
+    """The same op with the GEMM's A operand forced through the TMU (gemm.A_STREAMS "tmu")."""
+    spec, consts = spec_consts
+    spec.attrs["a_stream"] = "tmu"
+    return spec, consts
+
+
+#: (kind, spec, constant shapes): a few small shapes per kernel kind (fast)
+SWEEP = [
+    ("gemm", *matmul(64, 64, 64)), ("gemm", *matmul(33, 70, 45)), ("gemm", *matmul(1, 256, 256)),
+    ("gemm", *matmul(128, 128, 128, "int8")), ("gemm", *matmul(16, 32, 64, batch=8)),
+    ("conv", *conv2d(1, 8, 16, 16, 16, 3, 1)), ("conv", *conv2d(1, 32, 18, 18, 32, 3, 0, "int8")),
+    ("conv", *conv2d(1, 16, 14, 14, 16, 3, 1, groups=16)),
+    ("pool", *pool("max_pool2d", (1, 16, 32, 32), 2, 2, 0)), ("pool", *global_avg((1, 32, 16, 16))),
+    ("reduce", *reduction("reduce_max", (65536,), None)), ("reduce", *reduction("reduce_max", (32, 17, 40), (0,))),
+    ("reduce", *reduction("argmax", (100, 300), (1,))),
+    ("softmax", *softmax(64, 128)), ("softmax", *softmax(512, 64)),
+    ("attention", *attention(2, 32, 128, 32)),
+    ("gemm", *tmu_variant(matmul(64, 64, 64))), ("conv", *tmu_variant(conv2d(1, 8, 16, 16, 16, 3, 1))),
+]
+
+#: a bigger sweep (slow: run with --runslow)
+SWEEP_SLOW = [
+    ("gemm", *matmul(128, 128, 128)), ("gemm", *matmul(256, 256, 256)), ("gemm", *matmul(96, 64, 200, "int16")),
+    ("gemm", *matmul(100, 130, 64, transpose_b=True)),
+    ("conv", *conv2d(1, 3, 32, 32, 16, 5, 2, stride=2)), ("conv", *conv2d(1, 16, 12, 12, 32, 1, 0)),
+    ("conv", *conv2d(1, 32, 34, 34, 64, 3, 1)),
+    ("pool", *pool("avg_pool2d", (1, 8, 33, 33), 3, 2, 1)), ("pool", *pool("max_pool2d", (1, 32, 64, 64), 3, 2, 1, "int32")),
+    ("pool", *global_avg((2, 64, 7, 7))),
+    ("reduce", *reduction("reduce_min", (64, 1000), (1,), "int32")), ("reduce", *reduction("argmin", (256, 64), (0,), "int32")),
+    ("softmax", *softmax(16, 1000)),
+    ("attention", *attention(1, 64, 64, 64)), ("attention", *attention(1, 128, 128, 64, "int8")),
+    pytest.param("attention", *attention(4, 16, 16, 16, causal=True), marks=pytest.mark.xfail(
+        strict=True, reason="known gap: a tiny attention is dominated by its Q / K pack launches, "
+                            "chains of round trips the estimate does not model (ratio 0.70)")),
+    ("softmax", *softmax(3, 4000)),
+    ("gemm", *tmu_variant(matmul(256, 256, 256))), ("gemm", *tmu_variant(matmul(33, 70, 45, "int8"))),
+    ("gemm", *tmu_variant(matmul(16, 32, 64, batch=8))),
+    ("conv", *tmu_variant(conv2d(1, 32, 18, 18, 32, 3, 0, "int8"))),
+]
+
+
+def _random(shape, dtype, rng):
+    if np.dtype(dtype).kind in "iu":
+        return rng.integers(-50, 50, shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def emulated_seconds(dev, spec, const_shapes, seed=0) -> float:
+    """Modelled seconds of the plan ``registry.generate`` makes for ``spec``, run on ``dev``."""
+    rng = np.random.default_rng(seed)
+    consts = {k: _random(v, spec.inputs[1][1], rng) for k, v in const_shapes.items()}
+    plan = registry.generate(spec, consts)
+    inputs = {b.name: _random(b.shape, b.dtype, rng) for b in plan.buffers if b.role == "input"}
+    _, stats = run_plan(plan, dev, **inputs)
+    return sum(s.seconds for s in stats)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from tvm_qpu.runtime.device import open_device
+    d = open_device("emulator")
+    yield d
+    d.close()
+
+
+def _check(emu, spec, const_shapes):
+    got = emulated_seconds(emu, spec, const_shapes)
+    est = registry.estimate(spec)
+    assert abs(est / got - 1) <= TOLERANCE, \
+        f"{spec.describe()}: estimate {est * 1e6:.1f} us vs emulated {got * 1e6:.1f} us (ratio {est / got:.2f})"
+
+
+@pytest.mark.parametrize("kind,spec,consts", SWEEP, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
+def test_estimate_within_tolerance(emu, kind, spec, consts):
+    _check(emu, spec, consts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,spec,consts", SWEEP_SLOW, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
+def test_estimate_within_tolerance_big_sweep(emu, kind, spec, consts):
+    _check(emu, spec, consts)
+
+
+def test_every_kernel_kind_is_swept():
+    assert {k for k, _, _ in SWEEP} == {"gemm", "conv", "pool", "reduce", "softmax", "attention"}
+
+
+# ---- estimates read the model they are given --------------------------------------------------
+ONE_PER_KIND = [SWEEP[0], SWEEP[5], SWEEP[8], SWEEP[10], SWEEP[13], SWEEP[15]]
+
+
+@pytest.mark.parametrize("kind,spec,consts", ONE_PER_KIND, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
+def test_estimate_follows_clock(kind, spec, consts):
+    e = registry.entry(spec.kind).estimate
+    assert e(spec, DEFAULT.with_(clock_hz=2 * DEFAULT.clock_hz)) == pytest.approx(e(spec, DEFAULT) / 2, rel=1e-9)
+    assert registry.estimate(spec) == pytest.approx(e(spec, DEFAULT), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind,spec,consts", ONE_PER_KIND, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
+def test_estimate_follows_memory_model(kind, spec, consts):
+    """Slower DRAM and longer latencies never make a kernel faster, and make every kind slower."""
+    e = registry.entry(spec.kind).estimate
+    slow = DEFAULT.with_(dram_bytes_per_cycle=DEFAULT.dram_bytes_per_cycle / 4,
+                         dram_latency=4 * DEFAULT.dram_latency, tmu_latency=4 * DEFAULT.tmu_latency)
+    assert e(spec, slow) > e(spec, DEFAULT)
+
+
+def test_gemm_estimate_reads_the_uniform_stream_prefetch():
+    spec, _ = matmul(256, 256, 256)
+    e = registry.entry("matmul").estimate
+    assert e(spec, DEFAULT.with_(uniform_prefetch_lines=0)) > e(spec, DEFAULT.with_(uniform_prefetch_lines=2))
+
+
+def test_no_private_timing_constants_in_kernels():
+    """The kernel modules hold no copy of the clock or the DRAM bandwidth."""
+    from tvm_qpu.codegen.kernels import attention as a, conv, gemm, pool, reduce as r, softmax as s
+    for mod in (a, conv, gemm, pool, r, s):
+        src = inspect.getsource(mod)
+        for literal in ("960e6", "8.6", "4.0e9", "ESTIMATE_LAUNCH", "EST_"):
+            assert literal not in src, f"{mod.__name__} keeps a private timing constant {literal!r}"
+
+
+# ---- placement counts the launches a plan really makes ---------------------------------------
+@pytest.mark.parametrize("spec,consts,launches", [
+    (*matmul(1, 64, 64), 1),                               # M = 1 fp32: A is its own panel
+    (*matmul(32, 64, 64), 2),                              # pack launch + GEMM
+    (*conv2d(1, 4, 8, 8, 8, 3, 1), 2),                     # padding copy + GEMM
+    (*conv2d(1, 4, 8, 8, 8, 3, 0), 1),                     # no padding: GEMM only
+    (*reduction("reduce_max", (65536,), None), 2),         # segment pass + combine pass
+], ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
+def test_placement_counts_plan_launches(spec, consts, launches):
+    from tvm_qpu import placement as PL
+    rng = np.random.default_rng(0)
+    arrays = {k: _random(v, spec.inputs[1][1], rng) for k, v in consts.items()}
+    assert PL.plan_launches(spec, arrays) == launches
+    per_launch = PL._v(PL.QPU_OVERHEAD, "launch")
+    want = registry.estimate(spec) + PL.qpu_overhead_seconds(spec, arrays, 1) + (launches - 1) * per_launch
+    assert PL.qpu_seconds(spec, arrays) == pytest.approx(want, rel=1e-12)
