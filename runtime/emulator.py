@@ -80,6 +80,7 @@ _FAULT_TEXT = {
     C.FLT_TMU_OP: "unsupported TMU config byte {a:#04x} for this access",
     C.FLT_UNIF_ADDR: "uniform stream read at {a:#010x} outside any buffer",
     C.FLT_DEADLOCK: "barrier deadlock: every live thread waits on a barrier",
+    C.FLT_INTERRUPTED: "interrupted by the host (Ctrl-C)",
 }
 _FAULT_KIND = {
     C.FLT_BAD_ADDR: "bad_address", C.FLT_FIFO_EMPTY: "fifo_empty",
@@ -87,7 +88,7 @@ _FAULT_KIND = {
     C.FLT_PC_RANGE: "pc_range", C.FLT_UNSUPPORTED_OP: "unsupported", C.FLT_UNSUPPORTED_MAGIC:
     "unsupported", C.FLT_UNSUPPORTED_SIG: "unsupported", C.FLT_MISALIGNED: "misaligned",
     C.FLT_TMUD_OVERFLOW: "tmud_overflow", C.FLT_TMU_OP: "tmu_op", C.FLT_UNIF_ADDR: "bad_address",
-    C.FLT_DEADLOCK: "deadlock",
+    C.FLT_DEADLOCK: "deadlock", C.FLT_INTERRUPTED: "interrupted",
 }
 
 
@@ -121,6 +122,7 @@ class EmulatorDevice(Device):
         self._buffers: dict[int, Buffer] = {}
         self._programs: dict[int, _Program] = {}
         self._next_handle = 1
+        self._stop = np.zeros(1, dtype=np.int64)   # set by interrupt(); read by the core per quantum
 
     # ---------------------------------------------------------------- memory
     def alloc(self, nbytes: int, align: int = 4096) -> Buffer:
@@ -277,7 +279,7 @@ class EmulatorDevice(Device):
                    unif_addr, regs, regs.view(np.float32), fla, flb, ist, fst, tmud, fifo, fifo_t,
                    qclock, qcur, qtmu, qreq, qreq_head, gst, prm, stats, qstats, fault, l2_tags,
                    l2_lru, wg_dims, nq, threads, reg_share, int(budget),
-                   np.zeros((nctx, 16), dtype=np.uint32), int(wg_size))
+                   np.zeros((nctx, 16), dtype=np.uint32), int(wg_size), self._stop)
         if code != 0:
             raise self._fault(code, fault, ist, prog, program)
         cycles = int(np.ceil(qclock.max())) if nq else 0
@@ -310,6 +312,11 @@ class EmulatorDevice(Device):
                f"[{ins}]: {detail}")
         return EmulatorFault(msg, kind=_FAULT_KIND.get(code, "fault"), qpu=qpu, thread=thread,
                              pc=pc, workgroup=wg, instruction=ins)
+
+    def interrupt(self, stop: bool = True) -> None:
+        """From another thread: make a running execute() (and, while set, every later one) stop
+        within one quantum with an EmulatorFault of kind "interrupted"; ``interrupt(False)`` clears it."""
+        self._stop[0] = int(stop)
 
     def close(self) -> None:
         self._buffers.clear()
