@@ -29,8 +29,8 @@ PAGE = 1 << C.PAGE_SHIFT
 #: integers used as pointers fault)
 ARENA_BASE = 0x0100_0000
 DEFAULT_MEMORY = 768 << 20
-#: instruction budget per second of the ``timeout`` argument (the emulator cannot be
-#: interrupted, so ``timeout`` bounds the emulated work instead of wall time)
+#: instruction budget per second of the ``timeout`` argument (the core does not see Python
+#: signals, so ``timeout`` bounds the emulated work instead of wall time; see ``interrupt``)
 INSTRUCTIONS_PER_TIMEOUT_SECOND = 50_000_000
 
 

@@ -395,7 +395,14 @@ class Runner:
             args.append(tvm.runtime.tensor(a if a.flags.c_contiguous else np.array(a, order="C")))
         return args
 
+    def _open_device(self):
+        """Open the QPU device now (if the model has QPU regions), so that a missing device is
+        reported as itself rather than from inside the VM."""
+        if self.executor.plans:
+            self.executor.device
+
     def run(self, **inputs) -> dict:
+        self._open_device()
         with self.executor.active():
             out = self.vm["main"](*self._args(inputs))
         outs = [out] if hasattr(out, "numpy") else list(out)
@@ -430,6 +437,7 @@ class Runner:
         status = current()
         args = self._args(inputs if inputs is not None else self.fill_inputs())
         f = self.vm["main"]
+        self._open_device()
         with self.executor.active():
             status.phase = "warm-up run"
             t0 = time.perf_counter()

@@ -12,7 +12,8 @@ Ctrl-C: the emulator's core runs without the GIL, so on the main thread a region
 thread while the main thread waits, shows progress (:mod:`tvm_qpu.progress`) and takes SIGINT;
 it then stops the emulator (``EmulatorDevice.interrupt``, within one scheduling quantum) and
 re-raises KeyboardInterrupt. The TVM packed-function boundary turns any exception into a
-RuntimeError, so :class:`PlanExecutor.active` turns it back into KeyboardInterrupt.
+RuntimeError; :class:`PlanExecutor.active` re-raises the original (KeyboardInterrupt, DeviceError,
+EmulatorFault...) in its place.
 
 This module needs only the TVM runtime (``tvm_ffi``) and numpy: no compiler, no Relax frontend.
 """
@@ -94,7 +95,8 @@ class PlanExecutor:
         self.resident: dict = {}
         self.stats: dict = {}
         self._lock = threading.Lock()
-        self.interrupted = False            # a KeyboardInterrupt passed through run_plan
+        self.interrupted = False            # the last region was interrupted (Ctrl-C)
+        self.failure = None                 # the exception that last left run_plan (see _Active)
         self._worker = None                 # the last region's worker thread (may outlive a Ctrl-C)
 
     @property
@@ -173,8 +175,8 @@ class PlanExecutor:
         where = f"QPU region {keys.index(info.key) + 1}/{len(keys)} {info.name or info.key}"
         worker = self._worker = threading.Thread(target=work, name=f"tvm_qpu {info.key}", daemon=True)
         t0 = time.perf_counter()
-        worker.start()
         try:
+            worker.start()                  # inside the try: start() itself waits, so Ctrl-C can land there
             while not done.wait(POLL_SECONDS):
                 status.update(f"{where}: {_activity(dev)} {time.perf_counter() - t0:.0f} s", t0)
         except BaseException:               # KeyboardInterrupt (or a signal handler's exception)
@@ -240,11 +242,13 @@ class _Active:
 
     def __exit__(self, exc_type, exc, tb):
         _LOCAL.executor = self.prev
-        if exc_type is not None and self.ex.interrupted:
-            # the packed-function boundary turned the KeyboardInterrupt into a RuntimeError
-            self.ex.interrupted = False
+        failure, self.ex.failure = self.ex.failure, None
+        if exc_type is None or failure is None or exc is failure:
+            return False
+        # the packed-function boundary turned ``failure`` into a RuntimeError: raise the original
+        if isinstance(failure, KeyboardInterrupt):
             raise KeyboardInterrupt("interrupted") from None
-        return False
+        raise failure from None
 
 
 def _owner(key: str):
@@ -273,8 +277,8 @@ def _run_plan_packed(key, *args):
     out = np.from_dlpack(args[-1])
     try:
         result = ex.run(str(key), inputs)
-    except KeyboardInterrupt:
-        ex.interrupted = True               # TVM re-raises it as a RuntimeError; see _Active
+    except BaseException as e:
+        ex.failure = e                      # TVM re-raises it as a RuntimeError; see _Active
         raise
     if isinstance(result, tuple):
         raise RuntimeError(f"QPU region {key}: plan has {len(result)} outputs, one expected")
