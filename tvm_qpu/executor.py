@@ -27,7 +27,7 @@ import numpy as np
 
 RUN_PLAN = "tvm_qpu.run_plan"
 POLL_SECONDS = 0.1          # how often the waiting main thread takes signals and updates progress
-STOP_GRACE_SECONDS = 2.0    # how long an interrupted region may take to stop before we stop waiting
+STOP_GRACE_SECONDS = 0.5    # how long to wait for an interrupted region to stop (the emulator: one quantum)
 
 
 class PlanNotLoaded(RuntimeError):
@@ -296,7 +296,7 @@ def _activity(dev) -> str:
         return f"running on {getattr(dev, 'kind', 'the device')}"
     from tvm_qpu.runtime import emu_core
     if not emu_core.run.signatures:
-        return ("preparing the emulator core (numba: about a minute the first time, seconds once "
+        return ("preparing the emulator core (numba: a minute or more the first time, seconds once "
                 "cached)")
     return "emulating"
 
