@@ -77,8 +77,8 @@ def test_run_print_time_profile_fill_mode(compiled):
     p = tvmc("run", arts["qpu"], "--fill-mode", "zeros", "--print-time", "--profile", "--repeat", "3",
              "--device", "emulator")
     assert p.returncode == 0, p.stderr
-    assert "mean inference time:" in p.stdout and "per inference, mean of 3 run(s)" in p.stdout
-    assert "measured on this" in p.stdout                       # every figure says what it is
+    assert "mean inference time:" in p.stdout and "per inference (mean of 3)" in p.stdout and "over 3 runs" in p.stdout
+    assert "measured on the x86_64 host that ran it" in p.stdout or "aarch64" in p.stdout                       # every figure says what it is
     assert _stderr_lines(p) == []                                # no status line when not a terminal
 
 
@@ -185,6 +185,7 @@ def test_error_paths(compiled, tmp_path, args, needle):
     (["run", "{llvm_art}", "--print-time", "--repeat", "0"], "--repeat: must be at least 1, got 0"),
     (["run", "{llvm_art}", "--repeat", "2"], "--repeat applies to --print-time / --profile"),
     (["run", "{llvm_art}", "--outputs", "{tmp}/out.txt"], "must end in .npz"),
+    (["run", "{llvm_art}", "--outputs", "{tmp}/nodir/o.npz"], "no such folder"),
     (["run", "{llvm_art}", "--outputs", "{llvm_art}"], "must end in .npz"),
     (["run", "{llvm_art}", "--inputs", "{good_npz}", "--outputs", "{good_npz}"], "is --inputs: refusing"),
     (["run", "{llvm_art}", "--trusted-key", "{tmp}/missing.pub"], "cannot read trusted key"),
@@ -255,7 +256,7 @@ def test_emulated_profile_is_labelled_and_no_pi_hint_names_the_flag(tmp_path):
     p = tvmc("run", tmp_path / "m.tar", "--device", "emulator", "--print-time", "--profile", "--repeat", "2")
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    assert "over 2 run(s) (wall time, measured on this" in out and "QPU regions emulated" in out
+    assert "over 2 runs (wall time, measured on the" in out and "QPU regions emulated" in out
     assert "QPU time per inference (modelled):" in out and "QPU time, modelled" in out
     assert "QPU modelled" in out and "columns: QPU modelled = Pi 5 QPU time from the emulator's cycle model" in out
     assert _stderr_lines(p) == []

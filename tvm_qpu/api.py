@@ -277,15 +277,18 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
 # ---------------------------------------------------------------------------------------------
 # load and run
 
-#: how Profile labels the QPU figures of each device kind: (QPU time is ..., how it is obtained,
-#: what the wall time is)
+#: how Profile labels the figures for each device kind: what the QPU time is, how it is obtained,
+#: what the wall time includes, and what a region's host wall time waits for
 QPU_TIME_LABELS = {
-    "emulator": ("modelled", "Pi 5 QPU time from the emulator's cycle model",
-                 "QPU regions emulated on this host, so not a Pi 5 figure"),
-    "v3d": ("measured", "V3D job time measured on this machine's GPU", "QPU regions on this machine's GPU"),
+    "emulator": {"qpu": "modelled", "how": "Pi 5 QPU time from the emulator's cycle model",
+                 "wall": "with the QPU regions emulated, so not a Pi 5 figure", "wait": "emulation"},
+    "v3d": {"qpu": "measured", "how": "V3D job time measured on the Pi 5's GPU",
+            "wall": "QPU regions on its GPU", "wait": "waiting for the GPU"},
+    "": {"qpu": "modelled or measured", "how": "the device's reported time", "wall": "QPU device not reported",
+         "wait": "the device"},
 }
 PROFILE_COLUMNS = (
-    "columns: QPU {qpu} = {how}, per inference; host wall = wall time on this host inside the region "
+    "columns: QPU {qpu} = {how}, per inference; host wall = wall time on the host inside the region "
     "(input/output copies, dispatch, {wait}); est. QPU / est. CPU = the placement cost model's "
     "compile-time predictions for the region on the Pi 5 QPU / Pi 5 CPU (tvmc partition --explain)")
 #: Runner.profile(repeat=None) picks at most this many timed runs, fewer when one run is slow
@@ -305,16 +308,20 @@ class Profile:
         """QPU time per inference: modelled on the emulator, measured on v3d."""
         return sum(r["qpu_seconds"] for r in self.regions)
 
+    def _labels(self) -> dict:
+        if self.device in QPU_TIME_LABELS:
+            return QPU_TIME_LABELS[self.device]
+        return dict(QPU_TIME_LABELS[""], wall=f"QPU regions on device {self.device}")
+
     def qpu_label(self) -> str:
         """"modelled" (emulator), "measured" (v3d) or "modelled or measured" (unknown device)."""
-        return QPU_TIME_LABELS.get(self.device, ("modelled or measured",))[0]
+        return self._labels()["qpu"]
 
     def wall_label(self) -> str:
-        host = f"this {self.host} host" if self.host else "the host that ran it"
+        host = f"the {self.host} host that ran it" if self.host else "the host that ran it"
         if not self.regions:
             return f"measured on {host}"
-        note = QPU_TIME_LABELS.get(self.device, (None, None, f"QPU regions on device {self.device or '?'}"))[2]
-        return f"measured on {host}; {note}"
+        return f"measured on {host}; {self._labels()['wall']}"
 
     @property
     def qpu_host_seconds(self) -> float:
@@ -331,11 +338,9 @@ class Profile:
 
     def text(self) -> str:
         """The profile as a labelled table (which figures are measured, which modelled)."""
-        qpu = self.qpu_label()
-        how, wait = {"emulator": (QPU_TIME_LABELS["emulator"][1], "emulation"),
-                     "v3d": (QPU_TIME_LABELS["v3d"][1], "waiting for the GPU")}.get(
-                         self.device, ("the device's reported time", "the device"))
-        lines = [f"per inference, mean of {self.runs} run(s), {len(self.regions)} QPU region(s)"
+        lab = self._labels()
+        qpu, how = lab["qpu"], lab["how"]
+        lines = [f"per inference (mean of {self.runs}), {len(self.regions)} QPU region(s)"
                  + (f" on device {self.device}:" if self.device and self.regions else ":"),
                  f"  wall time        {self.total_seconds * 1e6:12.1f} us  {self.wall_label()}",
                  f"  CPU part         {self.cpu_seconds * 1e6:12.1f} us  measured: wall time outside the QPU "
@@ -349,7 +354,7 @@ class Profile:
                          f"{r['host_seconds'] * 1e6:10.1f}us {_fmt_us(r['qpu_estimate']):>10s} "
                          f"{_fmt_us(r['cpu_estimate']):>10s}")
         if self.regions:
-            lines.append("  " + PROFILE_COLUMNS.format(qpu=qpu, how=how, wait=wait))
+            lines.append("  " + PROFILE_COLUMNS.format(qpu=qpu, how=how, wait=lab["wait"]))
         return "\n".join(lines)
 
 

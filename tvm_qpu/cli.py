@@ -227,6 +227,9 @@ def _check_run_args(args):
         return
     if not args.outputs.endswith(".npz"):
         raise CliError(f"--outputs {args.outputs}: the file name must end in .npz (outputs are written as .npz)")
+    folder = os.path.dirname(os.path.abspath(args.outputs))
+    if not os.path.isdir(folder):
+        raise CliError(f"--outputs {args.outputs}: no such folder {folder}")
     for flag, other in (("the artifact", args.artifact), ("--inputs", args.inputs)):
         if other is not None and _same_file(args.outputs, other):
             raise CliError(f"--outputs {args.outputs} is {flag}: refusing to overwrite it")
@@ -249,7 +252,8 @@ def top_rows(name: str, a, n: int) -> list:
 
 def time_lines(prof) -> list:
     """--print-time: the wall time, and what it measures, plus the QPU time and its kind."""
-    lines = [f"mean inference time: {prof.total_seconds * 1e3:.4f} ms over {prof.runs} run(s) "
+    lines = [f"mean inference time: {prof.total_seconds * 1e3:.4f} ms over {prof.runs} "
+             f"run{'s' if prof.runs != 1 else ''} "
              f"(wall time, {prof.wall_label()})"]
     if prof.regions:
         lines.append(f"QPU time per inference ({prof.qpu_label()}): {prof.qpu_seconds * 1e3:.4f} ms"
