@@ -438,3 +438,15 @@ def test_ctrl_c_interrupts_emulation(tmp_path):
     assert proc.returncode == 130, err
     assert "tvmc: interrupted" in err and "Traceback" not in err and "RuntimeError" not in err
     assert "mean inference time" not in out
+
+
+def test_demo_says_the_qpu_is_emulated_and_the_placement_forced(capsys):
+    """python -m tvm_qpu demo: the QPU's figures are labelled modelled, the wall times measured here
+    with the QPU emulated, and the forced --qpu-placement all is said."""
+    from tvm_qpu import __main__ as demo
+    assert demo.main(["demo", "--count", "2", "--device", "emulator"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("QPU: EMULATED.") and "MODELLED Pi 5 QPU times" in out and "MEASURED on this" in out
+    assert "forced by this demo" in out and "--qpu-placement all" in out
+    assert "QPU time per inference (modelled):" in out and "with the QPU regions emulated" in out
+    assert "(QPU regions emulated)" in out and "qpu vs llvm: 2/2 same class" in out

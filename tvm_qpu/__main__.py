@@ -135,6 +135,7 @@ def _model_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from tvm_qpu.cli import positive_int
     from tvm_qpu.codegen.examples import EXAMPLES
 
     ap = argparse.ArgumentParser(prog="tvm-qpu", description=__doc__,
@@ -146,9 +147,9 @@ def main(argv=None) -> int:
                    help="QPU device: v3d (a Pi 5's GPU), emulator, or auto (v3d if present)")
     d.add_argument("--placement", default="all", choices=("all", "cost", "none"),
                    help="all: offload every supported op (shows the QPU at work); cost: only where faster")
-    d.add_argument("--count", type=int, default=16, help="test digits to run")
+    d.add_argument("--count", type=positive_int, default=16, help="test digits to run")
     a = sub.add_parser("asm", help="assemble and disassemble a bundled example kernel")
-    a.add_argument("--kernel", choices=sorted(EXAMPLES), default="vector_add")
+    a.add_argument("--kernel", choices=sorted(EXAMPLES), default="vector_add", help="example kernel to show")
     args = ap.parse_args(argv)
     if args.cmd is None:
         args = ap.parse_args(["demo"])
