@@ -187,6 +187,8 @@ NLA = 4
 (FLT_NONE, FLT_BAD_ADDR, FLT_FIFO_EMPTY, FLT_FIFO_OVERFLOW, FLT_BUDGET, FLT_REG_SHARE, FLT_PC_RANGE,
  FLT_UNSUPPORTED_OP, FLT_UNSUPPORTED_MAGIC, FLT_UNSUPPORTED_SIG, FLT_MISALIGNED, FLT_TMUD_OVERFLOW,
  FLT_TMU_OP, FLT_UNIF_ADDR, FLT_DEADLOCK, FLT_UNIF_STALE, FLT_UNIF_REDIRECT) = range(17)
+#: ``run`` returns this when the host set its ``stop`` flag (Ctrl-C; checked once per quantum)
+FLT_INTERRUPTED = 17
 # fault record: [code, ctx, pc, a, b]
 
 PAGE_SHIFT = 12
@@ -1010,13 +1012,14 @@ def _uniform_ready(ctx, stream, addr, now, ist, fst, l2_tags, l2_lru, gst, prm, 
 # --------------------------------------------------------------------------------------------
 # The interpreter
 # --------------------------------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs, fla, flb, ist,
         fst, tmud, fifo, fifo_t, qclock, qcur, qtmu_free, qreq, qreq_head, gst, prm, stats,
         qstats, fault, l2_tags, l2_lru, wg_dims, num_qpus, threads, reg_share, budget, rtop,
-        wg_size, wdirty):
+        wg_size, wdirty, stop):
     """Run the dispatch until every workgroup has ended, or a fault. Returns the fault code
-    (0 on success); ``fault`` then holds [code, ctx, pc, a, b]."""
+    (0 on success); ``fault`` then holds [code, ctx, pc, a, b]. Runs without the GIL; another
+    thread stops it by setting ``stop[0]`` (FLT_INTERRUPTED, within one quantum)."""
     mem_size = np.int64(mem8.shape[0])
     ncode = code.shape[0]
     cpi = prm[PR_CPI]
@@ -1051,6 +1054,9 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                 gst[G_NEXT_WG] += 1.0
 
     while True:
+        if stop[0] != 0:
+            fault[0] = FLT_INTERRUPTED
+            return FLT_INTERRUPTED
         # ---- pick the QPU with the smallest clock that still has live threads ----
         q = -1
         best = 0.0

@@ -42,8 +42,8 @@ PAGE = 1 << C.PAGE_SHIFT
 #: integers used as pointers fault)
 ARENA_BASE = 0x0100_0000
 DEFAULT_MEMORY = 768 << 20
-#: instruction budget per second of the ``timeout`` argument (the emulator cannot be
-#: interrupted, so ``timeout`` bounds the emulated work instead of wall time)
+#: instruction budget per second of the ``timeout`` argument (the core does not see Python
+#: signals, so ``timeout`` bounds the emulated work instead of wall time; see ``interrupt``)
 INSTRUCTIONS_PER_TIMEOUT_SECOND = 50_000_000
 #: the device API's ``threads`` -> the cfg5 threading bit -> threads resident per QPU. The bit is
 #: set only for 4 threads (Mesa v3d/v3dv: ``threads == 4`` sets V3D_CSD_CFG5_THREADING); Mesa never
@@ -120,6 +120,7 @@ _FAULT_TEXT = {
                          "aligned; the hardware tests fix the rule (element 1, bits 2:0 cleared) "
                          "only where that does not matter; use an 8-byte aligned address (or "
                          "load with hazards='hardware' to apply the rule)",
+    C.FLT_INTERRUPTED: "interrupted by the host (Ctrl-C)",
 }
 _FAULT_KIND = {
     C.FLT_BAD_ADDR: "bad_address", C.FLT_FIFO_EMPTY: "fifo_empty",
@@ -128,7 +129,7 @@ _FAULT_KIND = {
     "unsupported", C.FLT_UNSUPPORTED_SIG: "unsupported", C.FLT_MISALIGNED: "misaligned",
     C.FLT_TMUD_OVERFLOW: "tmud_overflow", C.FLT_TMU_OP: "tmu_op", C.FLT_UNIF_ADDR: "bad_address",
     C.FLT_DEADLOCK: "deadlock", C.FLT_UNIF_STALE: "stale_uniform",
-    C.FLT_UNIF_REDIRECT: "unif_redirect",
+    C.FLT_UNIF_REDIRECT: "unif_redirect", C.FLT_INTERRUPTED: "interrupted",
 }
 
 
@@ -171,6 +172,7 @@ class EmulatorDevice(Device):
         self._buffers: dict[int, Buffer] = {}
         self._programs: dict[int, _Program] = {}
         self._next_handle = 1
+        self._stop = np.zeros(1, dtype=np.int64)   # set by interrupt(); read by the core per quantum
 
     # ---------------------------------------------------------------- memory
     def alloc(self, nbytes: int, align: int = 4096) -> Buffer:
@@ -342,7 +344,7 @@ class EmulatorDevice(Device):
                    unif_addr, regs, regs.view(np.float32), fla, flb, ist, fst, tmud, fifo, fifo_t,
                    qclock, qcur, qtmu, qreq, qreq_head, gst, prm, stats, qstats, fault, l2_tags,
                    l2_lru, wg_dims, nq, threads, reg_share, int(budget),
-                   np.zeros((nctx, 16), dtype=np.uint32), int(wg_size), self._wdirty)
+                   np.zeros((nctx, 16), dtype=np.uint32), int(wg_size), self._wdirty, self._stop)
         finally:
             self._clear_tmu_written()
         if code != 0:
@@ -387,6 +389,11 @@ class EmulatorDevice(Device):
                f"[{ins}]: {detail}")
         return EmulatorFault(msg, kind=_FAULT_KIND.get(code, "fault"), qpu=qpu, thread=thread,
                              pc=pc, workgroup=wg, instruction=ins)
+
+    def interrupt(self, stop: bool = True) -> None:
+        """From another thread: make a running execute() (and, while set, every later one) stop
+        within one quantum with an EmulatorFault of kind "interrupted"; ``interrupt(False)`` clears it."""
+        self._stop[0] = int(stop)
 
     def close(self) -> None:
         self._buffers.clear()

@@ -269,3 +269,199 @@ def test_npy_members_keep_zero_d_arrays():
         b = npy_load(npy_bytes(a))
         assert b.shape == a.shape and b.dtype == a.dtype
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# members checked against the plan (checksums recomputed, as anyone who edits a file can)
+
+def _files(path) -> dict:
+    """An artifact's members without the manifest and signature."""
+    return {n: d for n, d in _members(path).items() if n not in ("manifest.json", "manifest.sig")}
+
+
+def _recomputed(path, dst, change, sign_key=None):
+    """Rewrite an artifact through write_artifact (fresh, valid checksums) after ``change(files)``."""
+    files = _files(path)
+    change(files)
+    write_artifact(dst, files, sign_key=sign_key)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def real_mlp(tmp_path_factory):
+    """The MLP with the real QPU kernels (placement=all); loading needs no emulation."""
+    pytest.importorskip("tvm")
+    import tvm_qpu
+    mod, params = tvm_qpu.from_onnx(MODELS / "mlp.onnx")
+    lib = tvm_qpu.build(mod, placement="all", params=params)
+    assert lib.regions and any(r.plan.constants for r in lib.regions)
+    return lib, Path(lib.save(tmp_path_factory.mktemp("real") / "mlp.tar"))
+
+
+def _first_constant(path):
+    meta = json.loads(_files(path)["model.json"])
+    r = next(r for r in meta["regions"] if r["constants"])
+    name, c = next(iter(r["constants"].items()))
+    return r, name, c
+
+
+def _load_error(path) -> str:
+    import tvm_qpu
+    with pytest.raises(ArtifactError) as e:
+        tvm_qpu.load(path, device="emulator")
+    return str(e.value)
+
+
+def test_round_trip_real_kernels_passes_the_plan_checks(real_mlp):
+    import tvm_qpu
+    _, path = real_mlp
+    tvm_qpu.load(path, device="emulator").close()
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("shape", "the plan expects"),
+    ("dtype", "the plan expects"),
+    ("short", "the plan expects"),
+])
+def test_constant_of_wrong_shape_or_dtype_is_refused(real_mlp, tmp_path, how, needle):
+    _, path = real_mlp
+    _, name, c = _first_constant(path)
+
+    def change(files):
+        a = np.load(io.BytesIO(files[c["member"]]))
+        b = {"shape": a.reshape(1, -1), "dtype": a.astype(np.float64), "short": a.reshape(-1)[:-1]}[how]
+        files[c["member"]] = npy_bytes(b)
+    err = _load_error(_recomputed(path, tmp_path / "bad.tar", change))
+    assert f"constant {name}" in err and needle in err
+
+
+def _edit_plan(files, edit):
+    meta = json.loads(files["model.json"])
+    key = meta["regions"][0]["plan"]
+    plan = json.loads(files[key])
+    edit(plan)
+    files[key] = json.dumps(plan).encode()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda p: p["launches"][-1]["uniforms"].pop(), "(truncated)"),
+    (lambda p: p["launches"][-1].__setitem__("uniforms", []), "(truncated)"),
+    (lambda p: p["launches"][-1]["uniforms"].__setitem__(0, ["addr", "nosuch", 0]), "not a buffer address"),
+    (lambda p: p["launches"][-1]["uniforms"].__setitem__(0, ["addr", p["buffers"][0]["name"], 1 << 30]),
+     "not a buffer address"),
+    (lambda p: p["launches"][-1]["uniforms"].__setitem__(0, ["u32"]), "not a buffer address"),
+    (lambda p: p["launches"][-1].__setitem__("words", []), "no code"),
+    (lambda p: p.__setitem__("launches", []), "no launches"),
+])
+def test_kernel_argument_stream_is_checked(real_mlp, tmp_path, edit, needle):
+    _, path = real_mlp
+    err = _load_error(_recomputed(path, tmp_path / "bad.tar", lambda f: _edit_plan(f, edit)))
+    assert needle in err, err
+
+
+def test_constants_must_match_the_weight_buffers(real_mlp, tmp_path):
+    _, path = real_mlp
+    r, name, c = _first_constant(path)
+
+    def drop_spec(files):
+        meta = json.loads(files["model.json"])
+        for reg in meta["regions"]:
+            if reg["plan"] == r["plan"]:
+                del reg["constants"][name]
+        files["model.json"] = json.dumps(meta).encode()
+        del files[c["member"]]
+        plan = json.loads(files[r["plan"]])             # and from the plan's own list
+        plan["constants"].remove(name)
+        files[r["plan"]] = json.dumps(plan).encode()
+    err = _load_error(_recomputed(path, tmp_path / "bad.tar", drop_spec))
+    assert "do not match the plan's weight buffers" in err, err
+
+
+def test_members_outside_every_region_are_refused(real_mlp, tmp_path):
+    _, path = real_mlp
+    err = _load_error(_recomputed(path, tmp_path / "bad.tar",
+                                  lambda f: f.__setitem__("plans/extra.npy", npy_bytes(np.zeros(3)))))
+    assert "belong to no region" in err and "plans/extra.npy" in err
+
+
+def test_artifact_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o077, 0o002, 0o027):
+            os.umask(mask)
+            p = tmp_path / f"a{mask:o}.tar"
+            write_artifact(p, {"a.txt": b"x"})
+            assert p.stat().st_mode & 0o777 == 0o666 & ~mask
+    finally:
+        os.umask(old)
+
+
+# ---------------------------------------------------------------------------------------------
+# signing
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    pytest.importorskip("cryptography")
+    from tvm_qpu.artifact import generate_key
+    d = tmp_path_factory.mktemp("keys")
+    return {n: generate_key(d / n) for n in ("alice", "mallory")}      # (private, public, key id)
+
+
+def _signed_copy(built, tmp_path, key, name="signed.tar"):
+    _, path = built
+    return _recomputed(path, tmp_path / name, lambda f: None, sign_key=key)
+
+
+def test_signed_artifact_loads_with_its_key(built, keys, tmp_path):
+    import tvm_qpu
+    priv, pub, kid = keys["alice"]
+    p = _signed_copy(built, tmp_path, priv)
+    art = read_artifact(p, trusted_keys=[keys["mallory"][1], pub])
+    assert art.signer == kid and "manifest.sig" not in art.files
+    assert read_artifact(p).signer is None                        # not checked without trusted keys
+    tvm_qpu.load(p, device=D.DoubleDevice(), trusted_keys=pub).close()
+    lib, _ = built                                                  # CompiledModule.save signs too
+    assert read_artifact(lib.save(tmp_path / "s2.tar", sign_key=priv), trusted_keys=pub).signer == kid
+
+
+def test_unsigned_untrusted_and_tampered_are_refused(built, keys, tmp_path):
+    import tvm_qpu
+    _, path = built
+    alice, mallory = keys["alice"], keys["mallory"]
+    with pytest.raises(ArtifactError, match="refusing to load an unsigned artifact"):
+        tvm_qpu.load(path, trusted_keys=[alice[1]])
+    signed = _signed_copy(built, tmp_path, mallory[0])
+    with pytest.raises(ArtifactError, match=f"signed by key {mallory[2]}, which is not a trusted key"):
+        tvm_qpu.load(signed, trusted_keys=[alice[1]])
+    with pytest.raises(ArtifactError, match="trusted: none"):
+        read_artifact(signed, trusted_keys=[])
+    # tamper: change lib.so, recompute its checksum in the manifest, keep alice's signature
+    members = _members(_signed_copy(built, tmp_path, alice[0], "a.tar"))
+    lib = bytearray(members["lib.so"])
+    lib[len(lib) // 2] ^= 0x01
+    manifest = json.loads(members["manifest.json"])
+    manifest["files"]["lib.so"] = {"sha256": __import__("hashlib").sha256(bytes(lib)).hexdigest(),
+                                   "size": len(lib)}
+    new = {"manifest.json": json.dumps(manifest, indent=1).encode(), "lib.so": bytes(lib)}
+    tampered = _rewrite(tmp_path / "a.tar", tmp_path / "t.tar", lambda n, d: new.get(n, d))
+    read_artifact(tampered)                                         # checksums alone do not see it
+    with pytest.raises(ArtifactError, match="does not match the contents"):
+        tvm_qpu.load(tampered, trusted_keys=[alice[1]])
+    forged = _rewrite(tmp_path / "a.tar", tmp_path / "f.tar",
+                      lambda n, d: b"{not json" if n == "manifest.sig" else d)
+    with pytest.raises(ArtifactError, match="manifest.sig is malformed"):
+        read_artifact(forged)
+
+
+def test_bad_key_files_are_clear_errors(keys, tmp_path):
+    from tvm_qpu.artifact import generate_key, load_private_key, load_public_keys
+    priv, pub, _ = keys["alice"]
+    assert os.stat(priv).st_mode & 0o777 == 0o600
+    with pytest.raises(ArtifactError, match="refusing to overwrite"):
+        generate_key(priv[: -len(".key")])
+    with pytest.raises(ArtifactError, match="not an unencrypted PEM private key"):
+        load_private_key(pub)
+    with pytest.raises(ArtifactError, match="not a PEM public key"):
+        load_public_keys([priv])
+    with pytest.raises(ArtifactError, match="cannot read trusted key"):
+        load_public_keys([tmp_path / "missing.pub"])

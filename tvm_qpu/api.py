@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
-from .artifact import ArtifactError, npy_bytes, read_artifact, safe_extract, write_artifact
+from .artifact import ArtifactError, check_plan, npy_bytes, read_artifact, safe_extract, write_artifact
 from .backend import PartitionReport, QpuBackend, QpuError
 from .executor import PlanExecutor, RegionInfo, default_executor, ensure_registered
 
@@ -222,8 +222,9 @@ class CompiledModule:
     cross_cc: str | None = None
     relax_module: object = None
 
-    def save(self, path) -> str:
-        """Export to one artifact file (see :mod:`tvm_qpu.artifact`). Returns the path."""
+    def save(self, path, sign_key=None) -> str:
+        """Export to one artifact file (see :mod:`tvm_qpu.artifact`). Returns the path.
+        ``sign_key``: an Ed25519 private key (file, PEM bytes or key object) to sign it with."""
         files = {}
         with tempfile.TemporaryDirectory(prefix="tvm_qpu_export_") as tmp:
             lib = os.path.join(tmp, "lib.so")
@@ -243,12 +244,13 @@ class CompiledModule:
             consts = {}
             for name, arr in r.plan.constants.items():
                 member = f"plans/{r.key}/{name}.npy"
-                files[member] = npy_bytes(np.asarray(arr))
-                consts[name] = member
+                arr = np.asarray(arr)
+                files[member] = npy_bytes(arr)
+                consts[name] = {"member": member, "shape": list(arr.shape), "dtype": str(arr.dtype)}
             regions.append({"info": r.info.as_dict(), "plan": f"plans/{r.key}.json", "constants": consts})
         meta = dict(self.meta, regions=regions, report=self.report.as_dict())
         files["model.json"] = json.dumps(meta, indent=1).encode()
-        write_artifact(path, files)
+        write_artifact(path, files, sign_key=sign_key)
         return os.fspath(path)
 
     def runner(self, device="auto") -> "Runner":
@@ -300,11 +302,51 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
 # ---------------------------------------------------------------------------------------------
 # load and run
 
+#: how Profile labels the figures for each device kind: what the QPU time is, how it is obtained,
+#: what the wall time includes, and what a region's host wall time waits for
+QPU_TIME_LABELS = {
+    "emulator": {"qpu": "modelled", "how": "Pi 5 QPU time from the emulator's cycle model",
+                 "wall": "with the QPU regions emulated, so not a Pi 5 figure", "wait": "emulation"},
+    "v3d": {"qpu": "measured", "how": "V3D job time measured on the Pi 5's GPU",
+            "wall": "QPU regions on its GPU", "wait": "waiting for the GPU"},
+    "": {"qpu": "modelled or measured", "how": "the device's reported time", "wall": "QPU device not reported",
+         "wait": "the device"},
+}
+PROFILE_COLUMNS = (
+    "columns: QPU {qpu} = {how}, per inference; host wall = wall time on the host inside the region "
+    "(input/output copies, dispatch, {wait}); est. QPU / est. CPU = the placement cost model's "
+    "compile-time predictions for the region on the Pi 5 QPU / Pi 5 CPU (tvmc partition --explain)")
+#: Runner.profile(repeat=None) picks at most this many timed runs, fewer when one run is slow
+AUTO_REPEAT, AUTO_REPEAT_SECONDS = 10, 10.0
+
+
 @dataclass
 class Profile:
     runs: int
     total_seconds: float                    # wall time per inference
     regions: list = field(default_factory=list)
+    device: str = ""                        # the QPU device kind ("emulator", "v3d"; "" if unknown)
+    host: str = ""                          # the machine the wall times were measured on (arch)
+
+    @property
+    def qpu_seconds(self) -> float:
+        """QPU time per inference: modelled on the emulator, measured on v3d."""
+        return sum(r["qpu_seconds"] for r in self.regions)
+
+    def _labels(self) -> dict:
+        if self.device in QPU_TIME_LABELS:
+            return QPU_TIME_LABELS[self.device]
+        return dict(QPU_TIME_LABELS[""], wall=f"QPU regions on device {self.device}")
+
+    def qpu_label(self) -> str:
+        """"modelled" (emulator), "measured" (v3d) or "modelled or measured" (unknown device)."""
+        return self._labels()["qpu"]
+
+    def wall_label(self) -> str:
+        host = f"the {self.host} host that ran it" if self.host else "the host that ran it"
+        if not self.regions:
+            return f"measured on {host}"
+        return f"measured on {host}; {self._labels()['wall']}"
 
     @property
     def qpu_host_seconds(self) -> float:
@@ -317,20 +359,35 @@ class Profile:
 
     def as_dict(self) -> dict:
         return {"runs": self.runs, "total_seconds": self.total_seconds, "cpu_seconds": self.cpu_seconds,
-                "regions": self.regions}
+                "regions": self.regions, "device": self.device, "host": self.host}
 
     def text(self) -> str:
-        lines = [f"per inference (mean of {self.runs}): wall {self.total_seconds * 1e6:.1f} us, "
-                 f"CPU part (llvm ops + VM) {self.cpu_seconds * 1e6:.1f} us, "
-                 f"{len(self.regions)} QPU region(s)"]
+        """The profile as a labelled table (which figures are measured, which modelled)."""
+        lab = self._labels()
+        qpu, how = lab["qpu"], lab["how"]
+        lines = [f"per inference (mean of {self.runs}), {len(self.regions)} QPU region(s)"
+                 + (f" on device {self.device}:" if self.device and self.regions else ":"),
+                 f"  wall time        {self.total_seconds * 1e6:12.1f} us  {self.wall_label()}",
+                 f"  CPU part         {self.cpu_seconds * 1e6:12.1f} us  measured: wall time outside the QPU "
+                 f"regions (llvm ops + Relax VM)"]
         if self.regions:
-            lines.append(f"  {'region':26s} {'kind':18s} {'QPU (model)':>12s} {'host wall':>12s} "
+            lines.append(f"  QPU time, {qpu:9s}{self.qpu_seconds * 1e6:9.1f} us  {how}")
+            lines.append(f"  {'region':26s} {'kind':18s} {'QPU ' + qpu:>14s} {'host wall':>12s} "
                          f"{'est. QPU':>10s} {'est. CPU':>10s}")
         for r in self.regions:
-            lines.append(f"  {r['name']:26s} {r['kind']:18s} {r['qpu_seconds'] * 1e6:10.1f}us "
+            lines.append(f"  {r['name']:26s} {r['kind']:18s} {r['qpu_seconds'] * 1e6:12.1f}us "
                          f"{r['host_seconds'] * 1e6:10.1f}us {_fmt_us(r['qpu_estimate']):>10s} "
                          f"{_fmt_us(r['cpu_estimate']):>10s}")
+        if self.regions:
+            lines.append("  " + PROFILE_COLUMNS.format(qpu=qpu, how=how, wait=lab["wait"]))
         return "\n".join(lines)
+
+
+def auto_repeat(one_run_seconds: float) -> int:
+    """Timed runs for Runner.profile(repeat=None), from the warm-up run's wall time."""
+    if one_run_seconds <= 0:
+        return AUTO_REPEAT
+    return int(max(1, min(AUTO_REPEAT, AUTO_REPEAT_SECONDS // one_run_seconds)))
 
 
 def _fmt_us(s):
@@ -370,7 +427,14 @@ class Runner:
         check_inputs(self.meta.get("index_checks"), inputs)
         return args
 
+    def _open_device(self):
+        """Open the QPU device now (if the model has QPU regions), so that a missing device is
+        reported as itself rather than from inside the VM."""
+        if self.executor.plans:
+            self.executor.device
+
     def run(self, **inputs) -> dict:
+        self._open_device()
         with self.executor.active():
             out = self.vm["main"](*self._args(inputs))
         outs = [out] if hasattr(out, "numpy") else list(out)
@@ -395,17 +459,30 @@ class Runner:
                 raise QpuError(f"unknown fill mode {mode!r}: use random, zeros or ones")
         return res
 
-    def profile(self, inputs: dict | None = None, repeat: int = 10) -> Profile:
-        """Per-region modelled QPU time and host wall time, averaged over ``repeat`` runs."""
+    def profile(self, inputs: dict | None = None, repeat: int | None = None) -> Profile:
+        """Per-region QPU time (modelled on the emulator, measured on v3d) and host wall time,
+        averaged over ``repeat`` runs after one warm-up run. ``repeat=None``: AUTO_REPEAT runs, or
+        fewer so that they take about AUTO_REPEAT_SECONDS (at least one; emulated runs are slow)."""
+        if repeat is not None and (not isinstance(repeat, (int, np.integer)) or repeat < 1):
+            raise QpuError(f"repeat must be a positive integer, got {repeat!r}")
+        from .progress import current
+        status = current()
         args = self._args(inputs if inputs is not None else self.fill_inputs())
         f = self.vm["main"]
+        self._open_device()
         with self.executor.active():
+            status.phase = "warm-up run"
+            t0 = time.perf_counter()
             f(*args)                                      # warm up: residency, caches
+            if repeat is None:
+                repeat = auto_repeat(time.perf_counter() - t0)
             self.executor.reset_stats()
             t0 = time.perf_counter()
-            for _ in range(repeat):
+            for i in range(repeat):
+                status.phase = f"timed run {i + 1}/{repeat}"
                 f(*args)
             total = (time.perf_counter() - t0) / repeat
+            status.phase = ""
         regions = []
         for key, info in self.executor.info.items():
             st = self.executor.stats[key]
@@ -414,7 +491,8 @@ class Runner:
                             "calls_per_run": st.calls / repeat, "qpu_seconds": st.qpu_seconds / repeat,
                             "host_seconds": st.host_seconds / repeat, "cycles_per_call": st.cycles / n,
                             "qpu_estimate": info.qpu_estimate, "cpu_estimate": info.cpu_estimate})
-        return Profile(repeat, total, regions)
+        return Profile(repeat, total, regions, device=self.executor.device_kind if regions else "",
+                       host=str(self.meta.get("host_arch", "")))
 
     def close(self):
         self.executor.close()
@@ -423,9 +501,13 @@ class Runner:
             self._tmpdir = None
 
 
-def load(path, device="auto") -> Runner:
-    """Load an artifact written by ``CompiledModule.save`` (validated; see tvm_qpu.artifact)."""
-    art = read_artifact(path)
+def load(path, device="auto", trusted_keys=None) -> Runner:
+    """Load an artifact written by ``CompiledModule.save`` (validated; see tvm_qpu.artifact).
+
+    Loading runs the artifact's native host code (lib.so) in this process: load only artifacts you
+    trust. ``trusted_keys`` (public key files, PEM bytes or Ed25519PublicKey objects): refuse the
+    artifact unless one of them signed it (``CompiledModule.save(sign_key=...)``)."""
+    art = read_artifact(path, trusted_keys=trusted_keys)
     meta = art.json("model.json")
     if "lib.so" not in art.files:
         raise ArtifactError(f"{path}: artifact has no lib.so")
@@ -436,13 +518,25 @@ def load(path, device="auto") -> Runner:
     from tvm_qpu.codegen.plan import KernelPlan
     ensure_registered()
     ex = PlanExecutor(device)
+    used = {"model.json", "lib.so"}
     try:
         for r in meta.get("regions", []):
-            consts = {name: art.array(member) for name, member in r["constants"].items()}
+            specs = r["constants"]
+            consts = {name: art.array(c["member"]) for name, c in specs.items()}
             plan = KernelPlan.from_json(art.json(r["plan"]), consts)
-            ex.add(plan, RegionInfo.from_dict(r["info"]))
-    except (KeyError, TypeError, ValueError) as e:
+            info = RegionInfo.from_dict(r["info"])
+            check_plan(plan, specs, f"{path}: region {info.key} ({info.name})")
+            used.update([r["plan"], *(c["member"] for c in specs.values())])
+            ex.add(plan, info)
+        unused = sorted(set(art.files) - used)
+        if unused:
+            raise ArtifactError(f"{path}: members {unused[:4]} belong to no region")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        ex.close()
         raise ArtifactError(f"{path}: malformed region table ({type(e).__name__}: {e})") from None
+    except BaseException:
+        ex.close()
+        raise
     tmp = tempfile.TemporaryDirectory(prefix="tvm_qpu_load_")
     lib = safe_extract(art, tmp.name, ["lib.so"])["lib.so"]
     import tvm

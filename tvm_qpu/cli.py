@@ -3,16 +3,24 @@
 ::
 
     tvmc compile --target qpu model.onnx -o model.tar [--input-shapes "x:[1,3,32,32]"]
-                 [--target-host pi5] [--qpu-placement all|cost|none]
+                 [--target-host pi5] [--qpu-placement all|cost|none] [--sign-key me.key]
     tvmc compile --target llvm model.onnx -o model_cpu.tar          # CPU-only baseline
     tvmc run model.tar [--inputs in.npz] [--outputs out.npz] [--fill-mode random|zeros|ones]
-             [--print-time] [--print-top N] [--profile] [--device auto|emulator|v3d]
+             [--print-time] [--print-top N] [--profile] [--repeat N] [--device auto|emulator|v3d]
+             [--trusted-key me.pub ...]
     tvmc partition model.onnx [--qpu-placement ...] [--explain]
+    tvmc keygen me                       # me.key (private, for --sign-key) + me.pub (--trusted-key)
+    tvmc --version
 
-Errors are one line on stderr (``tvmc: error: ...``) and exit status 1 (2 for bad usage).
-``tvmc run`` runs remotely over TVM RPC with ``--rpc-key K --rpc-tracker HOST:PORT`` (a tracker) or
-``--hostname H [--port P]`` (one server); ``--device`` is then the remote's device. ``--rpc-timeout S``
-bounds finding a server (default 60 s). See docs/rpc.md and :mod:`tvm_qpu.rpc`.
+Errors are one line on stderr (``tvmc: error: ...``) and exit status 1 (2 for bad usage); Ctrl-C
+prints ``tvmc: interrupted`` and exits 130. On a terminal, long runs show a status line on stderr
+(see :mod:`tvm_qpu.progress`). ``tvmc run`` runs remotely over TVM RPC with ``--rpc-key K
+--rpc-tracker HOST:PORT`` (a tracker) or ``--hostname H [--port P]`` (one server); ``--device`` is
+then the remote's device. ``--rpc-timeout S`` bounds finding a server (default 60 s). See
+docs/rpc.md and :mod:`tvm_qpu.rpc`.
+
+Subcommands are rows of :data:`SUBCOMMANDS` (name, help, function adding its arguments, function
+running it): a new one is one more row.
 """
 from __future__ import annotations
 
@@ -22,7 +30,10 @@ import re
 import sys
 import time
 
-EXIT_ERROR, EXIT_USAGE = 1, 2
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+#: library messages written for Python callers -> what a CLI user types instead
+CLI_HINTS = {"open_device('emulator')": "--device emulator"}
 
 
 class CliError(Exception):
@@ -32,6 +43,28 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise CliError(f"{self.prog}: {message}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
 
 
 _SHAPE_ITEM = re.compile(r"^([^:\s\[\]]+):\[\s*(\d+(?:\s*,\s*\d+)*)?\s*\]$")
@@ -54,22 +87,91 @@ def parse_input_shapes(text: str | None) -> dict | None:
     return shapes
 
 
-def _add_rpc(p, remote_run=False):
-    if not remote_run:
-        g = p.add_argument_group("remote (reserved, not implemented for this command)")
-        g.add_argument("--rpc-key")
-        g.add_argument("--rpc-tracker")
-        g.add_argument("--hostname")
-        g.add_argument("--port", type=int)
-        return
-    g = p.add_argument_group("remote execution over TVM RPC (docs/rpc.md)")
+def _same_file(a, b) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (``b`` need not exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments of each subcommand
+
+def _args_compile(c):
+    c.add_argument("model", help="ONNX model file")
+    c.add_argument("--target", default="qpu", help="qpu (QPU + CPU, default) or llvm (CPU only)")
+    c.add_argument("-o", "--output", default="module.tar",
+                   help="artifact file to write (default module.tar; never the model itself)")
+    c.add_argument("--input-shapes", metavar="SHAPES",
+                   help='override input shapes, e.g. "input:[1,1,8,8]" (needed for dynamic dims)')
+    c.add_argument("--target-host", default=None, metavar="HOST",
+                   help="llvm (this machine, default) or pi5 (cross-compiles; needs gcc-aarch64-linux-gnu)")
+    c.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
+                   help="offload every supported op (all), only where the cost model predicts a win "
+                        "(cost, default), or nothing (none)")
+    c.add_argument("--model-format", default="onnx", choices=("onnx",), help="input format (onnx only)")
+    c.add_argument("--sign-key", metavar="KEY",
+                   help="sign the artifact with this Ed25519 private key (from tvmc keygen; "
+                        "needs the cryptography package)")
+
+
+def _args_run(r):
+    r.add_argument("artifact", help="artifact file written by tvmc compile")
+    r.add_argument("--inputs", metavar="NPZ", help=".npz file of named inputs")
+    r.add_argument("--outputs", metavar="NPZ", help="write the outputs to this .npz file (name must end in .npz)")
+    r.add_argument("--fill-mode", default="random", choices=("random", "zeros", "ones"),
+                   help="inputs to use when --inputs is not given (default random, seed 0)")
+    r.add_argument("--print-time", action="store_true",
+                   help="print the mean wall time per inference on this host (and the QPU time: "
+                        "modelled on the emulator, measured on a Pi 5)")
+    r.add_argument("--print-top", type=positive_int, metavar="N",
+                   help="print the N largest entries of each output (per batch row for batched outputs)")
+    r.add_argument("--profile", action="store_true",
+                   help="per-region QPU time (modelled on the emulator) and host wall time, explained")
+    r.add_argument("--repeat", type=positive_int, default=None, metavar="N",
+                   help="timed runs for --print-time / --profile (default: up to 10, fewer when one run "
+                        "takes over a second, e.g. emulated)")
+    r.add_argument("--device", default="auto", choices=("auto", "emulator", "v3d"),
+                   help="QPU device: v3d (a Pi 5's GPU), emulator, or auto (v3d if present; on the "
+                        "remote machine for remote runs)")
+    r.add_argument("--trusted-key", action="append", metavar="PUB", default=None,
+                   help="refuse the artifact unless signed by this Ed25519 public key (repeatable; "
+                        "from tvmc keygen)")
+    g = r.add_argument_group("remote execution over TVM RPC (docs/rpc.md)")
     g.add_argument("--rpc-key", help="key of the remote servers in the tracker, e.g. pi5")
     g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker address, e.g. 192.168.1.10:9190")
     g.add_argument("--hostname", help="one RPC server's host (no tracker)")
     g.add_argument("--port", type=int, help="that server's port (default 9090)")
-    g.add_argument("--rpc-timeout", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--rpc-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="give up finding a (free) remote server after this long (default 60)")
 
+
+def _args_partition(p):
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--input-shapes", metavar="SHAPES", help='override input shapes, e.g. "input:[1,1,8,8]"')
+    p.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
+                   help="placement rule to explain (default cost)")
+    p.add_argument("--explain", action="store_true", help="also print the cost model's constants")
+
+
+def _args_keygen(k):
+    k.add_argument("stem", help="writes STEM.key (private, mode 0600: for --sign-key) and STEM.pub "
+                                "(public: for --trusted-key / tvm_qpu.load(trusted_keys=...))")
+
+
+def _version() -> str:
+    from importlib import metadata
+    from tvm_qpu import __version__
+    try:
+        tvm = metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        tvm = "not installed"
+    return f"tvmc (tvm-qpu {__version__}, apache-tvm {tvm})"
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
 
 def _remote_spec(args):
     """A tvm_qpu.rpc.RemoteSpec if any remote flag is given, else None (run locally)."""
@@ -83,65 +185,27 @@ def _remote_spec(args):
     return make_spec(args.rpc_key, args.rpc_tracker, args.hostname, args.port, timeout)
 
 
-def _reject_rpc(args):
-    for flag in ("rpc_key", "rpc_tracker", "hostname", "port"):
-        if getattr(args, flag, None) is not None:
-            raise CliError(f"--{flag.replace('_', '-')}: remote execution is not implemented yet")
-
-
-def build_parser():
-    ap = _Parser(prog="tvmc", description="TVM driver for the qpu target (Raspberry Pi 5 VideoCore VII)")
-    sub = ap.add_subparsers(dest="cmd", parser_class=_Parser)
-
-    c = sub.add_parser("compile", help="compile a model into one artifact file")
-    c.add_argument("model", help="ONNX model file")
-    c.add_argument("--target", default="qpu", help="qpu (QPU + CPU) or llvm (CPU only)")
-    c.add_argument("-o", "--output", default="module.tar", help="artifact path (default module.tar)")
-    c.add_argument("--input-shapes", help='input shapes, e.g. "input:[1,1,8,8]"')
-    c.add_argument("--target-host", default=None, help="llvm (this machine, default) or pi5 (aarch64 host code for a Raspberry Pi 5; "
-                                                          "needs the cross compiler aarch64-linux-gnu-gcc, Debian: gcc-aarch64-linux-gnu)")
-    c.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
-                   help="offload every supported op, only where the cost model predicts a win, or none")
-    c.add_argument("--model-format", default="onnx", choices=("onnx",))
-    _add_rpc(c)
-
-    r = sub.add_parser("run", help="run a compiled artifact")
-    r.add_argument("artifact")
-    r.add_argument("--inputs", help=".npz file of named inputs")
-    r.add_argument("--outputs", help="write outputs to this .npz")
-    r.add_argument("--fill-mode", default="random", choices=("random", "zeros", "ones"),
-                   help="inputs to use when --inputs is not given")
-    r.add_argument("--print-time", action="store_true", help="print mean wall time per inference")
-    r.add_argument("--print-top", type=int, metavar="N", help="print the top N entries of each output")
-    r.add_argument("--profile", action="store_true", help="per-region modelled QPU time and host time")
-    r.add_argument("--repeat", type=int, default=10, help="runs for --print-time / --profile")
-    r.add_argument("--device", default="auto", choices=("auto", "emulator", "v3d"),
-                   help="QPU device (on the remote machine for remote runs)")
-    _add_rpc(r, remote_run=True)
-
-    p = sub.add_parser("partition", help="show which ops go to the QPU, and why the others stay")
-    p.add_argument("model")
-    p.add_argument("--input-shapes")
-    p.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"))
-    p.add_argument("--explain", action="store_true", help="also print the cost model's constants")
-    return ap
-
-
 def _cmd_compile(args):
     import tvm_qpu
-    _reject_rpc(args)
     if args.target not in ("qpu", "llvm"):
         raise CliError(f"unknown target {args.target!r}: choose qpu or llvm")
+    if _same_file(args.output, args.model):
+        raise CliError(f"-o {args.output} is the input model: refusing to overwrite it")
     shapes = parse_input_shapes(args.input_shapes)
+    sign_key = None
+    if args.sign_key is not None:                 # a bad key fails now, not after compiling
+        from tvm_qpu.artifact import load_private_key
+        sign_key = load_private_key(args.sign_key)
     t0 = time.perf_counter()
     mod, params = tvm_qpu.from_onnx(args.model, shapes)
     lib = tvm_qpu.build(mod, target=args.target, target_host=args.target_host, placement=args.qpu_placement,
                         params=params)
-    lib.save(args.output)
+    lib.save(args.output, sign_key=sign_key)
     dt = time.perf_counter() - t0
     n = len(lib.regions)
+    signed = ", signed" if sign_key is not None else ""
     print(f"compiled {args.model} -> {args.output} (target {args.target}, host {lib.meta['host_arch']}, "
-          f"{n} QPU region(s), placement {lib.report.placement}, {dt:.2f} s)")
+          f"{n} QPU region(s), placement {lib.report.placement}{signed}, {dt:.2f} s)")
     return 0
 
 
@@ -156,36 +220,87 @@ def _load_inputs(path):
         raise CliError(f"{path}: not a readable .npz of arrays ({type(e).__name__}: {e})") from None
 
 
+def _check_run_args(args):
+    if args.repeat is not None and not (args.print_time or args.profile):
+        raise CliError("--repeat applies to --print-time / --profile")
+    if args.outputs is None:
+        return
+    if not args.outputs.endswith(".npz"):
+        raise CliError(f"--outputs {args.outputs}: the file name must end in .npz (outputs are written as .npz)")
+    folder = os.path.dirname(os.path.abspath(args.outputs))
+    if not os.path.isdir(folder):
+        raise CliError(f"--outputs {args.outputs}: no such folder {folder}")
+    for flag, other in (("the artifact", args.artifact), ("--inputs", args.inputs)):
+        if other is not None and _same_file(args.outputs, other):
+            raise CliError(f"--outputs {args.outputs} is {flag}: refusing to overwrite it")
+
+
+def top_rows(name: str, a, n: int) -> list:
+    """Lines for --print-top: the ``n`` largest entries of ``a``, ranked per batch row when ``a``
+    has a batch dimension (ndim >= 2), else over the whole array; indices within the row."""
+    import numpy as np
+    a = np.asarray(a)
+    rows = a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
+    lines = []
+    for b, flat in enumerate(rows):
+        top = np.argsort(-flat, kind="stable")[:n]
+        label = f"{name}[{b}]" if len(rows) > 1 else name
+        lines.append(f"{label}: top {len(top)}")
+        lines.extend(f"  [{i}] {flat[i]:.6g}" for i in top)
+    return lines
+
+
+def time_lines(prof) -> list:
+    """--print-time: the wall time, and what it measures, plus the QPU time and its kind."""
+    lines = [f"mean inference time: {prof.total_seconds * 1e3:.4f} ms over {prof.runs} "
+             f"run{'s' if prof.runs != 1 else ''} "
+             f"(wall time, {prof.wall_label()})"]
+    if prof.regions:
+        lines.append(f"QPU time per inference ({prof.qpu_label()}): {prof.qpu_seconds * 1e3:.4f} ms"
+                     + (" (Pi 5 QPU time from the emulator's cycle model)" if prof.device == "emulator" else ""))
+    return lines
+
+
 def _cmd_run(args):
     import numpy as np
     import tvm_qpu
+    from tvm_qpu.progress import status_line
+    _check_run_args(args)
     spec = _remote_spec(args)
+    trusted = args.trusted_key
     if spec is None:
-        runner = tvm_qpu.load(args.artifact, device=args.device)
+        runner = tvm_qpu.load(args.artifact, device=args.device, trusted_keys=trusted)
     else:
         from tvm_qpu.rpc import load_remote
+        if trusted is not None:                   # check here, before anything leaves this machine
+            from tvm_qpu.artifact import read_artifact
+            read_artifact(args.artifact, trusted_keys=trusted)
         runner = load_remote(args.artifact, spec, device=args.device)
     try:
-        inputs = _load_inputs(args.inputs) if args.inputs else runner.fill_inputs(args.fill_mode)
-        outs = runner.run(**inputs)
-        if args.outputs:
-            np.savez(args.outputs, **outs)
-        if args.print_top:
-            for name, a in outs.items():
-                flat = a.reshape(-1)
-                top = np.argsort(-flat, kind="stable")[: args.print_top]
-                print(f"{name}: top {len(top)}")
-                for i in top:
-                    print(f"  [{i}] {flat[i]:.6g}")
-        if args.print_time or args.profile:
-            prof = runner.profile(inputs, repeat=max(1, args.repeat))
-            if args.print_time:
-                print(f"mean inference time: {prof.total_seconds * 1e3:.4f} ms over {prof.runs} runs")
-            if args.profile:
-                print(prof.text())
-        if not (args.outputs or args.print_top or args.print_time or args.profile):
-            for name, a in outs.items():
-                print(f"{name}: {a.dtype}{list(a.shape)}")
+        with status_line() as status:
+            def say(lines):
+                status.clear()
+                for line in lines:
+                    print(line, flush=True)
+
+            inputs = _load_inputs(args.inputs) if args.inputs else runner.fill_inputs(args.fill_mode)
+            status.phase = "run"
+            outs = runner.run(**inputs)
+            if args.outputs:
+                with open(args.outputs, "wb") as f:      # exactly this name (np.savez adds .npz to names)
+                    np.savez(f, **outs)
+            if args.print_top:
+                for name, a in outs.items():
+                    say(top_rows(name, a, args.print_top))
+            if args.print_time or args.profile:
+                repeat = args.repeat if spec is None or args.repeat is not None else 10
+                prof = runner.profile(inputs, repeat=repeat)
+                if args.print_time:
+                    say(time_lines(prof))
+                if args.profile:
+                    say([prof.text()])
+            if not (args.outputs or args.print_top or args.print_time or args.profile):
+                say(f"{name}: {a.dtype}{list(a.shape)}" for name, a in outs.items())
     finally:
         runner.close()
     return 0
@@ -203,40 +318,86 @@ def _cmd_partition(args):
     return 0
 
 
-COMMANDS = {"compile": _cmd_compile, "run": _cmd_run, "partition": _cmd_partition}
+def _cmd_keygen(args):
+    from tvm_qpu.artifact import generate_key
+    priv, pub, kid = generate_key(args.stem)
+    print(f"wrote {priv} (private: keep it secret; tvmc compile --sign-key {priv}) and {pub} "
+          f"(public: tvmc run --trusted-key {pub}); key id {kid}")
+    return 0
+
+
+#: name, help, add_arguments(parser), run(args) -> exit status
+SUBCOMMANDS = [
+    ("compile", "compile a model into one artifact file", _args_compile, _cmd_compile),
+    ("run", "run a compiled artifact", _args_run, _cmd_run),
+    ("partition", "show which ops go to the QPU, and why the others stay", _args_partition, _cmd_partition),
+    ("keygen", "make an Ed25519 key pair for signing artifacts", _args_keygen, _cmd_keygen),
+]
+
+
+def build_parser():
+    ap = _Parser(prog="tvmc", description="TVM driver for the qpu target (Raspberry Pi 5 VideoCore VII)")
+    ap.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
+    sub = ap.add_subparsers(dest="cmd", parser_class=_Parser, metavar="COMMAND")
+    for name, text, add_args, run in SUBCOMMANDS:
+        p = sub.add_parser(name, help=text, description=text)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return ap
 
 
 def _one_line(e) -> str:
     msg = " ".join(str(e).split())
+    for lib, cli in CLI_HINTS.items():
+        msg = msg.replace(lib, cli)
     return msg or type(e).__name__
 
 
+def _known_errors() -> tuple:
+    """Exception types whose message is enough (no type name in front)."""
+    from importlib import import_module
+    known = (CliError,)
+    for mod, name in (("tvm_qpu.backend", "QpuError"), ("tvm_qpu.artifact", "ArtifactError"),
+                      ("tvm_qpu.runtime.device", "DeviceError"), ("tvm_qpu.rpc", "RemoteError")):
+        try:
+            known += (getattr(import_module(mod), name),)
+        except (ImportError, AttributeError):
+            pass
+    return known
+
+
+def _exit_now(code: int):
+    """Leave at once: skip the interpreter's teardown (TVM, numba: over a second), so that Ctrl-C
+    ends the process promptly. Everything we own was closed on the way out already."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv=None) -> int:
-    ap = build_parser()
+    """Run tvmc with ``argv`` (default: the command line). Returns the exit status; as the
+    console script (``argv`` None) an interrupted run exits the process at once."""
     try:
-        args = ap.parse_args(argv)
-    except CliError as e:
-        print(f"tvmc: error: {_one_line(e).removeprefix('tvmc: ')}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.cmd is None:
-        ap.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        return COMMANDS[args.cmd](args)
+        ap = build_parser()
+        try:
+            args = ap.parse_args(argv)
+        except CliError as e:
+            print(f"tvmc: error: {_one_line(e).removeprefix('tvmc: ')}", file=sys.stderr)
+            return EXIT_USAGE
+        if args.cmd is None:
+            ap.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args._run(args)
     except KeyboardInterrupt:
         print("tvmc: interrupted", file=sys.stderr)
-        return 130
+        if argv is None:
+            _exit_now(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except Exception as e:  # every failure is one clear line, never a traceback
-        from importlib import import_module
-        known = (CliError,)
-        for mod, name in (("tvm_qpu.backend", "QpuError"), ("tvm_qpu.artifact", "ArtifactError"),
-                          ("tvm_qpu.runtime.device", "DeviceError"),
-                          ("tvm_qpu.rpc", "RemoteError")):
-            try:
-                known += (getattr(import_module(mod), name),)
-            except Exception:
-                pass
-        prefix = "" if isinstance(e, known) else f"{type(e).__name__}: "
+        prefix = "" if isinstance(e, _known_errors()) else f"{type(e).__name__}: "
         print(f"tvmc: error: {prefix}{_one_line(e)}", file=sys.stderr)
         if os.environ.get("TVMC_TRACEBACK"):
             import traceback

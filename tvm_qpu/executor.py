@@ -8,6 +8,13 @@ Compiled modules call QPU regions as ``call_dps_packed("tvm_qpu.run_plan", [key,
 inputs in and the output out). Per-region statistics (calls, modelled QPU time, host time) feed
 ``Runner.profile()``.
 
+Ctrl-C: the emulator's core runs without the GIL, so on the main thread a region runs in a worker
+thread while the main thread waits, shows progress (:mod:`tvm_qpu.progress`) and takes SIGINT;
+it then stops the emulator (``EmulatorDevice.interrupt``, within one scheduling quantum) and
+re-raises KeyboardInterrupt. The TVM packed-function boundary turns any exception into a
+RuntimeError; :class:`PlanExecutor.active` re-raises the original (KeyboardInterrupt, DeviceError,
+EmulatorFault...) in its place.
+
 This module needs only the TVM runtime (``tvm_ffi``) and numpy: no compiler, no Relax frontend.
 """
 from __future__ import annotations
@@ -19,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 RUN_PLAN = "tvm_qpu.run_plan"
+POLL_SECONDS = 0.1          # how often the waiting main thread takes signals and updates progress
+STOP_GRACE_SECONDS = 0.5    # how long to wait for an interrupted region to stop (the emulator: one quantum)
 
 
 class PlanNotLoaded(RuntimeError):
@@ -86,12 +95,20 @@ class PlanExecutor:
         self.resident: dict = {}
         self.stats: dict = {}
         self._lock = threading.Lock()
+        self.interrupted = False            # the last region was interrupted (Ctrl-C)
+        self.failure = None                 # the exception that last left run_plan (see _Active)
+        self._worker = None                 # the last region's worker thread (may outlive a Ctrl-C)
 
     @property
     def device(self):
         if self._device is None:
             self._device = open_qpu_device(self._device_arg)
         return self._device
+
+    @property
+    def device_kind(self) -> str:
+        """The open device's kind ("emulator", "v3d", ...), "" before the device is opened."""
+        return str(getattr(self._device, "kind", "")) if self._device is not None else ""
 
     def add(self, plan, info: RegionInfo):
         self.plans[info.key] = plan
@@ -121,13 +138,16 @@ class PlanExecutor:
         """Run plan ``key`` on ``inputs`` (numpy arrays in RegionInfo.input_names order)."""
         t0 = time.perf_counter()
         with self._lock:
-            r = self._resident(key)
             info = self.info[key]
-            plan_inputs = [b.name for b in r.plan.buffers if b.role == "input"]
-            if set(plan_inputs) <= set(info.input_names) and len(plan_inputs) == len(info.input_names):
-                out = r(**dict(zip(info.input_names, inputs)))
-            else:
-                out = r(*inputs)
+
+            def call():
+                r = self._resident(key)
+                plan_inputs = [b.name for b in r.plan.buffers if b.role == "input"]
+                if set(plan_inputs) <= set(info.input_names) and len(plan_inputs) == len(info.input_names):
+                    return r, r(**dict(zip(info.input_names, inputs)))
+                return r, r(*inputs)
+
+            r, out = self._interruptible(call, info)
             st = self.stats[key]
             st.calls += 1
             for s in r.last_stats:
@@ -136,11 +156,63 @@ class PlanExecutor:
             st.host_seconds += time.perf_counter() - t0
         return out
 
+    def _interruptible(self, fn, info: RegionInfo):
+        """``fn()``; on the main thread with an interruptible device, in a worker thread while this
+        thread shows progress and takes Ctrl-C (see the module docstring)."""
+        dev = self.device
+        if not hasattr(dev, "interrupt") or threading.current_thread() is not threading.main_thread():
+            return fn()
+        self._finish_interrupted()
+        status = _progress().current()
+        box = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                box["out"] = fn()
+            except BaseException as e:      # handed to the waiting thread
+                box["err"] = e
+            finally:
+                done.set()
+
+        keys = list(self.info)
+        where = f"QPU region {keys.index(info.key) + 1}/{len(keys)} {info.name or info.key}"
+        worker = self._worker = threading.Thread(target=work, name=f"tvm_qpu {info.key}", daemon=True)
+        t0 = time.perf_counter()
+        try:
+            worker.start()                  # inside the try: start() itself waits, so Ctrl-C can land there
+            while not done.wait(POLL_SECONDS):
+                status.update(f"{where}: {_activity(dev)} {time.perf_counter() - t0:.0f} s", t0)
+        except BaseException:               # KeyboardInterrupt (or a signal handler's exception)
+            dev.interrupt()
+            done.wait(STOP_GRACE_SECONDS)   # the emulator stops within a quantum; its first-use
+            self.interrupted = True         # compile cannot be stopped: _finish_interrupted waits
+            raise
+        self._worker = None
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
+
+    def _finish_interrupted(self):
+        """Before a new region: let an interrupted one end, then clear the device's stop flag."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.join()
+        if (self.interrupted or worker is not None) and self._device is not None:
+            self._device.interrupt(False)
+        self.interrupted = False
+
     def reset_stats(self):
         for k in self.stats:
             self.stats[k] = RegionStats()
 
     def close(self):
+        if self._worker is not None and self._worker.is_alive():
+            # an interrupted region still runs (the emulator's first-use compile cannot be
+            # stopped): leave device and buffers to it; they go when the process does
+            self._worker = None
+            self.resident = {}
+            self._device = None
         for r in self.resident.values():
             try:
                 r.close()
@@ -172,8 +244,15 @@ class _Active:
         _LOCAL.executor = self.ex
         return self.ex
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         _LOCAL.executor = self.prev
+        failure, self.ex.failure = self.ex.failure, None
+        if exc_type is None or failure is None or exc is failure:
+            return False
+        # the packed-function boundary turned ``failure`` into a RuntimeError: raise the original
+        if isinstance(failure, KeyboardInterrupt):
+            raise KeyboardInterrupt("interrupted") from None
+        raise failure from None
 
 
 def _owner(key: str):
@@ -200,10 +279,30 @@ def _run_plan_packed(key, *args):
                             f"tvm_qpu.load(path) (or build the model with tvm_qpu.build) before running it")
     inputs = [np.from_dlpack(a) for a in args[:-1]]
     out = np.from_dlpack(args[-1])
-    result = ex.run(str(key), inputs)
+    try:
+        result = ex.run(str(key), inputs)
+    except BaseException as e:
+        ex.failure = e                      # TVM re-raises it as a RuntimeError; see _Active
+        raise
     if isinstance(result, tuple):
         raise RuntimeError(f"QPU region {key}: plan has {len(result)} outputs, one expected")
     out[...] = np.asarray(result).reshape(out.shape)
+
+
+def _progress():
+    from . import progress
+    return progress
+
+
+def _activity(dev) -> str:
+    """What a waiting region is doing, for the status line."""
+    if getattr(dev, "kind", "") != "emulator":
+        return f"running on {getattr(dev, 'kind', 'the device')}"
+    from tvm_qpu.runtime import emu_core
+    if not emu_core.run.signatures:
+        return ("preparing the emulator core (numba: a minute or more the first time, seconds once "
+                "cached)")
+    return "emulating"
 
 
 _REGISTERED = False

@@ -464,7 +464,8 @@ class RemoteRunner:
     def profile(self, inputs: dict | None = None, repeat: int = 10):
         from .api import Profile
         data = json.loads(str(self._call("profile", arrays_to_npz(inputs or {}), int(repeat))))
-        return Profile(int(data["runs"]), float(data["total_seconds"]), list(data["regions"]))
+        return Profile(int(data["runs"]), float(data["total_seconds"]), list(data["regions"]),
+                       device=str(data.get("device", "")), host=str(data.get("host", "")))
 
     def close(self):
         if self.session is not None:
