@@ -10,7 +10,8 @@ For each model (``models/*.onnx`` plus ResNet-18-, MobileNetV2- and BERT-layer-l
 * ``llvm-tuned`` only with ``--tuning-records`` (not implemented yet: reported as absent);
 * ``qpu``        ``tvm_qpu.build(target="qpu")``: the CPU part is MEASURED here (wall time minus
   the host time spent in QPU regions), the QPU part is MODELLED (the emulator's cycle model at the
-  V3D clock); their sum is labelled ``qpu (cpu measured + qpu modelled)``.
+  V3D clock); their sum is labelled ``qpu (cpu measured + qpu modelled)``. For the three big
+  models only with ``--qpu-big`` (the emulator executes every offloaded instruction).
 
 All runs use the same thread count: ``TVM_NUM_THREADS`` is set before TVM is imported and ORT
 gets the same ``intra_op_num_threads``. Times are the median of ``--repeat`` runs after one warm-up;
@@ -44,6 +45,9 @@ def _args(argv):
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/tvm_qpu/bench"))
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     ap.add_argument("--no-qpu", action="store_true", help="skip the qpu build (emulator runs are slow)")
+    ap.add_argument("--qpu-big", action="store_true",
+                    help="also build/run the qpu target for the three big models (the emulator runs every "
+                         "offloaded QPU instruction: this can take very long)")
     ap.add_argument("--no-baseline", action="store_true", help="skip TVM's default (naive) build")
     return ap.parse_args(argv)
 
@@ -133,7 +137,7 @@ def bench_one(name, path, a):
     row["llvm_s"] = r.profile(x, repeat=a.repeat).total_seconds
     r.close()
     row["llvm_tuned_s"] = None                   # no tuning records in this run
-    if not a.no_qpu:
+    if not a.no_qpu and (name not in BIG or a.qpu_big):
         t = time.perf_counter()
         qlib = tvm_qpu.build(mod, target="qpu", params=params)
         row["qpu_compile_s"] = time.perf_counter() - t
@@ -149,7 +153,7 @@ def bench_one(name, path, a):
 
 
 def _fmt_ms(s):
-    return "-" if s is None else f"{s * 1e3:9.2f}"
+    return "-" if s is None else f"{s * 1e3:9.3f}"
 
 
 def _ratio(a, b):

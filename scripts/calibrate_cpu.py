@@ -97,7 +97,7 @@ def measure(repeat: int):
     out = []
     for name, key, f, ins, ops in _cases():
         bb = relax.BlockBuilder()
-        params = [relax.Var(f"x{i}", relax.TensorStructInfo(s, d)) for i, (s, d) in enumerate(ins)]
+        params = [relax.Var(f"x{i}", relax.TensorType(list(s), d)) for i, (s, d) in enumerate(ins)]
         with bb.function("main", params):
             with bb.dataflow():
                 y = bb.emit_output(f(bb, *params))

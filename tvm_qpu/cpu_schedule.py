@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 PANEL_BYTES = 16 * 1024   # a reduction block of the vector operand kept in L1 (32-64 KiB on A76 / x86)
 CHUNK_ROWS = 64           # output rows sharing one panel block when K-blocking
-MIN_PARALLEL_ELEMS = 4096  # below this many output elements a thread-pool launch costs more than it saves
+# Below these sizes one core finishes in well under ~50 us and waking TVM's thread pool costs more
+# than it saves (and much more when the cores are shared): such loops stay serial.
+MIN_PARALLEL_ELEMS = 1 << 16   # elements of an injective block
+MIN_PARALLEL_WORK = 1 << 18    # multiply-adds (output elements x reduction extent) of a reduction
 MAX_UNROLL_VEC = 64       # elements of an injective inner loop vectorized at once (a multiple of the lanes)
 
 
@@ -112,6 +115,27 @@ def _region_vars(region) -> set:
     return vs
 
 
+def _unit_stride(region, var) -> bool:
+    """Whether ``var`` indexes ``region`` contiguously: absent (a broadcast), or only in the last
+    dimension as ``var + (terms without var)``."""
+    dims = [i for i, r in enumerate(region) if var in _vars_of(r.min)]
+    if not dims:
+        return True
+    return dims == [len(region) - 1] and _is_unit_term(region[-1].min, var)
+
+
+def _is_unit_term(expr, var) -> bool:
+    from tvm import tirx
+    if expr.same_as(var):
+        return True
+    if isinstance(expr, tirx.Add):
+        return (_is_unit_term(expr.a, var) and var not in _vars_of(expr.b)) or \
+            (_is_unit_term(expr.b, var) and var not in _vars_of(expr.a))
+    if isinstance(expr, tirx.Sub):
+        return _is_unit_term(expr.a, var) and var not in _vars_of(expr.b)
+    return False
+
+
 def _dtype_bits(block_stmt) -> int:
     w = block_stmt.writes
     return int(w[0].source.dtype.bits) if w else 32
@@ -141,10 +165,12 @@ def _schedule_injective_block(sch, block, lanes: int):
                 o, inner = sch.split(inner, factors=[None, v])
                 outer.append(o)
             sch.vectorize(inner)
-        else:
+        elif not outer:
             outer.append(inner)
-    else:
+    elif not outer:
         outer.append(inner)
+    # a scalar innermost loop stays a plain loop: fused into the parallel loop it would pay the
+    # fused index's div/mod on every element
     if outer and (total is None or total >= MIN_PARALLEL_ELEMS):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
@@ -211,6 +237,8 @@ class TiledReduction(_Rule):
         # vector axis: the spatial iter indexing the output's last dimension (contiguous)
         w_last = _vars_of(mstmt.writes[0].region[-1].min)
         vec = next((i for i in reversed(s_idx) if ivars[i] in w_last and ext[i] > 1), None)
+        if vec is not None and not all(_unit_stride(r.region, ivars[vec]) for r in mstmt.reads):
+            vec = None          # a strided operand (stride-2 pooling in NCHW) would need gathers
         # row axes: spatial iters the vector-loaded operand does not depend on (matmul rows, conv
         # output pixels in NHWC): each vector load then feeds one FMA per row of the tile
         vec_reads = [r for r in mstmt.reads if vec is not None and ivars[vec] in _region_vars(r.region)]
@@ -308,7 +336,7 @@ class TiledReduction(_Rule):
         n_out = 1
         for i in s_idx:
             n_out *= ext[i]
-        if n_out >= MIN_PARALLEL_ELEMS:
+        if n_out * red_elems >= MIN_PARALLEL_WORK:
             sch.parallel(fused)
         init = sch.decompose_reduction(main, sch.get_loops(main)[1])
         il = sch.get_loops(init)[1:]
