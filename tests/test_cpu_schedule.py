@@ -53,6 +53,8 @@ def test_vector_width_from_target():
     pi5 = _target(dict(PI5_TARGET))
     assert cs.vector_bits(pi5) == 128 and cs.vector_lanes(pi5) == 4
     assert cs.accumulator_budget(pi5) == 28                      # 32 NEON registers
+    new, rule = cs.schedule_func(_matmul_func(64, 64, 64), pi5)   # the pi5 build gets the same rules
+    assert rule == "tiled-reduction" and "T.vectorized(8)" in new.script()   # 2 x 4 fp32 lanes
     import tvm
     assert cs.vector_bits(tvm.target.Target({"kind": "llvm"})) == 128   # generic x86-64: SSE2
 

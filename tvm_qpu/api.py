@@ -261,12 +261,13 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
     t2 = time.perf_counter()
     rules: dict = {}
     try:
+        tgt = tvm.target.Target(host)
         if cpu_schedule:
             from . import cpu_schedule as cs
-            tgt = cs.host_target(host)
+            tgt = cs.host_target(host)      # this machine: its own CPU name, so LLVM uses AVX2/NEON
             ex = tvm.compile(lowered, target=tgt, relax_pipeline=cs.relax_pipeline(tgt, stats=rules))
         else:
-            ex = tvm.compile(lowered, target=tvm.target.Target(host))
+            ex = tvm.compile(lowered, target=tgt)
     except Exception as e:
         raise QpuError(f"TVM could not compile the host code for {host}: {type(e).__name__}: {e}") from None
     t3 = time.perf_counter()
@@ -279,7 +280,7 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
             "target_host": host if isinstance(host, str) else json.dumps(host, sort_keys=True),
             "host_arch": arch, "placement": report.placement, "inputs": inputs, "outputs": outputs,
             "compile_seconds": {"partition": t1 - t0, "qpu_codegen": t2 - t1, "host_compile": t3 - t2},
-            "cpu_schedules": rules}
+            "cpu_target": str(tgt), "cpu_schedules": rules}
     return CompiledModule(ex, regions, report, meta, cc, lowered)
 
 

@@ -581,6 +581,24 @@ def schedule_pass(target, rules=None, stats: dict | None = None):
     return _pass
 
 
+def _calls_op(mod, op_names) -> bool:
+    """Whether any Relax function of ``mod`` calls one of ``op_names``."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+    found = []
+
+    def visit(call):
+        op = call.op
+        if isinstance(op, tvm.ir.Op) and op.name in op_names:
+            found.append(op.name)
+
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            tvm_ffi.structural_walk(f, (relax.Call, visit), order="pre")
+    return bool(found)
+
+
 def relax_pipeline(target, rules=None, stats: dict | None = None):
     """TVM's CPU pipeline (``relax.backend.cpu_generic``) with :func:`schedule_pass` after fusion."""
     import tvm
@@ -590,9 +608,12 @@ def relax_pipeline(target, rules=None, stats: dict | None = None):
     @tvm.transform.module_pass(opt_level=0, name="TvmQpuCpuPipeline")
     def _pipeline(mod, _ctx):
         with target:
+            if _calls_op(mod, CONV_LAYOUT):
+                # only where there is a conv2d: TVM 0.27's ConvertLayout dies with SIGFPE on some
+                # graphs without one (e.g. ONNX DynamicQuantizeLinear, expanded)
+                mod = relax.transform.ConvertLayout(dict(CONV_LAYOUT))(mod)
             seq = tvm.transform.Sequential(
-                [relax.transform.ConvertLayout(dict(CONV_LAYOUT))]
-                + cg.library_dispatch_passes(target) + cg.legalize_passes(target)
+                cg.library_dispatch_passes(target) + cg.legalize_passes(target)
                 + [schedule_pass(target, rules, stats)]
                 + cg.dataflow_lower_passes(target) + cg.finalize_passes(target))
             return seq(mod)
