@@ -180,7 +180,8 @@ def test_without_kernels_everything_stays_on_cpu(monkeypatch):
     lib = tvm_qpu.build(mod, placement="all")
     assert not lib.regions
     assert "no QPU kernel for conv2d" in _cpu_reason(lib.report, "relax.nn.conv2d")
-    np.testing.assert_allclose(lib.runner().run(x=args[0])["output_0"], llvm_run(mod, *args), rtol=1e-6)
+    np.testing.assert_allclose(lib.runner().run(x=args[0])["output_0"], llvm_run(mod, *args),
+                               rtol=1e-5, atol=1e-6)   # scheduled llvm code sums in another order
 
 
 def test_fused_pattern_preferred_then_falls_back(doubles, monkeypatch):

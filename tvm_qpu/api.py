@@ -266,8 +266,12 @@ class CompiledModule:
 
 
 def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", params=None,
-          registry=None) -> CompiledModule:
-    """Compile ``mod`` for the QPU (``target="qpu"``) or the CPU only (``target="llvm"``)."""
+          registry=None, cpu_schedule: bool = True) -> CompiledModule:
+    """Compile ``mod`` for the QPU (``target="qpu"``) or the CPU only (``target="llvm"``).
+
+    The CPU part gets :mod:`tvm_qpu.cpu_schedule`'s default schedules (tiled, vectorized at the
+    target's SIMD width, parallel on TVM's thread pool); ``cpu_schedule=False`` keeps TVM's plain
+    default pipeline (naive loops), for comparison."""
     if target not in TARGETS:
         raise QpuError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     host, arch, cc = resolve_target_host(target_host)
@@ -280,8 +284,15 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
     t1 = time.perf_counter()
     lowered, regions = backend.codegen(part)
     t2 = time.perf_counter()
+    rules: dict = {}
     try:
-        ex = tvm.compile(lowered, target=tvm.target.Target(host))
+        tgt = tvm.target.Target(host)
+        if cpu_schedule:
+            from . import cpu_schedule as cs
+            tgt = cs.host_target(host)      # this machine: its own CPU name, so LLVM uses AVX2/NEON
+            ex = tvm.compile(lowered, target=tgt, relax_pipeline=cs.relax_pipeline(tgt, stats=rules))
+        else:
+            ex = tvm.compile(lowered, target=tgt)
     except Exception as e:
         raise QpuError(f"TVM could not compile the host code for {host}: {type(e).__name__}: {e}") from None
     t3 = time.perf_counter()
@@ -293,7 +304,8 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
     meta = {"tvm_qpu_version": __version__, "tvm_version": tvm.__version__, "target": target,
             "target_host": host if isinstance(host, str) else json.dumps(host, sort_keys=True),
             "host_arch": arch, "placement": report.placement, "inputs": inputs, "outputs": outputs,
-            "compile_seconds": {"partition": t1 - t0, "qpu_codegen": t2 - t1, "host_compile": t3 - t2}}
+            "compile_seconds": {"partition": t1 - t0, "qpu_codegen": t2 - t1, "host_compile": t3 - t2},
+            "cpu_target": str(tgt), "cpu_schedules": rules}
     from .safety import index_checks
     meta["index_checks"] = index_checks(mod)
     return CompiledModule(ex, regions, report, meta, cc, lowered)

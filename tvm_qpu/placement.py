@@ -3,7 +3,9 @@
 For one :class:`~tvm_qpu.codegen.registry.OpSpec` the model compares
 
 * **CPU time** (:func:`cpu_seconds`): a roofline over the Pi 5's Cortex-A76 cluster,
-  ``max(ops / rate, bytes / bandwidth) + per-op overhead``, with the rates in :data:`CPU_MODEL`;
+  ``max(ops / rate, bytes / bandwidth) + per-op overhead``, with the rates in :data:`CPU_MODEL`:
+  those of the code the build runs (:mod:`tvm_qpu.cpu_schedule`'s schedules, calibrated by
+  ``scripts/calibrate_cpu.py`` and scaled to the A76), never of a library the build does not call;
 * **QPU time** (:func:`qpu_seconds`): ``registry.estimate(spec)`` (the kernel's cycle model)
   plus the fixed costs of leaving the CPU, in :data:`QPU_OVERHEAD`: the VM -> Python call, the
   job submission per launch (counted in the generated KernelPlan: :func:`plan_launches`), and
@@ -28,22 +30,31 @@ PLACEMENTS = ("all", "cost", "none")
 CPU_MODEL = {
     "cores": (4, "cores", "Raspberry Pi 5 product brief: 4x Cortex-A76"),
     "clock_hz": (2.4e9, "Hz", "Raspberry Pi 5 product brief: 2.4 GHz"),
-    "fp32_gemm_peak": (55e9, "FLOP/s",
-                       "NumPy/OpenBLAS sgemm measured on a Pi 5 (~55 GFLOP/s, 4 threads, large square "
-                       "GEMM); models a BLAS-class CPU path, so offloading fp32 must beat BLAS"),
-    "fp32_gemm_1core": (20e9, "FLOP/s",
-                        "assumption: one A76 core, 2x128-bit FMA = 38.4 GFLOP/s peak, ~50% on small "
-                        "GEMMs (packing, edges); used below the threading threshold"),
+    # CPU rates: the code the build runs, i.e. tvm_qpu.cpu_schedule's default schedules (no BLAS is
+    # called). Measured on one core of the dev box by scripts/calibrate_cpu.py (TVM_NUM_THREADS=1,
+    # the slowest of its cases per kind) and scaled to one A76 core by "a76_factor".
+    "a76_factor": (0.491, "",
+                   "assumption: A76 core / dev-box core fp32 peak = 38.4 GFLOP/s (2x128-bit FMA at 2.4 GHz) / "
+                   "78.3 GFLOP/s (AMD EPYC, AVX2 2x256-bit FMA at 2.445 GHz); the same schedule is assumed to "
+                   "reach the same fraction of peak on both (scripts/calibrate_cpu.py)"),
+    "fp32_gemm_1core": (8.7e9, "FLOP/s",
+                        "tvm_qpu.cpu_schedule tiled-reduction fp32 matmul/conv2d (register tile, SIMD, K-blocking) "
+                        "on one core: 17.7 GFLOP/s measured on the dev box by scripts/calibrate_cpu.py "
+                        "(matmul 128x768x768; conv 64ch 56x56: 19.2), x a76_factor"),
+    "fp32_gemm_peak": (27.8e9, "FLOP/s",
+                       "the same schedule on the Pi 5's 4 cores (outer loop parallel on TVM's thread pool): "
+                       "4 x fp32_gemm_1core x 0.8 (assumption: parallel efficiency)"),
     "fp32_gemm_thread_cost": (5e-6, "s",
-                              "assumption: waking 3 more BLAS threads costs ~5 us; the CPU time is the "
-                              "cheaper of one core and 4 cores + this cost"),
-    "int_gemm_rate": (4e9, "op/s",
-                      "assumption: int8/int16 x int -> int32 matmul/conv through TVM llvm's default "
-                      "(untuned) schedule: widened to int32 multiply-adds, 4-lane NEON, one core, no "
-                      "sdot; ~4 GOP/s, an order below fp32 BLAS"),
-    "elementwise_rate": (2e9, "elem-op/s",
-                         "assumption: TVM llvm loops for pooling / reductions / softmax, one core, "
-                         "~1 element-op per cycle at 2.4 GHz minus loop overhead"),
+                              "assumption: waking TVM's thread pool (3 more workers) costs ~5 us; the CPU time is "
+                              "the cheaper of one core and 4 cores + this cost"),
+    "int_gemm_rate": (7.0e9, "op/s",
+                      "tvm_qpu.cpu_schedule tiled-reduction int8 x int8 -> int32 matmul (widened to int32 "
+                      "multiply-adds, no sdot) on one core: 14.2 GOP/s measured on the dev box by "
+                      "scripts/calibrate_cpu.py (128x768x768), x a76_factor"),
+    "elementwise_rate": (1.36e9, "elem-op/s",
+                         "tvm_qpu.cpu_schedule (dlight.cpu.Reduction softmax, tiled pooling) on one core: "
+                         "softmax 12x128x128 2.8 G elem-op/s measured on the dev box by scripts/calibrate_cpu.py "
+                         "(placement's op count: exp = 10; max_pool2d 3x3/2: 3.2), x a76_factor"),
     "exp_cost": (10, "elem-ops",
                  "assumption: one exp() in a softmax costs ~10 element-ops (polynomial expansion)"),
     "mem_bw": (17e9, "B/s", "LPDDR4X-4267, 32-bit bus: 4267e6 x 4 B = 17 GB/s theoretical"),
@@ -199,7 +210,8 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
 
 def model_table() -> str:
     """The constants, as text (``tvmc partition --explain``)."""
-    lines = ["CPU model (Raspberry Pi 5, Cortex-A76):"]
+    lines = ["CPU model (Raspberry Pi 5, Cortex-A76; modelled: tvm_qpu.cpu_schedule's schedules, rates "
+             "calibrated by scripts/calibrate_cpu.py):"]
     lines += [f"  {k:22s} {v[0]:<10g} {v[1]:10s} {v[2]}" for k, v in CPU_MODEL.items()]
     lines.append("QPU fixed costs (beyond registry.estimate):")
     lines += [f"  {k:22s} {v[0]:<10g} {v[1]:10s} {v[2]}" for k, v in QPU_OVERHEAD.items()]

@@ -1,0 +1,135 @@
+"""tvm_qpu.cpu_schedule: every scheduled op computes what numpy / onnxruntime compute, the tile
+choices keep tiles rectangular, and a rule that fails falls back to the next one (no timing here)."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import tvm_qpu
+from tvm_qpu import cpu_schedule as cs
+
+
+def _target(spec="llvm"):
+    return cs.host_target(spec)
+
+
+def _run_te(func, arrays):
+    import tvm
+    lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=_target())
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+def _matmul_func(m, k, n):
+    from tvm import te
+    a = te.placeholder((m, k), name="A")
+    b = te.placeholder((k, n), name="B")
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute((m, n), lambda i, j: te.sum(a[i, r] * b[r, j], axis=r), name="C")
+    return te.create_prim_func([a, b, c])
+
+
+@pytest.mark.parametrize("m,k,n", [(128, 768, 256), (7, 13, 5), (1, 512, 1000), (49, 4608, 24)])
+def test_matmul_rule_matches_numpy(m, k, n):
+    f = _matmul_func(m, k, n)
+    new, rule = cs.schedule_func(f, _target())
+    assert rule == "tiled-reduction" and new is not None
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    got = _run_te(new, [a, b, np.zeros((m, n), np.float32)])
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+def test_row_tiles_stay_rectangular():
+    # fused (n, h, w) = (450, 4, 4): 12 rows would straddle images (the bug this rule prevents)
+    opts = cs._row_options([450, 4, 4])
+    assert 12 not in opts and {1, 2, 4, 8, 16, 32, 48} <= set(opts)
+    assert cs._row_options([7, 7]) == [1, 7, 49]
+
+
+def test_vector_width_from_target():
+    from tvm_qpu.api import PI5_TARGET
+    pi5 = _target(dict(PI5_TARGET))
+    assert cs.vector_bits(pi5) == 128 and cs.vector_lanes(pi5) == 4
+    assert cs.accumulator_budget(pi5) == 28                      # 32 NEON registers
+    new, rule = cs.schedule_func(_matmul_func(64, 64, 64), pi5)   # the pi5 build gets the same rules
+    assert rule == "tiled-reduction" and "T.vectorized(8)" in new.script()   # 2 x 4 fp32 lanes
+    import tvm
+    assert cs.vector_bits(tvm.target.Target({"kind": "llvm"})) == 128   # generic x86-64: SSE2
+
+
+class _Boom(cs._Rule):
+    name = "boom"
+
+    def apply(self, func, target):
+        raise RuntimeError("refused on this shape")
+
+
+def test_failing_rule_falls_back_to_the_next():
+    f = _matmul_func(5, 7, 3)                                    # odd shape
+    new, rule = cs.schedule_func(f, _target(), rules=[_Boom(), cs.ParallelOuter()])
+    assert rule == "parallel-outer"
+    new2, rule2 = cs.schedule_func(f, _target(), rules=[_Boom()])
+    assert (new2, rule2) == (None, None)                         # nothing applies: TVM's default
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((5, 7), np.float32), rng.standard_normal((7, 3), np.float32)
+    np.testing.assert_allclose(_run_te(new, [a, b, np.zeros((5, 3), np.float32)]), a @ b, rtol=1e-5, atol=1e-5)
+
+
+def _onnx_model(tmp_path, nodes, inits, x_shape, y_shape, name):
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                          initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    p = tmp_path / f"{name}.onnx"
+    onnx.save(m, p)
+    return p
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def _check(path, x, atol=1e-4):
+    mod, params = tvm_qpu.from_onnx(path)
+    lib = tvm_qpu.build(mod, target="llvm", params=params)
+    r = lib.runner()
+    got = next(iter(r.run(x=x).values()))
+    r.close()
+    want = _ort(path, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol)
+    return lib.meta["cpu_schedules"]
+
+
+def test_conv_depthwise_pool_ops_match_onnxruntime(tmp_path):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32) * 0.2
+    dw = rng.standard_normal((16, 1, 3, 3)).astype(np.float32) * 0.3
+    b = rng.standard_normal(16).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "dw"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=16),
+             helper.make_node("Add", ["d", "r"], ["s"]),
+             helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["p"], ["y"], kernel_shape=[2, 2], strides=[1, 1])]
+    p = _onnx_model(tmp_path, nodes, {"w": w, "dw": dw, "b": b}, [1, 8, 15, 13], [1, 16, 3, 3], "convs")
+    rules = _check(p, rng.standard_normal((1, 8, 15, 13)).astype(np.float32))
+    assert "tiled-reduction" in rules.values()
+
+
+def test_softmax_layernorm_gelu_match_onnxruntime(tmp_path):
+    rng = np.random.default_rng(3)
+    d = 24
+    w = rng.standard_normal((d, d)).astype(np.float32) * 0.2
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+             helper.make_node("Softmax", ["m"], ["s"], axis=-1),
+             helper.make_node("Erf", ["s"], ["e"]),
+             helper.make_node("Mul", ["e", "m"], ["g"]),
+             helper.make_node("LayerNormalization", ["g", "gamma", "beta"], ["y"], axis=-1)]
+    inits = {"w": w, "gamma": np.ones(d, np.float32), "beta": np.zeros(d, np.float32)}
+    p = _onnx_model(tmp_path, nodes, inits, [3, 17, d], [3, 17, d], "tail")
+    _check(p, rng.standard_normal((3, 17, d)).astype(np.float32))
