@@ -1,0 +1,282 @@
+"""QDQ rewrite: ``DequantizeLinear -> Conv / MatMul / Gemm (+ bias) (-> Relu)`` becomes an integer op.
+
+TVM 0.27's ONNX importer keeps QDQ models' quantisation as ``relax.quantize`` / ``relax.dequantize``
+calls around *float* operators: ``conv2d(dequantize(xq, sx, zx), dequantize(Wq, sw, zw))``, the bias
+``add(., reshape(dequantize(Bq, sb, 0)))``, ``relu``, then ``quantize(., sy, zy)``. After the parameters
+are bound the weight dequantizes are constant, and ``FoldConstant`` would turn them into float32
+weights (the QPU then ran the model as a float model). :func:`rewrite_qdq` runs *before* folding and
+rewrites each such chain into
+
+    acc = conv2d(astype(xq, int32) [- zx], Wq - zw, out_dtype=int32) [+ Bq] [-> relu]   (exact, int32)
+    y   = dequantize(acc, sx * sw, 0, axis=<output channel>)                              (float32)
+
+so the integer part is the integer conv / matmul form the qpu patterns already offload (8-bit
+activations and weights read by the TMU, ``smul24``, int32 accumulation, int32 bias, ReLU on the
+int32 accumulator), and what follows (``dequantize`` -> Clip -> ``quantize``) is the requantize
+epilogue, which TVM fuses into one elementwise CPU kernel. Per-channel weight scales (on the output
+channel axis) become a per-channel ``dequantize``. ReLU moves before the dequantize because the
+scales are checked to be positive (``relu(s * a) = s * relu(a)``); Clip / ReLU6 stay in float
+(their bounds are float values), fused with the requantize on the CPU.
+
+Rounding (what differs from ONNX Runtime, at most one quantisation step at a rounding tie):
+
+* we: the int32 accumulator is exact; ``y = float32(acc) * float32(sx * sw)`` then the model's
+  ``quantize``: ``round_half_even(y / sy) + zy``, saturated (TVM's ``relax.quantize`` legalisation;
+  ``te.round`` lowers to LLVM ``nearbyint``, i.e. half to even in the default rounding mode);
+* ONNX Runtime (``ORT_ENABLE_ALL``) fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` (and MatMul into
+  ``QLinearMatMul``): int32 accumulation, then ``float32(acc) * (sx * sw / sy)`` rounded half to even
+  (MLAS requantize), + zy, saturated. Unfused QDQ nodes compute the conv in float32 and quantize it
+  the same way. The products differ in the last float bit, so a value within one ulp of a .5 tie can
+  round the other way: results agree exactly except for such ties (a difference of one step).
+
+A chain is left in float (on the CPU, or on the QPU as a float kernel) when the integer form would
+not be exact; each decision, with its reason, is returned and ends up in the partition report:
+scales that are not finite and positive, a per-axis scale on an axis other than the output channel,
+a per-channel activation zero point, non-integer quantised dtypes, an int32 accumulator that could
+overflow (``K * max|x - zx| * max|w - zw| + max|b|`` beyond int32). Nonzero weight zero points and
+uint8 weights are handled exactly (``Wq - zw`` is computed at compile time and kept in the
+smallest integer dtype that holds it: int8, uint8 or int16). A bias whose scale is not ``sx * sw``
+(or whose zero point is not 0) is added in float after the integer op instead of on the accumulator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import patterns as P
+
+INT32_MAX = (1 << 31) - 1
+#: relative tolerance for "bias scale == sx * sw" (the quantiser writes sb = sx * sw in float32)
+BIAS_SCALE_RTOL = 1e-6
+#: weight / activation dtypes the rewrite accepts (what DequantizeLinear takes, 8-bit and 16-bit)
+QUANT_DTYPES = ("int8", "uint8", "int16", "uint16")
+#: anchor op -> output-channel axis of the weight (as given to the op) and of the output
+_CHANNEL_AXES = {"relax.nn.conv2d": (0, 1), "relax.matmul": (-1, -1)}
+
+
+@dataclass
+class QdqDecision:
+    """One DQ -> op chain: rewritten to integer (accepted) or left in float (reason)."""
+    var: str
+    op: str
+    accepted: bool
+    reason: str
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+class _Keep(Exception):
+    """The chain stays in float (the message is the reason)."""
+
+
+def _scalar(arr, what):
+    if arr.size != 1:
+        raise _Keep(f"{what} is not a scalar")
+    return arr.reshape(())
+
+
+def _check_scale(arr, what):
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise _Keep(f"{what} has zero, negative or non-finite values")
+
+
+def _dq_parts(dq, what):
+    """(q expr, scale array, zero-point array, axis) of a ``relax.dequantize`` with constant params."""
+    q, s, z = dq.args
+    if not (P.is_constant(s) and P.is_constant(z)):
+        raise _Keep(f"{what}: scale / zero point are not constants")
+    dt = P.dtype_of(q)
+    if dt not in QUANT_DTYPES + ("int32",):
+        raise _Keep(f"{what}: quantised dtype {dt}")
+    scale = P.const_value(s).astype(np.float32)
+    _check_scale(scale, f"{what} scale")
+    return q, scale, P.const_value(z).astype(np.int64), int(P._attr(dq, "axis", -1))
+
+
+def smallest_int_dtype(arr) -> str:
+    """The narrowest of int8 / uint8 / int16 / int32 holding every value of ``arr``."""
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    for dt in ("int8", "uint8", "int16", "int32"):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return dt
+    raise _Keep("weight values beyond int32")
+
+
+def _weight(wdq, op, weight_rank, transposed):
+    """(integer weight array (w - zw), per-output-channel scale vector or scalar)."""
+    wq, sw, zw, axis = _dq_parts(wdq, "weight")
+    if P.dtype_of(wq) not in QUANT_DTYPES:
+        raise _Keep(f"weight dtype {P.dtype_of(wq)}")
+    w = P.const_value(wq).astype(np.int64)
+    if sw.size > 1 or zw.size > 1:
+        ax = axis % weight_rank
+        want = _CHANNEL_AXES[op][0] % weight_rank
+        if transposed:                           # Gemm transB: W [N, K] permuted to [K, N]
+            want = 0
+        if ax != want:
+            raise _Keep(f"per-axis weight scale on axis {axis} (only the output channel axis {want} is exact)")
+        shape = [1] * weight_rank
+        shape[ax] = -1
+        zw_b = zw.reshape(shape) if zw.size > 1 else _scalar(zw, "weight zero point")
+        w = w - zw_b
+    else:
+        w = w - int(_scalar(zw, "weight zero point"))
+    return w, sw
+
+
+def _activation_operand(xdq):
+    xq, sx, zx, _ = _dq_parts(xdq, "activation")
+    if P.dtype_of(xq) not in QUANT_DTYPES:
+        raise _Keep(f"activation dtype {P.dtype_of(xq)}")
+    sx = _scalar(sx, "activation scale")
+    zx = int(_scalar(zx, "activation zero point"))
+    info = np.iinfo(P.dtype_of(xq))
+    return xq, float(sx), zx, max(abs(int(info.min) - zx), abs(int(info.max) - zx))
+
+
+def _rewrite_one(m, names):
+    """The integer replacement of one matched chain (raises _Keep)."""
+    from tvm import relax
+    import tvm
+    core = m[names["core"]]
+    op = P.op_name(core)
+    xdq = m[names["xdq"]]
+    xq, sx, zx, xmax = _activation_operand(xdq)
+    wdq = m[names["wdq"]]
+    transposed = names["wperm"] in m
+    wrank = len(P.shape_of(wdq))
+    w, sw = _weight(wdq, op, wrank, transposed)
+    # the accumulator bound: K products of |x - zx| <= xmax and |w| <= wmax, plus the bias
+    if op == "relax.nn.conv2d":
+        k = int(np.prod(w.shape[1:]))
+    else:
+        k = int(w.shape[1] if transposed else w.shape[0])
+    wmax = int(np.abs(w).max()) if w.size else 0
+    bias_int = None
+    bias_reason = ""
+    if names["bdq"] in m:
+        bq, sb, zb, _ = _dq_parts(m[names["bdq"]], "bias")
+        acc_scale = np.float32(sx) * sw
+        if P.dtype_of(bq) != "int32" or np.any(zb != 0):
+            bias_reason = "bias is not int32 with zero point 0"
+        elif not np.allclose(np.broadcast_to(sb, np.shape(acc_scale)), acc_scale, rtol=BIAS_SCALE_RTOL, atol=0) \
+                and not np.allclose(sb, acc_scale, rtol=BIAS_SCALE_RTOL, atol=0):
+            bias_reason = "bias scale differs from activation scale x weight scale"
+        else:
+            bias_int = P.const_value(bq).astype(np.int64)
+    bmax = int(np.abs(bias_int).max()) if bias_int is not None and bias_int.size else 0
+    bound = k * xmax * wmax + bmax
+    if bound > INT32_MAX:
+        raise _Keep(f"int32 accumulator could overflow (K={k}: {k} x {xmax} x {wmax} + {bmax} > 2^31 - 1)")
+    # integer operands: activation (minus its zero point, narrowed later by the backend), weight
+    if names["xreshape"] in m:                   # (Gemm's flatten) reshape the 8-bit tensor, then widen
+        xq = relax.op.reshape(xq, m[names["xreshape"]].args[1])
+    xi = relax.op.astype(xq, "int32")
+    if zx:
+        xi = relax.op.subtract(xi, relax.const(np.int32(zx)))
+    wc = relax.const(tvm.runtime.tensor(w.astype(np.int32)))
+    if transposed:
+        wc = relax.op.permute_dims(wc, P._ints(P._attr(m[names["wperm"]], "axes")) or None)
+    if op == "relax.nn.conv2d":
+        a = core.attrs
+        acc = relax.op.nn.conv2d(xi, wc, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                                 groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                                 out_layout=a.out_layout, out_dtype="int32")
+        out_axis = 1
+    else:
+        acc = relax.op.matmul(xi, wc, out_dtype="int32")
+        out_axis = len(P.shape_of(core)) - 1
+    float_bias = None
+    if bias_int is not None:
+        bshape = P.shape_of(m[names["bias_side"]])
+        acc = relax.op.add(acc, relax.const(tvm.runtime.tensor(bias_int.astype(np.int32).reshape(bshape))))
+    elif names["bdq"] in m:
+        float_bias = m[names["bias_side"]]
+    if names["relu"] in m and float_bias is None:
+        acc = relax.op.nn.relu(acc)
+    scale = (np.float32(sx) * sw).astype(np.float32)
+    y = relax.op.dequantize(acc, relax.const(tvm.runtime.tensor(scale.reshape(-1) if scale.size > 1 else scale.reshape(()))),
+                            relax.const(np.int32(0)), axis=out_axis, out_dtype="float32")
+    if float_bias is not None:
+        y = relax.op.add(y, float_bias)
+        if names["relu"] in m:
+            y = relax.op.nn.relu(y)
+    return y, bias_reason
+
+
+def _make_patterns():
+    """[(root pattern, names)] most-fused first: relu(add(core, bias)), add(core, bias), relu(core), core."""
+    from tvm.relax import dpl
+
+    def dq(q):
+        return dpl.is_op("relax.dequantize")(q, dpl.is_const(), dpl.is_const())
+
+    out = []
+    for with_bias in (True, False):
+        for with_relu in (True, False):
+            xdq = dq(dpl.wildcard())
+            xreshape = dpl.is_op("relax.reshape")(xdq, dpl.wildcard())
+            wdq = dq(dpl.is_const())
+            wperm = dpl.is_op("relax.permute_dims")(wdq)
+            core = dpl.is_op("relax.nn.conv2d")(xdq, wdq) | dpl.is_op("relax.matmul")(xdq | xreshape, wdq | wperm)
+            names = {"xdq": xdq, "xreshape": xreshape, "wdq": wdq, "wperm": wperm, "core": core}
+            root = core
+            bdq = dq(dpl.is_const())
+            bias_side = bdq | dpl.is_op("relax.reshape")(bdq, dpl.wildcard())
+            names["bdq"], names["bias_side"] = bdq, bias_side
+            if with_bias:
+                root = dpl.is_op("relax.add")(root, bias_side)
+            relu = dpl.is_op("relax.nn.relu")(root)
+            names["relu"] = relu
+            if with_relu:
+                root = relu
+            out.append((root, names))
+    return out
+
+
+def rewrite_qdq(func):
+    """Rewrite the QDQ chains of a Relax function (see module docstring).
+
+    Returns (function, [QdqDecision])."""
+    from tvm.relax import dpl
+    decisions = []
+    for root, names in _make_patterns():
+        def rewrite(call, m, names=names):
+            core = m[names["core"]]
+            if P.dtype_of(core) != "float32":
+                return call
+            try:
+                new, bias_reason = _rewrite_one(m, names)
+            except _Keep as e:
+                decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
+                return call
+            except P.Refused as e:
+                decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
+                return call
+            why = "int8 x int8 -> int32" + (f"; {bias_reason}: bias added in float" if bias_reason else "")
+            decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
+            return new
+        func = dpl.rewrite_call(root, rewrite, func)
+    return func, _dedupe(decisions)
+
+
+def _name(e):
+    """A readable name for an op before partitioning (its variable is not known to the rewrite)."""
+    try:
+        return f"{P.op_name(e).split('.')[-1]}{list(P.shape_of(e))}"
+    except P.Refused:
+        return P.op_name(e) or "?"
+
+
+def _dedupe(decisions):
+    """Refusals of a less-fused pattern repeat the same reason: keep one per op and reason."""
+    seen, out = set(), []
+    for d in decisions:
+        k = (d.op, d.accepted, d.reason, d.var)
+        if k not in seen:
+            seen.add(k)
+            out.append(d)
+    return out
