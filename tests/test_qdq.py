@@ -190,7 +190,7 @@ def test_an_accumulator_that_could_overflow_int32_stays_float():
 
 
 def test_bundled_digits_qdq_model_runs_integer_regions_and_keeps_its_accuracy():
-    """All three QDQ chains of models/digits_cnn_qdq.onnx become integer regions; over a slice of the
+    """All three DQ -> Conv / Gemm chains and both DQ -> MaxPool -> Q chains of models/digits_cnn_qdq.onnx become integer regions; over a slice of the
     digits test split its predictions equal ONNX Runtime's and its logits are within a few steps."""
     d = np.load(MODELS / "digits_test.npz")
     n = 64
@@ -198,9 +198,10 @@ def test_bundled_digits_qdq_model_runs_integer_regions_and_keeps_its_accuracy():
     path = MODELS / "digits_cnn_qdq.onnx"
     mod, params = tvm_qpu.from_onnx(path, {"input": list(x.shape)})
     lib = tvm_qpu.build(mod, target="qpu", params=params, placement="all")
-    kinds = sorted(r["spec"].split("(")[0] + r["spec"].split("(")[1].split("[")[0] for r in lib.report.regions
-                   if r["kind"] in ("conv2d", "matmul"))
-    assert kinds == ["conv2dint8", "conv2dint8", "matmulint8"], kinds
+    kinds = sorted(r["spec"].split("(")[0] + " " + r["spec"].split("(")[1].split("[")[0] for r in lib.report.regions)
+    # the pools between the convs take the int8 tensors (no dequantize / quantize round trip)
+    assert kinds == ["conv2d int8", "conv2d int8", "matmul int8", "max_pool2d int8", "max_pool2d int8"], kinds
+    assert "QDQ chains: 5 of 5 integer" in lib.report.text()
     r = lib.runner("emulator")
     try:
         got = next(iter(r.run(input=x).values()))
@@ -211,3 +212,32 @@ def test_bundled_digits_qdq_model_runs_integer_regions_and_keeps_its_accuracy():
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 62 / 64
     assert (got.argmax(-1) == y).mean() >= (want.argmax(-1) == y).mean() - 2 / 64
     assert (got.argmax(-1) == y).mean() > 0.9
+
+
+def _pool_chain(s_in, s_out, z_out=0):
+    import tvm
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 2, 4, 4), "int8"))
+
+    def c(v, dt):
+        return relax.const(tvm.runtime.tensor(np.array(v, dt)))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            f = bb.emit(relax.op.dequantize(x, c(s_in, "float32"), c(0, "int8")))
+            p = bb.emit(relax.op.nn.max_pool2d(f, (2, 2), (2, 2)))
+            out = bb.emit_output(relax.op.quantize(p, c(s_out, "float32"), c(z_out, "int8"), out_dtype="int8"))
+        bb.emit_func_output(out)
+    return bb.get()["main"]
+
+
+@pytest.mark.parametrize("s_in,s_out,z_out,ok", [(0.1, 0.1, 0, True), (0.1, 0.2, 0, False), (0.1, 0.1, 3, False),
+                                                 (0.0, 0.0, 0, False)])
+def test_a_max_pool_between_integer_regions_runs_on_int8_only_when_exact(s_in, s_out, z_out, ok):
+    from tvm_qpu.patterns import op_name
+    from tvm_qpu.quant import rewrite_qdq
+    f, decisions = rewrite_qdq(_pool_chain(s_in, s_out, z_out))
+    assert [d.accepted for d in decisions] == [ok], decisions
+    ops = [op_name(b.value) for blk in f.body.blocks for b in blk.bindings]
+    assert ("relax.dequantize" in ops) != ok and "relax.nn.max_pool2d" in ops

@@ -237,12 +237,53 @@ def _make_patterns():
     return out
 
 
+def _same_qparams(dq, q):
+    """``quantize(., s, z)`` undoes ``dequantize(., s, z)``: equal scalar parameters, same dtype."""
+    _, s1, z1 = dq.args
+    _, s2, z2 = q.args
+    a, b = P.const_value(s1), P.const_value(s2)
+    if a.size != 1 or b.size != 1 or P.const_value(z1).size != 1 or P.const_value(z2).size != 1:
+        raise _Keep("per-axis quantisation around the pool")
+    _check_scale(a, "pool scale")
+    if float(a.reshape(())) != float(b.reshape(())) or int(P.const_value(z1).reshape(())) != \
+            int(P.const_value(z2).reshape(())) or P.dtype_of(dq.args[0]) != P.dtype_of(q):
+        raise _Keep("the pool's dequantize and quantize parameters differ")
+
+
+def _rewrite_max_pools(func, decisions):
+    """``quantize(max_pool2d(dequantize(q, s, z)), s, z)`` is ``max_pool2d(q)`` exactly (the scale is
+    positive, so dequantize is increasing and commutes with max; quantize(dequantize(v)) = v; padding
+    is -inf in both domains): adjacent integer regions then pass 8-bit tensors through the pool,
+    with no float round trip on the CPU between them."""
+    from tvm import relax
+    from tvm.relax import dpl
+    dq = dpl.is_op("relax.dequantize")(dpl.wildcard(), dpl.is_const(), dpl.is_const())
+    pool = dpl.is_op("relax.nn.max_pool2d")(dq)
+    root = dpl.is_op("relax.quantize")(pool, dpl.is_const(), dpl.is_const())
+
+    def rewrite(call, m):
+        p = m[pool]
+        try:
+            _same_qparams(m[dq], call)
+        except _Keep as e:
+            decisions.append(QdqDecision(_name(p), P.op_name(p), False, str(e)))
+            return call
+        a = p.attrs
+        decisions.append(QdqDecision(_name(p), P.op_name(p), True, f"{P.dtype_of(call)} max pool (no float round trip)"))
+        return relax.op.nn.max_pool2d(m[dq].args[0], pool_size=a.pool_size, strides=a.strides, padding=a.padding,
+                                      dilation=a.dilation, ceil_mode=a.ceil_mode,
+                                      count_include_pad=a.count_include_pad, layout=a.layout, out_layout=a.out_layout)
+
+    return dpl.rewrite_call(root, rewrite, func)
+
+
 def rewrite_qdq(func):
     """Rewrite the QDQ chains of a Relax function (see module docstring).
 
     Returns (function, [QdqDecision])."""
     from tvm.relax import dpl
     decisions = []
+    func = _rewrite_max_pools(func, decisions)
     for root, names in _make_patterns():
         def rewrite(call, m, names=names):
             core = m[names["core"]]
@@ -260,7 +301,39 @@ def rewrite_qdq(func):
             decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
             return new
         func = dpl.rewrite_call(root, rewrite, func)
+    if decisions:
+        func = unique_names(func)
     return func, _dedupe(decisions)
+
+
+def unique_names(func):
+    """Give every binding of ``func`` a distinct name (the rewrites emit new ``lv`` bindings; the
+    partition report keys its rows by variable name): a repeated name gets a ``_<n>`` suffix."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Unique(relax.PyExprMutator):
+        def __init__(self):
+            super().__init__()
+            self.seen = {p.name for p in func.params}
+
+        def visit_var_binding_(self, binding):
+            name = binding.var.name
+            if name not in self.seen:
+                self.seen.add(name)
+                return super().visit_var_binding_(binding)
+            i = 1
+            while f"{name}_{i}" in self.seen:
+                i += 1
+            self.seen.add(f"{name}_{i}")
+            val = self.visit_expr(binding.value)
+            if isinstance(binding.var, relax.DataflowVar):
+                nv = self.builder_.emit(val, name_hint=f"{name}_{i}")
+            else:
+                nv = self.builder_.emit_output(val, name_hint=f"{name}_{i}")
+            self.set_var_remap(binding.var, nv)
+
+    return _Unique().visit_expr(func)
 
 
 def _name(e):
