@@ -192,7 +192,7 @@ def _int_range(e, var2val, depth=0):
 
 
 def _narrow_bounded_int_operands(func):
-    """int32 matmul / conv2d operands whose values provably fit int8 / int16 (MatMulInteger's
+    """int32 matmul / conv2d operands whose values provably fit int8 / uint8 / int16 (MatMulInteger's
     ``astype(x) - astype(zero_point)``) become ``astype(astype(v, int16), int32)``: the cast form the
     qpu patterns fold, so the QPU multiplies them exactly (its integer multiply takes 24 bits; a
     plain int32 operand is refused). The CPU computes ``v`` as before and casts it losslessly. The
@@ -210,7 +210,7 @@ def _narrow_bounded_int_operands(func):
         if v is not None and P.op_name(v) == "relax.astype" and P.dtype_of(v.args[0]) in P.INT_NARROW:
             return None                                  # already the cast form
         r = _int_range(e, var2val)
-        for dt in ("int8", "int16"):
+        for dt in P.CONST_NARROW:                        # int8, uint8 (int8 + 128), int16
             info = np.iinfo(dt)
             if r is not None and info.min <= r[0] and r[1] <= info.max:
                 return dt

@@ -95,14 +95,12 @@ def _dq_parts(dq, what):
     return q, scale, P.const_value(z).astype(np.int64), int(P._attr(dq, "axis", -1))
 
 
-def smallest_int_dtype(arr) -> str:
-    """The narrowest of int8 / uint8 / int16 / int32 holding every value of ``arr``."""
-    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-    for dt in ("int8", "uint8", "int16", "int32"):
-        info = np.iinfo(dt)
-        if info.min <= lo and hi <= info.max:
-            return dt
-    raise _Keep("weight values beyond int32")
+def _same_scales(a, b) -> bool:
+    """Scale vectors (or scalars, broadcast) equal to float32 precision."""
+    a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    if a.size != b.size and 1 not in (a.size, b.size):
+        return False
+    return bool(np.allclose(a, b, rtol=BIAS_SCALE_RTOL, atol=0))
 
 
 def _weight(wdq, op, weight_rank, transposed):
@@ -162,8 +160,7 @@ def _rewrite_one(m, names):
         acc_scale = np.float32(sx) * sw
         if P.dtype_of(bq) != "int32" or np.any(zb != 0):
             bias_reason = "bias is not int32 with zero point 0"
-        elif not np.allclose(np.broadcast_to(sb, np.shape(acc_scale)), acc_scale, rtol=BIAS_SCALE_RTOL, atol=0) \
-                and not np.allclose(sb, acc_scale, rtol=BIAS_SCALE_RTOL, atol=0):
+        elif not _same_scales(sb, acc_scale):
             bias_reason = "bias scale differs from activation scale x weight scale"
         else:
             bias_int = P.const_value(bq).astype(np.int64)
@@ -172,6 +169,7 @@ def _rewrite_one(m, names):
     if bound > INT32_MAX:
         raise _Keep(f"int32 accumulator could overflow (K={k}: {k} x {xmax} x {wmax} + {bmax} > 2^31 - 1)")
     # integer operands: activation (minus its zero point, narrowed later by the backend), weight
+    x_dtype = P.dtype_of(xq)
     if names["xreshape"] in m:                   # (Gemm's flatten) reshape the 8-bit tensor, then widen
         xq = relax.op.reshape(xq, m[names["xreshape"]].args[1])
     xi = relax.op.astype(xq, "int32")
@@ -204,7 +202,13 @@ def _rewrite_one(m, names):
         y = relax.op.add(y, float_bias)
         if names["relu"] in m:
             y = relax.op.nn.relu(y)
-    return y, bias_reason
+    why = (f"{x_dtype} activations{(f' - {zx}' if zx > 0 else f' + {-zx}') if zx else ''} x {P.dtype_of(wdq.args[0])} weights"
+           f"{' - zero point' if np.any(P.const_value(wdq.args[2])) else ''} -> int32"
+           f"{' + int32 bias' if bias_int is not None else ''}{' -> relu' if names['relu'] in m else ''}, "
+           f"{'per-channel' if np.size(sw) > 1 else 'per-tensor'} requantize on the CPU")
+    if bias_reason:
+        why += f"; {bias_reason}: bias added in float"
+    return y, why
 
 
 def _make_patterns():
@@ -243,38 +247,60 @@ def _same_qparams(dq, q):
     _, s2, z2 = q.args
     a, b = P.const_value(s1), P.const_value(s2)
     if a.size != 1 or b.size != 1 or P.const_value(z1).size != 1 or P.const_value(z2).size != 1:
-        raise _Keep("per-axis quantisation around the pool")
-    _check_scale(a, "pool scale")
+        raise _Keep("per-axis quantisation around the op")
+    _check_scale(a, "scale")
     if float(a.reshape(())) != float(b.reshape(())) or int(P.const_value(z1).reshape(())) != \
             int(P.const_value(z2).reshape(())) or P.dtype_of(dq.args[0]) != P.dtype_of(q):
-        raise _Keep("the pool's dequantize and quantize parameters differ")
+        raise _Keep("dequantize and quantize parameters around the op differ")
 
 
-def _rewrite_max_pools(func, decisions):
-    """``quantize(max_pool2d(dequantize(q, s, z)), s, z)`` is ``max_pool2d(q)`` exactly (the scale is
-    positive, so dequantize is increasing and commutes with max; quantize(dequantize(v)) = v; padding
-    is -inf in both domains): adjacent integer regions then pass 8-bit tensors through the pool,
-    with no float round trip on the CPU between them."""
+def _max_pool_on(p, q):
     from tvm import relax
+    a = p.attrs
+    return relax.op.nn.max_pool2d(q, pool_size=a.pool_size, strides=a.strides, padding=a.padding,
+                                  dilation=a.dilation, ceil_mode=a.ceil_mode,
+                                  count_include_pad=a.count_include_pad, layout=a.layout, out_layout=a.out_layout)
+
+
+def _reshape_on(p, q):
+    from tvm import relax
+    return relax.op.reshape(q, p.args[1])
+
+
+#: ops that commute with dequantize / quantize of one (positive, per-tensor) scale and zero point:
+#: ``quantize(op(dequantize(q, s, z)), s, z) == op(q)`` exactly. op name -> (extra pattern args,
+#: rebuild(original call, integer input)). max_pool2d: dequantize is increasing (s > 0) so it commutes
+#: with max, padding is -inf in both domains; reshape / flatten move values without changing them.
+INT_PASSTHROUGH = {
+    "relax.nn.max_pool2d": (0, _max_pool_on),
+    "relax.reshape": (1, _reshape_on),
+}
+
+
+def _rewrite_passthrough(func, decisions):
+    """``quantize(op(dequantize(q, s, z)), s, z)`` -> ``op(q)`` for the ops of :data:`INT_PASSTHROUGH`:
+    adjacent integer regions then pass 8-bit tensors through pools and flattens, with no float
+    round trip on the CPU between them."""
     from tvm.relax import dpl
-    dq = dpl.is_op("relax.dequantize")(dpl.wildcard(), dpl.is_const(), dpl.is_const())
-    pool = dpl.is_op("relax.nn.max_pool2d")(dq)
-    root = dpl.is_op("relax.quantize")(pool, dpl.is_const(), dpl.is_const())
+    for opname, (extra, rebuild) in INT_PASSTHROUGH.items():
+        dq = dpl.is_op("relax.dequantize")(dpl.wildcard(), dpl.is_const(), dpl.is_const())
+        mid = dpl.is_op(opname)(dq, *[dpl.wildcard() for _ in range(extra)])
+        root = dpl.is_op("relax.quantize")(mid, dpl.is_const(), dpl.is_const())
 
-    def rewrite(call, m):
-        p = m[pool]
-        try:
-            _same_qparams(m[dq], call)
-        except _Keep as e:
-            decisions.append(QdqDecision(_name(p), P.op_name(p), False, str(e)))
-            return call
-        a = p.attrs
-        decisions.append(QdqDecision(_name(p), P.op_name(p), True, f"{P.dtype_of(call)} max pool (no float round trip)"))
-        return relax.op.nn.max_pool2d(m[dq].args[0], pool_size=a.pool_size, strides=a.strides, padding=a.padding,
-                                      dilation=a.dilation, ceil_mode=a.ceil_mode,
-                                      count_include_pad=a.count_include_pad, layout=a.layout, out_layout=a.out_layout)
+        def rewrite(call, m, dq=dq, mid=mid, rebuild=rebuild):
+            p = m[mid]
+            try:
+                _same_qparams(m[dq], call)
+                new = rebuild(p, m[dq].args[0])
+            except Exception as e:          # _Keep, or an unexpected form: stays float
+                decisions.append(QdqDecision(_name(p), P.op_name(p), False, str(e)))
+                return call
+            decisions.append(QdqDecision(_name(p), P.op_name(p), True,
+                                         f"{P.dtype_of(call)} {opname.split('.')[-1]} (no float round trip)"))
+            return new
 
-    return dpl.rewrite_call(root, rewrite, func)
+        func = dpl.rewrite_call(root, rewrite, func)
+    return func
 
 
 def rewrite_qdq(func):
@@ -283,21 +309,21 @@ def rewrite_qdq(func):
     Returns (function, [QdqDecision])."""
     from tvm.relax import dpl
     decisions = []
-    func = _rewrite_max_pools(func, decisions)
+    func = _rewrite_passthrough(func, decisions)
     for root, names in _make_patterns():
         def rewrite(call, m, names=names):
             core = m[names["core"]]
             if P.dtype_of(core) != "float32":
                 return call
             try:
-                new, bias_reason = _rewrite_one(m, names)
+                new, why = _rewrite_one(m, names)
             except _Keep as e:
                 decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
                 return call
-            except P.Refused as e:
-                decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
+            except Exception as e:   # never crash the import: an unexpected form stays float
+                decisions.append(QdqDecision(_name(core), P.op_name(core), False,
+                                             f"check failed ({type(e).__name__}: {e})"))
                 return call
-            why = "int8 x int8 -> int32" + (f"; {bias_reason}: bias added in float" if bias_reason else "")
             decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
             return new
         func = dpl.rewrite_call(root, rewrite, func)
