@@ -29,6 +29,12 @@ Rounding (what differs from ONNX Runtime, at most one quantisation step at a rou
   the same way. The products differ in the last float bit, so a value within one ulp of a .5 tie can
   round the other way: results agree exactly except for such ties (a difference of one step).
 
+Between integer ops, ``quantize(op(dequantize(q, s, z)), s, z)`` with one positive scale and zero
+point is ``op(q)`` exactly for a max pool or a reshape (:data:`INT_PASSTHROUGH`), so adjacent integer
+regions pass the 8-bit tensor on (the digits QDQ model's pools run as int8 QPU pools) with no float
+round trip. An activation zero point makes the operand ``x - zx``: the backend stores it in the
+narrowest dtype holding its range (``uint8 - 128`` -> int8, ``int8 + 128`` -> uint8, otherwise int16).
+
 A chain is left in float (on the CPU, or on the QPU as a float kernel) when the integer form would
 not be exact; each decision, with its reason, is returned and ends up in the partition report:
 scales that are not finite and positive, a per-axis scale on an axis other than the output channel,
