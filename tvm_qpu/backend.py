@@ -89,10 +89,12 @@ class PartitionReport:
     regions: list = field(default_factory=list)      # dicts: name, kind, spec, anchor, reason, cpu_s, qpu_s
     cpu_ops: list = field(default_factory=list)      # dicts: var, op, reason
     warnings: list = field(default_factory=list)     # messages for the user (also issued as QpuWarning)
+    qdq: list = field(default_factory=list)          # dicts: var, op, accepted, reason (tvm_qpu.quant)
 
     def as_dict(self) -> dict:
         return {"placement": self.placement, "regions": self.regions, "cpu_ops": self.cpu_ops,
-                "candidates": [c.as_dict() for c in self.candidates], "warnings": self.warnings}
+                "candidates": [c.as_dict() for c in self.candidates], "warnings": self.warnings,
+                "qdq": self.qdq}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict())
@@ -101,7 +103,7 @@ class PartitionReport:
     def from_json(s: str) -> "PartitionReport":
         d = json.loads(s)
         r = PartitionReport(d["placement"], [Candidate(**c) for c in d.get("candidates", [])],
-                            d.get("regions", []), d.get("cpu_ops", []), d.get("warnings", []))
+                            d.get("regions", []), d.get("cpu_ops", []), d.get("warnings", []), d.get("qdq", []))
         return r
 
     def text(self) -> str:
@@ -111,6 +113,10 @@ class PartitionReport:
         for i, r in enumerate(self.regions):
             out.append(f"  [{i}] {r['name']:26s} {r['spec']}")
             out.append(f"       why: {r['reason']}")
+        if self.qdq:
+            out.append(f"QDQ chains: {sum(q['accepted'] for q in self.qdq)} of {len(self.qdq)} integer")
+            for q in self.qdq:
+                out.append(f"  {q['var']:24s} {'integer' if q['accepted'] else 'float  '} {q['reason']}")
         out.append(f"CPU ops: {len(self.cpu_ops)}")
         for c in self.cpu_ops:
             out.append(f"  {c['var']:8s} {c['op']:24s} {c['reason']}")
@@ -186,7 +192,7 @@ def _int_range(e, var2val, depth=0):
 
 
 def _narrow_bounded_int_operands(func):
-    """int32 matmul / conv2d operands whose values provably fit int8 / int16 (MatMulInteger's
+    """int32 matmul / conv2d operands whose values provably fit int8 / uint8 / int16 (MatMulInteger's
     ``astype(x) - astype(zero_point)``) become ``astype(astype(v, int16), int32)``: the cast form the
     qpu patterns fold, so the QPU multiplies them exactly (its integer multiply takes 24 bits; a
     plain int32 operand is refused). The CPU computes ``v`` as before and casts it losslessly. The
@@ -204,7 +210,7 @@ def _narrow_bounded_int_operands(func):
         if v is not None and P.op_name(v) == "relax.astype" and P.dtype_of(v.args[0]) in P.INT_NARROW:
             return None                                  # already the cast form
         r = _int_range(e, var2val)
-        for dt in ("int8", "int16"):
+        for dt in P.CONST_NARROW:                        # int8, uint8 (int8 + 128), int16
             info = np.iinfo(dt)
             if r is not None and info.min <= r[0] and r[1] <= info.max:
                 return dt
@@ -322,14 +328,22 @@ def _tir_bounds_to_relax(func, mod):
     return _Bounds(mod).visit_expr(func)
 
 
-def canonicalize(mod, params=None):
-    """Bind ``params`` (name -> array) into main, fold constants, drop ``x - 0``, turn the
+def canonicalize(mod, params=None, qdq_decisions=None):
+    """Bind ``params`` (name -> array) into main, rewrite QDQ chains to integer ops
+    (:func:`tvm_qpu.quant.rewrite_qdq`, before folding turns their weights into float; its
+    decisions are appended to ``qdq_decisions``), fold constants, drop ``x - 0``, turn the
     importer's TIR max/min calls with constant bounds (Clip / ReLU6) into Relax ops."""
     import tvm
     from tvm import relax
+    from .quant import rewrite_qdq
     if params:
         mod = relax.transform.BindParams("main", {k: (v if hasattr(v, "numpy") else tvm.runtime.tensor(np.asarray(v)))
                                                   for k, v in params.items()})(mod)
+    gv = mod.get_global_var("main")
+    main, decisions = rewrite_qdq(mod["main"])
+    mod[gv] = main
+    if qdq_decisions is not None:
+        qdq_decisions.extend(decisions)
     mod = relax.transform.FoldConstant()(mod)
     for gv, f in list(mod.functions.items()):
         if isinstance(f, relax.Function):
@@ -444,8 +458,9 @@ class QpuBackend:
     def partition(self, mod, params=None):
         """Canonicalise and partition ``mod``. Returns (module, PartitionReport)."""
         from tvm import relax
-        mod = canonicalize(mod, params)
-        report = PartitionReport(self.placement)
+        decisions = []
+        mod = canonicalize(mod, params, decisions)
+        report = PartitionReport(self.placement, qdq=[d.as_dict() for d in decisions])
         if self.placement != "none":
             gv = mod.get_global_var("main")
             mod[gv] = _narrow_bounded_int_operands(mod["main"])

@@ -157,12 +157,21 @@ def _operand(dpl, allow_transpose=False):
     return alts | x, x
 
 
-def _narrow_const(arr: np.ndarray, want: str) -> np.ndarray:
-    """An int32 constant whose values fit ``want`` (int8/int16) is narrowed; otherwise Refused."""
-    info = np.iinfo(want)
-    if arr.size and (arr.min() < info.min or arr.max() > info.max):
-        raise Refused(f"int32 constant has values outside {want} range [{info.min}, {info.max}]")
-    return arr.astype(want)
+#: dtypes an int32 constant operand is narrowed to, narrowest first (the kernel reads each with the
+#: TMU's sign- / zero-extending load, so an 8-bit weight moves a quarter of the int32 bytes)
+CONST_NARROW = ("int8", "uint8", "int16")
+
+
+def _narrow_const(arr: np.ndarray) -> np.ndarray:
+    """An int32 constant operand of an integer op is stored in the narrowest dtype of
+    :data:`CONST_NARROW` holding all its values (independent of the other operand's dtype: int8
+    weights stay int8 next to int16 activations); otherwise Refused."""
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    for dt in CONST_NARROW:
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return arr.astype(dt)
+    raise Refused(f"int32 constant has values [{lo}, {hi}] beyond {CONST_NARROW[-1]}")
 
 
 def _resolve_operand(outer, inner, what: str):
@@ -187,8 +196,8 @@ def _operand_value(expr, form, what, narrow_to=None):
     if is_constant(expr):
         arr = const_value(expr)
         if narrow_to and dt in INT_ACC and form == "plain":
-            arr = _narrow_const(arr, narrow_to)
-            dt = narrow_to
+            arr = _narrow_const(arr)
+            dt = str(arr.dtype)
         _check_smul24(dt, arr, what)
         return shape, dt, arr
     _check_smul24(dt, None, what)

@@ -1,0 +1,387 @@
+"""QDQ rewrite: ``DequantizeLinear -> Conv / MatMul / Gemm (+ bias) (-> Relu)`` becomes an integer op.
+
+TVM 0.27's ONNX importer keeps QDQ models' quantisation as ``relax.quantize`` / ``relax.dequantize``
+calls around *float* operators: ``conv2d(dequantize(xq, sx, zx), dequantize(Wq, sw, zw))``, the bias
+``add(., reshape(dequantize(Bq, sb, 0)))``, ``relu``, then ``quantize(., sy, zy)``. After the parameters
+are bound the weight dequantizes are constant, and ``FoldConstant`` would turn them into float32
+weights (the QPU then ran the model as a float model). :func:`rewrite_qdq` runs *before* folding and
+rewrites each such chain into
+
+    acc = conv2d(astype(xq, int32) [- zx], Wq - zw, out_dtype=int32) [+ Bq] [-> relu]   (exact, int32)
+    y   = dequantize(acc, sx * sw, 0, axis=<output channel>)                              (float32)
+
+so the integer part is the integer conv / matmul form the qpu patterns already offload (8-bit
+activations and weights read by the TMU, ``smul24``, int32 accumulation, int32 bias, ReLU on the
+int32 accumulator), and what follows (``dequantize`` -> Clip -> ``quantize``) is the requantize
+epilogue, which TVM fuses into one elementwise CPU kernel. Per-channel weight scales (on the output
+channel axis) become a per-channel ``dequantize``. ReLU moves before the dequantize because the
+scales are checked to be positive (``relu(s * a) = s * relu(a)``); Clip / ReLU6 stay in float
+(their bounds are float values), fused with the requantize on the CPU.
+
+Rounding (what differs from ONNX Runtime, at most one quantisation step at a rounding tie):
+
+* we: the int32 accumulator is exact; ``y = float32(acc) * float32(sx * sw)`` then the model's
+  ``quantize``: ``round_half_even(y / sy) + zy``, saturated (TVM's ``relax.quantize`` legalisation;
+  ``te.round`` lowers to LLVM ``nearbyint``, i.e. half to even in the default rounding mode);
+* ONNX Runtime (``ORT_ENABLE_ALL``) fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` (and MatMul into
+  ``QLinearMatMul``): int32 accumulation, then ``float32(acc) * (sx * sw / sy)`` rounded half to even
+  (MLAS requantize), + zy, saturated. Unfused QDQ nodes compute the conv in float32 and quantize it
+  the same way. The products differ in the last float bit, so a value within one ulp of a .5 tie can
+  round the other way: results agree exactly except for such ties (a difference of one step).
+
+Between integer ops, ``quantize(op(dequantize(q, s, z)), s, z)`` with one positive scale and zero
+point is ``op(q)`` exactly for a max pool or a reshape (:data:`INT_PASSTHROUGH`), so adjacent integer
+regions pass the 8-bit tensor on (the digits QDQ model's pools run as int8 QPU pools) with no float
+round trip. An activation zero point makes the operand ``x - zx``: the backend stores it in the
+narrowest dtype holding its range (``uint8 - 128`` -> int8, ``int8 + 128`` -> uint8, otherwise int16).
+
+A chain is left in float (on the CPU, or on the QPU as a float kernel) when the integer form would
+not be exact; each decision, with its reason, is returned and ends up in the partition report:
+scales that are not finite and positive, a per-axis scale on an axis other than the output channel,
+a per-channel activation zero point, non-integer quantised dtypes, an int32 accumulator that could
+overflow (``K * max|x - zx| * max|w - zw| + max|b|`` beyond int32). Nonzero weight zero points and
+uint8 weights are handled exactly (``Wq - zw`` is computed at compile time and kept in the
+smallest integer dtype that holds it: int8, uint8 or int16). A bias whose scale is not ``sx * sw``
+(or whose zero point is not 0) is added in float after the integer op instead of on the accumulator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import patterns as P
+
+INT32_MAX = (1 << 31) - 1
+#: relative tolerance for "bias scale == sx * sw" (the quantiser writes sb = sx * sw in float32)
+BIAS_SCALE_RTOL = 1e-6
+#: weight / activation dtypes the rewrite accepts (what DequantizeLinear takes, 8-bit and 16-bit)
+QUANT_DTYPES = ("int8", "uint8", "int16", "uint16")
+#: anchor op -> output-channel axis of the weight (as given to the op) and of the output
+_CHANNEL_AXES = {"relax.nn.conv2d": (0, 1), "relax.matmul": (-1, -1)}
+
+
+@dataclass
+class QdqDecision:
+    """One DQ -> op chain: rewritten to integer (accepted) or left in float (reason)."""
+    var: str
+    op: str
+    accepted: bool
+    reason: str
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+class _Keep(Exception):
+    """The chain stays in float (the message is the reason)."""
+
+
+def _scalar(arr, what):
+    if arr.size != 1:
+        raise _Keep(f"{what} is not a scalar")
+    return arr.reshape(())
+
+
+def _check_scale(arr, what):
+    if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise _Keep(f"{what} has zero, negative or non-finite values")
+
+
+def _dq_parts(dq, what):
+    """(q expr, scale array, zero-point array, axis) of a ``relax.dequantize`` with constant params."""
+    q, s, z = dq.args
+    if not (P.is_constant(s) and P.is_constant(z)):
+        raise _Keep(f"{what}: scale / zero point are not constants")
+    dt = P.dtype_of(q)
+    if dt not in QUANT_DTYPES + ("int32",):
+        raise _Keep(f"{what}: quantised dtype {dt}")
+    scale = P.const_value(s).astype(np.float32)
+    _check_scale(scale, f"{what} scale")
+    return q, scale, P.const_value(z).astype(np.int64), int(P._attr(dq, "axis", -1))
+
+
+def _same_scales(a, b) -> bool:
+    """Scale vectors (or scalars, broadcast) equal to float32 precision."""
+    a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+    if a.size != b.size and 1 not in (a.size, b.size):
+        return False
+    return bool(np.allclose(a, b, rtol=BIAS_SCALE_RTOL, atol=0))
+
+
+def _weight(wdq, op, weight_rank, transposed):
+    """(integer weight array (w - zw), per-output-channel scale vector or scalar)."""
+    wq, sw, zw, axis = _dq_parts(wdq, "weight")
+    if P.dtype_of(wq) not in QUANT_DTYPES:
+        raise _Keep(f"weight dtype {P.dtype_of(wq)}")
+    w = P.const_value(wq).astype(np.int64)
+    if sw.size > 1 or zw.size > 1:
+        ax = axis % weight_rank
+        want = _CHANNEL_AXES[op][0] % weight_rank
+        if transposed:                           # Gemm transB: W [N, K] permuted to [K, N]
+            want = 0
+        if ax != want:
+            raise _Keep(f"per-axis weight scale on axis {axis} (only the output channel axis {want} is exact)")
+        shape = [1] * weight_rank
+        shape[ax] = -1
+        zw_b = zw.reshape(shape) if zw.size > 1 else _scalar(zw, "weight zero point")
+        w = w - zw_b
+    else:
+        w = w - int(_scalar(zw, "weight zero point"))
+    return w, sw
+
+
+def _activation_operand(xdq):
+    xq, sx, zx, _ = _dq_parts(xdq, "activation")
+    if P.dtype_of(xq) not in QUANT_DTYPES:
+        raise _Keep(f"activation dtype {P.dtype_of(xq)}")
+    sx = _scalar(sx, "activation scale")
+    zx = int(_scalar(zx, "activation zero point"))
+    info = np.iinfo(P.dtype_of(xq))
+    return xq, float(sx), zx, max(abs(int(info.min) - zx), abs(int(info.max) - zx))
+
+
+def _rewrite_one(m, names):
+    """The integer replacement of one matched chain (raises _Keep)."""
+    from tvm import relax
+    import tvm
+    core = m[names["core"]]
+    op = P.op_name(core)
+    xdq = m[names["xdq"]]
+    xq, sx, zx, xmax = _activation_operand(xdq)
+    wdq = m[names["wdq"]]
+    transposed = names["wperm"] in m
+    wrank = len(P.shape_of(wdq))
+    w, sw = _weight(wdq, op, wrank, transposed)
+    # the accumulator bound: K products of |x - zx| <= xmax and |w| <= wmax, plus the bias
+    if op == "relax.nn.conv2d":
+        k = int(np.prod(w.shape[1:]))
+    else:
+        k = int(w.shape[1] if transposed else w.shape[0])
+    wmax = int(np.abs(w).max()) if w.size else 0
+    bias_int = None
+    bias_reason = ""
+    if names["bdq"] in m:
+        bq, sb, zb, _ = _dq_parts(m[names["bdq"]], "bias")
+        acc_scale = np.float32(sx) * sw
+        if P.dtype_of(bq) != "int32" or np.any(zb != 0):
+            bias_reason = "bias is not int32 with zero point 0"
+        elif not _same_scales(sb, acc_scale):
+            bias_reason = "bias scale differs from activation scale x weight scale"
+        else:
+            bias_int = P.const_value(bq).astype(np.int64)
+    bmax = int(np.abs(bias_int).max()) if bias_int is not None and bias_int.size else 0
+    bound = k * xmax * wmax + bmax
+    if bound > INT32_MAX:
+        raise _Keep(f"int32 accumulator could overflow (K={k}: {k} x {xmax} x {wmax} + {bmax} > 2^31 - 1)")
+    # integer operands: activation (minus its zero point, narrowed later by the backend), weight
+    x_dtype = P.dtype_of(xq)
+    if names["xreshape"] in m:                   # (Gemm's flatten) reshape the 8-bit tensor, then widen
+        xq = relax.op.reshape(xq, m[names["xreshape"]].args[1])
+    xi = relax.op.astype(xq, "int32")
+    if zx:
+        xi = relax.op.subtract(xi, relax.const(np.int32(zx)))
+    wc = relax.const(tvm.runtime.tensor(w.astype(np.int32)))
+    if transposed:
+        wc = relax.op.permute_dims(wc, P._ints(P._attr(m[names["wperm"]], "axes")) or None)
+    if op == "relax.nn.conv2d":
+        a = core.attrs
+        acc = relax.op.nn.conv2d(xi, wc, strides=a.strides, padding=a.padding, dilation=a.dilation,
+                                 groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                                 out_layout=a.out_layout, out_dtype="int32")
+        out_axis = 1
+    else:
+        acc = relax.op.matmul(xi, wc, out_dtype="int32")
+        out_axis = len(P.shape_of(core)) - 1
+    float_bias = None
+    if bias_int is not None:
+        bshape = P.shape_of(m[names["bias_side"]])
+        acc = relax.op.add(acc, relax.const(tvm.runtime.tensor(bias_int.astype(np.int32).reshape(bshape))))
+    elif names["bdq"] in m:
+        float_bias = m[names["bias_side"]]
+    if names["relu"] in m and float_bias is None:
+        acc = relax.op.nn.relu(acc)
+    scale = (np.float32(sx) * sw).astype(np.float32)
+    y = relax.op.dequantize(acc, relax.const(tvm.runtime.tensor(scale.reshape(-1) if scale.size > 1 else scale.reshape(()))),
+                            relax.const(np.int32(0)), axis=out_axis, out_dtype="float32")
+    if float_bias is not None:
+        y = relax.op.add(y, float_bias)
+        if names["relu"] in m:
+            y = relax.op.nn.relu(y)
+    why = (f"{x_dtype} activations{(f' - {zx}' if zx > 0 else f' + {-zx}') if zx else ''} x {P.dtype_of(wdq.args[0])} weights"
+           f"{' - zero point' if np.any(P.const_value(wdq.args[2])) else ''} -> int32"
+           f"{' + int32 bias' if bias_int is not None else ''}{' -> relu' if names['relu'] in m else ''}, "
+           f"{'per-channel' if np.size(sw) > 1 else 'per-tensor'} requantize on the CPU")
+    if bias_reason:
+        why += f"; {bias_reason}: bias added in float"
+    return y, why
+
+
+def _make_patterns():
+    """[(root pattern, names)] most-fused first: relu(add(core, bias)), add(core, bias), relu(core), core."""
+    from tvm.relax import dpl
+
+    def dq(q):
+        return dpl.is_op("relax.dequantize")(q, dpl.is_const(), dpl.is_const())
+
+    out = []
+    for with_bias in (True, False):
+        for with_relu in (True, False):
+            xdq = dq(dpl.wildcard())
+            xreshape = dpl.is_op("relax.reshape")(xdq, dpl.wildcard())
+            wdq = dq(dpl.is_const())
+            wperm = dpl.is_op("relax.permute_dims")(wdq)
+            core = dpl.is_op("relax.nn.conv2d")(xdq, wdq) | dpl.is_op("relax.matmul")(xdq | xreshape, wdq | wperm)
+            names = {"xdq": xdq, "xreshape": xreshape, "wdq": wdq, "wperm": wperm, "core": core}
+            root = core
+            bdq = dq(dpl.is_const())
+            bias_side = bdq | dpl.is_op("relax.reshape")(bdq, dpl.wildcard())
+            names["bdq"], names["bias_side"] = bdq, bias_side
+            if with_bias:
+                root = dpl.is_op("relax.add")(root, bias_side)
+            relu = dpl.is_op("relax.nn.relu")(root)
+            names["relu"] = relu
+            if with_relu:
+                root = relu
+            out.append((root, names))
+    return out
+
+
+def _same_qparams(dq, q):
+    """``quantize(., s, z)`` undoes ``dequantize(., s, z)``: equal scalar parameters, same dtype."""
+    _, s1, z1 = dq.args
+    _, s2, z2 = q.args
+    a, b = P.const_value(s1), P.const_value(s2)
+    if a.size != 1 or b.size != 1 or P.const_value(z1).size != 1 or P.const_value(z2).size != 1:
+        raise _Keep("per-axis quantisation around the op")
+    _check_scale(a, "scale")
+    if float(a.reshape(())) != float(b.reshape(())) or int(P.const_value(z1).reshape(())) != \
+            int(P.const_value(z2).reshape(())) or P.dtype_of(dq.args[0]) != P.dtype_of(q):
+        raise _Keep("dequantize and quantize parameters around the op differ")
+
+
+def _max_pool_on(p, q):
+    from tvm import relax
+    a = p.attrs
+    return relax.op.nn.max_pool2d(q, pool_size=a.pool_size, strides=a.strides, padding=a.padding,
+                                  dilation=a.dilation, ceil_mode=a.ceil_mode,
+                                  count_include_pad=a.count_include_pad, layout=a.layout, out_layout=a.out_layout)
+
+
+def _reshape_on(p, q):
+    from tvm import relax
+    return relax.op.reshape(q, p.args[1])
+
+
+#: ops that commute with dequantize / quantize of one (positive, per-tensor) scale and zero point:
+#: ``quantize(op(dequantize(q, s, z)), s, z) == op(q)`` exactly. op name -> (extra pattern args,
+#: rebuild(original call, integer input)). max_pool2d: dequantize is increasing (s > 0) so it commutes
+#: with max, padding is -inf in both domains; reshape / flatten move values without changing them.
+INT_PASSTHROUGH = {
+    "relax.nn.max_pool2d": (0, _max_pool_on),
+    "relax.reshape": (1, _reshape_on),
+}
+
+
+def _rewrite_passthrough(func, decisions):
+    """``quantize(op(dequantize(q, s, z)), s, z)`` -> ``op(q)`` for the ops of :data:`INT_PASSTHROUGH`:
+    adjacent integer regions then pass 8-bit tensors through pools and flattens, with no float
+    round trip on the CPU between them."""
+    from tvm.relax import dpl
+    for opname, (extra, rebuild) in INT_PASSTHROUGH.items():
+        dq = dpl.is_op("relax.dequantize")(dpl.wildcard(), dpl.is_const(), dpl.is_const())
+        mid = dpl.is_op(opname)(dq, *[dpl.wildcard() for _ in range(extra)])
+        root = dpl.is_op("relax.quantize")(mid, dpl.is_const(), dpl.is_const())
+
+        def rewrite(call, m, dq=dq, mid=mid, rebuild=rebuild):
+            p = m[mid]
+            try:
+                _same_qparams(m[dq], call)
+                new = rebuild(p, m[dq].args[0])
+            except Exception as e:          # _Keep, or an unexpected form: stays float
+                decisions.append(QdqDecision(_name(p), P.op_name(p), False, str(e)))
+                return call
+            decisions.append(QdqDecision(_name(p), P.op_name(p), True,
+                                         f"{P.dtype_of(call)} {opname.split('.')[-1]} (no float round trip)"))
+            return new
+
+        func = dpl.rewrite_call(root, rewrite, func)
+    return func
+
+
+def rewrite_qdq(func):
+    """Rewrite the QDQ chains of a Relax function (see module docstring).
+
+    Returns (function, [QdqDecision])."""
+    from tvm.relax import dpl
+    decisions = []
+    func = _rewrite_passthrough(func, decisions)
+    for root, names in _make_patterns():
+        def rewrite(call, m, names=names):
+            core = m[names["core"]]
+            if P.dtype_of(core) != "float32":
+                return call
+            try:
+                new, why = _rewrite_one(m, names)
+            except _Keep as e:
+                decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
+                return call
+            except Exception as e:   # never crash the import: an unexpected form stays float
+                decisions.append(QdqDecision(_name(core), P.op_name(core), False,
+                                             f"check failed ({type(e).__name__}: {e})"))
+                return call
+            decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
+            return new
+        func = dpl.rewrite_call(root, rewrite, func)
+    if decisions:
+        func = unique_names(func)
+    return func, _dedupe(decisions)
+
+
+def unique_names(func):
+    """Give every binding of ``func`` a distinct name (the rewrites emit new ``lv`` bindings; the
+    partition report keys its rows by variable name): a repeated name gets a ``_<n>`` suffix."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Unique(relax.PyExprMutator):
+        def __init__(self):
+            super().__init__()
+            self.seen = {p.name for p in func.params}
+
+        def visit_var_binding_(self, binding):
+            name = binding.var.name
+            if name not in self.seen:
+                self.seen.add(name)
+                return super().visit_var_binding_(binding)
+            i = 1
+            while f"{name}_{i}" in self.seen:
+                i += 1
+            self.seen.add(f"{name}_{i}")
+            val = self.visit_expr(binding.value)
+            if isinstance(binding.var, relax.DataflowVar):
+                nv = self.builder_.emit(val, name_hint=f"{name}_{i}")
+            else:
+                nv = self.builder_.emit_output(val, name_hint=f"{name}_{i}")
+            self.set_var_remap(binding.var, nv)
+
+    return _Unique().visit_expr(func)
+
+
+def _name(e):
+    """A readable name for an op before partitioning (its variable is not known to the rewrite)."""
+    try:
+        return f"{P.op_name(e).split('.')[-1]}{list(P.shape_of(e))}"
+    except P.Refused:
+        return P.op_name(e) or "?"
+
+
+def _dedupe(decisions):
+    """Refusals of a less-fused pattern repeat the same reason: keep one per op and reason."""
+    seen, out = set(), []
+    for d in decisions:
+        k = (d.op, d.accepted, d.reason, d.var)
+        if k not in seen:
+            seen.add(k)
+            out.append(d)
+    return out
