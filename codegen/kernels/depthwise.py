@@ -375,23 +375,94 @@ def reference(s: DwShape, x: np.ndarray, weight: np.ndarray, bias=None) -> np.nd
     return out.astype(np.float32)
 
 
-# Estimate: instructions of the loop above for the busiest worker (4 per tap, the rest per vector,
-# and per plane the weight lookups' and first taps' round trips plus the drain), 4 cycles each,
-# bounded below by DRAM traffic.
-EST_PER_TAP = 4
-EST_PER_VECTOR = 20             # advance, acc, store, loop control (+ the coordinates, + activation)
-EST_PER_PLANE_CYCLES = 2 * 80 + 100
-
-
-def estimate_shape(s: DwShape) -> float:
-    from ...runtime.cycle_model import DEFAULT as T
+def tap_lines(s: DwShape, line_bytes: int, samples: int = 16) -> float:
+    """Average distinct lines one tap gather touches, counted from the lanes' addresses as the
+    kernel forms them: 16 consecutive outputs of a plane (lanes past its end are dummies), a
+    valid tap reads its pixel, an invalid one (padding, dummy lane) the zero line after the
+    weights. Every vector and tap of up to ``samples`` planes (their start offsets differ in
+    line alignment) is counted."""
     Vp = vectors_per_plane(s)
-    run = max(n for _, n in worker_runs(s))
-    planes = -(-run // Vp) + 1
-    per_vector = EST_PER_TAP * s.T + EST_PER_VECTOR + s.KH + s.KW + (2 if isinstance(s.activation, tuple) else 1)
-    cycles = run * per_vector * T.cycles_per_instruction + planes * EST_PER_PLANE_CYCLES
-    traffic = s.planes * (s.H * s.W + s.PS) * ES
-    return (max(cycles, traffic / T.dram_bytes_per_cycle) + RD.ESTIMATE_LAUNCH_S * T.clock_hz) / T.clock_hz
+    q = np.arange(Vp * 16).reshape(Vp, 16)
+    oh, ow = q // s.OW, q % s.OW
+    total = n = 0
+    for p in range(min(s.planes, samples)):
+        base = p * s.H * s.W * ES
+        for i in range(s.KH):
+            ih = oh * s.sh - s.pt + i * s.dh
+            for j in range(s.KW):
+                iw = ow * s.sw - s.pl + j * s.dw
+                ok = (ih >= 0) & (ih < s.H) & (iw >= 0) & (iw < s.W) & (q < s.PS)
+                ln = np.where(ok, (base + (ih * s.W + iw) * ES) // line_bytes, -1)
+                srt = np.sort(ln, axis=1)
+                total += int((np.diff(srt, axis=1) != 0).sum()) + Vp
+                n += Vp
+    return total / max(1, n)
+
+
+def estimate_cycles(s: DwShape, model=None) -> float:
+    """Modelled cycles of the depthwise launch under ``model`` (default: the emulator's
+    TimingModel): the busiest worker's run, bounded below by the shared DRAM channel, the shared
+    L2 port and the busiest slice TMU.
+
+    The instruction counts come from the assembled program (:func:`.common.loop_lengths`): the
+    inner (per-vector) loop, the plane loop around it (weights, the plane's first taps, the
+    drain) and the prologue (the lane-table lookups). A vector takes the longer of its loop's
+    instructions and the round trip of its taps, which were issued one iteration earlier (an
+    iteration with an L2 miss among its taps waits for it). A plane waits for its weight
+    lookups and then its first taps: two round trips. The lane table costs two round trips."""
+    from .common import (timing_model, loop_lengths, round_trip, dram_cycles, l2_port_cycles,
+                         slice_tmu_cycles, lookup_lines, miss_fraction)
+    m = timing_model(model)
+    cpi = m.cycles_per_instruction
+    words, _ = kernel_program(s)
+    vloop, ploop = loop_lengths(words)[:2]
+    Vp = vectors_per_plane(s)
+    runs = worker_runs(s)
+    active = len(runs)
+    lines = tap_lines(s, m.line_bytes)
+    V = s.planes * Vp
+    in_bytes = s.planes * s.H * s.W * ES
+    out_bytes = s.planes * s.PS * ES
+    w_bytes = s.planes * s.record * ES
+    # every distinct input line misses once over all tap lookups; a vector waits on a miss
+    # when one of its T taps misses
+    tap_miss = miss_fraction(m, in_bytes, V * s.T * lines)
+    vec_miss = min(1.0, s.T * lines * tap_miss)
+    per_vector = max(vloop * cpi, round_trip(m, vec_miss))
+    per_plane = (ploop - vloop) * cpi + round_trip(m, miss_fraction(m, w_bytes, s.planes)) \
+        + round_trip(m, vec_miss)
+    # the lane table: TABLE_WORDS / 4 vec4 lookups per worker, its lanes a table row apart;
+    # every worker reads its rows at the start, so they queue at the L2 port together
+    row = TABLE_WORDS * ES
+    table_lines = TABLE_WORDS // 4 * (16.0 if row >= m.line_bytes else lookup_lines(m, 16 * row, True))
+    prologue = (len(words) - ploop) * cpi + 2 * round_trip(m, True) \
+        + l2_port_cycles(m, active * table_lines)
+
+    def planes_of(first, n):
+        return (first + n - 1) // Vp - first // Vp + 1
+
+    def run_cycles(first, n):
+        return prologue + planes_of(first, n) * per_plane + n * per_vector
+
+    busiest = max(run_cycles(i0, n) for i0, n in runs)
+    # line accesses at the L2 port: the tap gathers, the taps of the vector over-issued at each
+    # plane's end (mostly invalid lanes: about the zero line), the stores, the weights and the
+    # lane table (four 16-lane vec4 lookups per worker)
+    over = sum(planes_of(i0, n) for i0, n in runs)
+    l2_lines = V * s.T * lines + over * s.T + V * lookup_lines(m, 16 * ES) \
+        + s.planes * s.record + active * table_lines
+    lookups = (V + over) * s.T
+    shared = max(dram_cycles(m, in_bytes + out_bytes + w_bytes),
+                 l2_port_cycles(m, l2_lines),
+                 slice_tmu_cycles(m, lookups, lines, 16, active))
+    return max(busiest, shared + 2 * round_trip(m, True))
+
+
+def estimate_shape(s: DwShape, model=None) -> float:
+    """Modelled seconds of the depthwise launch under ``model`` (:func:`estimate_cycles`)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    return seconds(m, estimate_cycles(s, m))
 
 
 def shape_of_conv(cs) -> DwShape:
