@@ -401,15 +401,21 @@ def tap_lines(s: DwShape, line_bytes: int, samples: int = 16) -> float:
 
 def estimate_cycles(s: DwShape, model=None) -> float:
     """Modelled cycles of the depthwise launch under ``model`` (default: the emulator's
-    TimingModel): the busiest worker's run, bounded below by the shared DRAM channel, the shared
-    L2 port and the busiest slice TMU.
+    TimingModel): the busiest worker's run, bounded below by the shared resources.
 
-    The instruction counts come from the assembled program (:func:`.common.loop_lengths`): the
-    inner (per-vector) loop, the plane loop around it (weights, the plane's first taps, the
-    drain) and the prologue (the lane-table lookups). A vector takes the longer of its loop's
-    instructions and the round trip of its taps, which were issued one iteration earlier (an
-    iteration with an L2 miss among its taps waits for it). A plane waits for its weight
-    lookups and then its first taps: two round trips. The lane table costs two round trips."""
+    * Instruction counts come from the assembled program (:func:`.common.loop_lengths`): the
+      per-vector loop, the plane loop around it, the rest (prologue, epilogue).
+    * A vector takes the longer of its loop's instructions and the round trip of its taps (they
+      were issued one iteration earlier; an iteration waits on an L2 miss among its T taps).
+    * A plane runs its own instructions and waits two round trips: its weight lookups, then its
+      first vector's taps.
+    * The prologue waits two round trips for the lane table, behind every worker's table lines
+      at the shared L2 port or its slice TMU (all workers read their tables at once).
+    * Shared bounds: the DRAM channel (input, output, weights), the L2 port (every line each
+      lookup touches: :func:`tap_lines` per tap gather, the over-issued vector at each plane's
+      end, the stores, the weights, the lane tables) and the busiest slice TMU (the loads of
+      the taps, weights and lane tables), plus a round
+      trip at the start and one at the end (the last taps and stores)."""
     from .common import (timing_model, loop_lengths, round_trip, dram_cycles, l2_port_cycles,
                          slice_tmu_cycles, lookup_lines, miss_fraction)
     m = timing_model(model)
@@ -435,8 +441,10 @@ def estimate_cycles(s: DwShape, model=None) -> float:
     # every worker reads its rows at the start, so they queue at the L2 port together
     row = TABLE_WORDS * ES
     table_lines = TABLE_WORDS // 4 * (16.0 if row >= m.line_bytes else lookup_lines(m, 16 * row, True))
+    table_lookups = TABLE_WORDS // 4 * active
+    table_tmu = slice_tmu_cycles(m, table_lookups, table_lines * 4 / TABLE_WORDS, 64, active)
     prologue = (len(words) - ploop) * cpi + 2 * round_trip(m, True) \
-        + l2_port_cycles(m, active * table_lines)
+        + max(l2_port_cycles(m, active * table_lines), table_tmu)
 
     def planes_of(first, n):
         return (first + n - 1) // Vp - first // Vp + 1
@@ -454,7 +462,8 @@ def estimate_cycles(s: DwShape, model=None) -> float:
     lookups = (V + over) * s.T
     shared = max(dram_cycles(m, in_bytes + out_bytes + w_bytes),
                  l2_port_cycles(m, l2_lines),
-                 slice_tmu_cycles(m, lookups, lines, 16, active))
+                 slice_tmu_cycles(m, lookups, lines, 16, active)
+                 + slice_tmu_cycles(m, s.planes * s.record, 1, 16, active) + table_tmu)
     return max(busiest, shared + 2 * round_trip(m, True))
 
 
