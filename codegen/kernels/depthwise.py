@@ -399,6 +399,18 @@ def tap_lines(s: DwShape, line_bytes: int, samples: int = 16) -> float:
     return total / max(1, n)
 
 
+def drained_taps(words) -> int:
+    """Taps over-issued at a plane's end, read from the program: the ``ldtmu`` pops between the
+    per-vector loop's branch (its last delay slot) and the plane loop's branch."""
+    from ..instr import decode
+    ins = [decode(int(w)) for w in words]
+    back = [k for k, i in enumerate(ins) if i.kind == "branch" and not i.absolute
+            and isinstance(i.target, int) and i.target < 0]
+    if len(back) < 2:
+        raise ValueError("depthwise program without its vector and plane loops")
+    return sum(1 for i in ins[back[0] + 4: back[1]] if i.kind != "branch" and "ldtmu" in i.sigs)
+
+
 def estimate_cycles(s: DwShape, model=None) -> float:
     """Modelled cycles of the depthwise launch under ``model`` (default: the emulator's
     TimingModel): the busiest worker's run, bounded below by the shared resources.
@@ -409,13 +421,13 @@ def estimate_cycles(s: DwShape, model=None) -> float:
       were issued one iteration earlier; an iteration waits on an L2 miss among its T taps).
     * A plane runs its own instructions and waits two round trips: its weight lookups, then its
       first vector's taps.
-    * The prologue waits two round trips for the lane table, behind every worker's table lines
-      at the shared L2 port or its slice TMU (all workers read their tables at once).
+    * The prologue waits for the lane table: a miss and a hit round trip, behind every worker's
+      table lines at the shared L2 port or its slice TMU (all workers read their tables at once).
     * Shared bounds: the DRAM channel (input, output, weights), the L2 port (every line each
-      lookup touches: :func:`tap_lines` per tap gather, the over-issued vector at each plane's
-      end, the stores, the weights, the lane tables) and the busiest slice TMU (the loads of
-      the taps, weights and lane tables), plus a round
-      trip at the start and one at the end (the last taps and stores)."""
+      lookup touches: :func:`tap_lines` per tap gather, the taps over-issued at each plane's end
+      (:func:`drained_taps`), the stores, the weights, the lane tables) and the busiest slice
+      TMU (the loads of the taps, weights and lane tables), plus a round trip at the start and
+      one at the end (the last taps and stores)."""
     from .common import (timing_model, loop_lengths, round_trip, dram_cycles, l2_port_cycles,
                          slice_tmu_cycles, lookup_lines, miss_fraction)
     m = timing_model(model)
@@ -437,14 +449,15 @@ def estimate_cycles(s: DwShape, model=None) -> float:
     per_vector = max(vloop * cpi, round_trip(m, vec_miss))
     per_plane = (ploop - vloop) * cpi + round_trip(m, miss_fraction(m, w_bytes, s.planes)) \
         + round_trip(m, vec_miss)
-    # the lane table: TABLE_WORDS / 4 vec4 lookups per worker, its lanes a table row apart;
-    # every worker reads its rows at the start, so they queue at the L2 port together
+    # the lane table: TABLE_WORDS / 4 vec4 lookups per worker in two halves, its lanes a table
+    # row apart; every lookup reads the same lines of the worker's rows (the first misses, the
+    # second half hits), and all workers' first lookups queue at the L2 port / slice TMU together
     row = TABLE_WORDS * ES
-    table_lines = TABLE_WORDS // 4 * (16.0 if row >= m.line_bytes else lookup_lines(m, 16 * row, True))
+    table_lines = 16.0 if row >= m.line_bytes else lookup_lines(m, 16 * row, True)
     table_lookups = TABLE_WORDS // 4 * active
-    table_tmu = slice_tmu_cycles(m, table_lookups, table_lines * 4 / TABLE_WORDS, 64, active)
-    prologue = (len(words) - ploop) * cpi + 2 * round_trip(m, True) \
-        + max(l2_port_cycles(m, active * table_lines), table_tmu)
+    table_tmu = slice_tmu_cycles(m, table_lookups, table_lines, 64, active)
+    prologue = (len(words) - ploop) * cpi + round_trip(m, True) + round_trip(m, False) \
+        + max(l2_port_cycles(m, active * table_lines), table_tmu * 4 / TABLE_WORDS)
 
     def planes_of(first, n):
         return (first + n - 1) // Vp - first // Vp + 1
@@ -453,13 +466,13 @@ def estimate_cycles(s: DwShape, model=None) -> float:
         return prologue + planes_of(first, n) * per_plane + n * per_vector
 
     busiest = max(run_cycles(i0, n) for i0, n in runs)
-    # line accesses at the L2 port: the tap gathers, the taps of the vector over-issued at each
-    # plane's end (mostly invalid lanes: about the zero line), the stores, the weights and the
-    # lane table (four 16-lane vec4 lookups per worker)
-    over = sum(planes_of(i0, n) for i0, n in runs)
-    l2_lines = V * s.T * lines + over * s.T + V * lookup_lines(m, 16 * ES) \
-        + s.planes * s.record + active * table_lines
-    lookups = (V + over) * s.T
+    # line accesses at the L2 port: the tap gathers, the taps over-issued at each plane's end
+    # (lanes past the plane: mostly the zero line, one line a tap), the stores, the weights (one
+    # lookup per word, all lanes on one line) and the lane tables
+    over = sum(planes_of(i0, n) for i0, n in runs) * drained_taps(words)
+    l2_lines = V * s.T * lines + over + V * lookup_lines(m, 16 * ES) \
+        + s.planes * s.record + table_lookups * table_lines
+    lookups = V * s.T + over
     shared = max(dram_cycles(m, in_bytes + out_bytes + w_bytes),
                  l2_port_cycles(m, l2_lines),
                  slice_tmu_cycles(m, lookups, lines, 16, active)
