@@ -42,6 +42,21 @@ def conv2d(N, C, H, W, OC, k, pad, dt="float32", groups=1, stride=1):
                   {"padding": (pad,) * 4, "strides": (stride, stride), "groups": groups}), {"weight": w}
 
 
+def depthwise(N, C, H, W, kh, kw, pad, stride=1, bias=False, activation=None):
+    """A float32 depthwise conv2d (groups == C == OC: the depthwise kernel); ``pad`` is one value
+    or (rows, columns)."""
+    ph, pw = pad if isinstance(pad, tuple) else (pad, pad)
+    oh, ow = (H + 2 * ph - kh) // stride + 1, (W + 2 * pw - kw) // stride + 1
+    w = (C, 1, kh, kw)
+    attrs = {"padding": (ph, pw, ph, pw), "strides": (stride, stride), "groups": C}
+    consts = {"weight": w}
+    if bias:
+        attrs["bias"], consts["bias"] = True, (C,)
+    if activation is not None:
+        attrs["activation"] = activation
+    return OpSpec("conv2d", [((N, C, H, W), "float32"), (w, "float32")], ((N, C, oh, ow), "float32"), attrs), consts
+
+
 def pool(kind, shape, k, s, pad, dt="float32"):
     oh, ow = (shape[2] + 2 * pad - k) // s + 1, (shape[3] + 2 * pad - k) // s + 1
     attrs = {"pool_size": (k, k), "strides": (s, s), "padding": (pad,) * 4, "dilation": (1, 1),
@@ -82,6 +97,9 @@ SWEEP = [
     ("gemm", *matmul(128, 128, 128, "int8")), ("gemm", *matmul(16, 32, 64, batch=8)),
     ("conv", *conv2d(1, 8, 16, 16, 16, 3, 1)), ("conv", *conv2d(1, 32, 18, 18, 32, 3, 0, "int8")),
     ("conv", *conv2d(1, 16, 14, 14, 16, 3, 1, groups=16)),
+    ("conv", *depthwise(1, 32, 28, 28, 3, 3, 1, stride=2)),
+    ("conv", *depthwise(1, 8, 9, 13, 3, 3, 1, bias=True, activation=("clip", 0.0, 6.0))),
+    ("conv", *depthwise(2, 4, 10, 10, 1, 3, (0, 1))),
     ("pool", *pool("max_pool2d", (1, 16, 32, 32), 2, 2, 0)), ("pool", *global_avg((1, 32, 16, 16))),
     ("reduce", *reduction("reduce_max", (65536,), None)), ("reduce", *reduction("reduce_max", (32, 17, 40), (0,))),
     ("reduce", *reduction("argmax", (100, 300), (1,))),
@@ -96,6 +114,7 @@ SWEEP_SLOW = [
     ("gemm", *matmul(100, 130, 64, transpose_b=True)),
     ("conv", *conv2d(1, 3, 32, 32, 16, 5, 2, stride=2)), ("conv", *conv2d(1, 16, 12, 12, 32, 1, 0)),
     ("conv", *conv2d(1, 32, 34, 34, 64, 3, 1)),
+    ("conv", *depthwise(1, 64, 56, 56, 3, 3, 1)), ("conv", *depthwise(1, 3, 5, 5, 3, 3, 0)),
     ("pool", *pool("avg_pool2d", (1, 8, 33, 33), 3, 2, 1)), ("pool", *pool("max_pool2d", (1, 32, 64, 64), 3, 2, 1, "int32")),
     ("pool", *global_avg((2, 64, 7, 7))),
     ("reduce", *reduction("reduce_min", (64, 1000), (1,), "int32")), ("reduce", *reduction("argmin", (256, 64), (0,), "int32")),
@@ -158,7 +177,8 @@ def test_every_kernel_kind_is_swept():
 
 
 # ---- estimates read the model they are given --------------------------------------------------
-ONE_PER_KIND = [SWEEP[0], SWEEP[5], SWEEP[8], SWEEP[10], SWEEP[13], SWEEP[15]]
+# (SWEEP[7]: conv2d's depthwise kernel, a separate estimate)
+ONE_PER_KIND = [SWEEP[0], SWEEP[5], SWEEP[7], SWEEP[11], SWEEP[13], SWEEP[16], SWEEP[18]]
 
 
 @pytest.mark.parametrize("kind,spec,consts", ONE_PER_KIND, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
@@ -185,8 +205,8 @@ def test_gemm_estimate_reads_the_uniform_stream_prefetch():
 
 def test_no_private_timing_constants_in_kernels():
     """The kernel modules hold no copy of the clock or the DRAM bandwidth."""
-    from tvm_qpu.codegen.kernels import attention as a, conv, gemm, pool, reduce as r, softmax as s
-    for mod in (a, conv, gemm, pool, r, s):
+    from tvm_qpu.codegen.kernels import attention as a, conv, depthwise as d, gemm, pool, reduce as r, softmax as s
+    for mod in (a, conv, d, gemm, pool, r, s):
         src = inspect.getsource(mod)
         for literal in ("960e6", "8.6", "4.0e9", "ESTIMATE_LAUNCH", "EST_"):
             assert literal not in src, f"{mod.__name__} keeps a private timing constant {literal!r}"

@@ -416,7 +416,7 @@ def estimate(spec, model=None) -> float:
     s = shape_from_spec(spec)
     dws = depthwise.try_shape(s)
     if dws is not None:
-        return depthwise.estimate_shape(dws)
+        return depthwise.estimate_shape(dws, m)
     lay = conv_layout(s)
     g = choose_variant(s, lay, m)
     t = choose_tiling(g)

@@ -375,23 +375,116 @@ def reference(s: DwShape, x: np.ndarray, weight: np.ndarray, bias=None) -> np.nd
     return out.astype(np.float32)
 
 
-# Estimate: instructions of the loop above for the busiest worker (4 per tap, the rest per vector,
-# and per plane the weight lookups' and first taps' round trips plus the drain), 4 cycles each,
-# bounded below by DRAM traffic.
-EST_PER_TAP = 4
-EST_PER_VECTOR = 20             # advance, acc, store, loop control (+ the coordinates, + activation)
-EST_PER_PLANE_CYCLES = 2 * 80 + 100
-
-
-def estimate_shape(s: DwShape) -> float:
-    from ...runtime.cycle_model import DEFAULT as T
+def tap_lines(s: DwShape, line_bytes: int, samples: int = 16) -> float:
+    """Average distinct lines one tap gather touches, counted from the lanes' addresses as the
+    kernel forms them: 16 consecutive outputs of a plane (lanes past its end are dummies), a
+    valid tap reads its pixel, an invalid one (padding, dummy lane) the zero line after the
+    weights. Every vector and tap of up to ``samples`` planes (their start offsets differ in
+    line alignment) is counted."""
     Vp = vectors_per_plane(s)
-    run = max(n for _, n in worker_runs(s))
-    planes = -(-run // Vp) + 1
-    per_vector = EST_PER_TAP * s.T + EST_PER_VECTOR + s.KH + s.KW + (2 if isinstance(s.activation, tuple) else 1)
-    cycles = run * per_vector * T.cycles_per_instruction + planes * EST_PER_PLANE_CYCLES
-    traffic = s.planes * (s.H * s.W + s.PS) * ES
-    return (max(cycles, traffic / T.dram_bytes_per_cycle) + RD.ESTIMATE_LAUNCH_S * T.clock_hz) / T.clock_hz
+    q = np.arange(Vp * 16).reshape(Vp, 16)
+    oh, ow = q // s.OW, q % s.OW
+    total = n = 0
+    for p in range(min(s.planes, samples)):
+        base = p * s.H * s.W * ES
+        for i in range(s.KH):
+            ih = oh * s.sh - s.pt + i * s.dh
+            for j in range(s.KW):
+                iw = ow * s.sw - s.pl + j * s.dw
+                ok = (ih >= 0) & (ih < s.H) & (iw >= 0) & (iw < s.W) & (q < s.PS)
+                ln = np.where(ok, (base + (ih * s.W + iw) * ES) // line_bytes, -1)
+                srt = np.sort(ln, axis=1)
+                total += int((np.diff(srt, axis=1) != 0).sum()) + Vp
+                n += Vp
+    return total / max(1, n)
+
+
+def drained_taps(words) -> int:
+    """Taps over-issued at a plane's end, read from the program: the ``ldtmu`` pops between the
+    per-vector loop's branch (its last delay slot) and the plane loop's branch."""
+    from ..instr import decode
+    ins = [decode(int(w)) for w in words]
+    back = [k for k, i in enumerate(ins) if i.kind == "branch" and not i.absolute
+            and isinstance(i.target, int) and i.target < 0]
+    if len(back) < 2:
+        raise ValueError("depthwise program without its vector and plane loops")
+    return sum(1 for i in ins[back[0] + 4: back[1]] if i.kind != "branch" and "ldtmu" in i.sigs)
+
+
+def estimate_cycles(s: DwShape, model=None) -> float:
+    """Modelled cycles of the depthwise launch under ``model`` (default: the emulator's
+    TimingModel): the busiest worker's run, bounded below by the shared resources.
+
+    * Instruction counts come from the assembled program (:func:`.common.loop_lengths`): the
+      per-vector loop, the plane loop around it, the rest (prologue, epilogue).
+    * A vector takes the longer of its loop's instructions and the round trip of its taps (they
+      were issued one iteration earlier; an iteration waits on an L2 miss among its T taps).
+    * A plane runs its own instructions and waits two round trips: its weight lookups, then its
+      first vector's taps.
+    * The prologue waits for the lane table: a miss and a hit round trip, behind every worker's
+      table lines at the shared L2 port or its slice TMU (all workers read their tables at once).
+    * Shared bounds: the DRAM channel (input, output, weights), the L2 port (every line each
+      lookup touches: :func:`tap_lines` per tap gather, the taps over-issued at each plane's end
+      (:func:`drained_taps`), the stores, the weights, the lane tables) and the busiest slice
+      TMU (the loads of the taps, weights and lane tables), plus a round trip at the start and
+      one at the end (the last taps and stores)."""
+    from .common import (timing_model, loop_lengths, round_trip, dram_cycles, l2_port_cycles,
+                         slice_tmu_cycles, lookup_lines, miss_fraction)
+    m = timing_model(model)
+    cpi = m.cycles_per_instruction
+    words, _ = kernel_program(s)
+    vloop, ploop = loop_lengths(words)[:2]
+    Vp = vectors_per_plane(s)
+    runs = worker_runs(s)
+    active = len(runs)
+    lines = tap_lines(s, m.line_bytes)
+    V = s.planes * Vp
+    in_bytes = s.planes * s.H * s.W * ES
+    out_bytes = s.planes * s.PS * ES
+    w_bytes = s.planes * s.record * ES
+    # every distinct input line misses once over all tap lookups; a vector waits on a miss
+    # when one of its T taps misses
+    tap_miss = miss_fraction(m, in_bytes, V * s.T * lines)
+    vec_miss = min(1.0, s.T * lines * tap_miss)
+    per_vector = max(vloop * cpi, round_trip(m, vec_miss))
+    per_plane = (ploop - vloop) * cpi + round_trip(m, miss_fraction(m, w_bytes, s.planes)) \
+        + round_trip(m, vec_miss)
+    # the lane table: TABLE_WORDS / 4 vec4 lookups per worker in two halves, its lanes a table
+    # row apart; every lookup reads the same lines of the worker's rows (the first misses, the
+    # second half hits), and all workers' first lookups queue at the L2 port / slice TMU together
+    row = TABLE_WORDS * ES
+    table_lines = 16.0 if row >= m.line_bytes else lookup_lines(m, 16 * row, True)
+    table_lookups = TABLE_WORDS // 4 * active
+    table_tmu = slice_tmu_cycles(m, table_lookups, table_lines, 64, active)
+    prologue = (len(words) - ploop) * cpi + round_trip(m, True) + round_trip(m, False) \
+        + max(l2_port_cycles(m, active * table_lines), table_tmu * 4 / TABLE_WORDS)
+
+    def planes_of(first, n):
+        return (first + n - 1) // Vp - first // Vp + 1
+
+    def run_cycles(first, n):
+        return prologue + planes_of(first, n) * per_plane + n * per_vector
+
+    busiest = max(run_cycles(i0, n) for i0, n in runs)
+    # line accesses at the L2 port: the tap gathers, the taps over-issued at each plane's end
+    # (lanes past the plane: mostly the zero line, one line a tap), the stores, the weights (one
+    # lookup per word, all lanes on one line) and the lane tables
+    over = sum(planes_of(i0, n) for i0, n in runs) * drained_taps(words)
+    l2_lines = V * s.T * lines + over + V * lookup_lines(m, 16 * ES) \
+        + s.planes * s.record + table_lookups * table_lines
+    lookups = V * s.T + over
+    shared = max(dram_cycles(m, in_bytes + out_bytes + w_bytes),
+                 l2_port_cycles(m, l2_lines),
+                 slice_tmu_cycles(m, lookups, lines, 16, active)
+                 + slice_tmu_cycles(m, s.planes * s.record, 1, 16, active) + table_tmu)
+    return max(busiest, shared + 2 * round_trip(m, True))
+
+
+def estimate_shape(s: DwShape, model=None) -> float:
+    """Modelled seconds of the depthwise launch under ``model`` (:func:`estimate_cycles`)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    return seconds(m, estimate_cycles(s, m))
 
 
 def shape_of_conv(cs) -> DwShape:
