@@ -20,3 +20,10 @@ class RegisterPool:
         out, self.free = self.free[:want], self.free[want:]
         return out[0] if n is None else out
 
+
+
+#: TMU output FIFO words one thread may hold (lookups issued whose results no ldtmu has popped
+#: yet; a vecN lookup holds N, a per-lane typed one 1): each of the 2 threads a QPU runs with
+#: the CSD threading bit clear (our launches) owns 16 / 2 of the QPU's 16 words (Mesa
+#: nir_to_vir.c ``ntq_tmu_fifo_overflow``: 16 / c->threads). The emulator faults beyond it.
+TMU_FIFO_WORDS = 16 // 2
