@@ -88,6 +88,8 @@ MAX_PV_INSTR = 12000
 #: most 16-key K blocks of a fused tile / flash block: the QK phase keeps one lookup (1 word)
 #: per block in flight, within the thread's TMU FIFO share
 K_IN_FLIGHT = TMU_FIFO_WORDS
+#: fewest V lookups the P V phase keeps in flight (bounds the V lookup width, :attr:`AttnShape.VW`)
+PV_MIN_LOOKAHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,9 @@ class AttnShape:
     @property
     def VW(self) -> int:
         """V lookup width (words per lane): lane l of V column group g holds the VW consecutive
-        columns 16 VW g + VW l + j. vec4 / vec2 need fp32 V whose rows are VW-word aligned; the
+        columns 16 VW g + VW l + j. vec4 / vec2 need fp32 V whose rows are VW-word aligned, and
+        the thread's FIFO share must keep at least PV_MIN_LOOKAHEAD lookups in flight (vec4 would
+        leave 2: one lookup of cover, modelled 29 GOP/s for fp32 128 against 37 with vec2); the
         width of least P V instructions per key wins (then fewer registers, then wider)."""
         if self.v_dtype != "float32":
             return 1
@@ -128,7 +132,8 @@ class AttnShape:
         def cost(w):
             ng = -(-self.Dv // (16 * w))
             return (2 * 2 * ng * w + max(2, 2 * ng - 1), ng * w, -w)
-        return min((w for w in (4, 2, 1) if self.Dv % w == 0), key=cost)
+        return min((w for w in (4, 2, 1)
+                    if self.Dv % w == 0 and TMU_FIFO_WORDS // w >= PV_MIN_LOOKAHEAD), key=cost)
 
     @property
     def NG(self) -> int:
