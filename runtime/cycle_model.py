@@ -92,9 +92,9 @@ class TimingModel:
     #: in-flight TMU requests per QPU before issue stalls: 8 ("the eight-depth TMU read request
     #: queue", comment in py-videocore7 examples/scopy.py).
     request_queue_depth: int = 8
-    #: TMU output FIFO, words per lane per QPU: 16, shared by the threads (Mesa
-    #: src/broadcom/compiler/nir_to_vir.c, ntq_tmu_fifo_overflow: 16 / c->threads). Overflowing
-    #: it faults (the hardware cannot stall on it).
+    #: TMU output FIFO, words per lane per QPU: 16; each resident thread may hold 16 / threads
+    #: of them (Mesa src/broadcom/compiler/nir_to_vir.c, ntq_tmu_fifo_overflow: 16 / c->threads).
+    #: Exceeding a thread's share faults (the hardware cannot stall on it).
     fifo_words: int = 16
     #: cache line size, bytes (V3D L2T line; Mesa/kernel use 64-byte alignment for TMU data).
     line_bytes: int = 64

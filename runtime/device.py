@@ -106,8 +106,8 @@ class Device(ABC):
         num_qpus: how many QPUs may run workgroups (default: all).
         threads: the CSD threading mode, as the cfg words give it to the hardware: 4 sets the
         threading bit (4 threads per QPU, 32 registers each); 1 and 2 leave it clear, and a Pi 5
-        then runs 2 threads per QPU (64 registers each; they share the QPU's 16 TMU output FIFO
-        words, Mesa keeps 8 per thread: docs/emulator.md "TMU"). Default 1.
+        then runs 2 threads per QPU (64 registers each; each thread may hold 8 of the QPU's 16
+        TMU output FIFO words, 4 at 4 threads: docs/emulator.md "TMU"). Default 1.
         """
 
     def upload(self, data: np.ndarray, align: int = 4096) -> Buffer:

@@ -1599,13 +1599,14 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
                             elif kind == 2:
                                 ret_words = 1
                             if ret_words > 0:
-                                held = _qpu_fifo_words(ist, q, threads) + ret_words
-                                if held > fifo_limit * threads:
+                                # each thread slot owns 16 / resident threads words
+                                held = ist[ctx, ST_FIFO_WORDS] + ret_words
+                                if held > fifo_limit:
                                     fault[0] = FLT_FIFO_OVERFLOW
                                     fault[1] = ctx
                                     fault[2] = pc
                                     fault[3] = held
-                                    fault[4] = fifo_limit * threads
+                                    fault[4] = fifo_limit
                                     return FLT_FIFO_OVERFLOW
 
                             # bounds and alignment
@@ -1840,19 +1841,6 @@ def run(code, mem8, mem32, page_ok, mem_base, prog_base, unif_base, regs, fregs,
             if stalled:
                 break
     return 0
-
-
-@njit(cache=True, inline="always")
-def _qpu_fifo_words(ist, q, threads):
-    """Words waiting in QPU q's TMU output FIFO: the sum over its live threads. The FIFO (16
-    words) is a per-QPU resource shared by the resident threads; Mesa's 16 / threads per thread
-    is its static split of it (docs/emulator.md, "TMU")."""
-    n = 0
-    for t in range(threads):
-        st = ist[q * 4 + t, ST_STATE]
-        if st == CTX_RUN or st == CTX_BARRIER:
-            n += ist[q * 4 + t, ST_FIFO_WORDS]
-    return n
 
 
 @njit(cache=True, inline="always")

@@ -98,8 +98,9 @@ class _Program:
 _FAULT_TEXT = {
     C.FLT_BAD_ADDR: "TMU access to address {a:#010x} (lane {b}) outside any buffer",
     C.FLT_FIFO_EMPTY: "ldtmu with an empty TMU FIFO (no outstanding load)",
-    C.FLT_FIFO_OVERFLOW: "TMU request would put {a} words in the QPU's output FIFO (limit {b} "
-                         "words, shared by its resident threads); ldtmu results before issuing more",
+    C.FLT_FIFO_OVERFLOW: "TMU request would put {a} words in this thread's share of the QPU's output "
+                         "FIFO (limit {b} words per thread: 16 / resident threads, Mesa "
+                         "ntq_tmu_fifo_overflow); ldtmu results before issuing more",
     C.FLT_BUDGET: "instruction budget of {a} instructions exceeded (runaway loop?)",
     C.FLT_REG_SHARE: "uses rf{a}, beyond this thread's share of the register file "
                      "(rf0..rf{bm1} at this thread count)",

@@ -402,18 +402,42 @@ def test_ldtmu_stalls_until_data_and_work_overlaps_latency(dev):
     dev.free(buf)
 
 
+def _loads_switch_pops(n_loads):
+    """n loads, a thread switch (the other thread issues its n), then the n pops."""
+    def k():
+        nop(sig=ldunifrf(RF[10]))
+        A.eidx(RF[11])
+        A.shl(RF[11], RF[11], 2)
+        A.add(RF[10], RF[10], RF[11])
+        for _ in range(n_loads):
+            A.mov(A.tmua, RF[10])
+        nop(sig=thrsw)
+        nop()
+        nop()
+        for _ in range(n_loads):
+            nop(sig=ldtmu(RF[13]))
+        K.end_program()
+    return k
+
+
 def test_request_queue_depth_stalls_issue(dev):
-    """The 9th lookup in flight waits for the first to complete (queue depth 8)."""
-    buf = dev.alloc(64)
-    t = {}
-    for n in (8, 9):
-        prog = dev.load_program(assemble_fn(_loads_then_work(n, 0)), "queue")
-        st = dev.execute(prog, [buf.addr], num_qpus=1)
-        t[n] = st
-        dev.free(prog.buffer)
-    # issuing the 9th lookup stalled (the last result is ready much later than one more issue)
-    assert t[9].cycles - t[8].cycles > cycle_model.DEFAULT.tmu_latency / 2
-    dev.free(buf)
+    """The QPU's 9th lookup in flight waits for the first to complete (queue depth 8, per QPU).
+    Two threads issue n loads each (a thread may hold only 8 FIFO words): at n = 5 the second
+    thread's 4th load is the 9th."""
+    deep = EmulatorDevice(memory_size=1 << 20,
+                          timing=cycle_model.DEFAULT.with_(request_queue_depth=64))
+    extra = {}                                   # cycles the 5th load per thread adds
+    for d in (dev, deep):
+        buf = d.alloc(64)
+        t = {}
+        for n in (4, 5):
+            prog = d.load_program(assemble_fn(_loads_switch_pops(n)), "queue")
+            t[n] = d.execute(prog, [buf.addr], workgroups=(2, 1, 1), num_qpus=1).cycles
+            d.free(prog.buffer)
+        d.free(buf)
+        extra[d is deep] = t[5] - t[4]
+    # with depth 8 issuing the 9th lookup stalled; with a deep queue it did not
+    assert extra[False] - extra[True] > cycle_model.DEFAULT.tmu_latency / 4, extra
 
 
 # ---------------------------------------------------------------- uncertainty bands

@@ -282,13 +282,13 @@ def test_fault_ldtmu_with_empty_fifo():
     assert e.kind == "fifo_empty" and e.pc == 1 and "ldtmu(rf7)" in e.instruction
 
 
-@pytest.mark.parametrize("threads,wgs,loads,thread,k", [(1, 1, 5, 0, 4), (2, 2, 3, 1, 1),
-                                                        (4, 2, 3, 1, 1), (4, 4, 2, 2, 0)])
+@pytest.mark.parametrize("threads,wgs,loads,thread,k", [(1, 1, 3, 0, 2), (2, 2, 3, 0, 2),
+                                                        (4, 4, 2, 0, 1)])
 def test_fault_tmu_fifo_overflow(threads, wgs, loads, thread, k):
-    """vec4 loads put 4 words each in the QPU's 16-word output FIFO, which the resident threads
-    share: a lone thread may fill it (lookup k = 4 overflows); with thread 0 holding 12 words (it
-    switched out, its words still waiting) thread 1's second lookup overflows; at 4 threads
-    holding 8 words each, thread 2's first one."""
+    """vec4 loads put 4 words each in the thread's share of the QPU's 16-word output FIFO:
+    16 / resident threads words (Mesa ntq_tmu_fifo_overflow). With the threading bit clear
+    (threads 1 or 2) a QPU has 2 slots of 8 words, so even a lone thread's third lookup (12
+    words) overflows; at 4 threads (4 words each) the second one does."""
     def k_():
         nop(sig=ldunifrf(RF[5]))
         for i in range(loads):
@@ -301,8 +301,35 @@ def test_fault_tmu_fifo_overflow(threads, wgs, loads, thread, k):
         e = run_fault(k_, [buf.addr], workgroups=(wgs, 1, 1), num_qpus=1, threads=threads)
     finally:
         dev.free(buf)
-    assert e.kind == "fifo_overflow" and "limit 16 words" in str(e)
+    limit = 16 // (4 if threads == 4 else 2)
+    assert e.kind == "fifo_overflow" and f"limit {limit} words per thread" in str(e)
+    assert f"put {4 * (k + 1)} words" in str(e)
     assert e.thread == thread and e.pc == 2 + 2 * k
+
+
+def test_tmu_fifo_share_per_thread_holds_8_words_each():
+    """Two resident threads may each hold their full 8-word share at once (16 words in the QPU's
+    FIFO): thread 0 switches out holding 8 words while thread 1 fills its own 8."""
+    def k_():
+        nop(sig=ldunifrf(RF[5]))
+        for i in range(2):
+            A.mov(A.tmuc, -4)
+            A.mov(A.tmua, RF[5])
+        nop(sig=thrsw)
+        nop()
+        nop()
+        for i in range(8):
+            nop(sig=ldtmu(RF[10 + i]))
+        end_program()
+    dev = device()
+    buf = dev.alloc(4096)
+    prog = dev.load_program(assemble_fn(k_, "share"), "share")
+    try:
+        st = dev.execute(prog, [buf.addr], workgroups=(2, 1, 1), num_qpus=1, threads=1)
+    finally:
+        dev.free(buf)
+        dev.free(prog.buffer)
+    assert st.resident_threads == 2
 
 
 def test_fault_instruction_budget():

@@ -31,7 +31,7 @@ A worker takes ``R`` query rows of one batch entry z at a time and keeps everyth
    ``16 VW g + VW l + j`` (``VW`` = 4 / 2 for fp32 V whose rows allow vec4 / vec2 lookups, else
    1; :attr:`AttnShape.VW`). For each key t, ``shuffle(sc[i][t // 16], t % 16)`` broadcasts
    ``p[i, t]`` (add ALU), V row t arrives as NG vecVW lookups (``LA`` lookups ahead, within the
-   16-word TMU FIFO), and the multiply-adds use three product temporaries; the whole unrolled
+   thread's 8-word share of the TMU output FIFO), and the multiply-adds use three product temporaries; the whole unrolled
    phase is placed by the list scheduler (about R / 2 + R NOV + NG instructions per key).
 4. ``out = o * recip(sum)``, vecVW stores (lanes < Dv, rows < S).
 
@@ -68,6 +68,7 @@ from ..instr import MAGIC, RF, Register, is_imm
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import gemm as G
 from . import softmax as SM
+from .common import TMU_FIFO_WORDS
 
 S_ = A.SIGNALS
 R_ = A.R
@@ -84,6 +85,11 @@ SAWTOOTH_BYTES = 64 << 10
 QK_LOOKAHEAD = 22
 #: the largest unrolled P V phase (instructions ~ T * (R + NO * (R + 1))) we generate
 MAX_PV_INSTR = 12000
+#: most 16-key K blocks of a fused tile / flash block: the QK phase keeps one lookup (1 word)
+#: per block in flight, within the thread's TMU FIFO share
+K_IN_FLIGHT = TMU_FIFO_WORDS
+#: fewest V lookups the P V phase keeps in flight (bounds the V lookup width, :attr:`AttnShape.VW`)
+PV_MIN_LOOKAHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,9 @@ class AttnShape:
     @property
     def VW(self) -> int:
         """V lookup width (words per lane): lane l of V column group g holds the VW consecutive
-        columns 16 VW g + VW l + j. vec4 / vec2 need fp32 V whose rows are VW-word aligned; the
+        columns 16 VW g + VW l + j. vec4 / vec2 need fp32 V whose rows are VW-word aligned, and
+        the thread's FIFO share must keep at least PV_MIN_LOOKAHEAD lookups in flight (vec4 would
+        leave 2: one lookup of cover, modelled 29 GOP/s for fp32 128 against 37 with vec2); the
         width of least P V instructions per key wins (then fewer registers, then wider)."""
         if self.v_dtype != "float32":
             return 1
@@ -124,7 +132,8 @@ class AttnShape:
         def cost(w):
             ng = -(-self.Dv // (16 * w))
             return (2 * 2 * ng * w + max(2, 2 * ng - 1), ng * w, -w)
-        return min((w for w in (4, 2, 1) if self.Dv % w == 0), key=cost)
+        return min((w for w in (4, 2, 1)
+                    if self.Dv % w == 0 and TMU_FIFO_WORDS // w >= PV_MIN_LOOKAHEAD), key=cost)
 
     @property
     def NG(self) -> int:
@@ -238,7 +247,7 @@ def choose_tiling(s: AttnShape) -> AttnTiling | None:
 
 
 def _choose_tiling(s: AttnShape) -> AttnTiling | None:
-    if s.NB <= 14:                                   # K lookups in flight must fit the TMU FIFO
+    if s.NB <= K_IN_FLIGHT:                          # K lookups in flight must fit the TMU FIFO
         for R in range(min(16, s.S), 0, -1):
             if s.T * s.pv_per_key(R) > MAX_PV_INSTR:
                 continue
@@ -247,7 +256,7 @@ def _choose_tiling(s: AttnShape) -> AttnTiling | None:
                 return t
     best = None
     for R in range(min(16, s.S), 0, -1):
-        for KB in range(min(14, s.NB), 0, -1):
+        for KB in range(min(K_IN_FLIGHT, s.NB), 0, -1):
             if 16 * KB * s.pv_per_key(R) > MAX_PV_INSTR:
                 continue
             t = _tiling(s, R, KB, -(-s.NB // KB))
@@ -791,7 +800,7 @@ def _pv_phase(s, t, g, T, vsrc, zero, rev=False):
     :class:`_Sched`. Per key: R shuffles broadcast p[i, t] (add ALU, immediate lane index); NG
     lookups of VW words per lane (the last two of a row as mov(tmua, ptr), add(tmua, ptr, vstep),
     add(ptr, ptr, cdv)); per word one ldtmu (a signal) and R fmul / fadd pairs through three
-    product temporaries. Lookups run LA ahead (the TMU FIFO holds 16 words per lane)."""
+    product temporaries. Lookups run LA ahead (LA x VW words: the thread's FIFO share)."""
     R, VW, NG = t.R, s.VW, s.NG
     pb = g.q[:R]
     if zero:
@@ -804,7 +813,7 @@ def _pv_phase(s, t, g, T, vsrc, zero, rev=False):
     int_v = s.v_dtype in INT_IN
     total = T * NG
     keys = list(range(T))[::-1] if rev else list(range(T))
-    LA = min(8, 16 // VW, total)
+    LA = min(TMU_FIFO_WORDS // VW, total)           # LA lookups of VW words in flight
     sch = _Sched()
     issued = [None] * total                    # instruction of each lookup's address write
     pops = [None] * total                      # instruction of each lookup's last pop

@@ -137,3 +137,10 @@ def mov_const(dst, value: int):
         asm.shl(dst, dst, 4)
         if d:
             asm.add(dst, dst, d)
+
+
+#: TMU output FIFO words one thread may hold (lookups issued whose results no ldtmu has popped
+#: yet; a vecN lookup holds N, a per-lane typed one 1): each of the 2 threads a QPU runs with
+#: the CSD threading bit clear (our launches) owns 16 / 2 of the QPU's 16 words (Mesa
+#: nir_to_vir.c ``ntq_tmu_fifo_overflow``: 16 / c->threads). The emulator faults beyond it.
+TMU_FIFO_WORDS = 16 // 2

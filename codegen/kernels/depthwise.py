@@ -17,7 +17,8 @@ Kernel
   64-byte line), i.e. broadcast like uniforms, and stay in T registers for the plane's vectors.
 * **Taps unrolled.** Per vector, each tap is one 16-lane gather at a constant byte offset from the
   lane's base address, then ``acc += w_t * x``. The taps of the *next* vector are issued while
-  the current vector's are folded (T taps in flight, T <= 16; the TMU output FIFO holds 16).
+  the current vector's are folded, min(T, 8) taps ahead (8 words: a thread's share of the TMU
+  output FIFO, :data:`~.common.TMU_FIFO_WORDS`); the plane's weights likewise 8 ahead.
 * **Padding** is per lane and per tap: tap (i, j) of a lane is valid when row ``ih0 + i*dh <u H``
   and column ``iw0 + j*dw <u W``; an invalid tap loads from a zero line after the weights
   instead, so the accumulation needs no mask (4 instructions per tap). A valid tap always lies
@@ -43,6 +44,7 @@ from ..asm import L, b, mov, nop, sub, add, shl, eidx, tmuwt, thread_end
 from ..instr import RF
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import reduce as RD
+from .common import TMU_FIFO_WORDS
 from .reduce import Builder, f32_bits, store_vector
 
 S = A.SIGNALS
@@ -284,30 +286,43 @@ def dw_kernel(kb: Builder, s: DwShape):
     # ---- per plane: weights (lookups whose lanes share one address), the first vector's taps ----
     # A tap outside the input loads from a zero line instead (x defaults to zaddr), so the
     # accumulation needs no mask.
+    # Lookups run LA ahead in issue order (LA words in flight, the thread's TMU FIFO share).
+    T = len(taps)
+    LA = min(T, TMU_FIFO_WORDS)
     L.plane
-    for _ in range(s.record):
+    wregs = w + ([bias] if bias is not None else [])
+    for _ in range(min(s.record, TMU_FIFO_WORDS)):
         mov(tmua, wp).add(wp, wp, 4)
-    for r in w + ([bias] if bias is not None else []):
+    for n_, r in enumerate(wregs):
         nop(sig=S["ldtmu"](r))
+        if n_ + TMU_FIFO_WORDS < s.record:
+            mov(tmua, wp).add(wp, wp, 4)
     _coords(kb, s, nxt)
     mov(x, zaddr)
-    for t_, (i, j) in enumerate(taps):
+    for t_, (i, j) in enumerate(taps[:LA]):
         step_ptr(sub(null, nxt.u[i], Hr, cond="pushc"), t_)
         sub(null, nxt.v[j], Wr, cond="andc")                   # A = tap valid
         mov(x, ptr, cond="ifa")
         mov(tmua, x).mov(x, zaddr)
 
-    # ---- per vector: fold the current vector's taps while issuing the next one's ----
+    # ---- per vector: fold the current vector's taps while issuing the ones LA ahead (the
+    # current vector's last T - LA taps, then the next vector's; nxt advances in between) ----
     L.vloop
-    _advance(kb, s, nxt)
-    _coords(kb, s, nxt)
+    if LA == T:
+        _advance(kb, s, nxt)
+        _coords(kb, s, nxt)
     if bias is not None:                                       # acc = bias or +0.0 ; pop tap 0
         mov(acc, bias, sig=S["ldtmu"](v))
     else:
         sub(acc, acc, acc, sig=S["ldtmu"](v))
-    for t_, (i, j) in enumerate(taps):
-        step_ptr(sub(null, nxt.u[i], Hr, cond="pushc"), t_)
-        sub(null, nxt.v[j], Wr, cond="andc").fmul(prod, v, w[t_])     # A = next tap valid
+    for t_ in range(T):
+        if t_ == T - LA and LA < T:
+            _advance(kb, s, nxt)
+            _coords(kb, s, nxt)
+        k = (t_ + LA) % T                                      # tap index of the lookup issued
+        i, j = taps[k]
+        step_ptr(sub(null, nxt.u[i], Hr, cond="pushc"), k)
+        sub(null, nxt.v[j], Wr, cond="andc").fmul(prod, v, w[t_])     # A = issued tap valid
         A.DSL["fadd"](acc, acc, prod).mov(x, ptr, cond="ifa")
         sig = S["ldtmu"](v) if t_ + 1 < len(taps) else None         # pop tap t + 1
         mov(tmua, x, sig=sig).mov(x, zaddr)
@@ -320,7 +335,7 @@ def dw_kernel(kb: Builder, s: DwShape):
     nop()
     nop()
     nop()
-    for _ in taps:                                             # the over-issued vector
+    for _ in range(LA):                                        # the over-issued taps
         nop(sig=S["ldtmu"](v))
     # ---- the next plane: its first vector's lanes, min(Vp, left) vectors ----
     add(pbase, pbase, kb.u32(s.H * s.W * ES)).add(obase, obase, kb.u32(s.PS * ES))

@@ -34,7 +34,7 @@ from a host table (``<prefix>_table``: input byte offset of tap (0, 0), ih0, iw0
 outputs left). Per vector, every lane advances by 16 outputs with constant steps and two carry
 steps (column -> row -> plane). Each tap is one 16-lane gather at a constant byte offset from
 the lane's base address. The loads of the *next* vector are issued while the current vector's
-are folded (T taps in flight, T <= 16).
+are folded, min(T, 8) taps ahead (T <= 16; 8 words: a thread's share of the TMU output FIFO).
 
 Padding: taps are checked per lane (row ``ih0 + i*dh <u H``, column ``iw0 + j*dw <u W``); invalid
 lanes neither load (masked TMU address write, so no out-of-bounds access) nor fold. Windows that
@@ -58,6 +58,7 @@ from ..asm import L, b, mov, nop, sub, add, shl, eidx, tmuwt, thread_end
 from ..instr import RF
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import reduce as RD
+from .common import TMU_FIFO_WORDS
 from .reduce import Acc, Builder, ITEMSIZE, store_vector, trunc_div_const, f32_bits, tmu_cfg_word
 
 S = A.SIGNALS
@@ -264,8 +265,18 @@ def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
         sub(null, st.v[j], Wr, cond="andc")
         return first
 
-    # ---- prologue: the first vector's taps ----
-    for t_, (i, j) in enumerate(taps):
+    # taps run LA ahead in issue order (the current vector's, then the next one's): LA words
+    # in flight, within the thread's TMU FIFO share
+    T = len(taps)
+    LA = min(T, TMU_FIFO_WORDS)
+
+    def ahead(t_):
+        """(state, tap index) of the lookup issued while tap t_ of the current vector is folded."""
+        k = t_ + LA
+        return (cur, k) if k < T else (nxt, k - T)
+
+    # ---- prologue: the first vector's first LA taps ----
+    for t_, (i, j) in enumerate(taps[:LA]):
         if small:
             mov(tmuc, cfg)
         if masked:
@@ -286,13 +297,13 @@ def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
             if small:
                 mov(tmuc, cfg)
             sig = S["ldtmu"](v) if t_ + 1 < len(taps) else None
-            acc.combine(v, sig=sig, mul=lambda ins, t_=t_: ins.add(tmua, nxt.a, offs[t_]))
-            if sig is None and len(taps) == 1:
-                pass
+            st_k, k = ahead(t_)
+            acc.combine(v, sig=sig, mul=lambda ins, st_k=st_k, k=k: ins.add(tmua, st_k.a, offs[k]))
     else:
         for t_, (i, j) in enumerate(taps):
-            step_ptr(issue_flags(cur, i, j), t_, nxt.a)        # A = current tap valid
-            issue_flags(nxt, i, j)                             # B = current, A = next tap valid
+            st_k, k = ahead(t_)
+            step_ptr(issue_flags(cur, i, j), k, st_k.a)        # A = current tap valid
+            issue_flags(st_k, *taps[k])                        # B = current, A = issued tap valid
             if small:
                 mov(tmuc, cfg, sig=S["ldtmu"](v))
             else:
@@ -312,7 +323,7 @@ def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
     nop()
     nop()
     nop()
-    for _ in taps:                                             # the over-issued vector
+    for _ in range(LA):                                        # the over-issued taps
         nop(sig=S["ldtmu"](v))
     tmuwt()
     thread_end()

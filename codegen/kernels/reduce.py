@@ -15,15 +15,16 @@ Two stage kernels:
 * **lanes over outputs** (:func:`lanes_kernel`): each lane owns one output ``(k0, k1)``; a
   16-lane vector covers 16 consecutive outputs, so for ``K1 >= 16`` every load is 16 contiguous
   elements. The reduced axis is walked with a per-lane address that advances by ``K1`` elements:
-  fully unrolled when ``R <= 16``, else a loop (8 elements per iteration, 8 loads in flight).
+  fully unrolled when ``R <= 8``, else a loop (8 elements per iteration, 8 loads in flight: a
+  thread's share of the TMU output FIFO, :data:`~.common.TMU_FIFO_WORDS`).
   Workers (workgroups, one per QPU) take contiguous runs of vectors; each lane's starting
   offsets come from a small host-made table (``<prefix>_table``, one 16-byte vec4 load).
 * **segments** (:func:`segment_kernel`), for ``K1 == 1`` with few rows and long ``R`` (the whole
   tensor, a trailing-axis reduction of a small batch, global average pooling of few planes): each
   row is cut into ``S`` disjoint segments (:func:`segment_bounds`), ``K * S`` a multiple of the
   worker count. A worker streams a segment with 16-lane vec4 loads (256 contiguous bytes per
-  lookup; int8/int16 use per-lane typed loads, 16 elements per lookup), 4 lookups in flight (8
-  for int8/int16). The loop folds the segment's full lookups; the segment's **tail** (fewer than
+  lookup; int8/int16 use per-lane typed loads, 16 elements per lookup), 2 lookups in flight (8
+  for int8/int16: 8 FIFO words either way). The loop folds the segment's full lookups; the segment's **tail** (fewer than
   ``U * 16 * G`` elements) arrives in the last in-flight lookups, whose words are folded under a
   per-lane flag (element index < segment end); the lookups issued past the tail read on into
   the next segment or the input buffer's padding (:func:`segment_src_bytes`) and are never folded.
@@ -69,6 +70,7 @@ from .. import registry
 from ..asm import L, b, mov, nop, sub, add, shl, shr, asr, eidx, tmuwt, thread_end, rotate
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
+from .common import TMU_FIFO_WORDS
 
 S = A.SIGNALS
 R_ = A.R
@@ -361,7 +363,7 @@ def lanes_kernel(kb: Builder, st: LanesStage):
 
     L.vloop
     acc.init()
-    if st.R <= 16:
+    if st.R <= TMU_FIFO_WORDS:                                  # all R loads fit in the FIFO
         for r in range(st.R):
             issue(ain, r * rs)
         for r in range(st.R):
@@ -459,8 +461,8 @@ class SegmentStage:
         return 4 if self.G == 1 else 1
 
     @property
-    def PF(self):               # lookups in flight (TMU FIFO: 16 words per lane)
-        return 4 if self.G == 4 else 8
+    def PF(self):               # lookups in flight: G words each within the thread's FIFO share
+        return TMU_FIFO_WORDS // self.G
 
 
 SEG_MIN_LEN = 1024

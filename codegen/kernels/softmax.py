@@ -176,7 +176,7 @@ def _mod(x, n, t):
 def _load_blocks(s, g, regs, masked_last: bool):
     """Load len(regs) consecutive blocks from p (advancing p; mask blocks from mp too) and apply
     scale / mask; lanes past N in a masked last block become -inf. At most ``WINDOW`` lookups
-    are in flight (TMU FIFO: 16 words per lane; request queue: 8)."""
+    are in flight (one word each: the thread's 8-word TMU FIFO share; request queue: 8)."""
     looks = []
     for x in regs:
         looks.append((g.p, x))
