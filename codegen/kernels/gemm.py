@@ -48,7 +48,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shr, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
-from .common import RegisterPool
+from .common import RegisterPool, TMU_FIFO_WORDS
 
 S = A.SIGNALS
 R_ = A.R                     # label references
@@ -177,7 +177,11 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
     R = min(16, s.M)
     if s.a_stream == "tmu":
-        PF = 4                                              # 2 FIFO words per k-step: 8 in flight
+        # 2 FIFO words per k-step (B row + A column) within the thread's share of the TMU output
+        # FIFO, which the tile prologue's per-column bias lookup also holds while the first PF
+        # k-steps are issued
+        bias_words = 1 if s.bias and s.bias_axis != "m" else 0
+        PF = (TMU_FIFO_WORDS - bias_words) // 2
     if s.b_block is not None:
         U = len(s.b_block[1])
         if s.K % U:
