@@ -358,3 +358,48 @@ def test_server_functions_are_registered_on_import():
         assert tvm_ffi.get_global_func("tvm_qpu.rpc.test_crash", allow_missing=True) is None
     with pytest.raises(Exception, match=R.ERROR_MARK + "not inside a TVM RPC server session|no model loaded"):
         tvm_ffi.get_global_func("tvm_qpu.rpc.run")(b"", "random")
+
+
+# ---------------------------------------------------------------------------------------------
+# a fleet server that runs only signed artifacts
+
+def test_server_with_trusted_key_runs_only_signed_artifacts(model, tmp_path):
+    """``rpc_server --trusted-key`` checks the signature on the server itself: an unsigned upload
+    (or one signed by another key) is refused there, one signed by the trusted key runs and equals
+    the local run."""
+    d, art = model
+    for stem in ("fleet", "other"):
+        p = tvmc("keygen", tmp_path / stem)
+        assert p.returncode == 0, p.stderr
+    signed = tmp_path / "signed.tar"
+    p = tvmc("compile", "--target", "qpu", "--qpu-placement", "all", MODELS / "mlp.onnx", "-o", signed,
+             "--sign-key", tmp_path / "fleet.key")
+    assert p.returncode == 0, p.stderr
+    foreign = tmp_path / "foreign.tar"
+    p = tvmc("compile", "--target", "qpu", "--qpu-placement", "all", MODELS / "mlp.onnx", "-o", foreign,
+             "--sign-key", tmp_path / "other.key")
+    assert p.returncode == 0, p.stderr
+    procs = Processes(tmp_path)
+    port = free_port()
+    try:
+        procs.start("trusting", ["-m", "tvm_qpu.rpc_server", "--host", LOOPBACK, "--port", port,
+                                 "--port-end", port + 1, "--trusted-key", tmp_path / "fleet.pub"],
+                    {"TVM_QPU_DEVICE": "emulator"})
+        procs.wait_until("trusting", lambda: "listening on" in procs.log("trusting"), "listening line")
+        where = ("--hostname", LOOPBACK, "--port", port, "--device", "emulator")
+        for bad in (art, foreign):
+            p = tvmc("run", bad, *where, "--inputs", d / "in.npz")
+            assert p.returncode != 0 and "sign" in p.stderr.lower(), (p.stdout, p.stderr)
+        p = tvmc("run", signed, *where, "--inputs", d / "in.npz", "--outputs", tmp_path / "out.npz")
+        assert p.returncode == 0, p.stderr
+        assert_same_outputs(tmp_path / "out.npz", d / "local.npz")
+    finally:
+        procs.kill_all()
+
+
+def test_server_refuses_a_bad_trusted_key_file(tmp_path):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key")
+    p = subprocess.run([sys.executable, "-m", "tvm_qpu.rpc_server", "--port", str(free_port()),
+                        "--trusted-key", str(bad)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert p.returncode == 2 and "bad.pub" in p.stderr, p.stderr

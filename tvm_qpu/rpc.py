@@ -148,11 +148,25 @@ def _srv_hello() -> str:
                        "arch": _native_arch(), "hostname": platform.node()})
 
 
+#: environment variable through which ``python -m tvm_qpu.rpc_server --trusted-key`` hands its
+#: public key files to the session processes (os.pathsep-separated); set: unsigned artifacts and
+#: artifacts signed by any other key are refused on the server itself
+TRUSTED_KEYS_ENV = "TVM_QPU_TRUSTED_KEYS"
+
+
+def server_trusted_keys() -> list | None:
+    """The public key files this server trusts (``TRUSTED_KEYS_ENV``), or None: trust every upload."""
+    text = os.environ.get(TRUSTED_KEYS_ENV, "")
+    keys = [k for k in text.split(os.pathsep) if k]
+    return keys or None
+
+
 def _srv_load(file_name: str, device: str) -> str:
-    """Load an uploaded artifact on ``device`` (closing any previous one). JSON: io and device."""
+    """Load an uploaded artifact on ``device`` (closing any previous one), checking its signature
+    when the server was started with trusted keys. JSON: io and device."""
     from .api import load
     _srv_close()
-    runner = load(_workpath(file_name), device=str(device) or "auto")
+    runner = load(_workpath(file_name), device=str(device) or "auto", trusted_keys=server_trusted_keys())
     _SESSION["runner"] = runner
     dev = "none (no QPU regions)"
     if runner.executor.info:

@@ -22,6 +22,7 @@ expose it only on a trusted network (docs/rpc.md).
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import signal
 import sys
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--custom-addr", help="address to report to the tracker (default: as the tracker sees us)")
     ap.add_argument("--load-library", help="extra shared libraries to load (colon-separated)")
     ap.add_argument("--silent", action="store_true", help="log errors only")
+    ap.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                    help="load only artifacts signed by this Ed25519 public key (tvmc keygen's .pub; "
+                         "repeatable); without it every upload is run")
     ap.add_argument("--no-fork", dest="fork", action="store_false", help="spawn sessions instead of forking")
     return ap
 
@@ -70,6 +74,15 @@ def main(argv=None) -> int:
         except Exception as e:
             print(f"tvm_qpu.rpc_server: error: {e}", file=sys.stderr)
             return 2
+    if args.trusted_key:
+        from .artifact import load_public_keys
+        from .rpc import TRUSTED_KEYS_ENV
+        try:                                     # a bad key file fails now, not at the first upload
+            load_public_keys(args.trusted_key)
+        except Exception as e:
+            print(f"tvm_qpu.rpc_server: error: {e}", file=sys.stderr)
+            return 2
+        os.environ[TRUSTED_KEYS_ENV] = os.pathsep.join(os.path.abspath(k) for k in args.trusted_key)
     logging.basicConfig(level=logging.ERROR if args.silent else logging.INFO)
     from tvm import rpc
     from .rpc import server_init
