@@ -52,7 +52,9 @@ def _args(argv):
     return ap.parse_args(argv)
 
 
-def _median_time(fn, repeat):
+def median_time(fn, repeat):
+    """Median wall time of ``repeat`` calls of ``fn`` after one warm-up call (also used by
+    calibrate_cpu.py)."""
     fn()
     ts = []
     for _ in range(repeat):
@@ -111,7 +113,7 @@ def bench_one(name, path, a):
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     want = sess.run(None, x)[0]
-    row["ort_s"] = _median_time(lambda: sess.run(None, x), a.repeat)
+    row["ort_s"] = median_time(lambda: sess.run(None, x), a.repeat)
     shapes = {k: list(v.shape) for k, v in x.items()}
     mod, params = tvm_qpu.from_onnx(path, shapes)
 
@@ -128,7 +130,7 @@ def bench_one(name, path, a):
         args = [tvm.runtime.tensor(v) for v in x.values()]
         out = vm["main"](*args)
         row["llvm_tvm_err"] = err((out if hasattr(out, "numpy") else out[0]).numpy())
-        row["llvm_tvm_s"] = _median_time(lambda: vm["main"](*args), max(1, min(a.repeat, 3)))
+        row["llvm_tvm_s"] = median_time(lambda: vm["main"](*args), max(1, min(a.repeat, 3)))
     t = time.perf_counter()
     lib = tvm_qpu.build(mod, target="llvm", params=params)
     row["llvm_compile_s"] = time.perf_counter() - t

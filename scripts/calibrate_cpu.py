@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
+
+from bench_models import median_time      # scripts/ is on sys.path when run as a script
 
 A76_PEAK = 16 * 2.4e9            # FLOP/s per core: 2x128-bit FMA (4 lanes x 2 FLOP x 2 pipes) at 2.4 GHz
 
@@ -41,16 +41,6 @@ def host_peak() -> float:
     except OSError:
         pass
     return (bits // 32) * 2 * 2 * (mhz or 2400.0) * 1e6
-
-
-def _time(fn, repeat):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def _cases():
@@ -105,7 +95,7 @@ def measure(repeat: int):
         ex = tvm.compile(bb.get(), target=tgt, relax_pipeline=cs.relax_pipeline(tgt))
         vm = relax.VirtualMachine(ex, tvm.cpu())
         args = [tvm.runtime.tensor((rng.standard_normal(s) * 4).astype(d)) for s, d in ins]
-        t = _time(lambda: vm["main"](*args), repeat)
+        t = median_time(lambda: vm["main"](*args), repeat)
         out.append((name, key, ops / t, t))
     return out
 

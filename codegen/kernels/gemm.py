@@ -477,6 +477,25 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     _tile_epilogue(s, t, g)
 
 
+def _init_accumulators(s: GemmShape, R: int, g: GemmRegs, bias_m: bool):
+    """Both variants' tile start: unless the per-row bias already filled them (unifa), the R
+    accumulators start as the popped per-column bias row, or 0 (x - x); two per instruction."""
+    if bias_m:
+        return
+    if s.bias:
+        nop(sig=S["ldtmu"](g.tq))
+    for i in range(0, R, 2):
+        pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
+        if s.bias:
+            ins = mov(pair[0], g.tq)
+            if len(pair) > 1:
+                ins.mov(pair[1], g.tq)
+        else:
+            ins = sub(pair[0], pair[0], pair[0])
+            if len(pair) > 1:
+                ins.sub(pair[1], pair[1], pair[1])
+
+
 def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
     """Tile start of the "tmu" variant: the n-axis bias, then k-steps 0..PF-1 in flight (B row,
     then the A column: lane i reads A[m0 + i, k] from the panel); pops the bias, B row 0 and A
@@ -508,18 +527,7 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
             nop()
         for i in range(R):
             nop(sig=S["ldunifarf"](g.acc[i]))
-    if s.bias and not bias_m:
-        nop(sig=S["ldtmu"](g.tq))
-    for i in range(0, R, 2) if not bias_m else ():          # acc = bias row, or 0 (x - x)
-        pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
-        if s.bias:
-            ins = mov(pair[0], g.tq)
-            if len(pair) > 1:
-                ins.mov(pair[1], g.tq)
-        else:
-            ins = sub(pair[0], pair[0], pair[0])
-            if len(pair) > 1:
-                ins.sub(pair[1], pair[1], pair[1])
+    _init_accumulators(s, R, g, bias_m)
     last = g.t[(R - 1) % 2]
     sub(last, last, last, sig=S["ldtmu"](g.bv))             # B row 0; no product before k = 0
     mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))        # A column 0
@@ -605,19 +613,7 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
     if bias_m:
         unifa_pc = len(prog.items)
         mov(unifa, g.a_ptr)
-    if s.bias and not bias_m:
-        nop(sig=S["ldtmu"](g.tq))
-    if not bias_m:
-        for i in range(0, R, 2):                            # acc = bias row, or 0 (x - x)
-            pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
-            if s.bias:
-                ins = mov(pair[0], g.tq)
-                if len(pair) > 1:
-                    ins.mov(pair[1], g.tq)
-            else:
-                ins = sub(pair[0], pair[0], pair[0])
-                if len(pair) > 1:
-                    ins.sub(pair[1], pair[1], pair[1])
+    _init_accumulators(s, R, g, bias_m)
     while len(prog.items) - unifa_pc < 4:
         nop()
     nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0]
