@@ -110,3 +110,19 @@ def test_real_cycle_model_rule():
     assert ok_i, why_i
     d = PL.decide(int8, "cost", registry=registry)
     assert d.on_qpu, d.reason
+
+
+@pytest.mark.parametrize("placement", ["all", "cost"])
+def test_ops_longer_than_one_gpu_dispatch_stay_on_the_cpu(placement):
+    """A region modelled beyond the v3d driver's dispatch budget (half its 500 ms hang check)
+    would be reset on a Pi 5: placement keeps it on the CPU, even under placement=all, and says
+    why; a small one of the same kind is still offloaded under placement=all."""
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
+    big = _mm_spec("int8", 4096, 4096, 4096, "int32")
+    assert registry.supports(big)[0]
+    assert registry.estimate(big) > DISPATCH_BUDGET_SECONDS     # ~1.4e11 ops at < 100 GOP/s
+    d = PL.decide(big, placement, registry=registry)
+    assert not d.on_qpu and "hang check" in d.reason, d.reason
+    small = _mm_spec("int8", 64, 64, 64, "int32")
+    assert PL.decide(small, "all", registry=registry).on_qpu

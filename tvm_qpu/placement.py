@@ -199,6 +199,11 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
         if placement == "all":
             return Decision(True, f"placement=all (no QPU estimate: {e})", cpu, None)
         return Decision(False, f"no QPU time estimate ({type(e).__name__}: {e})", cpu, None)
+    from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
+    if qpu > DISPATCH_BUDGET_SECONDS:     # also under placement=all: it would fail on a Pi 5
+        return Decision(False, f"QPU {_us(qpu)} exceeds the {DISPATCH_BUDGET_SECONDS * 1e3:.0f} ms one GPU "
+                               "dispatch may run (the v3d driver's hang check resets longer jobs; "
+                               "launches are not split yet): stays on the CPU", cpu, qpu)
     if placement == "all":
         return Decision(True, f"placement=all (QPU {_us(qpu)} vs CPU {_us(cpu)})", cpu, qpu)
     if qpu < cpu:
