@@ -316,3 +316,31 @@ def test_tmu_variant_short_unroll(dev, M, N, K, batch, tb):
     s = GemmShape(M, N, K, batch, transpose_b=tb, a_stream="tmu")
     a, b, _ = _data(s, np.random.default_rng(11))
     _check_numpy(s, _run(dev, s, a, b), a, b, None)
+
+
+@pytest.mark.parametrize("M,N,K,batch,dtype,bias,act", [(70, 40, 24, 2, "float32", True, "relu"),
+                                                       (75, 100, 40, 1, "int8", False, None)])
+def test_long_gemm_splits_into_launches_within_the_dispatch_budget(dev, M, N, K, batch, dtype, bias, act):
+    """A GEMM modelled over the dispatch budget (the v3d hang check) becomes several launches
+    over row blocks, each modelled within the budget, with the same result. The budget is
+    forced small here (just above a launch of one row tile) so that a small GEMM must split."""
+    from tvm_qpu.codegen.kernels.common import seconds, timing_model
+    from tvm_qpu.codegen.kernels.gemm import gemm_launch_cycles, split_rows
+    s = GemmShape(M, N, K, batch, dtype, dtype, bias=bias, activation=act)
+    t = choose_tiling(s)
+    m = timing_model(None)
+    from tvm_qpu.codegen.kernels.gemm import _row_block
+    budget = 1.01 * max(seconds(m, gemm_launch_cycles(*_row_block(s, t, mt, mt + 1), m)) for mt in range(t.MT))
+    assert seconds(m, gemm_launch_cycles(s, t, m)) > 2 * budget              # the whole launch is over it
+    a, b, bias_v = _data(s, np.random.default_rng(21))
+    plan = plan_gemm(s, {"bias": bias_v} if bias else {}, budget_seconds=budget)
+    gemm_launches = [L for L in plan.launches if L.name.startswith("gemm_rows")]
+    blocks = split_rows(s, t, budget_seconds=budget)
+    assert len(gemm_launches) == len(blocks) >= 3
+    assert sum(bt.MT for _, _, bt in blocks) == t.MT
+    for _, bs, bt in blocks:
+        assert seconds(m, gemm_launch_cycles(bs, bt, m)) <= budget
+    out, stats = run_plan(plan, dev, A=a.reshape(plan.buffer("A").shape), B=b.reshape(plan.buffer("B").shape))
+    _check_numpy(s, out.reshape(a.shape[:-1] + (N,)), a, b, bias_v)
+    unsplit = plan_gemm(s, {"bias": bias_v} if bias else {})
+    assert [L.name for L in unsplit.launches][-1] == "gemm"         # the default budget: one launch

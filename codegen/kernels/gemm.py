@@ -251,14 +251,18 @@ class GemmRegs:
 # Uniforms
 # ------------------------------------------------------------------------------------------------
 def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name: str,
-                  bias_name: str | None):
-    """The uniform stream of the GEMM launch, in the order the prologue reads it."""
+                  bias_name: str | None, mt0: int = 0, whole: tuple | None = None):
+    """The uniform stream of the GEMM launch, in the order the prologue reads it. A row block
+    (:func:`split_rows`) passes its first row tile ``mt0`` and the ``(shape, tiling)`` of the
+    whole GEMM: A panel, C (and an m-axis bias) start ``mt0`` tiles in, batch strides are the
+    whole GEMM's."""
+    ws, wt = whole if whole is not None else (s, t)
     es_b = ITEMSIZE[s.b_dtype]
     a_tile = t.Kpad * t.R * 4
     if s.a_bstride == 0:                        # A shared by every batch entry
         a_bs = 0
     elif a_name.endswith("_panel"):
-        a_bs = t.MT * a_tile
+        a_bs = wt.MT * a_tile
     else:                                       # M == 1: A itself is the panel
         a_bs = s.a_bstride * 4
     bks_u, taps = block_offsets(s, t)
@@ -271,12 +275,12 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         b_bs = s.b_bstride * es_b
         b_addr = ("addr", b_name, 0)
     b_tile = 16 * b_ls
-    u = [("addr", a_name, 0), ("u32", a_bs), ("u32", a_tile), ("u32", t.Wm * a_tile),
+    u = [("addr", a_name, mt0 * a_tile), ("u32", a_bs), ("u32", a_tile), ("u32", t.Wm * a_tile),
          b_addr, ("u32", b_bs), ("u32", b_ls), ("u32", b_tile), ("u32", t.Wn * b_tile)]
     if s.b_table:
         u += [("addr", b_name, 0), ("u32", s.b_bstride * es_b)]
     u += ([("u32", bks_u // t.U)] if t.U < t.PF else []) + [("u32", bks_u),
-          ("addr", c_name, 0), ("u32", s.M * s.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
+          ("addr", c_name, mt0 * c_tile), ("u32", ws.M * ws.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
           ("u32", t.Wn * 64), ("u32", s.N * 4)]
     if s.bias and s.bias_axis == "n":
         u.append(("addr", bias_name, 0))
@@ -291,7 +295,7 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         q, r = divmod(j + t.PF, t.U)
         u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
     if s.bias and s.bias_axis == "m":
-        u += [("addr", bias_name, 0), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
+        u += [("addr", bias_name, mt0 * t.R * 4), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
               ("u32", t.Wm * t.R * 4)]
     if s.a_stream == "tmu":
         u.append(("u32", 4 * t.R))                          # A column step per k-step
@@ -815,9 +819,56 @@ def check_limits(s: GemmShape, t: GemmTiling):
         raise ValueError("batch > 65535")
 
 
-def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C", "bias")) -> KernelPlan:
+def dispatch_budget_seconds() -> float:
+    """The longest one GPU dispatch may be modelled to run (the v3d driver's hang check; one
+    source of truth: :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS`, read at call time)."""
+    from ...runtime import v3d
+    return v3d.DISPATCH_BUDGET_SECONDS
+
+
+def _row_block(s: GemmShape, t: GemmTiling, mt0: int, mt1: int):
+    """(shape, tiling) of the GEMM launch over row tiles [mt0, mt1): the whole GEMM's R, U, PF
+    and Kpad (the A panel layout), its own rows, M tiles and worker grid."""
+    M = min(s.M, mt1 * t.R) - mt0 * t.R
+    bs = replace(s, M=M, a_batch_stride_elems=s.a_bstride)
+    MT = mt1 - mt0
+    Wm, Wn = _worker_grid(MT, t.NT, max(1, s.num_qpus))
+    return bs, replace(t, MT=MT, Wm=Wm, Wn=Wn)
+
+
+def split_rows(s: GemmShape, t: GemmTiling, model=None, budget_seconds: float | None = None):
+    """Row blocks ``[(mt0, shape, tiling), ...]`` of the GEMM launch, each modelled (under
+    ``model``; :func:`gemm_launch_cycles`) within ``budget_seconds`` (default
+    :func:`dispatch_budget_seconds`): the persistent launch keeps every batch resident, so the
+    v3d hang check (no batch-counter progress for 500 ms) bounds each launch, not the GEMM.
+    The fewest equal blocks of whole row tiles that fit; one row tile per launch when nothing
+    fits (the caller's budget check then refuses it). One block when the whole launch fits."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+
+    def blocks(n):
+        per = -(-t.MT // n)
+        return [(mt0,) + _row_block(s, t, mt0, min(t.MT, mt0 + per)) for mt0 in range(0, t.MT, per)]
+
+    def longest(bl):         # blocks are equal but the last: two distinct launches at most
+        return max(seconds(m, gemm_launch_cycles(bs, bt, m)) for _, bs, bt in (bl[0], bl[-1]))
+
+    whole = longest(blocks(1))
+    if whole <= budget:
+        return blocks(1)
+    for n in range(max(2, math.ceil(whole / budget)), t.MT + 1):
+        bl = blocks(n)
+        if longest(bl) <= budget:
+            return bl
+    return blocks(t.MT)
+
+
+def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C", "bias"),
+              budget_seconds: float | None = None) -> KernelPlan:
     """Plan for C = A @ B (+ bias) (+ activation). ``constants`` may hold B (and bias) as weights
-    (and A); they are stored in device layout (padded) in the plan."""
+    (and A); they are stored in device layout (padded) in the plan. A GEMM launch modelled over
+    the dispatch budget is split into row blocks (:func:`split_rows`)."""
     constants = dict(constants or {})
     t = choose_tiling(s)
     check_limits(s, t)
@@ -863,9 +914,13 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         launches.append(Launch(_assemble(pack_kernel, s, t, name="gemm_pack"),
                                pack_uniforms(s, t, kchunk, a_name, p_name),
                                (kc, t.MT, s.batch), 16, s.num_qpus, 1, "gemm_pack"))
-    launches.append(Launch(_assemble(gemm_kernel, s, t, name="gemm"),
-                           gemm_uniforms(s, t, gemm_a, b_name, c_name, bias_name if s.bias else None),
-                           (t.Wn, t.Wm, s.batch), 16, s.num_qpus, 1, "gemm"))
+    blocks = split_rows(s, t, budget_seconds=budget_seconds)
+    for i, (mt0, bs, bt) in enumerate(blocks):
+        launches.append(Launch(_assemble(gemm_kernel, bs, bt, name="gemm"),
+                               gemm_uniforms(bs, bt, gemm_a, b_name, c_name, bias_name if s.bias else None,
+                                             mt0, (s, t)),
+                               (bt.Wn, bt.Wm, s.batch), 16, s.num_qpus, 1,
+                               "gemm" if len(blocks) == 1 else f"gemm_rows{i}"))
     return KernelPlan("gemm", bufs, launches, out_consts,
                       attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
@@ -1112,7 +1167,7 @@ def pack_chunks(s: GemmShape, t: GemmTiling):
 def plan_cycles(s: GemmShape, model=None) -> float:
     """Modelled cycles of :func:`plan_gemm`'s launches for ``s`` (its a_stream variant)."""
     t = choose_tiling(s)
-    cycles = gemm_launch_cycles(s, t, model)
+    cycles = sum(gemm_launch_cycles(bs, bt, model) for _, bs, bt in split_rows(s, t, model))
     if needs_pack(s, t):
         cycles += pack_launch_cycles(s, t, model)
     return cycles
