@@ -114,15 +114,34 @@ def test_real_cycle_model_rule():
 
 @pytest.mark.parametrize("placement", ["all", "cost"])
 def test_ops_longer_than_one_gpu_dispatch_stay_on_the_cpu(placement):
-    """A region modelled beyond the v3d driver's dispatch budget (half its 500 ms hang check)
-    would be reset on a Pi 5: placement keeps it on the CPU, even under placement=all, and says
-    why; a small one of the same kind is still offloaded under placement=all."""
+    """A region of a kind whose launches are not split, modelled beyond the v3d driver's dispatch
+    budget (half its 500 ms hang check), would be reset on a Pi 5: placement keeps it on the CPU,
+    even under placement=all, and says why; a small one of the same kind is still offloaded
+    under placement=all."""
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
+    big = OpSpec("conv2d", [((1, 256, 128, 128), "float32"), ((256, 256, 3, 3), "float32")],
+                 ((1, 256, 128, 128), "float32"), {"padding": (1,) * 4, "strides": (1, 1), "groups": 1})
+    assert big.kind not in PL.SPLIT_KINDS
+    assert registry.supports(big)[0]
+    assert registry.estimate(big) > DISPATCH_BUDGET_SECONDS     # ~1.9e10 ops, modelled ~0.47 s
+    d = PL.decide(big, placement, {"weight": np.zeros((256, 256, 3, 3), np.float32)}, registry=registry)
+    assert not d.on_qpu and "hang check" in d.reason, d.reason
+    small = OpSpec("conv2d", [((1, 8, 8, 8), "float32"), ((8, 8, 3, 3), "float32")],
+                   ((1, 8, 8, 8), "float32"), {"padding": (1,) * 4, "strides": (1, 1), "groups": 1})
+    d = PL.decide(small, "all", {"weight": np.zeros((8, 8, 3, 3), np.float32)}, registry=registry)
+    assert d.on_qpu and "hang check" not in d.reason, d.reason
+
+
+def test_a_long_matmul_splits_and_is_offloaded():
+    """A matmul modelled far beyond one dispatch's budget splits into launches each within it
+    (gemm.split_rows), so placement=all offloads it again."""
     from tvm_qpu.codegen import registry
     from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
     big = _mm_spec("int8", 4096, 4096, 4096, "int32")
-    assert registry.supports(big)[0]
     assert registry.estimate(big) > DISPATCH_BUDGET_SECONDS     # ~1.4e11 ops at < 100 GOP/s
-    d = PL.decide(big, placement, registry=registry)
-    assert not d.on_qpu and "hang check" in d.reason, d.reason
-    small = _mm_spec("int8", 64, 64, 64, "int32")
-    assert PL.decide(small, "all", registry=registry).on_qpu
+    assert PL.longest_dispatch_seconds(big, registry.estimate(big)) <= DISPATCH_BUDGET_SECONDS
+    plan = registry.generate(big, {})
+    assert sum(L.name.startswith("gemm_rows") for L in plan.launches) >= 2
+    d = PL.decide(big, "all", registry=registry)
+    assert d.on_qpu, d.reason

@@ -171,6 +171,21 @@ def qpu_seconds(spec, constants=(), registry=None) -> float:
     return est + qpu_overhead_seconds(spec, constants, plan_launches(spec, constants, registry))
 
 
+#: kinds whose plans split long work into launches each within the dispatch budget, and the
+#: function that models their longest launch (seconds; spec -> float)
+SPLIT_KINDS = {"matmul": "tvm_qpu.codegen.kernels.gemm:longest_dispatch_seconds"}
+
+
+def longest_dispatch_seconds(spec, qpu_total: float) -> float:
+    """Modelled seconds of the longest single GPU dispatch ``spec``'s plan makes: from its kind's
+    splitting plan (:data:`SPLIT_KINDS`), else the whole QPU time ``qpu_total`` (one dispatch)."""
+    if spec.kind not in SPLIT_KINDS:
+        return qpu_total
+    import importlib
+    mod, fn = SPLIT_KINDS[spec.kind].split(":")
+    return float(getattr(importlib.import_module(mod), fn)(spec))
+
+
 @dataclass
 class Decision:
     on_qpu: bool
@@ -200,10 +215,12 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
             return Decision(True, f"placement=all (no QPU estimate: {e})", cpu, None)
         return Decision(False, f"no QPU time estimate ({type(e).__name__}: {e})", cpu, None)
     from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
-    if qpu > DISPATCH_BUDGET_SECONDS:     # also under placement=all: it would fail on a Pi 5
-        return Decision(False, f"QPU {_us(qpu)} exceeds the {DISPATCH_BUDGET_SECONDS * 1e3:.0f} ms one GPU "
-                               "dispatch may run (the v3d driver's hang check resets longer jobs; "
-                               "launches are not split yet): stays on the CPU", cpu, qpu)
+    dispatch = longest_dispatch_seconds(spec, qpu)
+    if dispatch > DISPATCH_BUDGET_SECONDS:     # also under placement=all: it would fail on a Pi 5
+        what = "its longest launch" if spec.kind in SPLIT_KINDS else "its launches are not split:"
+        return Decision(False, f"QPU {_us(qpu)} ({what} {_us(dispatch)}) exceeds the "
+                               f"{DISPATCH_BUDGET_SECONDS * 1e3:.0f} ms one GPU dispatch may run (the v3d "
+                               "driver's hang check resets longer jobs): stays on the CPU", cpu, qpu)
     if placement == "all":
         return Decision(True, f"placement=all (QPU {_us(qpu)} vs CPU {_us(cpu)})", cpu, qpu)
     if qpu < cpu:

@@ -1199,6 +1199,20 @@ def estimate(spec, model=None) -> float:
     return seconds(m, plan_cycles(shape_from_spec(spec, m), m))
 
 
+def longest_dispatch_seconds(spec, model=None) -> float:
+    """Modelled seconds of the longest single launch of the matmul plan (the pack launch or one
+    row block of :func:`split_rows`): what the v3d hang check bounds, unlike :func:`estimate`
+    (the sum over launches)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    s = shape_from_spec(spec, m)
+    t = choose_tiling(s)
+    cycles = [gemm_launch_cycles(bs, bt, m) for _, bs, bt in split_rows(s, t, m)]
+    if needs_pack(s, t):
+        cycles.append(pack_launch_cycles(s, t, m))
+    return seconds(m, max(cycles))
+
+
 def _register():
     from .. import registry
     registry.register("matmul", supports, generate, estimate)
