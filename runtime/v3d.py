@@ -455,8 +455,13 @@ class V3DDevice(Device):
         """Refuse, before it runs, a plan whose modelled time (the kernel estimate, or the
         emulator's cycle model) exceeds :data:`DISPATCH_BUDGET_SECONDS`: its dispatch could
         outlast the kernel's hang check, be reset and leave unfinished output. The whole plan's
-        time bounds each of its launches. ``None`` (not modelled) is accepted: the reset check
+        time bounds each of its launches, unless the plan models each launch itself
+        (``plan.attrs["launch_seconds"]``, one per launch, e.g. a GEMM split into row blocks):
+        then the longest launch is checked. ``None`` (not modelled) is accepted: the reset check
         after each job still catches a reset."""
+        per_launch = getattr(plan, "attrs", {}).get("launch_seconds")
+        if per_launch is not None and len(per_launch) == len(plan.launches) and per_launch:
+            modelled_seconds = max(float(x) for x in per_launch)
         if modelled_seconds is None or modelled_seconds <= DISPATCH_BUDGET_SECONDS:
             return
         name = what or getattr(plan, "name", "plan")

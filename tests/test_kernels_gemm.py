@@ -340,6 +340,8 @@ def test_long_gemm_splits_into_launches_within_the_dispatch_budget(dev, M, N, K,
     assert sum(bt.MT for _, _, bt in blocks) == t.MT
     for _, bs, bt in blocks:
         assert seconds(m, gemm_launch_cycles(bs, bt, m)) <= budget
+    assert len(plan.attrs["launch_seconds"]) == len(plan.launches)       # what the v3d device checks
+    assert max(plan.attrs["launch_seconds"][-len(blocks):]) <= budget
     out, stats = run_plan(plan, dev, A=a.reshape(plan.buffer("A").shape), B=b.reshape(plan.buffer("B").shape))
     _check_numpy(s, out.reshape(a.shape[:-1] + (N,)), a, b, bias_v)
     unsplit = plan_gemm(s, {"bias": bias_v} if bias else {})

@@ -586,6 +586,21 @@ def test_check_plan_refuses_plans_longer_than_the_dispatch_budget():
     assert v3d.DISPATCH_BUDGET_SECONDS < v3d.HANG_CHECK_SECONDS == FakeKernel.HANG_LIMIT_S
 
 
+def test_check_plan_bounds_the_longest_launch_of_a_split_plan():
+    """A plan that models each launch (a GEMM split into row blocks) is checked launch by launch:
+    three launches of 200 ms pass though the plan takes 600 ms; one of 400 ms is refused."""
+    from tvm_qpu.codegen.plan import KernelPlan, Launch
+    word = np.array([0x38003186BB03F000], np.uint64)
+
+    def plan(per_launch):
+        return KernelPlan("split", [], [Launch(word, [("u32", 0)]) for _ in per_launch],
+                          attrs={"launch_seconds": per_launch})
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=FakeKernel()) as dev:
+        dev.check_plan(plan([0.2, 0.2, 0.2]), 0.6, what="ok")
+        with pytest.raises(v3d.LaunchTooLongError, match="modelled at 400 ms"):
+            dev.check_plan(plan([0.2, 0.4]), 0.6, what="region Y")
+
+
 def test_executor_checks_the_budget_before_running(monkeypatch):
     """The persistent executor asks the device about each region's modelled time before it makes
     the region resident: a region over the budget never reaches the GPU."""

@@ -915,6 +915,10 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
                                pack_uniforms(s, t, kchunk, a_name, p_name),
                                (kc, t.MT, s.batch), 16, s.num_qpus, 1, "gemm_pack"))
     blocks = split_rows(s, t, budget_seconds=budget_seconds)
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    launch_seconds = ([seconds(m, pack_launch_cycles(s, t, m))] if pack else []) + \
+        [seconds(m, gemm_launch_cycles(bs, bt, m)) for _, bs, bt in blocks]
     for i, (mt0, bs, bt) in enumerate(blocks):
         launches.append(Launch(_assemble(gemm_kernel, bs, bt, name="gemm"),
                                gemm_uniforms(bs, bt, gemm_a, b_name, c_name, bias_name if s.bias else None,
@@ -924,7 +928,10 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     return KernelPlan("gemm", bufs, launches, out_consts,
                       attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
-                             "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__},
+                             "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__,
+                             # modelled seconds of each launch (default TimingModel): the v3d
+                             # device checks the longest against its dispatch budget
+                             "launch_seconds": launch_seconds},
                       flops=2 * s.batch * s.M * s.N * s.K,
                       bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * 4))
 
