@@ -183,7 +183,10 @@ def longest_dispatch_seconds(spec, qpu_total: float) -> float:
         return qpu_total
     import importlib
     mod, fn = SPLIT_KINDS[spec.kind].split(":")
-    return float(getattr(importlib.import_module(mod), fn)(spec))
+    try:
+        return float(getattr(importlib.import_module(mod), fn)(spec))
+    except ValueError:              # no split plan for this shape: one dispatch, as if unsplit
+        return qpu_total
 
 
 @dataclass
