@@ -481,6 +481,17 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     _tile_epilogue(s, t, g)
 
 
+def _column_tile_base(s: GemmShape, g: GemmRegs):
+    """``bp`` = this column tile's B base: from the per-lane base table (convolution's pixel table)
+    or the tile's start address."""
+    if s.b_table:                                           # lane bases of this column tile
+        mov(tmua, g.nb)
+        nop(sig=S["ldtmu"](g.tq))
+        add(g.bp, g.bzb, g.tq)
+    else:
+        mov(g.bp, g.nb)
+
+
 def _init_accumulators(s: GemmShape, R: int, g: GemmRegs, bias_m: bool):
     """Both variants' tile start: unless the per-row bias already filled them (unifa), the R
     accumulators start as the popped per-column bias row, or 0 (x - x); two per instruction."""
@@ -511,12 +522,7 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
     if bias_m:                                              # per-row bias: R values via unifa
         unifa_pc = len(prog.items)
         mov(unifa, g.bias_ptr)
-    if s.b_table:                                           # lane bases of this column tile
-        mov(tmua, g.nb)
-        nop(sig=S["ldtmu"](g.tq))
-        add(g.bp, g.bzb, g.tq)
-    else:
-        mov(g.bp, g.nb)
+    _column_tile_base(s, g)
     shl(g.tq, g.lane, 2)
     add(g.ap, g.a_ptr, g.tq)                                # lane i: row m0 + i of the panel
     if s.bias and not bias_m:
@@ -582,12 +588,7 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
     prog = _current()
     unifa_pc = len(prog.items)
     mov(unifa, g.bias_ptr if bias_m else g.a_ptr)           # per-row bias first, then the panel
-    if s.b_table:                                           # lane bases of this column tile
-        mov(tmua, g.nb)
-        nop(sig=S["ldtmu"](g.tq))
-        add(g.bp, g.bzb, g.tq)
-    else:
-        mov(g.bp, g.nb)
+    _column_tile_base(s, g)
     lookups = ([g.nbias] if s.bias and not bias_m else []) + ["row"] * PF
     if g.bks is not None:
         mov(g.tq, g.bp)
