@@ -39,14 +39,21 @@ def _run(dev, s, a, b, bias=None, b_const=False):
     return out.reshape((s.batch, s.M, s.N) if s.batch > 1 else (s.M, s.N))
 
 
-def _check(s, out, a, b, bias):
-    ref = reference(s, a, b, bias)
+def _assert_close(s, out, ref, a, b, bias_scale=None):
+    """Integers exactly; fp32 within FP32_RTOL of the operands' magnitude (|a| @ |b| + 1, plus
+    ``bias_scale`` when given)."""
     if s.is_int:
         np.testing.assert_array_equal(out, ref)
-    else:
-        bb = np.swapaxes(b, -1, -2) if s.transpose_b else b
-        scale = np.matmul(np.abs(a).astype(np.float64), np.abs(bb).astype(np.float64)) + 1.0
-        assert np.all(np.abs(out.astype(np.float64) - ref) <= FP32_RTOL * scale), np.abs(out - ref).max()
+        return
+    bb = np.swapaxes(b, -1, -2) if s.transpose_b else b
+    scale = np.matmul(np.abs(a).astype(np.float64), np.abs(bb).astype(np.float64)) + 1.0
+    if bias_scale is not None:
+        scale += bias_scale
+    assert np.all(np.abs(out.astype(np.float64) - ref) <= FP32_RTOL * scale), np.abs(out - ref).max()
+
+
+def _check(s, out, a, b, bias):
+    _assert_close(s, out, reference(s, a, b, bias), a, b)
 
 
 EDGE_SHAPES = [(1, 1, 1), (1, 16, 16), (16, 1, 16), (16, 16, 1), (2, 3, 5), (7, 11, 13), (16, 16, 16),
@@ -211,15 +218,7 @@ def _numpy_matmul(s, a, b, bias):
 
 
 def _check_numpy(s, out, a, b, bias):
-    ref = _numpy_matmul(s, a, b, bias)
-    if s.is_int:
-        np.testing.assert_array_equal(out, ref)
-    else:
-        bb = np.swapaxes(b, -1, -2) if s.transpose_b else b
-        scale = np.matmul(np.abs(a).astype(np.float64), np.abs(bb).astype(np.float64)) + 1.0
-        if bias is not None:
-            scale += np.abs(bias)
-        assert np.all(np.abs(out.astype(np.float64) - ref) <= FP32_RTOL * scale), np.abs(out - ref).max()
+    _assert_close(s, out, _numpy_matmul(s, a, b, bias), a, b, None if bias is None else np.abs(bias))
 
 
 @pytest.mark.parametrize("M,N,K", EDGE_SHAPES)
