@@ -32,6 +32,11 @@ softmax                input of any rank. attrs: axis (-1 only)
 attention              inputs q [B, S, D], k [B, T, D], v [B, T, Dv], optional mask [S, T] (added to
                        the scores) with B = batch x heads. attrs: scale (float), causal (bool),
                        mask (bool). Output [B, S, Dv]
+add                    inputs a, b of the same shape (float32 or int32; no broadcasting).
+                       attrs: activation (None | "relu" | ("clip", lo, hi))
+gelu                   input x (float32). attrs: approximate ("none": erf form | "tanh")
+layer_norm             inputs data [.., N], gamma [N], beta [N] (float32; constants "gamma",
+                       "beta"). attrs: axes ((-1,) only), epsilon
 =====================  ========================================================================
 """
 from __future__ import annotations

@@ -113,7 +113,22 @@ def _attention(rx, bb, q, k, v, mask=None, *, scale=1.0, v_scale=1.0, causal=Fal
     return out
 
 
+def _add(rx, bb, a, b, *, activation=None):
+    return _activation(rx, bb, bb.emit(rx.op.add(a, b)), activation)
+
+
+def _gelu(rx, bb, x, *, approximate="none"):
+    return bb.emit(rx.op.nn.gelu(x) if approximate == "none" else rx.op.nn.gelu_tanh(x))
+
+
+def _layer_norm(rx, bb, x, gamma, beta, *, epsilon=1e-5):
+    return bb.emit(rx.op.nn.layer_norm(x, gamma, beta, axes=[-1], epsilon=epsilon))
+
+
 BODIES = {
+    "add": _add,
+    "gelu": _gelu,
+    "layer_norm": _layer_norm,
     "matmul": _matmul,
     "conv2d": _conv2d,
     "max_pool2d": _pool("max"),

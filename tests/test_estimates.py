@@ -84,6 +84,20 @@ def attention(B, S, T, D, dt="float32", causal=False):
                   {"scale": 0.1 if dt == "float32" else 1e-3, "causal": causal, "mask": False}), {}
 
 
+def add(n, dt="float32", activation=None):
+    shp = (n,)
+    return OpSpec("add", [(shp, dt), (shp, dt)], (shp, dt), {"activation": activation}), {}
+
+
+def gelu(n, approximate="none"):
+    return OpSpec("gelu", [((n,), "float32")], ((n,), "float32"), {"approximate": approximate}), {}
+
+
+def layer_norm(rows, n):
+    return OpSpec("layer_norm", [((rows, n), "float32"), ((n,), "float32"), ((n,), "float32")],
+                  ((rows, n), "float32"), {"axes": (-1,), "epsilon": 1e-5}), {}
+
+
 def tmu_variant(spec_consts):
     """The same op with the GEMM's A operand forced through the TMU (gemm.A_STREAMS "tmu")."""
     spec, consts = spec_consts
@@ -106,6 +120,8 @@ SWEEP = [
     ("softmax", *softmax(64, 128)), ("softmax", *softmax(512, 64)),
     ("attention", *attention(2, 32, 128, 32)),
     ("gemm", *tmu_variant(matmul(64, 64, 64))), ("conv", *tmu_variant(conv2d(1, 8, 16, 16, 16, 3, 1))),
+    ("elementwise", *add(5000, activation="relu")), ("elementwise", *gelu(777)),
+    ("layer_norm", *layer_norm(16, 32)), ("layer_norm", *layer_norm(13, 200)),
 ]
 
 #: a bigger sweep (slow: run with --runslow)
@@ -127,6 +143,9 @@ SWEEP_SLOW = [
     ("gemm", *tmu_variant(matmul(256, 256, 256))), ("gemm", *tmu_variant(matmul(33, 70, 45, "int8"))),
     ("gemm", *tmu_variant(matmul(16, 32, 64, batch=8))),
     ("conv", *tmu_variant(conv2d(1, 32, 18, 18, 32, 3, 0, "int8"))),
+    ("elementwise", *add(1)), ("elementwise", *add(200_000, "int32")), ("elementwise", *gelu(65536, "tanh")),
+    ("elementwise", *gelu(100_000)), ("layer_norm", *layer_norm(1, 1)), ("layer_norm", *layer_norm(128, 768)),
+    ("layer_norm", *layer_norm(2, 1000)),
 ]
 
 
@@ -173,12 +192,14 @@ def test_estimate_within_tolerance_big_sweep(emu, kind, spec, consts):
 
 
 def test_every_kernel_kind_is_swept():
-    assert {k for k, _, _ in SWEEP} == {"gemm", "conv", "pool", "reduce", "softmax", "attention"}
+    assert {k for k, _, _ in SWEEP} == {"gemm", "conv", "pool", "reduce", "softmax", "attention", "elementwise",
+                                        "layer_norm"}
 
 
 # ---- estimates read the model they are given --------------------------------------------------
 # (SWEEP[7]: conv2d's depthwise kernel, a separate estimate)
-ONE_PER_KIND = [SWEEP[0], SWEEP[5], SWEEP[7], SWEEP[11], SWEEP[13], SWEEP[16], SWEEP[18]]
+ONE_PER_KIND = [SWEEP[0], SWEEP[5], SWEEP[7], SWEEP[11], SWEEP[13], SWEEP[16], SWEEP[18]] + \
+    [next(c for c in SWEEP if c[1].kind == k) for k in ("add", "gelu", "layer_norm")]
 
 
 @pytest.mark.parametrize("kind,spec,consts", ONE_PER_KIND, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)

@@ -31,6 +31,9 @@ reduce_max/min     data
 softmax            data                              axis is always -1 (normalised)
 attention          q [B, S, D], k [B, T, D],         B = batch x heads (the host reshapes); k is
                    v [B, T, Dv] (+ mask [S, T])      *not* transposed (the host permutes it)
+add                a, b (same shape)                 residual add; ReLU / clip epilogue
+gelu               data                              R.nn.gelu / gelu_tanh / the exporters' erf chain
+layer_norm         data, gamma [N], beta [N]         last axis only
 =================  ===============================  =============================================
 """
 from __future__ import annotations
@@ -749,6 +752,121 @@ def _fold_heads(s4):
 
 
 # ---------------------------------------------------------------------------------------------
+# elementwise: residual add (+ ReLU / clip), GELU (op and erf-chain forms), layer norm
+
+def _make_residual_add(epi):
+    """``add(a, b)`` of two run-time tensors (+ an activation epilogue of :data:`EPILOGUES`
+    without bias)."""
+    def make():
+        dpl = _dpl()
+        a, b = dpl.wildcard(), dpl.wildcard()
+        core = dpl.is_op("relax.add")(a, b)
+        return _with_epilogue(dpl, core, epi, {"a": a, "b": b, "core": core})
+    return make
+
+
+def build_residual_add(ann) -> Match:
+    a, b, root = ann["a"], ann["b"], ann["root"]
+    if is_constant(a) or is_constant(b):
+        raise Refused("an operand is a constant (a bias add belongs to the matmul / conv epilogue)")
+    sa, sb = shape_of(a), shape_of(b)
+    if sa != sb:
+        raise Refused(f"operand shapes {list(sa)} and {list(sb)} differ (the add kernel does not broadcast)")
+    if dtype_of(a) != dtype_of(b):
+        raise Refused(f"operand dtypes {dtype_of(a)} and {dtype_of(b)} differ")
+    spec = _spec("add", ["a", "b"], [(sa, dtype_of(a)), (sb, dtype_of(b))], (shape_of(root), dtype_of(root)),
+                 {"activation": _activation(ann)})
+    return Match(spec, {}, [RuntimeInput("a", a), RuntimeInput("b", b)], anchor=ann["core"])
+
+
+def _build_gelu(approximate):
+    def build(ann):
+        return _unary_match("gelu", ann, {"approximate": approximate})
+    return build
+
+
+def _make_gelu_erf_chain():
+    """The exporters' erf GELU: ``x * (erf(x / s) + 1) * 0.5`` (PyTorch < opset 20, this repo's
+    transformer model) or ``x * 0.5 * (1 + erf(x / s))`` (the HuggingFace form), with ``x / s``
+    also written ``x * (1 / s)``; s = sqrt 2."""
+    dpl = _dpl()
+    x, x2 = dpl.wildcard(), dpl.wildcard()
+    s, one, half = dpl.is_const(), dpl.is_const(), dpl.is_const()
+    scaled = dpl.is_op("relax.divide")(x2, s) | dpl.is_op("relax.multiply")(x2, s)
+    erf = dpl.is_op("relax.erf")(scaled)
+    onep = dpl.is_op("relax.add")(erf, one) | dpl.is_op("relax.add")(one, erf)
+    mul = dpl.is_op("relax.multiply")
+    root = mul(mul(x, onep), half) | mul(mul(x, half), onep)
+    return root, {"x": x, "x2": x2, "scale": s, "one": one, "half": half, "scaled": scaled, "root": root,
+                  "core": root}
+
+
+def _const_is(e, value: float, what: str):
+    v = const_value(e)
+    if v.size != 1 or not np.isclose(float(v.reshape(())), value, rtol=1e-6, atol=0):
+        raise Refused(f"GELU chain: {what} is {v.reshape(-1)[:4].tolist()}, not {value:g}")
+
+
+def build_gelu_erf_chain(ann) -> Match:
+    x, root = ann["x"], ann["root"]
+    if not x.same_as(ann["x2"]):
+        raise Refused("GELU chain: erf is not taken of the multiplied tensor")
+    if op_name(ann["scaled"]) == "relax.divide":
+        _const_is(ann["scale"], float(np.float32(np.sqrt(2.0))), "the divisor of x")
+    else:
+        _const_is(ann["scale"], float(np.float32(1 / np.sqrt(2.0))), "the factor of x")
+    _const_is(ann["one"], 1.0, "the added constant")
+    _const_is(ann["half"], 0.5, "the factor")
+    if dtype_of(x) != "float32" or shape_of(root) != shape_of(x):
+        raise Refused(f"GELU chain on {dtype_of(x)}{list(shape_of(x))} (float32, elementwise only)")
+    return _unary_match("gelu", ann, {"approximate": "none"})
+
+
+def _make_layer_norm():
+    dpl = _dpl()
+    x, g, b = dpl.wildcard(), dpl.wildcard(), dpl.wildcard()
+    root = dpl.is_op("relax.nn.layer_norm")(x, g, b)
+    return root, {"x": x, "gamma": g, "beta": b, "root": root, "core": root}
+
+
+def build_layer_norm(ann) -> Match:
+    """``R.nn.layer_norm`` over the last axis; gamma / beta constants or run-time [N] tensors
+    (``scale=False`` / ``center=False`` become ones / zeros constants)."""
+    x, root = ann["x"], ann["root"]
+    if is_constant(x):
+        raise Refused("input is a constant")
+    shape = shape_of(x)
+    nd = len(shape)
+    axes = tuple(int(a) % max(nd, 1) for a in _ints(_attr(root, "axes")))
+    if nd == 0 or axes != (nd - 1,):
+        raise Refused(f"layer_norm over axes {list(axes)} (the QPU kernel normalises the last axis only)")
+    n = shape[-1]
+    names, inputs, consts, runtime = ["data"], [(shape, dtype_of(x))], {}, [RuntimeInput("data", x)]
+    for nm, flag, fill in (("gamma", "scale", 1.0), ("beta", "center", 0.0)):
+        e = ann[nm]
+        if not bool(_attr(root, flag, True)):
+            arr = np.full(n, fill, np.float32)
+        elif is_constant(e):
+            arr = const_value(e)
+            if arr.size != n:
+                raise Refused(f"{nm} of shape {list(arr.shape)} is not [{n}]")
+            arr = arr.reshape(n)
+        else:
+            if shape_of(e) != (n,):
+                raise Refused(f"{nm} of shape {list(shape_of(e))} is not [{n}]")
+            runtime.append(RuntimeInput(nm, e))
+            names.append(nm)
+            inputs.append(((n,), dtype_of(e)))
+            continue
+        names.append(nm)
+        inputs.append(((n,), str(arr.dtype)))
+        consts[nm] = arr
+    attrs = {"axes": (-1,), "epsilon": float(_attr(root, "epsilon"))}
+    spec = _spec("layer_norm", names, inputs, (shape_of(root), dtype_of(root)), attrs)
+    return Match(spec, consts, runtime, anchor=root)
+
+
+# ---------------------------------------------------------------------------------------------
 # the table (order = priority)
 
 def _table() -> list:
@@ -773,7 +891,19 @@ def _table() -> list:
         PatternEntry("qpu.reduce_max", "reduce_max", _make_unary("relax.max"), _build_reduce("reduce_max")),
         PatternEntry("qpu.reduce_min", "reduce_min", _make_unary("relax.min"), _build_reduce("reduce_min")),
         PatternEntry("qpu.softmax", "softmax", _make_unary("relax.nn.softmax"), build_softmax),
+        PatternEntry("qpu.layer_norm", "layer_norm", _make_layer_norm, build_layer_norm,
+                     "layer_norm over the last axis"),
+        PatternEntry("qpu.gelu", "gelu", _make_unary("relax.nn.gelu"), _build_gelu("none")),
+        PatternEntry("qpu.gelu_tanh", "gelu", _make_unary("relax.nn.gelu_tanh"), _build_gelu("tanh")),
+        PatternEntry("qpu.gelu_erf_chain", "gelu", _make_gelu_erf_chain, build_gelu_erf_chain,
+                     "x * (erf(x / sqrt 2) + 1) * 0.5 and its reorderings"),
     ]
+    # residual add (two run-time tensors) last: the bias adds of matmul / conv and the attention
+    # mask add are claimed by the rows above
+    for epi in ("relu", "clip", "clip_min", "clip_max", ""):
+        nm = "add" + ("_" + epi if epi else "")
+        rows.append(PatternEntry(f"qpu.{nm}", "add", _make_residual_add(epi), build_residual_add,
+                                 f"add of two same-shape run-time tensors with epilogue {epi or 'none'}"))
     return rows
 
 

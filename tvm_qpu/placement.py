@@ -57,6 +57,12 @@ CPU_MODEL = {
                          "(placement's op count: exp = 10; max_pool2d 3x3/2: 3.2), x a76_factor"),
     "exp_cost": (10, "elem-ops",
                  "assumption: one exp() in a softmax costs ~10 element-ops (polynomial expansion)"),
+    # elementwise op counts of the kinds below (assumptions, not calibrated: the count of
+    # arithmetic operations of the TVM expression each op legalizes to, a transcendental at exp_cost)
+    "gelu_ops": (14, "elem-ops", "assumption: erf / tanh at exp_cost (10) + 4 multiply / add per element"),
+    "layer_norm_ops": (8, "elem-ops",
+                       "assumption: mean (1 add), variance (subtract, square, add), output (subtract, "
+                       "2 multiplies, add) per element"),
     "mem_bw": (17e9, "B/s", "LPDDR4X-4267, 32-bit bus: 4267e6 x 4 B = 17 GB/s theoretical"),
     "mem_efficiency": (0.5, "", "assumption: streaming kernels reach ~half the theoretical bandwidth"),
     "op_overhead": (2e-6, "s", "assumption: Relax VM dispatch of one compiled kernel on the A76 (~1-2 us; "
@@ -121,6 +127,12 @@ def spec_ops(spec) -> int:
         return _nelem(out_shape) * int(np.prod(a.get("pool_size", (1, 1))))
     if k == "softmax":
         return _nelem(out_shape) * (int(_v(CPU_MODEL, "exp_cost")) + 3)
+    if k == "gelu":
+        return _nelem(out_shape) * int(_v(CPU_MODEL, "gelu_ops"))
+    if k == "layer_norm":
+        return _nelem(out_shape) * int(_v(CPU_MODEL, "layer_norm_ops"))
+    if k == "add":
+        return _nelem(out_shape) * (1 if a.get("activation") is None else 2)
     return _nelem(spec.inputs[0][0])                # global pool, reductions
 
 
