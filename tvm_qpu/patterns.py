@@ -866,6 +866,60 @@ def build_layer_norm(ann) -> Match:
     return Match(spec, consts, runtime, anchor=root)
 
 
+def _make_layer_norm_chain():
+    """The exporters' decomposed layer norm (ONNX before LayerNormalization, opset < 17)::
+
+        d = x - mean(x, -1);  y = d / sqrt(mean(d ** 2, -1) + eps) * gamma + beta
+
+    (gamma and beta constants, either operand order of the multiply and the add)."""
+    dpl = _dpl()
+    x, x2 = dpl.wildcard(), dpl.wildcard()
+    mu = dpl.is_op("relax.mean")(x2)
+    d = dpl.is_op("relax.subtract")(x, mu)
+    two, eps, g, b = dpl.is_const(), dpl.is_const(), dpl.is_const(), dpl.is_const()
+    sq = dpl.is_op("relax.power")(d, two) | dpl.is_op("relax.multiply")(d, d)
+    var = dpl.is_op("relax.mean")(sq)
+    std = dpl.is_op("relax.sqrt")(dpl.is_op("relax.add")(var, eps))
+    norm = dpl.is_op("relax.divide")(d, std)
+    scaled = dpl.is_op("relax.multiply")(norm, g) | dpl.is_op("relax.multiply")(g, norm)
+    root = dpl.is_op("relax.add")(scaled, b) | dpl.is_op("relax.add")(b, scaled)
+    return root, {"x": x, "x2": x2, "mu": mu, "sq": sq, "two": two, "var": var, "eps": eps, "gamma": g,
+                  "beta": b, "root": root, "core": root}
+
+
+def build_layer_norm_chain(ann) -> Match:
+    x, root = ann["x"], ann["root"]
+    if not x.same_as(ann["x2"]):
+        raise Refused("layer norm chain: the mean is not of the normalised tensor")
+    shape = shape_of(x)
+    nd = len(shape)
+    for nm in ("mu", "var"):
+        m = ann[nm]
+        axes = tuple(int(a) % max(nd, 1) for a in _ints(_attr(m, "axis")))
+        if nd == 0 or axes != (nd - 1,) or not bool(_attr(m, "keepdims")):
+            raise Refused(f"layer norm chain: a mean over axes {list(axes)} (the last axis, keepdims, only)")
+    if op_name(ann["sq"]) == "relax.power":
+        _const_is(ann["two"], 2.0, "the exponent")
+    eps = const_value(ann["eps"])
+    if eps.size != 1 or not float(eps.reshape(())) > 0:
+        raise Refused("layer norm chain: epsilon is not one positive constant")
+    n = shape[-1]
+    consts = {}
+    for nm in ("gamma", "beta"):
+        arr = const_value(ann[nm])
+        if arr.size == 1:
+            arr = np.full(n, arr.reshape(()), arr.dtype)
+        if arr.size != n or any(d != 1 for d in arr.shape[:-1]):
+            raise Refused(f"layer norm chain: {nm} of shape {list(arr.shape)} is not per-element of the last axis")
+        consts[nm] = arr.reshape(n)
+    if shape_of(root) != shape or dtype_of(root) != dtype_of(x):
+        raise Refused("layer norm chain: output shape / dtype differ from the input's")
+    spec = _spec("layer_norm", ["data", "gamma", "beta"],
+                 [(shape, dtype_of(x)), ((n,), str(consts["gamma"].dtype)), ((n,), str(consts["beta"].dtype))],
+                 (shape, dtype_of(root)), {"axes": (-1,), "epsilon": float(eps.reshape(()))})
+    return Match(spec, consts, [RuntimeInput("data", x)], anchor=root)
+
+
 # ---------------------------------------------------------------------------------------------
 # the table (order = priority)
 
@@ -885,6 +939,9 @@ def _table() -> list:
             nm = base + ("_" + epi if epi else "")
             rows.append(PatternEntry(f"qpu.{nm}", kind, make(epi), build, f"{base} with epilogue {epi or 'none'}"))
     rows += [
+        # before the pooling rows: its means over the last axis would become global average pools
+        PatternEntry("qpu.layer_norm_chain", "layer_norm", _make_layer_norm_chain, build_layer_norm_chain,
+                     "(x - mean) / sqrt(mean((x - mean)^2) + eps) * gamma + beta"),
         PatternEntry("qpu.max_pool2d", "max_pool2d", _make_unary("relax.nn.max_pool2d"), _build_pool("max_pool2d")),
         PatternEntry("qpu.avg_pool2d", "avg_pool2d", _make_unary("relax.nn.avg_pool2d"), _build_pool("avg_pool2d")),
         PatternEntry("qpu.global_avg_pool2d", "global_avg_pool2d", _make_global_avg_pool, build_global_avg_pool),
