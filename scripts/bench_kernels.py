@@ -80,7 +80,7 @@ def module_cases():
     """(kernel, shape text, dtype, spec, inputs(rng) -> (inputs, constants)) of the other kernels."""
     import importlib
     rows = []
-    for mod in ("pool", "reduce", "softmax", "attention"):
+    for mod in ("pool", "reduce", "softmax", "attention", "elementwise", "layernorm"):
         try:
             m = importlib.import_module(f"tvm_qpu.codegen.kernels.{mod}")
         except ImportError:
