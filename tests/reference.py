@@ -114,7 +114,11 @@ def _attention(rx, bb, q, k, v, mask=None, *, scale=1.0, v_scale=1.0, causal=Fal
 
 
 def _add(rx, bb, a, b, *, activation=None):
-    return _activation(rx, bb, bb.emit(rx.op.add(a, b)), activation)
+    """a + b (b of a's shape or broadcast), then ReLU / clip, or a GELU ("gelu" / "gelu_tanh")."""
+    y = bb.emit(rx.op.add(a, b))
+    if activation in ("gelu", "gelu_tanh"):
+        return _gelu(rx, bb, y, approximate="none" if activation == "gelu" else "tanh")
+    return _activation(rx, bb, y, activation)
 
 
 def _gelu(rx, bb, x, *, approximate="none"):

@@ -117,6 +117,35 @@ def test_gelu(form, tmp_path):
     assert lib.regions[0].match.spec.attrs["approximate"] == ("tanh" if form == "tanh" else "none")
 
 
+@pytest.mark.parametrize("form,n", [("op", 128), ("chain", 64), ("op", 96)])
+def test_bias_add_gelu(form, n, tmp_path):
+    """The feed-forward bias add + GELU where no matmul region took the bias add: one add kernel
+    pass with a GELU epilogue; a bias length the kernel cannot take (96: not a multiple of 64)
+    leaves the add on the CPU and offloads the GELU alone."""
+    rng = _rng(8)
+    inits = {"bias": rng.standard_normal(n).astype(np.float32)}
+    nodes = [helper.make_node("Add", ["x", "bias"], ["h"])]
+    if form == "op":
+        nodes.append(helper.make_node("Gelu", ["h"], ["y"]))
+        opset = 20
+    else:
+        inits.update(s=np.array(np.sqrt(2), np.float32), one=np.array(1, np.float32), half=np.array(0.5, np.float32))
+        nodes += [helper.make_node("Div", ["h", "s"], ["t"]), helper.make_node("Erf", ["t"], ["e"]),
+                  helper.make_node("Add", ["e", "one"], ["p"]), helper.make_node("Mul", ["h", "p"], ["m"]),
+                  helper.make_node("Mul", ["m", "half"], ["y"])]
+        opset = 13
+    model = make_model(nodes, {"x": (1, 10, n)}, {"y": (1, 10, n)}, inits, opset=opset)
+    x = (rng.standard_normal((1, 10, n)) * 3).astype(np.float32)
+    lib = check_against_ort(model, {"x": x}, tmp_path, rtol=1e-5, atol=2e-6)
+    if n % 64:
+        assert region_names(lib) == ["qpu.gelu"], lib.report.text()
+        assert cpu_ops(lib) == ["relax.add"]
+        assert "not a multiple of 64" in lib.report.text()
+    else:
+        assert region_names(lib) == ["qpu.bias_gelu" if form == "op" else "qpu.bias_gelu_erf_chain"], lib.report.text()
+        assert lib.regions[0].match.spec.attrs["activation"] == "gelu" and cpu_ops(lib) == []
+
+
 def test_gelu_chain_with_a_wrong_constant_stays_on_cpu(tmp_path):
     inits = {"s": np.array(2.0, np.float32), "one": np.array(1, np.float32), "half": np.array(0.5, np.float32)}
     nodes = [helper.make_node("Div", ["x", "s"], ["t"]), helper.make_node("Erf", ["t"], ["e"]),

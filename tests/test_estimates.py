@@ -89,6 +89,12 @@ def add(n, dt="float32", activation=None):
     return OpSpec("add", [(shp, dt), (shp, dt)], (shp, dt), {"activation": activation}), {}
 
 
+def bias_gelu(rows, n, activation="gelu"):
+    """The add kernel with a bias vector [n] along the last axis and a GELU epilogue."""
+    return OpSpec("add", [((rows, n), "float32"), ((n,), "float32")], ((rows, n), "float32"),
+                  {"activation": activation, "bias": True}), {"b": (n,)}
+
+
 def gelu(n, approximate="none"):
     return OpSpec("gelu", [((n,), "float32")], ((n,), "float32"), {"approximate": approximate}), {}
 
@@ -121,6 +127,7 @@ SWEEP = [
     ("attention", *attention(2, 32, 128, 32)),
     ("gemm", *tmu_variant(matmul(64, 64, 64))), ("conv", *tmu_variant(conv2d(1, 8, 16, 16, 16, 3, 1))),
     ("elementwise", *add(5000, activation="relu")), ("elementwise", *gelu(777)),
+    ("elementwise", *bias_gelu(16, 128)),
     ("layer_norm", *layer_norm(16, 32)), ("layer_norm", *layer_norm(13, 200)),
 ]
 
@@ -145,7 +152,8 @@ SWEEP_SLOW = [
     ("conv", *tmu_variant(conv2d(1, 32, 18, 18, 32, 3, 0, "int8"))),
     ("elementwise", *add(1)), ("elementwise", *add(200_000, "int32")), ("elementwise", *gelu(65536, "tanh")),
     ("elementwise", *gelu(100_000)), ("layer_norm", *layer_norm(1, 1)), ("layer_norm", *layer_norm(128, 768)),
-    ("layer_norm", *layer_norm(2, 1000)),
+    ("layer_norm", *layer_norm(2, 1000)), ("elementwise", *bias_gelu(128, 3072)),
+    ("elementwise", *bias_gelu(3, 640, "gelu_tanh")),
 ]
 
 

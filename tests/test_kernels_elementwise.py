@@ -116,6 +116,36 @@ def test_gelu_matches_tvm_llvm(dev, form):
     gelu_close(y, want.astype(np.float64), x)
 
 
+def run_bias_add(dev, a, bias, act):
+    spec = OpSpec("add", [(a.shape, "float32"), (bias.shape, "float32")], (a.shape, "float32"),
+                  {"activation": act, "bias": True})
+    y, _ = run_plan(registry.generate(spec, {"b": bias}), dev, a=a)
+    return y
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (13, 192), (5, 640)])
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "gelu_tanh"])
+def test_bias_add_epilogues(dev, rows, n, act):
+    """A bias vector along the last axis (every worker's run a whole number of bias periods),
+    + ReLU or GELU (the feed-forward bias add + GELU in one pass)."""
+    rng = np.random.default_rng(rows * n)
+    a, bias = (rng.standard_normal((rows, n)) * 2).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    y, ref = run_bias_add(dev, a, bias, act), reference_add(a, bias, act)
+    if act in ("gelu", "gelu_tanh"):
+        gelu_close(y, ref.astype(np.float64), a + bias)
+    else:
+        assert np.array_equal(y, ref)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_bias_gelu_matches_tvm_llvm(dev, act):
+    from reference import tvm_llvm
+    rng = np.random.default_rng(9)
+    a, bias = (rng.standard_normal((1, 24, 128)) * 3).astype(np.float32), rng.standard_normal(128).astype(np.float32)
+    y, want = run_bias_add(dev, a, bias, act), tvm_llvm("add", a, bias, activation=act)
+    gelu_close(y, want.astype(np.float64), a + bias)
+
+
 def _spec(kind, shapes, dt="float32", **attrs):
     return OpSpec(kind, [(s, dt) for s in shapes], (shapes[0], dt), attrs)
 
@@ -125,10 +155,13 @@ def _spec(kind, shapes, dt="float32", **attrs):
     (OpSpec("add", [((8,), "float32"), ((8,), "int32")], ((8,), "float32"), {}), "float32 or two int32"),
     (_spec("add", [(8,), (8,)], "int8"), "float32 or two int32"),
     (_spec("add", [(8,), (8,)], "int32", activation=("clip", 0.5, 6.0)), "not an integer"),
-    (_spec("add", [(8,), (8,)], activation="gelu"), "unknown activation"),
+    (_spec("add", [(8,), (8,)], activation="sigmoid"), "unknown activation"),
     (_spec("gelu", [(8,)], "float16"), "float32 only"),
     (_spec("gelu", [(8,)], approximate="sigmoid"), "approximation"),
     (_spec("add", [(1 << 22,), (1 << 22,)]), "24-bit"),
+    (_spec("add", [(4, 96), (96,)], bias=True), "not a multiple of 64"),
+    (_spec("add", [(4, 64), (4,)], bias=True), "not a vector along the last axis"),
+    (_spec("add", [(4, 64), (64,)], "int32", bias=True, activation="gelu"), "needs float32"),
 ])
 def test_refusals_say_why(spec, why):
     ok, reason = registry.supports(spec)

@@ -785,12 +785,27 @@ def _build_gelu(approximate):
     return build
 
 
-def _make_gelu_erf_chain():
+def _bias_add(dpl, bias: bool, ann: dict, key: str):
+    """A wildcard, or (``bias``) ``add(y, constant)`` with y and the constant annotated."""
+    if not bias:
+        return dpl.wildcard()
+    y, c = dpl.wildcard(), dpl.is_const()
+    if key == "x":
+        ann["y"], ann["bias"] = y, c
+    return dpl.is_op("relax.add")(y, c)
+
+
+def _make_gelu_erf_chain(bias: bool = False):
     """The exporters' erf GELU: ``x * (erf(x / s) + 1) * 0.5`` (PyTorch < opset 20, this repo's
     transformer model) or ``x * 0.5 * (1 + erf(x / s))`` (the HuggingFace form), with ``x / s``
-    also written ``x * (1 / s)``; s = sqrt 2."""
+    also written ``x * (1 / s)``; s = sqrt 2. ``bias``: x is ``add(y, bias constant)``."""
+    return lambda: _gelu_erf_chain(bias)
+
+
+def _gelu_erf_chain(bias):
     dpl = _dpl()
-    x, x2 = dpl.wildcard(), dpl.wildcard()
+    extra = {}
+    x, x2 = _bias_add(dpl, bias, extra, "x"), _bias_add(dpl, bias, extra, "x2")
     s, one, half = dpl.is_const(), dpl.is_const(), dpl.is_const()
     scaled = dpl.is_op("relax.divide")(x2, s) | dpl.is_op("relax.multiply")(x2, s)
     erf = dpl.is_op("relax.erf")(scaled)
@@ -798,7 +813,7 @@ def _make_gelu_erf_chain():
     mul = dpl.is_op("relax.multiply")
     root = mul(mul(x, onep), half) | mul(mul(x, half), onep)
     return root, {"x": x, "x2": x2, "scale": s, "one": one, "half": half, "scaled": scaled, "root": root,
-                  "core": root}
+                  "core": root, **extra}
 
 
 def _const_is(e, value: float, what: str):
@@ -819,7 +834,41 @@ def build_gelu_erf_chain(ann) -> Match:
     _const_is(ann["half"], 0.5, "the factor")
     if dtype_of(x) != "float32" or shape_of(root) != shape_of(x):
         raise Refused(f"GELU chain on {dtype_of(x)}{list(shape_of(x))} (float32, elementwise only)")
+    if "bias" in ann:
+        return _bias_gelu_match(ann, "gelu")
     return _unary_match("gelu", ann, {"approximate": "none"})
+
+
+def _make_bias_gelu(op):
+    """``gelu(add(y, bias constant))``: the feed-forward bias add + GELU (``op``
+    relax.nn.gelu / relax.nn.gelu_tanh) as one pass of the add kernel."""
+    def make():
+        dpl = _dpl()
+        y, c = dpl.wildcard(), dpl.is_const()
+        x = dpl.is_op("relax.add")(y, c)
+        root = dpl.is_op(op)(x)
+        return root, {"y": y, "bias": c, "x": x, "root": root, "core": root}
+    return make
+
+
+def _build_bias_gelu(activation):
+    return lambda ann: _bias_gelu_match(ann, activation)
+
+
+def _bias_gelu_match(ann, activation) -> Match:
+    y, root = ann["y"], ann["root"]
+    if is_constant(y):
+        raise Refused("input is a constant")
+    shape, dt = shape_of(y), dtype_of(y)
+    if dt != "float32" or shape_of(root) != shape or not shape:
+        raise Refused(f"bias + GELU on {dt}{list(shape)} (float32, the bias along the last axis)")
+    n = shape[-1]
+    arr = const_value(ann["bias"])
+    if arr.size != n or any(d != 1 for d in arr.shape[:-1]) or str(arr.dtype) != "float32":
+        raise Refused(f"bias {arr.dtype}{list(arr.shape)} is not a float32 vector along the last axis [{n}]")
+    spec = _spec("add", ["a", "b"], [(shape, dt), ((n,), "float32")], (shape, dt),
+                 {"activation": activation, "bias": True})
+    return Match(spec, {"b": arr.reshape(n)}, [RuntimeInput("a", y)], anchor=root)
 
 
 def _make_layer_norm():
@@ -950,9 +999,14 @@ def _table() -> list:
         PatternEntry("qpu.softmax", "softmax", _make_unary("relax.nn.softmax"), build_softmax),
         PatternEntry("qpu.layer_norm", "layer_norm", _make_layer_norm, build_layer_norm,
                      "layer_norm over the last axis"),
+        # a bias add + GELU first (when no matmul row took the bias add), then GELU alone
+        PatternEntry("qpu.bias_gelu", "add", _make_bias_gelu("relax.nn.gelu"), _build_bias_gelu("gelu")),
+        PatternEntry("qpu.bias_gelu_tanh", "add", _make_bias_gelu("relax.nn.gelu_tanh"), _build_bias_gelu("gelu_tanh")),
+        PatternEntry("qpu.bias_gelu_erf_chain", "add", _make_gelu_erf_chain(True), build_gelu_erf_chain,
+                     "the erf GELU chain of add(y, bias)"),
         PatternEntry("qpu.gelu", "gelu", _make_unary("relax.nn.gelu"), _build_gelu("none")),
         PatternEntry("qpu.gelu_tanh", "gelu", _make_unary("relax.nn.gelu_tanh"), _build_gelu("tanh")),
-        PatternEntry("qpu.gelu_erf_chain", "gelu", _make_gelu_erf_chain, build_gelu_erf_chain,
+        PatternEntry("qpu.gelu_erf_chain", "gelu", _make_gelu_erf_chain(), build_gelu_erf_chain,
                      "x * (erf(x / sqrt 2) + 1) * 0.5 and its reorderings"),
     ]
     # residual add (two run-time tensors) last: the bias adds of matmul / conv and the attention

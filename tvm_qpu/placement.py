@@ -131,8 +131,10 @@ def spec_ops(spec) -> int:
         return _nelem(out_shape) * int(_v(CPU_MODEL, "gelu_ops"))
     if k == "layer_norm":
         return _nelem(out_shape) * int(_v(CPU_MODEL, "layer_norm_ops"))
-    if k == "add":
-        return _nelem(out_shape) * (1 if a.get("activation") is None else 2)
+    if k == "add":                                  # (+ ReLU / clip: 1, + GELU: gelu_ops)
+        act = a.get("activation")
+        extra = int(_v(CPU_MODEL, "gelu_ops")) if act in ("gelu", "gelu_tanh") else int(act is not None)
+        return _nelem(out_shape) * (1 + extra)
     return _nelem(spec.inputs[0][0])                # global pool, reductions
 
 

@@ -6,6 +6,9 @@ Kinds (registry):
   a broadcast bias add belongs to the matmul / conv epilogues), float32 or int32. ``act`` is
   ``attrs["activation"]``: None, ``"relu"`` or ``("clip", lo, hi)`` (ReLU6 = ``("clip", 0, 6)``).
   int32 adds wrap modulo 2**32 (numpy / TVM int32); int32 clip bounds must be integers.
+  With ``attrs["bias"]`` b is a float32 vector [N] added along the last axis (N a multiple of
+  64: the bias add of a matmul left on the CPU), and ``act`` may also be ``"gelu"`` /
+  ``"gelu_tanh"``: the bias add + GELU of a transformer's feed-forward layer in one pass.
 * ``"gelu"``: ``y = gelu(x)``, float32, ``attrs["approximate"]`` ``"none"`` (the erf form of
   ``R.nn.gelu``) or ``"tanh"`` (``R.nn.gelu_tanh``).
 
@@ -70,8 +73,9 @@ class EwShape:
     op: str                        # "add" | "gelu"
     n: int                         # elements
     dtype: str = "float32"
-    activation: object = None      # add: None | "relu" | ("clip", lo, hi)
+    activation: object = None      # add: None | "relu" | ("clip", lo, hi) | "gelu" | "gelu_tanh"
     approximate: str = "none"      # gelu: "none" | "tanh"
+    bias_n: int = 0                # add: b is a [bias_n] vector along the last axis (0: b like a)
     num_qpus: int = NUM_QPUS
 
     @property
@@ -90,9 +94,13 @@ class EwShape:
 
 
 def layout(s: EwShape):
-    """(workers, blocks per worker)."""
+    """(workers, blocks per worker). With a bias vector every worker's run is a whole number of
+    bias periods (``bias_n / 64`` blocks), so each starts at bias offset 0."""
     nb = s.nblocks
     chunk = -(-nb // min(s.num_qpus, nb))
+    if s.bias_n:
+        period = s.bias_n // BLOCK
+        chunk = -(-chunk // period) * period
     return -(-nb // chunk), chunk
 
 
@@ -101,6 +109,9 @@ def check_limits(s: EwShape):
         raise ValueError("empty tensor")
     if (s.nblocks + 1) * BLOCK * 4 >= 1 << 24:
         raise ValueError("tensor exceeds the kernel's 24-bit address arithmetic (16 MiB)")
+    if s.bias_n and (s.bias_n % BLOCK or s.n % s.bias_n):
+        raise ValueError(f"bias length {s.bias_n} is not a multiple of {BLOCK} dividing the tensor "
+                         f"(the kernel adds the bias in whole {BLOCK}-element blocks)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,10 +136,13 @@ def _act(kb: Builder, s: EwShape, x):
             F[iop](x, x, kb.u32(int(bound)))
 
 
-def _add_block(kb: Builder, s: EwShape, xs, ys):
+def _add_block(kb: Builder, s: EwShape, xs, ys, g=None):
     for x, y in zip(xs, ys):
         (F["fadd"] if s.dtype == "float32" else add)(x, x, y)
-        _act(kb, s, x)
+        if s.activation in GELU_WORDS:
+            GELU_WORDS[s.activation](kb, g, x)
+        else:
+            _act(kb, s, x)
 
 
 class _GeluRegs:
@@ -170,6 +184,10 @@ def _gelu_tanh_word(kb: Builder, g: _GeluRegs, x):
     F["fmul"](x, x, g.e)
 
 
+#: add epilogues that are a GELU, and the word emitters
+GELU_WORDS = {"gelu": _gelu_erf_word, "gelu_tanh": _gelu_tanh_word}
+
+
 # ------------------------------------------------------------------------------------------------
 # the kernel
 # ------------------------------------------------------------------------------------------------
@@ -185,7 +203,8 @@ def ew_kernel(kb: Builder, s: EwShape):
     vals = [kb.reg(4) for _ in names]
     c256 = kb.u32(BLOCK * 4)
     one = kb.u32(1)
-    g = _GeluRegs(kb) if s.op == "gelu" else None
+    g = _GeluRegs(kb) if s.op == "gelu" or s.activation in GELU_WORDS else None
+    bend = kb.reg() if s.bias_n else None
 
     eidx(lane)
     shl(lane, lane, 4)                                            # 16 bytes per lane
@@ -198,18 +217,24 @@ def ew_kernel(kb: Builder, s: EwShape):
     for p, nm in zip(ptrs, names):
         add(p, t, kb.addr(nm))
     add(outp, t, kb.addr(OUT_NAME))
+    if s.bias_n:                          # b restarts every bias period (workers start at 0)
+        add(ptrs[1], lane, kb.addr("b"))
+        add(bend, ptrs[1], kb.u32(s.bias_n * 4))
 
     def issue_loads():
         for p in ptrs:
             bnot(tmuc, 3)                                         # 0xfffffffc: one vec4 lookup
             mov(tmua, p).add(p, p, c256)
+        if s.bias_n:
+            sub(null, ptrs[1], bend, cond="pushn")                # A = still inside the bias
+            sub(ptrs[1], ptrs[1], kb.u32(s.bias_n * 4), cond="ifna")
 
     def pop_and_compute():
         for regs in vals:
             for r in regs:
                 nop(sig=S["ldtmu"](r))
         if s.op == "add":
-            _add_block(kb, s, vals[0], vals[1])
+            _add_block(kb, s, vals[0], vals[1], g)
         else:
             word = _gelu_erf_word if s.approximate == "none" else _gelu_tanh_word
             for r in vals[0]:
@@ -253,30 +278,45 @@ def in_nbytes(s: EwShape) -> int:
     return (s.nblocks + (1 if s.pipelined else 0)) * BLOCK * 4
 
 
+def stream_bytes(s: EwShape) -> int:
+    """Bytes the kernel moves through the DRAM channel: inputs and output once (a bias vector
+    once: it stays in the L2)."""
+    blocks = s.nblocks * BLOCK * 4
+    return blocks * (s.nin + 1) if not s.bias_n else 2 * blocks + s.bias_n * 4
+
+
 def plan_elementwise(s: EwShape, shape=None) -> KernelPlan:
     check_limits(s)
     shape = tuple(shape or (s.n,))
     words, unif = _assemble(s)
     W, chunk = layout(s)
     bufs = [BufferSpec(nm, "input", shape, s.dtype, in_nbytes(s)) for nm in IN_NAMES[s.op]]
+    if s.bias_n:
+        bufs[1] = BufferSpec("b", "input", (s.bias_n,), s.dtype)
     bufs.append(BufferSpec(OUT_NAME, "output", shape, s.dtype, s.nblocks * BLOCK * 4))
     name = f"ew_{s.op}"
-    flops = s.n * (1 if s.op == "add" else (24 if s.approximate == "none" else 10))
+    gelu_flops = {"none": 24, "tanh": 10, "gelu": 24, "gelu_tanh": 10}
+    flops = s.n * (1 + gelu_flops.get(s.activation, 0) if s.op == "add" else gelu_flops[s.approximate])
     return KernelPlan(name, bufs, [Launch(words, unif, (W, 1, 1), 16, s.num_qpus, 1, name)],
                       attrs={"op": s.op, "n": s.n, "dtype": s.dtype, "activation": s.activation,
-                             "approximate": s.approximate, "workers": W, "blocks_per_worker": chunk},
-                      flops=flops, bytes_moved=(s.nin + 1) * s.n * 4)
+                             "approximate": s.approximate, "bias_n": s.bias_n, "workers": W,
+                             "blocks_per_worker": chunk},
+                      flops=flops, bytes_moved=(2 if s.bias_n else s.nin + 1) * s.n * 4 + s.bias_n * 4)
 
 
 # ------------------------------------------------------------------------------------------------
 # references (numpy, written to the formulas above)
 # ------------------------------------------------------------------------------------------------
 def reference_add(a, b, activation=None) -> np.ndarray:
+    """``act(a + b)`` (b of a's shape, or a vector along the last axis), the activation as in
+    the module docstring; a GELU epilogue is :func:`reference_gelu` of the float32 sum."""
     a, b = np.asarray(a), np.asarray(b)
     with np.errstate(over="ignore", invalid="ignore"):
         y = a + b
     if activation is None:
         return y
+    if activation in GELU_WORDS:
+        return reference_gelu(y, "tanh" if activation == "gelu_tanh" else "none")
     if activation == "relu":
         lo, hi = 0, None
     else:
@@ -312,6 +352,8 @@ def reference_gelu(x, approximate="none") -> np.ndarray:
 def _clip_ok(act, dtype):
     if act is None or act == "relu":
         return True, ""
+    if act in GELU_WORDS:
+        return (True, "") if dtype == "float32" else (False, f"a GELU epilogue needs float32, got {dtype}")
     if not (isinstance(act, (tuple, list)) and len(act) == 3 and act[0] == "clip"):
         return False, f"unknown activation {act!r}"
     _, lo, hi = act
@@ -328,7 +370,10 @@ def spec_shape(spec) -> EwShape:
     shape, dt = spec.inputs[0]
     n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
     if spec.kind == "add":
-        return EwShape("add", n, dt, activation=spec.attrs.get("activation"))
+        act = spec.attrs.get("activation")
+        act = tuple(act) if isinstance(act, list) else act
+        bias_n = int(spec.inputs[1][0][0]) if spec.attrs.get("bias") else 0
+        return EwShape("add", n, dt, activation=act, bias_n=bias_n)
     return EwShape("gelu", n, dt, approximate=spec.attrs.get("approximate", "none"))
 
 
@@ -339,7 +384,10 @@ def supports(spec):
     (shape, dt) = spec.inputs[0]
     if spec.kind == "add":
         (shape_b, dt_b) = spec.inputs[1]
-        if tuple(shape_b) != tuple(shape):
+        if spec.attrs.get("bias"):
+            if len(shape) == 0 or tuple(shape_b) != (shape[-1],):
+                return False, f"bias {list(shape_b)} is not a vector along the last axis of {list(shape)}"
+        elif tuple(shape_b) != tuple(shape):
             return False, f"operand shapes {list(shape)} and {list(shape_b)} differ (no broadcasting)"
         if dt_b != dt or dt not in ADD_DTYPES:
             return False, f"add kernel takes two float32 or two int32 tensors, got {dt} and {dt_b}"
@@ -387,10 +435,10 @@ def estimate(spec, model=None) -> float:
         busiest = chunk * (loop * cpi + wait)
     busiest += pro * cpi
     lookup_bytes = BLOCK * 4
-    total_bytes = s.nblocks * lookup_bytes * (s.nin + 1)
-    l2 = l2_port_cycles(m, total_bytes / m.line_bytes)
-    tmu = slice_tmu_cycles(m, s.nblocks * (s.nin + 1), lookup_bytes / m.line_bytes, 64, W)
-    dram = dram_cycles(m, total_bytes)
+    lookups = s.nblocks * (s.nin + 1)
+    l2 = l2_port_cycles(m, lookups * lookup_bytes / m.line_bytes)
+    tmu = slice_tmu_cycles(m, lookups, lookup_bytes / m.line_bytes, 64, W)
+    dram = dram_cycles(m, stream_bytes(s))
     return seconds(m, round_trip(m, True) + max(busiest, dram, l2, tmu) + m.store_latency)
 
 
