@@ -40,9 +40,11 @@ def data(rows, n, seed, scale=3.0, offset=1.0):
     return x, rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
 
 
-# 1 element; partial blocks; fewer blocks than the 8 in flight; a steady-state loop with and
-# without a remainder; more rows than workers
-@pytest.mark.parametrize("rows,n", [(1, 1), (3, 17), (16, 32), (5, 100), (13, 200), (2, 768), (3, 1001)])
+# 1 element; partial blocks; fewer blocks than the 8 in flight; all blocks resident (RESIDENT =
+# 20 blocks = 320 elements), one streamed block after them (partial or not); a steady-state loop
+# with and without a remainder; more rows than workers
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 17), (16, 32), (5, 100), (13, 200), (2, 320), (3, 321),
+                                    (2, 336), (2, 768), (3, 1001)])
 def test_random(dev, rows, n):
     x, g, b = data(rows, n, rows * 1000 + n)
     check(run(dev, x, g, b), reference(x, g, b), x, g)

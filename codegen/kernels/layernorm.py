@@ -13,9 +13,11 @@ whole row NaN (mean or variance is NaN), as in numpy's formula; a constant row g
 
 Layout (softmax.py's "lanes_row"): the 16 lanes run along a row (element ``16 k + lane`` of
 block k), one 32-bit word per lane per lookup. ``W <= 12`` workers (one QPU each) take rows
-w, w + W, ... Each row is streamed three times (mean, variance, output; the second and third
-passes read the row back from the L2), every pass keeping ``8 // streams`` blocks of lookups in
-flight (the thread's 8-word TMU FIFO share, :data:`~.common.TMU_FIFO_WORDS`): 8 blocks of x in
+w, w + W, ... The first :data:`RESIDENT` blocks of a row stay in registers after the first pass;
+the rest of the row is streamed three times (mean, variance, output; the second and third
+passes read it back from the L2: the kernel is bound by the shared L2 port, so every block kept
+in registers saves two of its six line accesses), every stream keeping ``8 // streams`` blocks
+of lookups in flight (the thread's 8-word TMU FIFO share, :data:`~.common.TMU_FIFO_WORDS`): 8 blocks of x in
 the first two passes, 2 blocks of (x, gamma, beta) in the output pass. In a last partial block
 the lanes past N read up to 60 bytes beyond the row (the buffers are padded by 64 bytes), count
 as 0 in the sums and are not stored.
@@ -60,6 +62,15 @@ class LnShape:
         return self.N - 16 * (self.nblocks - 1)
 
 
+#: blocks of a row kept in registers from the first pass for the other two (saves two L2 reads
+#: of each: the kernel is bound by the shared L2 port)
+RESIDENT = 20
+
+
+def resident_blocks(s: LnShape) -> int:
+    return min(s.nblocks, RESIDENT)
+
+
 def workers(s: LnShape) -> int:
     return max(1, min(s.rows, s.num_qpus))
 
@@ -79,55 +90,63 @@ class _Counter:
 
     def __init__(self):
         self.loops = []
-        self.block_len = []             # instructions of one block, per pass
+        self.segments = []              # (streams, misses?, blocks, instructions of one block)
 
 
-def _stream(kb: Builder, s: LnShape, ptrs, c64, lane, nlast, cnt, one, vals, per_block, counter):
-    """One pass over a row: blocks of one lookup per stream (``ptrs``, advanced 64 bytes per
-    lookup), ``8 // len(ptrs)`` blocks in flight. ``per_block(vals, tail)`` consumes the popped
-    registers; ``tail`` is True for a partial last block (flag A = lane holds an element)."""
-    nb = s.nblocks
+def _stream(kb: Builder, s: LnShape, g, ptrs, vals, per_block, counter, first: int, n: int, miss: bool,
+            dests=None):
+    """Blocks ``first .. first + n - 1`` of a row, one lookup per stream (``ptrs``, advanced 64
+    bytes per lookup), ``8 // len(ptrs)`` blocks in flight. ``per_block(regs, tail, k)`` consumes
+    the popped registers of block k (None inside the steady-state loop); ``tail`` is True for a
+    partial last block of the row (flag A = lane holds an element). ``dests(k)``: registers to
+    pop block k into (resident blocks; then nothing is looped)."""
     win = max(1, TMU_FIFO_WORDS // len(ptrs))
-    masked = s.N % 16 != 0
+    last = s.nblocks - 1 if s.N % 16 else -1
+    prog = A.Program._stack[-1]
+    issued = 0
 
     def issue():
+        nonlocal issued
         for p in ptrs:
-            mov(tmua, p).add(p, p, c64)
+            mov(tmua, p).add(p, p, g.c64)
+        issued += 1
 
-    def pop():
-        for v in vals:
+    def block(k, regs):
+        for v in regs:
             nop(sig=S["ldtmu"](v))
+        if issued < n:
+            issue()
+        if k == last:
+            sub(null, g.lane, g.nlast, cond="pushn")               # A = lane < nlast
+        per_block(regs, k == last, k)
 
-    for _ in range(min(win, nb)):
+    for _ in range(min(win, n)):
         issue()
-    steady = max(0, nb - win)
+    steady = 0 if dests else max(0, n - win)
     rem = steady % UNROLL
-    for _ in range(rem):
-        pop()
-        issue()
-        per_block(vals, False)
+    for k in range(first, first + rem):
+        block(k, vals)
     if steady // UNROLL:
-        mov(cnt, kb.u32(steady // UNROLL))
-        prog = A.Program._stack[-1]
+        mov(g.cnt, kb.u32(steady // UNROLL))
         n0 = len(prog.items)
 
         def blocks():
             for _ in range(UNROLL):
-                pop()
-                issue()
-                per_block(vals, False)
-        emit_loop([blocks], _label("ln"), cnt, one)
+                for v in vals:
+                    nop(sig=S["ldtmu"](v))
+                for p in ptrs:
+                    mov(tmua, p).add(p, p, g.c64)
+                per_block(vals, False, None)
+        emit_loop([blocks], _label("ln"), g.cnt, g.one)
+        issued += steady - rem
         counter.loops.append((len(prog.items) - n0, steady // UNROLL))
-    prog = A.Program._stack[-1]
-    for k in range(min(win, nb)):
+    blen = None
+    for k in range(first + steady, first + n):
         n0 = len(prog.items)
-        pop()
-        tail = masked and k == min(win, nb) - 1
-        if tail:
-            sub(null, lane, nlast, cond="pushn")                  # A = lane < nlast
-        per_block(vals, tail)
-        if k == 0:                      # a steady block: these instructions and its issues
-            counter.block_len.append(len(prog.items) - n0 + len(ptrs))
+        block(k, dests(k) if dests else vals)
+        if blen is None:
+            blen = len(prog.items) - n0 + (0 if issued < n else len(ptrs))
+    counter.segments.append((len(ptrs), miss, n, blen))
 
 
 def _allreduce_add(x, t):
@@ -136,17 +155,26 @@ def _allreduce_add(x, t):
         F["fadd"](x, x, t)
 
 
+class _Regs:
+    pass
+
+
 def ln_kernel(kb: Builder, s: LnShape, counter: _Counter):
     W = workers(s)
-    lane, lane4, row, xrow, yrow, px, pg, pb, py, cnt = kb.reg(10)
+    R = resident_blocks(s)
+    g = _Regs()
+    g.lane, lane4, row, xrow, yrow, px, pg, pb, py, g.cnt = kb.reg(10)
     acc, mean, r, t, d, v, gv, bv = kb.reg(8)
-    one = kb.u32(1)
-    c64 = kb.u32(64)
-    nlast = kb.u32(s.nlast)
+    res = kb.reg(R) if R else []
+    g.one = kb.u32(1)
+    g.c64 = kb.u32(64)
+    g.nlast = kb.u32(s.nlast)
     wstep = kb.u32(W * s.N * 4)
+    nb = s.nblocks
+    inv_n = kb.u32(f32_bits(np.float32(1.0) / np.float32(s.N)))
 
-    eidx(lane)
-    shl(lane4, lane, 2)
+    eidx(g.lane)
+    shl(lane4, g.lane, 2)
     mov(row, RF[3].unpack("ul"))                                  # worker w: rows w, w + W, ...
     umul24(t, row, kb.u32(s.N * 4))
     add(t, t, lane4)
@@ -162,33 +190,41 @@ def ln_kernel(kb: Builder, s: LnShape, counter: _Counter):
     prog = A.Program._stack[-1]
     counter.row_start = len(prog.items)
 
-    # pass 1: mean
+    # pass 1: mean (the first R blocks stay in registers for the other passes)
     mov(px, xrow)
     mov(acc, 0)
 
-    def p1(vals, tail):
+    def p1(vals, tail, k):
         x, = vals
         if tail:
             mov(x, 0, cond="ifna")
         F["fadd"](acc, acc, x)
-    _stream(kb, s, [px], c64, lane, nlast, cnt, one, [v], p1, counter)
+    if R:
+        _stream(kb, s, g, [px], [v], p1, counter, 0, R, True, dests=lambda k: [res[k]])
+    if nb > R:
+        _stream(kb, s, g, [px], [v], p1, counter, R, nb - R, True)
     _allreduce_add(acc, t)
-    F["fmul"](mean, acc, kb.u32(f32_bits(np.float32(1.0) / np.float32(s.N))))
+    F["fmul"](mean, acc, inv_n)
 
     # pass 2: variance
-    mov(px, xrow)
     mov(acc, 0)
 
-    def p2(vals, tail):
+    def p2(vals, tail, k):
         x, = vals
         F["fsub"](d, x, mean)
         if tail:
             mov(d, 0, cond="ifna")
         F["fmul"](d, d, d)
         F["fadd"](acc, acc, d)
-    _stream(kb, s, [px], c64, lane, nlast, cnt, one, [v], p2, counter)
+    for k in range(R):
+        if k == nb - 1 and s.N % 16:
+            sub(null, g.lane, g.nlast, cond="pushn")
+        p2([res[k]], k == nb - 1 and s.N % 16 != 0, k)
+    if nb > R:
+        add(px, xrow, kb.u32(R * 64)) if R else mov(px, xrow)
+        _stream(kb, s, g, [px], [v], p2, counter, R, nb - R, False)
     _allreduce_add(acc, t)
-    F["fmul"](acc, acc, kb.u32(f32_bits(np.float32(1.0) / np.float32(s.N))))
+    F["fmul"](acc, acc, inv_n)
     F["fadd"](acc, acc, kb.u32(f32_bits(s.eps)))                 # v = var + eps
     F["rsqrt"](r, acc)
     F["fmul"](t, r, r)
@@ -198,21 +234,26 @@ def ln_kernel(kb: Builder, s: LnShape, counter: _Counter):
     F["fmul"](r, r, t)                                            # one Newton step
 
     # pass 3: output
-    mov(px, xrow)
     eidx(pg)
     shl(pg, pg, 2)
     add(pb, pg, kb.addr("beta"))
     add(pg, pg, kb.addr("gamma"))
     mov(py, yrow)
 
-    def p3(vals, tail):
-        x, g, bb = vals
+    def out(x, g_, b_, tail):
         F["fsub"](d, x, mean)
         F["fmul"](d, d, r)
-        F["fmul"](d, d, g)
-        F["fadd"](tmud, d, bb)
-        mov(tmua, py, cond="ifa" if tail else None).add(py, py, c64)
-    _stream(kb, s, [px, pg, pb], c64, lane, nlast, cnt, one, [v, gv, bv], p3, counter)
+        F["fmul"](d, d, g_)
+        F["fadd"](tmud, d, b_)
+        mov(tmua, py, cond="ifa" if tail else None).add(py, py, g.c64)
+
+    if R:
+        _stream(kb, s, g, [pg, pb], [gv, bv], lambda vals, tail, k: out(res[k], *vals, tail), counter,
+                0, R, False, dests=lambda k: [gv, bv])
+    if nb > R:
+        add(px, xrow, kb.u32(R * 64)) if R else mov(px, xrow)
+        _stream(kb, s, g, [px, pg, pb], [v, gv, bv], lambda vals, tail, k: out(*vals, tail), counter,
+                R, nb - R, False)
 
     add(xrow, xrow, wstep)
     add(yrow, yrow, wstep)
@@ -297,8 +338,9 @@ def estimate(spec, model=None) -> float:
     being the row loop's instructions (inner loops counted by their iterations) plus, per pass,
     one round trip for its first lookups and a round trip per window of lookups the
     instructions do not cover (the first pass misses the L2, the other two hit it); bounded
-    below by the DRAM channel (x in, y out) and the L2 port (three reads and a store of every
-    block); plus the first uniform line's round trip and the last store's latency."""
+    below by the DRAM channel (x in, y out) and the L2 port (x read once for a resident block,
+    three times otherwise; gamma, beta and the store); plus the first uniform line's round trip
+    and the last store's latency."""
     from .common import (timing_model, round_trip, dram_cycles, l2_port_cycles, seconds)
     m = timing_model(model)
     s = spec_shape(spec)
@@ -310,17 +352,18 @@ def estimate(spec, model=None) -> float:
     W = workers(s)
     nb = s.nblocks
     stall = 0.0
-    for (streams, miss), blen in zip(((1, True), (1, False), (3, False)), c.block_len):
+    for streams, miss, n, blen in c.segments:
         win = max(1, TMU_FIFO_WORDS // streams)
         rt = round_trip(m, miss)
-        per_block = blen * cpi
-        stall += rt + max(0, nb - win) / win * max(0.0, rt - win * per_block)
+        stall += rt + max(0, n - win) / win * max(0.0, rt - win * blen * cpi)
     per_row = row_instr * cpi + stall
     pro = len(words) - (c.row_end - c.row_start)
     busiest = -(-s.rows // W) * per_row + pro * cpi
     rows_bytes = s.rows * s.N * 4
     dram = dram_cycles(m, 2 * rows_bytes)
-    l2 = l2_port_cycles(m, s.rows * nb * 6 * (1.0 if s.N % 16 == 0 else 2.0))
+    R = resident_blocks(s)
+    lines_per_row = 4 * R + 6 * (nb - R)            # x once (resident) or 3 times, gamma, beta, y
+    l2 = l2_port_cycles(m, s.rows * lines_per_row * (1.0 if s.N % 16 == 0 else 2.0))
     return seconds(m, round_trip(m, True) + max(busiest, dram, l2) + m.store_latency)
 
 
