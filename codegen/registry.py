@@ -32,8 +32,10 @@ softmax                input of any rank. attrs: axis (-1 only)
 attention              inputs q [B, S, D], k [B, T, D], v [B, T, Dv], optional mask [S, T] (added to
                        the scores) with B = batch x heads. attrs: scale (float), causal (bool),
                        mask (bool). Output [B, S, Dv]
-add                    inputs a, b of the same shape (float32 or int32; no broadcasting).
-                       attrs: activation (None | "relu" | ("clip", lo, hi))
+add                    inputs a, b of the same shape (float32 or int32; no broadcasting), or
+                       with attrs bias=True b a float32 vector [N] along a's last axis (N a
+                       multiple of 64; constant "b"). attrs: activation (None | "relu" |
+                       ("clip", lo, hi) | "gelu" | "gelu_tanh" (float32))
 gelu                   input x (float32). attrs: approximate ("none": erf form | "tanh")
 layer_norm             inputs data [.., N], gamma [N], beta [N] (float32; constants "gamma",
                        "beta"). attrs: axes ((-1,) only), epsilon

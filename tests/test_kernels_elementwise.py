@@ -137,8 +137,8 @@ def test_bias_add_epilogues(dev, rows, n, act):
         assert np.array_equal(y, ref)
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
-def test_bias_gelu_matches_tvm_llvm(dev, act):
+@pytest.mark.parametrize("act", ["gelu"])      # (gelu_tanh: test_gelu_matches_tvm_llvm; TVM's llvm
+def test_bias_gelu_matches_tvm_llvm(dev, act):   # build of a 2-D tanh GELU takes ~25 s to compile)
     from reference import tvm_llvm
     rng = np.random.default_rng(9)
     a, bias = (rng.standard_normal((1, 24, 128)) * 3).astype(np.float32), rng.standard_normal(128).astype(np.float32)
