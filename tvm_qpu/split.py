@@ -408,7 +408,8 @@ def choose_split(site, var2val, backend, cpu_s: float, qpu_s: float | None):
     estimates of one aligned tile (``n = align``) and of the whole op (``n = N``); the CPU part's
     as ``cpu_s (N - n) / N``. The balance point ``t_q(n) = t_c(n)`` (with no fixed cost it is the
     speed share ``N cpu / (cpu + qpu)``) is rounded to the two aligned neighbours, both are
-    estimated exactly (their own specs), and the one with the smaller ``max(t_q, t_c)`` is kept."""
+    estimated exactly (their own specs), and the better one is improved by steps of one tile while
+``max(t_q, t_c)`` falls (a local optimum on the aligned grid under the parts' own estimates)."""
     if site.why_not:
         return site.why_not
     if qpu_s is None:
@@ -427,15 +428,28 @@ def choose_split(site, var2val, backend, cpu_s: float, qpu_s: float | None):
                 f"time {cpu_s * 1e6:.1f} us: no QPU part of at least one tile ({al} {rule.unit}) pays")
     base = int(balance) // al * al
     cands = sorted({c for c in (base, base + al) if al <= c < n}) or [max(al, (n - 1) // al * al)]
-    best, errors = None, []
+    best, errors, seen = None, [], {}
+
+    def cost(nq):
+        if nq not in seen:
+            try:
+                tq, tc = _part_times(site, var2val, backend, nq)
+                seen[nq] = (max(tq, tc), nq, tq, tc)
+            except Exception as e:                   # a part no kernel takes: try another cut
+                errors.append(f"{nq} {rule.unit}: {type(e).__name__}: {e}")
+                seen[nq] = None
+        return seen[nq]
+
     for nq in cands:
-        try:
-            tq, tc = _part_times(site, var2val, backend, nq)
-        except Exception as e:                       # a part no kernel takes: try the other cut
-            errors.append(f"{nq} {rule.unit}: {type(e).__name__}: {e}")
-            continue
-        if best is None or max(tq, tc) < best[0]:
-            best = (max(tq, tc), nq, tq, tc)
+        c = cost(nq)
+        if c is not None and (best is None or c[0] < best[0]):
+            best = c
+    while best is not None:          # hill-climb on the aligned grid: the affine fit is approximate
+        better = [c for c in (cost(best[1] + d) for d in (-al, al) if al <= best[1] + d < n)
+                  if c is not None and c[0] < best[0]]
+        if not better:
+            break
+        best = min(better)
     if best is None:
         return "no aligned cut has a QPU part a kernel takes (" + "; ".join(errors[:2]) + ")"
     _, nq, tq, tc = best
