@@ -15,8 +15,8 @@ model plus launch and copy overhead):
   first use). Latency = the end of the last node;
 * :func:`critical_path` is the longest dependency chain (unlimited resources): a lower bound.
 
-:func:`plan` chooses, for every conv / matmul site (:func:`tvm_qpu.split.find_sites`), CPU, QPU or
-a split (:func:`tvm_qpu.split.choose_split`) to minimise the overlapped latency: start from the
+:func:`plan` chooses, for every site the partitioner could offload (:func:`tvm_qpu.split.find_sites`),
+CPU or QPU, and for a conv / matmul also a split (:func:`tvm_qpu.split.choose_split`), to minimise the overlapped latency: start from the
 per-op cost choice (QPU where it is predicted faster, like ``placement="cost"``), then greedy
 steepest descent: evaluate every single change of one site's option by re-scheduling the whole
 model, apply the best change while it lowers the latency (at most :data:`MAX_ROUNDS` rounds). This
@@ -30,6 +30,7 @@ import numpy as np
 
 from . import patterns as P
 from . import placement as PL
+from .split import SPLIT_KINDS
 
 RESOURCES = ("cpu", "qpu")
 #: greedy rounds at most (each applies one change of one site)
@@ -404,7 +405,7 @@ def text(schedule_info: dict) -> list:
             elif r["choice"] != r["per_op"]:
                 out.append(f"  {r['site']:22s} {r['choice']} (per-op choice {r['per_op']}): the overlap "
                            f"lowers the whole-model latency")
-        unsplit = [r for r in p["sites"] if r["choice"] != "split" and r["split_why"]]
+        unsplit = [r for r in p["sites"] if r["choice"] != "split" and r["split_why"] and r["kind"] in SPLIT_KINDS]
         for r in unsplit:
             out.append(f"  not split {r['site']:12s} {r['split_why']}")
     return out

@@ -73,7 +73,7 @@ QPU_TAG, CPU_TAG = "split_qpu", "split_cpu"
 
 @dataclass
 class Site:
-    """One maximal conv / matmul match of main that the partitioner would offload as one region."""
+    """One maximal match of main that the partitioner would offload as one region."""
     entry: object                    # patterns.PatternEntry
     root: object                     # relax.Var of the match's output
     core: object                     # relax.Var of the anchor op
@@ -164,27 +164,32 @@ def users(func) -> dict:
     return u
 
 
-def _covered(root_var, ann, var2val) -> list:
-    """Vars of a match: from its root through bound args, stopping at its wildcard operands."""
+def _covered(root_var, m, ann, var2val) -> list:
+    """Vars of a match: from its root through the args whose bound values the pattern matched
+    (``m``: pattern -> expr), never into its wildcard operands (which the matcher may report as
+    the operand's bound value rather than its var)."""
     from tvm import relax
-    stops = [ann[k] for k in LEAF_KEYS if k in ann]
+    leaves = [ann[k] for k in LEAF_KEYS if k in ann]
+    inner = [e for e in m.values() if isinstance(e, relax.Call) and not any(e.same_as(x) for x in leaves)]
     seen, todo = [], [root_var]
     while todo:
         v = todo.pop()
-        if any(v.same_as(s) for s in stops) or any(v.same_as(s) for s in seen) or v not in var2val:
+        if any(v.same_as(s) for s in seen) or v not in var2val:
+            continue
+        val = var2val[v]
+        if not any(val.same_as(e) for e in inner):
             continue
         seen.append(v)
-        val = var2val[v]
-        if isinstance(val, relax.Call):
-            todo.extend(_var_leaves(val, []))
+        todo.extend(_var_leaves(val, []))
     return seen
 
 
 def find_sites(func, backend) -> tuple:
-    """(sites, claimed): the conv / matmul matches of ``func`` the partitioner would make (table
+    """(sites, claimed): the matches of ``func`` the partitioner would make (table
     order, then program order, like ``FuseOpsByPattern``; a match claims its bindings when its
     pattern builds, a kernel supports it and no intermediate leaks), and every claimed var. Only
-    kernel support is checked here, not placement: the planner decides where each site runs."""
+    kernel support is checked here, not placement: the planner decides where each site runs.
+    Only conv / matmul sites (:data:`SPLIT_KINDS`) may split; the others have ``why_not`` set."""
     from tvm import relax
     var2val = relax.analysis.get_var2val(func)
     binds = bindings(func)
@@ -193,8 +198,6 @@ def find_sites(func, backend) -> tuple:
     claimed: set = set()
     sites = []
     for entry in P.PATTERN_TABLE:
-        if entry.kind not in SPLIT_KINDS + ("attention",):
-            continue
         root_pat, ann_pats = entry.make()
         for b in binds:
             if b.var in claimed or not isinstance(b.value, relax.Call):
@@ -203,7 +206,7 @@ def find_sites(func, backend) -> tuple:
             if m is None:
                 continue
             ann = {k: m[p] for k, p in ann_pats.items() if p in m}
-            cov = _covered(b.var, ann, var2val)
+            cov = _covered(b.var, m, ann, var2val)
             if any(v in claimed for v in cov):
                 continue
             inside = set(cov)
@@ -218,8 +221,6 @@ def find_sites(func, backend) -> tuple:
             if not ok:
                 continue
             claimed.update(cov)
-            if entry.kind == "attention":
-                continue
             core_var = next((v for v in cov if var2val[v].same_as(ann["core"])), None)
             if core_var is None:
                 continue
@@ -234,6 +235,8 @@ def find_sites(func, backend) -> tuple:
 
 def _rule(site, var2val) -> tuple:
     """(rule name or None, reason it cannot split or "")."""
+    if site.entry.kind not in SPLIT_KINDS:
+        return None, f"{site.entry.kind} regions are not split"
     core = var2val[site.core]
     op = P.op_name(core)
     a = site.match.spec.attrs
