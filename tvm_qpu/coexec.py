@@ -126,6 +126,19 @@ def op_cpu_seconds(val) -> float:
     return max(elems / PL.CPU_MODEL["elementwise_rate"][0], nbytes / bw) + overhead
 
 
+class _Names:
+    """Unique node names: a var's name, with ``#2``, ``#3``... when names repeat (Relax var names
+    need not be unique: the fused calls of two regions may both be ``lv``)."""
+
+    def __init__(self):
+        self.used: dict = {}
+
+    def __call__(self, base: str) -> str:
+        k = self.used.get(base, 0) + 1
+        self.used[base] = k
+        return base if k == 1 else f"{base}#{k}"
+
+
 def _producers(val, prod) -> tuple:
     """Nodes producing the vars ``val`` reads (``val``: an expression or a list of vars)."""
     from .split import _var_leaves
@@ -174,12 +187,13 @@ def model_nodes(func, options: dict, choice: dict) -> list:
             site_of[v] = o
     prod: dict = {}
     nodes = []
+    unique = _Names()
     for b in bindings(func):
         o = site_of.get(b.var)
         if o is not None:
             if not b.var.same_as(o.site.root):
                 continue
-            name = o.site.name
+            name = unique(o.site.name)
             inside = set(o.site.covered)
             from .split import _var_leaves
             reads = [v for c in o.site.covered for v in _var_leaves(func_val(func, c), []) if v not in inside]
@@ -202,8 +216,9 @@ def model_nodes(func, options: dict, choice: dict) -> list:
         if isinstance(val, (relax.Var, relax.Tuple, relax.TupleGetItem)):
             prod[b.var] = _producers(val, prod)
         elif isinstance(val, relax.Call):
-            nodes.append(Node(b.var.name, "cpu", op_cpu_seconds(val), _producers(val, prod)))
-            prod[b.var] = (b.var.name,)
+            name = unique(b.var.name)
+            nodes.append(Node(name, "cpu", op_cpu_seconds(val), _producers(val, prod)))
+            prod[b.var] = (name,)
     return nodes
 
 
@@ -327,7 +342,9 @@ def partitioned_nodes(mod, report) -> list:
     from tvm import relax
     from .split import bindings
     main = mod["main"]
-    regions = {r["var"]: r for r in report.regions}
+    regions: dict = {}                   # var name -> its regions in report order (names may repeat)
+    for r in report.regions:
+        regions.setdefault(r["var"], []).append(r)
     widest = {}                          # anchor -> the refused candidate covering most vars
     for c in report.candidates:
         if c.accepted or c.cpu_s is None:
@@ -339,21 +356,24 @@ def partitioned_nodes(mod, report) -> list:
         root_cost[c.root] = c.cpu_s
         fused.update(v for v in c.vars if v != c.root)
     prod, nodes = {}, []
+    unique = _Names()
     for b in bindings(main):
-        val, name = b.value, b.var.name
+        val, var_name = b.value, b.var.name
         if isinstance(val, (relax.Var, relax.Tuple, relax.TupleGetItem)):
             prod[b.var] = _producers(val, prod)
             continue
         if not isinstance(val, relax.Call):
             continue
         deps = _producers(val, prod)
-        r = regions.get(name)
-        if r is not None and isinstance(val.op, relax.GlobalVar):
+        name = unique(var_name)
+        is_region = isinstance(val.op, relax.GlobalVar) and regions.get(var_name)
+        if is_region:
+            r = regions[var_name].pop(0)
             q = r.get("qpu_s")
             nodes.append(Node(name, "qpu", q if q is not None else 0.0, deps, r.get("cpu_s")))
-        elif name in root_cost:
-            nodes.append(Node(name, "cpu", root_cost[name], deps))
-        elif name in fused:
+        elif var_name in root_cost:
+            nodes.append(Node(name, "cpu", root_cost[var_name], deps))
+        elif var_name in fused:
             nodes.append(Node(name, "cpu", 0.0, deps))
         else:
             nodes.append(Node(name, "cpu", op_cpu_seconds(val), deps))
