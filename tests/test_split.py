@@ -234,6 +234,38 @@ def test_split_lowers_the_modelled_overlapped_latency_only():
     assert "asynchronous (overlap)" in rep.text() and "split lv" in rep.text()
 
 
+def g_two_branches(m=64, k=256, n=256):
+    """x -> matmul + bias + relu (twice, independent weights) -> add: two branches that can overlap."""
+    from tvm import relax
+    ws = [rand((k, n), "float32", i) for i in (1, 2)]
+    bs = [rand((n,), "float32", i) for i in (3, 4)]
+
+    def body(bb, x):
+        outs = []
+        for w, b in zip(ws, bs):
+            y = bb.emit(relax.op.add(bb.emit(relax.op.matmul(x, const(w))), const(b)))
+            outs.append(bb.emit(relax.op.nn.relu(y)))
+        return bb.emit(relax.op.add(*outs))
+    return graph({"x": ((m, k), "float32")}, body), [rand((m, k), "float32")]
+
+
+def test_partitioner_honours_the_whole_model_plan():
+    """Every site's planned choice is what the partitioner does (regions: the QPU sites and the QPU
+    parts of splits, nothing else), and the partitioned module's modelled overlapped latency is
+    the plan's (node names stay unique although the fused calls may share a var name)."""
+    rep = _report(g_two_branches()[0])
+    plan = rep.schedule["plan"]
+    f = plan["figures"]
+    assert f["planned_overlap_s"] < f["per_op_overlap_s"], rep.text()
+    choices = [s["choice"] for s in plan["sites"]]
+    assert len(choices) == 2 and set(choices) <= {"cpu", "qpu", "split"}
+    assert len(rep.regions) == sum(c in ("qpu", "split") for c in choices), rep.text()
+    assert rep.schedule["model"]["overlap_s"] == pytest.approx(f["planned_overlap_s"], rel=0.02)
+    for s in plan["sites"]:
+        if s["choice"] == "qpu" and s["per_op"] == "cpu":
+            assert any(r["reason"].startswith("whole-model plan") for r in rep.regions)
+
+
 @pytest.mark.parametrize("make, needle", [
     (lambda: g_matmul(8, 64, 12), "12 output columns"),                     # under one 16-lane tile
     (lambda: g_conv(16, 8, 16, groups=16), "grouped convolution"),          # depthwise
