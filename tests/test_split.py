@@ -333,3 +333,14 @@ def test_tvmc_partition_and_compile_with_split(tmp_path, capsys):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
     assert cli.main(["compile", str(model), "-o", str(art), "--qpu-split", "--qpu-placement", "all"]) == 1
     assert "placement='cost'" in capsys.readouterr().err
+
+
+def test_a_failing_plan_falls_back_to_per_op_placement_with_a_warning(monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("no plan")
+    monkeypatch.setattr(CX, "plan", boom)
+    mod, _ = g_matmul(8, 32, 40)
+    with pytest.warns(tvm_qpu.backend.QpuWarning, match="split planning failed"):
+        rep = _report(mod)
+    assert any("no plan" in w for w in rep.warnings)
+    assert "plan" not in rep.schedule and "model" in rep.schedule

@@ -480,7 +480,15 @@ class QpuBackend:
             gv = mod.get_global_var("main")
             mod[gv] = _narrow_bounded_int_operands(mod["main"])
             if self.split:
-                mod = self._plan_and_split(mod, report)
+                try:
+                    mod = self._plan_and_split(mod, report)
+                except Exception as e:  # the plan is an optimisation: say so and place per op
+                    self.pins.clear()
+                    msg = (f"whole-model split planning failed ({type(e).__name__}: {e}); placed per op "
+                           f"(placement=cost) instead")
+                    report.warnings.append(msg)
+                    import warnings
+                    warnings.warn(msg, QpuWarning, stacklevel=3)
             mod = relax.transform.FuseOpsByPattern(self.fusion_patterns(report), bind_constants=True,
                                                    annotate_codegen=True)(mod)
         self._summarise(mod, report)
