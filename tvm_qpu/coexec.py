@@ -411,10 +411,11 @@ def text(schedule_info: dict) -> list:
     p = schedule_info.get("plan")
     if p:
         f = p["figures"]
-        out.append(f"whole-model plan (greedy over CPU / QPU / split per conv / matmul, minimising the "
-                   f"overlapped latency): per-op choice {_ms(f['per_op_overlap_s'])} -> planned "
-                   f"{_ms(f['planned_overlap_s'])} with overlap (sync: {_ms(f['per_op_sync_s'])} -> "
-                   f"{_ms(f['planned_sync_s'])})")
+        out.append("whole-model plan (greedy over CPU / QPU per region and splits of convs / matmuls, "
+                   "minimising the overlapped latency):")
+        out.append(f"  CPU only {_ms(f['cpu_only_s'])}; per-op choice: sync {_ms(f['per_op_sync_s'])}, overlap "
+                   f"{_ms(f['per_op_overlap_s'])}; planned: sync {_ms(f['planned_sync_s'])}, overlap "
+                   f"{_ms(f['planned_overlap_s'])} (critical path {_ms(f['planned_critical_path_s'])})")
         for r in p["sites"]:
             sp = r["split"]
             if r["choice"] == "split":

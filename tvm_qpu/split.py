@@ -484,8 +484,9 @@ def apply_splits(func, sites: dict, choices: dict):
             c = emit_part(bb, site, var2val, ch.n_q, ch.n, CPU_TAG, self.visit_expr)
             pins[f"{site.core.name}_{QPU_TAG}"] = ("qpu", f"split: QPU part ({ch.n_q} of {ch.n} {ch.unit}) "
                                                                f"of {site.name}")
-            pins[f"{site.core.name}_{CPU_TAG}"] = ("cpu", f"split: CPU part ({ch.n - ch.n_q} of {ch.n} "
-                                                               f"{ch.unit}) of {site.name}, runs beside the QPU part")
+            pins[f"{site.core.name}_{CPU_TAG}"] = ("cpu", f"split: CPU part ({ch.n - ch.n_q} of {ch.n} {ch.unit}) "
+                                                          f"of {site.name}: runs beside the QPU part once QPU "
+                                                          f"regions are asynchronous")
             axis = SPLIT_RULES[site.rule_name].out_axis % len(P.shape_of(site.root))
             cat = relax.op.concat([q, c], axis=axis)
             bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(cat)))
