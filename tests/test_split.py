@@ -94,6 +94,21 @@ def g_int_matmul(m=64, k=256, n=256):
     return graph({"x": ((m, k), "int8")}, body), [rand((m, k), "int8")]
 
 
+def g_int_matmul_requant(m=8, k=32, n=48):
+    """Integer matmul + int32 bias, then a requantize to int8 (scale, round, clip, cast) on the CPU."""
+    from tvm import relax
+    w, b = rand((k, n), "int8", 1).astype("int32"), rand((n,), "int32", 2)
+    scale = (np.abs(rand((n,), "float32", 6)) * 1e-3 + 1e-4).astype("float32")
+
+    def body(bb, x):
+        xa = bb.emit(relax.op.astype(x, "int32"))
+        y = bb.emit(relax.op.add(bb.emit(relax.op.matmul(xa, const(w), out_dtype="int32")), const(b)))
+        f = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(y, "float32")), const(scale)))
+        q = bb.emit(relax.op.clip(bb.emit(relax.op.round(f)), -128, 127))
+        return bb.emit(relax.op.astype(q, "int8"))
+    return graph({"x": ((m, k), "int8")}, body), [rand((m, k), "int8")]
+
+
 def g_conv(c=32, h=16, oc=64, groups=1):
     """conv2d + per-channel bias + ReLU6 (clip)."""
     from tvm import relax
@@ -140,6 +155,7 @@ def _split_by_hand(mod, n_q):
     (lambda: g_matmul(8, 32, 40), 16),                 # columns, bias + relu
     (lambda: g_matmul(8, 32, 40, act=None), 32),       # columns, bias only
     (lambda: g_int_matmul(8, 32, 48), 16),             # integer path: the cast is re-emitted per part
+    (g_int_matmul_requant, 32),                        # requantize after the int32 accumulator: after the concat
     (lambda: g_conv(4, 6, 24), 16),                    # output channels, per-channel bias + ReLU6
     (g_batched_matmul, 32),                            # rows of A (B is a run-time operand)
 ])
