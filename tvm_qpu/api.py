@@ -153,9 +153,9 @@ def _check_params(mod, params):
     return {k: params[k] for k in extra} if params else None
 
 
-def _partition(mod, params, placement, registry=None):
+def _partition(mod, params, placement, registry=None, split=False):
     params = _check_params(mod, params)
-    backend = QpuBackend(placement, registry=registry)
+    backend = QpuBackend(placement, registry=registry, split=split)
     part, report = backend.partition(mod, params)
     return backend, part.with_attr(REPORT_ATTR, report.to_json()), report
 
@@ -165,11 +165,11 @@ def _num_input(mod):
     return int(a["num_input"]) if a is not None and "num_input" in a else None
 
 
-def partition(mod, params=None, placement: str = "cost"):
+def partition(mod, params=None, placement: str = "cost", split: bool = False):
     """Partition ``mod`` for the QPU. Returns the Relax module (``Codegen="qpu"`` functions, each
     calling one ``Composite="qpu.<pattern>"``), with the report in its ``tvm_qpu.report`` attr
-    (:func:`partition_report`)."""
-    return _partition(mod, params, placement)[1]
+    (:func:`partition_report`). ``split``: see :func:`build`."""
+    return _partition(mod, params, placement, split=split)[1]
 
 
 def partition_report(mod) -> PartitionReport:
@@ -266,12 +266,19 @@ class CompiledModule:
 
 
 def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", params=None,
-          registry=None, cpu_schedule: bool = True) -> CompiledModule:
+          registry=None, cpu_schedule: bool = True, split: bool = False) -> CompiledModule:
     """Compile ``mod`` for the QPU (``target="qpu"``) or the CPU only (``target="llvm"``).
 
     The CPU part gets :mod:`tvm_qpu.cpu_schedule`'s default schedules (tiled, vectorized at the
     target's SIMD width, parallel on TVM's thread pool); ``cpu_schedule=False`` keeps TVM's plain
-    default pipeline (naive loops), for comparison."""
+    default pipeline (naive loops), for comparison.
+
+    ``split=True`` (with ``placement="cost"``) plans the whole model for the CPU and the QPU
+    working at once (:mod:`tvm_qpu.coexec`): per conv / matmul CPU, QPU, or a split of its output
+    channels / rows between both (:mod:`tvm_qpu.split`), minimising the modelled latency with
+    asynchronous QPU regions. Off by default: with synchronous QPU regions the two parts of a
+    split run one after the other, so it only pays once regions run asynchronously. Results
+    equal the unsplit build's."""
     if target not in TARGETS:
         raise QpuError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     host, arch, cc = resolve_target_host(target_host)
@@ -280,7 +287,8 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
                        f"(Debian: apt-get install gcc-aarch64-linux-gnu)")
     import tvm
     t0 = time.perf_counter()
-    backend, part, report = _partition(mod, params, "none" if target == "llvm" else placement, registry)
+    backend, part, report = _partition(mod, params, "none" if target == "llvm" else placement, registry,
+                                       split=split and target != "llvm")
     t1 = time.perf_counter()
     lowered, regions = backend.codegen(part)
     t2 = time.perf_counter()

@@ -90,11 +90,13 @@ class PartitionReport:
     cpu_ops: list = field(default_factory=list)      # dicts: var, op, reason
     warnings: list = field(default_factory=list)     # messages for the user (also issued as QpuWarning)
     qdq: list = field(default_factory=list)          # dicts: var, op, accepted, reason (tvm_qpu.quant)
+    #: modelled whole-model latency sync vs overlap, and the split plan (tvm_qpu.coexec)
+    schedule: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"placement": self.placement, "regions": self.regions, "cpu_ops": self.cpu_ops,
                 "candidates": [c.as_dict() for c in self.candidates], "warnings": self.warnings,
-                "qdq": self.qdq}
+                "qdq": self.qdq, "schedule": self.schedule}
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict())
@@ -103,7 +105,8 @@ class PartitionReport:
     def from_json(s: str) -> "PartitionReport":
         d = json.loads(s)
         r = PartitionReport(d["placement"], [Candidate(**c) for c in d.get("candidates", [])],
-                            d.get("regions", []), d.get("cpu_ops", []), d.get("warnings", []), d.get("qdq", []))
+                            d.get("regions", []), d.get("cpu_ops", []), d.get("warnings", []), d.get("qdq", []),
+                            d.get("schedule", {}))
         return r
 
     def text(self) -> str:
@@ -120,6 +123,8 @@ class PartitionReport:
         out.append(f"CPU ops: {len(self.cpu_ops)}")
         for c in self.cpu_ops:
             out.append(f"  {c['var']:8s} {c['op']:24s} {c['reason']}")
+        from .coexec import text as schedule_text
+        out += schedule_text(self.schedule)
         return "\n".join(out)
 
 
@@ -388,10 +393,17 @@ class QpuBackend:
 
     target = "qpu"
 
-    def __init__(self, placement: str = "cost", table=None, registry=None):
+    def __init__(self, placement: str = "cost", table=None, registry=None, split: bool = False):
         if placement not in PL.PLACEMENTS:
             raise QpuError(f"placement must be one of {', '.join(PL.PLACEMENTS)}, got {placement!r}")
+        if split and placement != "cost":
+            raise QpuError(f"split=True plans CPU / QPU / split per op by cost: it needs placement='cost', "
+                           f"got {placement!r}")
         self.placement = placement
+        self.split = bool(split)
+        #: anchor var name -> ("qpu" | "cpu", reason): choices of the whole-model plan (tvm_qpu.coexec)
+        #: that override the per-op cost decision
+        self.pins: dict = {}
         self.table = list(P.PATTERN_TABLE if table is None else table)
         self.registry = _Registry(registry)
 
@@ -404,8 +416,9 @@ class QpuBackend:
             pats.append(FusionPattern(e.name, root, ann, self._checker(e, report)))
         return pats
 
-    def evaluate(self, entry, annotated) -> tuple:
-        """(Match or None, accepted, reason, Decision or None) for one match."""
+    def evaluate(self, entry, annotated, pin=None) -> tuple:
+        """(Match or None, accepted, reason, Decision or None) for one match. ``pin``: a
+        ("qpu" | "cpu", reason) choice of the whole-model plan for its anchor (``self.pins``)."""
         try:
             m = entry.build(annotated)
         except P.Refused as e:
@@ -413,6 +426,8 @@ class QpuBackend:
         m, ok, why = self.choose_form(m)
         if not ok:
             return m, False, f"no kernel takes it: {why}", None
+        if pin is not None:
+            return (m,) + _pinned(pin, m, self.registry)
         d = PL.decide(m.spec, self.placement, m.constants, self.registry)
         return m, d.on_qpu, d.reason, d
 
@@ -442,7 +457,7 @@ class QpuBackend:
                 cand.reason = f"intermediate {leak} is used outside the pattern"
                 return False
             try:
-                m, ok, reason, d = self.evaluate(entry, ann)
+                m, ok, reason, d = self.evaluate(entry, ann, self.pins.get(cand.anchor))
             except Exception as e:  # never crash partitioning: keep the op on the CPU
                 cand.reason = f"check failed ({type(e).__name__}: {e})"
                 return False
@@ -464,11 +479,44 @@ class QpuBackend:
         if self.placement != "none":
             gv = mod.get_global_var("main")
             mod[gv] = _narrow_bounded_int_operands(mod["main"])
+            if self.split:
+                try:
+                    mod = self._plan_and_split(mod, report)
+                except Exception as e:  # the plan is an optimisation: say so and place per op
+                    self.pins.clear()
+                    msg = (f"whole-model split planning failed ({type(e).__name__}: {e}); placed per op "
+                           f"(placement=cost) instead")
+                    report.warnings.append(msg)
+                    import warnings
+                    warnings.warn(msg, QpuWarning, stacklevel=3)
             mod = relax.transform.FuseOpsByPattern(self.fusion_patterns(report), bind_constants=True,
                                                    annotate_codegen=True)(mod)
         self._summarise(mod, report)
+        _model_latency(mod, report)
         _warn_if_nothing_offloaded(report)
         return mod, report
+
+    def _plan_and_split(self, mod, report):
+        """The whole-model plan (:func:`tvm_qpu.coexec.plan`): split the sites it splits
+        (:func:`tvm_qpu.split.apply_splits`) and pin every site's choice for the partitioner."""
+        from tvm import relax
+        from . import coexec, split as SP
+        gv = mod.get_global_var("main")
+        sites, _ = SP.find_sites(mod["main"], self)
+        p = coexec.plan(mod["main"], self, sites)
+        report.schedule["plan"] = p.summary()
+        by_name = {s.name: s for s in sites}
+        for name, how in p.choice.items():
+            if how not in ("split", p.options[name].per_op()):        # the plan overrides the per-op choice
+                why = (f"whole-model plan: {how} (per-op choice {p.options[name].per_op()})")
+                self.pins[by_name[name].core.name] = (how, why)
+        splits = p.splits()
+        if splits:
+            new, pins = SP.apply_splits(mod["main"], by_name, splits)
+            self.pins.update(pins)
+            mod[gv] = new
+            mod = relax.transform.DeadCodeElimination()(mod)
+        return mod
 
     def _summarise(self, mod, report):
         from tvm import relax
@@ -564,6 +612,27 @@ class QpuBackend:
                  if not (f.attrs is not None and f.attrs.get("Codegen") == CODEGEN)}
         funcs[gv] = new_main
         return tvm.IRModule(funcs, attrs=mod.attrs), regions
+
+
+def _pinned(pin, m, registry) -> tuple:
+    """(accepted, reason, Decision) of a match whose anchor the whole-model plan pinned: "cpu"
+    refuses it (with its CPU estimate for the report); "qpu" offloads it unless it cannot run on
+    the QPU at all (as under placement="all": no estimate, or over one dispatch's budget)."""
+    how, why = pin
+    if how == "cpu":
+        return False, why, PL.Decision(False, why, PL.cpu_seconds(m.spec), None)
+    d = PL.decide(m.spec, "all", m.constants, registry)
+    return d.on_qpu, (why if d.on_qpu else d.reason), d
+
+
+def _model_latency(mod, report: PartitionReport):
+    """Record the modelled whole-model latency sync vs overlap in the report (never fails
+    partitioning: an error is recorded instead)."""
+    from . import coexec
+    try:
+        report.schedule["model"] = coexec.summarize(mod, report)
+    except Exception as e:  # pragma: no cover - reported, not fatal
+        report.schedule["error"] = f"{type(e).__name__}: {e}"
 
 
 def _warn_if_nothing_offloaded(report: PartitionReport, max_reasons: int = 3):

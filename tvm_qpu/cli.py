@@ -3,12 +3,12 @@
 ::
 
     tvmc compile --target qpu model.onnx -o model.tar [--input-shapes "x:[1,3,32,32]"]
-                 [--target-host pi5] [--qpu-placement all|cost|none] [--sign-key me.key]
+                 [--target-host pi5] [--qpu-placement all|cost|none] [--qpu-split] [--sign-key me.key]
     tvmc compile --target llvm model.onnx -o model_cpu.tar          # CPU-only baseline
     tvmc run model.tar [--inputs in.npz] [--outputs out.npz] [--fill-mode random|zeros|ones]
              [--print-time] [--print-top N] [--profile] [--repeat N] [--device auto|emulator|v3d]
              [--trusted-key me.pub ...]
-    tvmc partition model.onnx [--qpu-placement ...] [--explain]
+    tvmc partition model.onnx [--qpu-placement ...] [--qpu-split] [--explain]
     tvmc keygen me                       # me.key (private, for --sign-key) + me.pub (--trusted-key)
     tvmc --version
 
@@ -110,6 +110,10 @@ def _args_compile(c):
     c.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
                    help="offload every supported op (all), only where the cost model predicts a win "
                         "(cost, default), or nothing (none)")
+    c.add_argument("--qpu-split", action="store_true",
+                   help="plan the whole model for CPU and QPU at once: split large convs / matmuls between "
+                        "them and choose CPU / QPU per op by the modelled overlapped latency (needs "
+                        "--qpu-placement cost; pays once QPU regions run asynchronously)")
     c.add_argument("--model-format", default="onnx", choices=("onnx",), help="input format (onnx only)")
     c.add_argument("--sign-key", metavar="KEY",
                    help="sign the artifact with this Ed25519 private key (from tvmc keygen; "
@@ -152,6 +156,8 @@ def _args_partition(p):
     p.add_argument("--input-shapes", metavar="SHAPES", help='override input shapes, e.g. "input:[1,1,8,8]"')
     p.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
                    help="placement rule to explain (default cost)")
+    p.add_argument("--qpu-split", action="store_true",
+                   help="show the whole-model plan with split convs / matmuls (as tvmc compile --qpu-split)")
     p.add_argument("--explain", action="store_true", help="also print the cost model's constants")
 
 
@@ -199,7 +205,7 @@ def _cmd_compile(args):
     t0 = time.perf_counter()
     mod, params = tvm_qpu.from_onnx(args.model, shapes)
     lib = tvm_qpu.build(mod, target=args.target, target_host=args.target_host, placement=args.qpu_placement,
-                        params=params)
+                        params=params, split=args.qpu_split)
     lib.save(args.output, sign_key=sign_key)
     dt = time.perf_counter() - t0
     n = len(lib.regions)
@@ -310,7 +316,7 @@ def _cmd_partition(args):
     import tvm_qpu
     shapes = parse_input_shapes(args.input_shapes)
     mod, params = tvm_qpu.from_onnx(args.model, shapes)
-    part = tvm_qpu.partition(mod, params, placement=args.qpu_placement)
+    part = tvm_qpu.partition(mod, params, placement=args.qpu_placement, split=args.qpu_split)
     print(tvm_qpu.partition_report(part).text())
     if args.explain:
         from tvm_qpu.placement import model_table
