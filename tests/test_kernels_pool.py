@@ -119,6 +119,42 @@ def test_max_nan_and_inf(dev):
     _check(dev, g, x)
 
 
+#: stride-2 windows the pair kernel takes (vec2 row lookups, the 3-wide ones with a lane rotation):
+#: many workers whose runs start mid-row (the warm-up vector), odd W (column 2 ow + 1 outside),
+#: ceil overhang, padding on every side, several planes
+PAIR = [
+    dict(N=1, C=3, H=9, W=50, kh=3, kw=3, sh=2, sw=2, pt=1, pl=1, pb=1, pr=1),
+    dict(N=2, C=3, H=8, W=33, kh=3, kw=3, sh=2, sw=2, pt=1, pl=1, pb=0, pr=1, ceil_mode=True),
+    dict(N=1, C=4, H=11, W=29, kh=2, kw=3, sh=1, sw=2, pt=0, pl=1, pb=1, pr=0),
+    dict(N=1, C=5, H=10, W=37, kh=2, kw=2, sh=2, sw=2, ceil_mode=True),
+    dict(N=1, C=2, H=7, W=64, kh=3, kw=2, sh=3, sw=2, pt=1, pb=1),
+]
+
+
+@pytest.mark.parametrize("geo", PAIR)
+@pytest.mark.parametrize("op,cip", [("max", False), ("avg", False), ("avg", True)])
+@pytest.mark.parametrize("dtype", ("float32", "int32"))
+def test_pair_kernel(dev, geo, op, cip, dtype):
+    g = PL.Pool2D(**geo, op=op, count_include_pad=cip, dtype=dtype)
+    assert PL.pair_mode(g) and PL.kernel_for(g) is PL.pair_kernel
+    _check(dev, g, _data(np.random.default_rng(11), (g.N, g.C, g.H, g.W), dtype, specials=dtype == "float32"))
+
+
+def test_pair_kernel_nan_in_rotated_column(dev):
+    """NaN / inf in the odd columns that reach their window through the lane rotation (also at
+    a vector's lane 0, whose value comes from the previous vector's lane 15)."""
+    g = PL.Pool2D(1, 2, 6, 80, 3, 3, 2, 2, 1, 1, 1, 1, op="max", dtype="float32")
+    x = np.random.default_rng(5).standard_normal((1, 2, 6, 80)).astype(np.float32)
+    x[0, 0, 1, 31] = np.nan                                # output (0, 0, 16): flat 16, lane 0
+    x[0, 1, 0, 15] = np.nan                                # output (1, 0, 8): flat 128, lane 0
+    x[0, 1, 3, 41] = np.nan                                # output (1, 1, 21): rotated, lane 5
+    x[0, 1, 1, 9] = np.inf
+    out, _ = run_plan(PL.plan_pool(g), dev, data=x)
+    assert np.isnan(out[0, 0, 0, 16]) and np.isnan(out[0, 1, 0, 8]) and np.isnan(out[0, 1, 1, 21])
+    assert out[0, 1, 1, 5] == np.inf and not np.isnan(out[0, 0, 0, [14, 17]]).any()
+    _check(dev, g, x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 5), (1, 17, 3, 3), (1, 2, 40, 41)])
 def test_global_avg(dev, dtype, shape):
