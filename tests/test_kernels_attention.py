@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from tvm_qpu.codegen.kernels.attention import (AttnShape, plan_attention, reference, supports,
-                                               choose_tiling)
+                                               choose_tiling, choose_path, spec_shape)
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
 
@@ -94,10 +94,43 @@ def test_supports_reasons():
     long = OpSpec("attention", [((1, 4, 8), f), ((1, 1024, 8), f), ((1, 1024, 8), f)], ((1, 4, 8), f), {})
     assert supports(long)[0]                              # flash tiling
     huge = OpSpec("attention", [((1, 4, 8), f), ((1, 64, 8), f), ((1, 64, 4096), f)], ((1, 4, 4096), f), {})
-    r = supports(huge)
-    assert not r[0] and "register file" in r[1]
+    assert supports(huge)[0] and choose_path(spec_shape(huge)) == "unfused"    # no tile fits: unfused
+    i8 = "int8"
+    huge_int = OpSpec("attention", [((1, 4, 8), i8), ((1, 64, 8), i8), ((1, 64, 4096), i8)], ((1, 4, 4096), f), {})
+    r = supports(huge_int)
+    assert not r[0] and "register file" in r[1] and "fp32" in r[1]
     bad = OpSpec("attention", [((1, 4, 8), f), ((1, 6, 9), f), ((1, 6, 8), f)], ((1, 4, 8), f), {})
     assert not supports(bad)[0]
+
+
+# ---- unfused path: transpose K, GEMM, softmax, GEMM ----------------------------------------------
+@pytest.mark.parametrize("s", [
+    AttnShape(1, 128, 128, 128, 128, scale=1 / math.sqrt(128)),           # chosen by estimate
+    AttnShape(2, 20, 37, 12, 9, scale=0.3, causal=True),                 # causal: a constant mask
+    AttnShape(1, 33, 50, 16, 24, scale=0.3, mask=True),
+    AttnShape(1, 4, 64, 8, 4096, scale=0.5),                             # no fused tile fits
+], ids=["d128", "causal_b2", "mask", "dv4096"])
+def test_unfused_path(dev, s):
+    q, k, v, mask = make(s, np.random.default_rng(4))
+    plan = plan_attention(s, path="unfused")
+    assert plan.attrs["path"] == "unfused" and plan.launches[0].name == "attn_transpose_k"
+    assert len(plan.attrs["launch_seconds"]) == len(plan.launches)
+    kw = {} if mask is None else {"mask": mask}
+    out, _ = run_plan(plan, dev, q=q, k=k, v=v, **kw)
+    ref = reference(s, q, k, v, mask)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * float(np.abs(v).max()))
+
+
+def test_unfused_choice_and_refusals():
+    assert choose_path(AttnShape(1, 128, 128, 128, 128, scale=0.1)) == "unfused"
+    assert choose_path(AttnShape(2, 20, 37, 12, 9, scale=0.3)) == "fused"
+    for s in (AttnShape(1, 8, 8, 8, 8, "int8", "int8"), AttnShape(1, 8, 8, 6, 8),
+              AttnShape(1, 8, 8, 8, 8, mask=True, causal=True)):
+        assert choose_path(s) == "fused"
+        with pytest.raises(ValueError, match="no unfused attention plan"):
+            plan_attention(s, path="unfused")
+    with pytest.raises(ValueError, match="path"):
+        plan_attention(AttnShape(1, 8, 8, 8, 8), path="bogus")
 
 
 # ---- flash (key-blocked) path: T beyond the register file ---------------------------------------

@@ -48,6 +48,16 @@ sum l, ``alpha = exp2(m_old - m_new)`` rescales l and the output accumulators), 
 block's contribution; the last block is emitted separately for its exact key count. Nothing goes
 through memory but the inputs and the output. (R, KB) minimise :func:`block_cost`.
 
+Unfused plan (:func:`plan_unfused`, fp32 with D a multiple of 4): K^T by a transpose launch
+(:func:`ktrans_kernel`: vec4 row reads, one-line stores), scores = Q K^T and out = P V as
+gemm.plan_gemm GEMMs, P = softmax(scores * scale (+ mask)) by the softmax kernel (a causal flag
+becomes a constant -inf mask). :func:`choose_path` takes it where its estimate under the default
+TimingModel is lower: a fused tile of R query rows re-reads all of K and V (through the shared
+L2 port, one line per 64 bytes) for every R rows, and the register file bounds R (R = 2 at
+T = Dv = 128), while the GEMMs reuse each operand line across a whole tile of rows and columns;
+at 1 x 128 x 128 x 128 fp32 the unfused plan is modelled 0.37 ms against 0.68 ms fused. Small
+shapes stay fused (fewer launches, no intermediates). It also takes shapes no fused tile fits.
+
 Packing: two-row Q panels through :func:`qpack2_kernel` (whole 64-byte lines: the two rows
 interleaved by shuffles), other Q panels through :func:`tpack_kernel` (lanes along d: 16
 elements per lookup and one scattered store); K through the GEMM pack (16-row tiles, whose
@@ -67,6 +77,7 @@ from ..asm import L, b, mov, nop, sub, add, shl, shr, umul24, eidx, tmuwt, threa
 from ..instr import MAGIC, RF, Register, is_imm
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import gemm as G
+from . import reduce as RD
 from . import softmax as SM
 from .common import TMU_FIFO_WORDS
 
@@ -1310,7 +1321,22 @@ def check_limits(s: AttnShape):
         raise ValueError("B > 65535")
 
 
-def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
+def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask"), path: str | None = None) -> KernelPlan:
+    """The fused plan (pack Q, pack K, attention) or the unfused one (:func:`plan_unfused`):
+    ``path`` "fused" / "unfused", or (None) the one of lower estimate (:func:`choose_path`)."""
+    check_limits(s)
+    path = path or choose_path(s)
+    if path not in PATHS:
+        raise ValueError(f"attention path {path!r}: one of {PATHS}")
+    if path == "unfused":
+        why = unfused_refusal(s)
+        if why:
+            raise ValueError(f"no unfused attention plan: {why}")
+        return plan_unfused(s, names)
+    return plan_fused(s, names)
+
+
+def plan_fused(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
     """Fused plan (pack Q, pack K, attention), or the 3-launch fallback when no tile fits."""
     check_limits(s)
     s0, s = s, kernel_shape(s)
@@ -1359,6 +1385,201 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
                            "attention"))
     return KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s0, t), flops=flops(s0),
                       bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v0 + s.S * s.Dv * 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Unfused plan: K^T by a transpose launch, then GEMM (Q K^T), softmax (scale, mask), GEMM (P V)
+# ------------------------------------------------------------------------------------------------
+PATHS = ("fused", "unfused")
+#: most d per transpose workgroup (its loop is unrolled: 14 instructions per 4 d)
+KT_MAX_CHUNK = 64
+
+
+def unfused_refusal(s: AttnShape) -> str:
+    """Why the unfused plan cannot take ``s`` ("" when it can): fp32 Q / K / V only (the softmax
+    kernel is fp32), D a multiple of 4 (the transpose reads 4 d per lane), and a mask and a
+    causal flag not both (the causal mask is a constant of the plan, the user mask an input)."""
+    if s.dtype != "float32" or s.v_dtype != "float32":
+        return "fp32 q, k, v only"
+    if s.D % 4:
+        return "D must be a multiple of 4"
+    if s.mask and s.causal:
+        return "a mask input together with causal"
+    if s.B * s.T * s.D * 4 >= G.UMUL24_LIMIT:
+        return "k beyond the transpose's 24-bit address arithmetic"
+    return ""
+
+
+def kt_split(s: AttnShape):
+    """(d per workgroup, workgroups along d) of the transpose: chunks of equal size dividing D
+    (every stored row of K^T is a row < D), at most KT_MAX_CHUNK d, and enough workgroups for
+    the QPUs where D allows."""
+    nbt = -(-s.T // 16)
+    q = s.D // 4
+    divs = [n for n in range(1, q + 1) if q % n == 0 and 4 * (q // n) <= KT_MAX_CHUNK]
+    enough = [n for n in divs if nbt * n * s.B >= s.num_qpus]
+    n = enough[0] if enough else divs[-1]
+    return s.D // n, n
+
+
+def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: str):
+    """Workgroup (tb, dc, z) writes K^T[z][d][t] = K[z][t][d] for keys t of block tb (16 t,
+    one per lane) and d in chunk dc: per 4 d one vec4 lookup per lane (its key row), then four
+    stores of 16 consecutive t (one 64-byte line each). Lanes with t >= T neither load nor store."""
+    lane, t, z, a, d, x = kb.reg(6)
+    v = kb.reg(4)
+    eidx(lane)
+    mov(t, RF[3].unpack("ul"))
+    mov(z, RF[2].unpack("ul"))
+    shl(t, t, 4)
+    add(t, t, lane)                                        # key row of the lane
+    umul24(a, z, kb.u32(T * D * 4))
+    umul24(x, t, kb.u32(D * 4))
+    add(a, a, x)
+    umul24(d, z, kb.u32(D * T * 4))
+    shl(x, t, 2)
+    add(d, d, x)
+    mov(x, RF[3].unpack("uh"))                             # dc
+    umul24(lane, x, kb.u32(dchunk * 4))
+    umul24(x, x, kb.u32(dchunk * T * 4))
+    add(a, a, lane)
+    add(d, d, x)
+    add(a, a, kb.addr(src))
+    add(d, d, kb.addr(dst))
+    cfg, step, row = kb.u32(RD.VEC4_CFG), kb.u32(16), kb.u32(T * 4)
+    sub(null, t, kb.u32(T), cond="pushn")                  # A = t < T
+    steps = dchunk // 4
+    ahead = min(steps, TMU_FIFO_WORDS // 4)
+
+    def issue():
+        mov(tmuc, cfg)
+        add(a, a, step).mov(tmua, a, cond="ifa")
+
+    for _ in range(ahead):
+        issue()
+    for k in range(steps):
+        for j in range(4):
+            nop(sig=S_["ldtmu"](v[j]))
+        if k + ahead < steps:
+            issue()
+        for j in range(4):
+            mov(tmud, v[j])
+            add(d, d, row).mov(tmua, d, cond="ifa")
+    tmuwt()
+    thread_end()
+
+
+def _kt_launch(s: AttnShape, src: str, dst: str) -> Launch:
+    dchunk, ndc = kt_split(s)
+    kb = RD.Builder("attn_transpose_k")
+    words, unif = kb.build(ktrans_kernel, s.T, s.D, dchunk, src, dst)
+    return Launch(words, unif, (-(-s.T // 16), ndc, s.B), 16, s.num_qpus, 1, "attn_transpose_k")
+
+
+def kt_launch_cycles(s: AttnShape, model=None) -> float:
+    """Modelled cycles of the transpose: per 16 keys x 4 d one vec4 lookup (its lanes in 16 key
+    rows: one line each) and four one-line stores, over the shared L2 port, the slice TMUs and
+    DRAM (K read, K^T written); a workgroup waits a round trip per lookup beyond the two in
+    flight, its instructions from the program."""
+    from .common import (timing_model, round_trip, dram_cycles, l2_port_cycles, slice_tmu_cycles,
+                         build_program)
+    m = timing_model(model)
+    dchunk, ndc = kt_split(s)
+    nbt = -(-s.T // 16)
+    lookups = s.B * nbt * (s.D // 4)
+    rows = min(16, s.T)
+    l2 = l2_port_cycles(m, lookups * (rows + 4))
+    tmu = slice_tmu_cycles(m, lookups, rows, 64, min(m.num_qpus, nbt * ndc * s.B))
+    dram = dram_cycles(m, 2 * s.B * s.T * s.D * 4)
+    kb = RD.Builder("attn_transpose_k")
+    n_instr = len(kb.build(ktrans_kernel, s.T, s.D, dchunk, "k", "kt")[0])
+    groups = nbt * ndc * s.B
+    per_qpu = -(-groups // max(1, min(m.num_qpus, s.num_qpus)))
+    steps = dchunk // 4
+    busiest = per_qpu * (n_instr * m.cycles_per_instruction
+                         + steps * round_trip(m, True) / min(steps, TMU_FIFO_WORDS // 4))
+    return max(busiest, l2, tmu, dram) + round_trip(m, True)
+
+
+def _unfused_specs(s: AttnShape):
+    """The (GEMM, softmax, GEMM) OpSpecs of the unfused plan (for their estimates)."""
+    from ..registry import OpSpec
+    f = "float32"
+    qk = OpSpec("matmul", [((s.B, s.S, s.D), f), ((s.B, s.D, s.T), f)], ((s.B, s.S, s.T), f), {})
+    sm = OpSpec("softmax", [((s.B, s.S, s.T), f)], ((s.B, s.S, s.T), f), {"axis": -1})
+    pv = OpSpec("matmul", [((s.B, s.S, s.T), f), ((s.B, s.T, s.Dv), f)], ((s.B, s.S, s.Dv), f), {})
+    return qk, sm, pv
+
+
+def plan_unfused(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
+    """K^T = transpose(K) (:func:`ktrans_kernel`), scores = Q @ K^T (GEMM), P = softmax(scores *
+    scale (+ mask, or the causal mask as a constant)) (softmax kernel), out = P @ V (GEMM). Every
+    intermediate is a scratch buffer; the GEMMs are gemm.plan_gemm's (their packs included), so
+    their variants and dispatch splits are the GEMM's own. Same semantics as the fused kernel
+    (module docstring): the scale and mask are applied in fp32 before the row max."""
+    from . import softmax as SMX
+    from .common import timing_model, seconds
+    qn, kn, vn, on, mn = names
+    ktn, scn, pn = kn + "_t", on + "_scores", on + "_probs"
+    qk, _, pv = _unfused_specs(s)
+    g1 = G.plan_gemm(G.shape_from_spec(qk), names=(qn, ktn, scn, "bias"))
+    g2 = G.plan_gemm(G.shape_from_spec(pv), names=(pn, vn, on, "bias"))
+    causal = s.causal and not s.mask
+    ss = SMX.SoftmaxShape(s.B * s.S, s.T, s.scale, s.S if (s.mask or causal) else 0, s.num_qpus)
+    mask_name = mn if s.mask else on + "_causal"
+    sm_launch = SMX.softmax_launch(ss, scn, pn, mask_name)
+    kt = _kt_launch(s, kn, ktn)
+    roles = {qn: "input", kn: "input", vn: "input", on: "output", mn: "input", ktn: "scratch",
+             scn: "scratch", pn: "scratch"}
+    shapes = {qn: ((s.B, s.S, s.D), "float32"), kn: ((s.B, s.T, s.D), "float32"),
+              vn: ((s.B, s.T, s.Dv), "float32"), on: ((s.B, s.S, s.Dv), "float32"),
+              ktn: ((s.B * s.D * s.T,), "float32"), scn: ((s.B * s.S * s.T,), "float32"),
+              pn: ((s.B * s.S * s.T,), "float32")}
+    nbytes = {kn: s.B * s.T * s.D * 4 + 64, scn: SMX.in_nbytes(ss)}
+    consts = {}
+    if s.mask or causal:
+        shapes[mask_name] = ((s.S, s.T), "float32")
+        nbytes[mask_name] = s.S * s.T * 4 + 64
+        roles[mask_name] = "input" if s.mask else "weight"
+        if causal:
+            consts[mask_name] = np.where(np.triu(np.ones((s.S, s.T), bool), 1), -np.inf, 0.0).astype(np.float32)
+    extra = {}                                       # GEMM-only buffers (the A panels)
+    for b in g1.buffers + g2.buffers:
+        if b.name in roles:
+            nbytes[b.name] = max(nbytes.get(b.name, 0), b.nbytes)
+        elif b.name != "bias":
+            extra[b.name] = b
+    order = [qn, kn, vn] + ([mask_name] if (s.mask or causal) else []) + [on, ktn, scn, pn]
+    bufs = [BufferSpec(n, roles[n], shapes[n][0], shapes[n][1], nbytes.get(n, 0)) for n in order]
+    bufs += list(extra.values())
+    m = timing_model(None)
+    launches = [kt] + g1.launches + [sm_launch] + g2.launches
+    sm_spec = _unfused_specs(s)[1]
+    launch_seconds = ([seconds(m, kt_launch_cycles(s, m))] + list(g1.attrs["launch_seconds"])
+                      + [SMX.estimate(sm_spec, m)] + list(g2.attrs["launch_seconds"]))
+    attrs = dict(s.__dict__, path="unfused", launch_seconds=launch_seconds)
+    return KernelPlan("attention", bufs, launches, consts, attrs=attrs, flops=flops(s),
+                      bytes_moved=s.B * ((s.S + s.T) * s.D * 4 + s.T * s.Dv * 4 + s.S * s.Dv * 4))
+
+
+def unfused_seconds(s: AttnShape, model=None) -> float:
+    """Estimate of the unfused plan: transpose + the GEMMs' and the softmax's own estimates."""
+    from . import softmax as SMX
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    qk, sm, pv = _unfused_specs(s)
+    return seconds(m, kt_launch_cycles(s, m)) + G.estimate(qk, m) + SMX.estimate(sm, m) + G.estimate(pv, m)
+
+
+def choose_path(s: AttnShape) -> str:
+    """"unfused" where it can take ``s`` and its estimate under the default TimingModel is below
+    the fused plan's (the plan must not depend on the model it is later run or estimated under),
+    else "fused"."""
+    if unfused_refusal(s):
+        return "fused"
+    if choose_tiling(s) is None:
+        return "unfused"
+    return "unfused" if unfused_seconds(s) < fused_seconds(s) else "fused"
 
 
 def flops(s: AttnShape) -> int:
@@ -1431,9 +1652,9 @@ def supports(spec):
         check_limits(s)
     except ValueError as e:
         return False, str(e)
-    if choose_tiling(s) is None:
+    if choose_tiling(s) is None and unfused_refusal(s):
         return False, (f"T={s.T}, Dv={s.Dv}: not even one query row with one 16-key block fits "
-                       "the register file")
+                       f"the register file, and no unfused plan ({unfused_refusal(s)})")
     return True, ""
 
 
@@ -1442,7 +1663,16 @@ def generate(spec, constants=None) -> KernelPlan:
 
 
 def estimate(spec, model=None) -> float:
-    """Modelled seconds of the attention plan under ``model`` (default: the emulator's
+    """Modelled seconds of the plan :func:`generate` makes (fused or unfused, :func:`choose_path`)
+    under ``model`` (default: the emulator's TimingModel)."""
+    s = spec_shape(spec)
+    if choose_path(s) == "unfused":
+        return unfused_seconds(s, model)
+    return fused_seconds(s, model)
+
+
+def fused_seconds(s0: AttnShape, model=None) -> float:
+    """Modelled seconds of the fused attention plan under ``model`` (default: the emulator's
     TimingModel), launch by launch:
 
     * K pack: the GEMM pack's cost (:func:`gemm.pack_launch_cycles`);
@@ -1458,10 +1688,9 @@ def estimate(spec, model=None) -> float:
                          miss_fraction, l2_port_cycles, lookup_lines, slice_tmu_cycles)
     m = timing_model(model)
     cpi = m.cycles_per_instruction
-    s0 = spec_shape(spec)
     s = kernel_shape(s0)
     t = choose_tiling(s)
-    plan = plan_attention(s0)
+    plan = plan_fused(s0)
     if t is None:                                # fallback plan: GEMM, softmax, GEMM launches
         raise ValueError("no estimate for the unfused attention fallback")
     cycles = 0.0
