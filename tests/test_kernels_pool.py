@@ -331,3 +331,29 @@ def test_int8_overflow_is_a_documented_difference(dev):
     out, _ = run_plan(PL.plan_pool(g), dev, data=x)
     assert out.ravel().tolist() == [127]
     assert narrow(tvm_llvm("avg_pool2d", x, pool_size=(2, 2), strides=(2, 2)), "int8").ravel().tolist() == [-1]
+
+
+# ---- launches over the dispatch budget ---------------------------------------------------------
+@pytest.mark.parametrize("geo,op,dtype", [
+    (dict(N=1, C=32, H=64, W=64, kh=3, kw=3, sh=2, sw=2, pt=1, pl=1, pb=1, pr=1), "max", "float32"),  # pair
+    (dict(N=2, C=8, H=33, W=35, kh=3, kw=2, sh=1, sw=1, pt=1, pb=1, pr=1), "avg", "int32"),           # gather
+])
+def test_long_pool_splits_into_launches_within_the_budget(dev, geo, op, dtype):
+    """A pooling modelled over the dispatch budget (the v3d hang check) becomes several launches
+    over runs of output vectors, each modelled within the budget (the plan's launch_seconds, and
+    the emulator within the estimate tolerance), with the numpy reference's result. The budget
+    is forced small: a third of the whole launch."""
+    from tvm_qpu.runtime.cycle_model import DEFAULT
+    g = PL.Pool2D(**geo, op=op, dtype=dtype)
+    whole = max(PL.launch_cycles(g, DEFAULT)) / DEFAULT.clock_hz
+    assert PL.plan_pool(g).attrs["launch_seconds"] == [pytest.approx(whole)]
+    assert len(PL.plan_pool(g).launches) == 1                      # the default budget: one launch
+    budget = whole / 3
+    plan = PL.plan_pool(g, budget_seconds=budget)
+    assert len(plan.launches) >= 3 and len(plan.attrs["launch_seconds"]) == len(plan.launches)
+    assert max(plan.attrs["launch_seconds"]) <= budget
+    x = _data(np.random.default_rng(2), (g.N, g.C, g.H, g.W), dtype, specials=dtype == "float32")
+    out, stats = run_plan(plan, dev, data=x)
+    assert len(stats) == len(plan.launches)
+    assert max(s.seconds for s in stats) <= 1.25 * budget
+    np.testing.assert_array_equal(out, PL.reference(g, x))     # max and integer avg: exact

@@ -154,13 +154,14 @@ def _lane_state(g: Pool2D, o):
     return (nc * g.H * g.W + ih0 * g.W + iw0) * ITEMSIZE[g.dtype], ih0, iw0
 
 
-def pool_layout(g: Pool2D, num_qpus=RD.NUM_QPUS):
+def pool_layout(g: Pool2D, num_qpus=RD.NUM_QPUS, launches: int = 1):
     """(workers, table): per worker and lane the state of its first vector (input byte offset
     of tap (0, 0), ih0, iw0, output byte offset, outputs left = end - o) and the length of the
     worker's own run (end - o0). The pair kernel's 3-wide windows start one warm-up vector
-    early (:func:`pair_kernel`)."""
+    early (:func:`pair_kernel`). With ``launches`` > 1 the vectors are cut into
+    ``launches * num_qpus`` runs; launch i takes workers [i num_qpus, (i + 1) num_qpus)."""
     V = -(-g.P // 16)
-    chunk = -(-V // num_qpus)
+    chunk = -(-V // (num_qpus * max(1, launches)))
     W = -(-V // chunk)
     warmup = pair_mode(g) and PAIR_WINDOWS[(g.kw, g.pl)]
     tab = np.zeros((W, 16, 8), dtype=np.int64)
@@ -232,7 +233,7 @@ def _advance(kb: Builder, g: Pool2D, st: _State):
         st.a, st.a, kb.u32((g.H * g.W - g.OH * g.sh * g.W) * es), cond="ifna")
 
 
-def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
+def pool_kernel(kb: Builder, g: Pool2D, prefix: str, table_off: int = 0):
     es = ITEMSIZE[g.dtype]
     small = es < 4
     masked = not g.always_valid
@@ -264,7 +265,7 @@ def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
     shl(t, t, 9)
     shl(lane, lane, 5)
     add(t, t, lane)
-    add(t, t, kb.addr(prefix + "_table"))
+    add(t, t, kb.addr(prefix + "_table", table_off))
     mov(tmuc, kb.u32(RD.VEC4_CFG))
     mov(tmua, t)
     mov(tmuc, kb.u32(RD.VEC4_CFG))
@@ -368,7 +369,7 @@ def _needs(g: Pool2D, axis: str):
     return [not bool(c) for c in g.axis_valid(axis, False).all(axis=0)]
 
 
-def pair_kernel(kb: Builder, g: Pool2D, prefix: str):
+def pair_kernel(kb: Builder, g: Pool2D, prefix: str, table_off: int = 0):
     """Lanes own 16 consecutive outputs as in :func:`pool_kernel`. Per window row i one vec2
     lookup per lane (columns 2 ow, 2 ow + 1, masked on rows some output has outside the input);
     the rows fold into two accumulators, A (column 2 ow) and B (column 2 ow + 1). A 3-wide window
@@ -399,7 +400,7 @@ def pair_kernel(kb: Builder, g: Pool2D, prefix: str):
     shl(tt, tt, 9)
     shl(ptr, lane, 5)
     add(tt, tt, ptr)
-    add(tt, tt, kb.addr(prefix + "_table"))
+    add(tt, tt, kb.addr(prefix + "_table", table_off))
     mov(tmuc, kb.u32(RD.VEC4_CFG))
     mov(tmua, tt)
     mov(tmuc, kb.u32(RD.VEC4_CFG))
@@ -559,23 +560,59 @@ def plan_global_avg(N, C, H, W, dtype, name="global_avg_pool2d") -> KernelPlan:
     return RD.plan_reduce("sum", (N, C, H, W), dtype, (2, 3), keepdims=True, divisor=H * W, name=name)
 
 
-def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS) -> KernelPlan:
+def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS,
+              budget_seconds: float | None = None) -> KernelPlan:
+    """Plan of a window pooling: one launch, or (modelled over ``budget_seconds``, default the
+    v3d dispatch budget) several launches over consecutive runs of output vectors
+    (:func:`split_launches`), each within it; ``attrs["launch_seconds"]`` models each."""
     check(g)
     name = name or f"{g.op}_pool2d"
     if g.op == "avg" and is_global(g):
         return plan_global_avg(g.N, g.C, g.H, g.W, g.dtype, name)
-    W, tab = pool_layout(g, num_qpus)
-    kb = Builder(name)
-    words, unif = kb.build(kernel_for(g), g, name)
+    n = split_launches(g, num_qpus, budget_seconds=budget_seconds)
+    W, tab = pool_layout(g, num_qpus, n)
+    launches = []
+    for i, w0 in enumerate(range(0, W, num_qpus)):
+        kb = Builder(name)
+        words, unif = kb.build(kernel_for(g), g, name, w0 * 16 * 8 * 4)
+        launches.append(Launch(words, unif, (min(num_qpus, W - w0), 1, 1), 16, num_qpus, 1,
+                               name if n == 1 else f"{name}_part{i}"))
     es = ITEMSIZE[g.dtype]
     in_bytes = g.N * g.C * g.H * g.W * es
     out_bytes = g.P * es
     bufs = [BufferSpec("data", "input", (g.N, g.C, g.H, g.W), g.dtype, input_bytes(g)),
             BufferSpec("out", "output", (g.N, g.C, g.OH, g.OW), g.dtype),
             BufferSpec(name + "_table", "weight", tab.shape, "int32")]
-    return KernelPlan(name, bufs, [Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, name)],
-                      {name + "_table": tab}, attrs=dict(g.__dict__), flops=g.P * g.T,
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    attrs = dict(g.__dict__, launch_seconds=[seconds(m, c) for c in launch_cycles(g, m, num_qpus, n)])
+    return KernelPlan(name, bufs, launches, {name + "_table": tab}, attrs=attrs, flops=g.P * g.T,
                       bytes_moved=in_bytes + out_bytes)
+
+
+def dispatch_budget_seconds() -> float:
+    """The longest one GPU dispatch may be modelled to run (one source of truth:
+    :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS`, read at call time)."""
+    from ...runtime import v3d
+    return v3d.DISPATCH_BUDGET_SECONDS
+
+
+def split_launches(g: Pool2D, num_qpus=RD.NUM_QPUS, model=None, budget_seconds: float | None = None) -> int:
+    """The fewest launches whose longest is modelled (:func:`launch_cycles`) within the budget:
+    the persistent launch keeps every batch resident, so the v3d hang check bounds each launch.
+    One launch per vector run of a worker when nothing fits (the budget check then refuses it)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    whole = seconds(m, max(launch_cycles(g, m, num_qpus, 1)))
+    if whole <= budget:
+        return 1
+    V = -(-g.P // 16)
+    most = -(-V // num_qpus)
+    for n in range(max(2, math.ceil(whole / budget)), most + 1):
+        if seconds(m, max(launch_cycles(g, m, num_qpus, n))) <= budget:
+            return n
+    return most
 
 
 # ------------------------------------------------------------------------------------------------
@@ -704,26 +741,64 @@ def tap_lines(g: Pool2D, line: int, samples: int = 64) -> float:
 
 
 def estimate(spec: registry.OpSpec, model=None) -> float:
-    """Modelled seconds under ``model`` (default: the emulator's TimingModel). Window pooling
-    streams its input once: DRAM traffic (input + output) plus one round trip. Global average
-    pooling is the reduction of each plane (reduce.reduce_cycles: segment pass or lanes)."""
-    from .common import (timing_model, dram_cycles, round_trip, seconds, l2_port_cycles, lookup_lines,
-                         slice_tmu_cycles)
+    """Modelled seconds under ``model`` (default: the emulator's TimingModel) of the plan
+    :func:`generate` makes: the sum of its launches (:func:`launch_cycles`; the split is the
+    plan's, chosen under the default model). Global average pooling is the reduction of each
+    plane (reduce.reduce_cycles: segment pass or lanes)."""
+    from .common import timing_model, seconds
     m = timing_model(model)
     g = spec_to_pool(spec)
     if spec.kind == "global_avg_pool2d" or is_global(g):
         return seconds(m, RD.reduce_cycles(m, (g.N * g.C, g.H * g.W), (1,), g.dtype))
+    return seconds(m, sum(launch_cycles(g, m, RD.NUM_QPUS, split_launches(g, RD.NUM_QPUS))))
+
+
+def loop_instructions(g: Pool2D) -> tuple:
+    """(instructions of the kernel's vector loop, instructions outside it, uniforms of its
+    constant prologue), from the generated program."""
+    from .common import loop_lengths
+    words, unif = Builder("probe").build(kernel_for(g), g, "probe")
+    loop = loop_lengths(words)[-1]
+    return loop, len(words) - loop, len(unif)
+
+
+def launch_cycles(g: Pool2D, model, num_qpus=RD.NUM_QPUS, launches: int = 1) -> list:
+    """Modelled cycles of each launch of a window pooling cut into ``launches``: its vectors'
+    input and output DRAM traffic, its lookups' lines over the shared L2 port and the slice TMUs
+    (one lookup per window tap of every 16-output vector, or one vec2 lookup of the column pair
+    per window row for the pair kernel), and its busiest worker's loop instructions; the
+    slowest of them, plus one round trip."""
+    from .common import (dram_cycles, round_trip, l2_port_cycles, lookup_lines, slice_tmu_cycles,
+                         stream_stall_per_line)
+    m = model
     es = ITEMSIZE[g.dtype]
-    # per window row of every 16-output vector, one lookup per tap (lanes ``stride`` elements
-    # apart) or one vec2 lookup of the column pair (pair kernel)
     V = -(-g.P // 16)
+    W, tab = pool_layout(g, num_qpus, launches)
+    chunk = -(-V // (num_qpus * max(1, launches)))
     per_row = lookup_taps(g)
     per_lookup = tap_lines(g, m.line_bytes)
-    lookups = V * g.kh * len(per_row)
-    lines = lookups * per_lookup + V * lookup_lines(m, 16 * es)
-    tmu = slice_tmu_cycles(m, lookups, per_lookup, 16 * len(per_row[0]), min(V, m.num_qpus))
-    return seconds(m, max(dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es), l2_port_cycles(m, lines), tmu)
-                   + round_trip(m, True))
+    loop, rest, nu = loop_instructions(g)
+    cpi = m.cycles_per_instruction
+    miss = round_trip(m, True)
+    warm = 1 if pair_mode(g) and PAIR_WINDOWS[(g.kw, g.pl)] else 0
+    # a worker: its constant prologue reads nu uniforms (one per instruction: the first line a
+    # round trip, each further one what the stream's prefetch does not cover), its table lookup
+    # and first vector's lookups wait a round trip each, then each vector waits what its loop
+    # does not cover of the next vector's round trip (issued a vector ahead; its lines are new:
+    # DRAM misses), then its last stores complete
+    ulines = -(-nu * 4 // m.line_bytes)
+    prologue = miss + (ulines - 1) * stream_stall_per_line(m, m.line_bytes / 4 * cpi, True)
+    worker = prologue + rest * cpi + 2 * miss + (chunk + warm) * max(loop * cpi, miss) + m.store_latency
+    out = []
+    for w0 in range(0, W, num_qpus):
+        nv = min(V, (w0 + num_qpus) * chunk) - w0 * chunk          # vectors of this launch
+        active = min(num_qpus, W - w0)
+        lookups = nv * g.kh * len(per_row)
+        lines = lookups * per_lookup + nv * lookup_lines(m, 16 * es)
+        tmu = slice_tmu_cycles(m, lookups, per_lookup, 16 * len(per_row[0]), min(nv, m.num_qpus, active))
+        dram = dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es * nv / V)
+        out.append(max(max(dram, l2_port_cycles(m, lines), tmu) + miss, worker))
+    return out
 
 
 def bench_cases():
