@@ -247,3 +247,28 @@ def test_matches_tvm_llvm(dev, s):
     ref = tvm_llvm("attention", q, k, v, mask, scale=s.scale, v_scale=s.v_scale, causal=s.causal)
     vmax = float(np.abs(v.astype(np.float64)).max()) * (s.v_scale if s.is_int else 1.0)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * vmax)
+
+
+# ---- launches over the dispatch budget ---------------------------------------------------------
+def test_fused_attention_splits_batches_within_the_budget(dev):
+    """A fused attention modelled over the dispatch budget (the v3d hang check) runs its batch
+    entries in several launches, each modelled within the budget (the plan's launch_seconds; the
+    emulator within the estimate tolerance), with the numpy reference's result. The budget is
+    forced small: the attention launch of two of the three entries."""
+    from tvm_qpu.codegen.kernels import attention as AT
+    from tvm_qpu.runtime.cycle_model import DEFAULT
+    s = AttnShape(3, 48, 64, 32, 32, scale=0.25, mask=True)
+    t = choose_tiling(s)
+    assert choose_path(s) == "fused"
+    whole = plan_attention(s)
+    assert [L.name for L in whole.launches].count("attention") == 1          # default budget
+    budget = AT._attention_launch_cycles(s, AT.kernel_shape(s), t, DEFAULT, 2) / DEFAULT.clock_hz * 1.001
+    plan = plan_attention(s, path="fused", budget_seconds=budget)
+    att = [i for i, L in enumerate(plan.launches) if L.name.startswith("attention")]
+    assert [plan.launches[i].workgroups[2] for i in att] == [2, 1]
+    assert all(plan.attrs["launch_seconds"][i] <= budget for i in att)
+    q, k, v, mask = make(s, np.random.default_rng(8))
+    out, stats = run_plan(plan, dev, q=q, k=k, v=v, mask=mask)
+    assert max(stats[i].seconds for i in att) <= 1.25 * budget
+    ref = reference(s, q, k, v, mask)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * float(np.abs(v).max()))

@@ -67,6 +67,7 @@ converts 8 / 16-bit V lookups itself.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -301,15 +302,19 @@ def q_streams(s: AttnShape, t: AttnTiling) -> int:
     return t.R
 
 
-def _uniforms(s: AttnShape, t: AttnTiling, names):
+def _uniforms(s: AttnShape, t: AttnTiling, names, z0: int = 0):
+    """The attention launch's uniforms; ``z0``: the launch's first batch entry (a launch over
+    batch entries [z0, z0 + nz) sees them as its z = 0 .. nz - 1: the Q, K panel, V and output
+    bases move by z0 batch strides)."""
     qn, kn, vn, on, mn = names
     es_v = G.ITEMSIZE[s.v_dtype]
     qts = t.Dpad * t.R * 4
     qbs = s.S * s.D * 4 if q_streams(s, t) else t.MT * qts
-    u = [("addr", qn, 0), ("u32", qbs), ("u32", qts),                          # Q panel
-         ("addr", kn, 0), ("u32", s.NB * t.Dpad * 64),                         # K panel
-         ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v * s.VW),     # V
-         ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
+    kbs, vbs, obs = s.NB * t.Dpad * 64, s.T * s.Dv * es_v, s.S * s.Dv * 4
+    u = [("addr", qn, z0 * qbs), ("u32", qbs), ("u32", qts),                   # Q panel
+         ("addr", kn, z0 * kbs), ("u32", kbs),                                 # K panel
+         ("addr", vn, z0 * vbs), ("u32", vbs), ("u32", es_v * s.VW),           # V
+         ("addr", on, z0 * obs), ("u32", obs), ("u32", t.R * s.Dv * 4),
          ("u32", s.Dv * 4 - 64 * s.NOV), ("u32", t.MT), ("u32", 2 * t.Dpad * 64), ("u32", t.Dpad * 64),
          ("u32", _wrap_block(t.KB if t.flash else s.NB) * t.Dpad * 64 - 64),
          ("u32", t.Dpad // 2), ("u32", s.S - split_rows(s, t)), ("f32", -math.inf),
@@ -1321,7 +1326,8 @@ def check_limits(s: AttnShape):
         raise ValueError("B > 65535")
 
 
-def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask"), path: str | None = None) -> KernelPlan:
+def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask"), path: str | None = None,
+                   budget_seconds: float | None = None) -> KernelPlan:
     """The fused plan (pack Q, pack K, attention) or the unfused one (:func:`plan_unfused`):
     ``path`` "fused" / "unfused", or (None) the one of lower estimate (:func:`choose_path`)."""
     check_limits(s)
@@ -1333,11 +1339,12 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask"), path: str
         if why:
             raise ValueError(f"no unfused attention plan: {why}")
         return plan_unfused(s, names)
-    return plan_fused(s, names)
+    return plan_fused(s, names, budget_seconds)
 
 
-def plan_fused(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
-    """Fused plan (pack Q, pack K, attention), or the 3-launch fallback when no tile fits."""
+def plan_fused(s: AttnShape, names=("q", "k", "v", "out", "mask"), budget_seconds: float | None = None) -> KernelPlan:
+    """Fused plan (pack Q, pack K, attention launches over runs of batch entries,
+    :func:`batch_split`), or the 3-launch fallback when no tile fits."""
     check_limits(s)
     s0, s = s, kernel_shape(s)
     t = choose_tiling(s)
@@ -1380,11 +1387,54 @@ def plan_fused(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan
     if vp != vn:
         launches.append(_tpack_launch(s.T, s.Dv, s0.v_dtype, s.B, v_layout(s.T, s.Dv), vn, vp,
                                       "attn_pack_v", s.num_qpus, fscale=s0.v_scale))
-    launches.append(Launch(G._assemble(attention_kernel, s, t, name="attention"),
-                           _uniforms(s, t, (qp, kp, vp, on, mn)), (t.W, 1, s.B), 16, s.num_qpus, 1,
-                           "attention"))
-    return KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s0, t), flops=flops(s0),
+    words = attention_words(s, t)
+    nz = batch_split(s0, budget_seconds=budget_seconds)
+    for z0 in range(0, s.B, nz):
+        launches.append(Launch(words, _uniforms(s, t, (qp, kp, vp, on, mn), z0), (t.W, 1, min(nz, s.B - z0)),
+                               16, s.num_qpus, 1, "attention" if nz >= s.B else f"attention_z{z0}"))
+    plan = KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s0, t), flops=flops(s0),
                       bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v0 + s.S * s.Dv * 4))
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    plan.attrs["launch_seconds"] = [seconds(m, c) for c in fused_launch_cycles(s0, m, plan)]
+    return plan
+
+
+@functools.lru_cache(maxsize=64)
+def attention_words(s: AttnShape, t: AttnTiling) -> np.ndarray:
+    """The fused kernel's machine words for (kernel shape, tiling): assembled once (the plan,
+    its batch split and the estimates all read them)."""
+    words = G._assemble(attention_kernel, s, t, name="attention")
+    words.setflags(write=False)
+    return words
+
+
+@functools.lru_cache(maxsize=64)
+def _attention_loops(s: AttnShape, t: AttnTiling) -> tuple:
+    from .common import loop_lengths
+    return tuple(loop_lengths(attention_words(s, t)))
+
+
+def batch_split(s0: AttnShape, model=None, budget_seconds: float | None = None) -> int:
+    """Batch entries per attention launch: all of them, or (the launch modelled over the
+    dispatch budget, default the v3d hang check's, :func:`gemm.dispatch_budget_seconds`) the
+    most whose launch fits; the persistent launch keeps every batch resident, so the hang check
+    bounds each launch. One entry per launch when even that does not fit (the budget check then
+    refuses the plan: a single entry's query tiles are not split)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    budget = G.dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    s = kernel_shape(s0)
+    t = choose_tiling(s)
+
+    def launch(nz):
+        return seconds(m, _attention_launch_cycles(s0, s, t, m, nz))
+    if launch(s.B) <= budget:
+        return s.B
+    n = max(2, math.ceil(launch(s.B) / budget))
+    while n < s.B and launch(-(-s.B // n)) > budget:
+        n += 1
+    return max(1, -(-s.B // n))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1673,65 +1723,78 @@ def estimate(spec, model=None) -> float:
 
 def fused_seconds(s0: AttnShape, model=None) -> float:
     """Modelled seconds of the fused attention plan under ``model`` (default: the emulator's
-    TimingModel), launch by launch:
+    TimingModel): the sum of :func:`fused_launch_cycles`."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    return seconds(m, sum(fused_launch_cycles(s0, m)))
+
+
+def fused_launch_cycles(s0: AttnShape, model=None, plan=None) -> list:
+    """Modelled cycles of each launch of the fused plan under ``model``:
 
     * K pack: the GEMM pack's cost (:func:`gemm.pack_launch_cycles`);
     * Q / V packs: streaming copies, their DRAM traffic (read + float32 panel written) plus a round
       trip;
-    * the fused kernel: the busiest worker's tiles; a tile's instructions come from the program
-      (the tile loop, plus the QK d-loop body for its remaining ``Dpad / 2 - 1`` trips; flash
-      tiles from the schedule's per-block counts), and each key's V lookups wait what their
-      ``LA``-lookup lead does not cover of a round trip (V lines miss once);
-      bounded below by the DRAM traffic.
+    * the fused kernel (per launch over ``nz`` batch entries): :func:`_attention_launch_cycles`.
     """
-    from .common import (timing_model, loop_lengths, round_trip, dram_cycles, seconds,
-                         miss_fraction, l2_port_cycles, lookup_lines, slice_tmu_cycles)
+    from .common import timing_model, round_trip, dram_cycles
     m = timing_model(model)
-    cpi = m.cycles_per_instruction
     s = kernel_shape(s0)
     t = choose_tiling(s)
-    plan = plan_fused(s0)
-    if t is None:                                # fallback plan: GEMM, softmax, GEMM launches
-        raise ValueError("no estimate for the unfused attention fallback")
-    cycles = 0.0
+    if t is None:
+        raise ValueError("no fused attention tile fits this shape")
+    plan = plan or plan_fused(s0)
     es = G.ITEMSIZE[s.dtype]
+    out = []
     for L in plan.launches:
         if L.name == "attn_pack_k":
             gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
             tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)
-            cycles += G.pack_launch_cycles(gk, tk, m)
+            out.append(G.pack_launch_cycles(gk, tk, m))
         elif L.name == "attn_pack_q":
-            cycles += dram_cycles(m, s.B * s.S * s.D * (es + 4)) + round_trip(m, True)
+            out.append(dram_cycles(m, s.B * s.S * s.D * (es + 4)) + round_trip(m, True))
         elif L.name == "attn_pack_v":
-            cycles += dram_cycles(m, s.B * s.T * s.Dv * (G.ITEMSIZE[s0.v_dtype] + 4)) + round_trip(m, True)
-        elif L.name == "attention":
-            loops = loop_lengths(L.words)
-            if t.flash:
-                tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
-                                + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
-            else:
-                tile = loops[-1] + (t.Dpad // 2 - 1) * loops[0]
-            v_bytes = s.B * s.T * s.Dv * G.ITEMSIZE[s.v_dtype]
-            v_miss = miss_fraction(m, v_bytes, s.B * t.MT * s.T * s.NG * 16 * s.VW * 4 / m.line_bytes)
-            LA = min(8, 16 // s.VW, s.T * s.NG)
-            lead = LA / s.NG * s.pv_per_key(t.R) * cpi
-            tile_cycles = tile * cpi + s.T * max(0.0, round_trip(m, v_miss) - lead) + round_trip(m, True)
-            qpus = max(1, min(m.num_qpus, s.num_qpus))
-            rounds = max(-(-s.B * t.MT // qpus), -(-t.MT // t.W))
-            out = s.B * s.S * s.Dv * 4
-            # shared L2 port: per tile, one K-panel line per 16-key block and d, the V lookups
-            # (NG per key, VW elements of V per lane), and the output stores
-            v_span = 16 * s.VW * G.ITEMSIZE[s.v_dtype]
-            tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, v_span) \
-                + t.R * s.NG * lookup_lines(m, 64 * s.VW)
-            # slice TMUs: K-panel lookups (16 words) and V lookups (16 VW words)
-            tmu = slice_tmu_cycles(m, s.B * t.MT * s.NB * t.Dpad, 1, 16, qpus) \
-                + slice_tmu_cycles(m, s.B * t.MT * s.T * s.NG, lookup_lines(m, v_span), 16 * s.VW, qpus)
-            cycles += max(rounds * tile_cycles, dram_cycles(m, plan.bytes_moved + out),
-                          l2_port_cycles(m, s.B * t.MT * tile_lines), tmu)
+            out.append(dram_cycles(m, s.B * s.T * s.Dv * (G.ITEMSIZE[s0.v_dtype] + 4)) + round_trip(m, True))
+        elif L.name.startswith("attention"):
+            out.append(_attention_launch_cycles(s0, s, t, m, L.workgroups[2]))
         else:
             raise ValueError(f"attention estimate: unknown launch {L.name!r}")
-    return seconds(m, cycles)
+    return out
+
+
+def _attention_launch_cycles(s0: AttnShape, s: AttnShape, t: AttnTiling, m, nz: int) -> float:
+    """The fused kernel over ``nz`` batch entries: the busiest worker's tiles; a tile's
+    instructions come from the program (the tile loop, plus the QK d-loop body for its remaining
+    ``Dpad / 2 - 1`` trips; flash tiles from the schedule's per-block counts), and each key's V
+    lookups wait what their ``LA``-lookup lead does not cover of a round trip (V lines miss
+    once); bounded below by the DRAM traffic, the shared L2 port and the slice TMUs."""
+    from .common import (round_trip, dram_cycles, miss_fraction, l2_port_cycles, lookup_lines,
+                         slice_tmu_cycles)
+    cpi = m.cycles_per_instruction
+    loops = _attention_loops(s, t)
+    if t.flash:
+        tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
+                        + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
+    else:
+        tile = loops[-1] + (t.Dpad // 2 - 1) * loops[0]
+    v_bytes = nz * s.T * s.Dv * G.ITEMSIZE[s.v_dtype]
+    v_miss = miss_fraction(m, v_bytes, nz * t.MT * s.T * s.NG * 16 * s.VW * 4 / m.line_bytes)
+    LA = min(8, 16 // s.VW, s.T * s.NG)
+    lead = LA / s.NG * s.pv_per_key(t.R) * cpi
+    tile_cycles = tile * cpi + s.T * max(0.0, round_trip(m, v_miss) - lead) + round_trip(m, True)
+    qpus = max(1, min(m.num_qpus, s.num_qpus))
+    rounds = max(-(-nz * t.MT // qpus), -(-t.MT // t.W))
+    es, es_v0 = G.ITEMSIZE[s.dtype], G.ITEMSIZE[s0.v_dtype]
+    moved = nz * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v0 + 2 * s.S * s.Dv * 4)
+    # shared L2 port: per tile, one K-panel line per 16-key block and d, the V lookups
+    # (NG per key, VW elements of V per lane), and the output stores
+    v_span = 16 * s.VW * G.ITEMSIZE[s.v_dtype]
+    tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, v_span) \
+        + t.R * s.NG * lookup_lines(m, 64 * s.VW)
+    # slice TMUs: K-panel lookups (16 words) and V lookups (16 VW words)
+    tmu = slice_tmu_cycles(m, nz * t.MT * s.NB * t.Dpad, 1, 16, qpus) \
+        + slice_tmu_cycles(m, nz * t.MT * s.T * s.NG, lookup_lines(m, v_span), 16 * s.VW, qpus)
+    return max(rounds * tile_cycles, dram_cycles(m, moved), l2_port_cycles(m, nz * t.MT * tile_lines), tmu)
 
 
 def bench_cases():
