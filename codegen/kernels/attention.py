@@ -1145,6 +1145,39 @@ def tpack_kernel(cols: int, dtype: str, to_float: bool = False):
     thread_end()
 
 
+def tpack_launch_cycles(rows, cols, dtype, batch, lay: PanelLayout, num_qpus, model, to_float=False) -> float:
+    """Modelled cycles of a :func:`tpack_kernel` launch: the busiest QPU's workgroups, each its
+    uniform prologue (one uniform per instruction: the first line a round trip, each further
+    one what the stream's prefetch does not cover), then per row its loop instructions and one
+    round trip per 8 lookups in flight (the rows are new lines: DRAM misses), then its stores'
+    completion; bounded below by the DRAM traffic, the L2 port (a row block's load lines and
+    its scattered store's lines) and the slice TMUs."""
+    from .common import (round_trip, dram_cycles, l2_port_cycles, lookup_lines, slice_tmu_cycles,
+                         loop_lengths, stream_stall_per_line)
+    m = model
+    cpi = m.cycles_per_instruction
+    es = G.ITEMSIZE[dtype]
+    W, rpw = tpack_workers(rows, lay.G, batch, num_qpus)
+    words = G._assemble(tpack_kernel, cols, dtype, to_float, name="tpack")
+    loop = loop_lengths(words)[-1]
+    nu = len(tpack_uniforms(rows, cols, dtype, lay, rpw, "s", "d")) + int(to_float)
+    ncb = -(-cols // 16)
+    miss = round_trip(m, True)
+    ulines = -(-nu * 4 // m.line_bytes)
+    prologue = miss + (ulines - 1) * stream_stall_per_line(m, m.line_bytes / 4 * cpi, True) \
+        + (len(words) - loop) * cpi
+    per_qpu = -(-W * batch // max(1, min(m.num_qpus, num_qpus)))
+    worker = per_qpu * (prologue + min(rpw, rows) * (loop * cpi + -(-ncb // 8) * miss) + m.store_latency)
+    blocks = batch * rows * ncb
+    # a scattered store's 16 lanes (columns c) land at (c >> sh) hi + (c & (2**sh - 1)) lo
+    span = (15 >> lay.sh) * lay.hi + ((1 << lay.sh) - 1) * lay.lo + 4
+    store_lines = min(16.0, lookup_lines(m, span))
+    l2 = l2_port_cycles(m, blocks * (lookup_lines(m, 16 * es) + store_lines))
+    tmu = slice_tmu_cycles(m, blocks, lookup_lines(m, 16 * es), 16, min(W * batch, m.num_qpus))
+    dram = dram_cycles(m, batch * rows * cols * (es + 4))
+    return max(worker, max(dram, l2, tmu) + miss)
+
+
 def _tpack_launch(rows, cols, dtype, batch, lay, src, dst, name, num_qpus, fscale=None):
     W, rpw = tpack_workers(rows, lay.G, batch, num_qpus)
     u = tpack_uniforms(rows, cols, dtype, lay, rpw, src, dst)
@@ -1751,10 +1784,13 @@ def fused_launch_cycles(s0: AttnShape, model=None, plan=None) -> list:
             gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
             tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)
             out.append(G.pack_launch_cycles(gk, tk, m))
+        elif L.name == "attn_pack_q" and t.R != 2:
+            out.append(tpack_launch_cycles(s.S, s.D, s.dtype, s.B, q_layout(t.R, t.Dpad, t.MT), s.num_qpus, m))
         elif L.name == "attn_pack_q":
             out.append(dram_cycles(m, s.B * s.S * s.D * (es + 4)) + round_trip(m, True))
         elif L.name == "attn_pack_v":
-            out.append(dram_cycles(m, s.B * s.T * s.Dv * (G.ITEMSIZE[s0.v_dtype] + 4)) + round_trip(m, True))
+            out.append(tpack_launch_cycles(s.T, s.Dv, s0.v_dtype, s.B, v_layout(s.T, s.Dv), s.num_qpus, m,
+                                           to_float=True))
         elif L.name.startswith("attention"):
             out.append(_attention_launch_cycles(s0, s, t, m, L.workgroups[2]))
         else:
@@ -1769,9 +1805,15 @@ def _attention_launch_cycles(s0: AttnShape, s: AttnShape, t: AttnTiling, m, nz: 
     lookups wait what their ``LA``-lookup lead does not cover of a round trip (V lines miss
     once); bounded below by the DRAM traffic, the shared L2 port and the slice TMUs."""
     from .common import (round_trip, dram_cycles, miss_fraction, l2_port_cycles, lookup_lines,
-                         slice_tmu_cycles)
+                         slice_tmu_cycles, stream_stall_per_line)
     cpi = m.cycles_per_instruction
     loops = _attention_loops(s, t)
+    # a worker's start: its uniform prologue (the first line a round trip, each further one what
+    # the stream's prefetch does not cover) and the code outside the tile loop
+    nu = len(_uniforms(s, t, ("q", "k", "v", "o", "m")))
+    ulines = -(-nu * 4 // m.line_bytes)
+    start = round_trip(m, True) + (ulines - 1) * stream_stall_per_line(m, m.line_bytes / 4 * cpi, True) \
+        + (len(attention_words(s, t)) - loops[-1]) * cpi
     if t.flash:
         tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
                         + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
@@ -1794,7 +1836,7 @@ def _attention_launch_cycles(s0: AttnShape, s: AttnShape, t: AttnTiling, m, nz: 
     # slice TMUs: K-panel lookups (16 words) and V lookups (16 VW words)
     tmu = slice_tmu_cycles(m, nz * t.MT * s.NB * t.Dpad, 1, 16, qpus) \
         + slice_tmu_cycles(m, nz * t.MT * s.T * s.NG, lookup_lines(m, v_span), 16 * s.VW, qpus)
-    return max(rounds * tile_cycles, dram_cycles(m, moved), l2_port_cycles(m, nz * t.MT * tile_lines), tmu)
+    return max(start + rounds * tile_cycles, dram_cycles(m, moved), l2_port_cycles(m, nz * t.MT * tile_lines), tmu)
 
 
 def bench_cases():
