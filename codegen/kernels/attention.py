@@ -48,14 +48,17 @@ sum l, ``alpha = exp2(m_old - m_new)`` rescales l and the output accumulators), 
 block's contribution; the last block is emitted separately for its exact key count. Nothing goes
 through memory but the inputs and the output. (R, KB) minimise :func:`block_cost`.
 
-Unfused plan (:func:`plan_unfused`, fp32 with D a multiple of 4): K^T by a transpose launch
-(:func:`ktrans_kernel`: vec4 row reads, one-line stores), scores = Q K^T and out = P V as
-gemm.plan_gemm GEMMs, P = softmax(scores * scale (+ mask)) by the softmax kernel (a causal flag
-becomes a constant -inf mask). :func:`choose_path` takes it where its estimate under the default
+Unfused plan (:func:`plan_unfused`; fp32 Q / K with D a multiple of 4, or int8 Q / K with D a
+multiple of 16 whose scores are exact in fp32; :func:`unfused_refusal`): K^T by a transpose
+launch (:func:`ktrans_kernel`: vec4 row reads, one-line stores; int8 bytes sign-extended and
+converted), scores = Q K^T and out = P V as gemm.plan_gemm fp32 GEMMs, P = softmax(scores *
+scale (+ mask)) by the softmax kernel (a causal flag becomes a constant -inf mask); integer Q
+and V get fp32 copies first (V * v_scale). :func:`choose_path` takes it where its estimate under the default
 TimingModel is lower: a fused tile of R query rows re-reads all of K and V (through the shared
 L2 port, one line per 64 bytes) for every R rows, and the register file bounds R (R = 2 at
 T = Dv = 128), while the GEMMs reuse each operand line across a whole tile of rows and columns;
-at 1 x 128 x 128 x 128 fp32 the unfused plan is modelled 0.37 ms against 0.68 ms fused. Small
+at 1 x 128 x 128 x 128 the unfused plan is modelled 0.37 ms (fp32) / 0.38 ms (int8) against
+0.68 / 0.69 ms fused; int16 stays fused (its scores are not exact in fp32). Small
 shapes stay fused (fewer launches, no intermediates). It also takes shapes no fused tile fits.
 
 Packing: two-row Q panels through :func:`qpack2_kernel` (whole 64-byte lines: the two rows
@@ -1479,13 +1482,20 @@ KT_MAX_CHUNK = 64
 
 
 def unfused_refusal(s: AttnShape) -> str:
-    """Why the unfused plan cannot take ``s`` ("" when it can): fp32 Q / K / V only (the softmax
-    kernel is fp32), D a multiple of 4 (the transpose reads 4 d per lane), and a mask and a
-    causal flag not both (the causal mask is a constant of the plan, the user mask an input)."""
-    if s.dtype != "float32" or s.v_dtype != "float32":
-        return "fp32 q, k, v only"
-    if s.D % 4:
-        return "D must be a multiple of 4"
+    """Why the unfused plan cannot take ``s`` ("" when it can): the softmax kernel and the GEMMs
+    run in fp32, so Q / K must be fp32, or int8 with every partial sum of Q K^T exact in fp32
+    (D * 128 * 128 < 2**24; int16 products are not); V fp32, int8 or int16 (made fp32 V *
+    v_scale by a pack); D a multiple of the transpose's lookup (4 fp32 / 16 int8 d per lane);
+    and a mask and a causal flag not both (the causal mask is a constant of the plan, the user
+    mask an input)."""
+    if s.dtype not in ("float32", "int8"):
+        return "fp32 or int8 q, k only (int16 scores are not exact in fp32)"
+    if s.dtype == "float32" and s.v_dtype != "float32":
+        return "fp32 attention needs fp32 v"
+    if s.dtype == "int8" and s.D * 128 * 128 >= 1 << 24:
+        return "int8 scores beyond fp32's exact integers"
+    if s.D % kt_step(s):
+        return f"D must be a multiple of {kt_step(s)}"
     if s.mask and s.causal:
         return "a mask input together with causal"
     if s.B * s.T * s.D * 4 >= G.UMUL24_LIMIT:
@@ -1493,22 +1503,33 @@ def unfused_refusal(s: AttnShape) -> str:
     return ""
 
 
+def kt_step(s: AttnShape) -> int:
+    """d per transpose lookup: a vec4 lookup per lane reads 4 fp32 or 16 int8 d of its key row."""
+    return 16 if s.dtype == "int8" else 4
+
+
 def kt_split(s: AttnShape):
     """(d per workgroup, workgroups along d) of the transpose: chunks of equal size dividing D
     (every stored row of K^T is a row < D), at most KT_MAX_CHUNK d, and enough workgroups for
     the QPUs where D allows."""
     nbt = -(-s.T // 16)
-    q = s.D // 4
-    divs = [n for n in range(1, q + 1) if q % n == 0 and 4 * (q // n) <= KT_MAX_CHUNK]
+    st = kt_step(s)
+    q = s.D // st
+    divs = [n for n in range(1, q + 1) if q % n == 0 and st * (q // n) <= KT_MAX_CHUNK]
+    divs = divs or [q]
     enough = [n for n in divs if nbt * n * s.B >= s.num_qpus]
     n = enough[0] if enough else divs[-1]
     return s.D // n, n
 
 
-def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: str):
-    """Workgroup (tb, dc, z) writes K^T[z][d][t] = K[z][t][d] for keys t of block tb (16 t,
-    one per lane) and d in chunk dc: per 4 d one vec4 lookup per lane (its key row), then four
-    stores of 16 consecutive t (one 64-byte line each). Lanes with t >= T neither load nor store."""
+def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: str, dtype: str = "float32"):
+    """Workgroup (tb, dc, z) writes K^T[z][d][t] = K[z][t][d] (float32) for keys t of block tb
+    (16 t, one per lane) and d in chunk dc: per 4 words of the key row one vec4 lookup per lane
+    (4 fp32 d, or 16 int8 d: each byte sign-extended by a shift pair and converted by ``itof``),
+    then one store of 16 consecutive t (one 64-byte line) per d. Lanes with t >= T neither load
+    nor store."""
+    es = G.ITEMSIZE[dtype]
+    per_word = 4 // es
     lane, t, z, a, d, x = kb.reg(6)
     v = kb.reg(4)
     eidx(lane)
@@ -1516,14 +1537,14 @@ def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: 
     mov(z, RF[2].unpack("ul"))
     shl(t, t, 4)
     add(t, t, lane)                                        # key row of the lane
-    umul24(a, z, kb.u32(T * D * 4))
-    umul24(x, t, kb.u32(D * 4))
+    umul24(a, z, kb.u32(T * D * es))
+    umul24(x, t, kb.u32(D * es))
     add(a, a, x)
     umul24(d, z, kb.u32(D * T * 4))
     shl(x, t, 2)
     add(d, d, x)
     mov(x, RF[3].unpack("uh"))                             # dc
-    umul24(lane, x, kb.u32(dchunk * 4))
+    umul24(lane, x, kb.u32(dchunk * es))
     umul24(x, x, kb.u32(dchunk * T * 4))
     add(a, a, lane)
     add(d, d, x)
@@ -1531,12 +1552,16 @@ def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: 
     add(d, d, kb.addr(dst))
     cfg, step, row = kb.u32(RD.VEC4_CFG), kb.u32(16), kb.u32(T * 4)
     sub(null, t, kb.u32(T), cond="pushn")                  # A = t < T
-    steps = dchunk // 4
+    steps = dchunk // (4 * per_word)
     ahead = min(steps, TMU_FIFO_WORDS // 4)
 
     def issue():
         mov(tmuc, cfg)
         add(a, a, step).mov(tmua, a, cond="ifa")
+
+    def store(val):
+        mov(tmud, val)
+        add(d, d, row).mov(tmua, d, cond="ifa")
 
     for _ in range(ahead):
         issue()
@@ -1546,8 +1571,18 @@ def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: 
         if k + ahead < steps:
             issue()
         for j in range(4):
-            mov(tmud, v[j])
-            add(d, d, row).mov(tmua, d, cond="ifa")
+            if per_word == 1:
+                store(v[j])
+                continue
+            for byte in range(per_word):                   # little-endian: byte 0 = lowest d
+                sh = 32 - 8 * (byte + 1)
+                if sh:
+                    shl(x, v[j], kb.u32(sh))
+                    A.DSL["asr"](x, x, kb.u32(24))
+                else:
+                    A.DSL["asr"](x, v[j], kb.u32(24))
+                F["itof"](x, x)
+                store(x)
     tmuwt()
     thread_end()
 
@@ -1555,7 +1590,7 @@ def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: 
 def _kt_launch(s: AttnShape, src: str, dst: str) -> Launch:
     dchunk, ndc = kt_split(s)
     kb = RD.Builder("attn_transpose_k")
-    words, unif = kb.build(ktrans_kernel, s.T, s.D, dchunk, src, dst)
+    words, unif = kb.build(ktrans_kernel, s.T, s.D, dchunk, src, dst, s.dtype)
     return Launch(words, unif, (-(-s.T // 16), ndc, s.B), 16, s.num_qpus, 1, "attn_transpose_k")
 
 
@@ -1569,16 +1604,17 @@ def kt_launch_cycles(s: AttnShape, model=None) -> float:
     m = timing_model(model)
     dchunk, ndc = kt_split(s)
     nbt = -(-s.T // 16)
-    lookups = s.B * nbt * (s.D // 4)
+    st = kt_step(s)
+    lookups = s.B * nbt * (s.D // st)
     rows = min(16, s.T)
-    l2 = l2_port_cycles(m, lookups * (rows + 4))
+    l2 = l2_port_cycles(m, lookups * (rows + st))
     tmu = slice_tmu_cycles(m, lookups, rows, 64, min(m.num_qpus, nbt * ndc * s.B))
-    dram = dram_cycles(m, 2 * s.B * s.T * s.D * 4)
+    dram = dram_cycles(m, s.B * s.T * s.D * (G.ITEMSIZE[s.dtype] + 4))
     kb = RD.Builder("attn_transpose_k")
-    n_instr = len(kb.build(ktrans_kernel, s.T, s.D, dchunk, "k", "kt")[0])
+    n_instr = len(kb.build(ktrans_kernel, s.T, s.D, dchunk, "k", "kt", s.dtype)[0])
     groups = nbt * ndc * s.B
     per_qpu = -(-groups // max(1, min(m.num_qpus, s.num_qpus)))
-    steps = dchunk // 4
+    steps = dchunk // st
     busiest = per_qpu * (n_instr * m.cycles_per_instruction
                          + steps * round_trip(m, True) / min(steps, TMU_FIFO_WORDS // 4))
     return max(busiest, l2, tmu, dram) + round_trip(m, True)
@@ -1594,31 +1630,53 @@ def _unfused_specs(s: AttnShape):
     return qk, sm, pv
 
 
+def _float_packs(s: AttnShape, names):
+    """The fp32 copies the unfused plan makes of integer operands: [(src, dst, rows, cols,
+    dtype, scale, launch name)] -- Q (int8 -> fp32) and V (-> fp32 V * v_scale), row-major."""
+    qn, _, vn, _, _ = names
+    out = []
+    if s.dtype != "float32":
+        out.append((qn, qn + "_f", s.S, s.D, s.dtype, 1.0, "attn_float_q"))
+    if s.v_dtype != "float32":
+        out.append((vn, vn + "_f", s.T, s.Dv, s.v_dtype, s.v_scale, "attn_pack_v"))
+    return out
+
+
 def plan_unfused(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
     """K^T = transpose(K) (:func:`ktrans_kernel`), scores = Q @ K^T (GEMM), P = softmax(scores *
     scale (+ mask, or the causal mask as a constant)) (softmax kernel), out = P @ V (GEMM). Every
     intermediate is a scratch buffer; the GEMMs are gemm.plan_gemm's (their packs included), so
     their variants and dispatch splits are the GEMM's own. Same semantics as the fused kernel
-    (module docstring): the scale and mask are applied in fp32 before the row max."""
+    (module docstring): the scale and mask are applied in fp32 before the row max. Integer
+    operands run in fp32: int8 Q and K are converted exactly (the transpose converts K; every
+    partial sum of Q K^T is an integer below 2**24, so the fp32 GEMM gives s_int exactly) and V
+    becomes fp32 V * v_scale (as the fused path's V pack)."""
     from . import softmax as SMX
     from .common import timing_model, seconds
     qn, kn, vn, on, mn = names
     ktn, scn, pn = kn + "_t", on + "_scores", on + "_probs"
+    packs = _float_packs(s, names)
+    conv = {src: dst for src, dst, *_ in packs}
+    qg, vg = conv.get(qn, qn), conv.get(vn, vn)
     qk, _, pv = _unfused_specs(s)
-    g1 = G.plan_gemm(G.shape_from_spec(qk), names=(qn, ktn, scn, "bias"))
-    g2 = G.plan_gemm(G.shape_from_spec(pv), names=(pn, vn, on, "bias"))
+    g1 = G.plan_gemm(G.shape_from_spec(qk), names=(qg, ktn, scn, "bias"))
+    g2 = G.plan_gemm(G.shape_from_spec(pv), names=(pn, vg, on, "bias"))
     causal = s.causal and not s.mask
     ss = SMX.SoftmaxShape(s.B * s.S, s.T, s.scale, s.S if (s.mask or causal) else 0, s.num_qpus)
     mask_name = mn if s.mask else on + "_causal"
     sm_launch = SMX.softmax_launch(ss, scn, pn, mask_name)
     kt = _kt_launch(s, kn, ktn)
+    es, es_v = G.ITEMSIZE[s.dtype], G.ITEMSIZE[s.v_dtype]
     roles = {qn: "input", kn: "input", vn: "input", on: "output", mn: "input", ktn: "scratch",
              scn: "scratch", pn: "scratch"}
-    shapes = {qn: ((s.B, s.S, s.D), "float32"), kn: ((s.B, s.T, s.D), "float32"),
-              vn: ((s.B, s.T, s.Dv), "float32"), on: ((s.B, s.S, s.Dv), "float32"),
+    shapes = {qn: ((s.B, s.S, s.D), s.dtype), kn: ((s.B, s.T, s.D), s.dtype),
+              vn: ((s.B, s.T, s.Dv), s.v_dtype), on: ((s.B, s.S, s.Dv), "float32"),
               ktn: ((s.B * s.D * s.T,), "float32"), scn: ((s.B * s.S * s.T,), "float32"),
               pn: ((s.B * s.S * s.T,), "float32")}
-    nbytes = {kn: s.B * s.T * s.D * 4 + 64, scn: SMX.in_nbytes(ss)}
+    nbytes = {qn: s.B * s.S * s.D * es + 64, kn: s.B * s.T * s.D * es + 64,
+              vn: s.B * s.T * s.Dv * es_v + 64, scn: SMX.in_nbytes(ss)}
+    for src, dst, rows, cols, *_ in packs:
+        roles[dst], shapes[dst] = "scratch", ((s.B * rows * cols,), "float32")
     consts = {}
     if s.mask or causal:
         shapes[mask_name] = ((s.S, s.T), "float32")
@@ -1632,26 +1690,38 @@ def plan_unfused(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPl
             nbytes[b.name] = max(nbytes.get(b.name, 0), b.nbytes)
         elif b.name != "bias":
             extra[b.name] = b
-    order = [qn, kn, vn] + ([mask_name] if (s.mask or causal) else []) + [on, ktn, scn, pn]
+    order = [qn, kn, vn] + ([mask_name] if (s.mask or causal) else []) + [on, ktn, scn, pn] \
+        + [dst for _, dst, *_ in packs]
     bufs = [BufferSpec(n, roles[n], shapes[n][0], shapes[n][1], nbytes.get(n, 0)) for n in order]
     bufs += list(extra.values())
     m = timing_model(None)
-    launches = [kt] + g1.launches + [sm_launch] + g2.launches
+    conv_launches = [_tpack_launch(rows, cols, dt, s.B, v_layout(rows, cols), src, dst, name, s.num_qpus,
+                                   fscale=sc) for src, dst, rows, cols, dt, sc, name in packs]
+    launches = conv_launches + [kt] + g1.launches + [sm_launch] + g2.launches
     sm_spec = _unfused_specs(s)[1]
-    launch_seconds = ([seconds(m, kt_launch_cycles(s, m))] + list(g1.attrs["launch_seconds"])
+    launch_seconds = ([seconds(m, c) for c in _float_pack_cycles(s, packs, m)]
+                      + [seconds(m, kt_launch_cycles(s, m))] + list(g1.attrs["launch_seconds"])
                       + [SMX.estimate(sm_spec, m)] + list(g2.attrs["launch_seconds"]))
     attrs = dict(s.__dict__, path="unfused", launch_seconds=launch_seconds)
     return KernelPlan("attention", bufs, launches, consts, attrs=attrs, flops=flops(s),
-                      bytes_moved=s.B * ((s.S + s.T) * s.D * 4 + s.T * s.Dv * 4 + s.S * s.Dv * 4))
+                      bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v + s.S * s.Dv * 4))
+
+
+def _float_pack_cycles(s: AttnShape, packs, m) -> list:
+    return [tpack_launch_cycles(rows, cols, dt, s.B, v_layout(rows, cols), s.num_qpus, m, to_float=True)
+            for _, _, rows, cols, dt, _, _ in packs]
 
 
 def unfused_seconds(s: AttnShape, model=None) -> float:
-    """Estimate of the unfused plan: transpose + the GEMMs' and the softmax's own estimates."""
+    """Estimate of the unfused plan: the fp32 conversions, the transpose, and the GEMMs' and the
+    softmax's own estimates."""
     from . import softmax as SMX
     from .common import timing_model, seconds
     m = timing_model(model)
     qk, sm, pv = _unfused_specs(s)
-    return seconds(m, kt_launch_cycles(s, m)) + G.estimate(qk, m) + SMX.estimate(sm, m) + G.estimate(pv, m)
+    packs = sum(_float_pack_cycles(s, _float_packs(s, ("q", "k", "v", "o", "m")), m))
+    return seconds(m, packs + kt_launch_cycles(s, m)) + G.estimate(qk, m) + SMX.estimate(sm, m) \
+        + G.estimate(pv, m)
 
 
 def choose_path(s: AttnShape) -> str:
