@@ -1909,6 +1909,18 @@ def _attention_launch_cycles(s0: AttnShape, s: AttnShape, t: AttnTiling, m, nz: 
     return max(start + rounds * tile_cycles, dram_cycles(m, moved), l2_port_cycles(m, nz * t.MT * tile_lines), tmu)
 
 
+def longest_dispatch_seconds(spec, model=None) -> float:
+    """Modelled seconds of the longest launch of the plan :func:`generate` makes (placement's
+    dispatch-budget rule): from the plan's ``launch_seconds`` (default TimingModel), or under
+    ``model`` launch by launch for the fused plan."""
+    s = spec_shape(spec)
+    plan = plan_attention(s)
+    if model is None or plan.attrs.get("path") == "unfused":
+        return max(plan.attrs["launch_seconds"])
+    from .common import seconds
+    return seconds(model, max(fused_launch_cycles(s, model, plan)))
+
+
 def bench_cases():
     """(name, OpSpec, input generator(rng) -> dict) for the benchmark script."""
     from ..registry import OpSpec

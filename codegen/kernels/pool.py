@@ -753,6 +753,18 @@ def estimate(spec: registry.OpSpec, model=None) -> float:
     return seconds(m, sum(launch_cycles(g, m, RD.NUM_QPUS, split_launches(g, RD.NUM_QPUS))))
 
 
+def longest_dispatch_seconds(spec: registry.OpSpec, model=None) -> float:
+    """Modelled seconds (under ``model``) of the longest launch of the plan :func:`generate`
+    makes for a window pooling (placement's dispatch-budget rule); ValueError for global
+    average pooling (a reduction plan, not split)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    g = spec_to_pool(spec)
+    if spec.kind == "global_avg_pool2d" or is_global(g):
+        raise ValueError("global average pooling is not split into launches")
+    return seconds(m, max(launch_cycles(g, m, RD.NUM_QPUS, split_launches(g, RD.NUM_QPUS))))
+
+
 def loop_instructions(g: Pool2D) -> tuple:
     """(instructions of the kernel's vector loop, instructions outside it, uniforms of its
     constant prologue), from the generated program."""
