@@ -171,8 +171,8 @@ def test_estimate_within_tolerance_big_sweep(emu, kind, spec, consts):
 
 
 # ---- the same under the model's corners and its structural alternative ------------------------
-#: (kind, spec, constant shapes): small shapes per kind, each checked under the fast and slow
-#: corners (every unpinned parameter at one end of its range, cycle_model.RANGES) and the
+#: (kind, spec, constant shapes): small shapes per kind (slow: about a minute), each checked under
+#: the fast and slow corners (every unpinned parameter at one end of its range, cycle_model.RANGES) and the
 #: structural alternative (cycle_model.ALTERNATIVES): estimate and emulator both under that model
 CORNER_SWEEP = [
     ("gemm", *matmul(33, 70, 45)), ("conv", *conv2d(1, 8, 16, 16, 16, 3, 1)),
@@ -221,12 +221,14 @@ def _check_under(devs, name, spec, consts):
         f"{spec.describe()} under {name}: estimate {est * 1e6:.1f} us vs emulated {got * 1e6:.1f} us (ratio {est / got:.2f})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["fast", "slow", "alternative"])
 @pytest.mark.parametrize("kind,spec,consts", CORNER_SWEEP, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
 def test_estimate_within_tolerance_under_corners(corner_devs, model, kind, spec, consts):
     _check_under(corner_devs, model, spec, consts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,model,why", CORNER_GAP_CASES, ids=lambda x: x[1].describe() if isinstance(x, tuple) else None)
 def test_estimate_corner_gaps(corner_devs, case, model, why):
     """Documented gaps under a corner (strict xfail: the test fails once the estimate holds)."""
