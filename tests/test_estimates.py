@@ -143,9 +143,7 @@ SWEEP_SLOW = [
     ("reduce", *reduction("reduce_min", (64, 1000), (1,), "int32")), ("reduce", *reduction("argmin", (256, 64), (0,), "int32")),
     ("softmax", *softmax(16, 1000)),
     ("attention", *attention(1, 64, 64, 64)), ("attention", *attention(1, 128, 128, 64, "int8")),
-    pytest.param("attention", *attention(4, 16, 16, 16, causal=True), marks=pytest.mark.xfail(
-        strict=True, reason="known gap: a tiny attention is dominated by its Q / K pack launches, "
-                            "chains of round trips the estimate does not model (ratio 0.70)")),
+    ("attention", *attention(4, 16, 16, 16, causal=True)),          # pack launches dominate
     ("softmax", *softmax(3, 4000)),
     ("gemm", *tmu_variant(matmul(256, 256, 256))), ("gemm", *tmu_variant(matmul(33, 70, 45, "int8"))),
     ("gemm", *tmu_variant(matmul(16, 32, 64, batch=8))),
@@ -197,6 +195,76 @@ def test_estimate_within_tolerance(emu, kind, spec, consts):
 @pytest.mark.parametrize("kind,spec,consts", SWEEP_SLOW, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
 def test_estimate_within_tolerance_big_sweep(emu, kind, spec, consts):
     _check(emu, spec, consts)
+
+
+# ---- the same under the model's corners and its structural alternative ------------------------
+#: (kind, spec, constant shapes): small shapes per kind (slow: about a minute), each checked under
+#: the fast and slow corners (every unpinned parameter at one end of its range, cycle_model.RANGES) and the
+#: structural alternative (cycle_model.ALTERNATIVES): estimate and emulator both under that model
+CORNER_SWEEP = [
+    ("gemm", *matmul(33, 70, 45)), ("conv", *conv2d(1, 8, 16, 16, 16, 3, 1)),
+    ("pool", *pool("max_pool2d", (1, 16, 32, 32), 2, 2, 0)),
+    ("pool", *pool("max_pool2d", (1, 32, 64, 64), 3, 2, 1, "int32")), ("pool", *global_avg((1, 32, 16, 16))),
+    ("reduce", *reduction("reduce_max", (65536,), None)), ("reduce", *reduction("argmax", (100, 300), (1,))),
+    ("reduce", *reduction("reduce_min", (64, 1000), (1,), "int32")),
+    ("softmax", *softmax(3, 4000)), ("attention", *attention(2, 32, 128, 32)),
+]
+
+#: known gaps: (sweep entry, model) -> the measured estimate / emulated ratio and the mechanism
+#: the estimate lacks (strict xfail: a fix makes the test fail until the entry is removed)
+CORNER_GAP_CASES = [
+    (("reduce", *reduction("reduce_max", (32, 17, 40), (0,))), "alternative",
+     "0.64: the lanes stage's 16-word lookups queue on the slice TMU (1.6 cycles per word) behind "
+     "the other QPUs of the slice; the estimate has the slice's total, not the busiest slice's "
+     "uneven share plus the per-vector pipeline restarts"),
+    (("softmax", *softmax(64, 128)), "alternative",
+     "0.56: each resident row's 8-lookup burst waits behind the bursts of the slice's other "
+     "QPUs (in step) on the word-bound slice TMU; the estimate waits one round trip"),
+    (("softmax", *softmax(16, 1000)), "alternative", "0.56: as softmax 64 x 128, per streamed chunk"),
+    (("attention", *attention(4, 16, 16, 16, causal=True)), "alternative",
+     "0.64 (fast 0.91, slow 0.84): not analysed per launch yet"),
+]
+
+
+def _corner_models():
+    fast, slow = DEFAULT.corners()
+    return {"fast": fast, "slow": slow, "alternative": DEFAULT.alternatives()[0]}
+
+
+@pytest.fixture(scope="module")
+def corner_devs():
+    from tvm_qpu.runtime.device import open_device
+    devs = {k: open_device("emulator", timing=m) for k, m in _corner_models().items()}
+    yield devs
+    for d in devs.values():
+        d.close()
+
+
+def _check_under(devs, name, spec, consts):
+    m = _corner_models()[name]
+    got = emulated_seconds(devs[name], spec, consts)
+    est = registry.entry(spec.kind).estimate(spec, m)
+    assert abs(est / got - 1) <= TOLERANCE, \
+        f"{spec.describe()} under {name}: estimate {est * 1e6:.1f} us vs emulated {got * 1e6:.1f} us (ratio {est / got:.2f})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["fast", "slow", "alternative"])
+@pytest.mark.parametrize("kind,spec,consts", CORNER_SWEEP, ids=lambda x: x.describe() if isinstance(x, OpSpec) else None)
+def test_estimate_within_tolerance_under_corners(corner_devs, model, kind, spec, consts):
+    _check_under(corner_devs, model, spec, consts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,model,why", CORNER_GAP_CASES, ids=lambda x: x[1].describe() if isinstance(x, tuple) else None)
+def test_estimate_corner_gaps(corner_devs, case, model, why):
+    """Documented gaps under a corner (strict xfail: the test fails once the estimate holds)."""
+    _, spec, consts = case
+    try:
+        _check_under(corner_devs, model, spec, consts)
+    except AssertionError:
+        pytest.xfail(why)
+    pytest.fail(f"{spec.describe()} under {model} now holds: remove it from CORNER_GAP_CASES")
 
 
 def test_every_kernel_kind_is_swept():

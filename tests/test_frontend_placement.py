@@ -145,3 +145,21 @@ def test_a_long_matmul_splits_and_is_offloaded():
     assert sum(L.name.startswith("gemm_rows") for L in plan.launches) >= 2
     d = PL.decide(big, "all", registry=registry)
     assert d.on_qpu, d.reason
+
+
+def test_a_long_pooling_splits_and_is_offloaded():
+    """A window pooling modelled beyond one dispatch's budget splits into launches over runs of
+    output vectors (pool.split_launches), each within it, so placement=all offloads it."""
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
+    shape = (1, 64, 1024, 1024)                            # 256 MiB of float32, 3x3 stride 1: ~0.29 s
+    big = OpSpec("max_pool2d", [(shape, "float32")], (shape, "float32"),
+                 {"pool_size": (3, 3), "strides": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1),
+                  "ceil_mode": False, "count_include_pad": False, "layout": "NCHW"})
+    assert "max_pool2d" in PL.SPLIT_KINDS
+    est = registry.estimate(big)
+    assert est > DISPATCH_BUDGET_SECONDS
+    assert registry.supports(big)[0]
+    assert PL.longest_dispatch_seconds(big, est) <= DISPATCH_BUDGET_SECONDS < est
+    assert len(registry.generate(big, {}).launches) >= 2
+    assert PL.decide(big, "all", registry=registry).on_qpu

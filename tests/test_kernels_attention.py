@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from tvm_qpu.codegen.kernels.attention import (AttnShape, plan_attention, reference, supports,
-                                               choose_tiling)
+                                               choose_tiling, choose_path, spec_shape)
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
 
@@ -94,10 +94,51 @@ def test_supports_reasons():
     long = OpSpec("attention", [((1, 4, 8), f), ((1, 1024, 8), f), ((1, 1024, 8), f)], ((1, 4, 8), f), {})
     assert supports(long)[0]                              # flash tiling
     huge = OpSpec("attention", [((1, 4, 8), f), ((1, 64, 8), f), ((1, 64, 4096), f)], ((1, 4, 4096), f), {})
-    r = supports(huge)
-    assert not r[0] and "register file" in r[1]
+    assert supports(huge)[0] and choose_path(spec_shape(huge)) == "unfused"    # no tile fits: unfused
+    i8 = "int8"
+    huge_int = OpSpec("attention", [((1, 4, 8), i8), ((1, 64, 8), i8), ((1, 64, 4096), i8)], ((1, 4, 4096), f), {})
+    r = supports(huge_int)
+    assert not r[0] and "register file" in r[1] and "no unfused plan" in r[1]
     bad = OpSpec("attention", [((1, 4, 8), f), ((1, 6, 9), f), ((1, 6, 8), f)], ((1, 4, 8), f), {})
     assert not supports(bad)[0]
+
+
+# ---- unfused path: transpose K, GEMM, softmax, GEMM ----------------------------------------------
+@pytest.mark.parametrize("s", [
+    AttnShape(1, 128, 128, 128, 128, scale=1 / math.sqrt(128)),           # chosen by estimate
+    AttnShape(2, 20, 37, 12, 9, scale=0.3, causal=True),                 # causal: a constant mask
+    AttnShape(1, 33, 50, 16, 24, scale=0.3, mask=True),
+    AttnShape(1, 4, 64, 8, 4096, scale=0.5),                             # no fused tile fits
+    AttnShape(2, 20, 37, 16, 9, "int8", "int16", scale=1e-3, v_scale=0.5, causal=True),   # fp32 copies
+    AttnShape(1, 33, 50, 32, 24, "int8", "int8", scale=1e-3, mask=True),
+], ids=["d128", "causal_b2", "mask", "dv4096", "int8_int16v_causal", "int8_mask"])
+def test_unfused_path(dev, s):
+    q, k, v, mask = make(s, np.random.default_rng(4))
+    plan = plan_attention(s, path="unfused")
+    names = [L.name for L in plan.launches]
+    assert plan.attrs["path"] == "unfused" and "attn_transpose_k" in names and names.count("softmax") == 1
+    assert ("attn_float_q" in names) == s.is_int and ("attn_pack_v" in names) == (s.v_dtype != "float32")
+    assert len(plan.attrs["launch_seconds"]) == len(plan.launches)
+    kw = {} if mask is None else {"mask": mask}
+    out, _ = run_plan(plan, dev, q=q, k=k, v=v, **kw)
+    ref = reference(s, q, k, v, mask)
+    vmax = float(np.abs(v.astype(np.float64)).max()) * (s.v_scale if s.is_int else 1.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * vmax)
+
+
+def test_unfused_choice_and_refusals():
+    assert choose_path(AttnShape(1, 128, 128, 128, 128, scale=0.1)) == "unfused"
+    assert choose_path(AttnShape(1, 128, 128, 128, 128, "int8", "int8", scale=1e-3)) == "unfused"
+    assert choose_path(AttnShape(1, 128, 128, 128, 128, "int16", "int16", scale=1e-3)) == "fused"
+    assert choose_path(AttnShape(2, 20, 37, 12, 9, scale=0.3)) == "fused"
+    for s in (AttnShape(1, 8, 8, 8, 8, "int8", "int8"), AttnShape(1, 8, 8, 6, 8),
+              AttnShape(1, 8, 8, 16, 8, "int16", "int16"), AttnShape(1, 8, 8, 1024, 8, "int8", "int8"),
+              AttnShape(1, 8, 8, 8, 8, mask=True, causal=True)):
+        assert choose_path(s) == "fused"
+        with pytest.raises(ValueError, match="no unfused attention plan"):
+            plan_attention(s, path="unfused")
+    with pytest.raises(ValueError, match="path"):
+        plan_attention(AttnShape(1, 8, 8, 8, 8), path="bogus")
 
 
 # ---- flash (key-blocked) path: T beyond the register file ---------------------------------------
@@ -166,7 +207,7 @@ def test_integer_v_pack_choice(dev):
     """Integer V: converted to float32 * v_scale by a pack launch when the keys are blocked or the
     float footprint is small; converted per lookup in the kernel when K panel + float V would
     fill the L2."""
-    names = lambda s: [l.name for l in plan_attention(s).launches]  # noqa: E731
+    names = lambda s: [l.name for l in plan_attention(s, path="fused").launches]  # noqa: E731
     assert "attn_pack_v" in names(AttnShape(1, 6, 513, 24, 33, "int8", "int8"))
     assert "attn_pack_v" not in names(AttnShape(1, 128, 128, 128, 128, "int8", "int8"))
     s = AttnShape(2, 5, 300, 20, 36, "int16", "int16", scale=1e-7, v_scale=0.125)
@@ -214,3 +255,28 @@ def test_matches_tvm_llvm(dev, s):
     ref = tvm_llvm("attention", q, k, v, mask, scale=s.scale, v_scale=s.v_scale, causal=s.causal)
     vmax = float(np.abs(v.astype(np.float64)).max()) * (s.v_scale if s.is_int else 1.0)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * vmax)
+
+
+# ---- launches over the dispatch budget ---------------------------------------------------------
+def test_fused_attention_splits_batches_within_the_budget(dev):
+    """A fused attention modelled over the dispatch budget (the v3d hang check) runs its batch
+    entries in several launches, each modelled within the budget (the plan's launch_seconds; the
+    emulator within the estimate tolerance), with the numpy reference's result. The budget is
+    forced small: the attention launch of two of the three entries."""
+    from tvm_qpu.codegen.kernels import attention as AT
+    from tvm_qpu.runtime.cycle_model import DEFAULT
+    s = AttnShape(3, 48, 64, 32, 32, scale=0.25, mask=True)
+    t = choose_tiling(s)
+    assert choose_path(s) == "fused"
+    whole = plan_attention(s)
+    assert [L.name for L in whole.launches].count("attention") == 1          # default budget
+    budget = AT._attention_launch_cycles(s, AT.kernel_shape(s), t, DEFAULT, 2) / DEFAULT.clock_hz * 1.001
+    plan = plan_attention(s, path="fused", budget_seconds=budget)
+    att = [i for i, L in enumerate(plan.launches) if L.name.startswith("attention")]
+    assert [plan.launches[i].workgroups[2] for i in att] == [2, 1]
+    assert all(plan.attrs["launch_seconds"][i] <= budget for i in att)
+    q, k, v, mask = make(s, np.random.default_rng(8))
+    out, stats = run_plan(plan, dev, q=q, k=k, v=v, mask=mask)
+    assert max(stats[i].seconds for i in att) <= 1.25 * budget
+    ref = reference(s, q, k, v, mask)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * float(np.abs(v).max()))

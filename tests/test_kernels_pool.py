@@ -119,6 +119,42 @@ def test_max_nan_and_inf(dev):
     _check(dev, g, x)
 
 
+#: stride-2 windows the pair kernel takes (vec2 row lookups, the 3-wide ones with a lane rotation):
+#: many workers whose runs start mid-row (the warm-up vector), odd W (column 2 ow + 1 outside),
+#: ceil overhang, padding on every side, several planes
+PAIR = [
+    dict(N=1, C=3, H=9, W=50, kh=3, kw=3, sh=2, sw=2, pt=1, pl=1, pb=1, pr=1),
+    dict(N=2, C=3, H=8, W=33, kh=3, kw=3, sh=2, sw=2, pt=1, pl=1, pb=0, pr=1, ceil_mode=True),
+    dict(N=1, C=4, H=11, W=29, kh=2, kw=3, sh=1, sw=2, pt=0, pl=1, pb=1, pr=0),
+    dict(N=1, C=5, H=10, W=37, kh=2, kw=2, sh=2, sw=2, ceil_mode=True),
+    dict(N=1, C=2, H=7, W=64, kh=3, kw=2, sh=3, sw=2, pt=1, pb=1),
+]
+
+
+@pytest.mark.parametrize("geo", PAIR)
+@pytest.mark.parametrize("op,cip", [("max", False), ("avg", False), ("avg", True)])
+@pytest.mark.parametrize("dtype", ("float32", "int32"))
+def test_pair_kernel(dev, geo, op, cip, dtype):
+    g = PL.Pool2D(**geo, op=op, count_include_pad=cip, dtype=dtype)
+    assert PL.pair_mode(g) and PL.kernel_for(g) is PL.pair_kernel
+    _check(dev, g, _data(np.random.default_rng(11), (g.N, g.C, g.H, g.W), dtype, specials=dtype == "float32"))
+
+
+def test_pair_kernel_nan_in_rotated_column(dev):
+    """NaN / inf in the odd columns that reach their window through the lane rotation (also at
+    a vector's lane 0, whose value comes from the previous vector's lane 15)."""
+    g = PL.Pool2D(1, 2, 6, 80, 3, 3, 2, 2, 1, 1, 1, 1, op="max", dtype="float32")
+    x = np.random.default_rng(5).standard_normal((1, 2, 6, 80)).astype(np.float32)
+    x[0, 0, 1, 31] = np.nan                                # output (0, 0, 16): flat 16, lane 0
+    x[0, 1, 0, 15] = np.nan                                # output (1, 0, 8): flat 128, lane 0
+    x[0, 1, 3, 41] = np.nan                                # output (1, 1, 21): rotated, lane 5
+    x[0, 1, 1, 9] = np.inf
+    out, _ = run_plan(PL.plan_pool(g), dev, data=x)
+    assert np.isnan(out[0, 0, 0, 16]) and np.isnan(out[0, 1, 0, 8]) and np.isnan(out[0, 1, 1, 21])
+    assert out[0, 1, 1, 5] == np.inf and not np.isnan(out[0, 0, 0, [14, 17]]).any()
+    _check(dev, g, x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 7, 5), (1, 17, 3, 3), (1, 2, 40, 41)])
 def test_global_avg(dev, dtype, shape):
@@ -295,3 +331,29 @@ def test_int8_overflow_is_a_documented_difference(dev):
     out, _ = run_plan(PL.plan_pool(g), dev, data=x)
     assert out.ravel().tolist() == [127]
     assert narrow(tvm_llvm("avg_pool2d", x, pool_size=(2, 2), strides=(2, 2)), "int8").ravel().tolist() == [-1]
+
+
+# ---- launches over the dispatch budget ---------------------------------------------------------
+@pytest.mark.parametrize("geo,op,dtype", [
+    (dict(N=1, C=32, H=64, W=64, kh=3, kw=3, sh=2, sw=2, pt=1, pl=1, pb=1, pr=1), "max", "float32"),  # pair
+    (dict(N=2, C=8, H=33, W=35, kh=3, kw=2, sh=1, sw=1, pt=1, pb=1, pr=1), "avg", "int32"),           # gather
+])
+def test_long_pool_splits_into_launches_within_the_budget(dev, geo, op, dtype):
+    """A pooling modelled over the dispatch budget (the v3d hang check) becomes several launches
+    over runs of output vectors, each modelled within the budget (the plan's launch_seconds, and
+    the emulator within the estimate tolerance), with the numpy reference's result. The budget
+    is forced small: a third of the whole launch."""
+    from tvm_qpu.runtime.cycle_model import DEFAULT
+    g = PL.Pool2D(**geo, op=op, dtype=dtype)
+    whole = max(PL.launch_cycles(g, DEFAULT)) / DEFAULT.clock_hz
+    assert PL.plan_pool(g).attrs["launch_seconds"] == [pytest.approx(whole)]
+    assert len(PL.plan_pool(g).launches) == 1                      # the default budget: one launch
+    budget = whole / 3
+    plan = PL.plan_pool(g, budget_seconds=budget)
+    assert len(plan.launches) >= 3 and len(plan.attrs["launch_seconds"]) == len(plan.launches)
+    assert max(plan.attrs["launch_seconds"]) <= budget
+    x = _data(np.random.default_rng(2), (g.N, g.C, g.H, g.W), dtype, specials=dtype == "float32")
+    out, stats = run_plan(plan, dev, data=x)
+    assert len(stats) == len(plan.launches)
+    assert max(s.seconds for s in stats) <= 1.25 * budget
+    np.testing.assert_array_equal(out, PL.reference(g, x))     # max and integer avg: exact

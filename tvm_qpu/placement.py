@@ -187,7 +187,10 @@ def qpu_seconds(spec, constants=(), registry=None) -> float:
 
 #: kinds whose plans split long work into launches each within the dispatch budget, and the
 #: function that models their longest launch (seconds; spec -> float)
-SPLIT_KINDS = {"matmul": "tvm_qpu.codegen.kernels.gemm:longest_dispatch_seconds"}
+SPLIT_KINDS = {"matmul": "tvm_qpu.codegen.kernels.gemm:longest_dispatch_seconds",
+               "max_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
+               "avg_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
+               "attention": "tvm_qpu.codegen.kernels.attention:longest_dispatch_seconds"}
 
 
 def longest_dispatch_seconds(spec, qpu_total: float) -> float:

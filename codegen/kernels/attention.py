@@ -48,6 +48,19 @@ sum l, ``alpha = exp2(m_old - m_new)`` rescales l and the output accumulators), 
 block's contribution; the last block is emitted separately for its exact key count. Nothing goes
 through memory but the inputs and the output. (R, KB) minimise :func:`block_cost`.
 
+Unfused plan (:func:`plan_unfused`; fp32 Q / K with D a multiple of 4, or int8 Q / K with D a
+multiple of 16 whose scores are exact in fp32; :func:`unfused_refusal`): K^T by a transpose
+launch (:func:`ktrans_kernel`: vec4 row reads, one-line stores; int8 bytes sign-extended and
+converted), scores = Q K^T and out = P V as gemm.plan_gemm fp32 GEMMs, P = softmax(scores *
+scale (+ mask)) by the softmax kernel (a causal flag becomes a constant -inf mask); integer Q
+and V get fp32 copies first (V * v_scale). :func:`choose_path` takes it where its estimate under the default
+TimingModel is lower: a fused tile of R query rows re-reads all of K and V (through the shared
+L2 port, one line per 64 bytes) for every R rows, and the register file bounds R (R = 2 at
+T = Dv = 128), while the GEMMs reuse each operand line across a whole tile of rows and columns;
+at 1 x 128 x 128 x 128 the unfused plan is modelled 0.37 ms (fp32) / 0.38 ms (int8) against
+0.68 / 0.69 ms fused; int16 stays fused (its scores are not exact in fp32). Small
+shapes stay fused (fewer launches, no intermediates). It also takes shapes no fused tile fits.
+
 Packing: two-row Q panels through :func:`qpack2_kernel` (whole 64-byte lines: the two rows
 interleaved by shuffles), other Q panels through :func:`tpack_kernel` (lanes along d: 16
 elements per lookup and one scattered store); K through the GEMM pack (16-row tiles, whose
@@ -57,6 +70,7 @@ converts 8 / 16-bit V lookups itself.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -67,6 +81,7 @@ from ..asm import L, b, mov, nop, sub, add, shl, shr, umul24, eidx, tmuwt, threa
 from ..instr import MAGIC, RF, Register, is_imm
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import gemm as G
+from . import reduce as RD
 from . import softmax as SM
 from .common import TMU_FIFO_WORDS
 
@@ -290,15 +305,19 @@ def q_streams(s: AttnShape, t: AttnTiling) -> int:
     return t.R
 
 
-def _uniforms(s: AttnShape, t: AttnTiling, names):
+def _uniforms(s: AttnShape, t: AttnTiling, names, z0: int = 0):
+    """The attention launch's uniforms; ``z0``: the launch's first batch entry (a launch over
+    batch entries [z0, z0 + nz) sees them as its z = 0 .. nz - 1: the Q, K panel, V and output
+    bases move by z0 batch strides)."""
     qn, kn, vn, on, mn = names
     es_v = G.ITEMSIZE[s.v_dtype]
     qts = t.Dpad * t.R * 4
     qbs = s.S * s.D * 4 if q_streams(s, t) else t.MT * qts
-    u = [("addr", qn, 0), ("u32", qbs), ("u32", qts),                          # Q panel
-         ("addr", kn, 0), ("u32", s.NB * t.Dpad * 64),                         # K panel
-         ("addr", vn, 0), ("u32", s.T * s.Dv * es_v), ("u32", es_v * s.VW),     # V
-         ("addr", on, 0), ("u32", s.S * s.Dv * 4), ("u32", t.R * s.Dv * 4),
+    kbs, vbs, obs = s.NB * t.Dpad * 64, s.T * s.Dv * es_v, s.S * s.Dv * 4
+    u = [("addr", qn, z0 * qbs), ("u32", qbs), ("u32", qts),                   # Q panel
+         ("addr", kn, z0 * kbs), ("u32", kbs),                                 # K panel
+         ("addr", vn, z0 * vbs), ("u32", vbs), ("u32", es_v * s.VW),           # V
+         ("addr", on, z0 * obs), ("u32", obs), ("u32", t.R * s.Dv * 4),
          ("u32", s.Dv * 4 - 64 * s.NOV), ("u32", t.MT), ("u32", 2 * t.Dpad * 64), ("u32", t.Dpad * 64),
          ("u32", _wrap_block(t.KB if t.flash else s.NB) * t.Dpad * 64 - 64),
          ("u32", t.Dpad // 2), ("u32", s.S - split_rows(s, t)), ("f32", -math.inf),
@@ -1129,6 +1148,39 @@ def tpack_kernel(cols: int, dtype: str, to_float: bool = False):
     thread_end()
 
 
+def tpack_launch_cycles(rows, cols, dtype, batch, lay: PanelLayout, num_qpus, model, to_float=False) -> float:
+    """Modelled cycles of a :func:`tpack_kernel` launch: the busiest QPU's workgroups, each its
+    uniform prologue (one uniform per instruction: the first line a round trip, each further
+    one what the stream's prefetch does not cover), then per row its loop instructions and one
+    round trip per 8 lookups in flight (the rows are new lines: DRAM misses), then its stores'
+    completion; bounded below by the DRAM traffic, the L2 port (a row block's load lines and
+    its scattered store's lines) and the slice TMUs."""
+    from .common import (round_trip, dram_cycles, l2_port_cycles, lookup_lines, slice_tmu_cycles,
+                         loop_lengths, stream_stall_per_line)
+    m = model
+    cpi = m.cycles_per_instruction
+    es = G.ITEMSIZE[dtype]
+    W, rpw = tpack_workers(rows, lay.G, batch, num_qpus)
+    words = G._assemble(tpack_kernel, cols, dtype, to_float, name="tpack")
+    loop = loop_lengths(words)[-1]
+    nu = len(tpack_uniforms(rows, cols, dtype, lay, rpw, "s", "d")) + int(to_float)
+    ncb = -(-cols // 16)
+    miss = round_trip(m, True)
+    ulines = -(-nu * 4 // m.line_bytes)
+    prologue = miss + (ulines - 1) * stream_stall_per_line(m, m.line_bytes / 4 * cpi, True) \
+        + (len(words) - loop) * cpi
+    per_qpu = -(-W * batch // max(1, min(m.num_qpus, num_qpus)))
+    worker = per_qpu * (prologue + min(rpw, rows) * (loop * cpi + -(-ncb // 8) * miss) + m.store_latency)
+    blocks = batch * rows * ncb
+    # a scattered store's 16 lanes (columns c) land at (c >> sh) hi + (c & (2**sh - 1)) lo
+    span = (15 >> lay.sh) * lay.hi + ((1 << lay.sh) - 1) * lay.lo + 4
+    store_lines = min(16.0, lookup_lines(m, span))
+    l2 = l2_port_cycles(m, blocks * (lookup_lines(m, 16 * es) + store_lines))
+    tmu = slice_tmu_cycles(m, blocks, lookup_lines(m, 16 * es), 16, min(W * batch, m.num_qpus))
+    dram = dram_cycles(m, batch * rows * cols * (es + 4))
+    return max(worker, max(dram, l2, tmu) + miss)
+
+
 def _tpack_launch(rows, cols, dtype, batch, lay, src, dst, name, num_qpus, fscale=None):
     W, rpw = tpack_workers(rows, lay.G, batch, num_qpus)
     u = tpack_uniforms(rows, cols, dtype, lay, rpw, src, dst)
@@ -1310,8 +1362,25 @@ def check_limits(s: AttnShape):
         raise ValueError("B > 65535")
 
 
-def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
-    """Fused plan (pack Q, pack K, attention), or the 3-launch fallback when no tile fits."""
+def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask"), path: str | None = None,
+                   budget_seconds: float | None = None) -> KernelPlan:
+    """The fused plan (pack Q, pack K, attention) or the unfused one (:func:`plan_unfused`):
+    ``path`` "fused" / "unfused", or (None) the one of lower estimate (:func:`choose_path`)."""
+    check_limits(s)
+    path = path or choose_path(s)
+    if path not in PATHS:
+        raise ValueError(f"attention path {path!r}: one of {PATHS}")
+    if path == "unfused":
+        why = unfused_refusal(s)
+        if why:
+            raise ValueError(f"no unfused attention plan: {why}")
+        return plan_unfused(s, names)
+    return plan_fused(s, names, budget_seconds)
+
+
+def plan_fused(s: AttnShape, names=("q", "k", "v", "out", "mask"), budget_seconds: float | None = None) -> KernelPlan:
+    """Fused plan (pack Q, pack K, attention launches over runs of batch entries,
+    :func:`batch_split`), or the 3-launch fallback when no tile fits."""
     check_limits(s)
     s0, s = s, kernel_shape(s)
     t = choose_tiling(s)
@@ -1354,11 +1423,316 @@ def plan_attention(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> Kernel
     if vp != vn:
         launches.append(_tpack_launch(s.T, s.Dv, s0.v_dtype, s.B, v_layout(s.T, s.Dv), vn, vp,
                                       "attn_pack_v", s.num_qpus, fscale=s0.v_scale))
-    launches.append(Launch(G._assemble(attention_kernel, s, t, name="attention"),
-                           _uniforms(s, t, (qp, kp, vp, on, mn)), (t.W, 1, s.B), 16, s.num_qpus, 1,
-                           "attention"))
-    return KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s0, t), flops=flops(s0),
+    words = attention_words(s, t)
+    nz = batch_split(s0, budget_seconds=budget_seconds)
+    for z0 in range(0, s.B, nz):
+        launches.append(Launch(words, _uniforms(s, t, (qp, kp, vp, on, mn), z0), (t.W, 1, min(nz, s.B - z0)),
+                               16, s.num_qpus, 1, "attention" if nz >= s.B else f"attention_z{z0}"))
+    plan = KernelPlan("attention", bufs, launches, {}, attrs=_attrs(s0, t), flops=flops(s0),
                       bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v0 + s.S * s.Dv * 4))
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    plan.attrs["launch_seconds"] = [seconds(m, c) for c in fused_launch_cycles(s0, m, plan)]
+    return plan
+
+
+@functools.lru_cache(maxsize=64)
+def attention_words(s: AttnShape, t: AttnTiling) -> np.ndarray:
+    """The fused kernel's machine words for (kernel shape, tiling): assembled once (the plan,
+    its batch split and the estimates all read them)."""
+    words = G._assemble(attention_kernel, s, t, name="attention")
+    words.setflags(write=False)
+    return words
+
+
+@functools.lru_cache(maxsize=64)
+def _attention_loops(s: AttnShape, t: AttnTiling) -> tuple:
+    from .common import loop_lengths
+    return tuple(loop_lengths(attention_words(s, t)))
+
+
+def batch_split(s0: AttnShape, model=None, budget_seconds: float | None = None) -> int:
+    """Batch entries per attention launch: all of them, or (the launch modelled over the
+    dispatch budget, default the v3d hang check's, :func:`gemm.dispatch_budget_seconds`) the
+    most whose launch fits; the persistent launch keeps every batch resident, so the hang check
+    bounds each launch. One entry per launch when even that does not fit (the budget check then
+    refuses the plan: a single entry's query tiles are not split)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    budget = G.dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    s = kernel_shape(s0)
+    t = choose_tiling(s)
+
+    def launch(nz):
+        return seconds(m, _attention_launch_cycles(s0, s, t, m, nz))
+    if launch(s.B) <= budget:
+        return s.B
+    n = max(2, math.ceil(launch(s.B) / budget))
+    while n < s.B and launch(-(-s.B // n)) > budget:
+        n += 1
+    return max(1, -(-s.B // n))
+
+
+# ------------------------------------------------------------------------------------------------
+# Unfused plan: K^T by a transpose launch, then GEMM (Q K^T), softmax (scale, mask), GEMM (P V)
+# ------------------------------------------------------------------------------------------------
+PATHS = ("fused", "unfused")
+#: most d per transpose workgroup (its loop is unrolled: 14 instructions per 4 d)
+KT_MAX_CHUNK = 64
+
+
+def unfused_refusal(s: AttnShape) -> str:
+    """Why the unfused plan cannot take ``s`` ("" when it can): the softmax kernel and the GEMMs
+    run in fp32, so Q / K must be fp32, or int8 with every partial sum of Q K^T exact in fp32
+    (D * 128 * 128 < 2**24; int16 products are not); V fp32, int8 or int16 (made fp32 V *
+    v_scale by a pack); D a multiple of the transpose's lookup (4 fp32 / 16 int8 d per lane);
+    and a mask and a causal flag not both (the causal mask is a constant of the plan, the user
+    mask an input)."""
+    if s.dtype not in ("float32", "int8"):
+        return "fp32 or int8 q, k only (int16 scores are not exact in fp32)"
+    if s.dtype == "float32" and s.v_dtype != "float32":
+        return "fp32 attention needs fp32 v"
+    if s.dtype == "int8" and s.D * 128 * 128 >= 1 << 24:
+        return "int8 scores beyond fp32's exact integers"
+    if s.D % kt_step(s):
+        return f"D must be a multiple of {kt_step(s)}"
+    if s.mask and s.causal:
+        return "a mask input together with causal"
+    if s.B * s.T * s.D * 4 >= G.UMUL24_LIMIT:
+        return "k beyond the transpose's 24-bit address arithmetic"
+    return ""
+
+
+def kt_step(s: AttnShape) -> int:
+    """d per transpose lookup: a vec4 lookup per lane reads 4 fp32 or 16 int8 d of its key row."""
+    return 16 if s.dtype == "int8" else 4
+
+
+def kt_split(s: AttnShape):
+    """(d per workgroup, workgroups along d) of the transpose: chunks of equal size dividing D
+    (every stored row of K^T is a row < D), at most KT_MAX_CHUNK d, and enough workgroups for
+    the QPUs where D allows."""
+    nbt = -(-s.T // 16)
+    st = kt_step(s)
+    q = s.D // st
+    divs = [n for n in range(1, q + 1) if q % n == 0 and st * (q // n) <= KT_MAX_CHUNK]
+    divs = divs or [q]
+    enough = [n for n in divs if nbt * n * s.B >= s.num_qpus]
+    n = enough[0] if enough else divs[-1]
+    return s.D // n, n
+
+
+def ktrans_kernel(kb: "RD.Builder", T: int, D: int, dchunk: int, src: str, dst: str, dtype: str = "float32"):
+    """Workgroup (tb, dc, z) writes K^T[z][d][t] = K[z][t][d] (float32) for keys t of block tb
+    (16 t, one per lane) and d in chunk dc: per 4 words of the key row one vec4 lookup per lane
+    (4 fp32 d, or 16 int8 d: each byte sign-extended by a shift pair and converted by ``itof``),
+    then one store of 16 consecutive t (one 64-byte line) per d. Lanes with t >= T neither load
+    nor store."""
+    es = G.ITEMSIZE[dtype]
+    per_word = 4 // es
+    lane, t, z, a, d, x = kb.reg(6)
+    v = kb.reg(4)
+    eidx(lane)
+    mov(t, RF[3].unpack("ul"))
+    mov(z, RF[2].unpack("ul"))
+    shl(t, t, 4)
+    add(t, t, lane)                                        # key row of the lane
+    umul24(a, z, kb.u32(T * D * es))
+    umul24(x, t, kb.u32(D * es))
+    add(a, a, x)
+    umul24(d, z, kb.u32(D * T * 4))
+    shl(x, t, 2)
+    add(d, d, x)
+    mov(x, RF[3].unpack("uh"))                             # dc
+    umul24(lane, x, kb.u32(dchunk * es))
+    umul24(x, x, kb.u32(dchunk * T * 4))
+    add(a, a, lane)
+    add(d, d, x)
+    add(a, a, kb.addr(src))
+    add(d, d, kb.addr(dst))
+    cfg, step, row = kb.u32(RD.VEC4_CFG), kb.u32(16), kb.u32(T * 4)
+    sub(null, t, kb.u32(T), cond="pushn")                  # A = t < T
+    steps = dchunk // (4 * per_word)
+    ahead = min(steps, TMU_FIFO_WORDS // 4)
+
+    def issue():
+        mov(tmuc, cfg)
+        add(a, a, step).mov(tmua, a, cond="ifa")
+
+    def store(val):
+        mov(tmud, val)
+        add(d, d, row).mov(tmua, d, cond="ifa")
+
+    for _ in range(ahead):
+        issue()
+    for k in range(steps):
+        for j in range(4):
+            nop(sig=S_["ldtmu"](v[j]))
+        if k + ahead < steps:
+            issue()
+        for j in range(4):
+            if per_word == 1:
+                store(v[j])
+                continue
+            for byte in range(per_word):                   # little-endian: byte 0 = lowest d
+                sh = 32 - 8 * (byte + 1)
+                if sh:
+                    shl(x, v[j], kb.u32(sh))
+                    A.DSL["asr"](x, x, kb.u32(24))
+                else:
+                    A.DSL["asr"](x, v[j], kb.u32(24))
+                F["itof"](x, x)
+                store(x)
+    tmuwt()
+    thread_end()
+
+
+def _kt_launch(s: AttnShape, src: str, dst: str) -> Launch:
+    dchunk, ndc = kt_split(s)
+    kb = RD.Builder("attn_transpose_k")
+    words, unif = kb.build(ktrans_kernel, s.T, s.D, dchunk, src, dst, s.dtype)
+    return Launch(words, unif, (-(-s.T // 16), ndc, s.B), 16, s.num_qpus, 1, "attn_transpose_k")
+
+
+def kt_launch_cycles(s: AttnShape, model=None) -> float:
+    """Modelled cycles of the transpose: per 16 keys x 4 d one vec4 lookup (its lanes in 16 key
+    rows: one line each) and four one-line stores, over the shared L2 port, the slice TMUs and
+    DRAM (K read, K^T written); a workgroup waits a round trip per lookup beyond the two in
+    flight, its instructions from the program."""
+    from .common import (timing_model, round_trip, dram_cycles, l2_port_cycles, slice_tmu_cycles,
+                         build_program)
+    m = timing_model(model)
+    dchunk, ndc = kt_split(s)
+    nbt = -(-s.T // 16)
+    st = kt_step(s)
+    lookups = s.B * nbt * (s.D // st)
+    rows = min(16, s.T)
+    l2 = l2_port_cycles(m, lookups * (rows + st))
+    tmu = slice_tmu_cycles(m, lookups, rows, 64, min(m.num_qpus, nbt * ndc * s.B))
+    dram = dram_cycles(m, s.B * s.T * s.D * (G.ITEMSIZE[s.dtype] + 4))
+    kb = RD.Builder("attn_transpose_k")
+    n_instr = len(kb.build(ktrans_kernel, s.T, s.D, dchunk, "k", "kt", s.dtype)[0])
+    groups = nbt * ndc * s.B
+    per_qpu = -(-groups // max(1, min(m.num_qpus, s.num_qpus)))
+    steps = dchunk // st
+    busiest = per_qpu * (n_instr * m.cycles_per_instruction
+                         + steps * round_trip(m, True) / min(steps, TMU_FIFO_WORDS // 4))
+    return max(busiest, l2, tmu, dram) + round_trip(m, True)
+
+
+def _unfused_specs(s: AttnShape):
+    """The (GEMM, softmax, GEMM) OpSpecs of the unfused plan (for their estimates)."""
+    from ..registry import OpSpec
+    f = "float32"
+    qk = OpSpec("matmul", [((s.B, s.S, s.D), f), ((s.B, s.D, s.T), f)], ((s.B, s.S, s.T), f), {})
+    sm = OpSpec("softmax", [((s.B, s.S, s.T), f)], ((s.B, s.S, s.T), f), {"axis": -1})
+    pv = OpSpec("matmul", [((s.B, s.S, s.T), f), ((s.B, s.T, s.Dv), f)], ((s.B, s.S, s.Dv), f), {})
+    return qk, sm, pv
+
+
+def _float_packs(s: AttnShape, names):
+    """The fp32 copies the unfused plan makes of integer operands: [(src, dst, rows, cols,
+    dtype, scale, launch name)] -- Q (int8 -> fp32) and V (-> fp32 V * v_scale), row-major."""
+    qn, _, vn, _, _ = names
+    out = []
+    if s.dtype != "float32":
+        out.append((qn, qn + "_f", s.S, s.D, s.dtype, 1.0, "attn_float_q"))
+    if s.v_dtype != "float32":
+        out.append((vn, vn + "_f", s.T, s.Dv, s.v_dtype, s.v_scale, "attn_pack_v"))
+    return out
+
+
+def plan_unfused(s: AttnShape, names=("q", "k", "v", "out", "mask")) -> KernelPlan:
+    """K^T = transpose(K) (:func:`ktrans_kernel`), scores = Q @ K^T (GEMM), P = softmax(scores *
+    scale (+ mask, or the causal mask as a constant)) (softmax kernel), out = P @ V (GEMM). Every
+    intermediate is a scratch buffer; the GEMMs are gemm.plan_gemm's (their packs included), so
+    their variants and dispatch splits are the GEMM's own. Same semantics as the fused kernel
+    (module docstring): the scale and mask are applied in fp32 before the row max. Integer
+    operands run in fp32: int8 Q and K are converted exactly (the transpose converts K; every
+    partial sum of Q K^T is an integer below 2**24, so the fp32 GEMM gives s_int exactly) and V
+    becomes fp32 V * v_scale (as the fused path's V pack)."""
+    from . import softmax as SMX
+    from .common import timing_model, seconds
+    qn, kn, vn, on, mn = names
+    ktn, scn, pn = kn + "_t", on + "_scores", on + "_probs"
+    packs = _float_packs(s, names)
+    conv = {src: dst for src, dst, *_ in packs}
+    qg, vg = conv.get(qn, qn), conv.get(vn, vn)
+    qk, _, pv = _unfused_specs(s)
+    g1 = G.plan_gemm(G.shape_from_spec(qk), names=(qg, ktn, scn, "bias"))
+    g2 = G.plan_gemm(G.shape_from_spec(pv), names=(pn, vg, on, "bias"))
+    causal = s.causal and not s.mask
+    ss = SMX.SoftmaxShape(s.B * s.S, s.T, s.scale, s.S if (s.mask or causal) else 0, s.num_qpus)
+    mask_name = mn if s.mask else on + "_causal"
+    sm_launch = SMX.softmax_launch(ss, scn, pn, mask_name)
+    kt = _kt_launch(s, kn, ktn)
+    es, es_v = G.ITEMSIZE[s.dtype], G.ITEMSIZE[s.v_dtype]
+    roles = {qn: "input", kn: "input", vn: "input", on: "output", mn: "input", ktn: "scratch",
+             scn: "scratch", pn: "scratch"}
+    shapes = {qn: ((s.B, s.S, s.D), s.dtype), kn: ((s.B, s.T, s.D), s.dtype),
+              vn: ((s.B, s.T, s.Dv), s.v_dtype), on: ((s.B, s.S, s.Dv), "float32"),
+              ktn: ((s.B * s.D * s.T,), "float32"), scn: ((s.B * s.S * s.T,), "float32"),
+              pn: ((s.B * s.S * s.T,), "float32")}
+    nbytes = {qn: s.B * s.S * s.D * es + 64, kn: s.B * s.T * s.D * es + 64,
+              vn: s.B * s.T * s.Dv * es_v + 64, scn: SMX.in_nbytes(ss)}
+    for src, dst, rows, cols, *_ in packs:
+        roles[dst], shapes[dst] = "scratch", ((s.B * rows * cols,), "float32")
+    consts = {}
+    if s.mask or causal:
+        shapes[mask_name] = ((s.S, s.T), "float32")
+        nbytes[mask_name] = s.S * s.T * 4 + 64
+        roles[mask_name] = "input" if s.mask else "weight"
+        if causal:
+            consts[mask_name] = np.where(np.triu(np.ones((s.S, s.T), bool), 1), -np.inf, 0.0).astype(np.float32)
+    extra = {}                                       # GEMM-only buffers (the A panels)
+    for b in g1.buffers + g2.buffers:
+        if b.name in roles:
+            nbytes[b.name] = max(nbytes.get(b.name, 0), b.nbytes)
+        elif b.name != "bias":
+            extra[b.name] = b
+    order = [qn, kn, vn] + ([mask_name] if (s.mask or causal) else []) + [on, ktn, scn, pn] \
+        + [dst for _, dst, *_ in packs]
+    bufs = [BufferSpec(n, roles[n], shapes[n][0], shapes[n][1], nbytes.get(n, 0)) for n in order]
+    bufs += list(extra.values())
+    m = timing_model(None)
+    conv_launches = [_tpack_launch(rows, cols, dt, s.B, v_layout(rows, cols), src, dst, name, s.num_qpus,
+                                   fscale=sc) for src, dst, rows, cols, dt, sc, name in packs]
+    launches = conv_launches + [kt] + g1.launches + [sm_launch] + g2.launches
+    sm_spec = _unfused_specs(s)[1]
+    launch_seconds = ([seconds(m, c) for c in _float_pack_cycles(s, packs, m)]
+                      + [seconds(m, kt_launch_cycles(s, m))] + list(g1.attrs["launch_seconds"])
+                      + [SMX.estimate(sm_spec, m)] + list(g2.attrs["launch_seconds"]))
+    attrs = dict(s.__dict__, path="unfused", launch_seconds=launch_seconds)
+    return KernelPlan("attention", bufs, launches, consts, attrs=attrs, flops=flops(s),
+                      bytes_moved=s.B * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v + s.S * s.Dv * 4))
+
+
+def _float_pack_cycles(s: AttnShape, packs, m) -> list:
+    return [tpack_launch_cycles(rows, cols, dt, s.B, v_layout(rows, cols), s.num_qpus, m, to_float=True)
+            for _, _, rows, cols, dt, _, _ in packs]
+
+
+def unfused_seconds(s: AttnShape, model=None) -> float:
+    """Estimate of the unfused plan: the fp32 conversions, the transpose, and the GEMMs' and the
+    softmax's own estimates."""
+    from . import softmax as SMX
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    qk, sm, pv = _unfused_specs(s)
+    packs = sum(_float_pack_cycles(s, _float_packs(s, ("q", "k", "v", "o", "m")), m))
+    return seconds(m, packs + kt_launch_cycles(s, m)) + G.estimate(qk, m) + SMX.estimate(sm, m) \
+        + G.estimate(pv, m)
+
+
+def choose_path(s: AttnShape) -> str:
+    """"unfused" where it can take ``s`` and its estimate under the default TimingModel is below
+    the fused plan's (the plan must not depend on the model it is later run or estimated under),
+    else "fused"."""
+    if unfused_refusal(s):
+        return "fused"
+    if choose_tiling(s) is None:
+        return "unfused"
+    return "unfused" if unfused_seconds(s) < fused_seconds(s) else "fused"
 
 
 def flops(s: AttnShape) -> int:
@@ -1431,9 +1805,9 @@ def supports(spec):
         check_limits(s)
     except ValueError as e:
         return False, str(e)
-    if choose_tiling(s) is None:
+    if choose_tiling(s) is None and unfused_refusal(s):
         return False, (f"T={s.T}, Dv={s.Dv}: not even one query row with one 16-key block fits "
-                       "the register file")
+                       f"the register file, and no unfused plan ({unfused_refusal(s)})")
     return True, ""
 
 
@@ -1442,67 +1816,109 @@ def generate(spec, constants=None) -> KernelPlan:
 
 
 def estimate(spec, model=None) -> float:
-    """Modelled seconds of the attention plan under ``model`` (default: the emulator's
-    TimingModel), launch by launch:
+    """Modelled seconds of the plan :func:`generate` makes (fused or unfused, :func:`choose_path`)
+    under ``model`` (default: the emulator's TimingModel)."""
+    s = spec_shape(spec)
+    if choose_path(s) == "unfused":
+        return unfused_seconds(s, model)
+    return fused_seconds(s, model)
+
+
+def fused_seconds(s0: AttnShape, model=None) -> float:
+    """Modelled seconds of the fused attention plan under ``model`` (default: the emulator's
+    TimingModel): the sum of :func:`fused_launch_cycles`."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    return seconds(m, sum(fused_launch_cycles(s0, m)))
+
+
+def fused_launch_cycles(s0: AttnShape, model=None, plan=None) -> list:
+    """Modelled cycles of each launch of the fused plan under ``model``:
 
     * K pack: the GEMM pack's cost (:func:`gemm.pack_launch_cycles`);
     * Q / V packs: streaming copies, their DRAM traffic (read + float32 panel written) plus a round
       trip;
-    * the fused kernel: the busiest worker's tiles; a tile's instructions come from the program
-      (the tile loop, plus the QK d-loop body for its remaining ``Dpad / 2 - 1`` trips; flash
-      tiles from the schedule's per-block counts), and each key's V lookups wait what their
-      ``LA``-lookup lead does not cover of a round trip (V lines miss once);
-      bounded below by the DRAM traffic.
+    * the fused kernel (per launch over ``nz`` batch entries): :func:`_attention_launch_cycles`.
     """
-    from .common import (timing_model, loop_lengths, round_trip, dram_cycles, seconds,
-                         miss_fraction, l2_port_cycles, lookup_lines, slice_tmu_cycles)
+    from .common import timing_model, round_trip, dram_cycles
     m = timing_model(model)
-    cpi = m.cycles_per_instruction
-    s0 = spec_shape(spec)
     s = kernel_shape(s0)
     t = choose_tiling(s)
-    plan = plan_attention(s0)
-    if t is None:                                # fallback plan: GEMM, softmax, GEMM launches
-        raise ValueError("no estimate for the unfused attention fallback")
-    cycles = 0.0
+    if t is None:
+        raise ValueError("no fused attention tile fits this shape")
+    plan = plan or plan_fused(s0)
     es = G.ITEMSIZE[s.dtype]
+    out = []
     for L in plan.launches:
         if L.name == "attn_pack_k":
             gk = G.GemmShape(s.T, 1, s.D, s.B, a_dtype=s.dtype, num_qpus=s.num_qpus)
             tk = G.GemmTiling(16, 2, 4, t.Dpad, s.NB, 1, 1, 1)
-            cycles += G.pack_launch_cycles(gk, tk, m)
+            out.append(G.pack_launch_cycles(gk, tk, m))
+        elif L.name == "attn_pack_q" and t.R != 2:
+            out.append(tpack_launch_cycles(s.S, s.D, s.dtype, s.B, q_layout(t.R, t.Dpad, t.MT), s.num_qpus, m))
         elif L.name == "attn_pack_q":
-            cycles += dram_cycles(m, s.B * s.S * s.D * (es + 4)) + round_trip(m, True)
+            out.append(dram_cycles(m, s.B * s.S * s.D * (es + 4)) + round_trip(m, True))
         elif L.name == "attn_pack_v":
-            cycles += dram_cycles(m, s.B * s.T * s.Dv * (G.ITEMSIZE[s0.v_dtype] + 4)) + round_trip(m, True)
-        elif L.name == "attention":
-            loops = loop_lengths(L.words)
-            if t.flash:
-                tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
-                                + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
-            else:
-                tile = loops[-1] + (t.Dpad // 2 - 1) * loops[0]
-            v_bytes = s.B * s.T * s.Dv * G.ITEMSIZE[s.v_dtype]
-            v_miss = miss_fraction(m, v_bytes, s.B * t.MT * s.T * s.NG * 16 * s.VW * 4 / m.line_bytes)
-            LA = min(8, 16 // s.VW, s.T * s.NG)
-            lead = LA / s.NG * s.pv_per_key(t.R) * cpi
-            tile_cycles = tile * cpi + s.T * max(0.0, round_trip(m, v_miss) - lead) + round_trip(m, True)
-            qpus = max(1, min(m.num_qpus, s.num_qpus))
-            rounds = max(-(-s.B * t.MT // qpus), -(-t.MT // t.W))
-            out = s.B * s.S * s.Dv * 4
-            # shared L2 port: per tile, one K-panel line per 16-key block and d, the V lookups
-            # (NG per key, VW elements of V per lane), and the output stores
-            v_span = 16 * s.VW * G.ITEMSIZE[s.v_dtype]
-            tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, v_span) \
-                + t.R * s.NG * lookup_lines(m, 64 * s.VW)
-            # slice TMUs: K-panel lookups (16 words) and V lookups (16 VW words)
-            tmu = slice_tmu_cycles(m, s.B * t.MT * s.NB * t.Dpad, 1, 16, qpus) \
-                + slice_tmu_cycles(m, s.B * t.MT * s.T * s.NG, lookup_lines(m, v_span), 16 * s.VW, qpus)
-            cycles += max(rounds * tile_cycles, dram_cycles(m, plan.bytes_moved + out),
-                          l2_port_cycles(m, s.B * t.MT * tile_lines), tmu)
+            out.append(tpack_launch_cycles(s.T, s.Dv, s0.v_dtype, s.B, v_layout(s.T, s.Dv), s.num_qpus, m,
+                                           to_float=True))
+        elif L.name.startswith("attention"):
+            out.append(_attention_launch_cycles(s0, s, t, m, L.workgroups[2]))
         else:
             raise ValueError(f"attention estimate: unknown launch {L.name!r}")
-    return seconds(m, cycles)
+    return out
+
+
+def _attention_launch_cycles(s0: AttnShape, s: AttnShape, t: AttnTiling, m, nz: int) -> float:
+    """The fused kernel over ``nz`` batch entries: the busiest worker's tiles; a tile's
+    instructions come from the program (the tile loop, plus the QK d-loop body for its remaining
+    ``Dpad / 2 - 1`` trips; flash tiles from the schedule's per-block counts), and each key's V
+    lookups wait what their ``LA``-lookup lead does not cover of a round trip (V lines miss
+    once); bounded below by the DRAM traffic, the shared L2 port and the slice TMUs."""
+    from .common import (round_trip, dram_cycles, miss_fraction, l2_port_cycles, lookup_lines,
+                         slice_tmu_cycles, stream_stall_per_line)
+    cpi = m.cycles_per_instruction
+    loops = _attention_loops(s, t)
+    # a worker's start: its uniform prologue (the first line a round trip, each further one what
+    # the stream's prefetch does not cover) and the code outside the tile loop
+    nu = len(_uniforms(s, t, ("q", "k", "v", "o", "m")))
+    ulines = -(-nu * 4 // m.line_bytes)
+    start = round_trip(m, True) + (ulines - 1) * stream_stall_per_line(m, m.line_bytes / 4 * cpi, True) \
+        + (len(attention_words(s, t)) - loops[-1]) * cpi
+    if t.flash:
+        tile = t.nkb * ((t.Dpad // 2) * (2 * t.KB * (t.R + 1) + 2) + 16 * t.KB * s.pv_per_key(t.R)
+                        + t.R * (8 * t.KB + s.NOV + 40)) + 2 * t.R * s.NOV
+    else:
+        tile = loops[-1] + (t.Dpad // 2 - 1) * loops[0]
+    v_bytes = nz * s.T * s.Dv * G.ITEMSIZE[s.v_dtype]
+    v_miss = miss_fraction(m, v_bytes, nz * t.MT * s.T * s.NG * 16 * s.VW * 4 / m.line_bytes)
+    LA = min(8, 16 // s.VW, s.T * s.NG)
+    lead = LA / s.NG * s.pv_per_key(t.R) * cpi
+    tile_cycles = tile * cpi + s.T * max(0.0, round_trip(m, v_miss) - lead) + round_trip(m, True)
+    qpus = max(1, min(m.num_qpus, s.num_qpus))
+    rounds = max(-(-nz * t.MT // qpus), -(-t.MT // t.W))
+    es, es_v0 = G.ITEMSIZE[s.dtype], G.ITEMSIZE[s0.v_dtype]
+    moved = nz * ((s.S + s.T) * s.D * es + s.T * s.Dv * es_v0 + 2 * s.S * s.Dv * 4)
+    # shared L2 port: per tile, one K-panel line per 16-key block and d, the V lookups
+    # (NG per key, VW elements of V per lane), and the output stores
+    v_span = 16 * s.VW * G.ITEMSIZE[s.v_dtype]
+    tile_lines = s.NB * t.Dpad + s.T * s.NG * lookup_lines(m, v_span) \
+        + t.R * s.NG * lookup_lines(m, 64 * s.VW)
+    # slice TMUs: K-panel lookups (16 words) and V lookups (16 VW words)
+    tmu = slice_tmu_cycles(m, nz * t.MT * s.NB * t.Dpad, 1, 16, qpus) \
+        + slice_tmu_cycles(m, nz * t.MT * s.T * s.NG, lookup_lines(m, v_span), 16 * s.VW, qpus)
+    return max(start + rounds * tile_cycles, dram_cycles(m, moved), l2_port_cycles(m, nz * t.MT * tile_lines), tmu)
+
+
+def longest_dispatch_seconds(spec, model=None) -> float:
+    """Modelled seconds of the longest launch of the plan :func:`generate` makes (placement's
+    dispatch-budget rule): from the plan's ``launch_seconds`` (default TimingModel), or under
+    ``model`` launch by launch for the fused plan."""
+    s = spec_shape(spec)
+    plan = plan_attention(s)
+    if model is None or plan.attrs.get("path") == "unfused":
+        return max(plan.attrs["launch_seconds"])
+    from .common import seconds
+    return seconds(model, max(fused_launch_cycles(s, model, plan)))
 
 
 def bench_cases():

@@ -42,6 +42,15 @@ never leave the input (no padding, no ceil overhang) use a mask-free fast path (
 per tap). Reads past the tensor end (the prefetch of the vector after the last) stay within the
 input buffer's padded device size (``BufferSpec.nbytes``).
 
+Pair kernel (:func:`pair_kernel`, chosen by :func:`kernel_for`): 32-bit windows of stride 2
+along W with columns ``2 ow + {0, 1}`` (2 wide, no left padding) or ``2 ow + {-1, 0, 1}`` (3 wide,
+left padding 1), undilated -- the 2x2/2 and 3x3/2 pad 1 pools of CNNs. Per window row each lane
+reads its column pair as one vec2 lookup (a vector's row read is 128 contiguous bytes: 2 lines
+instead of 2-3 gathers of 2-3 lines each; the shared L2 port charges every line a lookup
+touches), the rows fold into an accumulator per column, and a 3-wide window takes column
+``2 ow - 1`` from lane o - 1 by a one-lane ``rotate`` (lane 0 from the previous vector). Only the
+tap rows / columns that some output has outside the input are checked.
+
 Not supported (``supports`` says so): more than 16 taps per window (unless the window is the
 whole plane: then global average), layouts other than NCHW.
 """
@@ -145,18 +154,26 @@ def _lane_state(g: Pool2D, o):
     return (nc * g.H * g.W + ih0 * g.W + iw0) * ITEMSIZE[g.dtype], ih0, iw0
 
 
-def pool_layout(g: Pool2D, num_qpus=RD.NUM_QPUS):
+def pool_layout(g: Pool2D, num_qpus=RD.NUM_QPUS, launches: int = 1):
+    """(workers, table): per worker and lane the state of its first vector (input byte offset
+    of tap (0, 0), ih0, iw0, output byte offset, outputs left = end - o) and the length of the
+    worker's own run (end - o0). The pair kernel's 3-wide windows start one warm-up vector
+    early (:func:`pair_kernel`). With ``launches`` > 1 the vectors are cut into
+    ``launches * num_qpus`` runs; launch i takes workers [i num_qpus, (i + 1) num_qpus)."""
     V = -(-g.P // 16)
-    chunk = -(-V // num_qpus)
+    chunk = -(-V // (num_qpus * max(1, launches)))
     W = -(-V // chunk)
+    warmup = pair_mode(g) and PAIR_WINDOWS[(g.kw, g.pl)]
     tab = np.zeros((W, 16, 8), dtype=np.int64)
     for w in range(W):
-        o = w * chunk * 16 + np.arange(16)
+        o0 = w * chunk * 16
+        o = o0 - (16 if warmup and o0 else 0) + np.arange(16)
         end = min(g.P, (w + 1) * chunk * 16)
         off, ih0, iw0 = _lane_state(g, o)
         tab[w, :, 0], tab[w, :, 1], tab[w, :, 2] = off, ih0, iw0
         tab[w, :, 3] = o * ITEMSIZE[g.dtype]
         tab[w, :, 4] = end - o
+        tab[w, :, 5] = end - o0
     return W, (tab & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
@@ -216,7 +233,7 @@ def _advance(kb: Builder, g: Pool2D, st: _State):
         st.a, st.a, kb.u32((g.H * g.W - g.OH * g.sh * g.W) * es), cond="ifna")
 
 
-def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
+def pool_kernel(kb: Builder, g: Pool2D, prefix: str, table_off: int = 0):
     es = ITEMSIZE[g.dtype]
     small = es < 4
     masked = not g.always_valid
@@ -248,7 +265,7 @@ def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
     shl(t, t, 9)
     shl(lane, lane, 5)
     add(t, t, lane)
-    add(t, t, kb.addr(prefix + "_table"))
+    add(t, t, kb.addr(prefix + "_table", table_off))
     mov(tmuc, kb.u32(RD.VEC4_CFG))
     mov(tmua, t)
     mov(tmuc, kb.u32(RD.VEC4_CFG))
@@ -329,6 +346,149 @@ def pool_kernel(kb: Builder, g: Pool2D, prefix: str):
     thread_end()
 
 
+# ------------------------------------------------------------------------------------------------
+# Pair kernel: stride-2 windows of 2 or 3 columns read as vec2 row lookups
+# ------------------------------------------------------------------------------------------------
+#: tmuc word: one vec2 lookup (two consecutive 32-bit words per lane), then the 32-bit default
+VEC2_CFG = 0xFFFFFF00 | 0x80 | (15 << 3) | 2
+#: (kw, pl) of the pair kernel: the window's columns relative to 2 * ow are {0, 1} or {-1, 0, 1}
+PAIR_WINDOWS = {(2, 0): False, (3, 1): True}         # -> needs the column 2 ow - 1 (rotated)
+
+
+def pair_mode(g: Pool2D) -> bool:
+    """The pair kernel takes 32-bit windows of stride 2 along W whose columns are ``2 ow + {0, 1}``
+    (2 wide, no left padding) or ``2 ow + {-1, 0, 1}`` (3 wide, left padding 1), undilated.
+    Lane o reads columns (2 ow, 2 ow + 1) of each window row as one vec2 lookup: a 16-output
+    vector's row read is 128 contiguous bytes (2 lines) instead of 2 or 3 gathers of 2-3 lines
+    each; column 2 ow - 1 is column 2 (ow - 1) + 1, which lane o - 1 read: a lane rotation."""
+    return ITEMSIZE[g.dtype] == 4 and g.sw == 2 and g.dw == 1 and (g.kw, g.pl) in PAIR_WINDOWS
+
+
+def _needs(g: Pool2D, axis: str):
+    """Per tap row (``"h"``) / column (``"w"``): some output's tap falls outside the input."""
+    return [not bool(c) for c in g.axis_valid(axis, False).all(axis=0)]
+
+
+def pair_kernel(kb: Builder, g: Pool2D, prefix: str, table_off: int = 0):
+    """Lanes own 16 consecutive outputs as in :func:`pool_kernel`. Per window row i one vec2
+    lookup per lane (columns 2 ow, 2 ow + 1, masked on rows some output has outside the input);
+    the rows fold into two accumulators, A (column 2 ow) and B (column 2 ow + 1). A 3-wide window
+    adds B of lane o - 1 (``rotate`` by one lane; lane 0 takes lane 15 of the previous vector's
+    B), invalid for ow = 0 (the padding). A worker whose run does not start a plane row runs one
+    warm-up vector before it (stores masked: outputs [o0, end) only, table column 5 = end - o0)
+    so that its first lane 0 has the previous vector's B."""
+    rot = PAIR_WINDOWS[(g.kw, g.pl)]
+    masked = not g.always_valid
+    Hr, Wr = kb.u32(g.H), kb.u32(g.W)
+    one = kb.u32(1)
+    cfg = kb.u32(VEC2_CFG)
+    need_row, need_col = _needs(g, "h"), _needs(g, "w")
+    cols = ([0] if rot else []) + [g.kw - 2, g.kw - 1]      # taps: rotated (if any), word 0, word 1
+    op = "max" if g.op == "max" else "sum"
+    acc_a, acc_b = Acc(kb, op, g.dtype), Acc(kb, op, g.dtype)
+    cur, nxt = _State(kb, g, masked), _State(kb, g, masked)
+    aout, rem, span, va, vb, tt, lane = kb.reg(7)
+    prev_b, rb, rp = kb.reg(3) if rot else (None, None, None)
+    ptr = kb.reg()
+    roff = [kb.u32((i * g.dh * g.W + g.pl) * 4) for i in range(g.kh)]
+    counts = g.counts()
+    const_count = g.op == "avg" and len(np.unique(counts)) == 1
+
+    # ---- lane table: two vec4 lookups per lane ----
+    eidx(lane)
+    mov(tt, RF[3].unpack("ul"))
+    shl(tt, tt, 9)
+    shl(ptr, lane, 5)
+    add(tt, tt, ptr)
+    add(tt, tt, kb.addr(prefix + "_table", table_off))
+    mov(tmuc, kb.u32(RD.VEC4_CFG))
+    mov(tmua, tt)
+    mov(tmuc, kb.u32(RD.VEC4_CFG))
+    nop().add(tmua, tt, kb.u32(16))
+    for r in (nxt.a, nxt.ih, nxt.iw, aout, rem, span, tt, tt):
+        nop(sig=S["ldtmu"](r))
+    add(nxt.a, nxt.a, kb.addr("data"))
+    add(aout, aout, kb.addr("out"))
+    if masked:
+        _coords(kb, g, nxt)
+    if rot:
+        mov(prev_b, acc_b.neutral)
+
+    def issue(st: _State, i: int):
+        """The vec2 lookup of window row i of the vector in ``st``."""
+        mov(tmuc, cfg)
+        if need_row[i]:
+            sub(null, st.u[i], Hr, cond="pushc").add(ptr, st.a, roff[i])
+            nop().mov(tmua, ptr, cond="ifa")
+        else:
+            nop().add(tmua, st.a, roff[i])
+
+    def set_flags(checks):
+        """A = every (coordinate register, bound) of ``checks`` is in range (unsigned)."""
+        for k, (reg, bound) in enumerate(checks):
+            sub(null, reg, bound, cond="pushc" if k == 0 else "andc")
+        return "ifa" if checks else None
+
+    def checks(st: _State, i: int, j: int):
+        return ([(st.u[i], Hr)] if need_row[i] else []) + ([(st.v[j], Wr)] if need_col[j] else [])
+
+    LA = min(g.kh, TMU_FIFO_WORDS // 2)                    # rows in flight (2 words each)
+
+    def ahead(i):
+        k = i + LA
+        return (cur, k) if k < g.kh else (nxt, k - g.kh)
+
+    for i in range(LA):
+        issue(nxt, i)
+
+    L.vloop
+    _copy(cur, nxt)
+    _advance(kb, g, nxt)
+    if masked:
+        _coords(kb, g, nxt)
+    acc_a.init()
+    acc_b.init()
+    for i in range(g.kh):
+        nop(sig=S["ldtmu"](va))
+        nop(sig=S["ldtmu"](vb))
+        issue(*ahead(i))
+        ca, cb = checks(cur, i, cols[-2]), checks(cur, i, cols[-1])
+        cond = set_flags(ca)
+        acc_a.combine(va, cond=cond)
+        if cb != ca:
+            cond = set_flags(cb)
+        acc_b.combine(vb, cond=cond)
+    acc_b.fix_nan(kb)
+    acc_a.combine(acc_b.acc)
+    if rot:
+        # rb = B of lane o - 1: rotate by one lane; lane 0 from the previous vector's lane 15
+        A.DSL["rotate"](rb, acc_b.acc, 15)
+        A.DSL["rotate"](rp, prev_b, 15)
+        sub(null, lane, kb.u32(0), cond="pushz")
+        mov(rb, rp, cond="ifa").mov(prev_b, acc_b.acc)
+        cond = set_flags([(cur.v[0], Wr)] if need_col[0] else [])
+        acc_a.combine(rb, cond=cond)
+    acc_a.fix_nan(kb)
+    if g.op == "avg":
+        if const_count:
+            RD._divide(kb, acc_a, int(counts.flat[0]))
+        else:
+            _dynamic_divide(kb, g, cur, acc_a)
+    sub(tt, rem, one)
+    sub(null, tt, span, cond="pushc")                      # A = o0 <= o < end
+    store_vector(kb, acc_a.acc, aout, g.dtype, cond="ifa")
+    add(aout, aout, kb.u32(64)).sub(rem, rem, kb.u32(16))
+    sub(null, rem, one, cond="pushn")
+    b(R_.vloop, cond="anyna")
+    nop()
+    nop()
+    nop()
+    for _ in range(2 * LA):                                # the over-issued rows
+        nop(sig=S["ldtmu"](va))
+    tmuwt()
+    thread_end()
+
+
 def _dynamic_divide(kb: Builder, g: Pool2D, cur: _State, acc: Acc):
     """Per-lane count = rows in range x columns in range; then divide."""
     cr, cc, tmp, rc = kb.reg(4)
@@ -400,23 +560,59 @@ def plan_global_avg(N, C, H, W, dtype, name="global_avg_pool2d") -> KernelPlan:
     return RD.plan_reduce("sum", (N, C, H, W), dtype, (2, 3), keepdims=True, divisor=H * W, name=name)
 
 
-def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS) -> KernelPlan:
+def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS,
+              budget_seconds: float | None = None) -> KernelPlan:
+    """Plan of a window pooling: one launch, or (modelled over ``budget_seconds``, default the
+    v3d dispatch budget) several launches over consecutive runs of output vectors
+    (:func:`split_launches`), each within it; ``attrs["launch_seconds"]`` models each."""
     check(g)
     name = name or f"{g.op}_pool2d"
     if g.op == "avg" and is_global(g):
         return plan_global_avg(g.N, g.C, g.H, g.W, g.dtype, name)
-    W, tab = pool_layout(g, num_qpus)
-    kb = Builder(name)
-    words, unif = kb.build(pool_kernel, g, name)
+    n = split_launches(g, num_qpus, budget_seconds=budget_seconds)
+    W, tab = pool_layout(g, num_qpus, n)
+    launches = []
+    for i, w0 in enumerate(range(0, W, num_qpus)):
+        kb = Builder(name)
+        words, unif = kb.build(kernel_for(g), g, name, w0 * 16 * 8 * 4)
+        launches.append(Launch(words, unif, (min(num_qpus, W - w0), 1, 1), 16, num_qpus, 1,
+                               name if n == 1 else f"{name}_part{i}"))
     es = ITEMSIZE[g.dtype]
     in_bytes = g.N * g.C * g.H * g.W * es
     out_bytes = g.P * es
     bufs = [BufferSpec("data", "input", (g.N, g.C, g.H, g.W), g.dtype, input_bytes(g)),
             BufferSpec("out", "output", (g.N, g.C, g.OH, g.OW), g.dtype),
             BufferSpec(name + "_table", "weight", tab.shape, "int32")]
-    return KernelPlan(name, bufs, [Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, name)],
-                      {name + "_table": tab}, attrs=dict(g.__dict__), flops=g.P * g.T,
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    attrs = dict(g.__dict__, launch_seconds=[seconds(m, c) for c in launch_cycles(g, m, num_qpus, n)])
+    return KernelPlan(name, bufs, launches, {name + "_table": tab}, attrs=attrs, flops=g.P * g.T,
                       bytes_moved=in_bytes + out_bytes)
+
+
+def dispatch_budget_seconds() -> float:
+    """The longest one GPU dispatch may be modelled to run (one source of truth:
+    :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS`, read at call time)."""
+    from ...runtime import v3d
+    return v3d.DISPATCH_BUDGET_SECONDS
+
+
+def split_launches(g: Pool2D, num_qpus=RD.NUM_QPUS, model=None, budget_seconds: float | None = None) -> int:
+    """The fewest launches whose longest is modelled (:func:`launch_cycles`) within the budget:
+    the persistent launch keeps every batch resident, so the v3d hang check bounds each launch.
+    One launch per vector run of a worker when nothing fits (the budget check then refuses it)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    whole = seconds(m, max(launch_cycles(g, m, num_qpus, 1)))
+    if whole <= budget:
+        return 1
+    V = -(-g.P // 16)
+    most = -(-V // num_qpus)
+    for n in range(max(2, math.ceil(whole / budget)), most + 1):
+        if seconds(m, max(launch_cycles(g, m, num_qpus, n))) <= budget:
+            return n
+    return most
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,7 +690,13 @@ def supports(spec: registry.OpSpec):
 
 
 def _probe_registers(g: Pool2D):
-    Builder("probe").build(pool_kernel, g, "probe")
+    Builder("probe").build(kernel_for(g), g, "probe")
+
+
+def kernel_for(g: Pool2D):
+    """The kernel generator of a window pooling: :func:`pair_kernel` where it applies
+    (:func:`pair_mode`), else the per-tap gather kernel :func:`pool_kernel`."""
+    return pair_kernel if pair_mode(g) else pool_kernel
 
 
 def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
@@ -508,10 +710,19 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
     return plan_pool(g, spec.kind)
 
 
+def lookup_taps(g: Pool2D):
+    """The column taps each lookup of a window row reads: one per tap (gather kernel) or the
+    pair (2 ow, 2 ow + 1) as one vec2 lookup (pair kernel)."""
+    if pair_mode(g):
+        return [(g.kw - 2, g.kw - 1)]
+    return [(j,) for j in range(g.kw)]
+
+
 def tap_lines(g: Pool2D, line: int, samples: int = 64) -> float:
-    """Average distinct cache lines one tap lookup of a 16-output vector touches: the lanes'
-    input addresses (consecutive flattened outputs, :func:`_lane_state`; taps in the padding read
-    a clamped address) for ``samples`` vectors spread over the output, every tap."""
+    """Average distinct cache lines one lookup of a 16-output vector touches (a tap, or a pair
+    of columns for the pair kernel: :func:`lookup_taps`): the lanes' input addresses
+    (consecutive flattened outputs, :func:`_lane_state`; taps in the padding read a clamped
+    address) for ``samples`` vectors spread over the output, every lookup."""
     es = ITEMSIZE[g.dtype]
     V = -(-g.P // 16)
     total = n = 0
@@ -521,31 +732,85 @@ def tap_lines(g: Pool2D, line: int, samples: int = 64) -> float:
         nc = o // (g.P // (g.N * g.C))
         for kh in range(g.kh):
             ih = np.clip(ih0 + kh * g.dh, 0, g.H - 1)
-            for kw in range(g.kw):
-                iw = np.clip(iw0 + kw * g.dw, 0, g.W - 1)
-                total += len(np.unique(((nc * g.H + ih) * g.W + iw) * es // line))
+            for cols in lookup_taps(g):
+                iw = np.concatenate([np.clip(iw0 + kw * g.dw, 0, g.W - 1) for kw in cols])
+                row = np.tile(nc * g.H + ih, len(cols))
+                total += len(np.unique((row * g.W + iw) * es // line))
                 n += 1
     return total / max(1, n)
 
 
 def estimate(spec: registry.OpSpec, model=None) -> float:
-    """Modelled seconds under ``model`` (default: the emulator's TimingModel). Window pooling
-    streams its input once: DRAM traffic (input + output) plus one round trip. Global average
-    pooling is the reduction of each plane (reduce.reduce_cycles: segment pass or lanes)."""
-    from .common import (timing_model, dram_cycles, round_trip, seconds, l2_port_cycles, lookup_lines,
-                         slice_tmu_cycles)
+    """Modelled seconds under ``model`` (default: the emulator's TimingModel) of the plan
+    :func:`generate` makes: the sum of its launches (:func:`launch_cycles`; the split is the
+    plan's, chosen under the default model). Global average pooling is the reduction of each
+    plane (reduce.reduce_cycles: segment pass or lanes)."""
+    from .common import timing_model, seconds
     m = timing_model(model)
     g = spec_to_pool(spec)
     if spec.kind == "global_avg_pool2d" or is_global(g):
         return seconds(m, RD.reduce_cycles(m, (g.N * g.C, g.H * g.W), (1,), g.dtype))
+    return seconds(m, sum(launch_cycles(g, m, RD.NUM_QPUS, split_launches(g, RD.NUM_QPUS))))
+
+
+def longest_dispatch_seconds(spec: registry.OpSpec, model=None) -> float:
+    """Modelled seconds (under ``model``) of the longest launch of the plan :func:`generate`
+    makes for a window pooling (placement's dispatch-budget rule); ValueError for global
+    average pooling (a reduction plan, not split)."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    g = spec_to_pool(spec)
+    if spec.kind == "global_avg_pool2d" or is_global(g):
+        raise ValueError("global average pooling is not split into launches")
+    return seconds(m, max(launch_cycles(g, m, RD.NUM_QPUS, split_launches(g, RD.NUM_QPUS))))
+
+
+def loop_instructions(g: Pool2D) -> tuple:
+    """(instructions of the kernel's vector loop, instructions outside it, uniforms of its
+    constant prologue), from the generated program."""
+    from .common import loop_lengths
+    words, unif = Builder("probe").build(kernel_for(g), g, "probe")
+    loop = loop_lengths(words)[-1]
+    return loop, len(words) - loop, len(unif)
+
+
+def launch_cycles(g: Pool2D, model, num_qpus=RD.NUM_QPUS, launches: int = 1) -> list:
+    """Modelled cycles of each launch of a window pooling cut into ``launches``: its vectors'
+    input and output DRAM traffic, its lookups' lines over the shared L2 port and the slice TMUs
+    (one lookup per window tap of every 16-output vector, or one vec2 lookup of the column pair
+    per window row for the pair kernel), and its busiest worker's loop instructions; the
+    slowest of them, plus one round trip."""
+    from .common import (dram_cycles, round_trip, l2_port_cycles, lookup_lines, slice_tmu_cycles,
+                         stream_stall_per_line)
+    m = model
     es = ITEMSIZE[g.dtype]
-    # one lookup per window tap of every 16-output vector, its lanes ``stride`` elements apart
     V = -(-g.P // 16)
-    per_tap = tap_lines(g, m.line_bytes)
-    lines = V * g.kh * g.kw * per_tap + V * lookup_lines(m, 16 * es)
-    tmu = slice_tmu_cycles(m, V * g.kh * g.kw, per_tap, 16, min(V, m.num_qpus))
-    return seconds(m, max(dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es), l2_port_cycles(m, lines), tmu)
-                   + round_trip(m, True))
+    W, tab = pool_layout(g, num_qpus, launches)
+    chunk = -(-V // (num_qpus * max(1, launches)))
+    per_row = lookup_taps(g)
+    per_lookup = tap_lines(g, m.line_bytes)
+    loop, rest, nu = loop_instructions(g)
+    cpi = m.cycles_per_instruction
+    miss = round_trip(m, True)
+    warm = 1 if pair_mode(g) and PAIR_WINDOWS[(g.kw, g.pl)] else 0
+    # a worker: its constant prologue reads nu uniforms (one per instruction: the first line a
+    # round trip, each further one what the stream's prefetch does not cover), its table lookup
+    # and first vector's lookups wait a round trip each, then each vector waits what its loop
+    # does not cover of the next vector's round trip (issued a vector ahead; its lines are new:
+    # DRAM misses), then its last stores complete
+    ulines = -(-nu * 4 // m.line_bytes)
+    prologue = miss + (ulines - 1) * stream_stall_per_line(m, m.line_bytes / 4 * cpi, True)
+    worker = prologue + rest * cpi + 2 * miss + (chunk + warm) * max(loop * cpi, miss) + m.store_latency
+    out = []
+    for w0 in range(0, W, num_qpus):
+        nv = min(V, (w0 + num_qpus) * chunk) - w0 * chunk          # vectors of this launch
+        active = min(num_qpus, W - w0)
+        lookups = nv * g.kh * len(per_row)
+        lines = lookups * per_lookup + nv * lookup_lines(m, 16 * es)
+        tmu = slice_tmu_cycles(m, lookups, per_lookup, 16 * len(per_row[0]), min(nv, m.num_qpus, active))
+        dram = dram_cycles(m, (g.N * g.C * g.H * g.W + g.P) * es * nv / V)
+        out.append(max(max(dram, l2_port_cycles(m, lines), tmu) + miss, worker))
+    return out
 
 
 def bench_cases():
