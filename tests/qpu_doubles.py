@@ -195,6 +195,9 @@ def double_entries() -> dict:
 def install(monkeypatch, kinds=KINDS):
     """Make the registry hold exactly the doubles for ``kinds`` for the duration of a test."""
     from tvm_qpu.codegen import registry
+    # Import the real kernels first: they register on import, and an import first made while the
+    # doubles stand in would register into the doubles' dict and leave the real one empty.
+    registry._load_kernels()
     entries = {k: v for k, v in double_entries().items() if k in kinds}
     monkeypatch.setattr(registry, "_REGISTRY", entries)
     monkeypatch.setattr(registry, "_load_kernels", lambda: None)
