@@ -80,6 +80,14 @@ def _scale_rank(scale, what, node) -> int:
     return nd
 
 
+def _scalar_if_one(e):
+    """A one-element 1-D scale / zero point as the scalar it means (per-tensor)."""
+    from tvm import relax
+    if _ndim(e) == 1 and int(e.ty.shape[0]) == 1:
+        return relax.op.reshape(e, ())
+    return e
+
+
 def _zero(dtype):
     from tvm import relax
     return relax.const(np.zeros((), dtype), dtype)
@@ -95,6 +103,7 @@ def _dequantize(bb, x, scale, zp, axis, node, what):
         zp = _zero(_dtype(x))
     elif _dtype(zp) != _dtype(x):
         raise QuantImportError(f"{node}: {what} zero point is {_dtype(zp)}, the tensor {_dtype(x)}")
+    scale, zp = _scalar_if_one(scale), _scalar_if_one(zp)
     return bb.normalize(relax.op.dequantize(x, scale, zp, axis=axis % max(_ndim(x), 1), out_dtype="float32"))
 
 
@@ -109,10 +118,7 @@ def _quantize(y, scale, zp, node):
         raise QuantImportError(f"{node}: output zero point dtype {dt} (int8 / uint8 expected)")
     if zp is None:
         zp = _zero(dt)
-    if _ndim(scale) == 1:
-        scale = relax.op.reshape(scale, ())
-    if _ndim(zp) == 1:
-        zp = relax.op.reshape(zp, ())
+    scale, zp = _scalar_if_one(scale), _scalar_if_one(zp)
     return relax.op.quantize(y, scale, zp, axis=-1, out_dtype=dt)
 
 
@@ -192,7 +198,7 @@ def _qlinear_conv(bb, inputs, attr, params):
     _check_inputs(inputs, 8, 9, node)
     x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
-    if _ndim(sx) != 0 and _ndim(sx) == 1 and int(sx.ty.shape[0]) != 1:
+    if _ndim(sx) == 1 and int(sx.ty.shape[0]) != 1:
         raise QuantImportError(f"{node}: x_scale must be a scalar (per-tensor)")
     xf = _dequantize(bb, x, sx, zx, 0, node, "x")
     wf = _dequantize(bb, w, sw, zw, 0, node, "w")            # per output channel: axis 0 of [M, C/g, kH, kW]
