@@ -134,13 +134,13 @@ def qlinear_conv_ref(model, x):
     ONNX Runtime's float32 multiplier)."""
     i = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     at = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
-    xs = x.astype(np.int64) - int(i["zx"])
+    xs = x.astype(np.int64) - int(i["zx"].reshape(()))
     w = i["w"].astype(np.int64) - i["zw"].astype(np.int64).reshape(-1, 1, 1, 1)
     acc = conv_ref(xs, w, pads=at["pads"], strides=at["strides"], group=at["group"])
     if "b" in i:
         acc = acc + i["b"].astype(np.int64).reshape(1, -1, 1, 1)
     mult = (np.float32(i["sx"]) * i["sw"].astype(np.float32) / np.float32(i["sy"])).astype(np.float32)
-    y = np.rint(acc.astype(np.float32) * mult.reshape(-1, 1, 1)) + int(i["zy"])
+    y = np.rint(acc.astype(np.float32) * mult.reshape(-1, 1, 1)) + int(i["zy"].reshape(()))
     info = np.iinfo(i["zy"].dtype)
     return np.clip(y, info.min, info.max).astype(i["zy"].dtype)
 
@@ -212,6 +212,39 @@ def test_qlinear_matmul_of_two_activations_stays_float_and_matches_ort(tmp_path)
     feeds = {"a": rng.integers(-128, 128, (4, 8)).astype(np.int8), "b": rng.integers(-128, 128, (8, 3)).astype(np.int8)}
     got, _ = _tvm(path, feeds, target="llvm", placement="none")
     _assert_within_one_step(got, _ort(path, feeds))
+
+
+def test_one_element_scale_vectors_are_per_tensor_and_still_integer(tmp_path):
+    """x / w / y scales and zero points given as 1-element vectors (some exporters write them so) mean
+    per-tensor: the conv is still an integer region, exact to the spec."""
+    rng = np.random.default_rng(8)
+    model, feeds = _qlinear_conv_model(rng, per_channel=False, w_bits=7)
+    for name in ("sx", "zx", "sw", "zw", "sy", "zy"):
+        arr = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+        _replace_init(model, name, arr.reshape(1))
+    path = _save(model, tmp_path)
+    got, lib = _tvm(path, feeds)
+    assert len(_int_regions(lib)) == 1 and all(d["accepted"] for d in lib.report.qdq), lib.report.text()
+    _assert_within_one_step(got, qlinear_conv_ref(model, feeds["x"]))
+    _assert_within_one_step(got, _ort(path, feeds))
+
+
+def test_qgemm_with_alpha_and_float_output_matches_ort(tmp_path):
+    """com.microsoft QGemm without y_scale gives float32 ``alpha * A'B' + C`` (C int32 of scale
+    alpha * a_scale * b_scale): computed in float on the CPU, within float rounding of ORT."""
+    rng = np.random.default_rng(9)
+    b = rng.integers(-64, 64, size=(7, 12)).astype(np.int8)                 # transB: [N, K]
+    inits = [_init("sa", np.float32(0.04)), _init("za", np.array(120, np.uint8)), _init("b", b),
+             _init("sb", np.float32(0.01)), _init("zb", np.array(0, np.int8)),
+             _init("c", rng.integers(-500, 500, size=7).astype(np.int32))]
+    node = helper.make_node("QGemm", ["a", "sa", "za", "b", "sb", "zb", "c"], ["y"], domain=MS, alpha=0.5, transB=1)
+    m = _model([node], [helper.make_tensor_value_info("a", TensorProto.UINT8, [3, 12])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])], inits, ms=True)
+    path = _save(m, tmp_path)
+    feeds = {"a": rng.integers(0, 256, size=(3, 12)).astype(np.uint8)}
+    want = _ort(path, feeds)
+    got, _ = _tvm(path, feeds, target="llvm", placement="none")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,10 +80,16 @@ def _scale_rank(scale, what, node) -> int:
     return nd
 
 
-def _scalar_if_one(e):
-    """A one-element 1-D scale / zero point as the scalar it means (per-tensor)."""
+def _scalar_if_one(e, params):
+    """A one-element 1-D scale / zero point as the scalar it means (per-tensor): a 0-d constant when
+    its value is known at import (the QDQ rewrite needs constant quantization parameters), else a
+    reshape."""
     from tvm import relax
+    import tvm
     if _ndim(e) == 1 and int(e.ty.shape[0]) == 1:
+        v = _known_value(e, params)
+        if v is not None:
+            return relax.const(tvm.runtime.tensor(np.ascontiguousarray(v.reshape(()))))
         return relax.op.reshape(e, ())
     return e
 
@@ -93,7 +99,7 @@ def _zero(dtype):
     return relax.const(np.zeros((), dtype), dtype)
 
 
-def _dequantize(bb, x, scale, zp, axis, node, what):
+def _dequantize(bb, x, scale, zp, axis, node, what, params):
     """``DequantizeLinear(x, scale, zp)`` (zp None -> 0 of x's dtype) on ``axis`` when per-axis."""
     from tvm import relax
     if _dtype(x) not in ("int8", "uint8", "int32"):
@@ -103,11 +109,11 @@ def _dequantize(bb, x, scale, zp, axis, node, what):
         zp = _zero(_dtype(x))
     elif _dtype(zp) != _dtype(x):
         raise QuantImportError(f"{node}: {what} zero point is {_dtype(zp)}, the tensor {_dtype(x)}")
-    scale, zp = _scalar_if_one(scale), _scalar_if_one(zp)
+    scale, zp = _scalar_if_one(scale, params), _scalar_if_one(zp, params)
     return bb.normalize(relax.op.dequantize(x, scale, zp, axis=axis % max(_ndim(x), 1), out_dtype="float32"))
 
 
-def _quantize(y, scale, zp, node):
+def _quantize(y, scale, zp, node, params):
     """``QuantizeLinear(y, scale, zp)``: per-tensor output (every QLinear op's y_scale is a scalar);
     no zero point means uint8 (ONNX spec)."""
     from tvm import relax
@@ -118,7 +124,7 @@ def _quantize(y, scale, zp, node):
         raise QuantImportError(f"{node}: output zero point dtype {dt} (int8 / uint8 expected)")
     if zp is None:
         zp = _zero(dt)
-    scale, zp = _scalar_if_one(scale), _scalar_if_one(zp)
+    scale, zp = _scalar_if_one(scale, params), _scalar_if_one(zp, params)
     return relax.op.quantize(y, scale, zp, axis=-1, out_dtype=dt)
 
 
@@ -135,6 +141,8 @@ def _bias_dequantize(bb, bias, scale_parts, axis, node, params):
         prod = np.float32(1)
         for v in vals:
             prod = (prod * np.asarray(v, np.float32)).astype(np.float32)
+        if prod.size == 1:
+            prod = prod.reshape(())          # per-tensor (one-element vectors included)
         scale = relax.const(tvm.runtime.tensor(np.ascontiguousarray(prod)))
     else:
         scale = None
@@ -200,13 +208,13 @@ def _qlinear_conv(bb, inputs, attr, params):
     bias = inputs[8] if len(inputs) > 8 else None
     if _ndim(sx) == 1 and int(sx.ty.shape[0]) != 1:
         raise QuantImportError(f"{node}: x_scale must be a scalar (per-tensor)")
-    xf = _dequantize(bb, x, sx, zx, 0, node, "x")
-    wf = _dequantize(bb, w, sw, zw, 0, node, "w")            # per output channel: axis 0 of [M, C/g, kH, kW]
+    xf = _dequantize(bb, x, sx, zx, 0, node, "x", params)
+    wf = _dequantize(bb, w, sw, zw, 0, node, "w", params)            # per output channel: axis 0 of [M, C/g, kH, kW]
     ins = [xf, wf, None]
     if bias is not None:
         ins[2] = _bias_dequantize(bb, bias, [sx, sw], 0, node, params)
     y = _tvm_converter("Conv")(bb, ins, _conv_attrs(attr), params)
-    return _quantize(y, sy, zy, node)
+    return _quantize(y, sy, zy, node, params)
 
 
 def _qlinear_matmul(bb, inputs, attr, params):
@@ -219,10 +227,10 @@ def _qlinear_matmul(bb, inputs, attr, params):
     for s, t, what in ((sa, a, "a"), (sb, b, "b")):
         if _ndim(s) == 1 and int(s.ty.shape[0]) != 1 and _ndim(t) != 2:
             raise QuantImportError(f"{node}: a per-axis {what}_scale needs a 2-D {what}")
-    af = _dequantize(bb, a, sa, za, a_axis, node, "a")
-    bf = _dequantize(bb, b, sb, zb, b_axis, node, "b")
+    af = _dequantize(bb, a, sa, za, a_axis, node, "a", params)
+    bf = _dequantize(bb, b, sb, zb, b_axis, node, "b", params)
     from tvm import relax
-    return _quantize(relax.op.matmul(af, bf), sy, zy, node)
+    return _quantize(relax.op.matmul(af, bf), sy, zy, node, params)
 
 
 def _qgemm(bb, inputs, attr, params):
@@ -240,14 +248,14 @@ def _qgemm(bb, inputs, attr, params):
         raise QuantImportError(f"{node}: A and B must be 2-D")
     if _ndim(sa) == 1 and int(sa.ty.shape[0]) != 1:
         raise QuantImportError(f"{node}: a_scale must be a scalar (per-tensor)")
-    af = _dequantize(bb, a, sa, za, -1, node, "A")
-    bf = _dequantize(bb, b, sb, zb, 0 if trans_b else 1, node, "B")     # per output column N
+    af = _dequantize(bb, a, sa, za, -1, node, "A", params)
+    bf = _dequantize(bb, b, sb, zb, 0 if trans_b else 1, node, "B", params)     # per output column N
     ins = [af, bf, None]
     if c is not None:
         ins[2] = _bias_dequantize(bb, c, [alpha, sa, sb], -1 if _ndim(c) != 1 else 0, node, params)
     gattr = {"alpha": alpha, "transA": int(attr.get("transA", 0)), "transB": trans_b}
     y = _tvm_converter("Gemm")(bb, ins, gattr, params)
-    return y if sy is None else _quantize(y, sy, zy, node)
+    return y if sy is None else _quantize(y, sy, zy, node, params)
 
 
 def _conv_integer(bb, inputs, attr, params):
@@ -289,8 +297,9 @@ def _qlinear_add(bb, inputs, attr, params):
     for s, what in ((sa, "A"), (sb, "B")):
         if _ndim(s) == 1 and int(s.ty.shape[0]) != 1:
             raise QuantImportError(f"{node}: {what}_scale must be a scalar")
-    y = relax.op.add(_dequantize(bb, a, sa, za, -1, node, "A"), _dequantize(bb, b, sb, zb, -1, node, "B"))
-    return _quantize(y, sy, zy, node)
+    y = relax.op.add(_dequantize(bb, a, sa, za, -1, node, "A", params),
+                     _dequantize(bb, b, sb, zb, -1, node, "B", params))
+    return _quantize(y, sy, zy, node, params)
 
 
 def _qlinear_global_average_pool(bb, inputs, attr, params):
@@ -306,8 +315,8 @@ def _qlinear_global_average_pool(bb, inputs, attr, params):
         axes = list(range(1, nd - 1))
     else:
         axes = list(range(2, nd))
-    y = relax.op.mean(_dequantize(bb, x, sx, zx, -1, node, "X"), axis=axes, keepdims=True)
-    return _quantize(y, sy, zy, node)
+    y = relax.op.mean(_dequantize(bb, x, sx, zx, -1, node, "X", params), axis=axes, keepdims=True)
+    return _quantize(y, sy, zy, node, params)
 
 
 def _qlinear_concat(bb, inputs, attr, params):
@@ -317,10 +326,11 @@ def _qlinear_concat(bb, inputs, attr, params):
         raise QuantImportError(f"{node}: expected Y_scale, Y_zero_point and (tensor, scale, zero point) triples, "
                                f"got {len(inputs)} inputs")
     sy, zy = inputs[0], inputs[1]
-    parts = [_dequantize(bb, inputs[i], inputs[i + 1], inputs[i + 2], -1, node, f"input {(i - 2) // 3}")
+    parts = [_dequantize(bb, inputs[i], inputs[i + 1], inputs[i + 2], -1, node, f"input {(i - 2) // 3}",
+                         params)
              for i in range(2, len(inputs), 3)]
     y = relax.op.concat(parts, axis=int(attr["axis"]))
-    return _quantize(y, sy, zy, node)
+    return _quantize(y, sy, zy, node, params)
 
 
 #: op_type -> (since opset of the default domain the converter is valid for, conversion function)
