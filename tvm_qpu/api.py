@@ -119,6 +119,8 @@ def from_onnx(path, input_shapes: dict | None = None):
                 shape_dict[i.name] = dims
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx as _from_onnx
+    from .onnx_quant import register as _register_quant_ops
+    _register_quant_ops()        # QLinearConv, QLinearMatMul, ConvInteger, QGemm, ... (tvm_qpu.onnx_quant)
     try:
         mod = _from_onnx(model, shape_dict=shape_dict, keep_params_in_input=True)
     except Exception as e:

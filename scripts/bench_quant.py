@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""int8 against fp32, end to end: time (QPU modelled + CPU measured), weight bytes, digits accuracy.
+
+Models (all from ``models/``; the quantized variants not bundled are made at run time, in a
+temporary directory, by ONNX Runtime's quantizer calibrated on the digits *training* split, the
+1347 images ``models/make_models.py`` trains on, so the test split stays unseen):
+
+* ``digits_cnn`` (fp32), ``digits_cnn_qdq`` (bundled QDQ int8), ``digits_cnn_qop`` (quantize_static,
+  QOperator: QLinearConv / QGemm, per-channel int8 weights, int8 activations) and ``digits_cnn_dyn``
+  (quantize_dynamic: DynamicQuantizeLinear -> ConvInteger / MatMulInteger);
+* ``mlp`` and ``lenet5`` (fp32) against their quantize_static QDQ int8 versions (``*_qdq``).
+
+For each model, batch 1:
+
+* ``onnx_weight_bytes``: the initializers stored in the ONNX file; ``qpu_weight_bytes``: the weight
+  and bias buffers of the offloaded QPU regions in their device layout (``qpu_table_bytes``: the
+  address tables they also read);
+* ``cpu_s``: ``tvm_qpu.build(target="llvm")``, MEASURED wall time on this machine (median of
+  ``--repeat``, ``Runner.profile``);
+* ``qpu_cost`` / ``qpu_all``: the ``--target qpu`` build with ``placement="cost"`` (the cost model's
+  choice) and ``"all"`` (every supported op on the QPU): ``total_s`` = ``cpu_s`` (its CPU part,
+  MEASURED here) + ``qpu_s`` (its QPU regions, MODELLED by the emulator's Pi 5 cycle model), the
+  regions by kind and operand dtypes, and the QPU regions' weight bytes.
+
+Accuracy on the whole digits test split (``models/digits_test.npz``, 450 images, one at a time) for
+the digits models: ORT, TVM llvm and TVM qpu (``placement="all"``, the QPU regions emulated); the
+predictions that differ from ORT's on the same model / ORT's int8 from its fp32, the fraction of the
+logits identical to ORT's and the largest difference.
+
+Usage::
+
+    python scripts/bench_quant.py [--repeat R] [--threads N] [--json] [--no-accuracy]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(REPO, "models")
+#: model name -> the fp32 model it is the int8 version of (None: itself fp32)
+PAIRS = {"digits_cnn": None, "digits_cnn_qdq": "digits_cnn", "digits_cnn_qop": "digits_cnn",
+         "digits_cnn_dyn": "digits_cnn", "mlp": None, "mlp_qdq": "mlp", "lenet5": None, "lenet5_qdq": "lenet5"}
+#: the qpu builds timed: the cost model's choice, and every supported op on the QPU
+PLACEMENTS = ("cost", "all")
+DIGITS = ("digits_cnn", "digits_cnn_qdq", "digits_cnn_qop", "digits_cnn_dyn")
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the 450-image accuracy runs")
+    return ap.parse_args(argv)
+
+
+def _train_inputs(name, n=128):
+    """Calibration inputs for ``name``'s fp32 model: the first ``n`` training-split images, shaped as
+    the model takes them (make_models.py's split and scaling)."""
+    sys.path.insert(0, MODELS)
+    import make_models as mm
+    import numpy as np
+    xtr = mm.load_digits_split()[0]
+    x = xtr[:n].astype(np.float32)
+    if name == "lenet5":
+        x = mm.upscale32(x)
+    elif name == "mlp":
+        x = x.reshape(len(x), -1)
+    return x
+
+
+def _quantize(name, out_dir):
+    """Write the quantized models that are not bundled into ``out_dir``; returns {name: path}."""
+    import onnxruntime.quantization as q
+    paths = {}
+
+    def static(src, dst, fmt, **kw):
+        x = _train_inputs(src)
+        inp = __import__("onnx").load(os.path.join(MODELS, f"{src}.onnx")).graph.input[0].name
+        data = iter([{inp: x[i:i + 1]} for i in range(len(x))])
+
+        class Reader(q.CalibrationDataReader):
+            def get_next(self):
+                return next(data, None)
+
+        p = os.path.join(out_dir, f"{dst}.onnx")
+        q.quantize_static(os.path.join(MODELS, f"{src}.onnx"), p, Reader(), quant_format=fmt, **kw)
+        paths[dst] = p
+
+    if name == "digits_cnn_qop":
+        static("digits_cnn", name, q.QuantFormat.QOperator, per_channel=True,
+               activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+    elif name == "digits_cnn_dyn":
+        p = os.path.join(out_dir, f"{name}.onnx")
+        q.quantize_dynamic(os.path.join(MODELS, "digits_cnn.onnx"), p, weight_type=q.QuantType.QInt8,
+                           reduce_range=True)      # 7-bit weights: ORT's x86 u8s8 kernels saturate without it
+        paths[name] = p
+    elif name in ("mlp_qdq", "lenet5_qdq"):
+        static(name[:-4], name, q.QuantFormat.QDQ, per_channel=True,
+               activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+    return paths
+
+
+def _model_paths(tmp):
+    import logging
+    logging.getLogger().setLevel(logging.ERROR)          # the quantizer's pre-processing advice
+    paths = {}
+    for name in PAIRS:
+        bundled = os.path.join(MODELS, f"{name}.onnx")
+        paths.update({name: bundled} if os.path.exists(bundled) else _quantize(name, tmp))
+    return paths
+
+
+def _weight_bytes(path):
+    import onnx
+    from onnx import numpy_helper
+    return int(sum(numpy_helper.to_array(t).nbytes for t in onnx.load(path).graph.initializer))
+
+
+def _input(path, rng):
+    import numpy as np
+    import onnx
+    i = onnx.load(path).graph.input[0]
+    shape = [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]
+    return i.name, rng.random(shape).astype(np.float32)
+
+
+def _regions(lib):
+    """'kind(operand dtypes)' of each region, counted."""
+    out = {}
+    for r in lib.report.regions:
+        spec = r["spec"]
+        dts = [p.split("[")[0].strip() for p in spec.split("(", 1)[1].split(")")[0].split(", ") if "[" in p]
+        key = f"{r['kind']}({','.join(dts)})"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _plan_bytes(lib, tables):
+    """Bytes of the QPU regions' constant buffers: the weights and biases (``tables=False``) or the
+    index tables the kernels look addresses up in (``*_table``, ``tables=True``)."""
+    return int(sum(c.nbytes for rg in lib.regions for k, c in rg.plan.constants.items()
+                   if k.endswith("_table") == tables))
+
+
+def bench_time(name, path, a):
+    import numpy as np
+    import tvm_qpu
+    rng = np.random.default_rng(0)
+    inp, x = _input(path, rng)
+    mod, params = tvm_qpu.from_onnx(path)
+    row = {"model": name, "fp32_of": PAIRS[name], "onnx_weight_bytes": _weight_bytes(path)}
+    lib = tvm_qpu.build(mod, target="llvm", params=params)
+    r = lib.runner()
+    row["cpu_s"] = r.profile({inp: x}, repeat=a.repeat).total_seconds
+    r.close()
+    for placement in PLACEMENTS:
+        qlib = tvm_qpu.build(mod, target="qpu", params=params, placement=placement)
+        p = {"regions": _regions(qlib),
+             "qdq_chains": f"{sum(d['accepted'] for d in qlib.report.qdq)} of {len(qlib.report.qdq)} integer",
+             "qpu_weight_bytes": _plan_bytes(qlib, tables=False), "qpu_table_bytes": _plan_bytes(qlib, tables=True)}
+        qr = qlib.runner("emulator")
+        prof = qr.profile({inp: x}, repeat=max(1, min(a.repeat, 3)))
+        p["cpu_s"] = prof.cpu_seconds
+        p["qpu_s"] = sum(rg["qpu_seconds"] for rg in prof.regions)
+        p["total_s"] = p["cpu_s"] + p["qpu_s"]
+        qr.close()
+        row[f"qpu_{placement}"] = p
+    return row
+
+
+def accuracy(paths):
+    """Whole-test-split runs of the digits models, one image at a time (batch 1, as the models are
+    exported; a dynamically quantized model's activation scales depend on the batch): ORT, TVM llvm and
+    TVM qpu with ``placement="all"`` (every supported op in an emulated QPU region)."""
+    import numpy as np
+    import onnxruntime as ort
+    import tvm_qpu
+    d = np.load(os.path.join(MODELS, "digits_test.npz"))
+    x, y = d["x"].astype(np.float32), d["y"]
+    logits = {}
+    rows = []
+    for name in DIGITS:
+        path = paths[name]
+        s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        inp = s.get_inputs()[0].name
+        want = np.concatenate([s.run(None, {inp: x[i:i + 1]})[0] for i in range(len(x))])
+        mod, params = tvm_qpu.from_onnx(path)
+        got = {}
+        for target, placement in (("llvm", "none"), ("qpu", "all")):
+            lib = tvm_qpu.build(mod, target=target, params=params, placement=placement)
+            r = lib.runner("emulator")
+            got[target] = np.concatenate([next(iter(r.run(**{inp: x[i:i + 1]}).values())) for i in range(len(x))])
+            r.close()
+        logits[name] = want
+        row = {"model": name, "images": int(len(x)), "ort_acc": float((want.argmax(1) == y).mean())}
+        for t, g in got.items():
+            row[f"tvm_{t}_acc"] = float((g.argmax(1) == y).mean())
+            row[f"tvm_{t}_pred_differs_from_ort"] = int((g.argmax(1) != want.argmax(1)).sum())
+            row[f"tvm_{t}_logits_identical_to_ort"] = float((g == want).mean())
+            row[f"tvm_{t}_logits_max_abs_diff_from_ort"] = float(np.abs(g.astype(np.float64) - want).max())
+        if PAIRS[name]:
+            row["ort_pred_differs_from_fp32"] = int((want.argmax(1) != logits[PAIRS[name]].argmax(1)).sum())
+        rows.append(row)
+    return rows
+
+
+def _ms(s):
+    return f"{s * 1e3:8.3f}"
+
+
+def tables(rows, acc, meta):
+    out = [f"# {meta['machine']}; TVM and ORT with {meta['threads']} thread(s); batch 1, median of {meta['repeat']}",
+           "# cpu = tvm_qpu llvm build, MEASURED here; qpu = the --target qpu build: its CPU part MEASURED here + "
+           "its QPU regions MODELLED (Pi 5 cycle model)",
+           f"{'model':16s} {'int8 of':11s} {'onnx w B':>9s} {'cpu ms':>8s} "
+           f"{'qpu ms, placement=cost':>24s} {'qpu ms, placement=all':>24s} {'qpu w B':>8s}  regions (all)"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['model']:16s} FAILED {r['error']}")
+            continue
+        qs = [f"{q['total_s'] * 1e3:.3f} ({q['cpu_s'] * 1e3:.3f}+{q['qpu_s'] * 1e3:.3f})"
+              for q in (r["qpu_cost"], r["qpu_all"])]
+        reg = ", ".join(f"{n}x {k}" for k, n in sorted(r["qpu_all"]["regions"].items()))
+        out.append(f"{r['model']:16s} {r['fp32_of'] or '-':11s} {r['onnx_weight_bytes']:9d} {_ms(r['cpu_s'])} "
+                   f"{qs[0]:>24s} {qs[1]:>24s} {r['qpu_all']['qpu_weight_bytes']:8d}  {reg}")
+    out.append("# qpu ms = total (CPU part measured + QPU regions modelled); qpu w B = weight + bias bytes of "
+               "the QPU regions under placement=all, device layout (address tables not counted)")
+    if acc:
+        out += ["", f"# digits test split ({acc[0]['images']} images): accuracy; predictions differing from ORT on the "
+                "same model; fraction of logits identical to ORT's",
+                f"{'model':16s} {'ORT':>6s} {'llvm':>6s} {'qpu all':>7s} {'qpu!=ORT':>9s} {'qpu logits==ORT':>16s} "
+                f"{'max |qpu-ORT|':>14s} {'ORT int8!=fp32':>15s}"]
+        for r in acc:
+            out.append(f"{r['model']:16s} {r['ort_acc']:6.4f} {r['tvm_llvm_acc']:6.4f} {r['tvm_qpu_acc']:7.4f} "
+                       f"{r['tvm_qpu_pred_differs_from_ort']:9d} {r['tvm_qpu_logits_identical_to_ort']:16.4f} "
+                       f"{r['tvm_qpu_logits_max_abs_diff_from_ort']:14.3g} {r.get('ort_pred_differs_from_fp32', '-'):>15}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    a = _args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(a.threads)      # before TVM starts its thread pool
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "threads": a.threads, "repeat": a.repeat,
+            "command": " ".join(["python", "scripts/bench_quant.py"] + (argv if argv is not None else sys.argv[1:]))}
+    with tempfile.TemporaryDirectory(prefix="bench_quant_") as tmp:
+        paths = _model_paths(tmp)
+        rows = []
+        for name, path in paths.items():
+            try:
+                rows.append(bench_time(name, path, a))
+            except Exception as e:        # one failing model must not hide the others: report it
+                rows.append({"model": name, "error": f"{type(e).__name__}: {e}"})
+            if not a.json:
+                print(f"  timed {name}", file=sys.stderr)
+        acc = [] if a.no_accuracy else accuracy(paths)
+    if a.json:
+        print(json.dumps({"meta": meta, "rows": rows, "accuracy": acc}, indent=1))
+    else:
+        print(tables(rows, acc, meta))
+
+
+if __name__ == "__main__":
+    main()
