@@ -12,22 +12,26 @@ rewrites each such chain into
 
 so the integer part is the integer conv / matmul form the qpu patterns already offload (8-bit
 activations and weights read by the TMU, ``smul24``, int32 accumulation, int32 bias, ReLU on the
-int32 accumulator), and what follows (``dequantize`` -> Clip -> ``quantize``) is the requantize
-epilogue, which TVM fuses into one elementwise CPU kernel. Per-channel weight scales (on the output
-channel axis) become a per-channel ``dequantize``. ReLU moves before the dequantize because the
-scales are checked to be positive (``relu(s * a) = s * relu(a)``); Clip / ReLU6 stay in float
-(their bounds are float values), fused with the requantize on the CPU.
+int32 accumulator). Per-channel weight scales (on the output channel axis) become a per-channel
+``dequantize``. ReLU moves before the dequantize because the scales are checked to be positive
+(``relu(s * a) = s * relu(a)``). When the chain ends in ``quantize`` (the next layer's input),
+:func:`rewrite_requant` (run after the importer's Clip / ReLU6 became Relax ops) replaces
+``dequantize -> [ReLU / ReLU6 / Clip] -> quantize`` by one requantize of the accumulator, which the
+qpu patterns fuse into the kernel (gemm.Requant: the region writes int8 / uint8); otherwise (a float
+output, a float bias) the dequantize stays a CPU op after an int32 region.
 
-Rounding (what differs from ONNX Runtime, at most one quantisation step at a rounding tie):
+Rounding (what can differ from ONNX Runtime, at most one quantisation step at a rounding tie):
 
-* we: the int32 accumulator is exact; ``y = float32(acc) * float32(sx * sw)`` then the model's
-  ``quantize``: ``round_half_even(y / sy) + zy``, saturated (TVM's ``relax.quantize`` legalisation;
-  ``te.round`` lowers to LLVM ``nearbyint``, i.e. half to even in the default rounding mode);
+* we, fused: ``q = clamp(round_half_even(float32(acc) * m) + zy, lo, hi)`` with the exact int32
+  accumulator and ``m = float32(float32(sx * sw) / sy)``; the clamp is the output range narrowed by
+  a ReLU6 / Clip (its float bounds quantized with ``sy``, ``zy``). Same on the QPU (itof, fmul,
+  ftoin, clamp, add) and on the CPU (TVM's ``round`` lowers to LLVM ``nearbyint``: half to even);
+* we, unfused (float output): ``y = float32(acc) * float32(sx * sw)``;
 * ONNX Runtime (``ORT_ENABLE_ALL``) fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` (and MatMul into
   ``QLinearMatMul``): int32 accumulation, then ``float32(acc) * (sx * sw / sy)`` rounded half to even
-  (MLAS requantize), + zy, saturated. Unfused QDQ nodes compute the conv in float32 and quantize it
-  the same way. The products differ in the last float bit, so a value within one ulp of a .5 tie can
-  round the other way: results agree exactly except for such ties (a difference of one step).
+  (MLAS requantize), + zy, saturated: the formula we use. Unfused QDQ nodes compute the conv in
+  float32 and quantize ``y / sy``; those products differ in the last float bit, so a value within
+  one ulp of a .5 tie can round the other way (a difference of one step).
 
 Between integer ops, ``quantize(op(dequantize(q, s, z)), s, z)`` with one positive scale and zero
 point is ``op(q)`` exactly for a max pool or a reshape (:data:`INT_PASSTHROUGH`), so adjacent integer

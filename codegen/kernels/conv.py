@@ -28,9 +28,9 @@ from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import depthwise
 from .common import RegisterPool
-from .gemm import (INT_DTYPES, ITEMSIZE, SMALL_INT, GemmShape, Requant, check_limits,
-                   choose_tiling, gemm_kernel, gemm_uniforms, requant_constants, requant_from_attrs,
-                   requant_reference, tmu_config)
+from .gemm import (INT_DTYPES, ITEMSIZE, REQUANT_BLOCK, SMALL_INT, GemmShape, Requant, check_limits,
+                   choose_tiling, gemm_kernel, gemm_uniforms, requant_block, requant_constants,
+                   requant_from_attrs, requant_reference, tmu_config)
 
 S = A.SIGNALS
 R_ = A.R
@@ -209,7 +209,8 @@ def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> Gem
     block = block_taps(s, lay, es)
     common = dict(a_dtype=s.w_dtype, b_dtype=s.dtype, bias=s.bias, bias_axis="m",
                   activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block,
-                  a_stream=a_stream, requant=s.requant)
+                  a_stream=a_stream, requant=s.requant,
+                  a_panel_dtype=s.w_dtype if a_stream == "tmu" and s.w_dtype in SMALL_INT else None)
     if s.depthwise and s.requant is not None and s.requant.axis is not None:
         raise ValueError("per-channel requantize of a depthwise convolution (the GEMM batch is the channel)")
     if s.depthwise:
@@ -220,8 +221,9 @@ def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> Gem
 
 
 def _weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.ndarray) -> np.ndarray:
-    """Weights as the GEMM's packed A panel: panel[z][mt][k][i] (+ R zeros of look-ahead)."""
-    dt = np.int32 if s.is_int else np.float32
+    """Weights as the GEMM's packed A panel: panel[z][mt][k][i] (+ R zeros of look-ahead), in the
+    panel dtype (int8 / uint8 / int16 weights stay narrow in the tmu A stream, else 32-bit words)."""
+    dt = np.dtype(g.a_panel_dtype) if g.a_panel_dtype else (np.int32 if s.is_int else np.float32)
     taps = s.KH * s.KW
     if s.depthwise:
         wm = weight.reshape(s.C, 1, taps).astype(dt)                  # z = channel, M = 1
@@ -281,21 +283,18 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
                        x_bytes + (0 if lay.copy else 2 * block_taps(s, lay, es)[0] + 64))]
     consts = {"weight_panel": _weight_panel(s, lay, g, t, np.asarray(weight)),
               "data_table": pixel_table(s, lay, es)}
-    bufs.append(BufferSpec("weight_panel", "weight", consts["weight_panel"].shape, acc_dt))
+    bufs.append(BufferSpec("weight_panel", "weight", consts["weight_panel"].shape,
+                           str(consts["weight_panel"].dtype)))
     bufs.append(BufferSpec("data_table", "weight", consts["data_table"].shape, "int32"))
     if s.bias:
         bv = np.zeros(s.OC + 16, dtype=acc_dt)
         bv[: s.OC] = np.asarray(bias).reshape(-1)
         consts["bias"] = bv
         bufs.append(BufferSpec("bias", "weight", bv.shape, acc_dt))
-    if s.requant is not None and s.requant.axis is not None:
-        sc = np.asarray(scale if scale is not None else (), np.float32).reshape(-1)
-        if sc.size != s.OC or not np.all(np.isfinite(sc) & (sc > 0)):
-            raise ValueError(f"requantize scale: {s.OC} finite positive values wanted, got {sc.size}")
-        sv = np.ones(t.MT * t.R + 16, np.float32)       # rows past OC of the last tile read 1.0
-        sv[: s.OC] = sc
-        consts["scale"] = sv
-        bufs.append(BufferSpec("scale", "weight", sv.shape, "float32"))
+    if s.requant is not None:                            # the epilogue's parameter blocks
+        consts[REQUANT_BLOCK] = requant_block(g, t, scale)
+        bufs.append(BufferSpec(REQUANT_BLOCK, "weight", consts[REQUANT_BLOCK].shape, "uint32",
+                               consts[REQUANT_BLOCK].nbytes + 64))
     bufs.append(BufferSpec("out", "output", (s.N, s.OC, s.OH, s.OW), out_dt))
     launches = []
     b_name = "data"
@@ -320,7 +319,7 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
                              "tiling": t.__dict__,
                              "block": lay.__dict__},
                       flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,
-                      bytes_moved=x_bytes + s.N * s.OC * P * ITEMSIZE[out_dt] + np.asarray(weight).size * ITEMSIZE[s.w_dtype])
+                      bytes_moved=x_bytes + s.N * s.OC * P * ITEMSIZE[out_dt] + consts["weight_panel"].nbytes)
 
 
 def reference(s: ConvShape, x: np.ndarray, w: np.ndarray, bias=None, scale=None) -> np.ndarray:
