@@ -81,6 +81,31 @@ def test_gemm_requantize_epilogue_matches_the_spec(dev, case):
         assert np.any(acc % 2 == 1)
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["params_in_registers", "params_through_unifa"])
+@pytest.mark.parametrize("axis,stream", [(None, "unifa"), ("n", "unifa"), (None, "tmu"), ("n", "tmu")])
+def test_relu_before_requantize_and_both_parameter_paths(dev, monkeypatch, held, axis, stream):
+    """ReLU on the accumulator, then the requantize (the kernel folds it into the clamp: lo = zp);
+    the parameters held in registers (when they fit) or read per tile through the unifa stream."""
+    import tvm_qpu.codegen.kernels.gemm as G
+    if not held:
+        monkeypatch.setattr(G, "_rq_regs_fit", lambda *a: False)
+    M, N, K, zp = (21 if stream == "unifa" else 8), 37, 50, -7     # tmu: R = M = 8 leaves room to hold them
+    rng = np.random.default_rng(5)
+    sc = rng.uniform(3e-4, 1e-3, N if axis else 1).astype(np.float32)
+    rq = Requant("int8", axis, zp, -128, 127, None if axis else float(sc[0]))
+    s = GemmShape(M, N, K, a_dtype="int8", b_dtype="int8", bias=True, activation="relu", requant=rq, a_stream=stream)
+    assert G.choose_tiling(s).rq_regs == held
+    a = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    b = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    bias = rng.integers(-3000, 3000, N).astype(np.int32)
+    consts = {"B": b, "bias": bias, **({"scale": sc} if axis else {})}
+    out, _ = run_plan(plan_gemm(s, consts), dev, A=a)
+    acc = np.maximum(a.astype(np.int64) @ b.astype(np.int64) + bias, 0)
+    want = spec_requant(acc, sc if axis else sc[0], zp, -128, 127, "int8")
+    assert np.any(want == zp) and np.any(want > zp)
+    np.testing.assert_array_equal(np.asarray(out).reshape(M, N), want)
+
+
 # (N, C, H, W, OC, scale axis, out dtype, zero point, clamp, padding, a_stream)
 CONV_CASES = {
     "per_channel_int8": (1, 3, 8, 8, 20, "m", "int8", -5, None, 1, None),
@@ -103,6 +128,8 @@ def test_conv_requantize_epilogue_matches_the_spec(dev, case):
     w = rng.integers(-128, 128, (OC, C, 3, 3)).astype(np.int8)
     b = rng.integers(-5000, 5000, OC).astype(np.int32)
     plan = plan_conv(s, w, b, stream, sc if axis else None)
+    if plan.attrs["a_stream"] == "tmu":         # int8 weights stay int8 (the TMU sign-extends them)
+        assert plan.constants["weight_panel"].dtype == np.int8
     out, _ = run_plan(plan, dev, data=x)
     want = spec_requant(_direct_conv(x, w, b, pad), sc.reshape(-1, 1, 1) if axis else sc[0], zp, lo, hi, dt)
     np.testing.assert_array_equal(np.asarray(out).reshape(want.shape), want)

@@ -291,7 +291,7 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
         bv[: s.OC] = np.asarray(bias).reshape(-1)
         consts["bias"] = bv
         bufs.append(BufferSpec("bias", "weight", bv.shape, acc_dt))
-    if s.requant is not None:                            # the epilogue's parameter blocks
+    if s.requant is not None and not t.rq_regs:          # the epilogue's parameter blocks
         consts[REQUANT_BLOCK] = requant_block(g, t, scale)
         bufs.append(BufferSpec(REQUANT_BLOCK, "weight", consts[REQUANT_BLOCK].shape, "uint32",
                                consts[REQUANT_BLOCK].nbytes + 64))

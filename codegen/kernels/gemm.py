@@ -221,6 +221,10 @@ class GemmTiling:
     NT: int
     Wm: int
     Wn: int
+    #: the requantize parameters (scale, zero point, bounds, store config) stay in registers loaded
+    #: once per worker; False: the epilogue reads them through the unifa stream each tile
+    #: (:func:`requant_block`) when holding them would cost rows per tile (R) or unroll (U)
+    rq_regs: bool = False
 
 
 
@@ -235,23 +239,24 @@ def _worker_grid(MT: int, NT: int, W: int):
     return best[1], best[2]
 
 
-def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
+def _registers_needed(s: GemmShape, R: int, U: int, PF: int, rq_regs: bool = False) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
     base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
         + (1 if s.kstep_config else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0) \
-        + _requant_registers(s)
+        + _requant_registers(s, rq_regs)
     return base + extra + U + 5 + R
 
 
-def _requant_registers(s: GemmShape) -> int:
+def _requant_registers(s: GemmShape, rq_regs: bool = False) -> int:
     """Registers of the requantize epilogue held across the K loop: the parameter block pointer
-    (:func:`requant_block`; n axis: + the scale vector's worker base, tile pointer and the popped
-    vector); the 4-byte-vector column step when outputs are 8-bit and a vector is per column."""
+    (:func:`requant_block`), or with ``rq_regs`` the parameters themselves (zero point, bounds,
+    store config, a per-tensor scale); n axis: + the scale vector's worker base, tile pointer and
+    the popped vector; the 4-byte-vector column step when outputs are 8-bit and a vector is per column."""
     rq = s.requant
     if rq is None:
         return 0
-    n = 1 + {None: 0, "m": 0, "n": 3}[rq.axis]
+    n = (4 + (rq.axis is None) if rq_regs else 1) + {None: 0, "m": 0, "n": 3}[rq.axis]
     return n + (1 if s.vec_n and s.out_es != 4 else 0)
 
 
@@ -297,7 +302,7 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
             R -= 1
         MT, NT = -(-s.M // R), -(-s.N // 16)
         Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
-        return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn)
+        return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
     if s.is_int or (not s.transpose_b and s.batch == 1):
         U = 8 if s.K > 32 else 4 if s.K > 8 else 2  # padded B rows are zeros: padding is exact
     else:
@@ -314,7 +319,13 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     Kpad = -(-s.K // U) * U
     MT, NT = -(-s.M // R), -(-s.N // 16)
     Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
-    return GemmTiling(R, U, PF, Kpad, MT, NT, Wm, Wn)
+    return GemmTiling(R, U, PF, Kpad, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
+
+
+def _rq_regs_fit(s: GemmShape, R: int, U: int, PF: int) -> bool:
+    """Hold the requantize parameters in registers (no per-tile unifa read) when they fit beside
+    the tiling chosen without them; m-axis row scales always come through the unifa stream."""
+    return s.requant is not None and s.requant.axis != "m" and _registers_needed(s, R, U, PF, True) <= 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -340,8 +351,14 @@ class GemmRegs:
         self.cfg1 = p.take() if s.kstep_config else None   # tmuc word: a k-step's 8/16-bit lookups
         rq = s.requant
         self.rq_ptr = self.rq_sptr = self.rq_ns = self.rq_sv = None
+        self.rq_held = None
         if rq is not None:
-            self.rq_ptr = p.take()                          # parameter block (of this m-tile)
+            if t.rq_regs:                                   # the parameters themselves
+                self.rq_held = dict(zip(("zp", "lo", "hi", "cfg"), p.take(4)))
+                if rq.axis is None:
+                    self.rq_held["s"] = (p.take(), None)
+            else:
+                self.rq_ptr = p.take()                      # parameter block (of this m-tile)
             if rq.axis == "n":
                 self.rq_sptr, self.rq_ns, self.rq_sv = p.take(3)   # worker base, tile pointer, vector
         # column step of the 4-byte per-column vectors (the C step when outputs are 4-byte)
@@ -418,7 +435,11 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
               ("u32", t.Wm * t.R * 4)]
     if s.a_stream == "tmu":
         u.append(("u32", pes * t.R))                        # A column step per k-step
-    if rq is not None:
+    if rq is not None and t.rq_regs:
+        u += [("u32", int(w)) for w in requant_params(s)]
+        if rq.axis is None:
+            u.append(("f32", float(np.float32(rq.scale))))
+    elif rq is not None:
         blk = requant_block_words(s, t) * 4
         u.append(("addr", REQUANT_BLOCK, mt0 * blk if rq.axis == "m" else 0))
         if rq.axis == "m":
@@ -431,6 +452,20 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
 #: the plan's constant buffer of requantize parameters the epilogue reads through the unifa stream
 REQUANT_BLOCK = "requant"
 _REQUANT_TAIL = 4                # zero point, lo - zp, hi - zp, store config
+
+
+def relu_folded(s: GemmShape) -> bool:
+    """A ReLU before the requantize is its clamp's lower bound instead (``lo = max(lo, zp)``):
+    with a positive multiplier ``round(max(acc, 0) * m) = max(round(acc * m), 0)``."""
+    return s.requant is not None and s.activation == "relu"
+
+
+def requant_params(s: GemmShape) -> np.ndarray:
+    """``[zp, lo - zp, hi - zp, store config]`` as uint32 words (lo raised to zp for a folded ReLU)."""
+    rq = s.requant
+    lo = max(rq.lo, rq.zero_point) if relu_folded(s) else rq.lo
+    w = np.array([rq.zero_point, lo - rq.zero_point, rq.hi - rq.zero_point, STORE8_CONFIG], np.int64)
+    return (w & 0xFFFFFFFF).astype(np.uint32)
 
 
 def requant_block_words(s: GemmShape, t: GemmTiling) -> int:
@@ -446,8 +481,7 @@ def requant_block(s: GemmShape, t: GemmTiling, scale=None) -> np.ndarray:
     ``[zp, lo - zp, hi - zp, cfg]`` (its scales are the per-column ``scale`` vector); + 16 words
     of the uniform stream's look-ahead. Per-channel ``scale`` values must be finite and positive."""
     rq = s.requant
-    tail = np.array([rq.zero_point, rq.lo - rq.zero_point, rq.hi - rq.zero_point], np.int64) & 0xFFFFFFFF
-    tail = np.concatenate([tail, [STORE8_CONFIG]]).astype(np.uint32)
+    tail = requant_params(s)
     if rq.axis == "n":
         blocks = [tail]
     else:
@@ -572,7 +606,12 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(g.nbias))   # nbias = Wm * R * 4 (m step)
     if s.a_stream == "tmu":
         nop(sig=ld(g.astep))
-    if s.requant is not None:
+    if g.rq_held is not None:                               # zp, lo - zp, hi - zp, cfg (, scale)
+        for k in ("zp", "lo", "hi", "cfg"):
+            nop(sig=ld(g.rq_held[k]))
+        if "s" in g.rq_held:
+            nop(sig=ld(g.rq_held["s"][0]))
+    elif s.requant is not None:
         nop(sig=ld(g.rq_ptr))                               # parameter block
         if s.requant.axis == "m":                           # + wm blocks
             nop(sig=ld(tmp))
@@ -851,7 +890,8 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
 def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
     """Activation, stores (lanes < columns left; rows < rows left)."""
     R = t.R
-    _activation(s, g, R)
+    if not relu_folded(s):
+        _activation(s, g, R)
     if s.requant is not None:
         _requantize(s, t, g)
     if R <= 15:
@@ -900,53 +940,70 @@ def _store_data(s: GemmShape, g: GemmRegs, reg, row: int):
 
 
 def _requant_temps(g: GemmRegs) -> dict:
-    """Registers free during the epilogue (the K loop's) that hold the requantize parameters."""
+    """Registers holding the requantize parameters in the epilogue: the ones loaded once per worker
+    (GemmTiling.rq_regs), or registers the finished K loop frees (the unifa block's)."""
+    if g.rq_held is not None:
+        return g.rq_held
     return {"s": g.t, "zp": g.ab[0], "lo": g.ab[1], "hi": g.bp, "cfg": g.cnt}
 
 
 def _requantize(s: GemmShape, t: GemmTiling, g: GemmRegs):
     """The :class:`Requant` epilogue on the R accumulators, in place: ``itof``, ``fmul`` by the
     scale, ``ftoin``, the clamp to ``[lo - zp, hi - zp]``, + zp (the clamp before the add: a
-    saturated ``ftoin`` cannot wrap). The parameters (:func:`requant_block`: the scale or the
-    m-tile's row scales, zp, the bounds, the store config) arrive through the unifa stream,
+    saturated ``ftoin`` cannot wrap); ``ftoin`` of row i - 1 shares an instruction with the
+    ``fmul`` of row i. The parameters (zp, the bounds, the store config, a per-tensor scale) stay
+    in registers when they fit beside the tiling (``GemmTiling.rq_regs``); otherwise, and always
+    for m-axis row scales, they arrive through the unifa stream (:func:`requant_block`),
     redirected here (the K loop's A stream is finished; the next tile points it back) into
     registers the K loop frees, so the epilogue holds one register across the K loop instead of
-    six (fewer rows per tile, R, cost more than these reads: a 32 -> 32 channel conv ran 196 us
-    emulated with R = 10 against 121 us at R = 16). n-axis scales are the column tile's vector,
-    looked up with the bias at the tile start."""
+    six: fewer rows per tile cost more than these reads (a 32 -> 32 channel conv ran 196 us
+    emulated with R = 10 against 121 us at R = 16), while the read's latency costs each tile a
+    uniform round trip (a 1 -> 8 channel conv over 64 images: 61.8 us through unifa, 56.6 us held,
+    55.8 us with int32 outputs). n-axis scales are the column tile's vector, looked up with the
+    bias at the tile start. A ReLU is folded into the clamp (:func:`relu_folded`)."""
     R = t.R
     rq = s.requant
     ops = A.DSL
     acc = g.acc
     tp = _requant_temps(g)
-    S0, S1 = tp["s"]
+    S0, S1 = tp.get("s", (None, None))                 # (n axis: the vector rq_sv)
     ld = S["ldunifarf"]
     prog = _current()
+    held = g.rq_held is not None
     pc = len(prog.items)
-    mov(unifa, g.rq_ptr)
+    if not held:
+        mov(unifa, g.rq_ptr)
     for i in range(R):
         ins = ops["itof"](acc[i], acc[i])
         if rq.axis == "n" and i:                            # the column scales are in a register
             ins.fmul(acc[i - 1], acc[i - 1], g.rq_sv)
     if rq.axis == "n":
         ops["fmul"](acc[R - 1], acc[R - 1], g.rq_sv)
-    while len(prog.items) - pc < 4:                         # the redirect's latency
+    while not held and len(prog.items) - pc < 4:            # the redirect's latency
         nop()
-    params = [tp["zp"], tp["lo"], tp["hi"], tp["cfg"]]
-    if rq.axis is None:                                     # [scale, zp, lo, hi, cfg]
-        nop(sig=ld(S0))
+    params = [] if held else [tp["zp"], tp["lo"], tp["hi"], tp["cfg"]]
+
+    def psig():
+        return ld(params.pop(0)) if params else None
+
+    if rq.axis == "n":                                      # products done: ftoin each row
         for i in range(R):
-            ops["fmul"](acc[i], acc[i], S0, sig=ld(params.pop(0)) if params else None)
-    elif rq.axis == "m":                                    # [step, row scales.., zp, lo, hi, cfg]
-        nop(sig=ld(S0))                                     # (the step: unused here)
-        nop(sig=ld(S0))
-        for i in range(R):                                  # fmul row i; load row i + 1's scale
-            nxt = (S1 if i % 2 == 0 else S0) if i + 1 < R else params.pop(0)
-            ops["fmul"](acc[i], acc[i], S0 if i % 2 == 0 else S1, sig=ld(nxt))
-    for i in range(R):
-        ops["ftoin"](acc[i], acc[i], sig=ld(params.pop(0)) if params else None)
+            ops["ftoin"](acc[i], acc[i], sig=psig())
+    else:                                                   # ftoin row i-1 (add) | fmul row i (mul)
+        if not held:
+            nop(sig=ld(S0))                                 # [scale | step, scales.., zp, lo, hi, cfg]
+        if rq.axis == "m":
+            nop(sig=ld(S0))                                 # (the step word: unused here)
+        for i in range(R):
+            if rq.axis == "m":                              # row i's scale in S[i % 2]; load row i + 1's
+                sc, sig = (S0, S1)[i % 2], (ld((S1, S0)[i % 2]) if i + 1 < R else psig())
+            else:
+                sc, sig = S0, psig()
+            ins = ops["ftoin"](acc[i - 1], acc[i - 1], sig=sig) if i else nop(sig=sig)
+            ins.fmul(acc[i], acc[i], sc)
+        ops["ftoin"](acc[R - 1], acc[R - 1], sig=psig())
     while params:
-        nop(sig=ld(params.pop(0)))
+        nop(sig=psig())
     for i in range(R):                                      # clamp row i (add) | + zero point row i-1 (mul)
         ops["imax"](acc[i], acc[i], tp["lo"])
         ins = ops["imin"](acc[i], acc[i], tp["hi"])
@@ -1190,7 +1247,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         bias = np.zeros(t.NT * 16, dtype=bias_dtype)
         bias[: s.N] = np.asarray(constants[bias_name]).reshape(-1)
         out_consts[bias_name] = bias
-    if s.requant is not None:
+    if s.requant is not None and not t.rq_regs:
         blk = requant_block(s, t, constants.get("scale"))
         out_consts[REQUANT_BLOCK] = blk
         bufs.append(BufferSpec(REQUANT_BLOCK, "weight", blk.shape, "uint32", blk.nbytes + 64))
