@@ -17,6 +17,7 @@ output channel, which is the GEMM's row axis "m").
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -315,7 +316,9 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
             u = [("addr", e[1], e[2] + shift.get(e[1], 0)) if e[0] == "addr" else e for e in u]
         launches.append(Launch(gemm_words, u, (t.Wn, t.Wm, g.batch), 16, s.num_qpus, 1, "conv"))
     return KernelPlan("conv2d", bufs, launches, consts,
-                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__}, "a_stream": g.a_stream,
+                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__},
+                             "requant": None if s.requant is None else dataclasses.asdict(s.requant),
+                             "a_stream": g.a_stream, "a_panel_dtype": g.a_panel_dtype,
                              "tiling": t.__dict__,
                              "block": lay.__dict__},
                       flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,

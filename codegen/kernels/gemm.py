@@ -1293,6 +1293,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
                              "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__,
                              "out_dtype": s.out_dtype,
+                             "requant": None if s.requant is None else s.requant.__dict__,
                              # modelled seconds of each launch (default TimingModel): the v3d
                              # device checks the longest against its dispatch budget
                              "launch_seconds": launch_seconds},
