@@ -272,7 +272,7 @@ def _with_epilogue(dpl, core, epi, ann):
 # and its int32 epilogue): ``astype(clip(round(astype(acc, float32) * m) + zp, lo, hi), int8 | uint8)``
 # with m a positive float32 constant (scalar or per output channel), zp an integer, and lo <= hi
 # integers inside the 8-bit range. The kernel computes it exactly (itof, fmul, ftoin, clamp, + zp).
-REQUANT_OUT = {"int8": (-128, 127), "uint8": (0, 255)}
+REQUANT_OUT = {"int8": (-128, 127), "uint8": (0, 255)}     # = codegen.kernels.gemm.REQUANT_DTYPES
 
 
 def _with_requant(dpl, root, ann):

@@ -342,8 +342,8 @@ def rewrite_qdq(func):
     return func, _dedupe(decisions)
 
 
-#: 8-bit outputs the QPU kernels' requantize epilogue writes -> (qmin, qmax)
-REQUANT_OUT = {"int8": (-128, 127), "uint8": (0, 255)}
+#: 8-bit outputs the QPU kernels' requantize epilogue writes -> (qmin, qmax) (the patterns' table)
+REQUANT_OUT = P.REQUANT_OUT
 #: float ops between ``dequantize(acc)`` and ``quantize`` folded into the requantize clamp
 #: (op name -> how it bounds the value: ("lo", arg) / ("hi", arg) / ("clip",) / ("relu",))
 _CLAMP_OPS = {"relax.nn.relu": ("relu",), "relax.maximum": ("lo", 1), "relax.minimum": ("hi", 1),
