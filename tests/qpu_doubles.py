@@ -138,7 +138,19 @@ def reference(spec, vals: dict):
         y = (e / e.sum(-1, keepdims=True)) @ v
     else:
         raise KeyError(k)
+    if k in ("matmul", "conv2d") and a.get("requant") is not None:
+        y = _requantize(y, a["requant"], k)
     return np.asarray(y).astype(out_dt).reshape(out_shape)
+
+
+def _requantize(acc, rq, kind):
+    """attrs["requant"] to the spec (QuantizeLinear of float32(acc) * scale): round half to even,
+    + zero point, clamp to [lo, hi]; per-channel scales on the output channel axis."""
+    sc = np.asarray(rq["scale"], np.float32)
+    if sc.size > 1:
+        sc = sc.reshape((1, -1, 1, 1) if kind == "conv2d" else (-1,))
+    y = np.asarray(acc).astype(np.float32) * sc
+    return np.clip(np.rint(y.astype(np.float64)) + rq["zero_point"], rq["lo"], rq["hi"])
 
 
 # ---------------------------------------------------------------------------------------------

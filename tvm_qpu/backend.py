@@ -340,7 +340,7 @@ def canonicalize(mod, params=None, qdq_decisions=None):
     importer's TIR max/min calls with constant bounds (Clip / ReLU6) into Relax ops."""
     import tvm
     from tvm import relax
-    from .quant import rewrite_qdq
+    from .quant import rewrite_qdq, rewrite_requant
     if params:
         mod = relax.transform.BindParams("main", {k: (v if hasattr(v, "numpy") else tvm.runtime.tensor(np.asarray(v)))
                                                   for k, v in params.items()})(mod)
@@ -354,6 +354,11 @@ def canonicalize(mod, params=None, qdq_decisions=None):
         if isinstance(f, relax.Function):
             f = _tir_bounds_to_relax(f, mod)
             mod[gv] = _drop_zero_subtract(f)
+    gv = mod.get_global_var("main")
+    main, decisions = rewrite_requant(mod["main"])        # needs the Clip / ReLU6 bounds as Relax ops
+    mod[gv] = main
+    if qdq_decisions is not None:
+        qdq_decisions.extend(decisions)
     mod = relax.transform.FoldConstant()(mod)
     mod = relax.transform.DeadCodeElimination()(mod) if hasattr(relax.transform, "DeadCodeElimination") else mod
     return mod

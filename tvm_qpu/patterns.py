@@ -271,6 +271,63 @@ def _with_epilogue(dpl, core, epi, ann):
     return root, ann
 
 
+# The requantize epilogue (what tvm_qpu.quant.rewrite_requant emits after an int32 matmul / conv2d
+# and its int32 epilogue): ``astype(clip(round(astype(acc, float32) * m) + zp, lo, hi), int8 | uint8)``
+# with m a positive float32 constant (scalar or per output channel), zp an integer, and lo <= hi
+# integers inside the 8-bit range. The kernel computes it exactly (itof, fmul, ftoin, clamp, + zp).
+REQUANT_OUT = {"int8": (-128, 127), "uint8": (0, 255)}     # = codegen.kernels.gemm.REQUANT_DTYPES
+
+
+def _with_requant(dpl, root, ann):
+    """Append the requantize chain to ``root``; ann gets "rq_*" entries and "rq_root"."""
+    f = dpl.is_op("relax.astype")(root)
+    m = dpl.is_const()
+    mul = dpl.is_op("relax.multiply")(f, m)
+    zp = dpl.is_const()
+    shifted = dpl.is_op("relax.add")(dpl.is_op("relax.round")(mul), zp)
+    cl = dpl.is_op("relax.clip")(shifted, dpl.wildcard(), dpl.wildcard())
+    q = dpl.is_op("relax.astype")(cl)
+    ann.update({"rq_float": f, "rq_scale": m, "rq_zp": zp, "rq_clip": cl, "rq_root": q})
+    return q, ann
+
+
+def _integral(v: float, what: str) -> int:
+    if not np.isfinite(v) or v != np.floor(v):
+        raise Refused(f"requantize {what} {v} is not an integer")
+    return int(v)
+
+
+def _requant_attrs(ann, channels: int, channel_axis_from_end: int):
+    """attrs["requant"] of a matched requantize chain (None without one); Refused when the chain
+    is not exactly the kernel's formula."""
+    if "rq_root" not in ann:
+        return None
+    q, f, cl = ann["rq_root"], ann["rq_float"], ann["rq_clip"]
+    out = dtype_of(q)
+    if out not in REQUANT_OUT:
+        raise Refused(f"requantize to {out} (int8 / uint8 outputs)")
+    if dtype_of(f) != "float32" or dtype_of(ann["root"]) != "int32":
+        raise Refused("requantize of a non-int32 accumulator")
+    m = const_value(ann["rq_scale"])
+    if m.dtype != np.float32 or not np.all(np.isfinite(m) & (m > 0)):
+        raise Refused("requantize multiplier is not float32, finite and positive")
+    if m.size != 1:
+        shp = m.shape
+        nontrivial = [i for i, d in enumerate(shp) if d != 1]
+        if m.size != channels or len(nontrivial) != 1 or len(shp) - nontrivial[0] != channel_axis_from_end:
+            raise Refused(f"requantize multiplier of shape {list(shp)} is not per output channel")
+    zpv = const_value(ann["rq_zp"])
+    if zpv.size != 1:
+        raise Refused("requantize zero point is not a scalar")
+    zp = _integral(float(zpv.reshape(())), "zero point")
+    lo, hi = (_integral(float(a.value), "clip bound") for a in cl.args[1:3])
+    qmin, qmax = REQUANT_OUT[out]
+    if not (qmin <= lo <= hi <= qmax) or not (qmin <= zp <= qmax):
+        raise Refused(f"requantize clamp [{lo}, {hi}] / zero point {zp} outside {out}")
+    scale = tuple(float(v) for v in m.reshape(-1))
+    return {"scale": scale, "zero_point": zp, "lo": lo, "hi": hi}
+
+
 def _scalar_bound(e) -> float:
     if not is_constant(e) or const_value(e).size != 1:
         raise Refused("clip bounds must be scalar constants")
@@ -319,14 +376,15 @@ def _bias_vector(ann, channels: int, channel_axis_from_end: int, acc_dtype: str)
 # ---------------------------------------------------------------------------------------------
 # matmul
 
-def _make_matmul(epi):
+def _make_matmul(epi, requant=False):
     def make():
         dpl = _dpl()
         a_out, a = _operand(dpl)
         b_out, b = _operand(dpl, allow_transpose=True)
         mm = dpl.is_op("relax.matmul")(a_out, b_out)
         ann = {"a": a, "a_outer": a_out, "b": b, "b_outer": b_out, "core": mm}
-        return _with_epilogue(dpl, mm, epi, ann)
+        root, ann = _with_epilogue(dpl, mm, epi, ann)
+        return _with_requant(dpl, root, ann) if requant else (root, ann)
     return make
 
 
@@ -396,31 +454,35 @@ def build_matmul(ann) -> Match:
     root = ann["root"]
     attrs = {"transpose_b": transpose_b, "bias": bias is not None, "activation": _activation(ann),
              "out_dtype": acc}
+    rq = _requant_attrs(ann, n, 1)
+    if rq is not None:
+        attrs["requant"] = rq
     root_shape = shape_of(root)
-    spec = _spec("matmul", names, inputs, (kernel_out, dtype_of(root)), attrs)
+    spec = _spec("matmul", names, inputs, (kernel_out, dtype_of(ann.get("rq_root", root))), attrs)
     return Match(spec, consts, runtime, out_reshape=root_shape if kernel_out != root_shape else None, anchor=mm)
 
 
 # ---------------------------------------------------------------------------------------------
 # conv2d
 
-def _make_conv(epi, op="relax.nn.conv2d"):
+def _make_conv(epi, op="relax.nn.conv2d", requant=False):
     def make():
         dpl = _dpl()
         x_out, x = _operand(dpl)
         w_out, w = _operand(dpl)
         conv = dpl.is_op(op)(x_out, w_out)
         ann = {"x": x, "x_outer": x_out, "w": w, "w_outer": w_out, "core": conv}
-        return _with_epilogue(dpl, conv, epi, ann)
+        root, ann = _with_epilogue(dpl, conv, epi, ann)
+        return _with_requant(dpl, root, ann) if requant else (root, ann)
     return make
 
 
-def _make_conv2d(epi):
-    return _make_conv(epi, "relax.nn.conv2d")
+def _make_conv2d(epi, requant=False):
+    return _make_conv(epi, "relax.nn.conv2d", requant)
 
 
-def _make_conv1d(epi):
-    return _make_conv(epi, "relax.nn.conv1d")
+def _make_conv1d(epi, requant=False):
+    return _make_conv(epi, "relax.nn.conv1d", requant)
 
 
 # per convolution rank: (data layout, kernel layout, bias channel axis counted from the end)
@@ -471,8 +533,11 @@ def _build_conv(ann, rank: int) -> Match:
     attrs = {"strides": strides, "padding": pad, "dilation": dil,
              "groups": int(_attr(conv, "groups")), "layout": "NCHW", "bias": bias is not None,
              "activation": _activation(ann), "out_dtype": acc}
+    rq = _requant_attrs(ann, out_shape[1], bias_axis)
+    if rq is not None:
+        attrs["requant"] = rq
     root_shape = shape_of(root)
-    spec = _spec("conv2d", names, inputs, (kernel_out, dtype_of(root)), attrs)
+    spec = _spec("conv2d", names, inputs, (kernel_out, dtype_of(ann.get("rq_root", root))), attrs)
     m = Match(spec, consts, [RuntimeInput("data", x, x_steps)],
               out_reshape=root_shape if kernel_out != root_shape else None, anchor=conv)
     s2d = _space_to_depth_form(m, x) if rank == 2 else None
@@ -984,9 +1049,11 @@ def _table() -> list:
     for base, kind, make, build in (("matmul", "matmul", _make_matmul, build_matmul),
                                     ("conv2d", "conv2d", _make_conv2d, build_conv2d),
                                     ("conv1d", "conv2d", _make_conv1d, build_conv1d)):
-        for epi in EPILOGUES:
-            nm = base + ("_" + epi if epi else "")
-            rows.append(PatternEntry(f"qpu.{nm}", kind, make(epi), build, f"{base} with epilogue {epi or 'none'}"))
+        for requant in (True, False):             # the 8-bit requantized forms first (more fused)
+            for epi in EPILOGUES:
+                nm = base + ("_" + epi if epi else "") + ("_requant" if requant else "")
+                doc = f"{base} with epilogue {epi or 'none'}" + (", requantized to 8 bits" if requant else "")
+                rows.append(PatternEntry(f"qpu.{nm}", kind, make(epi, requant), build, doc))
     rows += [
         # before the pooling rows: its means over the last axis would become global average pools
         PatternEntry("qpu.layer_norm_chain", "layer_norm", _make_layer_norm_chain, build_layer_norm_chain,

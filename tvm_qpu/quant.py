@@ -12,22 +12,26 @@ rewrites each such chain into
 
 so the integer part is the integer conv / matmul form the qpu patterns already offload (8-bit
 activations and weights read by the TMU, ``smul24``, int32 accumulation, int32 bias, ReLU on the
-int32 accumulator), and what follows (``dequantize`` -> Clip -> ``quantize``) is the requantize
-epilogue, which TVM fuses into one elementwise CPU kernel. Per-channel weight scales (on the output
-channel axis) become a per-channel ``dequantize``. ReLU moves before the dequantize because the
-scales are checked to be positive (``relu(s * a) = s * relu(a)``); Clip / ReLU6 stay in float
-(their bounds are float values), fused with the requantize on the CPU.
+int32 accumulator). Per-channel weight scales (on the output channel axis) become a per-channel
+``dequantize``. ReLU moves before the dequantize because the scales are checked to be positive
+(``relu(s * a) = s * relu(a)``). When the chain ends in ``quantize`` (the next layer's input),
+:func:`rewrite_requant` (run after the importer's Clip / ReLU6 became Relax ops) replaces
+``dequantize -> [ReLU / ReLU6 / Clip] -> quantize`` by one requantize of the accumulator, which the
+qpu patterns fuse into the kernel (gemm.Requant: the region writes int8 / uint8); otherwise (a float
+output, a float bias) the dequantize stays a CPU op after an int32 region.
 
-Rounding (what differs from ONNX Runtime, at most one quantisation step at a rounding tie):
+Rounding (what can differ from ONNX Runtime, at most one quantisation step at a rounding tie):
 
-* we: the int32 accumulator is exact; ``y = float32(acc) * float32(sx * sw)`` then the model's
-  ``quantize``: ``round_half_even(y / sy) + zy``, saturated (TVM's ``relax.quantize`` legalisation;
-  ``te.round`` lowers to LLVM ``nearbyint``, i.e. half to even in the default rounding mode);
+* we, fused: ``q = clamp(round_half_even(float32(acc) * m) + zy, lo, hi)`` with the exact int32
+  accumulator and ``m = float32(float32(sx * sw) / sy)``; the clamp is the output range narrowed by
+  a ReLU6 / Clip (its float bounds quantized with ``sy``, ``zy``). Same on the QPU (itof, fmul,
+  ftoin, clamp, add) and on the CPU (TVM's ``round`` lowers to LLVM ``nearbyint``: half to even);
+* we, unfused (float output): ``y = float32(acc) * float32(sx * sw)``;
 * ONNX Runtime (``ORT_ENABLE_ALL``) fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` (and MatMul into
   ``QLinearMatMul``): int32 accumulation, then ``float32(acc) * (sx * sw / sy)`` rounded half to even
-  (MLAS requantize), + zy, saturated. Unfused QDQ nodes compute the conv in float32 and quantize it
-  the same way. The products differ in the last float bit, so a value within one ulp of a .5 tie can
-  round the other way: results agree exactly except for such ties (a difference of one step).
+  (MLAS requantize), + zy, saturated: the formula we use. Unfused QDQ nodes compute the conv in
+  float32 and quantize ``y / sy``; those products differ in the last float bit, so a value within
+  one ulp of a .5 tie can round the other way (a difference of one step).
 
 Between integer ops, ``quantize(op(dequantize(q, s, z)), s, z)`` with one positive scale and zero
 point is ``op(q)`` exactly for a max pool or a reshape (:data:`INT_PASSTHROUGH`), so adjacent integer
@@ -211,7 +215,7 @@ def _rewrite_one(m, names):
     why = (f"{x_dtype} activations{(f' - {zx}' if zx > 0 else f' + {-zx}') if zx else ''} x {P.dtype_of(wdq.args[0])} weights"
            f"{' - zero point' if np.any(P.const_value(wdq.args[2])) else ''} -> int32"
            f"{' + int32 bias' if bias_int is not None else ''}{' -> relu' if names['relu'] in m else ''}, "
-           f"{'per-channel' if np.size(sw) > 1 else 'per-tensor'} requantize on the CPU")
+           f"{'per-channel' if np.size(sw) > 1 else 'per-tensor'} requantize")
     if bias_reason:
         why += f"; {bias_reason}: bias added in float"
     return y, why
@@ -336,6 +340,170 @@ def rewrite_qdq(func):
     if decisions:
         func = unique_names(func)
     return func, _dedupe(decisions)
+
+
+#: 8-bit outputs the QPU kernels' requantize epilogue writes -> (qmin, qmax) (the patterns' table)
+REQUANT_OUT = P.REQUANT_OUT
+#: float ops between ``dequantize(acc)`` and ``quantize`` folded into the requantize clamp
+#: (op name -> how it bounds the value: ("lo", arg) / ("hi", arg) / ("clip",) / ("relu",))
+_CLAMP_OPS = {"relax.nn.relu": ("relu",), "relax.maximum": ("lo", 1), "relax.minimum": ("hi", 1),
+              "relax.clip": ("clip",)}
+
+
+@dataclass
+class _RequantPlan:
+    acc: object            # the int32 accumulator expression
+    multiplier: np.ndarray  # float32, scalar or per channel (broadcast shape)
+    zero_point: int
+    lo: int
+    hi: int
+    out_dtype: str
+    why: str
+
+
+def _const_scalar(e, what):
+    if not P.is_constant(e):
+        raise _Keep(f"{what} is not a constant")
+    v = P.const_value(e)
+    if v.size != 1:
+        raise _Keep(f"{what} is not a scalar")
+    return v.reshape(())
+
+
+def _requant_plan(q, var2val):
+    """The requantize of ``quantize([clamps](dequantize(acc_int32, s, 0)), sy, zy)`` (see
+    :func:`rewrite_requant`), None when ``q`` is not such a chain, _Keep with the reason when it is
+    but cannot be fused exactly."""
+    from tvm import relax
+
+    def val(e):
+        return var2val.get(e, e) if isinstance(e, relax.Var) else e
+
+    x = val(q.args[0])
+    lo_f, hi_f = -np.inf, np.inf
+    clamps = []
+    while P.op_name(x) in _CLAMP_OPS:
+        kind = _CLAMP_OPS[P.op_name(x)]
+        if kind[0] == "relu":
+            lo_f = max(lo_f, 0.0)
+        elif kind[0] == "clip":
+            lo_f, hi_f = max(lo_f, float(x.args[1].value)), min(hi_f, float(x.args[2].value))
+        else:
+            b = float(_const_scalar(x.args[kind[1]], "clamp bound"))
+            lo_f, hi_f = (max(lo_f, b), hi_f) if kind[0] == "lo" else (lo_f, min(hi_f, b))
+        clamps.append(P.op_name(x).split(".")[-1])
+        x = val(x.args[0])
+    if P.op_name(x) != "relax.dequantize":
+        return None
+    acc, s_acc, z_acc = x.args
+    if P.dtype_of(acc) != "int32":
+        return None
+    if np.isnan(lo_f) or np.isnan(hi_f) or lo_f > hi_f:
+        raise _Keep("clamp between dequantize and quantize is empty or NaN")
+    out = P.dtype_of(q)
+    if out not in REQUANT_OUT:
+        raise _Keep(f"quantize to {out} (the kernels write int8 / uint8)")
+    if not (P.is_constant(s_acc) and P.is_constant(z_acc)) or np.any(P.const_value(z_acc)):
+        raise _Keep("accumulator scale not constant or zero point not 0")
+    sy = np.float32(_const_scalar(q.args[1], "output scale"))
+    _check_scale(np.asarray(sy), "output scale")
+    zy = int(_const_scalar(q.args[2], "output zero point"))
+    sa = P.const_value(s_acc).astype(np.float32)
+    _check_scale(sa, "accumulator scale")
+    qmin, qmax = REQUANT_OUT[out]
+    # ONNX Runtime's QLinearConv / QLinearMatMul multiplier: (sx * sw) / sy in float32
+    m = (sa.reshape(-1) / sy).astype(np.float32)
+    if not np.all(np.isfinite(m) & (m > 0)):
+        raise _Keep("requantize multiplier is not finite and positive")
+    rank = len(P.shape_of(acc))
+    if m.size > 1:
+        axis = int(P._attr(x, "axis", -1)) % rank
+        if P.shape_of(acc)[axis] != m.size:
+            raise _Keep("per-channel scale does not match the output channels")
+        shape = [1] * rank
+        shape[axis] = m.size
+        m = m.reshape(shape)
+    else:
+        m = m.reshape(())
+
+    def qbound(v, default):
+        # rne(clip(y, a, b) / sy) = clip(rne(y / sy), rne(a / sy), rne(b / sy)): division by
+        # sy > 0 and rounding are monotone
+        if np.isinf(v):
+            return default
+        return int(np.clip(np.rint(np.float64(np.float32(v) / sy)) + zy, qmin, qmax))
+
+    lo, hi = max(qmin, qbound(lo_f, qmin)), min(qmax, qbound(hi_f, qmax))
+    if not qmin <= zy <= qmax:
+        raise _Keep(f"output zero point {zy} outside {out}")
+    why = (f"requantize to {out} fused into the integer op ({'per-channel' if m.size > 1 else 'per-tensor'} "
+           f"multiplier s_acc / s_y, zero point {zy}{', clamp ' + '/'.join(clamps) if clamps else ''} "
+           f"-> [{lo}, {hi}])")
+    return _RequantPlan(acc, m, zy, lo, hi, out, why)
+
+
+def requant_expr(acc, plan: _RequantPlan):
+    """``astype(clip(round(astype(acc, float32) * m) + zp, lo, hi), out)``: the form the qpu
+    patterns take as the kernels' requantize epilogue (gemm.Requant), which the CPU computes the
+    same way (float32 multiply, round half to even, exact small-integer adds and clamps)."""
+    import tvm
+    from tvm import relax
+    f = relax.op.astype(acc, "float32")
+    f = relax.op.multiply(f, relax.const(tvm.runtime.tensor(plan.multiplier)))
+    f = relax.op.add(relax.op.round(f), relax.const(np.float32(plan.zero_point)))
+    f = relax.op.clip(f, float(plan.lo), float(plan.hi))
+    return relax.op.astype(f, plan.out_dtype)
+
+
+def rewrite_requant(func):
+    """``quantize([relu | maximum | minimum | clip](dequantize(acc, s_acc, 0)), s_y, z_y)`` with an
+    int32 ``acc`` (what :func:`rewrite_qdq` leaves after an integer conv / matmul) becomes one
+    requantize on the accumulator (:func:`requant_expr`):
+
+        q = clamp(round_half_even(float32(acc) * m) + z_y, lo, hi),   m = float32(s_acc / s_y)
+
+    with ``[lo, hi]`` the output dtype's range narrowed by the float clamps (ReLU6 / Clip bounds
+    quantized with the output parameters; ReLU gives ``lo = z_y``). ``m`` is ONNX Runtime's
+    QLinearConv / QLinearMatMul multiplier ``(s_x s_w) / s_y``, so the result equals ORT's fused
+    kernels; against unfused QDQ (``round(float32(acc * s_acc) / s_y)``) it can differ by one step
+    where the two float32 roundings straddle a .5 tie. The integer op, its epilogue and this
+    requantize then form one QPU region with 8-bit output, and the next integer op reads those
+    bytes (no dequantize / quantize on the CPU between them). Runs after the importer's Clip /
+    ReLU6 calls became Relax ops (tvm_qpu.backend.canonicalize). Returns (function, [QdqDecision])."""
+    from tvm import relax
+    var2val = relax.analysis.get_var2val(func)
+    decisions = []
+
+    @relax.expr_functor.mutator
+    class _Requant(relax.PyExprMutator):
+        def visit_var_binding_(self, binding):
+            val = binding.value
+            if isinstance(val, relax.Call) and P.op_name(val) == "relax.quantize":
+                try:
+                    plan = _requant_plan(val, var2val)
+                except _Keep as e:
+                    decisions.append(QdqDecision(_name(val), "relax.quantize", False,
+                                                 f"requantize stays on the CPU: {e}"))
+                    plan = None
+                except Exception as e:           # an unexpected form: stays as it is
+                    decisions.append(QdqDecision(_name(val), "relax.quantize", False,
+                                                 f"requantize check failed ({type(e).__name__}: {e})"))
+                    plan = None
+                if plan is not None:
+                    new = requant_expr(self.visit_expr(plan.acc), plan)
+                    if isinstance(binding.var, relax.DataflowVar):
+                        nv = self.builder_.emit(new, name_hint=binding.var.name)
+                    else:
+                        nv = self.builder_.emit_output(new, name_hint=binding.var.name)
+                    self.set_var_remap(binding.var, nv)
+                    decisions.append(QdqDecision(_name(val), "relax.quantize", True, plan.why))
+                    return
+            super().visit_var_binding_(binding)
+
+    out = _Requant().visit_expr(func)
+    if decisions:
+        out = unique_names(out)
+    return out, decisions
 
 
 def unique_names(func):

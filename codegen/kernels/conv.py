@@ -11,10 +11,13 @@ pointer then advances by one channel plane per block, exactly like a GEMM row bl
 Padding: a small launch copies the input into a zero-bordered scratch copy (and pads the channel
 count to whole blocks) when the convolution has padding; otherwise the kernel reads the input in
 place. Depthwise convolution (groups == C == OC) is a batch of C one-row GEMMs per image.
-Outputs: NCHW, float32, or int32 for integer inputs (int8 / uint8 / int16 data and weights).
+Outputs: NCHW, float32, or int32 for integer inputs (int8 / uint8 / int16 data and weights), or
+int8 / uint8 with the GEMM's requantize epilogue (:class:`.gemm.Requant`: one scale, or one per
+output channel, which is the GEMM's row axis "m").
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,8 +29,9 @@ from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
 from . import depthwise
 from .common import RegisterPool
-from .gemm import (INT_DTYPES, ITEMSIZE, SMALL_INT, GemmShape, check_limits,
-                   choose_tiling, gemm_kernel, gemm_uniforms, tmu_config)
+from .gemm import (INT_DTYPES, ITEMSIZE, REQUANT_BLOCK, SMALL_INT, GemmShape, Requant, check_limits,
+                   choose_tiling, gemm_kernel, gemm_uniforms, requant_block, requant_constants,
+                   requant_from_attrs, requant_reference, tmu_config)
 
 S = A.SIGNALS
 R_ = A.R
@@ -53,6 +57,15 @@ class ConvShape:
     bias: bool = False
     activation: object = None
     num_qpus: int = 12
+    #: requantize epilogue to int8 / uint8 outputs (gemm.Requant; per-channel scales on axis "m",
+    #: the output channel); None: int32 / float32 outputs
+    requant: Requant | None = None
+
+    @property
+    def out_dtype(self) -> str:
+        if self.requant is not None:
+            return self.requant.out_dtype
+        return "int32" if self.is_int else "float32"
 
     @property
     def OH(self) -> int:
@@ -197,7 +210,10 @@ def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> Gem
     block = block_taps(s, lay, es)
     common = dict(a_dtype=s.w_dtype, b_dtype=s.dtype, bias=s.bias, bias_axis="m",
                   activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block,
-                  a_stream=a_stream)
+                  a_stream=a_stream, requant=s.requant,
+                  a_panel_dtype=s.w_dtype if a_stream == "tmu" and s.w_dtype in SMALL_INT else None)
+    if s.depthwise and s.requant is not None and s.requant.axis is not None:
+        raise ValueError("per-channel requantize of a depthwise convolution (the GEMM batch is the channel)")
     if s.depthwise:
         return GemmShape(1, P, taps, s.C, a_batch_stride_elems=taps,
                          b_batch_stride_elems=lay.Hp * lay.Wp, bias_batch_stride=1, **common)
@@ -206,8 +222,9 @@ def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> Gem
 
 
 def _weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.ndarray) -> np.ndarray:
-    """Weights as the GEMM's packed A panel: panel[z][mt][k][i] (+ R zeros of look-ahead)."""
-    dt = np.int32 if s.is_int else np.float32
+    """Weights as the GEMM's packed A panel: panel[z][mt][k][i] (+ R zeros of look-ahead), in the
+    panel dtype (int8 / uint8 / int16 weights stay narrow in the tmu A stream, else 32-bit words)."""
+    dt = np.dtype(g.a_panel_dtype) if g.a_panel_dtype else (np.int32 if s.is_int else np.float32)
     taps = s.KH * s.KW
     if s.depthwise:
         wm = weight.reshape(s.C, 1, taps).astype(dt)                  # z = channel, M = 1
@@ -248,9 +265,10 @@ def choose_variant(s: ConvShape, lay: ConvLayout, model=None) -> GemmShape:
 
 
 def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
-              a_stream: str | None = None) -> KernelPlan:
+              a_stream: str | None = None, scale: np.ndarray | None = None) -> KernelPlan:
     """Plan of the convolution; ``a_stream`` forces a GEMM A-stream variant (default: the one of
-    the lowest estimate, :func:`choose_variant`)."""
+    the lowest estimate, :func:`choose_variant`); ``scale``: the per-output-channel requantize
+    multipliers when ``s.requant`` has axis "m"."""
     if s.depthwise and not (s.groups == s.C == s.OC):
         raise ValueError("only groups == 1 or depthwise (groups == C == OC) convolutions")
     lay = conv_layout(s)
@@ -259,19 +277,25 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
     check_limits(g, t)
     es = ITEMSIZE[s.dtype]
     P = s.OH * s.OW
-    out_dt = "int32" if s.is_int else "float32"
+    out_dt = s.out_dtype
+    acc_dt = "int32" if s.is_int else "float32"
     x_bytes = s.N * s.C * s.H * s.W * es
     bufs = [BufferSpec("data", "input", (s.N, s.C, s.H, s.W), s.dtype,
                        x_bytes + (0 if lay.copy else 2 * block_taps(s, lay, es)[0] + 64))]
     consts = {"weight_panel": _weight_panel(s, lay, g, t, np.asarray(weight)),
               "data_table": pixel_table(s, lay, es)}
-    bufs.append(BufferSpec("weight_panel", "weight", consts["weight_panel"].shape, out_dt))
+    bufs.append(BufferSpec("weight_panel", "weight", consts["weight_panel"].shape,
+                           str(consts["weight_panel"].dtype)))
     bufs.append(BufferSpec("data_table", "weight", consts["data_table"].shape, "int32"))
     if s.bias:
-        bv = np.zeros(s.OC + 16, dtype=out_dt)
+        bv = np.zeros(s.OC + 16, dtype=acc_dt)
         bv[: s.OC] = np.asarray(bias).reshape(-1)
         consts["bias"] = bv
-        bufs.append(BufferSpec("bias", "weight", bv.shape, out_dt))
+        bufs.append(BufferSpec("bias", "weight", bv.shape, acc_dt))
+    if s.requant is not None and not t.rq_regs:          # the epilogue's parameter blocks
+        consts[REQUANT_BLOCK] = requant_block(g, t, scale)
+        bufs.append(BufferSpec(REQUANT_BLOCK, "weight", consts[REQUANT_BLOCK].shape, "uint32",
+                               consts[REQUANT_BLOCK].nbytes + 64))
     bufs.append(BufferSpec("out", "output", (s.N, s.OC, s.OH, s.OW), out_dt))
     launches = []
     b_name = "data"
@@ -288,19 +312,28 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
         u = gemm_uniforms(g, t, "weight_panel", b_name, "out", "bias" if s.bias else None)
         u = [("addr", "data_table", 0) if e == ("addr", b_name + "_table", 0) else e for e in u]
         if n is not None:                                             # depthwise: image n
-            shift = {b_name: n * lay.Cpad * lay.Hp * lay.Wp * es, "out": n * s.OC * P * 4}
+            shift = {b_name: n * lay.Cpad * lay.Hp * lay.Wp * es, "out": n * s.OC * P * ITEMSIZE[out_dt]}
             u = [("addr", e[1], e[2] + shift.get(e[1], 0)) if e[0] == "addr" else e for e in u]
         launches.append(Launch(gemm_words, u, (t.Wn, t.Wm, g.batch), 16, s.num_qpus, 1, "conv"))
     return KernelPlan("conv2d", bufs, launches, consts,
-                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__}, "a_stream": g.a_stream,
+                      attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__},
+                             "requant": None if s.requant is None else dataclasses.asdict(s.requant),
+                             "a_stream": g.a_stream, "a_panel_dtype": g.a_panel_dtype,
                              "tiling": t.__dict__,
                              "block": lay.__dict__},
                       flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,
-                      bytes_moved=x_bytes + s.N * s.OC * P * 4 + np.asarray(weight).size * ITEMSIZE[s.w_dtype])
+                      bytes_moved=x_bytes + s.N * s.OC * P * ITEMSIZE[out_dt] + consts["weight_panel"].nbytes)
 
 
-def reference(s: ConvShape, x: np.ndarray, w: np.ndarray, bias=None) -> np.ndarray:
-    """Direct convolution in float64 / int64 (int32 wrap), then the epilogue."""
+def reference(s: ConvShape, x: np.ndarray, w: np.ndarray, bias=None, scale=None) -> np.ndarray:
+    """Direct convolution in float64 / int64 (int32 wrap), then the epilogue (and the requantize,
+    :func:`.gemm.requant_reference`, with per-channel ``scale``)."""
+    if s.requant is not None:
+        from dataclasses import replace
+        acc = reference(replace(s, requant=None), x, w, bias)
+        rq = s.requant
+        sc = np.float32(rq.scale) if rq.axis is None else np.asarray(scale, np.float32).reshape(-1, 1, 1)
+        return requant_reference(acc, rq, sc)
     pt, pl, pb, pr = s.padding
     big = np.int64 if s.is_int else np.float64
     xp = np.zeros((s.N, s.C, s.H + pt + pb, s.W + pl + pr), big)
@@ -343,12 +376,13 @@ def shape_from_spec(spec) -> ConvShape:
     return ConvShape(N, C, H, W, OC, KH, KW, tuple(int(v) for v in a.get("strides", (1, 1))), pad,
                      tuple(int(v) for v in a.get("dilation", (1, 1))), int(a.get("groups", 1)),
                      str(xdt), str(wdt), bool(a.get("bias", False)), a.get("activation"),
-                     int(a.get("num_qpus", 12)))
+                     int(a.get("num_qpus", 12)), requant_from_attrs(a, str(spec.output[1]), OC, "m"))
 
 
 def supports(spec) -> tuple:
     try:
         s = shape_from_spec(spec)
+        requant_constants(spec)
     except (ValueError, TypeError) as e:
         return False, str(e)
     if spec.attrs.get("layout", "NCHW") != "NCHW":
@@ -359,7 +393,11 @@ def supports(spec) -> tuple:
             (s.dtype not in INT_DTYPES and s.dtype != "float32") or \
             (s.w_dtype not in INT_DTYPES and s.w_dtype != "float32"):
         return False, f"dtypes {s.dtype} x {s.w_dtype} (float32, or integer data and weights)"
-    want = "int32" if s.is_int else "float32"
+    if s.requant is not None and not s.is_int:
+        return False, "requantize epilogue on a float convolution"
+    if s.requant is not None and s.depthwise:
+        return False, "requantize epilogue of a depthwise convolution (int32 output, requantize on the CPU)"
+    want = s.out_dtype
     if str(spec.output[1]) != want:
         return False, f"output dtype {spec.output[1]} (the kernel produces {want})"
     if s.OH < 1 or s.OW < 1:
@@ -387,7 +425,7 @@ def generate(spec, constants: dict):
     if dws is not None:
         return depthwise.plan_depthwise(dws, constants["weight"], constants.get("bias") if s.bias else None)
     return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None,
-                     spec.attrs.get("a_stream"))
+                     spec.attrs.get("a_stream"), requant_constants(spec).get("scale"))
 
 
 def pad_launch_cycles(s: ConvShape, model=None) -> float:

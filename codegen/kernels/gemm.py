@@ -77,6 +77,61 @@ def config_word(dtypes) -> int:
 # ------------------------------------------------------------------------------------------------
 # Problem and tiling
 # ------------------------------------------------------------------------------------------------
+#: 8-bit output dtypes of the requantize epilogue -> (qmin, qmax)
+REQUANT_DTYPES = {"int8": (-128, 127), "uint8": (0, 255)}
+#: TMU config word of four 8-bit stores (each writes the low byte of every lane's tmud word); the
+#: epilogue writes it before every fourth output row and restores the default (-1) after the tile
+STORE8_CONFIG = (0x80 | (15 << 3) | TMU_TYPE["int8"]) * 0x01010101
+
+
+@dataclass(frozen=True)
+class Requant:
+    """The requantize epilogue of an integer GEMM (ONNX QuantizeLinear applied to the int32
+    accumulator ``acc`` times the float32 multiplier ``scale = s_x s_w / s_y``):
+
+        q = clamp(round_half_even(float32(acc) * scale) + zero_point, lo, hi)
+
+    with float32 ``itof`` (exact below 2**24, else round to nearest even) and a float32 multiply
+    (``fmul``: IEEE round to nearest even), ``ftoin`` (round half to even, saturating to int32),
+    then the clamp to ``[lo - zero_point, hi - zero_point]`` and the integer zero point add (in
+    that order, so a saturated ``ftoin`` cannot wrap); ``[lo, hi]`` lies within the output dtype's range (saturation) and
+    narrows it for a fused ReLU6 / Clip. ``axis``: None (one scale, ``scale`` holds it), "m" (one
+    scale per output row: a convolution's output channel) or "n" (one per output column: a dense
+    layer's output feature); per-channel scales are the constant ``scale`` buffer of the plan."""
+    out_dtype: str = "int8"
+    axis: str | None = None
+    zero_point: int = 0
+    lo: int = -128
+    hi: int = 127
+    scale: float | None = None
+
+    def __post_init__(self):
+        if self.out_dtype not in REQUANT_DTYPES:
+            raise ValueError(f"requantize output dtype {self.out_dtype} (int8 or uint8)")
+        qmin, qmax = REQUANT_DTYPES[self.out_dtype]
+        if not (qmin <= self.lo <= self.hi <= qmax):
+            raise ValueError(f"requantize clamp [{self.lo}, {self.hi}] outside {self.out_dtype} or empty")
+        if not (qmin <= self.zero_point <= qmax):
+            raise ValueError(f"zero point {self.zero_point} outside {self.out_dtype}")
+        if self.axis not in (None, "m", "n"):
+            raise ValueError(f"requantize scale axis {self.axis!r} (None, 'm' or 'n')")
+        if self.axis is None:
+            sc = np.float32(self.scale if self.scale is not None else np.nan)
+            if not (np.isfinite(sc) and sc > 0):
+                raise ValueError(f"requantize scale {self.scale} is not finite and positive")
+
+
+def requant_reference(acc: np.ndarray, rq: Requant, scale) -> np.ndarray:
+    """numpy written to :class:`Requant`'s formula (the spec of the kernel's epilogue)."""
+    sc = np.asarray(scale, np.float32)
+    y = np.asarray(acc).astype(np.float32) * sc                  # float32 product, RNE
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.rint(y.astype(np.float64))                        # half to even
+    r = np.clip(r, -2.0 ** 31, 2.0 ** 31 - 1)                    # ftoin saturates to int32
+    q = np.clip(r.astype(np.int64) + rq.zero_point, rq.lo, rq.hi)
+    return q.astype(rq.out_dtype)
+
+
 @dataclass(frozen=True)
 class GemmShape:
     M: int
@@ -104,6 +159,13 @@ class GemmShape:
     #: (vector TMU lookups with every lane at the same address, popped with ``ldtmu``; see
     #: :data:`A_STREAMS`)
     a_stream: str = "unifa"
+    #: requantize epilogue to 8-bit outputs (integer GEMMs only; None: int32 / float32 out)
+    requant: Requant | None = None
+    #: dtype of a compile-time A panel (a convolution's weights) when narrower than 32 bits: the
+    #: "tmu" A stream reads each k-step's column with the TMU's sign- / zero-extending 8/16-bit
+    #: load (configured together with the B row's), so int8 weights move a quarter of the bytes.
+    #: None: 32-bit panel words (the "unifa" stream's uniforms are always 32-bit)
+    a_panel_dtype: str | None = None
 
     @property
     def is_int(self) -> bool:
@@ -111,7 +173,34 @@ class GemmShape:
 
     @property
     def out_dtype(self) -> str:
+        if self.requant is not None:
+            return self.requant.out_dtype
         return "int32" if self.is_int else "float32"
+
+    @property
+    def out_es(self) -> int:
+        """Bytes per output element."""
+        return ITEMSIZE[self.out_dtype]
+
+    @property
+    def a_panel_es(self) -> int:
+        """Bytes per A panel element."""
+        return 4 if self.a_panel_dtype is None else ITEMSIZE[self.a_panel_dtype]
+
+    @property
+    def kstep_config(self) -> bool:
+        """Each k-step's lookups need a TMU config write (an 8/16-bit B row or A column)."""
+        return self.b_dtype in SMALL_INT or self.a_panel_dtype is not None
+
+    @property
+    def scale_lookup(self) -> bool:
+        """A per-column requantize scale vector is looked up at each tile start."""
+        return self.requant is not None and self.requant.axis == "n"
+
+    @property
+    def vec_n(self) -> bool:
+        """Per-column vectors (an n-axis bias or scale) are read at each column tile."""
+        return (self.bias and self.bias_axis == "n") or (self.requant is not None and self.requant.axis == "n")
 
     @property
     def a_bstride(self) -> int:
@@ -132,6 +221,10 @@ class GemmTiling:
     NT: int
     Wm: int
     Wn: int
+    #: the requantize parameters (scale, zero point, bounds, store config) stay in registers loaded
+    #: once per worker; False: the epilogue reads them through the unifa stream each tile
+    #: (:func:`requant_block`) when holding them would cost rows per tile (R) or unroll (U)
+    rq_regs: bool = False
 
 
 
@@ -146,12 +239,25 @@ def _worker_grid(MT: int, NT: int, W: int):
     return best[1], best[2]
 
 
-def _registers_needed(s: GemmShape, R: int, U: int, PF: int) -> int:
+def _registers_needed(s: GemmShape, R: int, U: int, PF: int, rq_regs: bool = False) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
     base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
-        + (1 if s.b_dtype in SMALL_INT else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0)
+        + (1 if s.kstep_config else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0) \
+        + _requant_registers(s, rq_regs)
     return base + extra + U + 5 + R
+
+
+def _requant_registers(s: GemmShape, rq_regs: bool = False) -> int:
+    """Registers of the requantize epilogue held across the K loop: the parameter block pointer
+    (:func:`requant_block`), or with ``rq_regs`` the parameters themselves (zero point, bounds,
+    store config, a per-tensor scale); n axis: + the scale vector's worker base, tile pointer and
+    the popped vector; the 4-byte-vector column step when outputs are 8-bit and a vector is per column."""
+    rq = s.requant
+    if rq is None:
+        return 0
+    n = (4 + (rq.axis is None) if rq_regs else 1) + {None: 0, "m": 0, "n": 3}[rq.axis]
+    return n + (1 if s.vec_n and s.out_es != 4 else 0)
 
 
 #: A-operand variants. "unifa": the R values of a k-step arrive broadcast through the unifa
@@ -175,12 +281,15 @@ def ring_size(U: int) -> int:
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     if s.a_stream not in A_STREAMS:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
+    if s.a_panel_dtype is not None and (s.a_stream != "tmu" or s.a_panel_dtype not in SMALL_INT
+                                        or s.a_dtype != s.a_panel_dtype):
+        raise ValueError(f"an {s.a_panel_dtype} A panel needs the tmu A stream and {s.a_panel_dtype} A")
     R = min(16, s.M)
     if s.a_stream == "tmu":
         # 2 FIFO words per k-step (B row + A column) within the thread's share of the TMU output
         # FIFO, which the tile prologue's per-column bias lookup also holds while the first PF
         # k-steps are issued
-        bias_words = 1 if s.bias and s.bias_axis != "m" else 0
+        bias_words = (1 if s.bias and s.bias_axis != "m" else 0) + (1 if s.scale_lookup else 0)
         PF = (TMU_FIFO_WORDS - bias_words) // 2
     if s.b_block is not None:
         U = len(s.b_block[1])
@@ -193,7 +302,7 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
             R -= 1
         MT, NT = -(-s.M // R), -(-s.N // 16)
         Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
-        return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn)
+        return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
     if s.is_int or (not s.transpose_b and s.batch == 1):
         U = 8 if s.K > 32 else 4 if s.K > 8 else 2  # padded B rows are zeros: padding is exact
     else:
@@ -210,7 +319,13 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     Kpad = -(-s.K // U) * U
     MT, NT = -(-s.M // R), -(-s.N // 16)
     Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
-    return GemmTiling(R, U, PF, Kpad, MT, NT, Wm, Wn)
+    return GemmTiling(R, U, PF, Kpad, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
+
+
+def _rq_regs_fit(s: GemmShape, R: int, U: int, PF: int) -> bool:
+    """Hold the requantize parameters in registers (no per-tile unifa read) when they fit beside
+    the tiling chosen without them; m-axis row scales always come through the unifa stream."""
+    return s.requant is not None and s.requant.axis != "m" and _registers_needed(s, R, U, PF, True) <= 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,8 +348,21 @@ class GemmRegs:
         self.bzb = p.take() if s.b_table else None      # B data base of this batch entry
         clip = isinstance(s.activation, tuple)
         self.lo, self.hi = (p.take(), p.take()) if clip else (None, None)
-        small_b = s.b_dtype in SMALL_INT
-        self.cfg1 = p.take() if small_b else None       # tmuc word: next lookup 8/16-bit
+        self.cfg1 = p.take() if s.kstep_config else None   # tmuc word: a k-step's 8/16-bit lookups
+        rq = s.requant
+        self.rq_ptr = self.rq_sptr = self.rq_ns = self.rq_sv = None
+        self.rq_held = None
+        if rq is not None:
+            if t.rq_regs:                                   # the parameters themselves
+                self.rq_held = dict(zip(("zp", "lo", "hi", "cfg"), p.take(4)))
+                if rq.axis is None:
+                    self.rq_held["s"] = (p.take(), None)
+            else:
+                self.rq_ptr = p.take()                      # parameter block (of this m-tile)
+            if rq.axis == "n":
+                self.rq_sptr, self.rq_ns, self.rq_sv = p.take(3)   # worker base, tile pointer, vector
+        # column step of the 4-byte per-column vectors (the C step when outputs are 4-byte)
+        self.vstep = p.take() if s.vec_n and s.out_es != 4 else None
         self.off = p.take(t.U)
         self.t = p.take(2)
         self.ab = p.take(2)
@@ -245,20 +373,24 @@ class GemmRegs:
             self.bvs = [self.bv] + p.take(P - 1)         # B rows by k-step mod P
             self.avec = p.take(P)                       # A columns by k-step mod P
         self.acc = p.take(t.R)
+        if self.vstep is None:
+            self.vstep = self.c_nstep
 
 
 # ------------------------------------------------------------------------------------------------
 # Uniforms
 # ------------------------------------------------------------------------------------------------
 def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name: str,
-                  bias_name: str | None, mt0: int = 0, whole: tuple | None = None):
+                  bias_name: str | None, mt0: int = 0, whole: tuple | None = None,
+                  scale_name: str = "scale"):
     """The uniform stream of the GEMM launch, in the order the prologue reads it. A row block
     (:func:`split_rows`) passes its first row tile ``mt0`` and the ``(shape, tiling)`` of the
     whole GEMM: A panel, C (and an m-axis bias) start ``mt0`` tiles in, batch strides are the
     whole GEMM's."""
     ws, wt = whole if whole is not None else (s, t)
     es_b = ITEMSIZE[s.b_dtype]
-    a_tile = t.Kpad * t.R * 4
+    pes = s.a_panel_es
+    a_tile = t.Kpad * t.R * pes
     if s.a_bstride == 0:                        # A shared by every batch entry
         a_bs = 0
     elif a_name.endswith("_panel"):
@@ -266,7 +398,8 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     else:                                       # M == 1: A itself is the panel
         a_bs = s.a_bstride * 4
     bks_u, taps = block_offsets(s, t)
-    c_tile = t.R * s.N * 4
+    oes = s.out_es
+    c_tile = t.R * s.N * oes
     if s.b_table:                               # B lane bases come from the table b_name + "_table"
         b_ls, b_bs = 4, 0
         b_addr = ("addr", b_name + "_table", 0)
@@ -280,17 +413,20 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     if s.b_table:
         u += [("addr", b_name, 0), ("u32", s.b_bstride * es_b)]
     u += ([("u32", bks_u // t.U)] if t.U < t.PF else []) + [("u32", bks_u),
-          ("addr", c_name, mt0 * c_tile), ("u32", ws.M * ws.N * 4), ("u32", c_tile), ("u32", t.Wm * c_tile),
-          ("u32", t.Wn * 64), ("u32", s.N * 4)]
+          ("addr", c_name, mt0 * c_tile), ("u32", ws.M * ws.N * oes), ("u32", c_tile), ("u32", t.Wm * c_tile),
+          ("u32", t.Wn * 16 * oes), ("u32", s.N * oes)]
     if s.bias and s.bias_axis == "n":
         u.append(("addr", bias_name, 0))
+    rq = s.requant
+    if rq is not None and rq.axis == "n":
+        u.append(("addr", scale_name, 0))
     u += [("u32", s.M), ("u32", t.R),
           ("u32", t.Wm * t.R), ("u32", s.N), ("u32", t.Wn * 16), ("u32", t.Kpad // t.U)]
     if isinstance(s.activation, tuple):
         kind = "u32" if s.is_int else "f32"
         u += [(kind, s.activation[1]), (kind, s.activation[2])]
-    if s.b_dtype in SMALL_INT:
-        u.append(("u32", 0xFFFFFF00 | tmu_config(s.b_dtype)))
+    if s.kstep_config:
+        u.append(("u32", kstep_config_word(s)))
     for j in range(t.U):        # issue at k-step j fetches k-step j + PF; bp already advanced
         q, r = divmod(j + t.PF, t.U)
         u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
@@ -298,8 +434,80 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         u += [("addr", bias_name, mt0 * t.R * 4), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
               ("u32", t.Wm * t.R * 4)]
     if s.a_stream == "tmu":
-        u.append(("u32", 4 * t.R))                          # A column step per k-step
+        u.append(("u32", pes * t.R))                        # A column step per k-step
+    if rq is not None and t.rq_regs:
+        u += [("u32", int(w)) for w in requant_params(s)]
+        if rq.axis is None:
+            u.append(("f32", float(np.float32(rq.scale))))
+    elif rq is not None:
+        blk = requant_block_words(s, t) * 4
+        u.append(("addr", REQUANT_BLOCK, mt0 * blk if rq.axis == "m" else 0))
+        if rq.axis == "m":
+            u.append(("u32", blk))
+    if s.vec_n and s.out_es != 4:
+        u.append(("u32", t.Wn * 64))
     return u
+
+
+#: the plan's constant buffer of requantize parameters the epilogue reads through the unifa stream
+REQUANT_BLOCK = "requant"
+_REQUANT_TAIL = 4                # zero point, lo - zp, hi - zp, store config
+
+
+def relu_folded(s: GemmShape) -> bool:
+    """A ReLU before the requantize is its clamp's lower bound instead (``lo = max(lo, zp)``):
+    with a positive multiplier ``round(max(acc, 0) * m) = max(round(acc * m), 0)``."""
+    return s.requant is not None and s.activation == "relu"
+
+
+def requant_params(s: GemmShape) -> np.ndarray:
+    """``[zp, lo - zp, hi - zp, store config]`` as uint32 words (lo raised to zp for a folded ReLU)."""
+    rq = s.requant
+    lo = max(rq.lo, rq.zero_point) if relu_folded(s) else rq.lo
+    w = np.array([rq.zero_point, lo - rq.zero_point, rq.hi - rq.zero_point, STORE8_CONFIG], np.int64)
+    return (w & 0xFFFFFFFF).astype(np.uint32)
+
+
+def requant_block_words(s: GemmShape, t: GemmTiling) -> int:
+    """Words of one parameter block of :func:`requant_block` (one per m-tile on the m axis)."""
+    return {None: 1, "m": 1 + t.R, "n": 0}[s.requant.axis] + _REQUANT_TAIL
+
+
+def requant_block(s: GemmShape, t: GemmTiling, scale=None) -> np.ndarray:
+    """The requantize parameters as the epilogue reads them (uint32 words, float32 scales as bits):
+    per tensor ``[scale, zp, lo - zp, hi - zp, cfg]``; m axis one block per m-tile
+    ``[step, scale of rows m0 .. m0 + R - 1 (1.0 past M), zp, lo - zp, hi - zp, cfg]`` (step: bytes
+    to this worker's next m-tile block, Wm blocks, read when the worker moves on); n axis
+    ``[zp, lo - zp, hi - zp, cfg]`` (its scales are the per-column ``scale`` vector); + 16 words
+    of the uniform stream's look-ahead. Per-channel ``scale`` values must be finite and positive."""
+    rq = s.requant
+    tail = requant_params(s)
+    if rq.axis == "n":
+        blocks = [tail]
+    else:
+        if rq.axis is None:
+            rows = np.array([rq.scale], np.float32).reshape(1, 1)
+        else:
+            sc = np.asarray(scale, np.float32).reshape(-1)
+            if sc.size != s.M or not np.all(np.isfinite(sc) & (sc > 0)):
+                raise ValueError(f"requantize scale: {s.M} finite positive float32 values wanted, got {sc.size}")
+            rows = np.ones(t.MT * t.R, np.float32)
+            rows[: s.M] = sc
+            rows = rows.reshape(t.MT, t.R)
+        head = [np.array([t.Wm * requant_block_words(s, t) * 4], np.uint32)] if rq.axis == "m" else [
+            np.zeros(0, np.uint32)]
+        blocks = [np.concatenate(head + [r.view(np.uint32), tail]) for r in rows]
+    return np.concatenate(blocks + [np.zeros(16, np.uint32)])
+
+
+def kstep_config_word(s: GemmShape) -> int:
+    """The tmuc word written before a k-step's lookups: the B row's type (byte 0), then in the
+    "tmu" stream the A column's (byte 1); 0xff bytes are the default 32-bit lookups."""
+    b = tmu_config(s.b_dtype) if s.b_dtype in SMALL_INT else 0xFF
+    if s.a_stream != "tmu":
+        return 0xFFFFFF00 | b
+    a = tmu_config(s.a_panel_dtype) if s.a_panel_dtype is not None else 0xFF
+    return 0xFFFF0000 | (a << 8) | b
 
 
 def block_offsets(s: GemmShape, t: GemmTiling):
@@ -353,14 +561,26 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
     add(g.c_ptr, g.c_ptr, tmp, sig=ld(tmp))                 # tmp = c_tile_stride
     umul24(tmp, tmp, g.nt)
     add(g.c_ptr, g.c_ptr, tmp, sig=ld(g.c_mstep))
-    shl(tmp, g.cp, 6)                                       # 64 * wn
+    cs = {1: 0, 4: 2}[s.out_es]                             # log2 of the output element size
+    shl(tmp, g.cp, 4 + cs)                                  # 16 es * wn
     nop(sig=ld(g.c_nstep))
     add(g.c_ptr, g.c_ptr, tmp, sig=ld(g.crs))
-    shl(g.bp, g.lane, 2)                                    # 4 * lane
+    if cs:
+        shl(g.bp, g.lane, cs)                               # es * lane
+    else:
+        mov(g.bp, g.lane)
     add(g.c_ptr, g.c_ptr, g.bp)
+    if s.vec_n:                                             # 4-byte per-column vectors
+        if cs != 2:
+            shl(tmp, g.cp, 6)
+            shl(g.bp, g.lane, 2)
+        add(tmp, tmp, g.bp)                                 # 64 * wn + 4 * lane
     if s.bias and s.bias_axis == "n":
-        add(tmp, tmp, g.bp, sig=ld(g.bias_ptr))             # 64 * wn + 4 * lane
+        nop(sig=ld(g.bias_ptr))
         add(g.bias_ptr, g.bias_ptr, tmp)
+    if g.rq_ns is not None:
+        nop(sig=ld(g.rq_sptr))
+        add(g.rq_sptr, g.rq_sptr, tmp)
 
     nop(sig=ld(g.mrem))                                     # M
     mov(g.mt, g.nt, sig=ld(tmp))                            # mt = wm ; tmp = R
@@ -386,6 +606,19 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         add(g.bias_ptr, g.bias_ptr, tmp, sig=ld(g.nbias))   # nbias = Wm * R * 4 (m step)
     if s.a_stream == "tmu":
         nop(sig=ld(g.astep))
+    if g.rq_held is not None:                               # zp, lo - zp, hi - zp, cfg (, scale)
+        for k in ("zp", "lo", "hi", "cfg"):
+            nop(sig=ld(g.rq_held[k]))
+        if "s" in g.rq_held:
+            nop(sig=ld(g.rq_held["s"][0]))
+    elif s.requant is not None:
+        nop(sig=ld(g.rq_ptr))                               # parameter block
+        if s.requant.axis == "m":                           # + wm blocks
+            nop(sig=ld(tmp))
+            umul24(tmp, tmp, g.mt)                          # mt == wm before the loops
+            add(g.rq_ptr, g.rq_ptr, tmp)
+    if g.vstep is not g.c_nstep:
+        nop(sig=ld(g.vstep))
 
     # ---- tile loops ----------------------------------------------------------------------
     # loops run while rows / columns remain (mrem = M - mt*R, nn = N - nt*16)
@@ -397,6 +630,8 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
     mov(g.nn, g.nrem)
     if s.bias and s.bias_axis == "n":
         mov(g.nbias, g.bias_ptr)
+    if g.rq_ns is not None:
+        mov(g.rq_ns, g.rq_sptr)
 
     L.nloop
     sub(null, g.nn, 1, cond="pushn")                        # A = no columns left
@@ -412,12 +647,23 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
     b(R_.nloop, cond="always")
     sub(g.nn, g.nn, g.nrem_step)
     if s.bias and s.bias_axis == "n":
-        add(g.nbias, g.nbias, g.c_nstep)
+        add(g.nbias, g.nbias, g.vstep)
     else:
         nop()
-    nop()
+    if g.rq_ns is not None:
+        add(g.rq_ns, g.rq_ns, g.vstep)
+    else:
+        nop()
 
     L.mnext
+    if s.requant is not None and s.requant.axis == "m":    # next block: its first word is the step
+        prog = _current()
+        pc = len(prog.items)
+        mov(unifa, g.rq_ptr)
+        while len(prog.items) - pc < 4:
+            nop()
+        nop(sig=S["ldunifarf"](g.tq))
+        add(g.rq_ptr, g.rq_ptr, g.tq)
     add(g.a_ptr, g.a_ptr, g.a_mstep)
     b(R_.mloop, cond="always")
     add(g.c_ptr, g.c_ptr, g.c_mstep)
@@ -444,7 +690,7 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     """One R x 16 output tile: prefetch, the K loop, activation and masked stores."""
     R, U, PF = t.R, t.U, t.PF
     mul, acc_add = _mul(s), _acc_add(s)
-    small_b = s.b_dtype in SMALL_INT
+    small_b = s.kstep_config
     tmu_a = s.a_stream == "tmu"
 
     if tmu_a:
@@ -492,13 +738,22 @@ def _column_tile_base(s: GemmShape, g: GemmRegs):
         mov(g.bp, g.nb)
 
 
+def _scale_ptr(g: GemmRegs):
+    """Per-lane address of the column tile's requantize scales (n axis)."""
+    return g.rq_ns
+
+
 def _init_accumulators(s: GemmShape, R: int, g: GemmRegs, bias_m: bool):
     """Both variants' tile start: unless the per-row bias already filled them (unifa), the R
     accumulators start as the popped per-column bias row, or 0 (x - x); two per instruction."""
     if bias_m:
+        if s.scale_lookup:
+            nop(sig=S["ldtmu"](g.rq_sv))
         return
     if s.bias:
         nop(sig=S["ldtmu"](g.tq))
+    if s.scale_lookup:                                      # the tile's scales (after the bias)
+        nop(sig=S["ldtmu"](g.rq_sv))
     for i in range(0, R, 2):
         pair = [g.acc[i]] + ([g.acc[i + 1]] if i + 1 < R else [])
         if s.bias:
@@ -516,17 +771,23 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
     then the A column: lane i reads A[m0 + i, k] from the panel); pops the bias, B row 0 and A
     column 0, and zeroes the product the first k-step's first instruction adds."""
     R, PF = t.R, t.PF
-    small_b = s.b_dtype in SMALL_INT
+    small_b = s.kstep_config
     bias_m = s.bias and s.bias_axis == "m"
     prog = _current()
     if bias_m:                                              # per-row bias: R values via unifa
         unifa_pc = len(prog.items)
         mov(unifa, g.bias_ptr)
     _column_tile_base(s, g)
-    shl(g.tq, g.lane, 2)
+    pshift = {1: 0, 2: 1, 4: 2}[s.a_panel_es]
+    if pshift:
+        shl(g.tq, g.lane, pshift)
+    else:
+        mov(g.tq, g.lane)
     add(g.ap, g.a_ptr, g.tq)                                # lane i: row m0 + i of the panel
     if s.bias and not bias_m:
         mov(tmua, g.nbias)
+    if s.scale_lookup:
+        mov(tmua, _scale_ptr(g))
     for r in range(PF):
         if small_b:
             mov(tmuc, g.cfg1)
@@ -589,7 +850,8 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
     unifa_pc = len(prog.items)
     mov(unifa, g.bias_ptr if bias_m else g.a_ptr)           # per-row bias first, then the panel
     _column_tile_base(s, g)
-    lookups = ([g.nbias] if s.bias and not bias_m else []) + ["row"] * PF
+    lookups = ([g.nbias] if s.bias and not bias_m else []) + ([_scale_ptr(g)] if s.scale_lookup else []) \
+        + ["row"] * PF
     if g.bks is not None:
         mov(g.tq, g.bp)
     # signals to attach to the prefetch instructions: the per-row bias values (after the unifa
@@ -628,7 +890,10 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
 def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
     """Activation, stores (lanes < columns left; rows < rows left)."""
     R = t.R
-    _activation(s, g, R)
+    if not relu_folded(s):
+        _activation(s, g, R)
+    if s.requant is not None:
+        _requantize(s, t, g)
     if R <= 15:
         sub(null, g.mrem, R, cond="pushn")                  # A = tile is partial in M
     else:
@@ -640,7 +905,7 @@ def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
     mov(g.cp, g.nc)
     nop()
     for i in range(R):
-        mov(tmud, g.acc[i])
+        _store_data(s, g, g.acc[i], i)
         mov(tmua, g.cp, cond="ifa").add(g.cp, g.cp, g.crs)
     end = f"e{len(_current().items)}"
     b(getattr(R_, end), cond="always")
@@ -659,9 +924,92 @@ def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
             cond = "ifb"
         else:
             cond = "ifa"
-        mov(tmud, g.acc[i])
+        _store_data(s, g, g.acc[i], i)
         mov(tmua, g.cp, cond=cond).add(g.cp, g.cp, g.crs)
     _current().label(end)
+    if s.requant is not None:
+        mov(tmuc, -1)                                       # later lookups: default 32-bit config
+
+
+def _store_data(s: GemmShape, g: GemmRegs, reg, row: int):
+    """Queue output row ``row``'s store data; 8-bit outputs configure the next four stores first
+    (every fourth row: the TMU writes the low byte of each lane's word)."""
+    if s.requant is not None and row % 4 == 0:
+        mov(tmuc, _requant_temps(g)["cfg"])
+    mov(tmud, reg)
+
+
+def _requant_temps(g: GemmRegs) -> dict:
+    """Registers holding the requantize parameters in the epilogue: the ones loaded once per worker
+    (GemmTiling.rq_regs), or registers the finished K loop frees (the unifa block's)."""
+    if g.rq_held is not None:
+        return g.rq_held
+    return {"s": g.t, "zp": g.ab[0], "lo": g.ab[1], "hi": g.bp, "cfg": g.cnt}
+
+
+def _requantize(s: GemmShape, t: GemmTiling, g: GemmRegs):
+    """The :class:`Requant` epilogue on the R accumulators, in place: ``itof``, ``fmul`` by the
+    scale, ``ftoin``, the clamp to ``[lo - zp, hi - zp]``, + zp (the clamp before the add: a
+    saturated ``ftoin`` cannot wrap); ``ftoin`` of row i - 1 shares an instruction with the
+    ``fmul`` of row i. The parameters (zp, the bounds, the store config, a per-tensor scale) stay
+    in registers when they fit beside the tiling (``GemmTiling.rq_regs``); otherwise, and always
+    for m-axis row scales, they arrive through the unifa stream (:func:`requant_block`),
+    redirected here (the K loop's A stream is finished; the next tile points it back) into
+    registers the K loop frees, so the epilogue holds one register across the K loop instead of
+    six: fewer rows per tile cost more than these reads (a 32 -> 32 channel conv ran 196 us
+    emulated with R = 10 against 121 us at R = 16), while the read's latency costs each tile a
+    uniform round trip (a 1 -> 8 channel conv over 64 images: 61.8 us through unifa, 56.6 us held,
+    55.8 us with int32 outputs). n-axis scales are the column tile's vector, looked up with the
+    bias at the tile start. A ReLU is folded into the clamp (:func:`relu_folded`)."""
+    R = t.R
+    rq = s.requant
+    ops = A.DSL
+    acc = g.acc
+    tp = _requant_temps(g)
+    S0, S1 = tp.get("s", (None, None))                 # (n axis: the vector rq_sv)
+    ld = S["ldunifarf"]
+    prog = _current()
+    held = g.rq_held is not None
+    pc = len(prog.items)
+    if not held:
+        mov(unifa, g.rq_ptr)
+    for i in range(R):
+        ins = ops["itof"](acc[i], acc[i])
+        if rq.axis == "n" and i:                            # the column scales are in a register
+            ins.fmul(acc[i - 1], acc[i - 1], g.rq_sv)
+    if rq.axis == "n":
+        ops["fmul"](acc[R - 1], acc[R - 1], g.rq_sv)
+    while not held and len(prog.items) - pc < 4:            # the redirect's latency
+        nop()
+    params = [] if held else [tp["zp"], tp["lo"], tp["hi"], tp["cfg"]]
+
+    def psig():
+        return ld(params.pop(0)) if params else None
+
+    if rq.axis == "n":                                      # products done: ftoin each row
+        for i in range(R):
+            ops["ftoin"](acc[i], acc[i], sig=psig())
+    else:                                                   # ftoin row i-1 (add) | fmul row i (mul)
+        if not held:
+            nop(sig=ld(S0))                                 # [scale | step, scales.., zp, lo, hi, cfg]
+        if rq.axis == "m":
+            nop(sig=ld(S0))                                 # (the step word: unused here)
+        for i in range(R):
+            if rq.axis == "m":                              # row i's scale in S[i % 2]; load row i + 1's
+                sc, sig = (S0, S1)[i % 2], (ld((S1, S0)[i % 2]) if i + 1 < R else psig())
+            else:
+                sc, sig = S0, psig()
+            ins = ops["ftoin"](acc[i - 1], acc[i - 1], sig=sig) if i else nop(sig=sig)
+            ins.fmul(acc[i], acc[i], sc)
+        ops["ftoin"](acc[R - 1], acc[R - 1], sig=psig())
+    while params:
+        nop(sig=psig())
+    for i in range(R):                                      # clamp row i (add) | + zero point row i-1 (mul)
+        ops["imax"](acc[i], acc[i], tp["lo"])
+        ins = ops["imin"](acc[i], acc[i], tp["hi"])
+        if i:
+            ins.add(acc[i - 1], acc[i - 1], tp["zp"])
+    add(acc[R - 1], acc[R - 1], tp["zp"])
 
 
 def _kstep_emitter(s, t, g, j, si, mul, acc_add, small_b):
@@ -807,12 +1155,12 @@ def needs_pack(s: GemmShape, t: GemmTiling) -> bool:
 def check_limits(s: GemmShape, t: GemmTiling):
     """Refuse shapes whose strides the kernels' 24-bit multiplies cannot take."""
     es_b = ITEMSIZE[s.b_dtype]
-    spans = {"A panel tile": t.Kpad * t.R * 4,
+    spans = {"A panel tile": t.Kpad * t.R * s.a_panel_es,
              "B lane stride x 16": 16 * (s.K * es_b if s.transpose_b else es_b),
-             "C tile": t.R * s.N * 4, "A row": s.K * 4}
+             "C tile": t.R * s.N * s.out_es, "A row": s.K * 4}
     if s.batch > 1:      # batch strides are multiplied by z; with one batch z = 0 and they are unused
         spans.update({"A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4), "B batch": s.b_bstride * es_b,
-                      "C batch": s.M * s.N * 4})
+                      "C batch": s.M * s.N * s.out_es})
     for what, v in spans.items():
         if v >= UMUL24_LIMIT:
             raise ValueError(f"{what} stride {v} bytes exceeds the kernel's 24-bit address arithmetic")
@@ -867,9 +1215,10 @@ def split_rows(s: GemmShape, t: GemmTiling, model=None, budget_seconds: float | 
 
 def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C", "bias"),
               budget_seconds: float | None = None) -> KernelPlan:
-    """Plan for C = A @ B (+ bias) (+ activation). ``constants`` may hold B (and bias) as weights
-    (and A); they are stored in device layout (padded) in the plan. A GEMM launch modelled over
-    the dispatch budget is split into row blocks (:func:`split_rows`)."""
+    """Plan for C = A @ B (+ bias) (+ activation) (requantized to 8 bits with ``s.requant``).
+    ``constants`` may hold B (and bias) as weights (and A), and the per-channel requantize
+    ``scale`` vector; they are stored in device layout (padded) in the plan. A GEMM launch
+    modelled over the dispatch budget is split into row blocks (:func:`split_rows`)."""
     constants = dict(constants or {})
     t = choose_tiling(s)
     check_limits(s, t)
@@ -898,6 +1247,19 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         bias = np.zeros(t.NT * 16, dtype=bias_dtype)
         bias[: s.N] = np.asarray(constants[bias_name]).reshape(-1)
         out_consts[bias_name] = bias
+    if s.requant is not None and not t.rq_regs:
+        blk = requant_block(s, t, constants.get("scale"))
+        out_consts[REQUANT_BLOCK] = blk
+        bufs.append(BufferSpec(REQUANT_BLOCK, "weight", blk.shape, "uint32", blk.nbytes + 64))
+    if s.scale_lookup:
+        pad = t.NT * 16
+        sc = np.asarray(constants.get("scale", ()), np.float32).reshape(-1)
+        if sc.size != s.N or not np.all(np.isfinite(sc) & (sc > 0)):
+            raise ValueError(f"requantize scale: {s.N} finite positive float32 values wanted, got {sc.size}")
+        vec = np.ones(pad, np.float32)
+        vec[:s.N] = sc
+        out_consts["scale"] = vec
+        bufs.append(BufferSpec("scale", "weight", (pad,), "float32", pad * 4 + 64))
     bufs.append(BufferSpec(c_name, "output", c_shape, s.out_dtype))
     for name in (a_name, b_name):
         if name in constants:
@@ -930,15 +1292,24 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
                       attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
                              "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__,
+                             "out_dtype": s.out_dtype,
+                             "requant": None if s.requant is None else s.requant.__dict__,
                              # modelled seconds of each launch (default TimingModel): the v3d
                              # device checks the longest against its dispatch budget
                              "launch_seconds": launch_seconds},
                       flops=2 * s.batch * s.M * s.N * s.K,
-                      bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * 4))
+                      bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * s.out_es))
 
 
-def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None) -> np.ndarray:
-    """numpy reference with the kernel's semantics (int32 wrap; fp32 in float64 then rounded)."""
+def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None, scale=None) -> np.ndarray:
+    """numpy reference with the kernel's semantics (int32 wrap; fp32 in float64 then rounded;
+    the requantize epilogue by :func:`requant_reference`, per-channel ``scale`` along its axis)."""
+    if s.requant is not None:
+        acc = reference(replace(s, requant=None), a, b_, bias)
+        rq = s.requant
+        sc = np.float32(rq.scale) if rq.axis is None else \
+            np.asarray(scale, np.float32).reshape((-1, 1) if rq.axis == "m" else (-1,))
+        return requant_reference(acc, rq, sc)
     if s.is_int:
         a64, b64 = a.astype(np.int64), b_.astype(np.int64)
         bb = np.swapaxes(b64, -1, -2) if s.transpose_b else b64
@@ -968,6 +1339,31 @@ def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None) -> np.ndar
 FLOAT_DTYPES = ("float32",)
 
 
+def requant_from_attrs(attrs: dict, out_dtype: str, channels: int, channel_axis: str) -> Requant | None:
+    """The :class:`Requant` of an OpSpec's ``attrs["requant"]`` (dict: ``scale`` one value or one
+    per output channel, ``zero_point``, ``lo``, ``hi``), or None; ValueError for a bad one. The
+    spec's output dtype is the requantized dtype."""
+    r = attrs.get("requant")
+    if r is None:
+        return None
+    sc = np.asarray(r["scale"], np.float64).reshape(-1)
+    if sc.size not in (1, channels):
+        raise ValueError(f"requantize scale has {sc.size} values for {channels} output channels")
+    return Requant(out_dtype, None if sc.size == 1 else channel_axis, int(r["zero_point"]),
+                   int(r["lo"]), int(r["hi"]), float(sc[0]) if sc.size == 1 else None)
+
+
+def requant_constants(spec) -> dict:
+    """{"scale": per-channel float32 scales} of a requantizing spec (empty otherwise)."""
+    r = spec.attrs.get("requant")
+    if r is None or np.size(r["scale"]) == 1:
+        return {}
+    sc = np.asarray(r["scale"], np.float64)
+    if not np.all(np.isfinite(sc) & (sc > 0)):
+        raise ValueError("requantize scales must be finite and positive")
+    return {"scale": sc.astype(np.float32)}
+
+
 def shape_from_spec(spec, model=None) -> GemmShape:
     """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side). The
     A-stream variant is ``attrs["a_stream"]`` when given, else the one of the lowest estimate
@@ -990,7 +1386,8 @@ def shape_from_spec(spec, model=None) -> GemmShape:
     s = GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
                   spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
                   a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
-                  b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None)
+                  b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None,
+                  requant=requant_from_attrs(spec.attrs, str(spec.output[1]), N, "n"))
     if "a_stream" in spec.attrs:
         return replace(s, a_stream=str(spec.attrs["a_stream"]))
     if s.a_dtype not in INT_DTYPES + FLOAT_DTYPES or s.b_dtype not in INT_DTYPES + FLOAT_DTYPES:
@@ -1001,6 +1398,7 @@ def shape_from_spec(spec, model=None) -> GemmShape:
 def supports(spec) -> tuple:
     try:
         s = shape_from_spec(spec)
+        requant_constants(spec)
     except ValueError as e:
         return False, str(e)
     ints = (s.a_dtype in INT_DTYPES, s.b_dtype in INT_DTYPES)
@@ -1008,7 +1406,9 @@ def supports(spec) -> tuple:
         return False, f"mixed operand types {s.a_dtype} x {s.b_dtype}"
     if not all(ints) and (s.a_dtype not in FLOAT_DTYPES):
         return False, f"dtype {s.a_dtype} not supported (float32, int8, uint8, int16, int32)"
-    want_out = "int32" if s.is_int else "float32"
+    if s.requant is not None and not s.is_int:
+        return False, "requantize epilogue on a float GEMM"
+    want_out = s.out_dtype
     if str(spec.output[1]) != want_out:
         return False, f"output dtype {spec.output[1]} (the kernel produces {want_out})"
     act = s.activation
@@ -1023,7 +1423,7 @@ def supports(spec) -> tuple:
 
 def generate(spec, constants: dict):
     s = shape_from_spec(spec)
-    plan = plan_gemm(s, constants)
+    plan = plan_gemm(s, {**constants, **requant_constants(spec)})
     # plan_gemm declares A, B and C with the batch dims flattened ([batch, M, K], or [M, K] for an
     # operand broadcast over the batch); the registry hands the kernel the operands as the spec
     # gives them ([.., M, K] with any number of batch dims, e.g. a 4-D MatMul), so the buffers
@@ -1097,15 +1497,16 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     # distinct B data (a batch entry's B, or the input planes of a convolution) and A panel
     b_one = (s.b_bstride if s.b_bstride and (s.batch > 1 or s.b_table) else s.K * s.N) * es_b
     b_bytes = b_one * (Z if s.b_bstride else 1)
-    a_bytes = Z * t.MT * t.Kpad * t.R * 4 if s.a_bstride else t.MT * t.Kpad * t.R * 4
+    pes = s.a_panel_es
+    a_bytes = Z * t.MT * t.Kpad * t.R * pes if s.a_bstride else t.MT * t.Kpad * t.R * pes
     b_passes = 1 if b_one <= m.l2_bytes else math.ceil(t.MT / t.Wm)
     a_passes = 1 if a_bytes <= m.l2_bytes else math.ceil(t.NT / t.Wn)
     b_rows = _b_lines_per_row(s, line)
     b_miss = miss_fraction(m, b_bytes * b_passes, Z * t.MT * t.NT * t.Kpad * b_rows)
-    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * t.R * 4 / line)
+    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * t.R * pes / line)
     active = min(qpus, nwg)
     per_slice = min(max(1, m.qpus_per_slice), active)     # QPUs sharing a TMU / uniform cache
-    a_lines = t.R * 4 / line                               # A values of a k-step, in lines
+    a_lines = t.R * pes / line                             # A values of a k-step, in lines
     tmu_lines = b_rows + (max(1.0, a_lines) if s.a_stream == "tmu" else 0.0)
     kstep_instr = pr.kloop / t.U
     tmu_words = 16 * (2 if s.a_stream == "tmu" else 1)        # B row (+ A column) words
@@ -1122,7 +1523,7 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     # workgroups queue for the QPUs: the busiest QPU runs ceil(nwg / qpus) prologues and about
     # an even share of all tiles, at least one workgroup's tiles
     busiest = per_qpu * pr.prologue * cpi + max(math.ceil(Z * t.MT * t.NT / qpus), tiles) * tile
-    traffic = a_bytes * a_passes + b_bytes * b_passes + Z * s.M * s.N * 4
+    traffic = a_bytes * a_passes + b_bytes * b_passes + Z * s.M * s.N * s.out_es
     return max(busiest, dram_cycles(m, traffic))
 
 
