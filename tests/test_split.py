@@ -251,7 +251,8 @@ def test_split_lowers_the_modelled_overlapped_latency_only():
 
 
 def g_two_branches(m=64, k=256, n=256):
-    """x -> matmul + bias + relu (twice, independent weights) -> add: two branches that can overlap."""
+    """x -> matmul + bias + relu (twice, independent weights) -> multiply: two branches that can
+    overlap (joined by an op with no QPU kernel, so the matmuls are the only sites)."""
     from tvm import relax
     ws = [rand((k, n), "float32", i) for i in (1, 2)]
     bs = [rand((n,), "float32", i) for i in (3, 4)]
@@ -261,7 +262,7 @@ def g_two_branches(m=64, k=256, n=256):
         for w, b in zip(ws, bs):
             y = bb.emit(relax.op.add(bb.emit(relax.op.matmul(x, const(w))), const(b)))
             outs.append(bb.emit(relax.op.nn.relu(y)))
-        return bb.emit(relax.op.add(*outs))
+        return bb.emit(relax.op.multiply(*outs))
     return graph({"x": ((m, k), "float32")}, body), [rand((m, k), "float32")]
 
 
