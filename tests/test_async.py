@@ -215,3 +215,49 @@ def test_tvmc_run_trace_and_stream(built, tmp_path, capsys):
     assert "QPU time hidden behind CPU work" in out
     _check_trace(tmp_path / "t.json", 3)
     assert cli.main(["run", art, "--depth", "2"]) != 0
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_ctrl_c_while_a_region_runs_then_the_runner_recovers(built, threaded):
+    """interrupt_main while the region runs (emulated at its submit, or in the QPU worker thread
+    while the VM waits): KeyboardInterrupt, the device told to stop, and the next run is right."""
+    import _thread
+    import threading
+    from tvm_qpu.runtime.device import DeviceError
+    from tvm_qpu.runtime.emulator import EmulatorDevice
+
+    class Blocking(EmulatorDevice):
+        def __init__(self):
+            super().__init__()
+            self.started, self.stopped, self.block = threading.Event(), threading.Event(), True
+
+        def execute(self, *a, **k):
+            if self.block:
+                self.block = False
+                self.started.set()
+                assert self.stopped.wait(20), "never interrupted"
+                raise DeviceError("stopped")
+            if self.stopped.is_set():
+                raise DeviceError("still told to stop")
+            return super().execute(*a, **k)
+
+        def interrupt(self, stop=True):
+            (self.stopped.set if stop else self.stopped.clear)()
+            super().interrupt(stop)
+
+    path, libs = built
+    dev = Blocking()
+    r = libs[True].runner(dev)
+    r.executor.threaded = threaded
+    x = _inputs(0)
+    t = threading.Thread(target=lambda: dev.started.wait(20) and _thread.interrupt_main())
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            r.run(**x)
+        t.join()
+        assert dev.stopped.is_set() and not r.executor._jobs
+        got = r.run(**x)["y"]
+    finally:
+        r.close()
+    np.testing.assert_allclose(got, _ort(path, x), rtol=1e-5, atol=1e-5)
