@@ -195,6 +195,9 @@ def double_entries() -> dict:
 def install(monkeypatch, kinds=KINDS):
     """Make the registry hold exactly the doubles for ``kinds`` for the duration of a test."""
     from tvm_qpu.codegen import registry
+    # import the real kernel package first: imported for the first time while the doubles are in
+    # place, it would register the real kernels into the doubles' table (and never into the real one)
+    registry._load_kernels()
     entries = {k: v for k, v in double_entries().items() if k in kinds}
     monkeypatch.setattr(registry, "_REGISTRY", entries)
     monkeypatch.setattr(registry, "_load_kernels", lambda: None)

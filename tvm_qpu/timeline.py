@@ -180,32 +180,34 @@ def schedule(traces: list, depth: int = 1) -> Timeline:
     qend: dict = {}                 # (inference, job) -> region end
     cpu_free = qpu_free = 0.0
     spans = []
-    for i in range(min(depth, n)):
+    active = list(range(min(depth, n)))  # admitted and not finished: at most depth inferences
+    for i in active:
         ready[i] = 0.0
-    while True:
+    while active:
         best = None
-        for i in range(n):
-            if ready[i] is None or finish[i] is not None:
-                continue
+        for i in active:
             evs = traces[i].events
             if pos[i] >= len(evs):
                 at, what = ready[i], "end"
             else:
                 e = evs[pos[i]]
-                at = {"cpu": lambda: max(ready[i], cpu_free),
-                      "submit": lambda: ready[i],
-                      "wait": lambda: max(ready[i], qend.get((i, e.job), ready[i]))}[e.kind]()
                 what = e.kind
+                if what == "cpu":
+                    at = max(ready[i], cpu_free)
+                elif what == "wait":
+                    at = max(ready[i], qend.get((i, e.job), ready[i]))
+                else:
+                    at = ready[i]
             if best is None or at < best[0] - 1e-15:
                 best = (at, i, what)
-        if best is None:
-            break
         at, i, what = best
         if what == "end":
             finish[i] = at
+            active.remove(i)
             nxt = i + depth
             if nxt < n:
                 ready[nxt] = begin[nxt] = at
+                active.append(nxt)
             continue
         e = traces[i].events[pos[i]]
         pos[i] += 1
