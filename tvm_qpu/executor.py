@@ -1,6 +1,12 @@
-"""The persistent plan executor behind the ``tvm_qpu.run_plan`` packed function.
+"""The persistent plan executor behind the ``tvm_qpu.run_plan`` / ``submit_plan`` / ``wait_plan``
+packed functions.
 
-Compiled modules call QPU regions as ``call_dps_packed("tvm_qpu.run_plan", [key, *inputs], out)``.
+Compiled modules call QPU regions as ``call_dps_packed("tvm_qpu.run_plan", [key, *inputs], out)``
+(blocking), or, by default, as an asynchronous pair (:mod:`tvm_qpu.async_regions`):
+``submit_plan(key, *inputs) -> ticket`` then ``wait_plan(key, ticket) -> out`` at the first use of
+the result (:meth:`PlanExecutor.submit` / :meth:`PlanExecutor.wait`; ``run`` is a submit followed
+at once by its wait). On v3d a submitted region runs in the QPU worker thread; on the emulator it is
+emulated at its submit and :mod:`tvm_qpu.timeline` models the overlap.
 ``key`` names a :class:`~tvm_qpu.codegen.plan.KernelPlan` registered in this process by
 ``tvm_qpu.build`` (in-process) or ``tvm_qpu.load`` (from an artifact). Each key belongs to one
 :class:`PlanExecutor`, which opens its device on first use and keeps every plan resident
