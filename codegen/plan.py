@@ -151,6 +151,12 @@ class ResidentPlan:
         self.last_stats = []
 
     def __call__(self, *inputs, **named):
+        self.write_inputs(*inputs, **named)
+        self.launch()
+        return self.read_outputs()
+
+    def write_inputs(self, *inputs, **named):
+        """Copy the inputs (positional in buffer order, or by name) into the device buffers."""
         ins = [b for b in self.plan.buffers if b.role == "input"]
         if len(inputs) > len(ins):
             raise ValueError(f"{self.plan.name}: {len(ins)} inputs expected, got {len(inputs)}")
@@ -164,10 +170,16 @@ class ResidentPlan:
                 raise ValueError(f"{self.plan.name}: input {b.name} must be {b.dtype}{list(b.shape)}, "
                                  f"got {a.dtype}{list(a.shape)}")
             self.bufs[b.name].write(a)
+
+    def launch(self):
+        """Run the plan's launches on the inputs written last; their ExecStats go to last_stats."""
         self.last_stats = []
         for L, prog, uni in zip(self.plan.launches, self.programs, self.uniforms):
             self.last_stats.append(self.device.execute(prog, uni, workgroups=L.workgroups, wg_size=L.wg_size,
                                                        num_qpus=L.num_qpus, threads=L.threads))
+
+    def read_outputs(self):
+        """Copies of the output buffers (one array, or a tuple for several outputs)."""
         outs = []
         for b in self.plan.buffers:
             if b.role == "output":

@@ -103,7 +103,7 @@ def test_plain_relax_vm_runs_built_executable(monkeypatch):
     x = sample("mlp")
     mod, params = tvm_qpu.from_onnx(MODELS / "mlp.onnx")
     lib = tvm_qpu.build(mod, placement="all", params=params)
-    assert "tvm_qpu.run_plan" in lib.relax_module.script()
+    assert "tvm_qpu.submit_plan" in lib.relax_module.script()     # asynchronous regions (default)
     ex = PlanExecutor(D.DoubleDevice())
     for r in lib.regions:
         ex.add(r.plan, r.info)

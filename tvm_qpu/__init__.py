@@ -7,10 +7,11 @@
   (``tvm_qpu.partition_report(mod)`` says what goes where and why)
 * ``tvm_qpu.build(mod, target="qpu", target_host=None, placement="cost", params=None)``
   -> CompiledModule (``.save(path)`` writes one artifact file)
-* ``tvm_qpu.load(path, device="auto")`` -> Runner (``run(**inputs)``, ``profile()``)
+* ``tvm_qpu.load(path, device="auto")`` -> Runner (``run(**inputs)``, ``profile()``,
+  ``run_stream(inputs, depth=2)``, ``overlap()``, ``trace(path)``: docs/async.md)
 
-If TVM is already imported, the ``tvm_qpu.run_plan`` packed function that compiled modules call is
-registered right away; otherwise it is registered by the first use of the API.
+If TVM is already imported, the ``tvm_qpu.run_plan`` / ``submit_plan`` / ``wait_plan`` packed
+functions that compiled modules call are registered right away; otherwise by the first use of the API.
 """
 import sys as _sys
 

@@ -264,12 +264,18 @@ class CompiledModule:
         ex = PlanExecutor(device)
         for r in self.regions:
             ex.add(r.plan, r.info)
-        return Runner(relax.VirtualMachine(self.executable, tvm.cpu()), self.meta, ex)
+        make_vm = lambda: relax.VirtualMachine(self.executable, tvm.cpu())     # noqa: E731
+        return Runner(make_vm(), self.meta, ex, vm_factory=make_vm)
 
 
 def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", params=None,
-          registry=None, cpu_schedule: bool = True, split: bool = False) -> CompiledModule:
+          registry=None, cpu_schedule: bool = True, split: bool = False,
+          async_regions: bool = True) -> CompiledModule:
     """Compile ``mod`` for the QPU (``target="qpu"``) or the CPU only (``target="llvm"``).
+
+    ``async_regions`` (default): each QPU region is submitted and waited for at the first use of
+    its result, so CPU ops that do not need it run meanwhile (:mod:`tvm_qpu.async_regions`);
+    ``False`` keeps one blocking ``tvm_qpu.run_plan`` call per region (the synchronous path).
 
     The CPU part gets :mod:`tvm_qpu.cpu_schedule`'s default schedules (tiled, vectorized at the
     target's SIMD width, parallel on TVM's thread pool); ``cpu_schedule=False`` keeps TVM's plain
@@ -293,6 +299,9 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
                                        split=split and target != "llvm")
     t1 = time.perf_counter()
     lowered, regions = backend.codegen(part)
+    if async_regions and regions:
+        from .async_regions import make_async
+        lowered = make_async(lowered)
     t2 = time.perf_counter()
     rules: dict = {}
     try:
@@ -315,7 +324,7 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
             "target_host": host if isinstance(host, str) else json.dumps(host, sort_keys=True),
             "host_arch": arch, "placement": report.placement, "inputs": inputs, "outputs": outputs,
             "compile_seconds": {"partition": t1 - t0, "qpu_codegen": t2 - t1, "host_compile": t3 - t2},
-            "cpu_target": str(tgt), "cpu_schedules": rules}
+            "cpu_target": str(tgt), "cpu_schedules": rules, "async_regions": bool(async_regions and regions)}
     from .safety import index_checks
     meta["index_checks"] = index_checks(mod)
     return CompiledModule(ex, regions, report, meta, cc, lowered)
@@ -349,6 +358,7 @@ class Profile:
     regions: list = field(default_factory=list)
     device: str = ""                        # the QPU device kind ("emulator", "v3d"; "" if unknown)
     host: str = ""                          # the machine the wall times were measured on (arch)
+    overlap: dict | None = None             # CPU/QPU overlap of the timed runs (Runner.overlap)
 
     @property
     def qpu_seconds(self) -> float:
@@ -381,7 +391,7 @@ class Profile:
 
     def as_dict(self) -> dict:
         return {"runs": self.runs, "total_seconds": self.total_seconds, "cpu_seconds": self.cpu_seconds,
-                "regions": self.regions, "device": self.device, "host": self.host}
+                "regions": self.regions, "device": self.device, "host": self.host, "overlap": self.overlap}
 
     def text(self) -> str:
         """The profile as a labelled table (which figures are measured, which modelled)."""
@@ -402,7 +412,20 @@ class Profile:
                          f"{_fmt_us(r['cpu_estimate']):>10s}")
         if self.regions:
             lines.append("  " + PROFILE_COLUMNS.format(qpu=qpu, how=how, wait=lab["wait"]))
+        if self.regions and self.overlap:
+            lines += overlap_lines(self.overlap)
         return "\n".join(lines)
+
+
+def overlap_lines(o: dict) -> list:
+    """Text lines for an overlap summary (:meth:`Runner.overlap`)."""
+    us = lambda k: f"{o[k] * 1e6:.1f} us"        # noqa: E731
+    return [f"  CPU/QPU overlap ({o['timeline']} timeline: {o['how']}):",
+            f"    CPU busy {us('cpu_busy_seconds')}, QPU busy {us('qpu_busy_seconds')} per inference",
+            f"    latency: sequential offload {us('sync_makespan_seconds')} -> asynchronous regions "
+            f"{us('makespan_seconds')}",
+            f"    QPU time hidden behind CPU work: {us('hidden_qpu_seconds')} "
+            f"({100 * o['hidden_fraction']:.0f}% of the QPU busy time)"]
 
 
 def auto_repeat(one_run_seconds: float) -> int:
@@ -419,10 +442,13 @@ def _fmt_us(s):
 class Runner:
     """A loaded model: ``run(**inputs)`` -> {output name: numpy array}; ``profile()``."""
 
-    def __init__(self, vm, meta: dict, executor: PlanExecutor, tmpdir=None):
+    def __init__(self, vm, meta: dict, executor: PlanExecutor, tmpdir=None, vm_factory=None):
         self.vm, self.meta, self.executor, self._tmpdir = vm, meta, executor, tmpdir
         self.inputs = meta["inputs"]
         self.outputs = meta["outputs"]
+        self._vm_factory = vm_factory       # another VM on the same executable (threaded streams)
+        self.last_traces: list = []         # timeline.Trace of the last run / stream, per inference
+        self.last_depth = 1
 
     def _args(self, inputs: dict):
         import tvm
@@ -457,10 +483,124 @@ class Runner:
 
     def run(self, **inputs) -> dict:
         self._open_device()
-        with self.executor.active():
-            out = self.vm["main"](*self._args(inputs))
+        out, trace = self._run_recorded(self.vm, self._args(inputs))
+        self.last_traces, self.last_depth = [trace], 1
+        return out
+
+    def _run_recorded(self, vm, args):
+        """One inference on ``vm``, with its timeline trace."""
+        from . import timeline
+        with self.executor.active(), timeline.recording() as rec:
+            out = vm["main"](*args)
         outs = [out] if hasattr(out, "numpy") else list(out)
-        return {o["name"]: t.numpy() for o, t in zip(self.outputs, outs)}
+        return {o["name"]: t.numpy() for o, t in zip(self.outputs, outs)}, rec.trace
+
+    # -- timelines, traces, streams ------------------------------------------------------------
+    def timeline_kind(self) -> str:
+        """"measured" when QPU regions ran on a real GPU beside the CPU (or there are none),
+        "modelled" on the emulator (virtual clock, tvm_qpu.timeline)."""
+        if not self.executor.plans:
+            return "measured"
+        return "measured" if self.executor.device_kind == "v3d" else "modelled"
+
+    def timeline(self, sync: bool = False):
+        """The :class:`tvm_qpu.timeline.Timeline` of the last run or stream; ``sync=True``: the
+        same inferences replayed as sequential offload (each wait right after its submit)."""
+        from . import timeline as T
+        if not self.last_traces:
+            raise QpuError("no run recorded yet: call run() or run_stream() first")
+        traces = [T.as_sync(t) for t in self.last_traces] if sync else self.last_traces
+        if self.timeline_kind() == "measured" and not sync:
+            return T.measured(traces)
+        return T.schedule(traces, 1 if sync else self.last_depth)
+
+    def _timeline_how(self) -> str:
+        host = self.meta.get("host_arch", "") or "this"
+        cpu = f"CPU times measured on the {host} host (not a Pi 5 unless it is one)"
+        if self.timeline_kind() == "measured":
+            return f"{cpu}; QPU times measured on the device"
+        return f"{cpu}; QPU times from the emulator's Pi 5 cycle model; virtual clock"
+
+    def overlap(self) -> dict:
+        """CPU/QPU overlap of the last run or stream: busy times, makespan asynchronous vs
+        sequential offload, QPU time hidden behind CPU work (per inference for a single run)."""
+        t = self.timeline()
+        d = t.summary(self.timeline(sync=True))
+        d["how"] = self._timeline_how()
+        d["depth"] = self.last_depth
+        return d
+
+    def trace(self, path) -> str:
+        """Write the last run's or stream's timeline as a Chrome / Perfetto trace (JSON)."""
+        from . import timeline as T
+        t = self.timeline()
+        meta = {"how": self._timeline_how(), "qpu_device": self.executor.device_kind,
+                "depth": self.last_depth, "async_regions": self.meta.get("async_regions", False),
+                "sync_makespan_us": self.timeline(sync=True).makespan * 1e6,
+                "makespan_us": t.makespan * 1e6}
+        return T.write_chrome_trace(path, t, meta)
+
+    def run_stream(self, inputs, depth: int = 2):
+        """Run a stream of inferences (``inputs``: an iterable of {input name: array}); yields the
+        outputs in order, with at most ``depth`` inferences in flight (bounded memory).
+
+        On a real GPU (QPU worker thread) up to ``depth`` inferences run in threads, each on its
+        own VM, so one inference's QPU regions overlap another's CPU ops (measured). On the
+        emulator the inferences run one after another and the virtual timeline schedules them
+        ``depth`` deep (modelled): see :meth:`overlap`, :meth:`timeline`, :meth:`trace`."""
+        if not isinstance(depth, (int, np.integer)) or depth < 1:
+            raise QpuError(f"depth must be a positive integer, got {depth!r}")
+        self._open_device()
+        traces = []
+        self.last_traces, self.last_depth = traces, int(depth)
+        if self.executor.plans and self.executor.use_worker() and depth > 1:
+            yield from self._stream_threaded(inputs, int(depth), traces)
+            return
+        for x in inputs:
+            out, trace = self._run_recorded(self.vm, self._args(self._stream_item(x)))
+            traces.append(trace)
+            yield out
+
+    @staticmethod
+    def _stream_item(x) -> dict:
+        if not isinstance(x, dict):
+            raise QpuError(f"run_stream: each item must be a dict of named inputs, got {type(x).__name__}")
+        return x
+
+    def _stream_threaded(self, inputs, depth, traces):
+        import collections
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+        if self._vm_factory is None:
+            raise QpuError("this Runner cannot make more VMs for a threaded stream (no vm_factory)")
+        local = threading.local()
+
+        def one(args):
+            vm = getattr(local, "vm", None)
+            if vm is None:
+                vm = local.vm = self._vm_factory()
+            return self._run_recorded(vm, args)
+
+        pending = collections.deque()
+        with ThreadPoolExecutor(depth, thread_name_prefix="tvm_qpu stream") as pool:
+            try:
+                for x in inputs:
+                    pending.append(pool.submit(one, self._args(self._stream_item(x))))
+                    if len(pending) >= depth:
+                        out, tr = pending.popleft().result()
+                        traces.append(tr)
+                        yield out
+                while pending:
+                    out, tr = pending.popleft().result()
+                    traces.append(tr)
+                    yield out
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                if self.executor.plans:
+                    self.executor.device.interrupt()
+                    self.executor.interrupted = True
+                raise
 
     def fill_inputs(self, mode: str = "random", seed: int = 0) -> dict:
         rng = np.random.default_rng(seed)
@@ -490,8 +630,10 @@ class Runner:
         from .progress import current
         status = current()
         args = self._args(inputs if inputs is not None else self.fill_inputs())
+        from . import timeline
         f = self.vm["main"]
         self._open_device()
+        traces = []
         with self.executor.active():
             status.phase = "warm-up run"
             t0 = time.perf_counter()
@@ -502,7 +644,9 @@ class Runner:
             t0 = time.perf_counter()
             for i in range(repeat):
                 status.phase = f"timed run {i + 1}/{repeat}"
-                f(*args)
+                with timeline.recording() as rec:
+                    f(*args)
+                traces.append(rec.trace)
             total = (time.perf_counter() - t0) / repeat
             status.phase = ""
         regions = []
@@ -513,8 +657,18 @@ class Runner:
                             "calls_per_run": st.calls / repeat, "qpu_seconds": st.qpu_seconds / repeat,
                             "host_seconds": st.host_seconds / repeat, "cycles_per_call": st.cycles / n,
                             "qpu_estimate": info.qpu_estimate, "cpu_estimate": info.cpu_estimate})
+        overlap = None
+        if regions:
+            runs = []
+            for tr in traces:
+                self.last_traces, self.last_depth = [tr], 1
+                runs.append(self.overlap())
+            overlap = dict(runs[-1])
+            for k, v in runs[-1].items():
+                if isinstance(v, float):
+                    overlap[k] = sum(r[k] for r in runs) / len(runs)    # mean over the timed runs
         return Profile(repeat, total, regions, device=self.executor.device_kind if regions else "",
-                       host=str(self.meta.get("host_arch", "")))
+                       host=str(self.meta.get("host_arch", "")), overlap=overlap)
 
     def close(self):
         self.executor.close()
@@ -569,4 +723,4 @@ def load(path, device="auto", trusted_keys=None) -> Runner:
     except Exception as e:
         tmp.cleanup()
         raise ArtifactError(f"{path}: the TVM library does not load ({type(e).__name__}: {e})") from None
-    return Runner(vm, meta, ex, tmp)
+    return Runner(vm, meta, ex, tmp, vm_factory=lambda: relax.VirtualMachine(mod, tvm.cpu()))

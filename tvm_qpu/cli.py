@@ -7,7 +7,7 @@
     tvmc compile --target llvm model.onnx -o model_cpu.tar          # CPU-only baseline
     tvmc run model.tar [--inputs in.npz] [--outputs out.npz] [--fill-mode random|zeros|ones]
              [--print-time] [--print-top N] [--profile] [--repeat N] [--device auto|emulator|v3d]
-             [--trusted-key me.pub ...]
+             [--trace trace.json] [--stream N [--depth D]] [--trusted-key me.pub ...]
     tvmc partition model.onnx [--qpu-placement ...] [--qpu-split] [--explain]
     tvmc keygen me                       # me.key (private, for --sign-key) + me.pub (--trusted-key)
     tvmc --version
@@ -139,6 +139,14 @@ def _args_run(r):
     r.add_argument("--device", default="auto", choices=("auto", "emulator", "v3d"),
                    help="QPU device: v3d (a Pi 5's GPU), emulator, or auto (v3d if present; on the "
                         "remote machine for remote runs)")
+    r.add_argument("--trace", metavar="JSON",
+                   help="write the CPU/QPU timeline of the run (or of --stream) as a Chrome / Perfetto "
+                        "trace (measured on a Pi 5; on the emulator modelled: CPU measured, QPU cycle model)")
+    r.add_argument("--stream", type=positive_int, metavar="N",
+                   help="also run N inferences as a pipelined stream and print its throughput "
+                        "(modelled on the emulator, measured on a Pi 5)")
+    r.add_argument("--depth", type=positive_int, default=None, metavar="D",
+                   help="inferences in flight for --stream (default 2)")
     r.add_argument("--trusted-key", action="append", metavar="PUB", default=None,
                    help="refuse the artifact unless signed by this Ed25519 public key (repeatable; "
                         "from tvmc keygen)")
@@ -229,6 +237,15 @@ def _load_inputs(path):
 def _check_run_args(args):
     if args.repeat is not None and not (args.print_time or args.profile):
         raise CliError("--repeat applies to --print-time / --profile")
+    if args.depth is not None and args.stream is None:
+        raise CliError("--depth applies to --stream")
+    if args.trace is not None:
+        folder = os.path.dirname(os.path.abspath(args.trace))
+        if not os.path.isdir(folder):
+            raise CliError(f"--trace {args.trace}: no such folder {folder}")
+        for flag, other in (("the artifact", args.artifact), ("--inputs", args.inputs)):
+            if other is not None and _same_file(args.trace, other):
+                raise CliError(f"--trace {args.trace} is {flag}: refusing to overwrite it")
     if args.outputs is None:
         return
     if not args.outputs.endswith(".npz"):
@@ -267,12 +284,27 @@ def time_lines(prof) -> list:
     return lines
 
 
+def stream_lines(ov: dict, n: int, wall_seconds: float, host: str) -> list:
+    """--stream: throughput of the pipelined stream (modelled or measured, labelled)."""
+    thr = ov["throughput_per_second"] or 0.0
+    seq = n / ov["sync_makespan_seconds"] if ov["sync_makespan_seconds"] > 0 else 0.0
+    return [f"stream: {n} inferences, {ov['depth']} in flight",
+            f"  throughput ({ov['timeline']}): {thr:.2f} inferences/s; sequential offload {seq:.2f} "
+            f"inferences/s ({ov['how']})",
+            f"  mean latency per inference ({ov['timeline']}): {ov['latency_seconds'] * 1e3:.4f} ms",
+            f"  host wall time: {n / wall_seconds:.2f} inferences/s (measured on the {host} host"
+            + (", QPU regions emulated: not a Pi 5 figure)" if ov["timeline"] == "modelled" else ")")]
+
+
 def _cmd_run(args):
+    import time
     import numpy as np
     import tvm_qpu
     from tvm_qpu.progress import status_line
     _check_run_args(args)
     spec = _remote_spec(args)
+    if spec is not None and (args.trace or args.stream):
+        raise CliError("--trace / --stream run locally only (not over RPC)")
     trusted = args.trusted_key
     if spec is None:
         runner = tvm_qpu.load(args.artifact, device=args.device, trusted_keys=trusted)
@@ -298,6 +330,16 @@ def _cmd_run(args):
             if args.print_top:
                 for name, a in outs.items():
                     say(top_rows(name, a, args.print_top))
+            if args.stream:
+                status.phase = f"stream of {args.stream}"
+                t0 = time.perf_counter()
+                for _ in runner.run_stream((inputs for _ in range(args.stream)), depth=args.depth or 2):
+                    pass
+                wall = time.perf_counter() - t0
+                say(stream_lines(runner.overlap(), args.stream, wall, runner.meta.get("host_arch", "this")))
+            if args.trace:
+                runner.trace(args.trace)
+                say([f"trace written to {args.trace} ({runner.timeline_kind()} timeline)"])
             if args.print_time or args.profile:
                 repeat = args.repeat if spec is None or args.repeat is not None else 10
                 prof = runner.profile(inputs, repeat=repeat)
@@ -305,7 +347,8 @@ def _cmd_run(args):
                     say(time_lines(prof))
                 if args.profile:
                     say([prof.text()])
-            if not (args.outputs or args.print_top or args.print_time or args.profile):
+            if not (args.outputs or args.print_top or args.print_time or args.profile or args.stream
+                    or args.trace):
                 say(f"{name}: {a.dtype}{list(a.shape)}" for name, a in outs.items())
     finally:
         runner.close()

@@ -1,6 +1,12 @@
-"""The persistent plan executor behind the ``tvm_qpu.run_plan`` packed function.
+"""The persistent plan executor behind the ``tvm_qpu.run_plan`` / ``submit_plan`` / ``wait_plan``
+packed functions.
 
-Compiled modules call QPU regions as ``call_dps_packed("tvm_qpu.run_plan", [key, *inputs], out)``.
+Compiled modules call QPU regions as ``call_dps_packed("tvm_qpu.run_plan", [key, *inputs], out)``
+(blocking), or, by default, as an asynchronous pair (:mod:`tvm_qpu.async_regions`):
+``submit_plan(key, *inputs) -> ticket`` then ``wait_plan(key, ticket) -> out`` at the first use of
+the result (:meth:`PlanExecutor.submit` / :meth:`PlanExecutor.wait`; ``run`` is a submit followed
+at once by its wait). On v3d a submitted region runs in the QPU worker thread; on the emulator it is
+emulated at its submit and :mod:`tvm_qpu.timeline` models the overlap.
 ``key`` names a :class:`~tvm_qpu.codegen.plan.KernelPlan` registered in this process by
 ``tvm_qpu.build`` (in-process) or ``tvm_qpu.load`` (from an artifact). Each key belongs to one
 :class:`PlanExecutor`, which opens its device on first use and keeps every plan resident
@@ -19,6 +25,7 @@ This module needs only the TVM runtime (``tvm_ffi``) and numpy: no compiler, no 
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 RUN_PLAN = "tvm_qpu.run_plan"
+SUBMIT_PLAN = "tvm_qpu.submit_plan"     # asynchronous regions (tvm_qpu.async_regions): submit ...
+WAIT_PLAN = "tvm_qpu.wait_plan"         # ... and wait at the first use of the result
 POLL_SECONDS = 0.1          # how often the waiting main thread takes signals and updates progress
 STOP_GRACE_SECONDS = 0.5    # how long to wait for an interrupted region to stop (the emulator: one quantum)
 
@@ -38,7 +47,8 @@ class PlanNotLoaded(RuntimeError):
 class RegionStats:
     calls: int = 0
     qpu_seconds: float = 0.0        # sum of ExecStats.seconds (modelled on the emulator)
-    host_seconds: float = 0.0       # wall time inside run_plan (copies + dispatch + device wait/emulation)
+    host_seconds: float = 0.0       # VM-thread wall time in run_plan / submit + wait (copies, dispatch,
+                                    # emulation or blocking on the device)
     cycles: int = 0
 
     def as_dict(self) -> dict:
@@ -66,6 +76,44 @@ class RegionInfo:
     def from_dict(d: dict) -> "RegionInfo":
         return RegionInfo(d["key"], d.get("name", ""), d.get("kind", ""), d.get("description", ""),
                           list(d.get("input_names", [])), d.get("cpu_estimate"), d.get("qpu_estimate"))
+
+
+@dataclass(eq=False)
+class Job:
+    """One submitted region: its device buffers hold its inputs, then (once ``done``) its output,
+    until a later submit of the same plan moves that output into ``result``."""
+    ticket: int
+    key: str
+    resident: object                # ResidentPlan
+    thread: int                     # the submitting thread (its VM call owns the job)
+    done: threading.Event = field(default_factory=threading.Event)
+    stats: list = field(default_factory=list)
+    error: BaseException | None = None
+    result: object = None
+    cancelled: bool = False
+    event: object = None            # the timeline's submit Event, if recording
+    host_seconds: float = 0.0       # VM-thread time in the submit and the wait
+
+
+class RegionError(RuntimeError):
+    """A QPU region failed (raised at its wait) and its exception type cannot carry the name."""
+
+
+def region_error(err: BaseException, info: RegionInfo) -> BaseException:
+    """``err`` (a region's failure) with the region's name in its message, same type if possible;
+    KeyboardInterrupt stays as it is."""
+    if isinstance(err, KeyboardInterrupt):
+        return err
+    name = f"QPU region {info.name or info.key} ({info.key})" if info.name else f"QPU region {info.key}"
+    msg = f"{name}: {err}"
+    try:
+        new = type(err)(msg)
+        new.__dict__.update({k: v for k, v in err.__dict__.items() if k not in new.__dict__})
+    except Exception:
+        new = RegionError(f"{msg} ({type(err).__name__})")
+    new.__cause__ = err
+    new.region = info.name or info.key
+    return new
 
 
 def open_qpu_device(device):
@@ -98,6 +146,11 @@ class PlanExecutor:
         self.interrupted = False            # the last region was interrupted (Ctrl-C)
         self.failure = None                 # the exception that last left run_plan (see _Active)
         self._worker = None                 # the last region's worker thread (may outlive a Ctrl-C)
+        self.threaded = None                # None: QPU worker thread on v3d only (see use_worker)
+        self._queue = None                  # the QPU worker thread's job queue
+        self._jobs: dict = {}               # ticket -> Job submitted and not yet waited for
+        self._latest: dict = {}             # key -> the last Job whose output is in its buffers
+        self._tickets = itertools.count(1)
 
     @property
     def device(self):
@@ -135,34 +188,150 @@ class PlanExecutor:
         return r
 
     def run(self, key: str, inputs: list):
-        """Run plan ``key`` on ``inputs`` (numpy arrays in RegionInfo.input_names order)."""
+        """Run plan ``key`` on ``inputs`` (numpy arrays in RegionInfo.input_names order) and
+        return its output: a submit followed at once by its wait (the synchronous path)."""
+        return self.wait(self.submit(key, inputs))
+
+    # -- asynchronous regions: submit now, wait at the first use of the result -----------------
+    def use_worker(self) -> bool:
+        """Whether submitted regions run in the QPU worker thread (real overlap with the CPU):
+        ``self.threaded`` if set, else only on a real GPU (v3d). On the emulator a region is
+        emulated at its submit (its host time is not CPU time: the timeline models it), so the
+        CPU work measured beside it is not slowed by the emulation."""
+        if self.threaded is not None:
+            return bool(self.threaded)
+        return getattr(self.device, "kind", "") == "v3d"
+
+    def submit(self, key: str, inputs: list) -> int:
+        """Copy ``inputs`` into the region's device buffers (so the caller may reuse them at once)
+        and start the region. Returns a ticket for :meth:`wait`. Errors of the region itself
+        surface at the wait; a missing device or a Ctrl-C surface here."""
+        rec = _timeline().current()
         t0 = time.perf_counter()
         with self._lock:
             info = self.info[key]
+            self._finish_interrupted()
+            r = self._resident(key)
+            prev = self._latest.pop(key, None)
+            if prev is not None:                # the buffers hold a result nobody has read yet
+                self._settle(prev, r)
+            plan_inputs = [b.name for b in r.plan.buffers if b.role == "input"]
+            if set(plan_inputs) <= set(info.input_names) and len(plan_inputs) == len(info.input_names):
+                r.write_inputs(**dict(zip(info.input_names, inputs)))
+            else:
+                r.write_inputs(*inputs)
+            ticket = next(self._tickets)
+            job = Job(ticket, key, r, threading.get_ident())
+            self._jobs[ticket] = self._latest[key] = job
+            if rec is not None:
+                job.event = rec.event("submit", job=ticket, region=info.name or key)
+            if self.use_worker():
+                self._ensure_worker().put(job)
+                job.host_seconds = time.perf_counter() - t0
+                return ticket
+        try:
+            self._interruptible(lambda: self._execute(job), info)
+        finally:
+            if rec is not None:
+                rec.resume()                    # emulating is not CPU time
+            job.host_seconds = time.perf_counter() - t0
+        return ticket
 
-            def call():
-                r = self._resident(key)
-                plan_inputs = [b.name for b in r.plan.buffers if b.role == "input"]
-                if set(plan_inputs) <= set(info.input_names) and len(plan_inputs) == len(info.input_names):
-                    return r, r(**dict(zip(info.input_names, inputs)))
-                return r, r(*inputs)
-
-            r, out = self._interruptible(call, info)
-            st = self.stats[key]
+    def wait(self, ticket: int):
+        """Wait for the region of ``ticket``; returns its output (raises its error, named)."""
+        rec = _timeline().current()
+        t0 = time.perf_counter()
+        job = self._jobs.pop(ticket, None)
+        if job is None:
+            raise RuntimeError(f"QPU wait for an unknown ticket {ticket} (already waited for, or "
+                               f"submitted by another executor)")
+        info = self.info[job.key]
+        if rec is not None:
+            rec.event("wait", job=ticket)
+        try:
+            if not job.done.is_set():
+                self._interruptible(lambda: self._block(job), info, worker=False)
+        finally:
+            if rec is not None:
+                rec.resume()                    # blocked on the QPU: not CPU time
+        with self._lock:
+            if self._latest.get(job.key) is job:
+                del self._latest[job.key]
+                if job.error is None:
+                    job.result = job.resident.read_outputs()
+            st = self.stats[job.key]
             st.calls += 1
-            for s in r.last_stats:
+            for s in job.stats:
                 st.qpu_seconds += float(getattr(s, "seconds", 0.0))
                 st.cycles += int(getattr(s, "cycles", 0))
-            st.host_seconds += time.perf_counter() - t0
-        return out
+            st.host_seconds += job.host_seconds + time.perf_counter() - t0
+        if job.error is not None:
+            raise region_error(job.error, info)
+        return job.result
 
-    def _interruptible(self, fn, info: RegionInfo):
+    def _execute(self, job):
+        """Run a submitted job's launches (in the worker thread or at the submit)."""
+        ev = job.event
+        if ev is not None:
+            ev.qpu_start = time.perf_counter()
+        try:
+            if job.cancelled:
+                raise KeyboardInterrupt("interrupted")
+            job.resident.launch()
+            job.stats = list(job.resident.last_stats)
+        except BaseException as e:
+            job.error = e
+            if not self.use_worker() and isinstance(e, KeyboardInterrupt):
+                raise
+        finally:
+            if ev is not None:
+                ev.qpu_end = time.perf_counter()
+                ev.seconds = sum(float(getattr(s, "seconds", 0.0)) for s in job.stats)
+            job.done.set()
+
+    def _settle(self, job, r):
+        """A job whose buffers are about to be reused: wait for it, keep its output on the host."""
+        job.done.wait()
+        if job.error is None:
+            job.result = r.read_outputs()
+
+    def _block(self, job):
+        job.done.wait()
+
+    def _ensure_worker(self):
+        if self._queue is None:
+            import queue
+            self._queue = queue.Queue()
+            q = self._queue
+
+            def loop():
+                while True:
+                    job = q.get()
+                    if job is None:
+                        return
+                    self._execute(job)
+
+            threading.Thread(target=loop, name="tvm_qpu QPU worker", daemon=True).start()
+        return self._queue
+
+    def drain(self, thread=None):
+        """Forget the jobs submitted by ``thread`` (default: this one) that were never waited for
+        (a VM call that raised between a submit and its wait): let them finish first."""
+        tid = threading.get_ident() if thread is None else thread
+        for t, job in list(self._jobs.items()):
+            if job.thread == tid:
+                job.done.wait(None if not self.interrupted else STOP_GRACE_SECONDS)
+                self._jobs.pop(t, None)
+                if self._latest.get(job.key) is job:
+                    del self._latest[job.key]
+
+    def _interruptible(self, fn, info: RegionInfo, worker: bool = True):
         """``fn()``; on the main thread with an interruptible device, in a worker thread while this
-        thread shows progress and takes Ctrl-C (see the module docstring)."""
+        thread shows progress and takes Ctrl-C (see the module docstring). ``worker=False``: ``fn``
+        only waits for the QPU worker thread (a wait), which Ctrl-C also stops."""
         dev = self.device
         if not hasattr(dev, "interrupt") or threading.current_thread() is not threading.main_thread():
             return fn()
-        self._finish_interrupted()
         status = _progress().current()
         box = {}
         done = threading.Event()
@@ -175,9 +344,12 @@ class PlanExecutor:
             finally:
                 done.set()
 
+        worker_flag = worker
         keys = list(self.info)
         where = f"QPU region {keys.index(info.key) + 1}/{len(keys)} {info.name or info.key}"
-        worker = self._worker = threading.Thread(target=work, name=f"tvm_qpu {info.key}", daemon=True)
+        worker = threading.Thread(target=work, name=f"tvm_qpu {info.key}", daemon=True)
+        if worker_flag:
+            self._worker = worker
         t0 = time.perf_counter()
         try:
             worker.start()                  # inside the try: start() itself waits, so Ctrl-C can land there
@@ -185,10 +357,13 @@ class PlanExecutor:
                 status.update(f"{where}: {_activity(dev)} {time.perf_counter() - t0:.0f} s", t0)
         except BaseException:               # KeyboardInterrupt (or a signal handler's exception)
             dev.interrupt()
+            for job in list(self._jobs.values()):
+                job.cancelled = True        # queued regions of the QPU worker do not start
             done.wait(STOP_GRACE_SECONDS)   # the emulator stops within a quantum; its first-use
             self.interrupted = True         # compile cannot be stopped: _finish_interrupted waits
             raise
-        self._worker = None
+        if worker_flag:
+            self._worker = None
         if "err" in box:
             raise box["err"]
         return box["out"]
@@ -198,6 +373,9 @@ class PlanExecutor:
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.join()
+        if self.interrupted:
+            for job in list(self._jobs.values()):   # the QPU worker's interrupted / cancelled jobs
+                job.done.wait()
         if (self.interrupted or worker is not None) and self._device is not None:
             self._device.interrupt(False)
         self.interrupted = False
@@ -207,6 +385,9 @@ class PlanExecutor:
             self.stats[k] = RegionStats()
 
     def close(self):
+        if self._queue is not None:
+            self._queue.put(None)
+            self._queue = None
         if self._worker is not None and self._worker.is_alive():
             # an interrupted region still runs (the emulator's first-use compile cannot be
             # stopped): leave device and buffers to it; they go when the process does
@@ -246,6 +427,8 @@ class _Active:
 
     def __exit__(self, exc_type, exc, tb):
         _LOCAL.executor = self.prev
+        if exc_type is not None:
+            self.ex.drain()                 # regions submitted and never waited for
         failure, self.ex.failure = self.ex.failure, None
         if exc_type is None or failure is None or exc is failure:
             return False
@@ -289,6 +472,45 @@ def _run_plan_packed(key, *args):
     out[...] = np.asarray(result).reshape(out.shape)
 
 
+def _submit_plan_packed(key, *args):
+    """Packed function body of ``tvm_qpu.submit_plan``: args = (*inputs, ticket) where ticket is
+    an int64[1] tensor receiving the job's ticket for ``tvm_qpu.wait_plan``."""
+    ex = _owner(str(key))
+    if ex is None:
+        raise PlanNotLoaded(f"QPU region {key} is not loaded in this process: load the artifact with "
+                            f"tvm_qpu.load(path) (or build the model with tvm_qpu.build) before running it")
+    inputs = [np.from_dlpack(a) for a in args[:-1]]
+    try:
+        ticket = ex.submit(str(key), inputs)
+    except BaseException as e:
+        ex.failure = e
+        raise
+    np.from_dlpack(args[-1])[0] = ticket
+
+
+def _wait_plan_packed(key, ticket, out):
+    """Packed function body of ``tvm_qpu.wait_plan``: wait for the job of ``ticket`` (int64[1])
+    and write its output into ``out``."""
+    ex = _owner(str(key))
+    if ex is None:
+        raise PlanNotLoaded(f"QPU region {key} is not loaded in this process")
+    t = int(np.from_dlpack(ticket)[0])
+    out = np.from_dlpack(out)
+    try:
+        result = ex.wait(t)
+    except BaseException as e:
+        ex.failure = e
+        raise
+    if isinstance(result, tuple):
+        raise RuntimeError(f"QPU region {key}: plan has {len(result)} outputs, one expected")
+    out[...] = np.asarray(result).reshape(out.shape)
+
+
+def _timeline():
+    from . import timeline
+    return timeline
+
+
 def _progress():
     from . import progress
     return progress
@@ -314,6 +536,8 @@ def ensure_registered():
     if not _REGISTERED:
         import tvm_ffi
         tvm_ffi.register_global_func(RUN_PLAN, _run_plan_packed, override=True)
+        tvm_ffi.register_global_func(SUBMIT_PLAN, _submit_plan_packed, override=True)
+        tvm_ffi.register_global_func(WAIT_PLAN, _wait_plan_packed, override=True)
         _REGISTERED = True
 
 

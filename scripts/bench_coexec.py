@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""CPU and QPU at once: latency and throughput of CPU-only, sequential offload, asynchronous
+regions and pipelined streams, for a ResNet-style CNN, MobileNetV2 and a transformer layer.
+
+Usage::
+
+    python scripts/bench_coexec.py [--json] [--models resnet18,mobilenetv2,bert_layer]
+                                   [--size 32] [--stream 4] [--depth 2] [--placement all]
+
+Where the figures come from (printed with them):
+
+* **CPU-only**: the model built for ``llvm`` (tvm_qpu's CPU schedules), mean wall time per
+  inference *measured on this machine* (an x86 box unless you run it on a Pi 5: not a Pi figure).
+* **sequential offload / async / stream**: the model built for ``qpu``, run on the emulator; each
+  inference is recorded (:mod:`tvm_qpu.timeline`): CPU segments *measured* on this machine, QPU
+  regions *modelled* by the emulator's Pi 5 cycle model, and replayed on the virtual clock:
+  sequential offload = every wait right after its submit; async = waits at first use; stream =
+  ``--depth`` inferences in flight. All three come from the same recorded runs.
+* **split** (CPU and QPU sharing one layer): a hook only: reported when ``tvm_qpu.split`` exists
+  (another line of work), else "n/a".
+
+The models come from ``models/make_bench_models.py`` at a small input size (``--size``, default
+32x32 for the CNNs; a 32-token, 128-wide transformer layer) so that the emulated runs take
+minutes, not hours. Mixing x86 CPU times with Pi 5 QPU times says how much overlap the program
+structure allows, not what a Pi 5 achieves: on a Pi the CPU side is several times slower.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "models"))
+
+#: model name -> (builder kwargs, input shape for a given --size)
+MODELS = {
+    "resnet18": (lambda b: b.resnet18(), lambda s: [1, 3, s, s]),
+    "mobilenetv2": (lambda b: b.mobilenetv2(), lambda s: [1, 3, s, s]),
+    "bert_layer": (lambda b: b.bert_layer(seq=32, hidden=128, heads=2, ffn=512), lambda s: [1, 32, 128]),
+}
+
+
+def split_available() -> bool:
+    """The hook for CPU/QPU split work (not implemented here)."""
+    return importlib.util.find_spec("tvm_qpu.split") is not None
+
+
+def cpu_only(mod, params, inputs, repeat):
+    import tvm_qpu
+    r = tvm_qpu.build(mod, target="llvm", params=params).runner()
+    try:
+        r.run(**inputs)
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            r.run(**inputs)
+        return (time.perf_counter() - t0) / repeat
+    finally:
+        r.close()
+
+
+def offloaded(mod, params, inputs, placement, n, depth):
+    """Recorded traces of ``n`` inferences of the qpu build, replayed three ways."""
+    import tvm_qpu
+    from tvm_qpu import timeline as T
+    lib = tvm_qpu.build(mod, params=params, placement=placement)
+    r = lib.runner("emulator")
+    try:
+        r.run(**inputs)                                       # warm-up: residency, numba, caches
+        for _ in r.run_stream((inputs for _ in range(n)), depth=depth):
+            pass
+        traces = list(r.last_traces)
+    finally:
+        r.close()
+    seq = [T.schedule([T.as_sync(t)]).makespan for t in traces]
+    asy = [T.schedule([t]).makespan for t in traces]
+    stream = T.schedule(traces, depth)
+    return {"regions": len(lib.regions), "qpu_seconds": float(np.mean([t.qpu_seconds() for t in traces])),
+            "cpu_seconds": float(np.mean([t.cpu_seconds() for t in traces])),
+            "sequential_latency": float(np.mean(seq)), "async_latency": float(np.mean(asy)),
+            "stream_throughput": n / stream.makespan, "stream_latency": float(np.mean(stream.latencies))}
+
+
+def bench(name, size, placement, n, depth, repeat, tmp):
+    import onnx
+    import make_bench_models as B
+    import tvm_qpu
+    build, shape = MODELS[name]
+    path = os.path.join(tmp, f"{name}.onnx")
+    onnx.save(build(B), path)
+    shp = shape(size)
+    mod, params = tvm_qpu.from_onnx(path, input_shapes={"input": shp})
+    x = {"input": np.random.default_rng(0).standard_normal(shp).astype(np.float32)}
+    t0 = time.perf_counter()
+    cpu = cpu_only(mod, params, x, repeat)
+    off = offloaded(mod, params, x, placement, n, depth)
+    row = {"model": name, "input": shp, "placement": placement, "cpu_only_latency": cpu,
+           "cpu_only_throughput": 1 / cpu, **off,
+           "sequential_throughput": 1 / off["sequential_latency"], "async_throughput": 1 / off["async_latency"],
+           "split": "available: not wired into this benchmark yet" if split_available() else "n/a",
+           "bench_seconds": time.perf_counter() - t0}
+    for k in ("sequential", "async", "stream"):
+        row[f"{k}_vs_cpu_only"] = row[f"{k}_throughput"] / row["cpu_only_throughput"]
+    return row
+
+
+LABEL = ("CPU times measured on this {arch} machine (not a Pi 5); QPU times modelled (emulator cycle "
+         "model, Pi 5 V3D 7.1); sequential/async/stream replayed on one virtual clock from the same runs")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--size", type=int, default=32, help="CNN input height = width (default 32)")
+    ap.add_argument("--placement", default="all", choices=("all", "cost"), help="qpu placement (default all)")
+    ap.add_argument("--stream", type=int, default=4, help="inferences in the stream (default 4)")
+    ap.add_argument("--depth", type=int, default=2, help="inferences in flight (default 2)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed CPU-only runs (default 5)")
+    a = ap.parse_args(argv)
+    names = [m for m in a.models.split(",") if m]
+    bad = [m for m in names if m not in MODELS]
+    if bad:
+        ap.error(f"unknown model(s) {bad}: choose from {', '.join(MODELS)}")
+    import platform
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_coexec_") as tmp:
+        for m in names:
+            rows.append(bench(m, a.size, a.placement, a.stream, a.depth, a.repeat, tmp))
+            if not a.json:
+                print(f"[{m} done in {rows[-1]['bench_seconds']:.0f} s]", file=sys.stderr, flush=True)
+    label = LABEL.format(arch=platform.machine())
+    if a.json:
+        print(json.dumps({"how": label, "depth": a.depth, "stream": a.stream, "rows": rows}, indent=1))
+        return 0
+    print(label)
+    print(f"{'model':12s} {'input':16s} {'regions':>7s} {'CPU-only':>10s} {'seq.offl.':>10s} {'async':>10s} "
+          f"{'stream':>10s}   throughput vs CPU-only: seq / async / stream   split")
+    for r in rows:
+        print(f"{r['model']:12s} {str(r['input']):16s} {r['regions']:7d} "
+              f"{r['cpu_only_latency'] * 1e3:8.3f}ms {r['sequential_latency'] * 1e3:8.3f}ms "
+              f"{r['async_latency'] * 1e3:8.3f}ms {1e3 / r['stream_throughput']:8.3f}ms   "
+              f"{r['sequential_vs_cpu_only']:.2f}x / {r['async_vs_cpu_only']:.2f}x / {r['stream_vs_cpu_only']:.2f}x"
+              f"   {r['split']}")
+    parts = lambda k: ", ".join(f"{r['model']} {r[k] * 1e3:.3f}ms" for r in rows)     # noqa: E731
+    print(f"(latency per inference; the stream column is 1 / throughput with {a.depth} in flight; "
+          f"CPU part of the offloaded runs: {parts('cpu_seconds')}; QPU part: {parts('qpu_seconds')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Asynchronous QPU regions, the CPU/QPU timeline, Chrome traces and pipelined streams.
+
+The model (built here with onnx.helper) has one QPU region (a MatMul, placement "all", the real
+GEMM kernel on the emulator) beside CPU ops that do not need its result (Sin, Floor), joined by an
+Add: the submit must come before the CPU ops and the wait after them. References: ONNX Runtime,
+the synchronous build (``async_regions=False``), and hand-computed schedules for the scheduler.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+onnx = pytest.importorskip("onnx")
+
+import tvm_qpu  # noqa: E402
+from tvm_qpu import timeline as T  # noqa: E402
+
+
+def _model(path, n=32):
+    from onnx import TensorProto, helper
+    w = (np.random.default_rng(1).standard_normal((n, n)) / n).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]),
+             helper.make_node("Sin", ["x"], ["s"]),
+             helper.make_node("Floor", ["s"], ["f"]),
+             helper.make_node("Add", ["a", "f"], ["y"])]
+    g = helper.make_graph(nodes, "async_tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                          [helper.make_tensor("w", TensorProto.FLOAT, [n, n], w.ravel())])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = _model(tmp_path_factory.mktemp("async") / "tiny.onnx")
+    mod, params = tvm_qpu.from_onnx(path)
+    libs = {a: tvm_qpu.build(mod, placement="all", params=params, async_regions=a) for a in (True, False)}
+    assert [r.info.kind for r in libs[True].regions] == ["matmul"]
+    return path, libs
+
+
+def _inputs(i, n=32):
+    return {"x": (np.random.default_rng(100 + i).standard_normal((1, n)) * 3).astype(np.float32)}
+
+
+def _ort(path, x):
+    ort = pytest.importorskip("onnxruntime")
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, x)[0]
+
+
+def test_ir_waits_at_first_use_after_independent_cpu_ops(built):
+    _, libs = built
+    lines = [ln.strip() for ln in libs[True].relax_module.script().splitlines()]
+    where = lambda pred: [i for i, ln in enumerate(lines) if pred(ln)]     # noqa: E731
+    submit = where(lambda ln: "tvm_qpu.submit_plan" in ln)
+    wait = where(lambda ln: "tvm_qpu.wait_plan" in ln)
+    sin = where(lambda ln: "R.sin(" in ln or "sin" in ln and "call_tir" in ln)
+    add = where(lambda ln: "R.add(" in ln or "add" in ln and "call_tir" in ln)
+    assert len(submit) == 1 and len(wait) == 1 and sin and add
+    assert not any("tvm_qpu.run_plan" in ln for ln in lines)
+    assert submit[0] < sin[0] < wait[0] < add[0]
+    sync = libs[False].relax_module.script()
+    assert "tvm_qpu.run_plan" in sync and "submit_plan" not in sync
+
+
+def test_async_equals_sync_and_onnxruntime(built):
+    path, libs = built
+    runners = {a: lib.runner("emulator") for a, lib in libs.items()}
+    try:
+        for i in range(2):
+            x = _inputs(i)
+            got = {a: r.run(**x)["y"] for a, r in runners.items()}
+            np.testing.assert_array_equal(got[True], got[False])
+            np.testing.assert_allclose(got[True], _ort(path, x), rtol=1e-5, atol=1e-5)
+    finally:
+        for r in runners.values():
+            r.close()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_region_error_surfaces_at_its_wait_with_its_name(built, threaded):
+    from tvm_qpu.runtime.device import DeviceError
+    from tvm_qpu.runtime.emulator import EmulatorDevice
+
+    class Failing(EmulatorDevice):
+        def execute(self, *a, **k):
+            raise DeviceError("the QPU is on fire")
+
+    _, libs = built
+    r = libs[True].runner(Failing())
+    r.executor.threaded = threaded          # True: raised in the QPU worker thread, seen at the wait
+    try:
+        with pytest.raises(DeviceError, match=r"QPU region qpu\.matmul.*the QPU is on fire"):
+            r.run(**_inputs(0))
+        assert not r.executor._jobs         # nothing left in flight
+    finally:
+        r.close()
+
+
+def test_scheduler_matches_hand_computed_timelines():
+    E = T.Event
+    one = T.Trace([E("cpu", 1.0), E("submit", 3.0, job=1, region="q"), E("cpu", 2.0), E("wait", job=1),
+                   E("cpu", 1.0)])
+    t = T.schedule([one])
+    # cpu [0,1]; qpu [1,4]; cpu [1,3]; wait until 4; cpu [4,5]
+    assert [(s.track, s.start, s.end) for s in t.spans] == [("cpu", 0, 1), ("qpu", 1, 4), ("cpu", 1, 3),
+                                                            ("cpu", 4, 5)]
+    assert t.makespan == 5.0
+    assert T.schedule([T.as_sync(one)]).makespan == 7.0
+    # two inferences, two in flight: the second's CPU work runs while the first waits
+    two = T.schedule([one, one], depth=2)
+    # inf0 cpu[0,1] q[1,4] cpu[1,3]; inf1 cpu[3,4] q[4,7]; inf0 cpu[4,5]; inf1 cpu[5,7] wait->7 cpu[7,8]
+    assert two.makespan == 8.0
+    assert T.schedule([one, one], depth=1).makespan == 10.0
+    qpu = sorted((s.start, s.end) for s in two.spans if s.track == "qpu")
+    assert qpu == [(1, 4), (4, 7)]
+
+
+def _check_trace(path, regions):
+    d = json.loads(open(path).read())
+    xs = [e for e in d["traceEvents"] if e["ph"] == "X"]
+    qpu = [e for e in xs if e["cat"] == "qpu"]
+    cpu = [e for e in xs if e["cat"] == "cpu"]
+    assert qpu and cpu and len(qpu) == regions
+    assert {e["tid"] for e in qpu}.isdisjoint({e["tid"] for e in cpu})
+    assert all(e["dur"] >= 0 and {"pid", "tid", "ts", "name"} <= set(e) for e in xs)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in qpu)
+    assert all(a[1] <= b[0] + 1e-6 for a, b in zip(spans, spans[1:])), "QPU spans overlap"
+    assert d["metadata"]["timeline"] == "modelled" and "cycle model" in d["metadata"]["how"]
+    assert d["metadata"]["makespan_us"] <= d["metadata"]["sync_makespan_us"] + 1e-6
+    return d
+
+
+def test_trace_and_overlap_of_one_run(built, tmp_path):
+    _, libs = built
+    r = libs[True].runner("emulator")
+    try:
+        r.run(**_inputs(0))
+        _check_trace(r.trace(tmp_path / "t.json"), 1)
+        tr = r.last_traces[0]
+        kinds = [e.kind for e in tr.events if e.kind != "cpu"]
+        assert kinds == ["submit", "wait"]
+        t = r.timeline()
+        sub = next(e for e in tr.events if e.kind == "submit")
+        cpu_before = sum(e.seconds for e in tr.events[:tr.events.index(sub)] if e.kind == "cpu")
+        q = [s for s in t.spans if s.track == "qpu"][0]
+        assert q.start == pytest.approx(cpu_before) and q.seconds == pytest.approx(sub.seconds)
+        assert sub.seconds > 0                      # the cycle model's time for the GEMM
+        ov = r.overlap()
+        assert ov["sync_makespan_seconds"] == pytest.approx(ov["cpu_busy_seconds"] + ov["qpu_busy_seconds"])
+        assert 0 <= ov["hidden_qpu_seconds"] <= ov["qpu_busy_seconds"] + 1e-12
+        prof = r.profile(_inputs(0), repeat=1)
+        assert prof.overlap is not None and "QPU time hidden behind CPU work" in prof.text()
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_run_stream_outputs_in_order_and_bounded(built, tmp_path, threaded):
+    _, libs = built
+    r = libs[True].runner("emulator")
+    r.executor.threaded = threaded          # True: the real-GPU path (QPU worker thread, VM threads)
+    try:
+        want = [r.run(**_inputs(i))["y"] for i in range(4)]
+        pulled = []
+
+        def items():
+            for i in range(4):
+                pulled.append(i)
+                yield _inputs(i)
+
+        stream = r.run_stream(items(), depth=2)
+        first = next(stream)
+        assert len(pulled) <= 2                 # at most depth inferences in flight
+        got = [first["y"]] + [o["y"] for o in stream]
+        assert len(got) == 4
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert len(r.last_traces) == 4 and r.last_depth == 2
+        if not threaded:
+            _check_trace(r.trace(tmp_path / "s.json"), 4)
+            ov = r.overlap()
+            assert ov["inferences"] == 4 and ov["throughput_per_second"] > 0
+            assert ov["makespan_seconds"] <= ov["sync_makespan_seconds"] + 1e-12
+    finally:
+        r.close()
+
+
+def test_run_stream_rejects_bad_items_and_depth(built):
+    _, libs = built
+    r = libs[True].runner("emulator")
+    try:
+        with pytest.raises(tvm_qpu.QpuError, match="depth"):
+            next(r.run_stream([_inputs(0)], depth=0))
+        with pytest.raises(tvm_qpu.QpuError, match="dict of named inputs"):
+            next(r.run_stream([np.zeros((1, 32), np.float32)]))
+    finally:
+        r.close()
+
+
+def test_tvmc_run_trace_and_stream(built, tmp_path, capsys):
+    from tvm_qpu import cli
+    _, libs = built
+    art = libs[True].save(tmp_path / "m.tar")
+    rc = cli.main(["run", art, "--device", "emulator", "--stream", "3", "--trace", str(tmp_path / "t.json"),
+                   "--profile", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "stream: 3 inferences, 2 in flight" in out and "throughput (modelled)" in out
+    assert "QPU time hidden behind CPU work" in out
+    _check_trace(tmp_path / "t.json", 3)
+    assert cli.main(["run", art, "--depth", "2"]) != 0
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_ctrl_c_while_a_region_runs_then_the_runner_recovers(built, threaded):
+    """interrupt_main while the region runs (emulated at its submit, or in the QPU worker thread
+    while the VM waits): KeyboardInterrupt, the device told to stop, and the next run is right."""
+    import _thread
+    import threading
+    from tvm_qpu.runtime.device import DeviceError
+    from tvm_qpu.runtime.emulator import EmulatorDevice
+
+    class Blocking(EmulatorDevice):
+        def __init__(self):
+            super().__init__()
+            self.started, self.stopped, self.block = threading.Event(), threading.Event(), True
+
+        def execute(self, *a, **k):
+            if self.block:
+                self.block = False
+                self.started.set()
+                assert self.stopped.wait(20), "never interrupted"
+                raise DeviceError("stopped")
+            if self.stopped.is_set():
+                raise DeviceError("still told to stop")
+            return super().execute(*a, **k)
+
+        def interrupt(self, stop=True):
+            (self.stopped.set if stop else self.stopped.clear)()
+            super().interrupt(stop)
+
+    path, libs = built
+    dev = Blocking()
+    r = libs[True].runner(dev)
+    r.executor.threaded = threaded
+    x = _inputs(0)
+    t = threading.Thread(target=lambda: dev.started.wait(20) and _thread.interrupt_main())
+    t.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            r.run(**x)
+        t.join()
+        assert dev.stopped.is_set() and not r.executor._jobs
+        got = r.run(**x)["y"]
+    finally:
+        r.close()
+    np.testing.assert_allclose(got, _ort(path, x), rtol=1e-5, atol=1e-5)
