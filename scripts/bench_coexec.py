@@ -16,8 +16,10 @@ Where the figures come from (printed with them):
   regions *modelled* by the emulator's Pi 5 cycle model, and replayed on the virtual clock:
   sequential offload = every wait right after its submit; async = waits at first use; stream =
   ``--depth`` inferences in flight. All three come from the same recorded runs.
-* **split** (CPU and QPU sharing one layer): a hook only: reported when ``tvm_qpu.split`` exists
-  (another line of work), else "n/a".
+* **split** (CPU and QPU sharing layers): the model built with ``placement="cost", split=True``
+  (:mod:`tvm_qpu.coexec` plans CPU / QPU / split per conv and matmul for the overlapped latency),
+  recorded and replayed the same way: its async latency and its stream throughput.
+  ``--no-split`` skips it (planning costs a few extra kernel estimates per conv / matmul).
 
 The models come from ``models/make_bench_models.py`` at a small input size (``--size``, default
 32x32 for the CNNs; a 32-token, 128-wide transformer layer) so that the emulated runs take
@@ -48,7 +50,7 @@ MODELS = {
 
 
 def split_available() -> bool:
-    """The hook for CPU/QPU split work (not implemented here)."""
+    """Whether this install has the CPU/QPU split work (:mod:`tvm_qpu.split`)."""
     return importlib.util.find_spec("tvm_qpu.split") is not None
 
 
@@ -65,11 +67,11 @@ def cpu_only(mod, params, inputs, repeat):
         r.close()
 
 
-def offloaded(mod, params, inputs, placement, n, depth):
+def offloaded(mod, params, inputs, placement, n, depth, split=False):
     """Recorded traces of ``n`` inferences of the qpu build, replayed three ways."""
     import tvm_qpu
     from tvm_qpu import timeline as T
-    lib = tvm_qpu.build(mod, params=params, placement=placement)
+    lib = tvm_qpu.build(mod, params=params, placement=placement, split=split)
     r = lib.runner("emulator")
     try:
         r.run(**inputs)                                       # warm-up: residency, numba, caches
@@ -87,7 +89,7 @@ def offloaded(mod, params, inputs, placement, n, depth):
             "stream_throughput": n / stream.makespan, "stream_latency": float(np.mean(stream.latencies))}
 
 
-def bench(name, size, placement, n, depth, repeat, tmp):
+def bench(name, size, placement, n, depth, repeat, tmp, split=True):
     import onnx
     import make_bench_models as B
     import tvm_qpu
@@ -103,10 +105,16 @@ def bench(name, size, placement, n, depth, repeat, tmp):
     row = {"model": name, "input": shp, "placement": placement, "cpu_only_latency": cpu,
            "cpu_only_throughput": 1 / cpu, **off,
            "sequential_throughput": 1 / off["sequential_latency"], "async_throughput": 1 / off["async_latency"],
-           "split": "available: not wired into this benchmark yet" if split_available() else "n/a",
-           "bench_seconds": time.perf_counter() - t0}
-    for k in ("sequential", "async", "stream"):
+           "bench_seconds": None}
+    keys = ["sequential", "async", "stream"]
+    if split and split_available():
+        sp = offloaded(mod, params, x, "cost", n, depth, split=True)
+        row.update(split_regions=sp["regions"], split_async_latency=sp["async_latency"],
+                   split_throughput=1 / sp["async_latency"], split_stream_throughput=sp["stream_throughput"])
+        keys += ["split", "split_stream"]
+    for k in keys:
         row[f"{k}_vs_cpu_only"] = row[f"{k}_throughput"] / row["cpu_only_throughput"]
+    row["bench_seconds"] = time.perf_counter() - t0
     return row
 
 
@@ -123,6 +131,7 @@ def main(argv=None):
     ap.add_argument("--stream", type=int, default=4, help="inferences in the stream (default 4)")
     ap.add_argument("--depth", type=int, default=2, help="inferences in flight (default 2)")
     ap.add_argument("--repeat", type=int, default=5, help="timed CPU-only runs (default 5)")
+    ap.add_argument("--no-split", action="store_true", help="skip the split build (placement cost + split)")
     a = ap.parse_args(argv)
     names = [m for m in a.models.split(",") if m]
     bad = [m for m in names if m not in MODELS]
@@ -132,7 +141,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_coexec_") as tmp:
         for m in names:
-            rows.append(bench(m, a.size, a.placement, a.stream, a.depth, a.repeat, tmp))
+            rows.append(bench(m, a.size, a.placement, a.stream, a.depth, a.repeat, tmp, split=not a.no_split))
             if not a.json:
                 print(f"[{m} done in {rows[-1]['bench_seconds']:.0f} s]", file=sys.stderr, flush=True)
     label = LABEL.format(arch=platform.machine())
@@ -147,7 +156,8 @@ def main(argv=None):
               f"{r['cpu_only_latency'] * 1e3:8.3f}ms {r['sequential_latency'] * 1e3:8.3f}ms "
               f"{r['async_latency'] * 1e3:8.3f}ms {1e3 / r['stream_throughput']:8.3f}ms   "
               f"{r['sequential_vs_cpu_only']:.2f}x / {r['async_vs_cpu_only']:.2f}x / {r['stream_vs_cpu_only']:.2f}x"
-              f"   {r['split']}")
+              + (f"   async {r['split_async_latency'] * 1e3:.3f}ms {r['split_vs_cpu_only']:.2f}x, stream "
+                 f"{r['split_stream_vs_cpu_only']:.2f}x ({r['split_regions']} regions)" if "split_regions" in r else "   -"))
     parts = lambda k: ", ".join(f"{r['model']} {r[k] * 1e3:.3f}ms" for r in rows)     # noqa: E731
     print(f"(latency per inference; the stream column is 1 / throughput with {a.depth} in flight; "
           f"CPU part of the offloaded runs: {parts('cpu_seconds')}; QPU part: {parts('qpu_seconds')})")
