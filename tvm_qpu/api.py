@@ -284,9 +284,9 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
     ``split=True`` (with ``placement="cost"``) plans the whole model for the CPU and the QPU
     working at once (:mod:`tvm_qpu.coexec`): per conv / matmul CPU, QPU, or a split of its output
     channels / rows between both (:mod:`tvm_qpu.split`), minimising the modelled latency with
-    asynchronous QPU regions. Off by default: with synchronous QPU regions the two parts of a
-    split run one after the other, so it only pays once regions run asynchronously. Results
-    equal the unsplit build's."""
+    asynchronous QPU regions (``async_regions``; with blocking regions the two parts of a split
+    run one after the other). Off by default for compile time (a few extra kernel estimates per
+    conv / matmul). Results equal the unsplit build's."""
     if target not in TARGETS:
         raise QpuError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     host, arch, cc = resolve_target_host(target_host)
