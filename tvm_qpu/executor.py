@@ -144,13 +144,24 @@ class PlanExecutor:
         self.stats: dict = {}
         self._lock = threading.Lock()
         self.interrupted = False            # the last region was interrupted (Ctrl-C)
-        self.failure = None                 # the exception that last left run_plan (see _Active)
+        self._failures = threading.local()  # per calling thread: see ``failure``
         self._worker = None                 # the last region's worker thread (may outlive a Ctrl-C)
         self.threaded = None                # None: QPU worker thread on v3d only (see use_worker)
         self._queue = None                  # the QPU worker thread's job queue
         self._jobs: dict = {}               # ticket -> Job submitted and not yet waited for
         self._latest: dict = {}             # key -> the last Job whose output is in its buffers
         self._tickets = itertools.count(1)
+
+    @property
+    def failure(self):
+        """The exception that last left a packed call (run_plan / submit / wait) in *this* thread,
+        for :class:`_Active` to re-raise in place of TVM's RuntimeError; per thread, so the
+        inferences of a threaded stream cannot take each other's errors."""
+        return getattr(self._failures, "value", None)
+
+    @failure.setter
+    def failure(self, err):
+        self._failures.value = err
 
     @property
     def device(self):
