@@ -6,11 +6,15 @@ Usage::
 
     python scripts/bench_coexec.py [--json] [--models resnet18,mobilenetv2,bert_layer]
                                    [--size 32] [--stream 4] [--depth 2] [--placement all]
+                                   [--no-split] [--cpu here|pi5]
 
 Where the figures come from (printed with them):
 
 * **CPU-only**: the model built for ``llvm`` (tvm_qpu's CPU schedules), mean wall time per
   inference *measured on this machine* (an x86 box unless you run it on a Pi 5: not a Pi figure).
+  ``--cpu pi5`` multiplies every CPU time (CPU-only and the CPU segments of the offloaded runs) by
+  this core's fp32 peak / one A76 core's (``scripts/calibrate_cpu.py``, the same assumption the
+  placement's CPU model makes): a Pi-like CPU side, labelled as an assumption.
 * **sequential offload / async / stream**: the model built for ``qpu``, run on the emulator; each
   inference is recorded (:mod:`tvm_qpu.timeline`): CPU segments *measured* on this machine, QPU
   regions *modelled* by the emulator's Pi 5 cycle model, and replayed on the virtual clock:
@@ -67,7 +71,7 @@ def cpu_only(mod, params, inputs, repeat):
         r.close()
 
 
-def offloaded(mod, params, inputs, placement, n, depth, split=False):
+def offloaded(mod, params, inputs, placement, n, depth, split=False, cpu_scale=1.0):
     """Recorded traces of ``n`` inferences of the qpu build, replayed three ways."""
     import tvm_qpu
     from tvm_qpu import timeline as T
@@ -77,7 +81,7 @@ def offloaded(mod, params, inputs, placement, n, depth, split=False):
         r.run(**inputs)                                       # warm-up: residency, numba, caches
         for _ in r.run_stream((inputs for _ in range(n)), depth=depth):
             pass
-        traces = list(r.last_traces)
+        traces = [T.scale_cpu(t, cpu_scale) for t in r.last_traces]
     finally:
         r.close()
     seq = [T.schedule([T.as_sync(t)]).makespan for t in traces]
@@ -89,7 +93,7 @@ def offloaded(mod, params, inputs, placement, n, depth, split=False):
             "stream_throughput": n / stream.makespan, "stream_latency": float(np.mean(stream.latencies))}
 
 
-def bench(name, size, placement, n, depth, repeat, tmp, split=True):
+def bench(name, size, placement, n, depth, repeat, tmp, split=True, cpu_scale=1.0):
     import onnx
     import make_bench_models as B
     import tvm_qpu
@@ -100,15 +104,15 @@ def bench(name, size, placement, n, depth, repeat, tmp, split=True):
     mod, params = tvm_qpu.from_onnx(path, input_shapes={"input": shp})
     x = {"input": np.random.default_rng(0).standard_normal(shp).astype(np.float32)}
     t0 = time.perf_counter()
-    cpu = cpu_only(mod, params, x, repeat)
-    off = offloaded(mod, params, x, placement, n, depth)
+    cpu = cpu_only(mod, params, x, repeat) * cpu_scale
+    off = offloaded(mod, params, x, placement, n, depth, cpu_scale=cpu_scale)
     row = {"model": name, "input": shp, "placement": placement, "cpu_only_latency": cpu,
            "cpu_only_throughput": 1 / cpu, **off,
            "sequential_throughput": 1 / off["sequential_latency"], "async_throughput": 1 / off["async_latency"],
            "bench_seconds": None}
     keys = ["sequential", "async", "stream"]
     if split and split_available():
-        sp = offloaded(mod, params, x, "cost", n, depth, split=True)
+        sp = offloaded(mod, params, x, "cost", n, depth, split=True, cpu_scale=cpu_scale)
         row.update(split_regions=sp["regions"], split_async_latency=sp["async_latency"],
                    split_throughput=1 / sp["async_latency"], split_stream_throughput=sp["stream_throughput"])
         keys += ["split", "split_stream"]
@@ -132,19 +136,31 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=2, help="inferences in flight (default 2)")
     ap.add_argument("--repeat", type=int, default=5, help="timed CPU-only runs (default 5)")
     ap.add_argument("--no-split", action="store_true", help="skip the split build (placement cost + split)")
+    ap.add_argument("--cpu", choices=("here", "pi5"), default="here",
+                    help="CPU times as measured here (default), or carried to one Pi 5 A76 core by the "
+                         "peak-throughput ratio of scripts/calibrate_cpu.py (an assumption, labelled)")
     a = ap.parse_args(argv)
     names = [m for m in a.models.split(",") if m]
     bad = [m for m in names if m not in MODELS]
     if bad:
         ap.error(f"unknown model(s) {bad}: choose from {', '.join(MODELS)}")
     import platform
+    cpu_scale = 1.0
+    if a.cpu == "pi5":
+        from calibrate_cpu import A76_PEAK, host_peak     # scripts/ is on sys.path when run as a script
+        cpu_scale = host_peak() / A76_PEAK
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_coexec_") as tmp:
         for m in names:
-            rows.append(bench(m, a.size, a.placement, a.stream, a.depth, a.repeat, tmp, split=not a.no_split))
+            rows.append(bench(m, a.size, a.placement, a.stream, a.depth, a.repeat, tmp, split=not a.no_split,
+                              cpu_scale=cpu_scale))
             if not a.json:
                 print(f"[{m} done in {rows[-1]['bench_seconds']:.0f} s]", file=sys.stderr, flush=True)
     label = LABEL.format(arch=platform.machine())
+    if a.cpu == "pi5":
+        label += (
+            f"; CPU times then scaled x{cpu_scale:.2f} to one Cortex-A76 core by the fp32 peak ratio "
+            f"(scripts/calibrate_cpu.py: an assumption, not a Pi measurement)")
     if a.json:
         print(json.dumps({"how": label, "depth": a.depth, "stream": a.stream, "rows": rows}, indent=1))
         return 0

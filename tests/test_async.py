@@ -119,6 +119,12 @@ def test_scheduler_matches_hand_computed_timelines():
     assert T.schedule([one, one], depth=1).makespan == 10.0
     qpu = sorted((s.start, s.end) for s in two.spans if s.track == "qpu")
     assert qpu == [(1, 4), (4, 7)]
+    # CPU segments twice as long (another CPU), QPU unchanged: cpu [0,2]; qpu [2,5]; cpu [2,6];
+    # no wait (the region ended at 5); cpu [6,8]
+    slow = T.scale_cpu(one, 2.0)
+    assert T.schedule([slow]).makespan == 8.0 and slow.qpu_seconds() == one.qpu_seconds() == 3.0
+    with pytest.raises(ValueError, match="factor"):
+        T.scale_cpu(one, 0.0)
 
 
 def _check_trace(path, regions):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -165,6 +165,15 @@ def as_sync(trace: Trace) -> Trace:
         if e.kind == "submit":
             out.append(Event("wait", job=e.job, wall=e.wall))
     return Trace(out, trace.start)
+
+
+def scale_cpu(trace: Trace, factor: float) -> Trace:
+    """The same trace with every CPU segment ``factor`` times as long (e.g. x86-measured CPU time
+    carried over to another CPU by a throughput ratio); QPU times unchanged."""
+    if not factor > 0:
+        raise ValueError(f"CPU scale factor must be > 0, got {factor}")
+    return Trace([replace(e, seconds=e.seconds * factor) if e.kind == "cpu" else e for e in trace.events],
+                 trace.start)
 
 
 def schedule(traces: list, depth: int = 1) -> Timeline:
