@@ -25,7 +25,7 @@ def _model(path, n=32):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]),
              helper.make_node("Sin", ["x"], ["s"]),
              helper.make_node("Floor", ["s"], ["f"]),
-             helper.make_node("Add", ["a", "f"], ["y"])]
+             helper.make_node("Mul", ["a", "f"], ["y"])]   # Mul: no QPU kernel, stays on the CPU
     g = helper.make_graph(nodes, "async_tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
                           [helper.make_tensor("w", TensorProto.FLOAT, [n, n], w.ravel())])
@@ -60,10 +60,10 @@ def test_ir_waits_at_first_use_after_independent_cpu_ops(built):
     submit = where(lambda ln: "tvm_qpu.submit_plan" in ln)
     wait = where(lambda ln: "tvm_qpu.wait_plan" in ln)
     sin = where(lambda ln: "R.sin(" in ln or "sin" in ln and "call_tir" in ln)
-    add = where(lambda ln: "R.add(" in ln or "add" in ln and "call_tir" in ln)
-    assert len(submit) == 1 and len(wait) == 1 and sin and add
+    mul = where(lambda ln: "R.multiply(" in ln or "multiply" in ln and "call_tir" in ln)
+    assert len(submit) == 1 and len(wait) == 1 and sin and mul
     assert not any("tvm_qpu.run_plan" in ln for ln in lines)
-    assert submit[0] < sin[0] < wait[0] < add[0]
+    assert submit[0] < sin[0] < wait[0] < mul[0]
     sync = libs[False].relax_module.script()
     assert "tvm_qpu.run_plan" in sync and "submit_plan" not in sync
 
