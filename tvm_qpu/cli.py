@@ -246,12 +246,16 @@ def _cmd_compile(args):
     return 0
 
 
-def _records(args, shapes, target=None):
-    """The --tuning-records of a compile / partition, checked against the model and target."""
+def _records(args, shapes, any_target=False):
+    """The --tuning-records of a compile / partition, checked against the model and target (for
+    partition, which only prices ops, records of either target serve)."""
     if getattr(args, "tuning_records", None) is None:
         return None
-    from tvm_qpu.tune import load_records
-    return load_records(args.tuning_records, args.model, target or args.target, args.target_host, shapes)
+    from tvm_qpu.tune import build_identity, check_matches, read_records
+    rec = read_records(args.tuning_records)
+    target = rec.header.get("target") if any_target else args.target
+    check_matches(rec, build_identity(args.model, target, args.target_host, shapes))
+    return rec
 
 
 def _load_inputs(path):
@@ -354,7 +358,7 @@ def _cmd_run(args):
 def _cmd_partition(args):
     import tvm_qpu
     shapes = parse_input_shapes(args.input_shapes)
-    records = _records(args, shapes, target="qpu")
+    records = _records(args, shapes, any_target=True)
     mod, params = tvm_qpu.from_onnx(args.model, shapes)
     from tvm_qpu.tune import measured_cpu
     with measured_cpu(records):
