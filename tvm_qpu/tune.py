@@ -481,7 +481,9 @@ def _runner(remote: RemoteSpec | None):
                                   tracker_key=remote.key, session_timeout_sec=int(remote.timeout))
         return ms.runner.RPCRunner(cfg, evaluator, max_workers=1, initializer=import_tensor_intrin)
     import functools
-    cfg = ms.runner.RPCConfig(tracker_host="-", tracker_port=0, tracker_key="-",
+    # no tracker: f_create_session connects to the one server; the tracker fields only pass the
+    # config's sanity check
+    cfg = ms.runner.RPCConfig(tracker_host=remote.host, tracker_port=int(remote.port), tracker_key="direct",
                               session_timeout_sec=int(remote.timeout))
     return ms.runner.RPCRunner(cfg, evaluator, max_workers=1, initializer=import_tensor_intrin,
                                f_create_session=functools.partial(_direct_session, remote.host, remote.port,
@@ -522,8 +524,8 @@ def _tuning_target(cpu_target_spec, arch: str, remote):
 class _Progress:
     """Lines on stdout: task i/n, its trials, its best time."""
 
-    def __init__(self, out, names: list, done: dict, want: int, records: RecordSet, save_every: float = 0.0):
-        self.out, self.names, self.done, self.want = out, names, done, want
+    def __init__(self, out, names: list, want: int, records: RecordSet):
+        self.out, self.names, self.want = out, names, want
         self.records, self.t0 = records, time.perf_counter()
 
     def say(self, text):
@@ -531,9 +533,8 @@ class _Progress:
 
 
 def _make_callback(progress: _Progress, hashes: list, entries: dict, target):
-    from tvm.s_tir import meta_schedule as ms
-
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
 
     @derived_object
     class _Record(ms.measure_callback.PyMeasureCallback):
@@ -617,6 +618,10 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     os.makedirs(work_dir, exist_ok=True)
     database = ms.database.MemoryDatabase()
     contexts, weights = [], []
+    import logging
+    # MetaSchedule's console handler takes the level its logger has now: warnings only on the
+    # terminal (our progress lines say the rest); its full INFO logs go to {work_dir}/logs
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     loggers = ms.logging.get_loggers_from_work_dir(work_dir, [wl.tasks[h].name for h in todo])
     for h, logger in zip(todo, loggers):
         task = wl.tasks[h]
@@ -633,7 +638,7 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
                                        logger=logger, rand_state=seed, num_threads=1).clone())
         weights.append(float(max(task.weight, 1)))
     left = sum(trials - records.workloads[h]["trials"] for h in todo)
-    progress = _Progress(out, hashes, {}, trials, records)
+    progress = _Progress(out, hashes, trials, records)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(progress, todo, records.workloads, tgt)]
     ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=left,
                   max_trials_per_task=max(trials - min(records.workloads[h]["trials"] for h in todo), 1),
