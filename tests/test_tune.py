@@ -93,6 +93,11 @@ def test_tuning_writes_measured_records(tuned):
     measured = [w for w in rec.workloads.values() if w["seconds"] is not None]
     assert measured, f"no candidate was measured:\n{log}"
     assert all(w["seconds"] > 0 and w["best"] is not None for w in measured)
+    assert all("default_seconds" in w for w in rec.workloads.values())   # the default schedule, timed too
+    for h, w in rec.workloads.items():      # a build uses whichever of the two was measured faster
+        if w["seconds"] is not None and w["default_seconds"] is not None:
+            assert rec.use_record(h) == (w["seconds"] < w["default_seconds"])
+            assert rec.best_seconds(h) == min(w["seconds"], w["default_seconds"])
     assert "task 1/3" in log and "trials" in log
 
 
@@ -103,9 +108,9 @@ def test_tuned_build_equals_onnxruntime(tuned):
     mod, params = tvm_qpu.from_onnx(MLP)
     lib = tvm_qpu.build(mod, target="llvm", params=params, tuning_records=rec)
     info = lib.meta["tuning_records"]
-    n_measured = sum(w["seconds"] is not None for w in rec.workloads.values())
-    assert info["applied"] == n_measured and not info["fell_back"]
-    assert sum(r.startswith("tuned") for r in lib.meta["cpu_schedules"].values()) == n_measured
+    n_used = sum(rec.use_record(h) for h in rec.workloads)    # measured, and faster than the default
+    assert info["applied"] == n_used and not info["fell_back"]
+    assert sum(r.startswith("tuned") for r in lib.meta["cpu_schedules"].values()) == n_used
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     runner = lib.runner("emulator")
     try:
@@ -122,6 +127,8 @@ def test_rerun_resumes_instead_of_starting_over(tuned, tmp_path):
     h_redo = sorted(first.workloads)[0]
 
     def interrupted(rec):          # what a run stopped during its first task leaves behind
+        for w in rec.workloads.values():
+            w.pop("searched_to", None)           # written only when the search ends normally
         rec.workloads[h_redo].update(trials=0, best=None, seconds=None, failed=0)
 
     out = _copy(path, tmp_path / "partial.json", interrupted)

@@ -290,8 +290,22 @@ class RecordSet:
     ops: dict = field(default_factory=dict)          # spec key -> [hash, ...]
 
     def best_seconds(self, h: str) -> float | None:
+        """Measured seconds of the code a build with these records runs for workload ``h``: the
+        record's, or the default schedule's where that was measured faster (:meth:`use_record`)."""
         w = self.workloads.get(h)
-        return None if w is None else w.get("seconds")
+        if w is None or w.get("seconds") is None:
+            return None
+        d = w.get("default_seconds")
+        return w["seconds"] if d is None else min(w["seconds"], d)
+
+    def use_record(self, h: str) -> bool:
+        """Whether a build replays the record of ``h``: it has one, and it was measured faster than
+        the default schedule (or the default could not be measured)."""
+        w = self.workloads.get(h)
+        if w is None or w.get("best") is None or w.get("seconds") is None:
+            return False
+        d = w.get("default_seconds")
+        return d is None or w["seconds"] < d
 
     def op_seconds(self, key: str) -> float | None:
         """Measured seconds of the op with ``spec_key`` ``key`` (sum over its functions), or None
@@ -408,9 +422,9 @@ def apply_pass(records: RecordSet, target, stats: dict | None = None, failures: 
             if not isinstance(func, tirx.PrimFunc):
                 continue
             h = workload_hash(func)
-            entry = records.workloads.get(h)
-            if entry is None or entry.get("best") is None:
+            if not records.use_record(h):      # none, or slower than the default schedule
                 continue
+            entry = records.workloads[h]
             try:
                 new = apply_to(func, entry, target)
                 if not cs._lowers(new):
@@ -539,6 +553,8 @@ def _make_callback(progress: _Progress, hashes: list, entries: dict, target):
     @derived_object
     class _Record(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if len(measure_candidates) == 0:       # a finished task polled again: nothing new
+                return
             h = hashes[task_id]
             entry = entries[h]
             errors = []
@@ -604,16 +620,27 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     for h in hashes:
         records.workloads.setdefault(h, {"task": wl.tasks[h].name, "trials": 0, "best": None, "seconds": None})
     records.save()
-    todo = [h for h in hashes if records.workloads[h]["trials"] < trials]
+    todo = [h for h in hashes if records.workloads[h]["trials"] < trials
+            and records.workloads[h].get("searched_to", 0) < trials]
+    no_default = [h for h in hashes if "default_seconds" not in records.workloads[h]]
     print(f"tuning {len(hashes)} CPU task(s) of {model_path} (--target {target}, {ident.cpu_target}, "
           f"{trials} trials each, measured on {records.measured_where()}, cost model {_cost_model()})"
           + (f"; resuming {output}: {len(hashes) - len(todo)} task(s) done" if resumed else ""),
           file=out, flush=True)
-    if not todo:
+    if not todo and not no_default:
         return records
     import_tensor_intrin()
     from tvm.s_tir import meta_schedule as ms
+    from . import cpu_schedule as cs
     tgt = _tuning_target(host, arch, remote)
+    builder, runner = _builder(cc), _runner(remote)
+    if no_default:
+        found = _measure_defaults(wl.tasks, no_default, cs.host_target(host), tgt, builder, runner, out)
+        for h in no_default:
+            records.workloads[h]["default_seconds"] = found.get(h)
+        records.save()
+    if not todo:
+        return records
     work_dir = f"{os.fspath(output)}.work"
     os.makedirs(work_dir, exist_ok=True)
     database = ms.database.MemoryDatabase()
@@ -642,14 +669,41 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(progress, todo, records.workloads, tgt)]
     ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=left,
                   max_trials_per_task=max(trials - min(records.workloads[h]["trials"] for h in todo), 1),
-                  num_trials_per_iter=min(trials, 16), builder=_builder(cc), runner=_runner(remote),
+                  num_trials_per_iter=min(trials, 16), builder=builder, runner=runner,
                   database=database, cost_model=_cost_model(), measure_callbacks=callbacks)
+    for h in todo:        # the search ended normally: a task short of trials has no new candidates
+        records.workloads[h]["searched_to"] = trials
     records.save()
     bad = [records.workloads[h]["task"] for h in hashes if records.workloads[h].get("seconds") is None]
     print(f"wrote {output}: {len(hashes) - len(bad)}/{len(hashes)} task(s) with a measured schedule"
           + (f"; none measured for {', '.join(bad)} (the default schedules serve them)" if bad else ""),
           file=out, flush=True)
     return records
+
+
+def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runner, out) -> dict:
+    """{hash: mean seconds} of each task under :mod:`tvm_qpu.cpu_schedule`'s default schedule (what
+    the build uses without a record), built and measured like the candidates; a task whose default
+    build or run fails is left out (its record, if any, is then used unconditionally)."""
+    from tvm.s_tir import meta_schedule as ms
+    from . import cpu_schedule as cs
+    funcs = {}
+    for h in hashes:
+        f, _ = cs.schedule_func(tasks[h].func, cpu_target)
+        funcs[h] = f if f is not None else tasks[h].func
+    order = list(funcs)
+    built = builder.build([ms.builder.BuilderInput(_task_module(funcs[h]), tgt) for h in order])
+    ok = [(h, b) for h, b in zip(order, built) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, tgt.kind.name,
+                                                ms.arg_info.ArgInfo.from_prim_func(funcs[h])) for h, b in ok])
+    found = {}
+    for (h, _), fut in zip(ok, futures):
+        r = fut.result()
+        secs = [float(x) for x in (r.run_secs or [])]
+        if r.error_msg is None and secs:
+            found[h] = sum(secs) / len(secs)
+    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s)", file=out, flush=True)
+    return found
 
 
 def _strategy(trials: int):
