@@ -636,8 +636,8 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     builder, runner = _builder(cc), _runner(remote)
     if no_default:
         found = _measure_defaults(wl.tasks, no_default, cs.host_target(host), tgt, builder, runner, out)
-        for h in no_default:
-            records.workloads[h]["default_seconds"] = found.get(h)
+        for h, secs in found.items():        # the others are tried again by the next run
+            records.workloads[h]["default_seconds"] = secs
         records.save()
     if not todo:
         return records
@@ -693,8 +693,10 @@ def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runne
         funcs[h] = f if f is not None else tasks[h].func
     order = list(funcs)
     built = builder.build([ms.builder.BuilderInput(_task_module(funcs[h]), tgt) for h in order])
+    errors = [b.error_msg for b in built if b.error_msg is not None]
     ok = [(h, b) for h, b in zip(order, built) if b.error_msg is None]
-    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, tgt.kind.name,
+    device = "cpu" if tgt.kind.name == "llvm" else tgt.kind.name
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device,
                                                 ms.arg_info.ArgInfo.from_prim_func(funcs[h])) for h, b in ok])
     found = {}
     for (h, _), fut in zip(ok, futures):
@@ -702,7 +704,10 @@ def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runne
         secs = [float(x) for x in (r.run_secs or [])]
         if r.error_msg is None and secs:
             found[h] = sum(secs) / len(secs)
-    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s)", file=out, flush=True)
+        elif r.error_msg is not None:
+            errors.append(r.error_msg)
+    last = f" (e.g. {errors[0].strip().splitlines()[-1][:200]})" if errors and len(found) < len(hashes) else ""
+    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s){last}", file=out, flush=True)
     return found
 
 
