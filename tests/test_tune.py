@@ -138,7 +138,7 @@ def test_rerun_resumes_instead_of_starting_over(tuned, tmp_path):
     assert "resuming" in text and "2 task(s) done" in text
     for h, w in first.workloads.items():
         if h != h_redo:            # finished tasks are kept as they were, not tuned again
-            assert again.workloads[h] == w
+            assert again.workloads[h] == {k: v for k, v in w.items() if k != "searched_to"}
     assert again.workloads[h_redo]["trials"] >= TRIALS
     # a complete file: nothing left to do
     log = io.StringIO()
