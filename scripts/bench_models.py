@@ -7,7 +7,9 @@ For each model (``models/*.onnx`` plus ResNet-18-, MobileNetV2- and BERT-layer-l
 * ``ort``        ONNX Runtime, CPUExecutionProvider, ``intra_op_num_threads = --threads``;
 * ``llvm-tvm``   TVM 0.27's default pipeline, ``--target llvm`` as a new user gets it (before);
 * ``llvm``       ``tvm_qpu.build(target="llvm")``: :mod:`tvm_qpu.cpu_schedule`'s schedules (after);
-* ``llvm-tuned`` only with ``--tuning-records`` (not implemented yet: reported as absent);
+* ``llvm-tuned`` only with ``--tuning-records DIR``: ``tvm_qpu.build(target="llvm")`` with the records
+  ``DIR/<model>.json`` written by ``tvmc tune <model> --target llvm -o DIR/<model>.json`` (models
+  without a file there get "-");
 * ``qpu``        ``tvm_qpu.build(target="qpu")``: the CPU part is MEASURED here (wall time minus
   the host time spent in QPU regions), the QPU part is MODELLED (the emulator's cycle model at the
   V3D clock); their sum is labelled ``qpu (cpu measured + qpu modelled)``. For the three big
@@ -21,6 +23,7 @@ The figures are whatever this machine gives: run it on a quiet machine.
 Usage::
 
     python scripts/bench_models.py [--threads N] [--repeat R] [--only NAME] [--json] [--no-qpu]
+                                   [--tuning-records DIR]
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ def _args(argv):
                     help="also build/run the qpu target for the three big models (the emulator runs every "
                          "offloaded QPU instruction: this can take very long)")
     ap.add_argument("--no-baseline", action="store_true", help="skip TVM's default (naive) build")
+    ap.add_argument("--tuning-records", metavar="DIR",
+                    help="folder of tvmc tune records, DIR/<model>.json (--target llvm): adds the llvm-tuned column")
     return ap.parse_args(argv)
 
 
@@ -138,7 +143,19 @@ def bench_one(name, path, a):
     row["llvm_err"] = err(next(iter(r.run(**x).values())))
     row["llvm_s"] = r.profile(x, repeat=a.repeat).total_seconds
     r.close()
-    row["llvm_tuned_s"] = None                   # no tuning records in this run
+    row["llvm_tuned_s"] = None
+    rec_path = os.path.join(a.tuning_records, f"{name}.json") if a.tuning_records else None
+    if rec_path and os.path.exists(rec_path):
+        from tvm_qpu.tune import load_records
+        recs = load_records(rec_path, path, "llvm", input_shapes=None)
+        t = time.perf_counter()
+        tlib = tvm_qpu.build(mod, target="llvm", params=params, tuning_records=recs)
+        row["llvm_tuned_compile_s"] = time.perf_counter() - t
+        row["llvm_tuned_functions"] = tlib.meta["tuning_records"]["applied"]
+        tr = tlib.runner()
+        row["llvm_tuned_err"] = err(next(iter(tr.run(**x).values())))
+        row["llvm_tuned_s"] = tr.profile(x, repeat=a.repeat).total_seconds
+        tr.close()
     if not a.no_qpu and (name not in BIG or a.qpu_big):
         t = time.perf_counter()
         qlib = tvm_qpu.build(mod, target="qpu", params=params)
@@ -175,7 +192,13 @@ def table(rows, meta) -> str:
                      f"{_ratio(r['llvm_s'], r['ort_s']):>7s} {r['llvm_compile_s']:7.1f}s {q:>26s} "
                      f"{_ratio(r.get('qpu_total_s'), r['ort_s']):>7s} "
                      f"{(r['llvm_err'] if r['llvm_err'] is not None else float('nan')):9.2e}")
-    lines.append("llvm tuned: - (no tuning records given; tvmc tune is not implemented yet)")
+    tuned = [r for r in rows if r.get("llvm_tuned_s") is not None]
+    if not tuned:
+        lines.append("llvm tuned: - (no tuning records given: --tuning-records DIR, from tvmc tune --target llvm)")
+    for r in tuned:
+        lines.append(f"llvm tuned {r['model']:18s} {_fmt_ms(r['llvm_tuned_s'])} ms {_ratio(r['llvm_tuned_s'], r['ort_s'])} "
+                     f"of ORT ({r['llvm_tuned_functions']} function(s) from records; max err "
+                     f"{r['llvm_tuned_err'] if r['llvm_tuned_err'] is not None else float('nan'):.2e})")
     return "\n".join(lines)
 
 

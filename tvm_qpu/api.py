@@ -270,7 +270,7 @@ class CompiledModule:
 
 def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", params=None,
           registry=None, cpu_schedule: bool = True, split: bool = False,
-          async_regions: bool = True) -> CompiledModule:
+          async_regions: bool = True, tuning_records=None) -> CompiledModule:
     """Compile ``mod`` for the QPU (``target="qpu"``) or the CPU only (``target="llvm"``).
 
     ``async_regions`` (default): each QPU region is submitted and waited for at the first use of
@@ -286,13 +286,34 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
     channels / rows between both (:mod:`tvm_qpu.split`), minimising the modelled latency with
     asynchronous QPU regions (``async_regions``; with blocking regions the two parts of a split
     run one after the other). Off by default for compile time (a few extra kernel estimates per
-    conv / matmul). Results equal the unsplit build's."""
+    conv / matmul). Results equal the unsplit build's.
+
+    ``tuning_records``: a :class:`tvm_qpu.tune.RecordSet` (``tvm_qpu.tune.load_records``, which
+    checks it is for this model): its schedules replace the default ones where they apply, and
+    placement prices the ops it measured by their measured time."""
     if target not in TARGETS:
         raise QpuError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     host, arch, cc = resolve_target_host(target_host)
     if cc is not None and shutil.which(cc) is None:
         raise QpuError(f"target_host={target_host!r} needs the cross compiler {cc} to export "
                        f"(Debian: apt-get install gcc-aarch64-linux-gnu)")
+    if tuning_records is not None:
+        from . import tune as _tune
+        if not cpu_schedule:
+            raise QpuError("tuning_records need the scheduled pipeline (cpu_schedule=True)")
+        from . import cpu_schedule as _cs
+        _tune.check_matches(tuning_records, _tune.BuildIdentity(
+            target, str(_cs.host_target(host)), arch, tuning_records.header["model_sha256"],
+            tuning_records.header["input_shapes"]))
+        with _tune.measured_cpu(tuning_records):
+            return _build(mod, target, host, arch, cc, placement, params, registry, cpu_schedule, tuning_records,
+                          split, async_regions)
+    return _build(mod, target, host, arch, cc, placement, params, registry, cpu_schedule, None, split,
+                  async_regions)
+
+
+def _build(mod, target, host, arch, cc, placement, params, registry, cpu_schedule, records, split,
+           async_regions):
     import tvm
     t0 = time.perf_counter()
     backend, part, report = _partition(mod, params, "none" if target == "llvm" else placement, registry,
@@ -304,12 +325,18 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
         lowered = make_async(lowered)
     t2 = time.perf_counter()
     rules: dict = {}
+    tuning_failures: list = []
     try:
         tgt = tvm.target.Target(host)
         if cpu_schedule:
             from . import cpu_schedule as cs
             tgt = cs.host_target(host)      # this machine: its own CPU name, so LLVM uses AVX2/NEON
-            ex = tvm.compile(lowered, target=tgt, relax_pipeline=cs.relax_pipeline(tgt, stats=rules))
+            pre = ()
+            if records is not None:
+                from .tune import apply_pass
+                pre = (apply_pass(records, tgt, rules, tuning_failures),)
+            ex = tvm.compile(lowered, target=tgt, relax_pipeline=cs.relax_pipeline(tgt, stats=rules,
+                                                                                     pre_schedule=pre))
         else:
             ex = tvm.compile(lowered, target=tgt)
     except Exception as e:
@@ -325,6 +352,10 @@ def build(mod, target: str = "qpu", target_host=None, placement: str = "cost", p
             "host_arch": arch, "placement": report.placement, "inputs": inputs, "outputs": outputs,
             "compile_seconds": {"partition": t1 - t0, "qpu_codegen": t2 - t1, "host_compile": t3 - t2},
             "cpu_target": str(tgt), "cpu_schedules": rules, "async_regions": bool(async_regions and regions)}
+    if records is not None:
+        meta["tuning_records"] = {"file": os.path.basename(records.path), "measured_on": records.measured_where(),
+                                  "applied": sum(1 for r in rules.values() if r.startswith("tuned")),
+                                  "fell_back": tuning_failures}
     from .safety import index_checks
     meta["index_checks"] = index_checks(mod)
     return CompiledModule(ex, regions, report, meta, cc, lowered)

@@ -8,7 +8,10 @@
     tvmc run model.tar [--inputs in.npz] [--outputs out.npz] [--fill-mode random|zeros|ones]
              [--print-time] [--print-top N] [--profile] [--repeat N] [--device auto|emulator|v3d]
              [--trace trace.json] [--stream N [--depth D]] [--trusted-key me.pub ...]
-    tvmc partition model.onnx [--qpu-placement ...] [--qpu-split] [--explain]
+    tvmc partition model.onnx [--qpu-placement ...] [--qpu-split] [--explain] [--tuning-records records.json]
+    tvmc tune model.onnx [--target qpu|llvm] -o records.json [--trials N] [--target-host pi5]
+             [--rpc-tracker HOST:PORT --rpc-key KEY | --hostname H --port P]
+    tvmc compile ... --tuning-records records.json       # tuned schedules + measured placement
     tvmc keygen me                       # me.key (private, for --sign-key) + me.pub (--trusted-key)
     tvmc --version
 
@@ -118,6 +121,9 @@ def _args_compile(c):
     c.add_argument("--sign-key", metavar="KEY",
                    help="sign the artifact with this Ed25519 private key (from tvmc keygen; "
                         "needs the cryptography package)")
+    c.add_argument("--tuning-records", metavar="JSON",
+                   help="records from tvmc tune for this model and target: their schedules replace the "
+                        "default ones, and placement prices the ops they measured by the measurement")
 
 
 def _args_run(r):
@@ -167,6 +173,31 @@ def _args_partition(p):
     p.add_argument("--qpu-split", action="store_true",
                    help="show the whole-model plan with split convs / matmuls (as tvmc compile --qpu-split)")
     p.add_argument("--explain", action="store_true", help="also print the cost model's constants")
+    p.add_argument("--tuning-records", metavar="JSON",
+                   help="price CPU work by these tvmc tune records where they measured it")
+    p.add_argument("--target-host", default=None, metavar="HOST",
+                   help="the CPU the records were tuned for: llvm (this machine, default) or pi5")
+
+
+def _args_tune(t):
+    t.add_argument("model", help="ONNX model file")
+    t.add_argument("--target", default="qpu", help="qpu (tune what stays on the CPU, default) or llvm (all)")
+    t.add_argument("-o", "--output", required=True, metavar="JSON",
+                   help="records file to write; if it exists (an interrupted run), tuning continues from it")
+    t.add_argument("--trials", type=positive_int, default=None, metavar="N",
+                   help="measured schedule candidates per task (default 64)")
+    t.add_argument("--input-shapes", metavar="SHAPES", help='override input shapes, e.g. "input:[1,1,8,8]"')
+    t.add_argument("--target-host", default=None, metavar="HOST",
+                   help="llvm (this machine, default) or pi5 (aarch64; measured on a remote Pi)")
+    t.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
+                   help="placement of the --target qpu build to tune the CPU part of (default cost)")
+    g = t.add_argument_group("measure on a remote machine over TVM RPC (docs/rpc.md)")
+    g.add_argument("--rpc-key", help="key of the remote servers in the tracker, e.g. pi5")
+    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker address")
+    g.add_argument("--hostname", help="one RPC server's host (no tracker)")
+    g.add_argument("--port", type=int, help="that server's port (default 9090)")
+    g.add_argument("--rpc-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="session timeout of a remote measurement (default 60)")
 
 
 def _args_keygen(k):
@@ -211,16 +242,34 @@ def _cmd_compile(args):
         from tvm_qpu.artifact import load_private_key
         sign_key = load_private_key(args.sign_key)
     t0 = time.perf_counter()
+    records = _records(args, shapes)
     mod, params = tvm_qpu.from_onnx(args.model, shapes)
     lib = tvm_qpu.build(mod, target=args.target, target_host=args.target_host, placement=args.qpu_placement,
-                        params=params, split=args.qpu_split)
+                        params=params, split=args.qpu_split, tuning_records=records)
     lib.save(args.output, sign_key=sign_key)
     dt = time.perf_counter() - t0
     n = len(lib.regions)
     signed = ", signed" if sign_key is not None else ""
     print(f"compiled {args.model} -> {args.output} (target {args.target}, host {lib.meta['host_arch']}, "
           f"{n} QPU region(s), placement {lib.report.placement}{signed}, {dt:.2f} s)")
+    if records is not None:
+        t = lib.meta["tuning_records"]
+        print(f"tuning records {args.tuning_records}: {t['applied']} CPU function(s) tuned, the others default "
+              f"schedules" + (f"; {len(t['fell_back'])} record(s) did not apply and fell back: "
+                              + "; ".join(t["fell_back"][:3]) if t["fell_back"] else ""))
     return 0
+
+
+def _records(args, shapes, any_target=False):
+    """The --tuning-records of a compile / partition, checked against the model and target (for
+    partition, which only prices ops, records of either target serve)."""
+    if getattr(args, "tuning_records", None) is None:
+        return None
+    from tvm_qpu.tune import build_identity, check_matches, read_records
+    rec = read_records(args.tuning_records)
+    target = rec.header.get("target") if any_target else args.target
+    check_matches(rec, build_identity(args.model, target, args.target_host, shapes))
+    return rec
 
 
 def _load_inputs(path):
@@ -358,12 +407,51 @@ def _cmd_run(args):
 def _cmd_partition(args):
     import tvm_qpu
     shapes = parse_input_shapes(args.input_shapes)
+    records = _records(args, shapes, any_target=True)
     mod, params = tvm_qpu.from_onnx(args.model, shapes)
-    part = tvm_qpu.partition(mod, params, placement=args.qpu_placement, split=args.qpu_split)
+    from tvm_qpu.tune import measured_cpu
+    with measured_cpu(records):
+        part = tvm_qpu.partition(mod, params, placement=args.qpu_placement, split=args.qpu_split)
     print(tvm_qpu.partition_report(part).text())
     if args.explain:
         from tvm_qpu.placement import model_table
         print(model_table())
+        if records is not None:
+            print(f"CPU figures marked [measured: tuning records] come from {args.tuning_records} (measured on "
+                  f"{records.measured_where()}); the others [modelled: default-schedule rate] from the CPU model")
+    return 0
+
+
+def _cmd_tune(args):
+    from tvm_qpu.tune import DEFAULT_TRIALS, RemoteSpec, tune
+    if args.target not in ("qpu", "llvm"):
+        raise CliError(f"unknown target {args.target!r}: choose qpu or llvm")
+    if _same_file(args.output, args.model):
+        raise CliError(f"-o {args.output} is the input model: refusing to overwrite it")
+    remote = None
+    if args.rpc_tracker is not None or args.rpc_key is not None:
+        if args.hostname is not None or args.port is not None:
+            raise CliError("give either --rpc-tracker/--rpc-key or --hostname/--port, not both")
+        if args.rpc_tracker is None or args.rpc_key is None:
+            raise CliError("--rpc-tracker HOST:PORT and --rpc-key KEY go together")
+        host, _, port = args.rpc_tracker.rpartition(":")
+        if not host or not port.isdigit():
+            raise CliError(f"bad --rpc-tracker {args.rpc_tracker!r}: expected HOST:PORT")
+        remote = RemoteSpec(tracker=(host, int(port)), key=args.rpc_key)
+    elif args.hostname is not None or args.port is not None:
+        if args.hostname is None:
+            raise CliError("--port needs --hostname")
+        remote = RemoteSpec(host=args.hostname, port=args.port or 9090)
+    if remote is not None and args.rpc_timeout is not None:
+        remote.timeout = args.rpc_timeout
+    elif args.rpc_timeout is not None:
+        raise CliError("--rpc-timeout applies to remote tuning only (--rpc-tracker or --hostname)")
+    shapes = parse_input_shapes(args.input_shapes)
+    tune(args.model, args.output, target=args.target, trials=args.trials or DEFAULT_TRIALS,
+         target_host=args.target_host, input_shapes=shapes, placement=args.qpu_placement, remote=remote)
+    print(f"use it: tvmc compile {args.model} --target {args.target}"
+          + (f" --target-host {args.target_host}" if args.target_host else "")
+          + f" --tuning-records {args.output}")
     return 0
 
 
@@ -381,6 +469,8 @@ SUBCOMMANDS = [
     ("run", "run a compiled artifact", _args_run, _cmd_run),
     ("partition", "show which ops go to the QPU, and why the others stay", _args_partition, _cmd_partition),
     ("keygen", "make an Ed25519 key pair for signing artifacts", _args_keygen, _cmd_keygen),
+    ("tune", "tune the CPU part of a build with MetaSchedule; writes records for compile --tuning-records",
+     _args_tune, _cmd_tune),
 ]
 
 
@@ -406,7 +496,7 @@ def _known_errors() -> tuple:
     """Exception types whose message is enough (no type name in front)."""
     from importlib import import_module
     known = (CliError,)
-    for mod, name in (("tvm_qpu.backend", "QpuError"), ("tvm_qpu.artifact", "ArtifactError"),
+    for mod, name in (("tvm_qpu.backend", "QpuError"), ("tvm_qpu.tune", "TuningError"), ("tvm_qpu.artifact", "ArtifactError"),
                       ("tvm_qpu.runtime.device", "DeviceError"), ("tvm_qpu.rpc", "RemoteError")):
         try:
             known += (getattr(import_module(mod), name),)

@@ -599,22 +599,35 @@ def _calls_op(mod, op_names) -> bool:
     return bool(found)
 
 
-def relax_pipeline(target, rules=None, stats: dict | None = None):
-    """TVM's CPU pipeline (``relax.backend.cpu_generic``) with :func:`schedule_pass` after fusion."""
+def legalized(mod, target):
+    """``mod`` as the scheduling pass sees it: channels-last conv2d (where there is one), TVM's
+    library dispatch, legalization and fusion. Tuning (:mod:`tvm_qpu.tune`) extracts its tasks
+    from this very module, so its records match the functions the build schedules."""
     import tvm
     from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cg
+    with target:
+        if _calls_op(mod, CONV_LAYOUT):
+            # only where there is a conv2d: TVM 0.27's ConvertLayout dies with SIGFPE on some
+            # graphs without one (e.g. ONNX DynamicQuantizeLinear, expanded)
+            mod = relax.transform.ConvertLayout(dict(CONV_LAYOUT))(mod)
+        seq = tvm.transform.Sequential(cg.library_dispatch_passes(target) + cg.legalize_passes(target))
+        return seq(mod)
+
+
+def relax_pipeline(target, rules=None, stats: dict | None = None, pre_schedule=()):
+    """TVM's CPU pipeline (``relax.backend.cpu_generic``) with :func:`schedule_pass` after fusion.
+    ``pre_schedule``: module passes run before it (tuning records: :mod:`tvm_qpu.tune`); the
+    functions they mark ``tirx.is_scheduled`` keep their schedule."""
+    import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cg
 
     @tvm.transform.module_pass(opt_level=0, name="TvmQpuCpuPipeline")
     def _pipeline(mod, _ctx):
+        mod = legalized(mod, target)
         with target:
-            if _calls_op(mod, CONV_LAYOUT):
-                # only where there is a conv2d: TVM 0.27's ConvertLayout dies with SIGFPE on some
-                # graphs without one (e.g. ONNX DynamicQuantizeLinear, expanded)
-                mod = relax.transform.ConvertLayout(dict(CONV_LAYOUT))(mod)
             seq = tvm.transform.Sequential(
-                cg.library_dispatch_passes(target) + cg.legalize_passes(target)
-                + [schedule_pass(target, rules, stats)]
+                list(pre_schedule) + [schedule_pass(target, rules, stats)]
                 + cg.dataflow_lower_passes(target) + cg.finalize_passes(target))
             return seq(mod)
 

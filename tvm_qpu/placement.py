@@ -20,6 +20,7 @@ for every decision so a wrong constant is visible. Calibrate on a Pi 5 and edit 
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,8 +143,36 @@ def is_integer(spec) -> bool:
     return all(np.issubdtype(np.dtype(d), np.integer) for _, d in spec.inputs[:2])
 
 
+#: tuning records (a tvm_qpu.tune.RecordSet) placement reads measured CPU times from; set by
+#: tvm_qpu.tune.measured_cpu (tvmc compile / partition --tuning-records), None: modelled only
+MEASURED_CPU = contextvars.ContextVar("tvm_qpu_measured_cpu", default=None)
+
+
+def cpu_estimate(spec) -> tuple:
+    """(seconds, source) of ``spec``'s Pi 5 CPU time: measured by the active tuning records
+    (:data:`MEASURED_CPU`) where they timed this op, plus the VM's per-op dispatch, scaled by
+    ``a76_factor`` when measured on another CPU; otherwise :func:`modelled_cpu_seconds`."""
+    records = MEASURED_CPU.get()
+    if records is not None:
+        from .tune import SOURCE_MEASURED, spec_key
+        measured = records.op_seconds(spec_key(spec))
+        if measured is not None:
+            where = records.header.get("host_arch")
+            if where == "aarch64":
+                return measured + _v(CPU_MODEL, "op_overhead"), f"{SOURCE_MEASURED} on {records.measured_where()}"
+            return (measured / _v(CPU_MODEL, "a76_factor") + _v(CPU_MODEL, "op_overhead"),
+                    f"{SOURCE_MEASURED} on {records.measured_where()}, / a76_factor")
+    from .tune import SOURCE_MODELLED
+    return modelled_cpu_seconds(spec), SOURCE_MODELLED
+
+
 def cpu_seconds(spec) -> float:
-    """Predicted Pi 5 CPU time of ``spec`` (see :data:`CPU_MODEL`)."""
+    """Predicted Pi 5 CPU time of ``spec``: measured or modelled (:func:`cpu_estimate`)."""
+    return cpu_estimate(spec)[0]
+
+
+def modelled_cpu_seconds(spec) -> float:
+    """Modelled Pi 5 CPU time of ``spec`` (see :data:`CPU_MODEL`)."""
     ops = spec_ops(spec)
     bw = _v(CPU_MODEL, "mem_bw") * _v(CPU_MODEL, "mem_efficiency")
     mem = _io_bytes(spec) / bw
@@ -227,7 +256,8 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     if placement == "none":
         return Decision(False, "placement=none keeps every op on the CPU")
-    cpu = cpu_seconds(spec)
+    cpu, source = cpu_estimate(spec)
+    cpu_txt = f"{_us(cpu)} [{source}]"
     try:
         qpu = qpu_seconds(spec, constants, registry)
     except Exception as e:  # an estimate that fails must not crash partitioning
@@ -242,11 +272,11 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
                                f"{DISPATCH_BUDGET_SECONDS * 1e3:.0f} ms one GPU dispatch may run (the v3d "
                                "driver's hang check resets longer jobs): stays on the CPU", cpu, qpu)
     if placement == "all":
-        return Decision(True, f"placement=all (QPU {_us(qpu)} vs CPU {_us(cpu)})", cpu, qpu)
+        return Decision(True, f"placement=all (QPU {_us(qpu)} vs CPU {cpu_txt})", cpu, qpu)
     if qpu < cpu:
-        return Decision(True, f"cost: QPU {_us(qpu)} < CPU {_us(cpu)}", cpu, qpu)
+        return Decision(True, f"cost: QPU {_us(qpu)} < CPU {cpu_txt}", cpu, qpu)
     overhead = qpu_overhead_seconds(spec, constants, plan_launches(spec, constants, registry))
-    return Decision(False, f"cost: CPU {_us(cpu)} <= QPU {_us(qpu)} (incl. {_us(overhead)} "
+    return Decision(False, f"cost: CPU {cpu_txt} <= QPU {_us(qpu)} (incl. {_us(overhead)} "
                            f"launch/copy overhead)", cpu, qpu)
 
 

@@ -1,0 +1,318 @@
+"""tvmc tune (tvm_qpu.tune): MetaSchedule records for the CPU part of a build.
+
+Fast tests use records files written for the real build identity of models/mlp.onnx (no tuning):
+corrupt / foreign records are refused with the reason, placement prices the ops the records
+measured by the measurement and says so. The ``slow`` tests share one tiny real tuning run
+(--target llvm, a few trials per task; minutes on a busy 2-core box, most of it TVM's import of
+its tensor intrinsics and MetaSchedule's worker processes): the tuned build equals ONNX Runtime, a
+second run with the same -o resumes instead of starting over, a record that no longer applies
+falls back to the default schedule, and the real records drive placement. No test checks a time.
+"""
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tvm_qpu
+from tvm_qpu import tune as T
+
+REPO = Path(__file__).resolve().parent.parent
+MLP = REPO / "models" / "mlp.onnx"
+TRIALS = 4
+
+
+def _ffi_ok() -> bool:
+    try:
+        T.check_environment()
+        return True
+    except T.TuningError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _ffi_ok(), reason="MetaSchedule cannot run in this environment "
+                                                      "(see tvm_qpu.tune.check_environment)")
+
+
+def _synthetic(path, target="llvm", seconds=1e-3, model=MLP):
+    """A records file for ``model``'s real build identity whose every op workload 'measured'
+    ``seconds`` (no tuning: for the refusal and placement plumbing)."""
+    ident = T.build_identity(model, target)
+    wl = T.collect_workloads(model, target)
+    header = dict(ident.header(), model_file=Path(model).name, measured_on="a test (synthetic)")
+    rec = T.RecordSet(str(path), header)
+    rec.ops = wl.ops
+    for h, t in wl.tasks.items():
+        rec.workloads[h] = {"task": t.name, "trials": 1, "best": None, "seconds": seconds}
+    rec.save()
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return _synthetic(tmp_path_factory.mktemp("tune") / "synthetic.json")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(records path, tuning log) of one tiny run over the whole mlp (--target llvm)."""
+    out = tmp_path_factory.mktemp("tune") / "mlp_records.json"
+    log = io.StringIO()
+    T.tune(MLP, out, target="llvm", trials=TRIALS, out=log)
+    return out, log.getvalue()
+
+
+def _ort(x):
+    ort = pytest.importorskip("onnxruntime")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(str(MLP), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def _copy(src, dst, edit=None):
+    """A copy of a records file, optionally edited through RecordSet (so its sha256 stays valid)."""
+    rec = T.read_records(src)
+    if edit is not None:
+        edit(rec)
+    rec.path = str(dst)
+    rec.save()
+    return dst
+
+
+@pytest.mark.slow
+def test_tuning_writes_measured_records(tuned):
+    path, log = tuned
+    rec = T.read_records(path)
+    assert rec.header["target"] == "llvm" and rec.header["model_sha256"] == T.file_sha256(MLP)
+    assert len(rec.workloads) == 3                       # mlp: three fused dense (+ relu) functions
+    for w in rec.workloads.values():
+        assert w["trials"] >= TRIALS
+    measured = [w for w in rec.workloads.values() if w["seconds"] is not None]
+    assert measured, f"no candidate was measured:\n{log}"
+    assert all(w["seconds"] > 0 and w["best"] is not None for w in measured)
+    assert all("default_seconds" in w for w in rec.workloads.values())   # the default schedule, timed too
+    for h, w in rec.workloads.items():      # a build uses whichever of the two was measured faster
+        if w["seconds"] is not None and w["default_seconds"] is not None:
+            assert rec.use_record(h) == (w["seconds"] < w["default_seconds"])
+            assert rec.best_seconds(h) == min(w["seconds"], w["default_seconds"])
+    assert "task 1/3" in log and "trials" in log
+
+
+@pytest.mark.slow
+def test_tuned_build_equals_onnxruntime(tuned):
+    path, _ = tuned
+    rec = T.load_records(path, MLP, "llvm")
+    mod, params = tvm_qpu.from_onnx(MLP)
+    lib = tvm_qpu.build(mod, target="llvm", params=params, tuning_records=rec)
+    info = lib.meta["tuning_records"]
+    n_used = sum(rec.use_record(h) for h in rec.workloads)    # measured, and faster than the default
+    assert info["applied"] == n_used and not info["fell_back"]
+    assert sum(r.startswith("tuned") for r in lib.meta["cpu_schedules"].values()) == n_used
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    runner = lib.runner("emulator")
+    try:
+        got = next(iter(runner.run(input=x).values()))
+    finally:
+        runner.close()
+    np.testing.assert_allclose(got, _ort(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_rerun_resumes_instead_of_starting_over(tuned, tmp_path):
+    path, _ = tuned
+    first = T.read_records(path)
+    h_redo = sorted(first.workloads)[0]
+
+    def interrupted(rec):          # what a run stopped during its first task leaves behind
+        for w in rec.workloads.values():
+            w.pop("searched_to", None)           # written only when the search ends normally
+        rec.workloads[h_redo].update(trials=0, best=None, seconds=None, failed=0)
+
+    out = _copy(path, tmp_path / "partial.json", interrupted)
+    log = io.StringIO()
+    again = T.tune(MLP, out, target="llvm", trials=TRIALS, out=log)
+    text = log.getvalue()
+    assert "resuming" in text and "2 task(s) done" in text
+    for h, w in first.workloads.items():
+        if h != h_redo:            # finished tasks are kept as they were, not tuned again
+            assert again.workloads[h] == {k: v for k, v in w.items() if k != "searched_to"}
+    assert again.workloads[h_redo]["trials"] >= TRIALS
+    # a complete file: nothing left to do
+    log = io.StringIO()
+    T.tune(MLP, out, target="llvm", trials=TRIALS, out=log)
+    assert "3 task(s) done" in log.getvalue() and "task 1/3" not in log.getvalue()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: p.write_text(p.read_text()[:-40]), "not JSON"),
+    (lambda p: p.write_text(p.read_text().replace('"trials": ', '"trials": 1', 1)), "sha256"),
+    (lambda p: p.write_text(json.dumps({"format": "something else"})), "not a tvm-qpu tuning records file"),
+])
+def test_corrupt_records_are_refused(synthetic, tmp_path, damage, reason):
+    T.load_records(synthetic, MLP, "llvm")                  # the intact file is accepted
+    bad = tmp_path / "bad.json"
+    shutil.copy(synthetic, bad)
+    damage(bad)
+    with pytest.raises(T.TuningError, match=reason):
+        T.load_records(bad, MLP, "llvm")
+
+
+def test_records_of_another_model_or_target_are_refused(synthetic):
+    path = synthetic
+    with pytest.raises(T.TuningError, match="another model"):
+        T.load_records(path, REPO / "models" / "lenet5.onnx", "llvm")
+    with pytest.raises(T.TuningError, match="--target llvm, this build is --target qpu"):
+        T.load_records(path, MLP, "qpu")
+    with pytest.raises(T.TuningError, match="input shapes"):
+        T.load_records(path, MLP, "llvm", input_shapes={"input": [2, 64]})
+    with pytest.raises(T.TuningError, match="CPU target"):
+        T.load_records(path, MLP, "llvm", target_host="pi5")
+    with pytest.raises(T.TuningError, match="another model"):    # resuming into another model's file
+        T.tune(REPO / "models" / "lenet5.onnx", path, target="llvm", trials=1, out=io.StringIO())
+
+
+def test_cli_refuses_foreign_records(synthetic, tmp_path, capsys):
+    from tvm_qpu.cli import main
+    rc = main(["compile", str(REPO / "models" / "lenet5.onnx"), "--target", "llvm", "-o",
+               str(tmp_path / "x.tar"), "--tuning-records", str(synthetic)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "tuning records are for another model" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_record_that_does_not_apply_falls_back(tuned, tmp_path):
+    rec = T.read_records(tuned[0])
+    with_best = [h for h, w in rec.workloads.items() if w["best"] is not None]
+    if len(with_best) < 2:
+        pytest.skip("needs two measured tasks")
+    a, b = with_best[:2]
+
+    def swap(r):                   # each task gets the other's schedule: traces on foreign blocks
+        r.workloads[a]["best"], r.workloads[b]["best"] = r.workloads[b]["best"], r.workloads[a]["best"]
+
+    out = _copy(tuned[0], tmp_path / "swapped.json", swap)
+    recs = T.load_records(out, MLP, "llvm")
+    mod, params = tvm_qpu.from_onnx(MLP)
+    lib = tvm_qpu.build(mod, target="llvm", params=params, tuning_records=recs)
+    fell = lib.meta["tuning_records"]["fell_back"]
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    runner = lib.runner("emulator")
+    try:
+        got = next(iter(runner.run(input=x).values()))
+    finally:
+        runner.close()
+    np.testing.assert_allclose(got, _ort(x), rtol=1e-4, atol=1e-4)
+    # a trace replayed on another function either fails (fallback, reported) or still computes it
+    assert all(":" in f for f in fell)
+
+
+def _check_placement_reads(rec):
+    """Every candidate whose op the records measured is priced by the measurement (and says so),
+    every other one by the model. Returns how many were measured."""
+    from tvm_qpu import placement as PL
+    measured = {k: rec.op_seconds(k) for k in rec.ops}
+    measured = {k: v for k, v in measured.items() if v is not None}
+    mod, params = tvm_qpu.from_onnx(MLP)
+    with T.measured_cpu(rec):
+        report = tvm_qpu.partition_report(tvm_qpu.partition(mod, params, placement="cost"))
+    seen = 0
+    for c in report.candidates:
+        if not c.spec or c.cpu_s is None:
+            continue
+        # the report keeps the op's description; the records key adds its attributes (e.g. the
+        # fused activation), so a description may match several keys
+        hits = [v for k, v in measured.items() if k.startswith(c.spec + " ")]
+        if T.SOURCE_MEASURED in c.reason:
+            seen += 1
+            want = [v / PL.CPU_MODEL["a76_factor"][0] + PL.CPU_MODEL["op_overhead"][0] for v in hits]
+            assert any(c.cpu_s == pytest.approx(w, rel=1e-9) for w in want), (c.cpu_s, want)
+        else:
+            assert T.SOURCE_MODELLED in c.reason
+    return seen, report
+
+
+def test_placement_prices_measured_ops_from_records(synthetic):
+    rec = T.read_records(synthetic)
+    seen, _ = _check_placement_reads(rec)
+    assert seen == 3                                   # the mlp's three dense layers
+    mod, params = tvm_qpu.from_onnx(MLP)               # without records every figure is modelled
+    plain = tvm_qpu.partition_report(tvm_qpu.partition(mod, params, placement="cost"))
+    assert all(T.SOURCE_MEASURED not in c.reason for c in plain.candidates if c.spec)
+
+
+def test_measured_cpu_time_changes_the_placement(tmp_path):
+    # a CPU measured far slower than the model: the cost placement now offloads the dense layers
+    slow_cpu = T.read_records(_synthetic(tmp_path / "slow.json", target="qpu", seconds=0.5))
+    mod, params = tvm_qpu.from_onnx(MLP)
+    plain = tvm_qpu.partition_report(tvm_qpu.partition(mod, params, placement="cost"))
+    with T.measured_cpu(slow_cpu):
+        measured = tvm_qpu.partition_report(tvm_qpu.partition(mod, params, placement="cost"))
+    assert len(measured.regions) == 3 and len(plain.regions) < 3
+    assert all(T.SOURCE_MEASURED in r["reason"] for r in measured.regions)
+
+
+def test_cli_partition_explains_the_source(tmp_path, capsys):
+    from tvm_qpu.cli import main
+    recs = _synthetic(tmp_path / "qpu.json", target="qpu")
+    rc = main(["partition", str(MLP), "--explain", "--tuning-records", str(recs)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "[measured: tuning records" in out and "come from" in out
+
+
+def test_cli_tune_usage_errors(tmp_path, capsys):
+    from tvm_qpu.cli import main
+    base = ["tune", str(MLP), "-o", str(tmp_path / "r.json")]
+    for extra, msg in ((["--rpc-key", "pi5"], "go together"),
+                       (["--rpc-tracker", "h:1", "--rpc-key", "k", "--hostname", "h"], "not both"),
+                       (["--rpc-tracker", "nohost", "--rpc-key", "k"], "HOST:PORT"),
+                       (["--target", "cuda"], "unknown target")):
+        assert main(base + extra) == 1
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_broken_ffi_is_refused_before_it_crashes(monkeypatch):
+    from importlib import metadata
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda n: "0.1.15.post2" if n == "apache-tvm-ffi" else real(n))
+    with pytest.raises(T.TuningError, match="apache-tvm-ffi 0.1.15.post2"):
+        T.check_environment()
+
+
+@pytest.mark.slow
+def test_real_records_drive_placement(tuned):
+    seen, _ = _check_placement_reads(T.read_records(tuned[0]))
+    assert seen >= 1
+
+
+@pytest.mark.slow
+def test_tuning_measures_on_a_remote_rpc_server(tmp_path):
+    """--hostname/--port: the candidates are built here and measured by a TVM RPC server (a stock
+    ``tvm.exec.rpc_server`` on localhost, standing in for a Pi)."""
+    pytest.importorskip("tornado", reason="TVM's RPC needs tornado")
+    pytest.importorskip("cloudpickle", reason="tvm.rpc.Server needs cloudpickle")
+    from test_rpc import LOOPBACK, Processes, free_port
+    import socket
+    import time
+    procs = Processes(tmp_path)
+    port = free_port()
+    try:
+        procs.start("server", ["-m", "tvm.exec.rpc_server", "--host", LOOPBACK, "--port", port,
+                               "--port-end", port + 1])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex((LOOPBACK, port)) == 0:
+                    break
+            time.sleep(0.5)
+        out = tmp_path / "remote.json"
+        log = io.StringIO()
+        rec = T.tune(MLP, out, target="llvm", trials=2, out=log,
+                     remote=T.RemoteSpec(host=LOOPBACK, port=port, timeout=120))
+    finally:
+        procs.kill_all()
+    assert rec.header["measured_on"] == f"RPC server {LOOPBACK}:{port}"
+    assert any(w["seconds"] is not None for w in rec.workloads.values()), log.getvalue() + procs.log("server")

@@ -1,0 +1,727 @@
+"""``tvmc tune``: MetaSchedule over the CPU part of a build; records for ``tvmc compile`` and placement.
+
+::
+
+    tvmc tune model.onnx --target qpu -o records.json --trials 64      # this machine
+    tvmc tune model.onnx --target-host pi5 --rpc-tracker HOST:9190 --rpc-key pi5 -o pi5.json
+    tvmc compile model.onnx --tuning-records records.json -o model.tar
+
+**What is tuned.** The functions the build compiles for the CPU, exactly as
+:func:`tvm_qpu.cpu_schedule.legalized` hands them to the default schedules: for ``--target llvm``
+the whole model, for ``--target qpu`` what stays on the CPU after partitioning (QPU regions are
+not TIR). Each QPU-capable op (a pattern the partitioner matches) is also tuned alone, as a
+small module of its own, so that placement can price it by measurement (:func:`RecordSet.op_seconds`).
+Tasks are TVM MetaSchedule tasks (``tvm.s_tir.meta_schedule``: evolutionary search; XGBoost cost
+model when ``xgboost`` is installed, else random), measured by its local runner, or by its RPC
+runner on a remote machine (``--rpc-tracker`` / ``--hostname``).
+
+**Records.** One JSON file (:data:`FORMAT`): a header (target, CPU target string, host arch,
+model sha256 and input shapes, where it was measured), then per workload its structural hash, the
+best MetaSchedule record (``TuningRecord.as_json``: trace, run times) and every trial's time
+count, then per op the workloads it is made of. A ``sha256`` over the content guards against
+corruption. It is rewritten (atomically) after every measured batch, so an interrupted run keeps
+what it measured and ``tvmc tune`` with the same ``-o`` continues from it: tasks with enough trials
+are skipped, the others get the missing trials and start their search from the best so far.
+
+**Use.** :func:`load_records` checks the header against the build (same target, CPU target and
+model, else :class:`TuningError` with the reason); :func:`apply_pass` replays each record's
+trace on the function with the same structural hash, marks it scheduled, and leaves every other
+function (and any record whose trace no longer applies or lowers) to the default schedules;
+:func:`measured_cpu` makes placement read op times from the records.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .backend import QpuError
+
+FORMAT = "tvm-qpu-tuning-records"
+VERSION = 1
+#: measured CPU time of an op in placement: the record's mean run time plus the Relax VM's dispatch
+#: (placement.CPU_MODEL["op_overhead"]), scaled to the Pi 5 when measured elsewhere (a76_factor)
+SOURCE_MEASURED = "measured: tuning records"
+SOURCE_MODELLED = "modelled: default-schedule rate"
+#: apache-tvm-ffi releases whose ToJSONGraph segfaults under apache-tvm 0.27 (MetaSchedule's
+#: TuneContext and Workload serialise through it): 0.1.15.post2 crashes on save_json(IntImm(1)),
+#: 0.1.14.post1 works (checked on this repository's dev box)
+FFI_BROKEN_FROM = (0, 1, 15)
+DEFAULT_TRIALS = 64
+BUILD_TIMEOUT = 120.0       # seconds per candidate build / run: the default 30 s fails on a busy host
+RUN_TIMEOUT = 60.0
+
+
+class TuningError(QpuError):
+    """Tuning refused or failed, with the reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+
+def _version_tuple(v: str) -> tuple:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def check_environment():
+    """Raise :class:`TuningError` if MetaSchedule cannot run here (before it segfaults)."""
+    try:
+        from importlib import metadata
+        ffi = metadata.version("apache-tvm-ffi")
+    except Exception:
+        ffi = None
+    if ffi is not None and _version_tuple(ffi) >= FFI_BROKEN_FROM:
+        raise TuningError(f"apache-tvm-ffi {ffi} crashes MetaSchedule under apache-tvm 0.27 (segfault in "
+                          f"ToJSONGraph); install a working one: pip install 'apache-tvm-ffi<0.1.15'")
+    try:
+        import psutil  # noqa: F401  (MetaSchedule counts the cores with it)
+    except ImportError:
+        raise TuningError("tvmc tune needs psutil (MetaSchedule counts cores with it): "
+                          "pip install 'tvm-qpu[tune]'") from None
+
+
+def _cheap_stack(context=1):
+    """``inspect.stack()`` without its per-frame module search: TVMScript's ``@T.prim_func`` calls
+    ``inspect.stack()``, whose ``getmodule`` scans all of ``sys.modules`` for every frame of code
+    built from an AST; importing ``tvm.s_tir.tensor_intrin`` (hundreds of prim_funcs, which every
+    MetaSchedule TuneContext and worker process does) then took 347 s on the busy 2-core dev box,
+    39 s with this (measured once each, same load). The frames, file names, line numbers and source
+    lines are the same; only the module lookup of files that do not exist is skipped."""
+    import inspect
+    import linecache
+    frame = sys._getframe(1)
+    out = []
+    while frame is not None:
+        code = frame.f_code
+        line = linecache.getline(code.co_filename, frame.f_lineno, frame.f_globals)
+        out.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                     [line] if line else None, 0 if line else None))
+        frame = frame.f_back
+    return out
+
+
+def import_tensor_intrin():
+    """Import ``tvm.s_tir.tensor_intrin`` with :func:`_cheap_stack` (see there); also the
+    initializer of MetaSchedule's builder and runner worker processes."""
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    import inspect
+    saved = inspect.stack
+    inspect.stack = _cheap_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = saved
+
+
+def _cost_model() -> str:
+    try:
+        import xgboost  # noqa: F401
+        return "xgb"
+    except ImportError:
+        return "random"
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _content_sha(doc: dict) -> str:
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def workload_hash(func) -> str:
+    """Structural hash of a PrimFunc as a tuning workload (the module MetaSchedule extracts)."""
+    import tvm
+    import tvm_ffi
+    f = func.with_attr("global_symbol", "main")
+    return f"{tvm_ffi.structural_hash(tvm.IRModule({'main': f})) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def spec_key(spec) -> str:
+    """The key of an op instance in the records: kind, operand shapes and dtypes, and its
+    attributes (without per-instance names)."""
+    attrs = {k: v for k, v in sorted(spec.attrs.items()) if "name" not in k}
+    return spec.describe() + " " + json.dumps(attrs, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a build compiles for the CPU
+
+@dataclass
+class BuildIdentity:
+    """What records must match to be used by a build."""
+    target: str                    # "qpu" | "llvm"
+    cpu_target: str                # str(tvm Target) of the host code (without num-cores)
+    host_arch: str
+    model_sha256: str
+    input_shapes: dict | None
+
+    def header(self) -> dict:
+        return {"target": self.target, "cpu_target": self.cpu_target, "host_arch": self.host_arch,
+                "model_sha256": self.model_sha256, "input_shapes": self.input_shapes}
+
+
+def build_identity(model_path, target: str, target_host=None, input_shapes=None) -> BuildIdentity:
+    from . import api
+    from . import cpu_schedule as cs
+    if target not in api.TARGETS:
+        raise TuningError(f"unknown target {target!r}: choose one of {', '.join(api.TARGETS)}")
+    host, arch, _ = api.resolve_target_host(target_host)
+    return BuildIdentity(target, str(cs.host_target(host)), arch, file_sha256(model_path),
+                         {k: list(v) for k, v in input_shapes.items()} if input_shapes else None)
+
+
+@dataclass
+class Task:
+    name: str
+    func: object                   # PrimFunc
+    hash: str
+    weight: int = 1
+
+
+def _tasks_of(mod, tgt) -> list:
+    """{hash: Task} of the PrimFuncs of a legalized module (weight: calls of each)."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax, tirx
+    calls: dict = {}
+
+    def visit(call):
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir":
+            gv = call.args[0]
+            calls[gv.name_hint] = calls.get(gv.name_hint, 0) + 1
+
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            tvm_ffi.structural_walk(f, (relax.Call, visit), order="pre")
+    out = {}
+    for gv, f in mod.functions_items():
+        if isinstance(f, tirx.PrimFunc) and gv.name_hint in calls:
+            h = workload_hash(f)
+            if h in out:
+                out[h].weight += calls[gv.name_hint]
+            else:
+                out[h] = Task(gv.name_hint, f, h, calls[gv.name_hint])
+    return out
+
+
+def _op_modules(mod, params, registry=None) -> list:
+    """(spec key, Relax module of that op alone) for every QPU-capable op of the model: the
+    composite functions of an all-offloading partition, as stand-alone functions."""
+    import tvm
+    from tvm import relax
+    from . import api
+    from . import patterns as P
+    from .backend import CODEGEN, _composite_of
+    backend, part, _ = api._partition(mod, params, "all", registry)
+    out = []
+    for _, f in part.functions_items():
+        if not (isinstance(f, relax.Function) and f.attrs is not None and f.attrs.get("Codegen") == CODEGEN):
+            continue
+        try:
+            comp, _ = _composite_of(f)
+            m, _, _ = backend.choose_form(P.match_function(P.entry(str(comp.attrs["Composite"])), comp))
+            body = relax.Function(comp.params, comp.body, comp.ret_ty, comp.is_pure)
+            out.append((spec_key(m.spec), tvm.IRModule({"main": body.with_attr("global_symbol", "main")})))
+        except Exception:   # an op we cannot isolate is priced by the model, as without records
+            continue
+    return out
+
+
+@dataclass
+class Workloads:
+    """The tasks of one build: those of the model's CPU part, and per op its tasks."""
+    tasks: dict                    # hash -> Task (model CPU part and ops, deduplicated)
+    model: list                    # hashes of the model's CPU part
+    ops: dict                      # spec key -> [hash, ...] (with repetition)
+
+
+def collect_workloads(model_path, target: str, target_host=None, input_shapes=None, placement="cost",
+                      ops: bool = True) -> Workloads:
+    """The MetaSchedule tasks of what ``tvmc compile`` (same arguments) compiles for the CPU."""
+    from . import api
+    from . import cpu_schedule as cs
+    host, _, _ = api.resolve_target_host(target_host)
+    tgt = cs.host_target(host)
+    mod, params = api.from_onnx(model_path, input_shapes)
+    backend, part, _ = api._partition(mod, params, "none" if target == "llvm" else placement)
+    lowered, _ = backend.codegen(part)
+    model_tasks = _tasks_of(cs.legalized(lowered, tgt), tgt)
+    tasks = dict(model_tasks)
+    op_tasks = {}
+    if ops:
+        for key, omod in _op_modules(mod, params):
+            try:
+                ts = _tasks_of(cs.legalized(omod, tgt), tgt)
+            except Exception:
+                continue
+            hashes = []
+            for h, t in ts.items():
+                hashes += [h] * t.weight
+                if h not in tasks:
+                    tasks[h] = Task(t.name, t.func, h, 0)
+            op_tasks.setdefault(key, hashes)
+    return Workloads(tasks, list(model_tasks), op_tasks)
+
+
+# ---------------------------------------------------------------------------------------------
+# the records file
+
+@dataclass
+class RecordSet:
+    """A validated records file (see the module docstring)."""
+    path: str
+    header: dict
+    workloads: dict = field(default_factory=dict)   # hash -> {"task", "trials", "best", "seconds"}
+    ops: dict = field(default_factory=dict)          # spec key -> [hash, ...]
+
+    def best_seconds(self, h: str) -> float | None:
+        """Measured seconds of the code a build with these records runs for workload ``h``: the
+        record's, or the default schedule's where that was measured faster (:meth:`use_record`)."""
+        w = self.workloads.get(h)
+        if w is None or w.get("seconds") is None:
+            return None
+        d = w.get("default_seconds")
+        return w["seconds"] if d is None else min(w["seconds"], d)
+
+    def use_record(self, h: str) -> bool:
+        """Whether a build replays the record of ``h``: it has one, and it was measured faster than
+        the default schedule (or the default could not be measured)."""
+        w = self.workloads.get(h)
+        if w is None or w.get("best") is None or w.get("seconds") is None:
+            return False
+        d = w.get("default_seconds")
+        return d is None or w["seconds"] < d
+
+    def op_seconds(self, key: str) -> float | None:
+        """Measured seconds of the op with ``spec_key`` ``key`` (sum over its functions), or None
+        if any of them has no successful measurement."""
+        hashes = self.ops.get(key)
+        if not hashes:
+            return None
+        total = 0.0
+        for h in hashes:
+            s = self.best_seconds(h)
+            if s is None:
+                return None
+            total += s
+        return total
+
+    def measured_where(self) -> str:
+        return self.header.get("measured_on", "?")
+
+    def to_doc(self) -> dict:
+        doc = {"format": FORMAT, "version": VERSION, **self.header,
+               "workloads": self.workloads, "ops": self.ops}
+        doc["sha256"] = _content_sha(doc)
+        return doc
+
+    def save(self, path=None):
+        path = path or self.path
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_doc(), f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+HEADER_KEYS = ("target", "cpu_target", "host_arch", "model_sha256", "input_shapes")
+
+
+def read_records(path) -> RecordSet:
+    """Parse and integrity-check a records file (no matching against a build)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise TuningError(f"{path}: no such tuning records file")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TuningError(f"{path}: corrupt tuning records (not JSON: {e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise TuningError(f"{path}: not a tvm-qpu tuning records file (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if doc.get("version") != VERSION:
+        raise TuningError(f"{path}: tuning records version {doc.get('version')!r}; this tvm-qpu reads {VERSION}")
+    if doc.get("sha256") != _content_sha(doc):
+        raise TuningError(f"{path}: corrupt tuning records (content does not match its sha256; edited or truncated)")
+    missing = [k for k in HEADER_KEYS + ("workloads", "ops") if k not in doc]
+    if missing:
+        raise TuningError(f"{path}: corrupt tuning records (missing {', '.join(missing)})")
+    header = {k: v for k, v in doc.items() if k not in ("format", "version", "sha256", "workloads", "ops")}
+    return RecordSet(path, header, dict(doc["workloads"]), dict(doc["ops"]))
+
+
+def check_matches(records: RecordSet, ident: BuildIdentity, what: str = "this build"):
+    """Refuse records made for another target, CPU or model, with the reason."""
+    h, p = records.header, records.path
+    if h["model_sha256"] != ident.model_sha256:
+        raise TuningError(f"{p}: tuning records are for another model (sha256 {h['model_sha256'][:12]}..., "
+                          f"{what} {ident.model_sha256[:12]}...; model file {h.get('model_file', '?')})")
+    if (h["input_shapes"] or None) != (ident.input_shapes or None):
+        raise TuningError(f"{p}: tuning records are for input shapes {h['input_shapes']}, {what} uses "
+                          f"{ident.input_shapes}")
+    if h["target"] != ident.target:
+        raise TuningError(f"{p}: tuning records are for --target {h['target']}, {what} is --target {ident.target}")
+    if h["cpu_target"] != ident.cpu_target or h["host_arch"] != ident.host_arch:
+        raise TuningError(f"{p}: tuning records are for the CPU target {h['cpu_target']} ({h['host_arch']}), "
+                          f"{what} compiles for {ident.cpu_target} ({ident.host_arch})")
+
+
+def load_records(path, model_path, target: str, target_host=None, input_shapes=None) -> RecordSet:
+    """Records for a build of ``model_path`` (:func:`read_records` + :func:`check_matches`)."""
+    rec = read_records(path)
+    check_matches(rec, build_identity(model_path, target, target_host, input_shapes))
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# using records
+
+def _record_of(entry: dict, func, target):
+    """The MetaSchedule TuningRecord of a records entry, bound to ``func``'s workload."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    wl = ms.database.Workload(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+    return ms.database.TuningRecord.from_json(entry["best"], wl)
+
+
+def apply_to(func, entry: dict, target):
+    """``func`` scheduled by the record's trace, or raise if it does not apply."""
+    import tvm
+    from tvm import s_tir
+    rec = _record_of(entry, func, target)
+    sch = s_tir.Schedule(rec.workload.mod)
+    rec.trace.apply_to_schedule(sch, remove_postproc=False)
+    return sch.mod["main"]
+
+
+def apply_pass(records: RecordSet, target, stats: dict | None = None, failures: list | None = None):
+    """Module pass: every PrimFunc with a record gets the record's schedule; failures (a trace that
+    no longer applies, or TIR that does not lower) fall back to the default schedules."""
+    import tvm
+    from tvm import tirx
+    from . import cpu_schedule as cs
+
+    @tvm.transform.module_pass(opt_level=0, name="TvmQpuApplyTuningRecords")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            h = workload_hash(func)
+            if not records.use_record(h):      # none, or slower than the default schedule
+                continue
+            entry = records.workloads[h]
+            try:
+                new = apply_to(func, entry, target)
+                if not cs._lowers(new):
+                    raise ValueError("the scheduled function does not lower")
+            except Exception as e:   # fall back to the default schedules, and say so
+                if failures is not None:
+                    failures.append(f"{gv.name_hint}: {type(e).__name__}: {e}")
+                continue
+            attrs = func.attrs
+            new = new.with_attr("global_symbol", attrs["global_symbol"]) if attrs is not None and \
+                "global_symbol" in attrs else new.without_attr("global_symbol")
+            updates[gv] = new.with_attr("tirx.is_scheduled", True)
+            if stats is not None:
+                stats[gv.name_hint] = "tuned (MetaSchedule record)"
+        for gv, f in updates.items():
+            mod[gv] = f
+        return mod
+
+    return _pass
+
+
+@contextlib.contextmanager
+def measured_cpu(records: RecordSet | None):
+    """Within the block placement's CPU time of an op comes from ``records`` where they measured
+    it (:func:`tvm_qpu.placement.cpu_estimate`)."""
+    from . import placement as PL
+    if records is None:
+        yield
+        return
+    token = PL.MEASURED_CPU.set(records)
+    try:
+        yield
+    finally:
+        PL.MEASURED_CPU.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning
+
+@dataclass
+class RemoteSpec:
+    """Where MetaSchedule measures: None (here) or a tracker (host, port, key) or one server."""
+    tracker: tuple | None = None     # (host, port)
+    key: str | None = None
+    host: str | None = None
+    port: int = 9090
+    timeout: float = 60.0
+
+    def describe(self) -> str:
+        if self.tracker:
+            return f"RPC tracker {self.tracker[0]}:{self.tracker[1]} key {self.key}"
+        return f"RPC server {self.host}:{self.port}"
+
+
+def _direct_session(host, port, timeout, _rpc_config):
+    from tvm import rpc
+    return rpc.connect(host, int(port), session_timeout=timeout)
+
+
+def _runner(remote: RemoteSpec | None):
+    from tvm.s_tir import meta_schedule as ms
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    if remote is None:
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT, evaluator_config=evaluator,
+                                     initializer=import_tensor_intrin)
+    if remote.tracker is not None:
+        cfg = ms.runner.RPCConfig(tracker_host=remote.tracker[0], tracker_port=int(remote.tracker[1]),
+                                  tracker_key=remote.key, session_timeout_sec=int(remote.timeout))
+        return ms.runner.RPCRunner(cfg, evaluator, max_workers=1, initializer=import_tensor_intrin)
+    import functools
+    # no tracker: f_create_session connects to the one server; the tracker fields only pass the
+    # config's sanity check
+    cfg = ms.runner.RPCConfig(tracker_host=remote.host, tracker_port=int(remote.port), tracker_key="direct",
+                              session_timeout_sec=int(remote.timeout))
+    return ms.runner.RPCRunner(cfg, evaluator, max_workers=1, initializer=import_tensor_intrin,
+                               f_create_session=functools.partial(_direct_session, remote.host, remote.port,
+                                                                  remote.timeout))
+
+
+def _builder(cross_cc):
+    from tvm.s_tir import meta_schedule as ms
+    if cross_cc is None:
+        return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT, initializer=import_tensor_intrin)
+    import functools
+    return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT, initializer=import_tensor_intrin,
+                                   f_export=functools.partial(_export_cross, cross_cc))
+
+
+def _export_cross(cc, mod):
+    import tempfile
+    from tvm.support import cc as _cc
+    path = os.path.join(tempfile.mkdtemp(prefix="tvm_qpu_tune_"), "tmp_func.so")
+    mod.export_library(path, fcompile=_cc.cross_compiler(cc))
+    return path
+
+
+def _tuning_target(cpu_target_spec, arch: str, remote):
+    """The CPU target with MetaSchedule's ``num-cores`` (of the machine that runs the code)."""
+    import tvm
+    from . import cpu_schedule as cs
+    base = dict(cs.host_target(cpu_target_spec).export())
+    if remote is None:
+        import psutil
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    else:
+        cores = 4 if arch == "aarch64" else (os.cpu_count() or 1)   # the Pi 5: 4x Cortex-A76
+    base["num-cores"] = int(cores)
+    return tvm.target.Target(base)
+
+
+class _Progress:
+    """Lines on stdout: task i/n, its trials, its best time."""
+
+    def __init__(self, out, names: list, want: int, records: RecordSet):
+        self.out, self.names, self.want = out, names, want
+        self.records, self.t0 = records, time.perf_counter()
+
+    def say(self, text):
+        print(text, file=self.out, flush=True)
+
+
+def _make_callback(progress: _Progress, hashes: list, entries: dict, target):
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class _Record(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if len(measure_candidates) == 0:       # a finished task polled again: nothing new
+                return
+            h = hashes[task_id]
+            entry = entries[h]
+            errors = []
+            for cand, br, rr in zip(measure_candidates, builder_results, runner_results):
+                entry["trials"] = entry.get("trials", 0) + 1
+                err = br.error_msg or rr.error_msg
+                secs = [float(s) for s in (rr.run_secs or [])] if err is None else []
+                if err is not None or not secs:
+                    entry["failed"] = entry.get("failed", 0) + 1
+                    errors.append((err or "no time").strip().splitlines()[-1][:160])
+                    continue
+                mean = sum(secs) / len(secs)
+                if entry.get("seconds") is None or mean < entry["seconds"]:
+                    wl = ms.database.Workload(cand.sch.mod)
+                    rec = ms.database.TuningRecord(cand.sch.trace, wl, [float(s) for s in secs], target,
+                                                   cand.args_info)
+                    entry["best"], entry["seconds"] = rec.as_json(), mean
+            progress.records.save()
+            i = progress.names.index(h) + 1
+            best = "no valid measurement yet" if entry.get("seconds") is None else \
+                f"best {entry['seconds'] * 1e6:.1f} us"
+            fail = f", {entry.get('failed', 0)} failed" if entry.get("failed") else ""
+            progress.say(f"task {i}/{len(progress.names)} {entry['task']}: {entry['trials']}/{progress.want} "
+                         f"trials{fail}, {best} ({time.perf_counter() - progress.t0:.0f} s)")
+            if errors and entry.get("seconds") is None:
+                progress.say(f"  last failure: {errors[-1]}")
+
+    return _Record()
+
+
+def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, target_host=None,
+         input_shapes=None, placement: str = "cost", remote: RemoteSpec | None = None, out=None,
+         seed: int = 0) -> RecordSet:
+    """Tune the CPU part of ``model_path``'s build; write/continue the records file ``output``."""
+    check_environment()
+    out = out or sys.stdout
+    from . import api
+    if trials < 1:
+        raise TuningError(f"--trials must be at least 1, got {trials}")
+    ident = build_identity(model_path, target, target_host, input_shapes)
+    host, arch, cc = api.resolve_target_host(target_host)
+    if arch != api._native_arch() and remote is None:
+        raise TuningError(f"host code for {arch} cannot be measured on this {api._native_arch()} machine: "
+                          "give the remote one (--rpc-tracker HOST:PORT --rpc-key KEY, or --hostname H --port P)")
+    if os.path.exists(output):                      # resume: the same build only
+        records = read_records(output)
+        check_matches(records, ident, "this tuning run")
+        records.path = os.fspath(output)
+        resumed = True
+    else:
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise TuningError(f"-o {output}: no such folder {folder}")
+        header = ident.header()
+        header.update(model_file=os.path.basename(os.fspath(model_path)),
+                      measured_on=remote.describe() if remote else f"this machine ({arch})",
+                      placement=placement, tvm_qpu_tune=FORMAT)
+        records = RecordSet(os.fspath(output), header)
+        resumed = False
+    wl = collect_workloads(model_path, target, target_host, input_shapes, placement)
+    records.ops = {k: v for k, v in wl.ops.items()}
+    hashes = sorted(wl.tasks, key=lambda h: (h not in wl.model, wl.tasks[h].name))
+    for h in hashes:
+        records.workloads.setdefault(h, {"task": wl.tasks[h].name, "trials": 0, "best": None, "seconds": None})
+    records.save()
+    todo = [h for h in hashes if records.workloads[h]["trials"] < trials
+            and records.workloads[h].get("searched_to", 0) < trials]
+    no_default = [h for h in hashes if "default_seconds" not in records.workloads[h]]
+    print(f"tuning {len(hashes)} CPU task(s) of {model_path} (--target {target}, {ident.cpu_target}, "
+          f"{trials} trials each, measured on {records.measured_where()}, cost model {_cost_model()})"
+          + (f"; resuming {output}: {len(hashes) - len(todo)} task(s) done" if resumed else ""),
+          file=out, flush=True)
+    if not todo and not no_default:
+        return records
+    import_tensor_intrin()
+    from tvm.s_tir import meta_schedule as ms
+    from . import cpu_schedule as cs
+    tgt = _tuning_target(host, arch, remote)
+    builder, runner = _builder(cc), _runner(remote)
+    if no_default:
+        found = _measure_defaults(wl.tasks, no_default, cs.host_target(host), tgt, builder, runner, out)
+        for h, secs in found.items():        # the others are tried again by the next run
+            records.workloads[h]["default_seconds"] = secs
+        records.save()
+    if not todo:
+        return records
+    work_dir = f"{os.fspath(output)}.work"
+    os.makedirs(work_dir, exist_ok=True)
+    database = ms.database.MemoryDatabase()
+    contexts, weights = [], []
+    import logging
+    # MetaSchedule's console handler takes the level its logger has now: warnings only on the
+    # terminal (our progress lines say the rest); its full INFO logs go to {work_dir}/logs
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    loggers = ms.logging.get_loggers_from_work_dir(work_dir, [wl.tasks[h].name for h in todo])
+    for h, logger in zip(todo, loggers):
+        task = wl.tasks[h]
+        mod = _task_module(task.func)
+        entry = records.workloads[h]
+        if entry.get("best") is not None:          # resume: seed the search with the best so far
+            try:
+                wl_ = database.commit_workload(mod)
+                database.commit_tuning_record(ms.database.TuningRecord.from_json(entry["best"], wl_))
+            except Exception:
+                pass
+        contexts.append(ms.TuneContext(mod=mod, target=tgt, space_generator="post-order-apply",
+                                       search_strategy=_strategy(trials), task_name=task.name,
+                                       logger=logger, rand_state=seed, num_threads=1).clone())
+        weights.append(float(max(task.weight, 1)))
+    left = sum(trials - records.workloads[h]["trials"] for h in todo)
+    progress = _Progress(out, hashes, trials, records)
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(progress, todo, records.workloads, tgt)]
+    ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=left,
+                  max_trials_per_task=max(trials - min(records.workloads[h]["trials"] for h in todo), 1),
+                  num_trials_per_iter=min(trials, 16), builder=builder, runner=runner,
+                  database=database, cost_model=_cost_model(), measure_callbacks=callbacks)
+    for h in todo:        # the search ended normally: a task short of trials has no new candidates
+        records.workloads[h]["searched_to"] = trials
+    records.save()
+    bad = [records.workloads[h]["task"] for h in hashes if records.workloads[h].get("seconds") is None]
+    print(f"wrote {output}: {len(hashes) - len(bad)}/{len(hashes)} task(s) with a measured schedule"
+          + (f"; none measured for {', '.join(bad)} (the default schedules serve them)" if bad else ""),
+          file=out, flush=True)
+    return records
+
+
+def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runner, out) -> dict:
+    """{hash: mean seconds} of each task under :mod:`tvm_qpu.cpu_schedule`'s default schedule (what
+    the build uses without a record), built and measured like the candidates; a task whose default
+    build or run fails is left out (its record, if any, is then used unconditionally)."""
+    from tvm.s_tir import meta_schedule as ms
+    from . import cpu_schedule as cs
+    funcs = {}
+    for h in hashes:
+        f, _ = cs.schedule_func(tasks[h].func, cpu_target)
+        funcs[h] = f if f is not None else tasks[h].func
+    order = list(funcs)
+    built = builder.build([ms.builder.BuilderInput(_task_module(funcs[h]), tgt) for h in order])
+    errors = [b.error_msg for b in built if b.error_msg is not None]
+    ok = [(h, b) for h, b in zip(order, built) if b.error_msg is None]
+    device = "cpu" if tgt.kind.name == "llvm" else tgt.kind.name
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device,
+                                                ms.arg_info.ArgInfo.from_prim_func(funcs[h])) for h, b in ok])
+    found = {}
+    for (h, _), fut in zip(ok, futures):
+        r = fut.result()
+        secs = [float(x) for x in (r.run_secs or [])]
+        if r.error_msg is None and secs:
+            found[h] = sum(secs) / len(secs)
+        elif r.error_msg is not None:
+            errors.append(r.error_msg)
+    last = f" (e.g. {errors[0].strip().splitlines()[-1][:200]})" if errors and len(found) < len(hashes) else ""
+    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s){last}", file=out, flush=True)
+    return found
+
+
+def _strategy(trials: int):
+    """MetaSchedule's evolutionary search, its population scaled to the trial budget: the default
+    (512 candidates, 4 generations per batch) costs minutes of search per task on a small host even
+    for a handful of trials."""
+    from tvm.s_tir import meta_schedule as ms
+    population = min(max(4 * trials, 16), 512)
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=population, init_min_unmeasured=min(50, max(population // 4, 4)),
+        genetic_num_iters=4 if trials >= 64 else 1)
+
+
+def _task_module(func):
+    import tvm
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
