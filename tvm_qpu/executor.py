@@ -37,6 +37,8 @@ SUBMIT_PLAN = "tvm_qpu.submit_plan"     # asynchronous regions (tvm_qpu.async_re
 WAIT_PLAN = "tvm_qpu.wait_plan"         # ... and wait at the first use of the result
 POLL_SECONDS = 0.1          # how often the waiting main thread takes signals and updates progress
 STOP_GRACE_SECONDS = 0.5    # how long to wait for an interrupted region to stop (the emulator: one quantum)
+CLOSE_WAIT_SECONDS = 10.0   # close(): how long to wait for the QPU worker's running job before leaving
+                            # the device and buffers to it (never freed under a running job)
 
 
 class PlanNotLoaded(RuntimeError):
@@ -148,6 +150,7 @@ class PlanExecutor:
         self._worker = None                 # the last region's worker thread (may outlive a Ctrl-C)
         self.threaded = None                # None: QPU worker thread on v3d only (see use_worker)
         self._queue = None                  # the QPU worker thread's job queue
+        self._qthread = None                # the QPU worker thread (see close)
         self._jobs: dict = {}               # ticket -> Job submitted and not yet waited for
         self._latest: dict = {}             # key -> the last Job whose output is in its buffers
         self._tickets = itertools.count(1)
@@ -322,7 +325,9 @@ class PlanExecutor:
                         return
                     self._execute(job)
 
-            threading.Thread(target=loop, name="tvm_qpu QPU worker", daemon=True).start()
+            t = threading.Thread(target=loop, name="tvm_qpu QPU worker", daemon=True)
+            t.start()
+            self._qthread = t
         return self._queue
 
     def drain(self, thread=None):
@@ -396,10 +401,17 @@ class PlanExecutor:
             self.stats[k] = RegionStats()
 
     def close(self):
+        busy = False
         if self._queue is not None:
+            # let the QPU worker thread finish its job before the buffers and the device go: the
+            # emulator's core reads and writes device memory without the GIL
             self._queue.put(None)
             self._queue = None
-        if self._worker is not None and self._worker.is_alive():
+            qthread, self._qthread = self._qthread, None
+            if qthread is not None and qthread is not threading.current_thread():
+                qthread.join(CLOSE_WAIT_SECONDS)
+                busy = qthread.is_alive()
+        if busy or (self._worker is not None and self._worker.is_alive()):
             # an interrupted region still runs (the emulator's first-use compile cannot be
             # stopped): leave device and buffers to it; they go when the process does
             self._worker = None
