@@ -156,13 +156,8 @@ def _args_run(r):
     r.add_argument("--trusted-key", action="append", metavar="PUB", default=None,
                    help="refuse the artifact unless signed by this Ed25519 public key (repeatable; "
                         "from tvmc keygen)")
-    g = r.add_argument_group("remote execution over TVM RPC (docs/rpc.md)")
-    g.add_argument("--rpc-key", help="key of the remote servers in the tracker, e.g. pi5")
-    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker address, e.g. 192.168.1.10:9190")
-    g.add_argument("--hostname", help="one RPC server's host (no tracker)")
-    g.add_argument("--port", type=int, help="that server's port (default 9090)")
-    g.add_argument("--rpc-timeout", type=positive_float, default=None, metavar="SECONDS",
-                   help="give up finding a (free) remote server after this long (default 60)")
+    _args_rpc(r, "remote execution over TVM RPC (docs/rpc.md)",
+              "give up finding a (free) remote server after this long (default 60)")
 
 
 def _args_partition(p):
@@ -191,13 +186,18 @@ def _args_tune(t):
                    help="llvm (this machine, default) or pi5 (aarch64; measured on a remote Pi)")
     t.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
                    help="placement of the --target qpu build to tune the CPU part of (default cost)")
-    g = t.add_argument_group("measure on a remote machine over TVM RPC (docs/rpc.md)")
+    _args_rpc(t, "measure on a remote machine over TVM RPC (docs/rpc.md)",
+              "session timeout of a remote measurement (default 60)")
+
+
+def _args_rpc(p, title, timeout_help):
+    """The remote-machine options shared by ``run`` and ``tune`` (a tracker and key, or one server)."""
+    g = p.add_argument_group(title)
     g.add_argument("--rpc-key", help="key of the remote servers in the tracker, e.g. pi5")
-    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker address")
+    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="RPC tracker address, e.g. 192.168.1.10:9190")
     g.add_argument("--hostname", help="one RPC server's host (no tracker)")
     g.add_argument("--port", type=int, help="that server's port (default 9090)")
-    g.add_argument("--rpc-timeout", type=positive_float, default=None, metavar="SECONDS",
-                   help="session timeout of a remote measurement (default 60)")
+    g.add_argument("--rpc-timeout", type=positive_float, default=None, metavar="SECONDS", help=timeout_help)
 
 
 def _args_keygen(k):
