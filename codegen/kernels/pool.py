@@ -233,6 +233,24 @@ def _advance(kb: Builder, g: Pool2D, st: _State):
         st.a, st.a, kb.u32((g.H * g.W - g.OH * g.sh * g.W) * es), cond="ifna")
 
 
+def _load_lane_table(kb: Builder, prefix: str, table_off: int, lane, t, scaled, dests):
+    """Each lane's 8 lane-table words (``pool_layout``: 32 bytes per lane, 512 per worker) by two
+    vec4 lookups, received into ``dests`` in order. ``lane`` and ``t`` are scratch, ``scaled``
+    receives lane x 32 (may be ``lane`` itself)."""
+    eidx(lane)
+    mov(t, RF[3].unpack("ul"))
+    shl(t, t, 9)
+    shl(scaled, lane, 5)
+    add(t, t, scaled)
+    add(t, t, kb.addr(prefix + "_table", table_off))
+    mov(tmuc, kb.u32(RD.VEC4_CFG))
+    mov(tmua, t)
+    mov(tmuc, kb.u32(RD.VEC4_CFG))
+    nop().add(tmua, t, kb.u32(16))
+    for r in dests:
+        nop(sig=S["ldtmu"](r))
+
+
 def pool_kernel(kb: Builder, g: Pool2D, prefix: str, table_off: int = 0):
     es = ITEMSIZE[g.dtype]
     small = es < 4
@@ -258,20 +276,8 @@ def pool_kernel(kb: Builder, g: Pool2D, prefix: str, table_off: int = 0):
     counts = g.counts()
     const_count = g.op == "avg" and len(np.unique(counts)) == 1
 
-    # ---- lane table: two vec4 lookups per lane ----
     lane, t = kb.reg(2)
-    eidx(lane)
-    mov(t, RF[3].unpack("ul"))
-    shl(t, t, 9)
-    shl(lane, lane, 5)
-    add(t, t, lane)
-    add(t, t, kb.addr(prefix + "_table", table_off))
-    mov(tmuc, kb.u32(RD.VEC4_CFG))
-    mov(tmua, t)
-    mov(tmuc, kb.u32(RD.VEC4_CFG))
-    nop().add(tmua, t, kb.u32(16))
-    for r in (nxt.a, nxt.ih, nxt.iw, aout, remw, tt, tt, tt):
-        nop(sig=S["ldtmu"](r))
+    _load_lane_table(kb, prefix, table_off, lane, t, lane, (nxt.a, nxt.ih, nxt.iw, aout, remw, tt, tt, tt))
     add(nxt.a, nxt.a, kb.addr("data"))
     add(aout, aout, kb.addr("out"))
     if masked:
@@ -394,19 +400,7 @@ def pair_kernel(kb: Builder, g: Pool2D, prefix: str, table_off: int = 0):
     counts = g.counts()
     const_count = g.op == "avg" and len(np.unique(counts)) == 1
 
-    # ---- lane table: two vec4 lookups per lane ----
-    eidx(lane)
-    mov(tt, RF[3].unpack("ul"))
-    shl(tt, tt, 9)
-    shl(ptr, lane, 5)
-    add(tt, tt, ptr)
-    add(tt, tt, kb.addr(prefix + "_table", table_off))
-    mov(tmuc, kb.u32(RD.VEC4_CFG))
-    mov(tmua, tt)
-    mov(tmuc, kb.u32(RD.VEC4_CFG))
-    nop().add(tmua, tt, kb.u32(16))
-    for r in (nxt.a, nxt.ih, nxt.iw, aout, rem, span, tt, tt):
-        nop(sig=S["ldtmu"](r))
+    _load_lane_table(kb, prefix, table_off, lane, tt, ptr, (nxt.a, nxt.ih, nxt.iw, aout, rem, span, tt, tt))
     add(nxt.a, nxt.a, kb.addr("data"))
     add(aout, aout, kb.addr("out"))
     if masked:
