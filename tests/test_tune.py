@@ -72,6 +72,17 @@ def _ort(x):
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
+def _assert_equals_onnxruntime(lib, seed):
+    """The built mlp's output on a random input equals ONNX Runtime's."""
+    x = np.random.default_rng(seed).standard_normal((1, 64)).astype(np.float32)
+    runner = lib.runner("emulator")
+    try:
+        got = next(iter(runner.run(input=x).values()))
+    finally:
+        runner.close()
+    np.testing.assert_allclose(got, _ort(x), rtol=1e-4, atol=1e-4)
+
+
 def _copy(src, dst, edit=None):
     """A copy of a records file, optionally edited through RecordSet (so its sha256 stays valid)."""
     rec = T.read_records(src)
@@ -111,13 +122,7 @@ def test_tuned_build_equals_onnxruntime(tuned):
     n_used = sum(rec.use_record(h) for h in rec.workloads)    # measured, and faster than the default
     assert info["applied"] == n_used and not info["fell_back"]
     assert sum(r.startswith("tuned") for r in lib.meta["cpu_schedules"].values()) == n_used
-    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-    runner = lib.runner("emulator")
-    try:
-        got = next(iter(runner.run(input=x).values()))
-    finally:
-        runner.close()
-    np.testing.assert_allclose(got, _ort(x), rtol=1e-4, atol=1e-4)
+    _assert_equals_onnxruntime(lib, seed=0)
 
 
 @pytest.mark.slow
@@ -198,13 +203,7 @@ def test_record_that_does_not_apply_falls_back(tuned, tmp_path):
     mod, params = tvm_qpu.from_onnx(MLP)
     lib = tvm_qpu.build(mod, target="llvm", params=params, tuning_records=recs)
     fell = lib.meta["tuning_records"]["fell_back"]
-    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
-    runner = lib.runner("emulator")
-    try:
-        got = next(iter(runner.run(input=x).values()))
-    finally:
-        runner.close()
-    np.testing.assert_allclose(got, _ort(x), rtol=1e-4, atol=1e-4)
+    _assert_equals_onnxruntime(lib, seed=1)
     # a trace replayed on another function either fails (fallback, reported) or still computes it
     assert all(":" in f for f in fell)
 
