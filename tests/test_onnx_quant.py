@@ -487,13 +487,15 @@ def _ort_session(path, optimized):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def test_an_int8_transformer_layer_runs_its_weight_matmuls_on_int8_regions_within_ort_tolerance(tmp_path):
+def test_an_int8_transformer_layer_runs_its_matmuls_and_attention_on_integer_regions_within_ort_tolerance(tmp_path):
     """models/transformer_layer.onnx quantized by quantize_static (QDQ, int8, per-channel): its six weight
-    matmuls (Q, K, V, output projection, both feed-forward) become int8-weight integer regions; Q K^T and
-    P V (two run-time operands, no constant weight) and the softmax stay float32 (float QPU regions).
-    ORT's own optimized (fused QLinearMatMul) run and its unoptimized run (the QDQ graph as written)
-    differ by several output steps; ours equals the unoptimized run to one step and is no further from the
-    optimized run than ORT's own two runs are from each other (+1 step)."""
+    matmuls (Q, K, V, output projection, both feed-forward) become int8-weight integer regions, and Q K^T
+    and P V (two run-time operands, batched over the 4 heads) integer regions too: each operand
+    ``q - zero point`` read at run time, int32 accumulation, the requantize in the kernel's epilogue
+    (int8 out). The softmax stays float32 (a float QPU region). ORT's own optimized (fused
+    QLinearMatMul) run and its unoptimized run (the QDQ graph as written) differ by several output
+    steps; ours equals the unoptimized run to one step and is no further from the optimized run than
+    ORT's own two runs are from each other (+1 step)."""
     q = pytest.importorskip("onnxruntime.quantization")
     from frontend_util import MODELS
     rng = np.random.default_rng(0)
@@ -509,13 +511,22 @@ def test_an_int8_transformer_layer_runs_its_weight_matmuls_on_int8_regions_withi
     x = rng.normal(0, 1, (1, 16, 32)).astype(np.float32)
     got, lib = _tvm(qpath, {"input": x})
     ints = [r for r in lib.report.regions if re.search(r"-> u?int(8|32)\[", r["spec"])]
-    assert len(ints) == 6 and all(r["kind"] == "matmul" and ", int8[" in r["spec"] and "float32" not in r["spec"]
-                                  for r in ints), lib.report.text()
+    assert all(r["kind"] == "matmul" and "float32" not in r["spec"] for r in ints), lib.report.text()
+    weight = [r for r in ints if ", int8[" in r["spec"]]
+    assert len(weight) == 6, lib.report.text()
+    # Q K^T [1, 4, 16, 8] x [1, 4, 8, 16] and P V [1, 4, 16, 16] x [1, 4, 16, 8]: both operands
+    # 4-D (one per head, computed at run time), int8 out through the requantize epilogue
+    attn = [r for r in ints if r not in weight]
+    assert sorted(re.sub(r"u?int(8|16)", "i", r["spec"]) for r in attn) == \
+        ["matmul(i[1, 4, 16, 16], i[1, 4, 16, 8]) -> i[1, 4, 16, 8]",
+         "matmul(i[1, 4, 16, 8], i[1, 4, 8, 16]) -> i[1, 4, 16, 16]"], lib.report.text()
+    assert all(re.search(r"-> int8\[[^\]]*\]$", r["spec"]) for r in attn), [r["spec"] for r in attn]
+    assert sum("run-time" in d["reason"] and d["accepted"] for d in lib.report.qdq) == 2
     floats = [r for r in lib.report.regions if r not in ints]
-    # Q K^T, P V and the softmax run in float; the residual adds, LayerNorms and GELU have float
-    # kernels of their own (codegen/kernels/elementwise.py, layernorm.py)
+    # the softmax runs in float; the residual adds, LayerNorms and GELU have float kernels of their
+    # own (codegen/kernels/elementwise.py, layernorm.py)
     core = sorted(r["kind"] for r in floats if r["kind"] not in ("add", "layer_norm", "gelu"))
-    assert core == ["matmul", "matmul", "softmax"], lib.report.text()
+    assert core == ["softmax"], lib.report.text()
     step = _output_step_of_dq(qpath, "output")
     fused = _ort_session(qpath, True).run(None, {"input": x})[0]
     plain = _ort_session(qpath, False).run(None, {"input": x})[0]
@@ -530,3 +541,43 @@ def _output_step_of_dq(path, output):
     node = next(n for n in m.graph.node if output in n.output)
     assert node.op_type == "DequantizeLinear"
     return float(next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name == node.input[1]))
+
+
+@pytest.mark.parametrize("transpose_b,b_type", [(False, np.int8), (True, np.uint8)])
+def test_a_matmul_of_two_run_time_quantized_operands_is_an_integer_region(tmp_path, transpose_b, b_type):
+    """DQ(int8 a) x [Transpose](DQ(b)) -> Q with both operands model inputs (attention's Q K^T form,
+    batched over 2 heads) runs as an integer QPU region with the requantize epilogue; the result is
+    the ONNX spec's (exact integer products, one rounding of ``acc * sa * sb / sy``, half to even)
+    within one step at a tie."""
+    rng = np.random.default_rng(3)
+    tp = {np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8}
+    M, K, N = 8, 24, 12
+    sa, za, sb, sy, zy = np.float32(0.05), np.int8(-3), np.float32(0.07), np.float32(0.11), np.int8(5)
+    zb = b_type(7) if b_type is np.int8 else b_type(131)
+    b_shape = [1, 2, N, K] if transpose_b else [1, 2, K, N]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"])]
+    if transpose_b:
+        nodes.append(helper.make_node("Transpose", ["bf"], ["bt"], perm=[0, 1, 3, 2]))
+    nodes += [helper.make_node("MatMul", ["af", "bt" if transpose_b else "bf"], ["y"]),
+              helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"])]
+    model = _model(nodes, [helper.make_tensor_value_info("a", TensorProto.INT8, [1, 2, M, K]),
+                           helper.make_tensor_value_info("b", tp[b_type], b_shape)],
+                   [helper.make_tensor_value_info("yq", TensorProto.INT8, [1, 2, M, N])],
+                   [_init("sa", sa), _init("za", za), _init("sb", sb), _init("zb", zb),
+                    _init("sy", sy), _init("zy", zy)])
+    path = _save(model, tmp_path)
+    info = np.iinfo(b_type)
+    a = rng.integers(-128, 128, (1, 2, M, K), dtype=np.int8)
+    b = rng.integers(info.min, int(info.max) + 1, b_shape).astype(b_type)
+    got, lib = _tvm(path, {"a": a, "b": b})
+    # numpy written to the spec: exact integer matmul of (q - z), y = acc * sa * sb, q = rne(y / sy) + zy
+    bt = np.swapaxes(b.astype(np.int64) - int(zb), -1, -2) if transpose_b else b.astype(np.int64) - int(zb)
+    acc = (a.astype(np.int64) - int(za)) @ bt
+    want = np.clip(np.rint(acc * (np.float64(sa) * np.float64(sb)) / np.float64(sy)) + int(zy), -128, 127)
+    regs = _int_regions(lib)
+    assert len(regs) == 1 and regs[0]["spec"].startswith("matmul(") and "-> int8[1, 2, 8, 12]" in regs[0]["spec"], \
+        lib.report.text()
+    assert got.dtype == np.int8
+    _assert_within_one_step(got, want)
+    _assert_within_one_step(got, _ort(path, {"a": a, "b": b}))
