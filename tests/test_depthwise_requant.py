@@ -163,3 +163,37 @@ def test_an_ort_quantized_mobilenet_block_runs_its_depthwise_conv_requantized_on
     d = np.abs(got.astype(np.float64) - want) / step
     assert d.max() <= 1 + 1e-3, d.max()
     assert (d < 1e-3).mean() >= 0.97, (d < 1e-3).mean()
+
+
+@pytest.mark.parametrize("dt,C,H,stride,per_channel", [("int8", 32, 28, 2, True), ("int16", 8, 13, 1, False),
+                                                        ("uint8", 64, 14, 1, True)])
+def test_integer_depthwise_estimate_is_within_the_estimate_tolerance_of_the_emulator(dt, C, H, stride, per_channel):
+    """conv2d's estimate (what placement uses) of a requantizing depthwise conv, on the depthwise
+    kernel, within tests/test_estimates.py's +-25% of the emulator's modelled time for its plan."""
+    from test_estimates import TOLERANCE
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.codegen.plan import run_plan
+    from tvm_qpu.codegen.registry import OpSpec
+    from tvm_qpu.runtime.device import open_device
+    rng = np.random.default_rng(8)
+    oh = (H + 2 - 3) // stride + 1
+    scale = list(rng.uniform(1e-3, 1e-2, C)) if per_channel else [0.004]
+    spec = OpSpec("conv2d", [((1, C, H, H), dt), ((C, 1, 3, 3), "int8"), ((C,), "int32")], ((1, C, oh, oh), "int8"),
+                  {"padding": (1, 1, 1, 1), "strides": (stride, stride), "groups": C, "bias": True,
+                   "requant": {"scale": scale, "zero_point": -3, "lo": -128, "hi": 127}})
+    ok, why = registry.supports(spec)
+    assert ok and "depthwise kernel" in why, why
+    consts = {"weight": rng.integers(-128, 128, (C, 1, 3, 3)).astype(np.int8),
+              "bias": rng.integers(-999, 999, C).astype(np.int32)}
+    plan = registry.generate(spec, consts)
+    assert plan.name == "depthwise_conv2d"
+    info = np.iinfo(dt)
+    x = rng.integers(max(info.min, -200), min(info.max, 200), (1, C, H, H)).astype(dt)
+    dev = open_device("emulator")
+    try:
+        _, stats = run_plan(plan, dev, data=x)
+    finally:
+        dev.close()
+    got = sum(s.seconds for s in stats)
+    est = registry.estimate(spec)
+    assert abs(est / got - 1) <= TOLERANCE, (est, got)

@@ -543,17 +543,21 @@ def _output_step_of_dq(path, output):
     return float(next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name == node.input[1]))
 
 
-@pytest.mark.parametrize("transpose_b,b_type", [(False, np.int8), (True, np.uint8)])
-def test_a_matmul_of_two_run_time_quantized_operands_is_an_integer_region(tmp_path, transpose_b, b_type):
+@pytest.mark.parametrize("transpose_b,b_type,b_zero,b_runs_as", [(False, np.int8, 0, "int8"),
+                                                                 (True, np.uint8, 128, "int8"),
+                                                                 (False, np.int8, 7, "int16")])
+def test_a_matmul_of_two_run_time_quantized_operands_is_an_integer_region(tmp_path, transpose_b, b_type, b_zero,
+                                                                          b_runs_as):
     """DQ(int8 a) x [Transpose](DQ(b)) -> Q with both operands model inputs (attention's Q K^T form,
-    batched over 2 heads) runs as an integer QPU region with the requantize epilogue; the result is
-    the ONNX spec's (exact integer products, one rounding of ``acc * sa * sb / sy``, half to even)
-    within one step at a tie."""
+    batched over 2 heads) runs as an integer QPU region with the requantize epilogue, B read at run
+    time as ``b - zb`` in the narrowest dtype (int8 for zb = 0 or uint8 - 128, else int16; a
+    Transpose runs on the CPU on the 8-bit tensor); the result is the ONNX spec's (exact integer
+    products, one rounding of ``acc * sa * sb / sy``, half to even) within one step at a tie."""
     rng = np.random.default_rng(3)
     tp = {np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8}
     M, K, N = 8, 24, 12
     sa, za, sb, sy, zy = np.float32(0.05), np.int8(-3), np.float32(0.07), np.float32(0.11), np.int8(5)
-    zb = b_type(7) if b_type is np.int8 else b_type(131)
+    zb = b_type(b_zero)
     b_shape = [1, 2, N, K] if transpose_b else [1, 2, K, N]
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"])]
@@ -576,8 +580,8 @@ def test_a_matmul_of_two_run_time_quantized_operands_is_an_integer_region(tmp_pa
     acc = (a.astype(np.int64) - int(za)) @ bt
     want = np.clip(np.rint(acc * (np.float64(sa) * np.float64(sb)) / np.float64(sy)) + int(zy), -128, 127)
     regs = _int_regions(lib)
-    assert len(regs) == 1 and regs[0]["spec"].startswith("matmul(") and "-> int8[1, 2, 8, 12]" in regs[0]["spec"], \
-        lib.report.text()
+    assert len(regs) == 1 and regs[0]["spec"].startswith("matmul(int16[1, 2, 8, 24], ") and \
+        regs[0]["spec"].endswith(f", {b_runs_as}[1, 2, 24, 12]) -> int8[1, 2, 8, 12]"), lib.report.text()
     assert got.dtype == np.int8
     _assert_within_one_step(got, want)
     _assert_within_one_step(got, _ort(path, {"a": a, "b": b}))

@@ -39,6 +39,11 @@ regions pass the 8-bit tensor on (the digits QDQ model's pools run as int8 QPU p
 round trip. An activation zero point makes the operand ``x - zx``: the backend stores it in the
 narrowest dtype holding its range (``uint8 - 128`` -> int8, ``int8 + 128`` -> uint8, otherwise int16).
 
+A matmul of two *run-time* quantized operands (attention's Q K^T and P V: ``matmul(dequantize(a),
+[permute_dims](dequantize(b)))``, no constant weight) becomes an integer matmul of ``a - za`` and
+``b - zb`` as well (:func:`runtime_matmul`; per-tensor parameters), so its requantize fuses the same
+way; ``permute_dims`` joins the pass-through ops, so the head split and the K transpose move int8.
+
 A chain is left in float (on the CPU, or on the QPU as a float kernel) when the integer form would
 not be exact; each decision, with its reason, is returned and ends up in the partition report:
 scales that are not finite and positive, a per-axis scale on an axis other than the output channel,
