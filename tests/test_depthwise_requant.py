@@ -197,3 +197,18 @@ def test_integer_depthwise_estimate_is_within_the_estimate_tolerance_of_the_emul
     got = sum(s.seconds for s in stats)
     est = registry.estimate(spec)
     assert abs(est / got - 1) <= TOLERANCE, (est, got)
+
+
+def test_integer_depthwise_kernel_without_requantize_writes_the_exact_int32_accumulator(dev):
+    """The kernel's int32-output form (used directly; conv2d routes int32-output depthwise convs to
+    the implicit-GEMM conv): exact sums, ReLU on the accumulator."""
+    from tvm_qpu.codegen.plan import run_plan
+    rng = np.random.default_rng(22)
+    x = rng.integers(-32768, 32768, (1, 6, 9, 11)).astype(np.int16)
+    w = rng.integers(-128, 128, (6, 1, 3, 3)).astype(np.int8)
+    b = rng.integers(-1 << 20, 1 << 20, 6).astype(np.int32)
+    s = DW.DwShape(1, 6, 9, 11, 3, 3, 2, 1, 1, 1, 1, 1, bias=True, activation="relu", dtype="int16")
+    got, _ = run_plan(DW.plan_depthwise(s, w, b), dev, data=x)
+    want = np.maximum(dw_int_ref(x, w, b, (2, 1), (1, 1, 1, 1), (1, 1)), 0)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
