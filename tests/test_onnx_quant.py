@@ -585,3 +585,28 @@ def test_a_matmul_of_two_run_time_quantized_operands_is_an_integer_region(tmp_pa
     assert got.dtype == np.int8
     _assert_within_one_step(got, want)
     _assert_within_one_step(got, _ort(path, {"a": a, "b": b}))
+
+
+def test_a_run_time_quantized_matmul_with_a_float_output_is_an_int32_region_then_a_cpu_dequantize(tmp_path):
+    """Without a QuantizeLinear after it, DQ(a) x DQ(b) runs as an int32-output integer region and the
+    dequantize ``float32(acc) * float32(sa * sb)`` follows on the CPU; equal to the exact product up
+    to float32 rounding."""
+    rng = np.random.default_rng(4)
+    sa, za, sb, zb = np.float32(0.02), np.uint8(128), np.float32(0.03), np.int8(0)
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
+             helper.make_node("MatMul", ["af", "bf"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("a", TensorProto.UINT8, [3, 10, 40]),
+                           helper.make_tensor_value_info("b", TensorProto.INT8, [3, 40, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 10, 6])],
+                   [_init("sa", sa), _init("za", za), _init("sb", sb), _init("zb", zb)])
+    path = _save(model, tmp_path)
+    a = rng.integers(0, 256, (3, 10, 40), dtype=np.uint8)
+    b = rng.integers(-128, 128, (3, 40, 6), dtype=np.int8)
+    got, lib = _tvm(path, {"a": a, "b": b})
+    regs = _int_regions(lib)
+    assert [r["spec"] for r in regs] == ["matmul(int8[3, 10, 40], int8[3, 40, 6]) -> int32[3, 10, 6]"], \
+        lib.report.text()
+    assert any(c["op"] == "relax.dequantize" for c in lib.report.cpu_ops), lib.report.text()
+    want = ((a.astype(np.int64) - 128) @ b.astype(np.int64)) * (np.float64(sa) * np.float64(sb))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
