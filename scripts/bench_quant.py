@@ -27,9 +27,18 @@ the digits models: ORT, TVM llvm and TVM qpu (``placement="all"``, the QPU regio
 predictions that differ from ORT's on the same model / ORT's int8 from its fp32, the fraction of the
 logits identical to ORT's and the largest difference.
 
+``--big`` (instead of the above): ResNet-18 and MobileNetV2 (``models/make_bench_models.py``, 224x224,
+random weights) against their ``quantize_static`` QDQ versions (per-channel int8 weights, int8
+activations, calibrated on ``--big-calib`` random N(0, 1) inputs: the weights are random, so there
+is no data set to calibrate on): per model and placement (``all``, ``cost``) the QPU regions, how
+many are integer, the sum of their MODELLED QPU times (the placement estimates of the partition
+report, as ``tvmc partition`` prints them; nothing is run) and the modelled whole-model latency
+(CPU ops on the CPU cost model, QPU regions synchronous). See :func:`bench_big`.
+
 Usage::
 
     python scripts/bench_quant.py [--repeat R] [--threads N] [--json] [--no-accuracy]
+    python scripts/bench_quant.py --big [--big-calib N] [--json]
 """
 from __future__ import annotations
 
@@ -56,6 +65,9 @@ def _args(argv):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the 450-image accuracy runs")
+    ap.add_argument("--big", action="store_true", help="ResNet-18 / MobileNetV2 fp32 vs int8: modelled QPU "
+                    "figures from the partition report only (bench_big)")
+    ap.add_argument("--big-calib", type=int, default=4, help="random calibration inputs of the --big models")
     return ap.parse_args(argv)
 
 
@@ -248,6 +260,10 @@ def main(argv=None):
     os.environ["TVM_NUM_THREADS"] = str(a.threads)      # before TVM starts its thread pool
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "threads": a.threads, "repeat": a.repeat,
             "command": " ".join(["python", "scripts/bench_quant.py"] + (argv if argv is not None else sys.argv[1:]))}
+    if a.big:
+        rows = bench_big(a)
+        print(json.dumps({"meta": meta, "big": rows}, indent=1) if a.json else big_tables(rows, meta))
+        return
     with tempfile.TemporaryDirectory(prefix="bench_quant_") as tmp:
         paths = _model_paths(tmp)
         rows = []
@@ -263,6 +279,105 @@ def main(argv=None):
         print(json.dumps({"meta": meta, "rows": rows, "accuracy": acc}, indent=1))
     else:
         print(tables(rows, acc, meta))
+
+
+# ---------------------------------------------------------------------------------------------
+# --big: ResNet-18 and MobileNetV2, fp32 vs int8 QDQ, modelled figures of the partition report
+
+BIG_MODELS = ("resnet18", "mobilenetv2")
+
+
+def _quantize_big(src, dst, n_calib, seed=0):
+    """ORT quantize_static: QDQ, per-channel int8 weights, int8 activations, calibrated (MinMax) on
+    ``n_calib`` random N(0, 1) inputs of the model's input shape."""
+    import numpy as np
+    import onnx
+    import onnxruntime.quantization as q
+    i = onnx.load(src).graph.input[0]
+    shape = [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(seed)
+    data = iter([{i.name: rng.standard_normal(shape).astype(np.float32)} for _ in range(n_calib)])
+
+    class Reader(q.CalibrationDataReader):
+        def get_next(self):
+            return next(data, None)
+
+    q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                      activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+
+
+def _is_integer_region(r) -> bool:
+    """An integer region: no float32 operand or output (8- / 16-bit in, int32 or requantized 8-bit out)."""
+    return "float32" not in r["spec"]
+
+
+def _region_signatures(regions) -> dict:
+    """'op(operand dtypes) -> output dtype' of each region (shapes dropped), counted."""
+    import re
+    out = {}
+    for r in regions:
+        key = re.sub(r"\[[^\]]*\]", "", r["spec"])
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _partition_figures(mod, params, placement):
+    """Modelled figures of ``tvm_qpu.partition`` under ``placement`` (no build, nothing run)."""
+    import tvm_qpu
+    rep = tvm_qpu.partition_report(tvm_qpu.partition(mod, params, placement=placement))
+    lat = rep.schedule.get("model", {})
+    ints = [r for r in rep.regions if _is_integer_region(r)]
+    return {"regions": len(rep.regions), "integer_regions": len(ints),
+            "regions_by_kind": _region_signatures(rep.regions),
+            "qpu_modelled_s": float(sum(r["qpu_s"] or 0.0 for r in rep.regions)),
+            "integer_qpu_modelled_s": float(sum(r["qpu_s"] or 0.0 for r in ints)),
+            "cpu_ops": len(rep.cpu_ops),
+            "latency_sync_modelled_s": lat.get("sync_s"), "cpu_only_modelled_s": lat.get("cpu_only_s"),
+            "qdq_chains": f"{sum(d['accepted'] for d in rep.qdq)} of {len(rep.qdq)} integer"}
+
+
+def bench_big(a):
+    """fp32 vs int8 (QDQ) ResNet-18 and MobileNetV2: the partition report's modelled figures per
+    placement (:func:`_partition_figures`). Returns rows {model, variant, placement figures}."""
+    sys.path.insert(0, MODELS)
+    import logging
+    import make_bench_models as mb
+    import tvm_qpu
+    logging.getLogger().setLevel(logging.ERROR)          # the quantizer's pre-processing advice
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_quant_big_") as tmp:
+        for name in BIG_MODELS:
+            fp32 = mb.ensure(name, tmp)
+            int8 = os.path.join(tmp, f"{name}_qdq.onnx")
+            _quantize_big(fp32, int8, a.big_calib)
+            for variant, path in (("fp32", fp32), ("int8 QDQ", int8)):
+                mod, params = tvm_qpu.from_onnx(path)
+                row = {"model": name, "variant": variant, "onnx_weight_bytes": _weight_bytes(path)}
+                for placement in PLACEMENTS:
+                    row[placement] = _partition_figures(mod, params, placement)
+                rows.append(row)
+                print(f"  partitioned {name} {variant}", file=sys.stderr)
+    return rows
+
+
+def big_tables(rows, meta):
+    out = [f"# {meta['command']}",
+           "# QPU ms = sum of the QPU regions' MODELLED times (Pi 5 cycle model, partition report estimates); "
+           "latency = MODELLED whole model (CPU ops on the CPU cost model, QPU regions synchronous)",
+           f"{'model':12s} {'variant':9s} {'onnx w B':>10s} | {'placement=all: regions (int)':>28s} "
+           f"{'QPU ms':>8s} {'latency':>8s} | {'placement=cost: regions (int)':>29s} {'QPU ms':>8s} {'latency':>8s}"]
+    for r in rows:
+        cells = []
+        for p in PLACEMENTS[::-1]:                       # all, then cost
+            f = r[p]
+            cells.append(f"{f['regions']:>22d} ({f['integer_regions']:3d}) {f['qpu_modelled_s'] * 1e3:8.3f} "
+                         f"{(f['latency_sync_modelled_s'] or 0) * 1e3:8.3f}")
+        out.append(f"{r['model']:12s} {r['variant']:9s} {r['onnx_weight_bytes']:10d} | {cells[0]} | {cells[1]}")
+    out.append("# regions under placement=all:")
+    for r in rows:
+        out.append(f"#   {r['model']} {r['variant']}: " + ", ".join(
+            f"{n}x {k}" for k, n in sorted(r["all"]["regions_by_kind"].items())))
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -487,13 +487,15 @@ def _ort_session(path, optimized):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def test_an_int8_transformer_layer_runs_its_weight_matmuls_on_int8_regions_within_ort_tolerance(tmp_path):
+def test_an_int8_transformer_layer_runs_its_matmuls_and_attention_on_integer_regions_within_ort_tolerance(tmp_path):
     """models/transformer_layer.onnx quantized by quantize_static (QDQ, int8, per-channel): its six weight
-    matmuls (Q, K, V, output projection, both feed-forward) become int8-weight integer regions; Q K^T and
-    P V (two run-time operands, no constant weight) and the softmax stay float32 (float QPU regions).
-    ORT's own optimized (fused QLinearMatMul) run and its unoptimized run (the QDQ graph as written)
-    differ by several output steps; ours equals the unoptimized run to one step and is no further from the
-    optimized run than ORT's own two runs are from each other (+1 step)."""
+    matmuls (Q, K, V, output projection, both feed-forward) become int8-weight integer regions, and Q K^T
+    and P V (two run-time operands, batched over the 4 heads) integer regions too: each operand
+    ``q - zero point`` read at run time, int32 accumulation, the requantize in the kernel's epilogue
+    (int8 out). The softmax stays float32 (a float QPU region). ORT's own optimized (fused
+    QLinearMatMul) run and its unoptimized run (the QDQ graph as written) differ by several output
+    steps; ours equals the unoptimized run to one step and is no further from the optimized run than
+    ORT's own two runs are from each other (+1 step)."""
     q = pytest.importorskip("onnxruntime.quantization")
     from frontend_util import MODELS
     rng = np.random.default_rng(0)
@@ -509,13 +511,22 @@ def test_an_int8_transformer_layer_runs_its_weight_matmuls_on_int8_regions_withi
     x = rng.normal(0, 1, (1, 16, 32)).astype(np.float32)
     got, lib = _tvm(qpath, {"input": x})
     ints = [r for r in lib.report.regions if re.search(r"-> u?int(8|32)\[", r["spec"])]
-    assert len(ints) == 6 and all(r["kind"] == "matmul" and ", int8[" in r["spec"] and "float32" not in r["spec"]
-                                  for r in ints), lib.report.text()
+    assert all(r["kind"] == "matmul" and "float32" not in r["spec"] for r in ints), lib.report.text()
+    weight = [r for r in ints if ", int8[" in r["spec"]]
+    assert len(weight) == 6, lib.report.text()
+    # Q K^T [1, 4, 16, 8] x [1, 4, 8, 16] and P V [1, 4, 16, 16] x [1, 4, 16, 8]: both operands
+    # 4-D (one per head, computed at run time), int8 out through the requantize epilogue
+    attn = [r for r in ints if r not in weight]
+    assert sorted(re.sub(r"u?int(8|16)", "i", r["spec"]) for r in attn) == \
+        ["matmul(i[1, 4, 16, 16], i[1, 4, 16, 8]) -> i[1, 4, 16, 8]",
+         "matmul(i[1, 4, 16, 8], i[1, 4, 8, 16]) -> i[1, 4, 16, 16]"], lib.report.text()
+    assert all(re.search(r"-> int8\[[^\]]*\]$", r["spec"]) for r in attn), [r["spec"] for r in attn]
+    assert sum("run-time" in d["reason"] and d["accepted"] for d in lib.report.qdq) == 2
     floats = [r for r in lib.report.regions if r not in ints]
-    # Q K^T, P V and the softmax run in float; the residual adds, LayerNorms and GELU have float
-    # kernels of their own (codegen/kernels/elementwise.py, layernorm.py)
+    # the softmax runs in float; the residual adds, LayerNorms and GELU have float kernels of their
+    # own (codegen/kernels/elementwise.py, layernorm.py)
     core = sorted(r["kind"] for r in floats if r["kind"] not in ("add", "layer_norm", "gelu"))
-    assert core == ["matmul", "matmul", "softmax"], lib.report.text()
+    assert core == ["softmax"], lib.report.text()
     step = _output_step_of_dq(qpath, "output")
     fused = _ort_session(qpath, True).run(None, {"input": x})[0]
     plain = _ort_session(qpath, False).run(None, {"input": x})[0]
@@ -530,3 +541,72 @@ def _output_step_of_dq(path, output):
     node = next(n for n in m.graph.node if output in n.output)
     assert node.op_type == "DequantizeLinear"
     return float(next(numpy_helper.to_array(i) for i in m.graph.initializer if i.name == node.input[1]))
+
+
+@pytest.mark.parametrize("transpose_b,b_type,b_zero,b_runs_as", [(False, np.int8, 0, "int8"),
+                                                                 (True, np.uint8, 128, "int8"),
+                                                                 (False, np.int8, 7, "int16")])
+def test_a_matmul_of_two_run_time_quantized_operands_is_an_integer_region(tmp_path, transpose_b, b_type, b_zero,
+                                                                          b_runs_as):
+    """DQ(int8 a) x [Transpose](DQ(b)) -> Q with both operands model inputs (attention's Q K^T form,
+    batched over 2 heads) runs as an integer QPU region with the requantize epilogue, B read at run
+    time as ``b - zb`` in the narrowest dtype (int8 for zb = 0 or uint8 - 128, else int16; a
+    Transpose runs on the CPU on the 8-bit tensor); the result is the ONNX spec's (exact integer
+    products, one rounding of ``acc * sa * sb / sy``, half to even) within one step at a tie."""
+    rng = np.random.default_rng(3)
+    tp = {np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8}
+    M, K, N = 8, 24, 12
+    sa, za, sb, sy, zy = np.float32(0.05), np.int8(-3), np.float32(0.07), np.float32(0.11), np.int8(5)
+    zb = b_type(b_zero)
+    b_shape = [1, 2, N, K] if transpose_b else [1, 2, K, N]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"])]
+    if transpose_b:
+        nodes.append(helper.make_node("Transpose", ["bf"], ["bt"], perm=[0, 1, 3, 2]))
+    nodes += [helper.make_node("MatMul", ["af", "bt" if transpose_b else "bf"], ["y"]),
+              helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"])]
+    model = _model(nodes, [helper.make_tensor_value_info("a", TensorProto.INT8, [1, 2, M, K]),
+                           helper.make_tensor_value_info("b", tp[b_type], b_shape)],
+                   [helper.make_tensor_value_info("yq", TensorProto.INT8, [1, 2, M, N])],
+                   [_init("sa", sa), _init("za", za), _init("sb", sb), _init("zb", zb),
+                    _init("sy", sy), _init("zy", zy)])
+    path = _save(model, tmp_path)
+    info = np.iinfo(b_type)
+    a = rng.integers(-128, 128, (1, 2, M, K), dtype=np.int8)
+    b = rng.integers(info.min, int(info.max) + 1, b_shape).astype(b_type)
+    got, lib = _tvm(path, {"a": a, "b": b})
+    # numpy written to the spec: exact integer matmul of (q - z), y = acc * sa * sb, q = rne(y / sy) + zy
+    bt = np.swapaxes(b.astype(np.int64) - int(zb), -1, -2) if transpose_b else b.astype(np.int64) - int(zb)
+    acc = (a.astype(np.int64) - int(za)) @ bt
+    want = np.clip(np.rint(acc * (np.float64(sa) * np.float64(sb)) / np.float64(sy)) + int(zy), -128, 127)
+    regs = _int_regions(lib)
+    assert len(regs) == 1 and regs[0]["spec"].startswith("matmul(int16[1, 2, 8, 24], ") and \
+        regs[0]["spec"].endswith(f", {b_runs_as}[1, 2, 24, 12]) -> int8[1, 2, 8, 12]"), lib.report.text()
+    assert got.dtype == np.int8
+    _assert_within_one_step(got, want)
+    _assert_within_one_step(got, _ort(path, {"a": a, "b": b}))
+
+
+def test_a_run_time_quantized_matmul_with_a_float_output_is_an_int32_region_then_a_cpu_dequantize(tmp_path):
+    """Without a QuantizeLinear after it, DQ(a) x DQ(b) runs as an int32-output integer region and the
+    dequantize ``float32(acc) * float32(sa * sb)`` follows on the CPU; equal to the exact product up
+    to float32 rounding."""
+    rng = np.random.default_rng(4)
+    sa, za, sb, zb = np.float32(0.02), np.uint8(128), np.float32(0.03), np.int8(0)
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
+             helper.make_node("MatMul", ["af", "bf"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("a", TensorProto.UINT8, [3, 10, 40]),
+                           helper.make_tensor_value_info("b", TensorProto.INT8, [3, 40, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 10, 6])],
+                   [_init("sa", sa), _init("za", za), _init("sb", sb), _init("zb", zb)])
+    path = _save(model, tmp_path)
+    a = rng.integers(0, 256, (3, 10, 40), dtype=np.uint8)
+    b = rng.integers(-128, 128, (3, 40, 6), dtype=np.int8)
+    got, lib = _tvm(path, {"a": a, "b": b})
+    regs = _int_regions(lib)
+    assert [r["spec"] for r in regs] == ["matmul(int8[3, 10, 40], int8[3, 40, 6]) -> int32[3, 10, 6]"], \
+        lib.report.text()
+    assert any(c["op"] == "relax.dequantize" for c in lib.report.cpu_ops), lib.report.text()
+    want = ((a.astype(np.int64) - 128) @ b.astype(np.int64)) * (np.float64(sa) * np.float64(sb))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -39,6 +39,11 @@ regions pass the 8-bit tensor on (the digits QDQ model's pools run as int8 QPU p
 round trip. An activation zero point makes the operand ``x - zx``: the backend stores it in the
 narrowest dtype holding its range (``uint8 - 128`` -> int8, ``int8 + 128`` -> uint8, otherwise int16).
 
+A matmul of two *run-time* quantized operands (attention's Q K^T and P V: ``matmul(dequantize(a),
+[permute_dims](dequantize(b)))``, no constant weight) becomes an integer matmul of ``a - za`` and
+``b - zb`` as well (:func:`runtime_matmul`; per-tensor parameters), so its requantize fuses the same
+way; ``permute_dims`` joins the pass-through ops, so the head split and the K transpose move int8.
+
 A chain is left in float (on the CPU, or on the QPU as a float kernel) when the integer form would
 not be exact; each decision, with its reason, is returned and ends up in the partition report:
 scales that are not finite and positive, a per-axis scale on an axis other than the output channel,
@@ -277,6 +282,11 @@ def _reshape_on(p, q):
     return relax.op.reshape(q, p.args[1])
 
 
+def _permute_on(p, q):
+    from tvm import relax
+    return relax.op.permute_dims(q, P._ints(P._attr(p, "axes")) or None)
+
+
 #: ops that commute with dequantize / quantize of one (positive, per-tensor) scale and zero point:
 #: ``quantize(op(dequantize(q, s, z)), s, z) == op(q)`` exactly. op name -> (extra pattern args,
 #: rebuild(original call, integer input)). max_pool2d: dequantize is increasing (s > 0) so it commutes
@@ -284,6 +294,7 @@ def _reshape_on(p, q):
 INT_PASSTHROUGH = {
     "relax.nn.max_pool2d": (0, _max_pool_on),
     "relax.reshape": (1, _reshape_on),
+    "relax.permute_dims": (0, _permute_on),     # attention's head split / K transpose: moves values
 }
 
 
@@ -313,6 +324,98 @@ def _rewrite_passthrough(func, decisions):
     return func
 
 
+# ---------------------------------------------------------------------------------------------
+# matmuls of two run-time quantized operands (attention's Q K^T and P V)
+
+def _runtime_operand(dq, what):
+    """(int8 / uint8 / int16 expr, scalar scale, scalar zero point, max |q - z|) of a
+    ``dequantize`` of a run-time tensor with per-tensor parameters (raises _Keep)."""
+    q, s, z, _ = _dq_parts(dq, what)
+    if P.is_constant(q):
+        raise _Keep(f"{what} is a constant (the weight rewrite handles it)")
+    if P.dtype_of(q) not in QUANT_DTYPES:
+        raise _Keep(f"{what} dtype {P.dtype_of(q)}")
+    s = float(_scalar(s, f"{what} scale"))
+    z = int(_scalar(z, f"{what} zero point"))
+    info = np.iinfo(P.dtype_of(q))
+    return q, s, z, max(abs(int(info.min) - z), abs(int(info.max) - z))
+
+
+def _int_minus_zp(q, z):
+    from tvm import relax
+    x = relax.op.astype(q, "int32")
+    return relax.op.subtract(x, relax.const(np.int32(z))) if z else x
+
+
+def runtime_matmul(a_dq, b_dq, b_perm=None):
+    """``matmul(dequantize(a, sa, za), [permute_dims](dequantize(b, sb, zb)))`` with both ``a`` and
+    ``b`` computed at run time (attention's Q K^T and P V) as an integer matmul:
+
+        acc = matmul(int32(a) - za, int32([permute_dims](b)) - zb, out_dtype=int32)      (exact)
+        y   = dequantize(acc, float32(sa * sb), 0)
+
+    ``float32(acc) * float32(sa * sb)`` equals the float matmul of the dequantized operands up to
+    float rounding (the float sum rounds each product; the integer sum is exact). When a
+    ``quantize`` follows, :func:`rewrite_requant` folds ``y`` into the kernel's requantize epilogue
+    (``m = float32(sa * sb) / sy``, ORT's QLinearMatMul multiplier). The backend then stores each
+    operand ``q - z`` in the narrowest dtype holding its range (int8 / uint8 / int16), read by the
+    QPU's run-time B stream; a transposed B is transposed on the CPU as the 8-bit tensor (the
+    qpu matmul pattern folds a transpose only of an operand without a cast). Per-tensor
+    parameters only (per-axis activation scales: _Keep).
+    Returns (expr, reason)."""
+    import tvm
+    from tvm import relax
+    aq, sa, za, amax = _runtime_operand(a_dq, "A")
+    bq, sb, zb, bmax = _runtime_operand(b_dq, "B")
+    k = int(P.shape_of(a_dq)[-1])
+    if k * amax * bmax > INT32_MAX:
+        raise _Keep(f"int32 accumulator could overflow (K={k}: {k} x {amax} x {bmax} > 2^31 - 1)")
+    a_dt, b_dt = P.dtype_of(aq), P.dtype_of(bq)
+    if b_perm is not None:                       # transpose the 8-bit tensor (moves a quarter of the bytes)
+        bq = relax.op.permute_dims(bq, P._ints(P._attr(b_perm, "axes")) or None)
+    acc = relax.op.matmul(_int_minus_zp(aq, za), _int_minus_zp(bq, zb), out_dtype="int32")
+    scale = np.float32(np.float32(sa) * np.float32(sb))
+    y = relax.op.dequantize(acc, relax.const(tvm.runtime.tensor(np.asarray(scale, np.float32).reshape(()))),
+                            relax.const(np.int32(0)), axis=-1, out_dtype="float32")
+
+    def zp(z):
+        return f" - {z}" if z > 0 else f" + {-z}" if z else ""
+
+    why = (f"run-time {a_dt}{zp(za)} x run-time {b_dt}{zp(zb)}"
+           f"{' (transposed)' if b_perm is not None else ''} -> int32, per-tensor requantize")
+    return y, why
+
+
+def _rewrite_runtime_matmuls(func, decisions):
+    """Every float ``matmul`` of two dequantized run-time tensors becomes :func:`runtime_matmul`
+    (decisions appended; an operand that is not such a dequantize leaves the matmul as it is)."""
+    from tvm.relax import dpl
+
+    def dq():
+        return dpl.is_op("relax.dequantize")(dpl.wildcard(), dpl.is_const(), dpl.is_const())
+
+    a_dq, b_dq = dq(), dq()
+    b_perm = dpl.is_op("relax.permute_dims")(b_dq)
+    root = dpl.is_op("relax.matmul")(a_dq, b_dq | b_perm)
+
+    def rewrite(call, m):
+        if P.dtype_of(call) != "float32" or P.is_constant(m[a_dq].args[0]) or P.is_constant(m[b_dq].args[0]):
+            return call
+        try:
+            new, why = runtime_matmul(m[a_dq], m[b_dq], m[b_perm] if b_perm in m else None)
+        except _Keep as e:
+            decisions.append(QdqDecision(_name(call), P.op_name(call), False, str(e)))
+            return call
+        except Exception as e:   # never crash the import: an unexpected form stays float
+            decisions.append(QdqDecision(_name(call), P.op_name(call), False,
+                                         f"check failed ({type(e).__name__}: {e})"))
+            return call
+        decisions.append(QdqDecision(_name(call), P.op_name(call), True, why))
+        return new
+
+    return dpl.rewrite_call(root, rewrite, func)
+
+
 def rewrite_qdq(func):
     """Rewrite the QDQ chains of a Relax function (see module docstring).
 
@@ -337,6 +440,7 @@ def rewrite_qdq(func):
             decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
             return new
         func = dpl.rewrite_call(root, rewrite, func)
+    func = _rewrite_runtime_matmuls(func, decisions)
     if decisions:
         func = unique_names(func)
     return func, _dedupe(decisions)

@@ -395,8 +395,8 @@ def supports(spec) -> tuple:
         return False, f"dtypes {s.dtype} x {s.w_dtype} (float32, or integer data and weights)"
     if s.requant is not None and not s.is_int:
         return False, "requantize epilogue on a float convolution"
-    if s.requant is not None and s.depthwise:
-        return False, "requantize epilogue of a depthwise convolution (int32 output, requantize on the CPU)"
+    if s.requant is not None and s.depthwise and depthwise.try_shape(s) is None:
+        return False, "requantize epilogue of a depthwise convolution the depthwise kernel does not take"
     want = s.out_dtype
     if str(spec.output[1]) != want:
         return False, f"output dtype {spec.output[1]} (the kernel produces {want})"
@@ -423,7 +423,8 @@ def generate(spec, constants: dict):
     s = shape_from_spec(spec)
     dws = depthwise.try_shape(s)
     if dws is not None:
-        return depthwise.plan_depthwise(dws, constants["weight"], constants.get("bias") if s.bias else None)
+        return depthwise.plan_depthwise(dws, constants["weight"], constants.get("bias") if s.bias else None,
+                                        scale=requant_constants(spec).get("scale"))
     return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None,
                      spec.attrs.get("a_stream"), requant_constants(spec).get("scale"))
 
