@@ -75,6 +75,55 @@ def config_word(dtypes) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# Packed low-bit weights (4 / 2 bits)
+# ------------------------------------------------------------------------------------------------
+#: bits per packed weight -> {signed: value range}; a 32-bit word holds 32 // bits values
+PACKED_BITS = {4: {True: (-8, 7), False: (0, 15)}, 2: {True: (-2, 1), False: (0, 3)}}
+#: spec dtypes naming packed weights directly -> (bits, signed) (else int8 / uint8 + "weight_bits")
+PACKED_DTYPES = {"int4": (4, True), "uint4": (4, False), "int2": (2, True), "uint2": (2, False)}
+
+
+def packed_range(bits: int, signed: bool) -> tuple:
+    """(lo, hi) of a packed weight value; ValueError for a width other than 4 or 2."""
+    if bits not in PACKED_BITS:
+        raise ValueError(f"weight_bits {bits!r}: packed weights are 4 or 2 bits")
+    return PACKED_BITS[bits][bool(signed)]
+
+
+def check_packed_values(w: np.ndarray, bits: int, signed: bool, what: str = "weights") -> np.ndarray:
+    """``w`` as int64 after checking every value lies in the packed range (never truncated)."""
+    lo, hi = packed_range(bits, signed)
+    w = np.asarray(w)
+    if w.dtype.kind not in "iub":
+        raise ValueError(f"{bits}-bit {what} must be integers, got {w.dtype}")
+    w = w.astype(np.int64)
+    if w.size and (w.min() < lo or w.max() > hi):
+        bad = w[(w < lo) | (w > hi)]
+        raise ValueError(f"{what}: {bad.size} value(s) outside the {'' if signed else 'u'}int{bits} range "
+                         f"[{lo}, {hi}] (e.g. {int(bad.reshape(-1)[0])}); refusing to truncate")
+    return w
+
+
+def pack_weights(w: np.ndarray, bits: int, signed: bool, rows: int, lanes: int) -> np.ndarray:
+    """Pack ``w[k, n]`` (values checked by :func:`check_packed_values`) into uint32 words
+    ``P[rows, lanes]``: word ``P[q, n]`` holds ``w[q G + p, n]`` (G = 32 // bits) in bits
+    ``[32 - bits (p + 1), 32 - bits p)``, k-step p = 0 in the top bits (two's complement for
+    signed values); k >= K and n >= N are zeros. The kernel extracts the top field with one
+    ``asr`` (signed) / ``shr`` (unsigned) by ``32 - bits`` and moves the next one up with ``shl``
+    by ``bits``."""
+    w = check_packed_values(w, bits, signed)
+    K, N = w.shape
+    G = 32 // bits
+    if rows * G < K or lanes < N:
+        raise ValueError(f"packed layout {rows} x {lanes} words cannot hold {K} x {N} weights")
+    full = np.zeros((rows * G, lanes), np.uint64)
+    full[:K, :N] = (w & ((1 << bits) - 1)).astype(np.uint64)
+    full = full.reshape(rows, G, lanes)
+    shifts = (32 - bits * (np.arange(G, dtype=np.uint64) + 1)).reshape(1, G, 1)
+    return np.bitwise_or.reduce(full << shifts, axis=1).astype(np.uint32)
+
+
+# ------------------------------------------------------------------------------------------------
 # Problem and tiling
 # ------------------------------------------------------------------------------------------------
 #: 8-bit output dtypes of the requantize epilogue -> (qmin, qmax)
@@ -166,6 +215,24 @@ class GemmShape:
     #: load (configured together with the B row's), so int8 weights move a quarter of the bytes.
     #: None: 32-bit panel words (the "unifa" stream's uniforms are always 32-bit)
     a_panel_dtype: str | None = None
+    #: packed constant B (a dense layer's weights): bits per weight value (4 or 2; None: the
+    #: width of ``b_dtype``). ``b_dtype`` (int8 / uint8) says whether the values are signed; the
+    #: plan packs them (:func:`pack_weights`, :data:`PACKED_BITS`) and the K loop unpacks them in
+    #: registers
+    b_bits: int | None = None
+
+    @property
+    def b_packed(self) -> bool:
+        return self.b_bits is not None
+
+    @property
+    def b_group(self) -> int:
+        """k-steps per B lookup: 32 // b_bits values of consecutive k-steps per packed word."""
+        return 32 // self.b_bits if self.b_packed else 1
+
+    @property
+    def b_signed(self) -> bool:
+        return self.b_dtype != "uint8"
 
     @property
     def is_int(self) -> bool:
@@ -190,7 +257,7 @@ class GemmShape:
     @property
     def kstep_config(self) -> bool:
         """Each k-step's lookups need a TMU config write (an 8/16-bit B row or A column)."""
-        return self.b_dtype in SMALL_INT or self.a_panel_dtype is not None
+        return (self.b_dtype in SMALL_INT and not self.b_packed) or self.a_panel_dtype is not None
 
     @property
     def scale_lookup(self) -> bool:
@@ -241,11 +308,12 @@ def _worker_grid(MT: int, NT: int, W: int):
 
 def _registers_needed(s: GemmShape, R: int, U: int, PF: int, rq_regs: bool = False) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
-    base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
+    F = U // s.b_group                                      # B lookups per block
+    base = 24 + (1 if F < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
         + (1 if s.kstep_config else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0) \
-        + _requant_registers(s, rq_regs)
-    return base + extra + U + 5 + R
+        + _requant_registers(s, rq_regs) + (3 if s.b_packed else 0)
+    return base + extra + F + 5 + R
 
 
 def _requant_registers(s: GemmShape, rq_regs: bool = False) -> int:
@@ -278,9 +346,50 @@ def ring_size(U: int) -> int:
     return next(p for p in range(2, U + 1) if U % p == 0)
 
 
+def b_fetches(s: GemmShape, t: GemmTiling) -> int:
+    """B lookups per K-loop block: U (one B row per k-step), or U / b_group packed words."""
+    return t.U // s.b_group
+
+
+def check_packed_shape(s: GemmShape):
+    """Refuse packed B where the kernel has no packed path (ValueError with the reason)."""
+    packed_range(s.b_bits, s.b_signed)
+    if s.b_dtype not in ("int8", "uint8"):
+        raise ValueError(f"packed {s.b_bits}-bit weights are given as int8 / uint8 values, not {s.b_dtype}")
+    if s.a_dtype not in SMALL_INT:
+        raise ValueError(f"packed weights need 8/16-bit integer activations, not {s.a_dtype}")
+    if s.a_stream != "unifa" or s.b_table or s.b_block is not None:
+        raise ValueError("packed B weights run in the unifa A-stream variant of a plain GEMM only")
+
+
+def _choose_tiling_packed(s: GemmShape) -> GemmTiling:
+    """Tiling of a packed-B GEMM: a block is F packed words (F in 1, 2, 4: U = F G k-steps, K
+    padded to whole blocks with zero weights), PF words in flight (all of the thread's TMU FIFO
+    beside the tile's bias / scale lookups: a word feeds G k-steps, so few words cover the
+    round trip)."""
+    check_packed_shape(s)
+    G = s.b_group
+    words = -(-s.K // G)
+    F = 1 if words <= 1 else 2 if words == 2 else 4
+    bias_words = (1 if s.bias and s.bias_axis != "m" else 0) + (1 if s.scale_lookup else 0)
+    PF = TMU_FIFO_WORDS - bias_words
+    R = min(16, s.M)
+    while F > 1 and _registers_needed(s, R, F * G, PF) > 64:
+        F //= 2
+    while _registers_needed(s, R, F * G, PF) > 64:
+        R -= 1
+    U = F * G
+    Kpad = -(-s.K // U) * U
+    MT, NT = -(-s.M // R), -(-s.N // 16)
+    Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
+    return GemmTiling(R, U, PF, Kpad, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
+
+
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     if s.a_stream not in A_STREAMS:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
+    if s.b_packed:
+        return _choose_tiling_packed(s)
     if s.a_panel_dtype is not None and (s.a_stream != "tmu" or s.a_panel_dtype not in SMALL_INT
                                         or s.a_dtype != s.a_panel_dtype):
         raise ValueError(f"an {s.a_panel_dtype} A panel needs the tmu A stream and {s.a_panel_dtype} A")
@@ -342,7 +451,8 @@ class GemmRegs:
                      "c_nstep", "crs", "mt", "nt", "mrem", "mrem_step",
                      "nrem", "nrem_step", "kblocks", "bp", "cp", "cnt", "tq", "nb", "nc", "nn"):
             setattr(self, name, p.take())
-        self.bks = p.take() if t.U < t.PF else None      # prologue row walk (else via off[])
+        F = b_fetches(s, t)
+        self.bks = p.take() if F < t.PF else None        # prologue row walk (else via off[])
         self.bias_ptr = p.take() if s.bias else None    # n-axis: per worker; m-axis: per m-tile
         self.nbias = p.take() if s.bias else None       # n-axis: per n-tile; m-axis: m step
         self.bzb = p.take() if s.b_table else None      # B data base of this batch entry
@@ -363,7 +473,9 @@ class GemmRegs:
                 self.rq_sptr, self.rq_ns, self.rq_sv = p.take(3)   # worker base, tile pointer, vector
         # column step of the 4-byte per-column vectors (the C step when outputs are 4-byte)
         self.vstep = p.take() if s.vec_n and s.out_es != 4 else None
-        self.off = p.take(t.U)
+        self.off = p.take(F)
+        # packed B: the current word (next value in its top bits), the shl / extract amounts
+        self.bw, self.csh, self.cext = p.take(3) if s.b_packed else (None, None, None)
         self.t = p.take(2)
         self.ab = p.take(2)
         self.bv = p.take()
@@ -403,6 +515,10 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     if s.b_table:                               # B lane bases come from the table b_name + "_table"
         b_ls, b_bs = 4, 0
         b_addr = ("addr", b_name + "_table", 0)
+    elif s.b_packed:                            # packed words: lane n reads column n of a word row
+        rows, lanes = packed_b_layout(s, t)
+        b_ls, b_bs = 4, (rows * lanes * 4 if s.b_bstride else 0)
+        b_addr = ("addr", b_name, 0)
     else:
         b_ls = s.K * es_b if s.transpose_b else es_b
         b_bs = s.b_bstride * es_b
@@ -412,7 +528,8 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
          b_addr, ("u32", b_bs), ("u32", b_ls), ("u32", b_tile), ("u32", t.Wn * b_tile)]
     if s.b_table:
         u += [("addr", b_name, 0), ("u32", s.b_bstride * es_b)]
-    u += ([("u32", bks_u // t.U)] if t.U < t.PF else []) + [("u32", bks_u),
+    F = b_fetches(s, t)
+    u += ([("u32", bks_u // F)] if F < t.PF else []) + [("u32", bks_u),
           ("addr", c_name, mt0 * c_tile), ("u32", ws.M * ws.N * oes), ("u32", c_tile), ("u32", t.Wm * c_tile),
           ("u32", t.Wn * 16 * oes), ("u32", s.N * oes)]
     if s.bias and s.bias_axis == "n":
@@ -427,8 +544,10 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         u += [(kind, s.activation[1]), (kind, s.activation[2])]
     if s.kstep_config:
         u.append(("u32", kstep_config_word(s)))
-    for j in range(t.U):        # issue at k-step j fetches k-step j + PF; bp already advanced
-        q, r = divmod(j + t.PF, t.U)
+    if s.b_packed:                              # shl to the next field, extract the top field
+        u += [("u32", s.b_bits), ("u32", 32 - s.b_bits)]
+    for j in range(F):          # lookup j of a block fetches lookup j + PF; bp already advanced
+        q, r = divmod(j + t.PF, F)
         u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
     if s.bias and s.bias_axis == "m":
         u += [("addr", bias_name, mt0 * t.R * 4), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
@@ -510,10 +629,20 @@ def kstep_config_word(s: GemmShape) -> int:
     return 0xFFFF0000 | (a << 8) | b
 
 
+def packed_b_layout(s: GemmShape, t: GemmTiling) -> tuple:
+    """(word rows, lanes) of one batch entry of packed B (:func:`pack_weights`): Kpad / G rows
+    + PF zero rows the prefetch reads past the end, NT * 16 columns (16 lanes: one 64-byte line
+    per lookup)."""
+    return t.Kpad // s.b_group + t.PF, t.NT * 16
+
+
 def block_offsets(s: GemmShape, t: GemmTiling):
     """(bytes a block of U k-steps advances B, byte offset of each k-step within a block)."""
     if s.b_block is not None:
         return int(s.b_block[0]), [int(v) for v in s.b_block[1]]
+    if s.b_packed:                              # F word rows per block
+        row = packed_b_layout(s, t)[1] * 4
+        return b_fetches(s, t) * row, [i * row for i in range(b_fetches(s, t))]
     es_b = ITEMSIZE[s.b_dtype]
     bks = es_b if s.transpose_b else s.N * es_b
     return t.U * bks, [i * bks for i in range(t.U)]
@@ -595,6 +724,9 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         nop(sig=ld(g.hi))
     if g.cfg1 is not None:
         nop(sig=ld(g.cfg1))
+    if g.bw is not None:
+        nop(sig=ld(g.csh))
+        nop(sig=ld(g.cext))
     for r in g.off:
         nop(sig=ld(r))
     if s.bias and s.bias_axis == "m":                       # bias + z * bs + wm * R * 4
@@ -708,6 +840,8 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     for j in range(U):
         if tmu_a:
             block += _kstep_tmu(s, t, g, j, mul, acc_add, small_b)
+        elif s.b_packed:
+            block += _kstep_packed(s, t, g, j)
         else:
             block += [_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b) for si in range(R + 1)]
     while len(block) < 4:
@@ -844,7 +978,8 @@ def _kstep_tmu(s, t, g, j, mul, acc_add, small_b):
 def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
     """Tile start of the "unifa" variant: bias, the A stream, B rows 0..PF-1 in flight."""
     R, PF = t.R, t.PF
-    small_b = s.b_dtype in SMALL_INT
+    small_b = s.kstep_config                                # 8/16-bit B rows (not packed words)
+    F = b_fetches(s, t)
     bias_m = s.bias and s.bias_axis == "m"
     prog = _current()
     unifa_pc = len(prog.items)
@@ -872,7 +1007,7 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
         elif g.bks is not None:
             mov(tmua, g.tq, sig=sig_for_next()).add(g.tq, g.tq, g.bks)
         else:                                               # row r = off[U - PF + r] past bp
-            add(tmua, g.bp, g.off[t.U - PF + row], sig=sig_for_next())
+            add(tmua, g.bp, g.off[F - PF + row], sig=sig_for_next())
         row += what == "row"
     while pending:
         sig = sig_for_next()
@@ -884,7 +1019,11 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
     while len(prog.items) - unifa_pc < 4:
         nop()
     nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0]
-    mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))             # B row 0
+    if s.b_packed:                                          # B word 0; k-step 0's value
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bw))
+        _unpack_op(s)(g.bv, g.bw, g.cext)
+    else:
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))         # B row 0
 
 
 def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
@@ -1035,6 +1174,48 @@ def _kstep_emitter(s, t, g, j, si, mul, acc_add, small_b):
     return emit
 
 
+def _unpack_op(s: GemmShape):
+    """The op extracting a packed word's top field: ``asr`` (signed values) or ``shr``."""
+    return A.DSL["asr" if s.b_signed else "shr"]
+
+
+def _kstep_packed(s, t, g, j):
+    """Emitters of k-step j of the loop block with packed B (:func:`pack_weights`). ``bv`` holds
+    this k-step's weights (one per lane), ``bw`` the packed word with the next k-step's value in
+    its top field. The R multiplies and their ``ldunifarf`` are the unpacked kernel's
+    (:func:`_kstep_emitter`); instruction 0's free add slot shifts the word (``shl bw, bits``),
+    and instruction R extracts the next value (``asr`` / ``shr`` by 32 - bits on the add ALU)
+    beside the last row's accumulation, moved to the mul ALU's ``add``. The word's last k-step
+    instead pops the next word and issues the lookup PF words ahead (the unpacked kernel's
+    instruction R), and one more instruction extracts the new word's first value: R + 1
+    instructions per k-step, + 1 per word of G = 32 / bits k-steps."""
+    R, G = t.R, s.b_group
+    q, last = divmod(j, G)[0], j % G == G - 1
+    ext = _unpack_op(s)
+    acc, tt = g.acc, g.t
+    out = []
+    for si in range(R + 1):
+        def emit(si=si):
+            if si < R:
+                nxt = g.ab[(si + 1) % 2] if si + 1 < R else g.ab[0]
+                sig = S["ldunifarf"](nxt)
+                if si >= 1:
+                    first = add(acc[si - 1], acc[si - 1], tt[(si - 1) % 2], sig=sig)
+                elif not last:
+                    first = shl(g.bw, g.bw, g.csh, sig=sig)
+                else:
+                    first = nop(sig=sig)
+                first.smul24(tt[si % 2], g.bv, g.ab[si % 2])
+            elif not last:
+                ext(g.bv, g.bw, g.cext).add(acc[R - 1], acc[R - 1], tt[(R - 1) % 2])
+            else:
+                add(acc[R - 1], acc[R - 1], tt[(R - 1) % 2], sig=S["ldtmu"](g.bw)).add(tmua, g.bp, g.off[q])
+        out.append(emit)
+    if last:
+        out.append(lambda: ext(g.bv, g.bw, g.cext))
+    return out
+
+
 def _activation(s: GemmShape, g: GemmRegs, R: int):
     act = s.activation
     if act is None:
@@ -1155,11 +1336,16 @@ def needs_pack(s: GemmShape, t: GemmTiling) -> bool:
 def check_limits(s: GemmShape, t: GemmTiling):
     """Refuse shapes whose strides the kernels' 24-bit multiplies cannot take."""
     es_b = ITEMSIZE[s.b_dtype]
+    if s.b_packed:                       # 4-byte words, lane-major rows (packed_b_layout)
+        rows, lanes = packed_b_layout(s, t)
+        b_lane16, b_batch = 64, rows * lanes * 4
+    else:
+        b_lane16, b_batch = 16 * (s.K * es_b if s.transpose_b else es_b), s.b_bstride * es_b
     spans = {"A panel tile": t.Kpad * t.R * s.a_panel_es,
-             "B lane stride x 16": 16 * (s.K * es_b if s.transpose_b else es_b),
+             "B lane stride x 16": b_lane16,
              "C tile": t.R * s.N * s.out_es, "A row": s.K * 4}
     if s.batch > 1:      # batch strides are multiplied by z; with one batch z = 0 and they are unused
-        spans.update({"A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4), "B batch": s.b_bstride * es_b,
+        spans.update({"A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4), "B batch": b_batch,
                       "C batch": s.M * s.N * s.out_es})
     for what, v in spans.items():
         if v >= UMUL24_LIMIT:
@@ -1240,7 +1426,13 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         return "weight" if name in constants else "input"
 
     bufs.append(BufferSpec(a_name, role(a_name), a_shape, s.a_dtype, a_span))
-    bufs.append(BufferSpec(b_name, role(b_name), b_shape, s.b_dtype, b_span))
+    if s.b_packed:                                          # the plan packs the constant weights
+        if b_name not in constants:
+            raise ValueError(f"packed {s.b_bits}-bit weights (weight_bits) must be the constant B operand")
+        out_consts[b_name] = pack_b(s, t, constants[b_name])
+        bufs.append(BufferSpec(b_name, "weight", out_consts[b_name].shape, "uint32"))
+    else:
+        bufs.append(BufferSpec(b_name, role(b_name), b_shape, s.b_dtype, b_span))
     if s.bias:
         bias_dtype = "int32" if s.is_int else "float32"
         bufs.append(BufferSpec(bias_name, "weight", (s.N,), bias_dtype, t.NT * 64 + 64))
@@ -1262,7 +1454,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         bufs.append(BufferSpec("scale", "weight", (pad,), "float32", pad * 4 + 64))
     bufs.append(BufferSpec(c_name, "output", c_shape, s.out_dtype))
     for name in (a_name, b_name):
-        if name in constants:
+        if name in constants and name not in out_consts:
             out_consts[name] = np.ascontiguousarray(np.asarray(constants[name]).astype(
                 s.a_dtype if name == a_name else s.b_dtype))
     launches = []
@@ -1291,6 +1483,8 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     return KernelPlan("gemm", bufs, launches, out_consts,
                       attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
+                             "b_bits": s.b_bits,
+                             "weight_dtype": packed_dtype_name(s) if s.b_packed else s.b_dtype,
                              "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__,
                              "out_dtype": s.out_dtype,
                              "requant": None if s.requant is None else s.requant.__dict__,
@@ -1298,7 +1492,38 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
                              # device checks the longest against its dispatch budget
                              "launch_seconds": launch_seconds},
                       flops=2 * s.batch * s.M * s.N * s.K,
-                      bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * s.out_es))
+                      bytes_moved=s.batch * (s.M * s.K * es_a + s.M * s.N * s.out_es) + b_bytes_moved(s, t))
+
+
+def packed_dtype_name(s: GemmShape) -> str:
+    """The packed weights' dtype as it runs on the QPU (``int4``, ``uint2``, ...)."""
+    return f"{'' if s.b_signed else 'u'}int{s.b_bits}"
+
+
+def b_bytes_moved(s: GemmShape, t: GemmTiling) -> int:
+    """Bytes of B the GEMM reads once: every batch entry's K x N values, or its packed words
+    (:func:`packed_b_layout` without the prefetch rows)."""
+    zb = s.batch if s.b_bstride else 1
+    if s.b_packed:
+        rows, lanes = packed_b_layout(s, t)
+        return max(zb, 1) * (rows - t.PF) * lanes * 4
+    return max(s.batch, 1) * s.K * s.N * ITEMSIZE[s.b_dtype]
+
+
+def pack_b(s: GemmShape, t: GemmTiling, b) -> np.ndarray:
+    """The constant B (``[K, N]``, ``[N, K]`` transposed, with a leading batch axis when B is
+    per batch entry; int8 / uint8 values in the packed range) as the kernel's packed words: one
+    :func:`pack_weights` layout per batch entry, + 16 words of the TMU's look-ahead."""
+    zb = s.batch if s.batch > 1 and s.b_bstride else 1
+    shape = (s.N, s.K) if s.transpose_b else (s.K, s.N)
+    b = np.asarray(b)
+    if b.size != zb * s.K * s.N:
+        raise ValueError(f"packed B: {b.size} values for {zb} x {shape}")
+    b = b.reshape((zb,) + shape)
+    rows, lanes = packed_b_layout(s, t)
+    words = [pack_weights(bz.T if s.transpose_b else bz, s.b_bits, s.b_signed, rows, lanes).reshape(-1)
+             for bz in b]
+    return np.concatenate(words + [np.zeros(16, np.uint32)])
 
 
 def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None, scale=None) -> np.ndarray:
@@ -1364,6 +1589,30 @@ def requant_constants(spec) -> dict:
     return {"scale": sc.astype(np.float32)}
 
 
+def weight_bits_of(attrs: dict, w_dtype: str) -> tuple:
+    """(bits, container dtype) of a spec's weights: ``attrs["weight_bits"]`` (4 or 2; absent:
+    unpacked) with int8 / uint8 weights (signedness from the dtype, or ``attrs
+    ["weight_signed"]`` which must agree), or a packed dtype name (``int4``, ``uint2``, ...:
+    :data:`PACKED_DTYPES`); (None, w_dtype) for unpacked weights. ValueError for anything else."""
+    bits = attrs.get("weight_bits")
+    if w_dtype in PACKED_DTYPES:
+        dbits, signed = PACKED_DTYPES[w_dtype]
+        if bits is not None and int(bits) != dbits:
+            raise ValueError(f"weight_bits {bits} contradicts the weight dtype {w_dtype}")
+        bits = dbits
+    elif bits is None:
+        return None, w_dtype
+    else:
+        if w_dtype not in ("int8", "uint8"):
+            raise ValueError(f"weight_bits {bits}: the weights must be int8 / uint8 values, not {w_dtype}")
+        signed = w_dtype == "int8"
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in PACKED_BITS:
+        raise ValueError(f"weight_bits {bits!r}: packed weights are 4 or 2 bits")
+    if "weight_signed" in attrs and bool(attrs["weight_signed"]) != signed:
+        raise ValueError(f"weight_signed={attrs['weight_signed']} contradicts the weight dtype {w_dtype}")
+    return int(bits), ("int8" if signed else "uint8")
+
+
 def shape_from_spec(spec, model=None) -> GemmShape:
     """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side). The
     A-stream variant is ``attrs["a_stream"]`` when given, else the one of the lowest estimate
@@ -1383,11 +1632,16 @@ def shape_from_spec(spec, model=None) -> GemmShape:
     if ab == bb and len(ash) > 2 and len(bsh) > 2 and tuple(ash[:-2]) != tuple(bsh[:-2]):
         raise ValueError("batch dimensions must match exactly")
     batch = max(ab, bb)
+    bits, bdt = weight_bits_of(spec.attrs, str(bdt))
     s = GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
                   spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
                   a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
                   b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None,
-                  requant=requant_from_attrs(spec.attrs, str(spec.output[1]), N, "n"))
+                  requant=requant_from_attrs(spec.attrs, str(spec.output[1]), N, "n"), b_bits=bits)
+    if bits is not None:                                    # packed weights: the unifa variant only
+        s = replace(s, a_stream=str(spec.attrs.get("a_stream", "unifa")))
+        check_packed_shape(s)
+        return s
     if "a_stream" in spec.attrs:
         return replace(s, a_stream=str(spec.attrs["a_stream"]))
     if s.a_dtype not in INT_DTYPES + FLOAT_DTYPES or s.b_dtype not in INT_DTYPES + FLOAT_DTYPES:
@@ -1429,6 +1683,8 @@ def generate(spec, constants: dict):
     # gives them ([.., M, K] with any number of batch dims, e.g. a 4-D MatMul), so the buffers
     # take the spec's shapes (same elements, same row-major order).
     for name, shape in (("A", spec.inputs[0][0]), ("B", spec.inputs[1][0]), ("C", spec.output[0])):
+        if name == "B" and s.b_packed:                      # the plan's own packed words
+            continue
         buf = plan.buffer(name)
         if int(np.prod(shape, dtype=np.int64)) != int(np.prod(buf.shape, dtype=np.int64)):
             raise ValueError(f"matmul {name}: spec shape {list(shape)} does not hold the kernel's "
@@ -1464,7 +1720,10 @@ def gemm_profile(s: GemmShape, t: GemmTiling, kernel=None) -> GemmProfile:
 
 
 def _b_lines_per_row(s: GemmShape, line: int) -> float:
-    """Distinct cache lines one 16-lane B lookup (one k-step) touches, on average."""
+    """Distinct cache lines one 16-lane B lookup touches per k-step, on average (packed B: one
+    aligned 64-byte word row per ``b_group`` k-steps)."""
+    if s.b_packed:
+        return math.ceil(64 / line) / s.b_group
     es = ITEMSIZE[s.b_dtype]
     if s.transpose_b:
         return 16.0
@@ -1496,6 +1755,9 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     es_b = ITEMSIZE[s.b_dtype]
     # distinct B data (a batch entry's B, or the input planes of a convolution) and A panel
     b_one = (s.b_bstride if s.b_bstride and (s.batch > 1 or s.b_table) else s.K * s.N) * es_b
+    G = s.b_group                            # k-steps per B lookup (packed words: 32 / bits)
+    if s.b_packed:                           # the packed words of one batch entry
+        b_one = b_bytes_moved(replace(s, batch=1), t)
     b_bytes = b_one * (Z if s.b_bstride else 1)
     pes = s.a_panel_es
     a_bytes = Z * t.MT * t.Kpad * t.R * pes if s.a_bstride else t.MT * t.Kpad * t.R * pes
@@ -1509,16 +1771,16 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     a_lines = t.R * pes / line                             # A values of a k-step, in lines
     tmu_lines = b_rows + (max(1.0, a_lines) if s.a_stream == "tmu" else 0.0)
     kstep_instr = pr.kloop / t.U
-    tmu_words = 16 * (2 if s.a_stream == "tmu" else 1)        # B row (+ A column) words
+    tmu_words = 16 / G + (16 if s.a_stream == "tmu" else 0)  # B row (+ A column) words
     kstep = max(kstep_instr * cpi,
                 (tmu_lines * m.tmu_cycles_per_line + tmu_words * m.tmu_cycles_per_word) * per_slice,
                 (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
-                round_trip(m, max(b_miss, a_miss if s.a_stream == "tmu" else 0.0)) / t.PF)
+                round_trip(m, max(b_miss, a_miss if s.a_stream == "tmu" else 0.0)) / (t.PF * G))
     if s.a_stream == "unifa":                # one line of A values per line / (4 R) k-steps
         per_line = line / 4.0 / t.R
         kstep = max(kstep, m.uniform_cycles_per_line * per_slice / per_line)
         kstep += stream_stall_per_line(m, per_line * kstep, a_miss) / per_line
-    start = round_trip(m, True) + dram_cycles(m, active * t.PF * b_rows * line * b_miss)
+    start = round_trip(m, True) + dram_cycles(m, active * t.PF * G * b_rows * line * b_miss)
     tile = pr.tile * cpi + t.Kpad * kstep + start
     # workgroups queue for the QPUs: the busiest QPU runs ceil(nwg / qpus) prologues and about
     # an even share of all tiles, at least one workgroup's tiles
