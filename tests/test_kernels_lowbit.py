@@ -1,0 +1,165 @@
+"""4-bit and 2-bit packed weights in the integer GEMM (and conv) kernels, on the emulator.
+
+The spec: weights are integers in the packed range (int4 [-8, 7], uint4 [0, 15], int2 [-2, 1],
+uint2 [0, 3]) handed to the plan as int8 / uint8 arrays; activations are int8 / uint8 / int16;
+``C = A @ B`` in exact integers (int64 here, wrapped to int32 like the 8-bit kernels), + bias,
+ReLU, or the requantize epilogue (QuantizeLinear of ``float32(acc) * float32(scale)``: round half to
+even, + zero point, saturate). Every expected value below is numpy on the unpacked values, written
+from that spec; nothing reuses the kernel's packing or reference code. Out-of-range weights must be
+refused (never truncated).
+"""
+import numpy as np
+import pytest
+
+from tvm_qpu.codegen import registry
+from tvm_qpu.codegen.kernels import gemm as G
+from tvm_qpu.codegen.plan import run_plan
+from tvm_qpu.codegen.registry import OpSpec
+
+#: (weight dtype as the QPU runs it) -> (container dtype, bits, lo, hi): the spec's ranges
+LOWBIT = {"int4": ("int8", 4, -8, 7), "uint4": ("uint8", 4, 0, 15),
+          "int2": ("int8", 2, -2, 1), "uint2": ("uint8", 2, 0, 3)}
+
+
+def _wrap32(x):
+    return ((np.asarray(x, np.int64) + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
+
+
+def _spec_requant(acc, scale, zp, lo, hi, dtype):
+    y = np.asarray(acc).astype(np.float32) * np.asarray(scale, np.float32)
+    return np.clip(np.rint(y.astype(np.float64)) + zp, lo, hi).astype(dtype)
+
+
+def _matmul_spec(M, N, K, wdt, a_dt="int8", batch=None, b_batched=False, transpose_b=False,
+                 bias=False, activation=None, requant=None, out_dt="int32", via_dtype=False):
+    """A matmul OpSpec with packed weights: ``weight_bits`` on an int8 / uint8 B (the default),
+    or (``via_dtype``) the packed dtype name itself as B's dtype."""
+    cdt, bits, _, _ = LOWBIT[wdt]
+    pre = (batch,) if batch else ()
+    bshape = (pre if b_batched else ()) + ((N, K) if transpose_b else (K, N))
+    attrs = {"transpose_b": transpose_b, "bias": bias, "activation": activation}
+    if not via_dtype:
+        attrs["weight_bits"] = bits
+    if requant is not None:
+        attrs["requant"] = requant
+    return OpSpec("matmul", [(pre + (M, K), a_dt), (bshape, wdt if via_dtype else cdt)], (pre + (M, N), out_dt), attrs)
+
+
+def _run_spec(dev, spec, a, consts):
+    ok, why = registry.supports(spec)
+    assert ok, why
+    plan = registry.generate(spec, consts)
+    out, _ = run_plan(plan, dev, A=a)
+    return np.asarray(out).reshape(spec.output[0]), plan
+
+
+def _weights(rng, wdt, shape):
+    cdt, _, lo, hi = LOWBIT[wdt]
+    w = rng.integers(lo, hi + 1, shape).astype(cdt)
+    w.reshape(-1)[:2] = (lo, hi)                             # both ends of the range occur
+    return w
+
+
+# (M, N, K): odd K (not a multiple of 8 or 16), N not a multiple of 16, one row (GEMV), > 16 rows
+SHAPES = [(1, 50, 131), (3, 20, 37), (17, 33, 70)]
+
+
+@pytest.mark.parametrize("wdt", list(LOWBIT))
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_packed_weights_match_numpy(dev, wdt, M, N, K):
+    rng = np.random.default_rng(M * 1000 + N + K)
+    a_dt = "uint8" if wdt == "int2" else "int8"               # both activation signs
+    a = rng.integers(0 if a_dt == "uint8" else -128, 128 if a_dt == "int8" else 256, (M, K)).astype(a_dt)
+    b = _weights(rng, wdt, (K, N))
+    out, plan = _run_spec(dev, _matmul_spec(M, N, K, wdt, a_dt), a, {"B": b})
+    np.testing.assert_array_equal(out, _wrap32(a.astype(np.int64) @ b.astype(np.int64)))
+    bits = LOWBIT[wdt][1]
+    assert plan.attrs["weight_dtype"] == wdt
+    # the weight buffer holds the packed words: K * N * bits / 8 bytes and padding (K to whole
+    # blocks, N to 16 lanes, the prefetch rows), not K * N bytes
+    t = plan.attrs["tiling"]
+    words = (t["Kpad"] * bits // 32 + t["PF"]) * t["NT"] * 16 + 16
+    assert plan.buffer("B").dtype == "uint32" and plan.buffer("B").nbytes == 4 * words
+
+
+def test_bias_relu_int16_activations_and_the_dtype_name_path(dev):
+    """Bias + ReLU on int16 activations, B declared as ``int4`` itself (no weight_bits attr)."""
+    M, N, K = 6, 19, 45
+    rng = np.random.default_rng(7)
+    a = rng.integers(-3000, 3000, (M, K)).astype(np.int16)
+    b = _weights(rng, "int4", (K, N))
+    bias = rng.integers(-20000, 20000, N).astype(np.int32)
+    spec = _matmul_spec(M, N, K, "int4", "int16", bias=True, activation="relu", via_dtype=True)
+    out, _ = _run_spec(dev, spec, a, {"B": b, "bias": bias})
+    np.testing.assert_array_equal(out, np.maximum(a.astype(np.int64) @ b.astype(np.int64) + bias, 0))
+
+
+@pytest.mark.parametrize("wdt,axis", [("int4", "n"), ("uint2", None)])
+def test_requantize_epilogue(dev, wdt, axis):
+    M, N, K = 9, 21, 77
+    rng = np.random.default_rng(11)
+    a = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    b = _weights(rng, wdt, (K, N))
+    bias = rng.integers(-500, 500, N).astype(np.int32)
+    sc = rng.uniform(2e-3, 6e-3, N if axis else 1).astype(np.float32)
+    rq = dict(scale=[float(v) for v in sc] if axis else float(sc[0]), zero_point=-5, lo=-128, hi=127)
+    spec = _matmul_spec(M, N, K, wdt, bias=True, requant=rq, out_dt="int8")
+    out, _ = _run_spec(dev, spec, a, {"B": b, "bias": bias})
+    acc = a.astype(np.int64) @ b.astype(np.int64) + bias
+    np.testing.assert_array_equal(out, _spec_requant(acc, sc if axis else sc[0], -5, -128, 127, "int8"))
+
+
+@pytest.mark.parametrize("b_batched,transpose_b", [(False, False), (True, True)])
+def test_batch(dev, b_batched, transpose_b):
+    """A batch of activations against one weight matrix (a dense layer over [batch, M, K]), and
+    one (transposed) weight matrix per batch entry."""
+    Z, M, N, K = 3, 5, 18, 39
+    rng = np.random.default_rng(13)
+    a = rng.integers(-128, 128, (Z, M, K)).astype(np.int8)
+    b = _weights(rng, "int2", ((Z,) if b_batched else ()) + ((N, K) if transpose_b else (K, N)))
+    spec = _matmul_spec(M, N, K, "int2", batch=Z, b_batched=b_batched, transpose_b=transpose_b)
+    out, _ = _run_spec(dev, spec, a, {"B": b})
+    bb = np.swapaxes(b, -1, -2) if transpose_b else b
+    np.testing.assert_array_equal(out, np.matmul(a.astype(np.int64), bb.astype(np.int64)))
+
+
+@pytest.mark.parametrize("wdt,bad", [("int4", 8), ("int4", -9), ("uint4", 16), ("uint4", -1),
+                                     ("int2", 2), ("int2", -3), ("uint2", 4)])
+def test_out_of_range_weights_are_refused(wdt, bad):
+    M, N, K = 2, 16, 40
+    b = np.zeros((K, N), np.int16)
+    b[7, 3] = bad
+    spec = _matmul_spec(M, N, K, wdt)
+    with pytest.raises(ValueError, match="outside the"):
+        registry.generate(spec, {"B": b})
+
+
+@pytest.mark.parametrize("attrs,dtypes,words", [
+    ({"weight_bits": 3}, ("int8", "int8"), "4 or 2 bits"),
+    ({"weight_bits": 4}, ("float32", "int8"), "integer activations"),
+    ({"weight_bits": 4}, ("int8", "int16"), "int8 / uint8"),
+    ({"weight_bits": 2}, ("int8", "int4"), "contradicts"),
+    ({"weight_bits": 4, "weight_signed": False}, ("int8", "int8"), "contradicts"),
+    ({"weight_bits": 4, "a_stream": "tmu"}, ("int8", "int8"), "unifa"),
+])
+def test_unsupported_packed_specs_are_refused_with_the_reason(attrs, dtypes, words):
+    spec = OpSpec("matmul", [((4, 40), dtypes[0]), ((40, 16), dtypes[1])], ((4, 16), "int32"), attrs)
+    ok, why = registry.supports(spec)
+    assert not ok and words in why, why
+
+
+def test_packed_weights_must_be_constant():
+    spec = _matmul_spec(4, 16, 40, "int4")
+    with pytest.raises(ValueError, match="constant"):
+        registry.generate(spec, {})
+
+
+def test_packing_layout_is_the_documented_one():
+    """docs/kernels.md: word (q, n) holds k = q G .. q G + G - 1 of column n, k = q G in the top
+    bits, two's complement fields; k past K and n past N are zero."""
+    w = np.array([1, -1, 2, -2, 3, -3, 4, -8, 7], np.int8).reshape(9, 1)
+    p = G.pack_weights(w, 4, True, 2, 16)
+    assert p.shape == (2, 16) and p.dtype == np.uint32
+    assert p[0, 0] == 0x1F2E3D48 and p[1, 0] == 0x70000000 and not p[:, 1:].any()
+    u = G.pack_weights(np.array([[3], [0], [1], [2]], np.uint8), 2, False, 1, 16)
+    assert u[0, 0] == 0b11_00_01_10 << 24
