@@ -220,6 +220,18 @@ class GemmShape:
     #: plan packs them (:func:`pack_weights`, :data:`PACKED_BITS`) and the K loop unpacks them in
     #: registers
     b_bits: int | None = None
+    #: packed compile-time A panel (a convolution's weights) in the "tmu" A stream: bits per value
+    #: (4 or 2; ``a_dtype`` int8 / uint8 says the sign). Each U-k-step block of a panel row is
+    #: ceil(U / G) words (:func:`pack_panel_block`); one lookup feeds G k-steps of R rows
+    a_bits: int | None = None
+
+    @property
+    def a_packed(self) -> bool:
+        return self.a_bits is not None
+
+    @property
+    def a_group(self) -> int:
+        return 32 // self.a_bits if self.a_packed else 1
 
     @property
     def b_packed(self) -> bool:
@@ -251,8 +263,12 @@ class GemmShape:
 
     @property
     def a_panel_es(self) -> int:
-        """Bytes per A panel element."""
+        """Bytes per A panel element (packed: per word)."""
         return 4 if self.a_panel_dtype is None else ITEMSIZE[self.a_panel_dtype]
+
+    def a_block_words(self, U: int) -> int:
+        """Packed A: words per panel row and U-k-step block (ceil(U / G))."""
+        return -(-U // self.a_group)
 
     @property
     def kstep_config(self) -> bool:
@@ -312,7 +328,7 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int, rq_regs: bool = Fal
     base = 24 + (1 if F < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
         + (1 if s.kstep_config else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0) \
-        + _requant_registers(s, rq_regs) + (3 if s.b_packed else 0)
+        + _requant_registers(s, rq_regs) + (3 if s.b_packed or s.a_packed else 0)
     return base + extra + F + 5 + R
 
 
@@ -344,6 +360,36 @@ def ring_size(U: int) -> int:
     if U < 2:
         raise ValueError("the tmu A-stream variant needs an unroll of at least 2 k-steps (K has no such factor)")
     return next(p for p in range(2, U + 1) if U % p == 0)
+
+
+#: rows per tile a packed A panel needs: the word pop, the unpack (two add-ALU ops) and the moved
+#: accumulations use the last rows of a k-step, after its lookups (:func:`_kstep_tmu_packed`)
+PACKED_A_MIN_ROWS = 6
+
+
+def _a_word_starts(s: GemmShape, U: int) -> list:
+    """Block-relative k-steps that start a packed A word."""
+    return list(range(0, U, s.a_group))
+
+
+def _packed_a_prefetch(s: GemmShape, U: int) -> int:
+    """B rows in flight with a packed A panel: the most whose window also holds its A words
+    (the words starting among those rows) and the tile's bias / scale lookups in the thread's
+    TMU FIFO share."""
+    starts = set(_a_word_starts(s, U))
+    bias_words = (1 if s.bias and s.bias_axis != "m" else 0) + (1 if s.scale_lookup else 0)
+    best = 1
+    for p in range(1, U + 1):
+        words = max(sum((r % U) in starts for r in range(q, q + p)) for q in range(U))
+        if p + words + bias_words <= TMU_FIFO_WORDS:
+            best = p
+    return best
+
+
+def _packed_a_drain(s: GemmShape, t: GemmTiling) -> int:
+    """A words fetched past the end of the K loop (starts among the PF - 1 rows past Kpad)."""
+    starts = set(_a_word_starts(s, t.U))
+    return sum((r % t.U) in starts for r in range(1, t.PF))
 
 
 def b_fetches(s: GemmShape, t: GemmTiling) -> int:
@@ -390,6 +436,12 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
     if s.b_packed:
         return _choose_tiling_packed(s)
+    if s.a_packed:
+        packed_range(s.a_bits, s.a_dtype != "uint8")
+        if s.a_stream != "tmu" or s.b_block is None or s.a_dtype not in ("int8", "uint8") \
+                or s.a_panel_dtype is not None or s.M < PACKED_A_MIN_ROWS:
+            raise ValueError("a packed A panel runs in the tmu A stream of a convolution with int8 / uint8 "
+                             f"weights and at least {PACKED_A_MIN_ROWS} output channels")
     if s.a_panel_dtype is not None and (s.a_stream != "tmu" or s.a_panel_dtype not in SMALL_INT
                                         or s.a_dtype != s.a_panel_dtype):
         raise ValueError(f"an {s.a_panel_dtype} A panel needs the tmu A stream and {s.a_panel_dtype} A")
@@ -407,8 +459,12 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         if s.a_stream == "tmu":
             ring_size(U)
         PF = min(PF, U)
+        if s.a_packed:
+            PF = _packed_a_prefetch(s, U)
         while _registers_needed(s, R, U, PF) > 64 and R > 1:
             R -= 1
+        if s.a_packed and R < PACKED_A_MIN_ROWS:
+            raise ValueError(f"a packed A panel needs {PACKED_A_MIN_ROWS} rows per tile (R = {R})")
         MT, NT = -(-s.M // R), -(-s.N // 16)
         Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
         return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
@@ -475,7 +531,8 @@ class GemmRegs:
         self.vstep = p.take() if s.vec_n and s.out_es != 4 else None
         self.off = p.take(F)
         # packed B: the current word (next value in its top bits), the shl / extract amounts
-        self.bw, self.csh, self.cext = p.take(3) if s.b_packed else (None, None, None)
+        # (packed A: ``bw`` is the A word of the k-step's lanes)
+        self.bw, self.csh, self.cext = p.take(3) if s.b_packed or s.a_packed else (None, None, None)
         self.t = p.take(2)
         self.ab = p.take(2)
         self.bv = p.take()
@@ -502,7 +559,7 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     ws, wt = whole if whole is not None else (s, t)
     es_b = ITEMSIZE[s.b_dtype]
     pes = s.a_panel_es
-    a_tile = t.Kpad * t.R * pes
+    a_tile = a_panel_tile_bytes(s, t)
     if s.a_bstride == 0:                        # A shared by every batch entry
         a_bs = 0
     elif a_name.endswith("_panel"):
@@ -544,8 +601,9 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         u += [(kind, s.activation[1]), (kind, s.activation[2])]
     if s.kstep_config:
         u.append(("u32", kstep_config_word(s)))
-    if s.b_packed:                              # shl to the next field, extract the top field
-        u += [("u32", s.b_bits), ("u32", 32 - s.b_bits)]
+    if s.b_packed or s.a_packed:                # shl to the next field, extract the top field
+        bits = s.b_bits or s.a_bits
+        u += [("u32", bits), ("u32", 32 - bits)]
     for j in range(F):          # lookup j of a block fetches lookup j + PF; bp already advanced
         q, r = divmod(j + t.PF, F)
         u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
@@ -627,6 +685,14 @@ def kstep_config_word(s: GemmShape) -> int:
         return 0xFFFFFF00 | b
     a = tmu_config(s.a_panel_dtype) if s.a_panel_dtype is not None else 0xFF
     return 0xFFFF0000 | (a << 8) | b
+
+
+def a_panel_tile_bytes(s: GemmShape, t: GemmTiling) -> int:
+    """Bytes of one m-tile of the A panel: Kpad k-steps of R values, or (packed) Kpad / U
+    blocks of ceil(U / G) words of R lanes."""
+    if s.a_packed:
+        return t.Kpad // t.U * s.a_block_words(t.U) * t.R * 4
+    return t.Kpad * t.R * s.a_panel_es
 
 
 def packed_b_layout(s: GemmShape, t: GemmTiling) -> tuple:
@@ -838,7 +904,9 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     # the counter (and the B pointer advance) get one instruction of their own per block
     block.append(lambda: sub(g.cnt, g.cnt, 1, cond="pushz").add(g.bp, g.bp, g.bks_u))
     for j in range(U):
-        if tmu_a:
+        if tmu_a and s.a_packed:
+            block += _kstep_tmu_packed(s, t, g, j, small_b)
+        elif tmu_a:
             block += _kstep_tmu(s, t, g, j, mul, acc_add, small_b)
         elif s.b_packed:
             block += _kstep_packed(s, t, g, j)
@@ -854,7 +922,8 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     if tmu_a:                                               # the last row's product
         acc_add(g.acc[R - 1], g.acc[R - 1], g.t[(R - 1) % 2])
     # drain what was fetched past the end: PF - 1 B rows (unifa), PF - 1 B rows and A columns (tmu)
-    for _ in range((2 if tmu_a else 1) * (PF - 1)):
+    drain = (PF - 1) + (_packed_a_drain(s, t) if s.a_packed else (PF - 1) if tmu_a else 0)
+    for _ in range(drain):
         nop(sig=S["ldtmu"](g.tq))
     if small_b:
         mov(tmuc, -1)                                       # stores: default 32-bit config bytes
@@ -922,11 +991,13 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
         mov(tmua, g.nbias)
     if s.scale_lookup:
         mov(tmua, _scale_ptr(g))
+    starts = _a_word_starts(s, t.U) if s.a_packed else range(PF)
     for r in range(PF):
         if small_b:
             mov(tmuc, g.cfg1)
         add(tmua, g.bp, g.off[t.U - PF + r])                # row r = off[U - PF + r] past bp
-        mov(tmua, g.ap).add(g.ap, g.ap, g.astep)
+        if r in starts:                                     # A column r (packed: the word it starts)
+            mov(tmua, g.ap).add(g.ap, g.ap, g.astep)
     if bias_m:
         while len(prog.items) - unifa_pc < 4:
             nop()
@@ -935,7 +1006,12 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
     _init_accumulators(s, R, g, bias_m)
     last = g.t[(R - 1) % 2]
     sub(last, last, last, sig=S["ldtmu"](g.bv))             # B row 0; no product before k = 0
-    mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))        # A column 0
+    if s.a_packed:                                          # A word 0: k-step 0's column
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bw))
+        _unpack_op_signed(s.a_dtype != "uint8")(g.avec[0], g.bw, g.cext)
+        shl(g.bw, g.bw, g.csh)
+    else:
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))    # A column 0
 
 
 def _kstep_tmu(s, t, g, j, mul, acc_add, small_b):
@@ -1175,8 +1251,61 @@ def _kstep_emitter(s, t, g, j, si, mul, acc_add, small_b):
 
 
 def _unpack_op(s: GemmShape):
-    """The op extracting a packed word's top field: ``asr`` (signed values) or ``shr``."""
-    return A.DSL["asr" if s.b_signed else "shr"]
+    """The op extracting a packed B word's top field: ``asr`` (signed values) or ``shr``."""
+    return _unpack_op_signed(s.b_signed)
+
+
+def _unpack_op_signed(signed: bool):
+    return A.DSL["asr" if signed else "shr"]
+
+
+def _kstep_tmu_packed(s, t, g, j, small_b):
+    """Emitters of k-step j of the "tmu" variant with a packed A panel. As :func:`_kstep_tmu`
+    (shuffle + multiply per row), but the A column is unpacked from ``bw``, the lanes' current
+    word (lane i: row m0 + i), whose top field is the next k-step's value: ``asr`` / ``shr`` into
+    the next column register, then ``shl`` to the following field, in the add slots of the
+    last two rows' multiply instructions; those rows' accumulations move to their shuffle
+    instructions' mul slot (the mul ALU's ``add``). A word is looked up with the B row of the
+    k-step that starts it (PF ahead) and popped after that B row, four and three rows before
+    the k-step ends (so the unpack that follows has it)."""
+    R, U, G, PF = t.R, t.U, s.a_group, t.PF
+    P = len(g.avec)
+    bvj, bvn = g.bvs[j % P], g.bvs[(j + 1) % P]
+    col, coln = g.avec[j % P], g.avec[(j + 1) % P]
+    starts = _a_word_starts(s, U)
+    issue_a = (j + PF) % U in starts                        # the B row fetched here starts a word
+    pop_a = (j + 1) % U in starts                           # k-step j + 1 starts a word
+    ext = _unpack_op_signed(s.a_dtype != "uint8")
+    fetch = ([lambda i: i.mov(tmuc, g.cfg1)] if small_b else []) + [
+        lambda i: i.add(tmua, g.bp, g.off[j])]              # B row k + PF
+    if issue_a:
+        fetch += [lambda i: i.mov(tmua, g.ap), lambda i: i.add(g.ap, g.ap, g.astep)]
+    assert len(fetch) <= R - 2, "PACKED_A_MIN_ROWS"
+    pops = {R - 4: bvn}
+    if pop_a:
+        pops[R - 3] = g.bw
+    moved = (R - 2, R - 1)                                  # rows whose add slot unpacks
+    out = []
+    for i in range(R):
+        def shuf(i=i, op=(fetch[i] if i < len(fetch) else None)):
+            ins = A.DSL["shuffle"](g.ab[i % 2], col, i)
+            if op is not None:
+                op(ins)
+            elif i in moved:                                # accumulate row i - 1 (mul ALU)
+                ins.add(g.acc[i - 1], g.acc[i - 1], g.t[(i - 1) % 2])
+
+        def mac(i=i):
+            sig = S["ldtmu"](pops[i]) if i in pops else None
+            if i == R - 2:
+                ins = ext(coln, g.bw, g.cext, sig=sig)
+            elif i == R - 1:
+                ins = shl(g.bw, g.bw, g.csh, sig=sig)
+            else:
+                prev = g.acc[i - 1] if i else g.acc[R - 1]
+                ins = add(prev, prev, g.t[(i - 1) % 2] if i else g.t[(R - 1) % 2], sig=sig)
+            ins.smul24(g.t[i % 2], bvj, g.ab[i % 2])
+        out += [shuf, mac]
+    return out
 
 
 def _kstep_packed(s, t, g, j):
@@ -1341,7 +1470,7 @@ def check_limits(s: GemmShape, t: GemmTiling):
         b_lane16, b_batch = 64, rows * lanes * 4
     else:
         b_lane16, b_batch = 16 * (s.K * es_b if s.transpose_b else es_b), s.b_bstride * es_b
-    spans = {"A panel tile": t.Kpad * t.R * s.a_panel_es,
+    spans = {"A panel tile": a_panel_tile_bytes(s, t),
              "B lane stride x 16": b_lane16,
              "C tile": t.R * s.N * s.out_es, "A row": s.K * 4}
     if s.batch > 1:      # batch strides are multiplied by z; with one batch z = 0 and they are unused
@@ -1760,18 +1889,20 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
         b_one = b_bytes_moved(replace(s, batch=1), t)
     b_bytes = b_one * (Z if s.b_bstride else 1)
     pes = s.a_panel_es
-    a_bytes = Z * t.MT * t.Kpad * t.R * pes if s.a_bstride else t.MT * t.Kpad * t.R * pes
+    a_bytes = (Z if s.a_bstride else 1) * t.MT * a_panel_tile_bytes(s, t)
+    # A lookups per k-step (packed A: one word of R lanes per G k-steps, ceil(U / G) per block)
+    a_per_k = s.a_block_words(t.U) / t.U if s.a_packed else 1.0
     b_passes = 1 if b_one <= m.l2_bytes else math.ceil(t.MT / t.Wm)
     a_passes = 1 if a_bytes <= m.l2_bytes else math.ceil(t.NT / t.Wn)
     b_rows = _b_lines_per_row(s, line)
     b_miss = miss_fraction(m, b_bytes * b_passes, Z * t.MT * t.NT * t.Kpad * b_rows)
-    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * t.R * pes / line)
+    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * a_per_k * t.R * pes / line)
     active = min(qpus, nwg)
     per_slice = min(max(1, m.qpus_per_slice), active)     # QPUs sharing a TMU / uniform cache
-    a_lines = t.R * pes / line                             # A values of a k-step, in lines
-    tmu_lines = b_rows + (max(1.0, a_lines) if s.a_stream == "tmu" else 0.0)
+    a_lines = a_per_k * t.R * pes / line                   # A values of a k-step, in lines
+    tmu_lines = b_rows + (a_per_k * max(1.0, t.R * pes / line) if s.a_stream == "tmu" else 0.0)
     kstep_instr = pr.kloop / t.U
-    tmu_words = 16 / G + (16 if s.a_stream == "tmu" else 0)  # B row (+ A column) words
+    tmu_words = 16 / G + (16 * a_per_k if s.a_stream == "tmu" else 0)  # B row (+ A column) words
     kstep = max(kstep_instr * cpi,
                 (tmu_lines * m.tmu_cycles_per_line + tmu_words * m.tmu_cycles_per_word) * per_slice,
                 (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
