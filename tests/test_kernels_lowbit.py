@@ -163,3 +163,99 @@ def test_packing_layout_is_the_documented_one():
     assert p[0, 0] == 0x1F2E3D48 and p[1, 0] == 0x70000000 and not p[:, 1:].any()
     u = G.pack_weights(np.array([[3], [0], [1], [2]], np.uint8), 2, False, 1, 16)
     assert u[0, 0] == 0b11_00_01_10 << 24
+
+
+# ---- convolution: the weights are the implicit GEMM's A panel ----------------------------------
+def _direct_conv(x, w, pad):
+    """int64 direct convolution (stride 1) of the unpacked values."""
+    n, c, h, wd = x.shape
+    oc, _, kh, kw = w.shape
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
+    out = np.zeros((n, oc, oh, ow), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + oh, j:j + ow], w[:, :, i, j].astype(np.int64))
+    return out
+
+
+def _conv_spec(x_shape, w_shape, pad, wdt, x_dt="int8", bias=False, activation=None, requant=None,
+               out_dt="int32", a_stream=None):
+    cdt, bits, _, _ = LOWBIT[wdt]
+    n, _, h, wd = x_shape
+    oc, _, kh, kw = w_shape
+    attrs = {"padding": (pad,) * 4, "bias": bias, "activation": activation, "weight_bits": bits}
+    if requant is not None:
+        attrs["requant"] = requant
+    if a_stream is not None:
+        attrs["a_stream"] = a_stream
+    return OpSpec("conv2d", [(x_shape, x_dt), (w_shape, cdt)],
+                  ((n, oc, h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1), out_dt), attrs)
+
+
+# (x shape, w shape, pad, weight dtype, data dtype): 3x3 blocks of 9 k-steps (int4: 2 words per
+# block row, the second holding one value), 1x1 blocks of 4 channels, 2 images, > 16 channels
+CONV_CASES = [((1, 5, 9, 7), (20, 5, 3, 3), 1, "int4", "int8"), ((2, 6, 6, 5), (7, 6, 1, 1), 0, "uint4", "uint8"),
+              ((1, 3, 8, 10), (9, 3, 3, 3), 0, "int2", "int16"), ((1, 4, 7, 7), (6, 4, 3, 3), 1, "uint2", "int8")]
+
+
+@pytest.mark.parametrize("xs,ws,pad,wdt,xdt", CONV_CASES)
+def test_conv_packed_panel_matches_numpy(dev, xs, ws, pad, wdt, xdt):
+    from tvm_qpu.codegen.kernels.conv import plan_conv, shape_from_spec
+    rng = np.random.default_rng(sum(xs) + sum(ws))
+    info = np.iinfo(xdt)
+    x = rng.integers(max(info.min, -300), min(info.max, 300) + 1, xs).astype(xdt)
+    w = _weights(rng, wdt, ws)
+    bias = rng.integers(-2000, 2000, ws[0]).astype(np.int32)
+    spec = _conv_spec(xs, ws, pad, wdt, xdt, bias=True, activation="relu")
+    assert registry.supports(spec)[0]
+    plan = plan_conv(shape_from_spec(spec), w, bias, "tmu", packed=True)     # forced: the packed panel
+    assert plan.attrs["weight_packed"] and plan.attrs["weight_dtype"] == wdt
+    out, _ = run_plan(plan, dev, data=x)
+    np.testing.assert_array_equal(out, np.maximum(_direct_conv(x, w, pad) + bias.reshape(1, -1, 1, 1), 0))
+
+
+def test_conv_packed_panel_requantize_per_channel(dev):
+    from tvm_qpu.codegen.kernels.conv import plan_conv, shape_from_spec
+    xs, ws = (1, 8, 8, 8), (18, 8, 3, 3)
+    rng = np.random.default_rng(3)
+    x = rng.integers(-128, 128, xs).astype(np.int8)
+    w = _weights(rng, "int4", ws)
+    sc = rng.uniform(1e-3, 4e-3, ws[0]).astype(np.float32)
+    rq = dict(scale=[float(v) for v in sc], zero_point=4, lo=-128, hi=127)
+    spec = _conv_spec(xs, ws, 1, "int4", requant=rq, out_dt="int8")
+    plan = plan_conv(shape_from_spec(spec), w, None, "tmu", scale=sc, packed=True)
+    out, _ = run_plan(plan, dev, data=x)
+    want = _spec_requant(_direct_conv(x, w, 1), sc.reshape(1, -1, 1, 1), 4, -128, 127, "int8")
+    np.testing.assert_array_equal(out, want)
+
+
+def test_conv_through_the_registry_chooses_by_estimate(dev):
+    """Low-bit conv weights run whichever panel the estimate picks (packed or not): same result."""
+    xs, ws = (1, 16, 10, 10), (8, 16, 3, 3)
+    rng = np.random.default_rng(4)
+    x = rng.integers(-128, 128, xs).astype(np.int8)
+    w = _weights(rng, "int2", ws)
+    spec = _conv_spec(xs, ws, 1, "int2")
+    plan = registry.generate(spec, {"weight": w})
+    out, _ = run_plan(plan, dev, data=x)
+    np.testing.assert_array_equal(out, _direct_conv(x, w, 1))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_conv_out_of_range_weights_are_refused(packed):
+    from tvm_qpu.codegen.kernels.conv import plan_conv, shape_from_spec
+    w = np.zeros((8, 4, 3, 3), np.int8)
+    w[5, 1, 2, 0] = 8
+    spec = _conv_spec((1, 4, 6, 6), w.shape, 0, "int4")
+    with pytest.raises(ValueError, match="outside the int4 range"):
+        plan_conv(shape_from_spec(spec), w, None, "tmu", packed=packed)
+
+
+def test_conv_packed_weights_refusals():
+    ok, why = registry.supports(OpSpec("conv2d", [((1, 4, 6, 6), "int8"), ((4, 1, 3, 3), "int8")], ((1, 4, 4, 4), "int32"),
+                                       {"groups": 4, "weight_bits": 4}))
+    assert not ok and "depthwise" in why
+    ok, why = registry.supports(OpSpec("conv2d", [((1, 4, 6, 6), "float32"), ((4, 4, 3, 3), "int8")], ((1, 4, 4, 4), "float32"),
+                                       {"weight_bits": 4}))
+    assert not ok and "integer data" in why

@@ -328,7 +328,7 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int, rq_regs: bool = Fal
     base = 24 + (1 if F < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
         + (1 if s.kstep_config else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0) \
-        + _requant_registers(s, rq_regs) + (3 if s.b_packed or s.a_packed else 0)
+        + _requant_registers(s, rq_regs) + (3 if s.b_packed else 1 if s.a_packed else 0)
     return base + extra + F + 5 + R
 
 
@@ -531,8 +531,11 @@ class GemmRegs:
         self.vstep = p.take() if s.vec_n and s.out_es != 4 else None
         self.off = p.take(F)
         # packed B: the current word (next value in its top bits), the shl / extract amounts
-        # (packed A: ``bw`` is the A word of the k-step's lanes)
-        self.bw, self.csh, self.cext = p.take(3) if s.b_packed or s.a_packed else (None, None, None)
+        # (packed A: ``bw`` is the A word of the k-step's lanes; its shifts are small immediates,
+        # its unpack instructions carry no signal)
+        self.bw, self.csh, self.cext = p.take(3) if s.b_packed else (None, None, None)
+        if s.a_packed:
+            self.bw = p.take()
         self.t = p.take(2)
         self.ab = p.take(2)
         self.bv = p.take()
@@ -601,9 +604,8 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         u += [(kind, s.activation[1]), (kind, s.activation[2])]
     if s.kstep_config:
         u.append(("u32", kstep_config_word(s)))
-    if s.b_packed or s.a_packed:                # shl to the next field, extract the top field
-        bits = s.b_bits or s.a_bits
-        u += [("u32", bits), ("u32", 32 - bits)]
+    if s.b_packed:                              # shl to the next field, extract the top field
+        u += [("u32", s.b_bits), ("u32", 32 - s.b_bits)]
     for j in range(F):          # lookup j of a block fetches lookup j + PF; bp already advanced
         q, r = divmod(j + t.PF, F)
         u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
@@ -790,7 +792,7 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         nop(sig=ld(g.hi))
     if g.cfg1 is not None:
         nop(sig=ld(g.cfg1))
-    if g.bw is not None:
+    if g.csh is not None:
         nop(sig=ld(g.csh))
         nop(sig=ld(g.cext))
     for r in g.off:
@@ -1008,8 +1010,8 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
     sub(last, last, last, sig=S["ldtmu"](g.bv))             # B row 0; no product before k = 0
     if s.a_packed:                                          # A word 0: k-step 0's column
         mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bw))
-        _unpack_op_signed(s.a_dtype != "uint8")(g.avec[0], g.bw, g.cext)
-        shl(g.bw, g.bw, g.csh)
+        _unpack_op_signed(s.a_dtype != "uint8")(g.avec[0], g.bw, -s.a_bits)   # by 32 - bits (mod 32)
+        shl(g.bw, g.bw, s.a_bits)
     else:
         mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))    # A column 0
 
@@ -1296,10 +1298,10 @@ def _kstep_tmu_packed(s, t, g, j, small_b):
 
         def mac(i=i):
             sig = S["ldtmu"](pops[i]) if i in pops else None
-            if i == R - 2:
-                ins = ext(coln, g.bw, g.cext, sig=sig)
+            if i == R - 2:                                  # shift amounts are taken mod 32
+                ins = ext(coln, g.bw, -s.a_bits, sig=sig)
             elif i == R - 1:
-                ins = shl(g.bw, g.bw, g.csh, sig=sig)
+                ins = shl(g.bw, g.bw, s.a_bits, sig=sig)
             else:
                 prev = g.acc[i - 1] if i else g.acc[R - 1]
                 ins = add(prev, prev, g.t[(i - 1) % 2] if i else g.t[(R - 1) % 2], sig=sig)
