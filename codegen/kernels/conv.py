@@ -328,8 +328,8 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
     lay = conv_layout(s)
     if a_stream is None and packed is None:
         g = choose_variant(s, lay)
-    elif a_stream is not None and packed is not None:
-        g = gemm_shape_of(s, lay, a_stream, packed)
+    elif a_stream is not None and (packed is not None or s.w_bits is None):
+        g = gemm_shape_of(s, lay, a_stream, bool(packed))  # its own refusal, with the reason
     else:
         g = choose_variant(s, lay, None, a_stream, packed)
     t = choose_tiling(g)
