@@ -49,6 +49,13 @@ def conv2d(N, C, H, W, OC, k, pad, dt="float32", groups=1, stride=1):
                   {"padding": (pad,) * 4, "strides": (stride, stride), "groups": groups}), {"weight": w}
 
 
+def lowbit_conv2d(N, C, H, W, OC, k, pad, bits):
+    """An int8 conv2d with ``bits``-bit weights (``weight_bits``: packed panel where it pays)."""
+    spec, consts = conv2d(N, C, H, W, OC, k, pad, "int8")
+    spec.attrs["weight_bits"] = bits
+    return spec, consts
+
+
 def depthwise(N, C, H, W, kh, kw, pad, stride=1, bias=False, activation=None):
     """A float32 depthwise conv2d (groups == C == OC: the depthwise kernel); ``pad`` is one value
     or (rows, columns)."""
@@ -138,6 +145,8 @@ SWEEP = [
     ("layer_norm", *layer_norm(16, 32)), ("layer_norm", *layer_norm(13, 200)),
     ("gemm", *lowbit_matmul(1, 1024, 1024, 4)), ("gemm", *lowbit_matmul(33, 70, 45, 4)),
     ("gemm", *lowbit_matmul(64, 64, 64, 2)), ("gemm", *lowbit_matmul(16, 32, 64, 2, batch=8)),
+    ("conv", *lowbit_conv2d(1, 64, 16, 16, 8, 3, 1, 2)),
+    ("conv", *tmu_variant(lowbit_conv2d(1, 32, 18, 18, 32, 3, 0, 4))),
 ]
 
 #: a bigger sweep (slow: run with --runslow)
