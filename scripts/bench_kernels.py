@@ -99,6 +99,8 @@ def lowbit_conv_case(n, c, h, w, oc, k, pad, bits, a_stream=None):
         spec.attrs["weight_bits"] = bits
     if a_stream:
         spec.attrs["a_stream"] = a_stream
+        if bits != 8:
+            spec.attrs["weight_packed"] = True               # the packed panel, not the int8 one
     lo, hi = WEIGHT_RANGES[bits]
     tag = f" ({a_stream} forced)" if a_stream else ""
     return ("conv2d", f"{n}x{c}x{h}x{w}->{oc} {k}x{k} pad{pad} w{bits}{tag}", "int8", spec,

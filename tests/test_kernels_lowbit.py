@@ -230,14 +230,19 @@ def test_conv_packed_panel_requantize_per_channel(dev):
     np.testing.assert_array_equal(out, want)
 
 
-def test_conv_through_the_registry_chooses_by_estimate(dev):
-    """Low-bit conv weights run whichever panel the estimate picks (packed or not): same result."""
+@pytest.mark.parametrize("packed", [None, True, False])
+def test_conv_through_the_registry(dev, packed):
+    """Low-bit conv weights run whichever panel the estimate picks (packed or not), or the one
+    ``attrs["weight_packed"]`` forces: the same result."""
     xs, ws = (1, 16, 10, 10), (8, 16, 3, 3)
     rng = np.random.default_rng(4)
     x = rng.integers(-128, 128, xs).astype(np.int8)
     w = _weights(rng, "int2", ws)
     spec = _conv_spec(xs, ws, 1, "int2")
+    if packed is not None:
+        spec.attrs["weight_packed"] = packed
     plan = registry.generate(spec, {"weight": w})
+    assert packed is None or plan.attrs["weight_packed"] == packed
     out, _ = run_plan(plan, dev, data=x)
     np.testing.assert_array_equal(out, _direct_conv(x, w, 1))
 

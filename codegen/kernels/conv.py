@@ -491,8 +491,10 @@ def generate(spec, constants: dict):
     dws = depthwise.try_shape(s)
     if dws is not None:
         return depthwise.plan_depthwise(dws, constants["weight"], constants.get("bias") if s.bias else None)
+    packed = spec.attrs.get("weight_packed")               # forces / forbids the packed panel
     return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None,
-                     spec.attrs.get("a_stream"), requant_constants(spec).get("scale"))
+                     spec.attrs.get("a_stream"), requant_constants(spec).get("scale"),
+                     None if packed is None else bool(packed))
 
 
 def pad_launch_cycles(s: ConvShape, model=None) -> float:
