@@ -31,6 +31,12 @@ TMU's sign- or zero-extending types, so int16 B rows move half the bytes of int3
 quarter; they are multiplied with ``smul24`` (the low 24 bits of each operand, signed) and summed
 in int32, wrapping modulo 2**32 like numpy's int32 arithmetic.
 
+Low-bit weights (``GemmShape.b_bits`` / ``a_bits``, 4 or 2): a constant B is packed by the plan
+into 32-bit words of G = 32 / bits consecutive k-steps per column (:func:`pack_weights`), one
+lookup per G k-steps, unpacked in registers with ``shl`` and ``asr`` / ``shr`` in ALU slots the
+8-bit kernel leaves free (:func:`_kstep_packed`); a convolution's packed A panel works the same
+way in the "tmu" A stream (:func:`_kstep_tmu_packed`). docs/kernels.md has the layouts and costs.
+
 Edges: any M, N, K. Lanes beyond N are masked on store; rows beyond M are never stored; K is
 padded to a multiple of ``U`` with zeros where that is exact (the padded products are 0 * 0).
 Workers: a ``Wn x Wm`` grid of workgroups (x, y) per batch entry (z), one QPU thread each; worker
@@ -1321,7 +1327,7 @@ def _kstep_packed(s, t, g, j):
     instruction R), and one more instruction extracts the new word's first value: R + 1
     instructions per k-step, + 1 per word of G = 32 / bits k-steps."""
     R, G = t.R, s.b_group
-    q, last = divmod(j, G)[0], j % G == G - 1
+    q, last = j // G, j % G == G - 1                        # word of the block; its last k-step?
     ext = _unpack_op(s)
     acc, tt = g.acc, g.t
     out = []
