@@ -264,3 +264,20 @@ def test_conv_packed_weights_refusals():
     ok, why = registry.supports(OpSpec("conv2d", [((1, 4, 6, 6), "float32"), ((4, 4, 3, 3), "int8")], ((1, 4, 4, 4), "float32"),
                                        {"weight_bits": 4}))
     assert not ok and "integer data" in why
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_packed_programs_pass_the_static_hazard_checker(bits):
+    """The packed K loops (GEMM B words, conv panel words) obey the ISA's static rules (the
+    emulator alone would not notice e.g. a signal beside a small immediate)."""
+    from tvm_qpu.codegen.hazards import check_program
+    from tvm_qpu.codegen.kernels.conv import ConvShape, plan_conv
+    plans = [G.plan_gemm(G.GemmShape(M, 33, 70, a_dtype="int8", b_dtype="int8", b_bits=bits, bias=True,
+                                     activation="relu"), {"B": np.zeros((70, 33), np.int8),
+                                                          "bias": np.zeros(33, np.int32)}) for M in (1, 5, 17)]
+    plans += [plan_conv(ConvShape(1, 5, 9, 7, oc, 3, 3, padding=(1,) * 4, dtype="int8", w_dtype="uint8",
+                                  w_bits=bits), np.zeros((oc, 5, 3, 3), np.uint8), None, "tmu", packed=True)
+              for oc in (6, 20)]
+    for plan in plans:
+        for launch in plan.launches:
+            assert check_program(launch.words) == [], (plan.kind, launch.name)
