@@ -281,3 +281,123 @@ def test_packed_programs_pass_the_static_hazard_checker(bits):
     for plan in plans:
         for launch in plan.launches:
             assert check_program(launch.words) == [], (plan.kind, launch.name)
+
+
+# ---- 8-bit weights packed four k-steps per word (int8 / uint8 B, ``b_bits`` 8) ------------------
+def _int8_spec(M, N, K, bdt, a_dt="int8", batch=None, b_batched=False, transpose_b=False, bias=False,
+               requant=None, out_dt="int32", packed=True):
+    """A matmul OpSpec with an int8 / uint8 constant B; ``packed`` -> ``attrs["weight_packed"]``
+    (True forces the packed words, False forbids them, None: the estimate chooses)."""
+    pre = (batch,) if batch else ()
+    bshape = (pre if b_batched else ()) + ((N, K) if transpose_b else (K, N))
+    attrs = {"transpose_b": transpose_b, "bias": bias}
+    if packed is not None:
+        attrs["weight_packed"] = packed
+    if requant is not None:
+        attrs["requant"] = requant
+    return OpSpec("matmul", [(pre + (M, K), a_dt), (bshape, bdt)], (pre + (M, N), out_dt), attrs)
+
+
+def _int8_weights(rng, bdt, shape):
+    info = np.iinfo(bdt)
+    w = rng.integers(info.min, info.max + 1, shape).astype(bdt)
+    w.reshape(-1)[:2] = (info.min, info.max)                 # both ends of the range occur
+    return w
+
+
+# GEMV, odd K (not a multiple of 4 or 16), N % 16 != 0, > 16 rows; both weight signs, int16 A
+INT8_CASES = [(1, 50, 131, "int8", "int8"), (1, 37, 7, "uint8", "int8"), (3, 20, 37, "uint8", "uint8"),
+              (17, 33, 70, "int8", "int16")]
+
+
+@pytest.mark.parametrize("M,N,K,bdt,a_dt", INT8_CASES)
+def test_packed_int8_weights_match_numpy(dev, M, N, K, bdt, a_dt):
+    rng = np.random.default_rng(M * 1000 + N + K)
+    info = np.iinfo(a_dt)
+    a = rng.integers(max(info.min, -3000), min(info.max, 3000) + 1, (M, K)).astype(a_dt)
+    b = _int8_weights(rng, bdt, (K, N))
+    out, plan = _run_spec(dev, _int8_spec(M, N, K, bdt, a_dt), a, {"B": b})
+    np.testing.assert_array_equal(out, _wrap32(a.astype(np.int64) @ b.astype(np.int64)))
+    assert plan.attrs["b_bits"] == 8 and plan.attrs["weight_dtype"] == bdt
+    t = plan.attrs["tiling"]                                 # four k-steps per uint32 word
+    assert plan.buffer("B").dtype == "uint32"
+    assert plan.buffer("B").nbytes == 4 * ((t["Kpad"] // 4 + t["PF"]) * t["NT"] * 16 + 16)
+
+
+@pytest.mark.parametrize("axis", ["n", None])
+def test_packed_int8_requantize(dev, axis):
+    M, N, K = 9, 21, 77
+    rng = np.random.default_rng(17)
+    a = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    b = _int8_weights(rng, "int8", (K, N))
+    bias = rng.integers(-5000, 5000, N).astype(np.int32)
+    sc = rng.uniform(2e-5, 6e-5, N if axis else 1).astype(np.float32)
+    rq = dict(scale=[float(v) for v in sc] if axis else float(sc[0]), zero_point=3, lo=-128, hi=127)
+    spec = _int8_spec(M, N, K, "int8", bias=True, requant=rq, out_dt="int8")
+    out, plan = _run_spec(dev, spec, a, {"B": b, "bias": bias})
+    assert plan.attrs["b_bits"] == 8
+    acc = a.astype(np.int64) @ b.astype(np.int64) + bias
+    np.testing.assert_array_equal(out, _spec_requant(acc, sc if axis else sc[0], 3, -128, 127, "int8"))
+
+
+@pytest.mark.parametrize("b_batched,transpose_b", [(False, False), (True, True)])
+def test_packed_int8_batch(dev, b_batched, transpose_b):
+    Z, M, N, K = 3, 5, 18, 39
+    rng = np.random.default_rng(19)
+    a = rng.integers(-128, 128, (Z, M, K)).astype(np.int8)
+    b = _int8_weights(rng, "uint8", ((Z,) if b_batched else ()) + ((N, K) if transpose_b else (K, N)))
+    spec = _int8_spec(M, N, K, "uint8", batch=Z, b_batched=b_batched, transpose_b=transpose_b)
+    out, plan = _run_spec(dev, spec, a, {"B": b})
+    assert plan.attrs["b_bits"] == 8
+    bb = np.swapaxes(b, -1, -2) if transpose_b else b
+    np.testing.assert_array_equal(out, np.matmul(a.astype(np.int64), bb.astype(np.int64)))
+
+
+def test_int8_packing_is_chosen_by_estimate_for_a_constant_b(dev):
+    """Unforced, a constant int8 B of a GEMV is packed (the estimate: lookups, not instructions,
+    bound the unpacked k-step), a B given at run time never is, and ``weight_packed=False``
+    forbids it; the results are the same."""
+    M, N, K = 1, 40, 300
+    rng = np.random.default_rng(23)
+    a = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    b = _int8_weights(rng, "int8", (K, N))
+    want = a.astype(np.int64) @ b.astype(np.int64)
+    s = G.GemmShape(M, N, K, a_dtype="int8", b_dtype="int8")
+    assert G.plan_cycles(G.packed_int8_candidate(s)) < G.plan_cycles(s)
+    for packed, bits in ((None, 8), (False, None)):
+        out, plan = _run_spec(dev, _int8_spec(M, N, K, "int8", packed=packed), a, {"B": b})
+        assert plan.attrs["b_bits"] == bits
+        np.testing.assert_array_equal(out, want)
+    plan = registry.generate(_int8_spec(M, N, K, "int8", packed=None), {})   # B at run time
+    assert plan.attrs["b_bits"] is None
+    out, _ = run_plan(plan, dev, A=a, B=b)
+    np.testing.assert_array_equal(np.asarray(out).reshape(M, N), want)
+
+
+def test_packed_int8_refusals():
+    spec = _int8_spec(4, 16, 40, "int8")
+    with pytest.raises(ValueError, match="constant"):            # forced packing of a run-time B
+        registry.generate(spec, {})
+    ok, why = registry.supports(_int8_spec(4, 16, 40, "int32"))
+    assert not ok and "int8 / uint8" in why
+    spec = _int8_spec(4, 16, 40, "int8")
+    spec.attrs["a_stream"] = "tmu"
+    ok, why = registry.supports(spec)
+    assert not ok and "unifa" in why
+
+
+def test_packed_int8_layout():
+    """Four k-steps per word, k = 4q in the top byte, two's complement bytes, zeros past K."""
+    w = np.array([1, -1, 127, -128, 5], np.int8).reshape(5, 1)
+    p = G.pack_weights(w, 8, True, 2, 16)
+    assert p[0, 0] == 0x01FF7F80 and p[1, 0] == 0x05000000 and not p[:, 1:].any()
+
+
+def test_packed_int8_programs_pass_the_static_hazard_checker():
+    from tvm_qpu.codegen.hazards import check_program
+    for M in (1, 5, 17):
+        plan = G.plan_gemm(G.GemmShape(M, 33, 70, a_dtype="int8", b_dtype="uint8", b_bits=8, bias=True,
+                                       activation="relu"), {"B": np.zeros((70, 33), np.uint8),
+                                                            "bias": np.zeros(33, np.int32)})
+        for launch in plan.launches:
+            assert check_program(launch.words) == [], launch.name

@@ -83,16 +83,21 @@ def config_word(dtypes) -> int:
 # ------------------------------------------------------------------------------------------------
 # Packed low-bit weights (4 / 2 bits)
 # ------------------------------------------------------------------------------------------------
-#: bits per packed weight -> {signed: value range}; a 32-bit word holds 32 // bits values
-PACKED_BITS = {4: {True: (-8, 7), False: (0, 15)}, 2: {True: (-2, 1), False: (0, 3)}}
+#: bits per packed weight -> {signed: value range}; a 32-bit word holds 32 // bits values. 8:
+#: int8 / uint8 B packed four k-steps per word (chosen by estimate for a constant B, or forced
+#: with ``attrs["weight_packed"]``; :func:`packed_int8_candidate`)
+PACKED_BITS = {8: {True: (-128, 127), False: (0, 255)}, 4: {True: (-8, 7), False: (0, 15)},
+               2: {True: (-2, 1), False: (0, 3)}}
+#: the widths a spec may declare with ``weight_bits`` / a packed dtype name (narrower than 8 bits)
+WEIGHT_BITS = (4, 2)
 #: spec dtypes naming packed weights directly -> (bits, signed) (else int8 / uint8 + "weight_bits")
 PACKED_DTYPES = {"int4": (4, True), "uint4": (4, False), "int2": (2, True), "uint2": (2, False)}
 
 
 def packed_range(bits: int, signed: bool) -> tuple:
-    """(lo, hi) of a packed weight value; ValueError for a width other than 4 or 2."""
+    """(lo, hi) of a packed weight value; ValueError for a width other than 8, 4 or 2."""
     if bits not in PACKED_BITS:
-        raise ValueError(f"weight_bits {bits!r}: packed weights are 4 or 2 bits")
+        raise ValueError(f"weight_bits {bits!r}: packed weights are 8, 4 or 2 bits")
     return PACKED_BITS[bits][bool(signed)]
 
 
@@ -1743,17 +1748,20 @@ def weight_bits_of(attrs: dict, w_dtype: str) -> tuple:
         if w_dtype not in ("int8", "uint8"):
             raise ValueError(f"weight_bits {bits}: the weights must be int8 / uint8 values, not {w_dtype}")
         signed = w_dtype == "int8"
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in PACKED_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in WEIGHT_BITS:
         raise ValueError(f"weight_bits {bits!r}: packed weights are 4 or 2 bits")
     if "weight_signed" in attrs and bool(attrs["weight_signed"]) != signed:
         raise ValueError(f"weight_signed={attrs['weight_signed']} contradicts the weight dtype {w_dtype}")
     return int(bits), ("int8" if signed else "uint8")
 
 
-def shape_from_spec(spec, model=None) -> GemmShape:
+def shape_from_spec(spec, model=None, b_constant: bool | None = None) -> GemmShape:
     """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side). The
     A-stream variant is ``attrs["a_stream"]`` when given, else the one of the lowest estimate
-    under ``model`` (default: the emulator's TimingModel; :func:`choose_variant`)."""
+    under ``model`` (default: the emulator's TimingModel; :func:`choose_variant`). An int8 /
+    uint8 B that is a constant (``b_constant``; None: ``attrs["b_constant"]``, absent False) may
+    run packed four k-steps per word (:func:`choose_b_packing`; ``attrs["weight_packed"]``
+    forces / forbids it)."""
     (ash, adt), (bsh, bdt) = spec.inputs[0], spec.inputs[1]
     tb = bool(spec.attrs.get("transpose_b", False))
     if len(ash) < 2 or len(bsh) < 2:
@@ -1779,11 +1787,44 @@ def shape_from_spec(spec, model=None) -> GemmShape:
         s = replace(s, a_stream=str(spec.attrs.get("a_stream", "unifa")))
         check_packed_shape(s)
         return s
+    if b_constant is None:
+        b_constant = bool(spec.attrs.get("b_constant", False))
+    packed8 = spec.attrs.get("weight_packed")
+    if packed8 is not None and bool(packed8):              # plan_gemm refuses a non-constant B
+        s = replace(s, b_bits=8, a_stream=str(spec.attrs.get("a_stream", "unifa")))
+        check_packed_shape(s)
+        return s
     if "a_stream" in spec.attrs:
-        return replace(s, a_stream=str(spec.attrs["a_stream"]))
+        s = replace(s, a_stream=str(spec.attrs["a_stream"]))
+        return choose_b_packing(s, model) if b_constant and packed8 is None else s
     if s.a_dtype not in INT_DTYPES + FLOAT_DTYPES or s.b_dtype not in INT_DTYPES + FLOAT_DTYPES:
         return s                                            # supports() refuses it with a reason
-    return choose_variant(s, model)
+    s = choose_variant(s, model)
+    return choose_b_packing(s, model) if b_constant and packed8 is None else s
+
+
+def packed_int8_candidate(s: GemmShape) -> GemmShape | None:
+    """``s`` with its int8 / uint8 constant B packed four k-steps per 32-bit word (``b_bits`` 8:
+    one 64-byte lookup feeds 4 k-steps instead of one 16-byte lookup per k-step), or None where
+    the packed path does not take the shape (:func:`check_packed_shape`)."""
+    if s.b_packed or s.b_dtype not in ("int8", "uint8"):
+        return None
+    cand = replace(s, b_bits=8, a_stream="unifa")
+    try:
+        check_packed_shape(cand)
+        check_limits(cand, choose_tiling(cand))
+    except ValueError:
+        return None
+    return cand
+
+
+def choose_b_packing(s: GemmShape, model=None) -> GemmShape:
+    """``s`` (a constant int8 / uint8 B) or its packed 8-bit form, whichever has the lower
+    estimate under ``model`` (:func:`plan_cycles`), as the convolution chooses its panel."""
+    cand = packed_int8_candidate(s)
+    if cand is None:
+        return s
+    return cand if plan_cycles(cand, model) < plan_cycles(s, model) else s
 
 
 def supports(spec) -> tuple:
@@ -1813,7 +1854,7 @@ def supports(spec) -> tuple:
 
 
 def generate(spec, constants: dict):
-    s = shape_from_spec(spec)
+    s = shape_from_spec(spec, b_constant=("B" in constants) or None)
     plan = plan_gemm(s, {**constants, **requant_constants(spec)})
     # plan_gemm declares A, B and C with the batch dims flattened ([batch, M, K], or [M, K] for an
     # operand broadcast over the batch); the registry hands the kernel the operands as the spec
