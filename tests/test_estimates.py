@@ -41,6 +41,15 @@ def lowbit_matmul(M, N, K, bits, batch=None):
     return spec, {"B": spec.inputs[1][0]}
 
 
+def packed_int8_matmul(M, N, K, batch=None, bdt="int8"):
+    """An int8-activation matmul with a constant int8 / uint8 B packed four k-steps per word
+    (gemm ``weight_packed``; ``b_constant``: the estimate's choice sees a constant B)."""
+    spec, _ = matmul(M, N, K, "int8", batch)
+    spec.inputs[1] = (spec.inputs[1][0], bdt)
+    spec.attrs.update(weight_packed=True, b_constant=True)
+    return spec, {"B": spec.inputs[1][0]}
+
+
 def conv2d(N, C, H, W, OC, k, pad, dt="float32", groups=1, stride=1):
     out = "float32" if dt == "float32" else "int32"
     oh, ow = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
@@ -147,6 +156,8 @@ SWEEP = [
     ("gemm", *lowbit_matmul(64, 64, 64, 2)), ("gemm", *lowbit_matmul(16, 32, 64, 2, batch=8)),
     ("conv", *lowbit_conv2d(1, 64, 16, 16, 8, 3, 1, 2)),
     ("conv", *tmu_variant(lowbit_conv2d(1, 32, 18, 18, 32, 3, 0, 4))),
+    ("gemm", *packed_int8_matmul(1, 1024, 1024)), ("gemm", *packed_int8_matmul(33, 70, 45, bdt="uint8")),
+    ("gemm", *packed_int8_matmul(16, 32, 64, batch=8)),
 ]
 
 #: a bigger sweep (slow: run with --runslow)
@@ -172,6 +183,7 @@ SWEEP_SLOW = [
     ("elementwise", *bias_gelu(3, 640, "gelu_tanh")),
     ("gemm", *lowbit_matmul(1, 4096, 4096, 4)), ("gemm", *lowbit_matmul(1, 4096, 4096, 2)),
     ("gemm", *lowbit_matmul(128, 128, 128, 2)),
+    ("gemm", *packed_int8_matmul(1, 4096, 4096)), ("gemm", *packed_int8_matmul(128, 128, 128)),
 ]
 
 
