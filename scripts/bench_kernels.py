@@ -81,12 +81,17 @@ def conv_case(n, c, h, w, oc, k, pad, dtype):
 WEIGHT_RANGES = {8: (-128, 127), 4: (-8, 7), 2: (-2, 1)}
 
 
-def lowbit_gemm_case(M, N, K, bits):
-    """int8 activations @ constant weights of ``bits`` bits (gemm ``weight_bits``; 8: int8 B)."""
-    spec = OpSpec("matmul", [((M, K), "int8"), ((K, N), "int8")], ((M, N), "int32"),
-                  {} if bits == 8 else {"weight_bits": bits})
+def lowbit_gemm_case(M, N, K, bits, packed=None):
+    """int8 activations @ constant weights of ``bits`` bits (gemm ``weight_bits``; 8: int8 B,
+    a constant (``b_constant``): packed four k-steps per word where the estimate says it pays,
+    ``packed`` False / True forbids / forces that)."""
+    attrs = {"b_constant": True} if bits == 8 else {"weight_bits": bits}
+    if packed is not None:
+        attrs["weight_packed"] = packed
+    spec = OpSpec("matmul", [((M, K), "int8"), ((K, N), "int8")], ((M, N), "int32"), attrs)
     lo, hi = WEIGHT_RANGES[bits]
-    return ("gemm", f"{M}x{N}x{K} w{bits}", "int8", spec,
+    tag = "" if packed is None else f" ({'packed' if packed else 'unpacked'} forced)"
+    return ("gemm", f"{M}x{N}x{K} w{bits}{tag}", "int8", spec,
             lambda rng: ({"A": _rand((M, K), "int8", rng)},
                          {"B": rng.integers(lo, hi + 1, (K, N)).astype(np.int8)}))
 
@@ -115,6 +120,8 @@ def lowbit_cases():
     for make, shape in ((lowbit_gemm_case, (1, 4096, 4096)), (lowbit_gemm_case, (256, 256, 256)),
                         (lowbit_conv_case, (1, 32, 34, 34, 64, 3, 1)), (lowbit_conv_case, (1, 64, 16, 16, 8, 3, 1))):
         rows += [make(*shape, bits) for bits in (8, 4, 2)]
+    # the int8 B's other form (the estimate packs the GEMV's, not the 256^3 GEMM's)
+    rows += [lowbit_gemm_case(1, 4096, 4096, 8, False), lowbit_gemm_case(256, 256, 256, 8, True)]
     rows += [lowbit_conv_case(1, 32, 34, 34, 64, 3, 1, bits, "tmu") for bits in (8, 4, 2)]
     return rows
 

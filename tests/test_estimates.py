@@ -184,6 +184,10 @@ SWEEP_SLOW = [
     ("gemm", *lowbit_matmul(1, 4096, 4096, 4)), ("gemm", *lowbit_matmul(1, 4096, 4096, 2)),
     ("gemm", *lowbit_matmul(128, 128, 128, 2)),
     ("gemm", *packed_int8_matmul(1, 4096, 4096)), ("gemm", *packed_int8_matmul(128, 128, 128)),
+    # the A panel (256 KB) exceeds the L2, but each worker's row tile stays there across its
+    # column tiles (gemm.a_tile_reused)
+    ("gemm", *matmul(256, 256, 256, "int8")), ("gemm", *lowbit_matmul(256, 256, 256, 4)),
+    ("gemm", *lowbit_matmul(256, 256, 256, 2)), ("gemm", *packed_int8_matmul(256, 256, 256)),
 ]
 
 

@@ -1912,6 +1912,29 @@ def _b_lines_per_row(s: GemmShape, line: int) -> float:
     return float(np.mean([(o + 16 * es - 1) // line + 1 for o in offs]))
 
 
+def b_tile_bytes(s: GemmShape, t: GemmTiling) -> int:
+    """Distinct bytes of B one column tile's K loop reads (16 columns over Kpad k-steps, or the
+    packed words; a convolution's implicit B: its input planes, bounded by the whole B)."""
+    if s.b_packed:
+        return t.Kpad // s.b_group * 64
+    one = s.K * s.N if not s.b_table else (s.b_bstride or s.K * s.N)
+    return min(t.Kpad * 16, one) * ITEMSIZE[s.b_dtype]
+
+
+def a_tile_reused(s: GemmShape, t: GemmTiling, model) -> bool:
+    """Whether a worker's next column tile finds its A m-tile panel still in the L2. A worker
+    walks its column tiles inside its row tile (``mloop`` outside ``nloop``), rereading the
+    same ``a_panel_tile_bytes``; between two reads of a panel line, the L2 (LRU) sees one tile
+    of every active worker: the Wm row tiles' panels (the Wn workers of a row share one) and
+    the Wn column tiles' B (the Wm workers of a column share one). The line survives when that
+    working set fits the L2 (then the panel misses once per row tile, not once per pass)."""
+    if math.ceil(t.NT / t.Wn) <= 1:
+        return False                                        # no second column tile to reuse it
+    zs = min(max(1, s.batch), max(1, model.num_qpus) // max(1, t.Wn * t.Wm)) if s.batch > 1 else 1
+    ws = zs * (t.Wm * a_panel_tile_bytes(s, t) + t.Wn * b_tile_bytes(s, t))
+    return ws <= model.l2_bytes
+
+
 def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmProfile | None = None) -> float:
     """Modelled cycles of one GEMM launch: the busiest QPU's workgroups, each a prologue and its
     tiles. A tile is its straight-line code, plus the K loop at the slowest of (its instructions,
@@ -1942,7 +1965,7 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     # A lookups per k-step (packed A: one word of R lanes per G k-steps, ceil(U / G) per block)
     a_per_k = s.a_block_words(t.U) / t.U if s.a_packed else 1.0
     b_passes = 1 if b_one <= m.l2_bytes else math.ceil(t.MT / t.Wm)
-    a_passes = 1 if a_bytes <= m.l2_bytes else math.ceil(t.NT / t.Wn)
+    a_passes = 1 if a_bytes <= m.l2_bytes or a_tile_reused(s, t, m) else math.ceil(t.NT / t.Wn)
     b_rows = _b_lines_per_row(s, line)
     b_miss = miss_fraction(m, b_bytes * b_passes, Z * t.MT * t.NT * t.Kpad * b_rows)
     a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * a_per_k * t.R * pes / line)
