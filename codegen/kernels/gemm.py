@@ -31,7 +31,8 @@ TMU's sign- or zero-extending types, so int16 B rows move half the bytes of int3
 quarter; they are multiplied with ``smul24`` (the low 24 bits of each operand, signed) and summed
 in int32, wrapping modulo 2**32 like numpy's int32 arithmetic.
 
-Low-bit weights (``GemmShape.b_bits`` / ``a_bits``, 4 or 2): a constant B is packed by the plan
+Low-bit weights (``GemmShape.b_bits`` / ``a_bits``, 4 or 2; a constant int8 / uint8 B also 8,
+where the estimate says it pays: :func:`choose_b_packing`): a constant B is packed by the plan
 into 32-bit words of G = 32 / bits consecutive k-steps per column (:func:`pack_weights`), one
 lookup per G k-steps, unpacked in registers with ``shl`` and ``asr`` / ``shr`` in ALU slots the
 8-bit kernel leaves free (:func:`_kstep_packed`); a convolution's packed A panel works the same
