@@ -19,6 +19,7 @@ nothing about ours); the same-algorithm calibration table is in docs/emulator.md
     python scripts/bench_kernels.py --quick      # smaller sizes only
     python scripts/bench_kernels.py --no-band    # default model only (a third of the time)
     python scripts/bench_kernels.py --json       # JSON lines, with "band" entries [low, high]
+    python scripts/bench_kernels.py --lowbit     # only int8 vs int4 vs int2 weights (GEMV, GEMM, conv)
 """
 from __future__ import annotations
 
@@ -76,6 +77,60 @@ def conv_case(n, c, h, w, oc, k, pad, dtype):
             lambda rng: ({"data": _rand((n, c, h, w), dtype, rng)}, {"weight": _rand((oc, c, k, k), dtype, rng)}))
 
 
+#: packed weight widths of the low-bit rows -> value range (8: plain int8 weights)
+WEIGHT_RANGES = {8: (-128, 127), 4: (-8, 7), 2: (-2, 1)}
+
+
+def lowbit_gemm_case(M, N, K, bits, packed=None):
+    """int8 activations @ constant weights of ``bits`` bits (gemm ``weight_bits``; 8: int8 B,
+    a constant (``b_constant``): packed four k-steps per word where the estimate says it pays,
+    ``packed`` False / True forbids / forces that)."""
+    attrs = {"b_constant": True} if bits == 8 else {"weight_bits": bits}
+    if packed is not None:
+        attrs["weight_packed"] = packed
+    spec = OpSpec("matmul", [((M, K), "int8"), ((K, N), "int8")], ((M, N), "int32"), attrs)
+    lo, hi = WEIGHT_RANGES[bits]
+    tag = "" if packed is None else f" ({'packed' if packed else 'unpacked'} forced)"
+    return ("gemm", f"{M}x{N}x{K} w{bits}{tag}", "int8", spec,
+            lambda rng: ({"A": _rand((M, K), "int8", rng)},
+                         {"B": rng.integers(lo, hi + 1, (K, N)).astype(np.int8)}))
+
+
+def lowbit_conv_case(n, c, h, w, oc, k, pad, bits, a_stream=None):
+    """An int8 conv with ``bits``-bit weights (packed panel where the estimate says it pays);
+    ``a_stream`` forces the GEMM A stream ("tmu": the packed panel's stream)."""
+    spec = conv_case(n, c, h, w, oc, k, pad, "int8")[3]
+    if bits != 8:
+        spec.attrs["weight_bits"] = bits
+    if a_stream:
+        spec.attrs["a_stream"] = a_stream
+        if bits != 8:
+            spec.attrs["weight_packed"] = True               # the packed panel, not the int8 one
+    lo, hi = WEIGHT_RANGES[bits]
+    tag = f" ({a_stream} forced)" if a_stream else ""
+    return ("conv2d", f"{n}x{c}x{h}x{w}->{oc} {k}x{k} pad{pad} w{bits}{tag}", "int8", spec,
+            lambda rng: ({"data": _rand((n, c, h, w), "int8", rng)},
+                         {"weight": rng.integers(lo, hi + 1, (oc, c, k, k)).astype(np.int8)}))
+
+
+def lowbit_cases():
+    """int8 vs int4 vs int2 weights: GEMV 1x4096x4096, GEMM 256^3, a 3x3 conv (64 and 8 output
+    channels)."""
+    rows = []
+    for make, shape in ((lowbit_gemm_case, (1, 4096, 4096)), (lowbit_gemm_case, (256, 256, 256)),
+                        (lowbit_conv_case, (1, 32, 34, 34, 64, 3, 1)), (lowbit_conv_case, (1, 64, 16, 16, 8, 3, 1))):
+        rows += [make(*shape, bits) for bits in (8, 4, 2)]
+    # the int8 B unpacked (under the default model the estimate packs both)
+    rows += [lowbit_gemm_case(*shape, 8, False) for shape in ((1, 4096, 4096), (256, 256, 256))]
+    rows += [lowbit_conv_case(1, 32, 34, 34, 64, 3, 1, bits, "tmu") for bits in (8, 4, 2)]
+    return rows
+
+
+def weight_bytes(plan) -> int:
+    """Device bytes of the plan's constant weights (B of a matmul, the conv's weight panel)."""
+    return sum(b.nbytes for b in plan.buffers if b.role == "weight" and b.name in ("B", "weight_panel"))
+
+
 def module_cases():
     """(kernel, shape text, dtype, spec, inputs(rng) -> (inputs, constants)) of the other kernels."""
     import importlib
@@ -117,7 +172,9 @@ def run_case(devs, case, rng):
         wall += time.time() - t0
         instr = sum(s.instructions for s in stats)
         per_model.append(figures(plan, stats, spec, dev.timing))
+    packed = plan.attrs.get("weight_packed") or plan.attrs.get("b_bits") is not None
     row = {"kernel": kernel, "shape": shape, "dtype": dtype, "variant": plan.attrs.get("a_stream", "-"),
+           "weight_bytes": weight_bytes(plan), "weights_packed": bool(packed),
            **per_model[0], "instructions": instr,
            "launches": len(plan.launches), "emulation_wall_seconds": wall,
            "band": {k: [min(f[k] for f in per_model), max(f[k] for f in per_model)] for k in FIGURES}}
@@ -140,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of the table")
     ap.add_argument("--quick", action="store_true", help="small sizes only (no 1024^3)")
     ap.add_argument("--no-band", action="store_true", help="default model only (no corners)")
+    ap.add_argument("--lowbit", action="store_true", help="only the int8 / int4 / int2 weight rows")
     args = ap.parse_args(argv)
     n = 256 if args.quick else 1024
     cases = [gemm_case(n, "float32"), gemm_case(n, "int32"), gemm_case(n, "int16"), gemm_case(n, "int8"),
@@ -152,6 +210,9 @@ def main(argv=None) -> int:
     cases.append(("gemm", "64x1156x288 (conv equivalent)", "int32", conv_equiv,
                   lambda rng: ({"A": _rand((64, 288), "int32", rng), "B": _rand((288, 1156), "int32", rng)}, {})))
     cases += module_cases()
+    cases += lowbit_cases()
+    if args.lowbit:
+        cases = lowbit_cases()
     models = band_models(MODEL, not args.no_band)
     devs = [open_device("emulator", timing=m) for m in models]
     rng = np.random.default_rng(0)
@@ -186,6 +247,15 @@ def main(argv=None) -> int:
         print(f"{r['kernel']:<12} {r['shape']:<34} {r['dtype']:<8} {r['variant']:<6} {_b(r, 'modeled_seconds', 1e3, '8.3f'):>26} "
               f"{_b(r, 'gops'):>22} {_b(r, 'percent_of_peak', 1, '5.0f'):>18} {_b(r, 'gib_per_s', 1, '6.2f'):>22} "
               f"{r['estimate_seconds'] * 1e3:10.3f}")
+    low = [r for r in rows if " w" in r.get("shape", "") and "error" not in r]
+    if low:
+        print()
+        print("low-bit weights (int8 activations; w8 = int8 weights, w4 / w2 = 4 / 2-bit packed where the "
+              "plan packs them): modelled time [band], weight bytes on the device")
+        for r in low:
+            print(f"  {r['kernel']:<8} {r['shape']:<34} {r['variant']:<6} packed={str(r['weights_packed']):<5} "
+                  f"{_b(r, 'modeled_seconds', 1e3, '8.3f'):>28} ms  weights {r['weight_bytes']:>9} B  "
+                  f"estimate {r['estimate_seconds'] * 1e3:8.3f} ms")
     print()
     print("targets (default model; the band's low end in brackets):")
     by = {(r["kernel"], r["shape"], r["dtype"]): r for r in rows if "error" not in r}

@@ -34,12 +34,35 @@ def matmul(M, N, K, dt="float32", batch=None, transpose_b=False):
                   {"transpose_b": transpose_b}), {}
 
 
+def lowbit_matmul(M, N, K, bits, batch=None):
+    """An int8-activation matmul with constant ``bits``-bit packed weights (gemm ``weight_bits``)."""
+    spec, _ = matmul(M, N, K, "int8", batch)
+    spec.attrs["weight_bits"] = bits
+    return spec, {"B": spec.inputs[1][0]}
+
+
+def packed_int8_matmul(M, N, K, batch=None, bdt="int8"):
+    """An int8-activation matmul with a constant int8 / uint8 B packed four k-steps per word
+    (gemm ``weight_packed``; ``b_constant``: the estimate's choice sees a constant B)."""
+    spec, _ = matmul(M, N, K, "int8", batch)
+    spec.inputs[1] = (spec.inputs[1][0], bdt)
+    spec.attrs.update(weight_packed=True, b_constant=True)
+    return spec, {"B": spec.inputs[1][0]}
+
+
 def conv2d(N, C, H, W, OC, k, pad, dt="float32", groups=1, stride=1):
     out = "float32" if dt == "float32" else "int32"
     oh, ow = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
     w = (OC, C // groups, k, k)
     return OpSpec("conv2d", [((N, C, H, W), dt), (w, dt)], ((N, OC, oh, ow), out),
                   {"padding": (pad,) * 4, "strides": (stride, stride), "groups": groups}), {"weight": w}
+
+
+def lowbit_conv2d(N, C, H, W, OC, k, pad, bits):
+    """An int8 conv2d with ``bits``-bit weights (``weight_bits``: packed panel where it pays)."""
+    spec, consts = conv2d(N, C, H, W, OC, k, pad, "int8")
+    spec.attrs["weight_bits"] = bits
+    return spec, consts
 
 
 def depthwise(N, C, H, W, kh, kw, pad, stride=1, bias=False, activation=None):
@@ -129,6 +152,12 @@ SWEEP = [
     ("elementwise", *add(5000, activation="relu")), ("elementwise", *gelu(777)),
     ("elementwise", *bias_gelu(16, 128)),
     ("layer_norm", *layer_norm(16, 32)), ("layer_norm", *layer_norm(13, 200)),
+    ("gemm", *lowbit_matmul(1, 1024, 1024, 4)), ("gemm", *lowbit_matmul(33, 70, 45, 4)),
+    ("gemm", *lowbit_matmul(64, 64, 64, 2)), ("gemm", *lowbit_matmul(16, 32, 64, 2, batch=8)),
+    ("conv", *lowbit_conv2d(1, 64, 16, 16, 8, 3, 1, 2)),
+    ("conv", *tmu_variant(lowbit_conv2d(1, 32, 18, 18, 32, 3, 0, 4))),
+    ("gemm", *packed_int8_matmul(1, 1024, 1024)), ("gemm", *packed_int8_matmul(33, 70, 45, bdt="uint8")),
+    ("gemm", *packed_int8_matmul(16, 32, 64, batch=8)),
 ]
 
 #: a bigger sweep (slow: run with --runslow)
@@ -152,6 +181,13 @@ SWEEP_SLOW = [
     ("elementwise", *gelu(100_000)), ("layer_norm", *layer_norm(1, 1)), ("layer_norm", *layer_norm(128, 768)),
     ("layer_norm", *layer_norm(2, 1000)), ("elementwise", *bias_gelu(128, 3072)),
     ("elementwise", *bias_gelu(3, 640, "gelu_tanh")),
+    ("gemm", *lowbit_matmul(1, 4096, 4096, 4)), ("gemm", *lowbit_matmul(1, 4096, 4096, 2)),
+    ("gemm", *lowbit_matmul(128, 128, 128, 2)),
+    ("gemm", *packed_int8_matmul(1, 4096, 4096)), ("gemm", *packed_int8_matmul(128, 128, 128)),
+    # the A panel (256 KB) exceeds the L2, but each worker's row tile stays there across its
+    # column tiles (gemm.a_tile_reused)
+    ("gemm", *matmul(256, 256, 256, "int8")), ("gemm", *lowbit_matmul(256, 256, 256, 4)),
+    ("gemm", *lowbit_matmul(256, 256, 256, 2)), ("gemm", *packed_int8_matmul(256, 256, 256)),
 ]
 
 
@@ -161,10 +197,18 @@ def _random(shape, dtype, rng):
     return rng.standard_normal(shape).astype(dtype)
 
 
+def _random_const(shape, spec, rng):
+    """A constant of ``spec``: its weights' dtype, within the packed range for packed weights."""
+    bits = spec.attrs.get("weight_bits")
+    if bits:
+        return rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), shape).astype(spec.inputs[1][1])
+    return _random(shape, spec.inputs[1][1], rng)
+
+
 def emulated_seconds(dev, spec, const_shapes, seed=0) -> float:
     """Modelled seconds of the plan ``registry.generate`` makes for ``spec``, run on ``dev``."""
     rng = np.random.default_rng(seed)
-    consts = {k: _random(v, spec.inputs[1][1], rng) for k, v in const_shapes.items()}
+    consts = {k: _random_const(v, spec, rng) for k, v in const_shapes.items()}
     plan = registry.generate(spec, consts)
     inputs = {b.name: _random(b.shape, b.dtype, rng) for b in plan.buffers if b.role == "input"}
     _, stats = run_plan(plan, dev, **inputs)

@@ -453,7 +453,9 @@ def build_matmul(ann) -> Match:
         consts["bias"] = bias
     root = ann["root"]
     attrs = {"transpose_b": transpose_b, "bias": bias is not None, "activation": _activation(ann),
-             "out_dtype": acc}
+             "out_dtype": acc,
+             # the estimate prices a constant 8-bit B packed four k-steps per word when that wins
+             "b_constant": b_const is not None}
     rq = _requant_attrs(ann, n, 1)
     if rq is not None:
         attrs["requant"] = rq

@@ -30,8 +30,8 @@ from ..plan import BufferSpec, KernelPlan, Launch
 from . import depthwise
 from .common import RegisterPool
 from .gemm import (INT_DTYPES, ITEMSIZE, REQUANT_BLOCK, SMALL_INT, GemmShape, Requant, check_limits,
-                   choose_tiling, gemm_kernel, gemm_uniforms, requant_block, requant_constants,
-                   requant_from_attrs, requant_reference, tmu_config)
+                   check_packed_values, choose_tiling, gemm_kernel, gemm_uniforms, requant_block,
+                   requant_constants, requant_from_attrs, requant_reference, tmu_config, weight_bits_of)
 
 S = A.SIGNALS
 R_ = A.R
@@ -60,6 +60,10 @@ class ConvShape:
     #: requantize epilogue to int8 / uint8 outputs (gemm.Requant; per-channel scales on axis "m",
     #: the output channel); None: int32 / float32 outputs
     requant: Requant | None = None
+    #: 4 / 2-bit weights (spec attr "weight_bits"; ``w_dtype`` int8 / uint8 holds the values and
+    #: their sign): packed into the tmu A stream's panel where the estimate says it pays
+    #: (:func:`choose_variant`), else stored as 8-bit / 32-bit panel values like int8 weights
+    w_bits: int | None = None
 
     @property
     def out_dtype(self) -> str:
@@ -203,15 +207,20 @@ def pad_kernel(s: ConvShape):
 # ------------------------------------------------------------------------------------------------
 # Plans
 # ------------------------------------------------------------------------------------------------
-def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> GemmShape:
+def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa", packed: bool = False) -> GemmShape:
+    """The implicit GEMM of ``s``; ``packed``: its ``w_bits``-bit weights packed into the tmu A
+    stream's panel (gemm ``a_bits``)."""
     es = ITEMSIZE[s.dtype]
     P = s.OH * s.OW
     taps = s.KH * s.KW
     block = block_taps(s, lay, es)
+    if packed and (s.w_bits is None or a_stream != "tmu"):
+        raise ValueError("packed conv weights need weight_bits and the tmu A stream")
+    narrow = a_stream == "tmu" and s.w_dtype in SMALL_INT and not packed
     common = dict(a_dtype=s.w_dtype, b_dtype=s.dtype, bias=s.bias, bias_axis="m",
                   activation=s.activation, num_qpus=s.num_qpus, b_table=True, b_block=block,
                   a_stream=a_stream, requant=s.requant,
-                  a_panel_dtype=s.w_dtype if a_stream == "tmu" and s.w_dtype in SMALL_INT else None)
+                  a_panel_dtype=s.w_dtype if narrow else None, a_bits=s.w_bits if packed else None)
     if s.depthwise and s.requant is not None and s.requant.axis is not None:
         raise ValueError("per-channel requantize of a depthwise convolution (the GEMM batch is the channel)")
     if s.depthwise:
@@ -224,6 +233,8 @@ def gemm_shape_of(s: ConvShape, lay: ConvLayout, a_stream: str = "unifa") -> Gem
 def _weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.ndarray) -> np.ndarray:
     """Weights as the GEMM's packed A panel: panel[z][mt][k][i] (+ R zeros of look-ahead), in the
     panel dtype (int8 / uint8 / int16 weights stay narrow in the tmu A stream, else 32-bit words)."""
+    if g.a_packed:
+        return _packed_weight_panel(s, lay, g, t, weight)
     dt = np.dtype(g.a_panel_dtype) if g.a_panel_dtype else (np.int32 if s.is_int else np.float32)
     taps = s.KH * s.KW
     if s.depthwise:
@@ -242,14 +253,51 @@ def _weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.nda
     return np.concatenate([panel.reshape(-1), np.zeros(ahead, dt)])
 
 
-def choose_variant(s: ConvShape, lay: ConvLayout, model=None) -> GemmShape:
+def _packed_weight_panel(s: ConvShape, lay: ConvLayout, g: GemmShape, t, weight: np.ndarray) -> np.ndarray:
+    """The packed A panel (gemm ``a_bits``): uint32 words ``[mt][kb][w][i]``: for m-tile mt,
+    block kb of U k-steps and lane (row) i, word w holds k-steps ``kb U + w G + p`` (p < G,
+    ``w G + p < U``; G = 32 / bits) with p = 0 in the top bits, two's complement fields, zeros
+    past the block, K and M; + the TMU's look-ahead. Values outside the packed range are refused."""
+    bits, G = g.a_bits, g.a_group
+    taps = s.KH * s.KW
+    w = np.zeros((t.MT * t.R, lay.Cpad, taps), np.int64)
+    w[: s.OC, : s.C] = check_packed_values(weight, bits, g.a_dtype != "uint8").reshape(s.OC, s.C, taps)
+    U, W = t.U, g.a_block_words(t.U)
+    kb = t.Kpad // U
+    w = w.reshape(t.MT * t.R, lay.Cpad * taps)
+    full = np.zeros((t.MT * t.R, kb, W * G), np.uint64)
+    full[:, :, :U] = (w.reshape(t.MT * t.R, kb, U) & ((1 << bits) - 1)).astype(np.uint64)
+    shifts = (32 - bits * (np.arange(G, dtype=np.uint64) + 1))
+    words = np.bitwise_or.reduce(full.reshape(t.MT * t.R, kb, W, G) << shifts, axis=3).astype(np.uint32)
+    panel = words.reshape(t.MT, t.R, kb, W).transpose(0, 2, 3, 1)              # [mt][kb][w][i]
+    return np.concatenate([panel.reshape(-1), np.zeros(t.R * (t.PF + 1) + 16, np.uint32)])
+
+
+def _candidates(s: ConvShape, lay: ConvLayout, a_stream: str | None = None, packed: bool | None = None):
+    """GEMM shapes of ``s`` to choose from: each A-stream variant (or ``a_stream``), and for
+    low-bit weights the packed panel (tmu stream) beside the unpacked ones (or only ``packed``'s)."""
+    out = []
+    for v in ((a_stream,) if a_stream else _A_STREAMS()):
+        for p in ((False, True) if s.w_bits and v == "tmu" else (False,)):
+            if packed is None or p == packed:
+                out.append((v, p))
+    return out
+
+
+def _A_STREAMS():
+    from .gemm import A_STREAMS
+    return A_STREAMS
+
+
+def choose_variant(s: ConvShape, lay: ConvLayout, model=None, a_stream: str | None = None,
+                   packed: bool | None = None) -> GemmShape:
     """The GEMM shape of ``s`` with the A-stream variant of the lowest estimate under ``model``
     (gemm.A_STREAMS: the weights through the unifa stream, or columns through the TMU)."""
-    from .gemm import A_STREAMS, gemm_launch_cycles
+    from .gemm import gemm_launch_cycles
     best = None
-    for v in A_STREAMS:
-        g = gemm_shape_of(s, lay, v)
+    for v, p in _candidates(s, lay, a_stream, packed):
         try:
+            g = gemm_shape_of(s, lay, v, p)
             t = choose_tiling(g)
             check_limits(g, t)
             if t.R < min(4, g.M):                   # too few rows per tile: not a candidate
@@ -265,14 +313,25 @@ def choose_variant(s: ConvShape, lay: ConvLayout, model=None) -> GemmShape:
 
 
 def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
-              a_stream: str | None = None, scale: np.ndarray | None = None) -> KernelPlan:
+              a_stream: str | None = None, scale: np.ndarray | None = None,
+              packed: bool | None = None) -> KernelPlan:
     """Plan of the convolution; ``a_stream`` forces a GEMM A-stream variant (default: the one of
-    the lowest estimate, :func:`choose_variant`); ``scale``: the per-output-channel requantize
-    multipliers when ``s.requant`` has axis "m"."""
+    the lowest estimate, :func:`choose_variant`); ``packed`` forces (True) or forbids (False) the
+    packed panel of ``w_bits``-bit weights (default: by estimate); ``scale``: the
+    per-output-channel requantize multipliers when ``s.requant`` has axis "m"."""
     if s.depthwise and not (s.groups == s.C == s.OC):
         raise ValueError("only groups == 1 or depthwise (groups == C == OC) convolutions")
+    if s.w_bits is not None:                        # refused, never truncated (packed or not)
+        if s.depthwise:
+            raise ValueError("packed low-bit weights of a depthwise convolution")
+        check_packed_values(weight, s.w_bits, s.w_dtype != "uint8")
     lay = conv_layout(s)
-    g = choose_variant(s, lay) if a_stream is None else gemm_shape_of(s, lay, a_stream)
+    if a_stream is None and packed is None:
+        g = choose_variant(s, lay)
+    elif a_stream is not None and (packed is not None or s.w_bits is None):
+        g = gemm_shape_of(s, lay, a_stream, bool(packed))  # its own refusal, with the reason
+    else:
+        g = choose_variant(s, lay, None, a_stream, packed)
     t = choose_tiling(g)
     check_limits(g, t)
     es = ITEMSIZE[s.dtype]
@@ -319,6 +378,9 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
                       attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__},
                              "requant": None if s.requant is None else dataclasses.asdict(s.requant),
                              "a_stream": g.a_stream, "a_panel_dtype": g.a_panel_dtype,
+                             "weight_packed": g.a_packed,
+                             "weight_dtype": (f"{'' if s.w_dtype == 'int8' else 'u'}int{s.w_bits}"
+                                              if s.w_bits else s.w_dtype),
                              "tiling": t.__dict__,
                              "block": lay.__dict__},
                       flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,
@@ -373,10 +435,13 @@ def shape_from_spec(spec) -> ConvShape:
     pad = tuple(int(v) for v in a.get("padding", (0, 0, 0, 0)))
     if len(pad) == 2:
         pad = (pad[0], pad[1], pad[0], pad[1])
+    bits, wdt = weight_bits_of(a, str(wdt))
+    if bits is not None and str(xdt) not in SMALL_INT:
+        raise ValueError(f"packed {bits}-bit weights need 8/16-bit integer data, not {xdt}")
     return ConvShape(N, C, H, W, OC, KH, KW, tuple(int(v) for v in a.get("strides", (1, 1))), pad,
                      tuple(int(v) for v in a.get("dilation", (1, 1))), int(a.get("groups", 1)),
                      str(xdt), str(wdt), bool(a.get("bias", False)), a.get("activation"),
-                     int(a.get("num_qpus", 12)), requant_from_attrs(a, str(spec.output[1]), OC, "m"))
+                     int(a.get("num_qpus", 12)), requant_from_attrs(a, str(spec.output[1]), OC, "m"), bits)
 
 
 def supports(spec) -> tuple:
@@ -389,6 +454,8 @@ def supports(spec) -> tuple:
         return False, f"layout {spec.attrs.get('layout')} (NCHW only)"
     if s.groups != 1 and not (s.groups == s.C == s.OC):
         return False, f"groups={s.groups} (only 1 or depthwise)"
+    if s.w_bits is not None and s.groups != 1:
+        return False, f"packed {s.w_bits}-bit weights of a grouped / depthwise convolution"
     if (s.dtype in INT_DTYPES) != (s.w_dtype in INT_DTYPES) or \
             (s.dtype not in INT_DTYPES and s.dtype != "float32") or \
             (s.w_dtype not in INT_DTYPES and s.w_dtype != "float32"):
@@ -425,8 +492,10 @@ def generate(spec, constants: dict):
     if dws is not None:
         return depthwise.plan_depthwise(dws, constants["weight"], constants.get("bias") if s.bias else None,
                                         scale=requant_constants(spec).get("scale"))
+    packed = spec.attrs.get("weight_packed")               # forces / forbids the packed panel
     return plan_conv(s, constants["weight"], constants.get("bias") if s.bias else None,
-                     spec.attrs.get("a_stream"), requant_constants(spec).get("scale"))
+                     spec.attrs.get("a_stream"), requant_constants(spec).get("scale"),
+                     None if packed is None else bool(packed))
 
 
 def pad_launch_cycles(s: ConvShape, model=None) -> float:

@@ -31,6 +31,13 @@ TMU's sign- or zero-extending types, so int16 B rows move half the bytes of int3
 quarter; they are multiplied with ``smul24`` (the low 24 bits of each operand, signed) and summed
 in int32, wrapping modulo 2**32 like numpy's int32 arithmetic.
 
+Low-bit weights (``GemmShape.b_bits`` / ``a_bits``, 4 or 2; a constant int8 / uint8 B also 8,
+where the estimate says it pays: :func:`choose_b_packing`): a constant B is packed by the plan
+into 32-bit words of G = 32 / bits consecutive k-steps per column (:func:`pack_weights`), one
+lookup per G k-steps, unpacked in registers with ``shl`` and ``asr`` / ``shr`` in ALU slots the
+8-bit kernel leaves free (:func:`_kstep_packed`); a convolution's packed A panel works the same
+way in the "tmu" A stream (:func:`_kstep_tmu_packed`). docs/kernels.md has the layouts and costs.
+
 Edges: any M, N, K. Lanes beyond N are masked on store; rows beyond M are never stored; K is
 padded to a multiple of ``U`` with zeros where that is exact (the padded products are 0 * 0).
 Workers: a ``Wn x Wm`` grid of workgroups (x, y) per batch entry (z), one QPU thread each; worker
@@ -72,6 +79,60 @@ def config_word(dtypes) -> int:
     for i, dt in enumerate(list(dtypes)[:4] + ["uint32"] * (4 - len(list(dtypes)[:4]))):
         w |= tmu_config(dt) << (8 * i)
     return w
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed low-bit weights (4 / 2 bits)
+# ------------------------------------------------------------------------------------------------
+#: bits per packed weight -> {signed: value range}; a 32-bit word holds 32 // bits values. 8:
+#: int8 / uint8 B packed four k-steps per word (chosen by estimate for a constant B, or forced
+#: with ``attrs["weight_packed"]``; :func:`packed_int8_candidate`)
+PACKED_BITS = {8: {True: (-128, 127), False: (0, 255)}, 4: {True: (-8, 7), False: (0, 15)},
+               2: {True: (-2, 1), False: (0, 3)}}
+#: the widths a spec may declare with ``weight_bits`` / a packed dtype name (narrower than 8 bits)
+WEIGHT_BITS = (4, 2)
+#: spec dtypes naming packed weights directly -> (bits, signed) (else int8 / uint8 + "weight_bits")
+PACKED_DTYPES = {"int4": (4, True), "uint4": (4, False), "int2": (2, True), "uint2": (2, False)}
+
+
+def packed_range(bits: int, signed: bool) -> tuple:
+    """(lo, hi) of a packed weight value; ValueError for a width other than 8, 4 or 2."""
+    if bits not in PACKED_BITS:
+        raise ValueError(f"weight_bits {bits!r}: packed weights are 8, 4 or 2 bits")
+    return PACKED_BITS[bits][bool(signed)]
+
+
+def check_packed_values(w: np.ndarray, bits: int, signed: bool, what: str = "weights") -> np.ndarray:
+    """``w`` as int64 after checking every value lies in the packed range (never truncated)."""
+    lo, hi = packed_range(bits, signed)
+    w = np.asarray(w)
+    if w.dtype.kind not in "iub":
+        raise ValueError(f"{bits}-bit {what} must be integers, got {w.dtype}")
+    w = w.astype(np.int64)
+    if w.size and (w.min() < lo or w.max() > hi):
+        bad = w[(w < lo) | (w > hi)]
+        raise ValueError(f"{what}: {bad.size} value(s) outside the {'' if signed else 'u'}int{bits} range "
+                         f"[{lo}, {hi}] (e.g. {int(bad.reshape(-1)[0])}); refusing to truncate")
+    return w
+
+
+def pack_weights(w: np.ndarray, bits: int, signed: bool, rows: int, lanes: int) -> np.ndarray:
+    """Pack ``w[k, n]`` (values checked by :func:`check_packed_values`) into uint32 words
+    ``P[rows, lanes]``: word ``P[q, n]`` holds ``w[q G + p, n]`` (G = 32 // bits) in bits
+    ``[32 - bits (p + 1), 32 - bits p)``, k-step p = 0 in the top bits (two's complement for
+    signed values); k >= K and n >= N are zeros. The kernel extracts the top field with one
+    ``asr`` (signed) / ``shr`` (unsigned) by ``32 - bits`` and moves the next one up with ``shl``
+    by ``bits``."""
+    w = check_packed_values(w, bits, signed)
+    K, N = w.shape
+    G = 32 // bits
+    if rows * G < K or lanes < N:
+        raise ValueError(f"packed layout {rows} x {lanes} words cannot hold {K} x {N} weights")
+    full = np.zeros((rows * G, lanes), np.uint64)
+    full[:K, :N] = (w & ((1 << bits) - 1)).astype(np.uint64)
+    full = full.reshape(rows, G, lanes)
+    shifts = (32 - bits * (np.arange(G, dtype=np.uint64) + 1)).reshape(1, G, 1)
+    return np.bitwise_or.reduce(full << shifts, axis=1).astype(np.uint32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,6 +227,36 @@ class GemmShape:
     #: load (configured together with the B row's), so int8 weights move a quarter of the bytes.
     #: None: 32-bit panel words (the "unifa" stream's uniforms are always 32-bit)
     a_panel_dtype: str | None = None
+    #: packed constant B (a dense layer's weights): bits per weight value (4 or 2; None: the
+    #: width of ``b_dtype``). ``b_dtype`` (int8 / uint8) says whether the values are signed; the
+    #: plan packs them (:func:`pack_weights`, :data:`PACKED_BITS`) and the K loop unpacks them in
+    #: registers
+    b_bits: int | None = None
+    #: packed compile-time A panel (a convolution's weights) in the "tmu" A stream: bits per value
+    #: (4 or 2; ``a_dtype`` int8 / uint8 says the sign). Each U-k-step block of a panel row is
+    #: ceil(U / G) words (:func:`pack_panel_block`); one lookup feeds G k-steps of R rows
+    a_bits: int | None = None
+
+    @property
+    def a_packed(self) -> bool:
+        return self.a_bits is not None
+
+    @property
+    def a_group(self) -> int:
+        return 32 // self.a_bits if self.a_packed else 1
+
+    @property
+    def b_packed(self) -> bool:
+        return self.b_bits is not None
+
+    @property
+    def b_group(self) -> int:
+        """k-steps per B lookup: 32 // b_bits values of consecutive k-steps per packed word."""
+        return 32 // self.b_bits if self.b_packed else 1
+
+    @property
+    def b_signed(self) -> bool:
+        return self.b_dtype != "uint8"
 
     @property
     def is_int(self) -> bool:
@@ -184,13 +275,17 @@ class GemmShape:
 
     @property
     def a_panel_es(self) -> int:
-        """Bytes per A panel element."""
+        """Bytes per A panel element (packed: per word)."""
         return 4 if self.a_panel_dtype is None else ITEMSIZE[self.a_panel_dtype]
+
+    def a_block_words(self, U: int) -> int:
+        """Packed A: words per panel row and U-k-step block (ceil(U / G))."""
+        return -(-U // self.a_group)
 
     @property
     def kstep_config(self) -> bool:
         """Each k-step's lookups need a TMU config write (an 8/16-bit B row or A column)."""
-        return self.b_dtype in SMALL_INT or self.a_panel_dtype is not None
+        return (self.b_dtype in SMALL_INT and not self.b_packed) or self.a_panel_dtype is not None
 
     @property
     def scale_lookup(self) -> bool:
@@ -241,11 +336,12 @@ def _worker_grid(MT: int, NT: int, W: int):
 
 def _registers_needed(s: GemmShape, R: int, U: int, PF: int, rq_regs: bool = False) -> int:
     """Registers GemmRegs allocates for this configuration (must stay <= 64)."""
-    base = 24 + (1 if U < PF else 0) + (1 if s.b_table else 0)
+    F = U // s.b_group                                      # B lookups per block
+    base = 24 + (1 if F < PF else 0) + (1 if s.b_table else 0)
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
         + (1 if s.kstep_config else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0) \
-        + _requant_registers(s, rq_regs)
-    return base + extra + U + 5 + R
+        + _requant_registers(s, rq_regs) + (3 if s.b_packed else 1 if s.a_packed else 0)
+    return base + extra + F + 5 + R
 
 
 def _requant_registers(s: GemmShape, rq_regs: bool = False) -> int:
@@ -278,9 +374,86 @@ def ring_size(U: int) -> int:
     return next(p for p in range(2, U + 1) if U % p == 0)
 
 
+#: rows per tile a packed A panel needs: the word pop, the unpack (two add-ALU ops) and the moved
+#: accumulations use the last rows of a k-step, after its lookups (:func:`_kstep_tmu_packed`)
+PACKED_A_MIN_ROWS = 6
+
+
+def _a_word_starts(s: GemmShape, U: int) -> list:
+    """Block-relative k-steps that start a packed A word."""
+    return list(range(0, U, s.a_group))
+
+
+def _packed_a_prefetch(s: GemmShape, U: int) -> int:
+    """B rows in flight with a packed A panel: the most whose window also holds its A words
+    (the words starting among those rows) and the tile's bias / scale lookups in the thread's
+    TMU FIFO share."""
+    starts = set(_a_word_starts(s, U))
+    bias_words = (1 if s.bias and s.bias_axis != "m" else 0) + (1 if s.scale_lookup else 0)
+    best = 1
+    for p in range(1, U + 1):
+        words = max(sum((r % U) in starts for r in range(q, q + p)) for q in range(U))
+        if p + words + bias_words <= TMU_FIFO_WORDS:
+            best = p
+    return best
+
+
+def _packed_a_drain(s: GemmShape, t: GemmTiling) -> int:
+    """A words fetched past the end of the K loop (starts among the PF - 1 rows past Kpad)."""
+    starts = set(_a_word_starts(s, t.U))
+    return sum((r % t.U) in starts for r in range(1, t.PF))
+
+
+def b_fetches(s: GemmShape, t: GemmTiling) -> int:
+    """B lookups per K-loop block: U (one B row per k-step), or U / b_group packed words."""
+    return t.U // s.b_group
+
+
+def check_packed_shape(s: GemmShape):
+    """Refuse packed B where the kernel has no packed path (ValueError with the reason)."""
+    packed_range(s.b_bits, s.b_signed)
+    if s.b_dtype not in ("int8", "uint8"):
+        raise ValueError(f"packed {s.b_bits}-bit weights are given as int8 / uint8 values, not {s.b_dtype}")
+    if s.a_dtype not in SMALL_INT:
+        raise ValueError(f"packed weights need 8/16-bit integer activations, not {s.a_dtype}")
+    if s.a_stream != "unifa" or s.b_table or s.b_block is not None:
+        raise ValueError("packed B weights run in the unifa A-stream variant of a plain GEMM only")
+
+
+def _choose_tiling_packed(s: GemmShape) -> GemmTiling:
+    """Tiling of a packed-B GEMM: a block is F packed words (F in 1, 2, 4: U = F G k-steps, K
+    padded to whole blocks with zero weights), PF words in flight (all of the thread's TMU FIFO
+    beside the tile's bias / scale lookups: a word feeds G k-steps, so few words cover the
+    round trip)."""
+    check_packed_shape(s)
+    G = s.b_group
+    words = -(-s.K // G)
+    F = 1 if words <= 1 else 2 if words == 2 else 4
+    bias_words = (1 if s.bias and s.bias_axis != "m" else 0) + (1 if s.scale_lookup else 0)
+    PF = TMU_FIFO_WORDS - bias_words
+    R = min(16, s.M)
+    while F > 1 and _registers_needed(s, R, F * G, PF) > 64:
+        F //= 2
+    while _registers_needed(s, R, F * G, PF) > 64:
+        R -= 1
+    U = F * G
+    Kpad = -(-s.K // U) * U
+    MT, NT = -(-s.M // R), -(-s.N // 16)
+    Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
+    return GemmTiling(R, U, PF, Kpad, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
+
+
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     if s.a_stream not in A_STREAMS:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
+    if s.b_packed:
+        return _choose_tiling_packed(s)
+    if s.a_packed:
+        packed_range(s.a_bits, s.a_dtype != "uint8")
+        if s.a_stream != "tmu" or s.b_block is None or s.a_dtype not in ("int8", "uint8") \
+                or s.a_panel_dtype is not None or s.M < PACKED_A_MIN_ROWS:
+            raise ValueError("a packed A panel runs in the tmu A stream of a convolution with int8 / uint8 "
+                             f"weights and at least {PACKED_A_MIN_ROWS} output channels")
     if s.a_panel_dtype is not None and (s.a_stream != "tmu" or s.a_panel_dtype not in SMALL_INT
                                         or s.a_dtype != s.a_panel_dtype):
         raise ValueError(f"an {s.a_panel_dtype} A panel needs the tmu A stream and {s.a_panel_dtype} A")
@@ -298,8 +471,12 @@ def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
         if s.a_stream == "tmu":
             ring_size(U)
         PF = min(PF, U)
+        if s.a_packed:
+            PF = _packed_a_prefetch(s, U)
         while _registers_needed(s, R, U, PF) > 64 and R > 1:
             R -= 1
+        if s.a_packed and R < PACKED_A_MIN_ROWS:
+            raise ValueError(f"a packed A panel needs {PACKED_A_MIN_ROWS} rows per tile (R = {R})")
         MT, NT = -(-s.M // R), -(-s.N // 16)
         Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
         return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn, _rq_regs_fit(s, R, U, PF))
@@ -342,7 +519,8 @@ class GemmRegs:
                      "c_nstep", "crs", "mt", "nt", "mrem", "mrem_step",
                      "nrem", "nrem_step", "kblocks", "bp", "cp", "cnt", "tq", "nb", "nc", "nn"):
             setattr(self, name, p.take())
-        self.bks = p.take() if t.U < t.PF else None      # prologue row walk (else via off[])
+        F = b_fetches(s, t)
+        self.bks = p.take() if F < t.PF else None        # prologue row walk (else via off[])
         self.bias_ptr = p.take() if s.bias else None    # n-axis: per worker; m-axis: per m-tile
         self.nbias = p.take() if s.bias else None       # n-axis: per n-tile; m-axis: m step
         self.bzb = p.take() if s.b_table else None      # B data base of this batch entry
@@ -363,7 +541,13 @@ class GemmRegs:
                 self.rq_sptr, self.rq_ns, self.rq_sv = p.take(3)   # worker base, tile pointer, vector
         # column step of the 4-byte per-column vectors (the C step when outputs are 4-byte)
         self.vstep = p.take() if s.vec_n and s.out_es != 4 else None
-        self.off = p.take(t.U)
+        self.off = p.take(F)
+        # packed B: the current word (next value in its top bits), the shl / extract amounts
+        # (packed A: ``bw`` is the A word of the k-step's lanes; its shifts are small immediates,
+        # its unpack instructions carry no signal)
+        self.bw, self.csh, self.cext = p.take(3) if s.b_packed else (None, None, None)
+        if s.a_packed:
+            self.bw = p.take()
         self.t = p.take(2)
         self.ab = p.take(2)
         self.bv = p.take()
@@ -390,7 +574,7 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     ws, wt = whole if whole is not None else (s, t)
     es_b = ITEMSIZE[s.b_dtype]
     pes = s.a_panel_es
-    a_tile = t.Kpad * t.R * pes
+    a_tile = a_panel_tile_bytes(s, t)
     if s.a_bstride == 0:                        # A shared by every batch entry
         a_bs = 0
     elif a_name.endswith("_panel"):
@@ -403,6 +587,10 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
     if s.b_table:                               # B lane bases come from the table b_name + "_table"
         b_ls, b_bs = 4, 0
         b_addr = ("addr", b_name + "_table", 0)
+    elif s.b_packed:                            # packed words: lane n reads column n of a word row
+        rows, lanes = packed_b_layout(s, t)
+        b_ls, b_bs = 4, (rows * lanes * 4 if s.b_bstride else 0)
+        b_addr = ("addr", b_name, 0)
     else:
         b_ls = s.K * es_b if s.transpose_b else es_b
         b_bs = s.b_bstride * es_b
@@ -412,7 +600,8 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
          b_addr, ("u32", b_bs), ("u32", b_ls), ("u32", b_tile), ("u32", t.Wn * b_tile)]
     if s.b_table:
         u += [("addr", b_name, 0), ("u32", s.b_bstride * es_b)]
-    u += ([("u32", bks_u // t.U)] if t.U < t.PF else []) + [("u32", bks_u),
+    F = b_fetches(s, t)
+    u += ([("u32", bks_u // F)] if F < t.PF else []) + [("u32", bks_u),
           ("addr", c_name, mt0 * c_tile), ("u32", ws.M * ws.N * oes), ("u32", c_tile), ("u32", t.Wm * c_tile),
           ("u32", t.Wn * 16 * oes), ("u32", s.N * oes)]
     if s.bias and s.bias_axis == "n":
@@ -427,8 +616,10 @@ def gemm_uniforms(s: GemmShape, t: GemmTiling, a_name: str, b_name: str, c_name:
         u += [(kind, s.activation[1]), (kind, s.activation[2])]
     if s.kstep_config:
         u.append(("u32", kstep_config_word(s)))
-    for j in range(t.U):        # issue at k-step j fetches k-step j + PF; bp already advanced
-        q, r = divmod(j + t.PF, t.U)
+    if s.b_packed:                              # shl to the next field, extract the top field
+        u += [("u32", s.b_bits), ("u32", 32 - s.b_bits)]
+    for j in range(F):          # lookup j of a block fetches lookup j + PF; bp already advanced
+        q, r = divmod(j + t.PF, F)
         u.append(("u32", ((q - 1) * bks_u + taps[r]) & 0xFFFFFFFF))
     if s.bias and s.bias_axis == "m":
         u += [("addr", bias_name, mt0 * t.R * 4), ("u32", s.bias_batch_stride * 4), ("u32", t.R * 4),
@@ -510,10 +701,28 @@ def kstep_config_word(s: GemmShape) -> int:
     return 0xFFFF0000 | (a << 8) | b
 
 
+def a_panel_tile_bytes(s: GemmShape, t: GemmTiling) -> int:
+    """Bytes of one m-tile of the A panel: Kpad k-steps of R values, or (packed) Kpad / U
+    blocks of ceil(U / G) words of R lanes."""
+    if s.a_packed:
+        return t.Kpad // t.U * s.a_block_words(t.U) * t.R * 4
+    return t.Kpad * t.R * s.a_panel_es
+
+
+def packed_b_layout(s: GemmShape, t: GemmTiling) -> tuple:
+    """(word rows, lanes) of one batch entry of packed B (:func:`pack_weights`): Kpad / G rows
+    + PF zero rows the prefetch reads past the end, NT * 16 columns (16 lanes: one 64-byte line
+    per lookup)."""
+    return t.Kpad // s.b_group + t.PF, t.NT * 16
+
+
 def block_offsets(s: GemmShape, t: GemmTiling):
     """(bytes a block of U k-steps advances B, byte offset of each k-step within a block)."""
     if s.b_block is not None:
         return int(s.b_block[0]), [int(v) for v in s.b_block[1]]
+    if s.b_packed:                              # F word rows per block
+        row = packed_b_layout(s, t)[1] * 4
+        return b_fetches(s, t) * row, [i * row for i in range(b_fetches(s, t))]
     es_b = ITEMSIZE[s.b_dtype]
     bks = es_b if s.transpose_b else s.N * es_b
     return t.U * bks, [i * bks for i in range(t.U)]
@@ -595,6 +804,9 @@ def gemm_kernel(s: GemmShape, t: GemmTiling):
         nop(sig=ld(g.hi))
     if g.cfg1 is not None:
         nop(sig=ld(g.cfg1))
+    if g.csh is not None:
+        nop(sig=ld(g.csh))
+        nop(sig=ld(g.cext))
     for r in g.off:
         nop(sig=ld(r))
     if s.bias and s.bias_axis == "m":                       # bias + z * bs + wm * R * 4
@@ -706,8 +918,12 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     # the counter (and the B pointer advance) get one instruction of their own per block
     block.append(lambda: sub(g.cnt, g.cnt, 1, cond="pushz").add(g.bp, g.bp, g.bks_u))
     for j in range(U):
-        if tmu_a:
+        if tmu_a and s.a_packed:
+            block += _kstep_tmu_packed(s, t, g, j, small_b)
+        elif tmu_a:
             block += _kstep_tmu(s, t, g, j, mul, acc_add, small_b)
+        elif s.b_packed:
+            block += _kstep_packed(s, t, g, j)
         else:
             block += [_kstep_emitter(s, t, g, j, si, mul, acc_add, small_b) for si in range(R + 1)]
     while len(block) < 4:
@@ -720,7 +936,8 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
     if tmu_a:                                               # the last row's product
         acc_add(g.acc[R - 1], g.acc[R - 1], g.t[(R - 1) % 2])
     # drain what was fetched past the end: PF - 1 B rows (unifa), PF - 1 B rows and A columns (tmu)
-    for _ in range((2 if tmu_a else 1) * (PF - 1)):
+    drain = (PF - 1) + (_packed_a_drain(s, t) if s.a_packed else (PF - 1) if tmu_a else 0)
+    for _ in range(drain):
         nop(sig=S["ldtmu"](g.tq))
     if small_b:
         mov(tmuc, -1)                                       # stores: default 32-bit config bytes
@@ -788,11 +1005,13 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
         mov(tmua, g.nbias)
     if s.scale_lookup:
         mov(tmua, _scale_ptr(g))
+    starts = _a_word_starts(s, t.U) if s.a_packed else range(PF)
     for r in range(PF):
         if small_b:
             mov(tmuc, g.cfg1)
         add(tmua, g.bp, g.off[t.U - PF + r])                # row r = off[U - PF + r] past bp
-        mov(tmua, g.ap).add(g.ap, g.ap, g.astep)
+        if r in starts:                                     # A column r (packed: the word it starts)
+            mov(tmua, g.ap).add(g.ap, g.ap, g.astep)
     if bias_m:
         while len(prog.items) - unifa_pc < 4:
             nop()
@@ -801,7 +1020,12 @@ def _tile_prologue_tmu(s: GemmShape, t: GemmTiling, g: GemmRegs):
     _init_accumulators(s, R, g, bias_m)
     last = g.t[(R - 1) % 2]
     sub(last, last, last, sig=S["ldtmu"](g.bv))             # B row 0; no product before k = 0
-    mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))        # A column 0
+    if s.a_packed:                                          # A word 0: k-step 0's column
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bw))
+        _unpack_op_signed(s.a_dtype != "uint8")(g.avec[0], g.bw, -s.a_bits)   # by 32 - bits (mod 32)
+        shl(g.bw, g.bw, s.a_bits)
+    else:
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.avec[0]))    # A column 0
 
 
 def _kstep_tmu(s, t, g, j, mul, acc_add, small_b):
@@ -844,7 +1068,8 @@ def _kstep_tmu(s, t, g, j, mul, acc_add, small_b):
 def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
     """Tile start of the "unifa" variant: bias, the A stream, B rows 0..PF-1 in flight."""
     R, PF = t.R, t.PF
-    small_b = s.b_dtype in SMALL_INT
+    small_b = s.kstep_config                                # 8/16-bit B rows (not packed words)
+    F = b_fetches(s, t)
     bias_m = s.bias and s.bias_axis == "m"
     prog = _current()
     unifa_pc = len(prog.items)
@@ -872,7 +1097,7 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
         elif g.bks is not None:
             mov(tmua, g.tq, sig=sig_for_next()).add(g.tq, g.tq, g.bks)
         else:                                               # row r = off[U - PF + r] past bp
-            add(tmua, g.bp, g.off[t.U - PF + row], sig=sig_for_next())
+            add(tmua, g.bp, g.off[F - PF + row], sig=sig_for_next())
         row += what == "row"
     while pending:
         sig = sig_for_next()
@@ -884,7 +1109,11 @@ def _tile_prologue_unifa(s: GemmShape, t: GemmTiling, g: GemmRegs):
     while len(prog.items) - unifa_pc < 4:
         nop()
     nop(sig=S["ldunifarf"](g.ab[0]))                        # A[m0, 0]
-    mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))             # B row 0
+    if s.b_packed:                                          # B word 0; k-step 0's value
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bw))
+        _unpack_op(s)(g.bv, g.bw, g.cext)
+    else:
+        mov(g.cnt, g.kblocks, sig=S["ldtmu"](g.bv))         # B row 0
 
 
 def _tile_epilogue(s: GemmShape, t: GemmTiling, g: GemmRegs):
@@ -1035,6 +1264,101 @@ def _kstep_emitter(s, t, g, j, si, mul, acc_add, small_b):
     return emit
 
 
+def _unpack_op(s: GemmShape):
+    """The op extracting a packed B word's top field: ``asr`` (signed values) or ``shr``."""
+    return _unpack_op_signed(s.b_signed)
+
+
+def _unpack_op_signed(signed: bool):
+    return A.DSL["asr" if signed else "shr"]
+
+
+def _kstep_tmu_packed(s, t, g, j, small_b):
+    """Emitters of k-step j of the "tmu" variant with a packed A panel. As :func:`_kstep_tmu`
+    (shuffle + multiply per row), but the A column is unpacked from ``bw``, the lanes' current
+    word (lane i: row m0 + i), whose top field is the next k-step's value: ``asr`` / ``shr`` into
+    the next column register, then ``shl`` to the following field, in the add slots of the
+    last two rows' multiply instructions; those rows' accumulations move to their shuffle
+    instructions' mul slot (the mul ALU's ``add``). A word is looked up with the B row of the
+    k-step that starts it (PF ahead) and popped after that B row, four and three rows before
+    the k-step ends (so the unpack that follows has it)."""
+    R, U, G, PF = t.R, t.U, s.a_group, t.PF
+    P = len(g.avec)
+    bvj, bvn = g.bvs[j % P], g.bvs[(j + 1) % P]
+    col, coln = g.avec[j % P], g.avec[(j + 1) % P]
+    starts = _a_word_starts(s, U)
+    issue_a = (j + PF) % U in starts                        # the B row fetched here starts a word
+    pop_a = (j + 1) % U in starts                           # k-step j + 1 starts a word
+    ext = _unpack_op_signed(s.a_dtype != "uint8")
+    fetch = ([lambda i: i.mov(tmuc, g.cfg1)] if small_b else []) + [
+        lambda i: i.add(tmua, g.bp, g.off[j])]              # B row k + PF
+    if issue_a:
+        fetch += [lambda i: i.mov(tmua, g.ap), lambda i: i.add(g.ap, g.ap, g.astep)]
+    assert len(fetch) <= R - 2, "PACKED_A_MIN_ROWS"
+    pops = {R - 4: bvn}
+    if pop_a:
+        pops[R - 3] = g.bw
+    moved = (R - 2, R - 1)                                  # rows whose add slot unpacks
+    out = []
+    for i in range(R):
+        def shuf(i=i, op=(fetch[i] if i < len(fetch) else None)):
+            ins = A.DSL["shuffle"](g.ab[i % 2], col, i)
+            if op is not None:
+                op(ins)
+            elif i in moved:                                # accumulate row i - 1 (mul ALU)
+                ins.add(g.acc[i - 1], g.acc[i - 1], g.t[(i - 1) % 2])
+
+        def mac(i=i):
+            sig = S["ldtmu"](pops[i]) if i in pops else None
+            if i == R - 2:                                  # shift amounts are taken mod 32
+                ins = ext(coln, g.bw, -s.a_bits, sig=sig)
+            elif i == R - 1:
+                ins = shl(g.bw, g.bw, s.a_bits, sig=sig)
+            else:
+                prev = g.acc[i - 1] if i else g.acc[R - 1]
+                ins = add(prev, prev, g.t[(i - 1) % 2] if i else g.t[(R - 1) % 2], sig=sig)
+            ins.smul24(g.t[i % 2], bvj, g.ab[i % 2])
+        out += [shuf, mac]
+    return out
+
+
+def _kstep_packed(s, t, g, j):
+    """Emitters of k-step j of the loop block with packed B (:func:`pack_weights`). ``bv`` holds
+    this k-step's weights (one per lane), ``bw`` the packed word with the next k-step's value in
+    its top field. The R multiplies and their ``ldunifarf`` are the unpacked kernel's
+    (:func:`_kstep_emitter`); instruction 0's free add slot shifts the word (``shl bw, bits``),
+    and instruction R extracts the next value (``asr`` / ``shr`` by 32 - bits on the add ALU)
+    beside the last row's accumulation, moved to the mul ALU's ``add``. The word's last k-step
+    instead pops the next word and issues the lookup PF words ahead (the unpacked kernel's
+    instruction R), and one more instruction extracts the new word's first value: R + 1
+    instructions per k-step, + 1 per word of G = 32 / bits k-steps."""
+    R, G = t.R, s.b_group
+    q, last = j // G, j % G == G - 1                        # word of the block; its last k-step?
+    ext = _unpack_op(s)
+    acc, tt = g.acc, g.t
+    out = []
+    for si in range(R + 1):
+        def emit(si=si):
+            if si < R:
+                nxt = g.ab[(si + 1) % 2] if si + 1 < R else g.ab[0]
+                sig = S["ldunifarf"](nxt)
+                if si >= 1:
+                    first = add(acc[si - 1], acc[si - 1], tt[(si - 1) % 2], sig=sig)
+                elif not last:
+                    first = shl(g.bw, g.bw, g.csh, sig=sig)
+                else:
+                    first = nop(sig=sig)
+                first.smul24(tt[si % 2], g.bv, g.ab[si % 2])
+            elif not last:
+                ext(g.bv, g.bw, g.cext).add(acc[R - 1], acc[R - 1], tt[(R - 1) % 2])
+            else:
+                add(acc[R - 1], acc[R - 1], tt[(R - 1) % 2], sig=S["ldtmu"](g.bw)).add(tmua, g.bp, g.off[q])
+        out.append(emit)
+    if last:
+        out.append(lambda: ext(g.bv, g.bw, g.cext))
+    return out
+
+
 def _activation(s: GemmShape, g: GemmRegs, R: int):
     act = s.activation
     if act is None:
@@ -1155,11 +1479,16 @@ def needs_pack(s: GemmShape, t: GemmTiling) -> bool:
 def check_limits(s: GemmShape, t: GemmTiling):
     """Refuse shapes whose strides the kernels' 24-bit multiplies cannot take."""
     es_b = ITEMSIZE[s.b_dtype]
-    spans = {"A panel tile": t.Kpad * t.R * s.a_panel_es,
-             "B lane stride x 16": 16 * (s.K * es_b if s.transpose_b else es_b),
+    if s.b_packed:                       # 4-byte words, lane-major rows (packed_b_layout)
+        rows, lanes = packed_b_layout(s, t)
+        b_lane16, b_batch = 64, rows * lanes * 4
+    else:
+        b_lane16, b_batch = 16 * (s.K * es_b if s.transpose_b else es_b), s.b_bstride * es_b
+    spans = {"A panel tile": a_panel_tile_bytes(s, t),
+             "B lane stride x 16": b_lane16,
              "C tile": t.R * s.N * s.out_es, "A row": s.K * 4}
     if s.batch > 1:      # batch strides are multiplied by z; with one batch z = 0 and they are unused
-        spans.update({"A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4), "B batch": s.b_bstride * es_b,
+        spans.update({"A batch": max(t.MT * t.Kpad * t.R * 4, s.a_bstride * 4), "B batch": b_batch,
                       "C batch": s.M * s.N * s.out_es})
     for what, v in spans.items():
         if v >= UMUL24_LIMIT:
@@ -1240,7 +1569,13 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         return "weight" if name in constants else "input"
 
     bufs.append(BufferSpec(a_name, role(a_name), a_shape, s.a_dtype, a_span))
-    bufs.append(BufferSpec(b_name, role(b_name), b_shape, s.b_dtype, b_span))
+    if s.b_packed:                                          # the plan packs the constant weights
+        if b_name not in constants:
+            raise ValueError(f"packed {s.b_bits}-bit weights (weight_bits) must be the constant B operand")
+        out_consts[b_name] = pack_b(s, t, constants[b_name])
+        bufs.append(BufferSpec(b_name, "weight", out_consts[b_name].shape, "uint32"))
+    else:
+        bufs.append(BufferSpec(b_name, role(b_name), b_shape, s.b_dtype, b_span))
     if s.bias:
         bias_dtype = "int32" if s.is_int else "float32"
         bufs.append(BufferSpec(bias_name, "weight", (s.N,), bias_dtype, t.NT * 64 + 64))
@@ -1262,7 +1597,7 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         bufs.append(BufferSpec("scale", "weight", (pad,), "float32", pad * 4 + 64))
     bufs.append(BufferSpec(c_name, "output", c_shape, s.out_dtype))
     for name in (a_name, b_name):
-        if name in constants:
+        if name in constants and name not in out_consts:
             out_consts[name] = np.ascontiguousarray(np.asarray(constants[name]).astype(
                 s.a_dtype if name == a_name else s.b_dtype))
     launches = []
@@ -1291,6 +1626,8 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     return KernelPlan("gemm", bufs, launches, out_consts,
                       attrs={"M": s.M, "N": s.N, "K": s.K, "batch": s.batch, "a_dtype": s.a_dtype,
                              "b_dtype": s.b_dtype, "transpose_b": s.transpose_b, "bias": s.bias,
+                             "b_bits": s.b_bits,
+                             "weight_dtype": packed_dtype_name(s) if s.b_packed else s.b_dtype,
                              "activation": s.activation, "a_stream": s.a_stream, "tiling": t.__dict__,
                              "out_dtype": s.out_dtype,
                              "requant": None if s.requant is None else s.requant.__dict__,
@@ -1298,7 +1635,38 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
                              # device checks the longest against its dispatch budget
                              "launch_seconds": launch_seconds},
                       flops=2 * s.batch * s.M * s.N * s.K,
-                      bytes_moved=s.batch * (s.M * s.K * es_a + s.K * s.N * es_b + s.M * s.N * s.out_es))
+                      bytes_moved=s.batch * (s.M * s.K * es_a + s.M * s.N * s.out_es) + b_bytes_moved(s, t))
+
+
+def packed_dtype_name(s: GemmShape) -> str:
+    """The packed weights' dtype as it runs on the QPU (``int4``, ``uint2``, ...)."""
+    return f"{'' if s.b_signed else 'u'}int{s.b_bits}"
+
+
+def b_bytes_moved(s: GemmShape, t: GemmTiling) -> int:
+    """Bytes of B the GEMM reads once: every batch entry's K x N values, or its packed words
+    (:func:`packed_b_layout` without the prefetch rows)."""
+    zb = s.batch if s.b_bstride else 1
+    if s.b_packed:
+        rows, lanes = packed_b_layout(s, t)
+        return max(zb, 1) * (rows - t.PF) * lanes * 4
+    return max(s.batch, 1) * s.K * s.N * ITEMSIZE[s.b_dtype]
+
+
+def pack_b(s: GemmShape, t: GemmTiling, b) -> np.ndarray:
+    """The constant B (``[K, N]``, ``[N, K]`` transposed, with a leading batch axis when B is
+    per batch entry; int8 / uint8 values in the packed range) as the kernel's packed words: one
+    :func:`pack_weights` layout per batch entry, + 16 words of the TMU's look-ahead."""
+    zb = s.batch if s.batch > 1 and s.b_bstride else 1
+    shape = (s.N, s.K) if s.transpose_b else (s.K, s.N)
+    b = np.asarray(b)
+    if b.size != zb * s.K * s.N:
+        raise ValueError(f"packed B: {b.size} values for {zb} x {shape}")
+    b = b.reshape((zb,) + shape)
+    rows, lanes = packed_b_layout(s, t)
+    words = [pack_weights(bz.T if s.transpose_b else bz, s.b_bits, s.b_signed, rows, lanes).reshape(-1)
+             for bz in b]
+    return np.concatenate(words + [np.zeros(16, np.uint32)])
 
 
 def reference(s: GemmShape, a: np.ndarray, b_: np.ndarray, bias=None, scale=None) -> np.ndarray:
@@ -1364,10 +1732,37 @@ def requant_constants(spec) -> dict:
     return {"scale": sc.astype(np.float32)}
 
 
-def shape_from_spec(spec, model=None) -> GemmShape:
+def weight_bits_of(attrs: dict, w_dtype: str) -> tuple:
+    """(bits, container dtype) of a spec's weights: ``attrs["weight_bits"]`` (4 or 2; absent:
+    unpacked) with int8 / uint8 weights (signedness from the dtype, or ``attrs
+    ["weight_signed"]`` which must agree), or a packed dtype name (``int4``, ``uint2``, ...:
+    :data:`PACKED_DTYPES`); (None, w_dtype) for unpacked weights. ValueError for anything else."""
+    bits = attrs.get("weight_bits")
+    if w_dtype in PACKED_DTYPES:
+        dbits, signed = PACKED_DTYPES[w_dtype]
+        if bits is not None and int(bits) != dbits:
+            raise ValueError(f"weight_bits {bits} contradicts the weight dtype {w_dtype}")
+        bits = dbits
+    elif bits is None:
+        return None, w_dtype
+    else:
+        if w_dtype not in ("int8", "uint8"):
+            raise ValueError(f"weight_bits {bits}: the weights must be int8 / uint8 values, not {w_dtype}")
+        signed = w_dtype == "int8"
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in WEIGHT_BITS:
+        raise ValueError(f"weight_bits {bits!r}: packed weights are 4 or 2 bits")
+    if "weight_signed" in attrs and bool(attrs["weight_signed"]) != signed:
+        raise ValueError(f"weight_signed={attrs['weight_signed']} contradicts the weight dtype {w_dtype}")
+    return int(bits), ("int8" if signed else "uint8")
+
+
+def shape_from_spec(spec, model=None, b_constant: bool | None = None) -> GemmShape:
     """GemmShape of a matmul OpSpec (batch dims must be equal, or absent / 1 on one side). The
     A-stream variant is ``attrs["a_stream"]`` when given, else the one of the lowest estimate
-    under ``model`` (default: the emulator's TimingModel; :func:`choose_variant`)."""
+    under ``model`` (default: the emulator's TimingModel; :func:`choose_variant`). An int8 /
+    uint8 B that is a constant (``b_constant``; None: ``attrs["b_constant"]``, absent False) may
+    run packed four k-steps per word (:func:`choose_b_packing`; ``attrs["weight_packed"]``
+    forces / forbids it)."""
     (ash, adt), (bsh, bdt) = spec.inputs[0], spec.inputs[1]
     tb = bool(spec.attrs.get("transpose_b", False))
     if len(ash) < 2 or len(bsh) < 2:
@@ -1383,16 +1778,54 @@ def shape_from_spec(spec, model=None) -> GemmShape:
     if ab == bb and len(ash) > 2 and len(bsh) > 2 and tuple(ash[:-2]) != tuple(bsh[:-2]):
         raise ValueError("batch dimensions must match exactly")
     batch = max(ab, bb)
+    bits, bdt = weight_bits_of(spec.attrs, str(bdt))
     s = GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
                   spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
                   a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
                   b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None,
-                  requant=requant_from_attrs(spec.attrs, str(spec.output[1]), N, "n"))
+                  requant=requant_from_attrs(spec.attrs, str(spec.output[1]), N, "n"), b_bits=bits)
+    if bits is not None:                                    # packed weights: the unifa variant only
+        s = replace(s, a_stream=str(spec.attrs.get("a_stream", "unifa")))
+        check_packed_shape(s)
+        return s
+    if b_constant is None:
+        b_constant = bool(spec.attrs.get("b_constant", False))
+    packed8 = spec.attrs.get("weight_packed")
+    if packed8 is not None and bool(packed8):              # plan_gemm refuses a non-constant B
+        s = replace(s, b_bits=8, a_stream=str(spec.attrs.get("a_stream", "unifa")))
+        check_packed_shape(s)
+        return s
     if "a_stream" in spec.attrs:
-        return replace(s, a_stream=str(spec.attrs["a_stream"]))
+        s = replace(s, a_stream=str(spec.attrs["a_stream"]))
+        return choose_b_packing(s, model) if b_constant and packed8 is None else s
     if s.a_dtype not in INT_DTYPES + FLOAT_DTYPES or s.b_dtype not in INT_DTYPES + FLOAT_DTYPES:
         return s                                            # supports() refuses it with a reason
-    return choose_variant(s, model)
+    s = choose_variant(s, model)
+    return choose_b_packing(s, model) if b_constant and packed8 is None else s
+
+
+def packed_int8_candidate(s: GemmShape) -> GemmShape | None:
+    """``s`` with its int8 / uint8 constant B packed four k-steps per 32-bit word (``b_bits`` 8:
+    one 64-byte lookup feeds 4 k-steps instead of one 16-byte lookup per k-step), or None where
+    the packed path does not take the shape (:func:`check_packed_shape`)."""
+    if s.b_packed or s.b_dtype not in ("int8", "uint8"):
+        return None
+    cand = replace(s, b_bits=8, a_stream="unifa")
+    try:
+        check_packed_shape(cand)
+        check_limits(cand, choose_tiling(cand))
+    except ValueError:
+        return None
+    return cand
+
+
+def choose_b_packing(s: GemmShape, model=None) -> GemmShape:
+    """``s`` (a constant int8 / uint8 B) or its packed 8-bit form, whichever has the lower
+    estimate under ``model`` (:func:`plan_cycles`), as the convolution chooses its panel."""
+    cand = packed_int8_candidate(s)
+    if cand is None:
+        return s
+    return cand if plan_cycles(cand, model) < plan_cycles(s, model) else s
 
 
 def supports(spec) -> tuple:
@@ -1422,13 +1855,15 @@ def supports(spec) -> tuple:
 
 
 def generate(spec, constants: dict):
-    s = shape_from_spec(spec)
+    s = shape_from_spec(spec, b_constant=("B" in constants) or None)
     plan = plan_gemm(s, {**constants, **requant_constants(spec)})
     # plan_gemm declares A, B and C with the batch dims flattened ([batch, M, K], or [M, K] for an
     # operand broadcast over the batch); the registry hands the kernel the operands as the spec
     # gives them ([.., M, K] with any number of batch dims, e.g. a 4-D MatMul), so the buffers
     # take the spec's shapes (same elements, same row-major order).
     for name, shape in (("A", spec.inputs[0][0]), ("B", spec.inputs[1][0]), ("C", spec.output[0])):
+        if name == "B" and s.b_packed:                      # the plan's own packed words
+            continue
         buf = plan.buffer(name)
         if int(np.prod(shape, dtype=np.int64)) != int(np.prod(buf.shape, dtype=np.int64)):
             raise ValueError(f"matmul {name}: spec shape {list(shape)} does not hold the kernel's "
@@ -1464,7 +1899,10 @@ def gemm_profile(s: GemmShape, t: GemmTiling, kernel=None) -> GemmProfile:
 
 
 def _b_lines_per_row(s: GemmShape, line: int) -> float:
-    """Distinct cache lines one 16-lane B lookup (one k-step) touches, on average."""
+    """Distinct cache lines one 16-lane B lookup touches per k-step, on average (packed B: one
+    aligned 64-byte word row per ``b_group`` k-steps)."""
+    if s.b_packed:
+        return math.ceil(64 / line) / s.b_group
     es = ITEMSIZE[s.b_dtype]
     if s.transpose_b:
         return 16.0
@@ -1473,6 +1911,29 @@ def _b_lines_per_row(s: GemmShape, line: int) -> float:
     # row k starts (k N es) mod line bytes into a line; the 16 lanes span 16 es bytes
     offs = [(k * s.N * es) % line for k in range(line)]
     return float(np.mean([(o + 16 * es - 1) // line + 1 for o in offs]))
+
+
+def b_tile_bytes(s: GemmShape, t: GemmTiling) -> int:
+    """Distinct bytes of B one column tile's K loop reads (16 columns over Kpad k-steps, or the
+    packed words; a convolution's implicit B: its input planes, bounded by the whole B)."""
+    if s.b_packed:
+        return t.Kpad // s.b_group * 64
+    one = s.K * s.N if not s.b_table else (s.b_bstride or s.K * s.N)
+    return min(t.Kpad * 16, one) * ITEMSIZE[s.b_dtype]
+
+
+def a_tile_reused(s: GemmShape, t: GemmTiling, model) -> bool:
+    """Whether a worker's next column tile finds its A m-tile panel still in the L2. A worker
+    walks its column tiles inside its row tile (``mloop`` outside ``nloop``), rereading the
+    same ``a_panel_tile_bytes``; between two reads of a panel line, the L2 (LRU) sees one tile
+    of every active worker: the Wm row tiles' panels (the Wn workers of a row share one) and
+    the Wn column tiles' B (the Wm workers of a column share one). The line survives when that
+    working set fits the L2 (then the panel misses once per row tile, not once per pass)."""
+    if math.ceil(t.NT / t.Wn) <= 1:
+        return False                                        # no second column tile to reuse it
+    zs = min(max(1, s.batch), max(1, model.num_qpus) // max(1, t.Wn * t.Wm)) if s.batch > 1 else 1
+    ws = zs * (t.Wm * a_panel_tile_bytes(s, t) + t.Wn * b_tile_bytes(s, t))
+    return ws <= model.l2_bytes
 
 
 def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmProfile | None = None) -> float:
@@ -1496,29 +1957,34 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     es_b = ITEMSIZE[s.b_dtype]
     # distinct B data (a batch entry's B, or the input planes of a convolution) and A panel
     b_one = (s.b_bstride if s.b_bstride and (s.batch > 1 or s.b_table) else s.K * s.N) * es_b
+    G = s.b_group                            # k-steps per B lookup (packed words: 32 / bits)
+    if s.b_packed:                           # the packed words of one batch entry
+        b_one = b_bytes_moved(replace(s, batch=1), t)
     b_bytes = b_one * (Z if s.b_bstride else 1)
     pes = s.a_panel_es
-    a_bytes = Z * t.MT * t.Kpad * t.R * pes if s.a_bstride else t.MT * t.Kpad * t.R * pes
+    a_bytes = (Z if s.a_bstride else 1) * t.MT * a_panel_tile_bytes(s, t)
+    # A lookups per k-step (packed A: one word of R lanes per G k-steps, ceil(U / G) per block)
+    a_per_k = s.a_block_words(t.U) / t.U if s.a_packed else 1.0
     b_passes = 1 if b_one <= m.l2_bytes else math.ceil(t.MT / t.Wm)
-    a_passes = 1 if a_bytes <= m.l2_bytes else math.ceil(t.NT / t.Wn)
+    a_passes = 1 if a_bytes <= m.l2_bytes or a_tile_reused(s, t, m) else math.ceil(t.NT / t.Wn)
     b_rows = _b_lines_per_row(s, line)
     b_miss = miss_fraction(m, b_bytes * b_passes, Z * t.MT * t.NT * t.Kpad * b_rows)
-    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * t.R * pes / line)
+    a_miss = miss_fraction(m, a_bytes * a_passes, Z * t.MT * t.NT * t.Kpad * a_per_k * t.R * pes / line)
     active = min(qpus, nwg)
     per_slice = min(max(1, m.qpus_per_slice), active)     # QPUs sharing a TMU / uniform cache
-    a_lines = t.R * pes / line                             # A values of a k-step, in lines
-    tmu_lines = b_rows + (max(1.0, a_lines) if s.a_stream == "tmu" else 0.0)
+    a_lines = a_per_k * t.R * pes / line                   # A values of a k-step, in lines
+    tmu_lines = b_rows + (a_per_k * max(1.0, t.R * pes / line) if s.a_stream == "tmu" else 0.0)
     kstep_instr = pr.kloop / t.U
-    tmu_words = 16 * (2 if s.a_stream == "tmu" else 1)        # B row (+ A column) words
+    tmu_words = 16 / G + (16 * a_per_k if s.a_stream == "tmu" else 0)  # B row (+ A column) words
     kstep = max(kstep_instr * cpi,
                 (tmu_lines * m.tmu_cycles_per_line + tmu_words * m.tmu_cycles_per_word) * per_slice,
                 (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
-                round_trip(m, max(b_miss, a_miss if s.a_stream == "tmu" else 0.0)) / t.PF)
+                round_trip(m, max(b_miss, a_miss if s.a_stream == "tmu" else 0.0)) / (t.PF * G))
     if s.a_stream == "unifa":                # one line of A values per line / (4 R) k-steps
         per_line = line / 4.0 / t.R
         kstep = max(kstep, m.uniform_cycles_per_line * per_slice / per_line)
         kstep += stream_stall_per_line(m, per_line * kstep, a_miss) / per_line
-    start = round_trip(m, True) + dram_cycles(m, active * t.PF * b_rows * line * b_miss)
+    start = round_trip(m, True) + dram_cycles(m, active * t.PF * G * b_rows * line * b_miss)
     tile = pr.tile * cpi + t.Kpad * kstep + start
     # workgroups queue for the QPUs: the busiest QPU runs ceil(nwg / qpus) prologues and about
     # an even share of all tiles, at least one workgroup's tiles
