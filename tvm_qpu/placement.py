@@ -217,6 +217,7 @@ def qpu_seconds(spec, constants=(), registry=None) -> float:
 #: kinds whose plans split long work into launches each within the dispatch budget, and the
 #: function that models their longest launch (seconds; spec -> float)
 SPLIT_KINDS = {"matmul": "tvm_qpu.codegen.kernels.gemm:longest_dispatch_seconds",
+               "conv2d": "tvm_qpu.codegen.kernels.conv:longest_dispatch_seconds",
                "max_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
                "avg_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
                "attention": "tvm_qpu.codegen.kernels.attention:longest_dispatch_seconds"}

@@ -116,6 +116,34 @@ def seconds(model, cycles: float) -> float:
     return cycles / model.clock_hz
 
 
+def dispatch_budget_seconds() -> float:
+    """The longest one GPU dispatch may be modelled to run: the v3d driver's hang check resets a
+    job whose batch counter makes no progress for 500 ms, and our persistent launches dispatch
+    every batch at once. The one source of truth is
+    :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS` (read at call time, so tests can patch it);
+    every kernel that splits long work into launches reads it through this function."""
+    from ...runtime import v3d
+    return v3d.DISPATCH_BUDGET_SECONDS
+
+
+def split_count(fits, most: int, first: int = 1) -> int:
+    """The fewest parts ``n`` in ``first .. most`` with ``fits(n)`` true (``most`` when none
+    does: the caller's budget check then refuses the plan). ``fits`` must be monotone (more
+    parts never make the longest launch longer), so a bisection finds it."""
+    lo, hi = max(1, first), max(1, most)
+    if lo >= hi or fits(lo):
+        return min(lo, hi)
+    if not fits(hi):
+        return hi
+    while hi - lo > 1:                      # fits(hi) and not fits(lo)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def mov_const(dst, value: int):
     """``dst = value`` for any non-negative 32-bit ``value``: one small-immediate ``mov`` when the
     value is representable, else built from 4-bit digits (shift left 4, add the next digit)."""

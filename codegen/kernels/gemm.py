@@ -1168,12 +1168,6 @@ def check_limits(s: GemmShape, t: GemmTiling):
         raise ValueError("batch > 65535")
 
 
-def dispatch_budget_seconds() -> float:
-    """The longest one GPU dispatch may be modelled to run (the v3d driver's hang check; one
-    source of truth: :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS`, read at call time)."""
-    from ...runtime import v3d
-    return v3d.DISPATCH_BUDGET_SECONDS
-
 
 def _row_block(s: GemmShape, t: GemmTiling, mt0: int, mt1: int):
     """(shape, tiling) of the GEMM launch over row tiles [mt0, mt1): the whole GEMM's R, U, PF
@@ -1188,11 +1182,11 @@ def _row_block(s: GemmShape, t: GemmTiling, mt0: int, mt1: int):
 def split_rows(s: GemmShape, t: GemmTiling, model=None, budget_seconds: float | None = None):
     """Row blocks ``[(mt0, shape, tiling), ...]`` of the GEMM launch, each modelled (under
     ``model``; :func:`gemm_launch_cycles`) within ``budget_seconds`` (default
-    :func:`dispatch_budget_seconds`): the persistent launch keeps every batch resident, so the
+    :func:`.common.dispatch_budget_seconds`): the persistent launch keeps every batch resident, so the
     v3d hang check (no batch-counter progress for 500 ms) bounds each launch, not the GEMM.
     The fewest equal blocks of whole row tiles that fit; one row tile per launch when nothing
     fits (the caller's budget check then refuses it). One block when the whole launch fits."""
-    from .common import timing_model, seconds
+    from .common import timing_model, seconds, dispatch_budget_seconds
     m = timing_model(model)
     budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
 

@@ -584,18 +584,12 @@ def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS,
                       bytes_moved=in_bytes + out_bytes)
 
 
-def dispatch_budget_seconds() -> float:
-    """The longest one GPU dispatch may be modelled to run (one source of truth:
-    :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS`, read at call time)."""
-    from ...runtime import v3d
-    return v3d.DISPATCH_BUDGET_SECONDS
-
 
 def split_launches(g: Pool2D, num_qpus=RD.NUM_QPUS, model=None, budget_seconds: float | None = None) -> int:
     """The fewest launches whose longest is modelled (:func:`launch_cycles`) within the budget:
     the persistent launch keeps every batch resident, so the v3d hang check bounds each launch.
     One launch per vector run of a worker when nothing fits (the budget check then refuses it)."""
-    from .common import timing_model, seconds
+    from .common import timing_model, seconds, dispatch_budget_seconds
     m = timing_model(model)
     budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
     whole = seconds(m, max(launch_cycles(g, m, num_qpus, 1)))
