@@ -182,3 +182,21 @@ def test_a_long_pooling_splits_and_is_offloaded():
     assert PL.longest_dispatch_seconds(big, est) <= DISPATCH_BUDGET_SECONDS < est
     assert len(registry.generate(big, {}).launches) >= 2
     assert PL.decide(big, "all", registry=registry).on_qpu
+
+
+def test_a_long_reduction_splits_and_is_offloaded():
+    """Global average pooling and argmax modelled beyond one dispatch's budget split their lanes
+    stage into launches over runs of output vectors (reduce.split_lanes), each within it, so
+    placement=all offloads them."""
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
+    gap = OpSpec("global_avg_pool2d", [((1, 2048, 224, 224), "float32")], ((1, 2048, 1, 1), "float32"),
+                 {"layout": "NCHW"})                          # 392 MiB, 2048 planes: modelled ~0.43 s
+    arg = OpSpec("argmax", [((65536, 4000), "float32")], ((65536,), "int64"), {"axis": 1, "keepdims": False})
+    for big in (gap, arg):
+        assert big.kind in PL.SPLIT_KINDS and registry.supports(big)[0]
+        est = registry.estimate(big)
+        assert PL.longest_dispatch_seconds(big, est) <= DISPATCH_BUDGET_SECONDS < est
+        plan = registry.generate(big, {})
+        assert len(plan.launches) >= 2 and max(plan.attrs["launch_seconds"]) <= DISPATCH_BUDGET_SECONDS
+        assert PL.decide(big, "all", registry=registry).on_qpu

@@ -220,7 +220,10 @@ SPLIT_KINDS = {"matmul": "tvm_qpu.codegen.kernels.gemm:longest_dispatch_seconds"
                "conv2d": "tvm_qpu.codegen.kernels.conv:longest_dispatch_seconds",
                "max_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
                "avg_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
-               "attention": "tvm_qpu.codegen.kernels.attention:longest_dispatch_seconds"}
+               "attention": "tvm_qpu.codegen.kernels.attention:longest_dispatch_seconds",
+               "global_avg_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
+               **{k: "tvm_qpu.codegen.kernels.reduce:longest_dispatch_seconds"
+                  for k in ("reduce_max", "reduce_min", "argmax", "argmin")}}
 
 
 def longest_dispatch_seconds(spec, qpu_total: float) -> float:
