@@ -127,11 +127,14 @@ def block_taps(s: ConvShape, lay: ConvLayout, es: int):
 # ------------------------------------------------------------------------------------------------
 # Padding copy: X[n, c, h, w] -> Xp[n, c, h + pt, w + pl] (other entries stay zero)
 # ------------------------------------------------------------------------------------------------
-def pad_uniforms(s: ConvShape, lay: ConvLayout, x: str, xp: str):
+def pad_uniforms(s: ConvShape, lay: ConvLayout, x: str, xp: str, n0: int = 0):
+    """The padding copy's uniforms; a launch over images ``n0 ..`` (:func:`split_pad`) starts
+    both tensors ``n0`` images in."""
     es = ITEMSIZE[s.dtype]
     pt, pl, _, _ = s.padding
-    u = [("addr", x, 0), ("u32", s.C * s.H * s.W * es), ("u32", s.H * s.W * es), ("u32", s.W * es),
-         ("addr", xp, (pt * lay.Wp + pl) * es), ("u32", lay.Cpad * lay.Hp * lay.Wp * es),
+    u = [("addr", x, n0 * s.C * s.H * s.W * es), ("u32", s.C * s.H * s.W * es), ("u32", s.H * s.W * es),
+         ("u32", s.W * es),
+         ("addr", xp, n0 * lay.Cpad * lay.Hp * lay.Wp * es + (pt * lay.Wp + pl) * es), ("u32", lay.Cpad * lay.Hp * lay.Wp * es),
          ("u32", lay.Hp * lay.Wp * es), ("u32", lay.Wp * es), ("u32", s.H), ("u32", s.W), ("u32", es)]
     if s.dtype in SMALL_INT:
         c = tmu_config(s.dtype)
@@ -307,8 +310,11 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
         # one spare block of zero planes past the end: the prefetch reads ahead
         padded = (s.N * lay.Cpad + lay.g) * lay.Hp * lay.Wp * es + 64
         bufs.append(BufferSpec("data_padded", "scratch", (padded // es,), s.dtype, padded))
-        launches.append(Launch(A.assemble(pad_kernel, s, name="conv_pad"), pad_uniforms(s, lay, "data", "data_padded"),
-                               (s.C, s.N, 1), 16, s.num_qpus, 1, "conv_pad"))
+        pad_words = A.assemble(pad_kernel, s, name="conv_pad")
+        pads = split_pad(s, budget_seconds=budget_seconds)
+        for i, (n0, nb) in enumerate(pads):
+            launches.append(Launch(pad_words, pad_uniforms(s, lay, "data", "data_padded", n0),
+                                   (s.C, nb, 1), 16, s.num_qpus, 1, "conv_pad" if len(pads) == 1 else f"conv_pad{i}"))
         b_name = "data_padded"
     parts = split_launches(s, lay, g, t, budget_seconds=budget_seconds)
     words = {}
@@ -326,7 +332,7 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
         launches.append(Launch(words[key], u, (p.tiling.Wn, p.tiling.Wm, p.shape.batch), 16, s.num_qpus, 1, name))
     from .common import timing_model, seconds
     m = timing_model(None)
-    launch_seconds = ([seconds(m, pad_launch_cycles(s, m))] if lay.copy else []) + \
+    launch_seconds = ([seconds(m, pad_launch_cycles(replace(s, N=nb), m)) for _, nb in pads] if lay.copy else []) + \
         [seconds(m, gemm_launch_cycles(p.shape, p.tiling, m)) for p in parts]
     return KernelPlan("conv2d", bufs, launches, consts,
                       attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__},
@@ -348,6 +354,20 @@ class ConvPart(NamedTuple):
     mt0: int
     shape: GemmShape
     tiling: object
+
+
+def split_pad(s: ConvShape, model=None, budget_seconds: float | None = None) -> list:
+    """Image runs ``[(n0, images), ...]`` of the padding copy, each modelled
+    (:func:`pad_launch_cycles` under ``model``) within ``budget_seconds`` (default
+    :func:`.common.dispatch_budget_seconds`): the fewest equal runs; one image per launch when
+    nothing fits (the budget check then refuses the plan; one image is under 16 MiB, the GEMM's
+    24-bit image stride, far below the budget)."""
+    from .common import timing_model, seconds, dispatch_budget_seconds, split_count
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    size = lambda n: -(-s.N // n)                                   # noqa: E731
+    n = split_count(lambda n: seconds(m, pad_launch_cycles(replace(s, N=size(n)), m)) <= budget, s.N)
+    return [(n0, min(size(n), s.N - n0)) for n0 in range(0, s.N, size(n))]
 
 
 def split_launches(s: ConvShape, lay: ConvLayout, g: GemmShape, t, model=None,
@@ -524,7 +544,7 @@ def launch_cycles(s: ConvShape, model=None) -> list:
     lay = conv_layout(s)
     g = choose_variant(s, lay, m)
     t = choose_tiling(g)
-    pad = [pad_launch_cycles(s, m)] if lay.copy else []
+    pad = [pad_launch_cycles(replace(s, N=nb), m) for _, nb in split_pad(s, m)] if lay.copy else []
     return pad + [gemm_launch_cycles(p.shape, p.tiling, m) for p in split_launches(s, lay, g, t, m)]
 
 
