@@ -91,6 +91,16 @@ def slice_tmu_cycles(model, lookups: float, lines: float, words: float, active: 
     return lookups / slices * (lines * model.tmu_cycles_per_line + words * model.tmu_cycles_per_word)
 
 
+def slice_burst_queue(model, active: int, lookups: float, lines: float, words: float) -> float:
+    """Cycles the slice TMU needs to serve one burst of ``lookups`` lookups from each of the
+    slice's QPUs when ``active`` workers issue theirs in step (``qpus_per_slice`` share a TMU;
+    per lookup ``tmu_cycles_per_line`` per distinct line and ``tmu_cycles_per_word`` per word it
+    returns): the queue the last burst of the slice waits behind, on top of its round trip."""
+    qps = max(1, model.qpus_per_slice)
+    return min(max(1, active), qps) * lookups * (lines * model.tmu_cycles_per_line
+                                                 + words * model.tmu_cycles_per_word)
+
+
 def lookup_lines(model, span_bytes: float, aligned: bool = False) -> float:
     """Distinct lines a lookup whose lanes cover ``span_bytes`` contiguous bytes touches: a
     line-aligned start, or (expected) a random 4-byte offset within a line."""
