@@ -420,11 +420,11 @@ def test_long_reduction_splits_into_launches_within_the_dispatch_budget(dev, op,
         rng.integers(-100, 100, shape).astype(dtype)
     out, stats = run_plan(plan, dev, data=x)
     # the emulator's time of each launch stays within the estimate tolerance of the budget (as
-    # the fused attention's split test); per launch the lanes estimate is not held to +-25% at
-    # these microsecond launches: it lacks the busiest worker's per-element instruction and
-    # latency time, which only matters far below the budget's scale (see the report)
+    # the fused attention's split test) and the launches together within it of their modelled
+    # sum; per launch the estimate / emulated ratio is 0.75-1.27 here (the int8 sum's: 1.25, a
+    # short tail launch 0.75), too close to the tolerance to assert launch by launch
     assert max(s.seconds for s in stats) <= 1.25 * budget
-    assert sum(s.seconds for s in stats) >= 0.75 * sum(ls)
+    assert abs(sum(ls) / sum(s.seconds for s in stats) - 1) <= 0.25
     if arg:
         np.testing.assert_array_equal(out, np.argmax(x, axis=axis))
     elif op == "sum":

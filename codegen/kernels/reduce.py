@@ -1088,29 +1088,97 @@ def stage_cycles(model, K0: int, R: int, K1: int, dtype: str, segments: bool) ->
         tmu = slice_tmu_cycles(model, lookups, 4, 64 if es == 4 else 16, model.num_qpus)
         return max(traffic, l2, tmu) + round_trip(model, True)
     V = -(-(K0 * K1) // 16)
-    return lanes_cycles(model, R, K1, dtype, K0 * K1, V, -(-V // min(V, model.num_qpus)))
+    return lanes_cycles(model, R, K1, dtype, K0 * K1, V, -(-V // min(V, model.num_qpus)), K0 * K1)
 
 
-def _lane_lines(model, R: int, K1: int, es: int) -> float:
-    """Distinct lines one 16-lane lookup of the lanes kernel touches: adjacent outputs are
-    adjacent in memory (K1 >= 16) or a reduced row apart."""
+def _lane_lines(model, R: int, K1: int, es: int, P: int | None = None) -> float:
+    """Mean distinct lines one 16-lane lookup of the lanes kernel touches: lane l of vector v
+    reads output o = 16 v + l's element r, byte ((o // K1 * R + r) * K1 + o % K1) * es; counted
+    over a sample of the view's vectors and reduced elements (``P`` outputs). Without ``P``:
+    adjacent lanes contiguous from a random offset (K1 >= 16), else a reduced row apart."""
     from .common import lookup_lines
-    if K1 >= 16:
-        return min(16.0, lookup_lines(model, 16 * es))
-    return min(16.0, max(1.0, 16 * R * K1 * es / model.line_bytes))
+    if P is None:
+        if K1 >= 16:
+            return min(16.0, lookup_lines(model, 16 * es))
+        return min(16.0, max(1.0, 16 * R * K1 * es / model.line_bytes))
+    V = -(-P // 16)
+    vs = np.arange(min(V, 64))                   # alignments repeat within 64 vectors / rows
+    rs = np.arange(min(R, 64))
+    o = vs[:, None] * 16 + np.arange(16)[None, :]                       # [v, lane]
+    on = o < P
+    o = np.minimum(o, P - 1)
+    base = (o // K1 * R) * K1 + o % K1                                   # element index at r = 0
+    addr = (base[:, :, None] + rs[None, None, :] * K1) * es              # [v, lane, r]
+    first, last = addr // model.line_bytes, (addr + es - 1) // model.line_bytes
+    counts = [len(np.unique(np.concatenate([first[i, on[i], j], last[i, on[i], j]])))
+              for i in range(len(vs)) for j in range(len(rs))]
+    return float(np.mean(counts))
 
 
-def lanes_cycles(model, R: int, K1: int, dtype: str, outputs: int, V: int, per_worker: int) -> float:
+def lanes_cycles(model, R: int, K1: int, dtype: str, outputs: int, V: int, per_worker: int,
+                 P: int | None = None) -> float:
     """Modelled cycles of one lanes launch over ``V`` vectors (``outputs`` outputs) of the view
-    [., R, K1], ``per_worker`` vectors on its busiest worker (see :func:`stage_cycles`)."""
+    [., R, K1] (``P`` outputs in all, for the lookups' lines, :func:`_lane_lines`),
+    ``per_worker`` vectors on its busiest worker: the largest of its DRAM traffic, the shared
+    L2 port, the slice TMUs and the busiest worker's chain (:func:`lanes_worker_cycles`), plus
+    one round trip. A vector whose R elements do not fit the thread's FIFO share keeps PF loads
+    in flight and over-issues PF - 1 (drained unused): they are lookups too, and past the last
+    slab of a K1 >= 16 view (rows R.. of the last k0) lines nothing else reads. A line two
+    lookups share (adjacent vectors of a worker, K1 >= 16) hits the L2 only while the lines the
+    active workers read in between (a vector's lookups each) fit it; else every lookup's lines
+    miss."""
     from .common import dram_cycles, round_trip, l2_port_cycles, slice_tmu_cycles
     es = ITEMSIZE[dtype]
-    traffic = dram_cycles(model, (outputs * R + outputs) * es)
-    lines = _lane_lines(model, R, K1, es)
-    tmu = max(per_worker * R * lines * model.tmu_cycles_per_line,
-              slice_tmu_cycles(model, V * R, lines, 16, min(V, model.num_qpus)))
-    l2 = l2_port_cycles(model, V * (R * lines + 1))
-    return max(traffic, tmu, l2) + round_trip(model, True)
+    lines = _lane_lines(model, R, K1, es, P)
+    extra = PF - 1 if R > TMU_FIFO_WORDS else 0
+    waste = 0.0
+    if extra and K1 >= 16 and P is not None:
+        last_slab = min(V, -(-K1 // 16))                 # vectors of the last k0
+        waste = last_slab * extra * lines * model.line_bytes
+    looks = R + extra
+    active = min(V, model.num_qpus)
+    between = active * looks * lines * model.line_bytes          # bytes read between two reuses
+    if K1 >= 16 and between > model.l2_bytes:      # (a reduced row apart: reused by the next lookup)
+        moved = V * looks * lines * model.line_bytes + outputs * es
+        miss = 1.0
+    else:
+        moved = (outputs * R + outputs) * es + waste
+        miss = min(1.0, outputs * R * es / model.line_bytes / max(1.0, V * R * lines))
+    traffic = dram_cycles(model, moved)
+    tmu = max(per_worker * looks * lines * model.tmu_cycles_per_line,
+              slice_tmu_cycles(model, V * looks, lines, 16, active))
+    l2 = l2_port_cycles(model, V * (looks * lines + 1))
+    worker = lanes_worker_cycles(model, R, K1, dtype, per_worker, lines, miss, active)
+    return max(traffic, tmu, l2, worker) + round_trip(model, True)
+
+
+def _lanes_profile(R: int, K1: int, dtype: str) -> tuple:
+    """(instructions per reduced element in the lanes kernel's loop, instructions of a vector
+    outside it), from the generated program."""
+    from .common import loop_lengths
+    words, _ = _assemble(lanes_kernel, LanesStage(1, R, K1, "max", dtype, dtype, "data", "out", "probe"),
+                         "probe_lanes")
+    loops = loop_lengths(words)
+    if R <= TMU_FIFO_WORDS or len(loops) < 2:          # unrolled: every element in the vector loop
+        return (loops[-1] if loops else len(words)) / max(1, R), 0
+    return loops[0] / UNROLL, loops[-1] - loops[0]
+
+
+def lanes_worker_cycles(model, R: int, K1: int, dtype: str, vectors: int, lines: float, miss: float,
+                        active: int) -> float:
+    """The busiest worker's chain: per vector its code outside the element loop and one round
+    trip before its first element (the loads restart each vector), then each further element
+    paced by the slowest of its loop instructions, the round trip over the PF loads in flight
+    and its turn on the slice TMU (its lookup's lines and 16 returned words, behind the slice's
+    other active workers)."""
+    from .common import round_trip
+    per_elem, outside = _lanes_profile(R, K1, dtype)
+    cpi = model.cycles_per_instruction
+    rt = round_trip(model, miss)
+    share = min(max(1, active), max(1, model.qpus_per_slice))
+    occ = lines * model.tmu_cycles_per_line + 16 * model.tmu_cycles_per_word
+    elem = max(per_elem * cpi, rt / PF, share * occ)
+    return vectors * (outside * cpi + rt + max(0, R - 1) * elem)
 
 
 def arg_cycles(model, R: int, K1: int, dtype: str, outputs: int, V: int, per_worker: int, loop: int) -> float:
@@ -1149,7 +1217,7 @@ def lanes_launch_cycles(model, K0: int, R: int, K1: int, dtype: str, num_qpus: i
         elif launches == 1:                      # the whole stage: as stage_cycles
             out.append(stage_cycles(model, K0, R, K1, dtype, False))
         else:
-            out.append(lanes_cycles(model, R, K1, dtype, outs, V, chunk))
+            out.append(lanes_cycles(model, R, K1, dtype, outs, V, chunk, P))
     return out
 
 
