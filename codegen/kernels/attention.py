@@ -1500,6 +1500,11 @@ def unfused_refusal(s: AttnShape) -> str:
         return "a mask input together with causal"
     if s.B * s.T * s.D * 4 >= G.UMUL24_LIMIT:
         return "k beyond the transpose's 24-bit address arithmetic"
+    from . import softmax as SMX
+    try:                                     # the scores [B * S, T] through the softmax kernel
+        SMX.check_limits(SMX.SoftmaxShape(s.B * s.S, s.T, s.scale, 0, s.num_qpus))
+    except ValueError as e:
+        return f"scores {s.B * s.S} x {s.T}: {e}"
     return ""
 
 
