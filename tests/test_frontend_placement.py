@@ -120,12 +120,13 @@ def test_ops_longer_than_one_gpu_dispatch_stay_on_the_cpu(placement):
     under placement=all."""
     from tvm_qpu.codegen import registry
     from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
-    big = OpSpec("conv2d", [((1, 256, 128, 128), "float32"), ((256, 256, 3, 3), "float32")],
-                 ((1, 256, 128, 128), "float32"), {"padding": (1,) * 4, "strides": (1, 1), "groups": 1})
-    assert big.kind not in PL.SPLIT_KINDS
+    # a depthwise convolution (its own kernel, one launch over every image and channel)
+    big = OpSpec("conv2d", [((4, 64, 512, 512), "float32"), ((64, 1, 3, 3), "float32")],
+                 ((4, 64, 512, 512), "float32"), {"padding": (1,) * 4, "strides": (1, 1), "groups": 64})
     assert registry.supports(big)[0]
-    assert registry.estimate(big) > DISPATCH_BUDGET_SECONDS     # ~1.9e10 ops, modelled ~0.47 s
-    d = PL.decide(big, placement, {"weight": np.zeros((256, 256, 3, 3), np.float32)}, registry=registry)
+    assert registry.estimate(big) > DISPATCH_BUDGET_SECONDS     # 64 Mi outputs x 9 taps, modelled ~0.3 s
+    assert PL.longest_dispatch_seconds(big, registry.estimate(big)) > DISPATCH_BUDGET_SECONDS
+    d = PL.decide(big, placement, {"weight": np.zeros((64, 1, 3, 3), np.float32)}, registry=registry)
     assert not d.on_qpu and "hang check" in d.reason, d.reason
     small = OpSpec("conv2d", [((1, 8, 8, 8), "float32"), ((8, 8, 3, 3), "float32")],
                    ((1, 8, 8, 8), "float32"), {"padding": (1,) * 4, "strides": (1, 1), "groups": 1})
@@ -147,6 +148,24 @@ def test_a_long_matmul_splits_and_is_offloaded():
     assert d.on_qpu, d.reason
 
 
+def test_a_long_conv_splits_and_is_offloaded():
+    """A convolution modelled beyond one dispatch's budget splits into GEMM launches over image
+    groups / output-channel blocks (conv.split_launches), each within it, so placement=all
+    offloads it."""
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
+    big = OpSpec("conv2d", [((1, 256, 128, 128), "float32"), ((256, 256, 3, 3), "float32")],
+                 ((1, 256, 128, 128), "float32"), {"padding": (1,) * 4, "strides": (1, 1), "groups": 1})
+    assert "conv2d" in PL.SPLIT_KINDS and registry.supports(big)[0]
+    est = registry.estimate(big)                                # ~1.9e10 ops, modelled ~0.47 s
+    assert PL.longest_dispatch_seconds(big, est) <= DISPATCH_BUDGET_SECONDS < est
+    w = {"weight": np.zeros((256, 256, 3, 3), np.float32)}
+    plan = registry.generate(big, w)
+    assert sum(L.name.startswith("conv_part") for L in plan.launches) >= 2
+    assert max(plan.attrs["launch_seconds"]) <= DISPATCH_BUDGET_SECONDS
+    assert PL.decide(big, "all", w, registry=registry).on_qpu
+
+
 def test_a_long_pooling_splits_and_is_offloaded():
     """A window pooling modelled beyond one dispatch's budget splits into launches over runs of
     output vectors (pool.split_launches), each within it, so placement=all offloads it."""
@@ -163,3 +182,21 @@ def test_a_long_pooling_splits_and_is_offloaded():
     assert PL.longest_dispatch_seconds(big, est) <= DISPATCH_BUDGET_SECONDS < est
     assert len(registry.generate(big, {}).launches) >= 2
     assert PL.decide(big, "all", registry=registry).on_qpu
+
+
+def test_a_long_reduction_splits_and_is_offloaded():
+    """Global average pooling and argmax modelled beyond one dispatch's budget split their lanes
+    stage into launches over runs of output vectors (reduce.split_lanes), each within it, so
+    placement=all offloads them."""
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
+    gap = OpSpec("global_avg_pool2d", [((1, 2048, 224, 224), "float32")], ((1, 2048, 1, 1), "float32"),
+                 {"layout": "NCHW"})                          # 392 MiB, 2048 planes: modelled ~0.43 s
+    arg = OpSpec("argmax", [((65536, 4000), "float32")], ((65536,), "int64"), {"axis": 1, "keepdims": False})
+    for big in (gap, arg):
+        assert big.kind in PL.SPLIT_KINDS and registry.supports(big)[0]
+        est = registry.estimate(big)
+        assert PL.longest_dispatch_seconds(big, est) <= DISPATCH_BUDGET_SECONDS < est
+        plan = registry.generate(big, {})
+        assert len(plan.launches) >= 2 and max(plan.attrs["launch_seconds"]) <= DISPATCH_BUDGET_SECONDS
+        assert PL.decide(big, "all", registry=registry).on_qpu

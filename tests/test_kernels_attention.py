@@ -280,3 +280,20 @@ def test_fused_attention_splits_batches_within_the_budget(dev):
     assert max(stats[i].seconds for i in att) <= 1.25 * budget
     ref = reference(s, q, k, v, mask)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 + 1e-5 * float(np.abs(v).max()))
+
+
+def test_unfused_path_is_not_chosen_when_its_softmax_cannot_take_the_scores():
+    """The unfused plan runs the scores [B * S, T] through the softmax kernel (16 MiB / 65535
+    rows): a shape whose scores exceed that is planned fused instead of failing in generate
+    (supports() said yes before, and placement=all then offloaded an op the plan refused)."""
+    from tvm_qpu.codegen import registry
+    from tvm_qpu.codegen.kernels.attention import plan_attention, spec_shape, unfused_refusal
+    spec = OpSpec("attention", [((16, 1024, 64), "float32")] * 3, ((16, 1024, 64), "float32"),
+                  {"scale": 0.125, "causal": False, "mask": False})
+    assert registry.supports(spec)[0]
+    s = spec_shape(spec)
+    assert "scores 16384 x 1024" in unfused_refusal(s)
+    plan = plan_attention(s)
+    assert plan.attrs.get("path") != "unfused" and any(L.name.startswith("attention") for L in plan.launches)
+    with pytest.raises(ValueError, match="no unfused attention plan: scores"):
+        plan_attention(s, path="unfused")

@@ -123,3 +123,97 @@ def test_conv_tmu_variant_refuses_too_large_blocks_clearly():
     s = ConvShape(1, 2, 5, 5, 3, 5, 5)
     with pytest.raises(ValueError, match="registers"):
         plan_conv(s, np.zeros((3, 2, 5, 5), np.float32), None, "tmu")
+
+
+# ---- launches over the dispatch budget ---------------------------------------------------------
+@pytest.mark.parametrize("s,cut", [
+    (ConvShape(3, 4, 10, 10, 40, 3, 3, padding=(1, 1, 1, 1), bias=True, activation="relu"), "rows"),
+    (ConvShape(3, 8, 16, 16, 16, 3, 3, dtype="int8", w_dtype="int8"), "images"),
+], ids=["fp32-rows", "int8-images"])
+def test_long_conv_splits_into_launches_within_the_dispatch_budget(dev, s, cut):
+    """A convolution modelled over the dispatch budget (the v3d hang check) becomes several GEMM
+    launches over image groups ("images": the budget fits one image) or, when one image is over
+    it too, over output-channel blocks of each image ("rows": the budget fits one row tile of one
+    image); each is modelled within the budget, the emulator's time of each agrees with its
+    modelled figure (the estimate tolerance), and the result is the direct convolution's. The
+    budget is forced small so that a small convolution must split."""
+    from dataclasses import replace as _replace
+    from tvm_qpu.codegen.kernels import conv as CV
+    from tvm_qpu.codegen.kernels.common import seconds, timing_model
+    from tvm_qpu.codegen.kernels.gemm import _row_block, choose_tiling, gemm_launch_cycles
+    m = timing_model(None)
+    lay = CV.conv_layout(s)
+    g = CV.choose_variant(s, lay)
+    t = choose_tiling(g)
+    one = _replace(g, batch=1)
+    if cut == "rows":
+        assert t.MT >= 2
+        budget = 1.01 * max(seconds(m, gemm_launch_cycles(*_row_block(one, t, mt, mt + 1), m)) for mt in range(t.MT))
+    else:
+        budget = 1.01 * seconds(m, gemm_launch_cycles(one, t, m))
+    assert seconds(m, gemm_launch_cycles(g, t, m)) > budget                  # the whole launch is over it
+    parts = CV.split_launches(s, lay, g, t, budget_seconds=budget)
+    if cut == "rows":
+        assert len(parts) > s.N and all(p.shape.batch == 1 for p in parts)
+        assert sum(p.tiling.MT for p in parts) == s.N * t.MT
+    else:
+        assert len(parts) >= 2 and sum(p.shape.batch for p in parts) == s.N and all(p.tiling.MT == t.MT for p in parts)
+    rng = np.random.default_rng(5)
+    wshape = (s.OC, s.C, s.KH, s.KW)
+    if s.is_int:
+        x = rng.integers(-60, 60, (s.N, s.C, s.H, s.W)).astype(s.dtype)
+        w = rng.integers(-60, 60, wshape).astype(s.w_dtype)
+        bias = None
+    else:
+        x = rng.standard_normal((s.N, s.C, s.H, s.W)).astype(np.float32)
+        w = rng.standard_normal(wshape).astype(np.float32)
+        bias = rng.standard_normal(s.OC).astype(np.float32)
+    plan = plan_conv(s, w, bias, budget_seconds=budget)
+    gemm_idx = [i for i, L in enumerate(plan.launches) if L.name.startswith("conv_part")]
+    assert len(gemm_idx) == len(parts)
+    assert len(plan.attrs["launch_seconds"]) == len(plan.launches)          # what the v3d device checks
+    assert all(plan.attrs["launch_seconds"][i] <= budget for i in gemm_idx)
+    out, stats = run_plan(plan, dev, data=x)
+    for i in gemm_idx:
+        assert stats[i].seconds == pytest.approx(plan.attrs["launch_seconds"][i], rel=0.25)
+    ref = reference(s, x, w, bias)
+    if s.is_int:
+        np.testing.assert_array_equal(out, ref)
+    else:
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert [L.name for L in plan_conv(s, w, bias).launches][-1] == "conv"    # default budget: one launch
+
+
+def test_long_padding_copy_splits_into_launches_within_the_dispatch_budget(dev):
+    """The padding copy modelled over the dispatch budget runs as launches over runs of images
+    (conv.split_pad), each modelled within the budget and emulated at most the estimate
+    tolerance above it; the convolution reading the padded copy matches the direct convolution. The budget
+    is forced just above one image's copy (and one image's GEMM)."""
+    from dataclasses import replace as _replace
+    from tvm_qpu.codegen.kernels import conv as CV
+    from tvm_qpu.codegen.kernels.common import seconds, timing_model
+    from tvm_qpu.codegen.kernels.gemm import choose_tiling, gemm_launch_cycles
+    s = ConvShape(5, 6, 20, 20, 8, 3, 3, padding=(1, 1, 1, 1), bias=True)
+    m = timing_model(None)
+    lay = CV.conv_layout(s)
+    assert lay.copy
+    g = CV.choose_variant(s, lay)
+    t = choose_tiling(g)
+    budget = 1.01 * max(seconds(m, CV.pad_launch_cycles(_replace(s, N=1), m)),
+                        seconds(m, gemm_launch_cycles(_replace(g, batch=1), t, m)))
+    assert seconds(m, CV.pad_launch_cycles(s, m)) > 2 * budget
+    pads = CV.split_pad(s, budget_seconds=budget)
+    assert len(pads) >= 3 and sum(nb for _, nb in pads) == s.N and pads[0][0] == 0
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((s.N, s.C, s.H, s.W)).astype(np.float32)
+    w = rng.standard_normal((s.OC, s.C, s.KH, s.KW)).astype(np.float32)
+    bias = rng.standard_normal(s.OC).astype(np.float32)
+    plan = plan_conv(s, w, bias, budget_seconds=budget)
+    idx = [i for i, L in enumerate(plan.launches) if L.name.startswith("conv_pad")]
+    assert len(idx) == len(pads)
+    ls = plan.attrs["launch_seconds"]
+    assert len(ls) == len(plan.launches) and max(ls) <= budget
+    out, stats = run_plan(plan, dev, data=x)
+    for i in idx:          # the copy's model is pessimistic at this size (about 1.4x): the safe side
+        assert stats[i].seconds <= 1.25 * ls[i]
+    np.testing.assert_allclose(out, reference(s, x, w, bias), rtol=1e-4, atol=1e-4)

@@ -345,3 +345,34 @@ def test_long_gemm_splits_into_launches_within_the_dispatch_budget(dev, M, N, K,
     _check_numpy(s, out.reshape(a.shape[:-1] + (N,)), a, b, bias_v)
     unsplit = plan_gemm(s, {"bias": bias_v} if bias else {})
     assert [L.name for L in unsplit.launches][-1] == "gemm"         # the default budget: one launch
+
+
+@pytest.mark.parametrize("M,N,K,batch,dtype", [(70, 40, 96, 2, "float32"), (90, 24, 64, 1, "int8")])
+def test_long_pack_splits_into_launches_within_the_dispatch_budget(dev, M, N, K, batch, dtype):
+    """The A-panel pack launch modelled over the dispatch budget runs as several launches over
+    row blocks of A (gemm.split_pack), each modelled within the budget and emulated within the
+    estimate tolerance of it, and the GEMM reading the panel they wrote has numpy's result. The
+    budget is forced small (just above the pack of one row tile, and of one GEMM row tile)."""
+    from tvm_qpu.codegen.kernels.common import seconds, timing_model
+    from tvm_qpu.codegen.kernels.gemm import (_row_block, gemm_launch_cycles, needs_pack, pack_launch_cycles,
+                                              split_pack)
+    s = GemmShape(M, N, K, batch, dtype, dtype)
+    t = choose_tiling(s)
+    assert needs_pack(s, t) and t.MT >= 3
+    m = timing_model(None)
+    one = [_row_block(s, t, mt, mt + 1) for mt in range(t.MT)]
+    budget = 1.01 * max(max(seconds(m, pack_launch_cycles(bs, bt, m)) for bs, bt in one),
+                        max(seconds(m, gemm_launch_cycles(bs, bt, m)) for bs, bt in one))
+    assert seconds(m, pack_launch_cycles(s, t, m)) > budget                  # the whole pack is over it
+    blocks = split_pack(s, t, budget_seconds=budget)
+    assert len(blocks) >= 2 and sum(bt.MT for _, _, bt in blocks) == t.MT
+    plan = plan_gemm(s, {}, budget_seconds=budget)
+    packs = [i for i, L in enumerate(plan.launches) if L.name.startswith("gemm_pack_rows")]
+    assert len(packs) == len(blocks)
+    ls = plan.attrs["launch_seconds"]
+    assert len(ls) == len(plan.launches) and max(ls) <= budget              # what the v3d device checks
+    a, b, _ = _data(s, np.random.default_rng(4))
+    out, stats = run_plan(plan, dev, A=a.reshape(plan.buffer("A").shape), B=b.reshape(plan.buffer("B").shape))
+    assert max(stats[i].seconds for i in packs) <= 1.25 * budget
+    _check_numpy(s, out.reshape(a.shape[:-1] + (N,)), a, b, None)
+    assert [L.name for L in plan_gemm(s, {}).launches][0] == "gemm_pack"     # the default budget: one

@@ -811,3 +811,42 @@ def test_copy_kernel_on_pi5():
         assert cp["ok"], cp
         g = st.run_gemm(dev, 16, 32, 16, timeout=10)
         assert g["ok"], g
+
+
+@pytest.mark.parametrize("counters", [{"CONTEXT_RESET_COUNTER": 0}, {}])
+def test_reset_launch_of_a_multi_launch_plan_is_an_error(counters):
+    """A split plan runs its launches as separate jobs, each checked on its own: when the second
+    of three launches is reset (it outlives the hang check), running the plan raises
+    JobResetError naming that launch, the third is never submitted and no output is returned;
+    the same plan whose launches all stay short returns the copied data."""
+    from tvm_qpu.codegen.plan import BufferSpec, KernelPlan, Launch, run_plan
+    word = np.array([0x38003186BB03F000] * 8, np.uint64)
+    n = 64
+    bufs = [BufferSpec("data", "input", (n,), "uint32"), BufferSpec("mid", "scratch", (n,), "uint32"),
+            BufferSpec("mid2", "scratch", (n,), "uint32"), BufferSpec("out", "output", (n,), "uint32")]
+    hops = [("data", "mid"), ("mid", "mid2"), ("mid2", "out")]
+    plan = KernelPlan("split_copy", bufs,
+                      [Launch(word, [("addr", a, 0), ("addr", b, 0), ("u32", n)], (12, 1, 1), 16, 12, 1,
+                              f"copy_part{i}") for i, (a, b) in enumerate(hops)],
+                      attrs={"launch_seconds": [0.2, 0.2, 0.2]})
+
+    class Timed(FakeKernel):
+        """Each job takes the next of ``durations`` seconds."""
+        durations: list = []
+
+        def do_SUBMIT_CSD(self, fd, s):
+            self.job_seconds = self.durations.pop(0)
+            super().do_SUBMIT_CSD(fd, s)
+
+    data = np.arange(1, n + 1, dtype=np.uint32)
+    fake = Timed({**ident_params(), **counters}, on_submit=fake_copy_job)
+    fake.durations = [0.2, 0.8, 0.2]
+    with v3d.V3DDevice("/dev/dri/renderD128", sys=fake) as dev:
+        dev.check_plan(plan, 0.6, what="split_copy")          # every launch is within the budget
+        with pytest.raises(v3d.JobResetError, match="copy_part1") as e:
+            run_plan(plan, dev, data=data)
+        assert "discarded" in str(e.value)
+        assert len(fake.submits) == 2 and fake.resets == 1    # the third launch never ran
+        fake.durations = [0.2, 0.2, 0.2]
+        out, stats = run_plan(plan, dev, data=data)
+        assert np.array_equal(out, data) and len(stats) == 3

@@ -217,9 +217,13 @@ def qpu_seconds(spec, constants=(), registry=None) -> float:
 #: kinds whose plans split long work into launches each within the dispatch budget, and the
 #: function that models their longest launch (seconds; spec -> float)
 SPLIT_KINDS = {"matmul": "tvm_qpu.codegen.kernels.gemm:longest_dispatch_seconds",
+               "conv2d": "tvm_qpu.codegen.kernels.conv:longest_dispatch_seconds",
                "max_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
                "avg_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
-               "attention": "tvm_qpu.codegen.kernels.attention:longest_dispatch_seconds"}
+               "attention": "tvm_qpu.codegen.kernels.attention:longest_dispatch_seconds",
+               "global_avg_pool2d": "tvm_qpu.codegen.kernels.pool:longest_dispatch_seconds",
+               **{k: "tvm_qpu.codegen.kernels.reduce:longest_dispatch_seconds"
+                  for k in ("reduce_max", "reduce_min", "argmax", "argmin")}}
 
 
 def longest_dispatch_seconds(spec, qpu_total: float) -> float:

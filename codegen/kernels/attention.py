@@ -1453,13 +1453,13 @@ def _attention_loops(s: AttnShape, t: AttnTiling) -> tuple:
 
 def batch_split(s0: AttnShape, model=None, budget_seconds: float | None = None) -> int:
     """Batch entries per attention launch: all of them, or (the launch modelled over the
-    dispatch budget, default the v3d hang check's, :func:`gemm.dispatch_budget_seconds`) the
+    dispatch budget, default the v3d hang check's, :func:`.common.dispatch_budget_seconds`) the
     most whose launch fits; the persistent launch keeps every batch resident, so the hang check
     bounds each launch. One entry per launch when even that does not fit (the budget check then
     refuses the plan: a single entry's query tiles are not split)."""
-    from .common import timing_model, seconds
+    from .common import timing_model, seconds, dispatch_budget_seconds
     m = timing_model(model)
-    budget = G.dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
     s = kernel_shape(s0)
     t = choose_tiling(s)
 
@@ -1500,6 +1500,11 @@ def unfused_refusal(s: AttnShape) -> str:
         return "a mask input together with causal"
     if s.B * s.T * s.D * 4 >= G.UMUL24_LIMIT:
         return "k beyond the transpose's 24-bit address arithmetic"
+    from . import softmax as SMX
+    try:                                     # the scores [B * S, T] through the softmax kernel
+        SMX.check_limits(SMX.SoftmaxShape(s.B * s.S, s.T, s.scale, 0, s.num_qpus))
+    except ValueError as e:
+        return f"scores {s.B * s.S} x {s.T}: {e}"
     return ""
 
 

@@ -91,6 +91,16 @@ def slice_tmu_cycles(model, lookups: float, lines: float, words: float, active: 
     return lookups / slices * (lines * model.tmu_cycles_per_line + words * model.tmu_cycles_per_word)
 
 
+def slice_burst_queue(model, active: int, lookups: float, lines: float, words: float) -> float:
+    """Cycles the slice TMU needs to serve one burst of ``lookups`` lookups from each of the
+    slice's QPUs when ``active`` workers issue theirs in step (``qpus_per_slice`` share a TMU;
+    per lookup ``tmu_cycles_per_line`` per distinct line and ``tmu_cycles_per_word`` per word it
+    returns): the queue the last burst of the slice waits behind, on top of its round trip."""
+    qps = max(1, model.qpus_per_slice)
+    return min(max(1, active), qps) * lookups * (lines * model.tmu_cycles_per_line
+                                                 + words * model.tmu_cycles_per_word)
+
+
 def lookup_lines(model, span_bytes: float, aligned: bool = False) -> float:
     """Distinct lines a lookup whose lanes cover ``span_bytes`` contiguous bytes touches: a
     line-aligned start, or (expected) a random 4-byte offset within a line."""
@@ -114,6 +124,34 @@ def stream_stall_per_line(model, consume_cycles: float, miss) -> float:
 
 def seconds(model, cycles: float) -> float:
     return cycles / model.clock_hz
+
+
+def dispatch_budget_seconds() -> float:
+    """The longest one GPU dispatch may be modelled to run: the v3d driver's hang check resets a
+    job whose batch counter makes no progress for 500 ms, and our persistent launches dispatch
+    every batch at once. The one source of truth is
+    :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS` (read at call time, so tests can patch it);
+    every kernel that splits long work into launches reads it through this function."""
+    from ...runtime import v3d
+    return v3d.DISPATCH_BUDGET_SECONDS
+
+
+def split_count(fits, most: int, first: int = 1) -> int:
+    """The fewest parts ``n`` in ``first .. most`` with ``fits(n)`` true (``most`` when none
+    does: the caller's budget check then refuses the plan). ``fits`` must be monotone (more
+    parts never make the longest launch longer), so a bisection finds it."""
+    lo, hi = max(1, first), max(1, most)
+    if lo >= hi or fits(lo):
+        return min(lo, hi)
+    if not fits(hi):
+        return hi
+    while hi - lo > 1:                      # fits(hi) and not fits(lo)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def mov_const(dst, value: int):

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,8 +31,9 @@ from ..plan import BufferSpec, KernelPlan, Launch
 from . import depthwise
 from .common import RegisterPool
 from .gemm import (INT_DTYPES, ITEMSIZE, REQUANT_BLOCK, SMALL_INT, GemmShape, Requant, check_limits,
-                   check_packed_values, choose_tiling, gemm_kernel, gemm_uniforms, requant_block,
-                   requant_constants, requant_from_attrs, requant_reference, tmu_config, weight_bits_of)
+                   check_packed_values, choose_tiling, gemm_kernel, gemm_launch_cycles, gemm_uniforms,
+                   requant_block, requant_constants, requant_from_attrs, requant_reference, tmu_config,
+                   weight_bits_of)
 
 S = A.SIGNALS
 R_ = A.R
@@ -130,11 +132,14 @@ def block_taps(s: ConvShape, lay: ConvLayout, es: int):
 # ------------------------------------------------------------------------------------------------
 # Padding copy: X[n, c, h, w] -> Xp[n, c, h + pt, w + pl] (other entries stay zero)
 # ------------------------------------------------------------------------------------------------
-def pad_uniforms(s: ConvShape, lay: ConvLayout, x: str, xp: str):
+def pad_uniforms(s: ConvShape, lay: ConvLayout, x: str, xp: str, n0: int = 0):
+    """The padding copy's uniforms; a launch over images ``n0 ..`` (:func:`split_pad`) starts
+    both tensors ``n0`` images in."""
     es = ITEMSIZE[s.dtype]
     pt, pl, _, _ = s.padding
-    u = [("addr", x, 0), ("u32", s.C * s.H * s.W * es), ("u32", s.H * s.W * es), ("u32", s.W * es),
-         ("addr", xp, (pt * lay.Wp + pl) * es), ("u32", lay.Cpad * lay.Hp * lay.Wp * es),
+    u = [("addr", x, n0 * s.C * s.H * s.W * es), ("u32", s.C * s.H * s.W * es), ("u32", s.H * s.W * es),
+         ("u32", s.W * es),
+         ("addr", xp, n0 * lay.Cpad * lay.Hp * lay.Wp * es + (pt * lay.Wp + pl) * es), ("u32", lay.Cpad * lay.Hp * lay.Wp * es),
          ("u32", lay.Hp * lay.Wp * es), ("u32", lay.Wp * es), ("u32", s.H), ("u32", s.W), ("u32", es)]
     if s.dtype in SMALL_INT:
         c = tmu_config(s.dtype)
@@ -314,11 +319,13 @@ def choose_variant(s: ConvShape, lay: ConvLayout, model=None, a_stream: str | No
 
 def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
               a_stream: str | None = None, scale: np.ndarray | None = None,
-              packed: bool | None = None) -> KernelPlan:
+              packed: bool | None = None, budget_seconds: float | None = None) -> KernelPlan:
     """Plan of the convolution; ``a_stream`` forces a GEMM A-stream variant (default: the one of
     the lowest estimate, :func:`choose_variant`); ``packed`` forces (True) or forbids (False) the
     packed panel of ``w_bits``-bit weights (default: by estimate); ``scale``: the
-    per-output-channel requantize multipliers when ``s.requant`` has axis "m"."""
+    per-output-channel requantize multipliers when ``s.requant`` has axis "m". A GEMM launch
+    modelled over ``budget_seconds`` (default the v3d dispatch budget) is split into launches over
+    image groups and output-channel blocks (:func:`split_launches`), each within it."""
     if s.depthwise and not (s.groups == s.C == s.OC):
         raise ValueError("only groups == 1 or depthwise (groups == C == OC) convolutions")
     if s.w_bits is not None:                        # refused, never truncated (packed or not)
@@ -362,18 +369,30 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
         # one spare block of zero planes past the end: the prefetch reads ahead
         padded = (s.N * lay.Cpad + lay.g) * lay.Hp * lay.Wp * es + 64
         bufs.append(BufferSpec("data_padded", "scratch", (padded // es,), s.dtype, padded))
-        launches.append(Launch(A.assemble(pad_kernel, s, name="conv_pad"), pad_uniforms(s, lay, "data", "data_padded"),
-                               (s.C, s.N, 1), 16, s.num_qpus, 1, "conv_pad"))
+        pad_words = A.assemble(pad_kernel, s, name="conv_pad")
+        pads = split_pad(s, budget_seconds=budget_seconds)
+        for i, (n0, nb) in enumerate(pads):
+            launches.append(Launch(pad_words, pad_uniforms(s, lay, "data", "data_padded", n0),
+                                   (s.C, nb, 1), 16, s.num_qpus, 1, "conv_pad" if len(pads) == 1 else f"conv_pad{i}"))
         b_name = "data_padded"
-    gemm_words = A.assemble(gemm_kernel, g, t, name="conv")
-    images = range(s.N) if s.depthwise else [None]
-    for n in images:
-        u = gemm_uniforms(g, t, "weight_panel", b_name, "out", "bias" if s.bias else None)
+    parts = split_launches(s, lay, g, t, budget_seconds=budget_seconds)
+    words = {}
+    for i, p in enumerate(parts):
+        key = (p.shape.M, p.shape.batch, p.tiling.MT)
+        if key not in words:                      # equal blocks share one program
+            words[key] = A.assemble(gemm_kernel, p.shape, p.tiling, name="conv")
+        u = gemm_uniforms(p.shape, p.tiling, "weight_panel", b_name, "out", "bias" if s.bias else None,
+                          p.mt0, (replace(g, batch=p.shape.batch), t))
         u = [("addr", "data_table", 0) if e == ("addr", b_name + "_table", 0) else e for e in u]
-        if n is not None:                                             # depthwise: image n
-            shift = {b_name: n * lay.Cpad * lay.Hp * lay.Wp * es, "out": n * s.OC * P * ITEMSIZE[out_dt]}
+        if p.n0:                                  # images n0.. (depthwise: one image per launch)
+            shift = {b_name: p.n0 * lay.Cpad * lay.Hp * lay.Wp * es, "out": p.n0 * s.OC * P * ITEMSIZE[out_dt]}
             u = [("addr", e[1], e[2] + shift.get(e[1], 0)) if e[0] == "addr" else e for e in u]
-        launches.append(Launch(gemm_words, u, (t.Wn, t.Wm, g.batch), 16, s.num_qpus, 1, "conv"))
+        name = "conv" if len(parts) == 1 or (s.depthwise and len(parts) == s.N) else f"conv_part{i}"
+        launches.append(Launch(words[key], u, (p.tiling.Wn, p.tiling.Wm, p.shape.batch), 16, s.num_qpus, 1, name))
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    launch_seconds = ([seconds(m, pad_launch_cycles(replace(s, N=nb), m)) for _, nb in pads] if lay.copy else []) + \
+        [seconds(m, gemm_launch_cycles(p.shape, p.tiling, m)) for p in parts]
     return KernelPlan("conv2d", bufs, launches, consts,
                       attrs={**{k: getattr(s, k) for k in s.__dataclass_fields__},
                              "requant": None if s.requant is None else dataclasses.asdict(s.requant),
@@ -382,9 +401,68 @@ def plan_conv(s: ConvShape, weight: np.ndarray, bias: np.ndarray | None = None,
                              "weight_dtype": (f"{'' if s.w_dtype == 'int8' else 'u'}int{s.w_bits}"
                                               if s.w_bits else s.w_dtype),
                              "tiling": t.__dict__,
-                             "block": lay.__dict__},
+                             "block": lay.__dict__,
+                             # modelled seconds of each launch (default TimingModel): the v3d
+                             # device checks the longest against its dispatch budget
+                             "launch_seconds": launch_seconds},
                       flops=2 * s.N * s.OC * P * (s.C // s.groups) * s.KH * s.KW,
                       bytes_moved=x_bytes + s.N * s.OC * P * ITEMSIZE[out_dt] + consts["weight_panel"].nbytes)
+
+
+class ConvPart(NamedTuple):
+    """One GEMM launch of a convolution plan: images ``n0 ..`` (``shape.batch`` of them; one for
+    depthwise), output-channel row tiles from ``mt0`` (``tiling.MT`` of them)."""
+    n0: int
+    mt0: int
+    shape: GemmShape
+    tiling: object
+
+
+def split_pad(s: ConvShape, model=None, budget_seconds: float | None = None) -> list:
+    """Image runs ``[(n0, images), ...]`` of the padding copy, each modelled
+    (:func:`pad_launch_cycles` under ``model``) within ``budget_seconds`` (default
+    :func:`.common.dispatch_budget_seconds`): the fewest equal runs; one image per launch when
+    nothing fits (the budget check then refuses the plan; one image is under 16 MiB, the GEMM's
+    24-bit image stride, far below the budget)."""
+    from .common import timing_model, seconds, dispatch_budget_seconds, split_count
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    size = lambda n: -(-s.N // n)                                   # noqa: E731
+    n = split_count(lambda n: seconds(m, pad_launch_cycles(replace(s, N=size(n)), m)) <= budget, s.N)
+    return [(n0, min(size(n), s.N - n0)) for n0 in range(0, s.N, size(n))]
+
+
+def split_launches(s: ConvShape, lay: ConvLayout, g: GemmShape, t, model=None,
+                   budget_seconds: float | None = None) -> list:
+    """The GEMM launches of the convolution, each modelled (:func:`.gemm.gemm_launch_cycles`
+    under ``model``) within ``budget_seconds`` (default :func:`.common.dispatch_budget_seconds`):
+    the persistent launch keeps every batch resident, so the v3d hang check (no batch-counter
+    progress for 500 ms) bounds each launch. The images (the GEMM's batch) are cut into the
+    fewest equal groups that fit; when one image does not fit either, each image's output
+    channels (the GEMM's rows) into row blocks (:func:`.gemm.split_rows`). Depthwise through the
+    GEMM (one launch per image, its channels the batch) is not cut further. When nothing fits the
+    last cut is returned (the caller's budget check then refuses the plan)."""
+    from .common import timing_model, seconds, dispatch_budget_seconds, split_count
+    from .gemm import gemm_launch_cycles, split_rows
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    if s.depthwise:
+        return [ConvPart(n, 0, g, t) for n in range(s.N)]
+    nimg = max(1, g.batch)
+
+    def group(n):                           # size of each of n image groups (the last may be less)
+        return -(-nimg // n)
+
+    def fits(n):
+        return seconds(m, gemm_launch_cycles(replace(g, batch=group(n)), t, m)) <= budget
+    n = split_count(fits, nimg)
+    size = group(n)
+    parts = []
+    for n0 in range(0, nimg, size):
+        gi = replace(g, batch=min(size, nimg - n0))
+        blocks = [(0, gi, t)] if fits(n) else split_rows(gi, t, m, budget)
+        parts += [ConvPart(n0, mt0, bs, bt) for mt0, bs, bt in blocks]
+    return parts
 
 
 def reference(s: ConvShape, x: np.ndarray, w: np.ndarray, bias=None, scale=None) -> np.ndarray:
@@ -517,22 +595,38 @@ def pad_launch_cycles(s: ConvShape, model=None) -> float:
 
 def estimate(spec, model=None) -> float:
     """Modelled seconds of the conv2d plan under ``model``: the padding copy (when the plan has
-    one) and one GEMM launch (per image for depthwise), costed like the matmul's GEMM launch."""
+    one) and its GEMM launches (:func:`launch_cycles`), costed like the matmul's GEMM launch."""
     from .common import timing_model, seconds
-    from .gemm import gemm_launch_cycles
     m = timing_model(model)
     s = shape_from_spec(spec)
     dws = depthwise.try_shape(s)
     if dws is not None:
         return depthwise.estimate_shape(dws, m)
+    return seconds(m, sum(launch_cycles(s, m)))
+
+
+def launch_cycles(s: ConvShape, model=None) -> list:
+    """Modelled cycles of each launch of :func:`plan_conv`'s plan under ``model`` (its variant
+    and split chosen as the plan chooses them, :func:`split_launches` under the default budget):
+    the padding copy (when the plan has one), then each GEMM launch."""
+    from .common import timing_model
+    m = timing_model(model)
     lay = conv_layout(s)
     g = choose_variant(s, lay, m)
     t = choose_tiling(g)
-    images = s.N if s.depthwise else 1
-    cycles = images * gemm_launch_cycles(g, t, m)
-    if lay.copy:
-        cycles += pad_launch_cycles(s, m)
-    return seconds(m, cycles)
+    pad = [pad_launch_cycles(replace(s, N=nb), m) for _, nb in split_pad(s, m)] if lay.copy else []
+    return pad + [gemm_launch_cycles(p.shape, p.tiling, m) for p in split_launches(s, lay, g, t, m)]
+
+
+def longest_dispatch_seconds(spec, model=None) -> float:
+    """Modelled seconds (under ``model``) of the longest launch of the conv2d plan (placement's
+    dispatch-budget rule); for the depthwise kernel (not split) its whole plan."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    s = shape_from_spec(spec)
+    if depthwise.try_shape(s) is not None:
+        return estimate(spec, m)
+    return seconds(m, max(launch_cycles(s, m)))
 
 
 def _register():

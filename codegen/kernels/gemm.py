@@ -1387,11 +1387,16 @@ def _current():
 PACK_PF = 4
 
 
-def pack_uniforms(s: GemmShape, t: GemmTiling, kchunk: int, a_name: str, p_name: str):
+def pack_uniforms(s: GemmShape, t: GemmTiling, kchunk: int, a_name: str, p_name: str,
+                  mt0: int = 0, block: GemmShape | None = None):
+    """The pack launch's uniforms; a row block (:func:`split_pack`) passes its first row tile
+    ``mt0`` and its shape ``block`` (its rows): A and the panel start ``mt0`` tiles in, the
+    batch strides stay the whole GEMM's."""
     es = ITEMSIZE[s.a_dtype]
-    u = [("addr", a_name, 0), ("u32", s.a_bstride * es), ("u32", s.K * es), ("u32", es),
-         ("addr", p_name, 0), ("u32", t.MT * t.Kpad * t.R * 4), ("u32", t.Kpad * t.R * 4),
-         ("u32", t.R), ("u32", s.M), ("u32", s.K), ("u32", kchunk)]
+    rows = s.M if block is None else block.M
+    u = [("addr", a_name, mt0 * t.R * s.K * es), ("u32", s.a_bstride * es), ("u32", s.K * es), ("u32", es),
+         ("addr", p_name, mt0 * t.Kpad * t.R * 4), ("u32", t.MT * t.Kpad * t.R * 4), ("u32", t.Kpad * t.R * 4),
+         ("u32", t.R), ("u32", rows), ("u32", s.K), ("u32", kchunk)]
     if s.a_dtype in SMALL_INT:
         u.append(("u32", 0xFFFFFF00 | tmu_config(s.a_dtype)))
     return u
@@ -1497,12 +1502,6 @@ def check_limits(s: GemmShape, t: GemmTiling):
         raise ValueError("batch > 65535")
 
 
-def dispatch_budget_seconds() -> float:
-    """The longest one GPU dispatch may be modelled to run (the v3d driver's hang check; one
-    source of truth: :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS`, read at call time)."""
-    from ...runtime import v3d
-    return v3d.DISPATCH_BUDGET_SECONDS
-
 
 def _row_block(s: GemmShape, t: GemmTiling, mt0: int, mt1: int):
     """(shape, tiling) of the GEMM launch over row tiles [mt0, mt1): the whole GEMM's R, U, PF
@@ -1517,11 +1516,11 @@ def _row_block(s: GemmShape, t: GemmTiling, mt0: int, mt1: int):
 def split_rows(s: GemmShape, t: GemmTiling, model=None, budget_seconds: float | None = None):
     """Row blocks ``[(mt0, shape, tiling), ...]`` of the GEMM launch, each modelled (under
     ``model``; :func:`gemm_launch_cycles`) within ``budget_seconds`` (default
-    :func:`dispatch_budget_seconds`): the persistent launch keeps every batch resident, so the
+    :func:`.common.dispatch_budget_seconds`): the persistent launch keeps every batch resident, so the
     v3d hang check (no batch-counter progress for 500 ms) bounds each launch, not the GEMM.
     The fewest equal blocks of whole row tiles that fit; one row tile per launch when nothing
     fits (the caller's budget check then refuses it). One block when the whole launch fits."""
-    from .common import timing_model, seconds
+    from .common import timing_model, seconds, dispatch_budget_seconds
     m = timing_model(model)
     budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
 
@@ -1533,6 +1532,32 @@ def split_rows(s: GemmShape, t: GemmTiling, model=None, budget_seconds: float | 
         return max(seconds(m, gemm_launch_cycles(bs, bt, m)) for _, bs, bt in (bl[0], bl[-1]))
 
     whole = longest(blocks(1))
+    if whole <= budget:
+        return blocks(1)
+    for n in range(max(2, math.ceil(whole / budget)), t.MT + 1):
+        bl = blocks(n)
+        if longest(bl) <= budget:
+            return bl
+    return blocks(t.MT)
+
+
+def split_pack(s: GemmShape, t: GemmTiling, model=None, budget_seconds: float | None = None):
+    """Row blocks ``[(mt0, shape, tiling), ...]`` of the A-panel pack launch (each its own
+    k-chunks, :func:`pack_chunks`), each modelled (:func:`pack_launch_cycles` under ``model``)
+    within ``budget_seconds`` (default :func:`.common.dispatch_budget_seconds`): the fewest
+    equal blocks of whole row tiles; one row tile per launch when nothing fits (the budget check
+    then refuses the plan). One block when the whole launch fits."""
+    from .common import timing_model, seconds, dispatch_budget_seconds
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+
+    def blocks(n):
+        per = -(-t.MT // n)
+        return [(mt0,) + _row_block(s, t, mt0, min(t.MT, mt0 + per)) for mt0 in range(0, t.MT, per)]
+
+    def longest(bl):
+        return max(seconds(m, pack_launch_cycles(bs, bt, m)) for _, bs, bt in (bl[0], bl[-1]))
+    whole = seconds(m, pack_launch_cycles(s, t, m))
     if whole <= budget:
         return blocks(1)
     for n in range(max(2, math.ceil(whole / budget)), t.MT + 1):
@@ -1608,14 +1633,17 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
         ahead = t.R * (t.PF + 1) + 16 if s.a_stream == "tmu" else t.R
         bufs.append(BufferSpec(p_name, "scratch", (s.batch * t.MT * t.Kpad * t.R + ahead,), "float32"))
         gemm_a = p_name
-        kchunk, kc = pack_chunks(s, t)
-        launches.append(Launch(_assemble(pack_kernel, s, t, name="gemm_pack"),
-                               pack_uniforms(s, t, kchunk, a_name, p_name),
-                               (kc, t.MT, s.batch), 16, s.num_qpus, 1, "gemm_pack"))
+        pblocks = split_pack(s, t, budget_seconds=budget_seconds)
+        words = _assemble(pack_kernel, s, t, name="gemm_pack")
+        for i, (mt0, bs, bt) in enumerate(pblocks):
+            kchunk, kc = pack_chunks(bs, bt)
+            launches.append(Launch(words, pack_uniforms(s, t, kchunk, a_name, p_name, mt0, bs),
+                                   (kc, bt.MT, s.batch), 16, s.num_qpus, 1,
+                                   "gemm_pack" if len(pblocks) == 1 else f"gemm_pack_rows{i}"))
     blocks = split_rows(s, t, budget_seconds=budget_seconds)
     from .common import timing_model, seconds
     m = timing_model(None)
-    launch_seconds = ([seconds(m, pack_launch_cycles(s, t, m))] if pack else []) + \
+    launch_seconds = ([seconds(m, pack_launch_cycles(bs, bt, m)) for _, bs, bt in pblocks] if pack else []) + \
         [seconds(m, gemm_launch_cycles(bs, bt, m)) for _, bs, bt in blocks]
     for i, (mt0, bs, bt) in enumerate(blocks):
         launches.append(Launch(_assemble(gemm_kernel, bs, bt, name="gemm"),
@@ -2044,7 +2072,7 @@ def plan_cycles(s: GemmShape, model=None) -> float:
     t = choose_tiling(s)
     cycles = sum(gemm_launch_cycles(bs, bt, model) for _, bs, bt in split_rows(s, t, model))
     if needs_pack(s, t):
-        cycles += pack_launch_cycles(s, t, model)
+        cycles += sum(pack_launch_cycles(bs, bt, model) for _, bs, bt in split_pack(s, t, model))
     return cycles
 
 
@@ -2084,7 +2112,7 @@ def longest_dispatch_seconds(spec, model=None) -> float:
     t = choose_tiling(s)
     cycles = [gemm_launch_cycles(bs, bt, m) for _, bs, bt in split_rows(s, t, m)]
     if needs_pack(s, t):
-        cycles.append(pack_launch_cycles(s, t, m))
+        cycles += [pack_launch_cycles(bs, bt, m) for _, bs, bt in split_pack(s, t, m)]
     return seconds(m, max(cycles))
 
 

@@ -341,7 +341,8 @@ def estimate(spec, model=None) -> float:
     below by the DRAM channel (x in, y out) and the L2 port (x read once for a resident block,
     three times otherwise; gamma, beta and the store); plus the first uniform line's round trip
     and the last store's latency."""
-    from .common import (timing_model, round_trip, dram_cycles, l2_port_cycles, seconds)
+    from .common import (timing_model, round_trip, dram_cycles, l2_port_cycles, seconds,
+                         slice_burst_queue, slice_tmu_cycles)
     m = timing_model(model)
     s = spec_shape(spec)
     words, _, c = _assemble(s)
@@ -351,11 +352,23 @@ def estimate(spec, model=None) -> float:
     row_instr = static + loop_instr
     W = workers(s)
     nb = s.nblocks
+    per_lookup = 1.0 if s.N % 16 == 0 else 2.0                    # lines of a 16-word block
     stall = 0.0
+    lookups = 0
     for streams, miss, n, blen in c.segments:
         win = max(1, TMU_FIFO_WORDS // streams)
         rt = round_trip(m, miss)
-        stall += rt + max(0, n - win) / win * max(0.0, rt - win * blen * cpi)
+        # each window of lookups occupies the slice TMU (its lines, 16 words each) behind the
+        # windows of the slice's other workers, less what the window's instructions cover
+        burst = min(win, n)
+        work = burst * blen * cpi
+        own = slice_burst_queue(m, 1, burst, per_lookup, 16)
+        whole = slice_burst_queue(m, W, burst, per_lookup, 16)
+        # a saturated slice TMU (its workers' windows take longer than a worker's own cycle)
+        # serves them interleaved: the slice's workers wait in step for all of them
+        queue = whole if whole >= work + rt + own else max(own, whole - work)
+        stall += rt + queue + max(0, n - win) / win * max(0.0, rt + queue - work)
+        lookups += n
     per_row = row_instr * cpi + stall
     pro = len(words) - (c.row_end - c.row_start)
     busiest = -(-s.rows // W) * per_row + pro * cpi
@@ -364,7 +377,8 @@ def estimate(spec, model=None) -> float:
     R = resident_blocks(s)
     lines_per_row = 4 * R + 6 * (nb - R)            # x once (resident) or 3 times, gamma, beta, y
     l2 = l2_port_cycles(m, s.rows * lines_per_row * (1.0 if s.N % 16 == 0 else 2.0))
-    return seconds(m, round_trip(m, True) + max(busiest, dram, l2) + m.store_latency)
+    tmu = slice_tmu_cycles(m, s.rows * lookups, per_lookup, 16, W)
+    return seconds(m, round_trip(m, True) + max(busiest, dram, l2, tmu) + m.store_latency)
 
 
 def bench_cases():

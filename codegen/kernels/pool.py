@@ -549,9 +549,12 @@ def _check_global(N, C, H, W, dtype):
         raise ValueError("tensor larger than 1 GiB")
 
 
-def plan_global_avg(N, C, H, W, dtype, name="global_avg_pool2d") -> KernelPlan:
+def plan_global_avg(N, C, H, W, dtype, name="global_avg_pool2d", budget_seconds: float | None = None) -> KernelPlan:
+    """The mean of each plane: a sum reduction (reduce.plan_reduce; its launches each within
+    ``budget_seconds``, default the v3d dispatch budget)."""
     _check_global(N, C, H, W, dtype)
-    return RD.plan_reduce("sum", (N, C, H, W), dtype, (2, 3), keepdims=True, divisor=H * W, name=name)
+    return RD.plan_reduce("sum", (N, C, H, W), dtype, (2, 3), keepdims=True, divisor=H * W, name=name,
+                          budget_seconds=budget_seconds)
 
 
 def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS,
@@ -562,7 +565,7 @@ def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS,
     check(g)
     name = name or f"{g.op}_pool2d"
     if g.op == "avg" and is_global(g):
-        return plan_global_avg(g.N, g.C, g.H, g.W, g.dtype, name)
+        return plan_global_avg(g.N, g.C, g.H, g.W, g.dtype, name, budget_seconds)
     n = split_launches(g, num_qpus, budget_seconds=budget_seconds)
     W, tab = pool_layout(g, num_qpus, n)
     launches = []
@@ -584,18 +587,12 @@ def plan_pool(g: Pool2D, name: str | None = None, num_qpus=RD.NUM_QPUS,
                       bytes_moved=in_bytes + out_bytes)
 
 
-def dispatch_budget_seconds() -> float:
-    """The longest one GPU dispatch may be modelled to run (one source of truth:
-    :data:`tvm_qpu.runtime.v3d.DISPATCH_BUDGET_SECONDS`, read at call time)."""
-    from ...runtime import v3d
-    return v3d.DISPATCH_BUDGET_SECONDS
-
 
 def split_launches(g: Pool2D, num_qpus=RD.NUM_QPUS, model=None, budget_seconds: float | None = None) -> int:
     """The fewest launches whose longest is modelled (:func:`launch_cycles`) within the budget:
     the persistent launch keeps every batch resident, so the v3d hang check bounds each launch.
     One launch per vector run of a worker when nothing fits (the budget check then refuses it)."""
-    from .common import timing_model, seconds
+    from .common import timing_model, seconds, dispatch_budget_seconds
     m = timing_model(model)
     budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
     whole = seconds(m, max(launch_cycles(g, m, num_qpus, 1)))
@@ -749,13 +746,14 @@ def estimate(spec: registry.OpSpec, model=None) -> float:
 
 def longest_dispatch_seconds(spec: registry.OpSpec, model=None) -> float:
     """Modelled seconds (under ``model``) of the longest launch of the plan :func:`generate`
-    makes for a window pooling (placement's dispatch-budget rule); ValueError for global
-    average pooling (a reduction plan, not split)."""
+    makes (placement's dispatch-budget rule): a window pooling's (:func:`split_launches`), or
+    global average pooling's reduction plan (reduce.plan_launch_cycles: its lanes stage split
+    by reduce.split_lanes)."""
     from .common import timing_model, seconds
     m = timing_model(model)
     g = spec_to_pool(spec)
-    if spec.kind == "global_avg_pool2d" or is_global(g):
-        raise ValueError("global average pooling is not split into launches")
+    if spec.kind == "global_avg_pool2d" or is_global(g):          # the reduction's launches
+        return seconds(m, max(RD.plan_launch_cycles(m, (g.N * g.C, g.H * g.W), (1,), g.dtype)))
     return seconds(m, max(launch_cycles(g, m, RD.NUM_QPUS, split_launches(g, RD.NUM_QPUS))))
 
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -272,15 +272,16 @@ def store_vector(kb: Builder, val, addr, out_dtype: str, cond: str | None = None
     mov(tmua, addr, cond=cond)
 
 
-def load_lane_table(kb: Builder, table: str, regs):
-    """Each lane of workgroup x loads 4 words at ``table + x * 256 + lane * 16``."""
+def load_lane_table(kb: Builder, table: str, regs, table_offset: int = 0):
+    """Each lane of workgroup x loads 4 words at ``table + table_offset + x * 256 + lane * 16``
+    (``table_offset``: the first worker of a launch that covers a run of the table's workers)."""
     lane, t = kb.reg(2)
     eidx(lane)
     mov(t, RF[3].unpack("ul"))
     shl(t, t, 8)
     shl(lane, lane, 4)
     add(t, t, lane)
-    add(t, t, kb.addr(table))
+    add(t, t, kb.addr(table, table_offset))
     mov(tmuc, kb.u32(VEC4_CFG))
     mov(tmua, t)
     for r in regs:
@@ -303,6 +304,11 @@ class LanesStage:
     dst: str
     prefix: str
     divisor: int = 1            # "sum" only: divide by this (float: * 1/d; int: toward zero)
+    table_offset: int = 0       # bytes into the lane table of this launch's first worker
+
+    def at_worker(self, w0: int) -> "LanesStage":
+        """This stage's launch over the table's workers from ``w0`` (a run of a split stage)."""
+        return replace(self, table_offset=w0 * LANE_TABLE_ROW_BYTES)
 
     @property
     def P(self):
@@ -313,10 +319,16 @@ PF = 8                          # loads in flight in the lanes kernel's loop
 UNROLL = 8
 
 
-def lanes_layout(st: LanesStage, num_qpus: int = NUM_QPUS):
-    """(workers, vectors per worker, table) for the lanes kernel."""
+#: bytes of one worker's row of a lane table (16 lanes x 4 words)
+LANE_TABLE_ROW_BYTES = 16 * 4 * 4
+
+
+def lanes_layout(st: LanesStage, num_qpus: int = NUM_QPUS, launches: int = 1):
+    """(workers, vectors per worker, table) for the lanes kernel: the 16-output vectors in equal
+    runs over ``num_qpus`` workers per launch, ``launches`` launches (launch i runs workers
+    ``i * num_qpus ..``, :func:`lanes_runs`)."""
     V = -(-st.P // 16)
-    chunk = -(-V // num_qpus)
+    chunk = -(-V // (num_qpus * max(1, launches)))
     W = -(-V // chunk)
     es, oes = ITEMSIZE[st.in_dtype], ITEMSIZE[st.out_dtype]
     tab = np.zeros((W, 16, 4), dtype=np.int64)
@@ -348,7 +360,7 @@ def lanes_kernel(kb: Builder, st: LanesStage):
     one = kb.u32(1)
     acc = Acc(kb, st.op, st.in_dtype)
     rs = st.K1 * es                                            # bytes between reduced elements
-    load_lane_table(kb, st.prefix + "_table", (ain, aout, remw, k1))
+    load_lane_table(kb, st.prefix + "_table", (ain, aout, remw, k1), st.table_offset)
     add(ain, ain, kb.addr(st.src))
     add(aout, aout, kb.addr(st.dst))
 
@@ -626,7 +638,7 @@ def arg_kernel(kb: Builder, st: LanesStage):
     one, zero = kb.u32(1), kb.u32(0)
     rs = kb.u32(st.K1 * es)
     start_key = kb.u32(-2 ** 31 if is_max else 2 ** 31 - 1)
-    load_lane_table(kb, st.prefix + "_table", (ain, aout, remw, k1))
+    load_lane_table(kb, st.prefix + "_table", (ain, aout, remw, k1), st.table_offset)
     add(ain, ain, kb.addr(st.src))
     add(aout, aout, kb.addr(st.dst))
     if st.in_dtype == "float32":
@@ -684,8 +696,10 @@ def arg_kernel(kb: Builder, st: LanesStage):
 
 
 def plan_arg(op: str, shape, dtype: str, axis: int, keepdims=False, out_dtype="int64", num_qpus=NUM_QPUS,
-             name=None) -> KernelPlan:
-    """Plan ``op`` ("argmax" / "argmin") of ``data`` over one ``axis`` into ``out`` (out_dtype)."""
+             name=None, budget_seconds: float | None = None) -> KernelPlan:
+    """Plan ``op`` ("argmax" / "argmin") of ``data`` over one ``axis`` into ``out`` (out_dtype):
+    one launch, or (modelled over ``budget_seconds``, default the v3d dispatch budget) several
+    over runs of output vectors (:func:`split_lanes`); ``attrs["launch_seconds"]`` models each."""
     shape = tuple(int(s) for s in shape)
     name = name or op
     if len(shape) == 0:
@@ -698,17 +712,25 @@ def plan_arg(op: str, shape, dtype: str, axis: int, keepdims=False, out_dtype="i
     out_shape = tuple(1 if i == ax else s for i, s in enumerate(shape)) if keepdims else \
         tuple(s for i, s in enumerate(shape) if i != ax)
     st = LanesStage(K0, R, K1, op, dtype, out_dtype, "data", "out", name)
-    W, _, tab = lanes_layout(st, num_qpus)
-    words, unif = _assemble(arg_kernel, st, f"{name}_arg")
+    n = split_lanes(K0, R, K1, dtype, num_qpus, arg=True, budget_seconds=budget_seconds)
+    W, _, tab = lanes_layout(st, num_qpus, n)
+    launches = []
+    for i, (w0, nw, _, _) in enumerate(lanes_runs(st.P, num_qpus, n)):
+        words, unif = _assemble(arg_kernel, st.at_worker(w0), f"{name}_arg")
+        launches.append(Launch(words, unif, (nw, 1, 1), 16, num_qpus, 1,
+                               f"{name}_arg" if n == 1 else f"{name}_arg_part{i}"))
     data_bytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
     need = lanes_src_bytes(LanesStage(K0, R + ARG_PF, K1, op, dtype, out_dtype, "data", "out", name))
     bufs = [BufferSpec("data", "input", shape, dtype, max(need, data_bytes)),
             BufferSpec("out", "output", out_shape, out_dtype),
             BufferSpec(name + "_table", "weight", tab.shape, "int32")]
     out_bytes = K0 * K1 * ITEMSIZE[out_dtype]
-    return KernelPlan(name, bufs, [Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, f"{name}_arg")],
-                      {name + "_table": tab},
-                      attrs={"op": op, "shape": shape, "dtype": dtype, "axis": ax, "keepdims": keepdims},
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    ls = [seconds(m, c) for c in lanes_launch_cycles(m, K0, R, K1, dtype, num_qpus, n, arg=True)]
+    return KernelPlan(name, bufs, launches, {name + "_table": tab},
+                      attrs={"op": op, "shape": shape, "dtype": dtype, "axis": ax, "keepdims": keepdims,
+                             "launch_seconds": ls},
                       flops=data_bytes // ITEMSIZE[dtype], bytes_moved=data_bytes + out_bytes)
 
 
@@ -761,11 +783,27 @@ def acc_dtype(dtype: str) -> str:
     return "float32" if dtype == "float32" else "int32"
 
 
-def lanes_launch(st: LanesStage, num_qpus=NUM_QPUS):
-    W, _, tab = lanes_layout(st, num_qpus)
-    words, unif = _assemble(lanes_kernel, st, f"{st.prefix}_lanes")
+def lanes_launch(st: LanesStage, num_qpus=NUM_QPUS, launches: int = 1):
+    """([launch, ...], table buffer, table) of a lanes stage cut into ``launches`` launches over
+    runs of its workers (:func:`lanes_runs`)."""
+    W, _, tab = lanes_layout(st, num_qpus, launches)
+    out = []
+    for i, (w0, nw, _, _) in enumerate(lanes_runs(st.P, num_qpus, launches)):
+        words, unif = _assemble(lanes_kernel, st.at_worker(w0), f"{st.prefix}_lanes")
+        out.append(Launch(words, unif, (nw, 1, 1), 16, num_qpus, 1,
+                          f"{st.prefix}_lanes" if launches == 1 else f"{st.prefix}_lanes_part{i}"))
     buf = BufferSpec(st.prefix + "_table", "weight", tab.shape, "int32")
-    return Launch(words, unif, (W, 1, 1), 16, num_qpus, 1, f"{st.prefix}_lanes"), buf, tab
+    return out, buf, tab
+
+
+def lanes_runs(P: int, num_qpus: int = NUM_QPUS, launches: int = 1) -> list:
+    """[(first worker, workers, vectors, vectors of its busiest worker)] of each launch of a
+    lanes stage with ``P`` outputs cut into ``launches`` launches (:func:`lanes_layout`)."""
+    V = -(-P // 16)
+    chunk = -(-V // (num_qpus * max(1, launches)))
+    W = -(-V // chunk)
+    return [(w0, min(num_qpus, W - w0), min(V, (w0 + num_qpus) * chunk) - w0 * chunk, chunk)
+            for w0 in range(0, W, num_qpus)]
 
 
 def segment_launch(st: SegmentStage, num_qpus=NUM_QPUS):
@@ -795,8 +833,11 @@ def choose_segments(K: int, R: int, dtype: str, num_qpus=NUM_QPUS) -> int:
 
 
 def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=NUM_QPUS,
-                divisor: int = 1, name="reduce") -> KernelPlan:
-    """Plan reducing ``data`` (shape, dtype) with ``op`` over ``axis`` into ``out``."""
+                divisor: int = 1, name="reduce", budget_seconds: float | None = None) -> KernelPlan:
+    """Plan reducing ``data`` (shape, dtype) with ``op`` over ``axis`` into ``out``. A lanes stage
+    modelled over ``budget_seconds`` (default the v3d dispatch budget) runs as several launches
+    over runs of its output vectors (:func:`split_lanes`); ``attrs["launch_seconds"]`` models
+    each launch (:func:`plan_launch_cycles`)."""
     shape = tuple(int(s) for s in shape)
     axes = norm_axes(axis, len(shape))
     out_shape = tuple(1 if i in axes else s for i, s in enumerate(shape)) if keepdims else \
@@ -825,12 +866,14 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
         else:
             st = LanesStage(K0, R, K1, op, src_dtype, dst_dtype, src, dst, pre, divisor if last else 1)
             need = lanes_src_bytes(st)
-        L2, tb, tab = lanes_launch(st, num_qpus)
+        n = split_lanes(K0, segs if segs else R, 1 if segs else K1, acc_dtype(src_dtype) if segs else src_dtype,
+                        num_qpus, budget_seconds=budget_seconds)
+        L2, tb, tab = lanes_launch(st, num_qpus, n)
         if segs:
             # the partials buffer is read by the second stage: pad it for that stage's over-reads
             bufs[-1] = BufferSpec(pre + "_part", "scratch", (K0 * segs,), acc_dtype(src_dtype),
                                   max(lanes_src_bytes(st), segment_dst_words(seg) * 4 + 64))
-        launches.append(L2)
+        launches += L2
         bufs.append(tb)
         consts[tb.name] = tab
         if src == "data":
@@ -846,9 +889,13 @@ def plan_reduce(op: str, shape, dtype: str, axis=None, keepdims=False, num_qpus=
     bufs.insert(0, BufferSpec("data", "input", shape, dtype, max(in_need, data_bytes)))
     bufs.insert(1, BufferSpec("out", "output", out_shape, dtype))
     out_bytes = int(np.prod(out_shape, dtype=np.int64)) * ITEMSIZE[dtype]
+    from .common import timing_model, seconds
+    m = timing_model(None)
+    ls = [seconds(m, c) for c in plan_launch_cycles(m, shape, axes, dtype, num_qpus, budget_seconds)]
+    assert len(ls) == len(launches)
     return KernelPlan(name, bufs, launches, consts,
                       attrs={"op": op, "shape": shape, "dtype": dtype, "axes": axes, "keepdims": keepdims,
-                             "stages": views},
+                             "stages": views, "launch_seconds": ls},
                       flops=int(np.prod(shape, dtype=np.int64)), bytes_moved=data_bytes + out_bytes)
 
 
@@ -982,29 +1029,36 @@ def arg_generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
 
 
 def arg_estimate(spec: registry.OpSpec, model=None) -> float:
-    """Modelled seconds under ``model``: the busiest worker folds one element of its 16 outputs
-    per iteration of the arg kernel's inner loop (its length read from the program), for all its
-    vectors; bounded below by the DRAM traffic; plus one round trip."""
-    from .common import (timing_model, loop_lengths, dram_cycles, round_trip, seconds,
-                         l2_port_cycles, lookup_lines, slice_tmu_cycles)
+    """Modelled seconds under ``model``: the sum of the arg plan's launches
+    (:func:`arg_launch_cycles`)."""
+    from .common import timing_model, seconds
     m = timing_model(model)
-    shape, dtype = _spec_parts(spec)
-    plan = arg_generate(spec)
-    L = plan.launches[0]
+    return seconds(m, sum(arg_launch_cycles(spec, m)))
+
+
+def arg_launch_cycles(spec: registry.OpSpec, model=None) -> list:
+    """Modelled cycles of each launch of the argmax / argmin plan (:func:`arg_cycles`; cut into
+    launches by :func:`split_lanes` as the plan is)."""
+    from .common import timing_model
+    m = timing_model(model)
+    _, dtype = _spec_parts(spec)
     vshape, ax, _ = _arg_view(spec)
-    n = int(np.prod(vshape, dtype=np.int64))
+    K0 = int(np.prod(vshape[:ax], dtype=np.int64))
     R = vshape[ax]
-    V = -(-(n // R) // 16)
-    per_worker = -(-V // L.workgroups[0])
-    instr = per_worker * R * loop_lengths(L.words)[0]
-    # lanes over outputs: adjacent outputs are a reduced row apart unless the axis is outer
-    es = ITEMSIZE[dtype]
-    inner = int(np.prod(vshape[ax + 1:], dtype=np.int64))
-    lines = lookup_lines(m, 16 * es) if inner >= 16 else min(16.0, max(1.0, 16 * R * inner * es / m.line_bytes))
-    cycles = max(dram_cycles(m, n * es), instr * m.cycles_per_instruction,
-                 l2_port_cycles(m, V * (R * lines + 1)),
-                 slice_tmu_cycles(m, V * R, lines, 16, L.workgroups[0]))
-    return seconds(m, cycles + round_trip(m, True))
+    K1 = int(np.prod(vshape[ax + 1:], dtype=np.int64))
+    n = split_lanes(K0, R, K1, dtype, NUM_QPUS, arg=True)
+    return lanes_launch_cycles(m, K0, R, K1, dtype, NUM_QPUS, n, arg=True)
+
+
+def longest_dispatch_seconds(spec: registry.OpSpec, model=None) -> float:
+    """Modelled seconds (under ``model``) of the longest launch of the reduction's plan
+    (placement's dispatch-budget rule): reduce_max / reduce_min, argmax / argmin."""
+    from .common import timing_model, seconds
+    m = timing_model(model)
+    if spec.kind in ("argmax", "argmin"):
+        return seconds(m, max(arg_launch_cycles(spec, m)))
+    shape, dtype = _spec_parts(spec)
+    return seconds(m, max(plan_launch_cycles(m, shape, norm_axes(spec.attrs.get("axis"), len(shape)), dtype)))
 
 
 def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
@@ -1018,44 +1072,198 @@ def generate(spec: registry.OpSpec, constants=None) -> KernelPlan:
 
 
 def stage_cycles(model, K0: int, R: int, K1: int, dtype: str, segments: bool) -> float:
-    """Modelled cycles of one reduction stage over the view [K0, R, K1]: the largest of its DRAM
-    traffic, the shared L2 port (every line each lookup touches) and the busiest worker's TMU
-    occupancy, plus one round trip. The lanes kernel makes one lookup per reduced element of
-    each 16-output vector, touching the distinct lines of its 16 lanes (one line per lane when
-    adjacent outputs are a row apart); segment stages stream contiguous vec4 lookups."""
-    from .common import dram_cycles, round_trip, l2_port_cycles, lookup_lines, slice_tmu_cycles
+    """Modelled cycles of one reduction stage over the view [K0, R, K1] in one launch: the
+    largest of its DRAM traffic, the shared L2 port (every line each lookup touches) and the
+    busiest worker's TMU occupancy, plus one round trip. The lanes kernel makes one lookup per
+    reduced element of each 16-output vector, touching the distinct lines of its 16 lanes (one
+    line per lane when adjacent outputs are a row apart; :func:`lanes_cycles`); segment stages
+    stream contiguous vec4 lookups."""
+    from .common import dram_cycles, round_trip, l2_port_cycles, slice_tmu_cycles
     es = ITEMSIZE[dtype]
     n = K0 * R * K1
-    traffic = dram_cycles(model, (n + K0 * K1) * es)
     if segments:
+        traffic = dram_cycles(model, (n + K0 * K1) * es)
         l2 = l2_port_cycles(model, n * es / model.line_bytes + K0)
         lookups = n * es / 256                          # 16 lanes x vec4 (or 16 typed elements)
         tmu = slice_tmu_cycles(model, lookups, 4, 64 if es == 4 else 16, model.num_qpus)
         return max(traffic, l2, tmu) + round_trip(model, True)
     V = -(-(K0 * K1) // 16)
-    per_worker = -(-V // min(V, model.num_qpus))
-    stride = es if K1 >= 16 else R * K1 * es          # bytes between adjacent lanes
-    lines = min(16.0, lookup_lines(model, 16 * es)) if stride == es else \
-        min(16.0, max(1.0, 16 * stride / model.line_bytes))
-    tmu = max(per_worker * R * lines * model.tmu_cycles_per_line,
-              slice_tmu_cycles(model, V * R, lines, 16, min(V, model.num_qpus)))
-    l2 = l2_port_cycles(model, V * (R * lines + 1))
-    return max(traffic, tmu, l2) + round_trip(model, True)
+    return lanes_cycles(model, R, K1, dtype, K0 * K1, V, -(-V // min(V, model.num_qpus)), K0 * K1)
+
+
+def _lane_lines(model, R: int, K1: int, es: int, P: int | None = None) -> float:
+    """Mean distinct lines one 16-lane lookup of the lanes kernel touches: lane l of vector v
+    reads output o = 16 v + l's element r, byte ((o // K1 * R + r) * K1 + o % K1) * es; counted
+    over a sample of the view's vectors and reduced elements (``P`` outputs). Without ``P``:
+    adjacent lanes contiguous from a random offset (K1 >= 16), else a reduced row apart."""
+    from .common import lookup_lines
+    if P is None:
+        if K1 >= 16:
+            return min(16.0, lookup_lines(model, 16 * es))
+        return min(16.0, max(1.0, 16 * R * K1 * es / model.line_bytes))
+    V = -(-P // 16)
+    vs = np.arange(min(V, 64))                   # alignments repeat within 64 vectors / rows
+    rs = np.arange(min(R, 64))
+    o = vs[:, None] * 16 + np.arange(16)[None, :]                       # [v, lane]
+    on = o < P
+    o = np.minimum(o, P - 1)
+    base = (o // K1 * R) * K1 + o % K1                                   # element index at r = 0
+    addr = (base[:, :, None] + rs[None, None, :] * K1) * es              # [v, lane, r]
+    first, last = addr // model.line_bytes, (addr + es - 1) // model.line_bytes
+    counts = [len(np.unique(np.concatenate([first[i, on[i], j], last[i, on[i], j]])))
+              for i in range(len(vs)) for j in range(len(rs))]
+    return float(np.mean(counts))
+
+
+def lanes_cycles(model, R: int, K1: int, dtype: str, outputs: int, V: int, per_worker: int,
+                 P: int | None = None) -> float:
+    """Modelled cycles of one lanes launch over ``V`` vectors (``outputs`` outputs) of the view
+    [., R, K1] (``P`` outputs in all, for the lookups' lines, :func:`_lane_lines`),
+    ``per_worker`` vectors on its busiest worker: the largest of its DRAM traffic, the shared
+    L2 port, the slice TMUs and the busiest worker's chain (:func:`lanes_worker_cycles`), plus
+    one round trip. A vector whose R elements do not fit the thread's FIFO share keeps PF loads
+    in flight and over-issues PF - 1 (drained unused): they are lookups too, and past the last
+    slab of a K1 >= 16 view (rows R.. of the last k0) lines nothing else reads. A line two
+    lookups share (adjacent vectors of a worker, K1 >= 16) hits the L2 only while the lines the
+    active workers read in between (a vector's lookups each) fit it; else every lookup's lines
+    miss."""
+    from .common import dram_cycles, round_trip, l2_port_cycles, slice_tmu_cycles
+    es = ITEMSIZE[dtype]
+    lines = _lane_lines(model, R, K1, es, P)
+    extra = PF - 1 if R > TMU_FIFO_WORDS else 0
+    waste = 0.0
+    if extra and K1 >= 16 and P is not None:
+        last_slab = min(V, -(-K1 // 16))                 # vectors of the last k0
+        waste = last_slab * extra * lines * model.line_bytes
+    looks = R + extra
+    active = min(V, model.num_qpus)
+    between = active * looks * lines * model.line_bytes          # bytes read between two reuses
+    if K1 >= 16 and between > model.l2_bytes:      # (a reduced row apart: reused by the next lookup)
+        moved = V * looks * lines * model.line_bytes + outputs * es
+        miss = 1.0
+    else:
+        moved = (outputs * R + outputs) * es + waste
+        miss = min(1.0, outputs * R * es / model.line_bytes / max(1.0, V * R * lines))
+    traffic = dram_cycles(model, moved)
+    tmu = max(per_worker * looks * lines * model.tmu_cycles_per_line,
+              slice_tmu_cycles(model, V * looks, lines, 16, active))
+    l2 = l2_port_cycles(model, V * (looks * lines + 1))
+    worker = lanes_worker_cycles(model, R, K1, dtype, per_worker, lines, miss, active)
+    return max(traffic, tmu, l2, worker) + round_trip(model, True)
+
+
+def _lanes_profile(R: int, K1: int, dtype: str) -> tuple:
+    """(instructions per reduced element in the lanes kernel's loop, instructions of a vector
+    outside it), from the generated program."""
+    from .common import loop_lengths
+    words, _ = _assemble(lanes_kernel, LanesStage(1, R, K1, "max", dtype, dtype, "data", "out", "probe"),
+                         "probe_lanes")
+    loops = loop_lengths(words)
+    if R <= TMU_FIFO_WORDS or len(loops) < 2:          # unrolled: every element in the vector loop
+        return (loops[-1] if loops else len(words)) / max(1, R), 0
+    return loops[0] / UNROLL, loops[-1] - loops[0]
+
+
+def lanes_worker_cycles(model, R: int, K1: int, dtype: str, vectors: int, lines: float, miss: float,
+                        active: int) -> float:
+    """The busiest worker's chain: per vector its code outside the element loop and one round
+    trip before its first element (the loads restart each vector), then each further element
+    paced by the slowest of its loop instructions, the round trip over the PF loads in flight
+    and its turn on the slice TMU (its lookup's lines and 16 returned words, behind the slice's
+    other active workers)."""
+    from .common import round_trip
+    per_elem, outside = _lanes_profile(R, K1, dtype)
+    cpi = model.cycles_per_instruction
+    rt = round_trip(model, miss)
+    share = min(max(1, active), max(1, model.qpus_per_slice))
+    occ = lines * model.tmu_cycles_per_line + 16 * model.tmu_cycles_per_word
+    elem = max(per_elem * cpi, rt / PF, share * occ)
+    return vectors * (outside * cpi + rt + max(0, R - 1) * elem)
+
+
+def arg_cycles(model, R: int, K1: int, dtype: str, outputs: int, V: int, per_worker: int, loop: int) -> float:
+    """Modelled cycles of one argmax / argmin launch over ``V`` vectors (``outputs`` outputs) of
+    the view [., R, K1]: its busiest worker (``per_worker`` vectors) folds one element of its 16
+    outputs per iteration of the ``loop``-instruction inner loop; bounded below by the DRAM
+    traffic, the L2 port and the slice TMU; plus one round trip."""
+    from .common import dram_cycles, round_trip, l2_port_cycles, slice_tmu_cycles
+    es = ITEMSIZE[dtype]
+    lines = _lane_lines(model, R, K1, es)
+    cycles = max(dram_cycles(model, outputs * R * es), per_worker * R * loop * model.cycles_per_instruction,
+                 l2_port_cycles(model, V * (R * lines + 1)),
+                 slice_tmu_cycles(model, V * R, lines, 16, min(V, model.num_qpus)))
+    return cycles + round_trip(model, True)
+
+
+def _arg_loop(R: int, K1: int, dtype: str) -> int:
+    """Instructions of the arg kernel's inner loop (from the generated program)."""
+    from .common import loop_lengths
+    words, _ = _assemble(arg_kernel, LanesStage(1, R, K1, "argmax", dtype, "int64", "data", "out", "probe"),
+                         "probe_arg")
+    return loop_lengths(words)[0]
+
+
+def lanes_launch_cycles(model, K0: int, R: int, K1: int, dtype: str, num_qpus: int = NUM_QPUS,
+                        launches: int = 1, arg: bool = False) -> list:
+    """Modelled cycles of each launch of a lanes stage (or, ``arg``, the argmax / argmin kernel)
+    over the view [K0, R, K1] cut into ``launches`` (:func:`lanes_runs`)."""
+    P = K0 * K1
+    loop = _arg_loop(R, K1, dtype) if arg else 0
+    out = []
+    for _, nw, V, chunk in lanes_runs(P, num_qpus, launches):
+        outs = min(P, 16 * V)
+        if arg:
+            out.append(arg_cycles(model, R, K1, dtype, outs, V, chunk, loop))
+        elif launches == 1:                      # the whole stage: as stage_cycles
+            out.append(stage_cycles(model, K0, R, K1, dtype, False))
+        else:
+            out.append(lanes_cycles(model, R, K1, dtype, outs, V, chunk, P))
+    return out
+
+
+def split_lanes(K0: int, R: int, K1: int, dtype: str, num_qpus: int = NUM_QPUS, model=None,
+                arg: bool = False, budget_seconds: float | None = None) -> int:
+    """Launches of a lanes stage (or argmax / argmin kernel) over the view [K0, R, K1]: the
+    fewest whose longest is modelled (:func:`lanes_launch_cycles`) within ``budget_seconds``
+    (default :func:`.common.dispatch_budget_seconds`). The persistent launch keeps every batch
+    resident, so the v3d hang check (no batch-counter progress for 500 ms) bounds each launch.
+    One vector per worker and launch when nothing fits (the budget check then refuses it)."""
+    from .common import timing_model, seconds, dispatch_budget_seconds
+    m = timing_model(model)
+    budget = dispatch_budget_seconds() if budget_seconds is None else budget_seconds
+    whole = seconds(m, max(lanes_launch_cycles(m, K0, R, K1, dtype, num_qpus, 1, arg)))
+    if whole <= budget:
+        return 1
+    most = -(-(-(-(K0 * K1) // 16)) // num_qpus)
+    for n in range(max(2, math.ceil(whole / budget)), most + 1):
+        if seconds(m, max(lanes_launch_cycles(m, K0, R, K1, dtype, num_qpus, n, arg))) <= budget:
+            return n
+    return most
+
+
+def plan_launch_cycles(model, shape, axes, dtype: str, num_qpus: int = NUM_QPUS,
+                       budget_seconds: float | None = None) -> list:
+    """Modelled cycles of each launch :func:`plan_reduce` makes (its stages in order; a segment
+    pass, then its lanes stage over the [K, S] partials; each lanes stage cut by
+    :func:`split_lanes` under the default model and ``budget_seconds``)."""
+    out = []
+    for K0, R, K1 in stage_views(shape, axes) or [(int(np.prod(shape, dtype=np.int64)), 1, 1)]:
+        S = choose_segments(K0, R, dtype, num_qpus) if K1 == 1 else 0
+        if S:
+            out.append(stage_cycles(model, K0 * S, R // S, 1, dtype, True))
+            view = (K0, S, 1, acc_dtype(dtype))
+        else:
+            view = (K0, R, K1, dtype)
+        n = split_lanes(*view, num_qpus, budget_seconds=budget_seconds)
+        out += lanes_launch_cycles(model, *view, num_qpus, n)
+        dtype = acc_dtype(dtype)                 # the next stage reads this one's partials
+    return out
 
 
 def reduce_cycles(model, shape, axes, dtype: str) -> float:
-    """Modelled cycles of all stages of a reduction (a segment pass adds a second lanes stage
-    over the [K, S] partials)."""
-    total = 0.0
-    for K0, R, K1 in stage_views(shape, axes):
-        S = choose_segments(K0, R, dtype) if K1 == 1 else 0
-        if S:
-            total += stage_cycles(model, K0 * S, R // S, 1, dtype, True)
-            total += stage_cycles(model, K0, S, 1, acc_dtype(dtype), False)
-        else:
-            total += stage_cycles(model, K0, R, K1, dtype, False)
-        dtype = acc_dtype(dtype) if S else dtype
-    return total
+    """Modelled cycles of all launches of a reduction (a segment pass adds a second lanes stage
+    over the [K, S] partials; a lanes stage over the dispatch budget is cut into launches)."""
+    return sum(plan_launch_cycles(model, shape, axes, dtype))
 
 
 def estimate(spec: registry.OpSpec, model=None) -> float:

@@ -421,7 +421,7 @@ def estimate(spec, model=None) -> float:
     round trip per ``WINDOW`` blocks of every pass over memory (the first pass misses the L2);
     bounded below by the DRAM traffic (input once, output once)."""
     from .common import (timing_model, build_program, round_trip, dram_cycles, seconds, burst_wait,
-                         l2_port_cycles, slice_tmu_cycles)
+                         l2_port_cycles, slice_tmu_cycles, slice_burst_queue)
     m = timing_model(model)
     s = spec_shape(spec)
     prog = build_program(softmax_row_kernel, s, name="softmax")
@@ -441,8 +441,26 @@ def estimate(spec, model=None) -> float:
     # streamed rows wait for each chunk in turn, every worker in the same phase: each first-pass
     # wait queues behind the other workers' chunks; a resident row waits once (workers drift
     # apart, the DRAM bound below covers the sharing)
-    first = burst_wait(m, W, burst) if full else round_trip(m, True)
-    lat = waits * (first + (passes - 1) * round_trip(m, False))
+    rows_ = np.arange(min(s.rows, m.line_bytes))
+    per_block = float(np.mean(np.where((rows_ * s.N * 4) % m.line_bytes == 0, 1.0, 2.0)))
+    # every window's burst occupies the slice TMU (per lookup its lines and 16 returned words;
+    # cycle_model tmu_cycles_per_line / _per_word) and queues behind the bursts of the slice's
+    # other workers. A resident row loads its whole window, then computes with the TMU idle:
+    # alone the burst adds its own service time, but when the slice's bursts together take at
+    # least a worker's cycle without queueing (the row's instructions, a round trip, its own
+    # burst) the saturated TMU serves them interleaved, the slice's workers leave it together
+    # and compute together, and each row waits the whole slice's bursts. A streamed row's
+    # chunk loads overlap the previous chunk's instructions: it waits what they do not cover.
+    b_ = min(s.nblocks, WINDOW)
+    own = slice_burst_queue(m, 1, b_, per_block, 16)
+    whole = slice_burst_queue(m, W, b_, per_block, 16)
+    work = row * m.cycles_per_instruction / (waits * passes)          # a window's instructions
+    if full:
+        queue = max(own, whole - work)
+    else:
+        queue = whole if whole >= work + round_trip(m, False) + own else own
+    first = max(burst_wait(m, W, burst), round_trip(m, True) + queue) if full else round_trip(m, True) + queue
+    lat = waits * (first + (passes - 1) * (round_trip(m, False) + queue))
     busiest = -(-s.rows // W) * (row * m.cycles_per_instruction + lat) + lab["rowloop"] * m.cycles_per_instruction
     # roofline of the worker time and the DRAM traffic, plus the first burst of all W workers
     start = 0.0 if full else burst_wait(m, W, burst) - round_trip(m, True)
