@@ -459,3 +459,36 @@ def test_tuning_measures_on_a_remote_rpc_server(tmp_path):
         procs.kill_all()
     assert rec.header["measured_on"] == f"RPC server {LOOPBACK}:{port}"
     assert any(w["seconds"] is not None for w in rec.workloads.values()), log.getvalue() + procs.log("server")
+
+
+@pytest.mark.slow
+def test_tune_target_qpu_on_a_tvm_qpu_rpc_server(tmp_path):
+    """--target qpu against one ``python -m tvm_qpu.rpc_server`` on localhost (emulator device):
+    the QPU ops' kernels are timed there (emulator entries: modelled), then the CPU functions are
+    tuned there; placement keeps the cycle model for the QPU side and says so."""
+    pytest.importorskip("tornado", reason="TVM's RPC needs tornado")
+    pytest.importorskip("cloudpickle", reason="tvm.rpc.Server needs cloudpickle")
+    from test_rpc import LOOPBACK, Processes, free_port
+    import time
+    procs = Processes(tmp_path)
+    port = free_port()
+    try:
+        procs.start("server", ["-m", "tvm_qpu.rpc_server", "--host", LOOPBACK, "--port", port,
+                               "--port-end", port + 1], {"TVM_QPU_DEVICE": "emulator"})
+        deadline = time.monotonic() + 180
+        while "listening on" not in procs.log("server") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = tmp_path / "remote_qpu.json"
+        log = io.StringIO()
+        rec = T.tune(MLP, out, target="qpu", trials=1, out=log,
+                     remote=T.RemoteSpec(host=LOOPBACK, port=port, timeout=120))
+    finally:
+        procs.kill_all()
+    text = log.getvalue()
+    ops = T.qpu_ops(MLP)
+    assert sorted(rec.qpu) == sorted(op.key for op in ops), text + procs.log("server")
+    assert all(e["device"] == "emulator" and e["where"] == f"RPC server {LOOPBACK}:{port}" for e in rec.qpu.values())
+    assert text.index("QPU op 1/") < text.index("tuning ")          # the QPU first, then the CPU tasks
+    assert rec.workloads and any(w["seconds"] is not None for w in rec.workloads.values()), text
+    report = _partition(T.read_records(out))
+    assert all(T.SOURCE_QPU_MODELLED in reason for _, reason in _qpu_figures(report).values())

@@ -12,8 +12,15 @@ the whole model, for ``--target qpu`` what stays on the CPU after partitioning (
 not TIR). Each QPU-capable op (a pattern the partitioner matches) is also tuned alone, as a
 small module of its own, so that placement can price it by measurement (:func:`RecordSet.op_seconds`).
 Tasks are TVM MetaSchedule tasks (``tvm.s_tir.meta_schedule``: evolutionary search; XGBoost cost
-model when ``xgboost`` is installed, else random), measured by its local runner, or by its RPC
-runner on a remote machine (``--rpc-tracker`` / ``--hostname``).
+model when ``xgboost`` is installed, else random: ``--cost-model``), measured by its local runner,
+or by its RPC runner on a remote machine (``--rpc-tracker`` / ``--hostname``).
+
+**QPU kernels** (``--target qpu``, :func:`measure_qpu`): before the CPU tasks, every QPU-capable
+op's kernel plan is timed on the QPU device of the machine that measures (a ``tvm_qpu.rpc_server``
+over RPC, ``tvm_qpu.rpc.measure_plan``, or this one): per op the seconds, the device kind (``v3d``
+measured; ``emulator`` modelled by the cycle model), the QPU count and the plan's identity
+(:func:`plan_identity`). Placement uses a v3d time only for the same plan
+(:meth:`RecordSet.qpu_measurement`, ``tvm_qpu.placement.qpu_estimate``).
 
 **Records.** One JSON file (:data:`FORMAT`): a header (target, CPU target string, host arch,
 model sha256 and input shapes, where it was measured), then per workload its structural hash, the
