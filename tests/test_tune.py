@@ -391,6 +391,12 @@ def test_qpu_measure_needs_target_qpu(tmp_path):
         T.tune(MLP, tmp_path / "r.json", target="llvm", qpu_measure="only", out=io.StringIO())
 
 
+def test_auto_skips_timing_on_the_local_emulator():
+    out = io.StringIO()
+    assert T._auto_local("emulator", out) == "no"
+    assert "QPU kernels not timed: this machine's QPU device is the emulator" in out.getvalue()
+
+
 def test_unknown_task_name_is_refused(tmp_path):
     with pytest.raises(T.TuningError, match="no task named nope; the tasks are: .*fused_matmul"):
         T.tune(MLP, tmp_path / "r.json", target="llvm", only_tasks=["nope"], out=io.StringIO())

@@ -11,7 +11,7 @@
     tvmc partition model.onnx [--qpu-placement ...] [--qpu-split] [--explain] [--tuning-records records.json]
     tvmc tune model.onnx [--target qpu|llvm] -o records.json [--trials N] [--target-host pi5]
              [--rpc-tracker HOST:PORT --rpc-key KEY | --hostname H --port P]
-             [--cost-model xgb|random] [--tasks NAME,...] [--qpu-measure yes|no|only]
+             [--cost-model xgb|random] [--tasks NAME,...] [--qpu-measure auto|yes|no|only]
     tvmc compile ... --tuning-records records.json       # tuned schedules + measured placement
     tvmc keygen me                       # me.key (private, for --sign-key) + me.pub (--trusted-key)
     tvmc --version
@@ -190,10 +190,11 @@ def _args_tune(t):
     t.add_argument("--cost-model", choices=("xgb", "random"), default=None,
                    help="MetaSchedule cost model: xgb (XGBoost, the default when xgboost is installed) or "
                         "random (the default without it)")
-    t.add_argument("--qpu-measure", choices=("yes", "no", "only"), default=None,
+    t.add_argument("--qpu-measure", choices=("auto", "yes", "no", "only"), default=None,
                    help="--target qpu: time every QPU-capable op's kernel on the measuring machine's QPU "
-                        "device first (yes, the default; v3d on a Pi = measured, the emulator = modelled), "
-                        "only that (only), or not (no)")
+                        "device first (yes; v3d on a Pi = measured, the emulator = modelled), only that "
+                        "(only), or not (no); auto (default): yes over RPC or with a real GPU, no on this "
+                        "machine's emulator")
     t.add_argument("--tasks", metavar="NAME[,NAME...]", default=None,
                    help="tune only these tasks (names as the progress lines print them); the others keep "
                         "the default schedules")
@@ -488,7 +489,8 @@ SUBCOMMANDS = [
     ("run", "run a compiled artifact", _args_run, _cmd_run),
     ("partition", "show which ops go to the QPU, and why the others stay", _args_partition, _cmd_partition),
     ("keygen", "make an Ed25519 key pair for signing artifacts", _args_keygen, _cmd_keygen),
-    ("tune", "tune the CPU part of a build with MetaSchedule; writes records for compile --tuning-records",
+    ("tune", "tune the CPU part of a build with MetaSchedule and time its QPU kernels; writes records for "
+             "compile --tuning-records",
      _args_tune, _cmd_tune),
 ]
 
