@@ -361,6 +361,59 @@ def test_server_functions_are_registered_on_import():
 
 
 # ---------------------------------------------------------------------------------------------
+# tvmc tune --target qpu: the QPU kernels are timed on the server's device
+
+def _measure_remotely(out, **where):
+    """``tvm_qpu.tune.tune(--qpu-measure only)`` of the mlp against a remote server; its log."""
+    import io
+    from tvm_qpu import tune as T
+    log = io.StringIO()
+    T.tune(MODELS / "mlp.onnx", out, target="qpu", qpu_measure="only", out=log,
+           remote=T.RemoteSpec(timeout=60, **where))
+    return T.read_records(out), log.getvalue()
+
+
+def _check_emulator_entries(rec, where):
+    """Every QPU op of the mlp has an entry made by the server's emulator (its cycle model, so the
+    device is 'emulator', never v3d) for the very plan this machine generates, with the time the
+    same plan takes on this machine's emulator (the cycle model is deterministic)."""
+    from tvm_qpu import tune as T
+    ops = T.qpu_ops(MODELS / "mlp.onnx")
+    assert len(ops) >= 3 and sorted(rec.qpu) == sorted(op.key for op in ops)
+    for op in ops:
+        e = rec.qpu[op.key]
+        assert e["device"] == "emulator" and e["where"] == where and e["qpus"] == 12
+        assert e["plan"] == T.plan_identity(op.plan)
+        local = T.measure_plan(op.plan, "emulator")
+        assert e["seconds"] == local["seconds"] and e["launches"] == len(op.plan.launches)
+    return len(ops)
+
+
+def test_tune_times_qpu_kernels_on_a_server(cluster, tmp_path):
+    ports, _ = cluster
+    rec, log = _measure_remotely(tmp_path / "q.json", host=LOOPBACK, port=ports["standalone"])
+    n = _check_emulator_entries(rec, f"RPC server {LOOPBACK}:{ports['standalone']}")
+    assert f"measuring {n} of {n} QPU op kernel(s)" in log and "modelled by the emulator's cycle model" in log
+    assert not rec.workloads                       # --qpu-measure only: no CPU tuning
+    # the same -o again: every op is already measured there, nothing is sent
+    _, log = _measure_remotely(tmp_path / "q.json", host=LOOPBACK, port=ports["standalone"])
+    assert f"measuring 0 of {n}" in log
+
+
+def test_tune_times_qpu_kernels_via_the_tracker(cluster, tmp_path):
+    ports, _ = cluster
+    rec, _ = _measure_remotely(tmp_path / "q.json", tracker=(LOOPBACK, ports["tracker"]), key=KEY)
+    _check_emulator_entries(rec, f"RPC tracker {LOOPBACK}:{ports['tracker']} key {KEY}")
+
+
+def test_tune_qpu_on_a_stock_server_is_explained(cluster, tmp_path):
+    from tvm_qpu import tune as T
+    ports, _ = cluster
+    with pytest.raises(T.TuningError, match="cannot measure QPU kernels.*python -m tvm_qpu.rpc_server"):
+        _measure_remotely(tmp_path / "q.json", host=LOOPBACK, port=ports["stock"])
+
+
+# ---------------------------------------------------------------------------------------------
 # a fleet server that runs only signed artifacts
 
 def test_server_with_trusted_key_runs_only_signed_artifacts(model, tmp_path):

@@ -281,6 +281,156 @@ def test_broken_ffi_is_refused_before_it_crashes(monkeypatch):
         T.check_environment()
 
 
+# ---------------------------------------------------------------------------------------------
+# QPU measurements in the records (tvmc tune --target qpu)
+
+@pytest.fixture(scope="module")
+def qpu_records(tmp_path_factory):
+    """Records of ``tvmc tune --target qpu --qpu-measure only`` of the mlp on this machine (the
+    emulator: no V3D render node here), and the CLI's output."""
+    import contextlib
+    from tvm_qpu.cli import main
+    path = tmp_path_factory.mktemp("tune") / "qpu.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["tune", str(MLP), "--target", "qpu", "--qpu-measure", "only", "-o", str(path)])
+    assert rc == 0, out.getvalue()
+    return path, out.getvalue()
+
+
+def _partition(rec=None, placement="cost"):
+    """The mlp's partition report, priced with ``rec`` (or without records)."""
+    mod, params = tvm_qpu.from_onnx(MLP)
+    with T.measured_cpu(rec):
+        return tvm_qpu.partition_report(tvm_qpu.partition(mod, params, placement=placement))
+
+
+def _qpu_figures(report) -> dict:
+    """{op description: (QPU seconds, reason)} of the report's priced candidates."""
+    return {c.spec: (c.qpu_s, c.reason) for c in report.candidates if c.spec and c.qpu_s is not None}
+
+
+def _with_qpu(src, dst, cpu_seconds=None, **fields):
+    """A copy of the records whose every QPU entry has ``fields`` changed (e.g. a fake v3d run);
+    with ``cpu_seconds``, also every CPU workload 'measured' that long (:func:`_synthetic`)."""
+    qpu = T.read_records(src).qpu
+
+    def edit(rec):
+        rec.qpu = {k: dict(e, **fields) for k, e in qpu.items()}
+    if cpu_seconds is not None:
+        src = _synthetic(Path(f"{dst}.cpu.json"), target="qpu", seconds=cpu_seconds)
+    return _copy(src, dst, edit)
+
+
+def test_emulator_qpu_entries_are_labelled_modelled(qpu_records):
+    path, log = qpu_records
+    rec = T.read_records(path)
+    ops = T.qpu_ops(MLP)
+    # the mlp's three dense layers, in every form placement "all" (matmul + bias + ReLU) and "cost"
+    # (matmul + bias, matmul) evaluate
+    assert len(ops) >= 3 and sorted(rec.qpu) == sorted(op.key for op in ops)
+    for op in ops:
+        e = rec.qpu[op.key]
+        assert e["device"] == "emulator" and e["plan"] == T.plan_identity(op.plan) and e["seconds"] > 0
+    assert log.count("on emulator (modelled by the emulator's cycle model") == len(ops) and "measured;" not in log
+    # placement keeps the cycle-model estimate (the same figures as without records), says it is
+    # modelled, and names the emulator run it did not use
+    for placement in ("cost", "all"):
+        plain, priced = _qpu_figures(_partition(placement=placement)), _qpu_figures(_partition(rec, placement))
+        assert plain.keys() == priced.keys() and len(priced) >= 3
+        for spec, (qpu_s, reason) in priced.items():
+            assert qpu_s == plain[spec][0]
+            assert f"[{T.SOURCE_QPU_MODELLED}; the records' emulator run" in reason and "v3d" not in reason
+
+
+def test_v3d_measurement_replaces_the_estimate(qpu_records, tmp_path, capsys):
+    from tvm_qpu.cli import main
+    path, _ = qpu_records
+    # CPU 'measured' at 50 us per dense layer; the GPU at 0.1 us or 0.5 s
+    fast = _with_qpu(path, tmp_path / "fast.json", 50e-6, device="v3d", host="pi5-test", seconds=1e-7)
+    slow = _with_qpu(path, tmp_path / "slow.json", 50e-6, device="v3d", host="pi5-test", seconds=0.5)
+    f_fast = _qpu_figures(_partition(T.read_records(fast)))
+    f_slow = _qpu_figures(_partition(T.read_records(slow)))
+    for spec, (qpu_s, reason) in f_fast.items():
+        assert "[measured: v3d on pi5-test]" in reason
+        # the measured launch time is used as it is: only it differs between the two files
+        assert f_slow[spec][0] - qpu_s == pytest.approx(0.5 - 1e-7, rel=1e-9)
+    # the measurement decides: a fast GPU takes every dense layer, a slow one none
+    assert len(_partition(T.read_records(fast)).regions) == 3
+    assert len(_partition(T.read_records(slow)).regions) == 0
+    rc = main(["partition", str(MLP), "--explain", "--tuning-records", str(fast)])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("[measured: v3d on pi5-test]") >= 3
+    assert "QPU figures marked [measured: v3d on HOST]" in out and f"{len(T.read_records(fast).qpu)} QPU op(s), v3d" in out
+
+
+def test_stale_qpu_measurement_is_ignored_with_the_reason(qpu_records, tmp_path):
+    path, _ = qpu_records
+    stale = _with_qpu(path, tmp_path / "stale.json", device="v3d", host="pi5-test", seconds=1e-7,
+                      plan="0" * 64)       # measured on a kernel generator that made another plan
+    plain, priced = _qpu_figures(_partition()), _qpu_figures(_partition(T.read_records(stale)))
+    for spec, (qpu_s, reason) in priced.items():
+        assert qpu_s == plain[spec][0]          # the estimate, not the stale measurement
+        assert "v3d record ignored: the kernel plan changed since it was measured (plan 000000000000..." in reason
+        assert "[measured: v3d" not in reason
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("device", "gpu", "device 'gpu' is none of v3d, emulator"),
+    ("seconds", -1.0, "not a positive number"),
+    ("plan", "abc", "plan is not a sha256"),
+])
+def test_malformed_qpu_entry_is_refused(qpu_records, tmp_path, field, value, reason):
+    bad = _with_qpu(qpu_records[0], tmp_path / "bad.json", **{field: value})
+    with pytest.raises(T.TuningError, match="corrupt tuning records \\(QPU entry .*" + reason):
+        T.read_records(bad)
+
+
+def test_qpu_measure_needs_target_qpu(tmp_path):
+    with pytest.raises(T.TuningError, match="--qpu-measure only needs --target qpu"):
+        T.tune(MLP, tmp_path / "r.json", target="llvm", qpu_measure="only", out=io.StringIO())
+
+
+def test_auto_skips_timing_on_the_local_emulator():
+    out = io.StringIO()
+    assert T._auto_local("emulator", out) == "no"
+    assert "QPU kernels not timed: this machine's QPU device is the emulator" in out.getvalue()
+
+
+def test_unknown_task_name_is_refused(tmp_path):
+    with pytest.raises(T.TuningError, match="no task named nope; the tasks are: .*fused_matmul"):
+        T.tune(MLP, tmp_path / "r.json", target="llvm", only_tasks=["nope"], out=io.StringIO())
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_ctrl_c_during_tuning_is_recognised():
+    """MetaSchedule's native loop turns the KeyboardInterrupt of a Ctrl-C into a RuntimeError;
+    tune() tells them apart by the SIGINT its handler saw (and the previous handler still runs)."""
+    import os
+    import signal
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with T._sigint_seen() as seen:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert seen == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is before
+    with T._sigint_seen() as seen:
+        pass
+    assert seen == []
+
+
+def test_cost_model_choice():
+    assert T.resolve_cost_model("random") == "random"
+    with pytest.raises(T.TuningError, match="unknown cost model"):
+        T.resolve_cost_model("mlp")
+    try:
+        import xgboost  # noqa: F401
+        assert T.resolve_cost_model() == "xgb" == T.resolve_cost_model("xgb")
+    except ImportError:
+        assert T.resolve_cost_model() == "random"
+        with pytest.raises(T.TuningError, match="pip install"):
+            T.resolve_cost_model("xgb")
+
+
 @pytest.mark.slow
 def test_real_records_drive_placement(tuned):
     seen, _ = _check_placement_reads(T.read_records(tuned[0]))
@@ -315,3 +465,36 @@ def test_tuning_measures_on_a_remote_rpc_server(tmp_path):
         procs.kill_all()
     assert rec.header["measured_on"] == f"RPC server {LOOPBACK}:{port}"
     assert any(w["seconds"] is not None for w in rec.workloads.values()), log.getvalue() + procs.log("server")
+
+
+@pytest.mark.slow
+def test_tune_target_qpu_on_a_tvm_qpu_rpc_server(tmp_path):
+    """--target qpu against one ``python -m tvm_qpu.rpc_server`` on localhost (emulator device):
+    the QPU ops' kernels are timed there (emulator entries: modelled), then the CPU functions are
+    tuned there; placement keeps the cycle model for the QPU side and says so."""
+    pytest.importorskip("tornado", reason="TVM's RPC needs tornado")
+    pytest.importorskip("cloudpickle", reason="tvm.rpc.Server needs cloudpickle")
+    from test_rpc import LOOPBACK, Processes, free_port
+    import time
+    procs = Processes(tmp_path)
+    port = free_port()
+    try:
+        procs.start("server", ["-m", "tvm_qpu.rpc_server", "--host", LOOPBACK, "--port", port,
+                               "--port-end", port + 1], {"TVM_QPU_DEVICE": "emulator"})
+        deadline = time.monotonic() + 180
+        while "listening on" not in procs.log("server") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = tmp_path / "remote_qpu.json"
+        log = io.StringIO()
+        rec = T.tune(MLP, out, target="qpu", trials=1, out=log,
+                     remote=T.RemoteSpec(host=LOOPBACK, port=port, timeout=120))
+    finally:
+        procs.kill_all()
+    text = log.getvalue()
+    ops = T.qpu_ops(MLP)
+    assert sorted(rec.qpu) == sorted(op.key for op in ops), text + procs.log("server")
+    assert all(e["device"] == "emulator" and e["where"] == f"RPC server {LOOPBACK}:{port}" for e in rec.qpu.values())
+    assert text.index("QPU op 1/") < text.index("tuning ")          # the QPU first, then the CPU tasks
+    assert rec.workloads and any(w["seconds"] is not None for w in rec.workloads.values()), text
+    report = _partition(T.read_records(out))
+    assert all(T.SOURCE_QPU_MODELLED in reason for _, reason in _qpu_figures(report).values())

@@ -11,6 +11,7 @@
     tvmc partition model.onnx [--qpu-placement ...] [--qpu-split] [--explain] [--tuning-records records.json]
     tvmc tune model.onnx [--target qpu|llvm] -o records.json [--trials N] [--target-host pi5]
              [--rpc-tracker HOST:PORT --rpc-key KEY | --hostname H --port P]
+             [--cost-model xgb|random] [--tasks NAME,...] [--qpu-measure auto|yes|no|only]
     tvmc compile ... --tuning-records records.json       # tuned schedules + measured placement
     tvmc keygen me                       # me.key (private, for --sign-key) + me.pub (--trusted-key)
     tvmc --version
@@ -186,6 +187,17 @@ def _args_tune(t):
                    help="llvm (this machine, default) or pi5 (aarch64; measured on a remote Pi)")
     t.add_argument("--qpu-placement", default="cost", choices=("all", "cost", "none"),
                    help="placement of the --target qpu build to tune the CPU part of (default cost)")
+    t.add_argument("--cost-model", choices=("xgb", "random"), default=None,
+                   help="MetaSchedule cost model: xgb (XGBoost, the default when xgboost is installed) or "
+                        "random (the default without it)")
+    t.add_argument("--qpu-measure", choices=("auto", "yes", "no", "only"), default=None,
+                   help="--target qpu: time every QPU-capable op's kernel on the measuring machine's QPU "
+                        "device first (yes; v3d on a Pi = measured, the emulator = modelled), only that "
+                        "(only), or not (no); auto (default): yes over RPC or with a real GPU, no on this "
+                        "machine's emulator")
+    t.add_argument("--tasks", metavar="NAME[,NAME...]", default=None,
+                   help="tune only these tasks (names as the progress lines print them); the others keep "
+                        "the default schedules")
     _args_rpc(t, "measure on a remote machine over TVM RPC (docs/rpc.md)",
               "session timeout of a remote measurement (default 60)")
 
@@ -419,6 +431,12 @@ def _cmd_partition(args):
         if records is not None:
             print(f"CPU figures marked [measured: tuning records] come from {args.tuning_records} (measured on "
                   f"{records.measured_where()}); the others [modelled: default-schedule rate] from the CPU model")
+            kinds = sorted({e["device"] for e in records.qpu.values()})
+            print(f"QPU figures marked [measured: v3d on HOST] are kernel launches timed on that Pi's GPU by "
+                  f"tvmc tune (in {args.tuning_records}: {len(records.qpu)} QPU op(s), "
+                  f"{', '.join(kinds) if kinds else 'none'}) plus the modelled call and copies; the others "
+                  "[modelled: cycle model] are the kernel's cycle-model estimate (emulator entries are modelled "
+                  "too, so they never replace it)")
     return 0
 
 
@@ -448,7 +466,9 @@ def _cmd_tune(args):
         raise CliError("--rpc-timeout applies to remote tuning only (--rpc-tracker or --hostname)")
     shapes = parse_input_shapes(args.input_shapes)
     tune(args.model, args.output, target=args.target, trials=args.trials or DEFAULT_TRIALS,
-         target_host=args.target_host, input_shapes=shapes, placement=args.qpu_placement, remote=remote)
+         target_host=args.target_host, input_shapes=shapes, placement=args.qpu_placement, remote=remote,
+         cost_model=args.cost_model, only_tasks=args.tasks.split(",") if args.tasks else None,
+         qpu_measure=args.qpu_measure)
     print(f"use it: tvmc compile {args.model} --target {args.target}"
           + (f" --target-host {args.target_host}" if args.target_host else "")
           + f" --tuning-records {args.output}")
@@ -469,7 +489,8 @@ SUBCOMMANDS = [
     ("run", "run a compiled artifact", _args_run, _cmd_run),
     ("partition", "show which ops go to the QPU, and why the others stay", _args_partition, _cmd_partition),
     ("keygen", "make an Ed25519 key pair for signing artifacts", _args_keygen, _cmd_keygen),
-    ("tune", "tune the CPU part of a build with MetaSchedule; writes records for compile --tuning-records",
+    ("tune", "tune the CPU part of a build with MetaSchedule and time its QPU kernels; writes records for "
+             "compile --tuning-records",
      _args_tune, _cmd_tune),
 ]
 

@@ -9,7 +9,9 @@ For one :class:`~tvm_qpu.codegen.registry.OpSpec` the model compares
 * **QPU time** (:func:`qpu_seconds`): ``registry.estimate(spec)`` (the kernel's cycle model)
   plus the fixed costs of leaving the CPU, in :data:`QPU_OVERHEAD`: the VM -> Python call, the
   job submission per launch (counted in the generated KernelPlan: :func:`plan_launches`), and
-  copying inputs / outputs through GPU-visible memory.
+  copying inputs / outputs through GPU-visible memory. With tuning records that hold a v3d
+  measurement of the same kernel plan (``tvmc tune --target qpu`` on a Pi), the measured launch
+  time replaces the estimate and the launch cost (:func:`qpu_estimate`).
 
 ``placement="cost"`` offloads when QPU time < CPU time; ``"all"`` offloads whatever a kernel
 supports; ``"none"`` offloads nothing (the llvm baseline with the same partitioning code path).
@@ -143,8 +145,9 @@ def is_integer(spec) -> bool:
     return all(np.issubdtype(np.dtype(d), np.integer) for _, d in spec.inputs[:2])
 
 
-#: tuning records (a tvm_qpu.tune.RecordSet) placement reads measured CPU times from; set by
-#: tvm_qpu.tune.measured_cpu (tvmc compile / partition --tuning-records), None: modelled only
+#: tuning records (a tvm_qpu.tune.RecordSet) placement reads measured CPU times, and v3d-measured
+#: QPU times (qpu_estimate), from; set by tvm_qpu.tune.measured_cpu (tvmc compile / partition
+#: --tuning-records), None: modelled only
 MEASURED_CPU = contextvars.ContextVar("tvm_qpu_measured_cpu", default=None)
 
 
@@ -205,13 +208,33 @@ def plan_launches(spec, constants=(), registry=None) -> int:
     return len(registry.generate(spec, consts).launches)
 
 
-def qpu_seconds(spec, constants=(), registry=None) -> float:
-    """Predicted QPU time: the registry's cycle-model estimate plus :func:`qpu_overhead_seconds`
-    for the launches the plan really makes (:func:`plan_launches`)."""
+def qpu_estimate(spec, constants=(), registry=None) -> tuple:
+    """(seconds, source, fixed costs) of ``spec``'s QPU time. Where the active tuning records
+    (:data:`MEASURED_CPU`) hold a v3d measurement of the very kernel plan generated now (same
+    ``tvm_qpu.tune.plan_identity``), that measured launch time plus the modelled call and copies
+    (the measured launches include their submission); otherwise the registry's cycle-model
+    estimate plus :func:`qpu_overhead_seconds` for the launches the plan really makes. ``source``
+    says which, and why a record was not used (an emulator entry is modelled too; a stale plan)."""
     if registry is None:
         from tvm_qpu.codegen import registry
+    from .tune import SOURCE_QPU_MEASURED, SOURCE_QPU_MODELLED, spec_key
     est = float(registry.estimate(spec))
-    return est + qpu_overhead_seconds(spec, constants, plan_launches(spec, constants, registry))
+    consts = dict(constants) if isinstance(constants, dict) else {}
+    plan = registry.generate(spec, consts)
+    records, note = MEASURED_CPU.get(), ""
+    if records is not None:
+        entry, note = records.qpu_measurement(spec_key(spec), plan)
+        if entry is not None:
+            fixed = qpu_overhead_seconds(spec, constants, launches=0)
+            return entry["seconds"] + fixed, f"{SOURCE_QPU_MEASURED} {entry['host']}", fixed
+    fixed = qpu_overhead_seconds(spec, constants, len(plan.launches))
+    source = SOURCE_QPU_MODELLED + (f"; {note}" if note else "")
+    return est + fixed, source, fixed
+
+
+def qpu_seconds(spec, constants=(), registry=None) -> float:
+    """Predicted QPU time: measured on v3d or modelled (:func:`qpu_estimate`)."""
+    return qpu_estimate(spec, constants, registry)[0]
 
 
 #: kinds whose plans split long work into launches each within the dispatch budget, and the
@@ -263,7 +286,7 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
     cpu, source = cpu_estimate(spec)
     cpu_txt = f"{_us(cpu)} [{source}]"
     try:
-        qpu = qpu_seconds(spec, constants, registry)
+        qpu, qpu_source, overhead = qpu_estimate(spec, constants, registry)
     except Exception as e:  # an estimate that fails must not crash partitioning
         if placement == "all":
             return Decision(True, f"placement=all (no QPU estimate: {e})", cpu, None)
@@ -275,12 +298,12 @@ def decide(spec, placement: str = "cost", constants=(), registry=None) -> Decisi
         return Decision(False, f"QPU {_us(qpu)} ({what} {_us(dispatch)}) exceeds the "
                                f"{DISPATCH_BUDGET_SECONDS * 1e3:.0f} ms one GPU dispatch may run (the v3d "
                                "driver's hang check resets longer jobs): stays on the CPU", cpu, qpu)
+    qpu_txt = f"{_us(qpu)} [{qpu_source}]"
     if placement == "all":
-        return Decision(True, f"placement=all (QPU {_us(qpu)} vs CPU {cpu_txt})", cpu, qpu)
+        return Decision(True, f"placement=all (QPU {qpu_txt} vs CPU {cpu_txt})", cpu, qpu)
     if qpu < cpu:
-        return Decision(True, f"cost: QPU {_us(qpu)} < CPU {cpu_txt}", cpu, qpu)
-    overhead = qpu_overhead_seconds(spec, constants, plan_launches(spec, constants, registry))
-    return Decision(False, f"cost: CPU {cpu_txt} <= QPU {_us(qpu)} (incl. {_us(overhead)} "
+        return Decision(True, f"cost: QPU {qpu_txt} < CPU {cpu_txt}", cpu, qpu)
+    return Decision(False, f"cost: CPU {cpu_txt} <= QPU {qpu_txt} (incl. {_us(overhead)} "
                            f"launch/copy overhead)", cpu, qpu)
 
 

@@ -17,6 +17,10 @@ Two halves live here:
                                  (``allow_pickle=False`` both ways); empty inputs -> ``fill`` mode
   ``tvm_qpu.rpc.profile(npz, n)``  JSON of :meth:`tvm_qpu.api.Profile.as_dict` over ``n`` runs
   ``tvm_qpu.rpc.close()``        release the runner and the device
+  ``tvm_qpu.rpc.measure_plan``   ``(plan_json, constants_npz, repeat, modelled_s)``: time one
+                                 kernel plan on this machine's QPU device
+                                 (:func:`tvm_qpu.tune.measure_plan`; ``tvmc tune --target qpu``);
+                                 JSON of the record entry (device kind, seconds, QPUs, host)
   ============================  ===============================================================
 
   Failures are raised with :data:`ERROR_MARK` in front of one line, so the client can show the
@@ -54,7 +58,7 @@ PROTOCOL = 1
 ERROR_MARK = "tvm_qpu-remote-error: "
 UPLOAD_NAME = "artifact.tar"
 DEFAULT_TIMEOUT = 60.0           # seconds to reach a tracker/server and to get a free server
-FUNCS = ("hello", "load", "run", "profile", "close")
+FUNCS = ("hello", "load", "run", "profile", "close", "measure_plan")
 #: set to 1 in a server's environment to register the test-only ``tvm_qpu.rpc.test_crash``
 TEST_HOOKS_ENV = "TVM_QPU_RPC_TEST_HOOKS"
 CRASHED = "remote session crashed"
@@ -190,6 +194,21 @@ def _srv_close() -> None:
     runner = _SESSION.pop("runner", None)
     if runner is not None:
         runner.close()
+
+
+def _srv_measure_plan(plan_json: str, constants_npz, repeat: int, modelled_seconds: float) -> str:
+    """Time one kernel plan (KernelPlan.to_json text + its constants as .npz bytes) on this
+    machine's QPU device ("auto": v3d on a Pi 5, else the emulator; ``TVM_QPU_DEVICE`` overrides);
+    ``modelled_seconds`` < 0: no estimate. JSON of :func:`tvm_qpu.tune.measure_plan`'s entry."""
+    from .codegen.plan import KernelPlan
+    from .tune import measure_plan
+    try:
+        d = json.loads(str(plan_json))
+        plan = KernelPlan.from_json(d, npz_to_arrays(constants_npz))
+    except (ValueError, KeyError, TypeError) as e:
+        raise RemoteError(f"not a kernel plan ({type(e).__name__}: {_one_line(e)})") from None
+    modelled = float(modelled_seconds)
+    return json.dumps(measure_plan(plan, "auto", int(repeat), modelled if modelled >= 0 else None))
 
 
 def _srv_test_crash() -> None:

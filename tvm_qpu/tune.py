@@ -12,8 +12,15 @@ the whole model, for ``--target qpu`` what stays on the CPU after partitioning (
 not TIR). Each QPU-capable op (a pattern the partitioner matches) is also tuned alone, as a
 small module of its own, so that placement can price it by measurement (:func:`RecordSet.op_seconds`).
 Tasks are TVM MetaSchedule tasks (``tvm.s_tir.meta_schedule``: evolutionary search; XGBoost cost
-model when ``xgboost`` is installed, else random), measured by its local runner, or by its RPC
-runner on a remote machine (``--rpc-tracker`` / ``--hostname``).
+model when ``xgboost`` is installed, else random: ``--cost-model``), measured by its local runner,
+or by its RPC runner on a remote machine (``--rpc-tracker`` / ``--hostname``).
+
+**QPU kernels** (``--target qpu``, :func:`measure_qpu`): before the CPU tasks, every QPU-capable
+op's kernel plan is timed on the QPU device of the machine that measures (a ``tvm_qpu.rpc_server``
+over RPC, ``tvm_qpu.rpc.measure_plan``, or this one): per op the seconds, the device kind (``v3d``
+measured; ``emulator`` modelled by the cycle model), the QPU count and the plan's identity
+(:func:`plan_identity`). Placement uses a v3d time only for the same plan
+(:meth:`RecordSet.qpu_measurement`, ``tvm_qpu.placement.qpu_estimate``).
 
 **Records.** One JSON file (:data:`FORMAT`): a header (target, CPU target string, host arch,
 model sha256 and input shapes, where it was measured), then per workload its structural hash, the
@@ -43,10 +50,23 @@ from .backend import QpuError
 
 FORMAT = "tvm-qpu-tuning-records"
 VERSION = 1
-#: measured CPU time of an op in placement: the record's mean run time plus the Relax VM's dispatch
+#: measured CPU time of an op in placement: the record's measured time (tune.run_seconds) plus the Relax VM's dispatch
 #: (placement.CPU_MODEL["op_overhead"]), scaled to the Pi 5 when measured elsewhere (a76_factor)
 SOURCE_MEASURED = "measured: tuning records"
 SOURCE_MODELLED = "modelled: default-schedule rate"
+#: QPU time of an op in placement: a v3d measurement from the records (kernel launches, measured
+#: on the GPU), else the kernel's cycle model (registry.estimate); both plus the modelled fixed costs
+SOURCE_QPU_MEASURED = "measured: v3d on"
+SOURCE_QPU_MODELLED = "modelled: cycle model"
+#: device kinds a QPU entry of the records may name: "v3d" (the real GPU: measured wall time of
+#: the launches) and "emulator" (the instruction-level emulator: its cycle model, i.e. modelled)
+QPU_DEVICES = ("v3d", "emulator")
+#: ``tvmc tune --qpu-measure``: time the QPU ops' kernels first (yes), only them (only), not (no), or
+#: (auto, the default of --target qpu) as yes unless they would run on this machine's emulator,
+#: whose times are the cycle model placement uses anyway (and emulating big kernels takes long)
+QPU_MEASURE = ("auto", "yes", "no", "only")
+#: timed runs per QPU op on v3d (after one warm-up run); the emulator is deterministic: one run
+QPU_REPEAT = 5
 #: apache-tvm-ffi releases whose ToJSONGraph segfaults under apache-tvm 0.27 (MetaSchedule's
 #: TuneContext and Workload serialise through it): 0.1.15.post2 crashes on save_json(IntImm(1)),
 #: 0.1.14.post1 works (checked on this repository's dev box)
@@ -54,6 +74,17 @@ FFI_BROKEN_FROM = (0, 1, 15)
 DEFAULT_TRIALS = 64
 BUILD_TIMEOUT = 120.0       # seconds per candidate build / run: the default 30 s fails on a busy host
 RUN_TIMEOUT = 60.0
+#: timed repeats per candidate (each the mean of ``number`` = 3 runs of at least 20 ms); a record's
+#: time is their minimum (:func:`run_seconds`)
+RUN_REPEAT = 3
+
+
+def run_seconds(secs) -> float:
+    """The time a records entry keeps of a candidate's (or default schedule's) repeats: their
+    minimum. Other processes only ever add time, and on a shared host they add a lot: on the busy
+    2-core dev box one repeat of the BERT layer's FFN matmuls read 62 ms for a default schedule and
+    45 ms for a candidate that a quieter median-of-5 timing put at 33 ms and 91 ms (docs/tuning.md)."""
+    return min(float(s) for s in secs)
 
 
 class TuningError(QpuError):
@@ -122,12 +153,31 @@ def import_tensor_intrin():
         inspect.stack = saved
 
 
-def _cost_model() -> str:
+#: MetaSchedule cost models ``tvmc tune --cost-model`` offers: "xgb" (its XGBModel: gradient-boosted
+#: trees over the candidates' features, trained on every measured batch; needs ``xgboost``, checked
+#: with xgboost 3.2.0 and apache-tvm 0.27) and "random" (no model: the search is close to a random
+#: sampling of the design space)
+COST_MODELS = ("xgb", "random")
+
+
+def _xgboost_version() -> str | None:
     try:
-        import xgboost  # noqa: F401
-        return "xgb"
+        import xgboost
+        return str(getattr(xgboost, "__version__", "?"))
     except ImportError:
-        return "random"
+        return None
+
+
+def resolve_cost_model(name: str | None = None) -> str:
+    """The cost model a tuning run uses: ``name``, or by default "xgb" when ``xgboost`` is
+    importable, else "random". Asking for "xgb" without xgboost is a :class:`TuningError`."""
+    if name is None:
+        return "xgb" if _xgboost_version() is not None else "random"
+    if name not in COST_MODELS:
+        raise TuningError(f"unknown cost model {name!r}: choose one of {', '.join(COST_MODELS)}")
+    if name == "xgb" and _xgboost_version() is None:
+        raise TuningError("--cost-model xgb needs xgboost: pip install 'tvm-qpu[tune]' (or use --cost-model random)")
+    return name
 
 
 def file_sha256(path) -> str:
@@ -288,6 +338,7 @@ class RecordSet:
     header: dict
     workloads: dict = field(default_factory=dict)   # hash -> {"task", "trials", "best", "seconds"}
     ops: dict = field(default_factory=dict)          # spec key -> [hash, ...]
+    qpu: dict = field(default_factory=dict)          # spec key -> QPU measurement (measure_qpu)
 
     def best_seconds(self, h: str) -> float | None:
         """Measured seconds of the code a build with these records runs for workload ``h``: the
@@ -324,9 +375,25 @@ class RecordSet:
     def measured_where(self) -> str:
         return self.header.get("measured_on", "?")
 
+    def qpu_measurement(self, key: str, plan) -> tuple:
+        """(entry, note) for the QPU op with ``spec_key`` ``key`` whose kernel plan is now ``plan``:
+        ``entry`` is the record's v3d measurement if there is one for this very plan (same
+        :func:`plan_identity`), else None; ``note`` says why not (no entry, an emulator entry,
+        which is modelled, or a plan that changed since it was measured), "" when used."""
+        e = self.qpu.get(key)
+        if e is None:
+            return None, ""
+        now = plan_identity(plan)
+        if e["plan"] != now:
+            return None, (f"{e['device']} record ignored: the kernel plan changed since it was measured "
+                          f"(plan {e['plan'][:12]}..., now {now[:12]}...)")
+        if e["device"] != "v3d":
+            return None, f"the records' emulator run: {e['seconds'] * 1e6:.1f} us, also modelled"
+        return e, ""
+
     def to_doc(self) -> dict:
         doc = {"format": FORMAT, "version": VERSION, **self.header,
-               "workloads": self.workloads, "ops": self.ops}
+               "workloads": self.workloads, "ops": self.ops, "qpu": self.qpu}
         doc["sha256"] = _content_sha(doc)
         return doc
 
@@ -360,8 +427,31 @@ def read_records(path) -> RecordSet:
     missing = [k for k in HEADER_KEYS + ("workloads", "ops") if k not in doc]
     if missing:
         raise TuningError(f"{path}: corrupt tuning records (missing {', '.join(missing)})")
-    header = {k: v for k, v in doc.items() if k not in ("format", "version", "sha256", "workloads", "ops")}
-    return RecordSet(path, header, dict(doc["workloads"]), dict(doc["ops"]))
+    header = {k: v for k, v in doc.items() if k not in ("format", "version", "sha256", "workloads", "ops", "qpu")}
+    qpu = doc.get("qpu", {})                # files written before QPU measurements have none
+    if not isinstance(qpu, dict):
+        raise TuningError(f"{path}: corrupt tuning records (qpu is not a mapping)")
+    for key, e in qpu.items():
+        why = _bad_qpu_entry(e)
+        if why:
+            raise TuningError(f"{path}: corrupt tuning records (QPU entry {key!r}: {why})")
+    return RecordSet(path, header, dict(doc["workloads"]), dict(doc["ops"]), dict(qpu))
+
+
+def _bad_qpu_entry(e) -> str:
+    """Why a QPU entry of a records file is malformed, or ""."""
+    if not isinstance(e, dict):
+        return "not a mapping"
+    missing = [k for k in ("seconds", "device", "plan", "qpus", "host") if k not in e]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if e["device"] not in QPU_DEVICES:
+        return f"device {e['device']!r} is none of {', '.join(QPU_DEVICES)}"
+    if not isinstance(e["seconds"], (int, float)) or not e["seconds"] > 0:
+        return f"seconds {e['seconds']!r} is not a positive number"
+    if not isinstance(e["plan"], str) or len(e["plan"]) != 64:
+        return "plan is not a sha256"
+    return ""
 
 
 def check_matches(records: RecordSet, ident: BuildIdentity, what: str = "this build"):
@@ -462,6 +552,214 @@ def measured_cpu(records: RecordSet | None):
 
 
 # ---------------------------------------------------------------------------------------------
+# QPU measurements
+
+def plan_identity(plan) -> str:
+    """sha256 of what a kernel plan runs: every launch's code words, uniform layout, workgroups and
+    QPU count, and the buffers' names, roles, shapes and dtypes (``KernelPlan.to_json``; not the
+    weights' values, which do not change the time). A changed kernel generator changes it, so a
+    QPU measurement of an older kernel is not used for a newer one."""
+    return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _plan_inputs(plan) -> dict:
+    """Inputs for a timing run: standard-normal floats, zero integers (a valid index for any
+    gather-like operand, so no out-of-range access reaches the device)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    out = {}
+    for b in plan.buffers:
+        if b.role != "input":
+            continue
+        if np.issubdtype(np.dtype(b.dtype), np.floating):
+            out[b.name] = rng.standard_normal(b.shape).astype(b.dtype)
+        else:
+            out[b.name] = np.zeros(b.shape, dtype=b.dtype)
+    return out
+
+
+def measure_plan(plan, device="auto", repeat: int = QPU_REPEAT, modelled_seconds: float | None = None) -> dict:
+    """Time ``plan``'s launches on ``device`` ("auto": the real GPU where there is one, else the
+    emulator; or an open Device) on the machine this runs on. Returns the record entry: seconds
+    (mean over ``repeat`` runs after a warm-up on v3d; one run on the emulator, whose cycle model is
+    deterministic), device kind, QPU count, launches, runs, host name, plan identity.
+    ``modelled_seconds`` (the kernel estimate) lets the real GPU refuse a plan that would outlast
+    its hang check before it runs."""
+    import platform
+    from .executor import open_qpu_device
+    from .codegen.plan import ResidentPlan
+    dev = open_qpu_device(device)
+    owned = dev is not device
+    try:
+        kind = str(getattr(dev, "kind", type(dev).__name__))
+        if kind not in QPU_DEVICES:
+            raise TuningError(f"cannot record QPU times measured on a {kind!r} device (only {', '.join(QPU_DEVICES)})")
+        check = getattr(dev, "check_plan", None)
+        if check is not None:
+            check(plan, modelled_seconds, what=f"QPU kernel {plan.name}")
+        runs = 1 if kind == "emulator" else max(1, int(repeat))
+        r = ResidentPlan(plan, dev)
+        try:
+            r.write_inputs(**_plan_inputs(plan))
+            if kind != "emulator":
+                r.launch()                          # warm-up: caches, first-use page faults
+            times, modelled = [], False
+            for _ in range(runs):
+                r.launch()
+                times.append(sum(float(st.seconds) for st in r.last_stats))
+                modelled = modelled or any(getattr(st, "modeled", True) for st in r.last_stats)
+        finally:
+            r.close()
+        if modelled != (kind == "emulator"):
+            raise TuningError(f"the {kind} device reported {'modelled' if modelled else 'measured'} times")
+        qpus = max(int(L.num_qpus or dev.num_qpus) for L in plan.launches)
+        return {"seconds": sum(times) / len(times), "device": kind, "qpus": qpus, "launches": len(plan.launches),
+                "runs": runs, "host": platform.node(), "plan": plan_identity(plan)}
+    finally:
+        if owned:
+            dev.close()
+
+
+def _auto_local(device, out) -> str:
+    """``--qpu-measure auto`` without RPC: "yes" if this machine's QPU device is a real GPU, else
+    "no", saying so."""
+    from .executor import open_qpu_device
+    dev = open_qpu_device(device)
+    kind = str(getattr(dev, "kind", ""))
+    if dev is not device:
+        dev.close()
+    if kind == "emulator":
+        print("QPU kernels not timed: this machine's QPU device is the emulator, whose times are the cycle "
+              "model placement uses anyway (--qpu-measure yes times them, labelled modelled)", file=out, flush=True)
+        return "no"
+    return "yes"
+
+
+@dataclass
+class QpuOp:
+    """One QPU-capable op of a model: its records key, description, plan and modelled seconds."""
+    key: str
+    description: str
+    plan: object
+    modelled: float | None
+
+
+def qpu_ops(model_path, input_shapes=None, registry=None) -> list:
+    """The QPU-capable op instances of the model, one per spec key, each with the kernel plan
+    placement generates for it (the plan whose identity a record must match): every form the
+    partitioner evaluates under placement "all" and "cost" (they differ: e.g. the mlp's
+    matmul + bias + ReLU is one candidate under "all", matmul + bias under "cost")."""
+    from . import api
+    from .backend import QpuBackend
+    found: dict = {}
+    for placement in ("all", "cost"):
+        mod, params = api.from_onnx(model_path, input_shapes)
+        backend = QpuBackend(placement, registry=registry)
+        evaluate = backend.evaluate
+
+        def capture(entry, annotated, pin=None, _evaluate=evaluate):
+            r = _evaluate(entry, annotated, pin)
+            m = r[0]
+            if m is not None and backend.registry.supports(m.spec)[0]:
+                found.setdefault(spec_key(m.spec), m)
+            return r
+
+        backend.evaluate = capture
+        backend.partition(mod, api._check_params(mod, params))
+    out = []
+    for key, m in found.items():
+        try:
+            plan = backend.registry.generate(m.spec, dict(m.constants))
+        except Exception:          # no plan for it: placement cannot offload it either
+            continue
+        try:
+            est = float(backend.registry.estimate(m.spec))
+        except Exception:
+            est = None
+        out.append(QpuOp(key, m.spec.describe(), plan, est))
+    return out
+
+
+def _rpc_spec(remote: RemoteSpec):
+    from . import rpc
+    if remote.tracker is not None:
+        return rpc.make_spec(key=remote.key, tracker=f"{remote.tracker[0]}:{remote.tracker[1]}",
+                             timeout=remote.timeout)
+    return rpc.make_spec(host=remote.host, port=remote.port, timeout=remote.timeout)
+
+
+class _RemoteQpu:
+    """QPU measurements on a remote ``tvm_qpu.rpc_server`` (its ``tvm_qpu.rpc.measure_plan``)."""
+
+    def __init__(self, remote: RemoteSpec):
+        from . import rpc
+        self.session, self.where = rpc.open_session(_rpc_spec(remote))
+        try:
+            self.f = self.session.get_function("tvm_qpu.rpc.measure_plan")
+        except Exception:
+            raise TuningError(f"the RPC server at {self.where} cannot measure QPU kernels (no "
+                              f"tvm_qpu.rpc.measure_plan): start it with 'python -m tvm_qpu.rpc_server ...' "
+                              f"of this tvm-qpu (docs/rpc.md), or tune with --qpu-measure no") from None
+
+    def __call__(self, op: QpuOp, repeat: int) -> dict:
+        from . import rpc
+        consts = rpc.arrays_to_npz(op.plan.constants)
+        try:
+            text = self.f(json.dumps(op.plan.to_json()), bytearray(consts), int(repeat),
+                          -1.0 if op.modelled is None else float(op.modelled))
+        except Exception as e:          # this op failed there (e.g. over the GPU's dispatch budget)
+            raise RuntimeError(f"remote {self.where}: {rpc.remote_message(e)}") from None
+        return json.loads(str(text))
+
+    def close(self):
+        self.session = None
+
+
+def measure_qpu(model_path, records: RecordSet, input_shapes=None, remote: RemoteSpec | None = None,
+                device="auto", out=None, repeat: int = QPU_REPEAT) -> RecordSet:
+    """Time every QPU-capable op's kernel plan (:func:`qpu_ops`) on the QPU device of the machine
+    that measures (``remote``'s server over RPC, else this one) and store it in ``records.qpu``
+    (saved after each op). An entry already there for the same plan is kept (a resumed run); an
+    op whose measurement fails is named, not recorded (placement then models it)."""
+    out = out or sys.stdout
+    ops = qpu_ops(model_path, input_shapes)
+    where = remote.describe() if remote is not None else "this machine"
+    todo = [op for op in ops if records.qpu.get(op.key, {}).get("plan") != plan_identity(op.plan)
+            or records.qpu[op.key].get("where") != where]
+    print(f"measuring {len(todo)} of {len(ops)} QPU op kernel(s) on {where}"
+          + (f" ({len(ops) - len(todo)} already in {records.path})" if len(todo) < len(ops) else ""),
+          file=out, flush=True)
+    if not todo:
+        return records
+    measure = _RemoteQpu(remote) if remote is not None else \
+        (lambda op, n: measure_plan(op.plan, device, n, op.modelled))
+    try:
+        for i, op in enumerate(todo, 1):
+            try:
+                e = measure(op, repeat)
+            except TuningError:
+                raise
+            except Exception as ex:      # e.g. a kernel over the GPU's dispatch budget
+                print(f"QPU op {i}/{len(todo)} {op.description}: not measured ({type(ex).__name__}: "
+                      f"{' '.join(str(ex).split())[:200]})", file=out, flush=True)
+                continue
+            why = _bad_qpu_entry(e)
+            if why or e["plan"] != plan_identity(op.plan):
+                raise TuningError(f"QPU measurement of {op.description} on {where} is malformed "
+                                  f"({why or 'plan identity differs from the plan sent'})")
+            e["where"] = where
+            records.qpu[op.key] = e
+            records.save()
+            label = "measured" if e["device"] == "v3d" else "modelled by the emulator's cycle model"
+            print(f"QPU op {i}/{len(todo)} {op.description}: {e['seconds'] * 1e6:.1f} us on {e['device']} "
+                  f"({label}; {e['qpus']} QPUs, host {e['host']})", file=out, flush=True)
+    finally:
+        if remote is not None:
+            measure.close()
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
 # tuning
 
 @dataclass
@@ -486,7 +784,7 @@ def _direct_session(host, port, timeout, _rpc_config):
 
 def _runner(remote: RemoteSpec | None):
     from tvm.s_tir import meta_schedule as ms
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=RUN_REPEAT, min_repeat_ms=20, enable_cpu_cache_flush=False)
     if remote is None:
         return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT, evaluator_config=evaluator,
                                      initializer=import_tensor_intrin)
@@ -566,7 +864,7 @@ def _make_callback(progress: _Progress, hashes: list, entries: dict, target):
                     entry["failed"] = entry.get("failed", 0) + 1
                     errors.append((err or "no time").strip().splitlines()[-1][:160])
                     continue
-                mean = sum(secs) / len(secs)
+                mean = run_seconds(secs)
                 if entry.get("seconds") is None or mean < entry["seconds"]:
                     wl = ms.database.Workload(cand.sch.mod)
                     rec = ms.database.TuningRecord(cand.sch.trace, wl, [float(s) for s in secs], target,
@@ -587,16 +885,35 @@ def _make_callback(progress: _Progress, hashes: list, entries: dict, target):
 
 def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, target_host=None,
          input_shapes=None, placement: str = "cost", remote: RemoteSpec | None = None, out=None,
-         seed: int = 0) -> RecordSet:
-    """Tune the CPU part of ``model_path``'s build; write/continue the records file ``output``."""
-    check_environment()
+         seed: int = 0, cost_model: str | None = None, only_tasks=None, qpu_measure: str | None = None,
+         qpu_device="auto") -> RecordSet:
+    """Tune the CPU part of ``model_path``'s build; write/continue the records file ``output``.
+
+    ``cost_model``: "xgb" | "random" | None (xgb when xgboost is installed: :func:`resolve_cost_model`).
+    ``only_tasks``: task names (as the progress lines print them) to tune; the others are left
+    out of the records (their functions keep the default schedules).
+    ``qpu_measure`` (``--target qpu`` only): "yes" first times every QPU-capable op's kernel on
+    the measuring machine's QPU device (:func:`measure_qpu`; ``qpu_device`` when local), "only"
+    does just that, "no" skips it, "auto" (the default) is "yes" over RPC or on a machine with a
+    real GPU and "no" when it would be this machine's emulator (said on ``out``)."""
     out = out or sys.stdout
     from . import api
+    if qpu_measure is None:
+        qpu_measure = "auto" if target == "qpu" else "no"
+    if qpu_measure not in QPU_MEASURE:
+        raise TuningError(f"unknown --qpu-measure {qpu_measure!r}: choose one of {', '.join(QPU_MEASURE)}")
+    if qpu_measure != "no" and target != "qpu":
+        raise TuningError(f"--qpu-measure {qpu_measure} needs --target qpu (--target {target} has no QPU regions)")
+    if qpu_measure == "auto":
+        qpu_measure = "yes" if remote is not None else _auto_local(qpu_device, out)
+    if qpu_measure != "only":
+        check_environment()
     if trials < 1:
         raise TuningError(f"--trials must be at least 1, got {trials}")
+    cost_model = resolve_cost_model(cost_model) if qpu_measure != "only" else None
     ident = build_identity(model_path, target, target_host, input_shapes)
     host, arch, cc = api.resolve_target_host(target_host)
-    if arch != api._native_arch() and remote is None:
+    if arch != api._native_arch() and remote is None and qpu_measure != "only":
         raise TuningError(f"host code for {arch} cannot be measured on this {api._native_arch()} machine: "
                           "give the remote one (--rpc-tracker HOST:PORT --rpc-key KEY, or --hostname H --port P)")
     if os.path.exists(output):                      # resume: the same build only
@@ -614,9 +931,16 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
                       placement=placement, tvm_qpu_tune=FORMAT)
         records = RecordSet(os.fspath(output), header)
         resumed = False
+    if qpu_measure != "no":
+        measure_qpu(model_path, records, input_shapes, remote, qpu_device, out)
+        if qpu_measure == "only":
+            records.save()
+            return records
     wl = collect_workloads(model_path, target, target_host, input_shapes, placement)
     records.ops = {k: v for k, v in wl.ops.items()}
     hashes = sorted(wl.tasks, key=lambda h: (h not in wl.model, wl.tasks[h].name))
+    if only_tasks:
+        hashes = _select_tasks(wl.tasks, hashes, only_tasks)
     for h in hashes:
         records.workloads.setdefault(h, {"task": wl.tasks[h].name, "trials": 0, "best": None, "seconds": None})
     records.save()
@@ -624,7 +948,7 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
             and records.workloads[h].get("searched_to", 0) < trials]
     no_default = [h for h in hashes if "default_seconds" not in records.workloads[h]]
     print(f"tuning {len(hashes)} CPU task(s) of {model_path} (--target {target}, {ident.cpu_target}, "
-          f"{trials} trials each, measured on {records.measured_where()}, cost model {_cost_model()})"
+          f"{trials} trials each, measured on {records.measured_where()}, cost model {cost_model})"
           + (f"; resuming {output}: {len(hashes) - len(todo)} task(s) done" if resumed else ""),
           file=out, flush=True)
     if not todo and not no_default:
@@ -667,10 +991,16 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     left = sum(trials - records.workloads[h]["trials"] for h in todo)
     progress = _Progress(out, hashes, trials, records)
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(progress, todo, records.workloads, tgt)]
-    ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=left,
-                  max_trials_per_task=max(trials - min(records.workloads[h]["trials"] for h in todo), 1),
-                  num_trials_per_iter=min(trials, 16), builder=builder, runner=runner,
-                  database=database, cost_model=_cost_model(), measure_callbacks=callbacks)
+    with _sigint_seen() as seen:
+        try:
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir, max_trials_global=left,
+                          max_trials_per_task=max(trials - min(records.workloads[h]["trials"] for h in todo), 1),
+                          num_trials_per_iter=min(trials, 16), builder=builder, runner=runner, database=database,
+                          cost_model=_make_cost_model(cost_model, left), measure_callbacks=callbacks)
+        except Exception as e:
+            if seen:        # Ctrl-C inside MetaSchedule's native loop arrives as a bare RuntimeError
+                raise KeyboardInterrupt(f"tuning interrupted; {output} keeps every measured batch") from e
+            raise
     for h in todo:        # the search ended normally: a task short of trials has no new candidates
         records.workloads[h]["searched_to"] = trials
     records.save()
@@ -679,6 +1009,61 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
           + (f"; none measured for {', '.join(bad)} (the default schedules serve them)" if bad else ""),
           file=out, flush=True)
     return records
+
+
+#: XGBModel predicts at random until it has this many measured samples (MetaSchedule's default 100);
+#: scaled down to the run's budget (a quarter of its trials, at least this floor), so that a small
+#: run leaves the warm-up at all
+XGB_WARMUP = (100, 16)
+
+
+def _make_cost_model(name: str, total_trials: int):
+    """MetaSchedule's cost model ``name`` for a run measuring ``total_trials`` candidates: "xgb" is
+    its XGBModel (MetaSchedule's defaults: per-store features, adaptive training) with the warm-up
+    of :data:`XGB_WARMUP`."""
+    if name != "xgb":
+        return name
+    from tvm.s_tir import meta_schedule as ms
+    most, least = XGB_WARMUP
+    return ms.cost_model.XGBModel(num_warmup_samples=min(most, max(least, total_trials // 4)))
+
+
+@contextlib.contextmanager
+def _sigint_seen():
+    """A list that gets an entry when SIGINT arrives within the block (the previous handler still
+    runs): the FFI turns the KeyboardInterrupt raised inside MetaSchedule's callbacks into a plain
+    ``RuntimeError``, so :func:`tune` needs to know it was an interrupt."""
+    import signal
+    import threading
+    seen: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _select_tasks(tasks: dict, hashes: list, names) -> list:
+    """The hashes of the tasks named in ``names`` (in ``hashes`` order); an unknown name is a
+    :class:`TuningError` listing the task names."""
+    names = [n for n in names if n]
+    known = {tasks[h].name for h in hashes}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise TuningError(f"no task named {', '.join(unknown)}; the tasks are: {', '.join(sorted(known))}")
+    return [h for h in hashes if tasks[h].name in names]
 
 
 def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runner, out) -> dict:
@@ -703,7 +1088,7 @@ def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runne
         r = fut.result()
         secs = [float(x) for x in (r.run_secs or [])]
         if r.error_msg is None and secs:
-            found[h] = sum(secs) / len(secs)
+            found[h] = run_seconds(secs)
         elif r.error_msg is not None:
             errors.append(r.error_msg)
     last = f" (e.g. {errors[0].strip().splitlines()[-1][:200]})" if errors and len(found) < len(hashes) else ""
