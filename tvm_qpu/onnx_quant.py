@@ -471,9 +471,7 @@ def unpack_lowbit(tensor) -> np.ndarray:
                                 f"{dims} ({n} elements, {per} per byte) needs {want}")
     shifts = (np.arange(per, dtype=np.uint8) * bits)
     fields = (packed[:, None] >> shifts[None, :]) & np.uint8((1 << bits) - 1)
-    vals = fields.reshape(-1)[:n].astype(np.int16)
-    if n < packed.size * per and np.any(fields.reshape(-1)[n:]):
-        raise LowBitImportError(f"{tname} tensor {tensor.name!r}: nonzero padding bits after the last element")
+    vals = fields.reshape(-1)[:n].astype(np.int16)          # the padding after the last element is ignored
     if signed:
         vals = np.where(vals >= (1 << (bits - 1)), vals - (1 << bits), vals)
     return vals.astype(np.int8 if signed else np.uint8).reshape(dims)
