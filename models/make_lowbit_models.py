@@ -182,9 +182,10 @@ def graph(p, bits):
 
 def ort_session(model):
     """(ONNX Runtime session, optimization level) of ``model``: ORT_ENABLE_ALL, or ORT_ENABLE_BASIC
-    when the full level cannot load it (ORT 1.32 fuses DQ -> Conv into QLinearConv, which takes no
-    2-bit weights: "Type 'tensor(int2)' ... of operator (QLinearConv) ... is invalid"); None
-    without onnxruntime."""
+    when the full level cannot load it (ORT 1.32 fuses a uint8-activation DQ -> Conv with 2-bit
+    weights into QLinearConv, which takes none: "Type 'tensor(int2)' ... of operator (QLinearConv)
+    ... is invalid"; the int8-activation models here load at the full level); None without
+    onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError:
