@@ -353,3 +353,28 @@ def test_digits_w4_gemm_carries_weight_bits(monkeypatch):
             np.testing.assert_allclose(got, _ort(path, {"input": x[i:i + 1]}), rtol=0, atol=1e-4)
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("etype", [T.INT4, T.UINT4])
+def test_matmul_blockwise_along_k_stays_float(tmp_path, etype):
+    """The LLM-style form: MatMul(x, DQ(W [K, N] int4, block-wise along K, axis 0)): CPU exact
+    against ORT, the matmul refused as an integer region with the block-wise reason."""
+    bits, signed, lo, hi, opset = TYPES[etype]
+    rng = np.random.default_rng(11)
+    K, N, B = 10, 6, 4
+    w = rng.integers(lo, hi + 1, size=(K, N))
+    s = (rng.random((-(-K // B), N)) * 0.1 + 0.01).astype(np.float32)
+    z = rng.integers(lo, hi + 1, size=s.shape)
+    inits = [raw_tensor("w", etype, [K, N], ref_pack(w.ravel(), bits)), numpy_helper.from_array(s, "s"),
+             raw_tensor("z", etype, list(s.shape), ref_pack(z.ravel(), bits))]
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"], axis=0, block_size=B, name="wdq"),
+             helper.make_node("MatMul", ["x", "wd"], ["y"])]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", T.FLOAT, [3, K])],
+                 [helper.make_tensor_value_info("y", T.FLOAT, [3, N])], inits, opset)
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    want = _ort(path, {"x": x})
+    got, _ = _tvm(path, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    _, lib = _tvm(path, {"x": x}, "qpu", "all")
+    note = next(d for d in lib.report.qdq if d["op"] == "DequantizeLinear")
+    assert not note["accepted"] and "block_size 4 along axis 0" in note["reason"]
