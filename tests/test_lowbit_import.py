@@ -378,3 +378,26 @@ def test_matmul_blockwise_along_k_stays_float(tmp_path, etype):
     _, lib = _tvm(path, {"x": x}, "qpu", "all")
     note = next(d for d in lib.report.qdq if d["op"] == "DequantizeLinear")
     assert not note["accepted"] and "block_size 4 along axis 0" in note["reason"]
+
+
+def test_lowbit_match_tags_integer_weights_only(monkeypatch):
+    """The pattern-stage hook tags a remembered integer weight and never a float one whose values
+    truncate to it (a float weight stored as int4 would be a wrong answer)."""
+    from tvm_qpu import patterns as P
+    from tvm_qpu import quant
+    _kernel_double(monkeypatch, "reads")
+    monkeypatch.setattr(quant, "_LOWBIT_WEIGHTS", {})
+    quant._remember_lowbit(np.zeros((4, 3, 3, 3), np.int64), 4)
+    attrs = {"strides": (1, 1), "padding": (1, 1, 1, 1), "dilation": (1, 1), "groups": 1, "layout": "NCHW",
+             "bias": False, "activation": None, "input_names": ["data", "weight"]}
+
+    def match(dt, out):
+        spec = registry.OpSpec("conv2d", [((1, 3, 8, 8), dt), ((4, 3, 3, 3), dt)], ((1, 4, 8, 8), out),
+                               dict(attrs, out_dtype=out))
+        return P.Match(spec, {"weight": np.full((4, 3, 3, 3), 0.25 if dt == "float32" else 0, dt)})
+
+    m = match("float32", "float32")
+    assert quant.lowbit_match(m, "weight") is m
+    t = quant.lowbit_match(match("int8", "int32"), "weight")
+    assert t.spec.attrs["weight_bits"] == 4 and "int4[4, 3, 3, 3]" in t.spec.describe()
+    assert t.alternatives and "weight_bits" not in t.alternatives[0].spec.attrs

@@ -720,7 +720,7 @@ def lowbit_match(match, weight_name: str):
     import dataclasses
     from .onnx_quant import lowbit_fingerprint
     w = match.constants.get(weight_name)
-    if w is None or not _LOWBIT_WEIGHTS:
+    if w is None or not _LOWBIT_WEIGHTS or np.asarray(w).dtype.kind not in "iu":     # integer weights only
         return match
     bits = _LOWBIT_WEIGHTS.get(lowbit_fingerprint(w))
     if bits is None:
@@ -730,7 +730,7 @@ def lowbit_match(match, weight_name: str):
     for f in forms:
         fw = f.constants.get(weight_name)
         names = list(f.spec.attrs.get("input_names", []))
-        if fw is None or weight_name not in names:
+        if fw is None or weight_name not in names or np.asarray(fw).dtype.kind not in "iu":
             continue
         storage, _ = lowbit_storage(fw, bits)
         if storage is None:
