@@ -9,8 +9,9 @@ temporary directory, by ONNX Runtime's quantizer calibrated on the digits *train
   QOperator: QLinearConv / QGemm, per-channel int8 weights, int8 activations) and ``digits_cnn_dyn``
   (quantize_dynamic: DynamicQuantizeLinear -> ConvInteger / MatMulInteger);
 * ``mlp`` and ``lenet5`` (fp32) against their quantize_static QDQ int8 versions (``*_qdq``);
-* ``digits_cnn_w8`` / ``_w4`` / ``_w2``: the mixed-precision variants ``models/make_lowbit_models.py``
-  writes (per-channel INT8 / INT4 / INT2 weights, int8 activations, QDQ opset 21 / 25).
+* ``digits_cnn_w8`` / ``_w4`` / ``_w2`` / ``_w842``: the weight-precision variants
+  ``models/make_lowbit_models.py`` writes (per-channel INT8 / INT4 / INT2 weights, and conv1 /
+  conv2 / fc at 8 / 4 / 2 bits; int8 activations; QDQ opset 21 / 25).
 
 For each model, batch 1:
 
@@ -53,13 +54,14 @@ MODELS = os.path.join(REPO, "models")
 #: model name -> the fp32 model it is the int8 version of (None: itself fp32)
 PAIRS = {"digits_cnn": None, "digits_cnn_qdq": "digits_cnn", "digits_cnn_qop": "digits_cnn",
          "digits_cnn_dyn": "digits_cnn", "mlp": None, "mlp_qdq": "mlp", "lenet5": None, "lenet5_qdq": "lenet5",
-         "digits_cnn_w8": "digits_cnn", "digits_cnn_w4": "digits_cnn", "digits_cnn_w2": "digits_cnn"}
+         "digits_cnn_w8": "digits_cnn", "digits_cnn_w4": "digits_cnn", "digits_cnn_w2": "digits_cnn",
+         "digits_cnn_w842": "digits_cnn"}
 #: the qpu builds timed: the cost model's choice, and every supported op on the QPU
 PLACEMENTS = ("cost", "all")
 DIGITS = ("digits_cnn", "digits_cnn_qdq", "digits_cnn_qop", "digits_cnn_dyn", "digits_cnn_w8", "digits_cnn_w4",
-          "digits_cnn_w2")
-#: the mixed-precision digits models (models/make_lowbit_models.py) -> weight bits
-PRECISIONS = {"digits_cnn_w8": 8, "digits_cnn_w4": 4, "digits_cnn_w2": 2}
+          "digits_cnn_w2", "digits_cnn_w842")
+#: the mixed-precision digits models (models/make_lowbit_models.py) -> weight bits (conv1 / conv2 / fc)
+PRECISIONS = {"digits_cnn_w8": "8", "digits_cnn_w4": "4", "digits_cnn_w2": "2", "digits_cnn_w842": "8/4/2"}
 #: plan constants that are not weights (biases, requantize parameters; ``*_table`` are address tables)
 NOT_WEIGHTS = ("bias", "requant")
 
@@ -129,7 +131,7 @@ def _model_paths(tmp, only=None):
         if name in PRECISIONS and not os.path.exists(os.path.join(MODELS, f"{name}.onnx")):
             sys.path.insert(0, MODELS)
             import make_lowbit_models
-            make_lowbit_models.make(tmp, [PRECISIONS[name]])
+            make_lowbit_models.make(tmp, [name])
             paths[name] = os.path.join(tmp, f"{name}.onnx")
             continue
         bundled = os.path.join(MODELS, f"{name}.onnx")
@@ -320,14 +322,14 @@ def tables(rows, acc, meta):
         accs = {r["model"]: r for r in acc}
         out += ["", "# per weight precision (digits CNN variants): weight bytes in the ONNX file (packed) and on the QPU "
                 "(weight buffers, device layout); QPU regions MODELLED (placement=all); accuracy on the test split",
-                f"{'model':14s} {'bits':>4s} {'onnx w B':>8s} {'qpu w B':>8s} {'qpu ms (model)':>14s} {'ORT':>6s} "
+                f"{'model':15s} {'bits':>5s} {'onnx w B':>8s} {'qpu w B':>8s} {'qpu ms (model)':>14s} {'ORT':>6s} "
                 f"{'llvm':>6s} {'qpu all':>7s}  conv / matmul regions as they run"]
         for r in prec:
             q = r["qpu_all"]
             a = accs.get(r["model"], {})
             f = lambda k: f"{a[k]:6.4f}" if k in a else "     -"  # noqa: E731
             dts = [_run_dtypes(sp) for sp in q["specs"]]
-            out.append(f"{r['model']:14s} {PRECISIONS[r['model']]:4d} {r['onnx_weights_only_bytes']:8d} "
+            out.append(f"{r['model']:15s} {PRECISIONS[r['model']]:>5s} {r['onnx_weights_only_bytes']:8d} "
                        f"{q['qpu_weights_only_bytes']:8d} {q['qpu_s'] * 1e3:14.4f} {f('ort_acc')} {f('tvm_llvm_acc')} "
                        f"{f('tvm_qpu_acc'):>7s}  {'; '.join(dts)}")
     return "\n".join(out)

@@ -334,18 +334,22 @@ def test_blockwise_with_repeated_blocks_is_per_channel(tmp_path):
     np.testing.assert_array_equal(got, _ort(path, {"x": x}))
 
 
-def test_digits_w4_gemm_carries_weight_bits(monkeypatch):
-    """The bundled 4-bit digits CNN: every conv and the Gemm (transB weight) get weight_bits=4, and
-    TVM on the emulator equals ONNX Runtime's logits on test images."""
+@pytest.mark.parametrize("name, weights", [("digits_cnn_w4", ["int4", "int4", "int4"]),
+                                           ("digits_cnn_w842", ["int8", "int4", "int2"])])
+def test_digits_lowbit_models_carry_weight_bits(monkeypatch, name, weights):
+    """The bundled 4-bit and mixed 8/4/2-bit digits CNNs: each conv and the Gemm (transB weight)
+    run at their initializer's width (8-bit weights carry no weight_bits), and TVM on the emulator
+    equals ONNX Runtime's logits on test images."""
+    import re
     from pathlib import Path
     _kernel_double(monkeypatch, "reads")
     models = Path(__file__).resolve().parent.parent / "models"
-    path = str(models / "digits_cnn_w4.onnx")
+    path = str(models / f"{name}.onnx")
     x = np.load(models / "digits_test.npz")["x"][:3]
     mod, params = tvm_qpu.from_onnx(path)
     lib = tvm_qpu.build(mod, target="qpu", params=params, placement="all")
     specs = [r["spec"] for r in lib.report.regions if r["kind"] in ("conv2d", "matmul")]
-    assert len(specs) == 3 and all("int4[" in s for s in specs), specs
+    assert [re.findall(r"([a-z]+[0-9]+)\[", sp)[1] for sp in specs] == weights, specs
     r = lib.runner("emulator")
     try:
         for i in range(len(x)):
