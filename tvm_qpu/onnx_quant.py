@@ -406,6 +406,10 @@ def unregister() -> None:
 # ``onnx.helper.make_tensor`` writes). A byte count other than ceil(n * bits / 8) is refused with
 # the tensor's name (a malformed model must not be read as other values).
 #
+# A ``QuantizeLinear`` to a 4 / 2-bit type (its zero point's type or ``output_dtype``) becomes the
+# 8-bit quantize followed by a ``Clip`` to the 4 / 2-bit range (saturating to 8 bits, then to 4,
+# is saturating to 4); a ``Cast`` to a 4 / 2-bit type is refused.
+#
 # Block-wise ``DequantizeLinear`` (opset 21 ``block_size``: scale [.., ceil(D / B), ..] along
 # ``axis``) is not in TVM 0.27's converter. :func:`lower_lowbit` rewrites a block-wise dequantize
 # whose scale and zero point are initializers into the per-axis (or per-tensor) form when that is
@@ -557,13 +561,20 @@ def lower_lowbit(model):
         a.t.data_type in LOWBIT_TYPES for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")
     blockwise = [n for n in g.node if n.op_type == "DequantizeLinear"
                  and any(a.name == "block_size" and a.i for a in n.attribute)]
+    for n in g.node:             # ops that would compute a 4 / 2-bit tensor TVM cannot represent
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if n.op_type == "Cast" and to in LOWBIT_TYPES:
+            raise LowBitImportError(f"Cast {n.name or n.output[0]!r} to {LOWBIT_TYPES[to][0]}: 4 / 2-bit tensors "
+                                    f"computed at run time are not supported (only initializers)")
+    lowbit_q = {i: k for i, n in enumerate(g.node) if n.op_type == "QuantizeLinear"
+                for k in [_lowbit_quantize_type(n, g)] if k is not None}
     inits = {t.name for t in g.initializer}
     for vi in g.input:
         if vi.name not in inits and vi.type.tensor_type.elem_type in LOWBIT_TYPES:
             tname = LOWBIT_TYPES[vi.type.tensor_type.elem_type][0]
             raise LowBitImportError(f"graph input {vi.name!r} has type {tname}: only initializers may be 4 / 2-bit "
                                     f"(a run-time input has no numpy dtype to feed)")
-    if not has_lowbit and not blockwise:
+    if not has_lowbit and not blockwise and not lowbit_q:
         return model, LowBitInfo()
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -587,6 +598,8 @@ def lower_lowbit(model):
                 a.t.CopyFrom(new)
                 info.weights[lowbit_fingerprint(arr)] = tname
                 retyped.update({o: signed for o in n.output})
+    for i in sorted(lowbit_q, reverse=True):     # QuantizeLinear to 4 / 2 bits: saturate (Clip)
+        _saturate_lowbit_quantize(g, i, lowbit_q[i], retyped)
     _retype_value_infos(g, retyped)
     values = {t.name: t for t in g.initializer}
     for n in g.node:
@@ -594,6 +607,49 @@ def lower_lowbit(model):
             continue
         _lower_blockwise_node(g, n, values, info)
     return m, info
+
+
+def _lowbit_quantize_type(n, g):
+    """The LOWBIT_TYPES entry a QuantizeLinear node produces (its ``output_dtype`` or its packed
+    zero point's type), else None."""
+    od = next((a.i for a in n.attribute if a.name == "output_dtype"), 0)
+    if od in LOWBIT_TYPES:
+        return LOWBIT_TYPES[od]
+    if len(n.input) > 2 and n.input[2]:
+        z = n.input[2]
+        for t in g.initializer:
+            if t.name == z and t.data_type in LOWBIT_TYPES:
+                return LOWBIT_TYPES[t.data_type]
+        for c in g.node:
+            if c.op_type == "Constant" and z in c.output:
+                for a in c.attribute:
+                    if a.name == "value" and a.t.data_type in LOWBIT_TYPES:
+                        return LOWBIT_TYPES[a.t.data_type]
+    return None
+
+
+def _saturate_lowbit_quantize(g, i, kind, retyped):
+    """A QuantizeLinear to int4 / uint4 / int2 / uint2 (``g.node[i]`` of LOWBIT_TYPES entry
+    ``kind``, its zero point already unpacked to int8 / uint8) saturates to the 4 / 2-bit range: its
+    8-bit result is followed by a Clip to that range (exact: ``clamp(clamp(v, -128, 127), -8, 7) ==
+    clamp(v, -8, 7)``); an ``output_dtype`` of a 4 / 2-bit type becomes INT8 / UINT8."""
+    from onnx import helper, numpy_helper
+    n = g.node[i]
+    tname, bits, signed = kind
+    for a in n.attribute:
+        if a.name == "output_dtype" and a.i in LOWBIT_TYPES:
+            a.i = _UNPACKED_TYPE[signed]
+    out = n.output[0]
+    wide = f"{out}__8bit"
+    n.output[0] = wide
+    lo, hi = lowbit_range(bits, signed)
+    dt = np.int8 if signed else np.uint8
+    g.initializer.extend([numpy_helper.from_array(np.array(lo, dt), f"{out}__{tname}_min"),
+                          numpy_helper.from_array(np.array(hi, dt), f"{out}__{tname}_max")])
+    clip = helper.make_node("Clip", [wide, f"{out}__{tname}_min", f"{out}__{tname}_max"], [out],
+                            name=f"{n.name or out}__saturate_{tname}")
+    g.node.insert(i + 1, clip)
+    retyped[out] = signed
 
 
 def _lower_blockwise_node(g, n, values, info):
