@@ -455,3 +455,12 @@ def test_cast_to_lowbit_refused(tmp_path):
                  [helper.make_tensor_value_info("y", T.INT4, [4])], [], 21)
     with pytest.raises(tvm_qpu.QpuError, match="Cast 'to_int4' to int4"):
         tvm_qpu.from_onnx(path)
+
+
+def test_castlike_to_lowbit_refused(tmp_path):
+    nodes = [helper.make_node("CastLike", ["x", "t"], ["y"], name="like_int4")]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("x", T.FLOAT, [4])],
+                 [helper.make_tensor_value_info("y", T.INT4, [4])],
+                 [raw_tensor("t", T.INT4, [1], ref_pack([0], 4))], 21)
+    with pytest.raises(tvm_qpu.QpuError, match="CastLike 'like_int4' to the type of 't'"):
+        tvm_qpu.from_onnx(path)

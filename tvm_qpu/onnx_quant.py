@@ -566,6 +566,11 @@ def lower_lowbit(model):
         if n.op_type == "Cast" and to in LOWBIT_TYPES:
             raise LowBitImportError(f"Cast {n.name or n.output[0]!r} to {LOWBIT_TYPES[to][0]}: 4 / 2-bit tensors "
                                     f"computed at run time are not supported (only initializers)")
+    packed = {t.name for t in g.initializer if t.data_type in LOWBIT_TYPES}
+    for n in g.node:
+        if n.op_type == "CastLike" and len(n.input) > 1 and n.input[1] in packed:
+            raise LowBitImportError(f"CastLike {n.name or n.output[0]!r} to the type of {n.input[1]!r}: 4 / 2-bit "
+                                    f"tensors computed at run time are not supported (only initializers)")
     lowbit_q = {i: k for i, n in enumerate(g.node) if n.op_type == "QuantizeLinear"
                 for k in [_lowbit_quantize_type(n, g)] if k is not None}
     inits = {t.name for t in g.initializer}
