@@ -55,8 +55,24 @@ class OpSpec:
     attrs: dict = field(default_factory=dict)
 
     def describe(self) -> str:
-        ins = ", ".join(f"{dt}{list(s)}" for s, dt in self.inputs)
+        ins = ", ".join(f"{dt}{list(s)}" for s, dt in self._run_inputs())
         return f"{self.kind}({ins}) -> {self.output[1]}{list(self.output[0])}"
+
+    #: input names of the weight that ``attrs["weight_bits"]`` (4 or 2) stores packed
+    WEIGHT_INPUTS = ("B", "weight")
+
+    def _run_inputs(self) -> list:
+        """``inputs`` with the dtypes as they run on the QPU: a weight stored at ``weight_bits``
+        (int8 / uint8 values in range, packed by the kernel) is named int4 / uint4 / int2 / uint2."""
+        bits = self.attrs.get("weight_bits")
+        if not bits or int(bits) == 8:
+            return list(self.inputs)
+        names = list(self.attrs.get("input_names", []))
+        out = list(self.inputs)
+        for i, name in enumerate(names[:len(out)]):
+            if name in self.WEIGHT_INPUTS and out[i][1] in ("int8", "uint8"):
+                out[i] = (out[i][0], f"{'u' if out[i][1] == 'uint8' else ''}int{int(bits)}")
+        return out
 
 
 @dataclass

@@ -8,7 +8,10 @@ temporary directory, by ONNX Runtime's quantizer calibrated on the digits *train
 * ``digits_cnn`` (fp32), ``digits_cnn_qdq`` (bundled QDQ int8), ``digits_cnn_qop`` (quantize_static,
   QOperator: QLinearConv / QGemm, per-channel int8 weights, int8 activations) and ``digits_cnn_dyn``
   (quantize_dynamic: DynamicQuantizeLinear -> ConvInteger / MatMulInteger);
-* ``mlp`` and ``lenet5`` (fp32) against their quantize_static QDQ int8 versions (``*_qdq``).
+* ``mlp`` and ``lenet5`` (fp32) against their quantize_static QDQ int8 versions (``*_qdq``);
+* ``digits_cnn_w8`` / ``_w4`` / ``_w2`` / ``_w842``: the weight-precision variants
+  ``models/make_lowbit_models.py`` writes (per-channel INT8 / INT4 / INT2 weights, and conv1 /
+  conv2 / fc at 8 / 4 / 2 bits; int8 activations; QDQ opset 21 / 25).
 
 For each model, batch 1:
 
@@ -21,6 +24,12 @@ For each model, batch 1:
   choice) and ``"all"`` (every supported op on the QPU): ``total_s`` = ``cpu_s`` (its CPU part,
   MEASURED here) + ``qpu_s`` (its QPU regions, MODELLED by the emulator's Pi 5 cycle model), the
   regions by kind and operand dtypes, and the QPU regions' weight bytes.
+
+Per weight precision (the ``digits_cnn_w*`` models): the weight bits, the weights' bytes in the
+ONNX file (packed: 2 int4 / 4 int2 per byte) and on the QPU (the regions' weight buffers, device
+layout; biases, requantize tables and address tables not counted), the dtypes the QPU regions run
+(``int4`` / ``int2`` when the kernel stores the weights packed, ``weight_bits``; ``int8`` otherwise),
+the QPU regions' MODELLED time and the accuracies.
 
 Accuracy on the whole digits test split (``models/digits_test.npz``, 450 images, one at a time) for
 the digits models: ORT, TVM llvm and TVM qpu (``placement="all"``, the QPU regions emulated); the
@@ -37,7 +46,7 @@ report, as ``tvmc partition`` prints them; nothing is run) and the modelled whol
 
 Usage::
 
-    python scripts/bench_quant.py [--repeat R] [--threads N] [--json] [--no-accuracy]
+    python scripts/bench_quant.py [--repeat R] [--threads N] [--json] [--no-accuracy] [--models NAME ...]
     python scripts/bench_quant.py --big [--big-calib N] [--json]
 """
 from __future__ import annotations
@@ -53,10 +62,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(REPO, "models")
 #: model name -> the fp32 model it is the int8 version of (None: itself fp32)
 PAIRS = {"digits_cnn": None, "digits_cnn_qdq": "digits_cnn", "digits_cnn_qop": "digits_cnn",
-         "digits_cnn_dyn": "digits_cnn", "mlp": None, "mlp_qdq": "mlp", "lenet5": None, "lenet5_qdq": "lenet5"}
+         "digits_cnn_dyn": "digits_cnn", "mlp": None, "mlp_qdq": "mlp", "lenet5": None, "lenet5_qdq": "lenet5",
+         "digits_cnn_w8": "digits_cnn", "digits_cnn_w4": "digits_cnn", "digits_cnn_w2": "digits_cnn",
+         "digits_cnn_w842": "digits_cnn"}
 #: the qpu builds timed: the cost model's choice, and every supported op on the QPU
 PLACEMENTS = ("cost", "all")
-DIGITS = ("digits_cnn", "digits_cnn_qdq", "digits_cnn_qop", "digits_cnn_dyn")
+DIGITS = ("digits_cnn", "digits_cnn_qdq", "digits_cnn_qop", "digits_cnn_dyn", "digits_cnn_w8", "digits_cnn_w4",
+          "digits_cnn_w2", "digits_cnn_w842")
+#: the mixed-precision digits models (models/make_lowbit_models.py) -> weight bits (conv1 / conv2 / fc)
+PRECISIONS = {"digits_cnn_w8": "8", "digits_cnn_w4": "4", "digits_cnn_w2": "2", "digits_cnn_w842": "8/4/2"}
+#: plan constants that are not weights (biases, requantize parameters; ``*_table`` are address tables)
+NOT_WEIGHTS = ("bias", "requant")
 
 
 def _args(argv):
@@ -65,6 +81,7 @@ def _args(argv):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the 450-image accuracy runs")
+    ap.add_argument("--models", nargs="+", choices=sorted(PAIRS), help="only these models (default: all)")
     ap.add_argument("--big", action="store_true", help="ResNet-18 / MobileNetV2 fp32 vs int8: modelled QPU "
                     "figures from the partition report only (bench_big)")
     ap.add_argument("--big-calib", type=int, default=4, help="random calibration inputs of the --big models")
@@ -118,20 +135,44 @@ def _quantize(name, out_dir):
     return paths
 
 
-def _model_paths(tmp):
+def _model_paths(tmp, only=None):
     import logging
     logging.getLogger().setLevel(logging.ERROR)          # the quantizer's pre-processing advice
     paths = {}
-    for name in PAIRS:
+    for name in only or PAIRS:
+        if name in PRECISIONS and not os.path.exists(os.path.join(MODELS, f"{name}.onnx")):
+            sys.path.insert(0, MODELS)
+            import make_lowbit_models
+            make_lowbit_models.make(tmp, [name])
+            paths[name] = os.path.join(tmp, f"{name}.onnx")
+            continue
         bundled = os.path.join(MODELS, f"{name}.onnx")
         paths.update({name: bundled} if os.path.exists(bundled) else _quantize(name, tmp))
     return paths
 
 
-def _weight_bytes(path):
-    import onnx
+def _tensor_bytes(t):
+    """Bytes an initializer's values take in the file: packed for the 4 / 2-bit types."""
     from onnx import numpy_helper
-    return int(sum(numpy_helper.to_array(t).nbytes for t in onnx.load(path).graph.initializer))
+    from tvm_qpu.onnx_quant import LOWBIT_TYPES
+    if t.data_type in LOWBIT_TYPES:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        return -(-n * LOWBIT_TYPES[t.data_type][1] // 8)
+    return numpy_helper.to_array(t).nbytes
+
+
+def _weight_bytes(path, weights_only=False):
+    """Bytes of the ONNX file's initializers; ``weights_only``: just the integer tensors a
+    DequantizeLinear reads as its input 0 and that are not int32 (the quantized weights)."""
+    import onnx
+    from onnx import TensorProto
+    g = onnx.load(path).graph
+    if not weights_only:
+        return int(sum(_tensor_bytes(t) for t in g.initializer))
+    dq_in = {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    return int(sum(_tensor_bytes(t) for t in g.initializer if t.name in dq_in and t.data_type != TensorProto.INT32))
 
 
 def _input(path, rng):
@@ -153,6 +194,13 @@ def _regions(lib):
     return out
 
 
+def _plan_weight_bytes(lib):
+    """Bytes of the QPU regions' weight buffers (every constant but biases, requantize parameters
+    and address tables), device layout."""
+    return int(sum(c.nbytes for rg in lib.regions for k, c in rg.plan.constants.items()
+                   if k not in NOT_WEIGHTS and not k.endswith("_table")))
+
+
 def _plan_bytes(lib, tables):
     """Bytes of the QPU regions' constant buffers: the weights and biases (``tables=False``) or the
     index tables the kernels look addresses up in (``*_table``, ``tables=True``)."""
@@ -166,7 +214,8 @@ def bench_time(name, path, a):
     rng = np.random.default_rng(0)
     inp, x = _input(path, rng)
     mod, params = tvm_qpu.from_onnx(path)
-    row = {"model": name, "fp32_of": PAIRS[name], "onnx_weight_bytes": _weight_bytes(path)}
+    row = {"model": name, "fp32_of": PAIRS[name], "onnx_weight_bytes": _weight_bytes(path),
+           "onnx_weights_only_bytes": _weight_bytes(path, weights_only=True)}
     lib = tvm_qpu.build(mod, target="llvm", params=params)
     r = lib.runner()
     row["cpu_s"] = r.profile({inp: x}, repeat=a.repeat).total_seconds
@@ -175,7 +224,9 @@ def bench_time(name, path, a):
         qlib = tvm_qpu.build(mod, target="qpu", params=params, placement=placement)
         p = {"regions": _regions(qlib),
              "qdq_chains": f"{sum(d['accepted'] for d in qlib.report.qdq)} of {len(qlib.report.qdq)} integer",
-             "qpu_weight_bytes": _plan_bytes(qlib, tables=False), "qpu_table_bytes": _plan_bytes(qlib, tables=True)}
+             "qpu_weight_bytes": _plan_bytes(qlib, tables=False), "qpu_table_bytes": _plan_bytes(qlib, tables=True),
+             "qpu_weights_only_bytes": _plan_weight_bytes(qlib),
+             "specs": [r["spec"] for r in qlib.report.regions if r["kind"] in ("conv2d", "matmul")]}
         qr = qlib.runner("emulator")
         prof = qr.profile({inp: x}, repeat=max(1, min(a.repeat, 3)))
         p["cpu_s"] = prof.cpu_seconds
@@ -186,20 +237,38 @@ def bench_time(name, path, a):
     return row
 
 
+def _ort_session(path):
+    """ONNX Runtime session and its optimization level: ORT_ENABLE_ALL, or ORT_ENABLE_BASIC when
+    the full level cannot load the model (ORT 1.32 fuses a uint8-activation DQ -> Conv with 2-bit
+    weights into QLinearConv, which takes none)."""
+    import onnxruntime as ort
+    err = None
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        so.graph_optimization_level = level
+        try:
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), level.name
+        except Exception as e:           # noqa: BLE001 - the next level is tried, the last error raised
+            err = e
+    raise err
+
+
 def accuracy(paths):
     """Whole-test-split runs of the digits models, one image at a time (batch 1, as the models are
     exported; a dynamically quantized model's activation scales depend on the batch): ORT, TVM llvm and
     TVM qpu with ``placement="all"`` (every supported op in an emulated QPU region)."""
     import numpy as np
-    import onnxruntime as ort
     import tvm_qpu
     d = np.load(os.path.join(MODELS, "digits_test.npz"))
     x, y = d["x"].astype(np.float32), d["y"]
     logits = {}
     rows = []
     for name in DIGITS:
+        if name not in paths:
+            continue
         path = paths[name]
-        s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        s, level = _ort_session(path)
         inp = s.get_inputs()[0].name
         want = np.concatenate([s.run(None, {inp: x[i:i + 1]})[0] for i in range(len(x))])
         mod, params = tvm_qpu.from_onnx(path)
@@ -210,13 +279,14 @@ def accuracy(paths):
             got[target] = np.concatenate([next(iter(r.run(**{inp: x[i:i + 1]}).values())) for i in range(len(x))])
             r.close()
         logits[name] = want
-        row = {"model": name, "images": int(len(x)), "ort_acc": float((want.argmax(1) == y).mean())}
+        row = {"model": name, "images": int(len(x)), "ort_acc": float((want.argmax(1) == y).mean()),
+               "ort_level": level}
         for t, g in got.items():
             row[f"tvm_{t}_acc"] = float((g.argmax(1) == y).mean())
             row[f"tvm_{t}_pred_differs_from_ort"] = int((g.argmax(1) != want.argmax(1)).sum())
             row[f"tvm_{t}_logits_identical_to_ort"] = float((g == want).mean())
             row[f"tvm_{t}_logits_max_abs_diff_from_ort"] = float(np.abs(g.astype(np.float64) - want).max())
-        if PAIRS[name]:
+        if PAIRS[name] in logits:
             row["ort_pred_differs_from_fp32"] = int((want.argmax(1) != logits[PAIRS[name]].argmax(1)).sum())
         rows.append(row)
     return rows
@@ -224,6 +294,13 @@ def accuracy(paths):
 
 def _ms(s):
     return f"{s * 1e3:8.3f}"
+
+
+def _run_dtypes(spec):
+    """'conv2d int8 x int4' of a region spec 'conv2d(int8[..], int4[..], int32[..]) -> int8[..]'."""
+    import re
+    dts = re.findall(r"([a-z]+[0-9]+)\[", spec.split("->")[0])
+    return f"{spec.split('(')[0]} {dts[0]} x {dts[1]}" if len(dts) >= 2 else spec
 
 
 def tables(rows, acc, meta):
@@ -247,11 +324,26 @@ def tables(rows, acc, meta):
         out += ["", f"# digits test split ({acc[0]['images']} images): accuracy; predictions differing from ORT on the "
                 "same model; fraction of logits identical to ORT's",
                 f"{'model':16s} {'ORT':>6s} {'llvm':>6s} {'qpu all':>7s} {'qpu!=ORT':>9s} {'qpu logits==ORT':>16s} "
-                f"{'max |qpu-ORT|':>14s} {'ORT int8!=fp32':>15s}"]
+                f"{'max |qpu-ORT|':>14s} {'ORT quant!=fp32':>15s}"]
         for r in acc:
             out.append(f"{r['model']:16s} {r['ort_acc']:6.4f} {r['tvm_llvm_acc']:6.4f} {r['tvm_qpu_acc']:7.4f} "
                        f"{r['tvm_qpu_pred_differs_from_ort']:9d} {r['tvm_qpu_logits_identical_to_ort']:16.4f} "
                        f"{r['tvm_qpu_logits_max_abs_diff_from_ort']:14.3g} {r.get('ort_pred_differs_from_fp32', '-'):>15}")
+    prec = [r for r in rows if r["model"] in PRECISIONS and "error" not in r]
+    if prec:
+        accs = {r["model"]: r for r in acc}
+        out += ["", "# per weight precision (digits CNN variants): weight bytes in the ONNX file (packed) and on the QPU "
+                "(weight buffers, device layout); QPU regions MODELLED (placement=all); accuracy on the test split",
+                f"{'model':15s} {'bits':>5s} {'onnx w B':>8s} {'qpu w B':>8s} {'qpu ms (model)':>14s} {'ORT':>6s} "
+                f"{'llvm':>6s} {'qpu all':>7s}  conv / matmul regions as they run"]
+        for r in prec:
+            q = r["qpu_all"]
+            a = accs.get(r["model"], {})
+            f = lambda k: f"{a[k]:6.4f}" if k in a else "     -"  # noqa: E731
+            dts = [_run_dtypes(sp) for sp in q["specs"]]
+            out.append(f"{r['model']:15s} {PRECISIONS[r['model']]:>5s} {r['onnx_weights_only_bytes']:8d} "
+                       f"{q['qpu_weights_only_bytes']:8d} {q['qpu_s'] * 1e3:14.4f} {f('ort_acc')} {f('tvm_llvm_acc')} "
+                       f"{f('tvm_qpu_acc'):>7s}  {'; '.join(dts)}")
     return "\n".join(out)
 
 
@@ -265,7 +357,7 @@ def main(argv=None):
         print(json.dumps({"meta": meta, "big": rows}, indent=1) if a.json else big_tables(rows, meta))
         return
     with tempfile.TemporaryDirectory(prefix="bench_quant_") as tmp:
-        paths = _model_paths(tmp)
+        paths = _model_paths(tmp, a.models)
         rows = []
         for name, path in paths.items():
             try:

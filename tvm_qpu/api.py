@@ -88,7 +88,9 @@ def _drop_failed_import(exc: BaseException) -> None:
 def from_onnx(path, input_shapes: dict | None = None):
     """Import an ONNX file. Returns (Relax IRModule, params: {name: tvm Tensor}).
 
-    ``input_shapes`` ({input name: shape}) overrides the model's (e.g. for a batch size)."""
+    ``input_shapes`` ({input name: shape}) overrides the model's (e.g. for a batch size). 4-bit and
+    2-bit (ONNX INT4 / UINT4 / INT2 / UINT2) initializers are unpacked to int8 / uint8 and block-wise
+    DequantizeLinear is converted (:func:`tvm_qpu.onnx_quant.lower_lowbit`)."""
     import onnx
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -119,8 +121,12 @@ def from_onnx(path, input_shapes: dict | None = None):
                 shape_dict[i.name] = dims
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx as _from_onnx
-    from .onnx_quant import register as _register_quant_ops
+    from .onnx_quant import LOWBIT_ATTR, QuantImportError, lower_lowbit, register as _register_quant_ops
     _register_quant_ops()        # QLinearConv, QLinearMatMul, ConvInteger, QGemm, ... (tvm_qpu.onnx_quant)
+    try:
+        model, lowbit = lower_lowbit(model)      # 4 / 2-bit initializers -> int8 / uint8, block-wise DQ
+    except QuantImportError as e:
+        raise QpuError(f"{path}: {e}") from None
     try:
         mod = _from_onnx(model, shape_dict=shape_dict, keep_params_in_input=True)
     except Exception as e:
@@ -133,6 +139,8 @@ def from_onnx(path, input_shapes: dict | None = None):
     weight_names = [p.name for p in mod["main"].params[num_input:]]
     outs = [o.name for o in model.graph.output]
     mod = mod.with_attr(OUTPUTS_ATTR, json.dumps(outs))
+    if lowbit:                   # which weights were 4 / 2-bit, for the QDQ rewrite (tvm_qpu.quant)
+        mod["main"] = mod["main"].with_attr(LOWBIT_ATTR, lowbit.to_json())
     return mod, dict(zip(weight_names, main_params))
 
 

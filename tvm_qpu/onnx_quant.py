@@ -5,8 +5,9 @@ TVM 0.27's Relax ONNX frontend (``tvm.relax.frontend.onnx.onnx_frontend``) looks
 up by ``op_type`` in the table that the module-level function ``_get_convert_map()`` returns; it
 calls that function afresh for every node and for its unsupported-op check. :func:`register`
 replaces the module attribute with a wrapper returning TVM's table plus :data:`CONVERTERS`
-(ours win on a name clash; TVM's own ``MatMulInteger``, ``DynamicQuantizeLinear``,
-``QuantizeLinear`` and ``DequantizeLinear`` are kept). :func:`tvm_qpu.from_onnx` calls it, so does
+(ours win on a name clash; TVM's own ``MatMulInteger``, ``DynamicQuantizeLinear`` and
+``QuantizeLinear`` are kept, ``DequantizeLinear`` is TVM's plus block-wise quantization, see the
+4-bit / 2-bit section below). :func:`tvm_qpu.from_onnx` calls it, so does
 anyone else who wants ``tvm.relax.frontend.onnx.from_onnx`` to read these ops; it is idempotent and
 :func:`unregister` restores TVM's function.
 
@@ -361,6 +362,7 @@ def converters() -> dict:
     global _CONVERTERS
     if _CONVERTERS is None:
         _CONVERTERS = {op: _make_converter(op, since, fn) for op, (since, fn) in _TABLE.items()}
+        _CONVERTERS["DequantizeLinear"] = _dequantize_linear_converter()    # + block-wise (opset 21)
     return dict(_CONVERTERS)
 
 
@@ -387,3 +389,359 @@ def unregister() -> None:
     from tvm.relax.frontend.onnx import onnx_frontend as F
     if getattr(F._get_convert_map, "_tvm_qpu", False):
         F._get_convert_map = F._get_convert_map._original
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit and 2-bit weights (ONNX INT4 / UINT4, opset 21; INT2 / UINT2, opset 25)
+#
+# TVM 0.27's ONNX frontend reads an initializer's bytes as one element per byte and fails on the
+# packed sub-byte types ("TensorCopyFromBytes: size mismatch"). :func:`lower_lowbit` runs on the
+# ONNX graph before TVM sees it: every INT4 / UINT4 / INT2 / UINT2 initializer (and Constant node
+# value) becomes an int8 / uint8 tensor of the same name and the same integer values, so
+# ``DequantizeLinear`` reads the values the ONNX spec defines. Packing (ONNX IR spec, "4-bit /
+# 2-bit integer types"; onnx.numpy_helper's packers): element i of the flattened tensor is in byte
+# i // (8 / bits), at bit offset bits * (i % (8 / bits)), low bits first ("low nibble first" for
+# 4-bit); the last byte is zero-padded; signed types are two's complement in their bits. The bytes
+# come from ``raw_data`` or, one packed byte per element, from ``int32_data`` (what
+# ``onnx.helper.make_tensor`` writes). A byte count other than ceil(n * bits / 8) is refused with
+# the tensor's name (a malformed model must not be read as other values).
+#
+# A ``QuantizeLinear`` to a 4 / 2-bit type (its zero point's type or ``output_dtype``) becomes the
+# 8-bit quantize followed by a ``Clip`` to the 4 / 2-bit range (saturating to 8 bits, then to 4,
+# is saturating to 4); a ``Cast`` to a 4 / 2-bit type is refused.
+#
+# Block-wise ``DequantizeLinear`` (opset 21 ``block_size``: scale [.., ceil(D / B), ..] along
+# ``axis``) is not in TVM 0.27's converter. :func:`lower_lowbit` rewrites a block-wise dequantize
+# whose scale and zero point are initializers into the per-axis (or per-tensor) form when that is
+# exact (every block of a row has the same scale and zero point); the others are converted by
+# :func:`_dequantize_blockwise` as ``float32(x - zp) * scale`` with the scale repeated over each
+# block (ONNX's definition; ONNX Runtime computes the same product in float32), which keeps the
+# consumer in float: a scale varying along the reduction axis cannot be factored out of an int32
+# accumulation. :mod:`tvm_qpu.quant` reports that with the reason (the notes of :class:`LowBitInfo`).
+
+#: ONNX TensorProto element type -> (type name, bits, signed): the packed sub-byte integer types
+#: (values of onnx.TensorProto.UINT4 / INT4 / UINT2 / INT2 in onnx >= 1.20; a test checks them)
+LOWBIT_TYPES = {21: ("uint4", 4, False), 22: ("int4", 4, True), 25: ("uint2", 2, False), 26: ("int2", 2, True)}
+#: main-function attribute carrying :class:`LowBitInfo` (JSON) from the import to the QDQ rewrite
+LOWBIT_ATTR = "tvm_qpu.lowbit"
+#: ONNX element types of the unpacked tensors (INT8 = 3, UINT8 = 2)
+_UNPACKED_TYPE = {True: 3, False: 2}
+
+
+class LowBitImportError(QuantImportError):
+    """A 4-bit / 2-bit tensor of the model cannot be read as the ONNX spec defines it."""
+
+
+def lowbit_range(bits: int, signed: bool) -> tuple:
+    """(min, max) of a ``bits``-bit integer."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def lowbit_fingerprint(values) -> str:
+    """A content key of an integer tensor (its flattened values and count, not its dtype or shape):
+    how the QDQ rewrite recognizes a weight that came from a 4 / 2-bit initializer."""
+    import hashlib
+    v = np.ascontiguousarray(np.asarray(values).astype(np.int64).reshape(-1))
+    return f"{v.size}:" + hashlib.sha1(v.tobytes()).hexdigest()[:20]
+
+
+def unpack_lowbit(tensor) -> np.ndarray:
+    """The values of an INT4 / UINT4 / INT2 / UINT2 ``onnx.TensorProto`` as an int8 / uint8 array of
+    its shape (see the section comment for the packing). Raises :class:`LowBitImportError` naming
+    the tensor when its data does not hold exactly its shape's elements."""
+    if tensor.data_type not in LOWBIT_TYPES:
+        raise LowBitImportError(f"tensor {tensor.name!r}: element type {tensor.data_type} is not a 4 / 2-bit integer")
+    tname, bits, signed = LOWBIT_TYPES[tensor.data_type]
+    dims = [int(d) for d in tensor.dims]
+    if any(d < 0 for d in dims):
+        raise LowBitImportError(f"{tname} tensor {tensor.name!r}: negative dimension in {dims}")
+    n = int(np.prod(dims, dtype=np.int64))
+    per = 8 // bits
+    want = -(-n // per)
+    if tensor.HasField("data_location") and tensor.data_location == 1:       # EXTERNAL, not loaded
+        raise LowBitImportError(f"{tname} tensor {tensor.name!r}: external data was not loaded")
+    if tensor.raw_data:
+        packed = np.frombuffer(tensor.raw_data, np.uint8)
+        where = "raw_data"
+    else:
+        ints = np.asarray(tensor.int32_data, np.int64)
+        if ints.size and (ints.min() < 0 or ints.max() > 255):
+            raise LowBitImportError(f"{tname} tensor {tensor.name!r}: int32_data holds values outside one "
+                                    f"packed byte (0..255)")
+        packed = ints.astype(np.uint8)
+        where = "int32_data"
+    if packed.size != want:
+        raise LowBitImportError(f"{tname} tensor {tensor.name!r}: {where} has {packed.size} bytes; its shape "
+                                f"{dims} ({n} elements, {per} per byte) needs {want}")
+    shifts = (np.arange(per, dtype=np.uint8) * bits)
+    fields = (packed[:, None] >> shifts[None, :]) & np.uint8((1 << bits) - 1)
+    vals = fields.reshape(-1)[:n].astype(np.int16)          # the padding after the last element is ignored
+    if signed:
+        vals = np.where(vals >= (1 << (bits - 1)), vals - (1 << bits), vals)
+    return vals.astype(np.int8 if signed else np.uint8).reshape(dims)
+
+
+class LowBitInfo:
+    """What :func:`lower_lowbit` did: ``weights`` {fingerprint of the unpacked values: type name}
+    and ``notes`` [(node, reason)] (block-wise dequantizes kept in float)."""
+
+    def __init__(self, weights=None, notes=None):
+        self.weights = dict(weights or {})
+        self.notes = [tuple(n) for n in (notes or [])]
+
+    def to_json(self) -> str:
+        import json
+        return json.dumps({"weights": self.weights, "notes": [list(n) for n in self.notes]}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        import json
+        d = json.loads(str(text))
+        return cls(d.get("weights"), d.get("notes"))
+
+    def __bool__(self):
+        return bool(self.weights or self.notes)
+
+
+def _unpacked_tensor(tensor):
+    from onnx import numpy_helper
+    arr = unpack_lowbit(tensor)
+    out = numpy_helper.from_array(arr, tensor.name)
+    out.doc_string = tensor.doc_string
+    return arr, out
+
+
+def _retype_value_infos(graph, names):
+    """Give the graph's declared value types of ``names`` ({name: signed}) the unpacked type."""
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.name in names and vi.type.tensor_type.elem_type in LOWBIT_TYPES:
+            vi.type.tensor_type.elem_type = _UNPACKED_TYPE[names[vi.name]]
+
+
+def _reduce_blockwise(x_shape, axis, scale, zp):
+    """The per-axis / per-tensor form of a block-wise (scale, zero point) when it is exact: every
+    block along ``axis`` has the same value. Returns (scale, zp, new axis or None) or None."""
+    def along(a):
+        first = np.take(a, [0], axis=axis)
+        return first if np.array_equal(np.broadcast_to(first, a.shape), a) else None
+    s1 = along(scale)
+    z1 = along(zp) if zp is not None else None
+    if s1 is None or (zp is not None and z1 is None):
+        return None
+    varying = [d for d in range(scale.ndim)
+               if d != axis and not np.array_equal(np.broadcast_to(np.take(s1, [0], axis=d), s1.shape), s1)]
+    if zp is not None:
+        varying += [d for d in range(zp.ndim) if d != axis and d not in varying and
+                    not np.array_equal(np.broadcast_to(np.take(z1, [0], axis=d), z1.shape), z1)]
+    if len(varying) > 1:
+        return None
+    if not varying:
+        return s1.reshape(-1)[:1].reshape(()), (None if zp is None else z1.reshape(-1)[:1].reshape(())), None
+    j = varying[0]
+    if scale.shape[j] != x_shape[j]:
+        return None
+    idx = [0] * scale.ndim
+    idx[j] = slice(None)
+    s_vec = s1[tuple(idx)].reshape(-1)
+    z_vec = None
+    if zp is not None:
+        z_vec = np.broadcast_to(z1, s1.shape)[tuple(idx)].reshape(-1)
+    return s_vec, z_vec, j
+
+
+def lower_lowbit(model):
+    """A copy of ``model`` that TVM's frontend can import (see the section comment) and the
+    :class:`LowBitInfo` of what changed; ``model`` itself when it has no 4 / 2-bit tensor and no
+    block-wise dequantize. Raises :class:`LowBitImportError` naming the tensor for a malformed
+    packed initializer or a 4 / 2-bit graph input (a run-time tensor has no numpy dtype to feed)."""
+    import onnx
+    from onnx import numpy_helper
+    g = model.graph
+    has_lowbit = any(t.data_type in LOWBIT_TYPES for t in g.initializer) or any(
+        a.t.data_type in LOWBIT_TYPES for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")
+    blockwise = [n for n in g.node if n.op_type == "DequantizeLinear"
+                 and any(a.name == "block_size" and a.i for a in n.attribute)]
+    for n in g.node:             # ops that would compute a 4 / 2-bit tensor TVM cannot represent
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if n.op_type == "Cast" and to in LOWBIT_TYPES:
+            raise LowBitImportError(f"Cast {n.name or n.output[0]!r} to {LOWBIT_TYPES[to][0]}: 4 / 2-bit tensors "
+                                    f"computed at run time are not supported (only initializers)")
+    packed = {t.name for t in g.initializer if t.data_type in LOWBIT_TYPES}
+    for n in g.node:
+        if n.op_type == "CastLike" and len(n.input) > 1 and n.input[1] in packed:
+            raise LowBitImportError(f"CastLike {n.name or n.output[0]!r} to the type of {n.input[1]!r}: 4 / 2-bit "
+                                    f"tensors computed at run time are not supported (only initializers)")
+    lowbit_q = {i: k for i, n in enumerate(g.node) if n.op_type == "QuantizeLinear"
+                for k in [_lowbit_quantize_type(n, g)] if k is not None}
+    inits = {t.name for t in g.initializer}
+    for vi in g.input:
+        if vi.name not in inits and vi.type.tensor_type.elem_type in LOWBIT_TYPES:
+            tname = LOWBIT_TYPES[vi.type.tensor_type.elem_type][0]
+            raise LowBitImportError(f"graph input {vi.name!r} has type {tname}: only initializers may be 4 / 2-bit "
+                                    f"(a run-time input has no numpy dtype to feed)")
+    if not has_lowbit and not blockwise and not lowbit_q:
+        return model, LowBitInfo()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    info = LowBitInfo()
+    retyped = {}
+    for i, t in enumerate(g.initializer):
+        if t.data_type in LOWBIT_TYPES:
+            tname, _, signed = LOWBIT_TYPES[t.data_type]
+            arr, new = _unpacked_tensor(t)
+            g.initializer[i].CopyFrom(new)
+            info.weights[lowbit_fingerprint(arr)] = tname
+            retyped[t.name] = signed
+    for n in g.node:
+        if n.op_type != "Constant":
+            continue
+        for a in n.attribute:
+            if a.name == "value" and a.t.data_type in LOWBIT_TYPES:
+                tname, _, signed = LOWBIT_TYPES[a.t.data_type]
+                arr, new = _unpacked_tensor(a.t)
+                a.t.CopyFrom(new)
+                info.weights[lowbit_fingerprint(arr)] = tname
+                retyped.update({o: signed for o in n.output})
+    for i in sorted(lowbit_q, reverse=True):     # QuantizeLinear to 4 / 2 bits: saturate (Clip)
+        _saturate_lowbit_quantize(g, i, lowbit_q[i], retyped)
+    _retype_value_infos(g, retyped)
+    values = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or not any(a.name == "block_size" and a.i for a in n.attribute):
+            continue
+        _lower_blockwise_node(g, n, values, info)
+    return m, info
+
+
+def _lowbit_quantize_type(n, g):
+    """The LOWBIT_TYPES entry a QuantizeLinear node produces (its ``output_dtype`` or its packed
+    zero point's type), else None."""
+    od = next((a.i for a in n.attribute if a.name == "output_dtype"), 0)
+    if od in LOWBIT_TYPES:
+        return LOWBIT_TYPES[od]
+    if len(n.input) > 2 and n.input[2]:
+        z = n.input[2]
+        for t in g.initializer:
+            if t.name == z and t.data_type in LOWBIT_TYPES:
+                return LOWBIT_TYPES[t.data_type]
+        for c in g.node:
+            if c.op_type == "Constant" and z in c.output:
+                for a in c.attribute:
+                    if a.name == "value" and a.t.data_type in LOWBIT_TYPES:
+                        return LOWBIT_TYPES[a.t.data_type]
+    return None
+
+
+def _saturate_lowbit_quantize(g, i, kind, retyped):
+    """A QuantizeLinear to int4 / uint4 / int2 / uint2 (``g.node[i]`` of LOWBIT_TYPES entry
+    ``kind``, its zero point already unpacked to int8 / uint8) saturates to the 4 / 2-bit range: its
+    8-bit result is followed by a Clip to that range (exact: ``clamp(clamp(v, -128, 127), -8, 7) ==
+    clamp(v, -8, 7)``); an ``output_dtype`` of a 4 / 2-bit type becomes INT8 / UINT8."""
+    from onnx import helper, numpy_helper
+    n = g.node[i]
+    tname, bits, signed = kind
+    for a in n.attribute:
+        if a.name == "output_dtype" and a.i in LOWBIT_TYPES:
+            a.i = _UNPACKED_TYPE[signed]
+    out = n.output[0]
+    wide = f"{out}__8bit"
+    n.output[0] = wide
+    lo, hi = lowbit_range(bits, signed)
+    dt = np.int8 if signed else np.uint8
+    g.initializer.extend([numpy_helper.from_array(np.array(lo, dt), f"{out}__{tname}_min"),
+                          numpy_helper.from_array(np.array(hi, dt), f"{out}__{tname}_max")])
+    clip = helper.make_node("Clip", [wide, f"{out}__{tname}_min", f"{out}__{tname}_max"], [out],
+                            name=f"{n.name or out}__saturate_{tname}")
+    g.node.insert(i + 1, clip)
+    retyped[out] = signed
+
+
+def _lower_blockwise_node(g, n, values, info):
+    """Rewrite one block-wise DequantizeLinear to its exact per-axis form (constant parameters whose
+    blocks repeat one value per row), else record why it stays float."""
+    from onnx import numpy_helper, helper
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    axis, block = int(attrs.get("axis", 1)), int(attrs["block_size"])
+    where = f"DequantizeLinear {n.name or n.output[0]!r}"
+    x, s = n.input[0], n.input[1]
+    z = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    if x in values and s in values and (z is None or z in values):
+        xa = numpy_helper.to_array(values[x])
+        sa = numpy_helper.to_array(values[s])
+        za = numpy_helper.to_array(values[z]) if z else None
+        ax = axis % max(xa.ndim, 1)
+        red = _reduce_blockwise(xa.shape, ax, sa, za) if sa.ndim == xa.ndim else None
+        if red is not None:
+            s_new, z_new, j = red
+            sname = f"{s}__{n.output[0]}__per_axis"
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(s_new.astype(sa.dtype)), sname))
+            n.input[1] = sname
+            if z:
+                zname = f"{z}__{n.output[0]}__per_axis"
+                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(z_new.astype(za.dtype)), zname))
+                n.input[2] = zname
+            keep = [a for a in n.attribute if a.name not in ("axis", "block_size")]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+            if j is not None:
+                n.attribute.append(helper.make_attribute("axis", int(j)))
+            return
+    info.notes.append((where, f"block-wise scales (block_size {block} along axis {axis} of {x!r}) vary along "
+                              f"the reduction axis: an int32 accumulation cannot factor them out, so the "
+                              f"consumer runs in float (the dequantize is exact, float32(x - zp) * scale)"))
+
+
+def _dequantize_blockwise(bb, inputs, attr, params):
+    """Block-wise ``DequantizeLinear`` (opset 21+): ``y = float32(x - zp[i // B]) * scale[i // B]``
+    along ``axis`` (ONNX spec), the scale and zero point repeated ``B`` times and cut to the
+    axis length."""
+    from tvm import relax
+    x, scale = inputs[0], inputs[1]
+    zp = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+    node = _node(attr, "DequantizeLinear")
+    block = int(attr["block_size"])
+    nd = _ndim(x)
+    axis = int(attr.get("axis", 1)) % max(nd, 1)
+    if _ndim(scale) != nd:
+        raise QuantImportError(f"{node}: block-wise scale must have the input's rank {nd}, got {_ndim(scale)}")
+    if _dtype(scale) != "float32":
+        raise QuantImportError(f"{node}: block-wise scale dtype {_dtype(scale)} (float32 expected)")
+    length = int(x.ty.shape[axis])
+    want = -(-length // block)
+    if int(scale.ty.shape[axis]) != want:
+        raise QuantImportError(f"{node}: block-wise scale has {int(scale.ty.shape[axis])} blocks along axis "
+                               f"{axis}, ceil({length} / {block}) = {want} expected")
+
+    def expand(t):
+        r = relax.op.repeat(t, block, axis=axis)
+        return relax.op.strided_slice(r, axes=[axis], begin=[0], end=[length])
+
+    xi = relax.op.astype(x, "int32")
+    if zp is not None:
+        if _dtype(zp) != _dtype(x):
+            raise QuantImportError(f"{node}: zero point is {_dtype(zp)}, the tensor {_dtype(x)}")
+        xi = relax.op.subtract(xi, expand(relax.op.astype(zp, "int32")))
+    return relax.op.multiply(relax.op.astype(xi, "float32"), expand(scale))
+
+
+def _dequantize_linear_converter():
+    """TVM's DequantizeLinear converter with block-wise quantization (``block_size`` != 0) added:
+    each of TVM's ``_impl_v<N>`` is kept; from opset 21 a nonzero ``block_size`` goes to
+    :func:`_dequantize_blockwise`."""
+    from tvm.relax.frontend.onnx import onnx_frontend as F
+    tvm_dq = F.DequantizeLinear
+    methods = {}
+    for name in dir(tvm_dq):
+        if not name.startswith("_impl_v"):
+            continue
+        version = int(name[len("_impl_v"):])
+
+        def impl(cls, bb, inputs, attr, params, _orig=getattr(tvm_dq, name), _v=version):
+            if _v >= 21 and int(attr.get("block_size", 0) or 0) != 0:
+                return _dequantize_blockwise(bb, inputs, attr, params)
+            return _orig(bb, inputs, attr, params)
+        methods[name] = classmethod(impl)
+    methods["__doc__"] = _dequantize_linear_converter.__doc__
+    methods["__module__"] = __name__
+    return type("DequantizeLinear", (_base(),), methods)

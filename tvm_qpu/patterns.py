@@ -461,7 +461,9 @@ def build_matmul(ann) -> Match:
         attrs["requant"] = rq
     root_shape = shape_of(root)
     spec = _spec("matmul", names, inputs, (kernel_out, dtype_of(ann.get("rq_root", root))), attrs)
-    return Match(spec, consts, runtime, out_reshape=root_shape if kernel_out != root_shape else None, anchor=mm)
+    m = Match(spec, consts, runtime, out_reshape=root_shape if kernel_out != root_shape else None, anchor=mm)
+    from .quant import lowbit_match
+    return lowbit_match(m, "B")          # 4 / 2-bit weights of a QDQ import (weight_bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,7 +547,8 @@ def _build_conv(ann, rank: int) -> Match:
     s2d = _space_to_depth_form(m, x) if rank == 2 else None
     if s2d is not None:
         m.alternatives.append(s2d)
-    return m
+    from .quant import lowbit_match
+    return lowbit_match(m, "weight")     # 4 / 2-bit weights of a QDQ import (weight_bits)
 
 
 def _space_to_depth_form(m: Match, x):

@@ -221,6 +221,7 @@ def _rewrite_one(m, names):
            f"{' - zero point' if np.any(P.const_value(wdq.args[2])) else ''} -> int32"
            f"{' + int32 bias' if bias_int is not None else ''}{' -> relu' if names['relu'] in m else ''}, "
            f"{'per-channel' if np.size(sw) > 1 else 'per-tensor'} requantize")
+    why = note_weight_bits(m, names, w, transposed, why)       # 4 / 2-bit weights (see below)
     if bias_reason:
         why += f"; {bias_reason}: bias added in float"
     return y, why
@@ -421,7 +422,7 @@ def rewrite_qdq(func):
 
     Returns (function, [QdqDecision])."""
     from tvm.relax import dpl
-    decisions = []
+    decisions = lowbit_decisions(func)       # 4 / 2-bit weights of the import; block-wise notes
     func = _rewrite_passthrough(func, decisions)
     for root, names in _make_patterns():
         def rewrite(call, m, names=names):
@@ -657,3 +658,196 @@ def _dedupe(decisions):
             seen.add(k)
             out.append(d)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit and 2-bit weights
+#
+# :func:`tvm_qpu.onnx_quant.lower_lowbit` unpacks an ONNX INT4 / UINT4 / INT2 / UINT2 initializer
+# to int8 / uint8 before TVM's frontend reads it and records the fingerprint of its values in the
+# main function's ``tvm_qpu.lowbit`` attribute. :func:`rewrite_qdq` recognizes those weights
+# (origin, not range: an 8-bit model whose weights happen to be small keeps 8-bit storage) and,
+# when the rewritten integer weight ``w - zw`` still fits the bit width (signed, or unsigned with
+# the uint8 storage dtype), asks the kernel whether it stores weights at that width
+# (:func:`kernel_takes_weight_bits`). If it does, the weight's fingerprint is kept in
+# :data:`_LOWBIT_WEIGHTS` and the pattern stage (:func:`lowbit_match`, called by the matmul and
+# conv2d spec builders of :mod:`tvm_qpu.patterns`) puts ``weight_bits`` (4 or 2) into the region
+# spec, with the 8-bit form as the fallback alternative; the spec is then described with the
+# weight as ``int4`` / ``uint4`` / ``int2`` / ``uint2``. Otherwise the weight is stored in 8 bits
+# and the decision says why (the result is the same: the values are the same integers).
+#
+# A kernel "stores weights at b bits" when it accepts the spec with ``weight_bits = b`` and refuses
+# it with ``weight_bits = 3`` (:data:`PROBE_BITS`, a width no kernel packs): a kernel that accepts
+# both does not read the attribute, and the region must not claim 4-bit storage it does not have.
+# Block-wise scales (a scale varying along the reduction axis K) cannot be factored out of an int32
+# accumulation: the import keeps those dequantizes in float and the notes become refusals here.
+
+#: ONNX low-bit type name -> bits (unpacked by the import; 8-bit weights carry no attribute)
+LOWBIT_BITS = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2}
+#: a width no kernel stores; accepting it means the kernel ignores ``weight_bits``
+PROBE_BITS = 3
+#: at most this many weight fingerprints are remembered between the rewrite and the spec builders
+_LOWBIT_KEEP = 4096
+#: fingerprint of a rewritten weight (w - zw, either orientation of a 2-D weight) -> bits
+_LOWBIT_WEIGHTS: dict = {}
+_LOWBIT_CONTEXT = None           # the LowBitInfo of the function rewrite_qdq is working on
+
+
+def lowbit_info(func):
+    """The :class:`tvm_qpu.onnx_quant.LowBitInfo` an import attached to ``func`` (empty if none)."""
+    from .onnx_quant import LOWBIT_ATTR, LowBitInfo
+    attrs = getattr(func, "attrs", None)
+    if attrs is None or LOWBIT_ATTR not in attrs:
+        return LowBitInfo()
+    return LowBitInfo.from_json(attrs[LOWBIT_ATTR])
+
+
+def lowbit_decisions(func) -> list:
+    """Start the rewrite of ``func``: remember its low-bit weights; returns the import's notes
+    (block-wise dequantizes kept in float) as refusals."""
+    global _LOWBIT_CONTEXT
+    _LOWBIT_CONTEXT = lowbit_info(func)
+    return [QdqDecision(node, "DequantizeLinear", False, reason) for node, reason in _LOWBIT_CONTEXT.notes]
+
+
+def lowbit_storage(w: np.ndarray, bits: int):
+    """(storage dtype, None) of an integer weight at ``bits``: "int8" when its values fit the signed
+    range, "uint8" when they fit the unsigned one; else (None, reason)."""
+    from .onnx_quant import lowbit_range
+    lo, hi = (int(w.min()), int(w.max())) if w.size else (0, 0)
+    for dt, signed in (("int8", True), ("uint8", False)):
+        a, b = lowbit_range(bits, signed)
+        if a <= lo and hi <= b:
+            return dt, None
+    (a, b), (c, d) = lowbit_range(bits, True), lowbit_range(bits, False)
+    return None, f"w - zero point spans [{lo}, {hi}], beyond int{bits} [{a}, {b}] and uint{bits} [{c}, {d}]"
+
+
+def lowbit_dtype_name(storage: str, bits: int) -> str:
+    """'int4' / 'uint2' ...: how a weight stored as ``storage`` at ``bits`` runs on the QPU."""
+    return f"{'u' if storage.startswith('u') else ''}int{bits}"
+
+
+def _with_bits(spec, bits):
+    from tvm_qpu.codegen.registry import OpSpec
+    return OpSpec(spec.kind, list(spec.inputs), spec.output, dict(spec.attrs, weight_bits=int(bits)))
+
+
+def kernel_takes_weight_bits(spec, bits) -> tuple:
+    """(ok, reason): does the kernel of ``spec`` store its weight at ``bits`` (see the section
+    comment: it must accept ``bits`` and refuse :data:`PROBE_BITS`)?"""
+    from tvm_qpu.codegen import registry
+    try:
+        ok, why = registry.supports(_with_bits(spec, bits))
+        if not ok:
+            return False, f"the {spec.kind} kernel refuses weight_bits={bits}: {why}"
+        if registry.supports(_with_bits(spec, PROBE_BITS))[0]:
+            return False, f"the {spec.kind} kernel does not read weight_bits (it accepts weight_bits={PROBE_BITS})"
+    except Exception as e:           # a kernel check that fails is a refusal, never a crash
+        return False, f"the {spec.kind} kernel check failed ({type(e).__name__}: {e})"
+    return True, "ok"
+
+
+def _operand_dtype(dt: str, zp: int) -> str:
+    """The dtype the backend gives ``x - zp`` of an 8-bit activation (tvm_qpu.backend narrowing)."""
+    if zp == 0:
+        return dt
+    lo, hi = (int(v) - zp for v in (np.iinfo(dt).min, np.iinfo(dt).max))
+    for cand in ("int8", "uint8", "int16"):
+        if np.iinfo(cand).min <= lo and hi <= np.iinfo(cand).max:
+            return cand
+    return "int32"
+
+
+def _probe_spec(m, names, w, storage, transposed):
+    """The plain integer op (no bias, no epilogue) of a matched chain as a registry spec, to ask
+    its kernel about ``weight_bits`` at rewrite time (the region's full spec is asked again by
+    :func:`lowbit_match`)."""
+    from tvm_qpu.codegen.registry import OpSpec
+    core = m[names["core"]]
+    xq, _, zx, _ = _activation_operand(m[names["xdq"]])
+    x_dt = _operand_dtype(P.dtype_of(xq), zx)
+    out = tuple(P.shape_of(core))
+    if P.op_name(core) == "relax.nn.conv2d":
+        a = core.attrs
+        pad = P._ints(a.padding)
+        pad = pad * 2 if len(pad) == 2 else pad
+        attrs = {"strides": P._ints(a.strides), "padding": pad, "dilation": P._ints(a.dilation),
+                 "groups": int(a.groups), "layout": "NCHW", "bias": False, "activation": None,
+                 "out_dtype": "int32", "input_names": ["data", "weight"]}
+        return OpSpec("conv2d", [(tuple(P.shape_of(m[names["xdq"]])), x_dt), (tuple(w.shape), storage)],
+                      (out, "int32"), attrs)
+    k = int(w.shape[1] if transposed else w.shape[0])
+    rows = int(np.prod(out[:-1], dtype=np.int64)) if len(out) > 1 else 1
+    attrs = {"transpose_b": bool(transposed), "bias": False, "activation": None, "out_dtype": "int32",
+             "input_names": ["A", "B"]}
+    return OpSpec("matmul", [((rows, k), x_dt), (tuple(w.shape), storage)], ((rows, out[-1]), "int32"), attrs)
+
+
+def _remember_lowbit(w, bits):
+    from .onnx_quant import lowbit_fingerprint
+    if len(_LOWBIT_WEIGHTS) >= _LOWBIT_KEEP:
+        _LOWBIT_WEIGHTS.clear()
+    _LOWBIT_WEIGHTS[lowbit_fingerprint(w)] = int(bits)
+    if w.ndim == 2:
+        _LOWBIT_WEIGHTS[lowbit_fingerprint(w.T)] = int(bits)
+
+
+def note_weight_bits(m, names, w, transposed, why: str) -> str:
+    """The decision text of a rewritten chain whose weight came from a 4 / 2-bit initializer: its
+    type, and the storage the QPU kernel takes (``weight_bits``) or why it is stored in 8 bits.
+    Remembers the weight for :func:`lowbit_match` when the kernel takes the width."""
+    from .onnx_quant import lowbit_fingerprint
+    info = _LOWBIT_CONTEXT
+    wq = m[names["wdq"]].args[0]
+    if info is None or not info.weights or not P.is_constant(wq):
+        return why
+    tname = info.weights.get(lowbit_fingerprint(P.const_value(wq)))
+    if tname is None:
+        return why
+    bits = LOWBIT_BITS[tname]
+    why = why.replace(f" x {P.dtype_of(wq)} weights", f" x {tname} weights", 1)
+    storage, reason = lowbit_storage(w, bits)
+    if storage is not None:
+        ok, reason = kernel_takes_weight_bits(_probe_spec(m, names, w, storage, transposed), bits)
+        if ok:
+            _remember_lowbit(w, bits)
+            return why + f"; {lowbit_dtype_name(storage, bits)} weight storage on the QPU (weight_bits={bits})"
+    return why + f"; weights stored in 8 bits on the QPU: {reason}"
+
+
+def lowbit_match(match, weight_name: str):
+    """A spec builder's :class:`tvm_qpu.patterns.Match` with ``weight_bits`` when its constant
+    weight ``weight_name`` is a rewritten 4 / 2-bit weight (:func:`note_weight_bits`): the tagged
+    forms first, then the given 8-bit forms as alternatives (the backend takes the first form a
+    kernel supports). ``match`` unchanged otherwise."""
+    import dataclasses
+    from .onnx_quant import lowbit_fingerprint
+    w = match.constants.get(weight_name)
+    if w is None or not _LOWBIT_WEIGHTS or np.asarray(w).dtype.kind not in "iu":     # integer weights only
+        return match
+    bits = _LOWBIT_WEIGHTS.get(lowbit_fingerprint(w))
+    if bits is None:
+        return match
+    forms = [match] + list(match.alternatives)
+    tagged = []
+    for f in forms:
+        fw = f.constants.get(weight_name)
+        names = list(f.spec.attrs.get("input_names", []))
+        if fw is None or weight_name not in names or np.asarray(fw).dtype.kind not in "iu":
+            continue
+        storage, _ = lowbit_storage(fw, bits)
+        if storage is None:
+            continue
+        i = names.index(weight_name)
+        spec = _with_bits(f.spec, bits)
+        spec.inputs[i] = (spec.inputs[i][0], storage)
+        if not kernel_takes_weight_bits(spec, bits)[0]:
+            continue
+        tagged.append(dataclasses.replace(f, spec=spec, constants=dict(f.constants, **{weight_name: fw.astype(storage)}),
+                                          alternatives=[]))
+    if not tagged:
+        return match
+    head = tagged[0]
+    head.alternatives = tagged[1:] + forms
+    return head
