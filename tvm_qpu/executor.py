@@ -520,14 +520,14 @@ class PlanExecutor:
             # an interrupted region still runs (the emulator's first-use compile cannot be
             # stopped): leave device and buffers to it; they go when the process does
             self._worker = None
-            self.resident = {}
+            self.resident, self.slots = {}, {}
             self._device = None
         for r in self.resident.values():
             try:
                 r.close()
             except Exception:
                 pass
-        self.resident = {}
+        self.resident, self.slots = {}, {}
         for k in list(_OWNERS):
             if self in _OWNERS[k]:
                 _OWNERS[k].remove(self)
