@@ -5,16 +5,21 @@ regions and pipelined streams, for a ResNet-style CNN, MobileNetV2 and a transfo
 Usage::
 
     python scripts/bench_coexec.py [--json] [--models resnet18,mobilenetv2,bert_layer]
-                                   [--size 32] [--stream 4] [--depth 2] [--placement all]
-                                   [--no-split] [--cpu here|pi5]
+                                   [--size 32] [--stream 4] [--depth 2] [--placement all|cost]
+                                   [--repeat 5] [--no-split] [--cpu here|pi5]
 
 Where the figures come from (printed with them):
 
-* **CPU-only**: the model built for ``llvm`` (tvm_qpu's CPU schedules), mean wall time per
-  inference *measured on this machine* (an x86 box unless you run it on a Pi 5: not a Pi figure).
-  ``--cpu pi5`` multiplies every CPU time (CPU-only and the CPU segments of the offloaded runs) by
-  this core's fp32 peak / one A76 core's (``scripts/calibrate_cpu.py``, the same assumption the
-  placement's CPU model makes): a Pi-like CPU side, labelled as an assumption.
+* **CPU-only**: the model built for ``llvm`` (tvm_qpu's CPU schedules), CPU time per inference
+  *measured on this machine* the same way as the offloaded runs' CPU segments (the recorded
+  timeline: the VM call), median of ``--repeat`` runs (an x86 box unless you run it on a Pi 5).
+  ``--cpu pi5`` runs the CPU work on one thread (``TVM_NUM_THREADS=1``) and multiplies every CPU
+  time (CPU-only and the CPU segments of the offloaded runs, host overhead included) by this
+  core's fp32 peak / one A76 core's (``scripts/calibrate_cpu.py``, the same per-core assumption
+  the placement's CPU model makes): the CPU side of one A76 core (the Pi 5 has four), labelled.
+* **predicted vs replayed**: the async speed-up over CPU-only the partition report's Pi 5 cost
+  model predicts for each build (:func:`tvm_qpu.coexec.summarize`: 4 A76 cores, the cycle model,
+  the per-region host cost ``placement.QPU_OVERHEAD["host"]``) next to the one replayed here.
 * **sequential offload / async / stream**: the model built for ``qpu``, run on the emulator; each
   inference is recorded (:mod:`tvm_qpu.timeline`): CPU segments *measured* on this machine, QPU
   regions *modelled* by the emulator's Pi 5 cycle model, and replayed on the virtual clock:
@@ -25,9 +30,10 @@ Where the figures come from (printed with them):
   recorded and replayed the same way: its async latency and its stream throughput.
   ``--no-split`` skips it (planning costs a few extra kernel estimates per conv / matmul).
 
-The models come from ``models/make_bench_models.py`` at a small input size (``--size``, default
-32x32 for the CNNs; a 32-token, 128-wide transformer layer) so that the emulated runs take
-minutes, not hours. Mixing x86 CPU times with Pi 5 QPU times says how much overlap the program
+The models come from ``models/make_bench_models.py`` at a small input size by default (``--size``,
+default 32x32 for the CNNs; a 32-token, 128-wide transformer layer) so that the emulated runs take
+minutes, not hours; ``--models resnet18 --size 224 --stream 2`` runs the CNN at its real size
+(emulating one 224x224 ResNet-18 inference takes about 30 s: use few inferences). Mixing x86 CPU times with Pi 5 QPU times says how much overlap the program
 structure allows, not what a Pi 5 achieves: on a Pi the CPU side is several times slower.
 """
 from __future__ import annotations
@@ -59,14 +65,18 @@ def split_available() -> bool:
 
 
 def cpu_only(mod, params, inputs, repeat):
+    """CPU time per inference of the llvm build, measured the way the offloaded runs' CPU segments
+    are (the recorded timeline's CPU time: the VM call, :mod:`tvm_qpu.timeline`), the median of
+    ``repeat`` runs (robust to other load on a shared machine)."""
     import tvm_qpu
     r = tvm_qpu.build(mod, target="llvm", params=params).runner()
     try:
         r.run(**inputs)
-        t0 = time.perf_counter()
+        times = []
         for _ in range(repeat):
             r.run(**inputs)
-        return (time.perf_counter() - t0) / repeat
+            times.append(r.last_traces[0].cpu_seconds())
+        return float(np.median(times))
     finally:
         r.close()
 
@@ -87,7 +97,9 @@ def offloaded(mod, params, inputs, placement, n, depth, split=False, cpu_scale=1
     seq = [T.schedule([T.as_sync(t)]).makespan for t in traces]
     asy = [T.schedule([t]).makespan for t in traces]
     stream = T.schedule(traces, depth)
+    model = (lib.report.schedule or {}).get("model") or {}
     return {"regions": len(lib.regions), "qpu_seconds": float(np.mean([t.qpu_seconds() for t in traces])),
+            "predicted": {k: model.get(k) for k in ("cpu_only_s", "sync_s", "overlap_s")},
             "cpu_seconds": float(np.mean([t.cpu_seconds() for t in traces])),
             "sequential_latency": float(np.mean(seq)), "async_latency": float(np.mean(asy)),
             "stream_throughput": n / stream.makespan, "stream_latency": float(np.mean(stream.latencies))}
@@ -114,12 +126,33 @@ def bench(name, size, placement, n, depth, repeat, tmp, split=True, cpu_scale=1.
     if split and split_available():
         sp = offloaded(mod, params, x, "cost", n, depth, split=True, cpu_scale=cpu_scale)
         row.update(split_regions=sp["regions"], split_async_latency=sp["async_latency"],
+                   split_sequential_latency=sp["sequential_latency"], split_cpu_seconds=sp["cpu_seconds"],
+                   split_qpu_seconds=sp["qpu_seconds"], split_predicted=sp["predicted"],
                    split_throughput=1 / sp["async_latency"], split_stream_throughput=sp["stream_throughput"])
         keys += ["split", "split_stream"]
     for k in keys:
         row[f"{k}_vs_cpu_only"] = row[f"{k}_throughput"] / row["cpu_only_throughput"]
+    row["predicted_vs_replayed"] = [dict(zip(("build", "predicted_speedup", "replayed_speedup",
+                                                "predicted_cpu_only_s", "predicted_async_s"), p))
+                                     for p in predicted_vs_replayed(row)]
     row["bench_seconds"] = time.perf_counter() - t0
     return row
+
+
+def predicted_vs_replayed(row: dict) -> list:
+    """(build, predicted speed-up, replayed speed-up) of the asynchronous latency over CPU-only:
+    predicted = the partition report's Pi 5 cost model (tvm_qpu.coexec.summarize: CPU-only and
+    overlapped latency of the partitioned module), replayed = this run (CPU-only measured, the
+    async latency replayed from the recorded traces). Speed-ups, not latencies, are compared: the
+    two sides price the CPU differently (the model's 4-core A76 rates vs this box's measured times)."""
+    out = []
+    for build, pred, asy in (("offload", row.get("predicted"), row.get("async_latency")),
+                             ("split", row.get("split_predicted"), row.get("split_async_latency"))):
+        if not pred or asy is None or not pred.get("overlap_s") or not pred.get("cpu_only_s"):
+            continue
+        out.append((build, pred["cpu_only_s"] / pred["overlap_s"], row["cpu_only_latency"] / asy,
+                    pred["cpu_only_s"], pred["overlap_s"]))
+    return out
 
 
 LABEL = ("CPU times measured on this {arch} machine (not a Pi 5); QPU times modelled (emulator cycle "
@@ -147,6 +180,11 @@ def main(argv=None):
     import platform
     cpu_scale = 1.0
     if a.cpu == "pi5":
+        # the factor is a per-core ratio: the CPU work must run on one core here too (set before TVM
+        # starts its thread pool); the result then stands for one A76 core, not the Pi's four
+        threads = os.environ.setdefault("TVM_NUM_THREADS", "1")
+        if threads != "1":
+            ap.error(f"--cpu pi5 scales one core's times: run with TVM_NUM_THREADS=1 (got {threads})")
         from calibrate_cpu import A76_PEAK, host_peak     # scripts/ is on sys.path when run as a script
         cpu_scale = host_peak() / A76_PEAK
     rows = []
@@ -159,8 +197,9 @@ def main(argv=None):
     label = LABEL.format(arch=platform.machine())
     if a.cpu == "pi5":
         label += (
-            f"; CPU times then scaled x{cpu_scale:.2f} to one Cortex-A76 core by the fp32 peak ratio "
-            f"(scripts/calibrate_cpu.py: an assumption, not a Pi measurement)")
+            f"; CPU work on one thread (TVM_NUM_THREADS=1), its times then scaled x{cpu_scale:.2f} to one "
+            f"Cortex-A76 core by the fp32 peak ratio (scripts/calibrate_cpu.py: an assumption, not a Pi "
+            f"measurement; the Pi 5 has four such cores)")
     if a.json:
         print(json.dumps({"how": label, "depth": a.depth, "stream": a.stream, "rows": rows}, indent=1))
         return 0
@@ -177,6 +216,14 @@ def main(argv=None):
     parts = lambda k: ", ".join(f"{r['model']} {r[k] * 1e3:.3f}ms" for r in rows)     # noqa: E731
     print(f"(latency per inference; the stream column is 1 / throughput with {a.depth} in flight; "
           f"CPU part of the offloaded runs: {parts('cpu_seconds')}; QPU part: {parts('qpu_seconds')})")
+    for r in rows:
+        if "split_regions" in r:
+            print(f"{r['model']} split build: CPU part {r['split_cpu_seconds'] * 1e3:.3f}ms, QPU part "
+                  f"{r['split_qpu_seconds'] * 1e3:.3f}ms, sequential {r['split_sequential_latency'] * 1e3:.3f}ms")
+        for p in r["predicted_vs_replayed"]:
+            print(f"{r['model']} {p['build']:7s} async speed-up over CPU-only: predicted {p['predicted_speedup']:.2f}x "
+                  f"(Pi 5 cost model: CPU-only {p['predicted_cpu_only_s'] * 1e3:.3f}ms, async "
+                  f"{p['predicted_async_s'] * 1e3:.3f}ms), replayed {p['replayed_speedup']:.2f}x")
     return 0
 
 

@@ -267,3 +267,31 @@ def test_ctrl_c_while_a_region_runs_then_the_runner_recovers(built, threaded):
     finally:
         r.close()
     np.testing.assert_allclose(got, _ort(path, x), rtol=1e-5, atol=1e-5)
+
+
+def test_region_call_state_checks_inputs_and_writes_the_destination(built):
+    """The per-region state prepared at load (executor.RegionSlot): a wrong input shape or dtype is
+    a ValueError naming the input; the output goes into the caller's destination; a region
+    submitted twice before its wait keeps the first result (each equals x @ w in numpy)."""
+    path, libs = built
+    w = onnx.numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+    r = libs[True].runner("emulator")
+    try:
+        ex = r.executor
+        (key,) = list(ex.info)
+        x0, x1 = (_inputs(i)["x"] for i in (0, 1))
+        with pytest.raises(ValueError, match=r"input .* must be float32\[1, 32\]"):
+            ex.submit(key, [x0[:, :16]])
+        with pytest.raises(ValueError, match="must be float32"):
+            ex.submit(key, [x0.astype(np.float64)])
+        with pytest.raises(ValueError, match="1 inputs expected, got 2"):
+            ex.submit(key, [x0, x0])
+        t0 = ex.submit(key, [x0])
+        t1 = ex.submit(key, [x1])                   # the first result moves to the host
+        out = np.full((1, 32), np.nan, np.float32)
+        assert ex.wait(t1, out) is out
+        np.testing.assert_allclose(out, x1 @ w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ex.wait(t0), x0 @ w, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ex.run(key, [x0]), x0 @ w, rtol=1e-5, atol=1e-5)
+    finally:
+        r.close()

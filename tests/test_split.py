@@ -44,6 +44,37 @@ def test_schedule_sync_overlap_and_critical_path_by_hand():
     assert CX.cpu_only(nodes) == pytest.approx(10.0)        # q has no CPU estimate: counted as is
 
 
+def test_schedule_puts_a_regions_host_work_on_the_cpu():
+    # a (cpu 1) -> q (host 0.5 on the CPU, then 4 on the QPU) -> c (cpu 2); b (cpu 3) independent of q
+    nodes = [CX.Node("a", "cpu", 1.0), CX.Node("q", "qpu", 4.0, ("a",), host=0.5),
+             CX.Node("b", "cpu", 3.0, ("a",)), CX.Node("c", "cpu", 2.0, ("q", "b"))]
+    ovl = CX.schedule(nodes, overlap=True)
+    # the VM submits q at 1, works for it until 1.5 (q runs 1.5-5.5), b 1.5-4.5, c waits: 5.5-7.5
+    assert (ovl.start["q"], ovl.start["b"], ovl.start["c"], ovl.latency) == (
+        pytest.approx(1.5), pytest.approx(1.5), pytest.approx(5.5), pytest.approx(7.5))
+    assert ovl.busy == {"cpu": pytest.approx(6.5), "qpu": pytest.approx(4.0)}
+    # sync: a 0-1, host 1-1.5, q 1.5-5.5, b 5.5-8.5, c 8.5-10.5
+    assert CX.schedule(nodes, overlap=False).latency == pytest.approx(10.5)
+    assert CX.critical_path(nodes) == pytest.approx(7.5)
+    with pytest.raises(ValueError, match="host"):
+        CX.Node("x", "cpu", 1.0, host=0.5)
+
+
+def test_a_region_whose_host_cost_exceeds_its_saving_stays_on_the_cpu(monkeypatch):
+    """placement="cost" counts the region's host work: an op the QPU's kernel and launch would win
+    is kept on the CPU once the host cost is more than the difference (and offloaded without it)."""
+    spec = _mm_part_spec(64, 512, 256)
+    consts = {"B": np.zeros((512, 256), "float32"), "bias": np.zeros(256, "float32")}
+    cpu, qpu, host = PL.cpu_seconds(spec), PL.qpu_seconds(spec, consts), PL.host_seconds(spec, consts)
+    device = qpu - host                             # kernel + launches
+    fixed = PL.QPU_OVERHEAD["host"][0]
+    # a host cost that leaves the QPU side just under / just over the CPU time
+    for fixed_new, on_qpu in ((fixed - (qpu - cpu) - 1e-6, True), (fixed - (qpu - cpu) + 1e-6, False)):
+        monkeypatch.setitem(PL.QPU_OVERHEAD, "host", (fixed_new,) + PL.QPU_OVERHEAD["host"][1:])
+        assert PL.qpu_seconds(spec, consts) == pytest.approx(device + PL.host_seconds(spec, consts))
+        assert PL.decide(spec, "cost", consts).on_qpu is on_qpu, (fixed_new, cpu, device)
+
+
 def test_schedule_one_qpu_queue_and_in_order_vm():
     # two independent QPU regions queue on the one QPU; the CPU op after them is independent:
     # q1 0-2, q2 2-5 (queued), x 0-1 on the CPU; the output waits for q2: 5
@@ -188,7 +219,11 @@ def _plan_site(rep):
     return site
 
 
-@pytest.mark.parametrize("make, exact", [(g_matmul, False), (g_int_matmul, True), (g_conv, False)])
+# sizes where the plan splits: with the QPU part's host work (submit, wait, copies) on the CPU, a
+# 64x256x256 fp32 matmul or a 32-channel 16x16 conv no longer pays (the planner keeps them whole)
+@pytest.mark.parametrize("make, exact", [(lambda: g_matmul(64, 512, 256), False), (g_int_matmul, True),
+                                         (lambda: g_conv(64, 16, 64), False)],
+                         ids=["g_matmul", "g_int_matmul", "g_conv"])
 def test_split_build_equals_unsplit_build_on_the_emulator(make, exact):
     mod, args = make()
     rep = _report(mod)
@@ -220,19 +255,25 @@ def _mm_part_spec(m, k, n):
 def test_split_fraction_follows_the_estimates():
     """The QPU share is a whole number of 16-column tiles where the parts' own estimates balance:
     no neighbouring cut (one tile more or less) has a smaller max(QPU part, CPU part)."""
-    m, k, n = 64, 256, 256
+    m, k, n = 64, 512, 256
     sp = _plan_site(_report(g_matmul(m, k, n)[0]))["split"]
     assert sp["n"] == n and sp["n_q"] % 16 == 0 and 16 <= sp["n_q"] < n
 
     def parts(nq):
-        q = PL.qpu_seconds(_mm_part_spec(m, k, nq), {"B": np.zeros((k, nq), "float32"),
-                                                     "bias": np.zeros(nq, "float32")})
-        return q, PL.cpu_seconds(_mm_part_spec(m, k, n - nq))
-    tq, tc = parts(sp["n_q"])
+        consts = {"B": np.zeros((k, nq), "float32"), "bias": np.zeros(nq, "float32")}
+        q = PL.qpu_seconds(_mm_part_spec(m, k, nq), consts)
+        return q, PL.cpu_seconds(_mm_part_spec(m, k, n - nq)), PL.host_seconds(_mm_part_spec(m, k, nq), consts)
+
+    def op_time(tq, tc, host):          # host work first on the CPU, then the CPU part beside the QPU
+        return host + max(tq - host, tc)
+    tq, tc, host = parts(sp["n_q"])
     assert (sp["qpu_part_s"], sp["cpu_part_s"]) == (pytest.approx(tq, rel=1e-6), pytest.approx(tc, rel=1e-6))
+    assert sp["qpu_part_host_s"] == pytest.approx(host, rel=1e-6)
+    # the host part: the fixed per-region cost plus copying A in and the part's output out
+    assert host == pytest.approx(PL.QPU_OVERHEAD["host"][0] + 4 * (m * k + m * sp["n_q"]) / PL.QPU_OVERHEAD["copy_bw"][0])
     for nb in (sp["n_q"] - 16, sp["n_q"] + 16):
         if 16 <= nb < n:
-            assert max(tq, tc) <= max(*parts(nb)) + 1e-12, nb
+            assert op_time(tq, tc, host) <= op_time(*parts(nb)) + 1e-12, nb
     # the whole op's speed share: cpu / (cpu + qpu) of the unsplit estimates
     whole_cpu, whole_qpu = sp["unsplit_cpu_s"], sp["unsplit_qpu_s"]
     assert sp["speed_share"] == pytest.approx(whole_cpu / (whole_cpu + whole_qpu))
@@ -240,7 +281,7 @@ def test_split_fraction_follows_the_estimates():
 
 
 def test_split_lowers_the_modelled_overlapped_latency_only():
-    rep = _report(g_conv()[0])
+    rep = _report(g_conv(64, 16, 64)[0])
     f = rep.schedule["plan"]["figures"]
     assert f["planned_overlap_s"] < f["per_op_overlap_s"]
     # synchronous regions: the two parts run one after the other (why split is off by default)
@@ -270,7 +311,7 @@ def test_partitioner_honours_the_whole_model_plan():
     """Every site's planned choice is what the partitioner does (regions: the QPU sites and the QPU
     parts of splits, nothing else), and the partitioned module's modelled overlapped latency is
     the plan's (node names stay unique although the fused calls may share a var name)."""
-    rep = _report(g_two_branches()[0])
+    rep = _report(g_two_branches(64, 512, 256)[0])
     plan = rep.schedule["plan"]
     f = plan["figures"]
     assert f["planned_overlap_s"] < f["per_op_overlap_s"], rep.text()
@@ -315,7 +356,7 @@ def test_default_build_does_not_split_but_reports_the_overlap():
 # ---------------------------------------------------------------------------------------------
 # tvmc
 
-def _onnx_matmul(path, m=64, k=256, n=256):
+def _onnx_matmul(path, m=64, k=512, n=256):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     w, b = rand((k, n), "float32", 1), rand((n,), "float32", 2)
@@ -339,7 +380,7 @@ def test_tvmc_partition_and_compile_with_split(tmp_path, capsys):
     assert "asynchronous (overlap)" in out and "split " in out and "output columns" in out
     art = tmp_path / "mm.tar"
     assert cli.main(["compile", str(model), "-o", str(art), "--qpu-split"]) == 0
-    x = rand((64, 256), "float32", 5)
+    x = rand((64, 512), "float32", 5)
     runner = tvm_qpu.load(art, device="emulator")
     try:
         got = runner.run(x=x)["out"]

@@ -45,15 +45,19 @@ VIEW_OPS = ("relax.reshape", "relax.expand_dims", "relax.squeeze", "relax.flatte
 class Node:
     name: str
     resource: str                    # "cpu" | "qpu"
-    seconds: float
+    seconds: float                   # cpu: CPU time; qpu: the region's time on the QPU (kernel, launches)
     deps: tuple = ()                 # names of earlier nodes whose results it reads
     cpu_seconds: float | None = None  # the same work on the CPU (for the CPU-only figure)
+    host: float = 0.0                # qpu: CPU time the VM thread spends on the region (submit + wait,
+                                     # copies: placement.host_seconds), before the region starts
 
     def __post_init__(self):
         if self.resource not in RESOURCES:
             raise ValueError(f"node {self.name}: resource must be one of {RESOURCES}, got {self.resource!r}")
         if not self.seconds >= 0:
             raise ValueError(f"node {self.name}: seconds must be >= 0, got {self.seconds}")
+        if not self.host >= 0 or (self.host and self.resource != "qpu"):
+            raise ValueError(f"node {self.name}: host must be >= 0 and only on a qpu node, got {self.host}")
 
 
 @dataclass
@@ -83,9 +87,11 @@ def schedule(nodes, overlap: bool = True) -> Timeline:
             cpu_t = s + n.seconds
         else:
             submit = max(cpu_t, ready)             # the VM reaches the call with its inputs ready
-            s = max(submit, qpu_t)
+            handed = submit + n.host               # the VM thread's host work for the region (CPU)
+            s = max(handed, qpu_t)
             qpu_t = s + n.seconds
-            cpu_t = qpu_t if not overlap else submit
+            cpu_t = qpu_t if not overlap else handed
+            busy["cpu"] += n.host
         start[n.name], end[n.name] = s, s + n.seconds
         busy[n.resource] += n.seconds
     return Timeline(start, end, max(end.values(), default=0.0), busy)
@@ -95,7 +101,7 @@ def critical_path(nodes) -> float:
     """Longest dependency chain of ``nodes`` (seconds), with unlimited CPUs and QPUs."""
     fin = {}
     for n in nodes:
-        fin[n.name] = max((fin[d] for d in n.deps), default=0.0) + n.seconds
+        fin[n.name] = max((fin[d] for d in n.deps), default=0.0) + n.host + n.seconds
     return max(fin.values(), default=0.0)
 
 
@@ -159,9 +165,11 @@ class SiteOptions:
     site: object                     # split.Site
     cpu_s: float
     qpu_s: float | None              # None: no QPU option (unsupported / over the dispatch budget)
+                                     # (incl. host_s: the per-op choice compares whole costs)
     qpu_why: str = ""
     split: object = None             # split.SplitChoice or None
     split_why: str = ""
+    host_s: float = 0.0              # the part of qpu_s on the VM thread (placement.host_seconds)
 
     def options(self) -> list:
         out = ["cpu"]
@@ -202,11 +210,11 @@ def model_nodes(func, options: dict, choice: dict) -> list:
             if how == "cpu":
                 nodes.append(Node(name, "cpu", o.cpu_s, deps))
             elif how == "qpu":
-                nodes.append(Node(name, "qpu", o.qpu_s, deps, o.cpu_s))
+                nodes.append(_qpu_node(name, o.qpu_s, o.host_s, deps, o.cpu_s))
             else:
                 s = o.split
-                nodes.append(Node(name + "/qpu", "qpu", s.qpu_part_s, deps,
-                                  o.cpu_s * s.n_q / s.n))
+                nodes.append(_qpu_node(name + "/qpu", s.qpu_part_s, s.qpu_part_host_s, deps,
+                                       o.cpu_s * s.n_q / s.n))
                 nodes.append(Node(name + "/cpu", "cpu", s.cpu_part_s, deps))
                 nodes.append(Node(name + "/concat", "cpu", s.concat_s, (name + "/qpu", name + "/cpu")))
                 name = name + "/concat"
@@ -220,6 +228,12 @@ def model_nodes(func, options: dict, choice: dict) -> list:
             nodes.append(Node(name, "cpu", op_cpu_seconds(val), _producers(val, prod)))
             prod[b.var] = (name,)
     return nodes
+
+
+def _qpu_node(name, qpu_s, host_s, deps, cpu_s) -> Node:
+    """A QPU node from a whole QPU estimate ``qpu_s`` of which ``host_s`` is VM-thread time."""
+    host = min(max(host_s, 0.0), qpu_s)
+    return Node(name, "qpu", qpu_s - host, deps, cpu_s, host)
 
 
 _V2V_CACHE: dict = {}
@@ -248,6 +262,7 @@ def site_options(func, backend, sites) -> dict:
     for s in sites:
         cpu = PL.cpu_seconds(s.spec)
         qpu, why = None, ""
+        host = PL.host_seconds(s.spec, s.match.constants)
         try:
             q = PL.qpu_seconds(s.spec, s.match.constants, backend.registry)
             if PL.longest_dispatch_seconds(s.spec, q) > DISPATCH_BUDGET_SECONDS:
@@ -257,7 +272,7 @@ def site_options(func, backend, sites) -> dict:
         except Exception as e:
             why = f"no QPU estimate ({type(e).__name__}: {e})"
         sp = choose_split(s, var2val, backend, cpu, qpu) if qpu is not None else (why or "no QPU option")
-        o = SiteOptions(s, cpu, qpu, why)
+        o = SiteOptions(s, cpu, qpu, why, host_s=host)
         if isinstance(sp, str):
             o.split_why = sp
         else:
@@ -370,7 +385,8 @@ def partitioned_nodes(mod, report) -> list:
         if is_region:
             r = regions[var_name].pop(0)
             q = r.get("qpu_s")
-            nodes.append(Node(name, "qpu", q if q is not None else 0.0, deps, r.get("cpu_s")))
+            nodes.append(_qpu_node(name, q if q is not None else 0.0, region_host_seconds(val, b.var), deps,
+                                   r.get("cpu_s")))
         elif var_name in root_cost:
             nodes.append(Node(name, "cpu", root_cost[var_name], deps))
         elif var_name in fused:
@@ -379,6 +395,22 @@ def partitioned_nodes(mod, report) -> list:
             nodes.append(Node(name, "cpu", op_cpu_seconds(val), deps))
         prod[b.var] = (name,)
     return nodes
+
+
+def region_host_seconds(call, var) -> float:
+    """:func:`tvm_qpu.placement.host_seconds` of a QPU region call of a partitioned module: the
+    per-region host cost plus copying its run-time arguments (constants stay resident) and its
+    result ``var`` at the copy bandwidth."""
+    nbytes = 0
+    for v in list(call.args) + [var]:
+        if P.is_constant(v):
+            continue
+        try:
+            shape, dtype = P.shape_of(v), P.dtype_of(v)
+        except (P.Refused, AttributeError):
+            continue
+        nbytes += (int(np.prod(shape, dtype=np.int64)) if shape else 1) * np.dtype(dtype).itemsize
+    return PL.QPU_OVERHEAD["host"][0] + nbytes / PL.QPU_OVERHEAD["copy_bw"][0]
 
 
 def summarize(mod, report) -> dict:

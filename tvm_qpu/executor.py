@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import timeline as _tl
+
 RUN_PLAN = "tvm_qpu.run_plan"
 SUBMIT_PLAN = "tvm_qpu.submit_plan"     # asynchronous regions (tvm_qpu.async_regions): submit ...
 WAIT_PLAN = "tvm_qpu.wait_plan"         # ... and wait at the first use of the result
@@ -80,21 +82,111 @@ class RegionInfo:
                           list(d.get("input_names", [])), d.get("cpu_estimate"), d.get("qpu_estimate"))
 
 
-@dataclass(eq=False)
+class _Done:
+    """A job's one-shot "finished" flag with ``threading.Event``'s interface, on the executor's
+    shared condition (an Event per job costs a Condition and a lock per region call)."""
+    __slots__ = ("_cond", "_set")
+
+    def __init__(self, cond: threading.Condition):
+        self._cond, self._set = cond, False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self):
+        with self._cond:
+            self._set = True
+            self._cond.notify_all()
+
+    def wait(self, timeout=None) -> bool:
+        if self._set:
+            return True
+        with self._cond:
+            return self._cond.wait_for(self.is_set, timeout)
+
+
 class Job:
     """One submitted region: its device buffers hold its inputs, then (once ``done``) its output,
-    until a later submit of the same plan moves that output into ``result``."""
-    ticket: int
-    key: str
-    resident: object                # ResidentPlan
-    thread: int                     # the submitting thread (its VM call owns the job)
-    done: threading.Event = field(default_factory=threading.Event)
-    stats: list = field(default_factory=list)
-    error: BaseException | None = None
-    result: object = None
-    cancelled: bool = False
-    event: object = None            # the timeline's submit Event, if recording
-    host_seconds: float = 0.0       # VM-thread time in the submit and the wait
+    until a later submit of the same plan moves that output into ``result``. A plain slotted class
+    (not a dataclass): one is made per region call."""
+    __slots__ = ("ticket", "key", "resident", "slot", "thread", "done", "stats", "error", "result",
+                 "cancelled", "event", "host_seconds")
+
+    def __init__(self, ticket: int, key: str, resident, thread: int, slot, done: _Done):
+        self.ticket, self.key, self.resident, self.slot, self.thread = ticket, key, resident, slot, thread
+        self.done = done
+        self.stats = ()
+        self.error = None               # BaseException | None
+        self.result = None
+        self.cancelled = False
+        self.event = None               # the timeline's submit Event, if recording
+        self.host_seconds = 0.0         # VM-thread time in the submit and the wait
+
+
+class RegionSlot:
+    """Per-region call state prepared once, when the plan becomes resident: typed views of the
+    device input buffers in the compiled call's argument order (with the shape and dtype each must
+    have) and of the single output buffer, so a call does no name matching, dict building or
+    shape arithmetic: a submit is one checked ``np.copyto`` per input into device memory, a wait
+    one ``np.copyto`` from device memory into the VM's output tensor.
+
+    The inputs are still *copied* into the device buffers at the submit (the QPU reads device
+    memory, and Relax's static memory planner may reuse an input tensor as soon as the submit
+    returns); the output goes straight from the device buffer into the destination tensor (one
+    copy, not a host copy and then a second one)."""
+    __slots__ = ("inputs", "output", "output_shape", "name")
+
+    def __init__(self, resident, info: "RegionInfo"):
+        plan = resident.plan
+        ins = [b for b in plan.buffers if b.role == "input"]
+        names = [b.name for b in ins]
+        if set(names) <= set(info.input_names) and len(names) == len(info.input_names):
+            by_name = {b.name: b for b in ins}
+            ins = [by_name[n] for n in info.input_names]      # the call passes them in this order
+        self.name = plan.name
+        self.inputs = tuple((resident.bufs[b.name].view(np.dtype(b.dtype), tuple(b.shape)), tuple(b.shape),
+                             np.dtype(b.dtype), b.name) for b in ins)
+        outs = [b for b in plan.buffers if b.role == "output"]
+        if len(outs) == 1:
+            b = outs[0]
+            self.output = resident.bufs[b.name].view(np.dtype(b.dtype), tuple(b.shape))
+            self.output_shape = tuple(b.shape)
+        else:                           # several outputs: read_outputs (a packed call refuses them)
+            self.output = self.output_shape = None
+
+    def write_inputs(self, inputs):
+        """Copy ``inputs`` (arrays in call order) into the device buffers; a wrong count, shape or
+        dtype is a ValueError naming the input."""
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"{self.name}: {len(self.inputs)} inputs expected, got {len(inputs)}")
+        for a, (dst, shape, dtype, name) in zip(inputs, self.inputs):
+            if type(a) is not np.ndarray:
+                a = np.asarray(a)
+            if a.shape != shape or a.dtype != dtype:
+                raise ValueError(f"{self.name}: input {name} must be {dtype}{list(shape)}, "
+                                 f"got {a.dtype}{list(a.shape)}")
+            np.copyto(dst, a)
+
+    def read_output(self, resident, out=None):
+        """The region's output: copied into ``out`` (any array of as many elements) when given,
+        else a host copy (a tuple for a plan with several outputs)."""
+        if self.output is None:
+            outs = resident.read_outputs()
+            if out is not None:
+                raise RuntimeError(f"{self.name}: plan has {len(outs)} outputs, one expected")
+            return outs
+        if out is None:
+            return self.output.copy()
+        _copy_into(out, self.output)
+        return out
+
+
+def _copy_into(out, src):
+    """``out[...] = src`` reshaped to ``out``'s shape (the Relax output may be a reshaped view)."""
+    src = np.asarray(src)
+    if src.shape != out.shape:
+        src = src.reshape(out.shape)
+    np.copyto(out, src, casting="unsafe")       # as ``out[...] = src``
 
 
 class RegionError(RuntimeError):
@@ -143,8 +235,10 @@ class PlanExecutor:
         self.plans: dict = {}
         self.info: dict = {}
         self.resident: dict = {}
+        self.slots: dict = {}               # key -> RegionSlot (built with the resident plan)
         self.stats: dict = {}
         self._lock = threading.Lock()
+        self._done_cond = threading.Condition(threading.Lock())   # every job's _Done flag
         self.interrupted = False            # the last region was interrupted (Ctrl-C)
         self._failures = threading.local()  # per calling thread: see ``failure``
         self._worker = None                 # the last region's worker thread (may outlive a Ctrl-C)
@@ -199,12 +293,14 @@ class PlanExecutor:
                 info = self.info[key]
                 check(self.plans[key], info.qpu_estimate, what=f"QPU region {info.name or key}")
             r = self.resident[key] = ResidentPlan(self.plans[key], self.device)
+            self.slots[key] = RegionSlot(r, self.info[key])
         return r
 
-    def run(self, key: str, inputs: list):
+    def run(self, key: str, inputs: list, out=None):
         """Run plan ``key`` on ``inputs`` (numpy arrays in RegionInfo.input_names order) and
-        return its output: a submit followed at once by its wait (the synchronous path)."""
-        return self.wait(self.submit(key, inputs))
+        return its output (written into ``out`` if given): a submit followed at once by its wait
+        (the synchronous path)."""
+        return self.wait(self.submit(key, inputs), out)
 
     # -- asynchronous regions: submit now, wait at the first use of the result -----------------
     def use_worker(self) -> bool:
@@ -220,59 +316,68 @@ class PlanExecutor:
         """Copy ``inputs`` into the region's device buffers (so the caller may reuse them at once)
         and start the region. Returns a ticket for :meth:`wait`. Errors of the region itself
         surface at the wait; a missing device or a Ctrl-C surface here."""
-        rec = _timeline().current()
+        rec = _tl.current()
         t0 = time.perf_counter()
         with self._lock:
-            info = self.info[key]
-            self._finish_interrupted()
-            r = self._resident(key)
+            if self.interrupted or self._worker is not None:
+                self._finish_interrupted()
+            r = self.resident.get(key)
+            if r is None:
+                r = self._resident(key)
+            slot = self.slots[key]
             prev = self._latest.pop(key, None)
             if prev is not None:                # the buffers hold a result nobody has read yet
-                self._settle(prev, r)
-            plan_inputs = [b.name for b in r.plan.buffers if b.role == "input"]
-            if set(plan_inputs) <= set(info.input_names) and len(plan_inputs) == len(info.input_names):
-                r.write_inputs(**dict(zip(info.input_names, inputs)))
-            else:
-                r.write_inputs(*inputs)
+                self._settle(prev, slot)
+            slot.write_inputs(inputs)
             ticket = next(self._tickets)
-            job = Job(ticket, key, r, threading.get_ident())
+            job = Job(ticket, key, r, threading.get_ident(), slot, _Done(self._done_cond))
             self._jobs[ticket] = self._latest[key] = job
             if rec is not None:
+                info = self.info[key]
                 job.event = rec.event("submit", job=ticket, region=info.name or key)
             if self.use_worker():
                 self._ensure_worker().put(job)
                 job.host_seconds = time.perf_counter() - t0
                 return ticket
         try:
-            self._interruptible(lambda: self._execute(job), info)
+            self._interruptible(lambda: self._execute(job), self.info[key])
         finally:
             if rec is not None:
                 rec.resume()                    # emulating is not CPU time
             job.host_seconds = time.perf_counter() - t0
         return ticket
 
-    def wait(self, ticket: int):
-        """Wait for the region of ``ticket``; returns its output (raises its error, named)."""
-        rec = _timeline().current()
+    def wait(self, ticket: int, out=None):
+        """Wait for the region of ``ticket``; returns its output (raises its error, named),
+        written into ``out`` (an array of the output's size) when given."""
+        rec = _tl.current()
         t0 = time.perf_counter()
         job = self._jobs.pop(ticket, None)
         if job is None:
             raise RuntimeError(f"QPU wait for an unknown ticket {ticket} (already waited for, or "
                                f"submitted by another executor)")
-        info = self.info[job.key]
         if rec is not None:
             rec.event("wait", job=ticket)
-        try:
-            if not job.done.is_set():
-                self._interruptible(lambda: self._block(job), info, worker=False)
-        finally:
-            if rec is not None:
-                rec.resume()                    # blocked on the QPU: not CPU time
+        if not job.done.is_set():
+            try:
+                self._interruptible(lambda: self._block(job), self.info[job.key], worker=False)
+            finally:
+                if rec is not None:
+                    rec.resume()                # blocked on the QPU: not CPU time
+        elif rec is not None:
+            rec.resume()
         with self._lock:
-            if self._latest.get(job.key) is job:
+            if job.error is None:
+                if self._latest.get(job.key) is job:      # the output is still in the device buffers
+                    del self._latest[job.key]
+                    result = job.slot.read_output(job.resident, out)
+                elif out is not None:                    # settled: a later submit kept it on the host
+                    _copy_into(out, job.result)
+                    result = out
+                else:
+                    result = job.result
+            elif self._latest.get(job.key) is job:
                 del self._latest[job.key]
-                if job.error is None:
-                    job.result = job.resident.read_outputs()
             st = self.stats[job.key]
             st.calls += 1
             for s in job.stats:
@@ -280,8 +385,8 @@ class PlanExecutor:
                 st.cycles += int(getattr(s, "cycles", 0))
             st.host_seconds += job.host_seconds + time.perf_counter() - t0
         if job.error is not None:
-            raise region_error(job.error, info)
-        return job.result
+            raise region_error(job.error, self.info[job.key])
+        return result
 
     def _execute(self, job):
         """Run a submitted job's launches (in the worker thread or at the submit)."""
@@ -292,7 +397,7 @@ class PlanExecutor:
             if job.cancelled:
                 raise KeyboardInterrupt("interrupted")
             job.resident.launch()
-            job.stats = list(job.resident.last_stats)
+            job.stats = job.resident.last_stats      # launch() makes a new list each time
         except BaseException as e:
             job.error = e
             if not self.use_worker() and isinstance(e, KeyboardInterrupt):
@@ -303,11 +408,11 @@ class PlanExecutor:
                 ev.seconds = sum(float(getattr(s, "seconds", 0.0)) for s in job.stats)
             job.done.set()
 
-    def _settle(self, job, r):
+    def _settle(self, job, slot):
         """A job whose buffers are about to be reused: wait for it, keep its output on the host."""
         job.done.wait()
         if job.error is None:
-            job.result = r.read_outputs()
+            job.result = slot.read_output(job.resident)
 
     def _block(self, job):
         job.done.wait()
@@ -415,14 +520,14 @@ class PlanExecutor:
             # an interrupted region still runs (the emulator's first-use compile cannot be
             # stopped): leave device and buffers to it; they go when the process does
             self._worker = None
-            self.resident = {}
+            self.resident, self.slots = {}, {}
             self._device = None
         for r in self.resident.values():
             try:
                 r.close()
             except Exception:
                 pass
-        self.resident = {}
+        self.resident, self.slots = {}, {}
         for k in list(_OWNERS):
             if self in _OWNERS[k]:
                 _OWNERS[k].remove(self)
@@ -477,34 +582,32 @@ def default_executor() -> PlanExecutor:
     return _DEFAULT
 
 
-def _run_plan_packed(key, *args):
-    """Packed function body: args = (*inputs, out) as DLPack-capable tensors."""
-    ex = _owner(str(key))
+def _owner_or_raise(key: str):
+    ex = _owner(key)
     if ex is None:
         raise PlanNotLoaded(f"QPU region {key} is not loaded in this process: load the artifact with "
                             f"tvm_qpu.load(path) (or build the model with tvm_qpu.build) before running it")
-    inputs = [np.from_dlpack(a) for a in args[:-1]]
-    out = np.from_dlpack(args[-1])
+    return ex
+
+
+def _run_plan_packed(key, *args):
+    """Packed function body: args = (*inputs, out) as DLPack-capable tensors."""
+    key = str(key)
+    ex = _owner_or_raise(key)
     try:
-        result = ex.run(str(key), inputs)
+        ex.run(key, [np.from_dlpack(a) for a in args[:-1]], np.from_dlpack(args[-1]))
     except BaseException as e:
         ex.failure = e                      # TVM re-raises it as a RuntimeError; see _Active
         raise
-    if isinstance(result, tuple):
-        raise RuntimeError(f"QPU region {key}: plan has {len(result)} outputs, one expected")
-    out[...] = np.asarray(result).reshape(out.shape)
 
 
 def _submit_plan_packed(key, *args):
     """Packed function body of ``tvm_qpu.submit_plan``: args = (*inputs, ticket) where ticket is
     an int64[1] tensor receiving the job's ticket for ``tvm_qpu.wait_plan``."""
-    ex = _owner(str(key))
-    if ex is None:
-        raise PlanNotLoaded(f"QPU region {key} is not loaded in this process: load the artifact with "
-                            f"tvm_qpu.load(path) (or build the model with tvm_qpu.build) before running it")
-    inputs = [np.from_dlpack(a) for a in args[:-1]]
+    key = str(key)
+    ex = _owner_or_raise(key)
     try:
-        ticket = ex.submit(str(key), inputs)
+        ticket = ex.submit(key, [np.from_dlpack(a) for a in args[:-1]])
     except BaseException as e:
         ex.failure = e
         raise
@@ -513,25 +616,15 @@ def _submit_plan_packed(key, *args):
 
 def _wait_plan_packed(key, ticket, out):
     """Packed function body of ``tvm_qpu.wait_plan``: wait for the job of ``ticket`` (int64[1])
-    and write its output into ``out``."""
-    ex = _owner(str(key))
-    if ex is None:
-        raise PlanNotLoaded(f"QPU region {key} is not loaded in this process")
+    and write its output straight into ``out``."""
+    key = str(key)
+    ex = _owner_or_raise(key)
     t = int(np.from_dlpack(ticket)[0])
-    out = np.from_dlpack(out)
     try:
-        result = ex.wait(t)
+        ex.wait(t, np.from_dlpack(out))
     except BaseException as e:
         ex.failure = e
         raise
-    if isinstance(result, tuple):
-        raise RuntimeError(f"QPU region {key}: plan has {len(result)} outputs, one expected")
-    out[...] = np.asarray(result).reshape(out.shape)
-
-
-def _timeline():
-    from . import timeline
-    return timeline
 
 
 def _progress():

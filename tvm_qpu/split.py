@@ -112,6 +112,7 @@ class SplitChoice:
     concat_s: float
     unsplit_cpu_s: float
     unsplit_qpu_s: float | None
+    qpu_part_host_s: float = 0.0     # the part of qpu_part_s on the VM thread (placement.host_seconds)
 
     @property
     def fraction(self) -> float:
@@ -392,15 +393,22 @@ def concat_seconds(site) -> float:
 
 
 def _part_times(site, var2val, backend, nq: int):
-    """(QPU seconds of the first ``nq`` units, CPU seconds of the rest); raises if no kernel takes
-    the QPU part or it is over one GPU dispatch's budget."""
+    """(QPU seconds of the first ``nq`` units, CPU seconds of the rest, the QPU part's host
+    seconds: the share of its QPU seconds spent on the VM thread); raises if no kernel takes the
+    QPU part or it is over one GPU dispatch's budget."""
     from tvm_qpu.runtime.v3d import DISPATCH_BUDGET_SECONDS
     mq = part_match(site, var2val, 0, nq, backend)
     tq = PL.qpu_seconds(mq.spec, mq.constants, backend.registry)
     if PL.longest_dispatch_seconds(mq.spec, tq) > DISPATCH_BUDGET_SECONDS:
         raise ValueError("the QPU part is over one GPU dispatch's budget")
     mc = part_match(site, var2val, nq, site.channels, backend)
-    return tq, PL.cpu_seconds(mc.spec)
+    return tq, PL.cpu_seconds(mc.spec), min(PL.host_seconds(mq.spec, mq.constants), tq)
+
+
+def split_seconds(tq: float, tc: float, host: float) -> float:
+    """Modelled time of a split op with asynchronous regions: the VM thread does the QPU part's
+    host work (``host``, part of ``tq``), then the CPU part while the QPU runs the rest of ``tq``."""
+    return host + max(tq - host, tc)
 
 
 def choose_split(site, var2val, backend, cpu_s: float, qpu_s: float | None):
@@ -409,10 +417,13 @@ def choose_split(site, var2val, backend, cpu_s: float, qpu_s: float | None):
     QPU time is not proportional to the channels (launch, copy and A-packing costs are fixed), so
     the QPU part's time is modelled as affine in its units ``n``: ``t_q(n) = a + b n`` through the
     estimates of one aligned tile (``n = align``) and of the whole op (``n = N``); the CPU part's
-    as ``cpu_s (N - n) / N``. The balance point ``t_q(n) = t_c(n)`` (with no fixed cost it is the
-    speed share ``N cpu / (cpu + qpu)``) is rounded to the two aligned neighbours, both are
-    estimated exactly (their own specs), and the better one is improved by steps of one tile while
-``max(t_q, t_c)`` falls (a local optimum on the aligned grid under the parts' own estimates)."""
+    as ``cpu_s (N - n) / N``. The QPU part's host work ``h`` (submit, wait, copies:
+    :func:`tvm_qpu.placement.host_seconds`) runs on the CPU before the CPU part, so the op takes
+    ``h + max(t_q - h, t_c)`` (:func:`split_seconds`) and the balance point is
+    ``t_q(n) - h = t_c(n)`` (with no fixed cost it is the speed share ``N cpu / (cpu + qpu)``); it is
+    rounded to the two aligned neighbours, both are estimated exactly (their own specs), and the
+    better one is improved by steps of one tile while the op's time falls (a local optimum on the
+    aligned grid under the parts' own estimates)."""
     if site.why_not:
         return site.why_not
     if qpu_s is None:
@@ -420,15 +431,17 @@ def choose_split(site, var2val, backend, cpu_s: float, qpu_s: float | None):
     rule = SPLIT_RULES[site.rule_name]
     n, al = site.channels, rule.align
     try:
-        tq1, _ = _part_times(site, var2val, backend, al)
+        tq1, _, h1 = _part_times(site, var2val, backend, al)
     except Exception as e:
         return f"a QPU part of one tile ({al} {rule.unit}) is not possible ({type(e).__name__}: {e})"
     slope = (qpu_s - tq1) / (n - al)
     fixed = tq1 - slope * al
-    balance = (cpu_s - fixed) / (slope + cpu_s / n) if slope + cpu_s / n > 0 else 0.0
-    if balance < al / 2:
-        return (f"the QPU's fixed cost {fixed * 1e6:.1f} us (launch, copies) is close to the whole op's CPU "
-                f"time {cpu_s * 1e6:.1f} us: no QPU part of at least one tile ({al} {rule.unit}) pays")
+    balance = (cpu_s - (fixed - h1)) / (slope + cpu_s / n) if slope + cpu_s / n > 0 else 0.0
+    # at the balance point the op takes h + t_c(balance): it pays only if that is below cpu_s
+    if balance < al / 2 or h1 + cpu_s * (n - min(balance, n)) / n >= cpu_s:
+        return (f"the QPU's fixed cost {fixed * 1e6:.1f} us (launch, copies; {h1 * 1e6:.1f} us of it host "
+                f"work on the CPU) is close to the whole op's CPU time {cpu_s * 1e6:.1f} us: no QPU part "
+                f"of at least one tile ({al} {rule.unit}) pays")
     base = int(balance) // al * al
     cands = sorted({c for c in (base, base + al) if al <= c < n}) or [max(al, (n - 1) // al * al)]
     best, errors, seen = None, [], {}
@@ -436,8 +449,8 @@ def choose_split(site, var2val, backend, cpu_s: float, qpu_s: float | None):
     def cost(nq):
         if nq not in seen:
             try:
-                tq, tc = _part_times(site, var2val, backend, nq)
-                seen[nq] = (max(tq, tc), nq, tq, tc)
+                tq, tc, h = _part_times(site, var2val, backend, nq)
+                seen[nq] = (split_seconds(tq, tc, h), nq, tq, tc, h)
             except Exception as e:                   # a part no kernel takes: try another cut
                 errors.append(f"{nq} {rule.unit}: {type(e).__name__}: {e}")
                 seen[nq] = None
@@ -455,9 +468,9 @@ def choose_split(site, var2val, backend, cpu_s: float, qpu_s: float | None):
         best = min(better)
     if best is None:
         return "no aligned cut has a QPU part a kernel takes (" + "; ".join(errors[:2]) + ")"
-    _, nq, tq, tc = best
+    _, nq, tq, tc, h = best
     return SplitChoice(site.name, nq, n, rule.unit, balance / n, cpu_s / (cpu_s + qpu_s), tq, tc,
-                       concat_seconds(site), cpu_s, qpu_s)
+                       concat_seconds(site), cpu_s, qpu_s, h)
 
 
 # ---------------------------------------------------------------------------------------------
