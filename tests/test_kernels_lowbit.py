@@ -455,3 +455,33 @@ def test_blockwise_refusals(kw, why):
     base.update(kw)
     with pytest.raises(ValueError, match=why):
         G.choose_tiling(G.GemmShape(**base))
+
+
+@pytest.mark.parametrize("wdt,bits", [("int4", 4), ("int8", 8)])
+def test_blockwise_spec_through_registry(dev, wdt, bits):
+    """A matmul OpSpec with ``k_block`` (and ``weight_bits`` 4, or plain int8 weights packed four
+    per word): named with its block, generated with the ``block_scale`` constant, equal to the
+    float64 ONNX-spec reference within float32 rounding; its estimate counts the per-block fold."""
+    M, N, K, block = 2, 21, 64, 32
+    rng = np.random.default_rng(bits)
+    cdt = "int8"
+    lo, hi = (-8, 7) if bits == 4 else (-128, 127)
+    x = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    w = rng.integers(lo, hi + 1, (K, N)).astype(cdt)
+    scale = rng.uniform(0.001, 0.05, (K // block, N)).astype(np.float32)
+    attrs = {"k_block": block, "input_names": ["A", "B"]}
+    if bits == 4:
+        attrs["weight_bits"] = 4
+    spec = OpSpec("matmul", [((M, K), "int8"), ((K, N), cdt)], ((M, N), "float32"), attrs)
+    assert f"{wdt}[{K}, {N}]) (block {block}) -> float32" in spec.describe()
+    out, plan = _run_spec(dev, spec, x, {"B": w, G.BLOCK_SCALE: scale})
+    ref = _blockwise_spec_reference(x, w, scale, block, 1.0)
+    mags = np.abs(x.astype(np.float64)) @ np.abs(w * np.repeat(scale.astype(np.float64), block, axis=0))
+    np.testing.assert_array_less(np.abs(out - ref), (K // block + 3) * 2.0 ** -24 * mags + 1e-30)
+    # the estimate of the block-wise plan exceeds the plain packed integer GEMM's (its fold and
+    # scale rows are modelled), and int32 out is refused for it (the output is float32)
+    plain = OpSpec("matmul", spec.inputs, ((M, N), "int32"),
+                   {k: v for k, v in attrs.items() if k != "k_block"} | ({} if bits == 4 else {"weight_packed": True}))
+    assert registry.estimate(spec) > registry.estimate(plain)
+    ok, why = registry.supports(OpSpec("matmul", spec.inputs, ((M, N), "int32"), attrs))
+    assert not ok and "float32" in why

@@ -1940,11 +1940,20 @@ def shape_from_spec(spec, model=None, b_constant: bool | None = None) -> GemmSha
         raise ValueError("batch dimensions must match exactly")
     batch = max(ab, bb)
     bits, bdt = weight_bits_of(spec.attrs, str(bdt))
+    k_block = spec.attrs.get("k_block")
+    if k_block is not None and bits is None:                # block-wise 8-bit weights: packed 4 per word
+        bits = 8
     s = GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
                   spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
                   a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
                   b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None,
                   requant=requant_from_attrs(spec.attrs, str(spec.output[1]), N, "n"), b_bits=bits)
+    if k_block is not None:                                 # block-wise scales (spec attr "k_block")
+        if isinstance(k_block, bool) or not isinstance(k_block, (int, np.integer)):
+            raise ValueError(f"k_block {k_block!r}: the scale block is a number of k-steps")
+        s = replace(s, k_block=int(k_block))
+        check_blockwise_shape(s)
+        return s
     if bits is not None:                                    # packed weights: the unifa variant only
         s = replace(s, a_stream=str(spec.attrs.get("a_stream", "unifa")))
         check_packed_shape(s)
@@ -2062,8 +2071,8 @@ def gemm_profile(s: GemmShape, t: GemmTiling, kernel=None) -> GemmProfile:
 def _b_lines_per_row(s: GemmShape, line: int) -> float:
     """Distinct cache lines one 16-lane B lookup touches per k-step, on average (packed B: one
     aligned 64-byte word row per ``b_group`` k-steps)."""
-    if s.b_packed:
-        return math.ceil(64 / line) / s.b_group
+    if s.b_packed:                           # (+ a block-wise GEMM's scale row per k_block k-steps)
+        return math.ceil(64 / line) * (1 / s.b_group + (1 / s.k_block if s.k_block else 0))
     es = ITEMSIZE[s.b_dtype]
     if s.transpose_b:
         return 16.0
@@ -2137,6 +2146,8 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     tmu_lines = b_rows + (a_per_k * max(1.0, t.R * pes / line) if s.a_stream == "tmu" else 0.0)
     kstep_instr = pr.kloop / t.U
     tmu_words = 16 / G + (16 * a_per_k if s.a_stream == "tmu" else 0)  # B row (+ A column) words
+    if s.k_block:                            # + the scale row of each block (its fold's
+        tmu_words += 16 / s.k_block          # instructions are in the profile's K loop)
     kstep = max(kstep_instr * cpi,
                 (tmu_lines * m.tmu_cycles_per_line + tmu_words * m.tmu_cycles_per_word) * per_slice,
                 (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
