@@ -524,3 +524,26 @@ def test_blockwise_zero_points_stay_float(tmp_path, kw, why):
     assert not any(r["name"] == "qpu.matmul_blockwise" for r in lib.report.regions)
     dec = next(d for d in lib.report.qdq if d["op"] == "relax.matmul")
     assert not dec["accepted"] and why in dec["reason"]
+
+
+def test_blockwise_along_n_stays_float(tmp_path):
+    """Blocks along N (axis 1 of W [K, N]) are not the reduction axis: not rewritten per block;
+    the matmul stays float, exact against ORT, with the reason."""
+    bits, signed, lo, hi, opset = TYPES[T.INT4]
+    rng = np.random.default_rng(3)
+    K, N, B = 32, 8, 4
+    w = rng.integers(lo, hi + 1, size=(K, N))
+    s = (rng.random((K, N // B)) * 0.05 + 0.005).astype(np.float32)
+    inits = [raw_tensor("w", T.INT4, [K, N], ref_pack(w.ravel(), bits)), numpy_helper.from_array(s, "s"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.int8), "zx")]
+    nodes = [helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="xdq"),
+             helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=1, block_size=B, name="wdq"),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("xq", T.INT8, [1, K])],
+                 [helper.make_tensor_value_info("y", T.FLOAT, [1, N])], inits, opset)
+    x = rng.integers(-128, 128, (1, K)).astype(np.int8)
+    got, lib = _tvm(path, {"xq": x}, "qpu", "all")
+    np.testing.assert_allclose(got, _ort(path, {"xq": x}), rtol=1e-5, atol=1e-5)
+    assert not any(r["name"] == "qpu.matmul_blockwise" for r in lib.report.regions)
+    dec = next(d for d in lib.report.qdq if d["op"] == "relax.matmul")
+    assert not dec["accepted"] and "along axis 1" in dec["reason"]
