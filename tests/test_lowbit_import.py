@@ -492,18 +492,21 @@ def _blockwise_qdq_matmul(tmp_path, etype, M, K, N, B, seed, w_zp=None, x_zp=0):
     return path, x, w, s
 
 
-@pytest.mark.parametrize("etype,M,K,N,B", [(T.INT4, 1, 128, 37, 32), (T.UINT4, 3, 64, 19, 16),
-                                           (T.INT2, 2, 96, 21, 32)])
-def test_blockwise_int8_matmul_runs_on_qpu_equal_to_ort(tmp_path, etype, M, K, N, B):
+@pytest.mark.parametrize("etype,M,K,N,B,zx", [(T.INT4, 1, 128, 37, 32, 0), (T.UINT4, 3, 64, 19, 16, 0),
+                                              (T.INT2, 2, 96, 21, 32, 0), (T.INT4, 2, 64, 13, 32, -7)])
+def test_blockwise_int8_matmul_runs_on_qpu_equal_to_ort(tmp_path, etype, M, K, N, B, zx):
     """The whole block-wise matmul is one QPU region (spec named with the packed dtype and the
-    block) and equals ONNX Runtime within float32 rounding."""
-    path, x, w, s = _blockwise_qdq_matmul(tmp_path, etype, M, K, N, B, seed=K + N)
+    block) and equals ONNX Runtime within float32 rounding; an activation zero point is a constant
+    per-column term added after the region."""
+    path, x, w, s = _blockwise_qdq_matmul(tmp_path, etype, M, K, N, B, seed=K + N, x_zp=zx)
     want = _ort(path, {"xq": x})
     got, lib = _tvm(path, {"xq": x}, "qpu", "all")
     # both sides round the exact sum in float32: ours once per block sum, scale product and block
     # addition ((K / B + 3) roundings), ORT's float GEMM once per product and addition (K + 2): their
-    # difference is within (K + K / B + 5) * 2**-24 of the sum of the terms' magnitudes
-    mags = np.abs(x.astype(np.float64) * 0.02) @ np.abs(w * np.repeat(s.astype(np.float64), B, axis=0))
+    # difference is within (K + K / B + 5) * 2**-24 of the sum of the terms' magnitudes (with a
+    # zero point: of x's and of the zero point's terms, which our sums keep apart)
+    ws = np.abs(w * np.repeat(s.astype(np.float64), B, axis=0))
+    mags = (np.abs(x.astype(np.float64)) + abs(zx)) * 0.02 @ ws
     np.testing.assert_array_less(np.abs(got - want), (K + K // B + 5) * 2.0 ** -24 * mags + 1e-30)
     reg = [r for r in lib.report.regions if r["name"] == "qpu.matmul_blockwise"]
     name = {T.INT4: "int4", T.UINT4: "uint4", T.INT2: "int2"}[etype]
@@ -512,11 +515,10 @@ def test_blockwise_int8_matmul_runs_on_qpu_equal_to_ort(tmp_path, etype, M, K, N
     assert dec["accepted"] and f"block {B} along K" in dec["reason"]
 
 
-@pytest.mark.parametrize("kw,why", [(dict(w_zp=3), "block-wise weight zero points"),
-                                    (dict(x_zp=5), "activation zero point")])
+@pytest.mark.parametrize("kw,why", [(dict(w_zp=3), "block-wise weight zero points")])
 def test_blockwise_zero_points_stay_float(tmp_path, kw, why):
-    """Zero points would need per-block correction terms: the matmul stays float (exact, equal to
-    ORT) and the partition report says why."""
+    """A weight zero point would need x's per-block row sums: the matmul stays float (exact,
+    equal to ORT) and the partition report says why."""
     path, x, _, _ = _blockwise_qdq_matmul(tmp_path, T.INT4, 1, 64, 9, 32, seed=5, **kw)
     want = _ort(path, {"xq": x})
     got, lib = _tvm(path, {"xq": x}, "qpu", "all")

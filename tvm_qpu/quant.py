@@ -869,8 +869,9 @@ def lowbit_match(match, weight_name: str):
 # which the CPU computes as written and the pattern row :data:`BLOCKWISE_PATTERN` offloads whole
 # to the GEMM kernel's block-wise path (``k_block`` = B: per block, ``itof`` of the integer sums
 # times the block's scale row, added to float accumulators; codegen.kernels.gemm). Left in float
-# (with the reason): a nonzero activation or weight zero point (each block would need a
-# correction term), a K that is not a whole number of blocks, blocks along another axis.
+# (with the reason): a nonzero weight zero point (each block would need x's per-block row sums), a K that is not a whole number of blocks, blocks along another axis. An activation
+# zero point zx is exact as the constant -zx * sum_b sx s[b, n] * colsum_b(W)[n] added after the
+# region (float64 at compile time, rounded to float32; a CPU add of N values).
 
 #: composite name of the block-wise matmul pattern row (tried before the plain matmul rows)
 BLOCKWISE_PATTERN = "qpu.matmul_blockwise"
@@ -913,9 +914,9 @@ def _blockwise_one(m, names):
     if K % block:
         raise _Keep(f"K={K} is not a whole number of {block}-blocks")
     _check_scale(scale, "block-wise weight scale")
-    xq, sx, zx, xmax = _activation_operand(m[names["xdq"]])
-    if zx:
-        raise _Keep("block-wise scales with an activation zero point: each block would need a correction term")
+    xq, sx, zx, _ = _activation_operand(m[names["xdq"]])
+    info8 = np.iinfo(P.dtype_of(xq))
+    xmax = max(abs(int(info8.min)), abs(int(info8.max)))          # the raw values: x - zx is folded below
     if block * xmax * int(np.abs(w).max() if w.size else 0) > INT32_MAX:
         raise _Keep(f"int32 block sum could overflow (block {block})")
     xs = tuple(P.shape_of(xq))
@@ -927,10 +928,14 @@ def _blockwise_one(m, names):
     acc = relax.op.matmul(x3, w3, out_dtype="int32")
     s3 = (np.float32(sx) * scale).astype(np.float32).reshape(nb, 1, N)
     y = relax.op.sum(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(tvm.runtime.tensor(s3))), axis=[0])
+    if zx:    # sum_b s'[b] (x_b - zx) . w_b = sum_b s'[b] x_b . w_b - zx sum_b s'[b] colsum_b(w): a constant
+        s64 = np.float64(np.float32(sx)) * scale.astype(np.float64)
+        corr = -zx * np.einsum("bn,bn->n", s64, w.reshape(nb, block, N).sum(axis=1).astype(np.float64))
+        y = relax.op.add(y, relax.const(tvm.runtime.tensor(corr.astype(np.float32))))
     out = tuple(P.shape_of(core))
     if out != (rows, N):
         y = relax.op.reshape(y, out)
-    why = f"{P.dtype_of(xq)} activations x {P.dtype_of(m[names['wq']])} weights, block-wise scales (block {block} along K)"
+    why = f"{P.dtype_of(xq)} activations{f' (zero point {zx}: a per-column float term)' if zx else ''} x {P.dtype_of(m[names['wq']])} weights, block-wise scales (block {block} along K)"
     info = _LOWBIT_CONTEXT
     tname = info.weights.get(lowbit_fingerprint_of(w)) if info is not None and info.weights else None
     if tname is not None:
