@@ -513,6 +513,8 @@ def test_blockwise_int8_matmul_runs_on_qpu_equal_to_ort(tmp_path, etype, M, K, N
     assert len(reg) == 1 and f"{name}[{K}, {N}]) (block {B}) -> float32" in reg[0]["spec"], lib.report.regions
     dec = next(d for d in lib.report.qdq if d["op"] == "relax.matmul")
     assert dec["accepted"] and f"block {B} along K" in dec["reason"]
+    note = next(d for d in lib.report.qdq if d["op"] == "DequantizeLinear")
+    assert "runs per block" in note["reason"]                  # the import's note is qualified
 
 
 @pytest.mark.parametrize("kw,why", [(dict(w_zp=3), "block-wise weight zero points")])

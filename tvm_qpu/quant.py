@@ -966,7 +966,19 @@ def rewrite_blockwise_matmuls(func, decisions):
             return call
         decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
         return new
-    return dpl.rewrite_call(root, rewrite, func)
+    before = len(decisions)
+    func = dpl.rewrite_call(root, rewrite, func)
+    if any(d.accepted for d in decisions[before:]):        # the import's notes predate this rewrite
+        for d in decisions[:before]:
+            if d.op == "DequantizeLinear" and "block-wise scales" in d.reason and BLOCKWISE_NOTE not in d.reason:
+                d.reason += BLOCKWISE_NOTE
+    return func
+
+
+#: appended to the import's block-wise notes once a block-wise matmul was rewritten (the import
+#: cannot tell which consumer is which)
+BLOCKWISE_NOTE = ("; except where a matmul with 8-bit activations consumes it: that matmul runs per block "
+                  "(see its relax.matmul decision)")
 
 
 def _make_blockwise_pattern():
