@@ -56,7 +56,8 @@ class OpSpec:
 
     def describe(self) -> str:
         ins = ", ".join(f"{dt}{list(s)}" for s, dt in self._run_inputs())
-        return f"{self.kind}({ins}) -> {self.output[1]}{list(self.output[0])}"
+        blk = f" (block {int(self.attrs['k_block'])})" if self.attrs.get("k_block") else ""   # block-wise scales
+        return f"{self.kind}({ins}){blk} -> {self.output[1]}{list(self.output[0])}"
 
     #: input names of the weight that ``attrs["weight_bits"]`` (4 or 2) stores packed
     WEIGHT_INPUTS = ("B", "weight")

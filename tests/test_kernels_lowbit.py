@@ -401,3 +401,87 @@ def test_packed_int8_programs_pass_the_static_hazard_checker():
                                                             "bias": np.zeros(33, np.int32)})
         for launch in plan.launches:
             assert check_program(launch.words) == [], launch.name
+
+
+# ------------------------------------------------------------------------------------------------
+# Block-wise scales along K (ONNX block-wise DequantizeLinear of the weights, block_size along K)
+# ------------------------------------------------------------------------------------------------
+def _blockwise_spec_reference(x, w, scale, block, x_scale):
+    """ONNX, in float64: DequantizeLinear(x) = (x - 0) * x_scale; block-wise DequantizeLinear(w)
+    = (w - 0) * scale[k // block, n]; then MatMul."""
+    xd = x.astype(np.float64) * float(x_scale)
+    wd = w.astype(np.float64) * np.repeat(scale.astype(np.float64), block, axis=0)
+    return xd @ wd
+
+
+@pytest.mark.parametrize("wdt,M,N,K,block", [("int4", 1, 37, 128, 32), ("uint4", 3, 19, 64, 16),
+                                             ("int2", 5, 40, 96, 32), ("int4", 2, 17, 256, 64)])
+def test_blockwise_scales_match_numpy(dev, wdt, M, N, K, block):
+    cdt, bits, lo, hi = LOWBIT[wdt]
+    rng = np.random.default_rng(K + N + block)
+    x = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    w = _weights(rng, wdt, (K, N))
+    scale = rng.uniform(0.001, 0.05, (K // block, N)).astype(np.float32)
+    scale[0, 0] *= -1                                         # the spec allows any finite scale
+    x_scale = np.float32(0.02)
+    s = G.GemmShape(M, N, K, a_dtype="int8", b_dtype=cdt, b_bits=bits, k_block=block)
+    # the kernel gets the activation scale folded into the block scales (float32 product)
+    plan = G.plan_gemm(s, {"B": w, G.BLOCK_SCALE: scale * x_scale})
+    out, _ = run_plan(plan, dev, A=x)
+    out = np.asarray(out).reshape(M, N)
+    assert out.dtype == np.float32
+    ref = _blockwise_spec_reference(x, w, scale, block, x_scale)
+    # tolerance from float32 rounding: each block's integer sum is exact (|sum| < 2**24), then
+    # one rounding of the folded scale (x_scale * scale), one of the product and one per block
+    # addition: <= (nblocks + 3) * 2**-24 relative to the sum of the blocks' magnitudes
+    mags = np.abs(x.astype(np.float64) * float(x_scale)) @ np.abs(
+        w.astype(np.float64) * np.repeat(scale.astype(np.float64), block, axis=0))
+    nb = K // block
+    np.testing.assert_array_less(np.abs(out - ref), (nb + 3) * 2.0 ** -24 * mags + 1e-30)
+    # the weight buffer holds packed words + one scale row per block, not K x N bytes
+    t = plan.attrs["tiling"]
+    G_ = 32 // bits
+    assert plan.constants["B"].size == (K // G_ + nb + t["PF"]) * t["NT"] * 16 + 16
+
+
+@pytest.mark.parametrize("kw,why", [
+    (dict(k_block=12), "multiple of the 8 k-steps"),           # int4: 8 values per word
+    (dict(k_block=32, K=80), "not a multiple of the scale block"),
+    (dict(k_block=32, bias=True), "plain float32-output GEMM"),
+    (dict(k_block=32, b_bits=None, b_dtype="int8"), "need packed constant B"),
+])
+def test_blockwise_refusals(kw, why):
+    base = dict(M=1, N=16, K=64, a_dtype="int8", b_dtype="int8", b_bits=4)
+    base.update(kw)
+    with pytest.raises(ValueError, match=why):
+        G.choose_tiling(G.GemmShape(**base))
+
+
+@pytest.mark.parametrize("wdt,bits", [("int4", 4), ("int8", 8)])
+def test_blockwise_spec_through_registry(dev, wdt, bits):
+    """A matmul OpSpec with ``k_block`` (and ``weight_bits`` 4, or plain int8 weights packed four
+    per word): named with its block, generated with the ``block_scale`` constant, equal to the
+    float64 ONNX-spec reference within float32 rounding; its estimate counts the per-block fold."""
+    M, N, K, block = 2, 21, 64, 32
+    rng = np.random.default_rng(bits)
+    cdt = "int8"
+    lo, hi = (-8, 7) if bits == 4 else (-128, 127)
+    x = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    w = rng.integers(lo, hi + 1, (K, N)).astype(cdt)
+    scale = rng.uniform(0.001, 0.05, (K // block, N)).astype(np.float32)
+    attrs = {"k_block": block, "input_names": ["A", "B"]}
+    if bits == 4:
+        attrs["weight_bits"] = 4
+    spec = OpSpec("matmul", [((M, K), "int8"), ((K, N), cdt)], ((M, N), "float32"), attrs)
+    assert f"{wdt}[{K}, {N}]) (block {block}) -> float32" in spec.describe()
+    out, plan = _run_spec(dev, spec, x, {"B": w, G.BLOCK_SCALE: scale})
+    ref = _blockwise_spec_reference(x, w, scale, block, 1.0)
+    mags = np.abs(x.astype(np.float64)) @ np.abs(w * np.repeat(scale.astype(np.float64), block, axis=0))
+    np.testing.assert_array_less(np.abs(out - ref), (K // block + 3) * 2.0 ** -24 * mags + 1e-30)
+    # the estimate of the block-wise plan exceeds the plain packed integer GEMM's (its fold and
+    # scale rows are modelled), and int32 out is refused for it (the output is float32)
+    plain = OpSpec("matmul", spec.inputs, ((M, N), "int32"),
+                   {k: v for k, v in attrs.items() if k != "k_block"} | ({} if bits == 4 else {"weight_packed": True}))
+    assert registry.estimate(spec) > registry.estimate(plain)
+    ok, why = registry.supports(OpSpec("matmul", spec.inputs, ((M, N), "int32"), attrs))
+    assert not ok and "float32" in why

@@ -464,3 +464,90 @@ def test_castlike_to_lowbit_refused(tmp_path):
                  [raw_tensor("t", T.INT4, [1], ref_pack([0], 4))], 21)
     with pytest.raises(tvm_qpu.QpuError, match="CastLike 'like_int4' to the type of 't'"):
         tvm_qpu.from_onnx(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# block-wise scales along K with int8 activations: the QPU's block-wise GEMM
+
+def _blockwise_qdq_matmul(tmp_path, etype, M, K, N, B, seed, w_zp=None, x_zp=0):
+    """DQ(int8 x, sx, x_zp) and DQ(W [K, N], s [K / B, N] (, z), axis 0, block_size B) -> MatMul."""
+    bits, signed, lo, hi, opset = TYPES[etype]
+    rng = np.random.default_rng(seed)
+    w = rng.integers(lo, hi + 1, size=(K, N))
+    w.reshape(-1)[:2] = (lo, hi)
+    s = (rng.random((K // B, N)) * 0.05 + 0.005).astype(np.float32)
+    inits = [raw_tensor("w", etype, [K, N], ref_pack(w.ravel(), bits)), numpy_helper.from_array(s, "s"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "sx"),
+             numpy_helper.from_array(np.array(x_zp, np.int8), "zx")]
+    wins = ["w", "s"]
+    if w_zp is not None:
+        inits.append(raw_tensor("z", etype, [K // B, N], ref_pack(np.full(s.size, w_zp), bits)))
+        wins.append("z")
+    nodes = [helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="xdq"),
+             helper.make_node("DequantizeLinear", wins, ["wd"], axis=0, block_size=B, name="wdq"),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("xq", T.INT8, [M, K])],
+                 [helper.make_tensor_value_info("y", T.FLOAT, [M, N])], inits, opset)
+    x = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    return path, x, w, s
+
+
+@pytest.mark.parametrize("etype,M,K,N,B,zx", [(T.INT4, 1, 128, 37, 32, 0), (T.UINT4, 3, 64, 19, 16, 0),
+                                              (T.INT2, 2, 96, 21, 32, 0), (T.INT4, 2, 64, 13, 32, -7)])
+def test_blockwise_int8_matmul_runs_on_qpu_equal_to_ort(tmp_path, etype, M, K, N, B, zx):
+    """The whole block-wise matmul is one QPU region (spec named with the packed dtype and the
+    block) and equals ONNX Runtime within float32 rounding; an activation zero point is a constant
+    per-column term added after the region."""
+    path, x, w, s = _blockwise_qdq_matmul(tmp_path, etype, M, K, N, B, seed=K + N, x_zp=zx)
+    want = _ort(path, {"xq": x})
+    got, lib = _tvm(path, {"xq": x}, "qpu", "all")
+    # both sides round the exact sum in float32: ours once per block sum, scale product and block
+    # addition ((K / B + 3) roundings), ORT's float GEMM once per product and addition (K + 2): their
+    # difference is within (K + K / B + 5) * 2**-24 of the sum of the terms' magnitudes (with a
+    # zero point: of x's and of the zero point's terms, which our sums keep apart)
+    ws = np.abs(w * np.repeat(s.astype(np.float64), B, axis=0))
+    mags = (np.abs(x.astype(np.float64)) + abs(zx)) * 0.02 @ ws
+    np.testing.assert_array_less(np.abs(got - want), (K + K // B + 5) * 2.0 ** -24 * mags + 1e-30)
+    reg = [r for r in lib.report.regions if r["name"] == "qpu.matmul_blockwise"]
+    name = {T.INT4: "int4", T.UINT4: "uint4", T.INT2: "int2"}[etype]
+    assert len(reg) == 1 and f"{name}[{K}, {N}]) (block {B}) -> float32" in reg[0]["spec"], lib.report.regions
+    dec = next(d for d in lib.report.qdq if d["op"] == "relax.matmul")
+    assert dec["accepted"] and f"block {B} along K" in dec["reason"]
+    note = next(d for d in lib.report.qdq if d["op"] == "DequantizeLinear")
+    assert "runs per block" in note["reason"]                  # the import's note is qualified
+
+
+@pytest.mark.parametrize("kw,why", [(dict(w_zp=3), "block-wise weight zero points")])
+def test_blockwise_zero_points_stay_float(tmp_path, kw, why):
+    """A weight zero point would need x's per-block row sums: the matmul stays float (exact,
+    equal to ORT) and the partition report says why."""
+    path, x, _, _ = _blockwise_qdq_matmul(tmp_path, T.INT4, 1, 64, 9, 32, seed=5, **kw)
+    want = _ort(path, {"xq": x})
+    got, lib = _tvm(path, {"xq": x}, "qpu", "all")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(r["name"] == "qpu.matmul_blockwise" for r in lib.report.regions)
+    dec = next(d for d in lib.report.qdq if d["op"] == "relax.matmul")
+    assert not dec["accepted"] and why in dec["reason"]
+
+
+def test_blockwise_along_n_stays_float(tmp_path):
+    """Blocks along N (axis 1 of W [K, N]) are not the reduction axis: not rewritten per block;
+    the matmul stays float, exact against ORT, with the reason."""
+    bits, signed, lo, hi, opset = TYPES[T.INT4]
+    rng = np.random.default_rng(3)
+    K, N, B = 32, 8, 4
+    w = rng.integers(lo, hi + 1, size=(K, N))
+    s = (rng.random((K, N // B)) * 0.05 + 0.005).astype(np.float32)
+    inits = [raw_tensor("w", T.INT4, [K, N], ref_pack(w.ravel(), bits)), numpy_helper.from_array(s, "s"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.int8), "zx")]
+    nodes = [helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="xdq"),
+             helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=1, block_size=B, name="wdq"),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    path = _save(tmp_path, nodes, [helper.make_tensor_value_info("xq", T.INT8, [1, K])],
+                 [helper.make_tensor_value_info("y", T.FLOAT, [1, N])], inits, opset)
+    x = rng.integers(-128, 128, (1, K)).astype(np.int8)
+    got, lib = _tvm(path, {"xq": x}, "qpu", "all")
+    np.testing.assert_allclose(got, _ort(path, {"xq": x}), rtol=1e-5, atol=1e-5)
+    assert not any(r["name"] == "qpu.matmul_blockwise" for r in lib.report.regions)
+    dec = next(d for d in lib.report.qdq if d["op"] == "relax.matmul")
+    assert not dec["accepted"] and "along axis 1" in dec["reason"]

@@ -1043,7 +1043,8 @@ def build_layer_norm_chain(ann) -> Match:
 # the table (order = priority)
 
 def _table() -> list:
-    rows = []
+    from .quant import blockwise_pattern_rows            # block-wise weight scales (tvm_qpu.quant)
+    rows = blockwise_pattern_rows()
     suffix = {"relax.multiply": "", "relax.divide": "_div", PRESCALED_KT: "_prescaled", PRESCALED_K: "_prescaled_k"}
     for masked in (True, False):
         for sop in suffix:

@@ -442,6 +442,7 @@ def rewrite_qdq(func):
             return new
         func = dpl.rewrite_call(root, rewrite, func)
     func = _rewrite_runtime_matmuls(func, decisions)
+    func = rewrite_blockwise_matmuls(func, decisions)    # block-wise weight scales along K
     if decisions:
         func = unique_names(func)
     return func, _dedupe(decisions)
@@ -851,3 +852,182 @@ def lowbit_match(match, weight_name: str):
     head = tagged[0]
     head.alternatives = tagged[1:] + forms
     return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-wise weight scales along K (the LLM "block-wise int4" MatMul)
+#
+# ``matmul(dequantize(xq, sx, 0), float32(Wq) * repeat(scale, B, axis=0))`` (the import's form of a
+# block-wise DequantizeLinear along the weight's K axis, :func:`tvm_qpu.onnx_quant._dequantize_blockwise`)
+# has a scale that varies along the reduction axis, so no int32 accumulation over all of K can
+# take it. :func:`rewrite_blockwise_matmuls` rewrites it to an exact per-block form
+#
+#     acc = matmul(astype(permute_dims(reshape(xq, [rows, K / B, B]), [1, 0, 2]), int32),
+#                  Wq as int32 [K / B, B, N], out_dtype=int32)          # one int32 sum per block
+#     y   = sum(float32(acc) * float32(sx * scale)[K / B, 1, N], axis=0)   # [rows, N]
+#
+# which the CPU computes as written and the pattern row :data:`BLOCKWISE_PATTERN` offloads whole
+# to the GEMM kernel's block-wise path (``k_block`` = B: per block, ``itof`` of the integer sums
+# times the block's scale row, added to float accumulators; codegen.kernels.gemm). Left in float
+# (with the reason): a nonzero weight zero point (each block would need x's per-block row sums), a K that is not a whole number of blocks, blocks along another axis. An activation
+# zero point zx is exact as the constant -zx * sum_b sx s[b, n] * colsum_b(W)[n] added after the
+# region (float64 at compile time, rounded to float32; a CPU add of N values).
+
+#: composite name of the block-wise matmul pattern row (tried before the plain matmul rows)
+BLOCKWISE_PATTERN = "qpu.matmul_blockwise"
+
+
+def _blockwise_patterns():
+    """(root, names) of the import's block-wise matmul, with and without a weight zero point."""
+    from tvm.relax import dpl
+    xdq = dpl.is_op("relax.dequantize")(dpl.wildcard(), dpl.is_const(), dpl.is_const())
+    wq = dpl.is_const()
+    wi = dpl.is_op("relax.astype")(wq)
+    cut = lambda e: dpl.is_op("relax.strided_slice")(e, varg_default_wildcard=True)   # noqa: E731
+    zc = dpl.is_const()
+    zrep = cut(dpl.is_op("relax.repeat")(dpl.is_op("relax.astype")(zc) | zc))
+    wz = dpl.is_op("relax.subtract")(wi, zrep)
+    wf = dpl.is_op("relax.astype")(wi | wz)
+    sc = dpl.is_const()
+    rep = dpl.is_op("relax.repeat")(sc)
+    srep = cut(rep)
+    wdq = dpl.is_op("relax.multiply")(wf, srep)
+    core = dpl.is_op("relax.matmul")(xdq, wdq)
+    return core, {"xdq": xdq, "wq": wq, "wz": wz, "zc": zc, "rep": rep, "sc": sc, "core": core}
+
+
+def _blockwise_one(m, names):
+    """The per-block integer form of one matched block-wise matmul (raises _Keep)."""
+    from tvm import relax
+    import tvm
+    core, rep = m[names["core"]], m[names["rep"]]
+    if names["wz"] in m:
+        zp = P.const_value(m[names["zc"]])
+        if np.any(zp != 0):
+            raise _Keep("block-wise weight zero points: each block would need x's per-block row sums")
+    axis, block = int(P._attr(rep, "axis")), int(P._attr(rep, "repeats"))
+    w = P.const_value(m[names["wq"]]).astype(np.int64)
+    scale = P.const_value(m[names["sc"]]).astype(np.float32)
+    if w.ndim != 2 or axis % 2 != 0:
+        raise _Keep(f"block-wise scales along axis {axis} of a {w.ndim}-D weight (only K, axis 0 of [K, N], runs per block)")
+    K, N = w.shape
+    if K % block:
+        raise _Keep(f"K={K} is not a whole number of {block}-blocks")
+    _check_scale(scale, "block-wise weight scale")
+    xq, sx, zx, _ = _activation_operand(m[names["xdq"]])
+    info8 = np.iinfo(P.dtype_of(xq))
+    xmax = max(abs(int(info8.min)), abs(int(info8.max)))          # the raw values: x - zx is folded below
+    if block * xmax * int(np.abs(w).max() if w.size else 0) > INT32_MAX:
+        raise _Keep(f"int32 block sum could overflow (block {block})")
+    xs = tuple(P.shape_of(xq))
+    rows = int(np.prod(xs[:-1], dtype=np.int64)) if len(xs) > 1 else 1
+    nb = K // block
+    # the 8-bit blocks [K / B, rows, B], widened last (the cast form the qpu patterns fold)
+    x3 = relax.op.astype(relax.op.permute_dims(relax.op.reshape(xq, (rows, nb, block)), [1, 0, 2]), "int32")
+    w3 = relax.const(tvm.runtime.tensor(w.astype(np.int32).reshape(nb, block, N)))
+    acc = relax.op.matmul(x3, w3, out_dtype="int32")
+    s3 = (np.float32(sx) * scale).astype(np.float32).reshape(nb, 1, N)
+    y = relax.op.sum(relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(tvm.runtime.tensor(s3))), axis=[0])
+    if zx:    # sum_b s'[b] (x_b - zx) . w_b = sum_b s'[b] x_b . w_b - zx sum_b s'[b] colsum_b(w): a constant
+        s64 = np.float64(np.float32(sx)) * scale.astype(np.float64)
+        corr = -zx * np.einsum("bn,bn->n", s64, w.reshape(nb, block, N).sum(axis=1).astype(np.float64))
+        y = relax.op.add(y, relax.const(tvm.runtime.tensor(corr.astype(np.float32))))
+    out = tuple(P.shape_of(core))
+    if out != (rows, N):
+        y = relax.op.reshape(y, out)
+    why = f"{P.dtype_of(xq)} activations{f' (zero point {zx}: a per-column float term)' if zx else ''} x {P.dtype_of(m[names['wq']])} weights, block-wise scales (block {block} along K)"
+    info = _LOWBIT_CONTEXT
+    tname = info.weights.get(lowbit_fingerprint_of(w)) if info is not None and info.weights else None
+    if tname is not None:
+        why = why.replace(f" x {P.dtype_of(m[names['wq']])} weights", f" x {tname} weights", 1)
+        _remember_lowbit(w, LOWBIT_BITS[tname])
+    return y, why + " -> float32 per-block sums"
+
+
+def lowbit_fingerprint_of(w):
+    from .onnx_quant import lowbit_fingerprint
+    return lowbit_fingerprint(w)
+
+
+def rewrite_blockwise_matmuls(func, decisions):
+    """Rewrite the import's block-wise matmuls (see the section comment); appends a decision each."""
+    from tvm.relax import dpl
+    root, names = _blockwise_patterns()
+
+    def rewrite(call, m):
+        core = m[names["core"]]
+        try:
+            new, why = _blockwise_one(m, names)
+        except _Keep as e:
+            decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
+            return call
+        except Exception as e:       # never crash the import: an unexpected form stays float
+            decisions.append(QdqDecision(_name(core), P.op_name(core), False, f"check failed ({type(e).__name__}: {e})"))
+            return call
+        decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
+        return new
+    before = len(decisions)
+    func = dpl.rewrite_call(root, rewrite, func)
+    if any(d.accepted for d in decisions[before:]):        # the import's notes predate this rewrite
+        for d in decisions[:before]:
+            if d.op == "DequantizeLinear" and "block-wise scales" in d.reason and BLOCKWISE_NOTE not in d.reason:
+                d.reason += BLOCKWISE_NOTE
+    return func
+
+
+#: appended to the import's block-wise notes once a block-wise matmul was rewritten (the import
+#: cannot tell which consumer is which)
+BLOCKWISE_NOTE = ("; except where a matmul with 8-bit activations consumes it: that matmul runs per block "
+                  "(see its relax.matmul decision)")
+
+
+def _make_blockwise_pattern():
+    from tvm.relax import dpl
+    x = dpl.wildcard()
+    x3 = dpl.is_op("relax.permute_dims")(dpl.is_op("relax.reshape")(x, dpl.wildcard()))
+    w3 = dpl.is_const()
+    mm = dpl.is_op("relax.matmul")(dpl.is_op("relax.astype")(x3), w3)
+    s3 = dpl.is_const()
+    root = dpl.is_op("relax.sum")(dpl.is_op("relax.multiply")(dpl.is_op("relax.astype")(mm), s3))
+    return root, {"x": x, "x3": x3, "w3": w3, "s3": s3, "core": mm, "root": root}
+
+
+def build_blockwise_matmul(ann):
+    """The region spec of a rewritten block-wise matmul: ``matmul`` with ``k_block`` (and
+    ``weight_bits`` for a 4 / 2-bit weight), the weight [K, N] and ``block_scale`` [K / B, N]."""
+    from tvm_qpu.codegen.kernels.gemm import BLOCK_SCALE
+    x, x3, root = ann["x"], ann["x3"], ann["root"]
+    w3 = P.const_value(ann["w3"])
+    s3 = P.const_value(ann["s3"])
+    if w3.ndim != 3 or s3.shape != (w3.shape[0], 1, w3.shape[2]) or P._ints(P._attr(x3, "axes")) != (1, 0, 2):
+        raise P.Refused("not the block-wise matmul form")
+    nb, block, N = w3.shape
+    K = nb * block
+    x_dt = P.dtype_of(x)
+    if x_dt not in ("int8", "uint8", "int16"):
+        raise P.Refused(f"block-wise matmul activations {x_dt}")
+    rows = int(np.prod(P.shape_of(x), dtype=np.int64)) // K
+    w = w3.reshape(K, N)
+    bits = _LOWBIT_WEIGHTS.get(lowbit_fingerprint_of(w))
+    storage = "int8"
+    attrs = {"k_block": int(block), "bias": False, "activation": None, "transpose_b": False}
+    if bits is not None:
+        storage, _ = lowbit_storage(w, bits)
+        if storage is None:
+            raise P.Refused("weights beyond their low-bit range")
+        attrs["weight_bits"] = int(bits)
+    else:
+        w_ok = w.min() >= -128 and w.max() <= 127
+        if not w_ok:
+            raise P.Refused("block-wise weights beyond int8")
+    spec = P._spec("matmul", ["A", "B"], [((rows, K), x_dt), ((K, N), storage)], ((rows, N), "float32"), attrs)
+    consts = {"B": w.astype(storage), BLOCK_SCALE: s3.reshape(nb, N)}
+    runtime = [P.RuntimeInput("A", x, (("reshape", (rows, K)),))]
+    out = tuple(P.shape_of(root))
+    return P.Match(spec, consts, runtime, out_reshape=out if out != (rows, N) else None, anchor=ann["core"])
+
+
+def blockwise_pattern_rows() -> list:
+    """The pattern table rows of this section (put before the plain matmul rows)."""
+    return [P.PatternEntry(BLOCKWISE_PATTERN, "matmul", _make_blockwise_pattern, build_blockwise_matmul,
+                           "sum(float32(matmul(per-block x, W blocks)) * block scales): block-wise weight scales")]

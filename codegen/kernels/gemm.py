@@ -236,6 +236,11 @@ class GemmShape:
     #: (4 or 2; ``a_dtype`` int8 / uint8 says the sign). Each U-k-step block of a panel row is
     #: ceil(U / G) words (:func:`pack_panel_block`); one lookup feeds G k-steps of R rows
     a_bits: int | None = None
+    #: block-wise scaled packed B (ONNX block-wise DequantizeLinear along K): every ``k_block``
+    #: k-steps the integer accumulators are converted to float, multiplied by that block's
+    #: per-column scale and added to float accumulators (output float32); the scales are one
+    #: more word row after each block's packed words (:func:`pack_b_blockwise`). None: off
+    k_block: int | None = None
 
     @property
     def a_packed(self) -> bool:
@@ -264,6 +269,8 @@ class GemmShape:
 
     @property
     def out_dtype(self) -> str:
+        if self.k_block is not None:
+            return "float32"
         if self.requant is not None:
             return self.requant.out_dtype
         return "int32" if self.is_int else "float32"
@@ -341,7 +348,8 @@ def _registers_needed(s: GemmShape, R: int, U: int, PF: int, rq_regs: bool = Fal
     extra = (2 if s.bias else 0) + (2 if isinstance(s.activation, tuple) else 0) \
         + (1 if s.kstep_config else 0) + (2 * ring_size(U) + 1 if s.a_stream == "tmu" else 0) \
         + _requant_registers(s, rq_regs) + (3 if s.b_packed else 1 if s.a_packed else 0)
-    return base + extra + F + 5 + R
+    blockwise = (R + 2) if s.k_block else 0                 # float accumulators, scale, its fetch
+    return base + extra + F + 5 + R + blockwise
 
 
 def _requant_registers(s: GemmShape, rq_regs: bool = False) -> int:
@@ -405,8 +413,9 @@ def _packed_a_drain(s: GemmShape, t: GemmTiling) -> int:
 
 
 def b_fetches(s: GemmShape, t: GemmTiling) -> int:
-    """B lookups per K-loop block: U (one B row per k-step), or U / b_group packed words."""
-    return t.U // s.b_group
+    """B lookups per K-loop block: U (one B row per k-step), or U / b_group packed words (+ the
+    block's scale row with ``k_block``)."""
+    return t.U // s.b_group + (1 if s.k_block else 0)
 
 
 def check_packed_shape(s: GemmShape):
@@ -418,6 +427,45 @@ def check_packed_shape(s: GemmShape):
         raise ValueError(f"packed weights need 8/16-bit integer activations, not {s.a_dtype}")
     if s.a_stream != "unifa" or s.b_table or s.b_block is not None:
         raise ValueError("packed B weights run in the unifa A-stream variant of a plain GEMM only")
+
+
+def check_blockwise_shape(s: GemmShape):
+    """Refuse a block-wise scaled GEMM the kernel cannot run (ValueError with the reason)."""
+    B = s.k_block
+    if not s.b_packed:
+        raise ValueError("block-wise scales (k_block) need packed constant B weights (b_bits 8, 4 or 2)")
+    check_packed_shape(s)
+    if not isinstance(B, int) or B <= 0 or B % s.b_group:
+        raise ValueError(f"k_block {B!r}: the scale block must be a positive multiple of the "
+                         f"{s.b_group} k-steps one packed {s.b_bits}-bit word holds")
+    if B > BLOCKWISE_MAX_BLOCK:
+        raise ValueError(f"k_block {B}: blocks longer than {BLOCKWISE_MAX_BLOCK} k-steps are not unrolled")
+    if s.K % B:
+        raise ValueError(f"K={s.K} is not a multiple of the scale block {B}")
+    if s.bias or s.activation is not None or s.requant is not None or s.transpose_b or s.batch != 1:
+        raise ValueError("block-wise scales run a plain float32-output GEMM only (no bias, activation, "
+                         "requantize, transposed or batched B)")
+
+
+#: the longest scale block the K loop unrolls (one block per loop iteration)
+BLOCKWISE_MAX_BLOCK = 256
+
+
+def _choose_tiling_blockwise(s: GemmShape) -> GemmTiling:
+    """Tiling of a block-wise scaled packed GEMM: one scale block per K-loop iteration (U =
+    k_block), all of the TMU FIFO in flight, as many rows per tile as the registers hold."""
+    check_blockwise_shape(s)
+    PF = TMU_FIFO_WORDS
+    U = s.k_block
+    R = min(16, s.M)
+    while R > 0 and _registers_needed(s, R, U, PF) > 64:
+        R -= 1
+    if R == 0:
+        raise ValueError(f"block-wise GEMM with k_block {U}: {U // s.b_group + 1} lookups per block "
+                         "leave no registers for an accumulator row")
+    MT, NT = -(-s.M // R), -(-s.N // 16)
+    Wm, Wn = _worker_grid(MT, NT, max(1, s.num_qpus))
+    return GemmTiling(R, U, PF, s.K, MT, NT, Wm, Wn, False)
 
 
 def _choose_tiling_packed(s: GemmShape) -> GemmTiling:
@@ -446,6 +494,8 @@ def _choose_tiling_packed(s: GemmShape) -> GemmTiling:
 def choose_tiling(s: GemmShape, PF: int = 4) -> GemmTiling:
     if s.a_stream not in A_STREAMS:
         raise ValueError(f"a_stream must be one of {A_STREAMS}, got {s.a_stream!r}")
+    if s.k_block is not None:
+        return _choose_tiling_blockwise(s)
     if s.b_packed:
         return _choose_tiling_packed(s)
     if s.a_packed:
@@ -557,6 +607,8 @@ class GemmRegs:
             self.bvs = [self.bv] + p.take(P - 1)         # B rows by k-step mod P
             self.avec = p.take(P)                       # A columns by k-step mod P
         self.acc = p.take(t.R)
+        # block-wise scales: the float accumulators and the popped scale row
+        self.facc, self.sc = (p.take(t.R), p.take()) if s.k_block else (None, None)
         if self.vstep is None:
             self.vstep = self.c_nstep
 
@@ -712,8 +764,9 @@ def a_panel_tile_bytes(s: GemmShape, t: GemmTiling) -> int:
 def packed_b_layout(s: GemmShape, t: GemmTiling) -> tuple:
     """(word rows, lanes) of one batch entry of packed B (:func:`pack_weights`): Kpad / G rows
     + PF zero rows the prefetch reads past the end, NT * 16 columns (16 lanes: one 64-byte line
-    per lookup)."""
-    return t.Kpad // s.b_group + t.PF, t.NT * 16
+    per lookup); with ``k_block`` + one scale row per block."""
+    scale_rows = t.Kpad // t.U if s.k_block else 0
+    return t.Kpad // s.b_group + scale_rows + t.PF, t.NT * 16
 
 
 def block_offsets(s: GemmShape, t: GemmTiling):
@@ -909,6 +962,8 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
         _tile_prologue_tmu(s, t, g)
     else:
         _tile_prologue_unifa(s, t, g)
+    if s.k_block:
+        _zero_pairs(g.facc)
 
     # ---- K loop --------------------------------------------------------------------------
     kloop = f"k{len(_current().items)}"
@@ -941,7 +996,18 @@ def _tile(s: GemmShape, t: GemmTiling, g: GemmRegs):
         nop(sig=S["ldtmu"](g.tq))
     if small_b:
         mov(tmuc, -1)                                       # stores: default 32-bit config bytes
+    if s.k_block:                                           # the float sums are the tile's output
+        for i in range(R):
+            mov(g.acc[i], g.facc[i])
     _tile_epilogue(s, t, g)
+
+
+def _zero_pairs(regs):
+    """Zero ``regs``, two per instruction (add and mul ALU ``sub x, x, x``)."""
+    for i in range(0, len(regs), 2):
+        ins = sub(regs[i], regs[i], regs[i])
+        if i + 1 < len(regs):
+            ins.sub(regs[i + 1], regs[i + 1], regs[i + 1])
 
 
 def _column_tile_base(s: GemmShape, g: GemmRegs):
@@ -1331,31 +1397,71 @@ def _kstep_packed(s, t, g, j):
     beside the last row's accumulation, moved to the mul ALU's ``add``. The word's last k-step
     instead pops the next word and issues the lookup PF words ahead (the unpacked kernel's
     instruction R), and one more instruction extracts the new word's first value: R + 1
-    instructions per k-step, + 1 per word of G = 32 / bits k-steps."""
+    instructions per k-step, + 1 per word of G = 32 / bits k-steps.
+
+    Block-wise scales (``k_block`` = U): k-step 0 of a block starts the integer sums (``mov``
+    instead of ``add``), the block's last word pops the scale row instead of a word, and
+    :func:`_block_fold` follows the last k-step."""
     R, G = t.R, s.b_group
     q, last = j // G, j % G == G - 1                        # word of the block; its last k-step?
     ext = _unpack_op(s)
     acc, tt = g.acc, g.t
+    restart = bool(s.k_block) and j == 0                    # the block's first product of each row
+    fold = bool(s.k_block) and j == t.U - 1                 # the block's last k-step
     out = []
     for si in range(R + 1):
         def emit(si=si):
             if si < R:
                 nxt = g.ab[(si + 1) % 2] if si + 1 < R else g.ab[0]
                 sig = S["ldunifarf"](nxt)
-                if si >= 1:
+                if si >= 1 and restart:
+                    first = mov(acc[si - 1], tt[(si - 1) % 2], sig=sig)
+                elif si >= 1:
                     first = add(acc[si - 1], acc[si - 1], tt[(si - 1) % 2], sig=sig)
                 elif not last:
                     first = shl(g.bw, g.bw, g.csh, sig=sig)
                 else:
                     first = nop(sig=sig)
                 first.smul24(tt[si % 2], g.bv, g.ab[si % 2])
+            elif not last and restart:
+                ext(g.bv, g.bw, g.cext).mov(acc[R - 1], tt[(R - 1) % 2])
             elif not last:
                 ext(g.bv, g.bw, g.cext).add(acc[R - 1], acc[R - 1], tt[(R - 1) % 2])
             else:
-                add(acc[R - 1], acc[R - 1], tt[(R - 1) % 2], sig=S["ldtmu"](g.bw)).add(tmua, g.bp, g.off[q])
+                add(acc[R - 1], acc[R - 1], tt[(R - 1) % 2],
+                    sig=S["ldtmu"](g.sc if fold else g.bw)).add(tmua, g.bp, g.off[q])
         out.append(emit)
-    if last:
+    if fold:
+        out += _block_fold(s, t, g)
+    elif last:
         out.append(lambda: ext(g.bv, g.bw, g.cext))
+    return out
+
+
+def _block_fold(s, t, g):
+    """Emitters closing a scale block (``k_block``), after its last k-step popped the block's
+    scale row into ``sc``: row i's integer sum is converted (``itof``), multiplied by the
+    per-column scale (mul ALU, one instruction later) and added to its float accumulator; the
+    next block's first packed word is popped (issuing the lookup PF fetches ahead, ``off[F]``)
+    and its first value extracted. 2 R + 3 instructions per block."""
+    R = t.R
+    x, y = g.t                                              # itof result, scaled value
+    F = b_fetches(s, t)
+    itof, fadd = A.DSL["itof"], A.DSL["fadd"]
+    out = []
+    for i in range(R + 1):
+        def conv(i=i):
+            ins = itof(x, g.acc[i]) if i < R else nop()
+            if i >= 1:
+                ins.fmul(y, x, g.sc)
+        out.append(conv)
+        if i >= 1:
+            def accum(i=i):
+                ins = fadd(g.facc[i - 1], g.facc[i - 1], y, sig=S["ldtmu"](g.bw) if i == R else None)
+                if i == R:
+                    ins.add(tmua, g.bp, g.off[F - 1])
+            out.append(accum)
+    out.append(lambda: _unpack_op(s)(g.bv, g.bw, g.cext))
     return out
 
 
@@ -1597,7 +1703,8 @@ def plan_gemm(s: GemmShape, constants: dict | None = None, names=("A", "B", "C",
     if s.b_packed:                                          # the plan packs the constant weights
         if b_name not in constants:
             raise ValueError(f"packed {s.b_bits}-bit weights (weight_bits) must be the constant B operand")
-        out_consts[b_name] = pack_b(s, t, constants[b_name])
+        out_consts[b_name] = pack_b_blockwise(s, t, constants[b_name], constants.get(BLOCK_SCALE)) \
+            if s.k_block else pack_b(s, t, constants[b_name])
         bufs.append(BufferSpec(b_name, "weight", out_consts[b_name].shape, "uint32"))
     else:
         bufs.append(BufferSpec(b_name, role(b_name), b_shape, s.b_dtype, b_span))
@@ -1679,6 +1786,32 @@ def b_bytes_moved(s: GemmShape, t: GemmTiling) -> int:
         rows, lanes = packed_b_layout(s, t)
         return max(zb, 1) * (rows - t.PF) * lanes * 4
     return max(s.batch, 1) * s.K * s.N * ITEMSIZE[s.b_dtype]
+
+
+def pack_b_blockwise(s: GemmShape, t: GemmTiling, b, scale) -> np.ndarray:
+    """The constant B ``[K, N]`` of a block-wise scaled GEMM (``k_block`` = B) with its scales
+    ``[K / B, N]`` (finite float32) as the kernel reads them: per block, B / G packed word rows
+    (:func:`pack_weights`) then one row of the block's float32 scales (lane n: column n; padding
+    lanes 0.0); PF zero rows the prefetch reads past the end, + 16 words of the TMU's look-ahead."""
+    B = s.k_block
+    b = np.asarray(b)
+    if b.shape != (s.K, s.N):
+        raise ValueError(f"block-wise packed B: shape {b.shape}, wanted {(s.K, s.N)}")
+    sc = np.asarray(scale, np.float32)
+    if sc.shape != (s.K // B, s.N) or not np.all(np.isfinite(sc)):
+        raise ValueError(f"block scales: {s.K // B} x {s.N} finite float32 values wanted, got shape {sc.shape}")
+    rows, lanes = packed_b_layout(s, t)
+    F = B // s.b_group
+    out = np.zeros((rows, lanes), np.uint32)
+    for n in range(s.K // B):
+        r0 = n * (F + 1)
+        out[r0:r0 + F] = pack_weights(b[n * B:(n + 1) * B], s.b_bits, s.b_signed, F, lanes)
+        out[r0 + F, :s.N] = sc[n].view(np.uint32)
+    return np.concatenate([out.reshape(-1), np.zeros(16, np.uint32)])
+
+
+#: the plan constant holding a block-wise GEMM's per-block, per-column scales ([K / k_block, N])
+BLOCK_SCALE = "block_scale"
 
 
 def pack_b(s: GemmShape, t: GemmTiling, b) -> np.ndarray:
@@ -1807,11 +1940,20 @@ def shape_from_spec(spec, model=None, b_constant: bool | None = None) -> GemmSha
         raise ValueError("batch dimensions must match exactly")
     batch = max(ab, bb)
     bits, bdt = weight_bits_of(spec.attrs, str(bdt))
+    k_block = spec.attrs.get("k_block")
+    if k_block is not None and bits is None:                # block-wise 8-bit weights: packed 4 per word
+        bits = 8
     s = GemmShape(M, N, K, batch, str(adt), str(bdt), tb, bool(spec.attrs.get("bias", False)),
                   spec.attrs.get("activation"), int(spec.attrs.get("num_qpus", 12)),
                   a_batch_stride_elems=(M * K if ab > 1 else 0) if batch > 1 else None,
                   b_batch_stride_elems=(K * N if bb > 1 else 0) if batch > 1 else None,
                   requant=requant_from_attrs(spec.attrs, str(spec.output[1]), N, "n"), b_bits=bits)
+    if k_block is not None:                                 # block-wise scales (spec attr "k_block")
+        if isinstance(k_block, bool) or not isinstance(k_block, (int, np.integer)):
+            raise ValueError(f"k_block {k_block!r}: the scale block is a number of k-steps")
+        s = replace(s, k_block=int(k_block))
+        check_blockwise_shape(s)
+        return s
     if bits is not None:                                    # packed weights: the unifa variant only
         s = replace(s, a_stream=str(spec.attrs.get("a_stream", "unifa")))
         check_packed_shape(s)
@@ -1929,8 +2071,8 @@ def gemm_profile(s: GemmShape, t: GemmTiling, kernel=None) -> GemmProfile:
 def _b_lines_per_row(s: GemmShape, line: int) -> float:
     """Distinct cache lines one 16-lane B lookup touches per k-step, on average (packed B: one
     aligned 64-byte word row per ``b_group`` k-steps)."""
-    if s.b_packed:
-        return math.ceil(64 / line) / s.b_group
+    if s.b_packed:                           # (+ a block-wise GEMM's scale row per k_block k-steps)
+        return math.ceil(64 / line) * (1 / s.b_group + (1 / s.k_block if s.k_block else 0))
     es = ITEMSIZE[s.b_dtype]
     if s.transpose_b:
         return 16.0
@@ -2004,6 +2146,8 @@ def gemm_launch_cycles(s: GemmShape, t: GemmTiling, model=None, profile: GemmPro
     tmu_lines = b_rows + (a_per_k * max(1.0, t.R * pes / line) if s.a_stream == "tmu" else 0.0)
     kstep_instr = pr.kloop / t.U
     tmu_words = 16 / G + (16 * a_per_k if s.a_stream == "tmu" else 0)  # B row (+ A column) words
+    if s.k_block:                            # + the scale row of each block (its fold's
+        tmu_words += 16 / s.k_block          # instructions are in the profile's K loop)
     kstep = max(kstep_instr * cpi,
                 (tmu_lines * m.tmu_cycles_per_line + tmu_words * m.tmu_cycles_per_word) * per_slice,
                 (tmu_lines + a_lines) * m.l2_cycles_per_line * active,
