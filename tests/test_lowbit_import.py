@@ -551,3 +551,15 @@ def test_blockwise_along_n_stays_float(tmp_path):
     assert not any(r["name"] == "qpu.matmul_blockwise" for r in lib.report.regions)
     dec = next(d for d in lib.report.qdq if d["op"] == "relax.matmul")
     assert not dec["accepted"] and "along axis 1" in dec["reason"]
+
+
+@pytest.mark.parametrize("first", ["tvm_qpu.quant", "tvm_qpu.patterns"])
+def test_quant_and_patterns_import_in_either_order(first):
+    """The block-wise matmul row of the pattern table is built in tvm_qpu.quant, which imports the
+    pattern table: importing either module first works (a fresh interpreter each)."""
+    import subprocess
+    import sys
+    code = f"import {first}; import tvm_qpu.patterns as P; print(P.PATTERN_TABLE[0].name)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "qpu.matmul_blockwise"

@@ -1042,9 +1042,27 @@ def build_layer_norm_chain(ann) -> Match:
 # ---------------------------------------------------------------------------------------------
 # the table (order = priority)
 
+#: block-wise weight scales along K (their pattern and builder live in tvm_qpu.quant)
+BLOCKWISE_PATTERN = "qpu.matmul_blockwise"
+
+
+def _blockwise_row() -> PatternEntry:
+    """The block-wise matmul row (before the plain matmul rows). tvm_qpu.quant imports this
+    module, so its pattern and builder are looked up there when the row is used, not when the
+    table is built: either module can be imported first."""
+    def make():
+        from .quant import _make_blockwise_pattern
+        return _make_blockwise_pattern()
+
+    def build(ann):
+        from .quant import build_blockwise_matmul
+        return build_blockwise_matmul(ann)
+    return PatternEntry(BLOCKWISE_PATTERN, "matmul", make, build,
+                        "sum(float32(matmul(per-block x, W blocks)) * block scales): block-wise weight scales")
+
+
 def _table() -> list:
-    from .quant import blockwise_pattern_rows            # block-wise weight scales (tvm_qpu.quant)
-    rows = blockwise_pattern_rows()
+    rows = [_blockwise_row()]
     suffix = {"relax.multiply": "", "relax.divide": "_div", PRESCALED_KT: "_prescaled", PRESCALED_K: "_prescaled_k"}
     for masked in (True, False):
         for sop in suffix:

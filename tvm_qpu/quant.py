@@ -874,7 +874,7 @@ def lowbit_match(match, weight_name: str):
 # region (float64 at compile time, rounded to float32; a CPU add of N values).
 
 #: composite name of the block-wise matmul pattern row (tried before the plain matmul rows)
-BLOCKWISE_PATTERN = "qpu.matmul_blockwise"
+BLOCKWISE_PATTERN = P.BLOCKWISE_PATTERN
 
 
 def _blockwise_patterns():
@@ -1026,8 +1026,3 @@ def build_blockwise_matmul(ann):
     out = tuple(P.shape_of(root))
     return P.Match(spec, consts, runtime, out_reshape=out if out != (rows, N) else None, anchor=ann["core"])
 
-
-def blockwise_pattern_rows() -> list:
-    """The pattern table rows of this section (put before the plain matmul rows)."""
-    return [P.PatternEntry(BLOCKWISE_PATTERN, "matmul", _make_blockwise_pattern, build_blockwise_matmul,
-                           "sum(float32(matmul(per-block x, W blocks)) * block scales): block-wise weight scales")]
