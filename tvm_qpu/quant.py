@@ -402,19 +402,27 @@ def _rewrite_runtime_matmuls(func, decisions):
     def rewrite(call, m):
         if P.dtype_of(call) != "float32" or P.is_constant(m[a_dq].args[0]) or P.is_constant(m[b_dq].args[0]):
             return call
-        try:
-            new, why = runtime_matmul(m[a_dq], m[b_dq], m[b_perm] if b_perm in m else None)
-        except _Keep as e:
-            decisions.append(QdqDecision(_name(call), P.op_name(call), False, str(e)))
-            return call
-        except Exception as e:   # never crash the import: an unexpected form stays float
-            decisions.append(QdqDecision(_name(call), P.op_name(call), False,
-                                         f"check failed ({type(e).__name__}: {e})"))
-            return call
-        decisions.append(QdqDecision(_name(call), P.op_name(call), True, why))
-        return new
+        return _decided(decisions, call, call,
+                        lambda: runtime_matmul(m[a_dq], m[b_dq], m[b_perm] if b_perm in m else None))
 
     return dpl.rewrite_call(root, rewrite, func)
+
+
+def _decided(decisions, core, call, attempt):
+    """Run one rewrite ``attempt() -> (new expression, why)`` for the op ``core`` and record the
+    decision: the new expression, or ``call`` unchanged when the form stays float (a ``_Keep``
+    with its reason, or any other failure as "check failed": the import never crashes)."""
+    try:
+        new, why = attempt()
+    except _Keep as e:
+        decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
+        return call
+    except Exception as e:
+        decisions.append(QdqDecision(_name(core), P.op_name(core), False,
+                                     f"check failed ({type(e).__name__}: {e})"))
+        return call
+    decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
+    return new
 
 
 def rewrite_qdq(func):
@@ -429,17 +437,7 @@ def rewrite_qdq(func):
             core = m[names["core"]]
             if P.dtype_of(core) != "float32":
                 return call
-            try:
-                new, why = _rewrite_one(m, names)
-            except _Keep as e:
-                decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
-                return call
-            except Exception as e:   # never crash the import: an unexpected form stays float
-                decisions.append(QdqDecision(_name(core), P.op_name(core), False,
-                                             f"check failed ({type(e).__name__}: {e})"))
-                return call
-            decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
-            return new
+            return _decided(decisions, core, call, lambda: _rewrite_one(m, names))
         func = dpl.rewrite_call(root, rewrite, func)
     func = _rewrite_runtime_matmuls(func, decisions)
     func = rewrite_blockwise_matmuls(func, decisions)    # block-wise weight scales along K
@@ -955,17 +953,7 @@ def rewrite_blockwise_matmuls(func, decisions):
     root, names = _blockwise_patterns()
 
     def rewrite(call, m):
-        core = m[names["core"]]
-        try:
-            new, why = _blockwise_one(m, names)
-        except _Keep as e:
-            decisions.append(QdqDecision(_name(core), P.op_name(core), False, str(e)))
-            return call
-        except Exception as e:       # never crash the import: an unexpected form stays float
-            decisions.append(QdqDecision(_name(core), P.op_name(core), False, f"check failed ({type(e).__name__}: {e})"))
-            return call
-        decisions.append(QdqDecision(_name(core), P.op_name(core), True, why))
-        return new
+        return _decided(decisions, m[names["core"]], call, lambda: _blockwise_one(m, names))
     before = len(decisions)
     func = dpl.rewrite_call(root, rewrite, func)
     if any(d.accepted for d in decisions[before:]):        # the import's notes predate this rewrite
