@@ -301,22 +301,23 @@ def _check_run_args(args):
     if args.depth is not None and args.stream is None:
         raise CliError("--depth applies to --stream")
     if args.trace is not None:
-        folder = os.path.dirname(os.path.abspath(args.trace))
-        if not os.path.isdir(folder):
-            raise CliError(f"--trace {args.trace}: no such folder {folder}")
-        for flag, other in (("the artifact", args.artifact), ("--inputs", args.inputs)):
-            if other is not None and _same_file(args.trace, other):
-                raise CliError(f"--trace {args.trace} is {flag}: refusing to overwrite it")
+        _check_output_file("--trace", args.trace, args)
     if args.outputs is None:
         return
     if not args.outputs.endswith(".npz"):
         raise CliError(f"--outputs {args.outputs}: the file name must end in .npz (outputs are written as .npz)")
-    folder = os.path.dirname(os.path.abspath(args.outputs))
+    _check_output_file("--outputs", args.outputs, args)
+
+
+def _check_output_file(flag: str, path: str, args):
+    """A file ``tvmc run`` writes (``flag``): its folder exists, and it is neither the artifact nor
+    the inputs file."""
+    folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise CliError(f"--outputs {args.outputs}: no such folder {folder}")
-    for flag, other in (("the artifact", args.artifact), ("--inputs", args.inputs)):
-        if other is not None and _same_file(args.outputs, other):
-            raise CliError(f"--outputs {args.outputs} is {flag}: refusing to overwrite it")
+        raise CliError(f"{flag} {path}: no such folder {folder}")
+    for what, other in (("the artifact", args.artifact), ("--inputs", args.inputs)):
+        if other is not None and _same_file(path, other):
+            raise CliError(f"{flag} {path} is {what}: refusing to overwrite it")
 
 
 def top_rows(name: str, a, n: int) -> list:
