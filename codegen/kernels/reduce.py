@@ -713,17 +713,11 @@ def plan_arg(op: str, shape, dtype: str, axis: int, keepdims=False, out_dtype="i
         tuple(s for i, s in enumerate(shape) if i != ax)
     st = LanesStage(K0, R, K1, op, dtype, out_dtype, "data", "out", name)
     n = split_lanes(K0, R, K1, dtype, num_qpus, arg=True, budget_seconds=budget_seconds)
-    W, _, tab = lanes_layout(st, num_qpus, n)
-    launches = []
-    for i, (w0, nw, _, _) in enumerate(lanes_runs(st.P, num_qpus, n)):
-        words, unif = _assemble(arg_kernel, st.at_worker(w0), f"{name}_arg")
-        launches.append(Launch(words, unif, (nw, 1, 1), 16, num_qpus, 1,
-                               f"{name}_arg" if n == 1 else f"{name}_arg_part{i}"))
+    launches, table_buf, tab = lanes_launch(st, num_qpus, n, arg_kernel, "arg")
     data_bytes = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
     need = lanes_src_bytes(LanesStage(K0, R + ARG_PF, K1, op, dtype, out_dtype, "data", "out", name))
     bufs = [BufferSpec("data", "input", shape, dtype, max(need, data_bytes)),
-            BufferSpec("out", "output", out_shape, out_dtype),
-            BufferSpec(name + "_table", "weight", tab.shape, "int32")]
+            BufferSpec("out", "output", out_shape, out_dtype), table_buf]
     out_bytes = K0 * K1 * ITEMSIZE[out_dtype]
     from .common import timing_model, seconds
     m = timing_model(None)
@@ -783,15 +777,17 @@ def acc_dtype(dtype: str) -> str:
     return "float32" if dtype == "float32" else "int32"
 
 
-def lanes_launch(st: LanesStage, num_qpus=NUM_QPUS, launches: int = 1):
+def lanes_launch(st: LanesStage, num_qpus=NUM_QPUS, launches: int = 1, kernel=lanes_kernel, stage: str = "lanes"):
     """([launch, ...], table buffer, table) of a lanes stage cut into ``launches`` launches over
-    runs of its workers (:func:`lanes_runs`)."""
+    runs of its workers (:func:`lanes_runs`); ``kernel`` (argmax / argmin: :func:`arg_kernel`) is
+    named ``<prefix>_<stage>``."""
     W, _, tab = lanes_layout(st, num_qpus, launches)
     out = []
+    label = f"{st.prefix}_{stage}"
     for i, (w0, nw, _, _) in enumerate(lanes_runs(st.P, num_qpus, launches)):
-        words, unif = _assemble(lanes_kernel, st.at_worker(w0), f"{st.prefix}_lanes")
+        words, unif = _assemble(kernel, st.at_worker(w0), label)
         out.append(Launch(words, unif, (nw, 1, 1), 16, num_qpus, 1,
-                          f"{st.prefix}_lanes" if launches == 1 else f"{st.prefix}_lanes_part{i}"))
+                          label if launches == 1 else f"{label}_part{i}"))
     buf = BufferSpec(st.prefix + "_table", "weight", tab.shape, "int32")
     return out, buf, tab
 
