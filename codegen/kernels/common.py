@@ -28,6 +28,16 @@ class RegisterPool:
 # cycles-per-instruction; the kernel-specific counts (instructions of a loop, of a tile) come from
 # the program the generator emits (:func:`loop_lengths`, :func:`label_span`).
 # ------------------------------------------------------------------------------------------------
+def limits_verdict(check, *args) -> tuple:
+    """A kernel's ``supports()`` verdict from its limits check: ``(True, "")`` when
+    ``check(*args)`` passes, else ``(False, the ValueError's message)``."""
+    try:
+        check(*args)
+    except ValueError as e:
+        return False, str(e)
+    return True, ""
+
+
 def timing_model(model=None):
     """``model``, or the emulator's default TimingModel."""
     if model is None:

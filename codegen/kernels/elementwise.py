@@ -50,6 +50,7 @@ from ..asm import add, b, bnot, eidx, mov, nop, shl, sub, thread_end, tmuwt, umu
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
 from .reduce import Builder, f32_bits, _label
+from .common import limits_verdict
 
 S = A.SIGNALS
 F = A.DSL
@@ -401,11 +402,7 @@ def supports(spec):
             return False, f"gelu approximation {spec.attrs.get('approximate')!r} (takes {GELU_FORMS})"
     if tuple(spec.output[0]) != tuple(shape) or spec.output[1] != dt:
         return False, "output shape / dtype differ from the input's"
-    try:
-        check_limits(spec_shape(spec))
-    except ValueError as e:
-        return False, str(e)
-    return True, ""
+    return limits_verdict(check_limits, spec_shape(spec))
 
 
 def generate(spec, constants=None) -> KernelPlan:

@@ -33,7 +33,7 @@ from .. import asm as A
 from ..asm import L, add, b, eidx, mov, nop, shl, sub, thread_end, tmuwt, umul24
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
-from .common import TMU_FIFO_WORDS
+from .common import TMU_FIFO_WORDS, limits_verdict
 from .reduce import Builder, emit_loop, f32_bits, _label
 
 S = A.SIGNALS
@@ -322,11 +322,7 @@ def supports(spec):
         return False, f"only the last axis is normalised (axes={list(axes)})"
     if tuple(gs) != (shape[-1],) or tuple(bs) != (shape[-1],):
         return False, f"gamma {list(gs)} / beta {list(bs)} are not [{shape[-1]}]"
-    try:
-        check_limits(spec_shape(spec))
-    except ValueError as e:
-        return False, str(e)
-    return True, ""
+    return limits_verdict(check_limits, spec_shape(spec))
 
 
 def generate(spec, constants=None) -> KernelPlan:

@@ -43,7 +43,7 @@ from .. import asm as A
 from ..asm import L, b, mov, nop, sub, add, shl, umul24, eidx, tmuwt, thread_end
 from ..instr import MAGIC, RF
 from ..plan import BufferSpec, KernelPlan, Launch
-from .common import mov_const
+from .common import limits_verdict, mov_const
 from .gemm import _Pool
 
 S = A.SIGNALS
@@ -403,11 +403,7 @@ def supports(spec):
     axis = spec.attrs.get("axis", -1)
     if axis not in (-1, len(shape) - 1):
         return False, f"only the last axis is supported (axis={axis})"
-    try:
-        check_limits(spec_shape(spec))
-    except ValueError as e:
-        return False, str(e)
-    return True, ""
+    return limits_verdict(check_limits, spec_shape(spec))
 
 
 def generate(spec, constants=None) -> KernelPlan:
