@@ -184,3 +184,28 @@ def narrow(ref: np.ndarray, dtype) -> np.ndarray:
     if ref.size and (ref.min() < info.min or ref.max() > info.max):
         raise ValueError(f"TVM's result does not fit {dtype}: [{ref.min()}, {ref.max()}]")
     return ref.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# numpy written to the ONNX spec (integer kernels)
+
+def spec_requant(acc, scale, zp, lo, hi, dtype):
+    """QuantizeLinear(acc * scale) to the spec: float32 product, round half to even, + zero point,
+    saturate to [lo, hi] (the dtype's range narrowed by a fused clamp)."""
+    y = np.asarray(acc).astype(np.float32) * np.asarray(scale, np.float32)
+    q = np.rint(y.astype(np.float64)) + zp
+    return np.clip(q, lo, hi).astype(dtype)
+
+
+def conv2d_int64(x, w, pad, bias=None):
+    """int64 direct convolution (NCHW / OIHW, stride 1, ``pad`` on every side) plus an optional
+    per-output-channel bias."""
+    n, c, h, wd = x.shape
+    oc, _, kh, kw = w.shape
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
+    out = np.zeros((n, oc, oh, ow), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + oh, j:j + ow], w[:, :, i, j].astype(np.int64))
+    return out + (0 if bias is None else bias.astype(np.int64).reshape(1, -1, 1, 1))

@@ -16,6 +16,8 @@ from tvm_qpu.codegen.kernels import gemm as G
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
 
+from reference import conv2d_int64, spec_requant
+
 #: (weight dtype as the QPU runs it) -> (container dtype, bits, lo, hi): the spec's ranges
 LOWBIT = {"int4": ("int8", 4, -8, 7), "uint4": ("uint8", 4, 0, 15),
           "int2": ("int8", 2, -2, 1), "uint2": ("uint8", 2, 0, 3)}
@@ -23,11 +25,6 @@ LOWBIT = {"int4": ("int8", 4, -8, 7), "uint4": ("uint8", 4, 0, 15),
 
 def _wrap32(x):
     return ((np.asarray(x, np.int64) + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32)
-
-
-def _spec_requant(acc, scale, zp, lo, hi, dtype):
-    y = np.asarray(acc).astype(np.float32) * np.asarray(scale, np.float32)
-    return np.clip(np.rint(y.astype(np.float64)) + zp, lo, hi).astype(dtype)
 
 
 def _matmul_spec(M, N, K, wdt, a_dt="int8", batch=None, b_batched=False, transpose_b=False,
@@ -106,7 +103,7 @@ def test_requantize_epilogue(dev, wdt, axis):
     spec = _matmul_spec(M, N, K, wdt, bias=True, requant=rq, out_dt="int8")
     out, _ = _run_spec(dev, spec, a, {"B": b, "bias": bias})
     acc = a.astype(np.int64) @ b.astype(np.int64) + bias
-    np.testing.assert_array_equal(out, _spec_requant(acc, sc if axis else sc[0], -5, -128, 127, "int8"))
+    np.testing.assert_array_equal(out, spec_requant(acc, sc if axis else sc[0], -5, -128, 127, "int8"))
 
 
 @pytest.mark.parametrize("b_batched,transpose_b", [(False, False), (True, True)])
@@ -166,17 +163,6 @@ def test_packing_layout_is_the_documented_one():
 
 
 # ---- convolution: the weights are the implicit GEMM's A panel ----------------------------------
-def _direct_conv(x, w, pad):
-    """int64 direct convolution (stride 1) of the unpacked values."""
-    n, c, h, wd = x.shape
-    oc, _, kh, kw = w.shape
-    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
-    out = np.zeros((n, oc, oh, ow), np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + oh, j:j + ow], w[:, :, i, j].astype(np.int64))
-    return out
 
 
 def _conv_spec(x_shape, w_shape, pad, wdt, x_dt="int8", bias=False, activation=None, requant=None,
@@ -212,7 +198,7 @@ def test_conv_packed_panel_matches_numpy(dev, xs, ws, pad, wdt, xdt):
     plan = plan_conv(shape_from_spec(spec), w, bias, "tmu", packed=True)     # forced: the packed panel
     assert plan.attrs["weight_packed"] and plan.attrs["weight_dtype"] == wdt
     out, _ = run_plan(plan, dev, data=x)
-    np.testing.assert_array_equal(out, np.maximum(_direct_conv(x, w, pad) + bias.reshape(1, -1, 1, 1), 0))
+    np.testing.assert_array_equal(out, np.maximum(conv2d_int64(x, w, pad) + bias.reshape(1, -1, 1, 1), 0))
 
 
 def test_conv_packed_panel_requantize_per_channel(dev):
@@ -226,7 +212,7 @@ def test_conv_packed_panel_requantize_per_channel(dev):
     spec = _conv_spec(xs, ws, 1, "int4", requant=rq, out_dt="int8")
     plan = plan_conv(shape_from_spec(spec), w, None, "tmu", scale=sc, packed=True)
     out, _ = run_plan(plan, dev, data=x)
-    want = _spec_requant(_direct_conv(x, w, 1), sc.reshape(1, -1, 1, 1), 4, -128, 127, "int8")
+    want = spec_requant(conv2d_int64(x, w, 1), sc.reshape(1, -1, 1, 1), 4, -128, 127, "int8")
     np.testing.assert_array_equal(out, want)
 
 
@@ -244,7 +230,7 @@ def test_conv_through_the_registry(dev, packed):
     plan = registry.generate(spec, {"weight": w})
     assert packed is None or plan.attrs["weight_packed"] == packed
     out, _ = run_plan(plan, dev, data=x)
-    np.testing.assert_array_equal(out, _direct_conv(x, w, 1))
+    np.testing.assert_array_equal(out, conv2d_int64(x, w, 1))
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -337,7 +323,7 @@ def test_packed_int8_requantize(dev, axis):
     out, plan = _run_spec(dev, spec, a, {"B": b, "bias": bias})
     assert plan.attrs["b_bits"] == 8
     acc = a.astype(np.int64) @ b.astype(np.int64) + bias
-    np.testing.assert_array_equal(out, _spec_requant(acc, sc if axis else sc[0], 3, -128, 127, "int8"))
+    np.testing.assert_array_equal(out, spec_requant(acc, sc if axis else sc[0], 3, -128, 127, "int8"))
 
 
 @pytest.mark.parametrize("b_batched,transpose_b", [(False, False), (True, True)])

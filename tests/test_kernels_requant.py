@@ -14,27 +14,11 @@ from tvm_qpu.codegen.kernels.gemm import GemmShape, Requant, plan_gemm, supports
 from tvm_qpu.codegen.plan import run_plan
 from tvm_qpu.codegen.registry import OpSpec
 
+from reference import conv2d_int64, spec_requant
+
 QRANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 
 
-def spec_requant(acc, scale, zp, lo, hi, dtype):
-    """QuantizeLinear(acc * scale) to the spec: float32 product, round half to even, + zero point,
-    saturate to [lo, hi] (the dtype's range narrowed by a fused clamp)."""
-    y = np.asarray(acc).astype(np.float32) * np.asarray(scale, np.float32)
-    q = np.rint(y.astype(np.float64)) + zp
-    return np.clip(q, lo, hi).astype(dtype)
-
-
-def _direct_conv(x, w, b, pad):
-    n, c, h, wd = x.shape
-    oc, _, kh, kw = w.shape
-    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
-    out = np.zeros((n, oc, oh, ow), np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + oh, j:j + ow], w[:, :, i, j].astype(np.int64))
-    return out + (0 if b is None else b.astype(np.int64).reshape(1, -1, 1, 1))
 
 
 # (M, N, K, scale axis, out dtype, zero point, clamp, a_stream, bias, scale range)
@@ -131,7 +115,7 @@ def test_conv_requantize_epilogue_matches_the_spec(dev, case):
     if plan.attrs["a_stream"] == "tmu":         # int8 weights stay int8 (the TMU sign-extends them)
         assert plan.constants["weight_panel"].dtype == np.int8
     out, _ = run_plan(plan, dev, data=x)
-    want = spec_requant(_direct_conv(x, w, b, pad), sc.reshape(-1, 1, 1) if axis else sc[0], zp, lo, hi, dt)
+    want = spec_requant(conv2d_int64(x, w, pad, b), sc.reshape(-1, 1, 1) if axis else sc[0], zp, lo, hi, dt)
     np.testing.assert_array_equal(np.asarray(out).reshape(want.shape), want)
 
 
