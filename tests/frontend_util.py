@@ -198,3 +198,16 @@ def sample(name):
     if name == "transformer_layer":
         return np.random.default_rng(123).standard_normal((1, 16, 32)).astype(np.float32)
     return x[:7] if name == "digits_cnn_batch" else x[:1]
+
+
+def onnx_model_run(path, feeds, target="qpu", placement="all"):
+    """(first output, built library) of an ONNX model built by tvm_qpu for ``target`` and run on
+    the emulator."""
+    import tvm_qpu
+    mod, params = tvm_qpu.from_onnx(path)
+    lib = tvm_qpu.build(mod, target=target, params=params, placement=placement)
+    r = lib.runner("emulator")
+    try:
+        return next(iter(r.run(**feeds).values())), lib
+    finally:
+        r.close()

@@ -19,6 +19,8 @@ import tvm_qpu
 from tvm_qpu.codegen import registry
 from tvm_qpu.onnx_quant import LOWBIT_TYPES, LowBitImportError, lower_lowbit, unpack_lowbit
 
+from frontend_util import onnx_model_run
+
 ort = pytest.importorskip("onnxruntime")
 
 #: type -> (bits, signed, lo, hi, the opset whose DequantizeLinear takes it)
@@ -118,13 +120,7 @@ def _ort(path, feeds, basic=False):
 
 
 def _tvm(path, feeds, target="llvm", placement="none"):
-    mod, params = tvm_qpu.from_onnx(path)
-    lib = tvm_qpu.build(mod, target=target, params=params, placement=placement)
-    r = lib.runner("emulator")
-    try:
-        return next(iter(r.run(**feeds).values())), lib
-    finally:
-        r.close()
+    return onnx_model_run(path, feeds, target, placement)
 
 
 def _dq_model(tmp_path, etype, shape, mode, with_zp, rng, block=3):

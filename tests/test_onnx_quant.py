@@ -20,6 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import tvm_qpu
 
+from frontend_util import onnx_model_run
+
 ort = pytest.importorskip("onnxruntime")
 
 #: fraction of outputs that must equal ONNX Runtime exactly (the rest: one step, rounding ties)
@@ -51,14 +53,7 @@ def _ort(path, feeds):
     return s.run(None, feeds)[0]
 
 
-def _tvm(path, feeds, target="qpu", placement="all"):
-    mod, params = tvm_qpu.from_onnx(path)
-    lib = tvm_qpu.build(mod, target=target, params=params, placement=placement)
-    r = lib.runner("emulator")
-    try:
-        return next(iter(r.run(**feeds).values())), lib
-    finally:
-        r.close()
+_tvm = onnx_model_run      # (first output, library); target "qpu", placement "all" by default
 
 
 def _steps_from_ort(got, want, step):
