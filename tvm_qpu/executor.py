@@ -19,13 +19,20 @@ thread while the main thread waits, shows progress (:mod:`tvm_qpu.progress`) and
 it then stops the emulator (``EmulatorDevice.interrupt``, within one scheduling quantum) and
 re-raises KeyboardInterrupt. The TVM packed-function boundary turns any exception into a
 RuntimeError; :class:`PlanExecutor.active` re-raises the original (KeyboardInterrupt, DeviceError,
-EmulatorFault...) in its place.
+EmulatorFault...) in its place. During an active VM call on the main thread SIGINT is *deferred*
+(:func:`_deferred_sigint`): the handler only records it and stops the QPU work; the
+KeyboardInterrupt is raised at the next region boundary (a submit, a wait, the poll loop) or when
+the VM call returns. Python's default handler would raise it at whatever bytecode runs next,
+which can be inside TVM's FFI conversion of a packed call's return value: there it becomes an
+empty RuntimeError that nothing can tell from a failure, and it can leave the FFI's objects
+half-made (a heap corruption at exit was seen).
 
 This module needs only the TVM runtime (``tvm_ffi``) and numpy: no compiler, no Relax frontend.
 """
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -240,6 +247,7 @@ class PlanExecutor:
         self._lock = threading.Lock()
         self._done_cond = threading.Condition(threading.Lock())   # every job's _Done flag
         self.interrupted = False            # the last region was interrupted (Ctrl-C)
+        self.sigint = False                 # a deferred SIGINT not yet raised (see _deferred_sigint)
         self._failures = threading.local()  # per calling thread: see ``failure``
         self._worker = None                 # the last region's worker thread (may outlive a Ctrl-C)
         self.threaded = None                # None: QPU worker thread on v3d only (see use_worker)
@@ -316,6 +324,7 @@ class PlanExecutor:
         """Copy ``inputs`` into the region's device buffers (so the caller may reuse them at once)
         and start the region. Returns a ticket for :meth:`wait`. Errors of the region itself
         surface at the wait; a missing device or a Ctrl-C surface here."""
+        self.raise_deferred_sigint()
         rec = _tl.current()
         t0 = time.perf_counter()
         with self._lock:
@@ -353,6 +362,9 @@ class PlanExecutor:
         rec = _tl.current()
         t0 = time.perf_counter()
         job = self._jobs.pop(ticket, None)
+        if self.sigint and job is not None:
+            self._jobs[ticket] = job            # drain() lets it end; then Ctrl-C surfaces here
+            self.raise_deferred_sigint()
         if job is None:
             raise RuntimeError(f"QPU wait for an unknown ticket {ticket} (already waited for, or "
                                f"submitted by another executor)")
@@ -476,18 +488,33 @@ class PlanExecutor:
             worker.start()                  # inside the try: start() itself waits, so Ctrl-C can land there
             while not done.wait(POLL_SECONDS):
                 status.update(f"{where}: {_activity(dev)} {time.perf_counter() - t0:.0f} s", t0)
+                if self.sigint:             # a deferred Ctrl-C (the device is already told to stop)
+                    self.raise_deferred_sigint()
         except BaseException:               # KeyboardInterrupt (or a signal handler's exception)
-            dev.interrupt()
-            for job in list(self._jobs.values()):
-                job.cancelled = True        # queued regions of the QPU worker do not start
+            self.stop_regions()
             done.wait(STOP_GRACE_SECONDS)   # the emulator stops within a quantum; its first-use
-            self.interrupted = True         # compile cannot be stopped: _finish_interrupted waits
-            raise
+            raise                           # compile cannot be stopped: _finish_interrupted waits
         if worker_flag:
             self._worker = None
         if "err" in box:
             raise box["err"]
         return box["out"]
+
+    def stop_regions(self):
+        """Ctrl-C: tell the device to stop the running region (if it can) and cancel the queued
+        ones; the next submit waits for them to end and clears the device's stop flag."""
+        dev = self._device
+        if dev is not None and hasattr(dev, "interrupt"):
+            dev.interrupt()
+        for job in list(self._jobs.values()):
+            job.cancelled = True            # queued regions of the QPU worker do not start
+        self.interrupted = True
+
+    def raise_deferred_sigint(self):
+        """Raise the KeyboardInterrupt of a SIGINT that :func:`_deferred_sigint` recorded."""
+        if self.sigint:
+            self.sigint = False
+            raise KeyboardInterrupt("interrupted")
 
     def _finish_interrupted(self):
         """Before a new region: let an interrupted one end, then clear the device's stop flag."""
@@ -544,20 +571,46 @@ _DEFAULT: PlanExecutor | None = None
 _LOCAL = threading.local()
 
 
+def _deferred_sigint(signum, frame):
+    """SIGINT handler while an executor serves a VM call on the main thread: record the Ctrl-C
+    and stop the QPU work now; raise nothing here (see the module docstring). The executor raises
+    KeyboardInterrupt at its next region boundary, :class:`_Active` at the latest when the VM call
+    ends."""
+    ex = getattr(_LOCAL, "executor", None)
+    if ex is None:                          # not inside a VM call after all: behave as default
+        raise KeyboardInterrupt
+    ex.sigint = True
+    ex.stop_regions()
+
+
 class _Active:
+    """The context of :meth:`PlanExecutor.active`: the executor serving this thread's VM call;
+    on the main thread it defers SIGINT (:func:`_deferred_sigint`) unless the program installed a
+    SIGINT handler of its own."""
+
     def __init__(self, ex):
         self.ex = ex
 
     def __enter__(self):
         self.prev = getattr(_LOCAL, "executor", None)
+        self.prev_handler = None
+        if (self.prev is None and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.prev_handler = signal.signal(signal.SIGINT, _deferred_sigint)
         _LOCAL.executor = self.ex
         return self.ex
 
     def __exit__(self, exc_type, exc, tb):
         _LOCAL.executor = self.prev
+        if self.prev_handler is not None:
+            signal.signal(signal.SIGINT, self.prev_handler)
         if exc_type is not None:
             self.ex.drain()                 # regions submitted and never waited for
         failure, self.ex.failure = self.ex.failure, None
+        if self.ex.sigint:                  # a Ctrl-C not raised yet: raise it now, in place of
+            self.ex.sigint = False          # whatever the FFI made of it
+            if exc_type is None or not issubclass(exc_type, KeyboardInterrupt):
+                raise KeyboardInterrupt("interrupted") from None
         if exc_type is None or failure is None or exc is failure:
             return False
         # the packed-function boundary turned ``failure`` into a RuntimeError: raise the original
