@@ -289,8 +289,9 @@ class TiledReduction(_Rule):
                 ko, ki = sch.split(loops[last], factors=[None, kb])
                 r_outer = [loops[i] for i in r_idx[:-1]] + [ko]
                 r_inner = [ki]
-            else:
-                r_outer, r_inner = [], [loops[i] for i in r_idx]
+            else:       # the innermost reduction loop (conv: input channels) fits the panel:
+                # the others (conv: kh, kw) go outside the chunk, each a panel block of its own
+                r_outer, r_inner = [loops[i] for i in r_idx[:-1]], [loops[last]]
             order = outer + r_outer + [row_mid] + r_inner + [row_in, vec_in]
         else:
             if row_mid is not None:
