@@ -1,5 +1,7 @@
 """tvm_qpu.cpu_schedule: every scheduled op computes what numpy / onnxruntime compute, the tile
 choices keep tiles rectangular, and a rule that fails falls back to the next one (no timing here)."""
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -133,3 +135,74 @@ def test_softmax_layernorm_gelu_match_onnxruntime(tmp_path):
     inits = {"w": w, "gamma": np.ones(d, np.float32), "beta": np.zeros(d, np.float32)}
     p = _onnx_model(tmp_path, nodes, inits, [3, 17, d], [3, 17, d], "tail")
     _check(p, rng.standard_normal((3, 17, d)).astype(np.float32))
+
+
+def _unary_func(fn, n):
+    from tvm import te
+    x = te.placeholder((n,), name="x")
+    y = te.compute((n,), lambda i: fn(x[i]), name="y")
+    return te.create_prim_func([x, y])
+
+
+# (intrinsic, Python reference, inputs with a finite reference result, max abs error, max rel error)
+_FAST_MATH_CASES = [
+    ("erf", __import__("math").erf, (-10.0, 10.0), 5e-7, None),
+    ("exp", __import__("math").exp, (-87.0, 88.3), None, 1e-6),
+]
+
+
+@pytest.mark.parametrize("name,ref,span,atol,rtol", _FAST_MATH_CASES, ids=[c[0] for c in _FAST_MATH_CASES])
+def test_fast_math_matches_python_math(name, ref, span, atol, rtol):
+    import math
+    from tvm import tirx
+    n = 1 << 16
+    f = cs.fast_math(_unary_func(getattr(tirx, name), n))
+    assert f"T.{name}(" not in f.script()                      # replaced by the approximation
+    sch, _ = cs.schedule_func(_unary_func(getattr(tirx, name), n), _target())
+    assert f"T.{name}(" not in sch.script() and "T.vectorized" in sch.script()
+    rng = np.random.default_rng(4)
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30], np.float32)
+    x = np.concatenate([np.linspace(*span, n // 2), rng.standard_normal(n - n // 2 - special.size) * 3,
+                        special]).astype(np.float32)
+    got = _run_te(sch, [x, np.zeros(n, np.float32)]).astype(np.float64)
+    want = np.array([ref(float(v)) if math.isfinite(v) else math.nan for v in x])
+    fin = np.isfinite(x)
+    err = np.abs(got[fin] - want[fin])
+    if atol is not None:
+        assert err.max() <= atol
+    if rtol is not None:
+        assert (err / np.abs(want[fin])).max() <= rtol
+    s = got[-special.size:]
+    assert np.isnan(s[0])                                       # NaN stays NaN
+    assert s[3] == ref(0.0) and s[4] == ref(-0.0)
+    if name == "erf":
+        assert s[1] == 1.0 and s[2] == -1.0
+    else:
+        assert s[1] == np.inf and s[2] == 0.0
+
+
+def test_gelu_epilogue_is_inlined_and_matches_onnxruntime(tmp_path):
+    # BERT's FFN up-projection: MatMul + bias + exact GELU, x * 0.5 * (1 + erf(x / sqrt 2))
+    rng = np.random.default_rng(5)
+    k, n = 64, 96
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.5
+    b = rng.standard_normal(n).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
+             helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["g"]),
+             helper.make_node("Mul", ["g", "half"], ["y"])]
+    inits = {"w": w, "b": b, "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
+             "half": np.array(0.5, np.float32)}
+    p = _onnx_model(tmp_path, nodes, inits, [1, 32, k], [1, 32, n], "gelu")
+    rules = _check(p, rng.standard_normal((1, 32, k)).astype(np.float32))
+    fused = [f for f, r in rules.items() if "erf" in f]
+    assert fused and all(rules[f] == "tiled-reduction" for f in fused)   # erf fused into the matmul
+    mod, params = tvm_qpu.from_onnx(p)
+    from tvm import relax
+    mod = cs.legalized(relax.transform.BindParams("main", params)(mod), _target())
+    f = next(fn for gv, fn in mod.functions_items() if gv.name_hint == fused[0])
+    sch, _ = cs.schedule_func(f, _target())
+    text = sch.script()
+    assert "T.erf(" not in text
+    blocks = re.findall(r'^\s+with T\.sblock\("(\w+)"\)', text, re.M)
+    assert len(blocks) == 3, blocks                       # init, update, write-back with the GELU
