@@ -206,3 +206,33 @@ def test_gelu_epilogue_is_inlined_and_matches_onnxruntime(tmp_path):
     assert "T.erf(" not in text
     blocks = re.findall(r'^\s+with T\.sblock\("(\w+)"\)', text, re.M)
     assert len(blocks) == 3, blocks                       # init, update, write-back with the GELU
+
+
+@pytest.mark.parametrize("op,attrs,shape,rule", [
+    ("Softmax", {"axis": -1}, [2, 3, 40, 128], "row-reduction"),    # rows of 128: vector partials
+    ("Softmax", {"axis": 1}, [2, 5, 6, 16], "dlight.cpu.Reduction"),  # not over the innermost axis
+    ("LayerNormalization", {"axis": -1}, [4, 33, 200], "row-reduction"),  # 200 = 25 x 8 lanes
+    ("ReduceMean", {"axes": [-1], "keepdims": 1}, [3, 7, 96], "row-reduction"),  # keepdims unit axis
+])
+def test_row_reductions_match_onnxruntime(tmp_path, op, attrs, shape, rule):
+    rng = np.random.default_rng(6)
+    d = shape[-1]
+    inits, ins = {}, ["x"]
+    if op == "LayerNormalization":
+        inits = {"g": rng.standard_normal(d).astype(np.float32), "b": rng.standard_normal(d).astype(np.float32)}
+        ins = ["x", "g", "b"]
+    if op == "ReduceMean":      # x - mean(x): a reduction, a broadcast of its keepdims result
+        nodes = [helper.make_node("ReduceMean", ["x"], ["m"], **attrs), helper.make_node("Sub", ["x", "m"], ["y"])]
+    else:
+        nodes = [helper.make_node(op, ins, ["y"], **attrs)]
+    p = _onnx_model(tmp_path, nodes, inits, shape, shape, op.lower())
+    x = (rng.standard_normal(shape) * 4 + 1).astype(np.float32)
+    rules = _check(p, x, atol=2e-4)
+    assert list(rules.values()) == [rule], rules
+
+
+def test_reduction_lanes_balance_vector_and_scalar_steps():
+    assert cs._reduction_lanes(128, 8) == 16         # 8 vector steps + 16 partials
+    assert cs._reduction_lanes(768, 8) == 32
+    assert cs._reduction_lanes(24, 8) == 8
+    assert cs._reduction_lanes(8, 8) is None and cs._reduction_lanes(100, 8) is None

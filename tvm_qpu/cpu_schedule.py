@@ -11,8 +11,10 @@ the VM lowering (:func:`relax_pipeline`) that schedules every PrimFunc with the 
    ``rows x (2 x SIMD lanes)`` accumulators (cache-write to ``local``, unrolled and vectorized) sits
    under the reduction loops; the remaining spatial loops are fused into one ``parallel`` loop (TVM's
    thread pool, ``TVM_NUM_THREADS``); the epilogue is inlined into the tile's write-back.
-2. ``dlight.cpu.Reduction`` -- TVM's own rule for softmax / layer norm / RMS norm (several blocks
-   sharing leading spatial axes).
+2. :class:`RowReduction` -- softmax / layer norm / RMS norm (reductions over the rows' innermost
+   axis, several blocks sharing the leading row axes): one parallel row loop, the reductions split
+   into vector partial results (``rfactor``); ``dlight.cpu.Reduction`` (TVM's own rule, scalar
+   reductions) for what it declines.
 3. ``dlight.cpu.GEMV`` -- TVM's own rule for matrix-vector products.
 4. :class:`Injective` -- elementwise / broadcast / layout blocks: inline what can be inlined, then
    per block a vectorized inner loop and a parallel outer loop.
@@ -161,15 +163,13 @@ def _injective(sch, block) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-def _schedule_injective_block(sch, block, lanes: int):
-    """Vectorize the innermost loop (a divisor of its extent), fuse the rest and run it in parallel."""
+def _vectorize_inner(sch, block, lanes: int):
+    """Vectorize the innermost loop of ``block`` (a divisor of its extent, at most
+    :data:`MAX_UNROLL_VEC`, a multiple of ``lanes`` or the whole loop). Returns the loops outside
+    the vectorized one, or None if nothing was vectorized."""
     loops = sch.get_loops(block)
     if not loops:
-        return
-    total = 1
-    for l in loops:
-        e = _extent(sch, l)
-        total = None if (e is None or total is None) else total * e
+        return None
     inner = loops[-1]
     e = _extent(sch, inner)
     outer = list(loops[:-1])
@@ -180,10 +180,22 @@ def _schedule_injective_block(sch, block, lanes: int):
                 o, inner = sch.split(inner, factors=[None, v])
                 outer.append(o)
             sch.vectorize(inner)
-        elif not outer:
-            outer.append(inner)
-    elif not outer:
-        outer.append(inner)
+            return outer
+    return None
+
+
+def _schedule_injective_block(sch, block, lanes: int):
+    """Vectorize the innermost loop (a divisor of its extent), fuse the rest and run it in parallel."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    total = 1
+    for l in loops:
+        e = _extent(sch, l)
+        total = None if (e is None or total is None) else total * e
+    outer = _vectorize_inner(sch, block, lanes)
+    if outer is None:
+        outer = list(loops[:-1]) or [loops[-1]]
     # a scalar innermost loop stays a plain loop: fused into the parallel loop it would pay the
     # fused index's div/mod on every element
     if outer and (total is None or total >= MIN_PARALLEL_ELEMS):
@@ -456,6 +468,110 @@ def _remaining(sch, root, skip_names):
             and _injective(sch, b)]
 
 
+class RowReduction(_Rule):
+    """Softmax / layer norm / RMS norm: reductions over the innermost axis of rows that every block
+    shares (``S..SR`` reduction blocks, ``S..S`` injective ones, the last one injective).
+
+    Like ``dlight.cpu.Reduction`` the row loops are fused into one (parallel) loop and every block is
+    computed at it, but each reduction is split into :func:`_reduction_lanes` partial results
+    (``rfactor``) accumulated as vectors and summed at the end of the row. A float reduction kept in
+    one scalar is a chain of dependent adds LLVM may not reorder (dlight's unrolled scalar loop:
+    about 4 cycles an element here). Only the summation order changes."""
+    name = "row-reduction"
+
+    def apply(self, func, target):
+        from tvm import s_tir, tirx
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        root = sch.get_sblock("root")
+        blocks = sch.get_child_blocks(root)
+        if len(blocks) < 2 or not _injective(sch, blocks[-1]) or all(_injective(sch, b) for b in blocks):
+            return None
+        # row axes: the leading spatial axes all blocks share, never the last block's innermost one
+        # (a keepdims reduction has a unit axis there)
+        n_rows = min([_leading_spatial(sch.get(b)) for b in blocks] + [len(sch.get_loops(blocks[-1])) - 1])
+        row_exts = [_extent(sch, l) for l in sch.get_loops(blocks[-1])[:n_rows]]
+        if n_rows < 1 or any([_extent(sch, l) for l in sch.get_loops(b)[:n_rows]] != row_exts for b in blocks):
+            return None
+        lanes = vector_lanes(target, _dtype_bits(sch.get(blocks[-1])))
+        rfactored = set()
+        for b in blocks:
+            if _injective(sch, b):
+                continue
+            stmt = sch.get(b)
+            kinds = "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in stmt.iter_vars)
+            loops = sch.get_loops(b)
+            vals = _iter_values(sch, b)
+            if kinds.rstrip("R") != kinds[:-1] or len(loops) != len(kinds) or vals is None or \
+                    any(not v.same_as(sch.get(l).loop_var) for v, l in zip(vals, loops)):
+                return None                    # one trailing reduction axis, loops bound 1:1
+            v = _reduction_lanes(_extent(sch, loops[-1]), lanes)
+            if v is None or not all(_unit_stride(r.region, stmt.iter_vars[-1].var) for r in stmt.reads):
+                continue                       # short, odd or strided row: stays a scalar loop
+            _, lane = sch.split(loops[-1], factors=[None, v])
+            rfactored.add(sch.get(sch.rfactor(lane, factor_axis=len(kinds) - 1)).name_hint)
+        blocks = sch.get_child_blocks(root)
+        loops = sch.get_loops(blocks[-1])
+        total = 1
+        for l in loops:
+            e = _extent(sch, l)
+            total = None if (e is None or total is None) else total * e
+        rows = sch.fuse(*loops[:n_rows]) if n_rows > 1 else loops[0]
+        if total is None or total >= MIN_PARALLEL_ELEMS:
+            sch.parallel(rows)                 # before decompose_reduction: it needs complete blocks
+        for b in reversed(blocks[:-1]):
+            sch.compute_at(b, rows, preserve_unit_loops=True)
+        for b in sch.get_child_blocks(rows):
+            if sch.get(b).name_hint in rfactored:
+                _vectorize_partials(sch, b)
+            elif _injective(sch, b):
+                _vectorize_inner(sch, b, lanes)
+        return sch
+
+
+def _leading_spatial(block_stmt) -> int:
+    from tvm import tirx
+    n = 0
+    for iv in block_stmt.iter_vars:
+        if iv.iter_type != tirx.IterVar.DataPar:
+            break
+        n += 1
+    return n
+
+
+def _reduction_lanes(extent, lanes: int):
+    """Partial results for a row reduction of ``extent``: a multiple of ``lanes`` dividing it that
+    minimizes ``extent / v + v`` (the vector loop's chain of dependent steps plus the scalar sum of
+    the ``v`` partials at the end); None if no multiple of ``lanes`` below ``extent`` divides it."""
+    if extent is None:
+        return None
+    cands = [lanes << j for j in range(8) if (lanes << j) < extent and extent % (lanes << j) == 0]
+    if not cands:
+        return None
+    return min(cands, key=lambda v: (extent // v + v, -v))
+
+
+def _vectorize_partials(sch, rf_block):
+    """An rfactor block computed at the row loop: its partial-result axis becomes the innermost,
+    vectorized loop under the remaining reduction loop; its init gets its own vectorized loop."""
+    from tvm import tirx
+    stmt = sch.get(rf_block)
+    vals = _iter_values(sch, rf_block)
+    lane_var = stmt.writes[0].region[-1].min          # the partial-result index of the rf buffer
+    ivs = list(stmt.iter_vars)
+    lane_bind = next(vals[j] for j, iv in enumerate(ivs) if iv.var.same_as(lane_var))
+    red_bind = next(vals[j] for j, iv in enumerate(ivs) if iv.iter_type != tirx.IterVar.DataPar)
+    under = sch.get_loops(rf_block)[1:]
+    lane = next(l for l in under if sch.get(l).loop_var.same_as(lane_bind))
+    red = next(l for l in under if sch.get(l).loop_var.same_as(red_bind))
+    sch.reorder(*([l for l in under if not sch.get(l).same_as(sch.get(lane)) and
+                   not sch.get(l).same_as(sch.get(red))] + [red, lane]))
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(rf_block, red)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 class Injective(_Rule):
     """Only spatial blocks: inline intermediates, then vectorize + parallelize each remaining block."""
     name = "injective"
@@ -518,7 +634,7 @@ class _Dlight(_Rule):
 def default_rules():
     """The rule list, first match wins (see the module docstring)."""
     from tvm.s_tir import dlight
-    return [TiledReduction(), _Dlight(dlight.cpu.Reduction(), "dlight.cpu.Reduction"),
+    return [TiledReduction(), RowReduction(), _Dlight(dlight.cpu.Reduction(), "dlight.cpu.Reduction"),
             _Dlight(dlight.cpu.GEMV(), "dlight.cpu.GEMV"), Injective(), ParallelOuter()]
 
 
