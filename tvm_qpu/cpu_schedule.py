@@ -511,6 +511,8 @@ class RowReduction(_Rule):
                 continue                       # short, odd or strided row: stays a scalar loop
             _, lane = sch.split(loops[-1], factors=[None, v])
             rfactored.add(sch.get(sch.rfactor(lane, factor_axis=len(kinds) - 1)).name_hint)
+        if not rfactored:
+            return None                        # nothing to vectorize: dlight's rule does the rest
         blocks = sch.get_child_blocks(root)
         loops = sch.get_loops(blocks[-1])
         total = 1
