@@ -10,7 +10,7 @@ only ``--threads 1`` is offered.
 Builds compared (``--ablate`` adds the second):
 
 * ``ours``    ``tvm_qpu.build(target="llvm")`` as shipped;
-* ``ablated`` the same with :data:`tvm_qpu.cpu_schedule.FAST_MATH` emptied (libm ``erf`` / ``exp``)
+* ``ablated`` the same with :data:`tvm_qpu.cpu_schedule.FAST_MATH` emptied (libm ``erf`` / ``exp`` / ...)
   and the rules named by ``--without`` removed (default: ``row-reduction``), i.e. the build before
   issue 10's changes.
 
