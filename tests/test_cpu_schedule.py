@@ -133,3 +133,65 @@ def test_softmax_layernorm_gelu_match_onnxruntime(tmp_path):
     inits = {"w": w, "gamma": np.ones(d, np.float32), "beta": np.zeros(d, np.float32)}
     p = _onnx_model(tmp_path, nodes, inits, [3, 17, d], [3, 17, d], "tail")
     _check(p, rng.standard_normal((3, 17, d)).astype(np.float32))
+
+
+def _depthwise_model(tmp_path, c, hw, stride, dilation, mult=1, residual=False, name="dw"):
+    """Depthwise 3x3 conv (+ bias, ReLU6 as Clip, optional residual add) as ONNX."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((c * mult, 1, 3, 3)) * 0.4).astype(np.float32)
+    b = rng.standard_normal(c * mult).astype(np.float32)
+    pad = dilation
+    out_hw = (hw + 2 * pad - 2 * dilation - 1) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["d"], kernel_shape=[3, 3], strides=[stride, stride],
+                              pads=[pad] * 4, dilations=[dilation, dilation], group=c),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["y" if not residual else "r"])]
+    if residual:
+        nodes.append(helper.make_node("Add", ["r", "x"], ["y"]))
+    inits = {"w": w, "b": b, "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    p = _onnx_model(tmp_path, nodes, inits, [1, c, hw, hw], [1, c * mult, out_hw, out_hw], name)
+    return p, rng.standard_normal((1, c, hw, hw)).astype(np.float32) * 3
+
+
+@pytest.mark.parametrize("c,hw,stride,dilation,residual", [
+    (32, 15, 1, 1, True),      # odd size: pixel tile 5 / 3, residual add in the epilogue
+    (48, 14, 2, 1, False),     # stride 2 (MobileNetV2's down-sampling blocks)
+    (16, 9, 1, 2, False),      # dilation 2
+    (64, 7, 1, 1, False),      # 7x7 maps, many channels (MobileNetV2's last blocks)
+])
+def test_depthwise_rule_matches_onnxruntime(tmp_path, c, hw, stride, dilation, residual):
+    p, x = _depthwise_model(tmp_path, c, hw, stride, dilation, residual=residual)
+    rules = _check(p, x)
+    assert "depthwise-conv" in rules.values()
+
+
+def test_depthwise_rule_declines_what_it_does_not_tile(tmp_path):
+    # 12 channels (not a multiple of the 4 / 8 SIMD lanes) and a channel multiplier of 2 (each input
+    # channel read by two outputs): the tiled-reduction rule takes them, results unchanged
+    for c, mult in ((12, 1), (8, 2)):
+        p, x = _depthwise_model(tmp_path, c, 10, 1, 1, mult=mult, name=f"dw{c}x{mult}")
+        rules = _check(p, x)
+        assert "depthwise-conv" not in rules.values() and "tiled-reduction" in rules.values()
+
+
+def test_depthwise_geometry_reads_stride_and_dilation():
+    from tvm import s_tir, te, topi
+    x = te.placeholder((1, 17, 17, 16), name="x")
+    w = te.placeholder((3, 3, 1, 16), name="w")
+    y = topi.nn.group_conv2d_nhwc(x, w, stride=2, padding=2, dilation=2, groups=16)
+    f = te.create_prim_func([x, w, y])
+    sch = s_tir.Schedule(f)
+    main = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if not cs._injective(sch, b)][0]
+    geo = cs._depthwise_geometry(sch, main)
+    assert geo is not None and (geo["stride"], geo["dilation"]) == (2, 2)
+    assert geo["row_bytes"] == 21 * 16 * 4                     # padded row: 17 + 2 * 2 pixels
+    new, rule = cs.schedule_func(f, _target())
+    assert rule == "depthwise-conv"
+    rng = np.random.default_rng(5)
+    a, k = rng.standard_normal((1, 17, 17, 16), np.float32), rng.standard_normal((3, 3, 1, 16), np.float32)
+    got = _run_te(new, [a, k, np.zeros([int(s) for s in y.shape], np.float32)])
+    ap = np.pad(a, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    want = np.zeros(got.shape, np.float64)
+    for i in range(3):
+        for j in range(3):
+            want += ap[:, 2 * i:2 * i + 2 * got.shape[1] - 1:2, 2 * j:2 * j + 2 * got.shape[2] - 1:2, :] * k[i, j, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
