@@ -162,6 +162,10 @@ def test_depthwise_rule_matches_onnxruntime(tmp_path, c, hw, stride, dilation, r
     p, x = _depthwise_model(tmp_path, c, hw, stride, dilation, residual=residual)
     rules = _check(p, x)
     assert "depthwise-conv" in rules.values()
+    # ReLU6 (ONNX Clip, imported as TIR max / min and turned into Relax ops by backend.canonicalize)
+    # runs channels-last in the conv's epilogue: no NCHW clip between transposes
+    assert all("conv2d" in f for f in rules if "maximum" in f or "minimum" in f)
+    assert sum("transpose" in f for f in rules) == 2        # NCHW <-> NHWC at the graph's input / output only
 
 
 def test_depthwise_rule_declines_what_it_does_not_tile(tmp_path):
