@@ -198,3 +198,20 @@ def test_depthwise_geometry_reads_stride_and_dilation():
         for j in range(3):
             want += ap[:, 2 * i:2 * i + 2 * got.shape[1] - 1:2, 2 * j:2 * j + 2 * got.shape[2] - 1:2, :] * k[i, j, 0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_rule_int8_accumulates_exactly():
+    # int8 x int8 -> int32 (a quantized model's CPU leftover): exact, vs an int64 numpy reference
+    from tvm import te, topi
+    x = te.placeholder((1, 12, 12, 32), name="x", dtype="int8")
+    w = te.placeholder((3, 3, 1, 32), name="w", dtype="int8")
+    y = topi.nn.group_conv2d_nhwc(x, w, stride=1, padding=1, dilation=1, groups=32, out_dtype="int32")
+    new, rule = cs.schedule_func(te.create_prim_func([x, w, y]), _target())
+    assert rule == "depthwise-conv"
+    rng = np.random.default_rng(6)
+    a = rng.integers(-128, 128, (1, 12, 12, 32)).astype(np.int8)
+    k = rng.integers(-128, 128, (3, 3, 1, 32)).astype(np.int8)
+    got = _run_te(new, [a, k, np.zeros((1, 12, 12, 32), np.int32)])
+    ap = np.pad(a.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = sum(ap[:, i:i + 12, j:j + 12, :] * k[i, j, 0].astype(np.int64) for i in range(3) for j in range(3))
+    np.testing.assert_array_equal(got, want)
