@@ -177,26 +177,33 @@ def test_depthwise_rule_declines_what_it_does_not_tile(tmp_path):
         assert "depthwise-conv" not in rules.values() and "tiled-reduction" in rules.values()
 
 
-def test_depthwise_geometry_reads_stride_and_dilation():
+@pytest.mark.parametrize("batch,k,stride,dilation,pad", [(1, 3, (2, 2), 2, 2), (2, 5, (1, 2), 1, (2, 1, 2, 3))])
+def test_depthwise_geometry_and_schedule_match_numpy(batch, k, stride, dilation, pad):
+    # TE's own NHWC depthwise conv (padding block, strides, dilation, batch > 1, 5x5 window,
+    # asymmetric padding) vs a numpy loop over the window
     from tvm import s_tir, te, topi
-    x = te.placeholder((1, 17, 17, 16), name="x")
-    w = te.placeholder((3, 3, 1, 16), name="w")
-    y = topi.nn.group_conv2d_nhwc(x, w, stride=2, padding=2, dilation=2, groups=16)
+    c, h = 16, 17
+    x = te.placeholder((batch, h, h, c), name="x")
+    w = te.placeholder((k, k, 1, c), name="w")
+    y = topi.nn.group_conv2d_nhwc(x, w, stride=stride, padding=pad, dilation=dilation, groups=c)
     f = te.create_prim_func([x, w, y])
     sch = s_tir.Schedule(f)
     main = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if not cs._injective(sch, b)][0]
     geo = cs._depthwise_geometry(sch, main)
-    assert geo is not None and (geo["stride"], geo["dilation"]) == (2, 2)
+    assert geo is not None and (geo["stride"], geo["dilation"]) == (stride[0], dilation)
     new, rule = cs.schedule_func(f, _target())
     assert rule == "depthwise-conv"
     rng = np.random.default_rng(5)
-    a, k = rng.standard_normal((1, 17, 17, 16), np.float32), rng.standard_normal((3, 3, 1, 16), np.float32)
-    got = _run_te(new, [a, k, np.zeros([int(s) for s in y.shape], np.float32)])
-    ap = np.pad(a, ((0, 0), (2, 2), (2, 2), (0, 0)))
-    want = np.zeros(got.shape, np.float64)
-    for i in range(3):
-        for j in range(3):
-            want += ap[:, 2 * i:2 * i + 2 * got.shape[1] - 1:2, 2 * j:2 * j + 2 * got.shape[2] - 1:2, :] * k[i, j, 0]
+    a, kw = rng.standard_normal((batch, h, h, c), np.float32), rng.standard_normal((k, k, 1, c), np.float32)
+    oh, ow = (int(v) for v in y.shape[1:3])
+    got = _run_te(new, [a, kw, np.zeros((batch, oh, ow, c), np.float32)])
+    top, left, bottom, right = (pad, pad, pad, pad) if isinstance(pad, int) else pad
+    ap = np.pad(a.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    want = np.zeros(got.shape)
+    for i in range(k):
+        for j in range(k):
+            r0, c0 = i * dilation, j * dilation
+            want += ap[:, r0:r0 + stride[0] * (oh - 1) + 1:stride[0], c0:c0 + stride[1] * (ow - 1) + 1:stride[1], :] * kw[i, j, 0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
