@@ -157,6 +157,7 @@ def _depthwise_model(tmp_path, c, hw, stride, dilation, mult=1, residual=False, 
     (48, 14, 2, 1, False),     # stride 2 (MobileNetV2's down-sampling blocks)
     (16, 9, 1, 2, False),      # dilation 2
     (64, 7, 1, 1, False),      # 7x7 maps, many channels (MobileNetV2's last blocks)
+    (64, 28, 1, 1, True),      # enough work for the parallel row loop (MIN_PARALLEL_WORK)
 ])
 def test_depthwise_rule_matches_onnxruntime(tmp_path, c, hw, stride, dilation, residual):
     p, x = _depthwise_model(tmp_path, c, hw, stride, dilation, residual=residual)
