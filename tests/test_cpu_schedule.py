@@ -244,3 +244,92 @@ def test_reduction_lanes_balance_vector_and_scalar_steps():
     assert cs._reduction_lanes(768, 8) == 32
     assert cs._reduction_lanes(24, 8) == 8
     assert cs._reduction_lanes(8, 8) is None and cs._reduction_lanes(100, 8) is None
+
+def _depthwise_model(tmp_path, c, hw, stride, dilation, mult=1, residual=False, name="dw"):
+    """Depthwise 3x3 conv (+ bias, ReLU6 as Clip, optional residual add) as ONNX."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((c * mult, 1, 3, 3)) * 0.4).astype(np.float32)
+    b = rng.standard_normal(c * mult).astype(np.float32)
+    pad = dilation
+    out_hw = (hw + 2 * pad - 2 * dilation - 1) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["d"], kernel_shape=[3, 3], strides=[stride, stride],
+                              pads=[pad] * 4, dilations=[dilation, dilation], group=c),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["y" if not residual else "r"])]
+    if residual:
+        nodes.append(helper.make_node("Add", ["r", "x"], ["y"]))
+    inits = {"w": w, "b": b, "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    p = _onnx_model(tmp_path, nodes, inits, [1, c, hw, hw], [1, c * mult, out_hw, out_hw], name)
+    return p, rng.standard_normal((1, c, hw, hw)).astype(np.float32) * 3
+
+
+@pytest.mark.parametrize("c,hw,stride,dilation,residual", [
+    (32, 15, 1, 1, True),      # odd size: pixel tile 5 / 3, residual add in the epilogue
+    (48, 14, 2, 1, False),     # stride 2 (MobileNetV2's down-sampling blocks)
+    (16, 9, 1, 2, False),      # dilation 2
+    (64, 7, 1, 1, False),      # 7x7 maps, many channels (MobileNetV2's last blocks)
+    (64, 28, 1, 1, True),      # enough work for the parallel row loop (MIN_PARALLEL_WORK)
+])
+def test_depthwise_rule_matches_onnxruntime(tmp_path, c, hw, stride, dilation, residual):
+    p, x = _depthwise_model(tmp_path, c, hw, stride, dilation, residual=residual)
+    rules = _check(p, x)
+    assert "depthwise-conv" in rules.values()
+    # ReLU6 (ONNX Clip, imported as TIR max / min and turned into Relax ops by backend.canonicalize)
+    # runs channels-last in the conv's epilogue: no NCHW clip between transposes
+    assert all("conv2d" in f for f in rules if "maximum" in f or "minimum" in f)
+    assert sum("transpose" in f for f in rules) == 2        # NCHW <-> NHWC at the graph's input / output only
+
+
+def test_depthwise_rule_declines_what_it_does_not_tile(tmp_path):
+    # 12 channels (not a multiple of the 4 / 8 SIMD lanes) and a channel multiplier of 2 (each input
+    # channel read by two outputs): the tiled-reduction rule takes them, results unchanged
+    for c, mult in ((12, 1), (8, 2)):
+        p, x = _depthwise_model(tmp_path, c, 10, 1, 1, mult=mult, name=f"dw{c}x{mult}")
+        rules = _check(p, x)
+        assert "depthwise-conv" not in rules.values() and "tiled-reduction" in rules.values()
+
+
+@pytest.mark.parametrize("batch,k,stride,dilation,pad", [(1, 3, (2, 2), 2, 2), (2, 5, (1, 2), 1, (2, 1, 2, 3))])
+def test_depthwise_geometry_and_schedule_match_numpy(batch, k, stride, dilation, pad):
+    # TE's own NHWC depthwise conv (padding block, strides, dilation, batch > 1, 5x5 window,
+    # asymmetric padding) vs a numpy loop over the window
+    from tvm import s_tir, te, topi
+    c, h = 16, 17
+    x = te.placeholder((batch, h, h, c), name="x")
+    w = te.placeholder((k, k, 1, c), name="w")
+    y = topi.nn.group_conv2d_nhwc(x, w, stride=stride, padding=pad, dilation=dilation, groups=c)
+    f = te.create_prim_func([x, w, y])
+    sch = s_tir.Schedule(f)
+    main = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if not cs._injective(sch, b)][0]
+    geo = cs._depthwise_geometry(sch, main)
+    assert geo is not None and (geo["stride"], geo["dilation"]) == (stride[0], dilation)
+    new, rule = cs.schedule_func(f, _target())
+    assert rule == "depthwise-conv"
+    rng = np.random.default_rng(5)
+    a, kw = rng.standard_normal((batch, h, h, c), np.float32), rng.standard_normal((k, k, 1, c), np.float32)
+    oh, ow = (int(v) for v in y.shape[1:3])
+    got = _run_te(new, [a, kw, np.zeros((batch, oh, ow, c), np.float32)])
+    top, left, bottom, right = (pad, pad, pad, pad) if isinstance(pad, int) else pad
+    ap = np.pad(a.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    want = np.zeros(got.shape)
+    for i in range(k):
+        for j in range(k):
+            r0, c0 = i * dilation, j * dilation
+            want += ap[:, r0:r0 + stride[0] * (oh - 1) + 1:stride[0], c0:c0 + stride[1] * (ow - 1) + 1:stride[1], :] * kw[i, j, 0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_rule_int8_accumulates_exactly():
+    # int8 x int8 -> int32 (a quantized model's CPU leftover): exact, vs an int64 numpy reference
+    from tvm import te, topi
+    x = te.placeholder((1, 12, 12, 32), name="x", dtype="int8")
+    w = te.placeholder((3, 3, 1, 32), name="w", dtype="int8")
+    y = topi.nn.group_conv2d_nhwc(x, w, stride=1, padding=1, dilation=1, groups=32, out_dtype="int32")
+    new, rule = cs.schedule_func(te.create_prim_func([x, w, y]), _target())
+    assert rule == "depthwise-conv"
+    rng = np.random.default_rng(6)
+    a = rng.integers(-128, 128, (1, 12, 12, 32)).astype(np.int8)
+    k = rng.integers(-128, 128, (3, 3, 1, 32)).astype(np.int8)
+    got = _run_te(new, [a, k, np.zeros((1, 12, 12, 32), np.int32)])
+    ap = np.pad(a.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = sum(ap[:, i:i + 12, j:j + 12, :] * k[i, j, 0].astype(np.int64) for i in range(3) for j in range(3))
+    np.testing.assert_array_equal(got, want)

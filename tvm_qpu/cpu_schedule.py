@@ -5,6 +5,9 @@ no tiling, no vectorization, no threads. This module adds one pass between legal
 the VM lowering (:func:`relax_pipeline`) that schedules every PrimFunc with the first rule of
 :data:`RULES` that applies, in the style of ``tvm.s_tir.dlight``:
 
+0. :class:`DepthwiseConv` -- channels-last depthwise conv2d (one input channel per group): the
+   channel axis is the vector axis, a row of output pixels the register tile, the kernel window
+   unrolled, the zero padding read in place (no padded copy of the input).
 1. :class:`TiledReduction` -- conv2d (incl. depthwise / grouped), matmul / dense / batch matmul and
    pooling: one reduction block whose output has the function's output shape, plus injective
    prologue (padding) and epilogue (bias, residual add, activations) blocks. A register tile of
@@ -376,6 +379,137 @@ class TiledReduction(_Rule):
         return sch
 
 
+class DepthwiseConv(_Rule):
+    """Depthwise conv2d in NHWC / HWIO (``groups == channels``, one input channel per group) plus
+    injective prologue (padding) and epilogue blocks.
+
+    :class:`TiledReduction` treats it as a conv whose reduction is only the kernel window, with the
+    vector-axis blocks outermost (a whole-image sweep per block of channels) and the whole padded
+    input written before the first output. Here (after the usual depthwise CPU kernels): loops
+    ``[n, row] (parallel) / pixel tile / channel vector / kh, kw (unrolled) / pixel (unrolled) /
+    channel lane (vectorized)``; every input vector load feeds one FMA and every weight vector load
+    one FMA per pixel of the tile. The padding block is inlined: its bounds test depends on the
+    pixel and the window position only, not on the channel lanes, so it is one scalar test per
+    vector load, and the input is read once instead of copied (with stride 2 the copy cost more
+    than the multiply-adds: measured here, 1 thread, MobileNetV2's 112x112x96 -> 56x56x96 layer
+    2.2-2.4x faster inlined than with a padded copy made per chunk of rows)."""
+    name = "depthwise-conv"
+
+    def apply(self, func, target):
+        from tvm import s_tir, tirx
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        root = sch.get_sblock("root")
+        blocks = sch.get_child_blocks(root)
+        red = [b for b in blocks if not _injective(sch, b)]
+        if len(red) != 1:
+            return None
+        main = red[0]
+        names = [sch.get(b).name_hint for b in blocks]
+        idx = names.index(sch.get(main).name_hint)
+        prologue, epilogue = blocks[:idx], blocks[idx + 1:]
+        geo = _depthwise_geometry(sch, main)
+        if geo is None:
+            return None
+        out_buf = sch.get(main).writes[0].source
+        if _static_shape(out_buf.shape) != _static_shape(sch.get(blocks[-1]).writes[0].source.shape):
+            return None
+        n, y, x, c, ry, rx, rc = sch.get_loops(main)
+        _, _, X, C = geo["ext"][:4]
+        lanes = vector_lanes(target, _dtype_bits(sch.get(main)))
+        vt, xt = _tile_sizes(C, [X], lanes, accumulator_budget(target))
+        if vt % lanes:
+            return None                       # channels not a multiple of the SIMD width
+        x0, x1 = sch.split(x, factors=[None, xt])
+        c0, c1 = sch.split(c, factors=[None, vt])
+        sch.reorder(n, y, x0, c0, ry, rx, rc, x1, c1)
+        outer = sch.fuse(n, y)
+        wb = sch.cache_write(main, 0, "local")
+        for e in epilogue[:-1]:               # bias / activation / residual: into the write-back
+            sch.compute_inline(e)
+        if epilogue:
+            sch.reverse_compute_inline(epilogue[-1])
+        sch.reverse_compute_at(wb, c0, preserve_unit_loops=True)
+        _tile_inner(sch, sch.get_loops(wb)[-4:], vt)
+        for loop in (ry, rx, rc, x1):
+            sch.unroll(loop)
+        sch.vectorize(c1)
+        if geo["work"] >= MIN_PARALLEL_WORK:
+            sch.parallel(outer)
+        init = sch.decompose_reduction(main, ry)
+        _tile_inner(sch, sch.get_loops(init)[-2:], vt)
+        for p in reversed(prologue):          # padding: read in place
+            sch.compute_inline(p)
+        return sch
+
+
+def _static_shape(shape):
+    from tvm import tirx
+    return [int(v) if isinstance(v, tirx.IntImm) else None for v in shape]
+
+
+def _depthwise_geometry(sch, main):
+    """Facts of a channels-last depthwise conv block, or None when ``main`` is not one: iterators
+    ``(n, y, x, c | kh, kw, ic)`` each bound to its own loop, ``ic`` of extent 1, output written at
+    ``[n, y, x, c]``, an input read at ``[n, y*s + kh*d, x*s' + kw*d', c]`` and a weight read that
+    does not depend on ``y`` / ``x``; ``c`` contiguous in every operand.
+    Returns {ext, stride, dilation, work (multiply-adds)}."""
+    from tvm import tirx
+    mstmt = sch.get(main)
+    loops = sch.get_loops(main)
+    iters = mstmt.iter_vars
+    if len(loops) != 7 or len(iters) != 7 or len(mstmt.writes) != 1 or len(mstmt.reads) != 2:
+        return None
+    if "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in iters) != "SSSSRRR":
+        return None
+    vals = _iter_values(sch, main)
+    if vals is None or any(not v.same_as(sch.get(l).loop_var) for v, l in zip(vals, loops)):
+        return None
+    ext = [_extent(sch, l) for l in loops]
+    if None in ext or ext[6] != 1:
+        return None
+    n, y, x, c, ry, rx, rc = [iv.var for iv in iters]
+    w = mstmt.writes[0].region
+    if len(w) != 4 or not all(r.min.same_as(v) for r, v in zip(w, (n, y, x, c))):
+        return None
+    if not all(_unit_stride(r.region, c) for r in mstmt.reads):
+        return None
+    data = [r for r in mstmt.reads if len(r.region) == 4 and y in _vars_of(r.region[1].min)]
+    weight = [r for r in mstmt.reads if not ({y, x} & _region_vars(r.region))]
+    if len(data) != 1 or len(weight) != 1:
+        return None
+    rows, cols = data[0].region[1].min, data[0].region[2].min
+    sy, dy = _linear_coeff(rows, y), _linear_coeff(rows, ry)
+    sx, dx = _linear_coeff(cols, x), _linear_coeff(cols, rx)
+    if not all(isinstance(v, int) and v >= 1 for v in (sy, dy, sx, dx)) or rx in _vars_of(rows) or \
+            ry in _vars_of(cols):
+        return None
+    work = ext[0] * ext[1] * ext[2] * ext[3] * ext[4] * ext[5]
+    return {"ext": ext, "stride": sy, "dilation": dy, "work": work}
+
+
+def _linear_coeff(expr, var):
+    """The integer ``a`` of ``expr == a * var + (terms without var)`` for sums / differences /
+    products by constants; None when ``expr`` is not of that form in ``var``."""
+    from tvm import tirx
+    if var not in _vars_of(expr):
+        return 0
+    if expr.same_as(var):
+        return 1
+    if isinstance(expr, (tirx.Add, tirx.Sub)):
+        a, b = _linear_coeff(expr.a, var), _linear_coeff(expr.b, var)
+        if a is None or b is None:
+            return None
+        return a + b if isinstance(expr, tirx.Add) else a - b
+    if isinstance(expr, tirx.Mul):
+        for k, e in ((expr.a, expr.b), (expr.b, expr.a)):
+            if isinstance(k, tirx.IntImm):
+                inner = _linear_coeff(e, var)
+                return None if inner is None else int(k.value) * inner
+    return None
+
+
 def accumulator_budget(target) -> int:
     """SIMD registers the register tile may hold as accumulators: 32 architectural vector registers
     on AArch64 (NEON) and AVX-512, 16 on AVX2/SSE; 4 are left for operands."""
@@ -636,7 +770,7 @@ class _Dlight(_Rule):
 def default_rules():
     """The rule list, first match wins (see the module docstring)."""
     from tvm.s_tir import dlight
-    return [TiledReduction(), RowReduction(), _Dlight(dlight.cpu.Reduction(), "dlight.cpu.Reduction"),
+    return [DepthwiseConv(), TiledReduction(), RowReduction(), _Dlight(dlight.cpu.Reduction(), "dlight.cpu.Reduction"),
             _Dlight(dlight.cpu.GEMV(), "dlight.cpu.GEMV"), Injective(), ParallelOuter()]
 
 
