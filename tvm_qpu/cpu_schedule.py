@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 PANEL_BYTES = 16 * 1024   # a reduction block of the vector operand kept in L1 (32-64 KiB on A76 / x86)
 CHUNK_ROWS = 64           # output rows sharing one panel block when K-blocking
+CHUNK_BYTES = 24 * 1024   # a chunk's panel block + its rows of the other operand: stays in L1
 # Below these sizes one core finishes in well under ~50 us and waking TVM's thread pool costs more
 # than it saves (and much more when the cores are shared): such loops stay serial.
 MIN_PARALLEL_ELEMS = 1 << 16   # elements of an injective block
@@ -192,6 +193,18 @@ class TiledReduction(_Rule):
     name = "tiled-reduction"
 
     def apply(self, func, target):
+        try:
+            sch = self._apply(func, target, flatten=True)
+            if sch is None or _lowers(sch.mod["main"]):
+                return sch
+        except Exception as e:  # flattening refused: the rectangular tiles still apply
+            log.debug("cpu_schedule: flattened rows failed on %s: %s", _fname(func), e)
+        return self._apply(func, target, flatten=False)
+
+    def _apply(self, func, target, flatten: bool, flat_rows: bool = False):
+        """``flatten``: the row loops may be merged into one block iter (:func:`_flatten_rows`) when
+        that allows a larger register tile; ``flat_rows``: they already were (the accumulator cache
+        then follows the block's iters, see below)."""
         from tvm import s_tir, tirx
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root") if _has_root(sch) else None
@@ -245,8 +258,15 @@ class TiledReduction(_Rule):
         cands = [i for i in s_idx if i != vec and ext[i] > 1]
         reuse = [i for i in cands if all(ivars[i] not in _region_vars(r.region) for r in vec_reads)]
         rows = _last_run(reuse or cands[-1:])
-        vt, rt = _tile_sizes(ext[vec] if vec is not None else 1,
-                             [ext[i] for i in rows], lanes, accumulator_budget(target))
+        vec_ext, budget = ext[vec] if vec is not None else 1, accumulator_budget(target)
+        vt, rt = _tile_sizes(vec_ext, [ext[i] for i in rows], lanes, budget)
+        if flatten and len(rows) > 1:
+            flat = 1
+            for i in rows:
+                flat *= ext[i]
+            if _tile_score(*_tile_sizes(vec_ext, [flat], lanes, budget), lanes) > _tile_score(vt, rt, lanes):
+                _flatten_rows(sch, main, rows, ext)
+                return self._apply(sch.mod["main"], target, flatten=False, flat_rows=True)
         if vt < 2:
             vec = None
         loops = list(loops)
@@ -284,7 +304,9 @@ class TiledReduction(_Rule):
                 outer.append(loops[i])
         if kblock and row_mid is not None:
             last = r_idx[-1]
-            kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4), 1))
+            chunk_rows = _extent(sch, row_mid) * rt
+            kb = _divisor_at_most(ext[last], max(min(PANEL_BYTES // (vt * 4),
+                                                     CHUNK_BYTES // ((vt + chunk_rows) * 4)), 1))
             if kb < ext[last]:
                 ko, ki = sch.split(loops[last], factors=[None, kb])
                 r_outer = [loops[i] for i in r_idx[:-1]] + [ko]
@@ -316,7 +338,13 @@ class TiledReduction(_Rule):
                     sch.vectorize(inner_pl[-1])
 
         # accumulate the tile in registers; write back with the epilogue inlined
-        wb = sch.cache_write(main, 0, "local")
+        if flat_rows:   # the cache in the block's (flattened) iters: a tile is a range of it,
+            # where the output's own (h, w) indices would make its write-back a bounding box
+            n_it = len(iters)
+            wb = sch.reindex_cache_write(main, 0, "local", _index_map(
+                lambda *v: [v[i] for i in range(n_it) if kinds[i] == "S"], n_it, iters[0].var.ty))
+        else:
+            wb = sch.cache_write(main, 0, "local")
         for e in epilogue[:-1]:              # intermediates into their consumers (diamonds too)
             try:
                 sch.compute_inline(e)
@@ -399,6 +427,32 @@ def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int):
         if score > best[0]:
             best = (score, vt, rt)
     return best[1], best[2]
+
+
+def _tile_score(vt: int, rt: int, lanes: int) -> int:
+    """Accumulator registers a (vector tile, row tile) pair keeps busy."""
+    return rt * max(-(-vt // lanes), 1)
+
+
+def _index_map(fn, ndim: int, dtype):
+    from tvm.tirx import IndexMap
+    return IndexMap.from_func(fn, ndim=ndim, index_dtype=str(dtype))
+
+
+def _flatten_rows(sch, block, rows, ext):
+    """Merge the block iters ``rows`` (consecutive, outer to inner, extents ``ext[i]``) into one
+    iter. Row tiles may then be any divisor of the product (ResNet-18 layer3, 14 x 14 = 196 output
+    pixels: 4 rows x 2 vectors instead of the 7 x 1 that rectangles in (h, w) allow)."""
+    first, rest = rows[0], set(rows[1:])
+
+    def fmap(*v):
+        fused = v[first]
+        for i in rows[1:]:
+            fused = fused * ext[i] + v[i]
+        return [fused if j == first else x for j, x in enumerate(v) if j not in rest]
+
+    sch.transform_block_layout(block, _index_map(fmap, len(sch.get(block).iter_vars),
+                                                 sch.get(block).iter_vars[0].var.ty))
 
 
 def _tile_inner(sch, loops, vt):
