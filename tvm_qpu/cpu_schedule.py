@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 PANEL_BYTES = 16 * 1024   # a reduction block of the vector operand kept in L1 (32-64 KiB on A76 / x86)
 CHUNK_ROWS = 64           # output rows sharing one panel block when K-blocking
-CHUNK_BYTES = 24 * 1024   # a chunk's panel block + its rows of the other operand: stays in L1
 # Below these sizes one core finishes in well under ~50 us and waking TVM's thread pool costs more
 # than it saves (and much more when the cores are shared): such loops stay serial.
 MIN_PARALLEL_ELEMS = 1 << 16   # elements of an injective block
@@ -304,9 +303,7 @@ class TiledReduction(_Rule):
                 outer.append(loops[i])
         if kblock and row_mid is not None:
             last = r_idx[-1]
-            chunk_rows = _extent(sch, row_mid) * rt
-            kb = _divisor_at_most(ext[last], max(min(PANEL_BYTES // (vt * 4),
-                                                     CHUNK_BYTES // ((vt + chunk_rows) * 4)), 1))
+            kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4), 1))
             if kb < ext[last]:
                 ko, ki = sch.split(loops[last], factors=[None, kb])
                 r_outer = [loops[i] for i in r_idx[:-1]] + [ko]
