@@ -162,17 +162,21 @@ def _scheduled_conv(path):
     return new.script()
 
 
-@pytest.mark.parametrize("c,hw,oc,stride,flat", [
-    (32, 14, 16, 1, True),     # 196 pixels: 4 rows x 2 vectors only over the flattened (h, w)
-    (16, 28, 16, 2, True),     # stride 2 down to 14 x 14, K-blocking (3 x 3 x 16 x 16 floats > panel)
-    (8, 13, 16, 1, False),     # 13 x 13: no divisor of 169 beats the rectangles; odd shape
-    (8, 7, 24, 1, False),      # 7 x 7 and 3 vectors of output channels
+@pytest.mark.parametrize("c,hw,oc,stride,flat,taps", [
+    (32, 14, 16, 1, True, False),   # 196 pixels: 4 rows x 2 vectors only over the flattened (h, w)
+    (16, 28, 16, 2, True, False),   # stride 2 down to 14 x 14, K-blocking (3 x 3 x 16 x 16 floats > panel)
+    (32, 8, 16, 1, False, True),    # 8 x 8 rectangles, K-blocking: the 3 taps of a row share inputs
+    (8, 13, 16, 1, False, False),   # 13 x 13: no divisor of 169 beats the rectangles; odd shape
+    (8, 7, 24, 1, False, False),    # 7 x 7 and 3 vectors of output channels
 ])
-def test_conv_row_tiles_over_flattened_pixels_match_onnxruntime(tmp_path, c, hw, oc, stride, flat):
+def test_conv_row_tiles_match_onnxruntime(tmp_path, c, hw, oc, stride, flat, taps):
     p = _conv_residual_model(tmp_path, c, hw, oc, stride, f"conv{c}_{hw}_{oc}_{stride}")
+    script = _scheduled_conv(p)
     # flattened rows: the accumulator cache is indexed by pixel number, not (h, w)
     oh = (hw + 2 - 3) // stride + 1
-    assert (f"T.int64({oh * oh}), T.int64({oc})), scope=\"local\"" in _scheduled_conv(p)) == flat
+    assert (f"T.int64({oh * oh}), T.int64({oc})), scope=\"local\"" in script) == flat
+    # shared taps: the kernel-width loop unrolled inside the input-channel loop
+    assert ("rx in T.unroll(T.int64(3))" in script) == taps
     rng = np.random.default_rng(5)
     _check(p, rng.standard_normal((1, c, hw, hw)).astype(np.float32))
 

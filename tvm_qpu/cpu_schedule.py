@@ -301,7 +301,22 @@ class TiledReduction(_Rule):
                 outer.append(o)
             else:
                 outer.append(loops[i])
-        if kblock and row_mid is not None:
+        # a kernel-width loop whose taps the row tile's neighbours share (stride-1 conv: row xx at
+        # tap rx reads input column xx + rx) goes inside the input-channel loop, unrolled: one
+        # broadcast input element then feeds up to kw FMAs (7 rows x 3 taps: 9 loads, not 21)
+        kw = _shared_tap_loop(mstmt, ivars, ext, r_idx, rows, vec_reads) if kblock and row_mid is not None else None
+        if kw is not None:
+            last = r_idx[-1]
+            kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4 * ext[kw]), 1))
+            r_outer = [loops[i] for i in r_idx if i not in (kw, last)]
+            if kb < ext[last]:
+                ko, ki = sch.split(loops[last], factors=[None, kb])
+                r_outer, r_inner = r_outer + [ko], [ki, loops[kw]]
+            else:
+                r_inner = [loops[last], loops[kw]]
+            sch.unroll(loops[kw])
+            order = outer + r_outer + [row_mid] + r_inner + [row_in, vec_in]
+        elif kblock and row_mid is not None:
             last = r_idx[-1]
             kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4), 1))
             if kb < ext[last]:
@@ -424,6 +439,29 @@ def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int):
         if score > best[0]:
             best = (score, vt, rt)
     return best[1], best[2]
+
+
+MAX_SHARED_TAPS = 7    # kernel widths unrolled inside the input-channel loop (_shared_tap_loop)
+
+
+def _shared_tap_loop(block, ivars, ext, r_idx, rows, vec_reads):
+    """The reduction iter ``kw`` (the one outside the innermost) that a read of the row operand indexes as
+    ``row + kw`` in one dimension, with ``row`` the innermost row iter (a stride-1 conv's input
+    column ``xx + rx``), extent 2..MAX_SHARED_TAPS; None if there is none. Rows flattened over
+    (h, w) or strided do not qualify: their neighbours' taps do not coincide."""
+    if len(r_idx) < 2 or not rows:
+        return None
+    kw, row = r_idx[-2], ivars[rows[-1]]
+    if not 1 < ext[kw] <= MAX_SHARED_TAPS:
+        return None
+    vec_src = {r.source.name for r in vec_reads}
+    w_src = block.writes[0].source.name
+    for r in block.reads:
+        if r.source.name in vec_src or r.source.name == w_src:
+            continue
+        if any(_is_unit_term(d.min, row) and _is_unit_term(d.min, ivars[kw]) for d in r.region):
+            return kw
+    return None
 
 
 def _tile_score(vt: int, rt: int, lanes: int) -> int:
