@@ -10,7 +10,11 @@ the VM lowering (:func:`relax_pipeline`) that schedules every PrimFunc with the 
    prologue (padding) and epilogue (bias, residual add, activations) blocks. A register tile of
    ``rows x (2 x SIMD lanes)`` accumulators (cache-write to ``local``, unrolled and vectorized) sits
    under the reduction loops; the remaining spatial loops are fused into one ``parallel`` loop (TVM's
-   thread pool, ``TVM_NUM_THREADS``); the epilogue is inlined into the tile's write-back.
+   thread pool, ``TVM_NUM_THREADS``); the epilogue is inlined into the tile's write-back. Rows are
+   rectangles of the output's (h, w) loops, or any divisor of h x w after merging them into one
+   block iter when that fills more accumulators (:func:`_flatten_rows`); a stride-1 conv's
+   kernel-width taps run inside the input-channel loop so neighbouring rows share their
+   broadcasts (:func:`_shared_tap_loop`).
 2. ``dlight.cpu.Reduction`` -- TVM's own rule for softmax / layer norm / RMS norm (several blocks
    sharing leading spatial axes).
 3. ``dlight.cpu.GEMV`` -- TVM's own rule for matrix-vector products.
