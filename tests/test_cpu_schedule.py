@@ -166,6 +166,7 @@ def _scheduled_conv(path):
     (32, 14, 16, 1, True, False),   # 196 pixels: 4 rows x 2 vectors only over the flattened (h, w)
     (16, 28, 16, 2, True, False),   # stride 2 down to 14 x 14, K-blocking (3 x 3 x 16 x 16 floats > panel)
     (32, 8, 16, 1, False, True),    # 8 x 8 rectangles, K-blocking: the 3 taps of a row share inputs
+    (32, 16, 16, 2, False, True),   # stride 2 to 8 x 8: a row's first tap is its neighbour's last
     (8, 13, 16, 1, False, False),   # 13 x 13: no divisor of 169 beats the rectangles; odd shape
     (8, 7, 24, 1, False, False),    # 7 x 7 and 3 vectors of output channels
 ])
@@ -197,3 +198,14 @@ def test_flattened_rows_rebuild_the_output_indices():
     x, y = rng.standard_normal((2, 3, 5), np.float32), rng.standard_normal((5, 4), np.float32)
     got = _run_te(sch.mod["main"], [x, y, np.zeros((2, 3, 4), np.float32)])
     np.testing.assert_allclose(got, np.einsum("hwk,kf->hwf", x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_coefficient_of_an_index():
+    from tvm import tirx
+    x, r, y = (tirx.Var(n, "int64") for n in "xry")
+    two = tirx.IntImm("int64", 2)
+    assert cs._linear_coef(x * two + r, x) == 2 and cs._linear_coef(x * two + r, r) == 1
+    assert cs._linear_coef(y + r - x, y) == 1
+    assert cs._linear_coef(tirx.FloorMod(x, two) + r, x) is None     # flattened rows: not linear
+    assert cs._linear_coef(x * r, x) is None                          # no constant coefficient
+    assert cs._linear_coef(y + r, x) is None

@@ -451,8 +451,9 @@ MAX_SHARED_TAPS = 7    # kernel widths unrolled inside the input-channel loop (_
 def _shared_tap_loop(block, ivars, ext, r_idx, rows, vec_reads):
     """The reduction iter ``kw`` (the one outside the innermost) that a read of the row operand indexes as
     ``row + kw`` in one dimension, with ``row`` the innermost row iter (a stride-1 conv's input
-    column ``xx + rx``), extent 2..MAX_SHARED_TAPS; None if there is none. Rows flattened over
-    (h, w) or strided do not qualify: their neighbours' taps do not coincide."""
+    column ``xx + rx``; stride s < kw: ``s * xx + rx``, some taps shared), extent
+    2..MAX_SHARED_TAPS; None if there is none. Rows flattened over (h, w) do not qualify: their
+    neighbours' taps need not coincide."""
     if len(r_idx) < 2 or not rows:
         return None
     kw, row = r_idx[-2], ivars[rows[-1]]
@@ -463,8 +464,29 @@ def _shared_tap_loop(block, ivars, ext, r_idx, rows, vec_reads):
     for r in block.reads:
         if r.source.name in vec_src or r.source.name == w_src:
             continue
-        if any(_is_unit_term(d.min, row) and _is_unit_term(d.min, ivars[kw]) for d in r.region):
+        if any(_linear_coef(d.min, ivars[kw]) == 1 and 1 <= (_linear_coef(d.min, row) or 0) < ext[kw]
+               for d in r.region):
             return kw
+    return None
+
+
+def _linear_coef(expr, var):
+    """``c`` if ``expr`` is ``c * var + (terms without var)`` with a constant ``c``, else None."""
+    from tvm import tirx
+    if expr.same_as(var):
+        return 1
+    if isinstance(expr, (tirx.Add, tirx.Sub)):
+        a_has, b_has = var in _vars_of(expr.a), var in _vars_of(expr.b)
+        if a_has and not b_has:
+            return _linear_coef(expr.a, var)
+        if b_has and not a_has and isinstance(expr, tirx.Add):
+            return _linear_coef(expr.b, var)
+        return None
+    if isinstance(expr, tirx.Mul):
+        for x, k in ((expr.a, expr.b), (expr.b, expr.a)):
+            if isinstance(k, tirx.IntImm) and var not in _vars_of(k):
+                c = _linear_coef(x, var)
+                return None if c is None else c * int(k.value)
     return None
 
 
