@@ -167,8 +167,8 @@ def _scheduled_conv(path):
     (16, 28, 16, 2, True, False),   # stride 2 down to 14 x 14, K-blocking (3 x 3 x 16 x 16 floats > panel)
     (32, 8, 16, 1, False, True),    # 8 x 8 rectangles, K-blocking: the 3 taps of a row share inputs
     (32, 16, 16, 2, False, True),   # stride 2 to 8 x 8: a row's first tap is its neighbour's last
-    (8, 13, 16, 1, False, False),   # 13 x 13: no divisor of 169 beats the rectangles; odd shape
-    (8, 7, 24, 1, False, False),    # 7 x 7 and 3 vectors of output channels
+    (8, 13, 16, 1, False, False),   # 13 x 13: no divisor of 169 beats the rectangles, 1-row tiles
+    (8, 7, 24, 1, False, True),     # 7 x 7, 24 output channels (3 blocks of 8), no K-blocking
 ])
 def test_conv_row_tiles_match_onnxruntime(tmp_path, c, hw, oc, stride, flat, taps):
     p = _conv_residual_model(tmp_path, c, hw, oc, stride, f"conv{c}_{hw}_{oc}_{stride}")

@@ -308,8 +308,8 @@ class TiledReduction(_Rule):
         # a kernel-width loop whose taps the row tile's neighbours share (stride-1 conv: row xx at
         # tap rx reads input column xx + rx) goes inside the input-channel loop, unrolled: one
         # broadcast input element then feeds up to kw FMAs (7 rows x 3 taps: 9 loads, not 21)
-        kw = _shared_tap_loop(mstmt, ivars, ext, r_idx, rows, vec_reads) if kblock and row_mid is not None else None
-        if kw is not None:
+        kw = _shared_tap_loop(mstmt, ivars, ext, r_idx, rows, vec_reads) if row_in is not None and vec_in is not None else None
+        if kw is not None and kblock and row_mid is not None:
             last = r_idx[-1]
             kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4 * ext[kw]), 1))
             r_outer = [loops[i] for i in r_idx if i not in (kw, last)]
@@ -334,6 +334,9 @@ class TiledReduction(_Rule):
         else:
             if row_mid is not None:
                 outer.append(row_mid)
+            if kw is not None:      # the taps innermost of the reduction (a small one, e.g. the stem)
+                r_outer = [l for l in r_outer if not sch.get(l).same_as(sch.get(loops[kw]))] + [loops[kw]]
+                sch.unroll(loops[kw])
             order = outer + r_outer + [x for x in (row_in, vec_in) if x is not None]
         sch.reorder(*order)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
