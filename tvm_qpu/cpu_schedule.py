@@ -308,7 +308,9 @@ class TiledReduction(_Rule):
         # a kernel-width loop whose taps the row tile's neighbours share (stride-1 conv: row xx at
         # tap rx reads input column xx + rx) goes inside the input-channel loop, unrolled: one
         # broadcast input element then feeds up to kw FMAs (7 rows x 3 taps: 9 loads, not 21)
-        kw = _shared_tap_loop(mstmt, ivars, ext, r_idx, rows, vec_reads) if row_in is not None and vec_in is not None else None
+        kw = None
+        if row_in is not None and vec_in is not None:
+            kw = _shared_tap_loop(mstmt, ivars, ext, r_idx, rows, vec_reads)
         if kw is not None and kblock and row_mid is not None:
             last = r_idx[-1]
             kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4 * ext[kw]), 1))
@@ -452,11 +454,11 @@ MAX_SHARED_TAPS = 7    # kernel widths unrolled inside the input-channel loop (_
 
 
 def _shared_tap_loop(block, ivars, ext, r_idx, rows, vec_reads):
-    """The reduction iter ``kw`` (the one outside the innermost) that a read of the row operand indexes as
-    ``row + kw`` in one dimension, with ``row`` the innermost row iter (a stride-1 conv's input
-    column ``xx + rx``; stride s < kw: ``s * xx + rx``, some taps shared), extent
-    2..MAX_SHARED_TAPS; None if there is none. Rows flattened over (h, w) do not qualify: their
-    neighbours' taps need not coincide."""
+    """The reduction iter ``kw`` (the one outside the innermost) that a read of the row operand
+    indexes as ``s * row + kw`` in one dimension, with ``row`` the innermost row iter and
+    1 <= s < extent of kw <= MAX_SHARED_TAPS (a conv's input column ``s * xx + rx``: stride 1 shares
+    all but one tap with the neighbouring row, stride 2 of 3 taps one); None if there is none.
+    Rows flattened over (h, w) do not qualify: their neighbours' taps need not coincide."""
     if len(r_idx) < 2 or not rows:
         return None
     kw, row = r_idx[-2], ivars[rows[-1]]
