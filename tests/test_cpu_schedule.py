@@ -333,3 +333,78 @@ def test_depthwise_rule_int8_accumulates_exactly():
     ap = np.pad(a.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
     want = sum(ap[:, i:i + 12, j:j + 12, :] * k[i, j, 0].astype(np.int64) for i in range(3) for j in range(3))
     np.testing.assert_array_equal(got, want)
+
+def _conv_residual_model(tmp_path, c, hw, oc, stride, name):
+    """conv3x3 (+bias) + residual add + relu, the shape of a ResNet basic block's second half."""
+    rng = np.random.default_rng(4)
+    oh = (hw + 2 - 3) // stride + 1
+    inits = {"w": rng.standard_normal((oc, c, 3, 3)).astype(np.float32) * 0.1,
+             "b": rng.standard_normal(oc).astype(np.float32),
+             "res": rng.standard_normal((1, oc, oh, oh)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], strides=[stride, stride],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "res"], ["s"]),
+             helper.make_node("Relu", ["s"], ["y"])]
+    return _onnx_model(tmp_path, nodes, inits, [1, c, hw, hw], [1, oc, oh, oh], name)
+
+
+def _scheduled_conv(path):
+    from tvm import relax, tirx
+    mod, params = tvm_qpu.from_onnx(path)
+    mod = relax.transform.BindParams("main", params)(mod)
+    target = _target()
+    mod = cs.legalized(mod, target)
+    convs = [f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and "conv2d" in gv.name_hint]
+    assert len(convs) == 1
+    new, rule = cs.schedule_func(convs[0], target)
+    assert rule == "tiled-reduction"
+    return new.script()
+
+
+@pytest.mark.parametrize("c,hw,oc,stride,flat,taps", [
+    (32, 14, 16, 1, True, False),   # 196 pixels: 4 rows x 2 vectors only over the flattened (h, w)
+    (16, 28, 16, 2, True, False),   # stride 2 down to 14 x 14, K-blocking (3 x 3 x 16 x 16 floats > panel)
+    (32, 8, 16, 1, False, True),    # 8 x 8 rectangles, K-blocking: the 3 taps of a row share inputs
+    (32, 16, 16, 2, False, True),   # stride 2 to 8 x 8: a row's first tap is its neighbour's last
+    (8, 13, 16, 1, False, False),   # 13 x 13: no divisor of 169 beats the rectangles, 1-row tiles
+    (8, 7, 24, 1, False, True),     # 7 x 7, 24 output channels (3 blocks of 8), no K-blocking
+])
+def test_conv_row_tiles_match_onnxruntime(tmp_path, c, hw, oc, stride, flat, taps):
+    p = _conv_residual_model(tmp_path, c, hw, oc, stride, f"conv{c}_{hw}_{oc}_{stride}")
+    script = _scheduled_conv(p)
+    # flattened rows: the accumulator cache is indexed by pixel number, not (h, w)
+    oh = (hw + 2 - 3) // stride + 1
+    assert (f"T.int64({oh * oh}), T.int64({oc})), scope=\"local\"" in script) == flat
+    # shared taps: the kernel-width loop unrolled inside the input-channel loop
+    assert ("rx in T.unroll(T.int64(3))" in script) == taps
+    rng = np.random.default_rng(5)
+    _check(p, rng.standard_normal((1, c, hw, hw)).astype(np.float32))
+
+
+def test_flattened_rows_rebuild_the_output_indices():
+    # a 2 x 3 x 4 output as 6 pixels x 4 channels: each pixel's (h, w) comes back from its number
+    from tvm import s_tir, te, tirx
+    a = te.placeholder((2, 3, 5), name="A")
+    wt = te.placeholder((5, 4), name="W")
+    r = te.reduce_axis((0, 5), name="k")
+    c = te.compute((2, 3, 4), lambda h, w, f: te.sum(a[h, w, r] * wt[r, f], axis=r), name="C")
+    sch = s_tir.Schedule(te.create_prim_func([a, wt, c]))
+    blk = sch.get_sblock("C")
+    cs._flatten_rows(sch, blk, [0, 1], [2, 3, 4, 5])
+    ivs = sch.get(blk).iter_vars
+    assert [int(iv.dom.extent) for iv in ivs] == [6, 4, 5]
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((2, 3, 5), np.float32), rng.standard_normal((5, 4), np.float32)
+    got = _run_te(sch.mod["main"], [x, y, np.zeros((2, 3, 4), np.float32)])
+    np.testing.assert_allclose(got, np.einsum("hwk,kf->hwf", x, y), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_coefficient_of_an_index():
+    from tvm import tirx
+    x, r, y = (tirx.Var(n, "int64") for n in "xry")
+    two = tirx.IntImm("int64", 2)
+    assert cs._linear_coef(x * two + r, x) == 2 and cs._linear_coef(x * two + r, r) == 1
+    assert cs._linear_coef(y + r - x, y) == 1
+    assert cs._linear_coef(tirx.FloorMod(x, two) + r, x) is None     # flattened rows: not linear
+    assert cs._linear_coef(x * r, x) is None                          # no constant coefficient
+    assert cs._linear_coef(y + r, x) is None

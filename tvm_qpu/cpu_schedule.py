@@ -13,7 +13,11 @@ the VM lowering (:func:`relax_pipeline`) that schedules every PrimFunc with the 
    prologue (padding) and epilogue (bias, residual add, activations) blocks. A register tile of
    ``rows x (2 x SIMD lanes)`` accumulators (cache-write to ``local``, unrolled and vectorized) sits
    under the reduction loops; the remaining spatial loops are fused into one ``parallel`` loop (TVM's
-   thread pool, ``TVM_NUM_THREADS``); the epilogue is inlined into the tile's write-back.
+   thread pool, ``TVM_NUM_THREADS``); the epilogue is inlined into the tile's write-back. Rows are
+   rectangles of the output's (h, w) loops, or any divisor of h x w after merging them into one
+   block iter when that fills more accumulators (:func:`_flatten_rows`); a conv's kernel-width
+   taps run inside the input-channel loop so neighbouring rows share their broadcasts
+   (:func:`_shared_tap_loop`).
 2. :class:`RowReduction` -- softmax / layer norm / RMS norm (reductions over the rows' innermost
    axis, several blocks sharing the leading row axes): one parallel row loop, the reductions split
    into vector partial results (``rfactor``); ``dlight.cpu.Reduction`` (TVM's own rule, scalar
@@ -222,6 +226,18 @@ class TiledReduction(_Rule):
     name = "tiled-reduction"
 
     def apply(self, func, target):
+        try:
+            sch = self._apply(func, target, flatten=True)
+            if sch is None or _lowers(sch.mod["main"]):
+                return sch
+        except Exception as e:  # flattening refused: the rectangular tiles still apply
+            log.debug("cpu_schedule: flattened rows failed on %s: %s", _fname(func), e)
+        return self._apply(func, target, flatten=False)
+
+    def _apply(self, func, target, flatten: bool, flat_rows: bool = False):
+        """``flatten``: the row loops may be merged into one block iter (:func:`_flatten_rows`) when
+        that allows a larger register tile; ``flat_rows``: they already were (the accumulator cache
+        then follows the block's iters, see below)."""
         from tvm import s_tir, tirx
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root") if _has_root(sch) else None
@@ -275,8 +291,15 @@ class TiledReduction(_Rule):
         cands = [i for i in s_idx if i != vec and ext[i] > 1]
         reuse = [i for i in cands if all(ivars[i] not in _region_vars(r.region) for r in vec_reads)]
         rows = _last_run(reuse or cands[-1:])
-        vt, rt = _tile_sizes(ext[vec] if vec is not None else 1,
-                             [ext[i] for i in rows], lanes, accumulator_budget(target))
+        vec_ext, budget = ext[vec] if vec is not None else 1, accumulator_budget(target)
+        vt, rt = _tile_sizes(vec_ext, [ext[i] for i in rows], lanes, budget)
+        if flatten and len(rows) > 1:
+            flat = 1
+            for i in rows:
+                flat *= ext[i]
+            if _tile_score(*_tile_sizes(vec_ext, [flat], lanes, budget), lanes) > _tile_score(vt, rt, lanes):
+                _flatten_rows(sch, main, rows, ext)
+                return self._apply(sch.mod["main"], target, flatten=False, flat_rows=True)
         if vt < 2:
             vec = None
         loops = list(loops)
@@ -312,7 +335,24 @@ class TiledReduction(_Rule):
                 outer.append(o)
             else:
                 outer.append(loops[i])
-        if kblock and row_mid is not None:
+        # a kernel-width loop whose taps the row tile's neighbours share (stride-1 conv: row xx at
+        # tap rx reads input column xx + rx) goes inside the input-channel loop, unrolled: one
+        # broadcast input element then feeds up to kw FMAs (7 rows x 3 taps: 9 loads, not 21)
+        kw = None
+        if row_in is not None and vec_in is not None:
+            kw = _shared_tap_loop(mstmt, ivars, ext, r_idx, rows, vec_reads)
+        if kw is not None and kblock and row_mid is not None:
+            last = r_idx[-1]
+            kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4 * ext[kw]), 1))
+            r_outer = [loops[i] for i in r_idx if i not in (kw, last)]
+            if kb < ext[last]:
+                ko, ki = sch.split(loops[last], factors=[None, kb])
+                r_outer, r_inner = r_outer + [ko], [ki, loops[kw]]
+            else:
+                r_inner = [loops[last], loops[kw]]
+            sch.unroll(loops[kw])
+            order = outer + r_outer + [row_mid] + r_inner + [row_in, vec_in]
+        elif kblock and row_mid is not None:
             last = r_idx[-1]
             kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4), 1))
             if kb < ext[last]:
@@ -326,6 +366,9 @@ class TiledReduction(_Rule):
         else:
             if row_mid is not None:
                 outer.append(row_mid)
+            if kw is not None:      # the taps innermost of the reduction (a small one, e.g. the stem)
+                r_outer = [l for l in r_outer if not sch.get(l).same_as(sch.get(loops[kw]))] + [loops[kw]]
+                sch.unroll(loops[kw])
             order = outer + r_outer + [x for x in (row_in, vec_in) if x is not None]
         sch.reorder(*order)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -346,7 +389,13 @@ class TiledReduction(_Rule):
                     sch.vectorize(inner_pl[-1])
 
         # accumulate the tile in registers; write back with the epilogue inlined
-        wb = sch.cache_write(main, 0, "local")
+        if flat_rows:   # the cache in the block's (flattened) iters: a tile is a range of it,
+            # where the output's own (h, w) indices would make its write-back a bounding box
+            n_it = len(iters)
+            wb = sch.reindex_cache_write(main, 0, "local", _index_map(
+                lambda *v: [v[i] for i in range(n_it) if kinds[i] == "S"], n_it, iters[0].var.ty))
+        else:
+            wb = sch.cache_write(main, 0, "local")
         for e in epilogue[:-1]:              # intermediates into their consumers (diamonds too)
             try:
                 sch.compute_inline(e)
@@ -560,6 +609,77 @@ def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int):
         if score > best[0]:
             best = (score, vt, rt)
     return best[1], best[2]
+
+
+MAX_SHARED_TAPS = 7    # kernel widths unrolled inside the input-channel loop (_shared_tap_loop)
+
+
+def _shared_tap_loop(block, ivars, ext, r_idx, rows, vec_reads):
+    """The reduction iter ``kw`` (the one outside the innermost) that a read of the row operand
+    indexes as ``s * row + kw`` in one dimension, with ``row`` the innermost row iter and
+    1 <= s < extent of kw <= MAX_SHARED_TAPS (a conv's input column ``s * xx + rx``: stride 1 shares
+    all but one tap with the neighbouring row, stride 2 of 3 taps one); None if there is none.
+    Rows flattened over (h, w) do not qualify: their neighbours' taps need not coincide."""
+    if len(r_idx) < 2 or not rows:
+        return None
+    kw, row = r_idx[-2], ivars[rows[-1]]
+    if not 1 < ext[kw] <= MAX_SHARED_TAPS:
+        return None
+    vec_src = {r.source.name for r in vec_reads}
+    w_src = block.writes[0].source.name
+    for r in block.reads:
+        if r.source.name in vec_src or r.source.name == w_src:
+            continue
+        if any(_linear_coef(d.min, ivars[kw]) == 1 and 1 <= (_linear_coef(d.min, row) or 0) < ext[kw]
+               for d in r.region):
+            return kw
+    return None
+
+
+def _linear_coef(expr, var):
+    """``c`` if ``expr`` is ``c * var + (terms without var)`` with a constant ``c``, else None."""
+    from tvm import tirx
+    if expr.same_as(var):
+        return 1
+    if isinstance(expr, (tirx.Add, tirx.Sub)):
+        a_has, b_has = var in _vars_of(expr.a), var in _vars_of(expr.b)
+        if a_has and not b_has:
+            return _linear_coef(expr.a, var)
+        if b_has and not a_has and isinstance(expr, tirx.Add):
+            return _linear_coef(expr.b, var)
+        return None
+    if isinstance(expr, tirx.Mul):
+        for x, k in ((expr.a, expr.b), (expr.b, expr.a)):
+            if isinstance(k, tirx.IntImm) and var not in _vars_of(k):
+                c = _linear_coef(x, var)
+                return None if c is None else c * int(k.value)
+    return None
+
+
+def _tile_score(vt: int, rt: int, lanes: int) -> int:
+    """Accumulator registers a (vector tile, row tile) pair keeps busy."""
+    return rt * max(-(-vt // lanes), 1)
+
+
+def _index_map(fn, ndim: int, dtype):
+    from tvm.tirx import IndexMap
+    return IndexMap.from_func(fn, ndim=ndim, index_dtype=str(dtype))
+
+
+def _flatten_rows(sch, block, rows, ext):
+    """Merge the block iters ``rows`` (consecutive, outer to inner, extents ``ext[i]``) into one
+    iter. Row tiles may then be any divisor of the product (ResNet-18 layer3, 14 x 14 = 196 output
+    pixels: 4 rows x 2 vectors instead of the 7 x 1 that rectangles in (h, w) allow)."""
+    first, rest = rows[0], set(rows[1:])
+
+    def fmap(*v):
+        fused = v[first]
+        for i in rows[1:]:
+            fused = fused * ext[i] + v[i]
+        return [fused if j == first else x for j, x in enumerate(v) if j not in rest]
+
+    sch.transform_block_layout(block, _index_map(fmap, len(sch.get(block).iter_vars),
+                                                 sch.get(block).iter_vars[0].var.ty))
 
 
 def _tile_inner(sch, loops, vt):
