@@ -228,7 +228,7 @@ class TiledReduction(_Rule):
     def apply(self, func, target):
         try:
             sch = self._apply(func, target, flatten=True)
-            if sch is None or _lowers(sch.mod["main"]):
+            if sch is not None and _lowers(sch.mod["main"]):
                 return sch
         except Exception as e:  # flattening refused: the rectangular tiles still apply
             log.debug("cpu_schedule: flattened rows failed on %s: %s", _fname(func), e)
