@@ -637,7 +637,10 @@ def _at_exit():
     me = threading.current_thread()
     threads = []
     for ex in list(_LIVE):
-        threads += ex._stop_for_exit()
+        try:
+            threads += ex._stop_for_exit()
+        except Exception:               # one executor's device must not keep the others running
+            pass
     deadline = time.monotonic() + EXIT_WAIT_SECONDS
     for t in threads:
         if t is not me:
