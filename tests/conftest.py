@@ -59,3 +59,19 @@ def dev(request):
     d = open_device(request.param)
     yield d
     d.close()
+
+
+@pytest.fixture
+def sigint_default():
+    """SIGINT raises KeyboardInterrupt during the test, as in an interactive Python, and a child
+    process started meanwhile gets SIGINT's default action (exec resets a handled signal, not an
+    ignored one). Needed by the Ctrl-C tests: a test run started with SIGINT ignored (a
+    non-interactive shell's ``cmd &``, nohup-like CI launchers) would otherwise never see a
+    Ctrl-C: Python installs no handler then, ``_thread.interrupt_main()`` does nothing and
+    ``signal.raise_signal(SIGINT)`` is dropped (5 tests of test_async failed 8 of 8 runs so)."""
+    import signal
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)

@@ -224,6 +224,7 @@ def test_tvmc_run_trace_and_stream(built, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.usefixtures("sigint_default")
 def test_ctrl_c_while_a_region_runs_then_the_runner_recovers(built, threaded):
     """interrupt_main while the region runs (emulated at its submit, or in the QPU worker thread
     while the VM waits): KeyboardInterrupt, the device told to stop, and the next run is right."""
@@ -270,6 +271,7 @@ def test_ctrl_c_while_a_region_runs_then_the_runner_recovers(built, threaded):
 
 
 @pytest.mark.parametrize("where", ["submit returns", "wait returns", "worker thread"])
+@pytest.mark.usefixtures("sigint_default")
 def test_ctrl_c_at_any_point_of_a_vm_call_is_a_keyboard_interrupt(built, where):
     """SIGINT at awkward moments of a run: raised in the main thread just as the region's submit
     or wait returns into TVM's FFI, or sent from the QPU worker thread at random moments. Always a
@@ -361,3 +363,60 @@ def test_region_call_state_checks_inputs_and_writes_the_destination(built):
         np.testing.assert_allclose(ex.run(key, [x0]), x0 @ w, rtol=1e-5, atol=1e-5)
     finally:
         r.close()
+
+
+EXIT_WHILE_RUNNING = r"""
+import atexit, sys, threading, time
+runs, errors, threads = {}, {}, []
+
+def report():       # registered before tvm_qpu's exit hook, so it runs after it (atexit is LIFO)
+    for t in threads:
+        t.join(10)
+    print("ended", sorted(errors.items()), [t.name for t in threads if t.is_alive()], flush=True)
+
+atexit.register(report)
+import numpy as np
+import tvm_qpu
+
+mod, params = tvm_qpu.from_onnx(sys.argv[1])
+lib = tvm_qpu.build(mod, placement="all", params=params)
+x = np.ones((1, 32), np.float32)
+
+def loop(name, threaded):
+    r = lib.runner("emulator")
+    r.executor.threaded = threaded      # False: emulated in this thread; True: in the QPU worker thread
+    try:
+        while True:
+            r.run(x=x)
+            runs[name] = runs.get(name, 0) + 1
+    except BaseException as e:
+        errors[name] = type(e).__name__
+
+for name, threaded in (("inline", False), ("worker", True)):
+    threads.append(threading.Thread(target=loop, args=(name, threaded), name=name, daemon=True))
+    threads[-1].start()
+deadline = time.monotonic() + 120
+while min(runs.get("inline", 0), runs.get("worker", 0)) < 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("leaving after runs", sorted(runs), flush=True)
+"""
+
+
+def test_exit_while_regions_run_in_daemon_threads(tmp_path):
+    """The interpreter exits while two daemon threads run the model in a loop (one emulating its
+    regions itself, one waiting for the QPU worker thread). Before executor._at_exit, a thread that
+    needed the GIL during finalization was ended by pthread_exit inside TVM's C++ frames: the process
+    aborted ("FATAL: exception not rethrown", exit 134) in 3 of 3 runs. Now the exit hook stops the
+    regions and waits for the threads to leave their runs: exit 0, and both runs end with
+    InterpreterExiting (before the interpreter finalizes: the script's own exit hook sees it)."""
+    import subprocess
+    import sys
+    path = _model(tmp_path / "tiny.onnx")
+    p = subprocess.run([sys.executable, "-c", EXIT_WHILE_RUNNING, str(path)], capture_output=True, text=True,
+                       timeout=300)
+    assert "leaving after runs ['inline', 'worker']" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert p.returncode == 0, p.stderr[-3000:]
+    for bad in ("FATAL", "terminate called", "Aborted", "corrupted", "Segmentation", "Fatal Python error"):
+        assert bad not in p.stderr, p.stderr[-3000:]
+    assert "ended [('inline', 'InterpreterExiting'), ('worker', 'InterpreterExiting')] []" in p.stdout, \
+        p.stdout + p.stderr[-3000:]

@@ -293,6 +293,7 @@ class _BlockingDevice(D.DoubleDevice):
         (self.stop.set if stop else self.stop.clear)()
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_interrupt_stops_the_region_and_the_runner_recovers(monkeypatch):
     """Ctrl-C (interrupt_main) while a region runs: the device is told to stop, Runner.run raises
     KeyboardInterrupt (not TVM's RuntimeError), and the next run works again."""
@@ -407,6 +408,7 @@ def _big_matmul(path, n):
     save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_ctrl_c_interrupts_emulation(tmp_path):
     """SIGINT while a QPU region is being emulated: exit 130 with 'interrupted', no traceback, promptly
     (the communicate() timeout bounds it; the emulator stops within one scheduling quantum)."""

@@ -279,10 +279,10 @@ def test_a_dead_listen_loop_ends_the_process():
 def test_no_tracker_listening(model):
     _, art = model
     port = free_port()
-    t0 = time.monotonic()
     p = tvmc("run", art, "--rpc-key", KEY, "--rpc-tracker", f"{LOOPBACK}:{port}")
-    assert_one_line_error(p, f"cannot reach the RPC tracker at {LOOPBACK}:{port}")
-    assert time.monotonic() - t0 < 30
+    # refused at once, not the default timeout's "no answer in 60 s" (the message says which; a
+    # wall-clock bound here failed only when the machine was busy)
+    assert_one_line_error(p, f"cannot reach the RPC tracker at {LOOPBACK}:{port}", "is it running?")
 
 
 def test_no_server_listening(model):
@@ -300,7 +300,8 @@ def test_unknown_key_times_out_clearly(cluster, model):
              "--rpc-timeout", "2")
     elapsed = time.monotonic() - t0
     assert_one_line_error(p, "timed out after 2 s", "key 'no-such-key'", f"keys registered there: {KEY}")
-    assert 2 <= elapsed < 30
+    assert elapsed >= 2                 # it did wait; no upper bound: tvmc's start-up alone takes
+                                        # 10 s and more on a busy 2-core machine
 
 
 def test_stock_server_without_tvm_qpu_is_explained(cluster, model):

@@ -403,6 +403,7 @@ def test_unknown_task_name_is_refused(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.usefixtures("sigint_default")
 def test_ctrl_c_during_tuning_is_recognised():
     """MetaSchedule's native loop turns the KeyboardInterrupt of a Ctrl-C into a RuntimeError;
     tune() tells them apart by the SIGINT its handler saw (and the previous handler still runs)."""

@@ -27,14 +27,27 @@ which can be inside TVM's FFI conversion of a packed call's return value: there 
 empty RuntimeError that nothing can tell from a failure, and it can leave the FFI's objects
 half-made (a heap corruption at exit was seen).
 
+Interpreter exit: the QPU worker thread and a region's worker thread are daemon threads, and so
+may be a program's own thread in the middle of a VM call. Left running when Python finalizes, they
+break: a thread that needs the GIL back is ended with ``pthread_exit``, whose forced unwinding
+through TVM's C++ frames aborts the process ("FATAL: exception not rethrown"); numba's runtime,
+shut down by an atexit hook, assumes no other thread still runs its code. :func:`_at_exit` (an
+atexit hook, registered when the first VM call or thread starts, so that it runs before numba's
+own: atexit is last in, first out) stops every region (as a Ctrl-C would), refuses new VM calls and
+region submits (:class:`InterpreterExiting`), and waits up to :data:`EXIT_WAIT_SECONDS` for those
+threads to leave. A region that cannot be stopped (the emulator's first-use compile, a real GPU
+job) is waited for no longer than that.
+
 This module needs only the TVM runtime (``tvm_ffi``) and numpy: no compiler, no Relax frontend.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import signal
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,10 +61,16 @@ POLL_SECONDS = 0.1          # how often the waiting main thread takes signals an
 STOP_GRACE_SECONDS = 0.5    # how long to wait for an interrupted region to stop (the emulator: one quantum)
 CLOSE_WAIT_SECONDS = 10.0   # close(): how long to wait for the QPU worker's running job before leaving
                             # the device and buffers to it (never freed under a running job)
+EXIT_WAIT_SECONDS = 2.0     # at interpreter exit: how long to wait for stopped regions and VM calls
+                            # to end (the emulator stops within a quantum; see _at_exit)
 
 
 class PlanNotLoaded(RuntimeError):
     """A compiled module called a QPU region whose plan is not loaded in this process."""
+
+
+class InterpreterExiting(RuntimeError):
+    """A VM call or a QPU region started (or was stopped) while the interpreter exits."""
 
 
 @dataclass
@@ -256,6 +275,7 @@ class PlanExecutor:
         self._jobs: dict = {}               # ticket -> Job submitted and not yet waited for
         self._latest: dict = {}             # key -> the last Job whose output is in its buffers
         self._tickets = itertools.count(1)
+        _LIVE.add(self)
 
     @property
     def failure(self):
@@ -325,6 +345,8 @@ class PlanExecutor:
         and start the region. Returns a ticket for :meth:`wait`. Errors of the region itself
         surface at the wait; a missing device or a Ctrl-C surface here."""
         self.raise_deferred_sigint()
+        if _EXITING:
+            raise InterpreterExiting(f"QPU region {key} not started: the interpreter is exiting")
         rec = _tl.current()
         t0 = time.perf_counter()
         with self._lock:
@@ -397,6 +419,9 @@ class PlanExecutor:
                 st.cycles += int(getattr(s, "cycles", 0))
             st.host_seconds += job.host_seconds + time.perf_counter() - t0
         if job.error is not None:
+            if _EXITING:
+                raise region_error(InterpreterExiting(f"stopped ({job.error}): the interpreter is exiting"),
+                                   self.info[job.key])
             raise region_error(job.error, self.info[job.key])
         return result
 
@@ -443,6 +468,7 @@ class PlanExecutor:
                     self._execute(job)
 
             t = threading.Thread(target=loop, name="tvm_qpu QPU worker", daemon=True)
+            _arm_exit_hook()
             t.start()
             self._qthread = t
         return self._queue
@@ -483,6 +509,7 @@ class PlanExecutor:
         worker = threading.Thread(target=work, name=f"tvm_qpu {info.key}", daemon=True)
         if worker_flag:
             self._worker = worker
+        _arm_exit_hook()
         t0 = time.perf_counter()
         try:
             worker.start()                  # inside the try: start() itself waits, so Ctrl-C can land there
@@ -509,6 +536,17 @@ class PlanExecutor:
         for job in list(self._jobs.values()):
             job.cancelled = True            # queued regions of the QPU worker do not start
         self.interrupted = True
+
+    def _stop_for_exit(self) -> list:
+        """Interpreter exit (:func:`_at_exit`): stop the running and queued regions, tell the
+        QPU worker thread to end; returns the threads of ours to wait for."""
+        threads = [t for t in (self._qthread, self._worker) if t is not None and t.is_alive()]
+        if threads or self._jobs:
+            self.stop_regions()
+        if self._queue is not None:             # the worker ends after the (cancelled) queued jobs
+            self._queue.put(None)
+            self._queue = self._qthread = None
+        return threads
 
     def raise_deferred_sigint(self):
         """Raise the KeyboardInterrupt of a SIGINT that :func:`_deferred_sigint` recorded."""
@@ -570,6 +608,53 @@ _OWNERS: dict = {}
 _DEFAULT: PlanExecutor | None = None
 _LOCAL = threading.local()
 
+#: every executor not yet garbage-collected: the exit hook stops their regions and threads
+_LIVE: "weakref.WeakSet[PlanExecutor]" = weakref.WeakSet()
+#: thread ident -> how many VM calls (:class:`_Active`) that thread is inside; each thread writes
+#: only its own entry (under the GIL), the exit hook reads them
+_IN_CALLS: dict = {}
+_EXITING = False                    # set by _at_exit: no new VM call or region from now on
+_EXIT_HOOK_ARMED = False
+
+
+def _arm_exit_hook():
+    """Register :func:`_at_exit` with atexit before a thread of ours starts or the first VM call;
+    (re-)registering moves it to the end of atexit's list, so it runs before the hooks of the
+    libraries imported since (numba's runtime shuts down in one) - atexit is last in, first out."""
+    global _EXIT_HOOK_ARMED
+    atexit.unregister(_at_exit)
+    atexit.register(_at_exit)
+    _EXIT_HOOK_ARMED = True
+
+
+def _at_exit():
+    """Interpreter exit (module docstring): stop every running or queued region, end the QPU
+    worker threads, refuse new VM calls, and wait (at most EXIT_WAIT_SECONDS) until no thread of
+    ours runs and no other thread is inside a VM call. Returns the names of what was still running
+    at the deadline (nothing, normally)."""
+    global _EXITING
+    _EXITING = True
+    me = threading.current_thread()
+    threads = []
+    for ex in list(_LIVE):
+        try:
+            threads += ex._stop_for_exit()
+        except Exception:               # one executor's device must not keep the others running
+            pass
+    deadline = time.monotonic() + EXIT_WAIT_SECONDS
+    for t in threads:
+        if t is not me:
+            t.join(max(0.0, deadline - time.monotonic()))
+    while _callers(me.ident) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [t.name for t in threads if t is not me and t.is_alive()] + \
+        [f"VM call in thread {tid}" for tid in _callers(me.ident)]
+
+
+def _callers(me: int) -> list:
+    """Idents of the threads (other than ``me``) inside a VM call."""
+    return [tid for tid, n in list(_IN_CALLS.items()) if n and tid != me]
+
 
 def _deferred_sigint(signum, frame):
     """SIGINT handler while an executor serves a VM call on the main thread: record the Ctrl-C
@@ -592,6 +677,13 @@ class _Active:
         self.ex = ex
 
     def __enter__(self):
+        if not _EXIT_HOOK_ARMED:
+            _arm_exit_hook()
+        tid = threading.get_ident()
+        _IN_CALLS[tid] = _IN_CALLS.get(tid, 0) + 1     # counted in before _EXITING is read: _at_exit
+        if _EXITING:                                    # sets it before it reads the counts, so it
+            self._count_out()                           # either waits for this call or we stop here
+            raise InterpreterExiting("no new QPU model run: the interpreter is exiting")
         self.prev = getattr(_LOCAL, "executor", None)
         self.prev_handler = None
         if (self.prev is None and threading.current_thread() is threading.main_thread()
@@ -601,6 +693,19 @@ class _Active:
         return self.ex
 
     def __exit__(self, exc_type, exc, tb):
+        try:
+            return self._leave(exc_type, exc)
+        finally:                            # counted out last: _at_exit waits for drain() too
+            self._count_out()
+
+    @staticmethod
+    def _count_out():
+        tid = threading.get_ident()
+        _IN_CALLS[tid] -= 1
+        if not _IN_CALLS[tid]:
+            del _IN_CALLS[tid]
+
+    def _leave(self, exc_type, exc):
         _LOCAL.executor = self.prev
         if self.prev_handler is not None:
             signal.signal(signal.SIGINT, self.prev_handler)
