@@ -40,24 +40,26 @@ CPU_MODEL = {
                    "assumption: A76 core / dev-box core fp32 peak = 38.4 GFLOP/s (2x128-bit FMA at 2.4 GHz) / "
                    "78.3 GFLOP/s (AMD EPYC, AVX2 2x256-bit FMA at 2.445 GHz); the same schedule is assumed to "
                    "reach the same fraction of peak on both (scripts/calibrate_cpu.py)"),
-    "fp32_gemm_1core": (8.7e9, "FLOP/s",
-                        "tvm_qpu.cpu_schedule tiled-reduction fp32 matmul/conv2d (register tile, SIMD, K-blocking) "
-                        "on one core: 17.7 GFLOP/s measured on the dev box by scripts/calibrate_cpu.py "
-                        "(matmul 128x768x768; conv 64ch 56x56: 19.2), x a76_factor"),
-    "fp32_gemm_peak": (27.8e9, "FLOP/s",
+    "fp32_gemm_1core": (31.2e9, "FLOP/s",
+                        "tvm_qpu.cpu_schedule tiled-reduction fp32 matmul/conv2d (register tile, SIMD, K-blocking, "
+                        "shared kernel-width taps) on one core: conv 64ch 56x56 3x3 63.7 GFLOP/s measured on the "
+                        "dev box by scripts/calibrate_cpu.py (the slower case; matmul 128x768x768: 77.2), "
+                        "x a76_factor"),
+    "fp32_gemm_peak": (99.8e9, "FLOP/s",
                        "the same schedule on the Pi 5's 4 cores (outer loop parallel on TVM's thread pool): "
                        "4 x fp32_gemm_1core x 0.8 (assumption: parallel efficiency)"),
     "fp32_gemm_thread_cost": (5e-6, "s",
                               "assumption: waking TVM's thread pool (3 more workers) costs ~5 us; the CPU time is "
                               "the cheaper of one core and 4 cores + this cost"),
-    "int_gemm_rate": (7.0e9, "op/s",
+    "int_gemm_rate": (30.1e9, "op/s",
                       "tvm_qpu.cpu_schedule tiled-reduction int8 x int8 -> int32 matmul (widened to int32 "
-                      "multiply-adds, no sdot) on one core: 14.2 GOP/s measured on the dev box by "
+                      "multiply-adds, no sdot) on one core: 61.4 GOP/s measured on the dev box by "
                       "scripts/calibrate_cpu.py (128x768x768), x a76_factor"),
-    "elementwise_rate": (1.36e9, "elem-op/s",
-                         "tvm_qpu.cpu_schedule (dlight.cpu.Reduction softmax, tiled pooling) on one core: "
-                         "softmax 12x128x128 2.8 G elem-op/s measured on the dev box by scripts/calibrate_cpu.py "
-                         "(placement's op count: exp = 10; max_pool2d 3x3/2: 3.2), x a76_factor"),
+    "elementwise_rate": (2.22e9, "elem-op/s",
+                         "tvm_qpu.cpu_schedule (RowReduction softmax with the vectorized fast exp, tiled pooling) "
+                         "on one core: max_pool2d 3x3/2 4.5 G elem-op/s measured on the dev box by "
+                         "scripts/calibrate_cpu.py (the slower case; softmax 12x128x128: 14.0 with placement's "
+                         "op count, exp = 10), x a76_factor"),
     "exp_cost": (10, "elem-ops",
                  "assumption: one exp() in a softmax costs ~10 element-ops (polynomial expansion)"),
     # elementwise op counts of the kinds below (assumptions, not calibrated: the count of
