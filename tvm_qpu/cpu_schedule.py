@@ -238,16 +238,12 @@ class TiledReduction(_Rule):
         """``flatten``: the row loops may be merged into one block iter (:func:`_flatten_rows`) when
         that allows a larger register tile; ``flat_rows``: they already were (the accumulator cache
         then follows the block's iters, see below)."""
-        from tvm import s_tir, tirx
-        sch = s_tir.Schedule(func)
-        root = sch.get_sblock("root") if _has_root(sch) else None
-        if root is None:
+        from tvm import tirx
+        got = _root_blocks(func)
+        main = got and _single_reduction(got[0], got[2])
+        if main is None:
             return None
-        blocks = sch.get_child_blocks(root)
-        red = [b for b in blocks if not _injective(sch, b)]
-        if len(red) != 1:
-            return None
-        main = red[0]
+        sch, root, blocks = got
         idx = [sch.get(b).name_hint for b in blocks].index(sch.get(main).name_hint)
         prologue, epilogue = blocks[:idx], blocks[idx + 1:]
         mstmt = sch.get(main)
@@ -445,16 +441,11 @@ class DepthwiseConv(_Rule):
     name = "depthwise-conv"
 
     def apply(self, func, target):
-        from tvm import s_tir, tirx
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        got = _root_blocks(func)
+        main = got and _single_reduction(got[0], got[2])
+        if main is None:
             return None
-        root = sch.get_sblock("root")
-        blocks = sch.get_child_blocks(root)
-        red = [b for b in blocks if not _injective(sch, b)]
-        if len(red) != 1:
-            return None
-        main = red[0]
+        sch, root, blocks = got
         names = [sch.get(b).name_hint for b in blocks]
         idx = names.index(sch.get(main).name_hint)
         prologue, epilogue = blocks[:idx], blocks[idx + 1:]
@@ -709,6 +700,23 @@ def _iter_values(sch, block):
     return list(body.iter_values)
 
 
+def _root_blocks(func):
+    """(a schedule of ``func``, its root block, the root's child blocks), or None when ``func`` has
+    no root block (every rule starts here)."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    if not _has_root(sch):
+        return None
+    root = sch.get_sblock("root")
+    return sch, root, sch.get_child_blocks(root)
+
+
+def _single_reduction(sch, blocks):
+    """The one non-injective block of ``blocks`` (a conv / matmul / pool), None if not exactly one."""
+    red = [b for b in blocks if not _injective(sch, b)]
+    return red[0] if len(red) == 1 else None
+
+
 def _has_root(sch) -> bool:
     try:
         sch.get_sblock("root")
@@ -734,12 +742,11 @@ class RowReduction(_Rule):
     name = "row-reduction"
 
     def apply(self, func, target):
-        from tvm import s_tir, tirx
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        from tvm import tirx
+        got = _root_blocks(func)
+        if got is None:
             return None
-        root = sch.get_sblock("root")
-        blocks = sch.get_child_blocks(root)
+        sch, root, blocks = got
         if len(blocks) < 2 or not _injective(sch, blocks[-1]) or all(_injective(sch, b) for b in blocks):
             return None
         # row axes: the leading spatial axes all blocks share, never the last block's innermost one
@@ -833,12 +840,10 @@ class Injective(_Rule):
     name = "injective"
 
     def apply(self, func, target):
-        from tvm import s_tir
-        sch = s_tir.Schedule(func)
-        if not _has_root(sch):
+        got = _root_blocks(func)
+        if got is None:
             return None
-        root = sch.get_sblock("root")
-        blocks = sch.get_child_blocks(root)
+        sch, root, blocks = got
         if not blocks or not all(_injective(sch, b) for b in blocks):
             return None
         for b in blocks[:-1]:
