@@ -403,8 +403,8 @@ def test_linear_coefficient_of_an_index():
     from tvm import tirx
     x, r, y = (tirx.Var(n, "int64") for n in "xry")
     two = tirx.IntImm("int64", 2)
-    assert cs._linear_coef(x * two + r, x) == 2 and cs._linear_coef(x * two + r, r) == 1
-    assert cs._linear_coef(y + r - x, y) == 1
-    assert cs._linear_coef(tirx.FloorMod(x, two) + r, x) is None     # flattened rows: not linear
-    assert cs._linear_coef(x * r, x) is None                          # no constant coefficient
-    assert cs._linear_coef(y + r, x) is None
+    assert cs._linear_coeff(x * two + r, x) == 2 and cs._linear_coeff(x * two + r, r) == 1
+    assert cs._linear_coeff(y + r - x, y) == 1
+    assert cs._linear_coeff(tirx.FloorMod(x, two) + r, x) is None     # flattened rows: not linear
+    assert cs._linear_coeff(x * r, x) is None                          # no constant coefficient
+    assert cs._linear_coeff(y + r, x) == 0                             # x absent: coefficient 0

@@ -196,10 +196,7 @@ def _schedule_injective_block(sch, block, lanes: int):
     loops = sch.get_loops(block)
     if not loops:
         return
-    total = 1
-    for l in loops:
-        e = _extent(sch, l)
-        total = None if (e is None or total is None) else total * e
+    total = _loops_extent(sch, loops)
     outer = _vectorize_inner(sch, block, lanes)
     if outer is None:
         outer = list(loops[:-1]) or [loops[-1]]
@@ -262,14 +259,10 @@ class TiledReduction(_Rule):
         iters = mstmt.iter_vars
         if len(loops) != len(iters):
             return None
-        kinds = ["S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in iters]
-        ks = "".join(kinds)
-        if ks.rstrip("R") != "S" * ks.count("S") or "R" not in ks:
+        kinds = _iter_kinds(mstmt)
+        if kinds.rstrip("R") != "S" * kinds.count("S") or "R" not in kinds:
             return None                                  # expects spatial loops, then reduction loops
-        # each block iter must be bound to its own loop (legalized ops are)
-        realize_vals = _iter_values(sch, main)
-        loop_vars = [sch.get(l).loop_var for l in loops]
-        if realize_vals is None or any(not v.same_as(lv) for v, lv in zip(realize_vals, loop_vars)):
+        if not _bound_to_own_loops(sch, main, loops):
             return None
         ivars = [iv.var for iv in iters]
         s_idx = [i for i, k in enumerate(kinds) if k == "S"]
@@ -495,16 +488,12 @@ def _depthwise_geometry(sch, main):
     ``[n, y, x, c]``, an input read at ``[n, y*s + kh*d, x*s' + kw*d', c]`` and a weight read that
     does not depend on ``y`` / ``x``; ``c`` contiguous in every operand.
     Returns {ext, stride, dilation, work (multiply-adds)}."""
-    from tvm import tirx
     mstmt = sch.get(main)
     loops = sch.get_loops(main)
     iters = mstmt.iter_vars
     if len(loops) != 7 or len(iters) != 7 or len(mstmt.writes) != 1 or len(mstmt.reads) != 2:
         return None
-    if "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in iters) != "SSSSRRR":
-        return None
-    vals = _iter_values(sch, main)
-    if vals is None or any(not v.same_as(sch.get(l).loop_var) for v, l in zip(vals, loops)):
+    if _iter_kinds(mstmt) != "SSSSRRR" or not _bound_to_own_loops(sch, main, loops):
         return None
     ext = [_extent(sch, l) for l in loops]
     if None in ext or ext[6] != 1:
@@ -621,29 +610,9 @@ def _shared_tap_loop(block, ivars, ext, r_idx, rows, vec_reads):
     for r in block.reads:
         if r.source.name in vec_src or r.source.name == w_src:
             continue
-        if any(_linear_coef(d.min, ivars[kw]) == 1 and 1 <= (_linear_coef(d.min, row) or 0) < ext[kw]
+        if any(_linear_coeff(d.min, ivars[kw]) == 1 and 1 <= (_linear_coeff(d.min, row) or 0) < ext[kw]
                for d in r.region):
             return kw
-    return None
-
-
-def _linear_coef(expr, var):
-    """``c`` if ``expr`` is ``c * var + (terms without var)`` with a constant ``c``, else None."""
-    from tvm import tirx
-    if expr.same_as(var):
-        return 1
-    if isinstance(expr, (tirx.Add, tirx.Sub)):
-        a_has, b_has = var in _vars_of(expr.a), var in _vars_of(expr.b)
-        if a_has and not b_has:
-            return _linear_coef(expr.a, var)
-        if b_has and not a_has and isinstance(expr, tirx.Add):
-            return _linear_coef(expr.b, var)
-        return None
-    if isinstance(expr, tirx.Mul):
-        for x, k in ((expr.a, expr.b), (expr.b, expr.a)):
-            if isinstance(k, tirx.IntImm) and var not in _vars_of(k):
-                c = _linear_coef(x, var)
-                return None if c is None else c * int(k.value)
     return None
 
 
@@ -686,6 +655,28 @@ def _tile_inner(sch, loops, vt):
         e = _extent(sch, l)
         if e is not None and 1 < e <= 8:
             sch.unroll(l)
+
+
+def _iter_kinds(block_stmt) -> str:
+    """One letter per block iter: "S" data-parallel, "R" anything else (a conv: "SSSSRRR")."""
+    from tvm import tirx
+    return "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in block_stmt.iter_vars)
+
+
+def _bound_to_own_loops(sch, block, loops) -> bool:
+    """Whether each iter of ``block`` is bound to its own loop of ``loops``, in order (legalized
+    ops are)."""
+    vals = _iter_values(sch, block)
+    return vals is not None and all(v.same_as(sch.get(l).loop_var) for v, l in zip(vals, loops))
+
+
+def _loops_extent(sch, loops):
+    """The product of the extents of ``loops``, None if one is not a constant."""
+    total = 1
+    for l in loops:
+        e = _extent(sch, l)
+        total = None if (e is None or total is None) else total * e
+    return total
 
 
 def _iter_values(sch, block):
@@ -742,7 +733,6 @@ class RowReduction(_Rule):
     name = "row-reduction"
 
     def apply(self, func, target):
-        from tvm import tirx
         got = _root_blocks(func)
         if got is None:
             return None
@@ -761,11 +751,10 @@ class RowReduction(_Rule):
             if _injective(sch, b):
                 continue
             stmt = sch.get(b)
-            kinds = "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in stmt.iter_vars)
+            kinds = _iter_kinds(stmt)
             loops = sch.get_loops(b)
-            vals = _iter_values(sch, b)
-            if kinds.rstrip("R") != kinds[:-1] or len(loops) != len(kinds) or vals is None or \
-                    any(not v.same_as(sch.get(l).loop_var) for v, l in zip(vals, loops)):
+            if kinds.rstrip("R") != kinds[:-1] or len(loops) != len(kinds) or \
+                    not _bound_to_own_loops(sch, b, loops):
                 return None                    # one trailing reduction axis, loops bound 1:1
             v = _reduction_lanes(_extent(sch, loops[-1]), lanes)
             if v is None or not all(_unit_stride(r.region, stmt.iter_vars[-1].var) for r in stmt.reads):
@@ -776,10 +765,7 @@ class RowReduction(_Rule):
             return None                        # nothing to vectorize: dlight's rule does the rest
         blocks = sch.get_child_blocks(root)
         loops = sch.get_loops(blocks[-1])
-        total = 1
-        for l in loops:
-            e = _extent(sch, l)
-            total = None if (e is None or total is None) else total * e
+        total = _loops_extent(sch, loops)
         rows = sch.fuse(*loops[:n_rows]) if n_rows > 1 else loops[0]
         if total is None or total >= MIN_PARALLEL_ELEMS:
             sch.parallel(rows)                 # before decompose_reduction: it needs complete blocks
@@ -794,13 +780,9 @@ class RowReduction(_Rule):
 
 
 def _leading_spatial(block_stmt) -> int:
-    from tvm import tirx
-    n = 0
-    for iv in block_stmt.iter_vars:
-        if iv.iter_type != tirx.IterVar.DataPar:
-            break
-        n += 1
-    return n
+    """How many data-parallel iters lead the block's iters."""
+    kinds = _iter_kinds(block_stmt)
+    return len(kinds) - len(kinds.lstrip("S"))
 
 
 def _reduction_lanes(extent, lanes: int):
@@ -1048,10 +1030,11 @@ def schedule_pass(target, rules=None, stats: dict | None = None):
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]):
                 new = fast_math(func)
             else:
-                new, rule = schedule_func(func, target, rules)
+                new, rule = schedule_func(func, target, rules)    # fast_math applied there
                 if stats is not None:
                     stats[gv.name_hint] = rule or "default"
-                new = fast_math(new if new is not None else func)
+                if new is None:
+                    new = fast_math(func)
             if not new.same_as(func):
                 updates[gv] = new
         for gv, f in updates.items():
