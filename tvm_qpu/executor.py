@@ -383,10 +383,9 @@ class PlanExecutor:
         written into ``out`` (an array of the output's size) when given."""
         rec = _tl.current()
         t0 = time.perf_counter()
+        if self.sigint and ticket in self._jobs:
+            self.raise_deferred_sigint()        # the job stays for drain() to let it end
         job = self._jobs.pop(ticket, None)
-        if self.sigint and job is not None:
-            self._jobs[ticket] = job            # drain() lets it end; then Ctrl-C surfaces here
-            self.raise_deferred_sigint()
         if job is None:
             raise RuntimeError(f"QPU wait for an unknown ticket {ticket} (already waited for, or "
                                f"submitted by another executor)")
