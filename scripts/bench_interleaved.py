@@ -96,17 +96,13 @@ def main(argv=None):
     a = _args(argv)
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import numpy as np
-    import onnxruntime as ort
     import tvm
     from tvm import relax
     import tvm_qpu
-    from bench_models import _inputs
+    from bench_models import _inputs, ort_session, vm_first_output
     path = _model_path(a)
     x = _inputs(path)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, 1)
     want = sess.run(None, x)[0]
     mod, params = tvm_qpu.from_onnx(path, {k: list(v.shape) for k, v in x.items()})
     builds = {"ours": _build(mod, params, True)}
@@ -116,8 +112,7 @@ def main(argv=None):
     for name, lib in builds.items():
         vm = relax.VirtualMachine(lib.executable, tvm.cpu())
         args = [tvm.runtime.tensor(v) for v in x.values()]
-        out = vm["main"](*args)
-        out = (out if hasattr(out, "numpy") else out[0]).numpy()
+        out = vm_first_output(vm, args)
         print(f"{name}: max abs error vs ORT {float(np.max(np.abs(out.astype(np.float64) - want))):.3g}")
         runs[name] = (lambda vm, args: lambda: vm["main"](*args))(vm, args)
         vms[name] = (vm, args)

@@ -104,19 +104,30 @@ def _inputs(path):
     return out
 
 
+def ort_session(path, threads: int):
+    """An ONNX Runtime CPU session of ``path`` on ``threads`` intra-op threads (one inter-op)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def vm_first_output(vm, args):
+    """``vm["main"](*args)``'s (first) output as a numpy array."""
+    out = vm["main"](*args)
+    return (out if hasattr(out, "numpy") else out[0]).numpy()
+
+
 def bench_one(name, path, a):
     import numpy as np
-    import onnxruntime as ort
     import tvm
     from tvm import relax
     import tvm_qpu
     from tvm_qpu.api import _partition
     row = {"model": name}
     x = _inputs(path)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = a.threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, a.threads)
     want = sess.run(None, x)[0]
     row["ort_s"] = median_time(lambda: sess.run(None, x), a.repeat)
     shapes = {k: list(v.shape) for k, v in x.items()}
@@ -133,8 +144,7 @@ def bench_one(name, path, a):
         row["llvm_tvm_compile_s"] = time.perf_counter() - t
         vm = relax.VirtualMachine(ex, tvm.cpu())
         args = [tvm.runtime.tensor(v) for v in x.values()]
-        out = vm["main"](*args)
-        row["llvm_tvm_err"] = err((out if hasattr(out, "numpy") else out[0]).numpy())
+        row["llvm_tvm_err"] = err(vm_first_output(vm, args))
         row["llvm_tvm_s"] = median_time(lambda: vm["main"](*args), max(1, min(a.repeat, 3)))
     t = time.perf_counter()
     lib = tvm_qpu.build(mod, target="llvm", params=params)
