@@ -92,7 +92,8 @@ def measure(repeat: int):
             with bb.dataflow():
                 y = bb.emit_output(f(bb, *params))
             bb.emit_func_output(y)
-        ex = tvm.compile(bb.get(), target=tgt, relax_pipeline=cs.relax_pipeline(tgt))
+        with cs.lowering_context():
+            ex = tvm.compile(bb.get(), target=tgt, relax_pipeline=cs.relax_pipeline(tgt))
         vm = relax.VirtualMachine(ex, tvm.cpu())
         args = [tvm.runtime.tensor((rng.standard_normal(s) * 4).astype(d)) for s, d in ins]
         t = median_time(lambda: vm["main"](*args), repeat)

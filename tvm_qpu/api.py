@@ -343,8 +343,9 @@ def _build(mod, target, host, arch, cc, placement, params, registry, cpu_schedul
             if records is not None:
                 from .tune import apply_pass
                 pre = (apply_pass(records, tgt, rules, tuning_failures),)
-            ex = tvm.compile(lowered, target=tgt, relax_pipeline=cs.relax_pipeline(tgt, stats=rules,
-                                                                                     pre_schedule=pre))
+            with cs.lowering_context():
+                ex = tvm.compile(lowered, target=tgt, relax_pipeline=cs.relax_pipeline(tgt, stats=rules,
+                                                                                         pre_schedule=pre))
         else:
             ex = tvm.compile(lowered, target=tgt)
     except Exception as e:

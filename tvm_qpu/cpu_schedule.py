@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 CONV_LAYOUT = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
 PANEL_BYTES = 16 * 1024   # a reduction block of the vector operand kept in L1 (32-64 KiB on A76 / x86)
 CHUNK_ROWS = 64           # output rows sharing one panel block when K-blocking
+# A row tile that does not divide the rows (its last tile partial) keeps the row loop serial inside
+# the parallel one; it is used only where the other loops still give this many tasks (Pi 5 cores).
+PARTIAL_MIN_TASKS = 4
 # Below these sizes one core finishes in well under ~50 us and waking TVM's thread pool costs more
 # than it saves (and much more when the cores are shared): such loops stay serial.
 MIN_PARALLEL_ELEMS = 1 << 16   # elements of an injective block
@@ -281,18 +284,32 @@ class TiledReduction(_Rule):
         reuse = [i for i in cands if all(ivars[i] not in _region_vars(r.region) for r in vec_reads)]
         rows = _last_run(reuse or cands[-1:])
         vec_ext, budget = ext[vec] if vec is not None else 1, accumulator_budget(target)
-        vt, rt = _tile_sizes(vec_ext, [ext[i] for i in rows], lanes, budget)
+        others = 1                      # parallel tasks besides the vector blocks
+        for i in s_idx:
+            if i not in rows and i != vec:
+                others *= ext[i]
+
+        def tiles(row_exts, remainder):
+            """:func:`_tile_sizes`; a partial last tile only when the loops besides the rows
+            (which then stay serial) still give every core a task"""
+            vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget, remainder)
+            if remainder and row_exts[0] % rt_ and others * (vec_ext // vt_) < PARTIAL_MIN_TASKS:
+                vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget)
+            return vt_, rt_
+
+        vt, rt = tiles([ext[i] for i in rows], len(rows) == 1)
         if flatten and len(rows) > 1:
             flat = 1
             for i in rows:
                 flat *= ext[i]
-            if _tile_score(*_tile_sizes(vec_ext, [flat], lanes, budget), lanes) > _tile_score(vt, rt, lanes):
+            if _tile_score(*tiles([flat], True), lanes) > _tile_score(vt, rt, lanes):
                 _flatten_rows(sch, main, rows, ext)
                 return self._apply(sch.mod["main"], target, flatten=False, flat_rows=True)
         if vt < 2:
             vec = None
         loops = list(loops)
         row_exts = [ext[i] for i in rows]
+        partial = len(rows) == 1 and rt > 1 and row_exts[0] % rt != 0
         row = None
         if rows and rt > 1:
             row = rows[0]
@@ -313,6 +330,13 @@ class TiledReduction(_Rule):
             if i == vec:
                 o, vec_in = sch.split(loops[i], factors=[None, vt])
                 outer.insert(0, o)                       # vector-axis blocks outermost: panel reuse
+            elif i == row and partial:
+                # the last tile is partial (predicated rows: split_partial_tiles peels it off)
+                m = min(-(-row_exts[0] // rt), max(CHUNK_ROWS // rt, 1)) if kblock else 1
+                if m > 1:
+                    row_o, row_mid, row_in = sch.split(loops[i], factors=[None, m, rt])
+                else:
+                    row_o, row_in = sch.split(loops[i], factors=[None, rt])
             elif i == row:
                 # a chunk must stay rectangular over the fused row loops (see _row_options)
                 chunks = [d for d in _row_options(row_exts) if d % rt == 0 and d <= max(CHUNK_ROWS, rt)]
@@ -359,8 +383,11 @@ class TiledReduction(_Rule):
                 r_outer = [l for l in r_outer if not sch.get(l).same_as(sch.get(loops[kw]))] + [loops[kw]]
                 sch.unroll(loops[kw])
             order = outer + r_outer + [x for x in (row_in, vec_in) if x is not None]
+        if partial:     # the row chunks stay a serial loop of their own: LoopPartition needs one
+            order = outer + [row_o] + order[len(outer):]
         sch.reorder(*order)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        tile_at = row_o if partial else fused     # where a tile's (or chunk's) accumulators live
         skip = set()
         if kblock and row_mid is not None and r_outer and len(vec_reads) == 1:
             # copy the panel block contiguous once per chunk: strided rows of a big weight matrix
@@ -395,8 +422,9 @@ class TiledReduction(_Rule):
                 sch.reverse_compute_inline(e)
             except Exception:
                 pass
-        sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
-        wl = sch.get_loops(wb)[1:]
+        sch.reverse_compute_at(wb, tile_at, preserve_unit_loops=True)
+        below = 2 if partial else 1     # the tile's own loops start below fused (and row_o)
+        wl = sch.get_loops(wb)[below:]
         _tile_inner(sch, wl, vt if vec is not None else 1)
         if row_in is not None:
             sch.unroll(row_in)
@@ -407,13 +435,15 @@ class TiledReduction(_Rule):
             n_out *= ext[i]
         if n_out * red_elems >= MIN_PARALLEL_WORK:
             sch.parallel(fused)
-        init = sch.decompose_reduction(main, sch.get_loops(main)[1])
-        il = sch.get_loops(init)[1:]
+        init = sch.decompose_reduction(main, sch.get_loops(main)[below])
+        il = sch.get_loops(init)[below:]
         _tile_inner(sch, il, vt if vec is not None else 1)
         # epilogue blocks that could not be inlined, and the prologue (padding): own loops
         skip |= {sch.get(main).name_hint, sch.get(init).name_hint, sch.get(wb).name_hint}
         for b in _remaining(sch, root, skip):
             _schedule_injective_block(sch, b, lanes)
+        if partial:
+            return _likely_predicates(sch)
         return sch
 
 
@@ -573,11 +603,12 @@ def _row_options(exts) -> list:
     return sorted(opts)
 
 
-def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int):
+def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int, remainder: bool = False):
     """(vector tile, row tile) filling as many of ``budget`` accumulator registers as possible.
 
     The vector tile is 2 or 1 SIMD vectors (a divisor of the vector axis; a short axis is taken
-    whole), the row tile a :func:`_row_options` size with rows x vectors <= budget."""
+    whole), the row tile a :func:`_row_options` size with rows x vectors <= budget; with
+    ``remainder`` (one row axis) any size up to the extent, the last tile then partial."""
     vts = [v for v in (2 * lanes, lanes) if vec_ext % v == 0] or \
         ([_divisor_at_most(vec_ext, 2 * lanes)] if vec_ext > 1 else [1])
     best = (0, 1, 1)
@@ -585,6 +616,8 @@ def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int):
         nvec = max(-(-vt // lanes), 1)
         cap = max(budget // nvec, 1)
         rt = max(d for d in _row_options(list(row_exts)) if d <= cap)
+        if remainder and len(row_exts) == 1:
+            rt = max(rt, min(cap, row_exts[0]))
         score = rt * nvec
         if score > best[0]:
             best = (score, vt, rt)
@@ -614,6 +647,40 @@ def _shared_tap_loop(block, ivars, ext, r_idx, rows, vec_reads):
                for d in r.region):
             return kw
     return None
+
+
+def _likely_predicates(sch):
+    """A schedule of ``sch``'s function with every block predicate marked ``likely``. The
+    predicates are the partial row tile's bounds (``row < extent``): TVM's LoopPartition pass
+    (on under :func:`lowering_context`) then peels the partial tile off the loop around it, so
+    the full tiles run without a bounds check and keep their accumulators in registers."""
+    import tvm_ffi
+    from tvm import s_tir, tirx
+
+    def mark(realize):
+        if isinstance(realize.predicate, tirx.IntImm):
+            return realize
+        return s_tir.SBlockRealize(realize.iter_values, tirx.likely(realize.predicate), realize.block)
+
+    return s_tir.Schedule(tvm_ffi.structural_map(sch.mod["main"], (s_tir.SBlockRealize, mark)))
+
+
+#: TIR lowering options the scheduled code is built with (:func:`lowering_context`): LoopPartition
+#: splits constant-extent loops at their ``likely`` conditions (:func:`_likely_predicates`)
+LOWERING_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+
+
+def lowering_context():
+    """The current PassContext plus :data:`LOWERING_CONFIG`: build scheduled host code inside it
+    (``tvm.compile``). Without it the code is the same but a partial row tile's bounds check stays
+    inside the reduction loop (correct, slower)."""
+    import tvm
+    cur = tvm.transform.PassContext.current()
+    config = dict(cur.config.items()) if cur.config is not None else {}
+    config.update(LOWERING_CONFIG)
+    return tvm.transform.PassContext(opt_level=cur.opt_level, required_pass=list(cur.required_pass),
+                                     disabled_pass=list(cur.disabled_pass), config=config,
+                                     instruments=list(cur.instruments))
 
 
 def _tile_score(vt: int, rt: int, lanes: int) -> int:

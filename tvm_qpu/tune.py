@@ -805,10 +805,20 @@ def _runner(remote: RemoteSpec | None):
 def _builder(cross_cc):
     from tvm.s_tir import meta_schedule as ms
     if cross_cc is None:
-        return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT, initializer=import_tensor_intrin)
+        return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT, initializer=import_tensor_intrin,
+                                       f_build=_build_lowered)
     import functools
     return ms.builder.LocalBuilder(max_workers=1, timeout_sec=BUILD_TIMEOUT, initializer=import_tensor_intrin,
-                                   f_export=functools.partial(_export_cross, cross_cc))
+                                   f_build=_build_lowered, f_export=functools.partial(_export_cross, cross_cc))
+
+
+def _build_lowered(mod, target, params):
+    """MetaSchedule's default build of a candidate, lowered as the model build lowers it
+    (:func:`tvm_qpu.cpu_schedule.lowering_context`), so measured and shipped code are the same."""
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+    from . import cpu_schedule as cs
+    with cs.lowering_context():
+        return default_build(mod, target, params)
 
 
 def _export_cross(cc, mod):
