@@ -15,9 +15,11 @@ def _target(spec="llvm"):
     return cs.host_target(spec)
 
 
-def _run_te(func, arrays):
+def _run_te(func, arrays, lowering=True):
+    import contextlib
     import tvm
-    lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=_target())
+    with cs.lowering_context() if lowering else contextlib.nullcontext():
+        lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target=_target())
     args = [tvm.runtime.tensor(a) for a in arrays]
     lib["main"](*args)
     return args[-1].numpy()
@@ -32,7 +34,10 @@ def _matmul_func(m, k, n):
     return te.create_prim_func([a, b, c])
 
 
-@pytest.mark.parametrize("m,k,n", [(128, 768, 256), (7, 13, 5), (1, 512, 1000), (49, 4608, 24)])
+# (49, 4608, 64): partial last row tile (49 = 8 x 6 + 1) with K-blocking; (50, 64, 128) without;
+# (13, 300, 32): 2 column blocks are too few tasks for a serial row loop: dividing tiles
+@pytest.mark.parametrize("m,k,n", [(128, 768, 256), (7, 13, 5), (1, 512, 1000), (49, 4608, 24),
+                                   (49, 4608, 64), (50, 64, 128), (13, 300, 32)])
 def test_matmul_rule_matches_numpy(m, k, n):
     f = _matmul_func(m, k, n)
     new, rule = cs.schedule_func(f, _target())
@@ -40,6 +45,54 @@ def test_matmul_rule_matches_numpy(m, k, n):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
     got = _run_te(new, [a, b, np.zeros((m, n), np.float32)])
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+def test_tile_sizes_with_a_partial_tile():
+    # AVX2 (8 lanes, 12 accumulators): 49 rows divide only as 7 x 1 vector; a partial tile allows 6 x 2
+    assert cs._tile_sizes(512, [49], 8, 12) == (8, 7)
+    assert cs._tile_sizes(512, [49], 8, 12, remainder=True) == (16, 6)
+    assert cs._tile_sizes(512, [48], 8, 12, remainder=True) == (16, 6)      # divides: no partial tile
+    assert cs._tile_sizes(512, [3], 8, 12, remainder=True) == (16, 3)       # fewer rows than the cap
+    assert cs._tile_sizes(512, [7, 7], 8, 12, remainder=True) == (8, 7)     # rectangles: never partial
+
+
+def _lowered_loops(func, lowering):
+    """[(extent, kind, has an if inside)] of every loop of ``func`` lowered through LoopPartition."""
+    import contextlib
+    import tvm
+    from tvm import s_tir, tirx
+    S, T = s_tir.transform, tirx.transform
+    passes = [S.LowerInitBlock(), S.PlanAndUpdateBufferAllocationLocation(), S.ConvertBlocksToOpaque(),
+              S.CompactBufferAllocation(), S.LowerMatchBuffer(), S.LowerOpaqueBlock(), T.FlattenBuffer(),
+              S.LoopPartition(), T.StmtSimplify()]
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main").with_attr("target", _target())})
+    with cs.lowering_context() if lowering else contextlib.nullcontext():
+        body = tvm.transform.Sequential(passes)(mod)["main"].body
+    return [(int(f.extent) if isinstance(f.extent, tirx.IntImm) else None, int(f.kind),
+             bool(_nodes(f.body, tirx.IfThenElse))) for f in _nodes(body, tirx.For)]
+
+
+def _nodes(tree, kind):
+    import tvm_ffi
+    found = []
+    tvm_ffi.structural_map(tree, (kind, lambda n: found.append(n) or n))
+    return found
+
+
+@pytest.mark.parametrize("m,k,n", [(49, 4608, 64), (50, 64, 128)])
+def test_partial_tile_is_peeled_off_the_full_ones(m, k, n):
+    new, _ = cs.schedule_func(_matmul_func(m, k, n), _target())
+    from tvm import tirx
+    assert "T.likely" in new.script()               # the partial tile's rows are bounds-checked
+    # the row tile's loops (6 rows, unrolled: init, FMAs, write-back) and whether they check bounds
+    tile_loops = lambda lowering: [has_if for ext, kind, has_if in _lowered_loops(new, lowering)  # noqa: E731
+                                   if ext == 6 and kind == int(tirx.ForKind.UNROLLED)]
+    assert tile_loops(True) and not all(tile_loops(True))    # full tiles peeled off: no check there
+    assert tile_loops(False) and all(tile_loops(False))      # not partitioned: every tile checks rows
+    rng = np.random.default_rng(7)                  # and the unpartitioned code is correct too
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    got = _run_te(new, [a, b, np.zeros((m, n), np.float32)], lowering=False)
     np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
 
 
@@ -368,6 +421,8 @@ def _scheduled_conv(path):
     (32, 16, 16, 2, False, True),   # stride 2 to 8 x 8: a row's first tap is its neighbour's last
     (8, 13, 16, 1, False, False),   # 13 x 13: no divisor of 169 beats the rectangles, 1-row tiles
     (8, 7, 24, 1, False, True),     # 7 x 7, 24 output channels (3 blocks of 8), no K-blocking
+    (32, 9, 64, 1, True, False),    # 81 pixels, 4 channel blocks: 6 x 2 tiles, the last one partial
+    (64, 14, 64, 2, True, False),   # 49 pixels, K-blocked: 6 x 2 tiles in a chunk of 9, one partial
 ])
 def test_conv_row_tiles_match_onnxruntime(tmp_path, c, hw, oc, stride, flat, taps):
     p = _conv_residual_model(tmp_path, c, hw, oc, stride, f"conv{c}_{hw}_{oc}_{stride}")
