@@ -17,7 +17,13 @@ the VM lowering (:func:`relax_pipeline`) that schedules every PrimFunc with the 
    rectangles of the output's (h, w) loops, or any divisor of h x w after merging them into one
    block iter when that fills more accumulators (:func:`_flatten_rows`); a conv's kernel-width
    taps run inside the input-channel loop so neighbouring rows share their broadcasts
-   (:func:`_shared_tap_loop`).
+   (:func:`_shared_tap_loop`). Over one (merged) row axis the row tile need not divide it: the
+   last tile is then partial (ResNet-18 layer 4: 49 pixels as 8 tiles of 6 x 2 vectors and one
+   of 1 x 2, instead of 7 x 1 vector: 7 accumulators cannot hide the FMA latency). The row loop
+   then stays serial inside the parallel one (used only where the other loops give
+   :data:`PARTIAL_MIN_TASKS` tasks), its bounds checks are marked ``likely`` and TVM's
+   LoopPartition pass, on under :func:`lowering_context` (the build lowers inside it), peels the
+   partial tile off so the full ones run without a check (:func:`_likely_predicates`).
 2. :class:`RowReduction` -- softmax / layer norm / RMS norm (reductions over the rows' innermost
    axis, several blocks sharing the leading row axes): one parallel row loop, the reductions split
    into vector partial results (``rfactor``); ``dlight.cpu.Reduction`` (TVM's own rule, scalar
