@@ -36,8 +36,10 @@ def _matmul_func(m, k, n):
 
 # (49, 4608, 64): partial last row tile (49 = 8 x 6 + 1) with K-blocking; (50, 64, 128) without;
 # (13, 300, 32): 2 column blocks are too few tasks for a serial row loop: dividing tiles
+# (128, 768, 96) / (50, 768, 48): long reductions, 3-vector tiles where 24 columns divide them
 @pytest.mark.parametrize("m,k,n", [(128, 768, 256), (7, 13, 5), (1, 512, 1000), (49, 4608, 24),
-                                   (49, 4608, 64), (50, 64, 128), (13, 300, 32)])
+                                   (49, 4608, 64), (50, 64, 128), (13, 300, 32), (128, 768, 96),
+                                   (50, 768, 48)])
 def test_matmul_rule_matches_numpy(m, k, n):
     f = _matmul_func(m, k, n)
     new, rule = cs.schedule_func(f, _target())
@@ -55,6 +57,13 @@ def test_tile_sizes_with_a_partial_tile():
     assert cs._tile_sizes(512, [48], 8, 12, remainder=True) == (16, 6)      # divides: no partial tile
     assert cs._tile_sizes(512, [3], 8, 12, remainder=True) == (16, 3)       # fewer rows than the cap
     assert cs._tile_sizes(512, [7, 7], 8, 12, remainder=True) == (8, 7)     # rectangles: never partial
+    # 3 vectors (BERT's 128 tokens x 768 / 3072 features): 4 x 3 accumulators where 2 give 4 x 2
+    assert cs._tile_sizes(768, [128], 8, 12, max_vectors=3) == (24, 4)
+    assert cs._tile_sizes(512, [128], 8, 12, max_vectors=3) == (16, 4)      # 24 does not divide 512
+    # the rule: 3 vectors only for a K-blocked reduction (768 x 16 floats outgrow the panel)
+    for k, wide in ((768, True), (96, False)):
+        new, _ = cs.schedule_func(_matmul_func(128, k, 96), _target())
+        assert ("T.unroll(3)" in new.script()) == wide, k
 
 
 def _lowered_loops(func, lowering):

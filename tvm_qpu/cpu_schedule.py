@@ -295,12 +295,20 @@ class TiledReduction(_Rule):
             if i not in rows and i != vec:
                 others *= ext[i]
 
+        red_elems = 1
+        for i in r_idx:
+            red_elems *= ext[i]
+        # a long reduction (its 2-vector panel outgrows L1: K-blocked) may take 3-vector tiles
+        # (4 x 3 accumulators where 2 vectors divide the rows only as 4 x 2: BERT's matmuls);
+        # short ones keep 2 (their tiles' init and write-back weigh more than the FMAs)
+        wide = 3 if red_elems * 2 * lanes * 4 > PANEL_BYTES else 2
+
         def tiles(row_exts, remainder):
             """:func:`_tile_sizes`; a partial last tile only when the loops besides the rows
             (which then stay serial) still give every core a task"""
-            vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget, remainder)
+            vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget, remainder, wide)
             if remainder and row_exts[0] % rt_ and others * (vec_ext // vt_) < PARTIAL_MIN_TASKS:
-                vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget)
+                vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget, max_vectors=wide)
             return vt_, rt_
 
         vt, rt = tiles([ext[i] for i in rows], len(rows) == 1)
@@ -326,9 +334,6 @@ class TiledReduction(_Rule):
         # K-blocking: when the vector operand's panel (reduction extent x vector tile) outgrows L1,
         # split the innermost reduction loop and iterate a chunk of row tiles per panel block
         r_outer, r_inner, row_mid = [loops[i] for i in r_idx], [], None
-        red_elems = 1
-        for i in r_idx:
-            red_elems *= ext[i]
         kblock = vec is not None and row is not None and red_elems * vt * 4 > PANEL_BYTES
         # split: [outer spatial (parallel)] [reduction] [row tile (unroll)] [vector tile (vectorize)]
         outer, row_in, vec_in = [], None, None
@@ -431,10 +436,14 @@ class TiledReduction(_Rule):
         sch.reverse_compute_at(wb, tile_at, preserve_unit_loops=True)
         below = 2 if partial else 1     # the tile's own loops start below fused (and row_o)
         wl = sch.get_loops(wb)[below:]
-        _tile_inner(sch, wl, vt if vec is not None else 1)
+        _tile_inner(sch, wl, vt if vec is not None else 1, lanes)
         if row_in is not None:
             sch.unroll(row_in)
-        if vec_in is not None:
+        if vec_in is not None and vt > 2 * lanes:      # 3 vectors: unrolled, each vectorized
+            vo, vi = sch.split(vec_in, factors=[None, lanes])
+            sch.unroll(vo)
+            sch.vectorize(vi)
+        elif vec_in is not None:
             sch.vectorize(vec_in)       # before decompose_reduction: it needs the complete block
         n_out = 1
         for i in s_idx:
@@ -443,7 +452,7 @@ class TiledReduction(_Rule):
             sch.parallel(fused)
         init = sch.decompose_reduction(main, sch.get_loops(main)[below])
         il = sch.get_loops(init)[below:]
-        _tile_inner(sch, il, vt if vec is not None else 1)
+        _tile_inner(sch, il, vt if vec is not None else 1, lanes)
         # epilogue blocks that could not be inlined, and the prologue (padding): own loops
         skip |= {sch.get(main).name_hint, sch.get(init).name_hint, sch.get(wb).name_hint}
         for b in _remaining(sch, root, skip):
@@ -609,13 +618,14 @@ def _row_options(exts) -> list:
     return sorted(opts)
 
 
-def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int, remainder: bool = False):
+def _tile_sizes(vec_ext: int, row_exts, lanes: int, budget: int, remainder: bool = False,
+                max_vectors: int = 2):
     """(vector tile, row tile) filling as many of ``budget`` accumulator registers as possible.
 
-    The vector tile is 2 or 1 SIMD vectors (a divisor of the vector axis; a short axis is taken
-    whole), the row tile a :func:`_row_options` size with rows x vectors <= budget; with
-    ``remainder`` (one row axis) any size up to the extent, the last tile then partial."""
-    vts = [v for v in (2 * lanes, lanes) if vec_ext % v == 0] or \
+    The vector tile is ``max_vectors`` down to 1 SIMD vectors (a divisor of the vector axis; a
+    short axis is taken whole), the row tile a :func:`_row_options` size with rows x vectors <=
+    budget; with ``remainder`` (one row axis) any size up to the extent, the last tile then partial."""
+    vts = [v * lanes for v in range(max_vectors, 0, -1) if vec_ext % (v * lanes) == 0] or \
         ([_divisor_at_most(vec_ext, 2 * lanes)] if vec_ext > 1 else [1])
     best = (0, 1, 1)
     for vt in vts:
@@ -715,11 +725,16 @@ def _flatten_rows(sch, block, rows, ext):
                                                  sch.get(block).iter_vars[0].var.ty))
 
 
-def _tile_inner(sch, loops, vt):
-    """Unroll all but the last of a tile's loops; vectorize the last if it is the vector tile."""
+def _tile_inner(sch, loops, vt, lanes: int | None = None):
+    """Unroll all but the last of a tile's loops; vectorize the last if it is the vector tile
+    (a tile of more than 2 vectors of ``lanes``: split, one vector at a time)."""
     if not loops:
         return
-    if vt > 1 and _extent(sch, loops[-1]) == vt:
+    if lanes and vt > 2 * lanes and vt % lanes == 0 and _extent(sch, loops[-1]) == vt:
+        vo, vi = sch.split(loops[-1], factors=[None, lanes])
+        sch.vectorize(vi)
+        rest = loops[:-1] + [vo]
+    elif vt > 1 and _extent(sch, loops[-1]) == vt:
         sch.vectorize(loops[-1])
         rest = loops[:-1]
     else:
