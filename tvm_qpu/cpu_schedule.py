@@ -11,7 +11,8 @@ the VM lowering (:func:`relax_pipeline`) that schedules every PrimFunc with the 
 1. :class:`TiledReduction` -- conv2d (incl. depthwise / grouped), matmul / dense / batch matmul and
    pooling: one reduction block whose output has the function's output shape, plus injective
    prologue (padding) and epilogue (bias, residual add, activations) blocks. A register tile of
-   ``rows x (2 x SIMD lanes)`` accumulators (cache-write to ``local``, unrolled and vectorized) sits
+   ``rows x (2 x SIMD lanes)`` accumulators (3 vectors for a K-blocked reduction whose vector axis
+   they divide; cache-write to ``local``, unrolled and vectorized) sits
    under the reduction loops; the remaining spatial loops are fused into one ``parallel`` loop (TVM's
    thread pool, ``TVM_NUM_THREADS``); the epilogue is inlined into the tile's write-back. Rows are
    rectangles of the output's (h, w) loops, or any divisor of h x w after merging them into one
