@@ -105,10 +105,15 @@ def test_tuning_writes_measured_records(tuned):
     assert measured, f"no candidate was measured:\n{log}"
     assert all(w["seconds"] > 0 and w["best"] is not None for w in measured)
     assert all("default_seconds" in w for w in rec.workloads.values())   # the default schedule, timed too
-    for h, w in rec.workloads.items():      # a build uses whichever of the two was measured faster
+    from tvm_qpu import cpu_schedule as cs
+    for h, w in rec.workloads.items():      # a build uses whichever was measured fastest
+        rule = min(w["default_seconds"], w.get("variant_seconds", w["default_seconds"]))
+        if "variant" in w:                  # a rule variant is kept only where it beat the default
+            assert set(w["variant"]) == set(cs.KNOBS) and w["variant_seconds"] < w["default_seconds"]
         if w["seconds"] is not None and w["default_seconds"] is not None:
-            assert rec.use_record(h) == (w["seconds"] < w["default_seconds"])
-            assert rec.best_seconds(h) == min(w["seconds"], w["default_seconds"])
+            assert rec.use_record(h) == (w["seconds"] < rule)
+            assert rec.best_seconds(h) == min(w["seconds"], rule)
+            assert (rec.use_variant(h) is not None) == ("variant" in w and not rec.use_record(h))
     assert "task 1/3" in log and "trials" in log
 
 
@@ -123,6 +128,40 @@ def test_tuned_build_equals_onnxruntime(tuned):
     assert info["applied"] == n_used and not info["fell_back"]
     assert sum(r.startswith("tuned") for r in lib.meta["cpu_schedules"].values()) == n_used
     _assert_equals_onnxruntime(lib, seed=0)
+
+
+def test_rule_variants_differ_and_start_with_the_default():
+    from tvm_qpu import cpu_schedule as cs
+    mod, params = tvm_qpu.from_onnx(MLP)
+    wl = T.collect_workloads(MLP, "llvm")
+    func = next(t.func for t in wl.tasks.values())
+    cands = T._rule_candidates(func, cs.host_target("llvm"))
+    assert cands[0][0] == cs.KNOBS                              # the default schedule is measured
+    scripts = [f.script() for _, f in cands]
+    assert len(set(scripts)) == len(scripts)                    # each variant schedules differently
+    with pytest.raises(ValueError, match="unknown TiledReduction knob"):
+        cs.TiledReduction({"panel_kb": 4})
+
+
+@pytest.mark.slow
+def test_build_uses_a_faster_rule_variant(tuned, tmp_path):
+    path, _ = tuned
+    knobs = {"panel_bytes": 2048, "partial_tiles": 0, "max_vectors": 2}
+
+    def edit(rec):        # one task: a variant measured faster than its default and its record
+        h = sorted(rec.workloads)[0]
+        w = rec.workloads[h]
+        w.update(variant=knobs, variant_seconds=1e-9, default_seconds=1.0, seconds=1.0)
+        rec._edited = h
+    dst = _copy(path, tmp_path / "variant.json", edit)
+    rec = T.load_records(dst, MLP, "llvm")
+    h = next(h for h, w in rec.workloads.items() if w.get("variant_seconds") == 1e-9)
+    assert rec.use_variant(h) == knobs and not rec.use_record(h) and rec.best_seconds(h) == 1e-9
+    mod, params = tvm_qpu.from_onnx(MLP)
+    lib = tvm_qpu.build(mod, target="llvm", params=params, tuning_records=rec)
+    used = [r for r in lib.meta["cpu_schedules"].values() if "partial_tiles=0" in r]
+    assert len(used) == 1 and "panel_bytes=2048" in used[0], lib.meta["cpu_schedules"]
+    _assert_equals_onnxruntime(lib, seed=3)
 
 
 @pytest.mark.slow

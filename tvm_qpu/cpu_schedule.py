@@ -228,9 +228,34 @@ class _Rule:
         raise NotImplementedError
 
 
+#: TiledReduction's tunable choices, with their defaults (``tvmc tune`` measures the variants of
+#: :data:`KNOB_VARIANTS` per task and keeps the fastest: :mod:`tvm_qpu.tune`):
+#: ``panel_bytes`` -- the reduction block of the vector operand kept in L1 (K-blocking above it);
+#: ``partial_tiles`` -- 1: row tiles need not divide the rows (a partial last tile), 0: they must;
+#: ``max_vectors`` -- SIMD vectors a tile may span (3 only for K-blocked reductions, see _apply).
+KNOBS = {"panel_bytes": PANEL_BYTES, "partial_tiles": 1, "max_vectors": 3}
+#: the values tried per knob (the product, less variants that schedule a task identically)
+KNOB_VARIANTS = {"panel_bytes": (2048, 8192, PANEL_BYTES, 65536), "partial_tiles": (1, 0), "max_vectors": (3, 2)}
+
+
+def knob_variants() -> list:
+    """Every combination of :data:`KNOB_VARIANTS` as a knobs dict, the defaults first."""
+    import itertools
+    names = list(KNOB_VARIANTS)
+    combos = [dict(zip(names, v)) for v in itertools.product(*(KNOB_VARIANTS[n] for n in names))]
+    return sorted(combos, key=lambda k: k != KNOBS)
+
+
 class TiledReduction(_Rule):
-    """One reduction block (conv / matmul / pool) + injective prologue and epilogue blocks."""
+    """One reduction block (conv / matmul / pool) + injective prologue and epilogue blocks.
+    ``knobs``: overrides of :data:`KNOBS`."""
     name = "tiled-reduction"
+
+    def __init__(self, knobs: dict | None = None):
+        unknown = set(knobs or {}) - set(KNOBS)
+        if unknown:
+            raise ValueError(f"unknown TiledReduction knob(s) {sorted(unknown)}: known {sorted(KNOBS)}")
+        self.knobs = {**KNOBS, **(knobs or {})}
 
     def apply(self, func, target):
         try:
@@ -302,13 +327,15 @@ class TiledReduction(_Rule):
         # a long reduction (its 2-vector panel outgrows L1: K-blocked) may take 3-vector tiles
         # (4 x 3 accumulators where 2 vectors divide the rows only as 4 x 2: BERT's matmuls);
         # short ones keep 2 (their tiles' init and write-back weigh more than the FMAs)
-        wide = 3 if red_elems * 2 * lanes * 4 > PANEL_BYTES else 2
+        panel_bytes = self.knobs["panel_bytes"]
+        wide = min(3, self.knobs["max_vectors"]) if red_elems * 2 * lanes * 4 > panel_bytes else 2
 
         def tiles(row_exts, remainder):
             """:func:`_tile_sizes`; a partial last tile only when the loops besides the rows
             (which then stay serial) still give every core a task"""
             vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget, remainder, wide)
-            if remainder and row_exts[0] % rt_ and others * (vec_ext // vt_) < PARTIAL_MIN_TASKS:
+            if remainder and row_exts[0] % rt_ and (not self.knobs["partial_tiles"] or
+                                                    others * (vec_ext // vt_) < PARTIAL_MIN_TASKS):
                 vt_, rt_ = _tile_sizes(vec_ext, row_exts, lanes, budget, max_vectors=wide)
             return vt_, rt_
 
@@ -335,7 +362,7 @@ class TiledReduction(_Rule):
         # K-blocking: when the vector operand's panel (reduction extent x vector tile) outgrows L1,
         # split the innermost reduction loop and iterate a chunk of row tiles per panel block
         r_outer, r_inner, row_mid = [loops[i] for i in r_idx], [], None
-        kblock = vec is not None and row is not None and red_elems * vt * 4 > PANEL_BYTES
+        kblock = vec is not None and row is not None and red_elems * vt * 4 > panel_bytes
         # split: [outer spatial (parallel)] [reduction] [row tile (unroll)] [vector tile (vectorize)]
         outer, row_in, vec_in = [], None, None
         for i in s_idx:
@@ -368,7 +395,7 @@ class TiledReduction(_Rule):
             kw = _shared_tap_loop(mstmt, ivars, ext, r_idx, rows, vec_reads)
         if kw is not None and kblock and row_mid is not None:
             last = r_idx[-1]
-            kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4 * ext[kw]), 1))
+            kb = _divisor_at_most(ext[last], max(panel_bytes // (vt * 4 * ext[kw]), 1))
             r_outer = [loops[i] for i in r_idx if i not in (kw, last)]
             if kb < ext[last]:
                 ko, ki = sch.split(loops[last], factors=[None, kb])
@@ -379,7 +406,7 @@ class TiledReduction(_Rule):
             order = outer + r_outer + [row_mid] + r_inner + [row_in, vec_in]
         elif kblock and row_mid is not None:
             last = r_idx[-1]
-            kb = _divisor_at_most(ext[last], max(PANEL_BYTES // (vt * 4), 1))
+            kb = _divisor_at_most(ext[last], max(panel_bytes // (vt * 4), 1))
             if kb < ext[last]:
                 ko, ki = sch.split(loops[last], factors=[None, kb])
                 r_outer = [loops[i] for i in r_idx[:-1]] + [ko]
@@ -963,10 +990,11 @@ class _Dlight(_Rule):
         return sch
 
 
-def default_rules():
-    """The rule list, first match wins (see the module docstring)."""
+def default_rules(knobs: dict | None = None):
+    """The rule list, first match wins (see the module docstring); ``knobs``: TiledReduction's
+    (:data:`KNOBS`)."""
     from tvm.s_tir import dlight
-    return [DepthwiseConv(), TiledReduction(), RowReduction(), _Dlight(dlight.cpu.Reduction(), "dlight.cpu.Reduction"),
+    return [DepthwiseConv(), TiledReduction(knobs), RowReduction(), _Dlight(dlight.cpu.Reduction(), "dlight.cpu.Reduction"),
             _Dlight(dlight.cpu.GEMV(), "dlight.cpu.GEMV"), Injective(), ParallelOuter()]
 
 

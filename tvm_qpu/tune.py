@@ -340,23 +340,41 @@ class RecordSet:
     ops: dict = field(default_factory=dict)          # spec key -> [hash, ...]
     qpu: dict = field(default_factory=dict)          # spec key -> QPU measurement (measure_qpu)
 
+    def _rule_seconds(self, w: dict) -> float | None:
+        """The faster of the default schedule and the best rule variant (:meth:`use_variant`)."""
+        got = [w.get(k) for k in ("default_seconds", "variant_seconds") if w.get(k) is not None]
+        return min(got) if got else None
+
     def best_seconds(self, h: str) -> float | None:
         """Measured seconds of the code a build with these records runs for workload ``h``: the
-        record's, or the default schedule's where that was measured faster (:meth:`use_record`)."""
+        MetaSchedule record's, the default schedule's or the best rule variant's, whichever was
+        measured fastest (:meth:`use_record`, :meth:`use_variant`)."""
         w = self.workloads.get(h)
-        if w is None or w.get("seconds") is None:
+        if w is None:
             return None
-        d = w.get("default_seconds")
-        return w["seconds"] if d is None else min(w["seconds"], d)
+        got = [x for x in (w.get("seconds"), self._rule_seconds(w)) if x is not None]
+        if w.get("seconds") is None and w.get("variant_seconds") is None:
+            return None
+        return min(got)
 
     def use_record(self, h: str) -> bool:
-        """Whether a build replays the record of ``h``: it has one, and it was measured faster than
-        the default schedule (or the default could not be measured)."""
+        """Whether a build replays the MetaSchedule record of ``h``: it has one, and it was
+        measured faster than the default schedule and the rule variants (or they could not be
+        measured)."""
         w = self.workloads.get(h)
         if w is None or w.get("best") is None or w.get("seconds") is None:
             return False
-        d = w.get("default_seconds")
+        d = self._rule_seconds(w)
         return d is None or w["seconds"] < d
+
+    def use_variant(self, h: str) -> dict | None:
+        """The TiledReduction knobs (:data:`tvm_qpu.cpu_schedule.KNOBS`) a build schedules ``h``
+        with: a variant measured faster than the default schedule, unless the record is used."""
+        w = self.workloads.get(h)
+        if w is None or w.get("variant") is None or w.get("variant_seconds") is None or self.use_record(h):
+            return None
+        d = w.get("default_seconds")
+        return dict(w["variant"]) if d is None or w["variant_seconds"] < d else None
 
     def op_seconds(self, key: str) -> float | None:
         """Measured seconds of the op with ``spec_key`` ``key`` (sum over its functions), or None
@@ -512,11 +530,18 @@ def apply_pass(records: RecordSet, target, stats: dict | None = None, failures: 
             if not isinstance(func, tirx.PrimFunc):
                 continue
             h = workload_hash(func)
-            if not records.use_record(h):      # none, or slower than the default schedule
+            knobs = records.use_variant(h)
+            if not records.use_record(h) and knobs is None:   # none, or slower than the default
                 continue
             entry = records.workloads[h]
             try:
-                new = apply_to(func, entry, target)
+                if knobs is not None:
+                    new, rule = cs.schedule_func(func, target, cs.default_rules(knobs))
+                    if new is None:
+                        raise ValueError(f"no rule schedules it with the knobs {knobs}")
+                    how = f"tuned ({rule}, {', '.join(f'{k}={v}' for k, v in sorted(knobs.items()))})"
+                else:
+                    new, how = apply_to(func, entry, target), "tuned (MetaSchedule record)"
                 if not cs._lowers(new):
                     raise ValueError("the scheduled function does not lower")
             except Exception as e:   # fall back to the default schedules, and say so
@@ -528,7 +553,7 @@ def apply_pass(records: RecordSet, target, stats: dict | None = None, failures: 
                 "global_symbol" in attrs else new.without_attr("global_symbol")
             updates[gv] = new.with_attr("tirx.is_scheduled", True)
             if stats is not None:
-                stats[gv.name_hint] = "tuned (MetaSchedule record)"
+                stats[gv.name_hint] = how
         for gv, f in updates.items():
             mod[gv] = f
         return mod
@@ -970,8 +995,8 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     builder, runner = _builder(cc), _runner(remote)
     if no_default:
         found = _measure_defaults(wl.tasks, no_default, cs.host_target(host), tgt, builder, runner, out)
-        for h, secs in found.items():        # the others are tried again by the next run
-            records.workloads[h]["default_seconds"] = secs
+        for h, got in found.items():        # the others are tried again by the next run
+            records.workloads[h].update(got)
         records.save()
     if not todo:
         return records
@@ -1076,33 +1101,61 @@ def _select_tasks(tasks: dict, hashes: list, names) -> list:
     return [h for h in hashes if tasks[h].name in names]
 
 
+def _rule_candidates(func, cpu_target) -> list:
+    """[(knobs, scheduled function)] of ``func`` under :mod:`tvm_qpu.cpu_schedule`'s rules: the
+    default knobs first (or ``func`` itself when no rule applies), then each variant of
+    :func:`~tvm_qpu.cpu_schedule.knob_variants` that schedules it differently."""
+    from . import cpu_schedule as cs
+    out, seen = [], set()
+    for knobs in cs.knob_variants():
+        f, _ = cs.schedule_func(func, cpu_target, cs.default_rules(knobs))
+        if f is None:
+            if not out:
+                out.append((knobs, func))
+            continue
+        key = f.script()
+        if key not in seen:
+            seen.add(key)
+            out.append((knobs, f))
+    return out
+
+
 def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runner, out) -> dict:
-    """{hash: mean seconds} of each task under :mod:`tvm_qpu.cpu_schedule`'s default schedule (what
-    the build uses without a record), built and measured like the candidates; a task whose default
-    build or run fails is left out (its record, if any, is then used unconditionally)."""
+    """{hash: {"default_seconds": s[, "variant": knobs, "variant_seconds": s]}}: each task under
+    :mod:`tvm_qpu.cpu_schedule`'s default schedule (what the build uses without a record) and under
+    the rule's other knob settings (:func:`_rule_candidates`), built and measured like the
+    candidates; the fastest variant is kept where it beats the default. A task whose default build
+    or run fails is left out (its record, if any, is then used unconditionally)."""
     from tvm.s_tir import meta_schedule as ms
     from . import cpu_schedule as cs
-    funcs = {}
-    for h in hashes:
-        f, _ = cs.schedule_func(tasks[h].func, cpu_target)
-        funcs[h] = f if f is not None else tasks[h].func
-    order = list(funcs)
-    built = builder.build([ms.builder.BuilderInput(_task_module(funcs[h]), tgt) for h in order])
+    cands = [(h, knobs, f) for h in hashes for knobs, f in _rule_candidates(tasks[h].func, cpu_target)]
+    built = builder.build([ms.builder.BuilderInput(_task_module(f), tgt) for _, _, f in cands])
     errors = [b.error_msg for b in built if b.error_msg is not None]
-    ok = [(h, b) for h, b in zip(order, built) if b.error_msg is None]
+    ok = [(c, b) for c, b in zip(cands, built) if b.error_msg is None]
     device = "cpu" if tgt.kind.name == "llvm" else tgt.kind.name
-    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device,
-                                                ms.arg_info.ArgInfo.from_prim_func(funcs[h])) for h, b in ok])
-    found = {}
-    for (h, _), fut in zip(ok, futures):
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(c[2]))
+                          for c, b in ok])
+    times: dict = {}
+    for ((h, knobs, _), _), fut in zip(ok, futures):
         r = fut.result()
         secs = [float(x) for x in (r.run_secs or [])]
         if r.error_msg is None and secs:
-            found[h] = run_seconds(secs)
+            times.setdefault(h, []).append((knobs, run_seconds(secs)))
         elif r.error_msg is not None:
             errors.append(r.error_msg)
+    found = {}
+    for h, got in times.items():
+        default = next((t for k, t in got if k == cs.KNOBS), None)
+        if default is None:
+            continue
+        found[h] = {"default_seconds": default}
+        knobs, best = min(got, key=lambda kt: kt[1])
+        if best < default:
+            found[h].update(variant=knobs, variant_seconds=best)
     last = f" (e.g. {errors[0].strip().splitlines()[-1][:200]})" if errors and len(found) < len(hashes) else ""
-    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s){last}", file=out, flush=True)
+    better = sum("variant" in v for v in found.values())
+    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s), {len(cands)} rule variant(s) "
+          f"in all; a variant beat the default on {better}{last}", file=out, flush=True)
     return found
 
 
