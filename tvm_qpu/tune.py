@@ -994,10 +994,10 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     tgt = _tuning_target(host, arch, remote)
     builder, runner = _builder(cc), _runner(remote)
     if no_default:
-        found = _measure_defaults(wl.tasks, no_default, cs.host_target(host), tgt, builder, runner, out)
-        for h, got in found.items():        # the others are tried again by the next run
+        def keep(h, got):                   # the others are tried again by the next run
             records.workloads[h].update(got)
-        records.save()
+            records.save()
+        _measure_defaults(wl.tasks, no_default, cs.host_target(host), tgt, builder, runner, out, keep)
     if not todo:
         return records
     work_dir = f"{os.fspath(output)}.work"
@@ -1120,42 +1120,50 @@ def _rule_candidates(func, cpu_target) -> list:
     return out
 
 
-def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runner, out) -> dict:
+def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runner, out, on_task=None) -> dict:
     """{hash: {"default_seconds": s[, "variant": knobs, "variant_seconds": s]}}: each task under
     :mod:`tvm_qpu.cpu_schedule`'s default schedule (what the build uses without a record) and under
     the rule's other knob settings (:func:`_rule_candidates`), built and measured like the
-    candidates; the fastest variant is kept where it beats the default. A task whose default build
-    or run fails is left out (its record, if any, is then used unconditionally)."""
+    candidates, one task at a time (a line each; ``on_task(hash, found)`` after each, so that an
+    interrupted run keeps them); the fastest variant is kept where it beats the default. A task
+    whose default build or run fails is left out (its record, if any, is then used unconditionally)."""
     from tvm.s_tir import meta_schedule as ms
     from . import cpu_schedule as cs
-    cands = [(h, knobs, f) for h in hashes for knobs, f in _rule_candidates(tasks[h].func, cpu_target)]
-    built = builder.build([ms.builder.BuilderInput(_task_module(f), tgt) for _, _, f in cands])
-    errors = [b.error_msg for b in built if b.error_msg is not None]
-    ok = [(c, b) for c, b in zip(cands, built) if b.error_msg is None]
     device = "cpu" if tgt.kind.name == "llvm" else tgt.kind.name
-    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(c[2]))
-                          for c, b in ok])
-    times: dict = {}
-    for ((h, knobs, _), _), fut in zip(ok, futures):
-        r = fut.result()
-        secs = [float(x) for x in (r.run_secs or [])]
-        if r.error_msg is None and secs:
-            times.setdefault(h, []).append((knobs, run_seconds(secs)))
-        elif r.error_msg is not None:
-            errors.append(r.error_msg)
-    found = {}
-    for h, got in times.items():
+    found, errors = {}, []
+    for n, h in enumerate(hashes, 1):
+        cands = _rule_candidates(tasks[h].func, cpu_target)
+        built = builder.build([ms.builder.BuilderInput(_task_module(f), tgt) for _, f in cands])
+        errors += [b.error_msg for b in built if b.error_msg is not None]
+        ok = [(c, b) for c, b in zip(cands, built) if b.error_msg is None]
+        futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(c[1]))
+                              for c, b in ok])
+        got = []
+        for ((knobs, _), _), fut in zip(ok, futures):
+            r = fut.result()
+            secs = [float(x) for x in (r.run_secs or [])]
+            if r.error_msg is None and secs:
+                got.append((knobs, run_seconds(secs)))
+            elif r.error_msg is not None:
+                errors.append(r.error_msg)
         default = next((t for k, t in got if k == cs.KNOBS), None)
         if default is None:
+            print(f"  default schedule {n}/{len(hashes)} {tasks[h].name}: not measured", file=out, flush=True)
             continue
         found[h] = {"default_seconds": default}
         knobs, best = min(got, key=lambda kt: kt[1])
+        line = f"{default * 1e3:.4f} ms"
         if best < default:
             found[h].update(variant=knobs, variant_seconds=best)
+            line += f", rule variant {best * 1e3:.4f} ms ({', '.join(f'{k}={v}' for k, v in sorted(knobs.items()))})"
+        print(f"  default schedule {n}/{len(hashes)} {tasks[h].name}: {line} ({len(cands)} variant(s))",
+              file=out, flush=True)
+        if on_task is not None:
+            on_task(h, found[h])
     last = f" (e.g. {errors[0].strip().splitlines()[-1][:200]})" if errors and len(found) < len(hashes) else ""
     better = sum("variant" in v for v in found.values())
-    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s), {len(cands)} rule variant(s) "
-          f"in all; a variant beat the default on {better}{last}", file=out, flush=True)
+    print(f"default schedules measured for {len(found)}/{len(hashes)} task(s); a rule variant beat the "
+          f"default on {better}{last}", file=out, flush=True)
     return found
 
 
