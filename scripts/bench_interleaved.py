@@ -10,6 +10,7 @@ only ``--threads 1`` is offered.
 Builds compared (``--ablate`` adds the second):
 
 * ``ours``    ``tvm_qpu.build(target="llvm")`` as shipped;
+* ``tuned``   (``--tuning-records JSON``) the same with ``tvmc tune --target llvm`` records;
 * ``ablated`` the same with :data:`tvm_qpu.cpu_schedule.FAST_MATH` emptied (libm ``erf`` / ``exp`` / ...)
   and the rules named by ``--without`` removed (default: ``row-reduction``), i.e. the build before
   issue 10's changes.
@@ -40,6 +41,8 @@ def _args(argv):
     ap.add_argument("--ablate", action="store_true", help="also time the build without fast math / --without rules")
     ap.add_argument("--without", action="append", help="rule name left out of the ablated build (repeatable)")
     ap.add_argument("--per-call", action="store_true", help="CPU time of each VM call in the running model")
+    ap.add_argument("--tuning-records", metavar="JSON",
+                    help="also time the build with these records (tvmc tune MODEL --target llvm -o JSON)")
     return ap.parse_args(argv)
 
 
@@ -106,6 +109,11 @@ def main(argv=None):
     want = sess.run(None, x)[0]
     mod, params = tvm_qpu.from_onnx(path, {k: list(v.shape) for k, v in x.items()})
     builds = {"ours": _build(mod, params, True)}
+    if a.tuning_records:
+        from tvm_qpu import tune
+        recs = tune.load_records(a.tuning_records, path, "llvm", input_shapes=None)
+        builds["tuned"] = tvm_qpu.build(mod, target="llvm", params=params, tuning_records=recs)
+        print(f"tuned: {builds['tuned'].meta['tuning_records']['applied']} function(s) from {a.tuning_records}")
     if a.ablate:
         builds["ablated"] = _build(mod, params, False, tuple(a.without or ["row-reduction"]))
     runs, vms = {"ort": lambda: sess.run(None, x)}, {}

@@ -445,6 +445,22 @@ def test_conv_row_tiles_match_onnxruntime(tmp_path, c, hw, oc, stride, flat, tap
     _check(p, rng.standard_normal((1, c, hw, hw)).astype(np.float32))
 
 
+def test_pointwise_conv_rows_flatten_past_its_unit_window(tmp_path):
+    # a 1x1 conv (MobileNetV2's 14 x 14 x 96 -> 576): the kernel window's extent-1 iters are dropped
+    # when the pixels merge, else the accumulator cache's reindex refused them and 7 x 1 rectangles
+    # served; now 196 pixels take 6 x 2 tiles with a partial last one
+    rng = np.random.default_rng(8)
+    inits = {"w": rng.standard_normal((64, 24, 1, 1)).astype(np.float32) * 0.2,
+             "b": rng.standard_normal(64).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+    inits.update(lo=np.array(0, np.float32), hi=np.array(6, np.float32))
+    p = _onnx_model(tmp_path, nodes, inits, [1, 24, 14, 14], [1, 64, 14, 14], "pointwise")
+    script = _scheduled_conv(p)
+    assert 'T.int64(196), T.int64(64)), scope="local"' in script and "T.likely" in script
+    _check(p, rng.standard_normal((1, 24, 14, 14)).astype(np.float32) * 3)
+
+
 def test_flattened_rows_rebuild_the_output_indices():
     # a 2 x 3 x 4 output as 6 pixels x 4 channels: each pixel's (h, w) comes back from its number
     from tvm import s_tir, te, tirx

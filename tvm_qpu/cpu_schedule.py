@@ -742,6 +742,9 @@ def _flatten_rows(sch, block, rows, ext):
     iter. Row tiles may then be any divisor of the product (ResNet-18 layer3, 14 x 14 = 196 output
     pixels: 4 rows x 2 vectors instead of the 7 x 1 that rectangles in (h, w) allow)."""
     first, rest = rows[0], set(rows[1:])
+    # iters of extent 1 (a 1x1 conv's kernel window) are dropped too: the accumulator cache's
+    # reindex (TiledReduction, flat rows) refuses a block iter that indexes nothing
+    rest |= {j for j, e in enumerate(ext) if e == 1 and j != first}
 
     def fmap(*v):
         fused = v[first]
