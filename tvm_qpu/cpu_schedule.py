@@ -16,7 +16,8 @@ the VM lowering (:func:`relax_pipeline`) that schedules every PrimFunc with the 
    under the reduction loops; the remaining spatial loops are fused into one ``parallel`` loop (TVM's
    thread pool, ``TVM_NUM_THREADS``); the epilogue is inlined into the tile's write-back. Rows are
    rectangles of the output's (h, w) loops, or any divisor of h x w after merging them into one
-   block iter when that fills more accumulators (:func:`_flatten_rows`); a conv's kernel-width
+   block iter when that fills more accumulators (:func:`_flatten_rows`, which also drops a 1x1
+   conv's unit window iters); a conv's kernel-width
    taps run inside the input-channel loop so neighbouring rows share their broadcasts
    (:func:`_shared_tap_loop`). Over one (merged) row axis the row tile need not divide it: the
    last tile is then partial (ResNet-18 layer 4: 49 pixels as 8 tiles of 6 x 2 vectors and one
