@@ -371,7 +371,7 @@ class TiledReduction(_Rule):
                 o, vec_in = sch.split(loops[i], factors=[None, vt])
                 outer.insert(0, o)                       # vector-axis blocks outermost: panel reuse
             elif i == row and partial:
-                # the last tile is partial (predicated rows: split_partial_tiles peels it off)
+                # the last tile is partial: its rows are predicated (_likely_predicates)
                 m = min(-(-row_exts[0] // rt), max(CHUNK_ROWS // rt, 1)) if kblock else 1
                 if m > 1:
                     row_o, row_mid, row_in = sch.split(loops[i], factors=[None, m, rt])
