@@ -468,12 +468,8 @@ class TiledReduction(_Rule):
         _tile_inner(sch, wl, vt if vec is not None else 1, lanes)
         if row_in is not None:
             sch.unroll(row_in)
-        if vec_in is not None and vt > 2 * lanes:      # 3 vectors: unrolled, each vectorized
-            vo, vi = sch.split(vec_in, factors=[None, lanes])
-            sch.unroll(vo)
-            sch.vectorize(vi)
-        elif vec_in is not None:
-            sch.vectorize(vec_in)       # before decompose_reduction: it needs the complete block
+        if vec_in is not None:          # before decompose_reduction: it needs the complete block
+            _tile_inner(sch, [vec_in], vt, lanes)
         n_out = 1
         for i in s_idx:
             n_out *= ext[i]

@@ -350,12 +350,9 @@ class RecordSet:
         MetaSchedule record's, the default schedule's or the best rule variant's, whichever was
         measured fastest (:meth:`use_record`, :meth:`use_variant`)."""
         w = self.workloads.get(h)
-        if w is None:
+        if w is None or (w.get("seconds") is None and w.get("variant_seconds") is None):
             return None
-        got = [x for x in (w.get("seconds"), self._rule_seconds(w)) if x is not None]
-        if w.get("seconds") is None and w.get("variant_seconds") is None:
-            return None
-        return min(got)
+        return min(x for x in (w.get("seconds"), self._rule_seconds(w)) if x is not None)
 
     def use_record(self, h: str) -> bool:
         """Whether a build replays the MetaSchedule record of ``h``: it has one, and it was
