@@ -275,7 +275,8 @@ def test_gelu_epilogue_is_inlined_and_matches_onnxruntime(tmp_path):
     text = sch.script()
     assert "T.erf(" not in text
     blocks = re.findall(r'^\s+with T\.sblock\("(\w+)"\)', text, re.M)
-    assert len(blocks) == 3, blocks                       # init, update, write-back with the GELU
+    # the constant weights' packing (run at compile time), init, update, write-back with the GELU
+    assert len(blocks) == 4 and text.count(cs.PREPACK) == 1, blocks
 
 
 @pytest.mark.parametrize("op,attrs,shape,rule", [
@@ -443,6 +444,96 @@ def test_conv_row_tiles_match_onnxruntime(tmp_path, c, hw, oc, stride, flat, tap
     assert ("rx in T.unroll(T.int64(3))" in script) == taps
     rng = np.random.default_rng(5)
     _check(p, rng.standard_normal((1, c, hw, hw)).astype(np.float32))
+
+
+def _prepacked_module(path, bind=True):
+    """The model's legalized module after the schedule pass and the prepacking passes, as the
+    build's pipeline runs them; ``bind=False`` keeps the weights as inputs of ``main``."""
+    import tvm
+    from tvm import relax
+    mod, params = tvm_qpu.from_onnx(path)
+    if bind:
+        mod = relax.transform.BindParams("main", params)(mod)
+    target = _target()
+    mod = cs.legalized(mod, target)
+    with target:
+        return mod, tvm.transform.Sequential([cs.schedule_pass(target)] + cs.prepack_passes())(mod)
+
+
+def _call_args(mod, suffix):
+    """[(callee name, args)] of main's call_tir calls whose callee ends with ``suffix``."""
+    import tvm
+    from tvm import relax
+    call_tir, out = tvm.ir.Op.get("relax.call_tir"), []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(call_tir) and e.args[0].name_hint.endswith(suffix):
+            out.append((e.args[0].name_hint, list(e.args[1].fields)))
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return out
+
+
+def test_constant_weights_are_packed_per_output_block_at_compile_time(tmp_path):
+    # a conv's constant weights are read from a copy packed per output-channel block of the
+    # register tile, (O // vt, kh, kw, I, vt): the packing is split into a function of its own and
+    # folded at compile time, so main calls the conv on the packed constant and nothing packs at run time
+    import tvm
+    p = _conv_residual_model(tmp_path, 64, 14, 64, 1, "prepack")
+    w = numpy_helper.to_array(next(t for t in onnx.load(p).graph.initializer if t.name == "w"))  # (O, I, kh, kw)
+    legal, mod = _prepacked_module(p)
+    conv = next(gv.name_hint for gv in legal.get_global_vars() if "conv2d" in gv.name_hint)
+    assert sorted(int(i) for i in legal[conv].attrs[cs.LAYOUT_FREE]) == [1, 2, 3]   # weights, bias, residual
+    assert not _call_args(mod, "_weight_prepack")
+    (name, args), = _call_args(mod, "_prepacked")
+    assert name == conv + "_prepacked"
+    packed = [a.value.numpy() for a in args if isinstance(a, tvm.ir.expr.Constant) and a.value.numpy().ndim == 5]
+    assert len(packed) == 1
+    vt = packed[0].shape[-1]
+    assert packed[0].shape == (64 // vt, 3, 3, 64, vt) and 64 % vt == 0 and vt < 64
+    want = w.reshape(64 // vt, vt, 64, 3, 3).transpose(0, 3, 4, 2, 1)   # [o // vt, kh, kw, i, o % vt]
+    np.testing.assert_array_equal(packed[0], want)
+    rng = np.random.default_rng(9)
+    _check(p, rng.standard_normal((1, 64, 14, 14)).astype(np.float32))
+
+
+def test_weights_given_at_run_time_are_not_packed(tmp_path):
+    # weights that are inputs of main (not constants) keep their layout: packing them would cost a
+    # copy on every call
+    p = _conv_residual_model(tmp_path, 64, 14, 64, 1, "unbound")
+    legal, mod = _prepacked_module(p, bind=False)
+    conv = next(gv.name_hint for gv in legal.get_global_vars() if "conv2d" in gv.name_hint)
+    attrs = legal[conv].attrs
+    assert attrs is None or cs.LAYOUT_FREE not in attrs
+    assert not _call_args(mod, "_prepacked") and not _call_args(mod, "_weight_prepack")
+    assert cs.PREPACK not in mod[conv].script()
+
+
+def test_constant_params_need_a_constant_at_every_call():
+    # a function called with a constant weight at one site and a variable at another keeps it unpacked
+    import tvm
+    from tvm import relax, te
+    a, b = te.placeholder((4, 8), name="a"), te.placeholder((8, 16), name="b")
+    k = te.reduce_axis((0, 8), name="k")
+    c = te.compute((4, 16), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    wv = relax.Var("w", relax.TensorType((8, 16), "float32"))
+    wc = relax.const(np.ones((8, 16), np.float32))
+    with bb.function("main", [x, wv]):
+        gv = bb.add_func(te.create_prim_func([a, b, c]), "mm")
+        with bb.dataflow():
+            y1 = bb.emit(relax.call_tir(gv, relax.Tuple([x, wc]), relax.TensorType((4, 16), "float32")))
+            y2 = bb.emit(relax.call_tir(gv, relax.Tuple([x, wv]), relax.TensorType((4, 16), "float32")))
+            y = bb.emit_output(relax.Tuple([y1, y2]))
+        bb.emit_func_output(y)
+    assert cs.constant_params(bb.get()) == {"mm": set()}
+    with bb.function("one", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.call_tir(gv, relax.Tuple([x, wc]), relax.TensorType((4, 16), "float32")))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    del mod["main"]
+    assert cs.constant_params(mod) == {"mm": {1}}
 
 
 def test_pointwise_conv_rows_flatten_past_its_unit_window(tmp_path):

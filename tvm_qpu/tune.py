@@ -1008,7 +1008,10 @@ def tune(model_path, output, target: str = "qpu", trials: int = DEFAULT_TRIALS, 
     loggers = ms.logging.get_loggers_from_work_dir(work_dir, [wl.tasks[h].name for h in todo])
     for h, logger in zip(todo, loggers):
         task = wl.tasks[h]
-        mod = _task_module(task.func)
+        # MetaSchedule's RewriteLayout would repack the constant weights of LAYOUT_FREE buffers
+        # too, but TVM 0.27 cannot write such a record as JSON (TuningRecord.as_json: "Not supported
+        # type: IndexMap"): its candidates keep the weights' layout (the default schedule packs them)
+        mod = _task_module(task.func.without_attr(cs.LAYOUT_FREE))
         entry = records.workloads[h]
         if entry.get("best") is not None:          # resume: seed the search with the best so far
             try:
@@ -1133,8 +1136,10 @@ def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runne
         built = builder.build([ms.builder.BuilderInput(_task_module(f), tgt) for _, f in cands])
         errors += [b.error_msg for b in built if b.error_msg is not None]
         ok = [(c, b) for c, b in zip(cands, built) if b.error_msg is None]
-        futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, ms.arg_info.ArgInfo.from_prim_func(c[1]))
-                              for c, b in ok])
+        # the arguments of the function as built: without its weight-prepacking block (the build
+        # runs that at compile time), a prepacked weight is an input in the packed layout
+        futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device, ms.arg_info.ArgInfo.from_entry_func(
+            _task_module(c[1]), remove_preproc=True)) for c, b in ok])
         got = []
         for ((knobs, _), _), fut in zip(ok, futures):
             r = fut.result()
