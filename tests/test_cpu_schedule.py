@@ -483,7 +483,8 @@ def test_constant_weights_are_packed_per_output_block_at_compile_time(tmp_path):
     legal, mod = _prepacked_module(p)
     conv = next(gv.name_hint for gv in legal.get_global_vars() if "conv2d" in gv.name_hint)
     assert sorted(int(i) for i in legal[conv].attrs[cs.LAYOUT_FREE]) == [1, 2, 3]   # weights, bias, residual
-    assert not _call_args(mod, "_weight_prepack")
+    assert not _call_args(mod, "_weight_prepack")     # folded: no packing at run time,
+    assert not [gv for gv in mod.get_global_vars() if gv.name_hint.endswith("_weight_prepack")]  # nor its code
     (name, args), = _call_args(mod, "_prepacked")
     assert name == conv + "_prepacked"
     packed = [a.value.numpy() for a in args if isinstance(a, tvm.ir.expr.Constant) and a.value.numpy().ndim == 5]

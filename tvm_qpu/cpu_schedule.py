@@ -743,7 +743,8 @@ def _prepack(sch, main, func, buf, vt: int):
     packed as ``(N // vt, ..., vt)`` (one contiguous panel per vector tile of the output) when it is a
     parameter the caller binds to a constant (:data:`LAYOUT_FREE`): the copy is a block of its own
     annotated :data:`PREPACK`, which ``relax.transform.SplitLayoutRewritePreproc`` moves into a
-    function of its own and ``FoldConstant`` evaluates at compile time (:func:`relax_pipeline`)."""
+    function of its own and ``FoldConstant`` evaluates at compile time (:func:`relax_pipeline`).
+    Returns the packing block's name, or None where ``buf`` keeps its layout."""
     a = func.attrs
     if a is None or LAYOUT_FREE not in a:
         return None
@@ -756,9 +757,8 @@ def _prepack(sch, main, func, buf, vt: int):
     ridx = next(j for j, r in enumerate(sch.get(main).reads) if r.source.same_as(buf))
     blk = sch.cache_read(main, ridx, "global")
     sch.annotate(blk, PREPACK, 1)
-    nd = len(shape)
     sch.transform_layout(main, ("read", ridx), _index_map(
-        lambda *v: [v[-1] // vt, *v[:-1], v[-1] % vt], nd, "int64"))
+        lambda *v: [v[-1] // vt, *v[:-1], v[-1] % vt], len(shape), buf.shape[-1].ty))
     return sch.get(blk).name_hint
 
 
@@ -1269,9 +1269,11 @@ def mark_layout_free(mod):
 def prepack_passes() -> list:
     """Relax passes after scheduling: each weight-packing block (:func:`_prepack`, or a tuning
     record's ``RewriteLayout``) moves into a function of its own called on the constant, which
-    FoldConstant then runs at compile time: the build ships the packed weights."""
+    FoldConstant then runs at compile time: the build ships the packed weights (and not the packing
+    functions: dead code once folded)."""
     from tvm import relax
-    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+    return [relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination()]
 
 
 def relax_pipeline(target, rules=None, stats: dict | None = None, pre_schedule=()):
