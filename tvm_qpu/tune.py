@@ -1133,7 +1133,8 @@ def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runne
     :mod:`tvm_qpu.cpu_schedule`'s default schedule (what the build uses without a record) and under
     the rule's other knob settings (:func:`_rule_candidates`), built and measured like the
     candidates, one task at a time (a line each; ``on_task(hash, found)`` after each, so that an
-    interrupted run keeps them); the fastest variant is kept where it beats the default. A task
+    interrupted run keeps them); the fastest variant is kept where it still beats the default when
+    both are timed again (:func:`_confirm`). A task
     whose default build or run fails is left out (its record, if any, is then used unconditionally)."""
     from tvm.s_tir import meta_schedule as ms
     from . import cpu_schedule as cs
