@@ -131,12 +131,15 @@ def test_tuned_build_equals_onnxruntime(tuned):
 
 
 def test_rule_variants_differ_and_start_with_the_default():
+    # a K-blocked matmul (768 x 16 floats outgrow the default panel): panel sizes and tile widths
+    # schedule it differently (the MLP's small matmuls have one distinct schedule only)
+    from tvm import te
     from tvm_qpu import cpu_schedule as cs
-    mod, params = tvm_qpu.from_onnx(MLP)
-    wl = T.collect_workloads(MLP, "llvm")
-    func = next(t.func for t in wl.tasks.values())
-    cands = T._rule_candidates(func, cs.host_target("llvm"))
-    assert cands[0][0] == cs.KNOBS                              # the default schedule is measured
+    a, b = te.placeholder((128, 768), name="a"), te.placeholder((768, 96), name="b")
+    k = te.reduce_axis((0, 768), name="k")
+    c = te.compute((128, 96), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="c")
+    cands = T._rule_candidates(te.create_prim_func([a, b, c]), cs.host_target("llvm"))
+    assert len(cands) > 1 and cands[0][0] == cs.KNOBS          # the default schedule is measured
     scripts = [f.script() for _, f in cands]
     assert len(set(scripts)) == len(scripts)                    # each variant schedules differently
     with pytest.raises(ValueError, match="unknown TiledReduction knob"):

@@ -1199,43 +1199,38 @@ def schedule_pass(target, rules=None, stats: dict | None = None):
     return _pass
 
 
+def relax_calls(mod, op_name: str | None = None) -> list:
+    """Every call in the Relax functions of ``mod`` (of the operator ``op_name`` only, if given)."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+    found = []
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            tvm_ffi.structural_walk(f, (relax.Call, found.append), order="pre")
+    if op_name is None:
+        return found
+    return [c for c in found if isinstance(c.op, tvm.ir.Op) and c.op.name == op_name]
+
+
 def constant_params(mod) -> dict:
     """{PrimFunc name: indices of its parameters that every ``call_tir`` of it binds to a Relax
     constant (weights)}: the buffers a schedule may repack at compile time (:func:`_prepack`)."""
     import tvm
     from tvm import relax
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     found = {}
-
-    def visit(e):
-        if isinstance(e, relax.Call) and e.op.same_as(call_tir) and isinstance(e.args[0], tvm.ir.GlobalVar):
-            args = e.args[1].fields if isinstance(e.args[1], relax.Tuple) else []
-            idx = {i for i, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)}
-            name = e.args[0].name_hint
-            found[name] = found[name] & idx if name in found else idx
-
-    for _gv, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            relax.analysis.post_order_visit(f, visit)
+    for call in relax_calls(mod, "relax.call_tir"):
+        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []
+        idx = {i for i, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)}
+        name = call.args[0].name_hint
+        found[name] = found[name] & idx if name in found else idx
     return found
 
 
 def _calls_op(mod, op_names) -> bool:
     """Whether any Relax function of ``mod`` calls one of ``op_names``."""
     import tvm
-    import tvm_ffi
-    from tvm import relax
-    found = []
-
-    def visit(call):
-        op = call.op
-        if isinstance(op, tvm.ir.Op) and op.name in op_names:
-            found.append(op.name)
-
-    for _, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            tvm_ffi.structural_walk(f, (relax.Call, visit), order="pre")
-    return bool(found)
+    return any(isinstance(c.op, tvm.ir.Op) and c.op.name in op_names for c in relax_calls(mod))
 
 
 def legalized(mod, target):
@@ -1256,8 +1251,8 @@ def legalized(mod, target):
 
 def mark_layout_free(mod):
     """``mod`` with each PrimFunc's constant parameters (:func:`constant_params`) named in its
-    :data:`LAYOUT_FREE` attribute, TVM's convention for buffers a schedule may repack (ours:
-    :func:`_prepack`; MetaSchedule's ``RewriteLayout`` postprocessor for tuning candidates)."""
+    :data:`LAYOUT_FREE` attribute, TVM's convention for buffers a schedule may repack
+    (:func:`_prepack`; ``tvmc tune`` hides it from MetaSchedule's candidates: :mod:`tvm_qpu.tune`)."""
     from tvm import tirx
     constant = constant_params(mod)
     for gv, func in list(mod.functions_items()):
@@ -1267,8 +1262,8 @@ def mark_layout_free(mod):
 
 
 def prepack_passes() -> list:
-    """Relax passes after scheduling: each weight-packing block (:func:`_prepack`, or a tuning
-    record's ``RewriteLayout``) moves into a function of its own called on the constant, which
+    """Relax passes after scheduling: each weight-packing block (:func:`_prepack`) moves into a
+    function of its own called on the constant, which
     FoldConstant then runs at compile time: the build ships the packed weights (and not the packing
     functions: dead code once folded)."""
     from tvm import relax

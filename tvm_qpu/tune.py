@@ -252,19 +252,10 @@ class Task:
 
 def _tasks_of(mod, tgt) -> list:
     """{hash: Task} of the PrimFuncs of a legalized module (weight: calls of each)."""
-    import tvm
-    import tvm_ffi
-    from tvm import relax, tirx
-    calls: dict = {}
-
-    def visit(call):
-        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.call_tir":
-            gv = call.args[0]
-            calls[gv.name_hint] = calls.get(gv.name_hint, 0) + 1
-
-    for _, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            tvm_ffi.structural_walk(f, (relax.Call, visit), order="pre")
+    import collections
+    from tvm import tirx
+    from . import cpu_schedule as cs
+    calls = collections.Counter(c.args[0].name_hint for c in cs.relax_calls(mod, "relax.call_tir"))
     out = {}
     for gv, f in mod.functions_items():
         if isinstance(f, tirx.PrimFunc) and gv.name_hint in calls:
@@ -544,7 +535,7 @@ def apply_pass(records: RecordSet, target, stats: dict | None = None, failures: 
                     new, rule = cs.schedule_func(func, target, cs.default_rules(knobs))
                     if new is None:
                         raise ValueError(f"no rule schedules it with the knobs {knobs}")
-                    how = f"tuned ({rule}, {', '.join(f'{k}={v}' for k, v in sorted(knobs.items()))})"
+                    how = f"tuned ({rule}, {_knobs_text(knobs)})"
                 else:
                     new, how = apply_to(func, entry, target), "tuned (MetaSchedule record)"
                 if not cs._lowers(new):
@@ -1109,6 +1100,11 @@ def _select_tasks(tasks: dict, hashes: list, names) -> list:
     return [h for h in hashes if tasks[h].name in names]
 
 
+def _knobs_text(knobs: dict) -> str:
+    """``k=v, ...`` of a TiledReduction knobs dict, sorted (progress lines, ``meta["cpu_schedules"]``)."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(knobs.items()))
+
+
 def _rule_candidates(func, cpu_target) -> list:
     """[(knobs, scheduled function)] of ``func`` under :mod:`tvm_qpu.cpu_schedule`'s rules: the
     default knobs first (or ``func`` itself when no rule applies), then each variant of
@@ -1158,14 +1154,15 @@ def _measure_defaults(tasks: dict, hashes: list, cpu_target, tgt, builder, runne
         knobs, best = min(got, key=lambda kt: kt[1])
         line = f"{default * 1e3:.4f} ms"
         if best < default:
-            default, best = _confirm(runner, [r for r in runs if r[0] in (cs.KNOBS, knobs)], knobs, errors)
-            found[h]["default_seconds"] = default if default is not None else found[h]["default_seconds"]
-            if default is not None and best is not None and best < default * (1 - VARIANT_MARGIN):
-                found[h].update(variant=knobs, variant_seconds=best)
-                line = (f"{default * 1e3:.4f} ms, rule variant {best * 1e3:.4f} ms "
-                        f"({', '.join(f'{k}={v}' for k, v in sorted(knobs.items()))})")
+            d2, v2 = _confirm(runner, [r for r in runs if r[0] in (cs.KNOBS, knobs)], knobs, errors)
+            if d2 is not None:
+                found[h]["default_seconds"] = d2
+            line = f"{found[h]['default_seconds'] * 1e3:.4f} ms"
+            if d2 is not None and v2 is not None and v2 < d2 * (1 - VARIANT_MARGIN):
+                found[h].update(variant=knobs, variant_seconds=v2)
+                line += f", rule variant {v2 * 1e3:.4f} ms ({_knobs_text(knobs)})"
             else:
-                line = f"{found[h]['default_seconds'] * 1e3:.4f} ms (a variant's lead did not hold when timed again)"
+                line += " (a variant's lead did not hold when timed again)"
         print(f"  default schedule {n}/{len(hashes)} {tasks[h].name}: {line} ({len(cands)} variant(s))",
               file=out, flush=True)
         if on_task is not None:
